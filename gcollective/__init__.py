@@ -1,0 +1,145 @@
+"""gcollective: one nested dict shared live by every process of a gevent app.
+
+Each process holds the whole tree in memory. ``set`` / ``incr`` / ``delete`` apply locally at
+once and reach every other member asynchronously; ``get`` never touches the network. Replicas
+converge: every member applies the same operations as if in one total order (see README.rst).
+
+Importing this package has no side effects: gevent, sockets and the hub are only touched once a
+node starts, so it is safe before ``gevent.monkey.patch_all()`` and in a gunicorn master.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any, Iterable
+
+from ._errors import (
+    GcollectiveError,
+    InvalidKeyError,
+    InvalidValueError,
+    NotStartedError,
+    ProtocolError,
+)
+from ._validate import Key
+
+if TYPE_CHECKING:
+    from ._node import Collective
+
+__all__ = [
+    "Collective",
+    "OPERATIONS",
+    "Operation",
+    "SET",
+    "INCREMENT",
+    "DELETE",
+    "Key",
+    "start",
+    "stop",
+    "get",
+    "set",
+    "incr",
+    "delete",
+    "snapshot",
+    "default_node",
+    "GcollectiveError",
+    "InvalidKeyError",
+    "InvalidValueError",
+    "NotStartedError",
+    "ProtocolError",
+]
+
+__version__ = "0.1.0"
+
+
+class Operation(enum.IntEnum):
+    """The third argument of ``set``, numbered as in collective.js."""
+
+    SET = 0
+    INCREMENT = 1
+    DELETE = 2
+
+
+#: collective.js's name for the operations: ``OPERATIONS.SET`` and so on.
+OPERATIONS = Operation
+SET = Operation.SET
+INCREMENT = Operation.INCREMENT
+DELETE = Operation.DELETE
+
+
+def __getattr__(name: str) -> Any:
+    # Collective lives with gevent; import it only when someone asks for it.
+    if name == "Collective":
+        from ._node import Collective
+
+        return Collective
+    raise AttributeError(f"module 'gcollective' has no attribute {name!r}")
+
+
+# -- the drop-in: one default node per process ------------------------------------------------
+
+_default: Collective | None = None
+
+
+def default_node() -> Collective:
+    """The node that ``gcollective.start()`` started in this process.
+
+    Raises ``NotStartedError`` when there is none, including in a child forked from a process
+    that had one: nothing of a parent's node survives into a child.
+    """
+    node = _default
+    if node is None or not node.running:
+        raise NotStartedError("no gcollective node runs in this process: call gcollective.start()")
+    return node
+
+
+def start(
+    local: Any, peers: Iterable[Any] = (), *, timeout: float = 10.0, **options: Any
+) -> Collective:
+    """Start this process's default node (see ``Collective`` for the arguments) and return it.
+
+    Blocks the calling greenlet until a live peer's state is merged or each peer failed once
+    (at most ``timeout`` seconds).
+    """
+    global _default
+    from ._node import Collective
+
+    current = _default
+    if current is not None and current.running:
+        raise RuntimeError("gcollective.start() was already called in this process")
+    node = Collective(local, peers, **options)
+    node.start(timeout=timeout)
+    _default = node
+    return node
+
+
+def stop(timeout: float = 5.0) -> None:
+    """Flush and stop the default node (at most ``timeout`` seconds); a no-op without one."""
+    global _default
+    node, _default = _default, None
+    if node is not None and node.running:
+        node.stop(timeout)
+
+
+def get(key: Key, default: Any = None) -> Any:
+    """``default_node().get(key, default)``: read locally, never over the network."""
+    return default_node().get(key, default)
+
+
+def set(key: Key, value: Any, op: int = SET) -> None:  # noqa: A001 - the collective.js name
+    """``default_node().set(key, value, op)``."""
+    default_node().set(key, value, op)
+
+
+def incr(key: Key, amount: int | float = 1) -> int | float:
+    """``default_node().incr(key, amount)``; returns the new local value."""
+    return default_node().incr(key, amount)
+
+
+def delete(key: Key) -> None:
+    """``default_node().delete(key)``."""
+    default_node().delete(key)
+
+
+def snapshot() -> dict[str, Any]:
+    """``default_node().snapshot()``: a deep copy of the whole tree."""
+    return default_node().snapshot()

@@ -1,0 +1,576 @@
+"""The node: a ``Store`` replicated over gevent sockets. The only module that does I/O.
+
+Shape (see the README's design section):
+
+- One acceptor (a gevent ``StreamServer``) reads every peer's incoming connection and applies
+  what arrives to the store.
+- One writer greenlet per peer (``_PeerLink``) dials that peer and sends. An operation is
+  encoded once; its bytes are appended to every link's pending list, and a writer sends all
+  that is pending with one ``sendall``. ``set()`` never waits for the network.
+- A node starting empty asks one live peer (on the first link that connects) for a snapshot
+  of its whole state, metadata included, and merges it with whatever arrives meanwhile.
+- A link that reconnects after a failure, or whose pending bytes overflowed while the peer
+  was unreachable, first sends a full snapshot: nothing the peer may have missed is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from typing import Any, Iterable
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import Event
+from gevent.server import StreamServer
+
+from . import _store
+from ._clock import HybridClock, new_node_id
+from ._errors import InvalidValueError, NotStartedError, ProtocolError
+from ._store import DELETE, INCREMENT, SET, Store, is_number
+from ._validate import (
+    Key,
+    check_amount,
+    clean_value,
+    format_address,
+    parse_address,
+    parse_key,
+)
+from ._wire import (
+    OP,
+    SNAPSHOT,
+    SNAPSHOT_END,
+    SNAPSHOT_END_FRAME,
+    SNAPSHOT_REQUEST,
+    SNAPSHOT_REQUEST_FRAME,
+    WANTS_SNAPSHOT,
+    FrameDecoder,
+    check_snapshot_items,
+    encode_hello,
+    encode_op,
+    encode_snapshot,
+    parse_hello,
+    parse_op,
+)
+
+__all__ = ["Collective"]
+
+log = logging.getLogger("gcollective")
+
+_RECV_SIZE = 256 * 1024
+_SNAPSHOT_CHUNK_KEYS = 2048  # top-level keys per SNAPSHOT frame
+
+# Bumped in every child after fork (hook registered by the first start()), so a node can tell
+# cheaply that it was inherited from the parent and must not be used.
+_fork_generation = 0
+_fork_hook_registered = False
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+def _register_fork_hook() -> None:
+    global _fork_hook_registered
+    if not _fork_hook_registered:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook_registered = True
+
+
+class _PeerLink:
+    """The outgoing side of one peer: pending frames and the writer greenlet that sends them."""
+
+    def __init__(self, node: Collective, address: tuple[str, int]) -> None:
+        self.node = node
+        self.address = address
+        self.name = format_address(address)
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.wake = Event()  # something is pending (or the node is stopping)
+        self.kick = Event()  # the peer is known to be up: skip the rest of the backoff
+        self.state = "connecting"
+        self.attempted = False  # one connection attempt finished (either way)
+        self.connected_once = False
+        self.needs_resync = False  # frames may have been lost: send a full snapshot first
+        self.requested_snapshot = False
+        self.greenlet: gevent.Greenlet | None = None
+        self.sent_frames = 0
+        self.reconnects = 0
+        self.last_error: str | None = None
+
+    def enqueue(self, frame: bytes) -> None:
+        """Queue a frame; never blocks. Overflow drops the queue and schedules a resync."""
+        self.pending.append(frame)
+        self.pending_bytes += len(frame)
+        if self.pending_bytes > self.node.max_queue_bytes:
+            if not self.needs_resync:
+                log.warning(
+                    "peer %s: %d bytes queued, over the limit; dropping them and resyncing it "
+                    "with a snapshot once it is reachable",
+                    self.name,
+                    self.pending_bytes,
+                )
+            self.pending = []
+            self.pending_bytes = 0
+            self.needs_resync = True
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def resync(self) -> None:
+        """Replace what is pending by a full snapshot (which holds all of it, and more).
+
+        Snapshot bytes do not count against ``max_queue_bytes``: they replace the queue.
+        """
+        self.pending = self.node._snapshot_frames()
+        self.pending_bytes = 0
+        self.needs_resync = False
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def start(self) -> None:
+        self.greenlet = gevent.spawn(self._run)
+
+    def _backoff(self, failures: int) -> None:
+        node = self.node
+        delay = min(node.backoff_max, node.backoff_min * (2 ** min(failures, 20)))
+        delay *= random.uniform(0.5, 1.0)  # jitter: peers restarted together do not stampede
+        self.kick.clear()
+        self.kick.wait(delay)
+
+    def _run(self) -> None:
+        node = self.node
+        failures = 0
+        while not node._stopping:
+            try:
+                sock = gsocket.create_connection(self.address, timeout=node.connect_timeout)
+            except OSError as exc:
+                self._failed(f"connect: {exc}")
+                failures += 1
+                self._backoff(failures)
+                continue
+            failures = 0
+            try:
+                self._serve(sock)
+            except OSError as exc:
+                self._failed(f"send: {exc}")
+                # Whatever was in flight may be lost; the snapshot on reconnect covers it.
+                self.needs_resync = True
+                failures += 1
+                if not node._stopping:
+                    self._backoff(failures)
+            finally:
+                sock.close()
+        self.state = "stopped"
+
+    def _failed(self, reason: str) -> None:
+        node = self.node
+        if self.state == "connected":
+            log.info("peer %s: connection lost (%s)", self.name, reason)
+        elif not self.attempted:
+            log.debug("peer %s: not reachable yet (%s)", self.name, reason)
+        self.state = "backoff"
+        self.last_error = reason
+        self.attempted = True
+        if self.requested_snapshot:
+            self.requested_snapshot = False
+            node._snapshot_link = None
+            node._request_snapshot()
+        node._check_ready()
+
+    def _serve(self, sock: Any) -> None:
+        """Send HELLO (and a snapshot when needed), then everything that becomes pending."""
+        node = self.node
+        sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+        sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_KEEPALIVE, 1)
+        sock.settimeout(node.send_timeout)
+        flags = 0
+        if not node._synced.is_set() and node._snapshot_link is None:
+            flags |= WANTS_SNAPSHOT
+            node._snapshot_link = self
+            self.requested_snapshot = True
+        first = [encode_hello(node.node_id, node.local[0], node.local[1], flags)]
+        if self.connected_once:
+            self.reconnects += 1
+            self.needs_resync = True
+        if self.needs_resync:
+            self.resync()
+        self.connected_once = True
+        self.state = "connected"
+        self.attempted = True
+        log.info("peer %s: connected", self.name)
+        sock.sendall(b"".join(first))
+        wake = self.wake
+        while True:
+            if not self.pending:
+                if node._stopping:
+                    return
+                wake.clear()
+                wake.wait()
+                continue
+            batch = self.pending
+            self.pending = []
+            self.pending_bytes = 0
+            sock.sendall(b"".join(batch))
+            self.sent_frames += len(batch)
+
+    def stop(self) -> None:
+        self.wake.set()
+        self.kick.set()
+
+
+class Collective:
+    """One member of a collective: a local replica of the shared tree plus its links.
+
+    ``local`` is this member's listening address and ``peers`` every member's (``local`` may
+    be among them; it is skipped). Addresses are ``"host:port"``, ``(host, port)`` or
+    ``{"host": ..., "port": ...}``. Nothing happens until ``start()``. Usable as a context
+    manager, which starts and stops it.
+
+    Options:
+        connect_timeout: seconds for one connection attempt (default 2).
+        send_timeout: seconds a peer may stall a send before the link is dropped (default 30).
+        backoff_min, backoff_max: bounds of the reconnect delay in seconds (0.05, 2).
+        max_frame: largest frame accepted from a peer, in bytes (default 256 MiB).
+        max_queue_bytes: bytes queued for one unreachable peer before the queue is replaced
+            by a snapshot on reconnect (default 64 MiB).
+        handshake_timeout: seconds an incoming connection has to send HELLO (default 5).
+    """
+
+    def __init__(
+        self,
+        local: Any,
+        peers: Iterable[Any] = (),
+        *,
+        connect_timeout: float = 2.0,
+        send_timeout: float = 30.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 2.0,
+        max_frame: int = 256 * 1024 * 1024,
+        max_queue_bytes: int = 64 * 1024 * 1024,
+        handshake_timeout: float = 5.0,
+    ) -> None:
+        self.local = parse_address(local)
+        seen: set[tuple[str, int]] = set()
+        self.peers: list[tuple[str, int]] = []
+        for peer in peers:
+            address = parse_address(peer)
+            if address != self.local and address not in seen:
+                seen.add(address)
+                self.peers.append(address)
+        for name, number in (
+            ("connect_timeout", connect_timeout),
+            ("send_timeout", send_timeout),
+            ("backoff_min", backoff_min),
+            ("backoff_max", backoff_max),
+            ("handshake_timeout", handshake_timeout),
+        ):
+            if not isinstance(number, (int, float)) or isinstance(number, bool) or number <= 0:
+                raise ValueError(f"{name} must be a positive number, not {number!r}")
+        for name, size in (("max_frame", max_frame), ("max_queue_bytes", max_queue_bytes)):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1024:
+                raise ValueError(f"{name} must be an int of at least 1024, not {size!r}")
+        self.connect_timeout = float(connect_timeout)
+        self.send_timeout = float(send_timeout)
+        self.backoff_min = float(backoff_min)
+        self.backoff_max = max(float(backoff_max), self.backoff_min)
+        self.max_frame = max_frame
+        self.max_queue_bytes = max_queue_bytes
+        self.handshake_timeout = float(handshake_timeout)
+        #: This incarnation's id: fresh on every construction, so a restart is a new origin.
+        self.node_id = new_node_id()
+        self._store = Store()
+        self._clock = HybridClock(self.node_id)
+        self._links: dict[tuple[str, int], _PeerLink] = {}
+        self._server: StreamServer | None = None
+        self._handlers: set[gevent.Greenlet] = set()
+        self._synced = Event()
+        self._ready = Event()
+        self._snapshot_link: _PeerLink | None = None
+        self._started = False
+        self._stopping = False
+        self._pid = 0
+        self._generation = -1
+        self.started_at: float | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Listen, dial every peer, and wait until one live peer's state is merged.
+
+        Returns as soon as a snapshot from a peer is merged, or once every peer failed one
+        connection attempt (so the first member up does not wait), or after ``timeout``
+        seconds, whichever comes first. Raises ``OSError`` if the address cannot be bound.
+        Blocks the calling greenlet only.
+        """
+        if self._started:
+            raise RuntimeError("this Collective was already started; create a new one")
+        _register_fork_hook()
+        self._started = True
+        self._pid = os.getpid()
+        self._generation = _fork_generation
+        self.started_at = time.time()
+        self._server = StreamServer(self.local, self._handle_connection)
+        self._server.start()
+        for address in self.peers:
+            self._add_link(address)
+        self._check_ready()
+        if not self._ready.wait(timeout):
+            log.warning(
+                "started without a peer's state after %.1fs; carrying on (it merges later)",
+                timeout,
+            )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send what is queued to reachable peers (waiting at most ``timeout`` seconds), then
+        close every connection. Reads keep working on the local copy afterwards."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + timeout
+        for link in list(self._links.values()):
+            link.stop()
+        for link in list(self._links.values()):
+            if link.greenlet is None:
+                continue
+            if link.state == "connected" and link.pending:
+                link.greenlet.join(max(0.0, deadline - time.monotonic()))
+            if not link.greenlet.dead:
+                link.greenlet.kill(block=True, timeout=1)
+        if self._handlers:
+            gevent.killall(list(self._handlers), block=True, timeout=1)
+        log.info("node %s stopped", format_address(self.local))
+
+    def __enter__(self) -> Collective:
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``, in the process that started it."""
+        return self._started and not self._stopping and self._generation == _fork_generation
+
+    @property
+    def synced(self) -> bool:
+        """True once a live peer's whole state has been merged."""
+        return self._synced.is_set()
+
+    def _check_writable(self) -> None:
+        if self._generation != _fork_generation:
+            raise NotStartedError(
+                f"this node belongs to process {self._pid}; start a new one after fork"
+            )
+        if not self._started or self._stopping:
+            raise NotStartedError("the node is not running: call start() first")
+
+    def _check_ready(self) -> None:
+        if self._ready.is_set():
+            return
+        if self._synced.is_set() or all(
+            link.attempted and not link.requested_snapshot for link in self._links.values()
+        ):
+            self._ready.set()
+
+    def _request_snapshot(self) -> None:
+        """Ask another connected peer for its state after the one asked first went away."""
+        if self._synced.is_set() or self._stopping:
+            return
+        for link in self._links.values():
+            if link.state == "connected":
+                link.requested_snapshot = True
+                self._snapshot_link = link
+                link.enqueue(SNAPSHOT_REQUEST_FRAME)
+                return
+
+    def _add_link(self, address: tuple[str, int]) -> _PeerLink:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = _PeerLink(self, address)
+            link.start()
+        return link
+
+    # -- the data API ----------------------------------------------------------------------
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        """The value at ``key``, or ``default``; never touches the network.
+
+        Containers come back as copies: changing them changes nothing shared.
+        """
+        if self._generation != _fork_generation:
+            self._check_writable()
+        if type(key) is str and key and ".." not in key and key[0] != "." and key[-1] != ".":
+            return self._store.get(key.split("."), default)
+        return self._store.get(parse_key(key), default)
+
+    def set(self, key: Key, value: Any, op: int = SET) -> None:
+        """Set ``key`` to ``value`` here at once and on every peer soon after.
+
+        ``op`` keeps collective.js's third argument: ``INCREMENT`` adds ``value``, ``DELETE``
+        removes the key (``value`` is ignored). Bad keys and values raise before anything is
+        applied or sent.
+        """
+        if op == SET and type(op) is not bool:
+            self._check_writable()
+            path = parse_key(key)
+            value = clean_value(value)
+            stamp = self._clock.stamp()
+            self._apply_local(stamp, SET, path, value)
+        elif op == INCREMENT:
+            self.incr(key, value)
+        elif op == DELETE:
+            self.delete(key)
+        else:
+            raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
+
+    def incr(self, key: Key, amount: int | float = 1) -> int | float:
+        """Add ``amount`` to the number at ``key`` (missing counts as 0); returns the new local
+        value. Concurrent increments on all members all count."""
+        self._check_writable()
+        path = parse_key(key)
+        amount = check_amount(amount)
+        current = self._store.get(path, _store.MISSING)
+        if current is not _store.MISSING and not is_number(current):
+            raise InvalidValueError(
+                f"cannot increment {key!r}: it holds a {type(current).__name__}, not a number"
+            )
+        stamp = self._clock.stamp()
+        self._apply_local(stamp, INCREMENT, path, amount)
+        return self._store.get(path)
+
+    def delete(self, key: Key) -> None:
+        """Remove ``key`` (and everything below it) here and on every peer."""
+        self._check_writable()
+        path = parse_key(key)
+        stamp = self._clock.stamp()
+        self._apply_local(stamp, DELETE, path, None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A deep copy of the whole tree."""
+        if self._generation != _fork_generation:
+            self._check_writable()
+        return self._store.to_dict()
+
+    def _apply_local(self, stamp: int, op: int, path: tuple[str, ...], value: Any) -> None:
+        frame = encode_op(stamp, op, path, value)
+        self._store.apply(stamp, op, path, value)
+        for link in self._links.values():
+            link.enqueue(frame)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _snapshot_frames(self) -> list[bytes]:
+        """The whole state as SNAPSHOT frames, then SNAPSHOT_END (built without yielding)."""
+        items = self._store.export()
+        frames = [
+            encode_snapshot(items[i : i + _SNAPSHOT_CHUNK_KEYS])
+            for i in range(0, len(items), _SNAPSHOT_CHUNK_KEYS)
+        ]
+        frames.append(SNAPSHOT_END_FRAME)
+        return frames
+
+    def _handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
+        current = gevent.getcurrent()
+        self._handlers.add(current)
+        peer = f"{address[0]}:{address[1]}"
+        try:
+            self._read_connection(sock, peer)
+        except ProtocolError as exc:
+            log.warning("connection from %s closed: %s", peer, exc)
+        except (OSError, gevent.Timeout) as exc:
+            log.info("connection from %s closed: %s", peer, exc or type(exc).__name__)
+        finally:
+            self._handlers.discard(current)
+            sock.close()
+
+    def _read_connection(self, sock: Any, peer: str) -> None:
+        decoder = FrameDecoder(self.max_frame)
+        messages: list[Any] = []
+        deadline = time.monotonic() + self.handshake_timeout
+        while not messages:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProtocolError("no HELLO within the handshake timeout")
+            sock.settimeout(remaining)
+            data = sock.recv(4096)
+            if not data:
+                return
+            messages = decoder.feed(data)
+        hello = parse_hello(messages[0])
+        if hello.node_id == self.node_id:
+            raise ProtocolError("connected to itself")
+        sock.settimeout(None)
+        origin = f"{format_address((hello.host, hello.port))}"
+        log.info("peer %s (id %x) joined from %s", origin, hello.node_id, peer)
+        link = self._links.get((hello.host, hello.port))
+        if link is None and not self._stopping:
+            log.info("peer %s is new: connecting back", origin)
+            link = self._add_link((hello.host, hello.port))
+        if link is not None:
+            link.kick.set()
+            if hello.flags & WANTS_SNAPSHOT:
+                link.resync()
+        self._dispatch(messages[1:], link)
+        recv = sock.recv
+        feed = decoder.feed
+        while True:
+            data = recv(_RECV_SIZE)
+            if not data:
+                return
+            self._dispatch(feed(data), link)
+            gevent.sleep(0)  # fairness: one busy peer must not starve the others
+
+    def _dispatch(self, messages: list[Any], link: _PeerLink | None) -> None:
+        apply = self._store.apply
+        observe = self._clock.observe
+        for message in messages:
+            if type(message) is not list or not message:
+                raise ProtocolError("frame is not a non-empty JSON array")
+            kind = message[0]
+            if kind == OP:
+                stamp, op, path, value = parse_op(message)
+                apply(stamp, op, path, value)
+                observe(stamp)
+            elif kind == SNAPSHOT:
+                if len(message) != 2:
+                    raise ProtocolError("SNAPSHOT frame has the wrong length")
+                items = check_snapshot_items(message[1])
+                self._store.merge(items)
+                self._observe_items(items)
+            elif kind == SNAPSHOT_END:
+                if not self._synced.is_set():
+                    log.info("merged a peer's state")
+                    self._synced.set()
+                    self._check_ready()
+            elif kind == SNAPSHOT_REQUEST:
+                if link is not None:
+                    link.resync()
+            else:
+                raise ProtocolError(f"unknown message type {kind!r}")
+
+    def _observe_items(self, items: list[Any]) -> None:
+        """Move the clock past the newest stamp in a snapshot slice (cheap upper bound)."""
+        newest = 0
+        stack: list[Any] = [entry for _, entry in items]
+        while stack:
+            entry = stack.pop()
+            if type(entry) is int:
+                newest = max(newest, entry)
+            elif len(entry) == 2:
+                newest = max(newest, entry[0])
+            else:
+                for stamp in (entry[0], entry[2], entry[3]):
+                    if stamp is not None and stamp > newest:
+                        newest = stamp
+                for inc in entry[4]:
+                    newest = max(newest, inc[0])
+                stack.extend(entry[5].values())
+        if newest:
+            self._clock.observe(newest)

@@ -1,0 +1,527 @@
+"""The replicated tree: a sans-IO, convergent store of nested JSON data.
+
+Every operation carries a *stamp*, a unique int (see ``_clock``). The contract: the materialized
+tree always equals the result of applying every distinct operation received, in ascending stamp
+order, to an empty dict, with these rules:
+
+- SET p v: non-dicts (or nothing) met on the way to p are replaced by dicts; p becomes v.
+- DELETE p: p is removed if the way to it consists of dicts; otherwise nothing happens.
+- INCREMENT p n: the way is made of dicts as for SET; a number (not a bool) at p grows by n,
+  anything else at p (or nothing) becomes n.
+
+Operations may arrive in any order and more than once. Rather than replaying a log, each path
+keeps a small summary of the events that can still matter to it:
+
+- ``a`` / ``av``: its own latest assignment (SET or DELETE at exactly this path). A SET of a dict
+  is recorded as an assignment of DICT here plus an assignment of each member below, all with
+  the same stamp.
+- ``incs``: increments that are not yet overtaken, by stamp (so a repeat is applied once).
+- ``d``: the latest SET or INCREMENT strictly below this path; such a write turns this path
+  into a dict ("ensure dict").
+- ``imax``: the latest increment here. Together with the assignment it forms ``r``, the reset
+  stamp of the children: a child event older than ``r`` can never matter again and is dropped.
+
+The value of a path follows from these: after the effective assignment (its own, or a newer
+reset of an ancestor), the latest of {increment here, write below} decides whether it is a
+number or a dict. In-order writes (the normal case) take short paths that touch only the path
+written; anything arriving late records its event and recomputes the affected subtree with
+``_rebuild``, which is the definition the fast paths must agree with.
+
+A path whose only metadata is one assignment is stored as a bare int stamp in its parent's
+``entries``: its value is in the parent's materialized dict, or absent for a tombstone. That
+keeps the cost of the common leaf to one dict slot and one int.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+__all__ = ["Store", "SET", "INCREMENT", "DELETE", "MISSING", "is_number", "copy_value"]
+
+SET = 0
+INCREMENT = 1
+DELETE = 2
+
+NEVER = float("-inf")
+
+
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+MISSING: Any = _Marker("MISSING")
+DICT: Any = _Marker("DICT")
+
+
+def is_number(value: object) -> bool:
+    """True for int and float values; bool is not a number in JSON."""
+    return type(value) is int or type(value) is float
+
+
+def copy_value(value: Any) -> Any:
+    """Copy a JSON value deeply, keeping every type exactly (faster than ``copy.deepcopy``)."""
+    kind = type(value)
+    if kind is dict:
+        return {k: copy_value(v) for k, v in value.items()}
+    if kind is list:
+        return [copy_value(v) for v in value]
+    return value
+
+
+class _Node:
+    """Metadata of one path that is more than a single assignment (see the module docstring)."""
+
+    __slots__ = ("a", "av", "d", "imax", "incs", "r", "top", "entries", "value")
+
+    def __init__(self) -> None:
+        self.a: float | int = NEVER  # own assignment stamp
+        self.av: Any = MISSING  # own assignment: leaf value, DICT or MISSING (a DELETE)
+        self.d: float | int = NEVER  # latest write strictly below
+        self.imax: float | int = NEVER  # latest increment here
+        self.incs: dict[int, int | float] | None = None  # increments still relevant
+        self.r: float | int = NEVER  # reset stamp for the children
+        self.top: float | int = NEVER  # latest stamp anywhere in this subtree
+        self.entries: dict[str, int | _Node] = {}
+        self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
+
+
+class Store:
+    """A nested dict that converges under operations delivered in any order, with repeats.
+
+    Pure Python, no I/O. ``apply`` takes one stamped operation; ``export`` / ``merge`` move the
+    whole state (metadata included) between replicas. Read the tree through ``get`` or
+    ``to_dict``; ``data`` is the live root for callers that promise not to mutate it.
+    """
+
+    def __init__(self) -> None:
+        root = _Node()
+        root.value = {}
+        self._root = root
+        self.data: dict[str, Any] = root.value
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, path: Iterable[str], default: Any = None) -> Any:
+        """The value at ``path`` (containers copied), or ``default`` when there is none."""
+        node: Any = self.data
+        for segment in path:
+            if type(node) is not dict:
+                return default
+            node = node.get(segment, MISSING)
+            if node is MISSING:
+                return default
+        kind = type(node)
+        if kind is dict or kind is list:
+            return copy_value(node)
+        return node
+
+    def to_dict(self) -> dict[str, Any]:
+        """A deep copy of the whole tree."""
+        return copy_value(self.data)
+
+    # -- applying one operation -------------------------------------------------------------
+
+    def apply(self, stamp: int, op: int, path: tuple[str, ...] | list[str], value: Any) -> None:
+        """Apply one stamped operation; a repeat of a stamp already applied changes nothing.
+
+        ``value`` is the SET value (trusted: a fresh JSON value the store may keep) or the
+        INCREMENT amount; it is ignored for DELETE. ``path`` must be non-empty.
+        """
+        s = stamp
+        node = self._root
+        last = len(path) - 1
+        writes = op != DELETE
+        for i in range(last):
+            if s < node.r:
+                return  # overtaken by a newer reset above: no effect on anything below
+            key = path[i]
+            child = node.entries.get(key)
+            if type(child) is not _Node:
+                child = self._promote(node, key, child)
+            if s > child.top:
+                child.top = s
+            if writes and s > child.d:
+                child.d = s
+                if type(child.value) is not dict:
+                    self._write_below(node, key, child, s)
+            node = child
+        key = path[last]
+        if s < node.r:
+            return
+        if op == SET:
+            self._set(node, key, s, value)
+        elif op == INCREMENT:
+            self._increment(node, key, s, value)
+        else:
+            self._delete(node, key, s)
+
+    def _write_below(self, parent: _Node, key: str, node: _Node, s: int) -> None:
+        """A write at stamp ``s`` (already recorded in ``node.d``) landed below a non-dict."""
+        if s > node.r:
+            # Newest event here: the path becomes an empty dict (older children are overtaken).
+            self._prune_children(node, node.r)
+            node.value = {}
+            node.incs = None
+            self._place(parent, key, node.value)
+        else:
+            # Between the assignment and the latest increment: the number changes.
+            self._rebuild_at(parent, key, node)
+
+    def _set(self, parent: _Node, key: str, s: int, value: Any) -> None:
+        entry = parent.entries.get(key)
+        if entry is None or (type(entry) is int and s > entry):
+            fresh = True
+        elif type(entry) is int:
+            return  # older than (or the same as) the assignment there
+        else:
+            fresh = s > entry.top
+            if not fresh:
+                if s <= entry.a:
+                    return
+                self._record_assign(parent.entries, key, s, value)
+                self._rebuild_at(parent, key, entry)
+                return
+        if type(value) is dict:
+            node = self._build(value, s)
+            parent.entries[key] = node
+            self._place(parent, key, node.value)
+        else:
+            parent.entries[key] = s
+            self._place(parent, key, value)
+
+    def _delete(self, parent: _Node, key: str, s: int) -> None:
+        entry = parent.entries.get(key)
+        if entry is None or (type(entry) is int and s > entry):
+            parent.entries[key] = s
+            if type(parent.value) is dict:
+                parent.value.pop(key, None)
+        elif type(entry) is int:
+            return
+        elif s > entry.top:
+            parent.entries[key] = s
+            if type(parent.value) is dict:
+                parent.value.pop(key, None)
+        elif s > entry.a:
+            entry.a = s
+            entry.av = MISSING
+            self._rebuild_at(parent, key, entry)
+
+    def _increment(self, parent: _Node, key: str, s: int, amount: int | float) -> None:
+        entry = parent.entries.get(key)
+        if entry is None:
+            node = _Node()
+            node.incs = {s: amount}
+            node.imax = node.r = node.top = s
+            node.value = amount
+            parent.entries[key] = node
+            self._place(parent, key, amount)
+            return
+        if type(entry) is int:
+            if s < entry:
+                return  # the assignment there is newer
+            entry = self._promote(parent, key, entry)
+        incs = entry.incs
+        if incs is not None and s in incs:
+            return  # a repeat
+        if s < entry.a:
+            return  # overtaken by the assignment here
+        if incs is None:
+            entry.incs = incs = {}
+        incs[s] = amount
+        if s > entry.top:
+            # Newest event in the subtree: a number grows, anything else becomes the amount.
+            entry.top = entry.imax = entry.r = s
+            current = entry.value
+            if is_number(current):
+                result = current + amount
+            else:
+                result = amount
+                if entry.entries:
+                    entry.entries = {}
+            entry.value = result
+            self._place(parent, key, result)
+        else:
+            if s > entry.imax:
+                entry.imax = s
+            self._rebuild_at(parent, key, entry)
+
+    # -- building blocks --------------------------------------------------------------------
+
+    def _place(self, parent: _Node, key: str, value: Any) -> None:
+        """Put a path's new materialized value into its parent's dict (if that is a dict)."""
+        if type(parent.value) is dict:
+            if value is MISSING:
+                parent.value.pop(key, None)
+            else:
+                parent.value[key] = value
+
+    def _promote(self, parent: _Node, key: str, entry: int | None) -> _Node:
+        """Turn a bare-stamp entry (or nothing) into a full metadata node."""
+        node = _Node()
+        if entry is None:
+            node.r = parent.r
+        else:
+            node.a = node.top = entry
+            pv = parent.value
+            node.av = pv.get(key, MISSING) if type(pv) is dict else MISSING
+            node.value = node.av
+            node.r = max(entry, parent.r)
+        parent.entries[key] = node
+        return node
+
+    def _build(self, value: dict[str, Any], s: int) -> _Node:
+        """A fresh node for a dict assigned at stamp ``s``, its members assigned at ``s`` too."""
+        node = _Node()
+        node.a = node.r = node.top = s
+        node.av = DICT
+        data: dict[str, Any] = {}
+        entries: dict[str, int | _Node] = {}
+        for k, v in value.items():
+            if type(v) is dict:
+                child = self._build(v, s)
+                entries[k] = child
+                data[k] = child.value
+            else:
+                entries[k] = s
+                data[k] = v
+        node.entries = entries
+        node.value = data
+        return node
+
+    def _record_assign(self, entries: dict[str, int | _Node], key: str, s: int, value: Any) -> None:
+        """Record an assignment (leaf, dict or MISSING) without touching materialized values.
+
+        Leaf assignments are recorded as full nodes carrying their value, since the parent's
+        materialized dict may not exist; ``_rebuild`` then places them.
+        """
+        entry = entries.get(key)
+        if type(entry) is int:
+            if entry >= s:
+                return
+            entry = None
+        if entry is None:
+            entry = _Node()
+            entries[key] = entry
+        elif entry.a >= s:
+            return
+        entry.a = s
+        if s > entry.top:
+            entry.top = s
+        if type(value) is dict:
+            entry.av = DICT
+            for k, v in value.items():
+                self._record_assign(entry.entries, k, s, v)
+        else:
+            entry.av = value
+
+    def _prune_children(self, node: _Node, r: float | int) -> None:
+        """Forget children whose every event is older than the reset ``r``."""
+        entries = node.entries
+        if not entries:
+            return
+        keep: dict[str, int | _Node] = {}
+        for k, e in entries.items():
+            if type(e) is int:
+                if e >= r:
+                    keep[k] = e
+            elif e.top >= r:
+                self._rebuild(e, r)
+                keep[k] = e
+        node.entries = keep
+
+    def _rebuild_at(self, parent: _Node, key: str, node: _Node) -> None:
+        """Recompute ``node`` (a child of ``parent``) from its metadata, and place the result."""
+        if self._rebuild(node, parent.r):
+            self._place(parent, key, node.value)
+        else:
+            del parent.entries[key]
+            self._place(parent, key, MISSING)
+
+    def _rebuild(self, node: _Node, parent_r: float | int) -> bool:
+        """Recompute a node's value from its metadata; drop what can no longer matter.
+
+        This is the reference the fast paths agree with. Returns False when nothing in the
+        subtree is newer than the reset inherited from above (the node can be forgotten).
+        """
+        if node.a >= parent_r:
+            base = node.a
+            bv = node.av
+        else:
+            base = parent_r
+            bv = MISSING
+            node.a = NEVER
+            node.av = MISSING
+        imax = node.imax if node.imax > base else NEVER
+        d = node.d if node.d > base else NEVER
+        if imax == NEVER:
+            node.imax = NEVER
+        if d == NEVER:
+            node.d = NEVER
+        r = base if imax == NEVER else imax
+        node.r = r
+        if imax == NEVER and d == NEVER:
+            is_dict = bv is DICT
+        else:
+            is_dict = d > imax
+        old_value = node.value
+        old_dict = old_value if type(old_value) is dict else None
+        new_dict: dict[str, Any] | None = None
+        if is_dict:
+            new_dict = old_dict if old_dict is not None else {}
+        top = node.a if node.a >= parent_r else NEVER
+        if imax > top:
+            top = imax
+        if d > top:
+            top = d
+        entries = node.entries
+        if entries:
+            keep: dict[str, int | _Node] = {}
+            for k, e in entries.items():
+                if type(e) is int:
+                    if e < r:
+                        if new_dict is not None:
+                            new_dict.pop(k, None)
+                        continue
+                    keep[k] = e  # its value (if not a tombstone) is already in new_dict
+                    if e > top:
+                        top = e
+                elif self._rebuild(e, r):
+                    if e.top > top:
+                        top = e.top
+                    child_value = e.value
+                    if new_dict is not None:
+                        if child_value is MISSING:
+                            new_dict.pop(k, None)
+                        else:
+                            new_dict[k] = child_value
+                    if (e.entries or e.incs or e.av is DICT or e.d != NEVER or e.imax != NEVER) or (
+                        child_value is not MISSING and new_dict is None
+                    ):
+                        keep[k] = e
+                    else:
+                        keep[k] = e.a  # a plain assignment: back to a bare stamp
+                elif new_dict is not None:
+                    new_dict.pop(k, None)
+            node.entries = keep
+        if new_dict is not None:
+            # Drop leftovers that no entry accounts for (possible only after a reset).
+            if len(new_dict) > len(node.entries):
+                for k in [k for k in new_dict if k not in node.entries]:
+                    del new_dict[k]
+            node.value = new_dict
+        elif imax != NEVER and imax > d:
+            lower = base if d == NEVER else d
+            incs = node.incs or {}
+            result: Any = bv if (d == NEVER and is_number(bv)) else MISSING
+            kept: dict[int, int | float] = {}
+            for st in sorted(incs):
+                if st > lower:
+                    amount = incs[st]
+                    kept[st] = amount
+                    result = amount if result is MISSING else result + amount
+            node.incs = kept
+            node.value = result
+        else:
+            node.value = bv
+        if new_dict is not None or not (imax != NEVER and imax > d):
+            # Increments older than the latest write below (or the assignment) are overtaken.
+            if node.incs:
+                lower = base if d == NEVER else max(base, d)
+                node.incs = {st: n for st, n in node.incs.items() if st > lower} or None
+        node.top = top
+        return top != NEVER and top >= parent_r
+
+    # -- whole-state transfer ----------------------------------------------------------------
+
+    def export(self) -> list[Any]:
+        """The whole state with its metadata, as JSON-serialisable data (see ``merge``).
+
+        One item per top-level key: ``[key, entry]``. An entry is an int (a tombstone), a
+        ``[stamp, value]`` pair (a plain assignment), or ``[a, av, d, imax, incs, children]``
+        for a full node, where ``av`` is ``[value]``, ``0`` (deleted) or ``1`` (a dict), stamps
+        that are unset are ``None`` and ``children`` maps keys to entries.
+        """
+        root = self._root
+        return [[k, self._export_entry(root, k, e)] for k, e in root.entries.items()]
+
+    def _export_entry(self, parent: _Node, key: str, entry: int | _Node) -> Any:
+        if type(entry) is int:
+            pv = parent.value
+            if type(pv) is dict and key in pv:
+                return [entry, pv[key]]
+            return entry
+        av = entry.av
+        encoded_av: Any = 1 if av is DICT else (0 if av is MISSING else [av])
+        incs = [[st, n] for st, n in entry.incs.items()] if entry.incs else []
+        children = {k: self._export_entry(entry, k, e) for k, e in entry.entries.items()}
+        return [_enc(entry.a), encoded_av, _enc(entry.d), _enc(entry.imax), incs, children]
+
+    def merge(self, exported: Iterable[Any]) -> None:
+        """Merge state exported by another replica: the result is as if this replica had
+        received every operation that one had received, too.
+
+        Accepts the whole ``export()`` list or any slice of it, so a snapshot can arrive in
+        chunks interleaved with live operations.
+        """
+        root = self._root
+        for key, encoded in exported:
+            self._merge_entry(root, key, encoded)
+            entry = root.entries[key]
+            if type(entry) is _Node:
+                self._rebuild_at(root, key, entry)
+
+    def _merge_entry(self, parent: _Node, key: str, encoded: Any) -> None:
+        """Record the events of one exported entry into ``parent.entries[key]`` (no rebuild)."""
+        entries = parent.entries
+        if type(encoded) is int:
+            self._record_assign(entries, key, encoded, MISSING)
+            return
+        if len(encoded) == 2:
+            stamp, value = encoded
+            self._record_assign(entries, key, stamp, value)
+            return
+        a, av, d, imax, incs, children = encoded
+        if a is not None:
+            if av == 1 and type(av) is int:
+                value: Any = DICT
+            elif av == 0 and type(av) is int:
+                value = MISSING
+            else:
+                value = av[0]
+            if value is DICT:
+                self._record_assign(entries, key, a, {})
+                # the members of that dict come as children with the same stamp
+            else:
+                self._record_assign(entries, key, a, value)
+        node = entries.get(key)
+        if type(node) is not _Node:
+            node = self._promote(parent, key, node)
+        if d is not None and d > node.d:
+            node.d = d
+        if imax is not None and imax > node.imax:
+            node.imax = imax
+        if incs:
+            current = node.incs
+            if current is None:
+                node.incs = current = {}
+            for st, n in incs:
+                current.setdefault(st, n)
+        for st in (d, imax):
+            if st is not None and st > node.top:
+                node.top = st
+        for k, child in children.items():
+            self._merge_entry(node, k, child)
+            ce = node.entries[k]
+            ctop = ce if type(ce) is int else ce.top
+            if ctop > node.top:
+                node.top = ctop
+
+
+def _enc(stamp: float | int) -> int | None:
+    return None if stamp == NEVER else stamp  # type: ignore[return-value]

@@ -1,0 +1,132 @@
+"""Checks for what callers pass in: keys become paths, values become private JSON copies."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Union
+
+from ._errors import InvalidKeyError, InvalidValueError
+
+__all__ = [
+    "Key",
+    "parse_key",
+    "clean_value",
+    "check_amount",
+    "parse_address",
+    "format_address",
+    "MAX_DEPTH",
+]
+
+#: A dotted string ('users.42.visits') or a tuple of segments (('users', 'a.b@c.d')).
+Key = Union[str, "tuple[str, ...]"]
+
+#: Nesting limit for values and keys together, well below the JSON codec's own limit.
+MAX_DEPTH = 100
+
+
+def parse_key(key: Any) -> tuple[str, ...]:
+    """Turn a key into its path of segments, or raise ``InvalidKeyError``."""
+    if type(key) is str:
+        if not key or ".." in key or key[0] == "." or key[-1] == ".":
+            raise InvalidKeyError(f"key {key!r} is empty or has an empty segment")
+        return tuple(key.split("."))
+    if isinstance(key, (tuple, list)):
+        if not key:
+            raise InvalidKeyError("key is an empty sequence")
+        for segment in key:
+            if not isinstance(segment, str):
+                raise InvalidKeyError(
+                    f"key segment {segment!r} is a {type(segment).__name__}, not a str"
+                )
+            if not segment:
+                raise InvalidKeyError(f"key {tuple(key)!r} has an empty segment")
+        if len(key) > MAX_DEPTH:
+            raise InvalidKeyError(f"key is deeper than {MAX_DEPTH} segments")
+        return tuple(str(s) for s in key)
+    if isinstance(key, str):  # a str subclass
+        return parse_key(str(key))
+    raise InvalidKeyError(f"key must be a str or a tuple of str, not {type(key).__name__}")
+
+
+def clean_value(value: Any, depth: int = 0) -> Any:
+    """A private copy of ``value`` made only of JSON types, or ``InvalidValueError``.
+
+    Tuples become lists and subclasses of JSON types become the plain types, so what is kept
+    locally is exactly what every other replica decodes.
+    """
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        if math.isfinite(value):
+            return value
+        raise InvalidValueError(f"{value!r} is not a JSON number")
+    if depth >= MAX_DEPTH:
+        raise InvalidValueError(f"value is nested deeper than {MAX_DEPTH} levels")
+    if kind is dict or isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidValueError(
+                    f"dict key {k!r} is a {type(k).__name__}; JSON object keys are str"
+                )
+            out[str(k)] = clean_value(v, depth + 1)
+        return out
+    if kind is list or kind is tuple or isinstance(value, (list, tuple)):
+        return [clean_value(v, depth + 1) for v in value]
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return clean_value(float(value), depth)
+    if isinstance(value, str):
+        return str(value)
+    raise InvalidValueError(f"a {kind.__name__} cannot be stored: values must be JSON")
+
+
+def check_amount(amount: Any) -> int | float:
+    """An INCREMENT amount: an int or finite float, never a bool."""
+    if type(amount) is int:
+        return amount
+    if type(amount) is float and math.isfinite(amount):
+        return amount
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise InvalidValueError(
+            f"increment amount must be an int or float, not {type(amount).__name__}"
+        )
+    if isinstance(amount, int):
+        return int(amount)
+    return check_amount(float(amount))
+
+
+def parse_address(address: Any) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"``, ``(host, port)`` or ``{"host": h, "port": p}``."""
+    if isinstance(address, dict):
+        host, port = address.get("host"), address.get("port")
+    elif isinstance(address, (tuple, list)) and len(address) == 2:
+        host, port = address
+    elif isinstance(address, str):
+        text = address.strip()
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"address {address!r} is not host:port")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        port = int(port_text)
+    else:
+        raise ValueError(f"address {address!r} is not host:port, (host, port) or a dict")
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"address {address!r} has no host")
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"address {address!r} has no valid port (1-65535)")
+    return host, int(port)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """``host:port``, with brackets around an IPv6 host."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

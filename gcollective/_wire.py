@@ -1,0 +1,245 @@
+"""The native wire protocol, sans-IO: bytes in, messages out, and the encoders.
+
+Every message is one line: a JSON array followed by ``\\n`` (the JSON codec escapes newlines
+inside strings, so a newline only ever ends a frame). The first frame on a connection must be
+HELLO; after it, the sender streams OP, SNAPSHOT and SNAPSHOT_END frames. Connections are
+one-way, as in collective.js: a node sends on the connections it dials and only reads the
+connections it accepts.
+
+=================  ======================================================================
+HELLO              ``["gcollective", version, node_id, host, port, flags]``
+OP                 ``[1, stamp, op, path, value]`` (``value`` is null for DELETE)
+SNAPSHOT           ``[2, items]``: a slice of ``Store.export()``
+SNAPSHOT_END       ``[3]``: the sender's whole state has been sent
+SNAPSHOT_REQUEST   ``[4]``: please send me your whole state (on the reverse link)
+=================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import ujson
+
+from ._errors import ProtocolError
+from ._validate import MAX_DEPTH
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAGIC",
+    "WANTS_SNAPSHOT",
+    "OP",
+    "SNAPSHOT",
+    "SNAPSHOT_END",
+    "Hello",
+    "FrameDecoder",
+    "encode_hello",
+    "encode_op",
+    "encode_snapshot",
+    "SNAPSHOT_END_FRAME",
+    "SNAPSHOT_REQUEST",
+    "SNAPSHOT_REQUEST_FRAME",
+    "parse_hello",
+    "parse_op",
+    "check_snapshot_items",
+]
+
+PROTOCOL_VERSION = 1
+MAGIC = "gcollective"
+WANTS_SNAPSHOT = 1  # HELLO flag: send me your whole state
+
+OP = 1
+SNAPSHOT = 2
+SNAPSHOT_END = 3
+SNAPSHOT_REQUEST = 4
+
+_MAX_STAMP = 1 << 128
+_dumps = ujson.dumps
+_loads = ujson.loads
+
+
+class Hello(NamedTuple):
+    """What a connecting peer says about itself."""
+
+    node_id: int
+    host: str
+    port: int
+    flags: int
+
+
+def encode_hello(node_id: int, host: str, port: int, flags: int = 0) -> bytes:
+    """The first frame on every connection a node dials."""
+    return (_dumps([MAGIC, PROTOCOL_VERSION, node_id, host, port, flags]) + "\n").encode()
+
+
+def encode_op(stamp: int, op: int, path: tuple[str, ...], value: Any) -> bytes:
+    """One operation as one frame; encoded once, the same bytes go to every peer."""
+    return (_dumps([OP, stamp, op, path, value], ensure_ascii=False) + "\n").encode()
+
+
+def encode_snapshot(items: list[Any]) -> bytes:
+    """A SNAPSHOT frame carrying a slice of ``Store.export()``."""
+    return (_dumps([SNAPSHOT, items], ensure_ascii=False) + "\n").encode()
+
+
+SNAPSHOT_END_FRAME = b"[3]\n"
+SNAPSHOT_REQUEST_FRAME = b"[4]\n"
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames and decodes them; raises ``ProtocolError``.
+
+    Several frames may come in one chunk and one frame may span chunks. A frame (or an
+    unterminated tail) longer than ``max_frame`` bytes is refused before it is buffered further.
+    """
+
+    __slots__ = ("max_frame", "_tail")
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._tail = b""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held so far."""
+        return len(self._tail)
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Decoded JSON of every frame completed by ``data``, in order."""
+        tail = self._tail
+        if tail:
+            data = tail + data
+        if b"\n" not in data:
+            if len(data) > self.max_frame:
+                raise ProtocolError(f"frame exceeds {self.max_frame} bytes")
+            self._tail = data
+            return []
+        frames = data.split(b"\n")
+        self._tail = rest = frames.pop()
+        if len(data) > self.max_frame:
+            if len(rest) > self.max_frame or max(map(len, frames)) > self.max_frame:
+                raise ProtocolError(f"frame exceeds {self.max_frame} bytes")
+        try:
+            return list(map(_loads, frames))
+        except (ValueError, OverflowError) as exc:
+            raise ProtocolError(f"frame is not valid JSON ({exc})") from None
+
+
+def parse_hello(message: Any) -> Hello:
+    """Check the first frame of a connection."""
+    if type(message) is not list or len(message) != 6 or message[0] != MAGIC:
+        raise ProtocolError("first frame is not a gcollective HELLO")
+    _, version, node_id, host, port, flags = message
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise ProtocolError(f"protocol version {version!r} is not {PROTOCOL_VERSION}")
+    if type(node_id) is not int or not 0 < node_id < (1 << 64):
+        raise ProtocolError("HELLO has a bad node id")
+    if type(host) is not str or not host or len(host) > 255:
+        raise ProtocolError("HELLO has a bad host")
+    if type(port) is not int or not 0 < port < 65536:
+        raise ProtocolError("HELLO has a bad port")
+    if type(flags) is not int or flags < 0:
+        raise ProtocolError("HELLO has bad flags")
+    return Hello(node_id, host, port, flags)
+
+
+def parse_op(message: list[Any]) -> tuple[int, int, list[str], Any]:
+    """Check an OP frame's shape: ``(stamp, op, path, value)`` or ``ProtocolError``."""
+    if len(message) != 5:
+        raise ProtocolError("OP frame has the wrong length")
+    _, stamp, op, path, value = message
+    if type(stamp) is not int or not 0 < stamp < _MAX_STAMP:
+        raise ProtocolError("OP frame has a bad stamp")
+    if type(path) is not list or not path or len(path) > MAX_DEPTH:
+        raise ProtocolError("OP frame has a bad path")
+    for segment in path:
+        if type(segment) is not str or not segment:
+            raise ProtocolError("OP frame has a bad path segment")
+    if op == 0 and type(op) is int:
+        _check_json(value, 0)
+    elif op == 1 and type(op) is int:
+        kind = type(value)
+        if not (kind is int or (kind is float and math.isfinite(value))):
+            raise ProtocolError("INCREMENT amount is not a number")
+    elif op == 2 and type(op) is int:
+        if value is not None:
+            raise ProtocolError("DELETE carries a value")
+    else:
+        raise ProtocolError(f"unknown operation {op!r}")
+    return stamp, op, path, value
+
+
+def _check_json(value: Any, depth: int) -> None:
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return
+    if kind is float:
+        if not math.isfinite(value):
+            raise ProtocolError("value holds a non-finite number")
+        return
+    if depth >= MAX_DEPTH:
+        raise ProtocolError("value is nested too deeply")
+    if kind is dict:
+        for v in value.values():
+            _check_json(v, depth + 1)
+    elif kind is list:
+        for v in value:
+            _check_json(v, depth + 1)
+    else:  # pragma: no cover - the JSON decoder yields nothing else
+        raise ProtocolError("value is not JSON")
+
+
+def check_snapshot_items(items: Any) -> list[Any]:
+    """Check a SNAPSHOT frame's payload fully before any of it is merged."""
+    if type(items) is not list:
+        raise ProtocolError("SNAPSHOT payload is not a list")
+    for item in items:
+        if type(item) is not list or len(item) != 2 or type(item[0]) is not str or not item[0]:
+            raise ProtocolError("SNAPSHOT item is not [key, entry]")
+        _check_entry(item[1], 1)
+    return items
+
+
+def _check_stamp(stamp: Any, optional: bool) -> None:
+    if stamp is None and optional:
+        return
+    if type(stamp) is not int or not 0 < stamp < _MAX_STAMP:
+        raise ProtocolError("SNAPSHOT entry has a bad stamp")
+
+
+def _check_entry(entry: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ProtocolError("SNAPSHOT entry is nested too deeply")
+    if type(entry) is int:
+        _check_stamp(entry, False)
+        return
+    if type(entry) is not list:
+        raise ProtocolError("SNAPSHOT entry has the wrong shape")
+    if len(entry) == 2:
+        _check_stamp(entry[0], False)
+        _check_json(entry[1], depth)
+        return
+    if len(entry) != 6:
+        raise ProtocolError("SNAPSHOT entry has the wrong shape")
+    a, av, d, imax, incs, children = entry
+    _check_stamp(a, True)
+    _check_stamp(d, True)
+    _check_stamp(imax, True)
+    if type(av) is list and len(av) == 1:
+        _check_json(av[0], depth)
+    elif not (type(av) is int and av in (0, 1)):
+        raise ProtocolError("SNAPSHOT entry has a bad assignment")
+    if type(incs) is not list:
+        raise ProtocolError("SNAPSHOT entry has bad increments")
+    for inc in incs:
+        if type(inc) is not list or len(inc) != 2:
+            raise ProtocolError("SNAPSHOT entry has bad increments")
+        _check_stamp(inc[0], False)
+        kind = type(inc[1])
+        if not (kind is int or (kind is float and math.isfinite(inc[1]))):
+            raise ProtocolError("SNAPSHOT increment is not a number")
+    if type(children) is not dict:
+        raise ProtocolError("SNAPSHOT entry has bad children")
+    for child in children.values():  # keys may be "" (from a dict value), never a path
+        _check_entry(child, depth + 1)

@@ -1,0 +1,775 @@
+"""Property tests: the sans-IO store obeys the replicated-tree consistency contract.
+
+Every test compares ``gcollective._store.Store`` against the naive reference model in
+``tests/model.py``: a replica's tree must equal the fold, in ascending stamp order, of every
+distinct operation it has received (directly via ``apply`` or indirectly via ``merge``),
+regardless of delivery order, duplicates or how state was exchanged.
+
+Comparisons use ``strict_equal`` because ``1 == 1.0 == True`` in Python and the contract cares
+about the difference (and about the exact float summation order).
+
+Runs are deterministic (``derandomize=True``). For a deeper bug hunt run e.g.::
+
+    GCOLLECTIVE_PROPERTY_SCALE=20 GCOLLECTIVE_PROPERTY_RANDOM=1 pytest tests/test_store_property.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from types import ModuleType
+from typing import Any
+
+import pytest
+import ujson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+# tests/ is not a package and conftest.py belongs to someone else, so load the sibling reference
+# model by file path: this works under any pytest import mode and needs no import after code.
+def _load_reference_model() -> ModuleType:
+    """Import tests/model.py from this file's directory (cached in sys.modules)."""
+    name = "gcollective_reference_model"
+    if name not in sys.modules:
+        location = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py")
+        spec = importlib.util.spec_from_file_location(name, location)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+model = _load_reference_model()
+SET, INCREMENT, DELETE = model.SET, model.INCREMENT, model.DELETE
+MISSING = model.MISSING
+Op = model.Op
+first_difference = model.first_difference
+fold = model.fold
+strict_equal = model.strict_equal
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+_SCALE = float(os.environ.get("GCOLLECTIVE_PROPERTY_SCALE", "1"))
+_DERANDOMIZE = os.environ.get("GCOLLECTIVE_PROPERTY_RANDOM") != "1"
+
+
+def _settings(max_examples: int) -> settings:
+    """Shared hypothesis settings: deterministic, no deadline, example count scalable by env."""
+    return settings(
+        max_examples=max(1, int(max_examples * _SCALE)),
+        deadline=None,
+        derandomize=_DERANDOMIZE,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def new_store() -> Any:
+    """Create a fresh store; imported lazily so the model-only tests run without the store."""
+    from gcollective._store import Store
+
+    return Store()
+
+
+def store_with(ops: Iterable[Op]) -> Any:
+    """Return a new store that received ``ops`` in the given order via ``apply``."""
+    store = new_store()
+    deliver(store, ops)
+    return store
+
+
+def deliver(store: Any, ops: Iterable[Op]) -> None:
+    """Apply ``ops`` to ``store`` one by one, in iteration order."""
+    for operation in ops:
+        store.apply(operation.stamp, operation.op, operation.path, operation.value)
+
+
+def roundtrip(exported: Any) -> Any:
+    """Send an exported state over the 'wire' the way the transport will (ujson)."""
+    return ujson.loads(ujson.dumps(exported))
+
+
+def assert_tree(actual: Any, expected: Any, context: str = "") -> None:
+    """Assert type-strict equality, with a pointer to the first difference on failure."""
+    if not strict_equal(actual, expected):
+        diff = first_difference(actual, expected)
+        pytest.fail(
+            f"{context}\nstore : {actual!r}\nmodel : {expected!r}\nfirst difference (store vs "
+            f"model) {diff}"
+        )
+
+
+def assert_store_matches(store: Any, received: Iterable[Op], context: str = "") -> None:
+    """Assert the store's tree equals the model fold of every operation it received."""
+    received = list(received)
+    assert_tree(store.to_dict(), fold(received), f"{context}\nreceived ops: {received!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------------
+
+# A tiny alphabet so that 'a', ('a', 'b') and ('a', 'b', 'c') collide constantly: the
+# interesting bugs live where a SET/INCREMENT replaces an ancestor or a descendant.
+SEGMENTS = ("a", "b", "c")
+
+paths = st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=3).map(tuple)
+
+# Floats that are finite even after summing many of them, plus values whose addition order
+# is observable ((1e16 + 1) - 1e16 != 1e16 - 1e16 + 1, 0.1 + 0.2 + 0.3 is not associative).
+finite_floats = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
+order_sensitive_floats = st.sampled_from([0.1, 0.2, 0.3, 0.5, 1e16, -1e16, -0.0, 1.5])
+small_ints = st.integers(min_value=-100, max_value=100)
+
+amounts = st.one_of(small_ints, finite_floats, order_sensitive_floats)
+
+json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    small_ints,
+    finite_floats,
+    order_sensitive_floats,
+    st.sampled_from(["", "a", "x y", "ü", "1"]),
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        # Keys from the path alphabet so SET values overlap with later path operations.
+        st.dictionaries(st.sampled_from(SEGMENTS), children, max_size=3),
+    ),
+    max_leaves=6,
+)
+
+# Stamps: mostly small (readable shrinks, lots of adjacency) but also negative, zero and
+# int64-extreme values, since the contract only promises "a unique Python int".
+stamps = st.one_of(
+    st.integers(min_value=-5, max_value=60),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+
+
+def op_bodies(path_strategy: st.SearchStrategy = paths) -> st.SearchStrategy:
+    """Strategy for (op, path, value) triples with contract-conforming values."""
+    return st.one_of(
+        st.tuples(st.just(SET), path_strategy, json_values),
+        st.tuples(st.just(INCREMENT), path_strategy, amounts),
+        st.tuples(st.just(DELETE), path_strategy, st.none()),
+    )
+
+
+@st.composite
+def op_sets(
+    draw: st.DrawFn, max_size: int = 12, path_strategy: st.SearchStrategy = paths
+) -> list[Op]:
+    """A list of operations with pairwise-distinct stamps, in stamp-independent order."""
+    bodies = draw(st.lists(op_bodies(path_strategy), max_size=max_size))
+    op_stamps = draw(st.lists(stamps, min_size=len(bodies), max_size=len(bodies), unique=True))
+    return [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies, strict=True)]
+
+
+@st.composite
+def deliveries(draw: st.DrawFn, ops: Sequence[Op], max_duplicates: int = 4) -> list[Op]:
+    """A delivery schedule: every op at least once, random order, random duplicates anywhere."""
+    schedule = list(draw(st.permutations(list(ops))))
+    if ops:
+        duplicates = draw(st.lists(st.sampled_from(list(ops)), max_size=max_duplicates))
+        for duplicate in duplicates:
+            # Duplicates may land before the original too: a redelivery can overtake it.
+            schedule.insert(draw(st.integers(0, len(schedule))), duplicate)
+    return schedule
+
+
+@st.composite
+def ops_and_delivery(draw: st.DrawFn) -> tuple[list[Op], list[Op]]:
+    """An op set plus one delivery schedule for it."""
+    ops = draw(op_sets())
+    return ops, draw(deliveries(ops))
+
+
+NUM_ORIGINS = 3
+
+
+@st.composite
+def origin_streams(draw: st.DrawFn) -> tuple[list[Op], list[Op]]:
+    """Ops from 3 origins with per-origin increasing stamps, interleaved keeping each order.
+
+    Stamps follow the ``counter * 8 + origin`` shape of a Lamport-style clock; counters jump by
+    a random amount so origins overtake each other in stamp order. Occasionally an op is
+    redelivered later (a retransmission), which must be a no-op.
+    """
+    queues: list[list[Op]] = []
+    for origin in range(NUM_ORIGINS):
+        bodies = draw(st.lists(op_bodies(), max_size=6))
+        counter = draw(st.integers(0, 3))
+        stream = []
+        for body in bodies:
+            counter += draw(st.integers(1, 3))
+            stream.append(Op(counter * 8 + origin, *body))
+        queues.append(stream)
+    all_ops = [operation for stream in queues for operation in stream]
+    # A permutation of origin labels (one per op) decides the interleaving; popping from the
+    # front of each origin's queue keeps that origin's own order intact.
+    labels = [origin for origin, stream in enumerate(queues) for _ in stream]
+    interleaving = draw(st.permutations(labels))
+    cursors = [0] * NUM_ORIGINS
+    schedule: list[Op] = []
+    for origin in interleaving:
+        schedule.append(queues[origin][cursors[origin]])
+        cursors[origin] += 1
+        if draw(st.integers(0, 9)) == 0:
+            schedule.append(draw(st.sampled_from(schedule)))
+    return all_ops, schedule
+
+
+# --------------------------------------------------------------------------------------------
+# The reference model itself (no store needed)
+# --------------------------------------------------------------------------------------------
+
+
+def test_model_set_replaces_non_dict_ancestors() -> None:
+    """SET creates/overwrites ancestors with dicts and deep-copies the value."""
+    value = {"x": [1, {"y": 2}]}
+    tree = fold([Op(1, SET, ("a",), 5), Op(2, SET, ("a", "b", "c"), value)])
+    assert strict_equal(tree, {"a": {"b": {"c": {"x": [1, {"y": 2}]}}}})
+    value["x"][1]["y"] = 99  # The model must have copied the value.
+    assert tree["a"]["b"]["c"]["x"][1]["y"] == 2
+
+
+def test_model_increment_rules() -> None:
+    """INCREMENT adds to numbers (not bools) and replaces anything else with the amount."""
+    assert strict_equal(fold([Op(1, INCREMENT, ("a",), 2), Op(2, INCREMENT, ("a",), 3)]), {"a": 5})
+    assert strict_equal(fold([Op(1, SET, ("a",), 1.0), Op(2, INCREMENT, ("a",), 1)]), {"a": 2.0})
+    assert strict_equal(fold([Op(1, SET, ("a",), True), Op(2, INCREMENT, ("a",), 1)]), {"a": 1})
+    for other in ({"b": 1}, [1], "s", None):
+        tree = fold([Op(1, SET, ("a",), other), Op(2, INCREMENT, ("a",), 4)])
+        assert strict_equal(tree, {"a": 4})
+    tree = fold([Op(1, SET, ("a",), 1), Op(2, INCREMENT, ("a", "b"), 4)])
+    assert strict_equal(tree, {"a": {"b": 4}})
+
+
+def test_model_delete_rules() -> None:
+    """DELETE is a no-op under missing/non-dict ancestors and leaves empty parents behind."""
+    assert fold([Op(1, DELETE, ("a", "b"), None)]) == {}
+    tree = fold([Op(1, SET, ("a",), [1]), Op(2, DELETE, ("a", "b"), None)])
+    assert strict_equal(tree, {"a": [1]})
+    tree = fold([Op(1, SET, ("a", "b"), 1), Op(2, DELETE, ("a", "b"), None)])
+    assert strict_equal(tree, {"a": {}})
+
+
+def test_model_folds_in_stamp_order_once_per_stamp() -> None:
+    """Delivery order and duplicates are irrelevant; float sums follow stamp order."""
+    ops = [
+        Op(3, INCREMENT, ("a",), -1e16),
+        Op(1, INCREMENT, ("a",), 1e16),
+        Op(2, INCREMENT, ("a",), 1),
+        Op(2, INCREMENT, ("a",), 1),
+    ]
+    # (1e16 + 1) rounds back to 1e16, so the stamp-ordered sum is exactly 0.0.
+    assert strict_equal(fold(ops), {"a": 0.0})
+    assert strict_equal(fold(reversed(ops)), {"a": 0.0})
+
+
+def test_model_strict_equal_distinguishes_types() -> None:
+    """strict_equal must not conflate bool/int/float, signed zeros, or list/tuple."""
+    assert not strict_equal({"a": 1}, {"a": True})
+    assert not strict_equal({"a": 1}, {"a": 1.0})
+    assert not strict_equal([0.0], [-0.0])
+    assert not strict_equal([1], (1,))
+    assert not strict_equal({"a": {}}, {})
+    assert strict_equal(
+        {"a": [1, 2.5, None, "x", {"b": False}]}, {"a": [1, 2.5, None, "x", {"b": False}]}
+    )
+
+
+def test_model_lookup() -> None:
+    """lookup only descends through dicts and distinguishes stored None from missing."""
+    tree = {"a": {"b": None, "c": [1, 2]}}
+    assert model.lookup(tree, ("a", "b"), MISSING) is None
+    assert model.lookup(tree, ("a", "x"), MISSING) is MISSING
+    assert model.lookup(tree, ("a", "c", "0"), MISSING) is MISSING
+    assert model.lookup(tree, ("a", "b", "c"), MISSING) is MISSING
+
+
+# --------------------------------------------------------------------------------------------
+# Store: API surface
+# --------------------------------------------------------------------------------------------
+
+
+def test_store_op_codes_match_contract() -> None:
+    """The store's op constants are the contract's SET=0, INCREMENT=1, DELETE=2."""
+    from gcollective import _store
+
+    assert (_store.SET, _store.INCREMENT, _store.DELETE) == (SET, INCREMENT, DELETE)
+
+
+def test_empty_store() -> None:
+    """A new store is an empty dict, exports serialisably, and merges to empty."""
+    store = new_store()
+    assert_tree(store.to_dict(), {})
+    exported = store.export()
+    assert isinstance(exported, list)
+    other = new_store()
+    other.merge(roundtrip(exported))
+    assert_tree(other.to_dict(), {})
+    assert store.get(("a",)) is None
+    assert store.get(("a",), "default") == "default"
+
+
+def test_values_are_copied_in_and_out() -> None:
+    """Mutating a SET value, a to_dict() result or a get() result never changes the store."""
+    value = {"b": [1, {"c": 2}]}
+    store = store_with([Op(1, SET, ("a",), value)])
+    value["b"][1]["c"] = "mutated"
+    value["new"] = 1
+    assert_tree(store.to_dict(), {"a": {"b": [1, {"c": 2}]}})
+
+    snapshot = store.to_dict()
+    snapshot["a"]["b"].append("mutated")
+    snapshot["z"] = 1
+    assert_tree(store.to_dict(), {"a": {"b": [1, {"c": 2}]}})
+
+    got = store.get(("a",))
+    got["b"][1]["c"] = "mutated"
+    got_list = store.get(("a", "b"))
+    got_list.clear()
+    assert_tree(store.to_dict(), {"a": {"b": [1, {"c": 2}]}})
+
+
+def test_export_is_not_aliased() -> None:
+    """Mutating an export (or merging it elsewhere) does not affect the exporting store."""
+    ops = [Op(1, SET, ("a", "b"), [1, 2]), Op(2, INCREMENT, ("c",), 3)]
+    store = store_with(ops)
+    exported = store.export()
+    other = new_store()
+    other.merge(exported)
+    later = [Op(3, SET, ("a", "b"), "x"), Op(4, INCREMENT, ("c",), 1)]
+    deliver(other, later)
+    assert_store_matches(store, ops, "exporter changed by the importer's later ops")
+    assert_store_matches(other, [*ops, *later])
+
+
+# --------------------------------------------------------------------------------------------
+# Store: properties
+# --------------------------------------------------------------------------------------------
+
+
+@_settings(max_examples=400)
+@given(ops_and_delivery())
+def test_any_delivery_order_matches_model(case: tuple[list[Op], list[Op]]) -> None:
+    """After every delivery step the tree equals the stamp-ordered fold of what was received."""
+    _ops, schedule = case
+    store = new_store()
+    received: list[Op] = []
+    for operation in schedule:
+        store.apply(operation.stamp, operation.op, operation.path, operation.value)
+        received.append(operation)
+        assert_store_matches(store, received, f"schedule: {schedule!r}")
+
+
+@_settings(max_examples=300)
+@given(origin_streams())
+def test_interleaved_origins_match_model(case: tuple[list[Op], list[Op]]) -> None:
+    """Per-origin ordered streams, interleaved arbitrarily, converge to the model."""
+    all_ops, schedule = case
+    store = new_store()
+    deliver(store, schedule)
+    assert_store_matches(store, all_ops, f"schedule: {schedule!r}")
+
+
+@_settings(max_examples=200)
+@given(st.data())
+def test_replicas_converge(data: st.DataObject) -> None:
+    """Three replicas receiving the same ops in different orders end identical."""
+    ops = data.draw(op_sets(), label="ops")
+    schedules = [data.draw(deliveries(ops), label=f"schedule {i}") for i in range(3)]
+    trees = [store_with(schedule).to_dict() for schedule in schedules]
+    expected = fold(ops)
+    for index, tree in enumerate(trees):
+        assert_tree(tree, expected, f"replica {index} schedule: {schedules[index]!r}")
+    assert_tree(trees[1], trees[0], "replicas 0 and 1 diverge")
+    assert_tree(trees[2], trees[0], "replicas 0 and 2 diverge")
+
+
+@_settings(max_examples=250)
+@given(st.data())
+def test_export_merge_matches_union(data: st.DataObject) -> None:
+    """A.merge(B.export()) equals the fold of A's and B's ops, both ways, before and after
+    further ops, with and without a ujson round trip, and merging is idempotent."""
+    ops = data.draw(op_sets(max_size=14), label="ops")
+    # Each op goes to A only, B only, both, or is held back to be applied after the merge.
+    placement = data.draw(
+        st.lists(st.sampled_from(["A", "B", "AB", "later"]), min_size=len(ops), max_size=len(ops)),
+        label="placement",
+    )
+    a_ops = [o for o, where in zip(ops, placement, strict=True) if "A" in where]
+    b_ops = [o for o, where in zip(ops, placement, strict=True) if "B" in where]
+    later_ops = [o for o, where in zip(ops, placement, strict=True) if where == "later"]
+    union = a_ops + b_ops
+    a_schedule = data.draw(deliveries(a_ops), label="A schedule")
+    b_schedule = data.draw(deliveries(b_ops), label="B schedule")
+    use_wire = data.draw(st.booleans(), label="ujson round trip")
+    context = f"A got {a_schedule!r}\nB got {b_schedule!r}\nwire={use_wire}"
+
+    def transfer(exported: Any) -> Any:
+        return roundtrip(exported) if use_wire else exported
+
+    store_a = store_with(a_schedule)
+    store_b = store_with(b_schedule)
+    export_a = store_a.export()
+    export_b = store_b.export()
+    assert isinstance(export_a, list)
+    # Must be serialisable by the transport in all cases, even when not round-tripped here.
+    ujson.dumps(export_a)
+    ujson.dumps(export_b)
+
+    store_a.merge(transfer(export_b))
+    assert_store_matches(store_a, union, f"A.merge(B)\n{context}")
+    store_b.merge(transfer(export_a))
+    assert_store_matches(store_b, union, f"B.merge(A)\n{context}")
+    assert_tree(store_a.to_dict(), store_b.to_dict(), f"A and B diverge after merge\n{context}")
+
+    # Idempotence: re-merging anything already known changes nothing.
+    store_a.merge(transfer(store_a.export()))
+    store_a.merge(transfer(export_b))
+    assert_store_matches(store_a, union, f"re-merge changed A\n{context}")
+
+    # Ops learned through merge count as received: redelivering them must be a no-op, and new
+    # ops (in any order, on both sides) must fold in correctly on top of merged state.
+    redelivered = (
+        data.draw(st.lists(st.sampled_from(union), max_size=4), label="redelivered")
+        if union
+        else []
+    )
+    a_more = data.draw(deliveries(later_ops + redelivered), label="A later")
+    b_more = data.draw(deliveries(later_ops + redelivered), label="B later")
+    deliver(store_a, a_more)
+    deliver(store_b, b_more)
+    assert_store_matches(store_a, ops, f"A after later ops {a_more!r}\n{context}")
+    assert_store_matches(store_b, ops, f"B after later ops {b_more!r}\n{context}")
+
+    # A fresh store merging the final exports of both sides also reaches the full fold.
+    fresh = new_store()
+    fresh.merge(transfer(store_a.export()))
+    fresh.merge(transfer(store_b.export()))
+    assert_store_matches(fresh, ops, f"fresh merge of both\n{context}")
+
+
+@st.composite
+def gossip_scenarios(draw: st.DrawFn) -> tuple[list[Op], list[tuple]]:
+    """Ops plus a random sequence of ('apply', replica, op) / ('merge', src, dst, wire) actions."""
+    ops = draw(op_sets(max_size=12))
+    actions: list[tuple] = []
+    if ops:
+        apply_action = st.tuples(
+            st.just("apply"), st.integers(0, NUM_ORIGINS - 1), st.sampled_from(ops)
+        )
+        merge_action = st.tuples(
+            st.just("merge"),
+            st.integers(0, NUM_ORIGINS - 1),
+            st.integers(0, NUM_ORIGINS - 1),
+            st.booleans(),
+        )
+        actions = draw(st.lists(st.one_of(apply_action, merge_action), max_size=24))
+    return ops, actions
+
+
+@_settings(max_examples=200)
+@given(gossip_scenarios())
+def test_gossip_apply_and_merge_interleaved(case: tuple[list[Op], list[tuple]]) -> None:
+    """Replicas mixing direct applies with (transitive) merges always match the model of what
+    they know; after a final full exchange all replicas equal the fold of everything known."""
+    _ops, actions = case
+    stores = [new_store() for _ in range(NUM_ORIGINS)]
+    known: list[list[Op]] = [[] for _ in range(NUM_ORIGINS)]
+    for step, action in enumerate(actions):
+        if action[0] == "apply":
+            _, replica, operation = action
+            deliver(stores[replica], [operation])
+            known[replica].append(operation)
+            target = replica
+        else:
+            _, source, target, wire = action
+            exported = stores[source].export()
+            stores[target].merge(roundtrip(exported) if wire else exported)
+            known[target] = known[target] + known[source]
+        assert_store_matches(
+            stores[target], known[target], f"after step {step} of actions {actions!r}"
+        )
+    # Full exchange: everybody merges everybody's final state.
+    exports = [store.export() for store in stores]
+    everything = [operation for ops in known for operation in ops]
+    for store in stores:
+        for exported in exports:
+            store.merge(roundtrip(exported))
+        assert_store_matches(store, everything, f"after full exchange of actions {actions!r}")
+
+
+@_settings(max_examples=250)
+@given(
+    ops_and_delivery(),
+    st.lists(st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=4).map(tuple), max_size=8),
+)
+def test_get_matches_model_lookup(
+    case: tuple[list[Op], list[Op]], probe_paths: list[tuple[str, ...]]
+) -> None:
+    """get(path, default) returns the model's value, or default when missing / under a non-dict."""
+    ops, schedule = case
+    store = store_with(schedule)
+    tree = fold(ops)
+    sentinel = object()
+    # Probe every op path and its prefixes as well as random ones, so existing keys get hit.
+    candidates = set(probe_paths)
+    for operation in ops:
+        for depth in range(1, len(operation.path) + 1):
+            candidates.add(operation.path[:depth])
+    for path in sorted(candidates):
+        expected = model.lookup(tree, path, sentinel)
+        actual = store.get(path, sentinel)
+        if expected is sentinel:
+            assert actual is sentinel, f"get({path!r}) = {actual!r}, expected default; {schedule!r}"
+            assert store.get(path) is None
+        else:
+            assert_tree(actual, expected, f"get({path!r}) with schedule {schedule!r}")
+
+
+# Segments chosen to break stores that encode paths as strings: separators, escapes, digits,
+# unicode, and names that look like internal metadata.
+odd_segments = st.one_of(
+    st.sampled_from(["a", "a.b", ".", "/", "a/b", "\\", "0", "1", "__meta__", "é", " ", "a b"]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=3),
+)
+odd_paths = st.lists(odd_segments, min_size=1, max_size=3).map(tuple)
+
+
+@_settings(max_examples=150)
+@given(st.data())
+def test_odd_path_segments(data: st.DataObject) -> None:
+    """Arbitrary non-empty str segments (dots, slashes, digits, unicode) are opaque keys,
+    including through export/ujson/merge."""
+    ops = data.draw(op_sets(max_size=10, path_strategy=odd_paths), label="ops")
+    schedule = data.draw(deliveries(ops), label="schedule")
+    store = store_with(schedule)
+    assert_store_matches(store, ops, f"schedule: {schedule!r}")
+    other = new_store()
+    other.merge(roundtrip(store.export()))
+    assert_store_matches(other, ops, f"after export/merge, schedule: {schedule!r}")
+    tree = fold(ops)
+    for operation in ops:
+        expected = model.lookup(tree, operation.path, MISSING)
+        actual = store.get(operation.path, MISSING)
+        if expected is MISSING:
+            assert actual is MISSING
+        else:
+            assert_tree(actual, expected, f"get({operation.path!r})")
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-written tricky cases (every delivery permutation, via apply and via merge)
+# --------------------------------------------------------------------------------------------
+
+
+def check_all_orders(ops: list[Op], expected: dict) -> None:
+    """Check ``expected`` is the model fold, then that the store reaches it in every delivery
+    order, and also when the ops are split between two stores that then merge."""
+    assert strict_equal(fold(ops), expected), "model disagrees with hand-written expectation"
+    for schedule in itertools.permutations(ops):
+        store = store_with(schedule)
+        assert_tree(store.to_dict(), expected, f"schedule: {list(schedule)!r}")
+        # Deliver everything again: all duplicates, must be no-ops.
+        deliver(store, reversed(schedule))
+        assert_tree(store.to_dict(), expected, f"redelivery after schedule: {list(schedule)!r}")
+    # Every split of the op set between two replicas, merged both ways.
+    for mask in range(2 ** len(ops)):
+        a_ops = [o for i, o in enumerate(ops) if mask >> i & 1]
+        b_ops = [o for i, o in enumerate(ops) if not mask >> i & 1]
+        store_a, store_b = store_with(a_ops), store_with(b_ops)
+        store_a.merge(roundtrip(store_b.export()))
+        assert_tree(store_a.to_dict(), expected, f"A={a_ops!r} merged B={b_ops!r}")
+        store_b = store_with(b_ops)
+        store_b.merge(roundtrip(store_with(a_ops).export()))
+        assert_tree(store_b.to_dict(), expected, f"B={b_ops!r} merged A={a_ops!r}")
+
+
+def test_increment_then_nested_set_then_delete() -> None:
+    """INCR b 5 @1, SET b.a.q 1 @2, DELETE b.a @3 leaves an empty dict at b."""
+    check_all_orders(
+        [
+            Op(1, INCREMENT, ("b",), 5),
+            Op(2, SET, ("b", "a", "q"), 1),
+            Op(3, DELETE, ("b", "a"), None),
+        ],
+        {"b": {}},
+    )
+
+
+def test_later_stamp_wins_over_later_delivery() -> None:
+    """SET a 1 @2 delivered before SET a 2 @1: the higher stamp wins."""
+    ops = [Op(2, SET, ("a",), 1), Op(1, SET, ("a",), 2)]
+    assert_tree(store_with(ops).to_dict(), {"a": 1})
+    check_all_orders(ops, {"a": 1})
+
+
+def test_delete_before_older_set() -> None:
+    """DELETE a @3 delivered before SET a 1 @2: the old SET stays deleted."""
+    ops = [Op(3, DELETE, ("a",), None), Op(2, SET, ("a",), 1)]
+    assert_tree(store_with(ops).to_dict(), {})
+    check_all_orders(ops, {})
+
+
+def test_increment_restarts_after_set_replaced_counter() -> None:
+    """INCR x 1 @1, SET x.y 1 @2, INCR x 2 @3: the dict is replaced by the amount, x == 2."""
+    check_all_orders(
+        [
+            Op(1, INCREMENT, ("x",), 1),
+            Op(2, SET, ("x", "y"), 1),
+            Op(3, INCREMENT, ("x",), 2),
+        ],
+        {"x": 2},
+    )
+
+
+def test_set_child_into_set_dict_value() -> None:
+    """SET a {'b': 1} @1 then SET a.c 2 @2 merges into the SET value."""
+    check_all_orders(
+        [Op(1, SET, ("a",), {"b": 1}), Op(2, SET, ("a", "c"), 2)],
+        {"a": {"b": 1, "c": 2}},
+    )
+
+
+def test_concurrent_increments_from_three_origins_all_count() -> None:
+    """Increments from three origins (interleaved stamps) all add up."""
+    ops = [
+        Op(1 * 8 + 0, INCREMENT, ("n",), 1),
+        Op(1 * 8 + 1, INCREMENT, ("n",), 10),
+        Op(1 * 8 + 2, INCREMENT, ("n",), 100),
+        Op(2 * 8 + 0, INCREMENT, ("n",), 1000),
+        Op(2 * 8 + 2, INCREMENT, ("n",), 10000),
+    ]
+    check_all_orders(ops, {"n": 11111})
+
+
+def test_bool_is_not_a_number() -> None:
+    """INCR on a bool replaces it (True + 1 would give 2); the result is an int, not a bool."""
+    check_all_orders(
+        [Op(1, INCREMENT, ("a",), 1), Op(2, SET, ("a",), True), Op(3, INCREMENT, ("a",), 1)],
+        {"a": 1},
+    )
+
+
+def test_int_plus_float_and_float_order() -> None:
+    """Float sums follow stamp order exactly: (1e16 + 1) - 1e16 == 0.0, not 1.0."""
+    check_all_orders(
+        [
+            Op(1, INCREMENT, ("a",), 1e16),
+            Op(2, INCREMENT, ("a",), 1),
+            Op(3, INCREMENT, ("a",), -1e16),
+        ],
+        {"a": 0.0},
+    )
+    check_all_orders(
+        [
+            Op(1, INCREMENT, ("a",), 0.1),
+            Op(2, INCREMENT, ("a",), 0.2),
+            Op(3, INCREMENT, ("a",), 0.3),
+        ],
+        {"a": (0.1 + 0.2) + 0.3},
+    )
+    check_all_orders([Op(1, SET, ("a",), 1.0), Op(2, INCREMENT, ("a",), 1)], {"a": 2.0})
+
+
+def test_replaced_dict_children_are_not_resurrected() -> None:
+    """SET a.b 1 @1, SET a 2 @2, SET a.c 3 @3: b was wiped by the scalar and stays gone."""
+    check_all_orders(
+        [Op(1, SET, ("a", "b"), 1), Op(2, SET, ("a",), 2), Op(3, SET, ("a", "c"), 3)],
+        {"a": {"c": 3}},
+    )
+    check_all_orders(
+        [
+            Op(1, SET, ("a",), {"b": 1}),
+            Op(2, INCREMENT, ("a",), 3),
+            Op(3, SET, ("a", "c"), 1),
+        ],
+        {"a": {"c": 1}},
+    )
+
+
+def test_delete_ancestor_wipes_older_descendants_only() -> None:
+    """DELETE a @2 wipes a.b from @1 but not a.c from @3."""
+    check_all_orders(
+        [Op(1, SET, ("a", "b"), 1), Op(2, DELETE, ("a",), None), Op(3, SET, ("a", "c"), 1)],
+        {"a": {"c": 1}},
+    )
+    check_all_orders(
+        [
+            Op(1, INCREMENT, ("a", "b"), 1),
+            Op(2, DELETE, ("a",), None),
+            Op(3, INCREMENT, ("a", "b"), 1),
+        ],
+        {"a": {"b": 1}},
+    )
+
+
+def test_delete_leaves_empty_parent() -> None:
+    """Deleting the only child keeps the (now empty) parent dict."""
+    check_all_orders([Op(1, SET, ("a", "b"), 1), Op(2, DELETE, ("a", "b"), None)], {"a": {}})
+
+
+def test_delete_under_non_dict_is_noop() -> None:
+    """DELETE a.b where a is a list/number does nothing (it does not create or wipe a)."""
+    check_all_orders([Op(1, SET, ("a",), [1]), Op(2, DELETE, ("a", "b"), None)], {"a": [1]})
+    check_all_orders([Op(1, SET, ("a",), 7), Op(2, DELETE, ("a", "b"), None)], {"a": 7})
+    check_all_orders([Op(1, DELETE, ("a", "b"), None)], {})
+
+
+def test_older_nested_set_under_newer_scalar() -> None:
+    """SET a.b.c 1 @1 arriving after SET a {'x': 1} @2 must not create a.b."""
+    check_all_orders(
+        [Op(1, SET, ("a", "b", "c"), 1), Op(2, SET, ("a",), {"x": 1})], {"a": {"x": 1}}
+    )
+
+
+def test_late_delete_between_set_and_child_set() -> None:
+    """SET a {} @1, SET a.b 1 @3, then DELETE a @2 arrives late: a.b (newer) survives."""
+    check_all_orders(
+        [Op(1, SET, ("a",), {}), Op(3, SET, ("a", "b"), 1), Op(2, DELETE, ("a",), None)],
+        {"a": {"b": 1}},
+    )
+
+
+def test_increment_into_set_value_nested() -> None:
+    """INCR a.b.c 1 @2 adds to a number inside an older SET value; an even older SET loses."""
+    check_all_orders(
+        [
+            Op(1, SET, ("a",), {"b": {"c": 1}}),
+            Op(2, INCREMENT, ("a", "b", "c"), 1),
+            Op(0, SET, ("a",), {"b": 5}),
+        ],
+        {"a": {"b": {"c": 2}}},
+    )
+
+
+def test_negative_and_zero_stamps() -> None:
+    """Stamps are arbitrary ints: zero and negatives order like any other int."""
+    check_all_orders(
+        [Op(-5, SET, ("a",), 1), Op(0, INCREMENT, ("a",), 2), Op(-1, SET, ("a",), 10)],
+        {"a": 12},
+    )
+
+
+def test_duplicate_stamp_applied_once() -> None:
+    """The same op delivered many times counts once."""
+    op = Op(7, INCREMENT, ("a",), 1)
+    store = store_with([op] * 5)
+    assert_tree(store.to_dict(), {"a": 1})
+
+
+# --------------------------------------------------------------------------------------------
+# Regressions found by hypothesis (minimal failing examples, kept as explicit tests)
+# --------------------------------------------------------------------------------------------
