@@ -1,0 +1,108 @@
+"""Test helpers: free ports, waiting on conditions, and member processes to drive."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS just gave out, never the same twice per session."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports."""
+    return [free_port() for _ in range(count)]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+class NodeProcess:
+    """A member running in its own process (tests/node_process.py), driven over stdin."""
+
+    def __init__(self, port: int, peer_ports: list[int], **options: Any) -> None:
+        self.port = port
+        self.local = f"127.0.0.1:{port}"
+        self.peers = [f"127.0.0.1:{p}" for p in peer_ports]
+        self.options = options
+        env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "node_process.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+
+    def call(self, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
+        """Send one command and return its reply; raises on an error reply."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"member {self.local} exited (code {self.proc.poll()})")
+        reply = json.loads(line)
+        if not reply.pop("ok"):
+            raise RuntimeError(f"member {self.local}: {reply['error']}")
+        return reply
+
+    def start(self, timeout: float = 10.0) -> dict[str, Any]:
+        return self.call(
+            "start", local=self.local, peers=self.peers, options=self.options, timeout=timeout
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return self.call("summary")
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no goodbye."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call("stop")
+            except (RuntimeError, BrokenPipeError, OSError):
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def converged(nodes: list[NodeProcess], leaves: int | None = None) -> bool:
+    """True when every member holds the same tree (and ``leaves`` leaves, if given)."""
+    summaries = [n.summary() for n in nodes]
+    if leaves is not None and any(s["leaves"] != leaves for s in summaries):
+        return False
+    return len({s["digest"] for s in summaries}) == 1

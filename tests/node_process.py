@@ -1,0 +1,114 @@
+"""A gcollective member in its own process, driven by JSON lines on stdin (test harness).
+
+Run as ``python tests/node_process.py``; every command line gets exactly one reply line on
+stdout. The process is a monkey-patched gevent app, like the ones gcollective serves.
+
+Commands (``{"cmd": ..., ...}``):
+  start {local, peers, options}    start the node           -> {"synced": bool}
+  set/incr/delete/get {key, ...}   the data API             -> {"value": ...}
+  write_keys {prefix, count, start} SET prefix.<i>.v = i for i in range, without yielding
+  incr_many {key, count}           INCREMENT key by 1, count times, without yielding
+  summary                          -> {"digest": sha256 of canonical JSON, "leaves": int}
+  snapshot                         -> {"value": whole tree}
+  wait_leaves {count, timeout}     wait until at least count leaves -> {"leaves", "seconds"}
+  stop {timeout}                   flush and stop, then exit
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.fileobject import FileObjectPosix  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gcollective  # noqa: E402
+
+
+def count_leaves(tree):
+    if type(tree) is not dict:
+        return 1
+    return sum(count_leaves(v) for v in tree.values())
+
+
+def summary(node):
+    tree = node.snapshot()
+    canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"))
+    return {"digest": hashlib.sha256(canonical.encode()).hexdigest(), "leaves": count_leaves(tree)}
+
+
+def handle(node, request):
+    cmd = request["cmd"]
+    if cmd == "start":
+        node = gcollective.start(
+            request["local"],
+            request.get("peers", []),
+            timeout=request.get("timeout", 10.0),
+            **request.get("options", {}),
+        )
+        return node, {"synced": node.synced, "node_id": node.node_id}
+    if cmd == "set":
+        node.set(request["key"], request["value"])
+        return node, {}
+    if cmd == "incr":
+        return node, {"value": node.incr(request["key"], request.get("amount", 1))}
+    if cmd == "delete":
+        node.delete(request["key"])
+        return node, {}
+    if cmd == "get":
+        return node, {"value": node.get(request["key"])}
+    if cmd == "write_keys":
+        prefix, begin = request["prefix"], request.get("start", 0)
+        for i in range(begin, begin + request["count"]):
+            node.set(f"{prefix}.{i}.v", i)
+        return node, {}
+    if cmd == "incr_many":
+        for _ in range(request["count"]):
+            node.incr(request["key"], request.get("amount", 1))
+        return node, {}
+    if cmd == "summary":
+        return node, summary(node)
+    if cmd == "snapshot":
+        return node, {"value": node.snapshot()}
+    if cmd == "wait_leaves":
+        began = time.monotonic()
+        deadline = began + request.get("timeout", 30.0)
+        leaves = count_leaves(node.snapshot())
+        while leaves < request["count"] and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+            leaves = count_leaves(node.snapshot())
+        return node, {"leaves": leaves, "seconds": time.monotonic() - began}
+    if cmd == "stop":
+        gcollective.stop(request.get("timeout", 5.0))
+        return None, {"stopped": True}
+    raise ValueError(f"unknown command {cmd!r}")
+
+
+def main():
+    stdin = FileObjectPosix(sys.stdin.fileno(), "rb", close=False)
+    node = None
+    while True:
+        line = stdin.readline()
+        if not line:
+            break
+        request = json.loads(line)
+        try:
+            node, reply = handle(node, request)
+            reply["ok"] = True
+        except Exception as exc:  # reported to the test, which decides
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+        if request["cmd"] == "stop":
+            break
+
+
+if __name__ == "__main__":
+    main()
