@@ -417,7 +417,9 @@ class Collective:
         removes the key (``value`` is ignored). Bad keys and values raise before anything is
         applied or sent.
         """
-        if op == SET and type(op) is not bool:
+        if isinstance(op, bool) or not isinstance(op, int):
+            raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
+        if op == SET:
             self._check_writable()
             path = parse_key(key)
             value = clean_value(value)

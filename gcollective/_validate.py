@@ -90,15 +90,16 @@ def check_amount(amount: Any) -> int | float:
     """An INCREMENT amount: an int or finite float, never a bool."""
     if type(amount) is int:
         return amount
-    if type(amount) is float and math.isfinite(amount):
-        return amount
     if isinstance(amount, bool) or not isinstance(amount, (int, float)):
         raise InvalidValueError(
             f"increment amount must be an int or float, not {type(amount).__name__}"
         )
     if isinstance(amount, int):
         return int(amount)
-    return check_amount(float(amount))
+    amount = float(amount)
+    if not math.isfinite(amount):
+        raise InvalidValueError(f"increment amount {amount!r} is not a JSON number")
+    return amount
 
 
 def parse_address(address: Any) -> tuple[str, int]:

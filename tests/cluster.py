@@ -106,3 +106,26 @@ def converged(nodes: list[NodeProcess], leaves: int | None = None) -> bool:
     if leaves is not None and any(s["leaves"] != leaves for s in summaries):
         return False
     return len({s["digest"] for s in summaries}) == 1
+
+
+def free_port_run(count: int, attempts: int = 200) -> int:
+    """The first of ``count`` consecutive ports that are all free right now (for programs that
+    take a base port). Starts from an OS-chosen port so parallel runs do not collide."""
+    for _ in range(attempts):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        _handed_out.update(range(base, base + count))
+        return base
+    raise RuntimeError(f"no run of {count} free ports found")

@@ -1,0 +1,160 @@
+"""``python -m gcollective demo``: collective.js's cluster example, in Python.
+
+A supervisor forks N worker processes; worker ``i`` runs a member on ``base_port + i`` with every
+worker as a peer. Each worker sets 'over.nine.thousand' to 0, increments it by 9000, prints
+what it sees (9000 x N), deletes it and prints None. A worker that dies is forked again under
+the same id (and so the same port) and shows that it caught up. Ctrl-C stops everything.
+
+Unlike collective.js, the workers wait for each other between steps (a barrier through the
+shared tree itself): with the contract's total order, an increment stamped before another
+worker's SET 0 would be reset by it, so "everyone has set 0" must be seen before incrementing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+KEY = "over.nine.thousand"
+
+
+def _say(text: str) -> None:
+    """Print one line with a single write, so lines of concurrent workers never interleave."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (text + "\n").encode())
+
+
+def run_supervisor(workers: int, base_port: int, host: str, once: bool) -> int:
+    """Fork the workers, restart any that die, stop them all on Ctrl-C; returns an exit code."""
+    pids: dict[int, int] = {}  # pid -> worker id
+    stopping = False
+
+    def spawn(worker_id: int, restarted: bool) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the supervisor's code
+            code = 1
+            try:
+                code = run_worker(worker_id, workers, base_port, host, restarted, once)
+            except BaseException as exc:  # report, then leave with a code
+                if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    _say(f"[worker {worker_id}] failed: {exc!r}")
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        pids[pid] = worker_id
+        _say(f"[supervisor] worker {worker_id} is pid {pid}")
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    _say(
+        f"[supervisor] starting {workers} workers on {host}:{base_port}-{base_port + workers - 1}"
+        + ("" if once else " (Ctrl-C to stop)")
+    )
+    for worker_id in range(workers):
+        spawn(worker_id, restarted=False)
+    exit_code = 0
+    try:
+        while pids:
+            pid, status = os.wait()
+            worker_id = pids.pop(pid, None)
+            if worker_id is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if once and code == 0:
+                continue
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            _say(f"[supervisor] worker {worker_id} died ({how}); restarting it")
+            time.sleep(0.2)  # let its port be released before the new one binds it
+            spawn(worker_id, restarted=True)
+    except KeyboardInterrupt:
+        stopping = True
+    if stopping:
+        _say("[supervisor] stopping")
+        for pid in list(pids):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while pids and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            except KeyboardInterrupt:
+                continue
+            if pid:
+                pids.pop(pid, None)
+            else:
+                time.sleep(0.05)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        _say("[supervisor] stopped")
+    return exit_code
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    import gevent
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        gevent.sleep(0.01)
+
+
+def run_worker(
+    worker_id: int, workers: int, base_port: int, host: str, restarted: bool, once: bool
+) -> int:
+    """One worker: a member on base_port + worker_id running the example."""
+    import gevent
+    from gevent.event import Event
+
+    import gcollective
+
+    # The worker was forked from the supervisor: give it default signal behaviour back.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    done = Event()
+    gevent.signal_handler(signal.SIGTERM, done.set)
+    gevent.signal_handler(signal.SIGINT, done.set)
+
+    def say(text: str) -> None:
+        _say(f"[worker {worker_id}] {text}")
+
+    peers = [(host, base_port + i) for i in range(workers)]
+    node = gcollective.start((host, base_port + worker_id), peers)
+    me = str(worker_id)
+    if restarted:
+        # Wait for a peer's state (start() may have given up early if the others were busy).
+        _wait_for(lambda: node.synced, "a peer's state", timeout=30)
+        ready = gcollective.get("demo.ready", {})
+        say(
+            f"restarted and caught up: sees {len(ready)} workers' ready flags, "
+            f"{KEY} = {gcollective.get(KEY)}"
+        )
+    else:
+        gcollective.set(KEY, 0)
+        gcollective.set(("demo", "ready", me), True)
+        _wait_for(lambda: len(gcollective.get("demo.ready", {})) >= workers, "every SET 0")
+        gcollective.incr(KEY, 9000)
+        _wait_for(lambda: gcollective.get(KEY) == 9000 * workers, "every increment")
+        say(f"{KEY} = {gcollective.get(KEY)}")
+        gcollective.set(("demo", "seen", me), True)
+        _wait_for(lambda: len(gcollective.get("demo.seen", {})) >= workers, "every print")
+        gcollective.delete(KEY)
+        _wait_for(lambda: gcollective.get(KEY, "missing") == "missing", "the delete")
+        say(f"{KEY} = {gcollective.get(KEY)}")
+        gcollective.set(("demo", "done", me), True)
+        if once:
+            _wait_for(lambda: len(gcollective.get("demo.done", {})) >= workers, "every worker")
+            gcollective.stop()
+            return 0
+    done.wait()
+    gcollective.stop()
+    return 0

@@ -1,0 +1,304 @@
+"""The public API in one process: bad input, local behaviour, lifecycle, the module functions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gevent
+import pytest
+from cluster import ROOT, free_port, free_ports
+
+import gcollective
+from gcollective import (
+    DELETE,
+    INCREMENT,
+    OPERATIONS,
+    SET,
+    Collective,
+    InvalidKeyError,
+    InvalidValueError,
+    NotStartedError,
+)
+
+
+@pytest.fixture
+def node():
+    n = Collective(f"127.0.0.1:{free_port()}")
+    n.start()
+    yield n
+    n.stop()
+
+
+def wait_for(predicate, timeout=10.0):
+    with gevent.Timeout(timeout):
+        while not predicate():
+            gevent.sleep(0.01)
+
+
+def test_operation_constants_match_collective_js():
+    assert (SET, INCREMENT, DELETE) == (0, 1, 2)
+    assert (OPERATIONS.SET, OPERATIONS.INCREMENT, OPERATIONS.DELETE) == (0, 1, 2)
+    assert gcollective.SET is OPERATIONS.SET
+
+
+def test_a_lone_member_is_a_plain_local_store(node):
+    node.set("users.42.visits", 1)
+    node.set("users.42.visits", 2, INCREMENT)
+    assert node.incr("users.42.visits") == 4
+    assert node.get("users") == {"42": {"visits": 4}}
+    assert node.get(("users", "42", "visits")) == 4
+    node.set("users.42", None, DELETE)
+    assert node.get("users") == {}
+    node.delete("users")
+    assert node.get("users", "none") == "none"
+    assert node.snapshot() == {}
+
+
+def test_tuple_keys_allow_dots_in_segments(node):
+    node.set(("mail", "ann@example.org"), {"seen": True})
+    assert node.get(("mail", "ann@example.org", "seen")) is True
+    assert node.get("mail") == {"ann@example.org": {"seen": True}}
+
+
+def test_writing_through_a_non_dict_replaces_it(node):
+    node.set("a", 5)
+    node.set("a.b", 1)
+    assert node.get("a") == {"b": 1}
+    node.incr("a.b.c")  # a.b holds 1: replaced by a dict holding c
+    assert node.get("a") == {"b": {"c": 1}}
+
+
+def test_reads_return_copies_and_stored_values_are_private(node):
+    value = {"list": [1, 2], "nested": {"x": 1}}
+    node.set("k", value)
+    value["list"].append(3)
+    value["nested"]["x"] = 99
+    got = node.get("k")
+    assert got == {"list": [1, 2], "nested": {"x": 1}}
+    got["list"].append(4)
+    node.snapshot()["k"]["nested"]["x"] = 5
+    assert node.get("k") == {"list": [1, 2], "nested": {"x": 1}}
+
+
+def test_tuples_are_stored_as_lists(node):
+    node.set("t", (1, (2, 3)))
+    assert node.get("t") == [1, [2, 3]]
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["", ".", "a.", ".a", "a..b", (), ("a", ""), ("a", 1), 5, None, b"a.b", ["a", None]],
+)
+def test_bad_keys_are_refused(node, key):
+    with pytest.raises(InvalidKeyError):
+        node.set(key, 1)
+    with pytest.raises(InvalidKeyError):
+        node.get(key)
+    with pytest.raises(InvalidKeyError):
+        node.incr(key)
+    with pytest.raises(InvalidKeyError):
+        node.delete(key)
+    assert node.snapshot() == {}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {1, 2},
+        b"bytes",
+        bytearray(b"x"),
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        object(),
+        {"a": object()},
+        {1: "int key"},
+        [1, {2, 3}],
+        {"deep": float("nan")},
+    ],
+)
+def test_non_json_values_are_refused_and_nothing_changes(node, value):
+    node.set("keep", 1)
+    with pytest.raises(InvalidValueError):
+        node.set("keep", value)
+    with pytest.raises(InvalidValueError):
+        node.set("other", value)
+    assert node.snapshot() == {"keep": 1}
+
+
+def test_too_deep_values_are_refused(node):
+    value: list = []
+    for _ in range(500):
+        value = [value]
+    with pytest.raises(InvalidValueError):
+        node.set("deep", value)
+
+
+@pytest.mark.parametrize("amount", [True, False, "1", None, [1], float("nan"), float("inf")])
+def test_bad_increment_amounts_are_refused(node, amount):
+    with pytest.raises(InvalidValueError):
+        node.incr("n", amount)
+    with pytest.raises(InvalidValueError):
+        node.set("n", amount, INCREMENT)
+    assert node.get("n") is None
+
+
+@pytest.mark.parametrize("held", ["text", [1], {"a": 1}, True, None])
+def test_incrementing_a_non_number_is_refused(node, held):
+    node.set("k", held)
+    with pytest.raises(InvalidValueError):
+        node.incr("k")
+    assert node.get("k") == held
+
+
+def test_unknown_operation_is_refused(node):
+    with pytest.raises(ValueError):
+        node.set("k", 1, 7)
+    with pytest.raises(ValueError):
+        node.set("k", 1, True)
+    assert node.snapshot() == {}
+
+
+def test_floats_and_ints_increment_exactly(node):
+    node.incr("f", 0.5)
+    node.incr("f", 0.25)
+    node.incr("i", 2**70)
+    assert node.get("f") == 0.75
+    assert node.get("i") == 2**70
+
+
+def test_writes_need_a_started_node_and_reads_survive_stop():
+    n = Collective(f"127.0.0.1:{free_port()}")
+    with pytest.raises(NotStartedError):
+        n.set("a", 1)
+    n.start()
+    n.set("a", 1)
+    n.stop()
+    with pytest.raises(NotStartedError):
+        n.set("a", 2)
+    assert n.get("a") == 1
+    with pytest.raises(RuntimeError):
+        n.start()
+
+
+def test_context_manager_starts_and_stops():
+    with Collective(("127.0.0.1", free_port())) as n:
+        n.set("x", 1)
+        assert n.running
+    assert not n.running
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["nohost", "host:", "host:0", "host:70000", ("h",), {"host": "h"}, 5, ("", 80), ("h", True)],
+)
+def test_bad_addresses_are_refused(address):
+    with pytest.raises(ValueError):
+        Collective(address)
+
+
+def test_addresses_in_every_form_and_self_is_skipped():
+    port, other = free_ports(2)
+    n = Collective(
+        {"host": "127.0.0.1", "port": port},
+        [f"127.0.0.1:{port}", ("127.0.0.1", other), f"127.0.0.1:{other}"],
+    )
+    assert n.local == ("127.0.0.1", port)
+    assert n.peers == [("127.0.0.1", other)]
+
+
+@pytest.mark.parametrize("option", ["connect_timeout", "backoff_min", "send_timeout"])
+def test_bad_options_are_refused(option):
+    with pytest.raises(ValueError):
+        Collective(f"127.0.0.1:{free_port()}", **{option: 0})
+    with pytest.raises(ValueError):
+        Collective(f"127.0.0.1:{free_port()}", max_frame=10)
+
+
+def test_binding_a_taken_port_raises():
+    with Collective(f"127.0.0.1:{free_port()}") as first:
+        second = Collective(first.local)
+        with pytest.raises(OSError):
+            second.start()
+
+
+def test_first_member_up_does_not_wait_for_absent_peers():
+    port, absent = free_ports(2)
+    n = Collective(f"127.0.0.1:{port}", [f"127.0.0.1:{absent}"], connect_timeout=1)
+    with gevent.Timeout(5):
+        n.start(timeout=30)
+    n.stop()
+
+
+def test_two_members_in_one_process_replicate(node):
+    other = Collective(f"127.0.0.1:{free_port()}", [node.local])
+    other.start()
+    try:
+        assert other.synced
+        other.set("from.other", 1)
+        node.set("from.node", [1, "two"])
+        wait_for(
+            lambda: (
+                node.snapshot() == other.snapshot() == {"from": {"other": 1, "node": [1, "two"]}}
+            )
+        )
+    finally:
+        other.stop()
+
+
+def test_module_level_drop_in():
+    with pytest.raises(NotStartedError):
+        gcollective.get("x")
+    node = gcollective.start(f"127.0.0.1:{free_port()}")
+    try:
+        assert gcollective.default_node() is node
+        with pytest.raises(RuntimeError):
+            gcollective.start(f"127.0.0.1:{free_port()}")
+        gcollective.set("a.b", 1)
+        gcollective.set("a.b", 2, gcollective.INCREMENT)
+        assert gcollective.incr("a.b", 1) == 4
+        assert gcollective.get("a") == {"b": 4}
+        gcollective.delete("a.b")
+        assert gcollective.snapshot() == {"a": {}}
+    finally:
+        gcollective.stop()
+    with pytest.raises(NotStartedError):
+        gcollective.set("x", 1)
+    gcollective.stop()  # a second stop is harmless
+
+
+def test_import_has_no_side_effects():
+    code = (
+        "import sys, gcollective\n"
+        "bad = [m for m in ('gevent', 'socket', 'ssl', 'threading', 'selectors') "
+        "if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "assert gcollective.__version__\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=_env())
+
+
+def test_nothing_of_a_parents_node_survives_fork():
+    code = (
+        "import os, gcollective\n"
+        f"gcollective.start('127.0.0.1:{free_port()}')\n"
+        "gcollective.set('a', 1)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    try:\n"
+        "        gcollective.get('a')\n"
+        "    except gcollective.NotStartedError:\n"
+        "        os._exit(0)\n"
+        "    os._exit(1)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "assert os.waitstatus_to_exitcode(status) == 0\n"
+        "assert gcollective.get('a') == 1\n"
+        "gcollective.stop()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=_env(), timeout=60)
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT)
