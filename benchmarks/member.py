@@ -1,0 +1,397 @@
+"""A gcollective member in its own process, driven by JSON lines on stdin (benchmark driver).
+
+Run as ``python -m benchmarks.member``; every command line gets exactly one reply line on
+stdout, ``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``. The process is a
+monkey-patched gevent app, like the ones gcollective serves. It exits when stdin closes, on
+``stop``, or after ``--max-seconds`` whatever it is doing.
+
+Times in replies are ``time.monotonic()`` seconds: on Linux that is CLOCK_MONOTONIC, one clock
+for every process of the machine, so the orchestrator can compare times across members.
+
+Commands (``{"cmd": ..., ...}``; ``limit`` is always a member-side timeout in seconds):
+
+  start {local, peers, options, limit}   start the node; reports RSS before and after
+  join {local, peers, options, limit}    start, then wait until a peer's state is merged
+  write_and_wait {prefix, count, writers, limit}
+                                         SET prefix.<j> = j for j < count without yielding,
+                                         then wait until every writer's last key is here
+  incr_and_wait {key, count, expected, limit}
+                                         INCREMENT key count times without yielding, then
+                                         wait until it reads ``expected``
+  fill {begin, end, fanout}              SET the 3-level keys of indexes [begin, end)
+  wait_keys {keys, limit}                wait until every key has a value
+  leaves                                 count the leaves of the local tree
+  memory                                 RSS and peak RSS (after a garbage collection)
+  pace_start {prefix, rate, name, cycle, record}
+                                         start writing ``rate`` sets per second in the
+                                         background (open loop)
+  pace_status / pace_stop                the pacer's sequence number / stop it
+  probe {prefix}                         record when each remote SET under prefix is applied
+  probe_dump                             the recorded arrival times
+  keys {prefix}                          the keys of the dict at path ``prefix`` (a list)
+  local_ops {...}                        run ``benchmarks.local_ops.measure`` in this process
+  plain_dict {count, fanout}             RSS of a plain dict holding the fill data
+  redis_ops {port, count}                get/set/incr through redis-py against a redis-server
+  profile_start / profile_stop {path}    cProfile this process over a window
+  stop {limit}                           flush and stop, then exit
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.fileobject import FileObjectPosix  # noqa: E402
+
+from benchmarks.common import count_leaves, fill_key, memory  # noqa: E402
+from gcollective import Collective  # noqa: E402
+
+monotonic = time.monotonic
+
+#: Poll interval while waiting for data to arrive (cheap checks: a few ``get`` calls).
+POLL_SECONDS = 0.001
+
+
+def wait_for(predicate: Any, limit: float) -> tuple[bool, float]:
+    """Poll ``predicate`` (yielding) until true or ``limit`` seconds; (met, monotonic time)."""
+    deadline = monotonic() + limit
+    while True:
+        now = monotonic()
+        if predicate():
+            return True, now
+        if now > deadline:
+            return False, now
+        gevent.sleep(POLL_SECONDS)
+
+
+class Pacer:
+    """Writes at a fixed offered rate in a background greenlet (open loop: no waiting).
+
+    Operation ``seq`` is due at ``t0 + seq / rate``; whenever the greenlet runs it issues every
+    operation that is due, then sleeps until the next one. The key is
+    ``prefix.name.k<seq % cycle>`` (or ``prefix.name.<seq>`` when ``cycle`` is 0), the value
+    ``seq``; with ``record`` the monotonic time of every ``set`` call is kept.
+    """
+
+    def __init__(
+        self, node: Collective, prefix: str, name: str, rate: float, cycle: int, record: bool
+    ) -> None:
+        self.node = node
+        self.prefix = f"{prefix}.{name}"
+        self.rate = float(rate)
+        self.cycle = cycle
+        self.sends: list[float] | None = [] if record else None
+        self.seq = 0
+        self.max_lag = 0.0
+        self.started = 0.0
+        self.stopped = 0.0
+        self.running = True
+        self.greenlet = gevent.spawn(self._run)
+
+    def key(self, seq: int) -> str:
+        if self.cycle:
+            return f"{self.prefix}.k{seq % self.cycle}"
+        return f"{self.prefix}.{seq}"
+
+    def _run(self) -> None:
+        node_set = self.node.set
+        sends = self.sends
+        rate = self.rate
+        t0 = self.started = monotonic()
+        seq = 0
+        while self.running:
+            now = monotonic()
+            due = int((now - t0) * rate) + 1
+            if due - seq > 1:
+                lag = now - (t0 + seq / rate)
+                if lag > self.max_lag:
+                    self.max_lag = lag
+            while seq < due:
+                key = self.key(seq)
+                if sends is not None:
+                    sends.append(monotonic())
+                node_set(key, seq)
+                seq += 1
+            self.seq = seq
+            gevent.sleep(max(0.0, t0 + seq / rate - monotonic()))
+
+    def stop(self) -> dict[str, Any]:
+        self.running = False
+        self.greenlet.join(5)
+        self.stopped = monotonic()
+        elapsed = self.stopped - self.started
+        return {
+            "count": self.seq,
+            "elapsed": elapsed,
+            "achieved_rate": self.seq / elapsed if elapsed > 0 else 0.0,
+            "max_lag": self.max_lag,
+            "started": self.started,
+            "sends": self.sends,
+        }
+
+
+class Driver:
+    """State of this member process between commands."""
+
+    def __init__(self) -> None:
+        self.node: Collective | None = None
+        self.pacer: Pacer | None = None
+        self.arrivals: dict[str, list[list[float]]] = {}
+        self.profiler: cProfile.Profile | None = None
+        self.baseline = memory()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def live(self) -> dict[str, Any]:
+        """The node's live materialized tree, read-only (no copy, unlike ``get``)."""
+        node = self.node
+        assert node is not None
+        store = getattr(node, "_store", None)  # a peek at the core; fall back to a copy
+        data = getattr(store, "data", None)
+        return data if type(data) is dict else node.snapshot()
+
+    def _start(self, request: dict[str, Any]) -> float:
+        self.node = Collective(request["local"], request.get("peers", []), **request["options"])
+        began = monotonic()
+        self.node.start(timeout=request.get("limit", 30.0))
+        return began
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def cmd_start(self, request: dict[str, Any]) -> dict[str, Any]:
+        before = memory()
+        began = self._start(request)
+        assert self.node is not None
+        return {
+            "synced": self.node.synced,
+            "started": began,
+            "returned": monotonic(),
+            "baseline": before,
+        }
+
+    def cmd_join(self, request: dict[str, Any]) -> dict[str, Any]:
+        before = memory()
+        began = self._start(request)
+        returned = monotonic()
+        node = self.node
+        assert node is not None
+        synced, done = wait_for(lambda: node.synced, request.get("limit", 60.0))
+        return {
+            "synced": synced,
+            "started": began,
+            "returned": returned,
+            "synced_at": done,
+            "baseline": before,
+            "memory": memory(),
+        }
+
+    def cmd_write_and_wait(self, request: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        assert node is not None
+        prefix, count = request["prefix"], request["count"]
+        node_set = node.set
+        began = monotonic()
+        for j in range(count):
+            node_set(f"{prefix}.{j}", j)
+        written = monotonic()
+        # Each writer's operations reach us in order over one connection: its last key
+        # being here means all of its keys are.
+        last_keys = [f"{w}.{count - 1}" for w in request["writers"]]
+        get = node.get
+        complete, done = wait_for(
+            lambda: all(get(k) is not None for k in last_keys), request.get("limit", 120.0)
+        )
+        return {"started": began, "written": written, "done": done, "complete": complete}
+
+    def cmd_incr_and_wait(self, request: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        assert node is not None
+        key, count, expected = request["key"], request["count"], request["expected"]
+        incr = node.incr
+        began = monotonic()
+        for _ in range(count):
+            incr(key)
+        written = monotonic()
+        complete, done = wait_for(lambda: node.get(key) == expected, request.get("limit", 120.0))
+        return {
+            "started": began,
+            "written": written,
+            "done": done,
+            "complete": complete,
+            "value": node.get(key),
+        }
+
+    def cmd_fill(self, request: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        assert node is not None
+        fanout = request["fanout"]
+        node_set = node.set
+        began = monotonic()
+        for index in range(request["begin"], request["end"]):
+            node_set(fill_key(index, fanout), index)
+            if index % 5000 == 4999:
+                gevent.sleep(0)  # let the writers send: bounded queues, like a real app
+        return {"started": began, "done": monotonic()}
+
+    def cmd_wait_keys(self, request: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        assert node is not None
+        keys = request["keys"]
+        get = node.get
+        complete, done = wait_for(
+            lambda: all(get(k) is not None for k in keys), request.get("limit", 120.0)
+        )
+        return {"complete": complete, "done": done}
+
+    def cmd_leaves(self, request: dict[str, Any]) -> dict[str, Any]:
+        tree: Any = self.live
+        for segment in request.get("prefix", []):
+            tree = tree.get(segment, {}) if type(tree) is dict else {}
+        return {"leaves": count_leaves(tree)}
+
+    def cmd_memory(self, request: dict[str, Any]) -> dict[str, Any]:
+        gc.collect()
+        return {"memory": memory(), "baseline": self.baseline}
+
+    def cmd_pace_start(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.node is not None and self.pacer is None
+        self.pacer = Pacer(
+            self.node,
+            request["prefix"],
+            request["name"],
+            request["rate"],
+            request.get("cycle", 0),
+            request.get("record", False),
+        )
+        return {"started": self.pacer.started}
+
+    def cmd_pace_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.pacer is not None
+        return {"seq": self.pacer.seq, "key": self.pacer.key(self.pacer.seq - 1)}
+
+    def cmd_pace_stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.pacer is not None
+        result = self.pacer.stop()
+        result["last_key"] = self.pacer.key(self.pacer.seq - 1)
+        self.pacer = None
+        return result
+
+    def cmd_probe(self, request: dict[str, Any]) -> dict[str, Any]:
+        node = self.node
+        assert node is not None
+        store = getattr(node, "_store", None)
+        original = getattr(store, "apply", None)
+        if original is None:
+            raise RuntimeError("this gcollective has no Store.apply to probe: update the probe")
+        prefix = request["prefix"]
+        arrivals = self.arrivals = {}
+
+        def apply(stamp: int, op: int, path: Any, value: Any) -> None:
+            original(stamp, op, path, value)
+            if path[0] == prefix and op == 0:
+                origin = path[1]
+                seen = arrivals.get(origin)
+                if seen is None:
+                    seen = arrivals[origin] = []
+                seen.append([value, monotonic()])
+
+        # Every applied operation, local or received, goes through store.apply.
+        store.apply = apply  # type: ignore[method-assign]
+        return {}
+
+    def cmd_probe_dump(self, request: dict[str, Any]) -> dict[str, Any]:
+        arrivals = dict(self.arrivals)
+        self.arrivals.clear()  # the probe keeps appending to this very dict
+        return {"arrivals": arrivals}
+
+    def cmd_keys(self, request: dict[str, Any]) -> dict[str, Any]:
+        tree: Any = self.live
+        for segment in request["prefix"]:
+            tree = tree.get(segment, {}) if type(tree) is dict else {}
+        return {"keys": sorted(tree) if type(tree) is dict else []}
+
+    def cmd_local_ops(self, request: dict[str, Any]) -> dict[str, Any]:
+        from benchmarks.local_ops import measure
+
+        return measure(**request["args"])
+
+    def cmd_plain_dict(self, request: dict[str, Any]) -> dict[str, Any]:
+        gc.collect()
+        before = memory()["rss"]
+        fanout = request["fanout"]
+        tree: dict[str, Any] = {}
+        for index in range(request["count"]):
+            a, b, c = fill_key(index, fanout).split(".")
+            tree.setdefault(a, {}).setdefault(b, {})[c] = index
+        gc.collect()
+        after = memory()["rss"]
+        return {"rss_delta": after - before, "leaves": count_leaves(tree)}
+
+    def cmd_redis_ops(self, request: dict[str, Any]) -> dict[str, Any]:
+        from benchmarks.local_ops import measure_redis
+
+        return measure_redis(request["port"], request["count"], request.get("repeats", 3))
+
+    def cmd_profile_start(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.profiler = cProfile.Profile()
+        self.profiler.enable()
+        return {}
+
+    def cmd_profile_stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.profiler is not None:
+            self.profiler.disable()
+            self.profiler.dump_stats(request["path"])
+            self.profiler = None
+        return {"path": request["path"]}
+
+    def cmd_stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.pacer is not None:
+            self.pacer.stop()
+        if self.node is not None and self.node.running:
+            self.node.stop(request.get("limit", 5.0))
+        return {"stopped": True}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-seconds", type=float, default=1800.0)
+    options = parser.parse_args()
+    # Whatever happens, this process does not outlive its budget.
+    gevent.spawn_later(options.max_seconds, os._exit, 3)
+    driver = Driver()
+    stdin = FileObjectPosix(sys.stdin.fileno(), "rb", close=False)
+    while True:
+        line = stdin.readline()
+        if not line:
+            break
+        request = json.loads(line)
+        handler = getattr(driver, "cmd_" + request["cmd"], None)
+        try:
+            if handler is None:
+                raise ValueError(f"unknown command {request['cmd']!r}")
+            reply = handler(request)
+            reply["ok"] = True
+        except Exception as exc:  # reported to the orchestrator, which decides
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+        if request["cmd"] == "stop":
+            break
+    if driver.node is not None and driver.node.running:
+        driver.node.stop(2.0)
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown of large trees: seconds at 2,000,000 keys
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Turning results into a table, a target check and (with matplotlib) a PNG chart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: The issue's targets on a 2-core machine: (label, how to read the figure, bound, unit, kind).
+TARGETS = [
+    ("4 x 50,000 keys, sets/s cluster-wide", ("throughput", 4, 50_000), 300_000, "/s", "min"),
+    ("8 x 25,000 keys, sets/s cluster-wide", ("throughput", 8, 25_000), 180_000, "/s", "min"),
+    ("get, 3-level path", ("local", "get", "0", "3"), 1000, "ns", "max"),
+    ("set, 3-level path, 7 peers", ("local", "set", "7", "3"), 4000, "ns", "max"),
+    ("join of 2,000,000 keys", ("join", "join_seconds", 2_000_000), 3.0, "s", "max"),
+    (
+        "holder RSS per key (2,000,000 keys)",
+        ("join", "holder_bytes_per_key", 2_000_000),
+        300,
+        "B",
+        "max",
+    ),
+    ("p99 propagation at 10k sets/s, 4 processes", ("latency", 10_000), 5.0, "ms", "max"),
+]
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "/s":
+        return f"{value:,.0f}/s"
+    if unit == "ns":
+        return f"{value:,.0f} ns"
+    if unit == "s":
+        return f"{value:.2f} s"
+    if unit == "ms":
+        return f"{value:.2f} ms"
+    return f"{value:,.0f} {unit}"
+
+
+def target_figure(results: dict[str, Any], where: tuple[Any, ...]) -> tuple[float | None, bool]:
+    """The figure a target refers to, and whether it was measured at the target's size."""
+    kind = where[0]
+    section = results.get(kind)
+    if not section or "error" in section or "skipped" in section:
+        return None, False
+    if kind == "throughput":
+        _, processes, keys = where
+        for run in section["runs"]:
+            if run["processes"] == processes:
+                return run["sets_per_second"], run["keys_each"] == keys
+        return None, False
+    if kind == "local":
+        _, op, peers, depth = where
+        figure = section["gcollective"][op].get(peers, {}).get(depth)
+        return figure, figure is not None
+    if kind == "join":
+        _, name, keys = where
+        return section[name], section["keys"] == keys
+    if kind == "latency":
+        _, rate = where
+        for run in section["runs"]:
+            if run["offered_rate"] == rate:
+                return run["p99_ms"], section["processes"] == 4
+        return None, False
+    return None, False
+
+
+def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per target: the figure, and met / missed (or not comparable at this size)."""
+    rows = []
+    for label, where, bound, unit, kind in TARGETS:
+        figure, comparable = target_figure(results, where)
+        if figure is None:
+            verdict = "not run"
+        elif not comparable:
+            verdict = "n/a (smaller run)"
+        elif (figure >= bound) if kind == "min" else (figure <= bound):
+            verdict = "met"
+        else:
+            verdict = "missed"
+        rows.append(
+            {
+                "target": label,
+                "bound": ("at least " if kind == "min" else "at most ") + _fmt(bound, unit),
+                "figure": None if figure is None else _fmt(figure, unit),
+                "value": figure,
+                "verdict": verdict,
+            }
+        )
+    return rows
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        cells = [
+            str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def tables(results: dict[str, Any]) -> str:
+    """Every section as a plain-text table."""
+    out = []
+    local = results.get("local")
+    if local and "gcollective" in local:
+        depths = sorted(next(iter(local["dict"].values())))
+        rows = []
+        for op in ("get", "set", "incr"):
+            for peers, figures in sorted(local["gcollective"][op].items(), key=lambda i: int(i[0])):
+                rows.append([f"{op}, {peers} peers"] + [f"{figures[d]:,.0f}" for d in depths])
+            rows.append([f"{op}, plain dict"] + [f"{local['dict'][op][d]:,.0f}" for d in depths])
+        out.append(
+            _table(
+                "Local operations (ns per call, by path depth)",
+                ["operation"] + [f"depth {d}" for d in depths],
+                rows,
+            )
+        )
+    section = results.get("throughput")
+    if section and "runs" in section:
+        rows = []
+        for run in section["runs"]:
+            hot = run["hot_counter"]
+            rows.append(
+                [
+                    f"{run['processes']} x {run['keys_each']:,}",
+                    f"{run['seconds']:.2f}",
+                    f"{run['sets_per_second']:,.0f}",
+                    f"{run['local_sets_per_second']:,.0f}",
+                    "yes" if run["complete"] else "NO",
+                    f"{hot['seconds']:.2f}",
+                    f"{hot['increments_per_second']:,.0f}",
+                    "yes" if hot["complete"] else "NO",
+                ]
+            )
+        out.append(
+            _table(
+                "Replication throughput (loopback, until every process holds every key)",
+                [
+                    "processes x keys",
+                    "s",
+                    "sets/s",
+                    "local sets/s",
+                    "all",
+                    "hot s",
+                    "incr/s",
+                    "exact",
+                ],
+                rows,
+            )
+        )
+    section = results.get("latency")
+    if section and "runs" in section:
+        rows = [
+            [
+                f"{run['offered_rate']:,}/s",
+                f"{run['achieved_rate']:,.0f}/s",
+                f"{run['measured_ops']:,}",
+                f"{run['p50_ms']:.2f}",
+                f"{run['p99_ms']:.2f}",
+                f"{run['max_ms']:.2f}",
+                str(run["lost"]),
+            ]
+            for run in section["runs"]
+        ]
+        out.append(
+            _table(
+                f"Propagation latency, set until visible on all others "
+                f"({section['processes']} processes)",
+                ["offered", "achieved", "ops", "p50 ms", "p99 ms", "max ms", "lost"],
+                rows,
+            )
+        )
+    section = results.get("join")
+    if section and "keys" in section:
+        mb = 1024 * 1024
+        rows = [
+            ["keys (3 levels)", f"{section['keys']:,}"],
+            ["join: start until synced", f"{section['join_seconds']:.2f} s"],
+            ["live writes during join", f"{section['live_rate']:,}/s"],
+            [
+                "converged afterwards",
+                "yes"
+                if section["converged"]
+                else f"NO ({section.get('joiner_missing_live_keys', '?')} live writes missing)",
+            ],
+            ["holder RSS", f"{section['holder_rss'] / mb:,.0f} MB"],
+            ["holder bytes per key", f"{section['holder_bytes_per_key']:,.0f}"],
+            ["replica bytes per key", f"{section['replica_bytes_per_key']:,.0f}"],
+            [
+                "joiner RSS (peak)",
+                f"{section['joiner_rss'] / mb:,.0f} MB ({section['joiner_peak_rss'] / mb:,.0f} MB)",
+            ],
+            ["joiner bytes per key", f"{section['joiner_bytes_per_key']:,.0f}"],
+            ["plain dict bytes per key", f"{section['plain_dict_bytes_per_key']:,.0f}"],
+            ["fill (write + replicate)", f"{section['fill_seconds']:.1f} s"],
+        ]
+        out.append(_table("Join", ["figure", "value"], rows))
+    section = results.get("catchup")
+    if section and "catchup_seconds" in section:
+        rows = [
+            ["partition", f"{section['partition_seconds']:.1f} s"],
+            ["offered load", f"{section['offered_rate']:,}/s ({section['processes'] - 1} writers)"],
+            ["writes while partitioned", f"{section['writes_while_partitioned']:,}"],
+            ["heal until caught up", f"{section['catchup_seconds']:.2f} s"],
+            ["converged afterwards", "yes" if section["converged"] else "NO"],
+        ]
+        out.append(_table("Catch-up after a partition", ["figure", "value"], rows))
+    section = results.get("redis")
+    if section:
+        if "skipped" in section:
+            out.append(f"Redis comparison: {section['skipped']}")
+        elif "ns" in section:
+            local_figures = (local or {}).get("gcollective", {})
+            rows = []
+            for op in ("get", "set", "incr"):
+                mine = local_figures.get(op, {}).get("0", {}).get("3")
+                rows.append(
+                    [
+                        op,
+                        f"{section['ns'][op] / 1000:.1f}",
+                        "-" if mine is None else f"{mine / 1000:.2f}",
+                    ]
+                )
+            rows.append(["set, pipelined", f"{section['ns']['set_pipelined'] / 1000:.1f}", "-"])
+            out.append(
+                _table(
+                    f"For scale: redis-py under gevent vs gcollective (us per call, 3-level "
+                    f"key; {section.get('server', '')})",
+                    ["operation", "redis", "gcollective"],
+                    rows,
+                )
+            )
+    for name, section in results.items():
+        if isinstance(section, dict) and "error" in section:
+            out.append(f"{name}: FAILED: {section['error']}")
+    targets = results.get("targets")
+    if targets:
+        rows = [[t["target"], t["bound"], t["figure"] or "-", t["verdict"]] for t in targets]
+        out.append(
+            _table(
+                "Targets (issue 6, 2-core machine)",
+                ["target", "bound", "measured", "verdict"],
+                rows,
+            )
+        )
+    return "\n\n".join(out)
+
+
+def chart(results: dict[str, Any], path: str) -> bool:
+    """Draw the main figures into a PNG; False when matplotlib is not importable."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    title = f"gcollective benchmarks ({results['config']['name']} run)"
+    fig.suptitle(title)
+    local = results.get("local")
+    ax = axes[0][0]
+    if local and "gcollective" in local:
+        depths = sorted(local["dict"]["get"])
+        series = [("get", "0"), ("set", "0"), ("set", "3"), ("set", "7"), ("incr", "7")]
+        width = 0.8 / (len(series) + 2)
+        for n, (op, peers) in enumerate(series):
+            values = [local["gcollective"][op][peers][d] for d in depths]
+            ax.bar(
+                [int(d) + n * width for d in depths], values, width, label=f"{op}, {peers} peers"
+            )
+        for n, op in enumerate(("get", "set"), start=len(series)):
+            values = [local["dict"][op][d] for d in depths]
+            ax.bar([int(d) + n * width for d in depths], values, width, label=f"dict {op}")
+        ax.set_xlabel("path depth")
+        ax.set_ylabel("ns per call")
+        ax.set_title("local operations")
+        ax.legend(fontsize=7)
+    ax = axes[0][1]
+    section = results.get("throughput")
+    if section and "runs" in section:
+        labels = [f"{r['processes']}x{r['keys_each']:,}" for r in section["runs"]]
+        xs = range(len(labels))
+        ax.bar(
+            [x - 0.2 for x in xs],
+            [r["sets_per_second"] for r in section["runs"]],
+            0.4,
+            label="distinct keys",
+        )
+        ax.bar(
+            [x + 0.2 for x in xs],
+            [r["hot_counter"]["increments_per_second"] for r in section["runs"]],
+            0.4,
+            label="hot counter",
+        )
+        ax.set_xticks(list(xs), labels)
+        ax.set_ylabel("operations/s cluster-wide")
+        ax.set_title("replication throughput")
+        ax.legend(fontsize=7)
+    ax = axes[1][0]
+    section = results.get("latency")
+    if section and "runs" in section:
+        labels = [f"{r['offered_rate']:,}/s" for r in section["runs"]]
+        xs = range(len(labels))
+        for n, key in enumerate(("p50_ms", "p99_ms", "max_ms")):
+            ax.bar(
+                [x + (n - 1) * 0.25 for x in xs],
+                [r[key] for r in section["runs"]],
+                0.25,
+                label=key.replace("_ms", ""),
+            )
+        ax.set_xticks(list(xs), labels)
+        ax.set_ylabel("ms until visible on all others")
+        ax.set_title("propagation latency")
+        ax.legend(fontsize=7)
+    ax = axes[1][1]
+    section = results.get("join")
+    if section and "keys" in section:
+        names = ["holder", "replica", "joiner", "plain dict"]
+        values = [
+            section["holder_bytes_per_key"],
+            section["replica_bytes_per_key"],
+            section["joiner_bytes_per_key"],
+            section["plain_dict_bytes_per_key"],
+        ]
+        ax.bar(names, values)
+        ax.set_ylabel("bytes per key (RSS)")
+        ax.set_title(f"join of {section['keys']:,} keys: {section['join_seconds']:.2f} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

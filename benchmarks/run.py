@@ -1,0 +1,195 @@
+"""Run gcollective's benchmarks: ``python -m benchmarks`` or ``python benchmarks/run.py``.
+
+Measures, on one machine over loopback (see issue 6):
+
+1. ``local``: ns per get / set / incr at path depths 1-5, next to a plain dict, with 0, 3 and 7
+   connected peers.
+2. ``throughput``: N processes (2, 4, 8) each writing K distinct keys without yielding; time
+   until every process holds all N x K; and a hot counter all N increment.
+3. ``latency``: p50 / p99 / max from ``set`` until visible on every other member, 4 processes,
+   at 1k and 10k sets/s offered.
+4. ``join``: a new member joining 2,000,000 keys nested three levels while writes continue;
+   RSS of holder and joiner, bytes per key, next to a plain dict.
+5. ``catchup``: a member partitioned 10 s (through a proxy) while the others write 5k sets/s;
+   time to catch up after the heal.
+6. ``redis``: the same get / set / incr through redis-py against a local redis-server, when one
+   is on PATH (skipped with a note otherwise).
+
+``--quick`` shrinks every workload (a smoke run of well under a minute). Every run prints a
+table, writes ``benchmarks/results/<timestamp>[-quick].json`` with the machine, the versions
+and every figure, and a PNG chart next to it when matplotlib is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import report, scenarios
+from benchmarks.procs import ROOT
+
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures depend on: CPU, memory, OS, Python and library versions, commit."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "executable": sys.executable,
+    }
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    info["memory_bytes"] = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    import gcollective
+
+    info["versions"] = {
+        "gcollective": gcollective.__version__,
+        "gevent": _version("gevent"),
+        "greenlet": _version("greenlet"),
+        "ujson": _version("ujson"),
+        "redis-py": _version("redis"),
+        "matplotlib": _version("matplotlib"),
+    }
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        info["git_commit"] = commit
+        info["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return info
+
+
+class Progress:
+    """Progress lines on stderr, with the seconds since the run began."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.began = time.monotonic()
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.monotonic() - self.began:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="gcollective benchmarks (issue 6): speed, memory and scale on one machine.",
+    )
+    parser.add_argument("--quick", action="store_true", help="small workloads: a smoke run")
+    parser.add_argument(
+        "--only",
+        default=",".join(scenarios.SCENARIOS),
+        help="comma-separated scenarios to run (default: all): " + ", ".join(scenarios.SCENARIOS),
+    )
+    parser.add_argument("--output", help="JSON results path (default: benchmarks/results/...)")
+    parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the members during the throughput and join windows (.prof files next "
+        "to the JSON; read them with python -m pstats)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected scenarios; 0 when every one completed, 1 otherwise."""
+    args = parse_args(argv)
+    selected = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in selected if name not in scenarios.SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    cfg = scenarios.Config.quick() if args.quick else scenarios.Config.full()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    output = args.output or os.path.join(
+        RESULTS_DIR, f"{stamp}{'-quick' if args.quick else ''}.json"
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if args.profile:
+        cfg.profile_dir = os.path.splitext(os.path.abspath(output))[0] + "-profiles"
+        os.makedirs(cfg.profile_dir, exist_ok=True)
+    progress = Progress(args.quiet)
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(
+            [os.path.basename(sys.executable), "-m", "benchmarks", *(argv or sys.argv[1:])]
+        ),
+        "machine": machine_info(),
+        "config": {k: v for k, v in vars(cfg).items()},
+    }
+    failed = False
+    for name in selected:
+        began = time.monotonic()
+        try:
+            section = scenarios.SCENARIOS[name](cfg, progress)
+        except Exception as exc:  # keep going: one broken scenario must not hide the others
+            failed = True
+            section = {"error": f"{type(exc).__name__}: {exc}"}
+            progress(f"{name}: FAILED\n{traceback.format_exc()}")
+        section["wall_seconds"] = time.monotonic() - began
+        results[name] = section
+        progress(f"{name}: done in {section['wall_seconds']:.1f}s")
+    results["targets"] = report.check_targets(results)
+    results["wall_seconds"] = time.monotonic() - progress.began
+    with open(output, "w") as out:
+        json.dump(results, out, indent=1)
+        out.write("\n")
+    print(report.tables(results))
+    print(f"\nresults: {output}")
+    if not args.no_chart:
+        png = os.path.splitext(output)[0] + ".png"
+        if report.chart(results, png):
+            print(f"chart: {png}")
+        else:
+            print("chart: skipped (matplotlib is not importable; pip install 'gcollective[bench]')")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

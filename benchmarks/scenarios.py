@@ -1,0 +1,547 @@
+"""The six measurements of issue 6, each a function of a ``Config`` returning plain data.
+
+Every multi-process scenario runs real member processes on 127.0.0.1 with ports from the OS,
+bounds every wait, and stops its processes when it ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import socket
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from benchmarks.common import fill_key
+from benchmarks.procs import (
+    Group,
+    Member,
+    Proxy,
+    RedisServer,
+    broadcast,
+    free_port,
+    free_ports,
+    start_all,
+)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Config:
+    """Sizes of every scenario; ``Config.full()`` is the issue's, ``Config.quick()`` a smoke run."""
+
+    name: str
+    local_peers: list[int] = field(default_factory=lambda: [0, 3, 7])
+    local_ops_per_batch: int = 10_000
+    local_batches: int = 5
+    throughput: list[tuple[int, int]] = field(
+        default_factory=lambda: [(2, 50_000), (4, 50_000), (8, 25_000)]
+    )
+    hot_increments: int = 1_000
+    hot_limit: float = 90.0
+    latency_members: int = 4
+    latency_rates: list[int] = field(default_factory=lambda: [1_000, 10_000])
+    latency_seconds: float = 5.0
+    join_keys: int = 2_000_000
+    join_fanout: int = 100
+    join_live_rate: int = 1_000
+    catchup_members: int = 4
+    catchup_rate: int = 5_000
+    catchup_partition_seconds: float = 10.0
+    redis_ops: int = 10_000
+    member_max_seconds: float = 900.0
+    profile_dir: str | None = None
+
+    @classmethod
+    def full(cls) -> Config:
+        return cls("full")
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(
+            "quick",
+            local_ops_per_batch=1_000,
+            local_batches=2,
+            throughput=[(2, 5_000), (4, 5_000), (8, 2_500)],
+            hot_increments=100,
+            hot_limit=20.0,
+            latency_seconds=1.0,
+            join_keys=100_000,
+            join_live_rate=500,
+            catchup_partition_seconds=2.0,
+            redis_ops=500,
+            member_max_seconds=120.0,
+        )
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(values)
+    rank = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
+    return ordered[rank]
+
+
+def wait_listening(port: int, limit: float = 10.0) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on port {port} after {limit}s") from None
+            time.sleep(0.01)
+
+
+def _members(group: Group, ports: list[int], peers: list[int], cfg: Config) -> list[Member]:
+    return [
+        group.add(Member(port, peers, name=f"m{i}:{port}", max_seconds=cfg.member_max_seconds))
+        for i, port in enumerate(ports)
+    ]
+
+
+def _warm(members: list[Member], tag: str, limit: float = 30.0) -> None:
+    """Every member writes one key and waits for everyone's: all links are up both ways."""
+    prefixes = [f"{tag}{i}" for i in range(len(members))]
+    for i, member in enumerate(members):
+        member.send("write_and_wait", prefix=prefixes[i], count=1, writers=prefixes, limit=limit)
+    for member in members:
+        reply = member.receive(limit + 30)
+        if not reply["complete"]:
+            raise RuntimeError(f"{member.name}: the cluster did not connect within {limit}s")
+
+
+def _profile(members: list[Member], cfg: Config, label: str, start: bool) -> list[str]:
+    """Start (or stop and save) cProfile in every member when profiling was asked for."""
+    if not cfg.profile_dir:
+        return []
+    if start:
+        broadcast(members, "profile_start")
+        return []
+    paths = [os.path.join(cfg.profile_dir, f"{label}-m{i}.prof") for i in range(len(members))]
+    for member, path in zip(members, paths):
+        member.call("profile_stop", path=path)
+    return paths
+
+
+# -- 1. local operations -------------------------------------------------------------------
+
+
+def local_ops(cfg: Config, progress: Progress) -> dict[str, Any]:
+    """ns per get / set / incr at depths 1-5 with 0/3/7 peers, and a plain dict."""
+    progress(
+        f"local ops: depths 1-5, peers {cfg.local_peers}, "
+        f"{cfg.local_batches} x {cfg.local_ops_per_batch:,} ops per figure"
+    )
+    with Group() as group:
+        runner = group.add(Member(free_port(), [], name="local-ops", max_seconds=600))
+        result = runner.call(
+            "local_ops",
+            timeout=600,
+            args={
+                "peer_counts": cfg.local_peers,
+                "ops_per_batch": cfg.local_ops_per_batch,
+                "batches": cfg.local_batches,
+            },
+        )
+    result["peers_are"] = "in-process nodes over loopback TCP"
+    return result
+
+
+# -- 2. replication throughput -------------------------------------------------------------
+
+
+def throughput(cfg: Config, progress: Progress) -> dict[str, Any]:
+    """N members each write K distinct keys without yielding; time until all hold N x K."""
+    runs = []
+    for count, keys in cfg.throughput:
+        progress(f"throughput: {count} processes x {keys:,} keys")
+        ports = free_ports(count)
+        with Group() as group:
+            members = _members(group, ports, ports, cfg)
+            start_all(members)
+            _warm(members, "warm")
+            writers = [f"w{i}" for i in range(count)]
+            limit = 60 + keys * count / 10_000
+            _profile(members, cfg, f"throughput-{count}x{keys}", True)
+            for i, member in enumerate(members):
+                member.send(
+                    "write_and_wait", prefix=writers[i], count=keys, writers=writers, limit=limit
+                )
+            replies = [m.receive(limit + 60) for m in members]
+            profiles = _profile(members, cfg, f"throughput-{count}x{keys}", False)
+            began = min(r["started"] for r in replies)
+            ended = max(r["done"] for r in replies)
+            complete = all(r["complete"] for r in replies)
+            leaves = [m.call("leaves")["leaves"] for m in members]
+            memory = members[0].call("memory")
+            hot_each = min(keys, cfg.hot_increments)
+            progress(f"throughput: hot counter, {count} processes x {hot_each:,} increments")
+            for member in members:
+                member.send(
+                    "incr_and_wait",
+                    key="hot",
+                    count=hot_each,
+                    expected=count * hot_each,
+                    limit=cfg.hot_limit,
+                )
+            hot = [m.receive(cfg.hot_limit + 120) for m in members]
+            hot_began = min(r["started"] for r in hot)
+            hot_ended = max(r["done"] for r in hot)
+            hot_memory = members[0].call("memory")
+        seconds = ended - began
+        hot_seconds = hot_ended - hot_began
+        run = {
+            "processes": count,
+            "keys_each": keys,
+            "total_keys": count * keys,
+            "key_shape": "w<i>.<j> (2 levels)",
+            "seconds": seconds,
+            "sets_per_second": count * keys / seconds,
+            "complete": complete and all(n == count * keys + count for n in leaves),
+            "leaves": leaves,
+            "local_write_seconds": [r["written"] - r["started"] for r in replies],
+            "local_sets_per_second": statistics.mean(
+                keys / (r["written"] - r["started"]) for r in replies
+            ),
+            "rss_after": memory["memory"]["rss"],
+            "hot_counter": {
+                "increments_each": hot_each,
+                "limit": cfg.hot_limit,
+                "seconds": hot_seconds,
+                "increments_per_second": count * hot_each / hot_seconds,
+                "complete": all(r["complete"] for r in hot),
+                "values": [r["value"] for r in hot],
+                "rss_growth": hot_memory["memory"]["rss"] - memory["memory"]["rss"],
+            },
+        }
+        if profiles:
+            run["profiles"] = profiles
+        runs.append(run)
+        progress(
+            f"throughput: {count} x {keys:,}: {seconds:.2f}s, "
+            f"{run['sets_per_second']:,.0f} sets/s; hot counter {hot_seconds:.2f}s, "
+            f"{run['hot_counter']['increments_per_second']:,.0f} incr/s"
+        )
+    return {"runs": runs}
+
+
+# -- 3. propagation latency ----------------------------------------------------------------
+
+
+def latency(cfg: Config, progress: Progress) -> dict[str, Any]:
+    """p50 / p99 / max from ``set`` on one member until applied on all others, at fixed loads.
+
+    Every member writes ``rate / N`` sets per second (open loop) to keys that it overwrites in a
+    cycle of 1000; a probe in every member records when each remote set is applied.
+    """
+    count = cfg.latency_members
+    ports = free_ports(count)
+    names = [f"n{i}" for i in range(count)]
+    runs = []
+    with Group() as group:
+        members = _members(group, ports, ports, cfg)
+        start_all(members)
+        _warm(members, "warm")
+        broadcast(members, "probe", prefix="lat")
+        for round_number, rate in enumerate(cfg.latency_rates):
+            progress(
+                f"latency: {count} processes, {rate:,} sets/s offered for {cfg.latency_seconds}s"
+            )
+            for i, member in enumerate(members):
+                member.send(
+                    "pace_start",
+                    prefix="lat",
+                    name=names[i],
+                    rate=rate / count,
+                    cycle=1000,
+                    record=True,
+                )
+            for member in members:
+                member.receive(30)
+            time.sleep(cfg.latency_seconds)
+            stops = broadcast(members, "pace_stop")
+            _warm(members, f"settle{round_number}.")  # FIFO links: everything sent has arrived
+            dumps = broadcast(members, "probe_dump")
+            runs.append(_latency_figures(rate, cfg.latency_seconds, names, stops, dumps))
+            progress(
+                f"latency: {rate:,}/s: p50 {runs[-1]['p50_ms']:.2f} ms, "
+                f"p99 {runs[-1]['p99_ms']:.2f} ms, max {runs[-1]['max_ms']:.2f} ms"
+            )
+    return {"processes": count, "writers": "every member writes rate/N", "runs": runs}
+
+
+def _latency_figures(
+    rate: int, seconds: float, names: list[str], stops: list[dict[str, Any]], dumps: list[Any]
+) -> dict[str, Any]:
+    warmup = seconds * 0.1
+    to_all: list[float] = []
+    to_each: list[float] = []
+    lost = 0
+    sent = 0
+    for i, origin in enumerate(names):
+        sends = stops[i]["sends"]
+        first = stops[i]["started"] + warmup
+        arrivals = []
+        for j, dump in enumerate(dumps):
+            if j != i:
+                arrivals.append({seq: t for seq, t in dump["arrivals"].get(origin, [])})
+        for seq, sent_at in enumerate(sends):
+            if sent_at < first:
+                continue
+            sent += 1
+            times = [a.get(seq) for a in arrivals]
+            if any(t is None for t in times):
+                lost += 1
+                continue
+            delays = [t - sent_at for t in times]  # type: ignore[operator]
+            to_each.extend(delays)
+            to_all.append(max(delays))
+    achieved = sum(s["count"] for s in stops) / max(s["elapsed"] for s in stops)
+    if not to_all:
+        raise RuntimeError(f"latency at {rate}/s: no operation was measured")
+    return {
+        "offered_rate": rate,
+        "achieved_rate": achieved,
+        "seconds": seconds,
+        "measured_ops": sent,
+        "lost": lost,
+        "max_writer_lag_ms": max(s["max_lag"] for s in stops) * 1000,
+        "p50_ms": _percentile(to_all, 0.50) * 1000,
+        "p99_ms": _percentile(to_all, 0.99) * 1000,
+        "max_ms": max(to_all) * 1000,
+        "mean_ms": statistics.mean(to_all) * 1000,
+        "each_p50_ms": _percentile(to_each, 0.50) * 1000,
+        "each_p99_ms": _percentile(to_each, 0.99) * 1000,
+    }
+
+
+# -- 4. join ----------------------------------------------------------------------------------
+
+
+def join(cfg: Config, progress: Progress) -> dict[str, Any]:
+    """A member joins two members holding ``join_keys`` 3-level keys while writes continue."""
+    total, fanout = cfg.join_keys, cfg.join_fanout
+    ports = free_ports(3)
+    with Group() as group:
+        holders = _members(group, ports[:2], ports[:2], cfg)
+        starts = start_all(holders)
+        _warm(holders, "warm")
+        holder, replica = holders
+        chunk = max(10_000, total // 20)
+        began = time.monotonic()
+        for begin in range(0, total, chunk):
+            end = min(total, begin + chunk)
+            holder.call("fill", timeout=600, begin=begin, end=end, fanout=fanout)
+            progress(
+                f"join: filling {end:,} / {total:,} keys "
+                f"({time.monotonic() - began:.1f}s, replicated to a second member)"
+            )
+        reply = replica.call(
+            "wait_keys", timeout=660, keys=[fill_key(total - 1, fanout)], limit=600
+        )
+        if not reply["complete"]:
+            raise RuntimeError("join: the replica did not receive the fill in time")
+        fill_seconds = time.monotonic() - began
+        holder_memory = holder.call("memory")["memory"]
+        replica_memory = replica.call("memory")["memory"]
+        progress(f"join: measuring a plain dict of {total:,} keys")
+        plain = group.add(Member(free_port(), [], name="plain-dict", max_seconds=600))
+        plain_reply = plain.call("plain_dict", timeout=600, count=total, fanout=fanout)
+        plain.close()
+        for i, member in enumerate(holders):
+            member.call(
+                "pace_start", prefix="live", name=f"n{i}", rate=cfg.join_live_rate / 2, cycle=0
+            )
+        progress(
+            f"join: a new member joins {total:,} keys while {cfg.join_live_rate:,} sets/s continue"
+        )
+        joiner = group.add(
+            Member(ports[2], ports, name="joiner", max_seconds=cfg.member_max_seconds)
+        )
+        if cfg.profile_dir:
+            joiner.call("profile_start")
+            _profile(holders, cfg, "join-holders", True)
+        joined = joiner.call(
+            "join",
+            timeout=660,
+            local=joiner.local,
+            peers=joiner.peers,
+            options={},
+            limit=600,
+        )
+        profiles = []
+        if cfg.profile_dir:
+            path = os.path.join(cfg.profile_dir, "join-joiner.prof")
+            joiner.call("profile_stop", path=path)
+            profiles = [path, *_profile(holders, cfg, "join-holders", False)]
+        join_seconds = joined["synced_at"] - joined["started"]
+        progress(f"join: synced in {join_seconds:.2f}s; letting live writes run 1s more")
+        time.sleep(1.0)
+        stops = broadcast(holders, "pace_stop")
+        caught = joiner.call(
+            "wait_keys", timeout=160, keys=[s["last_key"] for s in stops], limit=120
+        )
+        missing: list[str] = []  # live writes some holder has and the joiner lacks
+        for name in ("n0", "n1"):
+            have = set(joiner.call("keys", prefix=["live", name])["keys"])
+            for member in holders:
+                want = member.call("keys", prefix=["live", name])["keys"]
+                missing.extend(f"live.{name}.{k}" for k in want if k not in have)
+        missing = sorted(set(missing))
+        holders_after = [m.call("memory")["memory"] for m in holders]
+        joiner_memory = joiner.call("memory")["memory"]
+        leaves = [m.call("leaves", timeout=300)["leaves"] for m in [*holders, joiner]]
+    live_total = sum(s["count"] for s in stops)
+    holder_base = starts[0]["baseline"]["rss"]
+    replica_base = starts[1]["baseline"]["rss"]
+    joiner_base = joined["baseline"]["rss"]
+    result = {
+        "keys": total,
+        "key_shape": f"g<a>.s<b>.k<c>, {total // (fanout * fanout)} x {fanout} x {fanout}",
+        "fill_seconds": fill_seconds,
+        "join_seconds": join_seconds,
+        "start_returned_seconds": joined["returned"] - joined["started"],
+        "synced": joined["synced"],
+        "caught_up": caught["complete"],
+        "live_writes": live_total,
+        "live_rate": cfg.join_live_rate,
+        "converged": caught["complete"] and len(set(leaves)) == 1 and leaves[0] >= total,
+        "leaves": leaves,
+        "joiner_missing_live_keys": len(missing),
+        "joiner_missing_examples": missing[:10],
+        "holder_rss": holder_memory["rss"],
+        "holder_bytes_per_key": (holder_memory["rss"] - holder_base) / total,
+        "replica_rss": replica_memory["rss"],
+        "replica_bytes_per_key": (replica_memory["rss"] - replica_base) / total,
+        "holders_peak_rss_after_join": [m["peak_rss"] for m in holders_after],
+        "joiner_rss": joiner_memory["rss"],
+        "joiner_peak_rss": joiner_memory["peak_rss"],
+        "joiner_bytes_per_key": (joiner_memory["rss"] - joiner_base) / total,
+        "plain_dict_bytes_per_key": plain_reply["rss_delta"] / total,
+        "baseline_rss": holder_base,
+    }
+    if profiles:
+        result["profiles"] = profiles
+    return result
+
+
+# -- 5. catch-up after a partition ----------------------------------------------------------
+
+
+def catchup(cfg: Config, progress: Progress) -> dict[str, Any]:
+    """One member is cut off (through ``benchmarks.proxy``) while the others write; then healed.
+
+    The figure is the time from the heal until the partitioned member holds every write made
+    before it. It includes the reconnect backoff (``backoff_max``, 2 s by default, with jitter).
+    """
+    writers_count = cfg.catchup_members - 1
+    real = free_ports(cfg.catchup_members)
+    proxied = free_ports(cfg.catchup_members)
+    cut_off = cfg.catchup_members - 1  # the last member is the one partitioned
+    with Group() as group:
+        proxy = group.add(Proxy(max_seconds=cfg.member_max_seconds))
+        proxy.call("rename", ports={str(real[i]): proxied[i] for i in range(len(real))})
+        members = []
+        for i in range(cfg.catchup_members):
+            if i == cut_off:
+                peers = [proxied[j] for j in range(writers_count)] + [real[i]]
+            else:
+                peers = [real[j] for j in range(writers_count)] + [proxied[cut_off]]
+            name = f"m{i}:{real[i]}"
+            members.append(
+                group.add(Member(real[i], peers, name=name, max_seconds=cfg.member_max_seconds))
+            )
+        # A proxy port listens only once its member does: a member accepted by the proxy while
+        # the target is down would see a connection that drops only at its first send, and
+        # could wait for a snapshot on it for its whole start timeout.
+        for i in [cut_off, *range(writers_count)]:
+            member = members[i]
+            member.send("start", local=member.local, peers=member.peers, options={}, limit=30)
+            wait_listening(real[i])
+            proxy.call("route", listen=proxied[i], target=real[i])
+            member.receive(60)
+        _warm(members, "warm")
+        writers = members[:writers_count]
+        isolated = members[cut_off]
+        for i, member in enumerate(writers):
+            member.call(
+                "pace_start", prefix="cu", name=f"n{i}", rate=cfg.catchup_rate / writers_count
+            )
+        time.sleep(1.0)
+        before = broadcast(writers, "pace_status")
+        proxy.call("cut")
+        cut_at = time.monotonic()
+        progress(
+            f"catch-up: member cut off for {cfg.catchup_partition_seconds}s "
+            f"while the others write {cfg.catchup_rate:,} sets/s"
+        )
+        step = max(1.0, cfg.catchup_partition_seconds / 5)
+        while time.monotonic() - cut_at < cfg.catchup_partition_seconds:
+            time.sleep(min(step, cfg.catchup_partition_seconds - (time.monotonic() - cut_at)))
+            progress(f"catch-up: partitioned for {time.monotonic() - cut_at:.0f}s")
+        at_heal = broadcast(writers, "pace_status")
+        healed_at = time.monotonic()
+        proxy.call("restore")
+        caught = isolated.call(
+            "wait_keys", timeout=180, keys=[s["key"] for s in at_heal], limit=120
+        )
+        catchup_seconds = caught["done"] - healed_at
+        progress(f"catch-up: converged {catchup_seconds:.2f}s after the heal")
+        stops = broadcast(writers, "pace_stop")
+        final = broadcast(
+            members, "wait_keys", timeout=180, keys=[s["last_key"] for s in stops], limit=120
+        )
+        leaves = [m.call("leaves")["leaves"] for m in members]
+        stats = proxy.call("stats")
+    written = sum(s["seq"] for s in at_heal) - sum(s["seq"] for s in before)
+    return {
+        "processes": cfg.catchup_members,
+        "offered_rate": cfg.catchup_rate,
+        "achieved_rate": sum(s["achieved_rate"] for s in stops),
+        "partition_seconds": healed_at - cut_at,
+        "writes_while_partitioned": written,
+        "catchup_seconds": catchup_seconds,
+        "caught_up": caught["complete"],
+        "converged": all(r["complete"] for r in final) and len(set(leaves)) == 1,
+        "leaves": leaves,
+        "proxy": stats,
+        "note": "includes the reconnect backoff (backoff_max 2 s, jittered)",
+    }
+
+
+# -- 6. redis for scale ----------------------------------------------------------------------
+
+
+def redis_compare(cfg: Config, progress: Progress) -> dict[str, Any]:
+    """get / set / incr through redis-py under gevent against a local redis-server."""
+    if importlib.util.find_spec("redis") is None:
+        note = "skipped: redis-py is not installed (pip install redis)"
+        progress(f"redis: {note}")
+        return {"skipped": note}
+    with RedisServer() as server:
+        if not server.available:
+            note = "skipped: redis-server is not on PATH"
+            progress(f"redis: {note}")
+            return {"skipped": note}
+        progress(f"redis: {cfg.redis_ops:,} get/set/incr through redis-py ({server.version})")
+        with Group() as group:
+            client = group.add(Member(free_port(), [], name="redis-client", max_seconds=300))
+            result = client.call("redis_ops", timeout=300, port=server.port, count=cfg.redis_ops)
+    result["server"] = server.version
+    return result
+
+
+SCENARIOS: dict[str, Callable[[Config, Progress], dict[str, Any]]] = {
+    "local": local_ops,
+    "throughput": throughput,
+    "latency": latency,
+    "join": join,
+    "catchup": catchup,
+    "redis": redis_compare,
+}
