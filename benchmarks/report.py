@@ -232,6 +232,20 @@ def tables(results: dict[str, Any]) -> str:
                     rows,
                 )
             )
+    for label, profile in _profiles(results):
+        if profile.get("self_percent"):
+            rows = [
+                [name, f"{share:.1f}%"]
+                for name, share in list(profile["self_percent"].items())[:12]
+            ]
+            out.append(
+                _table(
+                    f"Profile of {label} ({profile['tool']}, {profile['samples']:,} "
+                    "samples, all members)",
+                    ["function (self)", "samples"],
+                    rows,
+                )
+            )
     for name, section in results.items():
         if isinstance(section, dict) and "error" in section:
             out.append(f"{name}: FAILED: {section['error']}")
@@ -246,6 +260,17 @@ def tables(results: dict[str, Any]) -> str:
             )
         )
     return "\n\n".join(out)
+
+
+def _profiles(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for run in (results.get("throughput") or {}).get("runs", []):
+        if run.get("profile"):
+            found.append((f"throughput {run['processes']} x {run['keys_each']:,}", run["profile"]))
+    join = results.get("join") or {}
+    if join.get("profile"):
+        found.append((f"join of {join['keys']:,} keys", join["profile"]))
+    return found
 
 
 def chart(results: dict[str, Any], path: str) -> bool:

@@ -69,6 +69,7 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "implementation": platform.python_implementation(),
         "executable": sys.executable,
+        "load_average_at_start": _load(),
     }
     if hasattr(os, "sched_getaffinity"):
         info["cpus_usable"] = len(os.sched_getaffinity(0))
@@ -102,6 +103,25 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def _load() -> float | None:
+    """The 1-minute load average (other processes compete with the members for the CPUs)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _busy_note() -> str | None:
+    """A warning when other processes keep the machine busy: figures will be pessimistic."""
+    load, cpus = _load(), os.cpu_count() or 1
+    if load is not None and load > 0.5 * cpus:
+        return (
+            f"note: the machine is busy before the run (load average {load} on {cpus} CPUs); "
+            "figures will be pessimistic"
+        )
+    return None
+
+
 class Progress:
     """Progress lines on stderr, with the seconds since the run began."""
 
@@ -130,8 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="cProfile the members during the throughput and join windows (.prof files next "
-        "to the JSON; read them with python -m pstats)",
+        help="profile the members during the throughput and join windows: py-spy when "
+        "available (shares per function in the JSON and the table), else cProfile (.prof files "
+        "next to the JSON)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
@@ -164,8 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in vars(cfg).items()},
     }
     failed = False
+    busy = _busy_note()
+    if busy:
+        progress(busy)
+        results["note"] = busy
     for name in selected:
         began = time.monotonic()
+        load_before = _load()
         try:
             section = scenarios.SCENARIOS[name](cfg, progress)
         except Exception as exc:  # keep going: one broken scenario must not hide the others
@@ -173,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             section = {"error": f"{type(exc).__name__}: {exc}"}
             progress(f"{name}: FAILED\n{traceback.format_exc()}")
         section["wall_seconds"] = time.monotonic() - began
+        section["load_average"] = {"before": load_before, "after": _load()}
         results[name] = section
         progress(f"{name}: done in {section['wall_seconds']:.1f}s")
     results["targets"] = report.check_targets(results)
@@ -181,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, out, indent=1)
         out.write("\n")
     print(report.tables(results))
+    if busy:
+        print(f"\n{busy}")
     print(f"\nresults: {output}")
     if not args.no_chart:
         png = os.path.splitext(output)[0] + ".png"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import socket
 import statistics
 import time
@@ -26,6 +25,7 @@ from benchmarks.procs import (
     free_ports,
     start_all,
 )
+from benchmarks.profiling import WindowProfiler
 
 Progress = Callable[[str], None]
 
@@ -116,19 +116,6 @@ def _warm(members: list[Member], tag: str, limit: float = 30.0) -> None:
             raise RuntimeError(f"{member.name}: the cluster did not connect within {limit}s")
 
 
-def _profile(members: list[Member], cfg: Config, label: str, start: bool) -> list[str]:
-    """Start (or stop and save) cProfile in every member when profiling was asked for."""
-    if not cfg.profile_dir:
-        return []
-    if start:
-        broadcast(members, "profile_start")
-        return []
-    paths = [os.path.join(cfg.profile_dir, f"{label}-m{i}.prof") for i in range(len(members))]
-    for member, path in zip(members, paths):
-        member.call("profile_stop", path=path)
-    return paths
-
-
 # -- 1. local operations -------------------------------------------------------------------
 
 
@@ -168,13 +155,14 @@ def throughput(cfg: Config, progress: Progress) -> dict[str, Any]:
             _warm(members, "warm")
             writers = [f"w{i}" for i in range(count)]
             limit = 60 + keys * count / 10_000
-            _profile(members, cfg, f"throughput-{count}x{keys}", True)
+            profiler = WindowProfiler(cfg.profile_dir, f"throughput-{count}x{keys}", members)
+            profiler.start()
             for i, member in enumerate(members):
                 member.send(
                     "write_and_wait", prefix=writers[i], count=keys, writers=writers, limit=limit
                 )
             replies = [m.receive(limit + 60) for m in members]
-            profiles = _profile(members, cfg, f"throughput-{count}x{keys}", False)
+            profile = profiler.stop()
             began = min(r["started"] for r in replies)
             ended = max(r["done"] for r in replies)
             complete = all(r["complete"] for r in replies)
@@ -220,8 +208,8 @@ def throughput(cfg: Config, progress: Progress) -> dict[str, Any]:
                 "rss_growth": hot_memory["memory"]["rss"] - memory["memory"]["rss"],
             },
         }
-        if profiles:
-            run["profiles"] = profiles
+        if profile:
+            run["profile"] = profile
         runs.append(run)
         progress(
             f"throughput: {count} x {keys:,}: {seconds:.2f}s, "
@@ -364,9 +352,8 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
         joiner = group.add(
             Member(ports[2], ports, name="joiner", max_seconds=cfg.member_max_seconds)
         )
-        if cfg.profile_dir:
-            joiner.call("profile_start")
-            _profile(holders, cfg, "join-holders", True)
+        profiler = WindowProfiler(cfg.profile_dir, "join", [*holders, joiner])
+        profiler.start()
         joined = joiner.call(
             "join",
             timeout=660,
@@ -375,11 +362,7 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
             options={},
             limit=600,
         )
-        profiles = []
-        if cfg.profile_dir:
-            path = os.path.join(cfg.profile_dir, "join-joiner.prof")
-            joiner.call("profile_stop", path=path)
-            profiles = [path, *_profile(holders, cfg, "join-holders", False)]
+        profile = profiler.stop()
         join_seconds = joined["synced_at"] - joined["started"]
         progress(f"join: synced in {join_seconds:.2f}s; letting live writes run 1s more")
         time.sleep(1.0)
@@ -426,8 +409,8 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
         "plain_dict_bytes_per_key": plain_reply["rss_delta"] / total,
         "baseline_rss": holder_base,
     }
-    if profiles:
-        result["profiles"] = profiles
+    if profile:
+        result["profile"] = profile
     return result
 
 
