@@ -7,10 +7,14 @@ Shape (see the README's design section):
 - One writer greenlet per peer (``_PeerLink``) dials that peer and sends. An operation is
   encoded once; its bytes are appended to every link's pending list, and a writer sends all
   that is pending with one ``sendall``. ``set()`` never waits for the network.
-- A node starting empty asks one live peer (on the first link that connects) for a snapshot
-  of its whole state, metadata included, and merges it with whatever arrives meanwhile.
-- A link that reconnects after a failure, or whose pending bytes overflowed while the peer
-  was unreachable, first sends a full snapshot: nothing the peer may have missed is lost.
+- Every operation carries its origin's sequence number. Each node keeps a version vector of
+  what it applied (``Progress``) and a bounded log of recent frames from every origin
+  (``OpLog``). Writers send their node's vector every ``sync_interval``; a node that sees a
+  peer lacking operations it holds sends them (its own or anyone's), or a full snapshot when
+  its log no longer covers the gap. That heals dropped links, partitions and origins that died
+  after reaching only some peers.
+- A node starting empty asks one live peer for a snapshot of its whole state, metadata and
+  version vector included, and merges it with whatever arrives meanwhile.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from typing import Any, Iterable
 import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
+from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from . import _store
-from ._clock import HybridClock, new_node_id
+from ._clock import HybridClock, new_node_id, stamp_origin
 from ._errors import InvalidValueError, NotStartedError, ProtocolError
+from ._oplog import OpLog, Progress
 from ._store import DELETE, INCREMENT, SET, Store, is_number
 from ._validate import (
     Key,
@@ -40,9 +46,9 @@ from ._validate import (
 )
 from ._wire import (
     OP,
+    PROGRESS,
     SNAPSHOT,
     SNAPSHOT_END,
-    SNAPSHOT_END_FRAME,
     SNAPSHOT_REQUEST,
     SNAPSHOT_REQUEST_FRAME,
     WANTS_SNAPSHOT,
@@ -50,9 +56,12 @@ from ._wire import (
     check_snapshot_items,
     encode_hello,
     encode_op,
+    encode_progress,
     encode_snapshot,
+    encode_snapshot_end,
     parse_hello,
     parse_op,
+    parse_vector,
 )
 
 __all__ = ["Collective"]
@@ -93,40 +102,66 @@ class _PeerLink:
         self.kick = Event()  # the peer is known to be up: skip the rest of the backoff
         self.state = "connecting"
         self.attempted = False  # one connection attempt finished (either way)
-        self.connected_once = False
-        self.needs_resync = False  # frames may have been lost: send a full snapshot first
         self.requested_snapshot = False
+        self.peer_id: int | None = None  # from the peer's HELLO on its link to us
+        # After a snapshot was queued for the peer: its version vector, until the peer
+        # reports having merged it (no second snapshot meanwhile).
+        self.snapshot_vector: dict[int, int] | None = None
+        # A snapshot is owed to the peer until it was sent in full on some connection.
+        self.snapshot_due = False
+        self.snapshot_queued = False
         self.greenlet: gevent.Greenlet | None = None
+        self._sock: Any = None
         self.sent_frames = 0
-        self.reconnects = 0
+        self.sent_bytes = 0
+        self.connects = 0
+        self.overflows = 0
+        self.snapshots_sent = 0
+        self.relayed_frames = 0
         self.last_error: str | None = None
+        self.last_error_at: float | None = None
 
     def enqueue(self, frame: bytes) -> None:
-        """Queue a frame; never blocks. Overflow drops the queue and schedules a resync."""
+        """Queue a frame; never blocks. A peer that lets too much pile up is dropped: the
+        catch-up by version vectors (or a snapshot) brings it back up to date later."""
         self.pending.append(frame)
         self.pending_bytes += len(frame)
         if self.pending_bytes > self.node.max_queue_bytes:
-            if not self.needs_resync:
-                log.warning(
-                    "peer %s: %d bytes queued, over the limit; dropping them and resyncing it "
-                    "with a snapshot once it is reachable",
-                    self.name,
-                    self.pending_bytes,
-                )
+            self.overflows += 1
+            log.warning(
+                "peer %s: more than %d bytes queued; dropping them and the connection "
+                "(it catches up once it keeps pace)",
+                self.name,
+                self.node.max_queue_bytes,
+            )
             self.pending = []
             self.pending_bytes = 0
-            self.needs_resync = True
+            self.snapshot_queued = False  # still due: sent again on the next connection
+            self.drop_connection()
         if not self.wake.is_set():
             self.wake.set()
+
+    def drop_connection(self) -> None:
+        """End the current connection (the writer reconnects after its backoff)."""
+        sock = self._sock
+        if sock is not None:
+            # Shut down (not just close) so a sendall blocked in the writer fails now.
+            try:
+                sock.shutdown(gsocket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def resync(self) -> None:
         """Replace what is pending by a full snapshot (which holds all of it, and more).
 
         Snapshot bytes do not count against ``max_queue_bytes``: they replace the queue.
         """
-        self.pending = self.node._snapshot_frames()
+        frames, vector = self.node._snapshot_frames()
+        self.pending = frames
         self.pending_bytes = 0
-        self.needs_resync = False
+        self.snapshot_vector = vector
+        self.snapshot_due = self.snapshot_queued = True
+        self.snapshots_sent += 1
         if not self.wake.is_set():
             self.wake.set()
 
@@ -144,6 +179,7 @@ class _PeerLink:
         node = self.node
         failures = 0
         while not node._stopping:
+            self.state = "connecting"
             try:
                 sock = gsocket.create_connection(self.address, timeout=node.connect_timeout)
             except OSError as exc:
@@ -152,16 +188,16 @@ class _PeerLink:
                 self._backoff(failures)
                 continue
             failures = 0
+            self._sock = sock
             try:
                 self._serve(sock)
             except OSError as exc:
                 self._failed(f"send: {exc}")
-                # Whatever was in flight may be lost; the snapshot on reconnect covers it.
-                self.needs_resync = True
                 failures += 1
                 if not node._stopping:
                     self._backoff(failures)
             finally:
+                self._sock = None
                 sock.close()
         self.state = "stopped"
 
@@ -173,7 +209,11 @@ class _PeerLink:
             log.debug("peer %s: not reachable yet (%s)", self.name, reason)
         self.state = "backoff"
         self.last_error = reason
+        self.last_error_at = time.time()
         self.attempted = True
+        # A snapshot queued or in flight may be lost: the next report of the peer's
+        # version vector decides afresh.
+        self.snapshot_vector = None
         if self.requested_snapshot:
             self.requested_snapshot = False
             node._snapshot_link = None
@@ -181,7 +221,7 @@ class _PeerLink:
         node._check_ready()
 
     def _serve(self, sock: Any) -> None:
-        """Send HELLO (and a snapshot when needed), then everything that becomes pending."""
+        """Send HELLO and then everything that becomes pending, plus PROGRESS regularly."""
         node = self.node
         sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_KEEPALIVE, 1)
@@ -191,30 +231,38 @@ class _PeerLink:
             flags |= WANTS_SNAPSHOT
             node._snapshot_link = self
             self.requested_snapshot = True
-        first = [encode_hello(node.node_id, node.local[0], node.local[1], flags)]
-        if self.connected_once:
-            self.reconnects += 1
-            self.needs_resync = True
-        if self.needs_resync:
-            self.resync()
-        self.connected_once = True
+        hello = encode_hello(node.node_id, node.local[0], node.local[1], flags)
+        self.connects += 1
         self.state = "connected"
         self.attempted = True
         log.info("peer %s: connected", self.name)
-        sock.sendall(b"".join(first))
+        if self.snapshot_due and not self.snapshot_queued:
+            self.resync()  # the last one was lost with its connection
+        sock.sendall(hello + node._progress_frame())
         wake = self.wake
+        interval = node.sync_interval
+        next_progress = time.monotonic() + interval
         while True:
+            now = time.monotonic()
+            if now >= next_progress:
+                self.pending.append(node._progress_frame())
+                next_progress = now + interval
             if not self.pending:
                 if node._stopping:
                     return
                 wake.clear()
-                wake.wait()
+                wake.wait(next_progress - now)
                 continue
             batch = self.pending
             self.pending = []
             self.pending_bytes = 0
-            sock.sendall(b"".join(batch))
+            sending_snapshot, self.snapshot_queued = self.snapshot_queued, False
+            data = b"".join(batch)
+            sock.sendall(data)
+            if sending_snapshot:
+                self.snapshot_due = False
             self.sent_frames += len(batch)
+            self.sent_bytes += len(data)
 
     def stop(self) -> None:
         self.wake.set()
@@ -231,12 +279,17 @@ class Collective:
 
     Options:
         connect_timeout: seconds for one connection attempt (default 2).
-        send_timeout: seconds a peer may stall a send before the link is dropped (default 30).
+        send_timeout: seconds a peer may stall one send before its link is dropped (30).
         backoff_min, backoff_max: bounds of the reconnect delay in seconds (0.05, 2).
-        max_frame: largest frame accepted from a peer, in bytes (default 256 MiB).
-        max_queue_bytes: bytes queued for one unreachable peer before the queue is replaced
-            by a snapshot on reconnect (default 64 MiB).
-        handshake_timeout: seconds an incoming connection has to send HELLO (default 5).
+        max_frame: largest frame accepted from a peer, in bytes (256 MiB).
+        max_queue_bytes: bytes queued for one peer before it counts as unable to keep up and
+            its link is dropped, to be caught up later (64 MiB).
+        log_bytes: bytes of recent operations kept to catch peers up (64 MiB); a peer that
+            missed more than the log holds gets a full snapshot instead.
+        sync_interval: seconds between version-vector reports to each peer (1).
+        handshake_timeout: seconds an incoming connection has to send HELLO (5).
+        idle_timeout: seconds an incoming connection may stay silent after HELLO (60).
+        max_connections: incoming connections served at once (1024).
     """
 
     def __init__(
@@ -250,7 +303,11 @@ class Collective:
         backoff_max: float = 2.0,
         max_frame: int = 256 * 1024 * 1024,
         max_queue_bytes: int = 64 * 1024 * 1024,
+        log_bytes: int = 64 * 1024 * 1024,
+        sync_interval: float = 1.0,
         handshake_timeout: float = 5.0,
+        idle_timeout: float = 60.0,
+        max_connections: int = 1024,
     ) -> None:
         self.local = parse_address(local)
         seen: set[tuple[str, int]] = set()
@@ -265,24 +322,37 @@ class Collective:
             ("send_timeout", send_timeout),
             ("backoff_min", backoff_min),
             ("backoff_max", backoff_max),
+            ("sync_interval", sync_interval),
             ("handshake_timeout", handshake_timeout),
+            ("idle_timeout", idle_timeout),
         ):
             if not isinstance(number, (int, float)) or isinstance(number, bool) or number <= 0:
                 raise ValueError(f"{name} must be a positive number, not {number!r}")
-        for name, size in (("max_frame", max_frame), ("max_queue_bytes", max_queue_bytes)):
-            if not isinstance(size, int) or isinstance(size, bool) or size < 1024:
-                raise ValueError(f"{name} must be an int of at least 1024, not {size!r}")
+        for name, size, least in (
+            ("max_frame", max_frame, 1024),
+            ("max_queue_bytes", max_queue_bytes, 1024),
+            ("log_bytes", log_bytes, 0),
+            ("max_connections", max_connections, 1),
+        ):
+            if not isinstance(size, int) or isinstance(size, bool) or size < least:
+                raise ValueError(f"{name} must be an int of at least {least}, not {size!r}")
         self.connect_timeout = float(connect_timeout)
         self.send_timeout = float(send_timeout)
         self.backoff_min = float(backoff_min)
         self.backoff_max = max(float(backoff_max), self.backoff_min)
         self.max_frame = max_frame
         self.max_queue_bytes = max_queue_bytes
+        self.sync_interval = float(sync_interval)
         self.handshake_timeout = float(handshake_timeout)
+        self.idle_timeout = float(idle_timeout)
+        self.max_connections = max_connections
         #: This incarnation's id: fresh on every construction, so a restart is a new origin.
         self.node_id = new_node_id()
         self._store = Store()
         self._clock = HybridClock(self.node_id)
+        self._seq = 0
+        self._progress = Progress()
+        self._log = OpLog(log_bytes)
         self._links: dict[tuple[str, int], _PeerLink] = {}
         self._server: StreamServer | None = None
         self._handlers: set[gevent.Greenlet] = set()
@@ -294,6 +364,9 @@ class Collective:
         self._pid = 0
         self._generation = -1
         self.started_at: float | None = None
+        self.received_frames = 0
+        self.applied_ops = 0
+        self.refused_connections = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -312,7 +385,9 @@ class Collective:
         self._pid = os.getpid()
         self._generation = _fork_generation
         self.started_at = time.time()
-        self._server = StreamServer(self.local, self._handle_connection)
+        self._server = StreamServer(
+            self.local, self._handle_connection, spawn=Pool(self.max_connections)
+        )
         self._server.start()
         for address in self.peers:
             self._add_link(address)
@@ -461,22 +536,32 @@ class Collective:
         return self._store.to_dict()
 
     def _apply_local(self, stamp: int, op: int, path: tuple[str, ...], value: Any) -> None:
-        frame = encode_op(stamp, op, path, value)
+        self._seq = seq = self._seq + 1
+        frame = encode_op(stamp, op, path, value, seq)
+        node_id = self.node_id
+        self._progress.accept(node_id, seq)
+        self._log.add(node_id, seq, frame)
         self._store.apply(stamp, op, path, value)
         for link in self._links.values():
             link.enqueue(frame)
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def _snapshot_frames(self) -> list[bytes]:
-        """The whole state as SNAPSHOT frames, then SNAPSHOT_END (built without yielding)."""
+    def _progress_frame(self) -> bytes:
+        complete = self._ready.is_set() and (self._synced.is_set() or self._snapshot_link is None)
+        return encode_progress(self._progress.vector(), complete)
+
+    def _snapshot_frames(self) -> tuple[list[bytes], dict[int, int]]:
+        """The whole state as SNAPSHOT frames, then SNAPSHOT_END with the version vector it
+        corresponds to (built without yielding, so it is one consistent cut)."""
         items = self._store.export()
+        vector = dict(self._progress.applied)
         frames = [
             encode_snapshot(items[i : i + _SNAPSHOT_CHUNK_KEYS])
             for i in range(0, len(items), _SNAPSHOT_CHUNK_KEYS)
         ]
-        frames.append(SNAPSHOT_END_FRAME)
-        return frames
+        frames.append(encode_snapshot_end([[o, s] for o, s in vector.items()]))
+        return frames, vector
 
     def _handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
         current = gevent.getcurrent()
@@ -485,6 +570,7 @@ class Collective:
         try:
             self._read_connection(sock, peer)
         except ProtocolError as exc:
+            self.refused_connections += 1
             log.warning("connection from %s closed: %s", peer, exc)
         except (OSError, gevent.Timeout) as exc:
             log.info("connection from %s closed: %s", peer, exc or type(exc).__name__)
@@ -508,38 +594,72 @@ class Collective:
         hello = parse_hello(messages[0])
         if hello.node_id == self.node_id:
             raise ProtocolError("connected to itself")
-        sock.settimeout(None)
-        origin = f"{format_address((hello.host, hello.port))}"
-        log.info("peer %s (id %x) joined from %s", origin, hello.node_id, peer)
+        sock.settimeout(self.idle_timeout)
+        origin = format_address((hello.host, hello.port))
+        log.info("peer %s (id %x) connected from %s", origin, hello.node_id, peer)
         link = self._links.get((hello.host, hello.port))
         if link is None and not self._stopping:
             log.info("peer %s is new: connecting back", origin)
             link = self._add_link((hello.host, hello.port))
         if link is not None:
+            if link.peer_id is not None and link.peer_id != hello.node_id:
+                # Our connection may still go to the old incarnation, whose kernel would take
+                # bytes it will never read: start a new one.
+                log.info("peer %s restarted (new incarnation %x)", origin, hello.node_id)
+                link.snapshot_vector = None
+                link.drop_connection()
+            link.peer_id = hello.node_id
             link.kick.set()
             if hello.flags & WANTS_SNAPSHOT:
                 link.resync()
-        self._dispatch(messages[1:], link)
+        # What we had when the peer connected bounds the first catch-up: later operations
+        # are on their way to it already.
+        sent_bound = dict(self._progress.applied)
+        frames = decoder.frames[1:]
+        sent_bound = self._dispatch(messages[1:], frames, link, hello.node_id, sent_bound)
         recv = sock.recv
         feed = decoder.feed
         while True:
             data = recv(_RECV_SIZE)
             if not data:
                 return
-            self._dispatch(feed(data), link)
+            messages = feed(data)
+            sent_bound = self._dispatch(messages, decoder.frames, link, hello.node_id, sent_bound)
             gevent.sleep(0)  # fairness: one busy peer must not starve the others
 
-    def _dispatch(self, messages: list[Any], link: _PeerLink | None) -> None:
+    def _dispatch(
+        self,
+        messages: list[Any],
+        frames: list[bytes],
+        link: _PeerLink | None,
+        peer_id: int,
+        sent_bound: dict[int, int],
+    ) -> dict[int, int]:
+        """Apply a batch of frames from one peer; returns the next catch-up bound."""
         apply = self._store.apply
         observe = self._clock.observe
-        for message in messages:
+        accept = self._progress.accept
+        add_to_log = self._log.add
+        self.received_frames += len(messages)
+        for index, message in enumerate(messages):
             if type(message) is not list or not message:
                 raise ProtocolError("frame is not a non-empty JSON array")
             kind = message[0]
             if kind == OP:
-                stamp, op, path, value = parse_op(message)
+                stamp, op, path, value, seq = parse_op(message)
+                origin = stamp_origin(stamp)
+                if not accept(origin, seq):
+                    continue  # a repeat (relayed, or also in a snapshot)
                 apply(stamp, op, path, value)
                 observe(stamp)
+                add_to_log(origin, seq, frames[index] + b"\n")
+                self.applied_ops += 1
+            elif kind == PROGRESS:
+                if len(message) != 3:
+                    raise ProtocolError("PROGRESS frame has the wrong length")
+                vector = parse_vector(message[1])
+                if message[2] is True and link is not None:
+                    sent_bound = self._catch_up(link, dict(vector), peer_id, sent_bound)
             elif kind == SNAPSHOT:
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT frame has the wrong length")
@@ -547,6 +667,12 @@ class Collective:
                 self._store.merge(items)
                 self._observe_items(items)
             elif kind == SNAPSHOT_END:
+                if len(message) != 2:
+                    raise ProtocolError("SNAPSHOT_END frame has the wrong length")
+                vector = parse_vector(message[1])
+                self._progress.merge(vector)
+                for origin, seq in vector:
+                    self._log.not_logged(origin, seq)
                 if not self._synced.is_set():
                     log.info("merged a peer's state")
                     self._synced.set()
@@ -556,9 +682,30 @@ class Collective:
                     link.resync()
             else:
                 raise ProtocolError(f"unknown message type {kind!r}")
+        return sent_bound
+
+    def _catch_up(
+        self, link: _PeerLink, theirs: dict[int, int], peer_id: int, bound: dict[int, int]
+    ) -> dict[int, int]:
+        """Send a peer what it lacks of what we had by ``bound``; return the next bound."""
+        pending_snapshot = link.snapshot_vector
+        if pending_snapshot is not None:
+            if any(theirs.get(o, 0) < s for o, s in pending_snapshot.items()):
+                return dict(self._progress.applied)  # still merging the snapshot we sent
+            link.snapshot_vector = None
+        frames = self._log.missing(theirs, bound, exclude=peer_id)
+        if frames is None:
+            log.info("peer %s missed more than the log holds: sending a snapshot", link.name)
+            link.resync()
+        elif frames:
+            log.debug("peer %s: resending %d operations it missed", link.name, len(frames))
+            link.relayed_frames += len(frames)
+            for frame in frames:
+                link.enqueue(frame)
+        return dict(self._progress.applied)
 
     def _observe_items(self, items: list[Any]) -> None:
-        """Move the clock past the newest stamp in a snapshot slice (cheap upper bound)."""
+        """Move the clock past the newest stamp in a snapshot slice."""
         newest = 0
         stack: list[Any] = [entry for _, entry in items]
         while stack:

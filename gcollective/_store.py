@@ -142,6 +142,17 @@ class Store:
                 return  # overtaken by a newer reset above: no effect on anything below
             key = path[i]
             child = node.entries.get(key)
+            if child is None and writes:
+                # The common way down to a new key: a fresh, empty dict written below.
+                child = _Node()
+                child.d = child.top = s
+                child.r = node.r
+                child.value = fresh = {}
+                node.entries[key] = child
+                if type(node.value) is dict:
+                    node.value[key] = fresh
+                node = child
+                continue
             if type(child) is not _Node:
                 child = self._promote(node, key, child)
             if s > child.top:
@@ -343,11 +354,11 @@ class Store:
             del parent.entries[key]
             self._place(parent, key, MISSING)
 
-    def _rebuild(self, node: _Node, parent_r: float | int) -> bool:
-        """Recompute a node's value from its metadata; drop what can no longer matter.
+    def _settle(self, node: _Node, parent_r: float | int) -> tuple[bool, Any, Any]:
+        """Fix a node's own events against the reset above it: ``(is_dict, base, bv)``.
 
-        This is the reference the fast paths agree with. Returns False when nothing in the
-        subtree is newer than the reset inherited from above (the node can be forgotten).
+        ``base`` / ``bv`` are the effective assignment (its own, or the reset inherited from
+        above, which leaves nothing). Sets ``node.r``; forgets overtaken own events.
         """
         if node.a >= parent_r:
             base = node.a
@@ -357,28 +368,70 @@ class Store:
             bv = MISSING
             node.a = NEVER
             node.av = MISSING
-        imax = node.imax if node.imax > base else NEVER
-        d = node.d if node.d > base else NEVER
-        if imax == NEVER:
+        if node.imax <= base:
             node.imax = NEVER
-        if d == NEVER:
+        if node.d <= base:
             node.d = NEVER
-        r = base if imax == NEVER else imax
-        node.r = r
+        imax = node.imax
+        d = node.d
+        node.r = base if imax == NEVER else imax
         if imax == NEVER and d == NEVER:
-            is_dict = bv is DICT
+            return bv is DICT, base, bv
+        return d > imax, base, bv
+
+    def _finish(self, node: _Node, base: Any, bv: Any, new_dict: dict[str, Any] | None) -> None:
+        """Set a node's materialized value once its children are settled (see ``_rebuild``)."""
+        imax = node.imax
+        d = node.d
+        if new_dict is not None:
+            node.value = new_dict
+        elif imax != NEVER and imax > d:
+            # A number: the increments after the latest assignment or write below, in order.
+            lower = base if d == NEVER else d
+            incs = node.incs or {}
+            result: Any = bv if (d == NEVER and is_number(bv)) else MISSING
+            kept: dict[int, int | float] = {}
+            for st in sorted(incs):
+                if st > lower:
+                    amount = incs[st]
+                    kept[st] = amount
+                    result = amount if result is MISSING else result + amount
+            node.incs = kept
+            node.value = result
+            return
         else:
-            is_dict = d > imax
+            node.value = bv
+        if node.incs:
+            # Increments older than the latest write below (or the assignment) are overtaken.
+            lower = base if d == NEVER else max(base, d)
+            node.incs = {st: n for st, n in node.incs.items() if st > lower} or None
+
+    @staticmethod
+    def _is_plain(node: _Node) -> bool:
+        """True when a node is just one assignment of a leaf (or a tombstone)."""
+        return not (
+            node.entries
+            or node.incs
+            or node.av is DICT
+            or node.d != NEVER
+            or node.imax != NEVER
+            or node.a == NEVER
+        )
+
+    def _rebuild(self, node: _Node, parent_r: float | int) -> bool:
+        """Recompute a node's value from its metadata; drop what can no longer matter.
+
+        This is the reference the fast paths agree with. Returns False when nothing in the
+        subtree is newer than the reset inherited from above (the node can be forgotten).
+        """
+        is_dict, base, bv = self._settle(node, parent_r)
+        r = node.r
         old_value = node.value
         old_dict = old_value if type(old_value) is dict else None
         new_dict: dict[str, Any] | None = None
         if is_dict:
             new_dict = old_dict if old_dict is not None else {}
-        top = node.a if node.a >= parent_r else NEVER
-        if imax > top:
-            top = imax
-        if d > top:
-            top = d
+        top = max(node.a, node.imax, node.d)
         entries = node.entries
         if entries:
             keep: dict[str, int | _Node] = {}
@@ -400,42 +453,69 @@ class Store:
                             new_dict.pop(k, None)
                         else:
                             new_dict[k] = child_value
-                    if (e.entries or e.incs or e.av is DICT or e.d != NEVER or e.imax != NEVER) or (
-                        child_value is not MISSING and new_dict is None
-                    ):
-                        keep[k] = e
-                    else:
+                    if self._is_plain(e) and (child_value is MISSING or new_dict is not None):
                         keep[k] = e.a  # a plain assignment: back to a bare stamp
+                    else:
+                        keep[k] = e
                 elif new_dict is not None:
                     new_dict.pop(k, None)
             node.entries = keep
-        if new_dict is not None:
+        if new_dict is not None and len(new_dict) > len(node.entries):
             # Drop leftovers that no entry accounts for (possible only after a reset).
-            if len(new_dict) > len(node.entries):
-                for k in [k for k in new_dict if k not in node.entries]:
-                    del new_dict[k]
-            node.value = new_dict
-        elif imax != NEVER and imax > d:
-            lower = base if d == NEVER else d
-            incs = node.incs or {}
-            result: Any = bv if (d == NEVER and is_number(bv)) else MISSING
-            kept: dict[int, int | float] = {}
-            for st in sorted(incs):
-                if st > lower:
-                    amount = incs[st]
-                    kept[st] = amount
-                    result = amount if result is MISSING else result + amount
-            node.incs = kept
-            node.value = result
-        else:
-            node.value = bv
-        if new_dict is not None or not (imax != NEVER and imax > d):
-            # Increments older than the latest write below (or the assignment) are overtaken.
-            if node.incs:
-                lower = base if d == NEVER else max(base, d)
-                node.incs = {st: n for st, n in node.incs.items() if st > lower} or None
+            for k in [k for k in new_dict if k not in node.entries]:
+                del new_dict[k]
+        self._finish(node, base, bv, new_dict)
         node.top = top
         return top != NEVER and top >= parent_r
+
+    def _install(self, encoded: Any, parent_r: float | int) -> tuple[Any, Any] | None:
+        """Build an exported entry where nothing is known locally: ``(entry, value)``, or
+        None if all of it is overtaken by ``parent_r``. The same result as recording the
+        entry's events and rebuilding, in one pass (this is what makes joining fast)."""
+        if type(encoded) is int:
+            return (encoded, MISSING) if encoded >= parent_r else None
+        if len(encoded) == 2:
+            stamp = encoded[0]
+            return (stamp, encoded[1]) if stamp >= parent_r else None
+        a, av, d, imax, incs, children = encoded
+        node = _Node()
+        if a is not None:
+            node.a = a
+            node.av = DICT if av == 1 and type(av) is int else (MISSING if av == 0 else av[0])
+        if d is not None:
+            node.d = d
+        if imax is not None:
+            node.imax = imax
+        if incs:
+            node.incs = {st: n for st, n in incs}
+        is_dict, base, bv = self._settle(node, parent_r)
+        r = node.r
+        top = max(node.a, node.imax, node.d)
+        new_dict: dict[str, Any] | None = {} if is_dict else None
+        entries: dict[str, int | _Node] = {}
+        install = self._install
+        for k, child in children.items():
+            built = install(child, r)
+            if built is None:
+                continue
+            entry, value = built
+            if type(entry) is int:
+                if entry > top:
+                    top = entry
+            else:
+                if entry.top > top:
+                    top = entry.top
+                if self._is_plain(entry) and (value is MISSING or new_dict is not None):
+                    entry = entry.a  # a plain assignment: a bare stamp
+            entries[k] = entry
+            if new_dict is not None and value is not MISSING:
+                new_dict[k] = value
+        node.entries = entries
+        self._finish(node, base, bv, new_dict)
+        node.top = top
+        if top == NEVER or top < parent_r:
+            return None
+        return node, node.value
 
     # -- whole-state transfer ----------------------------------------------------------------
 
@@ -447,20 +527,23 @@ class Store:
         for a full node, where ``av`` is ``[value]``, ``0`` (deleted) or ``1`` (a dict), stamps
         that are unset are ``None`` and ``children`` maps keys to entries.
         """
-        root = self._root
-        return [[k, self._export_entry(root, k, e)] for k, e in root.entries.items()]
+        return [[k, e] for k, e in self._export_node(self._root)[5].items()]
 
-    def _export_entry(self, parent: _Node, key: str, entry: int | _Node) -> Any:
-        if type(entry) is int:
-            pv = parent.value
-            if type(pv) is dict and key in pv:
-                return [entry, pv[key]]
-            return entry
-        av = entry.av
+    def _export_node(self, node: _Node) -> list[Any]:
+        av = node.av
         encoded_av: Any = 1 if av is DICT else (0 if av is MISSING else [av])
-        incs = [[st, n] for st, n in entry.incs.items()] if entry.incs else []
-        children = {k: self._export_entry(entry, k, e) for k, e in entry.entries.items()}
-        return [_enc(entry.a), encoded_av, _enc(entry.d), _enc(entry.imax), incs, children]
+        incs = [[st, n] for st, n in node.incs.items()] if node.incs else []
+        value = node.value
+        data = value if type(value) is dict else {}
+        children: dict[str, Any] = {}
+        export_node = self._export_node
+        for k, e in node.entries.items():
+            if type(e) is int:
+                v = data.get(k, MISSING)
+                children[k] = e if v is MISSING else [e, v]
+            else:
+                children[k] = export_node(e)
+        return [_enc(node.a), encoded_av, _enc(node.d), _enc(node.imax), incs, children]
 
     def merge(self, exported: Iterable[Any]) -> None:
         """Merge state exported by another replica: the result is as if this replica had
@@ -471,6 +554,15 @@ class Store:
         """
         root = self._root
         for key, encoded in exported:
+            if key not in root.entries:
+                built = self._install(encoded, root.r)
+                if built is not None:
+                    entry, value = built
+                    if type(entry) is _Node and self._is_plain(entry):
+                        entry = entry.a
+                    root.entries[key] = entry
+                    self._place(root, key, value)
+                continue
             self._merge_entry(root, key, encoded)
             entry = root.entries[key]
             if type(entry) is _Node:

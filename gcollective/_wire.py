@@ -8,10 +8,14 @@ connections it accepts.
 
 =================  ======================================================================
 HELLO              ``["gcollective", version, node_id, host, port, flags]``
-OP                 ``[1, stamp, op, path, value]`` (``value`` is null for DELETE)
+OP                 ``[1, stamp, op, path, value, seq]``: ``value`` is null for DELETE; ``seq``
+                   numbers the origin's operations 1, 2, 3, ... (the origin is in the stamp)
 SNAPSHOT           ``[2, items]``: a slice of ``Store.export()``
-SNAPSHOT_END       ``[3]``: the sender's whole state has been sent
+SNAPSHOT_END       ``[3, vector]``: the whole state has been sent; ``vector`` is the sender's
+                   version vector ``[[origin, seq], ...]`` at the time of the snapshot
 SNAPSHOT_REQUEST   ``[4]``: please send me your whole state (on the reverse link)
+PROGRESS           ``[5, vector, complete]``: what the sender has applied, sent every
+                   ``sync_interval``; ``complete`` is false while it still waits for a snapshot
 =================  ======================================================================
 """
 
@@ -37,8 +41,11 @@ __all__ = [
     "encode_hello",
     "encode_op",
     "encode_snapshot",
-    "SNAPSHOT_END_FRAME",
     "SNAPSHOT_REQUEST",
+    "PROGRESS",
+    "encode_snapshot_end",
+    "encode_progress",
+    "parse_vector",
     "SNAPSHOT_REQUEST_FRAME",
     "parse_hello",
     "parse_op",
@@ -53,8 +60,11 @@ OP = 1
 SNAPSHOT = 2
 SNAPSHOT_END = 3
 SNAPSHOT_REQUEST = 4
+PROGRESS = 5
 
 _MAX_STAMP = 1 << 128
+_MAX_SEQ = 1 << 63
+_ORIGIN_MASK = (1 << 64) - 1
 _dumps = ujson.dumps
 _loads = ujson.loads
 
@@ -73,9 +83,9 @@ def encode_hello(node_id: int, host: str, port: int, flags: int = 0) -> bytes:
     return (_dumps([MAGIC, PROTOCOL_VERSION, node_id, host, port, flags]) + "\n").encode()
 
 
-def encode_op(stamp: int, op: int, path: tuple[str, ...], value: Any) -> bytes:
+def encode_op(stamp: int, op: int, path: tuple[str, ...], value: Any, seq: int) -> bytes:
     """One operation as one frame; encoded once, the same bytes go to every peer."""
-    return (_dumps([OP, stamp, op, path, value], ensure_ascii=False) + "\n").encode()
+    return (_dumps([OP, stamp, op, path, value, seq], ensure_ascii=False) + "\n").encode()
 
 
 def encode_snapshot(items: list[Any]) -> bytes:
@@ -83,8 +93,17 @@ def encode_snapshot(items: list[Any]) -> bytes:
     return (_dumps([SNAPSHOT, items], ensure_ascii=False) + "\n").encode()
 
 
-SNAPSHOT_END_FRAME = b"[3]\n"
 SNAPSHOT_REQUEST_FRAME = b"[4]\n"
+
+
+def encode_snapshot_end(vector: list[list[int]]) -> bytes:
+    """SNAPSHOT_END with the version vector the snapshot corresponds to."""
+    return (_dumps([SNAPSHOT_END, vector]) + "\n").encode()
+
+
+def encode_progress(vector: list[list[int]], complete: bool) -> bytes:
+    """A PROGRESS frame: the sender's version vector."""
+    return (_dumps([PROGRESS, vector, complete]) + "\n").encode()
 
 
 class FrameDecoder:
@@ -94,11 +113,13 @@ class FrameDecoder:
     unterminated tail) longer than ``max_frame`` bytes is refused before it is buffered further.
     """
 
-    __slots__ = ("max_frame", "_tail")
+    __slots__ = ("max_frame", "_tail", "frames")
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         self._tail = b""
+        #: The raw bytes (without the newline) of the frames the last ``feed`` decoded.
+        self.frames: list[bytes] = []
 
     @property
     def buffered(self) -> int:
@@ -114,9 +135,11 @@ class FrameDecoder:
             if len(data) > self.max_frame:
                 raise ProtocolError(f"frame exceeds {self.max_frame} bytes")
             self._tail = data
+            self.frames = []
             return []
         frames = data.split(b"\n")
         self._tail = rest = frames.pop()
+        self.frames = frames
         if len(data) > self.max_frame:
             if len(rest) > self.max_frame or max(map(len, frames)) > self.max_frame:
                 raise ProtocolError(f"frame exceeds {self.max_frame} bytes")
@@ -144,13 +167,15 @@ def parse_hello(message: Any) -> Hello:
     return Hello(node_id, host, port, flags)
 
 
-def parse_op(message: list[Any]) -> tuple[int, int, list[str], Any]:
-    """Check an OP frame's shape: ``(stamp, op, path, value)`` or ``ProtocolError``."""
-    if len(message) != 5:
+def parse_op(message: list[Any]) -> tuple[int, int, list[str], Any, int]:
+    """Check an OP frame's shape: ``(stamp, op, path, value, seq)`` or ``ProtocolError``."""
+    if len(message) != 6:
         raise ProtocolError("OP frame has the wrong length")
-    _, stamp, op, path, value = message
-    if type(stamp) is not int or not 0 < stamp < _MAX_STAMP:
+    _, stamp, op, path, value, seq = message
+    if type(stamp) is not int or not 0 < stamp < _MAX_STAMP or not stamp & _ORIGIN_MASK:
         raise ProtocolError("OP frame has a bad stamp")
+    if type(seq) is not int or not 0 < seq < _MAX_SEQ:
+        raise ProtocolError("OP frame has a bad sequence number")
     if type(path) is not list or not path or len(path) > MAX_DEPTH:
         raise ProtocolError("OP frame has a bad path")
     for segment in path:
@@ -167,7 +192,24 @@ def parse_op(message: list[Any]) -> tuple[int, int, list[str], Any]:
             raise ProtocolError("DELETE carries a value")
     else:
         raise ProtocolError(f"unknown operation {op!r}")
-    return stamp, op, path, value
+    return stamp, op, path, value, seq
+
+
+def parse_vector(vector: Any) -> list[tuple[int, int]]:
+    """Check a version vector ``[[origin, seq], ...]``."""
+    if type(vector) is not list:
+        raise ProtocolError("version vector is not a list")
+    out = []
+    for pair in vector:
+        if type(pair) is not list or len(pair) != 2:
+            raise ProtocolError("version vector entry is not [origin, seq]")
+        origin, seq = pair
+        if type(origin) is not int or not 0 < origin <= _ORIGIN_MASK:
+            raise ProtocolError("version vector has a bad origin")
+        if type(seq) is not int or not 0 <= seq < _MAX_SEQ:
+            raise ProtocolError("version vector has a bad sequence number")
+        out.append((origin, seq))
+    return out
 
 
 def _check_json(value: Any, depth: int) -> None:

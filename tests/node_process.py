@@ -38,8 +38,13 @@ def count_leaves(tree):
     return sum(count_leaves(v) for v in tree.values())
 
 
+def live_tree(node):
+    """The node's tree without copying it (read-only here): keeps polling cheap."""
+    return node._store.data
+
+
 def summary(node):
-    tree = node.snapshot()
+    tree = live_tree(node)
     canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return {"digest": hashlib.sha256(canonical.encode()).hexdigest(), "leaves": count_leaves(tree)}
 
@@ -80,10 +85,10 @@ def handle(node, request):
     if cmd == "wait_leaves":
         began = time.monotonic()
         deadline = began + request.get("timeout", 30.0)
-        leaves = count_leaves(node.snapshot())
+        leaves = count_leaves(live_tree(node))
         while leaves < request["count"] and time.monotonic() < deadline:
-            gevent.sleep(0.02)
-            leaves = count_leaves(node.snapshot())
+            gevent.sleep(0.05)
+            leaves = count_leaves(live_tree(node))
         return node, {"leaves": leaves, "seconds": time.monotonic() - began}
     if cmd == "stop":
         gcollective.stop(request.get("timeout", 5.0))
@@ -92,6 +97,13 @@ def handle(node, request):
 
 
 def main():
+    level = os.environ.get("GCOLLECTIVE_TEST_LOG")
+    if level:
+        import logging
+
+        logging.basicConfig(
+            level=level, stream=sys.stderr, format=f"%(asctime)s {os.getpid()} %(message)s"
+        )
     stdin = FileObjectPosix(sys.stdin.fileno(), "rb", close=False)
     node = None
     while True:

@@ -21,7 +21,7 @@ STAMP = (1 << 80) | 12345
 
 
 def test_frames_split_across_chunks_and_several_in_one_chunk():
-    frames = b"".join(encode_op(STAMP + i, 0, ("k", str(i)), "é€\n") for i in range(3))
+    frames = b"".join(encode_op(STAMP + i, 0, ("k", str(i)), "é€\n", i + 1) for i in range(3))
     decoder = FrameDecoder(1 << 20)
     out = []
     for i in range(len(frames)):  # one byte at a time
@@ -33,8 +33,8 @@ def test_frames_split_across_chunks_and_several_in_one_chunk():
 
 
 def test_encoded_op_round_trips_with_big_stamps():
-    (message,) = FrameDecoder(1 << 20).feed(encode_op(STAMP, 1, ("a", "b"), 2.5))
-    assert parse_op(message) == (STAMP, 1, ["a", "b"], 2.5)
+    (message,) = FrameDecoder(1 << 20).feed(encode_op(STAMP, 1, ("a", "b"), 2.5, 7))
+    assert parse_op(message) == (STAMP, 1, ["a", "b"], 2.5, 7)
 
 
 def test_oversized_frame_and_oversized_tail_are_refused():
@@ -74,22 +74,26 @@ def test_hello_round_trip_and_bad_hellos():
 @pytest.mark.parametrize(
     "message",
     [
-        [1, STAMP, 0, ["a"]],
-        [1, 0, 0, ["a"], 1],
-        [1, -5, 0, ["a"], 1],
-        [1, 1 << 129, 0, ["a"], 1],
-        [1, "1", 0, ["a"], 1],
-        [1, STAMP, 0, [], 1],
-        [1, STAMP, 0, "a", 1],
-        [1, STAMP, 0, ["a", ""], 1],
-        [1, STAMP, 0, ["a", 1], 1],
-        [1, STAMP, 0, ["a"], float("nan")],
-        [1, STAMP, 0, ["a"], {"x": [float("inf")]}],
-        [1, STAMP, 1, ["a"], "1"],
-        [1, STAMP, 1, ["a"], True],
-        [1, STAMP, 2, ["a"], 1],
-        [1, STAMP, 3, ["a"], 1],
-        [1, STAMP, True, ["a"], 1],
+        [1, STAMP, 0, ["a"], 1],
+        [1, STAMP, 0, ["a"], 1, 0],
+        [1, STAMP, 0, ["a"], 1, -1],
+        [1, STAMP, 0, ["a"], 1, "1"],
+        [1, 1 << 70, 0, ["a"], 1, 1],
+        [1, 0, 0, ["a"], 1, 1],
+        [1, -5, 0, ["a"], 1, 1],
+        [1, 1 << 129, 0, ["a"], 1, 1],
+        [1, "1", 0, ["a"], 1, 1],
+        [1, STAMP, 0, [], 1, 1],
+        [1, STAMP, 0, "a", 1, 1],
+        [1, STAMP, 0, ["a", ""], 1, 1],
+        [1, STAMP, 0, ["a", 1], 1, 1],
+        [1, STAMP, 0, ["a"], float("nan"), 1],
+        [1, STAMP, 0, ["a"], {"x": [float("inf")]}, 1],
+        [1, STAMP, 1, ["a"], "1", 1],
+        [1, STAMP, 1, ["a"], True, 1],
+        [1, STAMP, 2, ["a"], 1, 1],
+        [1, STAMP, 3, ["a"], 1, 1],
+        [1, STAMP, True, ["a"], 1, 1],
     ],
 )
 def test_ops_of_the_wrong_shape_are_refused(message):

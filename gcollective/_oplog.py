@@ -1,0 +1,151 @@
+"""What a node knows it has applied, per origin, and a bounded log of recent operations.
+
+Sans-IO bookkeeping for catch-up:
+
+- Every origin (a node incarnation) numbers its operations 1, 2, 3, ... ``Progress`` keeps, per
+  origin, the highest sequence number up to which everything was applied (the *version
+  vector*), plus the numbers seen beyond a gap, so a repeat is recognised and a gap known.
+- ``OpLog`` keeps the encoded frames of recent operations from every origin, bounded in bytes.
+  When a peer reports its version vector, ``missing`` returns the frames it lacks if the log
+  still covers the gap, or says that only a full snapshot can.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable
+
+__all__ = ["OpLog", "Progress"]
+
+
+class Progress:
+    """Per-origin contiguous high-water marks (a version vector) with gap tracking."""
+
+    __slots__ = ("applied", "_ahead")
+
+    def __init__(self) -> None:
+        self.applied: dict[int, int] = {}
+        self._ahead: dict[int, set[int]] = {}
+
+    def accept(self, origin: int, seq: int) -> bool:
+        """Record ``seq`` of ``origin``; False if it was seen before (a repeat to skip)."""
+        done = self.applied.get(origin, 0)
+        if seq <= done:
+            return False
+        if seq == done + 1:
+            ahead = self._ahead.get(origin)
+            if ahead:
+                while seq + 1 in ahead:
+                    seq += 1
+                    ahead.discard(seq)
+                if not ahead:
+                    del self._ahead[origin]
+            self.applied[origin] = seq
+            return True
+        ahead = self._ahead.setdefault(origin, set())
+        if seq in ahead:
+            return False
+        ahead.add(seq)
+        return True
+
+    def merge(self, vector: Iterable[tuple[int, int]]) -> None:
+        """Everything up to each given seq is now applied (after merging a snapshot)."""
+        for origin, seq in vector:
+            if seq > self.applied.get(origin, 0):
+                self.applied[origin] = seq
+                ahead = self._ahead.get(origin)
+                if ahead:
+                    ahead = {s for s in ahead if s > seq}
+                    while seq + 1 in ahead:
+                        seq += 1
+                        ahead.discard(seq)
+                    self.applied[origin] = seq
+                    if ahead:
+                        self._ahead[origin] = ahead
+                    else:
+                        del self._ahead[origin]
+
+    def vector(self) -> list[list[int]]:
+        """The version vector as JSON-ready ``[[origin, seq], ...]``."""
+        return [[origin, seq] for origin, seq in self.applied.items()]
+
+    def gaps(self) -> int:
+        """How many operations were received beyond a gap (waiting for the gap to fill)."""
+        return sum(len(s) for s in self._ahead.values())
+
+
+class OpLog:
+    """Encoded frames of recent operations from every origin, at most ``max_bytes`` in all.
+
+    Oldest entries go first. ``covered_from[origin]`` is the lowest sequence number from which
+    every later operation that was applied here is still in the log (operations that arrived
+    inside a snapshot never are).
+    """
+
+    __slots__ = ("max_bytes", "bytes", "_frames", "_order", "_floor")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._frames: dict[int, dict[int, bytes]] = {}
+        self._order: deque[tuple[int, int, int]] = deque()
+        self._floor: dict[int, int] = {}  # origin -> highest seq no longer (or never) logged
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def add(self, origin: int, seq: int, frame: bytes) -> None:
+        """Log one operation's frame (newline included)."""
+        frames = self._frames.get(origin)
+        if frames is None:
+            frames = self._frames[origin] = {}
+        frames[seq] = frame
+        size = len(frame)
+        self._order.append((origin, seq, size))
+        self.bytes += size
+        if self.bytes > self.max_bytes:
+            self._trim()
+
+    def _trim(self) -> None:
+        order = self._order
+        floor = self._floor
+        while self.bytes > self.max_bytes and order:
+            origin, seq, size = order.popleft()
+            self.bytes -= size
+            frames = self._frames[origin]
+            frames.pop(seq, None)
+            if not frames:
+                del self._frames[origin]
+            if seq > floor.get(origin, 0):
+                floor[origin] = seq
+
+    def not_logged(self, origin: int, upto: int) -> None:
+        """Operations of ``origin`` up to ``upto`` were applied without being logged."""
+        if upto > self._floor.get(origin, 0):
+            self._floor[origin] = upto
+
+    def missing(
+        self, theirs: dict[int, int], ours: dict[int, int], exclude: int = 0
+    ) -> list[bytes] | None:
+        """Frames a peer lacks, oldest first per origin, or None when the log cannot cover
+        the gap (a full snapshot is needed).
+
+        ``theirs`` is the peer's version vector, ``ours`` the bound of what to send (normally
+        what we had applied a moment ago, so operations still in flight are not resent).
+        Origin ``exclude`` (the peer itself) is skipped: it has all of its own operations.
+        """
+        out: list[bytes] = []
+        floor = self._floor
+        for origin, upto in ours.items():
+            have = theirs.get(origin, 0)
+            if have >= upto or origin == exclude:
+                continue
+            if have < floor.get(origin, 0):
+                return None
+            frames = self._frames.get(origin, {})
+            for seq in range(have + 1, upto + 1):
+                frame = frames.get(seq)
+                if frame is None:
+                    return None
+                out.append(frame)
+        return out

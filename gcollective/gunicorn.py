@@ -1,0 +1,569 @@
+"""A gunicorn gevent worker whose processes share one gcollective tree.
+
+Run an app with ``gunicorn -k gcollective.gunicorn.GeventWorker app:app`` (or
+``-k egg:gcollective#gevent``). Each worker process becomes a member of the collective and
+its module-level default node, so the app just calls ``gcollective.get/set/incr/delete``.
+
+Lifecycle, on top of gunicorn's own gevent worker:
+
+- The node starts in the worker process only, after gunicorn patched the standard library
+  and re-initialised the hub, before the app is loaded and before any request is served.
+  Nothing runs in the master, and nothing at ``--preload`` import time.
+- Each worker claims a *slot*: it listens on the first free address of this server's slot
+  list (``GCOLLECTIVE_BASE_PORT + 0 .. SLOTS - 1``). A worker that dies frees its slot and
+  its replacement takes it again, so peers reconnect to the same address. While old workers
+  of a ``kill -HUP`` still hold every slot, new workers wait for one (heartbeating, so the
+  arbiter does not time them out).
+- On a graceful exit (SIGTERM, max-requests recycling, HUP, TTOU) the worker first finishes
+  its requests, then hands its data on before stopping the node with a flush: it leaves at
+  once when a member on another server, or a higher slot on this one, answers; otherwise it
+  is the last holder here and waits (``GCOLLECTIVE_HANDOFF_TIMEOUT``) until a new worker has
+  taken its state. SIGQUIT / SIGINT (quick shutdown) only flush.
+
+Configuration comes from the environment (``gunicorn -e NAME=value`` or ``raw_env``); see
+``settings_from_env``. A bad value fails the worker's boot with a message naming the
+variable, which stops gunicorn ("Worker failed to boot").
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import gevent
+from gevent import socket as gsocket
+
+import gcollective
+
+from ._validate import format_address, parse_address
+
+try:
+    from gunicorn.workers import ggevent as _ggevent
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "gcollective.gunicorn needs gunicorn: pip install 'gcollective[gunicorn]'"
+    ) from exc
+
+__all__ = [
+    "DEFAULT_BASE_PORT",
+    "DEFAULT_HANDOFF_TIMEOUT",
+    "DEFAULT_HOSTS",
+    "DEFAULT_START_TIMEOUT",
+    "ConfigError",
+    "GeventWorker",
+    "Settings",
+    "parse_count",
+    "parse_hosts",
+    "parse_peers",
+    "parse_port",
+    "parse_seconds",
+    "settings_from_env",
+]
+
+DEFAULT_HOSTS = ("127.0.0.1",)
+DEFAULT_BASE_PORT = 9400
+DEFAULT_START_TIMEOUT = 10.0
+DEFAULT_HANDOFF_TIMEOUT = 5.0
+
+#: Environment variable the worker sets to its slot number, for the app and its logs.
+SLOT_VARIABLE = "GCOLLECTIVE_WORKER_SLOT"
+
+_WILDCARDS = {"0.0.0.0", "::", "*"}
+_PROBE_TIMEOUT = 0.5  # seconds for one "does anyone listen there?" connection
+_HANDOFF_SETTLE = 0.5  # a successor's link must look caught up for this long
+
+
+class ConfigError(ValueError):
+    """A ``GCOLLECTIVE_*`` variable has a bad value; ``variable`` names it."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+# -- configuration: pure functions over the environment ---------------------------------------
+
+
+def parse_hosts(text: str, variable: str = "GCOLLECTIVE_HOSTS") -> list[str]:
+    """Comma-separated host names or addresses (IPv6 may be bracketed), no ports."""
+    hosts: list[str] = []
+    for raw in text.split(","):
+        host = raw.strip()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host:
+            raise ConfigError(variable, f"empty host in {text!r}")
+        if host.count(":") == 1:
+            raise ConfigError(
+                variable,
+                f"{raw.strip()!r} has a port: list hosts only (ports come from "
+                "GCOLLECTIVE_BASE_PORT), or give full addresses in GCOLLECTIVE_PEERS",
+            )
+        if any(ch.isspace() for ch in host) or "/" in host:
+            raise ConfigError(variable, f"{raw.strip()!r} is not a host name or address")
+        if host in hosts:
+            raise ConfigError(variable, f"{host!r} is listed twice")
+        hosts.append(host)
+    return hosts
+
+
+def parse_port(text: str, variable: str) -> int:
+    """A TCP port number, 1-65535."""
+    value = text.strip()
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError(variable, f"{text!r} is not a port number (1-65535)")
+    return int(value)
+
+
+def parse_count(text: str, variable: str) -> int:
+    """A whole number of at least 1."""
+    value = text.strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(variable, f"{text!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def parse_seconds(text: str, variable: str, *, allow_zero: bool = False) -> float:
+    """A finite number of seconds: positive, or also zero when ``allow_zero``."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+        kind = "zero or more" if allow_zero else "more than zero"
+        raise ConfigError(variable, f"{text!r} is not a number of seconds ({kind})")
+    return value
+
+
+def parse_peers(text: str, variable: str = "GCOLLECTIVE_PEERS") -> list[tuple[str, int]]:
+    """Comma-separated ``host:port`` addresses (``[v6]:port`` for IPv6), each once."""
+    peers: list[tuple[str, int]] = []
+    for raw in text.split(","):
+        if not raw.strip():
+            raise ConfigError(variable, f"empty address in {text!r}")
+        try:
+            address = parse_address(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(variable, str(exc)) from None
+        if address in peers:
+            raise ConfigError(variable, f"{raw.strip()!r} is listed twice")
+        peers.append(address)
+    return peers
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a worker needs to join: where it may listen and whom it talks to."""
+
+    #: The host this server's workers bind and advertise.
+    bind: str
+    #: This server's addresses in slot order; a worker listens on the first free one.
+    slots: tuple[tuple[str, int], ...]
+    #: Every member's address on every server (this server's slots included).
+    peers: tuple[tuple[str, int], ...]
+    #: Passed to ``gcollective.start`` as ``secret=`` when set.
+    secret: str | None = None
+    #: Seconds ``gcollective.start`` may wait for a live peer's state.
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    #: Seconds the last holder of the data on this server waits on exit for a successor.
+    handoff_timeout: float = DEFAULT_HANDOFF_TIMEOUT
+
+
+def _is_local_host(host: str) -> bool:
+    """True if this machine can listen on ``host`` (so it is one of its addresses)."""
+    try:
+        infos = gsocket.getaddrinfo(host, 0, 0, gsocket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with gsocket.socket(family, kind, proto) as sock:
+                sock.bind(sockaddr)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _choose_bind(
+    env: Mapping[str, str], hosts: list[str], source: str, is_local: Callable[[str], bool]
+) -> str:
+    bind = env.get("GCOLLECTIVE_BIND", "").strip()
+    if bind:
+        if bind.startswith("[") and bind.endswith("]"):
+            bind = bind[1:-1]
+        if bind in _WILDCARDS:
+            raise ConfigError(
+                "GCOLLECTIVE_BIND",
+                f"{bind!r} is a wildcard; give the address peers reach this server at",
+            )
+        if bind not in hosts:
+            raise ConfigError(
+                "GCOLLECTIVE_BIND", f"{bind!r} is not among the hosts of {source} ({hosts})"
+            )
+        return bind
+    if len(hosts) == 1:
+        return hosts[0]
+    local = [host for host in hosts if is_local(host)]
+    if len(local) == 1:
+        return local[0]
+    if not local:
+        raise ConfigError(
+            "GCOLLECTIVE_BIND",
+            f"not set, and none of the hosts of {source} ({hosts}) is an address of this "
+            "machine; set it to this server's host as spelled there",
+        )
+    raise ConfigError(
+        "GCOLLECTIVE_BIND",
+        f"not set, and several hosts of {source} are addresses of this machine ({local}); "
+        "set it to the one this server uses",
+    )
+
+
+def settings_from_env(
+    env: Mapping[str, str],
+    workers: int,
+    *,
+    is_local: Callable[[str], bool] = _is_local_host,
+) -> Settings:
+    """Read the ``GCOLLECTIVE_*`` variables of ``env`` for a server running ``workers``.
+
+    - ``GCOLLECTIVE_HOSTS``: every server, comma-separated (default ``127.0.0.1``).
+    - ``GCOLLECTIVE_BASE_PORT``: the port of slot 0 (default 9400); slot i is base + i.
+    - ``GCOLLECTIVE_SLOTS``: slots per server (default and minimum: ``workers``). Set it to
+      the most workers any server runs, TTIN included.
+    - ``GCOLLECTIVE_PEERS``: every member's ``host:port`` instead of the three above; this
+      server's slots are the entries whose host is ``GCOLLECTIVE_BIND``, in order.
+    - ``GCOLLECTIVE_BIND``: this server's host as spelled in the list; needed only when
+      several listed hosts are addresses of this machine or none is.
+    - ``GCOLLECTIVE_SECRET``: passed on as ``secret=`` when set.
+    - ``GCOLLECTIVE_START_TIMEOUT`` (default 10) and ``GCOLLECTIVE_HANDOFF_TIMEOUT``
+      (default 5, 0 disables the wait): seconds, see ``Settings``.
+
+    Raises ``ConfigError`` naming the variable at fault.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int of at least 1, not {workers!r}")
+
+    def value(name: str) -> str | None:
+        text = env.get(name)
+        return None if text is None or not text.strip() else text
+
+    peers_text = value("GCOLLECTIVE_PEERS")
+    if peers_text is not None:
+        clashing = [
+            name
+            for name in ("GCOLLECTIVE_HOSTS", "GCOLLECTIVE_BASE_PORT", "GCOLLECTIVE_SLOTS")
+            if value(name) is not None
+        ]
+        if clashing:
+            raise ConfigError(
+                "GCOLLECTIVE_PEERS",
+                f"lists every address itself; do not also set {', '.join(clashing)}",
+            )
+        peers = parse_peers(peers_text)
+        hosts = list(dict.fromkeys(host for host, _ in peers))
+        bind = _choose_bind(env, hosts, "GCOLLECTIVE_PEERS", is_local)
+        slots = [address for address in peers if address[0] == bind]
+        if len(slots) < workers:
+            raise ConfigError(
+                "GCOLLECTIVE_PEERS",
+                f"lists {len(slots)} address(es) for {bind} but gunicorn runs {workers} "
+                "workers here: list one per worker",
+            )
+    else:
+        hosts_text = value("GCOLLECTIVE_HOSTS")
+        hosts = parse_hosts(hosts_text) if hosts_text is not None else list(DEFAULT_HOSTS)
+        base_text = value("GCOLLECTIVE_BASE_PORT")
+        base = (
+            parse_port(base_text, "GCOLLECTIVE_BASE_PORT")
+            if base_text is not None
+            else DEFAULT_BASE_PORT
+        )
+        slots_text = value("GCOLLECTIVE_SLOTS")
+        count = parse_count(slots_text, "GCOLLECTIVE_SLOTS") if slots_text is not None else 0
+        # Never fewer slots than workers: each worker needs one.
+        count = max(count, workers)
+        if base + count - 1 > 65535:
+            raise ConfigError(
+                "GCOLLECTIVE_BASE_PORT",
+                f"{base} + {count} slots runs past port 65535",
+            )
+        bind = _choose_bind(env, hosts, "GCOLLECTIVE_HOSTS", is_local)
+        peers = [(host, base + i) for host in hosts for i in range(count)]
+        slots = [(bind, base + i) for i in range(count)]
+
+    secret = env.get("GCOLLECTIVE_SECRET")
+    if secret is not None and not secret:
+        raise ConfigError("GCOLLECTIVE_SECRET", "is set but empty")
+    start_text = value("GCOLLECTIVE_START_TIMEOUT")
+    handoff_text = value("GCOLLECTIVE_HANDOFF_TIMEOUT")
+    return Settings(
+        bind=bind,
+        slots=tuple(slots),
+        peers=tuple(peers),
+        secret=secret,
+        start_timeout=(
+            parse_seconds(start_text, "GCOLLECTIVE_START_TIMEOUT")
+            if start_text is not None
+            else DEFAULT_START_TIMEOUT
+        ),
+        handoff_timeout=(
+            parse_seconds(handoff_text, "GCOLLECTIVE_HANDOFF_TIMEOUT", allow_zero=True)
+            if handoff_text is not None
+            else DEFAULT_HANDOFF_TIMEOUT
+        ),
+    )
+
+
+def _accepts_secret() -> bool:
+    from ._node import Collective
+
+    parameters = inspect.signature(Collective.__init__).parameters
+    return "secret" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+# -- handoff helpers ---------------------------------------------------------------------------
+
+
+def _answers(address: tuple[str, int]) -> bool:
+    """True if something listens at ``address`` (a member that has not left)."""
+    try:
+        sock = gsocket.create_connection(address, timeout=_PROBE_TIMEOUT)
+    except OSError:
+        return False
+    sock.close()
+    return True
+
+
+def _any_answers(addresses: list[tuple[str, int]]) -> bool:
+    if not addresses:
+        return False
+    probes = [gevent.spawn(_answers, address) for address in addresses]
+    gevent.joinall(probes, timeout=_PROBE_TIMEOUT + 0.5)
+    gevent.killall(probes, block=False)
+    return any(probe.successful() and probe.value for probe in probes)
+
+
+def _link_marks(node: Any) -> dict[tuple[str, int], tuple[Any, ...]]:
+    """Which connection each of the node's links is on, to spot a new one later.
+
+    This reads the node's private link table: the core has no public per-peer view yet.
+    Whatever it lacks reads as "unknown", which only makes the handoff wait its timeout.
+    """
+    links = getattr(node, "_links", None)
+    if not isinstance(links, dict):
+        return {}
+    return {address: _mark(link) for address, link in list(links.items())}
+
+
+def _mark(link: Any) -> tuple[Any, ...]:
+    return (
+        getattr(link, "state", None) == "connected",
+        getattr(link, "peer_id", None),
+        getattr(link, "connects", None),
+        getattr(link, "reconnects", None),
+    )
+
+
+def _successors(node: Any, baseline: dict[tuple[str, int], tuple[Any, ...]]) -> list[Any]:
+    """Links that connected anew since ``baseline`` and have sent everything queued."""
+    links = getattr(node, "_links", None)
+    if not isinstance(links, dict):
+        return []
+    found = []
+    for address, link in list(links.items()):
+        mark = _mark(link)
+        if not mark[0] or baseline.get(address) == mark:
+            continue
+        if getattr(link, "pending", True) or getattr(link, "needs_resync", False):
+            continue
+        if getattr(link, "snapshot_due", False):
+            continue
+        found.append(link)
+    return found
+
+
+# -- the worker --------------------------------------------------------------------------------
+
+
+class GeventWorker(_ggevent.GeventWorker):
+    """gunicorn's gevent worker, plus a gcollective member per worker process.
+
+    After boot, ``gcollective_slot`` is this worker's slot number, ``gcollective_node`` its
+    node (also ``gcollective.default_node()``), and ``GCOLLECTIVE_WORKER_SLOT`` in
+    ``os.environ`` holds the slot for the app.
+    """
+
+    gcollective_settings: Settings | None = None
+    gcollective_slot: int | None = None
+    gcollective_node: Any = None
+
+    def init_process(self) -> None:
+        """Read the configuration (a bad value fails the boot), then run gunicorn's gevent
+        worker; the node stops when the worker leaves, however it leaves."""
+        env = dict(os.environ)
+        env.update(self.cfg.env or {})
+        self.gcollective_settings = settings_from_env(env, self.cfg.workers)
+        self._gcollective_quick = False
+        try:
+            # Patches, re-initialises the hub, installs signals, then load_wsgi(), then run().
+            super().init_process()
+        finally:
+            self._gcollective_leave()
+
+    def load_wsgi(self) -> None:
+        """Join the collective, then load the app: the app may use gcollective at import."""
+        self._gcollective_join()
+        super().load_wsgi()
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        """SIGQUIT / SIGINT: a quick exit; flush, but do not wait for a successor."""
+        self._gcollective_quick = True
+        super().handle_quit(sig, frame)
+
+    # -- joining -------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        # The arbiter kills a worker that stays silent for `timeout` seconds; joining and
+        # handing off can take a while, so keep telling it we are alive.
+        while True:
+            self.notify()
+            gevent.sleep(1.0)
+
+    def _gcollective_join(self) -> None:
+        settings = self.gcollective_settings
+        assert settings is not None
+        options: dict[str, Any] = {}
+        if settings.secret is not None:
+            if not _accepts_secret():
+                raise ConfigError(
+                    "GCOLLECTIVE_SECRET",
+                    "is set, but this gcollective has no secret option yet; upgrade "
+                    "gcollective or unset it",
+                )
+            options["secret"] = settings.secret
+        beat = gevent.spawn(self._heartbeat)
+        try:
+            slot, node = self._claim(settings, options)
+        finally:
+            beat.kill()
+        self.gcollective_slot = slot
+        self.gcollective_node = node
+        os.environ[SLOT_VARIABLE] = str(slot)
+        self.log.info(
+            "gcollective: worker %s has slot %d (%s), %s",
+            self.pid,
+            slot,
+            format_address(node.local),
+            "state merged from a peer" if node.synced else "no peer state yet",
+        )
+
+    def _claim(self, settings: Settings, options: dict[str, Any]) -> tuple[int, Any]:
+        """Start the node on the first free slot; wait while every slot is taken.
+
+        Binding is the claim: two workers racing for a slot cannot both get it. Old workers
+        of a HUP keep their slots until they have finished their requests, which takes at
+        most ``graceful_timeout``.
+        """
+        deadline = time.monotonic() + self.cfg.graceful_timeout + 10.0
+        waiting_logged = False
+        while True:
+            for slot, address in enumerate(settings.slots):
+                try:
+                    node = gcollective.start(
+                        address, settings.peers, timeout=settings.start_timeout, **options
+                    )
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        continue
+                    variable = (
+                        "GCOLLECTIVE_BASE_PORT" if exc.errno == errno.EACCES else "GCOLLECTIVE_BIND"
+                    )
+                    raise ConfigError(
+                        variable, f"cannot listen on {format_address(address)}: {exc}"
+                    ) from exc
+                return slot, node
+            if not self.alive:
+                # Told to exit while still waiting (a second HUP, a shutdown): just go.
+                raise SystemExit(0)
+            if time.monotonic() > deadline:
+                self.log.error(
+                    "gcollective: every slot of this server (%s) stayed taken; set "
+                    "GCOLLECTIVE_SLOTS to the most workers this server runs",
+                    ", ".join(format_address(a) for a in settings.slots),
+                )
+                # Not a boot error (that would halt gunicorn): the arbiter retries later.
+                raise SystemExit(1)
+            if not waiting_logged:
+                waiting_logged = True
+                self.log.info(
+                    "gcollective: worker %s waits for a free slot (old workers still exiting)",
+                    self.pid,
+                )
+            gevent.sleep(random.uniform(0.03, 0.1))
+
+    # -- leaving -------------------------------------------------------------------------
+
+    def _gcollective_leave(self) -> None:
+        node = self.gcollective_node
+        if node is None or not node.running:
+            return
+        settings = self.gcollective_settings
+        assert settings is not None
+        stop_timeout = max(1.0, min(5.0, float(self.cfg.graceful_timeout)))
+        try:
+            if not self._gcollective_quick and settings.handoff_timeout > 0:
+                beat = gevent.spawn(self._heartbeat)
+                try:
+                    self._handoff(node, settings)
+                finally:
+                    beat.kill()
+        finally:
+            gcollective.stop(stop_timeout)
+            self.log.info("gcollective: worker %s left slot %s", self.pid, self.gcollective_slot)
+
+    def _handoff(self, node: Any, settings: Settings) -> None:
+        """Return once stopping this node loses nothing, or after ``handoff_timeout``.
+
+        Members that stay hold everything this one sent them (``stop()`` flushes). When all
+        of this server's workers leave at once (HUP, shutdown), they rank by slot: each
+        leaves as soon as a higher slot answers, and the highest one, the last holder here,
+        waits for a new worker to connect and take its state. A member on another server
+        that answers holds the data too.
+        """
+        deadline = time.monotonic() + settings.handoff_timeout
+        slots = list(settings.slots)
+        mine = slots.index(node.local) if node.local in slots else len(slots)
+        higher = slots[mine + 1 :]
+        others = [address for address in settings.peers if address[0] != settings.bind]
+        baseline = _link_marks(node)
+        caught_up_since: float | None = None
+        while True:
+            if _any_answers(higher + others):
+                return
+            now = time.monotonic()
+            if _successors(node, baseline):
+                if caught_up_since is None:
+                    caught_up_since = now
+                elif now - caught_up_since >= _HANDOFF_SETTLE:
+                    self.log.info("gcollective: worker %s handed its state on", self.pid)
+                    return
+            else:
+                caught_up_since = None
+            if now >= deadline:
+                self.log.warning(
+                    "gcollective: worker %s saw no successor within %.1fs "
+                    "(GCOLLECTIVE_HANDOFF_TIMEOUT); leaving anyway",
+                    self.pid,
+                    settings.handoff_timeout,
+                )
+                return
+            gevent.sleep(0.1)
