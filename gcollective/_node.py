@@ -231,7 +231,7 @@ class _PeerLink:
             flags |= WANTS_SNAPSHOT
             node._snapshot_link = self
             self.requested_snapshot = True
-        hello = encode_hello(node.node_id, node.local[0], node.local[1], flags)
+        hello = encode_hello(node.node_id, node.advertise[0], node.advertise[1], flags)
         self.connects += 1
         self.state = "connected"
         self.attempted = True
@@ -290,6 +290,8 @@ class Collective:
         handshake_timeout: seconds an incoming connection has to send HELLO (5).
         idle_timeout: seconds an incoming connection may stay silent after HELLO (60).
         max_connections: incoming connections served at once (1024).
+        advertise: the address announced to peers, when they reach this node at another
+            address than ``local`` (a proxy, NAT or container port); default ``local``.
     """
 
     def __init__(
@@ -308,13 +310,15 @@ class Collective:
         handshake_timeout: float = 5.0,
         idle_timeout: float = 60.0,
         max_connections: int = 1024,
+        advertise: Any = None,
     ) -> None:
         self.local = parse_address(local)
+        self.advertise = self.local if advertise is None else parse_address(advertise)
         seen: set[tuple[str, int]] = set()
         self.peers: list[tuple[str, int]] = []
         for peer in peers:
             address = parse_address(peer)
-            if address != self.local and address not in seen:
+            if address not in (self.local, self.advertise) and address not in seen:
                 seen.add(address)
                 self.peers.append(address)
         for name, number in (
@@ -472,6 +476,46 @@ class Collective:
             link.start()
         return link
 
+    # -- observing ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """A cheap, JSON-serialisable picture of this node and each of its peers."""
+        now = time.time()
+        peers = {}
+        for link in self._links.values():
+            peers[link.name] = {
+                "state": link.state,
+                "peer_id": None if link.peer_id is None else f"{link.peer_id:x}",
+                "queued_bytes": link.pending_bytes,
+                "queued_frames": len(link.pending),
+                "sent_frames": link.sent_frames,
+                "sent_bytes": link.sent_bytes,
+                "connects": link.connects,
+                "overflows": link.overflows,
+                "snapshots_sent": link.snapshots_sent,
+                "relayed_frames": link.relayed_frames,
+                "last_error": link.last_error,
+                "last_error_at": link.last_error_at,
+            }
+        return {
+            "node_id": f"{self.node_id:x}",
+            "address": format_address(self.local),
+            "advertise": format_address(self.advertise),
+            "running": self.running,
+            "synced": self.synced,
+            "uptime": 0.0 if self.started_at is None else now - self.started_at,
+            "top_level_keys": len(self._store.data),
+            "local_ops": self._seq,
+            "received_frames": self.received_frames,
+            "applied_ops": self.applied_ops,
+            "refused_connections": self.refused_connections,
+            "origins": len(self._progress.applied),
+            "gaps": self._progress.gaps(),
+            "log_ops": len(self._log),
+            "log_bytes": self._log.bytes,
+            "peers": peers,
+        }
+
     # -- the data API ----------------------------------------------------------------------
 
     def get(self, key: Key, default: Any = None) -> Any:
@@ -589,6 +633,8 @@ class Collective:
             sock.settimeout(remaining)
             data = sock.recv(4096)
             if not data:
+                if decoder.buffered:
+                    raise ProtocolError("closed before completing HELLO")
                 return
             messages = decoder.feed(data)
         hello = parse_hello(messages[0])
@@ -622,6 +668,10 @@ class Collective:
         while True:
             data = recv(_RECV_SIZE)
             if not data:
+                if decoder.buffered:
+                    raise ProtocolError(
+                        f"closed in the middle of a frame ({decoder.buffered} bytes)"
+                    )
                 return
             messages = feed(data)
             sent_bound = self._dispatch(messages, decoder.frames, link, hello.node_id, sent_bound)

@@ -6,9 +6,11 @@ stdout. The process is a monkey-patched gevent app, like the ones gcollective se
 Commands (``{"cmd": ..., ...}``):
   start {local, peers, options}    start the node           -> {"synced": bool}
   set/incr/delete/get {key, ...}   the data API             -> {"value": ...}
-  write_keys {prefix, count, start} SET prefix.<i>.v = i for i in range, without yielding
+  write_keys {prefix, count, start, yield_every} SET prefix.<i>.v = i for i in range, without
+                                   yielding (or yielding every yield_every operations)
   incr_many {key, count}           INCREMENT key by 1, count times, without yielding
   summary                          -> {"digest": sha256 of canonical JSON, "leaves": int}
+  stats                            -> node.stats()
   snapshot                         -> {"value": whole tree}
   wait_leaves {count, timeout}     wait until at least count leaves -> {"leaves", "seconds"}
   stop {timeout}                   flush and stop, then exit
@@ -71,8 +73,11 @@ def handle(node, request):
         return node, {"value": node.get(request["key"])}
     if cmd == "write_keys":
         prefix, begin = request["prefix"], request.get("start", 0)
+        every = request.get("yield_every", 0)  # like an app serving requests in between
         for i in range(begin, begin + request["count"]):
             node.set(f"{prefix}.{i}.v", i)
+            if every and i % every == 0:
+                gevent.sleep(0)
         return node, {}
     if cmd == "incr_many":
         for _ in range(request["count"]):
@@ -80,6 +85,8 @@ def handle(node, request):
         return node, {}
     if cmd == "summary":
         return node, summary(node)
+    if cmd == "stats":
+        return node, node.stats()
     if cmd == "snapshot":
         return node, {"value": node.snapshot()}
     if cmd == "wait_leaves":
