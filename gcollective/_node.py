@@ -631,7 +631,10 @@ class Collective:
             if remaining <= 0:
                 raise ProtocolError("no HELLO within the handshake timeout")
             sock.settimeout(remaining)
-            data = sock.recv(4096)
+            try:
+                data = sock.recv(4096)
+            except gsocket.timeout:
+                raise ProtocolError("no HELLO within the handshake timeout") from None
             if not data:
                 if decoder.buffered:
                     raise ProtocolError("closed before completing HELLO")
@@ -666,7 +669,10 @@ class Collective:
         recv = sock.recv
         feed = decoder.feed
         while True:
-            data = recv(_RECV_SIZE)
+            try:
+                data = recv(_RECV_SIZE)
+            except gsocket.timeout:
+                raise ProtocolError(f"silent for {self.idle_timeout:g}s") from None
             if not data:
                 if decoder.buffered:
                     raise ProtocolError(
