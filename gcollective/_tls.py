@@ -1,0 +1,157 @@
+"""Mutual TLS for gcollective connections, through gevent's cooperative ssl.
+
+Imported only when TLS options are given: ``import gcollective`` does not load this module.
+
+Both ends present a certificate and verify the other's against ``cafile``: the accepting side
+requires a client certificate, the dialing side checks the acceptor's. Every certificate the
+CA signs is a member, so ``cafile`` should hold a CA dedicated to the collective (not a public
+or company-wide one). Host names are not checked by default, because members are commonly
+addressed by IP and membership is what the CA vouches for; ``check_hostname=True`` makes a
+dialer also require that the acceptor's certificate names the address it dialed.
+
+With TLS 1.3 a client learns that the server rejected its certificate only when it next
+reads: ``connect_tls`` returns, and the refusal surfaces as an ``ssl.SSLError`` (an
+``OSError``) on the first ``recv`` (with a secret, the read of AUTH2; ``explain_tls_error``
+words it), or as a reset on a later send. The acceptor's ``accept_tls`` always reports it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from gevent import ssl as gssl
+
+from ._auth import AuthenticationError
+
+__all__ = [
+    "server_context",
+    "client_context",
+    "accept_tls",
+    "connect_tls",
+    "describe_peer",
+    "explain_tls_error",
+]
+
+SSLError = gssl.SSLError
+
+
+def _check_file(option: str, path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{option} must be a path, not {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{option} {path!r} does not exist or is not a file")
+    return path
+
+
+def _configure(context: Any, certfile: Any, keyfile: Any, cafile: Any) -> None:
+    certfile = _check_file("certfile", certfile)
+    keyfile = None if keyfile is None else _check_file("keyfile", keyfile)
+    cafile = _check_file("cafile", cafile)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (SSLError, OSError) as exc:
+        # The ssl module's own message ("[SSL] PEM lib") names neither file nor cause.
+        raise ValueError(
+            f"cannot load the certificate {certfile!r} with the key "
+            f"{keyfile or certfile!r} (not PEM, or they do not match): {exc}"
+        ) from None
+    try:
+        context.load_verify_locations(cafile=cafile)
+    except (SSLError, OSError) as exc:
+        raise ValueError(f"cannot load CA certificates from {cafile!r}: {exc}") from None
+    context.verify_mode = gssl.CERT_REQUIRED
+    context.minimum_version = gssl.TLSVersion.TLSv1_2
+
+
+def server_context(*, certfile: Any, cafile: Any, keyfile: Any = None) -> Any:
+    """An ``ssl.SSLContext`` (gevent's) for accepted connections: presents ``certfile`` (with
+    ``keyfile``, or the key inside ``certfile``) and requires a client certificate signed by
+    a CA in ``cafile``. Raises ``ValueError`` naming the file that is missing or unusable."""
+    context = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
+    _configure(context, certfile, keyfile, cafile)
+    return context
+
+
+def client_context(
+    *, certfile: Any, cafile: Any, keyfile: Any = None, check_hostname: bool = False
+) -> Any:
+    """An ``ssl.SSLContext`` (gevent's) for dialed connections: presents ``certfile`` and
+    requires the acceptor's certificate to be signed by a CA in ``cafile`` (and, with
+    ``check_hostname``, to name the dialed host)."""
+    context = gssl.SSLContext(gssl.PROTOCOL_TLS_CLIENT)
+    _configure(context, certfile, keyfile, cafile)
+    context.check_hostname = bool(check_hostname)
+    return context
+
+
+def explain_tls_error(exc: BaseException) -> str:
+    """A log-friendly reason for an ``ssl.SSLError``: which side rejected what. Also useful
+    for errors a dialer meets on its first read (see the module docstring on TLS 1.3)."""
+    verify = getattr(exc, "verify_message", None)
+    reason = getattr(exc, "reason", None)
+    if verify:
+        hint = " (not signed by a CA in cafile)" if "issuer" in verify else ""
+        return f"peer certificate rejected: {verify}{hint}"
+    if reason:
+        text = str(reason).lower().replace("_", " ")
+        if "alert" in text:
+            return f"peer rejected our certificate or TLS settings ({text})"
+        return text
+    return str(exc) or type(exc).__name__
+
+
+def _handshake(tls: Any) -> Any:
+    try:
+        tls.do_handshake()
+    except SSLError as exc:
+        tls.close()
+        raise AuthenticationError(
+            f"TLS handshake failed: {explain_tls_error(exc)}", "tls"
+        ) from None
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+def accept_tls(sock: Any, context: Any, timeout: float) -> Any:
+    """Run the server side of the TLS handshake on an accepted gevent socket, within
+    ``timeout`` seconds; returns the TLS socket (use it instead of ``sock`` from then on).
+
+    A peer without a certificate, or with one the CA did not sign, raises
+    ``AuthenticationError`` (reason ``tls``); a timeout raises ``socket.timeout``. Either way
+    the connection is closed.
+    """
+    sock.settimeout(timeout)
+    tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    return _handshake(tls)
+
+
+def connect_tls(sock: Any, context: Any, server_hostname: str, timeout: float) -> Any:
+    """Run the client side of the TLS handshake on a dialed gevent socket, within
+    ``timeout`` seconds; returns the TLS socket. ``server_hostname`` is the dialed host (sent
+    as SNI when it is a name, and checked if the context has ``check_hostname``).
+
+    An acceptor whose certificate does not verify raises ``AuthenticationError`` (reason
+    ``tls``); the connection is then closed.
+    """
+    sock.settimeout(timeout)
+    tls = context.wrap_socket(
+        sock, server_side=False, do_handshake_on_connect=False, server_hostname=server_hostname
+    )
+    return _handshake(tls)
+
+
+def describe_peer(tls: Any) -> str:
+    """The verified peer certificate's subject and alternative names, for log lines."""
+    cert = tls.getpeercert() or {}
+    parts = []
+    for rdn in cert.get("subject", ()):
+        for name, value in rdn:
+            if name in ("commonName", "organizationName", "organizationalUnitName"):
+                parts.append(f"{name}={value}")
+    for kind, value in cert.get("subjectAltName", ()):
+        parts.append(f"{kind}:{value}")
+    return ", ".join(parts) or "no certificate"
