@@ -75,7 +75,8 @@ SLOT_VARIABLE = "GCOLLECTIVE_WORKER_SLOT"
 
 _WILDCARDS = {"0.0.0.0", "::", "*"}
 _PROBE_TIMEOUT = 0.5  # seconds for one "does anyone listen there?" connection
-_HANDOFF_SETTLE = 0.5  # a successor's link must look caught up for this long
+_REJOINS = 2  # times a worker joins again when connected peers sent it no state
+_HANDOFF_SETTLE = 0.3  # seconds a successor must have been seen before it counts
 
 
 class ConfigError(ValueError):
@@ -352,43 +353,61 @@ def _any_answers(addresses: list[tuple[str, int]]) -> bool:
     return any(probe.successful() and probe.value for probe in probes)
 
 
-def _link_marks(node: Any) -> dict[tuple[str, int], tuple[Any, ...]]:
-    """Which connection each of the node's links is on, to spot a new one later.
-
-    This reads the node's private link table: the core has no public per-peer view yet.
-    Whatever it lacks reads as "unknown", which only makes the handoff wait its timeout.
-    """
-    links = getattr(node, "_links", None)
-    if not isinstance(links, dict):
+def _peer_views(node: Any) -> dict[str, dict[str, Any]]:
+    """Per-peer state from ``node.stats()`` (empty if this core has no ``stats()``)."""
+    stats = getattr(node, "stats", None)
+    if stats is None:
         return {}
-    return {address: _mark(link) for address, link in list(links.items())}
+    try:
+        peers = stats().get("peers", {})
+    except Exception:  # a view for a wait with a timeout: never worth failing the exit
+        return {}
+    return peers if isinstance(peers, dict) else {}
 
 
-def _mark(link: Any) -> tuple[Any, ...]:
-    return (
-        getattr(link, "state", None) == "connected",
-        getattr(link, "peer_id", None),
-        getattr(link, "connects", None),
-        getattr(link, "reconnects", None),
-    )
+def _connected_peers(node: Any) -> list[str]:
+    return [name for name, view in _peer_views(node).items() if view.get("state") == "connected"]
 
 
-def _successors(node: Any, baseline: dict[tuple[str, int], tuple[Any, ...]]) -> list[Any]:
-    """Links that connected anew since ``baseline`` and have sent everything queued."""
-    links = getattr(node, "_links", None)
-    if not isinstance(links, dict):
-        return []
-    found = []
-    for address, link in list(links.items()):
-        mark = _mark(link)
-        if not mark[0] or baseline.get(address) == mark:
-            continue
-        if getattr(link, "pending", True) or getattr(link, "needs_resync", False):
-            continue
-        if getattr(link, "snapshot_due", False):
-            continue
-        found.append(link)
-    return found
+def _incarnation(view: dict[str, Any]) -> tuple[Any, Any]:
+    # A new process at an address has a new node id; a new connection bumps `connects`.
+    return view.get("peer_id"), view.get("connects")
+
+
+def _given(view: dict[str, Any]) -> int:
+    return int(view.get("relayed_frames") or 0) + int(view.get("snapshots_sent") or 0)
+
+
+class _SuccessorWatch:
+    """Tells when a member that connected after ``start`` has caught up with this node.
+
+    A successor counts once it is connected, nothing is queued for it, and either this node
+    sent it operations or a snapshot since it appeared, or long enough passed (a few version
+    vector reports) for it to have asked for anything it lacked.
+    """
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        views = _peer_views(node)
+        self.baseline = {name: _incarnation(view) for name, view in views.items()}
+        self.given = {name: _given(view) for name, view in views.items()}
+        self.first_seen: dict[str, float] = {}
+        interval = getattr(node, "sync_interval", 1.0)
+        self.quiet = 2.5 * (interval if isinstance(interval, (int, float)) else 1.0)
+
+    def caught_up(self) -> bool:
+        now = time.monotonic()
+        for name, view in _peer_views(self.node).items():
+            if view.get("peer_id") is None or _incarnation(view) == self.baseline.get(name):
+                continue
+            seen_at = self.first_seen.setdefault(name, now)
+            if view.get("state") != "connected" or view.get("queued_frames"):
+                continue
+            if _given(view) > self.given.get(name, 0) and now - seen_at >= _HANDOFF_SETTLE:
+                return True
+            if now - seen_at >= self.quiet:
+                return True
+        return False
 
 
 # -- the worker --------------------------------------------------------------------------------
@@ -407,11 +426,8 @@ class GeventWorker(_ggevent.GeventWorker):
     gcollective_node: Any = None
 
     def init_process(self) -> None:
-        """Read the configuration (a bad value fails the boot), then run gunicorn's gevent
-        worker; the node stops when the worker leaves, however it leaves."""
-        env = dict(os.environ)
-        env.update(self.cfg.env or {})
-        self.gcollective_settings = settings_from_env(env, self.cfg.workers)
+        """Run gunicorn's gevent worker; the node stops when the worker leaves, however it
+        leaves (its run loop ends, or SystemExit from a signal or a parent change)."""
         self._gcollective_quick = False
         try:
             # Patches, re-initialises the hub, installs signals, then load_wsgi(), then run().
@@ -420,7 +436,12 @@ class GeventWorker(_ggevent.GeventWorker):
             self._gcollective_leave()
 
     def load_wsgi(self) -> None:
-        """Join the collective, then load the app: the app may use gcollective at import."""
+        """Read the configuration and join the collective, then load the app (which may use
+        gcollective at import). A bad value raises here, before the worker counts as
+        booted, so gunicorn stops with "Worker failed to boot"."""
+        env = dict(os.environ)
+        env.update(self.cfg.env or {})
+        self.gcollective_settings = settings_from_env(env, self.cfg.workers)
         self._gcollective_join()
         super().load_wsgi()
 
@@ -453,6 +474,20 @@ class GeventWorker(_ggevent.GeventWorker):
         beat = gevent.spawn(self._heartbeat)
         try:
             slot, node = self._claim(settings, options)
+            for _ in range(_REJOINS):
+                if node.synced or not _connected_peers(node):
+                    break
+                # Peers answered but their state never came: a snapshot can be lost on a
+                # connection a peer still held to this slot's previous worker. Joining again
+                # as a new incarnation makes every peer start a fresh connection.
+                self.log.warning(
+                    "gcollective: worker %s got no state from its connected peers within "
+                    "%.1fs; joining again",
+                    self.pid,
+                    settings.start_timeout,
+                )
+                gcollective.stop(1.0)
+                slot, node = self._claim(settings, options)
         finally:
             beat.kill()
         self.gcollective_slot = slot
@@ -514,10 +549,14 @@ class GeventWorker(_ggevent.GeventWorker):
 
     def _gcollective_leave(self) -> None:
         node = self.gcollective_node
-        if node is None or not node.running:
-            return
+        if node is None:  # interrupted between starting it and recording it
+            try:
+                node = gcollective.default_node()
+            except gcollective.NotStartedError:
+                return
         settings = self.gcollective_settings
-        assert settings is not None
+        if settings is None or not node.running:
+            return
         stop_timeout = max(1.0, min(5.0, float(self.cfg.graceful_timeout)))
         try:
             if not self._gcollective_quick and settings.handoff_timeout > 0:
@@ -544,24 +583,19 @@ class GeventWorker(_ggevent.GeventWorker):
         mine = slots.index(node.local) if node.local in slots else len(slots)
         higher = slots[mine + 1 :]
         others = [address for address in settings.peers if address[0] != settings.bind]
-        baseline = _link_marks(node)
-        caught_up_since: float | None = None
+        watch = _SuccessorWatch(node)
         while True:
             if _any_answers(higher + others):
                 return
+            if watch.caught_up():
+                self.log.info("gcollective: worker %s handed its state on", self.pid)
+                return
             now = time.monotonic()
-            if _successors(node, baseline):
-                if caught_up_since is None:
-                    caught_up_since = now
-                elif now - caught_up_since >= _HANDOFF_SETTLE:
-                    self.log.info("gcollective: worker %s handed its state on", self.pid)
-                    return
-            else:
-                caught_up_since = None
             if now >= deadline:
+                # Expected when gunicorn shuts down; after a HUP, data may be lost.
                 self.log.warning(
-                    "gcollective: worker %s saw no successor within %.1fs "
-                    "(GCOLLECTIVE_HANDOFF_TIMEOUT); leaving anyway",
+                    "gcollective: worker %s is the last here holding the data and no new "
+                    "worker took it over within %.1fs (GCOLLECTIVE_HANDOFF_TIMEOUT); leaving",
                     self.pid,
                     settings.handoff_timeout,
                 )
