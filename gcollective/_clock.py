@@ -59,6 +59,16 @@ class HybridClock:
         self._last = hlc
         return (hlc << NODE_BITS) | self.node_id
 
+    def promise(self) -> int:
+        """A stamp that every later stamp of this clock will exceed: now, or the last stamp
+        issued or observed if that is later. (The clock moves up to it, so the promise holds
+        even if the wall clock steps back.)"""
+        hlc = int(self._now() * 1000) << _LOGICAL_BITS
+        if hlc < self._last:
+            hlc = self._last
+        self._last = hlc
+        return (hlc << NODE_BITS) | self.node_id
+
     def observe(self, stamp: int) -> None:
         """Move past a received stamp, so later local stamps order after it."""
         hlc = stamp >> NODE_BITS

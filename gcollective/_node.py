@@ -61,6 +61,7 @@ from ._wire import (
     encode_snapshot_end,
     parse_hello,
     parse_op,
+    parse_progress,
     parse_vector,
 )
 
@@ -104,12 +105,19 @@ class _PeerLink:
         self.attempted = False  # one connection attempt finished (either way)
         self.requested_snapshot = False
         self.peer_id: int | None = None  # from the peer's HELLO on its link to us
-        # After a snapshot was queued for the peer: its version vector, until the peer
-        # reports having merged it (no second snapshot meanwhile).
+        # From the peer's latest PROGRESS (see Collective._gc_frontier).
+        self.peer_vector: dict[int, int] = {}
+        self.peer_promise: int | None = None
+        self.peer_frontier = 0
+        self.peer_own_seq = 0
+        self.last_heard = time.monotonic()
+        self.down = False
+        # After a snapshot was queued for the peer: its version vector. The snapshot is owed
+        # (and sent again on every new connection) until the peer's PROGRESS shows it has
+        # merged it: a sendall that succeeded proves nothing if the connection then broke.
         self.snapshot_vector: dict[int, int] | None = None
-        # A snapshot is owed to the peer until it was sent in full on some connection.
         self.snapshot_due = False
-        self.snapshot_queued = False
+        self.snapshot_queued = False  # it is in ``pending``, not yet handed to the kernel
         self.greenlet: gevent.Greenlet | None = None
         self._sock: Any = None
         self.sent_frames = 0
@@ -157,6 +165,7 @@ class _PeerLink:
         Snapshot bytes do not count against ``max_queue_bytes``: they replace the queue.
         """
         frames, vector = self.node._snapshot_frames()
+        log.info("peer %s: sending a snapshot (%d bytes)", self.name, sum(len(f) for f in frames))
         self.pending = frames
         self.pending_bytes = 0
         self.snapshot_vector = vector
@@ -211,9 +220,6 @@ class _PeerLink:
         self.last_error = reason
         self.last_error_at = time.time()
         self.attempted = True
-        # A snapshot queued or in flight may be lost: the next report of the peer's
-        # version vector decides afresh.
-        self.snapshot_vector = None
         if self.requested_snapshot:
             self.requested_snapshot = False
             node._snapshot_link = None
@@ -231,6 +237,7 @@ class _PeerLink:
             flags |= WANTS_SNAPSHOT
             node._snapshot_link = self
             self.requested_snapshot = True
+            log.info("peer %s: asking it for a snapshot", self.name)
         hello = encode_hello(node.node_id, node.advertise[0], node.advertise[1], flags)
         self.connects += 1
         self.state = "connected"
@@ -256,11 +263,9 @@ class _PeerLink:
             batch = self.pending
             self.pending = []
             self.pending_bytes = 0
-            sending_snapshot, self.snapshot_queued = self.snapshot_queued, False
+            self.snapshot_queued = False
             data = b"".join(batch)
             sock.sendall(data)
-            if sending_snapshot:
-                self.snapshot_due = False
             self.sent_frames += len(batch)
             self.sent_bytes += len(data)
 
@@ -287,6 +292,11 @@ class Collective:
         log_bytes: bytes of recent operations kept to catch peers up (64 MiB); a peer that
             missed more than the log holds gets a full snapshot instead.
         sync_interval: seconds between version-vector reports to each peer (1).
+        down_timeout: seconds of silence after which a peer is declared down (600). Until
+            then, tombstones and old increments are kept in case it comes back with writes
+            nobody has seen; after it, they are forgotten, and that incarnation of the peer
+            is refused if it comes back (restart it empty: its unsent writes are dropped).
+        clock_skew: the most that members' wall clocks may disagree, in seconds (10).
         handshake_timeout: seconds an incoming connection has to send HELLO (5).
         idle_timeout: seconds an incoming connection may stay silent after HELLO (60).
         max_connections: incoming connections served at once (1024).
@@ -311,6 +321,8 @@ class Collective:
         idle_timeout: float = 60.0,
         max_connections: int = 1024,
         advertise: Any = None,
+        down_timeout: float = 600.0,
+        clock_skew: float = 10.0,
     ) -> None:
         self.local = parse_address(local)
         self.advertise = self.local if advertise is None else parse_address(advertise)
@@ -329,6 +341,8 @@ class Collective:
             ("sync_interval", sync_interval),
             ("handshake_timeout", handshake_timeout),
             ("idle_timeout", idle_timeout),
+            ("down_timeout", down_timeout),
+            ("clock_skew", clock_skew),
         ):
             if not isinstance(number, (int, float)) or isinstance(number, bool) or number <= 0:
                 raise ValueError(f"{name} must be a positive number, not {number!r}")
@@ -350,6 +364,8 @@ class Collective:
         self.handshake_timeout = float(handshake_timeout)
         self.idle_timeout = float(idle_timeout)
         self.max_connections = max_connections
+        self.down_timeout = float(down_timeout)
+        self.clock_skew = float(clock_skew)
         #: This incarnation's id: fresh on every construction, so a restart is a new origin.
         self.node_id = new_node_id()
         self._store = Store()
@@ -358,6 +374,9 @@ class Collective:
         self._progress = Progress()
         self._log = OpLog(log_bytes)
         self._links: dict[tuple[str, int], _PeerLink] = {}
+        self._down_ids: set[int] = set()  # incarnations declared down: refused from then on
+        self._frontier = 0  # no operation older than this can still reach this node
+        self._housekeeper: gevent.Greenlet | None = None
         self._server: StreamServer | None = None
         self._handlers: set[gevent.Greenlet] = set()
         self._synced = Event()
@@ -395,6 +414,7 @@ class Collective:
         self._server.start()
         for address in self.peers:
             self._add_link(address)
+        self._housekeeper = gevent.spawn(self._housekeeping)
         self._check_ready()
         if not self._ready.wait(timeout):
             log.warning(
@@ -422,6 +442,8 @@ class Collective:
                 link.greenlet.kill(block=True, timeout=1)
         if self._handlers:
             gevent.killall(list(self._handlers), block=True, timeout=1)
+        if self._housekeeper is not None:
+            self._housekeeper.kill(block=True, timeout=1)
         log.info("node %s stopped", format_address(self.local))
 
     def __enter__(self) -> Collective:
@@ -583,7 +605,7 @@ class Collective:
         self._seq = seq = self._seq + 1
         frame = encode_op(stamp, op, path, value, seq)
         node_id = self.node_id
-        self._progress.accept(node_id, seq)
+        self._progress.accept(node_id, seq, stamp)
         self._log.add(node_id, seq, frame)
         self._store.apply(stamp, op, path, value)
         for link in self._links.values():
@@ -593,19 +615,20 @@ class Collective:
 
     def _progress_frame(self) -> bytes:
         complete = self._ready.is_set() and (self._synced.is_set() or self._snapshot_link is None)
-        return encode_progress(self._progress.vector(), complete)
+        return encode_progress(
+            self._progress.vector(), complete, self._clock.promise(), self._frontier
+        )
 
     def _snapshot_frames(self) -> tuple[list[bytes], dict[int, int]]:
         """The whole state as SNAPSHOT frames, then SNAPSHOT_END with the version vector it
         corresponds to (built without yielding, so it is one consistent cut)."""
         items = self._store.export()
-        vector = dict(self._progress.applied)
         frames = [
             encode_snapshot(items[i : i + _SNAPSHOT_CHUNK_KEYS])
             for i in range(0, len(items), _SNAPSHOT_CHUNK_KEYS)
         ]
-        frames.append(encode_snapshot_end([[o, s] for o, s in vector.items()]))
-        return frames, vector
+        frames.append(encode_snapshot_end(self._progress.vector()))
+        return frames, dict(self._progress.applied)
 
     def _handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
         current = gevent.getcurrent()
@@ -643,6 +666,11 @@ class Collective:
         hello = parse_hello(messages[0])
         if hello.node_id == self.node_id:
             raise ProtocolError("connected to itself")
+        if hello.node_id in self._down_ids:
+            raise ProtocolError(
+                f"incarnation {hello.node_id:x} was declared down after {self.down_timeout:g}s "
+                "of silence; restart it to rejoin (its unsent writes are dropped)"
+            )
         sock.settimeout(self.idle_timeout)
         origin = format_address((hello.host, hello.port))
         log.info("peer %s (id %x) connected from %s", origin, hello.node_id, peer)
@@ -656,8 +684,11 @@ class Collective:
                 # bytes it will never read: start a new one.
                 log.info("peer %s restarted (new incarnation %x)", origin, hello.node_id)
                 link.snapshot_vector = None
+                link.snapshot_due = False
                 link.drop_connection()
             link.peer_id = hello.node_id
+            link.down = False
+            link.last_heard = time.monotonic()
             link.kick.set()
             if hello.flags & WANTS_SNAPSHOT:
                 link.resync()
@@ -704,18 +735,31 @@ class Collective:
             if kind == OP:
                 stamp, op, path, value, seq = parse_op(message)
                 origin = stamp_origin(stamp)
-                if not accept(origin, seq):
+                if not accept(origin, seq, stamp):
                     continue  # a repeat (relayed, or also in a snapshot)
                 apply(stamp, op, path, value)
                 observe(stamp)
                 add_to_log(origin, seq, frames[index] + b"\n")
                 self.applied_ops += 1
             elif kind == PROGRESS:
-                if len(message) != 3:
-                    raise ProtocolError("PROGRESS frame has the wrong length")
-                vector = parse_vector(message[1])
-                if message[2] is True and link is not None:
-                    sent_bound = self._catch_up(link, dict(vector), peer_id, sent_bound)
+                vector, complete, promise, frontier = parse_progress(message)
+                if link is not None and link.peer_id == peer_id:
+                    theirs = {origin: seq for origin, seq, _ in vector}
+                    link.peer_vector = theirs
+                    link.peer_promise = promise
+                    link.peer_own_seq = theirs.get(peer_id, 0)
+                    link.peer_frontier = frontier
+                    link.last_heard = time.monotonic()
+                    owed = link.snapshot_vector
+                    if (
+                        owed is not None
+                        and complete  # a joiner reports complete once a snapshot is merged
+                        and all(theirs.get(o, 0) >= s for o, s in owed.items())
+                    ):
+                        link.snapshot_vector = None  # merged: no longer owed
+                        link.snapshot_due = False
+                    if complete:
+                        sent_bound = self._catch_up(link, theirs, peer_id, sent_bound)
             elif kind == SNAPSHOT:
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT frame has the wrong length")
@@ -727,7 +771,7 @@ class Collective:
                     raise ProtocolError("SNAPSHOT_END frame has the wrong length")
                 vector = parse_vector(message[1])
                 self._progress.merge(vector)
-                for origin, seq in vector:
+                for origin, seq, _ in vector:
                     self._log.not_logged(origin, seq)
                 if not self._synced.is_set():
                     log.info("merged a peer's state")
@@ -744,11 +788,8 @@ class Collective:
         self, link: _PeerLink, theirs: dict[int, int], peer_id: int, bound: dict[int, int]
     ) -> dict[int, int]:
         """Send a peer what it lacks of what we had by ``bound``; return the next bound."""
-        pending_snapshot = link.snapshot_vector
-        if pending_snapshot is not None:
-            if any(theirs.get(o, 0) < s for o, s in pending_snapshot.items()):
-                return dict(self._progress.applied)  # still merging the snapshot we sent
-            link.snapshot_vector = None
+        if link.snapshot_vector is not None:
+            return dict(self._progress.applied)  # it is still merging the snapshot we sent
         frames = self._log.missing(theirs, bound, exclude=peer_id)
         if frames is None:
             log.info("peer %s missed more than the log holds: sending a snapshot", link.name)
@@ -759,6 +800,72 @@ class Collective:
             for frame in frames:
                 link.enqueue(frame)
         return dict(self._progress.applied)
+
+    # -- housekeeping: down peers and forgetting old metadata ---------------------------------
+
+    def _housekeeping(self) -> None:
+        """Every ``sync_interval``: declare silent peers down, then let the store forget
+        what no operation can reach any more, a slice at a time."""
+        while not self._stopping:
+            gevent.sleep(self.sync_interval)
+            now = time.monotonic()
+            for link in self._links.values():
+                if not link.down and now - link.last_heard > self.down_timeout:
+                    link.down = True
+                    if link.peer_id is not None:
+                        self._down_ids.add(link.peer_id)
+                    log.warning(
+                        "peer %s silent for %gs: declared down (metadata it might have needed "
+                        "is forgotten; if it comes back it must restart empty)",
+                        link.name,
+                        self.down_timeout,
+                    )
+            self._frontier = self._own_frontier()
+            frontier = self._gc_frontier()
+            for _ in range(10):
+                if self._store.collect(frontier, budget=5000):
+                    break
+                gevent.sleep(0)
+
+    def _own_frontier(self) -> int:
+        """A stamp below which no operation can still reach this node.
+
+        Each member that is not declared down promises that its next operations are newer
+        than its clock (trusted once we hold everything it had sent by then); each past
+        incarnation limits it while a member holds more of its operations than we do; a
+        member never heard from allows nothing; and a member that was never seen cannot
+        make operations older than the clocks allow (``clock_skew``).
+        """
+        progress = self._progress
+        floor = int((time.time() - self.clock_skew) * 1000) << (16 + 64)
+        members = [link for link in self._links.values() if not link.down]
+        live = {self.node_id}
+        for link in members:
+            peer = link.peer_id
+            if peer is None or link.peer_promise is None:
+                return 0
+            live.add(peer)
+            if progress.applied.get(peer, 0) >= link.peer_own_seq and not progress.has_gap(peer):
+                floor = min(floor, link.peer_promise)
+            else:
+                floor = min(floor, progress.stamps.get(peer, 0))
+        for origin, seq in progress.applied.items():
+            if origin in live:
+                continue
+            if progress.has_gap(origin) or any(
+                link.peer_vector.get(origin, 0) > seq for link in members
+            ):
+                floor = min(floor, progress.stamps.get(origin, 0))
+        return floor
+
+    def _gc_frontier(self) -> int:
+        """A stamp below which no operation can reach any member (so every replica already
+        holds every operation older than it): the minimum of everyone's frontier."""
+        frontier = self._frontier
+        for link in self._links.values():
+            if not link.down:
+                frontier = min(frontier, link.peer_frontier)
+        return frontier
 
     def _observe_items(self, items: list[Any]) -> None:
         """Move the clock past the newest stamp in a snapshot slice."""

@@ -19,16 +19,22 @@ __all__ = ["OpLog", "Progress"]
 
 
 class Progress:
-    """Per-origin contiguous high-water marks (a version vector) with gap tracking."""
+    """Per-origin contiguous high-water marks (a version vector) with gap tracking.
 
-    __slots__ = ("applied", "_ahead")
+    ``applied[origin]`` is the sequence number up to which every operation of that origin
+    was applied; ``stamps[origin]`` the stamp of that operation, so every operation of the
+    origin not yet applied has a newer stamp (an origin's stamps grow with its numbers).
+    """
+
+    __slots__ = ("applied", "stamps", "_ahead")
 
     def __init__(self) -> None:
         self.applied: dict[int, int] = {}
-        self._ahead: dict[int, set[int]] = {}
+        self.stamps: dict[int, int] = {}
+        self._ahead: dict[int, dict[int, int]] = {}  # origin -> {seq: stamp} beyond a gap
 
-    def accept(self, origin: int, seq: int) -> bool:
-        """Record ``seq`` of ``origin``; False if it was seen before (a repeat to skip)."""
+    def accept(self, origin: int, seq: int, stamp: int) -> bool:
+        """Record operation ``seq`` of ``origin``; False if it was seen before (skip it)."""
         done = self.applied.get(origin, 0)
         if seq <= done:
             return False
@@ -37,37 +43,43 @@ class Progress:
             if ahead:
                 while seq + 1 in ahead:
                     seq += 1
-                    ahead.discard(seq)
+                    stamp = ahead.pop(seq)
                 if not ahead:
                     del self._ahead[origin]
             self.applied[origin] = seq
+            self.stamps[origin] = stamp
             return True
-        ahead = self._ahead.setdefault(origin, set())
+        ahead = self._ahead.setdefault(origin, {})
         if seq in ahead:
             return False
-        ahead.add(seq)
+        ahead[seq] = stamp
         return True
 
-    def merge(self, vector: Iterable[tuple[int, int]]) -> None:
+    def merge(self, vector: Iterable[tuple[int, int, int]]) -> None:
         """Everything up to each given seq is now applied (after merging a snapshot)."""
-        for origin, seq in vector:
+        for origin, seq, stamp in vector:
             if seq > self.applied.get(origin, 0):
-                self.applied[origin] = seq
                 ahead = self._ahead.get(origin)
                 if ahead:
-                    ahead = {s for s in ahead if s > seq}
+                    ahead = {s: st for s, st in ahead.items() if s > seq}
                     while seq + 1 in ahead:
                         seq += 1
-                        ahead.discard(seq)
-                    self.applied[origin] = seq
+                        stamp = ahead.pop(seq)
                     if ahead:
                         self._ahead[origin] = ahead
                     else:
                         del self._ahead[origin]
+                self.applied[origin] = seq
+                self.stamps[origin] = stamp
 
     def vector(self) -> list[list[int]]:
-        """The version vector as JSON-ready ``[[origin, seq], ...]``."""
-        return [[origin, seq] for origin, seq in self.applied.items()]
+        """The version vector as JSON-ready ``[[origin, seq, stamp], ...]``."""
+        stamps = self.stamps
+        return [[origin, seq, stamps[origin]] for origin, seq in self.applied.items()]
+
+    def has_gap(self, origin: int) -> bool:
+        """True while operations of ``origin`` arrived beyond a missing one."""
+        return origin in self._ahead
 
     def gaps(self) -> int:
         """How many operations were received beyond a gap (waiting for the gap to fill)."""

@@ -104,6 +104,11 @@ class Store:
         root.value = {}
         self._root = root
         self.data: dict[str, Any] = root.value
+        # Where the incremental collection (``collect``) stands: a stack of
+        # [node, its reset stamp, its children still to visit, entries dropped, parent, key].
+        self._sweep: list[list[Any]] = []
+        #: Tombstones and increments dropped or folded by ``collect`` so far.
+        self.collected = 0
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -258,9 +263,19 @@ class Store:
             entry.value = result
             self._place(parent, key, result)
         else:
+            # Late (other members' increments interleave): for ints the sum does not depend
+            # on the order, so a number only grows; anything else is recomputed.
             if s > entry.imax:
                 entry.imax = s
-            self._rebuild_at(parent, key, entry)
+                if s > entry.r:
+                    entry.r = s
+            current = entry.value
+            if type(current) is int and type(amount) is int and entry.imax > entry.d:
+                if s > entry.d:
+                    entry.value = current + amount
+                    self._place(parent, key, entry.value)
+            else:
+                self._rebuild_at(parent, key, entry)
 
     # -- building blocks --------------------------------------------------------------------
 
@@ -516,6 +531,105 @@ class Store:
         if top == NEVER or top < parent_r:
             return None
         return node, node.value
+
+    # -- forgetting what can no longer matter ------------------------------------------------
+
+    def collect(self, frontier: int, budget: int = 10000) -> bool:
+        """Forget metadata older than ``frontier``, visiting at most ``budget`` entries.
+
+        ``frontier`` must be a stamp below which no operation will ever arrive again, at this
+        replica or at any other (the node derives it from every member's progress). Then a
+        tombstone older than it can never overtake anything, and increments older than it can
+        be folded into one assignment. Call repeatedly; returns True when a full pass over the
+        tree has finished (the next call starts another).
+        """
+        sweep = self._sweep
+        if not sweep:
+            root = self._root
+            sweep.append([root, root.r, list(root.entries.items()), 0, None, None])
+        visited = 0
+        while sweep and visited < budget:
+            frame = sweep[-1]
+            node, r, todo = frame[0], frame[1], frame[2]
+            if not todo:
+                sweep.pop()
+                if frame[3] > len(node.entries):
+                    self._shrink(node, frame[4], frame[5])
+                continue
+            key, entry = todo.pop()
+            visited += 1
+            if node.entries.get(key) is not entry:
+                continue  # changed since the list was taken: the next pass sees it
+            if type(entry) is int:
+                if entry < frontier and (type(node.value) is not dict or key not in node.value):
+                    del node.entries[key]  # a tombstone nothing older can reach any more
+                    frame[3] += 1
+                    self.collected += 1
+                continue
+            if entry.incs:
+                self._fold_increments(entry, r, frontier)
+                if (
+                    not entry.incs
+                    and not entry.entries
+                    and entry.d == NEVER
+                    and NEVER < entry.imax <= entry.a
+                    and type(node.value) is dict
+                    and key in node.value
+                ):
+                    node.entries[key] = entry.a  # the folded counter is now a plain value
+                    continue
+            if entry.entries:
+                sweep.append([entry, entry.r, list(entry.entries.items()), 0, node, key])
+            elif (
+                entry.value is MISSING
+                and not entry.incs
+                and max(entry.a, entry.d, entry.imax) < frontier
+            ):
+                del node.entries[key]  # metadata of nothing (left by deletes of absent paths)
+                frame[3] += 1
+                self.collected += 1
+        return not sweep
+
+    def _shrink(self, node: _Node, parent: _Node | None, key: str | None) -> None:
+        """Give back the memory of a node's dicts after many of their entries were dropped
+        (a Python dict never shrinks by itself)."""
+        node.entries = dict(node.entries)
+        old = node.value
+        if type(old) is dict and parent is not None and key is not None:
+            pv = parent.value
+            if type(pv) is dict and pv.get(key) is old:
+                node.value = pv[key] = dict(old)
+
+    def _fold_increments(self, node: _Node, parent_r: Any, frontier: int) -> None:
+        """Fold the increments older than ``frontier`` into one assignment of their result."""
+        incs = node.incs
+        assert incs is not None
+        old = sorted(st for st in incs if st < frontier)
+        if not old:
+            return
+        newest = old[-1]
+        base = node.a if node.a >= parent_r else parent_r
+        d = node.d if node.d > base else NEVER
+        lower = base if d == NEVER else d
+        if newest <= lower or newest < parent_r:
+            for st in old:  # overtaken already
+                del incs[st]
+        else:
+            bv = node.av if node.a >= parent_r else MISSING
+            result: Any = bv if (d == NEVER and is_number(bv)) else MISSING
+            for st in old:
+                amount = incs.pop(st)
+                if st > lower:
+                    result = amount if result is MISSING else result + amount
+            # As if one SET of the running total had happened at the newest folded stamp:
+            # every event still to come is newer, so the outcome is the same.
+            node.a = newest
+            node.av = result
+            if node.d <= newest:
+                node.d = NEVER
+        self.collected += len(old)
+        if not incs:
+            node.incs = None
 
     # -- whole-state transfer ----------------------------------------------------------------
 

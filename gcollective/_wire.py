@@ -12,10 +12,12 @@ OP                 ``[1, stamp, op, path, value, seq]``: ``value`` is null for D
                    numbers the origin's operations 1, 2, 3, ... (the origin is in the stamp)
 SNAPSHOT           ``[2, items]``: a slice of ``Store.export()``
 SNAPSHOT_END       ``[3, vector]``: the whole state has been sent; ``vector`` is the sender's
-                   version vector ``[[origin, seq], ...]`` at the time of the snapshot
+                   version vector ``[[origin, seq, stamp], ...]`` at the time of the snapshot
 SNAPSHOT_REQUEST   ``[4]``: please send me your whole state (on the reverse link)
-PROGRESS           ``[5, vector, complete]``: what the sender has applied, sent every
-                   ``sync_interval``; ``complete`` is false while it still waits for a snapshot
+PROGRESS           ``[5, vector, complete, promise, frontier]`` every ``sync_interval``: what
+                   the sender has applied; ``complete`` is false while it still waits for a
+                   snapshot; its future operations have stamps above ``promise``; no
+                   operation older than ``frontier`` can still reach it
 =================  ======================================================================
 """
 
@@ -46,6 +48,7 @@ __all__ = [
     "encode_snapshot_end",
     "encode_progress",
     "parse_vector",
+    "parse_progress",
     "SNAPSHOT_REQUEST_FRAME",
     "parse_hello",
     "parse_op",
@@ -101,9 +104,9 @@ def encode_snapshot_end(vector: list[list[int]]) -> bytes:
     return (_dumps([SNAPSHOT_END, vector]) + "\n").encode()
 
 
-def encode_progress(vector: list[list[int]], complete: bool) -> bytes:
-    """A PROGRESS frame: the sender's version vector."""
-    return (_dumps([PROGRESS, vector, complete]) + "\n").encode()
+def encode_progress(vector: list[list[int]], complete: bool, promise: int, frontier: int) -> bytes:
+    """A PROGRESS frame: the sender's version vector and clock facts."""
+    return (_dumps([PROGRESS, vector, complete, promise, frontier]) + "\n").encode()
 
 
 class FrameDecoder:
@@ -195,21 +198,36 @@ def parse_op(message: list[Any]) -> tuple[int, int, list[str], Any, int]:
     return stamp, op, path, value, seq
 
 
-def parse_vector(vector: Any) -> list[tuple[int, int]]:
-    """Check a version vector ``[[origin, seq], ...]``."""
+def parse_vector(vector: Any) -> list[tuple[int, int, int]]:
+    """Check a version vector ``[[origin, seq, stamp], ...]``."""
     if type(vector) is not list:
         raise ProtocolError("version vector is not a list")
     out = []
-    for pair in vector:
-        if type(pair) is not list or len(pair) != 2:
-            raise ProtocolError("version vector entry is not [origin, seq]")
-        origin, seq = pair
+    for entry in vector:
+        if type(entry) is not list or len(entry) != 3:
+            raise ProtocolError("version vector entry is not [origin, seq, stamp]")
+        origin, seq, stamp = entry
         if type(origin) is not int or not 0 < origin <= _ORIGIN_MASK:
             raise ProtocolError("version vector has a bad origin")
         if type(seq) is not int or not 0 <= seq < _MAX_SEQ:
             raise ProtocolError("version vector has a bad sequence number")
-        out.append((origin, seq))
+        if type(stamp) is not int or not 0 <= stamp < _MAX_STAMP:
+            raise ProtocolError("version vector has a bad stamp")
+        out.append((origin, seq, stamp))
     return out
+
+
+def parse_progress(message: list[Any]) -> tuple[list[tuple[int, int, int]], bool, int, int]:
+    """Check a PROGRESS frame: ``(vector, complete, promise, frontier)``."""
+    if len(message) != 5:
+        raise ProtocolError("PROGRESS frame has the wrong length")
+    _, vector, complete, promise, frontier = message
+    if type(complete) is not bool:
+        raise ProtocolError("PROGRESS frame has a bad completeness flag")
+    for stamp in (promise, frontier):
+        if type(stamp) is not int or not 0 <= stamp < _MAX_STAMP:
+            raise ProtocolError("PROGRESS frame has a bad stamp")
+    return parse_vector(vector), complete, promise, frontier
 
 
 def _check_json(value: Any, depth: int) -> None:

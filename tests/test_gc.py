@@ -1,0 +1,161 @@
+"""Bounded metadata: counters and tombstones are forgotten once no operation can need them,
+and the down-timeout trade-off, both ways. Members run in this process under gevent."""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+import pytest
+from cluster import free_ports
+from faults import Proxy
+
+from gcollective import Collective
+
+FAST = {"sync_interval": 0.05, "backoff_max": 0.2, "clock_skew": 0.05}
+
+
+def wait_for(predicate, timeout=20.0):
+    with gevent.Timeout(timeout):
+        while not predicate():
+            gevent.sleep(0.02)
+
+
+def metadata_size(node: Collective) -> int:
+    """Entries of metadata held (stamps, tombstones, pending increments), roughly."""
+    count = 0
+    stack = [node._store._root]
+    while stack:
+        meta = stack.pop()
+        count += len(meta.entries) + len(meta.incs or ())
+        stack.extend(e for e in meta.entries.values() if type(e) is not int)
+    return count
+
+
+class Members:
+    """Members that all reach each other through proxies (so links can be cut)."""
+
+    def __init__(self, count: int, **options) -> None:
+        self.real = free_ports(count)
+        self.public = free_ports(count)
+        self.options = {**FAST, **options}
+        self.proxies = [Proxy(p, r) for p, r in zip(self.public, self.real)]
+        self.nodes: list[Collective] = []
+        for i in range(count):
+            self.nodes.append(self.make(i))
+
+    def make(self, i: int) -> Collective:
+        node = Collective(
+            ("127.0.0.1", self.real[i]),
+            [("127.0.0.1", p) for p in self.public],
+            advertise=("127.0.0.1", self.public[i]),
+            **self.options,
+        )
+        node.start()
+        return node
+
+    def isolate(self, i: int) -> None:
+        others = [p for j, p in enumerate(self.public) if j != i]
+        self.proxies[i].cut(*others)
+        for j, proxy in enumerate(self.proxies):
+            if j != i:
+                proxy.cut(self.public[i])
+
+    def heal(self) -> None:
+        for proxy in self.proxies:
+            proxy.heal()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop(timeout=1)
+        for proxy in self.proxies:
+            proxy.close()
+
+
+@pytest.fixture
+def members():
+    made: list[Members] = []
+
+    def make(count: int, **options) -> Members:
+        m = Members(count, **options)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def test_a_hot_counter_keeps_metadata_in_the_order_of_members(members):
+    a, b, c = members(3).nodes
+    for _ in range(3000):
+        a.incr("hits")
+        b.incr("hits")
+        c.incr("hits", 2)
+        gevent.sleep(0)
+    wait_for(lambda: a.get("hits") == b.get("hits") == c.get("hits") == 12000)
+    wait_for(lambda: all(metadata_size(n) <= 10 for n in (a, b, c)))
+    for _ in range(10):
+        a.incr("hits")
+    wait_for(lambda: c.get("hits") == 12010)
+
+
+def test_setting_then_deleting_many_keys_gives_the_memory_back(members):
+    a, b = members(2).nodes
+    empty = metadata_size(a)
+    for i in range(20000):
+        a.set(("sessions", str(i)), {"user": i})
+        if i % 1000 == 0:
+            gevent.sleep(0)
+    wait_for(lambda: len(b.get("sessions", {})) == 20000)
+    for i in range(20000):
+        b.delete(("sessions", str(i)))
+        if i % 1000 == 0:
+            gevent.sleep(0)
+    wait_for(lambda: a.get("sessions") == {} == b.get("sessions"))
+    wait_for(lambda: metadata_size(a) <= empty + 3 and metadata_size(b) <= empty + 3)
+    # A late, older write cannot bring anything back: no operation that old can arrive, and
+    # new writes still work.
+    a.set(("sessions", "new"), 1)
+    wait_for(lambda: b.get("sessions") == {"new": 1})
+
+
+def test_short_down_timeout_forgets_and_refuses_the_returning_incarnation(members, caplog):
+    m = members(3, down_timeout=0.5)
+    a, b, c = m.nodes
+    a.set("keep", 1)
+    wait_for(lambda: c.get("keep") == 1)
+    m.isolate(2)
+    c.set("written_while_away", True)  # nobody else ever sees this incarnation's write
+    a.delete("keep")
+    wait_for(lambda: metadata_size(a) == 0 and metadata_size(b) == 0)  # tombstone forgotten
+    with caplog.at_level(logging.WARNING, logger="gcollective"):
+        m.heal()
+        wait_for(lambda: any("declared down" in r.getMessage() for r in caplog.records))
+    gevent.sleep(0.3)
+    assert a.get("written_while_away") is None
+    # Restarted empty, the member rejoins and converges.
+    c.stop(timeout=1)
+    m.nodes[2] = c = m.make(2)
+    wait_for(lambda: a.snapshot() == b.snapshot() == c.snapshot() == {})
+    c.set("back", 1)
+    wait_for(lambda: a.get("back") == 1 == b.get("back"))
+
+
+def test_long_down_timeout_keeps_what_a_returning_member_needs(members):
+    m = members(3, down_timeout=60)
+    a, b, c = m.nodes
+    a.set("keep", 1)
+    c.set("old", 1)
+    wait_for(lambda: c.get("keep") == 1 and a.get("old") == 1)
+    m.isolate(2)
+    c.set("written_while_away", True)
+    c.set("keep", "from c")  # older than a's delete below
+    gevent.sleep(0.01)
+    a.delete("keep")
+    c.delete("old")
+    gevent.sleep(0.5)  # several sync intervals: nothing may be forgotten meanwhile
+    assert metadata_size(a) > 0
+    m.heal()
+    wait_for(lambda: a.snapshot() == b.snapshot() == c.snapshot())
+    assert a.snapshot() == {"written_while_away": True}
