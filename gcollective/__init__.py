@@ -98,11 +98,16 @@ def start(
     """Start this process's default node (see ``Collective`` for the arguments) and return it.
 
     Blocks the calling greenlet until a live peer's state is merged or each peer failed once
-    (at most ``timeout`` seconds).
+    (at most ``timeout`` seconds). ``GCOLLECTIVE_PROTOCOL`` in the environment sets
+    ``protocol`` when it is not passed.
     """
     global _default
+    import os
+
     from ._node import Collective
 
+    if "protocol" not in options and os.environ.get("GCOLLECTIVE_PROTOCOL"):
+        options["protocol"] = os.environ["GCOLLECTIVE_PROTOCOL"]
     current = _default
     if current is not None and current.running:
         raise RuntimeError("gcollective.start() was already called in this process")

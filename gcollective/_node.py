@@ -297,6 +297,9 @@ class Collective:
             nobody has seen; after it, they are forgotten, and that incarnation of the peer
             is refused if it comes back (restart it empty: its unsent writes are dropped).
         clock_skew: the most that members' wall clocks may disagree, in seconds (10).
+        protocol: ``"gcollective"`` (default) or ``"collective.js"``, which makes this a
+            ``LegacyCollective`` speaking collective.js 0.3.1's wire protocol (see the README
+            for what that mode does not guarantee).
         handshake_timeout: seconds an incoming connection has to send HELLO (5).
         idle_timeout: seconds an incoming connection may stay silent after HELLO (60).
         max_connections: incoming connections served at once (1024).
@@ -304,11 +307,21 @@ class Collective:
             address than ``local`` (a proxy, NAT or container port); default ``local``.
     """
 
+    def __new__(cls, *args: Any, protocol: str = "gcollective", **options: Any) -> Any:
+        if protocol == "collective.js":
+            from ._legacy import LegacyCollective
+
+            return LegacyCollective(*args, protocol=protocol, **options)
+        if protocol != "gcollective":
+            raise ValueError(f"protocol must be 'gcollective' or 'collective.js', not {protocol!r}")
+        return super().__new__(cls)
+
     def __init__(
         self,
         local: Any,
         peers: Iterable[Any] = (),
         *,
+        protocol: str = "gcollective",
         connect_timeout: float = 2.0,
         send_timeout: float = 30.0,
         backoff_min: float = 0.05,
