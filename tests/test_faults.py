@@ -9,49 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from cluster import NodeProcess, converged, free_ports, wait_until
-from faults import Proxy
-
-FAST = {"sync_interval": 0.2, "backoff_max": 0.5}
-
-
-class ProxiedCluster:
-    """Members whose every incoming link runs through their own ``Proxy``."""
-
-    def __init__(self, count: int, **options) -> None:
-        self.real = free_ports(count)
-        self.public = free_ports(count)
-        self.options = {**FAST, **options}
-        self.proxies = [Proxy(p, r) for p, r in zip(self.public, self.real)]
-        self.nodes: list[NodeProcess | None] = [None] * count
-
-    def launch(self, i: int) -> NodeProcess:
-        node = NodeProcess(
-            self.real[i], self.public, advertise=f"127.0.0.1:{self.public[i]}", **self.options
-        )
-        self.nodes[i] = node
-        node.start()
-        return node
-
-    def live(self) -> list[NodeProcess]:
-        return [n for n in self.nodes if n is not None and n.proc.poll() is None]
-
-    def partition(self, left: list[int], right: list[int]) -> None:
-        for i in left:
-            self.proxies[i].cut(*(self.public[j] for j in right))
-        for j in right:
-            self.proxies[j].cut(*(self.public[i] for i in left))
-
-    def heal(self) -> None:
-        for proxy in self.proxies:
-            proxy.heal()
-
-    def close(self) -> None:
-        for node in self.nodes:
-            if node is not None:
-                node.stop()
-        for proxy in self.proxies:
-            proxy.close()
+from cluster import NodeProcess, converged, wait_until
+from faults import ProxiedCluster
 
 
 @pytest.fixture
