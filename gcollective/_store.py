@@ -171,6 +171,15 @@ class Store:
         if s < node.r:
             return
         if op == SET:
+            entries = node.entries
+            entry = entries.get(key)
+            if type(value) is not dict and (entry is None or (type(entry) is int and s > entry)):
+                # The hot path: a leaf written where there is nothing newer.
+                entries[key] = s
+                data = node.value
+                if type(data) is dict:
+                    data[key] = value
+                return
             self._set(node, key, s, value)
         elif op == INCREMENT:
             self._increment(node, key, s, value)

@@ -185,7 +185,9 @@ def parse_op(message: list[Any]) -> tuple[int, int, list[str], Any, int]:
         if type(segment) is not str or not segment:
             raise ProtocolError("OP frame has a bad path segment")
     if op == 0 and type(op) is int:
-        _check_json(value, 0)
+        kind = type(value)
+        if not (kind is str or kind is int or kind is bool or value is None):
+            _check_json(value, 0)
     elif op == 1 and type(op) is int:
         kind = type(value)
         if not (kind is int or (kind is float and math.isfinite(value))):
