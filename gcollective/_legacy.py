@@ -1,0 +1,1028 @@
+"""collective.js 0.3.1 compatibility mode: speak its wire protocol, keep its semantics.
+
+A ``LegacyCollective`` is a member of a collective.js collective: Node.js processes running
+collective.js 0.3.1 and gcollective processes in this mode can share one object. It has the
+public API of ``Collective``, but none of gcollective's own guarantees (stamps, convergence,
+catch-up): on the wire and in the store it does what collective.js does.
+
+Wire protocol (newline-delimited JSON, one ``[type, payload]`` array per line):
+
+=========  =====================================================================================
+New (0)    ``[0, [host, port, wants_data]]``: sent by a starting member on each outgoing
+           connection once every member was tried; ``wants_data`` is true on exactly one.
+Accept (1) ``[1, data]``: the answer to New, on the answerer's connection to the New sender:
+           its whole data object if ``wants_data`` was true, else null. A non-null Accept
+           replaces the receiver's whole data object.
+Data (2)   ``[2, [key, time, value, operation]]``: one change; ``key`` is a dotted string,
+           ``time`` the sender's wall clock in milliseconds, ``operation`` 0 SET, 1 INCREMENT,
+           2 DELETE (the value is null).
+=========  =====================================================================================
+
+Every member dials every other one and only *sends* on the connections it dials; it only
+*reads* the connections it accepts. So two members share two one-way connections.
+
+The module has two halves. The sans-IO half (``LineDecoder``, the ``encode_*`` / ``parse_*``
+functions, ``LegacyStore``) has no I/O and no gevent. ``LegacyCollective`` is the gevent node.
+This module imports gevent at import time: ``gcollective`` imports it only when this mode is
+asked for.
+
+What this node does beyond collective.js 0.3.1, without changing a byte of the wire format:
+
+- A link that fails or drops is re-dialed with capped exponential backoff plus jitter, for
+  as long as the node runs (collective.js drops it for good). Operations made meanwhile are
+  queued for that member (at most ``max_queue_bytes``; past that the queue is dropped with a
+  warning) and sent once it is back, in order. The first message on every connection after
+  the first is ``New [host, port, false]``, which makes a collective.js member that lost its
+  own connection to us connect back (it answers with a harmless ``Accept null``).
+- A New from a member tells us it (re)started: a link in backoff dials it at once, and a
+  link that looks connected is redialed (our connection may lead to its previous process,
+  gone without a FIN, where its Accept would be lost). That redial sends no New of its own,
+  so two members cannot set each other off.
+- A joining node whose chosen member goes away before its Accept asks another connected
+  member, or carries on alone (collective.js would simply never get the data).
+- A member that closes every connection at once (a native gcollective node refusing New) is
+  redialed at ``backoff_max`` intervals, not in a tight loop.
+- Incoming bytes are split on newline bytes *before* UTF-8 decoding, so a character split
+  across reads survives (collective.js decodes each read on its own).
+- Lines that cannot be used (bad JSON, unknown type, bad payload) are skipped with a warning
+  instead of crashing the process; only a line longer than ``max_frame`` closes the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Iterable
+
+import gevent
+import ujson
+from gevent import socket as gsocket
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from . import _node
+from ._errors import InvalidKeyError, InvalidValueError, NotStartedError, ProtocolError
+from ._store import MISSING, copy_value, is_number
+from ._validate import Key, check_amount, clean_value, format_address, parse_address, parse_key
+from ._wire import MAGIC, _check_json
+
+__all__ = [
+    "PROTOCOL",
+    "NEW",
+    "ACCEPT",
+    "DATA",
+    "SET",
+    "INCREMENT",
+    "DELETE",
+    "MixedProtocolError",
+    "LineDecoder",
+    "encode_new",
+    "encode_accept",
+    "encode_data",
+    "parse_message",
+    "parse_new",
+    "parse_data",
+    "wire_key",
+    "now_ms",
+    "LegacyStore",
+    "LegacyCollective",
+]
+
+log = logging.getLogger("gcollective.legacy")
+
+#: The value of ``protocol`` that selects this mode.
+PROTOCOL = "collective.js"
+
+# Message types, numbered as collective.js's TYPES array.
+NEW = 0
+ACCEPT = 1
+DATA = 2
+
+# Operations, numbered as collective.js's OPERATIONS.
+SET = 0
+INCREMENT = 1
+DELETE = 2
+
+
+class MixedProtocolError(ProtocolError):
+    """A native gcollective node talked to a node in collective.js mode (or the reverse)."""
+
+
+# -- the codec (sans-IO) -------------------------------------------------------------------------
+
+
+def _encode(message: list[Any]) -> bytes:
+    # Compact and with raw UTF-8, as JSON.stringify writes it; "/" is not escaped either.
+    text = ujson.dumps(message, ensure_ascii=False, escape_forward_slashes=False)
+    try:
+        return (text + "\n").encode()
+    except UnicodeEncodeError:
+        # A lone surrogate: no UTF-8 for it, and Node would turn it into U+FFFD anyway.
+        raise InvalidValueError("a str holds a lone surrogate, which UTF-8 cannot carry") from None
+
+
+def encode_new(host: str, port: int, wants_data: bool) -> bytes:
+    """The New message a starting member sends on each of its outgoing connections."""
+    return _encode([NEW, [host, port, bool(wants_data)]])
+
+
+def encode_accept(data: dict[str, Any] | None) -> bytes:
+    """The answer to New: the whole data object when the sender wants it, else null."""
+    return _encode([ACCEPT, data])
+
+
+def encode_data(key: str, time_ms: int | float, value: Any, op: int) -> bytes:
+    """One change. ``value`` must be None for DELETE (collective.js sends null there)."""
+    return _encode([DATA, [key, time_ms, value, op]])
+
+
+class LineDecoder:
+    """Splits a byte stream into lines (without the newline); raises ``ProtocolError`` when a
+    line, or the unterminated tail, grows past ``max_line`` bytes.
+
+    Several lines may come in one chunk and one line may span many chunks: the pieces of an
+    unterminated line are kept in a list and joined once its newline arrives, so a large
+    Accept costs one copy, not one per read. Splitting happens on bytes, before decoding: a
+    newline byte never occurs inside a multi-byte UTF-8 character.
+    """
+
+    __slots__ = ("max_line", "_parts", "_size")
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an unterminated line held so far."""
+        return self._size
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Every line completed by ``data``, in order."""
+        newline = data.find(b"\n")
+        if newline < 0:
+            self._size += len(data)
+            if self._size > self.max_line:
+                raise ProtocolError(f"line exceeds {self.max_line} bytes")
+            if data:
+                self._parts.append(data)
+            return []
+        if self._parts:
+            self._parts.append(data[:newline])
+            first = b"".join(self._parts)
+            self._parts = []
+        else:
+            first = data[:newline]
+        self._size = 0
+        lines = data[newline + 1 :].split(b"\n")
+        tail = lines.pop()
+        lines.insert(0, first)
+        limit = self.max_line
+        if len(data) + len(first) > limit and max(map(len, lines)) > limit:
+            raise ProtocolError(f"line exceeds {limit} bytes")
+        if tail:
+            if len(tail) > limit:
+                raise ProtocolError(f"line exceeds {limit} bytes")
+            self._parts.append(tail)
+            self._size = len(tail)
+        return lines
+
+
+def parse_message(line: bytes) -> tuple[int, Any]:
+    """``(type, payload)`` of one line, or ``ProtocolError`` (``MixedProtocolError`` for a
+    native gcollective frame)."""
+    try:
+        message = ujson.loads(line)
+    except (ValueError, OverflowError) as exc:
+        raise ProtocolError(f"line is not valid JSON ({exc})") from None
+    if type(message) is not list or not message:
+        raise ProtocolError("line is not a [type, payload] array")
+    kind = message[0]
+    if kind == MAGIC:
+        where = ""
+        if len(message) == 6:
+            where = f" (from a node listening on {message[3]}:{message[4]})"
+        raise MixedProtocolError(
+            f"it speaks gcollective's native protocol{where}, but this node runs in "
+            f"collective.js 0.3.1 compatibility mode (protocol={PROTOCOL!r}); every member of "
+            "a collective must use the same protocol"
+        )
+    if len(message) < 2:
+        raise ProtocolError("line is not a [type, payload] array")
+    if type(kind) is not int or kind not in (NEW, ACCEPT, DATA):
+        raise ProtocolError(f"unknown message type {kind!r}")
+    return kind, message[1]
+
+
+def parse_new(payload: Any) -> tuple[str, int, bool]:
+    """``(host, port, wants_data)`` of a New payload, or ``ProtocolError``."""
+    if type(payload) is not list or len(payload) < 2:
+        raise ProtocolError("New payload is not [host, port, wants_data]")
+    try:
+        host, port = parse_address((payload[0], payload[1]))
+    except ValueError as exc:
+        raise ProtocolError(f"New carries a bad address: {exc}") from None
+    # collective.js tests `true === wants_data`: anything else means no.
+    wants = len(payload) > 2 and payload[2] is True
+    return host, port, wants
+
+
+def parse_data(payload: Any) -> tuple[str, tuple[str, ...], int | float, Any, int]:
+    """``(key, path, time, value, op)`` of a Data payload, or ``ProtocolError``.
+
+    As in collective.js, an operation other than INCREMENT or DELETE (or none) is a SET. The
+    value is checked to be JSON that can be sent on (no NaN or infinity, bounded nesting).
+    """
+    if type(payload) is not list or len(payload) < 3:
+        raise ProtocolError("Data payload is not [key, time, value, operation]")
+    key, time_ms, value = payload[0], payload[1], payload[2]
+    if type(key) is not str:
+        raise ProtocolError(f"Data key {key!r} is not a string")
+    try:
+        path = parse_key(key)
+    except InvalidKeyError as exc:
+        raise ProtocolError(f"Data key: {exc}") from None
+    if not is_number(time_ms) or not _finite(time_ms):
+        raise ProtocolError(f"Data time {time_ms!r} is not a number")
+    op = payload[3] if len(payload) > 3 else None
+    if type(op) in (int, float) and op in (INCREMENT, DELETE):
+        op = int(op)
+    else:
+        op = SET
+    if op == INCREMENT:
+        if not is_number(value) or not _finite(value):
+            raise ProtocolError(f"INCREMENT amount {value!r} is not a number")
+    elif op == DELETE:
+        value = None
+    else:
+        _check_json(value, len(path))
+    return key, path, time_ms, value, op
+
+
+def _finite(number: int | float) -> bool:
+    # math.isfinite would turn a huge int into a float and overflow.
+    return type(number) is int or math.isfinite(number)
+
+
+def wire_key(key: Key) -> tuple[tuple[str, ...], str]:
+    """``(path, dotted key)`` of a caller's key, or ``InvalidKeyError``.
+
+    collective.js keys are dotted strings, so a segment cannot contain a dot here.
+    """
+    if type(key) is str:
+        return parse_key(key), key
+    path = parse_key(key)
+    for segment in path:
+        if "." in segment:
+            raise InvalidKeyError(
+                f"key segment {segment!r} contains '.', which collective.js keys cannot carry"
+            )
+    return path, ".".join(path)
+
+
+def now_ms() -> int:
+    """The wall clock in milliseconds, as collective.js's ``+new Date()``."""
+    return int(time.time() * 1000)
+
+
+# -- the store (sans-IO) -------------------------------------------------------------------------
+
+
+class LegacyStore:
+    """collective.js's data object and its ``history``, with collective.js's rules.
+
+    - Per full key string, the time of the last SET that applied is remembered. A SET or
+      DELETE applies when its time is later than or equal to the remembered one (or none is
+      remembered). A DELETE that applies forgets the remembered time, so an older SET that
+      arrives later brings the key back.
+    - INCREMENT ignores time: it adds to the number there; missing (or not a number) counts
+      as starting from 0.
+    - Times are compared per exact key string: 'a' and 'a.b' never compare.
+    - Every operation first walks to the parent of its key, making every step on the way an
+      object: a missing step or one holding anything but an object becomes ``{}`` - also for a
+      DELETE, and also when the operation then loses on time, as collective.js does.
+    - ``replace`` swaps the whole data object (a non-null Accept) and keeps the history.
+    """
+
+    __slots__ = ("data", "history")
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        #: Full key string -> time of its last SET that applied.
+        self.history: dict[str, int | float] = {}
+
+    def get(self, path: Iterable[str], default: Any = None) -> Any:
+        """The value at ``path`` (containers copied), or ``default``."""
+        node: Any = self.data
+        for segment in path:
+            if type(node) is not dict:
+                return default
+            node = node.get(segment, MISSING)
+            if node is MISSING:
+                return default
+        return copy_value(node)
+
+    def apply(
+        self, key: str, path: tuple[str, ...], time_ms: int | float, op: int, value: Any
+    ) -> bool:
+        """Apply one operation; True unless a SET or DELETE lost on time.
+
+        ``key`` must be ``".".join(path)``. ``value`` is kept as is (the caller passes a
+        private copy).
+        """
+        node = self.data
+        for segment in path[:-1]:
+            child = node.get(segment)
+            if type(child) is not dict:
+                child = node[segment] = {}
+            node = child
+        leaf = path[-1]
+        if op == INCREMENT:
+            current = node.get(leaf)
+            node[leaf] = current + value if is_number(current) else value
+            return True
+        remembered = self.history.get(key)
+        if remembered is not None and time_ms < remembered:
+            return False
+        if op == DELETE:
+            self.history.pop(key, None)
+            node.pop(leaf, None)
+        else:
+            self.history[key] = time_ms
+            node[leaf] = value
+        return True
+
+    def replace(self, data: dict[str, Any]) -> None:
+        """Swap the whole data object, as a non-null Accept does (the history stays)."""
+        self.data = data
+
+
+# -- the node ------------------------------------------------------------------------------------
+
+_RECV_SIZE = 256 * 1024
+
+# Options of the native Collective that mean nothing here. They are accepted (and ignored) so
+# that one set of options works in both modes.
+_NATIVE_ONLY_OPTIONS = frozenset(
+    {
+        "log_bytes",
+        "sync_interval",
+        "handshake_timeout",
+        "idle_timeout",
+        "down_timeout",
+        "clock_skew",
+    }
+)
+
+
+class _PeerClosed(Exception):
+    """The member closed (or wrote on) a connection we only send on."""
+
+
+class _Retire(Exception):
+    """The member sent New: redial it, as our connection may lead to its previous process."""
+
+
+class _Link:
+    """The outgoing side of one member: what is pending for it and the writer that sends it."""
+
+    def __init__(self, node: LegacyCollective, address: tuple[str, int], new_flag: bool | None):
+        self.node = node
+        self.address = address
+        self.name = format_address(address)
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0  # Data and New only: an Accept is never dropped
+        self.wake = Event()  # something is pending (or the node is stopping)
+        self.kick = Event()  # the member is known to be up: skip the rest of the backoff
+        self.state = "connecting"
+        self.attempted = False  # one connection attempt finished (either way)
+        #: ``wants_data`` of the New to send first on the next connection; None: send none.
+        self.new_flag = new_flag
+        self.greenlet: gevent.Greenlet | None = None
+        self._sock: Any = None
+        self._peer_closed = False
+        self.retire = False  # end the connection after the current send and redial at once
+        self.connects = 0
+        self.sent_frames = 0
+        self.sent_bytes = 0
+        self.overflows = 0  # times queued Data was dropped
+        self.dropped_frames = 0
+        self.accepts_sent = 0  # Accepts carrying our data
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+
+    def enqueue(self, message: bytes, counted: bool = True) -> None:
+        """Queue one message; never blocks. Past ``max_queue_bytes`` of Data queued for a
+        member that is away or slow, that Data is dropped (collective.js would not have sent
+        it at all)."""
+        self.pending.append(message)
+        if counted:
+            self.pending_bytes += len(message)
+            if self.pending_bytes > self.node.max_queue_bytes:
+                kept = [m for m in self.pending if m.startswith(b"[1,")]  # Accepts stay
+                self.overflows += 1
+                self.dropped_frames += len(self.pending) - len(kept)
+                log.warning(
+                    "member %s: more than %d bytes queued; dropping %d queued messages "
+                    "(collective.js has no way to resend them)",
+                    self.name,
+                    self.node.max_queue_bytes,
+                    len(self.pending) - len(kept),
+                )
+                self.pending = kept
+                self.pending_bytes = 0
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def start(self) -> None:
+        self.greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        self.wake.set()
+        self.kick.set()
+
+    def _backoff(self, failures: int) -> None:
+        node = self.node
+        delay = min(node.backoff_max, node.backoff_min * (2 ** min(failures, 20)))
+        delay *= random.uniform(0.5, 1.0)  # jitter: members restarted together do not stampede
+        self.kick.clear()
+        self.kick.wait(delay)
+
+    def _run(self) -> None:
+        node = self.node
+        failures = 0
+        while not node._stopping:
+            self.state = "connecting"
+            try:
+                sock = gsocket.create_connection(self.address, timeout=node.connect_timeout)
+            except OSError as exc:
+                self._failed(f"connect: {exc}")
+                failures += 1
+                self._backoff(failures)
+                continue
+            connected_at = time.monotonic()
+            try:
+                self._serve(sock)
+            except _Retire:
+                log.info("member %s announced itself: reconnecting to it", self.name)
+                failures = 0
+            except (OSError, _PeerClosed) as exc:
+                self._failed(str(exc) or type(exc).__name__)
+                # Only a connection that lasted resets the backoff: a member that closes every
+                # connection at once (a native node refusing New) is not redialed in a loop.
+                if time.monotonic() - connected_at >= node.backoff_max:
+                    failures = 0
+                failures += 1
+                if not node._stopping:
+                    self._backoff(failures)
+            finally:
+                self._sock = None
+                sock.close()
+        self.state = "stopped"
+
+    def _failed(self, reason: str) -> None:
+        if self.state == "connected":
+            log.info("member %s: connection lost (%s); reconnecting", self.name, reason)
+        elif not self.attempted:
+            log.debug("member %s: not reachable yet (%s)", self.name, reason)
+        was_connected = self.state == "connected"
+        self.state = "backoff"
+        self.last_error = reason
+        self.last_error_at = time.time()
+        self.attempted = True
+        self.node._link_attempted()
+        if was_connected and self is self.node._join_link:
+            self.node._join_lost(self)
+
+    def _watch(self, sock: Any) -> None:
+        """Notice at once when the member closes the connection (as Node's 'end' event does),
+        instead of on a later send whose bytes would be lost."""
+        while self._sock is sock:
+            try:
+                data = sock.recv(4096)
+            except gsocket.timeout:
+                continue
+            except OSError:
+                break
+            if data:
+                log.warning(
+                    "member %s wrote on a connection that collective.js only sends on; closing it",
+                    self.name,
+                )
+            break
+        if self._sock is not sock:
+            return  # that connection is over already
+        self._peer_closed = True
+        try:
+            sock.shutdown(gsocket.SHUT_RDWR)  # a sendall blocked in the writer fails now
+        except OSError:
+            pass
+        self.wake.set()
+
+    def _serve(self, sock: Any) -> None:
+        """Send New (when due), then everything that becomes pending."""
+        node = self.node
+        sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+        sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_KEEPALIVE, 1)
+        sock.settimeout(node.send_timeout)
+        self._sock = sock
+        self._peer_closed = False
+        self.retire = False
+        self.connects += 1
+        self.state = "connected"
+        self.attempted = True
+        log.info("member %s: connected", self.name)
+        node._link_attempted()
+        # collective.js sends New only once every member was tried; nothing goes out before.
+        while not node._announced.is_set():
+            node._announced.wait()
+        watcher = gevent.spawn(self._watch, sock)
+        try:
+            head: list[bytes] = []
+            if self.new_flag is not None:
+                head.append(encode_new(*node.advertise, self.new_flag))
+            wake = self.wake
+            while True:
+                if self._peer_closed:
+                    raise _PeerClosed("closed by the member")
+                if self.retire:
+                    self.retire = False
+                    raise _Retire
+                if not head and not self.pending:
+                    if node._stopping:
+                        return
+                    wake.clear()
+                    wake.wait()
+                    continue
+                batch = head + self.pending
+                head = []
+                self.pending = []
+                self.pending_bytes = 0
+                data = b"".join(batch)
+                sock.sendall(data)
+                # Every later connection opens with New [host, port, false]: see the module
+                # docstring.
+                self.new_flag = False
+                self.sent_frames += len(batch)
+                self.sent_bytes += len(data)
+        finally:
+            watcher.kill()
+
+
+class LegacyCollective:
+    """A member of a collective.js 0.3.1 collective, with ``Collective``'s public API.
+
+    ``local`` is this member's listening address and ``peers`` every member's (``local`` may
+    be among them; it is skipped), as for ``Collective``. Use the spelling of each address that
+    the members use for themselves (collective.js identifies members by ``host:port`` string).
+    Nothing happens until ``start()``. Usable as a context manager.
+
+    The semantics are collective.js's (see ``LegacyStore`` and the README's "collective.js
+    compatibility mode"): last-writer-wins per key string on millisecond wall-clock times,
+    increments applied as they arrive, the joiner's data replaced by one member's snapshot.
+
+    Options:
+        protocol: must be ``"collective.js"`` when given (lets callers pass it through).
+        connect_timeout: seconds for one connection attempt (default 2).
+        send_timeout: seconds one batched send (an Accept included) may take (30).
+        backoff_min, backoff_max: bounds of the reconnect delay in seconds (0.05, 2).
+        max_frame: longest line accepted from a member, in bytes (256 MiB); a longer one
+            closes its connection.
+        max_queue_bytes: bytes of Data queued for one member that is away or slow before that
+            Data is dropped (64 MiB).
+        max_connections: incoming connections served at once (1024).
+        advertise: the address sent in New, when members reach this node at another address
+            than ``local`` (a proxy, NAT or container port); default ``local``.
+        log_bytes, sync_interval, handshake_timeout, idle_timeout, down_timeout, clock_skew:
+            accepted and ignored, so that the native options work unchanged in this mode.
+    """
+
+    def __init__(
+        self,
+        local: Any,
+        peers: Iterable[Any] = (),
+        *,
+        protocol: str = PROTOCOL,
+        connect_timeout: float = 2.0,
+        send_timeout: float = 30.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 2.0,
+        max_frame: int = 256 * 1024 * 1024,
+        max_queue_bytes: int = 64 * 1024 * 1024,
+        max_connections: int = 1024,
+        advertise: Any = None,
+        **native_only: Any,
+    ) -> None:
+        if protocol != PROTOCOL:
+            raise ValueError(f"LegacyCollective speaks protocol {PROTOCOL!r}, not {protocol!r}")
+        unknown = set(native_only) - _NATIVE_ONLY_OPTIONS
+        if unknown:
+            raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
+        self.local = parse_address(local)
+        self.advertise = self.local if advertise is None else parse_address(advertise)
+        seen: set[tuple[str, int]] = set()
+        self.peers: list[tuple[str, int]] = []
+        for peer in peers:
+            address = parse_address(peer)
+            if address not in (self.local, self.advertise) and address not in seen:
+                seen.add(address)
+                self.peers.append(address)
+        for name, number in (
+            ("connect_timeout", connect_timeout),
+            ("send_timeout", send_timeout),
+            ("backoff_min", backoff_min),
+            ("backoff_max", backoff_max),
+        ):
+            if not isinstance(number, (int, float)) or isinstance(number, bool) or number <= 0:
+                raise ValueError(f"{name} must be a positive number, not {number!r}")
+        for name, size, least in (
+            ("max_frame", max_frame, 1024),
+            ("max_queue_bytes", max_queue_bytes, 1024),
+            ("max_connections", max_connections, 1),
+        ):
+            if not isinstance(size, int) or isinstance(size, bool) or size < least:
+                raise ValueError(f"{name} must be an int of at least {least}, not {size!r}")
+        self.protocol = PROTOCOL
+        self.connect_timeout = float(connect_timeout)
+        self.send_timeout = float(send_timeout)
+        self.backoff_min = float(backoff_min)
+        self.backoff_max = max(float(backoff_max), self.backoff_min)
+        self.max_frame = max_frame
+        self.max_queue_bytes = max_queue_bytes
+        self.max_connections = max_connections
+        self._store = LegacyStore()
+        self._links: dict[tuple[str, int], _Link] = {}
+        self._server: StreamServer | None = None
+        self._handlers: set[gevent.Greenlet] = set()
+        self._attempted = Event()  # every member in ``peers`` was tried once
+        self._announced = Event()  # New was queued (writers send nothing before)
+        self._ready = Event()  # start() may return
+        self._synced = Event()
+        self._join_link: _Link | None = None
+        self._started = False
+        self._stopping = False
+        self._pid = 0
+        self._generation = -1
+        self.started_at: float | None = None
+        self.received_messages = 0
+        self.received_bytes = 0
+        self.applied_ops = 0
+        self.skipped_messages = 0
+        self.accepts_applied = 0
+        self.refused_connections = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Listen, dial every member, send New, and wait for the chosen member's Accept.
+
+        As collective.js does, New goes out once every member was tried; it asks one
+        connected member (picked at random, preferring other hosts) for its data. Returns once
+        that member's Accept replaced the local data, or right away when no member could be
+        reached, or after ``timeout`` seconds. Raises ``OSError`` if the address cannot be
+        bound. Blocks the calling greenlet only.
+        """
+        if self._started:
+            raise RuntimeError("this LegacyCollective was already started; create a new one")
+        _node._register_fork_hook()
+        self._started = True
+        self._pid = os.getpid()
+        self._generation = _node._fork_generation
+        self.started_at = time.time()
+        self._server = StreamServer(
+            self.local, self._handle_connection, spawn=Pool(self.max_connections)
+        )
+        self._server.start()
+        deadline = time.monotonic() + timeout
+        for address in self.peers:
+            self._add_link(address, new_flag=False)
+        self._link_attempted()
+        self._attempted.wait(max(0.0, deadline - time.monotonic()))
+        self._announce()
+        if not self._ready.wait(max(0.0, deadline - time.monotonic())):
+            chosen = self._join_link.name if self._join_link is not None else "?"
+            log.warning(
+                "no Accept from %s within %.1fs; carrying on with the local data",
+                chosen,
+                timeout,
+            )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send what is queued to reachable members (waiting at most ``timeout`` seconds), then
+        close every connection. Reads keep working on the local copy afterwards."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        self._announced.set()  # writers still waiting for it must see the stop
+        deadline = time.monotonic() + timeout
+        links = list(self._links.values())
+        for link in links:
+            link.stop()
+        for link in links:
+            if link.greenlet is None:
+                continue
+            if link.state == "connected" and link.pending:
+                link.greenlet.join(max(0.0, deadline - time.monotonic()))
+            if not link.greenlet.dead:
+                link.greenlet.kill(block=True, timeout=1)
+        if self._handlers:
+            gevent.killall(list(self._handlers), block=True, timeout=1)
+        log.info("node %s (collective.js mode) stopped", format_address(self.local))
+
+    def __enter__(self) -> LegacyCollective:
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``, in the process that started it."""
+        return self._started and not self._stopping and self._generation == _node._fork_generation
+
+    @property
+    def synced(self) -> bool:
+        """True once a member's Accept replaced the local data."""
+        return self._synced.is_set()
+
+    def _check_writable(self) -> None:
+        if self._generation != _node._fork_generation:
+            raise NotStartedError(
+                f"this node belongs to process {self._pid}; start a new one after fork"
+            )
+        if not self._started or self._stopping:
+            raise NotStartedError("the node is not running: call start() first")
+
+    def _add_link(self, address: tuple[str, int], new_flag: bool | None) -> _Link:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = _Link(self, address, new_flag)
+            link.start()
+        return link
+
+    def _link_attempted(self) -> None:
+        if not self._attempted.is_set() and all(
+            self._links[address].attempted for address in self.peers
+        ):
+            self._attempted.set()
+
+    def _announce(self) -> None:
+        """Queue New on every connection: ``wants_data`` on one connected member, picked at
+        random among those on other hosts when there are any."""
+        if self._announced.is_set():
+            return
+        links = list(self._links.values())
+        connected = [link for link in links if link.state == "connected"]
+        remote = [link for link in connected if link.address[0] != self.advertise[0]]
+        chosen = random.choice(remote or connected) if connected else None
+        self._join_link = chosen
+        for link in links:
+            link.new_flag = link is chosen
+        if chosen is None:
+            self._ready.set()  # nobody to ask: we are the first member up
+        else:
+            log.info("asking %s for its data", chosen.name)
+        self._announced.set()
+
+    def _join_lost(self, link: _Link) -> None:
+        """The member asked for its data went away before its Accept came: ask another
+        connected member, or carry on without (collective.js would wait forever)."""
+        if self._ready.is_set() or self._stopping:
+            return
+        link.new_flag = False  # its reconnection must not ask again
+        others = [other for other in self._links.values() if other.state == "connected"]
+        remote = [other for other in others if other.address[0] != self.advertise[0]]
+        if not others:
+            log.warning("%s went away before sending its data; carrying on without", link.name)
+            self._join_link = None
+            self._ready.set()
+            return
+        chosen = self._join_link = random.choice(remote or others)
+        log.info("%s went away before sending its data; asking %s", link.name, chosen.name)
+        chosen.enqueue(encode_new(*self.advertise, True))
+
+    def stats(self) -> dict[str, Any]:
+        """A cheap, JSON-serialisable picture of this node and each of its members, shaped
+        like ``Collective.stats()`` (what has no meaning here is None or 0)."""
+        now = time.time()
+        peers = {}
+        for link in list(self._links.values()):
+            peers[link.name] = {
+                "state": link.state,
+                "peer_id": None,  # collective.js members have no identity
+                "queued_bytes": link.pending_bytes,
+                "queued_frames": len(link.pending),
+                "sent_frames": link.sent_frames,
+                "sent_bytes": link.sent_bytes,
+                "connects": link.connects,
+                "overflows": link.overflows,
+                "dropped_frames": link.dropped_frames,
+                "snapshots_sent": link.accepts_sent,
+                "relayed_frames": 0,
+                "last_error": link.last_error,
+                "last_error_at": link.last_error_at,
+            }
+        return {
+            "protocol": PROTOCOL,
+            "node_id": None,
+            "address": format_address(self.local),
+            "advertise": format_address(self.advertise),
+            "running": self.running,
+            "synced": self.synced,
+            "uptime": 0.0 if self.started_at is None else now - self.started_at,
+            "top_level_keys": len(self._store.data),
+            "history_keys": len(self._store.history),
+            "received_frames": self.received_messages,
+            "received_bytes": self.received_bytes,
+            "applied_ops": self.applied_ops,
+            "skipped_frames": self.skipped_messages,
+            "accepts_applied": self.accepts_applied,
+            "refused_connections": self.refused_connections,
+            "peers": peers,
+        }
+
+    # -- the data API ----------------------------------------------------------------------
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        """The value at ``key``, or ``default``; never touches the network.
+
+        Containers come back as copies: changing them changes nothing shared.
+        """
+        if self._generation != _node._fork_generation:
+            self._check_writable()
+        if type(key) is str and key and ".." not in key and key[0] != "." and key[-1] != ".":
+            return self._store.get(key.split("."), default)
+        return self._store.get(parse_key(key), default)
+
+    def set(self, key: Key, value: Any, op: int = SET) -> None:
+        """Set ``key`` to ``value`` here and send it to every member, stamped with the wall
+        clock in milliseconds.
+
+        ``op`` is collective.js's third argument: ``INCREMENT`` adds ``value``, ``DELETE``
+        removes the key (``value`` is ignored). Bad keys and values raise before anything is
+        applied or sent. As in collective.js, a SET older than the last SET of the same key
+        (the wall clock went back) is not applied, here either.
+        """
+        if isinstance(op, bool) or not isinstance(op, int):
+            raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
+        if op == SET:
+            self._check_writable()
+            path, key_text = wire_key(key)
+            value = clean_value(value)
+            time_ms = now_ms()
+            message = encode_data(key_text, time_ms, value, SET)
+            self._store.apply(key_text, path, time_ms, SET, value)
+            self._broadcast(message)
+        elif op == INCREMENT:
+            self.incr(key, value)
+        elif op == DELETE:
+            self.delete(key)
+        else:
+            raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
+
+    def incr(self, key: Key, amount: int | float = 1) -> int | float:
+        """Add ``amount`` to the number at ``key`` (missing counts as 0); returns the new local
+        value. Every member adds it when it arrives, whatever happened to the key meanwhile."""
+        self._check_writable()
+        path, key_text = wire_key(key)
+        amount = check_amount(amount)
+        current = self._store.get(path, MISSING)
+        if current is not MISSING and not is_number(current):
+            raise InvalidValueError(
+                f"cannot increment {key!r}: it holds a {type(current).__name__}, not a number"
+            )
+        time_ms = now_ms()
+        message = encode_data(key_text, time_ms, amount, INCREMENT)
+        self._store.apply(key_text, path, time_ms, INCREMENT, amount)
+        self._broadcast(message)
+        return self._store.get(path)
+
+    def delete(self, key: Key) -> None:
+        """Remove ``key`` (and everything below it) here and on every member."""
+        self._check_writable()
+        path, key_text = wire_key(key)
+        time_ms = now_ms()
+        message = encode_data(key_text, time_ms, None, DELETE)
+        self._store.apply(key_text, path, time_ms, DELETE, None)
+        self._broadcast(message)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A deep copy of the whole object."""
+        if self._generation != _node._fork_generation:
+            self._check_writable()
+        return copy_value(self._store.data)
+
+    def _broadcast(self, message: bytes) -> None:
+        # Queued for every member, connected or not: a link that is down sends it once it is
+        # back (collective.js sends only on the connections it has at that moment).
+        for link in self._links.values():
+            link.enqueue(message)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
+        current = gevent.getcurrent()
+        self._handlers.add(current)
+        peer = f"{address[0]}:{address[1]}"
+        try:
+            self._read_connection(sock, peer)
+        except MixedProtocolError as exc:
+            self.refused_connections += 1
+            log.warning("refusing connection from %s: %s", peer, exc)
+        except ProtocolError as exc:
+            self.refused_connections += 1
+            log.warning("connection from %s closed: %s", peer, exc)
+        except OSError as exc:
+            log.info("connection from %s closed: %s", peer, exc or type(exc).__name__)
+        finally:
+            self._handlers.discard(current)
+            sock.close()
+
+    def _read_connection(self, sock: Any, peer: str) -> None:
+        decoder = LineDecoder(self.max_frame)
+        recv = sock.recv
+        while True:
+            data = recv(_RECV_SIZE)
+            if not data:
+                return
+            self.received_bytes += len(data)
+            for line in decoder.feed(data):
+                self._dispatch(line, peer)
+            gevent.sleep(0)  # fairness: one busy member must not starve the others
+
+    def _dispatch(self, line: bytes, peer: str) -> None:
+        """Apply one line; an unusable one is skipped (and logged), not fatal."""
+        if not line.strip():
+            return
+        try:
+            kind, payload = parse_message(line)
+            if kind == DATA:
+                key, path, time_ms, value, op = parse_data(payload)
+                self.received_messages += 1
+                if self._store.apply(key, path, time_ms, op, value):
+                    self.applied_ops += 1
+            elif kind == NEW:
+                host, port, wants = parse_new(payload)
+                self.received_messages += 1
+                self._on_new(host, port, wants)
+            else:
+                self.received_messages += 1
+                self._on_accept(payload, peer)
+        except MixedProtocolError:
+            raise
+        except ProtocolError as exc:
+            self.skipped_messages += 1
+            log.warning("skipped a message from %s: %s", peer, exc)
+
+    def _on_new(self, host: str, port: int, wants: bool) -> None:
+        """A member started: connect back if we have no link to it, then answer with Accept."""
+        address = (host, port)
+        if address in (self.local, self.advertise) or self._stopping:
+            return
+        link = self._links.get(address)
+        if link is None:
+            log.info("member %s is new: connecting back", format_address(address))
+            link = self._add_link(address, new_flag=None)
+        else:
+            # New is sent by a member that just (re)started, or redialed us: it has a
+            # connection to us, so our next connection needs no New of its own (and two
+            # members reconnecting cannot set each other off in a loop).
+            if link.new_flag is not True:  # unless our own join request is still unsent
+                link.new_flag = None
+            if link.state == "connected":
+                # Our connection may lead to its previous process (gone without a FIN, or
+                # its FIN not seen yet), where the Accept would be lost: use a fresh one.
+                # What was already sent on it is delivered before its FIN.
+                link.retire = True
+            link.kick.set()
+        # Encoded now, in one go: the member gets the data as of now, followed by the Data of
+        # every later change, already queued behind it.
+        link.enqueue(encode_accept(self._store.data if wants else None), counted=False)
+        if wants:
+            link.accepts_sent += 1
+            log.info("sending our data to %s", link.name)
+
+    def _on_accept(self, payload: Any, peer: str) -> None:
+        if payload is None:
+            return
+        if type(payload) is not dict:
+            raise ProtocolError(f"Accept carries a {type(payload).__name__}, not an object")
+        _check_json(payload, 0)
+        self._store.replace(payload)
+        self.accepts_applied += 1
+        log.info(
+            "replaced the local data with the snapshot from %s (%d top-level keys)",
+            peer,
+            len(payload),
+        )
+        self._synced.set()
+        self._ready.set()
