@@ -4,12 +4,25 @@ same tree with exact totals. CI runs the short variant; ``pytest -m soak`` runs 
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 import time
 
 import pytest
 from cluster import converged, wait_until
 from faults import ProxiedCluster
+
+
+def wait_converged(cluster: ProxiedCluster, leaves: int | None = None) -> None:
+    """Wait until the live members agree; on failure, print what each one holds and sees."""
+    nodes = cluster.live()
+    try:
+        wait_until(lambda: converged(nodes, leaves=leaves), timeout=120, interval=0.2)
+    except AssertionError:
+        for node in nodes:
+            print(node.port, node.summary(), json.dumps(node.call("stats")), file=sys.stderr)
+        raise
 
 
 def run_soak(seconds: float, seed: int) -> None:
@@ -43,15 +56,13 @@ def run_soak(seconds: float, seed: int) -> None:
             else:
                 # Kill a member only once the others hold all it wrote: nothing to lose.
                 cluster.heal()
-                live_nodes = cluster.live()
-                wait_until(lambda nodes=live_nodes: converged(nodes), timeout=60)
+                wait_converged(cluster)
                 victim = rng.choice(live)
                 cluster.nodes[victim].kill()
                 cluster.launch(victim)
         cluster.heal()
         nodes = cluster.live()
-        leaves = expected_leaves + (1 if expected_total else 0)
-        wait_until(lambda: converged(nodes, leaves=leaves), timeout=120, interval=0.2)
+        wait_converged(cluster, leaves=expected_leaves + (1 if expected_total else 0))
         assert all(n.call("get", key="total")["value"] == (expected_total or None) for n in nodes)
     finally:
         cluster.close()

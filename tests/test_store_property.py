@@ -15,6 +15,7 @@ Runs are deterministic (``derandomize=True``). For a deeper bug hunt run e.g.::
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import itertools
 import os
@@ -85,9 +86,14 @@ def store_with(ops: Iterable[Op]) -> Any:
 
 
 def deliver(store: Any, ops: Iterable[Op]) -> None:
-    """Apply ``ops`` to ``store`` one by one, in iteration order."""
+    """Apply ``ops`` to ``store`` one by one, in iteration order.
+
+    ``Store.apply`` takes ownership of the SET value (it may keep and later mutate it), like
+    values freshly decoded from the wire. Each delivery therefore gets its own deep copy, so one
+    replica cannot corrupt the ``Op`` shared with the model and the other replicas.
+    """
     for operation in ops:
-        store.apply(operation.stamp, operation.op, operation.path, operation.value)
+        store.apply(operation.stamp, operation.op, operation.path, copy.deepcopy(operation.value))
 
 
 def roundtrip(exported: Any) -> Any:
@@ -148,10 +154,18 @@ json_values = st.recursive(
 )
 
 # Stamps: mostly small (readable shrinks, lots of adjacency) but also negative, zero and
-# int64-extreme values, since the contract only promises "a unique Python int".
+# int64-extreme values, since the contract only promises "a unique Python int", and the real
+# hybrid-logical-clock shape ``(hlc << 64) | node_id`` (~120-bit ints, beyond int64/uint64).
+NODE_BITS = 64
+hlc_stamps = st.builds(
+    lambda hlc, node_id: (hlc << NODE_BITS) | node_id,
+    st.integers(min_value=0, max_value=2**58),
+    st.integers(min_value=1, max_value=2**63 - 1),
+)
 stamps = st.one_of(
     st.integers(min_value=-5, max_value=60),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    hlc_stamps,
 )
 
 
@@ -200,10 +214,16 @@ NUM_ORIGINS = 3
 def origin_streams(draw: st.DrawFn) -> tuple[list[Op], list[Op]]:
     """Ops from 3 origins with per-origin increasing stamps, interleaved keeping each order.
 
-    Stamps follow the ``counter * 8 + origin`` shape of a Lamport-style clock; counters jump by
-    a random amount so origins overtake each other in stamp order. Occasionally an op is
-    redelivered later (a retransmission), which must be a no-op.
+    Stamps follow either the ``counter * 8 + origin`` shape of a Lamport-style clock or the
+    real ``(hlc << 64) | node_id`` shape; counters jump by a random amount so origins overtake
+    each other in stamp order. Occasionally an op is redelivered later (a retransmission),
+    which must be a no-op.
     """
+    hlc_shaped = draw(st.booleans())
+    base = draw(st.integers(0, 2**58)) if hlc_shaped else 0
+    node_ids = draw(
+        st.lists(st.integers(1, 2**63 - 1), min_size=NUM_ORIGINS, max_size=NUM_ORIGINS, unique=True)
+    )
     queues: list[list[Op]] = []
     for origin in range(NUM_ORIGINS):
         bodies = draw(st.lists(op_bodies(), max_size=6))
@@ -211,7 +231,11 @@ def origin_streams(draw: st.DrawFn) -> tuple[list[Op], list[Op]]:
         stream = []
         for body in bodies:
             counter += draw(st.integers(1, 3))
-            stream.append(Op(counter * 8 + origin, *body))
+            if hlc_shaped:
+                stamp = ((base + counter) << NODE_BITS) | node_ids[origin]
+            else:
+                stamp = counter * 8 + origin
+            stream.append(Op(stamp, *body))
         queues.append(stream)
     all_ops = [operation for stream in queues for operation in stream]
     # A permutation of origin labels (one per op) decides the interleaving; popping from the
@@ -322,28 +346,31 @@ def test_empty_store() -> None:
     assert store.get(("a",), "default") == "default"
 
 
-def test_values_are_copied_in_and_out() -> None:
-    """Mutating a SET value, a to_dict() result or a get() result never changes the store."""
-    value = {"b": [1, {"c": 2}]}
-    store = store_with([Op(1, SET, ("a",), value)])
-    value["b"][1]["c"] = "mutated"
-    value["new"] = 1
-    assert_tree(store.to_dict(), {"a": {"b": [1, {"c": 2}]}})
+def test_reads_return_copies() -> None:
+    """Mutating a to_dict() or get() result never changes the store.
 
+    (The SET value itself is handed over to the store: ``apply`` documents that it may keep it.)
+    """
+    store = store_with([Op(1, SET, ("a",), {"b": [1, {"c": 2}]})])
     snapshot = store.to_dict()
     snapshot["a"]["b"].append("mutated")
+    snapshot["a"]["b"][1]["c"] = "mutated"
     snapshot["z"] = 1
     assert_tree(store.to_dict(), {"a": {"b": [1, {"c": 2}]}})
 
     got = store.get(("a",))
     got["b"][1]["c"] = "mutated"
-    got_list = store.get(("a", "b"))
-    got_list.clear()
+    got["new"] = 1
+    store.get(("a", "b")).clear()
     assert_tree(store.to_dict(), {"a": {"b": [1, {"c": 2}]}})
 
 
-def test_export_is_not_aliased() -> None:
-    """Mutating an export (or merging it elsewhere) does not affect the exporting store."""
+def test_merge_does_not_couple_replicas() -> None:
+    """After B merges A's (unserialised) export, later ops on B do not show up on A.
+
+    export() itself is not promised to be a copy (the store shares leaf values with it to keep
+    snapshots cheap), so callers serialise it before anyone may mutate it.
+    """
     ops = [Op(1, SET, ("a", "b"), [1, 2]), Op(2, INCREMENT, ("c",), 3)]
     store = store_with(ops)
     exported = store.export()
@@ -368,7 +395,7 @@ def test_any_delivery_order_matches_model(case: tuple[list[Op], list[Op]]) -> No
     store = new_store()
     received: list[Op] = []
     for operation in schedule:
-        store.apply(operation.stamp, operation.op, operation.path, operation.value)
+        deliver(store, [operation])
         received.append(operation)
         assert_store_matches(store, received, f"schedule: {schedule!r}")
 
@@ -511,6 +538,69 @@ def test_gossip_apply_and_merge_interleaved(case: tuple[list[Op], list[tuple]]) 
         assert_store_matches(store, everything, f"after full exchange of actions {actions!r}")
 
 
+@_settings(max_examples=150)
+@given(st.data())
+def test_merge_export_in_chunks_with_live_ops(data: st.DataObject) -> None:
+    """merge() accepts any slice of an export (documented by the store so a snapshot can be
+    streamed in chunks), in any chunk order, interleaved with live operations.
+
+    The export's contents stay opaque, but the store documents one export item per top-level
+    key. Since the root is always a dict, ops under different top-level keys never interact,
+    so while chunks are pending each top-level key must show either the target's own view or
+    the merged view of that key; the end result is the full fold.
+    """
+    ops = data.draw(op_sets(max_size=14), label="ops")
+    placement = data.draw(
+        st.lists(
+            st.sampled_from(["source", "target", "both", "live"]),
+            min_size=len(ops),
+            max_size=len(ops),
+        ),
+        label="placement",
+    )
+    source_ops = [o for o, p in zip(ops, placement, strict=True) if p in ("source", "both")]
+    target_ops = [o for o, p in zip(ops, placement, strict=True) if p in ("target", "both")]
+    live_ops = [o for o, p in zip(ops, placement, strict=True) if p == "live"]
+    source = store_with(data.draw(deliveries(source_ops), label="source schedule"))
+    target = store_with(data.draw(deliveries(target_ops), label="target schedule"))
+
+    items = roundtrip(source.export())
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(items)), max_size=4), label="cuts"))
+    bounds = [0, *cuts, len(items)]
+    chunks = [items[start:end] for start, end in itertools.pairwise(bounds)]
+    chunks = data.draw(st.permutations(chunks), label="chunk order")
+    live_schedule = data.draw(deliveries(live_ops), label="live schedule")
+    # Split the live ops into one batch per gap around the chunks.
+    live_cuts = sorted(
+        data.draw(st.lists(st.integers(0, len(live_schedule)), max_size=len(chunks))),
+    )
+    live_bounds = [0, *live_cuts, len(live_schedule)]
+    live_batches = [live_schedule[a:b] for a, b in itertools.pairwise(live_bounds)]
+
+    received = list(target_ops)
+    for step in range(max(len(chunks), len(live_batches))):
+        if step < len(live_batches):
+            deliver(target, live_batches[step])
+            received += live_batches[step]
+        if step < len(chunks):
+            target.merge(chunks[step])
+        tree = target.to_dict()
+        own, merged = fold(received), fold(received + source_ops)
+        for key in own.keys() | merged.keys() | tree.keys():
+            actual = tree.get(key, MISSING)
+            if not (
+                strict_equal(actual, own.get(key, MISSING))
+                or strict_equal(actual, merged.get(key, MISSING))
+            ):
+                pytest.fail(
+                    f"key {key!r} after step {step}: store {actual!r}, expected "
+                    f"{own.get(key, MISSING)!r} (not merged yet) or "
+                    f"{merged.get(key, MISSING)!r} (merged)\nsource ops {source_ops!r}\n"
+                    f"target ops {target_ops!r}\nlive {live_batches!r}"
+                )
+    assert_store_matches(target, received + source_ops, "after all chunks and live ops")
+
+
 @_settings(max_examples=250)
 @given(
     ops_and_delivery(),
@@ -568,6 +658,49 @@ def test_odd_path_segments(data: st.DataObject) -> None:
             assert actual is MISSING
         else:
             assert_tree(actual, expected, f"get({operation.path!r})")
+
+
+# --------------------------------------------------------------------------------------------
+# Exhaustive small universe: every 3-op history, every delivery order, every 2-way split
+# --------------------------------------------------------------------------------------------
+
+# Op bodies chosen to hit every interaction kind on a chain of nested paths: scalar and dict
+# SETs (including one whose members overlap deeper paths), INCREMENTs (int and float) and
+# DELETEs at each level.
+_EXHAUSTIVE_BODIES = [
+    (SET, ("a",), 1),
+    (SET, ("a",), {"b": {"c": 2}}),
+    (INCREMENT, ("a",), 1),
+    (DELETE, ("a",), None),
+    (SET, ("a", "b"), {}),
+    (INCREMENT, ("a", "b"), 0.5),
+    (DELETE, ("a", "b"), None),
+    (SET, ("a", "b", "c"), 3),
+    (INCREMENT, ("a", "b", "c"), 1),
+    (DELETE, ("a", "b", "c"), None),
+]
+
+
+def test_exhaustive_three_op_histories() -> None:
+    """Every sequence of 3 ops from a small universe (stamps 1..3), in every delivery order
+    and merged from every 2-way split, matches the model."""
+    failures: list[str] = []
+    for combo in itertools.product(_EXHAUSTIVE_BODIES, repeat=3):
+        ops = [Op(stamp, *body) for stamp, body in enumerate(combo, start=1)]
+        expected = fold(ops)
+        for schedule in itertools.permutations(ops):
+            actual = store_with(schedule).to_dict()
+            if not strict_equal(actual, expected):
+                failures.append(f"apply {list(schedule)!r}: store {actual!r}, model {expected!r}")
+        for mask in range(1, 2 ** len(ops) - 1):
+            a_ops = [o for i, o in enumerate(ops) if mask >> i & 1]
+            b_ops = [o for i, o in enumerate(ops) if not mask >> i & 1]
+            store = store_with(a_ops)
+            store.merge(roundtrip(store_with(b_ops).export()))
+            actual = store.to_dict()
+            if not strict_equal(actual, expected):
+                failures.append(f"{a_ops!r} merged {b_ops!r}: store {actual!r}, model {expected!r}")
+    assert not failures, f"{len(failures)} divergences, first ones:\n" + "\n".join(failures[:10])
 
 
 # --------------------------------------------------------------------------------------------
