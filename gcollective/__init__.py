@@ -14,6 +14,7 @@ import enum
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ._errors import (
+    AuthenticationError,
     GcollectiveError,
     InvalidKeyError,
     InvalidValueError,
@@ -41,6 +42,8 @@ __all__ = [
     "delete",
     "snapshot",
     "default_node",
+    "generate_secret",
+    "AuthenticationError",
     "GcollectiveError",
     "InvalidKeyError",
     "InvalidValueError",
@@ -99,7 +102,7 @@ def start(
 
     Blocks the calling greenlet until a live peer's state is merged or each peer failed once
     (at most ``timeout`` seconds). ``GCOLLECTIVE_PROTOCOL`` in the environment sets
-    ``protocol`` when it is not passed.
+    ``protocol`` when it is not passed, and ``GCOLLECTIVE_SECRET`` sets ``secret``.
     """
     global _default
     import os
@@ -108,6 +111,9 @@ def start(
 
     if "protocol" not in options and os.environ.get("GCOLLECTIVE_PROTOCOL"):
         options["protocol"] = os.environ["GCOLLECTIVE_PROTOCOL"]
+    if "secret" not in options and os.environ.get("GCOLLECTIVE_SECRET"):
+        # From the environment so it stays out of code, config files and process listings.
+        options["secret"] = os.environ["GCOLLECTIVE_SECRET"]
     current = _default
     if current is not None and current.running:
         raise RuntimeError("gcollective.start() was already called in this process")
@@ -115,6 +121,17 @@ def start(
     node.start(timeout=timeout)
     _default = node
     return node
+
+
+def generate_secret() -> str:
+    """A fresh random secret (256 bits as URL-safe text) for ``secret=`` or
+    ``GCOLLECTIVE_SECRET``. From a shell::
+
+        python -c "import gcollective; print(gcollective.generate_secret())"
+    """
+    from ._auth import generate_secret as generate
+
+    return generate()
 
 
 def stop(timeout: float = 5.0) -> None:

@@ -14,7 +14,8 @@ AUTH1        dialer -> acceptor ``["auth", 1, version, dialer_nonce, dialer_info
 AUTH2        acceptor -> dialer ``["auth", 2, acceptor_nonce, acceptor_info, acceptor_proof]``
 AUTH3        dialer -> acceptor ``["auth", 3, dialer_proof]``
 REFUSE       either way ``["auth", 0, code]``: why a side gives up (``wrong-secret``,
-             ``no-secret``, ``secret-required``, ``bad-message``, ``version``); for the
+             ``no-secret``, ``secret-required``, ``bad-message``, ``version``; and
+             ``tls-required``, sent in clear by a TLS node to a plain one); for the
              peer's log only, it is not authenticated and changes no decision
 ===========  =============================================================================
 
@@ -89,7 +90,8 @@ import secrets
 import struct
 from typing import Any, NamedTuple, Union
 
-from ._errors import ProtocolError
+# Defined with the other exceptions so that ``gcollective`` can export it without this module.
+from ._errors import AuthenticationError
 
 __all__ = [
     "AUTH_VERSION",
@@ -156,27 +158,9 @@ _REFUSALS = {
     "set the same secret on every member",
     "bad-message": "it could not parse our handshake message",
     "version": "it speaks another version of the authentication handshake",
+    "tls-required": "it requires TLS and this node has none; "
+    "set certfile, keyfile and cafile on every member",
 }
-
-
-class AuthenticationError(ProtocolError):
-    """A connection failed or skipped authentication, or a sealed record is not authentic.
-
-    ``reason`` is a short code for logs and tests: ``bad-proof`` (a different secret, or a
-    replayed or altered handshake), ``missing-handshake`` (the peer sent a plain HELLO: it has
-    no secret), ``no-secret`` (the peer wants to authenticate and this node has no secret),
-    ``refused`` (the peer sent REFUSE; the message says why), ``bad-message``, ``version``,
-    ``closed`` (the peer hung up during the handshake), ``bad-record`` (a sealed record is
-    altered, replayed, reordered or oversized) or ``truncated``.
-
-    ``reply`` is a REFUSE line worth sending to the peer before closing (best effort; it tells
-    the peer's log why), or ``b""``.
-    """
-
-    def __init__(self, message: str, reason: str, reply: bytes = b"") -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.reply = reply
 
 
 class Step(NamedTuple):

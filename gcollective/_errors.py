@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "GcollectiveError",
     "InvalidKeyError",
     "InvalidValueError",
@@ -29,3 +30,24 @@ class NotStartedError(GcollectiveError, RuntimeError):
 
 class ProtocolError(GcollectiveError):
     """A peer sent bytes that break the wire protocol; its connection is closed."""
+
+
+class AuthenticationError(ProtocolError):
+    """A connection failed or skipped authentication, or a sealed record is not authentic.
+
+    ``reason`` is a short code for logs and tests: ``bad-proof`` (a different secret, or a
+    replayed or altered handshake), ``missing-handshake`` (the peer sent a plain HELLO: it has
+    no secret), ``no-secret`` (the peer wants to authenticate and this node has no secret),
+    ``refused`` (the peer sent REFUSE; the message says why), ``bad-message``, ``version``,
+    ``closed`` (the peer hung up during the handshake), ``bad-record`` (a sealed record is
+    altered, replayed, reordered or oversized), ``truncated`` or ``tls`` (the TLS handshake
+    failed).
+
+    ``reply`` is a REFUSE line worth sending to the peer before closing (best effort; it tells
+    the peer's log why), or ``b""``.
+    """
+
+    def __init__(self, message: str, reason: str, reply: bytes = b"") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.reply = reply

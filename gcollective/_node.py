@@ -15,10 +15,17 @@ Shape (see the README's design section):
   after reaching only some peers.
 - A node starting empty asks one live peer for a snapshot of its whole state, metadata and
   version vector included, and merges it with whatever arrives meanwhile.
+- Security (``_auth``, ``_tls``; threat model in ``_auth``'s docstring): with TLS options the
+  first thing on a connection is a mutual TLS handshake; with a secret, next comes the
+  challenge-response handshake, after which the dialer sends only sealed records. Both run
+  under the handshake timeout of an accepted connection, inside the connection pool, before
+  a single frame is decoded: the limits apply to strangers too.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
 import random
@@ -32,8 +39,18 @@ from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from . import _store
+from ._auth import (
+    MIN_SECRET_BYTES,
+    AcceptorHandshake,
+    DialerHandshake,
+    Sealer,
+    check_no_auth,
+    encode_refusal,
+    explain_refusal,
+    secret_is_weak,
+)
 from ._clock import HybridClock, new_node_id, stamp_origin
-from ._errors import InvalidValueError, NotStartedError, ProtocolError
+from ._errors import AuthenticationError, InvalidValueError, NotStartedError, ProtocolError
 from ._oplog import OpLog, Progress
 from ._store import DELETE, INCREMENT, SET, Store, is_number
 from ._validate import (
@@ -70,6 +87,9 @@ __all__ = ["Collective"]
 log = logging.getLogger("gcollective")
 
 _RECV_SIZE = 256 * 1024
+# The first two bytes of a TLS record carrying a handshake (a ClientHello): how a node without
+# TLS recognises a peer that speaks it, to say so instead of "not JSON".
+_TLS_HANDSHAKE = b"\x16\x03"
 _SNAPSHOT_CHUNK_KEYS = 2048  # top-level keys per SNAPSHOT frame
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
@@ -88,6 +108,71 @@ def _register_fork_hook() -> None:
     if not _fork_hook_registered:
         os.register_at_fork(after_in_child=_after_fork_in_child)
         _fork_hook_registered = True
+
+
+def _check_secret(secret: Any) -> bytes | None:
+    """The secret as bytes (str is UTF-8), or ``None``; ``TypeError`` / ``ValueError`` if it
+    cannot be one. Never put the secret itself in a message."""
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    elif isinstance(secret, (bytes, bytearray)):
+        secret = bytes(secret)
+    else:
+        raise TypeError(f"secret must be str or bytes, not {type(secret).__name__}")
+    if not secret:
+        raise ValueError("secret must not be empty (pass None for no authentication)")
+    return secret
+
+
+def _check_tls_files(certfile: Any, keyfile: Any, cafile: Any) -> dict[str, Any] | None:
+    """The TLS options as ``_tls``'s context builders take them, or ``None`` without TLS.
+
+    All or nothing: half a TLS configuration is a mistake, never a request for no TLS.
+    """
+    given = {"certfile": certfile, "keyfile": keyfile, "cafile": cafile}
+    if all(value is None for value in given.values()):
+        return None
+    for name, value in given.items():
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path, not {type(value).__name__}")
+    missing = [name for name in ("certfile", "cafile") if given[name] is None]
+    if missing:
+        raise ValueError(
+            f"TLS needs certfile (this member's certificate) and cafile (the collective's "
+            f"CA), and keyfile unless the key is in certfile; missing: {', '.join(missing)}"
+        )
+    return given
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def _check_not_tls(data: bytes) -> None:
+    """Refuse, with a clear reason, a peer that opens with TLS when this node has none."""
+    if data.startswith(_TLS_HANDSHAKE):
+        raise AuthenticationError(
+            "peer opened with a TLS handshake instead of HELLO: it uses TLS and this node "
+            "does not (set certfile, keyfile and cafile on every member)",
+            "tls",
+        )
+
+
+def _send_quietly(sock: Any, data: bytes) -> None:
+    """Best effort, to a connection about to be closed: tell the peer's log why."""
+    if data:
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(data)
+        except OSError:
+            pass
 
 
 class _PeerLink:
@@ -128,6 +213,13 @@ class _PeerLink:
         self.relayed_frames = 0
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        # The current connection passed the secret handshake / runs over TLS (for stats()).
+        self.authenticated = False
+        self.tls = False
+        self._phase = "connect"  # what the writer is doing, for failure messages
+        # Security problems already logged at WARNING: a misconfigured peer fails the same way
+        # on every retry, and one line per retry would bury the rest of the log.
+        self._warned: set[str] = set()
 
     def enqueue(self, frame: bytes) -> None:
         """Queue a frame; never blocks. A peer that lets too much pile up is dropped: the
@@ -153,7 +245,9 @@ class _PeerLink:
         """End the current connection (the writer reconnects after its backoff)."""
         sock = self._sock
         if sock is not None:
-            # Shut down (not just close) so a sendall blocked in the writer fails now.
+            # Shut down (not just close) so a sendall blocked in the writer fails now. On a TLS
+            # socket this also drops the TLS state, but the descriptor is shut for writing,
+            # so nothing can leave in clear afterwards.
             try:
                 sock.shutdown(gsocket.SHUT_RDWR)
             except OSError:
@@ -189,6 +283,7 @@ class _PeerLink:
         failures = 0
         while not node._stopping:
             self.state = "connecting"
+            self._phase = "connect"
             try:
                 sock = gsocket.create_connection(self.address, timeout=node.connect_timeout)
             except OSError as exc:
@@ -196,23 +291,45 @@ class _PeerLink:
                 failures += 1
                 self._backoff(failures)
                 continue
-            failures = 0
             self._sock = sock
             try:
                 self._serve(sock)
-            except OSError as exc:
-                self._failed(f"send: {exc}")
+            except AuthenticationError as exc:
+                # "closed" is a peer hanging up mid-handshake (restarting, overloaded): as
+                # transient as a refused connect. Anything else is a configuration problem
+                # (or an attack) worth one warning.
+                problem = None if exc.reason == "closed" else str(exc)
+                self._failed(f"{self._phase}: {exc}", problem)
                 failures += 1
-                if not node._stopping:
-                    self._backoff(failures)
+            except OSError as exc:
+                # A peer that refused us may have said why (a REFUSE line, a TLS alert) before
+                # closing; a TLS error explains itself.
+                problem = self._tls_problem(exc) or self._peer_said(self._sock)
+                if self.state == "connected" and problem is None:
+                    failures = 0  # it worked: retry soon, as after any lost connection
+                self._failed(f"{self._phase}: {problem or exc}", problem)
+                failures += 1
             finally:
-                self._sock = None
+                current, self._sock = self._sock, None
+                if current is not None and current is not sock:
+                    current.close()  # the TLS socket wrapping ``sock``
                 sock.close()
+                self.authenticated = self.tls = False
+            if not node._stopping:
+                self._backoff(failures)
         self.state = "stopped"
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, problem: str | None = None) -> None:
         node = self.node
-        if self.state == "connected":
+        if problem is not None and problem not in self._warned:
+            self._warned.add(problem)
+            log.warning("peer %s: %s (retrying; logged once)", self.name, reason)
+        elif self.state == "connected":
+            if problem is None:
+                # An ordinary loss after a connection that worked: should a security problem
+                # come up next, it is news again. (Not cleared on connecting: without a secret
+                # the refusal only shows after "connected".)
+                self._warned.clear()
             log.info("peer %s: connection lost (%s)", self.name, reason)
         elif not self.attempted:
             log.debug("peer %s: not reachable yet (%s)", self.name, reason)
@@ -226,11 +343,90 @@ class _PeerLink:
             node._request_snapshot()
         node._check_ready()
 
+    def _tls_problem(self, exc: OSError) -> str | None:
+        """A TLS error's explanation (e.g. the acceptor rejected our certificate, which TLS 1.3
+        reports on the first read after the handshake), or ``None`` for other errors."""
+        tls = self.node._tls
+        if tls is None or not isinstance(exc, tls.SSLError):
+            return None
+        if isinstance(exc, (tls.gssl.SSLEOFError, tls.gssl.SSLZeroReturnError)):
+            return None  # the peer just went away, as a plain connection would
+        return f"TLS: {tls.explain_tls_error(exc)}"
+
+    def _peer_said(self, sock: Any) -> str | None:
+        """After a connection failed: why the peer refused it, if it said so before closing.
+
+        Only an acceptor that refuses us writes anything on our connection: a REFUSE line
+        (it requires a secret, or TLS, and this node has none) or, over TLS, an alert (it
+        rejected our certificate). Reads what is already there without waiting.
+        """
+        if sock is None:
+            return None
+        try:
+            sock.settimeout(0.0)
+            data = sock.recv(4096)
+        except OSError as exc:
+            tls = self.node._tls
+            if tls is not None and isinstance(
+                exc, (tls.gssl.SSLWantReadError, tls.gssl.SSLWantWriteError)
+            ):
+                return None  # nothing there
+            return self._tls_problem(exc)
+        for line in data.split(b"\n")[:-1]:
+            try:
+                why = explain_refusal(json.loads(line))
+            except ValueError:
+                continue
+            if why is not None:
+                return why
+        return None
+
+    def _secure(self, sock: Any) -> tuple[Any, Sealer | None, bytes]:
+        """Run the TLS and secret handshakes the node is configured for, as the dialer.
+
+        Returns the socket to use from then on (the TLS one, if any), the sealer for what
+        follows (``None`` without a secret) and the last handshake message, which goes out
+        with the first sealed record. Raises ``AuthenticationError`` or ``OSError``.
+        """
+        node = self.node
+        deadline = time.monotonic() + node.handshake_timeout
+        if node._client_tls is not None:
+            self._phase = "TLS handshake"
+            sock = node._tls.connect_tls(
+                sock, node._client_tls, self.address[0], node.handshake_timeout
+            )
+            self._sock = sock  # drop_connection() must reach this one
+            self.tls = True
+        if node._secret is None:
+            return sock, None, b""
+        self._phase = "authentication"
+        handshake = DialerHandshake(node._secret, node._info)
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(handshake.start())
+        while True:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            data = sock.recv(4096)
+            try:
+                step = handshake.receive(data)
+            except AuthenticationError as exc:
+                if exc.reply:
+                    try:
+                        sock.sendall(exc.reply)  # tell the peer's log why, if it listens
+                    except OSError:
+                        pass
+                raise
+            if step.done:
+                self.authenticated = True
+                return sock, handshake.sealer(), step.send
+
     def _serve(self, sock: Any) -> None:
-        """Send HELLO and then everything that becomes pending, plus PROGRESS regularly."""
+        """Secure the connection as configured, then send HELLO and everything that becomes
+        pending, plus PROGRESS regularly."""
         node = self.node
         sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_KEEPALIVE, 1)
+        sock, sealer, last_handshake_message = self._secure(sock)
+        self._phase = "send"
         sock.settimeout(node.send_timeout)
         flags = 0
         if not node._synced.is_set() and node._snapshot_link is None:
@@ -242,10 +438,17 @@ class _PeerLink:
         self.connects += 1
         self.state = "connected"
         self.attempted = True
-        log.info("peer %s: connected", self.name)
+        if sealer is None and not self.tls:
+            log.info("peer %s: connected", self.name)
+        else:
+            log.info("peer %s: connected (%s)", self.name, self._security())
         if self.snapshot_due and not self.snapshot_queued:
             self.resync()  # the last one was lost with its connection
-        sock.sendall(hello + node._progress_frame())
+        if sealer is None:
+            sock.sendall(hello + node._progress_frame())
+        else:
+            # One sendall for AUTH3 and the first record: the acceptor reads them together.
+            sock.sendall(last_handshake_message + sealer.seal(hello + node._progress_frame()))
         wake = self.wake
         interval = node.sync_interval
         next_progress = time.monotonic() + interval
@@ -265,9 +468,19 @@ class _PeerLink:
             self.pending_bytes = 0
             self.snapshot_queued = False
             data = b"".join(batch)
-            sock.sendall(data)
+            # Sealed here, in the one greenlet that sends, so records go out in counter order.
+            sock.sendall(data if sealer is None else sealer.seal(data))
             self.sent_frames += len(batch)
             self.sent_bytes += len(data)
+
+    def _security(self) -> str:
+        """How the current connection is protected, for log lines."""
+        parts = []
+        if self.tls:
+            parts.append(f"TLS, {self.node._tls.describe_peer(self._sock)}")
+        if self.authenticated:
+            parts.append("authenticated by the secret")
+        return "; ".join(parts) or "no authentication"
 
     def stop(self) -> None:
         self.wake.set()
@@ -305,10 +518,32 @@ class Collective:
         max_connections: incoming connections served at once (1024).
         advertise: the address announced to peers, when they reach this node at another
             address than ``local`` (a proxy, NAT or container port); default ``local``.
+        secret: the collective's shared secret (str or bytes; the same on every member), or
+            ``None``. Every connection then starts with a mutual challenge-response and every
+            frame after it is authenticated (not encrypted): only holders of the secret can
+            write or read. Use a random one: ``gcollective.generate_secret()``.
+            ``gcollective.start()`` takes it from ``GCOLLECTIVE_SECRET`` when not passed.
+        certfile, keyfile, cafile: mutual TLS (encryption, and membership by certificate):
+            this member's certificate (PEM), its key (omit it if ``certfile`` holds the key
+            too) and the collective's own CA. Both ends verify the other's certificate
+            against ``cafile``, so every certificate that CA signs is a member. Combine with
+            ``secret`` to require both.
     """
 
     def __new__(cls, *args: Any, protocol: str = "gcollective", **options: Any) -> Any:
         if protocol == "collective.js":
+            secured = [
+                name
+                for name in ("secret", "certfile", "keyfile", "cafile")
+                if options.get(name) is not None
+            ]
+            if secured:
+                # Fail closed: running unauthenticated when a secret was asked for would be
+                # worse than not running.
+                raise ValueError(
+                    f"{', '.join(secured)}: protocol 'collective.js' has no authentication "
+                    "or encryption; use protocol 'gcollective' to secure a collective"
+                )
             from ._legacy import LegacyCollective
 
             return LegacyCollective(*args, protocol=protocol, **options)
@@ -336,6 +571,10 @@ class Collective:
         advertise: Any = None,
         down_timeout: float = 600.0,
         clock_skew: float = 10.0,
+        secret: str | bytes | None = None,
+        certfile: str | os.PathLike[str] | None = None,
+        keyfile: str | os.PathLike[str] | None = None,
+        cafile: str | os.PathLike[str] | None = None,
     ) -> None:
         self.local = parse_address(local)
         self.advertise = self.local if advertise is None else parse_address(advertise)
@@ -379,6 +618,13 @@ class Collective:
         self.max_connections = max_connections
         self.down_timeout = float(down_timeout)
         self.clock_skew = float(clock_skew)
+        self._secret = _check_secret(secret)
+        self._tls_files = _check_tls_files(certfile, keyfile, cafile)
+        self._tls: Any = None  # the _tls module, imported by start() when TLS is configured
+        self._server_tls: Any = None  # ssl contexts, built by start()
+        self._client_tls: Any = None
+        # Says who we are in the handshake (authenticated, not secret): the advertised address.
+        self._info = format_address(self.advertise)
         #: This incarnation's id: fresh on every construction, so a restart is a new origin.
         self.node_id = new_node_id()
         self._store = Store()
@@ -403,6 +649,7 @@ class Collective:
         self.received_frames = 0
         self.applied_ops = 0
         self.refused_connections = 0
+        self._refusals_logged: set[tuple[str, str]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -416,6 +663,15 @@ class Collective:
         """
         if self._started:
             raise RuntimeError("this Collective was already started; create a new one")
+        if self._tls_files is not None and self._tls is None:
+            # Built here, not at import or construction: loading keys is I/O, and a bad file
+            # should fail the start (with a ValueError naming it), before anything listens.
+            from . import _tls
+
+            files = self._tls_files
+            self._server_tls = _tls.server_context(**files)
+            self._client_tls = _tls.client_context(**files)
+            self._tls = _tls
         _register_fork_hook()
         self._started = True
         self._pid = os.getpid()
@@ -425,6 +681,7 @@ class Collective:
             self.local, self._handle_connection, spawn=Pool(self.max_connections)
         )
         self._server.start()
+        self._warn_if_exposed()
         for address in self.peers:
             self._add_link(address)
         self._housekeeper = gevent.spawn(self._housekeeping)
@@ -434,6 +691,25 @@ class Collective:
                 "started without a peer's state after %.1fs; carrying on (it merges later)",
                 timeout,
             )
+
+    def _warn_if_exposed(self) -> None:
+        """One warning at start for a configuration that leaves the data open."""
+        if self._secret is not None and secret_is_weak(self._secret):
+            log.warning(
+                "the secret is shorter than %d bytes: an attacker who records one handshake, "
+                "or just asks this node for one, can guess it offline; use a random one "
+                "(gcollective.generate_secret())",
+                MIN_SECRET_BYTES,
+            )
+        if self._secret is None and self._tls is None:
+            host = self._server.socket.getsockname()[0] if self._server is not None else ""
+            if not _is_loopback(host):
+                log.warning(
+                    "listening on %s without a secret or TLS: anyone who can reach this port "
+                    "can read and change all the data; set the same secret= (or "
+                    "GCOLLECTIVE_SECRET) on every member",
+                    format_address(self.local),
+                )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is queued to reachable peers (waiting at most ``timeout`` seconds), then
@@ -531,6 +807,8 @@ class Collective:
                 "relayed_frames": link.relayed_frames,
                 "last_error": link.last_error,
                 "last_error_at": link.last_error_at,
+                "authenticated": link.authenticated,
+                "tls": link.tls,
             }
         return {
             "node_id": f"{self.node_id:x}",
@@ -647,21 +925,128 @@ class Collective:
         current = gevent.getcurrent()
         self._handlers.add(current)
         peer = f"{address[0]}:{address[1]}"
+        conn = sock  # the TLS socket once TLS is up
         try:
-            self._read_connection(sock, peer)
+            # One deadline for TLS, authentication and HELLO: a stranger gets no more time
+            # (nor connection-pool slot) than a plain connection would.
+            deadline = time.monotonic() + self.handshake_timeout
+            if self._server_tls is not None:
+                try:
+                    if not self._expect_tls(sock):
+                        return  # left without a word
+                    remaining = max(0.001, deadline - time.monotonic())
+                    conn = self._tls.accept_tls(sock, self._server_tls, remaining)
+                except gsocket.timeout:
+                    raise ProtocolError("no TLS handshake within the handshake timeout") from None
+            self._read_connection(conn, peer, deadline)
+        except AuthenticationError as exc:
+            self.refused_connections += 1
+            self._log_refusal(address[0], peer, exc)
+            _send_quietly(conn, exc.reply)
         except ProtocolError as exc:
             self.refused_connections += 1
             log.warning("connection from %s closed: %s", peer, exc)
+            _send_quietly(conn, getattr(exc, "reply", b""))
         except (OSError, gevent.Timeout) as exc:
-            log.info("connection from %s closed: %s", peer, exc or type(exc).__name__)
+            if self._tls is not None and isinstance(exc, self._tls.SSLError):
+                # After the handshake, a TLS error means a corrupted or forged record.
+                log.warning("connection from %s closed: TLS error: %s", peer, exc)
+            else:
+                log.info("connection from %s closed: %s", peer, exc or type(exc).__name__)
         finally:
             self._handlers.discard(current)
+            if conn is not sock:
+                conn.close()
             sock.close()
 
-    def _read_connection(self, sock: Any, peer: str) -> None:
+    def _log_refusal(self, host: str, peer: str, exc: AuthenticationError) -> None:
+        """One warning per address and reason: a misconfigured member retries forever, and a
+        line per attempt would bury the rest of the log (``refused_connections`` counts all)."""
+        key = (host, str(exc))
+        seen = self._refusals_logged
+        if key in seen:
+            log.debug("connection from %s refused: %s", peer, exc)
+            return
+        if len(seen) >= 1024:
+            seen.clear()  # bounded: a stranger's messages must not grow memory
+        seen.add(key)
+        log.warning(
+            "connection from %s refused: %s (repeats from %s are logged at debug level)",
+            peer,
+            exc,
+            host,
+        )
+
+    def _expect_tls(self, sock: Any) -> bool:
+        """Wait for the first byte (within the handshake timeout) and refuse a peer that does
+        not open with TLS: a plain member gets a REFUSE line it can log, instead of an
+        OpenSSL "wrong version number" here and a reset there. False if the peer closed."""
+        sock.settimeout(self.handshake_timeout)
+        first = sock.recv(1, gsocket.MSG_PEEK)  # peek: the TLS handshake reads it again
+        if not first:
+            return False
+        if first != _TLS_HANDSHAKE[:1]:
+            raise AuthenticationError(
+                "peer did not open with TLS: it has no TLS configured and this node requires "
+                "it (set certfile, keyfile and cafile on every member)",
+                "tls",
+                encode_refusal("tls-required"),
+            )
+        return True
+
+    def _authenticate(self, sock: Any, deadline: float) -> AcceptorHandshake | None:
+        """The acceptor's side of the secret handshake, within ``deadline``.
+
+        Returns the completed handshake, or ``None`` if the peer left without sending a
+        byte (a port probe, like a plain connection that closes at once). Raises
+        ``AuthenticationError`` (with a REFUSE reply for the peer) or ``ProtocolError``.
+        """
+        assert self._secret is not None
+        handshake = AcceptorHandshake(self._secret, self._info)
+        first = True
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProtocolError("no authentication within the handshake timeout")
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(4096)
+            except gsocket.timeout:
+                raise ProtocolError("no authentication within the handshake timeout") from None
+            if first:
+                if not data:
+                    return None
+                if self._tls is None:
+                    _check_not_tls(data)
+                first = False
+            step = handshake.receive(data)
+            if step.send:
+                sock.sendall(step.send)
+            if step.done:
+                return handshake
+
+    def _read_connection(self, sock: Any, peer: str, deadline: float | None = None) -> None:
         decoder = FrameDecoder(self.max_frame)
         messages: list[Any] = []
-        deadline = time.monotonic() + self.handshake_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.handshake_timeout
+        feed = decoder.feed
+        opener = None
+        if self._secret is not None:
+            handshake = self._authenticate(sock, deadline)
+            if handshake is None:
+                return
+            opener = handshake.opener()
+            open_records = opener.feed
+
+            def feed(data: bytes) -> list[Any]:
+                # Only payloads of authentic records reach the decoder; a bad record
+                # raises before anything in it (or after it) is decoded.
+                return decoder.feed(b"".join(open_records(data)))
+
+            # The first record may have come in the same read as AUTH3.
+            messages = feed(handshake.leftover)
+        first = True
         while not messages:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -672,10 +1057,18 @@ class Collective:
             except gsocket.timeout:
                 raise ProtocolError("no HELLO within the handshake timeout") from None
             if not data:
+                if opener is not None:
+                    opener.close()
                 if decoder.buffered:
                     raise ProtocolError("closed before completing HELLO")
                 return
-            messages = decoder.feed(data)
+            if first and opener is None and self._tls is None:
+                _check_not_tls(data)
+            first = False
+            messages = feed(data)
+        if opener is None:
+            # A peer with a secret opens with AUTH1: say that, not "not a HELLO".
+            check_no_auth(messages[0])
         hello = parse_hello(messages[0])
         if hello.node_id == self.node_id:
             raise ProtocolError("connected to itself")
@@ -686,7 +1079,21 @@ class Collective:
             )
         sock.settimeout(self.idle_timeout)
         origin = format_address((hello.host, hello.port))
-        log.info("peer %s (id %x) connected from %s", origin, hello.node_id, peer)
+        if opener is None and self._tls is None:
+            log.info("peer %s (id %x) connected from %s", origin, hello.node_id, peer)
+        else:
+            security = []
+            if self._tls is not None:
+                security.append(f"TLS, {self._tls.describe_peer(sock)}")
+            if opener is not None:
+                security.append("authenticated by the secret")
+            log.info(
+                "peer %s (id %x) connected from %s (%s)",
+                origin,
+                hello.node_id,
+                peer,
+                "; ".join(security),
+            )
         link = self._links.get((hello.host, hello.port))
         if link is None and not self._stopping:
             log.info("peer %s is new: connecting back", origin)
@@ -711,13 +1118,14 @@ class Collective:
         frames = decoder.frames[1:]
         sent_bound = self._dispatch(messages[1:], frames, link, hello.node_id, sent_bound)
         recv = sock.recv
-        feed = decoder.feed
         while True:
             try:
                 data = recv(_RECV_SIZE)
             except gsocket.timeout:
                 raise ProtocolError(f"silent for {self.idle_timeout:g}s") from None
             if not data:
+                if opener is not None:
+                    opener.close()  # raises if the stream stopped inside a record
                 if decoder.buffered:
                     raise ProtocolError(
                         f"closed in the middle of a frame ({decoder.buffered} bytes)"
