@@ -893,8 +893,13 @@ class Collective:
         return self._store.to_dict()
 
     def _apply_local(self, stamp: int, op: int, path: tuple[str, ...], value: Any) -> None:
-        self._seq = seq = self._seq + 1
-        frame = encode_op(stamp, op, path, value, seq)
+        seq = self._seq + 1
+        try:
+            frame = encode_op(stamp, op, path, value, seq)
+        except (UnicodeEncodeError, OverflowError, ValueError) as exc:
+            # e.g. a lone surrogate in a str: refuse before the number is used (no gap).
+            raise InvalidValueError(f"cannot be encoded as JSON: {exc}") from None
+        self._seq = seq
         node_id = self.node_id
         self._progress.accept(node_id, seq, stamp)
         self._log.add(node_id, seq, frame)
@@ -1160,7 +1165,7 @@ class Collective:
                     continue  # a repeat (relayed, or also in a snapshot)
                 apply(stamp, op, path, value)
                 observe(stamp)
-                add_to_log(origin, seq, frames[index] + b"\n")
+                add_to_log(origin, seq, frames[index])  # without its newline: no copy
                 self.applied_ops += 1
             elif kind == PROGRESS:
                 vector, complete, promise, frontier = parse_progress(message)
@@ -1218,8 +1223,8 @@ class Collective:
         elif frames:
             log.debug("peer %s: resending %d operations it missed", link.name, len(frames))
             link.relayed_frames += len(frames)
-            for frame in frames:
-                link.enqueue(frame)
+            # Own frames are logged with their newline, received ones without.
+            link.enqueue(b"".join(f if f[-1:] == b"\n" else f + b"\n" for f in frames))
         return dict(self._progress.applied)
 
     # -- housekeeping: down peers and forgetting old metadata ---------------------------------

@@ -107,7 +107,7 @@ class OpLog:
         return len(self._order)
 
     def add(self, origin: int, seq: int, frame: bytes) -> None:
-        """Log one operation's frame (newline included)."""
+        """Log one operation's frame (with or without its newline: the caller knows)."""
         frames = self._frames.get(origin)
         if frames is None:
             frames = self._frames[origin] = {}

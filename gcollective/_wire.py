@@ -155,6 +155,11 @@ class FrameDecoder:
 def parse_hello(message: Any) -> Hello:
     """Check the first frame of a connection."""
     if type(message) is not list or len(message) != 6 or message[0] != MAGIC:
+        if type(message) is list and len(message) == 2 and message[0] == 0:
+            raise ProtocolError(
+                "first frame is not a gcollective HELLO: it looks like collective.js's New; "
+                "the peer runs in collective.js mode (protocol='collective.js')"
+            )
         raise ProtocolError("first frame is not a gcollective HELLO")
     _, version, node_id, host, port, flags = message
     if version != PROTOCOL_VERSION or type(version) is not int:

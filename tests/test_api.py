@@ -302,3 +302,13 @@ def test_nothing_of_a_parents_node_survives_fork():
 
 def _env():
     return dict(os.environ, PYTHONPATH=ROOT)
+
+
+def test_a_lone_surrogate_is_refused_without_a_gap_in_the_sequence(node):
+    with pytest.raises(InvalidValueError):
+        node.set("k", "\ud800")
+    with pytest.raises(InvalidValueError):
+        node.set(("k\ud800",), 1)
+    node.set("k", "fine")
+    assert node.stats()["local_ops"] == 1
+    assert node.snapshot() == {"k": "fine"}
