@@ -378,6 +378,44 @@ def _given(view: dict[str, Any]) -> int:
     return int(view.get("relayed_frames") or 0) + int(view.get("snapshots_sent") or 0)
 
 
+class _PeerAges:
+    """Since when each peer's current incarnation has been connected to this node.
+
+    A member that joined moments ago may not hold the data yet (its catch-up takes a few
+    version-vector reports), so the handoff trusts only peers that have been around a while.
+    """
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.since: dict[str, tuple[Any, float]] = {}
+        interval = getattr(node, "sync_interval", 1.0)
+        self.settled = 2.5 * (interval if isinstance(interval, (int, float)) else 1.0)
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        for name, view in _peer_views(self.node).items():
+            peer = view.get("peer_id")
+            if view.get("state") != "connected" or peer is None:
+                self.since.pop(name, None)
+            elif self.since.get(name, (None, 0.0))[0] != peer:
+                self.since[name] = (peer, now)
+
+    def run(self) -> None:
+        while self.node.running:
+            self.sample()
+            gevent.sleep(0.5)
+
+    def settled_peers(self, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Those of ``addresses`` whose member has been connected long enough to be caught up."""
+        self.sample()
+        now = time.monotonic()
+        return [
+            address
+            for address in addresses
+            if now - self.since.get(format_address(address), (None, now))[1] >= self.settled
+        ]
+
+
 class _SuccessorWatch:
     """Tells when a member that connected after ``start`` has caught up with this node.
 
@@ -424,6 +462,7 @@ class GeventWorker(_ggevent.GeventWorker):
     gcollective_settings: Settings | None = None
     gcollective_slot: int | None = None
     gcollective_node: Any = None
+    _gcollective_start_took = 0.0
 
     def init_process(self) -> None:
         """Run gunicorn's gevent worker; the node stops when the worker leaves, however it
@@ -475,7 +514,8 @@ class GeventWorker(_ggevent.GeventWorker):
         try:
             slot, node = self._claim(settings, options)
             for _ in range(_REJOINS):
-                if node.synced or not _connected_peers(node):
+                timed_out = self._gcollective_start_took >= settings.start_timeout * 0.9
+                if node.synced or not timed_out or not _connected_peers(node):
                     break
                 # Peers answered but their state never came: a snapshot can be lost on a
                 # connection a peer still held to this slot's previous worker. Joining again
@@ -492,6 +532,8 @@ class GeventWorker(_ggevent.GeventWorker):
             beat.kill()
         self.gcollective_slot = slot
         self.gcollective_node = node
+        self._gcollective_peers = _PeerAges(node)
+        gevent.spawn(self._gcollective_peers.run)
         os.environ[SLOT_VARIABLE] = str(slot)
         self.log.info(
             "gcollective: worker %s has slot %d (%s), %s",
@@ -512,6 +554,7 @@ class GeventWorker(_ggevent.GeventWorker):
         waiting_logged = False
         while True:
             for slot, address in enumerate(settings.slots):
+                began = time.monotonic()
                 try:
                     node = gcollective.start(
                         address, settings.peers, timeout=settings.start_timeout, **options
@@ -525,6 +568,7 @@ class GeventWorker(_ggevent.GeventWorker):
                     raise ConfigError(
                         variable, f"cannot listen on {format_address(address)}: {exc}"
                     ) from exc
+                self._gcollective_start_took = time.monotonic() - began
                 return slot, node
             if not self.alive:
                 # Told to exit while still waiting (a second HUP, a shutdown): just go.
@@ -584,8 +628,10 @@ class GeventWorker(_ggevent.GeventWorker):
         higher = slots[mine + 1 :]
         others = [address for address in settings.peers if address[0] != settings.bind]
         watch = _SuccessorWatch(node)
+        ages = getattr(self, "_gcollective_peers", None) or _PeerAges(node)
         while True:
-            if _any_answers(higher + others):
+            # Only members connected for a while count: they have caught up with this one.
+            if _any_answers(ages.settled_peers(higher + others)):
                 return
             if watch.caught_up():
                 self.log.info("gcollective: worker %s handed its state on", self.pid)

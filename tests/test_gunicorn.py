@@ -342,22 +342,25 @@ def test_entry_point_worker_with_preload_starts_nothing_in_the_master(gunicorn_s
 
 
 def test_max_requests_recycling_loses_no_hits(gunicorn_server):
-    server = gunicorn_server(
-        workers=3,
-        args=("--max-requests", "60", "--max-requests-jitter", "20"),
-        env={"GCOLLECTIVE_HANDOFF_TIMEOUT": "2"},
-    )
+    # Each worker recycles about once: it finishes its requests, hands its data on and goes;
+    # its replacement takes the slot and catches up. (The polling below adds requests too,
+    # so the limit stays well above what a replacement serves in this test.)
+    limits = ("--max-requests", "90", "--max-requests-jitter", "20")
+    server = gunicorn_server(workers=3, args=limits)
     first = {r["pid"] for r in server.every_slot(lambda r: True).values()}
-    answers = hits(server.port, 400, concurrency=4)
-    assert len(answers) == 400
+    answers = hits(server.port, 300, concurrency=4)
+    assert len(answers) == 300
 
     def recycled() -> bool:
         log = server.log()
         told = log.count("Autorestarting worker")
-        return told >= 3 and log.count("Worker exiting") >= told
+        return told >= 2 and log.count("Worker exiting") >= told
 
-    wait_until(recycled, timeout=40)
-    final = server.every_slot(lambda r: r["total"] == 400, timeout=40)
+    try:
+        wait_until(recycled, timeout=40)
+    except AssertionError:
+        raise AssertionError(f"workers were not recycled:\n{server.log()[-8000:]}") from None
+    final = server.every_slot(lambda r: r["total"] == 300, timeout=40)
     assert first - {r["pid"] for r in final.values()}, "no replacement worker answered"
 
 
