@@ -11,7 +11,7 @@ node starts, so it is safe before ``gevent.monkey.patch_all()`` and in a gunicor
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ._errors import (
     AuthenticationError,
@@ -24,7 +24,7 @@ from ._errors import (
 from ._validate import Key
 
 if TYPE_CHECKING:
-    from ._node import Collective
+    from ._node import Collective, Watch
 
 __all__ = [
     "Collective",
@@ -41,6 +41,9 @@ __all__ = [
     "incr",
     "delete",
     "snapshot",
+    "watch",
+    "Watch",
+    "SNAPSHOT_ORIGIN",
     "default_node",
     "generate_secret",
     "AuthenticationError",
@@ -68,6 +71,9 @@ SET = Operation.SET
 INCREMENT = Operation.INCREMENT
 DELETE = Operation.DELETE
 
+#: The ``origin`` a watch callback gets for changes merged from a peer's snapshot.
+SNAPSHOT_ORIGIN = "snapshot"
+
 
 def __getattr__(name: str) -> Any:
     # Collective lives with gevent; import it only when someone asks for it.
@@ -75,6 +81,10 @@ def __getattr__(name: str) -> Any:
         from ._node import Collective
 
         return Collective
+    if name == "Watch":
+        from ._node import Watch
+
+        return Watch
     raise AttributeError(f"module 'gcollective' has no attribute {name!r}")
 
 
@@ -165,3 +175,11 @@ def delete(key: Key) -> None:
 def snapshot() -> dict[str, Any]:
     """``default_node().snapshot()``: a deep copy of the whole tree."""
     return default_node().snapshot()
+
+
+def watch(prefix: Key | None, callback: Callable[[Key, Any, Operation, str], Any]) -> Watch:
+    """``default_node().watch(prefix, callback)``: call ``callback(key, value, op, origin)``
+    in its own greenlet for every change at or under ``prefix`` (``""`` for everything), local
+    or remote, in the order applied. Returns a handle; ``handle.cancel()`` stops it. See
+    ``Collective.watch`` for the exact semantics."""
+    return default_node().watch(prefix, callback)

@@ -1,10 +1,27 @@
-"""Command line: ``python -m gcollective demo [--workers N]``."""
+"""Command line: ``python -m gcollective {node,status,demo} ...``; ``--help`` on each.
+
+- ``node``: run a standalone member until SIGINT or SIGTERM (then flush and exit 0).
+- ``status``: ask a running member for its ``stats()`` over the peer port (see ``_wire``'s
+  status query) and print them as a table or as JSON.
+- ``demo``: collective.js's cluster example with forked workers.
+
+Exit codes: 0 success, 1 a runtime failure (cannot listen, member unreachable, refused), 2 bad
+arguments. Failures are one line on stderr, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
+import time
+from typing import Any
+
+from ._validate import format_address, parse_address
+
+SECRET_ENV = "GCOLLECTIVE_SECRET"
 
 
 def _positive_int(text: str) -> int:
@@ -24,6 +41,39 @@ def _port(text: str) -> int:
     return number
 
 
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _addresses(text: str) -> list[tuple[str, int]]:
+    return [_address(part) for part in text.split(",") if part.strip()]
+
+
+def _seconds(text: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return number
+
+
+def _add_security(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--secret-env",
+        metavar="VAR",
+        help=f"environment variable holding the collective's secret (default: {SECRET_ENV} "
+        "if set; the secret itself is never taken on the command line)",
+    )
+    parser.add_argument("--certfile", help="TLS: this member's certificate (PEM)")
+    parser.add_argument("--keyfile", help="TLS: its private key, unless in --certfile")
+    parser.add_argument("--cafile", help="TLS: the collective's CA certificate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m gcollective``."""
     parser = argparse.ArgumentParser(
@@ -32,6 +82,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    node = commands.add_parser(
+        "node",
+        help="run a standalone member until SIGINT or SIGTERM",
+        description=(
+            "Run one member of a collective (for example a seed that keeps the data while "
+            "application workers restart). Logs to stderr. SIGINT or SIGTERM sends what is "
+            "queued to reachable peers, then exits with 0."
+        ),
+    )
+    node.add_argument(
+        "--local", type=_address, required=True, metavar="HOST:PORT", help="address to listen on"
+    )
+    node.add_argument(
+        "--peers",
+        type=_addresses,
+        action="extend",
+        default=[],
+        metavar="HOST:PORT,...",
+        help="every member's address, comma-separated (may be repeated; --local is skipped)",
+    )
+    node.add_argument(
+        "--advertise", type=_address, metavar="HOST:PORT", help="address announced to peers"
+    )
+    _add_security(node)
+    node.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO)",
+    )
+    node.add_argument(
+        "--start-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for a peer's state before carrying on (default 10)",
+    )
+    status = commands.add_parser(
+        "status",
+        help="print a running member's stats",
+        description=(
+            "Ask the member listening at HOST:PORT for its stats over the peer protocol "
+            "(authenticated when the collective has a secret) and print them."
+        ),
+    )
+    status.add_argument("address", type=_address, metavar="HOST:PORT", help="the member")
+    status.add_argument("--json", action="store_true", help="print the stats as JSON")
+    status.add_argument(
+        "--timeout", type=_seconds, default=5.0, metavar="S", help="seconds to wait (default 5)"
+    )
+    _add_security(status)
     demo = commands.add_parser(
         "demo",
         help="run collective.js's cluster example with forked worker processes",
@@ -56,9 +158,235 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CommandError(Exception):
+    """A failure to report as one line on stderr, with exit code 1."""
+
+
+def _secret(parser: argparse.ArgumentParser, variable: str | None) -> str | None:
+    if variable is None:
+        return os.environ.get(SECRET_ENV) or None
+    secret = os.environ.get(variable)
+    if not secret:
+        parser.error(f"--secret-env: environment variable {variable} is not set or empty")
+    return secret
+
+
+def _tls_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    files = {"certfile": args.certfile, "keyfile": args.keyfile, "cafile": args.cafile}
+    if any(files.values()) and not (args.certfile and args.cafile):
+        parser.error("TLS needs --certfile and --cafile (and --keyfile unless in --certfile)")
+    return files if any(files.values()) else {}
+
+
+def run_node(args: argparse.Namespace, secret: str | None, tls: dict[str, Any]) -> int:
+    """``node``: run a member until SIGINT or SIGTERM."""
+    import signal
+
+    import gevent
+    from gevent.event import Event
+
+    from ._node import Collective
+
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log = logging.getLogger("gcollective")
+    try:
+        node = Collective(args.local, args.peers, advertise=args.advertise, secret=secret, **tls)
+    except (ValueError, TypeError) as exc:
+        raise CommandError(str(exc)) from None
+    stopping = Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, stopping.set)
+    try:
+        node.start(timeout=args.start_timeout)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {format_address(args.local)}: {exc}") from None
+    except ValueError as exc:  # an unusable TLS file
+        raise CommandError(str(exc)) from None
+    log.info(
+        "member %s running (id %x, %d peers); stop with SIGINT or SIGTERM",
+        format_address(args.local),
+        node.node_id,
+        len(node.peers),
+    )
+    stopping.wait()
+    log.info("stopping: sending what is queued")
+    node.stop()
+    logging.shutdown()
+    return 0
+
+
+def query_status(
+    address: tuple[str, int],
+    *,
+    secret: str | bytes | None = None,
+    timeout: float = 5.0,
+    tls: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``stats()`` of the member at ``address``, asked over its peer port. Raises
+    ``CommandError`` with a one-line reason when it cannot be had."""
+    import gevent
+    from gevent import socket as gsocket
+
+    from ._auth import DialerHandshake, explain_refusal
+    from ._errors import AuthenticationError, ProtocolError
+    from ._wire import encode_status_request, parse_status_reply
+
+    where = format_address(address)
+    sock: Any = None
+    try:
+        with gevent.Timeout(timeout, CommandError(f"{where}: no answer within {timeout:g}s")):
+            sock = gsocket.create_connection(address, timeout=timeout)
+            if tls:
+                from . import _tls
+
+                context = _tls.client_context(**tls)
+                sock = _tls.connect_tls(sock, context, address[0], timeout)
+            opener = None
+            if secret is None:
+                sock.sendall(encode_status_request())
+            else:
+                handshake = DialerHandshake(secret, "status")
+                sock.sendall(handshake.start())
+                while True:
+                    step = handshake.receive(sock.recv(4096))
+                    if step.done:
+                        break
+                opener = handshake.opener()
+                sealer = handshake.sealer()
+                sock.sendall(step.send + sealer.seal(encode_status_request()))
+            received = b"" if opener is None else b"".join(opener.feed(handshake.leftover))
+            while not received.endswith(b"\n"):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += b"".join(opener.feed(data)) if opener is not None else data
+                if opener is None and received.startswith(b"[") and b"\n" in received:
+                    break  # a refusal line, in clear
+    except CommandError:
+        raise
+    except AuthenticationError as exc:
+        raise CommandError(f"{where}: {exc}") from None
+    except (OSError, ProtocolError) as exc:
+        text = str(exc) or type(exc).__name__
+        raise CommandError(f"cannot get the status of {where}: {text}") from None
+    finally:
+        if sock is not None:
+            sock.close()
+    line = received.split(b"\n", 1)[0]
+    if line.startswith(b"["):
+        try:
+            why = explain_refusal(json.loads(line))
+        except ValueError:
+            why = None
+        raise CommandError(f"{where}: {why or 'refused the status query'}")
+    if not line:
+        raise CommandError(
+            f"{where} closed the connection without answering (an older version, another "
+            "protocol, or a secret or TLS mismatch: see its log)"
+        )
+    try:
+        return parse_status_reply(line)
+    except ProtocolError as exc:
+        raise CommandError(f"{where}: {exc}") from None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+    return f"{seconds // 86400}d{seconds // 3600 % 24:02d}h"
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return ""  # pragma: no cover
+
+
+def format_status(stats: dict[str, Any], now: float | None = None) -> str:
+    """A readable table of ``stats()``: the node on top, then one row per peer."""
+    now = time.time() if now is None else now
+    state = ", ".join(
+        word
+        for word, on in (
+            ("running", stats.get("running")),
+            ("stopped", not stats.get("running")),
+            ("synced", stats.get("synced")),
+        )
+        if on
+    )
+    lines = [
+        f"node {stats.get('node_id')} at {stats.get('address')}: {state}, "
+        f"up {_duration(stats.get('uptime') or 0)}",
+        f"  keys (top level) {stats.get('top_level_keys')}   local ops {stats.get('local_ops')}"
+        f"   applied ops {stats.get('applied_ops')}   received frames "
+        f"{stats.get('received_frames')}   refused connections "
+        f"{stats.get('refused_connections')}   log {stats.get('log_ops')} ops / "
+        f"{_size(stats.get('log_bytes') or 0)}",
+    ]
+    peers = stats.get("peers") or {}
+    if not peers:
+        lines.append("no peers")
+        return "\n".join(lines)
+    header = ("PEER", "STATE", "ID", "SECURITY", "QUEUED", "SENT", "CONNECTS", "LAST ERROR")
+    rows = [header]
+    for name, peer in sorted(peers.items()):
+        security = "+".join(
+            word
+            for word, on in (("secret", peer.get("authenticated")), ("tls", peer.get("tls")))
+            if on
+        )
+        error = peer.get("last_error") or "-"
+        if peer.get("last_error_at"):
+            error = f"{error[:60]} ({_duration(max(0.0, now - peer['last_error_at']))} ago)"
+        rows.append(
+            (
+                name,
+                str(peer.get("state")),
+                peer.get("peer_id") or "-",
+                security or "-",
+                f"{_size(peer.get('queued_bytes') or 0)} / {peer.get('queued_frames')}",
+                f"{peer.get('sent_frames')} / {_size(peer.get('sent_bytes') or 0)}",
+                str(peer.get("connects")),
+                error,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("node", "status"):
+        secret = _secret(parser, args.secret_env)
+        tls = _tls_files(parser, args)
+        try:
+            if args.command == "node":
+                return run_node(args, secret, tls)
+            stats = query_status(args.address, secret=secret, timeout=args.timeout, tls=tls)
+        except CommandError as exc:
+            print(f"gcollective {args.command}: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(stats, indent=2, sort_keys=True))
+        else:
+            print(format_status(stats))
+        return 0
     if args.command == "demo":
         if args.base_port + args.workers - 1 > 65535:
             build_parser().error("--base-port + --workers runs past port 65535")

@@ -30,15 +30,16 @@ import logging
 import os
 import random
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.pool import Pool
+from gevent.queue import Queue
 from gevent.server import StreamServer
 
-from . import _store
+from . import SNAPSHOT_ORIGIN, Operation, _store
 from ._auth import (
     MIN_SECRET_BYTES,
     AcceptorHandshake,
@@ -76,13 +77,15 @@ from ._wire import (
     encode_progress,
     encode_snapshot,
     encode_snapshot_end,
+    encode_status_reply,
+    is_status_request,
     parse_hello,
     parse_op,
     parse_progress,
     parse_vector,
 )
 
-__all__ = ["Collective"]
+__all__ = ["Collective", "Watch"]
 
 log = logging.getLogger("gcollective")
 
@@ -173,6 +176,117 @@ def _send_quietly(sock: Any, data: bytes) -> None:
             sock.sendall(data)
         except OSError:
             pass
+
+
+# -- watching changes -------------------------------------------------------------------------
+
+_MISSING = _store.MISSING
+_OPERATIONS = (Operation.SET, Operation.INCREMENT, Operation.DELETE)  # by the store's numbers
+_STOP_WATCH = object()  # queued after the last event: the consumer greenlet ends there
+
+
+def _watch_prefix(prefix: Any) -> tuple[str, ...]:
+    """A watch prefix as a path; ``""``, ``()`` and ``None`` watch the whole tree."""
+    if prefix is None or prefix == "" or (isinstance(prefix, (tuple, list)) and not prefix):
+        return ()
+    return parse_key(prefix)
+
+
+def _key_of(path: tuple[str, ...]) -> Key:
+    """The key a callback gets: dotted when that is unambiguous, else the tuple of segments
+    (a segment holding a dot, or an empty one from inside a dict value)."""
+    for segment in path:
+        if not segment or "." in segment:
+            return path
+    return ".".join(path)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON: unlike ``==``, ``1``, ``1.0`` and ``True`` differ."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    if type(a) is list:
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a is b or a == b
+
+
+def _diff(path: tuple[str, ...], before: Any, after: Any, out: list[Any]) -> None:
+    """The changes from ``before`` to ``after`` (``_MISSING`` when absent) at ``path``, as
+    ``(path, value, op)``: down to the keys that differ where both are dicts."""
+    if _same(before, after):
+        return
+    if type(before) is dict and type(after) is dict:
+        for key in sorted(before.keys() | after.keys()):
+            _diff((*path, key), before.get(key, _MISSING), after.get(key, _MISSING), out)
+    elif after is _MISSING:
+        out.append((path, None, Operation.DELETE))
+    else:
+        out.append((path, after, Operation.SET))
+
+
+class Watch:
+    """A handle on one ``Collective.watch()`` registration; ``cancel()`` ends it.
+
+    Events wait in an unbounded queue until the watch's own greenlet hands them to the
+    callback, one at a time and in the order they were applied.
+    """
+
+    def __init__(self, node: Collective, prefix: tuple[str, ...], callback: Any) -> None:
+        self.node = node
+        #: The watched path (``()`` for the whole tree).
+        self.prefix = prefix
+        self.callback = callback
+        self.delivered = 0
+        self.failures = 0
+        self._queue: Queue = Queue()
+        self._cancelled = False
+        self._greenlet = gevent.spawn(self._consume)
+
+    @property
+    def active(self) -> bool:
+        """False once cancelled (or its node stopped and everything was delivered)."""
+        return not self._cancelled and not self._greenlet.dead
+
+    @property
+    def pending(self) -> int:
+        """Events queued but not yet handed to the callback."""
+        return self._queue.qsize()
+
+    def cancel(self) -> None:
+        """Stop delivering, including events already queued. Idempotent; safe to call from
+        inside the callback."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self.node._remove_watch(self)
+        self._queue.put(_STOP_WATCH)
+
+    def _close(self) -> None:
+        """The node stopped: deliver what is queued, then end."""
+        self._queue.put(_STOP_WATCH)
+
+    def _consume(self) -> None:
+        get = self._queue.get
+        while True:
+            event = get()
+            if event is _STOP_WATCH or self._cancelled:
+                return
+            try:
+                self.callback(*event)
+            except Exception:
+                self.failures += 1
+                log.exception(
+                    "watch %r: callback failed on a change at %r (the watch goes on)",
+                    _key_of(self.prefix) if self.prefix else "",
+                    event[0],
+                )
+            self.delivered += 1
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "ended"
+        return f"<gcollective.Watch {_key_of(self.prefix) if self.prefix else ''!r} {state}>"
 
 
 class _PeerLink:
@@ -432,6 +546,7 @@ class _PeerLink:
         if not node._synced.is_set() and node._snapshot_link is None:
             flags |= WANTS_SNAPSHOT
             node._snapshot_link = self
+            node._snapshot_asked_at = time.monotonic()
             self.requested_snapshot = True
             log.info("peer %s: asking it for a snapshot", self.name)
         hello = encode_hello(node.node_id, node.advertise[0], node.advertise[1], flags)
@@ -641,6 +756,7 @@ class Collective:
         self._synced = Event()
         self._ready = Event()
         self._snapshot_link: _PeerLink | None = None
+        self._snapshot_asked_at = 0.0
         self._started = False
         self._stopping = False
         self._pid = 0
@@ -650,6 +766,9 @@ class Collective:
         self.applied_ops = 0
         self.refused_connections = 0
         self._refusals_logged: set[tuple[str, str]] = set()
+        # Replaced, never changed in place, so a loop over it survives (un)watching; empty
+        # means nobody watches, and then the data paths skip the watch code entirely.
+        self._watches: list[Watch] = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -733,6 +852,9 @@ class Collective:
             gevent.killall(list(self._handlers), block=True, timeout=1)
         if self._housekeeper is not None:
             self._housekeeper.kill(block=True, timeout=1)
+        watches, self._watches = self._watches, []
+        for watch in watches:
+            watch._close()  # what is queued is still delivered
         log.info("node %s stopped", format_address(self.local))
 
     def __enter__(self) -> Collective:
@@ -769,16 +891,20 @@ class Collective:
         ):
             self._ready.set()
 
-    def _request_snapshot(self) -> None:
-        """Ask another connected peer for its state after the one asked first went away."""
+    def _request_snapshot(self, avoid: _PeerLink | None = None) -> None:
+        """Ask a connected peer for its state (another than ``avoid`` if there is one), after
+        the one asked first went away or did not answer in time."""
         if self._synced.is_set() or self._stopping:
             return
-        for link in self._links.values():
-            if link.state == "connected":
-                link.requested_snapshot = True
-                self._snapshot_link = link
-                link.enqueue(SNAPSHOT_REQUEST_FRAME)
-                return
+        connected = [link for link in self._links.values() if link.state == "connected"]
+        others = [link for link in connected if link is not avoid]
+        for link in others or connected:
+            link.requested_snapshot = True
+            self._snapshot_link = link
+            self._snapshot_asked_at = time.monotonic()
+            log.info("peer %s: asking it for a snapshot", link.name)
+            link.enqueue(SNAPSHOT_REQUEST_FRAME)
+            return
 
     def _add_link(self, address: tuple[str, int]) -> _PeerLink:
         link = self._links.get(address)
@@ -828,6 +954,92 @@ class Collective:
             "log_bytes": self._log.bytes,
             "peers": peers,
         }
+
+    def watch(
+        self, prefix: Key | None, callback: Callable[[Key, Any, Operation, str], Any]
+    ) -> Watch:
+        """Call ``callback(key, value, op, origin)`` for every change at or under ``prefix``
+        (``""`` watches everything), local or from a peer, in the order applied; returns a
+        ``Watch`` whose ``cancel()`` stops it. May be called before ``start()`` to see the
+        state merged while joining.
+
+        - ``key``: the changed path, as a dotted str, or as a tuple of segments when one
+          of them contains a dot. A change above the prefix (``set('a', ...)`` for a watch on
+          ``'a.b'``) is reported at the prefix.
+        - ``value``: a private copy of what is at ``key`` now (``None`` when nothing is).
+          It is read when the change is applied, so a later change does not alter it.
+        - ``op``: ``SET``, ``INCREMENT`` or ``DELETE``, the operation applied at ``key``. A
+          change above the prefix is a ``DELETE`` when the prefix no longer holds anything,
+          else a ``SET``; so is each difference a snapshot merge made.
+        - ``origin``: the node id (hex) of the member that made the change, this node's
+          own for local ones, or ``"snapshot"`` (``SNAPSHOT_ORIGIN``) for a merged snapshot.
+
+        Every operation applied at or under the prefix is reported, even one that changes
+        nothing (``value`` then shows what stays). A snapshot merge is reported as its
+        differences: one event per key whose value it changed, down to the first level where
+        the old and new values are not both dicts.
+
+        The callback runs in the watch's own greenlet, one event at a time, so a slow or
+        failing one never holds up replication; an exception is logged and the watch goes
+        on. Events wait in an unbounded queue meanwhile (``Watch.pending``). Without any
+        watch, nothing is spent on watching.
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        watch = Watch(self, _watch_prefix(prefix), callback)
+        self._watches = [*self._watches, watch]
+        return watch
+
+    def _remove_watch(self, watch: Watch) -> None:
+        if watch in self._watches:
+            self._watches = [w for w in self._watches if w is not watch]
+
+    def _notify(self, path: tuple[str, ...], op: int, origin: int) -> None:
+        """Queue one applied operation for the watches it concerns."""
+        get = self._store.get
+        size = len(path)
+        who = None
+        for watch in self._watches:
+            prefix = watch.prefix
+            if len(prefix) <= size:
+                if path[: len(prefix)] != prefix:
+                    continue
+                event = (_key_of(path), get(path), _OPERATIONS[op])
+            elif prefix[:size] == path:
+                value = get(prefix, _MISSING)
+                if value is _MISSING:
+                    event = (_key_of(prefix), None, Operation.DELETE)
+                else:
+                    event = (_key_of(prefix), value, Operation.SET)
+            else:
+                continue
+            if who is None:
+                who = f"{origin:x}"
+            watch._queue.put((*event, who))
+
+    def _merge_watched(self, items: list[Any]) -> None:
+        """``Store.merge`` for watched nodes: compare what each concerned watch sees before
+        and after, and queue the differences."""
+        top = {key for key, _ in items}
+        watches = [w for w in self._watches if not w.prefix or w.prefix[0] in top]
+        if not watches:
+            self._store.merge(items)
+            return
+        get = self._store.get
+
+        def look(prefix: tuple[str, ...]) -> Any:
+            if prefix:
+                return get(prefix, _MISSING)
+            # The whole tree: only the top-level keys in this slice can change.
+            return {key: get((key,), _MISSING) for key in top}
+
+        before = [look(w.prefix) for w in watches]
+        self._store.merge(items)
+        for watch, old in zip(watches, before):
+            changes: list[Any] = []
+            _diff(watch.prefix, old, look(watch.prefix), changes)
+            for path, value, op in changes:
+                watch._queue.put((_key_of(path), value, op, SNAPSHOT_ORIGIN))
 
     # -- the data API ----------------------------------------------------------------------
 
@@ -904,6 +1116,8 @@ class Collective:
         self._progress.accept(node_id, seq, stamp)
         self._log.add(node_id, seq, frame)
         self._store.apply(stamp, op, path, value)
+        if self._watches:
+            self._notify(path, op, node_id)
         for link in self._links.values():
             link.enqueue(frame)
 
@@ -1037,6 +1251,7 @@ class Collective:
             deadline = time.monotonic() + self.handshake_timeout
         feed = decoder.feed
         opener = None
+        handshake = None
         if self._secret is not None:
             handshake = self._authenticate(sock, deadline)
             if handshake is None:
@@ -1071,6 +1286,9 @@ class Collective:
                 _check_not_tls(data)
             first = False
             messages = feed(data)
+        if is_status_request(messages[0]):
+            self._answer_status(sock, peer, handshake)
+            return
         if opener is None:
             # A peer with a secret opens with AUTH1: say that, not "not a HELLO".
             check_no_auth(messages[0])
@@ -1140,6 +1358,17 @@ class Collective:
             sent_bound = self._dispatch(messages, decoder.frames, link, hello.node_id, sent_bound)
             gevent.sleep(0)  # fairness: one busy peer must not starve the others
 
+    def _answer_status(self, sock: Any, peer: str, handshake: AcceptorHandshake | None) -> None:
+        """Reply to a status query (``python -m gcollective status``) with ``stats()``: one
+        line, sealed when the collective has a secret (the asker authenticated like a
+        member, and the reply must be authentic too). The caller then closes."""
+        log.debug("status query from %s", peer)
+        reply = encode_status_reply(self.stats())
+        if handshake is not None:
+            reply = handshake.sealer().seal(reply)
+        sock.settimeout(self.handshake_timeout)
+        sock.sendall(reply)
+
     def _dispatch(
         self,
         messages: list[Any],
@@ -1164,6 +1393,8 @@ class Collective:
                 if not accept(origin, seq, stamp):
                     continue  # a repeat (relayed, or also in a snapshot)
                 apply(stamp, op, path, value)
+                if self._watches:
+                    self._notify(tuple(path), op, origin)
                 observe(stamp)
                 add_to_log(origin, seq, frames[index])  # without its newline: no copy
                 self.applied_ops += 1
@@ -1190,7 +1421,10 @@ class Collective:
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT frame has the wrong length")
                 items = check_snapshot_items(message[1])
-                self._store.merge(items)
+                if self._watches:
+                    self._merge_watched(items)
+                else:
+                    self._store.merge(items)
                 self._observe_items(items)
             elif kind == SNAPSHOT_END:
                 if len(message) != 2:
@@ -1235,6 +1469,14 @@ class Collective:
         while not self._stopping:
             gevent.sleep(self.sync_interval)
             now = time.monotonic()
+            asked = self._snapshot_link
+            patience = max(5.0, 10 * self.sync_interval)
+            if asked is not None and not self.synced and now - self._snapshot_asked_at > patience:
+                # No answer yet (a connection that died unnoticed, a peer that is stuck):
+                # ask again, preferably someone else.
+                asked.requested_snapshot = False
+                self._snapshot_link = None
+                self._request_snapshot(avoid=asked)
             for link in self._links.values():
                 if not link.down and now - link.last_heard > self.down_timeout:
                     link.down = True

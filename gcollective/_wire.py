@@ -19,6 +19,18 @@ PROGRESS           ``[5, vector, complete, promise, frontier]`` every ``sync_int
                    snapshot; its future operations have stamps above ``promise``; no
                    operation older than ``frontier`` can still reach it
 =================  ======================================================================
+
+Status queries (``python -m gcollective status``) use the same port. The client opens a
+connection (and, when the collective has a secret, runs the handshake as a dialer and seals
+what it sends, like a member), and sends, in place of HELLO:
+
+=================  ======================================================================
+STATUS_REQUEST     ``["gcollective-status", version]``
+STATUS_REPLY       one JSON object, the node's ``stats()``, on one line (sealed with the
+                   acceptor-to-dialer key when there is a secret); then the node closes
+=================  ======================================================================
+
+That is the only time a node writes on a connection it accepted, besides refusals.
 """
 
 from __future__ import annotations
@@ -53,6 +65,12 @@ __all__ = [
     "parse_hello",
     "parse_op",
     "check_snapshot_items",
+    "STATUS_MAGIC",
+    "STATUS_VERSION",
+    "encode_status_request",
+    "is_status_request",
+    "encode_status_reply",
+    "parse_status_reply",
 ]
 
 PROTOCOL_VERSION = 1
@@ -64,6 +82,9 @@ SNAPSHOT = 2
 SNAPSHOT_END = 3
 SNAPSHOT_REQUEST = 4
 PROGRESS = 5
+
+STATUS_MAGIC = "gcollective-status"
+STATUS_VERSION = 1
 
 _MAX_STAMP = 1 << 128
 _MAX_SEQ = 1 << 63
@@ -310,3 +331,37 @@ def _check_entry(entry: Any, depth: int) -> None:
         raise ProtocolError("SNAPSHOT entry has bad children")
     for child in children.values():  # keys may be "" (from a dict value), never a path
         _check_entry(child, depth + 1)
+
+
+def encode_status_request() -> bytes:
+    """STATUS_REQUEST: the first frame of a status query, instead of HELLO."""
+    return (_dumps([STATUS_MAGIC, STATUS_VERSION]) + "\n").encode()
+
+
+def is_status_request(message: Any) -> bool:
+    """True if a connection's first frame asks for the node's status; ``ProtocolError`` if
+    it is a status request this node cannot answer."""
+    if type(message) is not list or not message or message[0] != STATUS_MAGIC:
+        return False
+    if len(message) != 2 or type(message[1]) is not int or message[1] != STATUS_VERSION:
+        raise ProtocolError(
+            f"status request of an unknown version ({message[1:]!r}); this node speaks "
+            f"version {STATUS_VERSION}"
+        )
+    return True
+
+
+def encode_status_reply(stats: dict[str, Any]) -> bytes:
+    """STATUS_REPLY: the stats as one JSON line."""
+    return (_dumps(stats, ensure_ascii=False) + "\n").encode()
+
+
+def parse_status_reply(line: bytes) -> dict[str, Any]:
+    """The stats from a STATUS_REPLY line (without or with its newline)."""
+    try:
+        stats = _loads(line)
+    except (ValueError, OverflowError) as exc:
+        raise ProtocolError(f"status reply is not valid JSON ({exc})") from None
+    if type(stats) is not dict or type(stats.get("node_id")) is not str:
+        raise ProtocolError("status reply is not a node's stats")
+    return stats
