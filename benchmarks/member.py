@@ -29,6 +29,7 @@ Commands (``{"cmd": ..., ...}``; ``limit`` is always a member-side timeout in se
   probe {prefix}                         record when each remote SET under prefix is applied
   probe_dump                             the recorded arrival times
   keys {prefix}                          the keys of the dict at path ``prefix`` (a list)
+  stats                                  the node's ``stats()``, when the core has it
   local_ops {...}                        run ``benchmarks.local_ops.measure`` in this process
   plain_dict {count, fanout}             RSS of a plain dict holding the fill data
   redis_ops {port, count}                get/set/incr through redis-py against a redis-server
@@ -44,6 +45,7 @@ import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -314,6 +316,10 @@ class Driver:
         self.arrivals.clear()  # the probe keeps appending to this very dict
         return {"arrivals": arrivals}
 
+    def cmd_stats(self, request: dict[str, Any]) -> dict[str, Any]:
+        stats = getattr(self.node, "stats", None)  # newer cores only
+        return {"stats": stats() if callable(stats) else None}
+
     def cmd_keys(self, request: dict[str, Any]) -> dict[str, Any]:
         tree: Any = self.live
         for segment in request["prefix"]:
@@ -366,6 +372,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-seconds", type=float, default=1800.0)
     options = parser.parse_args()
+    level = os.environ.get("BENCH_LOG_LEVEL")
+    if level:  # gcollective's own log lines, on stderr (shown when a member fails)
+        logging.basicConfig(
+            level=level.upper(), format="%(asctime)s %(process)d %(name)s %(message)s"
+        )
     # Whatever happens, this process does not outlive its budget.
     gevent.spawn_later(options.max_seconds, os._exit, 3)
     driver = Driver()

@@ -57,7 +57,13 @@ class Child:
         self, module: str, name: str, max_seconds: float = DEFAULT_MAX_SECONDS, *args: str
     ) -> None:
         self.name = name
-        self._stderr = tempfile.TemporaryFile(mode="w+b")  # noqa: SIM115 - closed in close()
+        log_dir = os.environ.get("BENCH_LOG_DIR")
+        if log_dir:  # keep every child's stderr (its log lines) for later reading
+            safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+            path = os.path.join(log_dir, f"{safe}.log")
+            self._stderr = open(path, "w+b")  # noqa: SIM115 - closed in close()
+        else:
+            self._stderr = tempfile.TemporaryFile(mode="w+b")  # noqa: SIM115 - closed in close()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(

@@ -23,6 +23,8 @@ TARGETS = [
 
 
 def _fmt(value: float, unit: str) -> str:
+    if value == float("inf"):
+        return "never"
     if unit == "/s":
         return f"{value:,.0f}/s"
     if unit == "ns":
@@ -52,6 +54,8 @@ def target_figure(results: dict[str, Any], where: tuple[Any, ...]) -> tuple[floa
         return figure, figure is not None
     if kind == "join":
         _, name, keys = where
+        if section.get(name) is None:  # the joiner never synced
+            return float("inf"), section["keys"] == keys
         return section[name], section["keys"] == keys
     if kind == "latency":
         _, rate = where
@@ -122,6 +126,10 @@ def tables(results: dict[str, Any]) -> str:
         rows = []
         for run in section["runs"]:
             hot = run["hot_counter"]
+            counters = run.get("core_stats") or {}
+            dup = "-"
+            if counters.get("applied_ops"):
+                dup = f"{counters['received_frames'] / counters['applied_ops']:.2f}"
             rows.append(
                 [
                     f"{run['processes']} x {run['keys_each']:,}",
@@ -132,6 +140,7 @@ def tables(results: dict[str, Any]) -> str:
                     f"{hot['seconds']:.2f}",
                     f"{hot['increments_per_second']:,.0f}",
                     "yes" if hot["complete"] else "NO",
+                    dup,
                 ]
             )
         out.append(
@@ -146,6 +155,7 @@ def tables(results: dict[str, Any]) -> str:
                     "hot s",
                     "incr/s",
                     "exact",
+                    "recv/applied",
                 ],
                 rows,
             )
@@ -177,7 +187,12 @@ def tables(results: dict[str, Any]) -> str:
         mb = 1024 * 1024
         rows = [
             ["keys (3 levels)", f"{section['keys']:,}"],
-            ["join: start until synced", f"{section['join_seconds']:.2f} s"],
+            [
+                "join: start until synced",
+                f"{section['join_seconds']:.2f} s"
+                if section["join_seconds"] is not None
+                else f"NOT synced within {section['join_limit']:.0f} s",
+            ],
             ["live writes during join", f"{section['live_rate']:,}/s"],
             [
                 "converged afterwards",
@@ -352,7 +367,9 @@ def chart(results: dict[str, Any], path: str) -> bool:
         ]
         ax.bar(names, values)
         ax.set_ylabel("bytes per key (RSS)")
-        ax.set_title(f"join of {section['keys']:,} keys: {section['join_seconds']:.2f} s")
+        seconds = section["join_seconds"]
+        took = "not synced" if seconds is None else f"{seconds:.2f} s"
+        ax.set_title(f"join of {section['keys']:,} keys: {took}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -96,6 +96,7 @@ def machine_info() -> dict[str, Any]:
         "redis-py": _version("redis"),
         "matplotlib": _version("matplotlib"),
     }
+    info["gcollective_path"] = os.path.dirname(os.path.abspath(gcollective.__file__))
     commit = _git("rev-parse", "HEAD")
     if commit:
         info["git_commit"] = commit
@@ -155,6 +156,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "next to the JSON)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--log-level",
+        help="gcollective log level inside the members (e.g. INFO); each child's stderr is kept "
+        "in a -logs directory next to the JSON",
+    )
     return parser.parse_args(argv)
 
 
@@ -167,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
     cfg = scenarios.Config.quick() if args.quick else scenarios.Config.full()
+    if args.log_level:
+        os.environ["BENCH_LOG_LEVEL"] = args.log_level
     stamp = time.strftime("%Y%m%d-%H%M%S")
     output = args.output or os.path.join(
         RESULTS_DIR, f"{stamp}{'-quick' if args.quick else ''}.json"
@@ -175,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         cfg.profile_dir = os.path.splitext(os.path.abspath(output))[0] + "-profiles"
         os.makedirs(cfg.profile_dir, exist_ok=True)
+    if args.log_level:
+        log_dir = os.path.splitext(os.path.abspath(output))[0] + "-logs"
+        os.makedirs(log_dir, exist_ok=True)
+        os.environ["BENCH_LOG_DIR"] = log_dir
     progress = Progress(args.quiet)
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

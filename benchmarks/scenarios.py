@@ -49,6 +49,7 @@ class Config:
     join_keys: int = 2_000_000
     join_fanout: int = 100
     join_live_rate: int = 1_000
+    join_limit: float = 180.0
     catchup_members: int = 4
     catchup_rate: int = 5_000
     catchup_partition_seconds: float = 10.0
@@ -72,6 +73,7 @@ class Config:
             latency_seconds=1.0,
             join_keys=100_000,
             join_live_rate=500,
+            join_limit=60.0,
             catchup_partition_seconds=2.0,
             redis_ops=500,
             member_max_seconds=120.0,
@@ -96,6 +98,25 @@ def wait_listening(port: int, limit: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"nothing listens on port {port} after {limit}s") from None
             time.sleep(0.01)
+
+
+def core_stats(members: list[Member]) -> dict[str, int] | None:
+    """Totals over members of the core's own counters (``Collective.stats()``), if it has them.
+
+    ``received_frames`` above ``applied_ops`` means duplicate deliveries (relays, replays);
+    ``overflows`` and ``snapshots_sent`` show queues dropped and full resyncs.
+    """
+    totals: dict[str, int] = {}
+    for member in members:
+        stats = member.call("stats")["stats"]
+        if not stats:
+            return None
+        for name in ("local_ops", "received_frames", "applied_ops"):
+            totals[name] = totals.get(name, 0) + int(stats.get(name) or 0)
+        for peer in stats.get("peers", {}).values():
+            for name in ("relayed_frames", "overflows", "snapshots_sent", "connects"):
+                totals[name] = totals.get(name, 0) + int(peer.get(name) or 0)
+    return totals
 
 
 def _members(group: Group, ports: list[int], peers: list[int], cfg: Config) -> list[Member]:
@@ -167,6 +188,7 @@ def throughput(cfg: Config, progress: Progress) -> dict[str, Any]:
             ended = max(r["done"] for r in replies)
             complete = all(r["complete"] for r in replies)
             leaves = [m.call("leaves")["leaves"] for m in members]
+            counters = core_stats(members)
             memory = members[0].call("memory")
             hot_each = min(keys, cfg.hot_increments)
             progress(f"throughput: hot counter, {count} processes x {hot_each:,} increments")
@@ -208,6 +230,8 @@ def throughput(cfg: Config, progress: Progress) -> dict[str, Any]:
                 "rss_growth": hot_memory["memory"]["rss"] - memory["memory"]["rss"],
             },
         }
+        if counters:
+            run["core_stats"] = counters
         if profile:
             run["profile"] = profile
         runs.append(run)
@@ -330,12 +354,18 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
                 f"join: filling {end:,} / {total:,} keys "
                 f"({time.monotonic() - began:.1f}s, replicated to a second member)"
             )
+        limit = 60 + total / 10_000
         reply = replica.call(
-            "wait_keys", timeout=660, keys=[fill_key(total - 1, fanout)], limit=600
+            "wait_keys", timeout=limit + 60, keys=[fill_key(total - 1, fanout)], limit=limit
         )
         if not reply["complete"]:
-            raise RuntimeError("join: the replica did not receive the fill in time")
+            counters = core_stats(holders)
+            raise RuntimeError(
+                f"join: the replica did not receive the fill within {limit:.0f}s after it was "
+                f"written (core counters: {counters})"
+            )
         fill_seconds = time.monotonic() - began
+        fill_counters = core_stats(holders)
         holder_memory = holder.call("memory")["memory"]
         replica_memory = replica.call("memory")["memory"]
         progress(f"join: measuring a plain dict of {total:,} keys")
@@ -356,19 +386,23 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
         profiler.start()
         joined = joiner.call(
             "join",
-            timeout=660,
+            timeout=cfg.join_limit + 60,
             local=joiner.local,
             peers=joiner.peers,
             options={},
-            limit=600,
+            limit=cfg.join_limit,
         )
         profile = profiler.stop()
-        join_seconds = joined["synced_at"] - joined["started"]
-        progress(f"join: synced in {join_seconds:.2f}s; letting live writes run 1s more")
+        join_seconds = joined["synced_at"] - joined["started"] if joined["synced"] else None
+        if join_seconds is None:
+            progress(f"join: NOT synced within {cfg.join_limit:.0f}s")
+        else:
+            progress(f"join: synced in {join_seconds:.2f}s; letting live writes run 1s more")
         time.sleep(1.0)
         stops = broadcast(holders, "pace_stop")
+        wait = 120 if joined["synced"] else 10
         caught = joiner.call(
-            "wait_keys", timeout=160, keys=[s["last_key"] for s in stops], limit=120
+            "wait_keys", timeout=wait + 60, keys=[s["last_key"] for s in stops], limit=wait
         )
         missing: list[str] = []  # live writes some holder has and the joiner lacks
         for name in ("n0", "n1"):
@@ -377,6 +411,7 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
                 want = member.call("keys", prefix=["live", name])["keys"]
                 missing.extend(f"live.{name}.{k}" for k in want if k not in have)
         missing = sorted(set(missing))
+        counters = core_stats([*holders, joiner])
         holders_after = [m.call("memory")["memory"] for m in holders]
         joiner_memory = joiner.call("memory")["memory"]
         leaves = [m.call("leaves", timeout=300)["leaves"] for m in [*holders, joiner]]
@@ -388,7 +423,9 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
         "keys": total,
         "key_shape": f"g<a>.s<b>.k<c>, {total // (fanout * fanout)} x {fanout} x {fanout}",
         "fill_seconds": fill_seconds,
+        "fill_core_stats": fill_counters,
         "join_seconds": join_seconds,
+        "join_limit": cfg.join_limit,
         "start_returned_seconds": joined["returned"] - joined["started"],
         "synced": joined["synced"],
         "caught_up": caught["complete"],
@@ -409,6 +446,8 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
         "plain_dict_bytes_per_key": plain_reply["rss_delta"] / total,
         "baseline_rss": holder_base,
     }
+    if counters:
+        result["core_stats"] = counters
     if profile:
         result["profile"] = profile
     return result
@@ -481,6 +520,7 @@ def catchup(cfg: Config, progress: Progress) -> dict[str, Any]:
             members, "wait_keys", timeout=180, keys=[s["last_key"] for s in stops], limit=120
         )
         leaves = [m.call("leaves")["leaves"] for m in members]
+        counters = core_stats(members)
         stats = proxy.call("stats")
     written = sum(s["seq"] for s in at_heal) - sum(s["seq"] for s in before)
     return {
@@ -494,6 +534,7 @@ def catchup(cfg: Config, progress: Progress) -> dict[str, Any]:
         "converged": all(r["complete"] for r in final) and len(set(leaves)) == 1,
         "leaves": leaves,
         "proxy": stats,
+        "core_stats": counters,
         "note": "includes the reconnect backoff (backoff_max 2 s, jittered)",
     }
 
