@@ -279,9 +279,16 @@ def query_status(
     line = received.split(b"\n", 1)[0]
     if line.startswith(b"["):
         try:
-            why = explain_refusal(json.loads(line))
+            refusal = json.loads(line)
         except ValueError:
-            why = None
+            refusal = None
+        why = explain_refusal(refusal)
+        if secret is None and why is not None and refusal[2] in ("bad-message", "secret-required"):
+            # Our plain request reached a node that expected the authentication handshake.
+            why = (
+                f"it requires the collective's secret: set {SECRET_ENV} or name the "
+                "variable holding it with --secret-env"
+            )
         raise CommandError(f"{where}: {why or 'refused the status query'}")
     if not line:
         raise CommandError(
