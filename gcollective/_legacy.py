@@ -66,7 +66,7 @@ from gevent.server import StreamServer
 
 from . import _node
 from ._errors import InvalidKeyError, InvalidValueError, NotStartedError, ProtocolError
-from ._store import MISSING, copy_value, is_number
+from ._store import MISSING, copy_value, is_number, read_path
 from ._validate import Key, check_amount, clean_value, format_address, parse_address, parse_key
 from ._wire import MAGIC, _check_json
 
@@ -318,14 +318,7 @@ class LegacyStore:
 
     def get(self, path: Iterable[str], default: Any = None) -> Any:
         """The value at ``path`` (containers copied), or ``default``."""
-        node: Any = self.data
-        for segment in path:
-            if type(node) is not dict:
-                return default
-            node = node.get(segment, MISSING)
-            if node is MISSING:
-                return default
-        return copy_value(node)
+        return read_path(self.data, path, default)
 
     def apply(
         self, key: str, path: tuple[str, ...], time_ms: int | float, op: int, value: Any
@@ -448,10 +441,8 @@ class _Link:
 
     def _backoff(self, failures: int) -> None:
         node = self.node
-        delay = min(node.backoff_max, node.backoff_min * (2 ** min(failures, 20)))
-        delay *= random.uniform(0.5, 1.0)  # jitter: members restarted together do not stampede
         self.kick.clear()
-        self.kick.wait(delay)
+        self.kick.wait(_node.backoff_delay(failures, node.backoff_min, node.backoff_max))
 
     def _run(self) -> None:
         node = self.node

@@ -106,6 +106,12 @@ def _after_fork_in_child() -> None:
     _fork_generation += 1
 
 
+def backoff_delay(failures: int, low: float, high: float) -> float:
+    """Seconds to wait before reconnecting after ``failures`` failures in a row: doubling from
+    ``low`` up to ``high``, with jitter so that peers restarted together do not stampede."""
+    return min(high, low * (2 ** min(failures, 20))) * random.uniform(0.5, 1.0)
+
+
 def _register_fork_hook() -> None:
     global _fork_hook_registered
     if not _fork_hook_registered:
@@ -387,10 +393,8 @@ class _PeerLink:
 
     def _backoff(self, failures: int) -> None:
         node = self.node
-        delay = min(node.backoff_max, node.backoff_min * (2 ** min(failures, 20)))
-        delay *= random.uniform(0.5, 1.0)  # jitter: peers restarted together do not stampede
         self.kick.clear()
-        self.kick.wait(delay)
+        self.kick.wait(backoff_delay(failures, node.backoff_min, node.backoff_max))
 
     def _run(self) -> None:
         node = self.node

@@ -36,7 +36,16 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-__all__ = ["Store", "SET", "INCREMENT", "DELETE", "MISSING", "is_number", "copy_value"]
+__all__ = [
+    "Store",
+    "SET",
+    "INCREMENT",
+    "DELETE",
+    "MISSING",
+    "is_number",
+    "copy_value",
+    "read_path",
+]
 
 SET = 0
 INCREMENT = 1
@@ -72,6 +81,22 @@ def copy_value(value: Any) -> Any:
     if kind is list:
         return [copy_value(v) for v in value]
     return value
+
+
+def read_path(data: dict[str, Any], path: Iterable[str], default: Any = None) -> Any:
+    """The value at ``path`` in a plain nested dict (containers copied), or ``default`` when
+    there is none (also when the way to it goes through something that is not a dict)."""
+    node: Any = data
+    for segment in path:
+        if type(node) is not dict:
+            return default
+        node = node.get(segment, MISSING)
+        if node is MISSING:
+            return default
+    kind = type(node)
+    if kind is dict or kind is list:
+        return copy_value(node)
+    return node
 
 
 class _Node:
@@ -114,17 +139,7 @@ class Store:
 
     def get(self, path: Iterable[str], default: Any = None) -> Any:
         """The value at ``path`` (containers copied), or ``default`` when there is none."""
-        node: Any = self.data
-        for segment in path:
-            if type(node) is not dict:
-                return default
-            node = node.get(segment, MISSING)
-            if node is MISSING:
-                return default
-        kind = type(node)
-        if kind is dict or kind is list:
-            return copy_value(node)
-        return node
+        return read_path(self.data, path, default)
 
     def to_dict(self) -> dict[str, Any]:
         """A deep copy of the whole tree."""
