@@ -315,6 +315,7 @@ class _PeerLink:
         self.peer_promise: int | None = None
         self.peer_frontier = 0
         self.peer_own_seq = 0
+        self.reports = 0  # PROGRESS frames received on the peer's current connection
         self.last_heard = time.monotonic()
         self.down = False
         # After a snapshot was queued for the peer: its version vector. The snapshot is owed
@@ -323,6 +324,7 @@ class _PeerLink:
         self.snapshot_vector: dict[int, int] | None = None
         self.snapshot_due = False
         self.snapshot_queued = False  # it is in ``pending``, not yet handed to the kernel
+        self._overflow_logged_at = -1
         self.greenlet: gevent.Greenlet | None = None
         self._sock: Any = None
         self.sent_frames = 0
@@ -348,12 +350,14 @@ class _PeerLink:
         self.pending_bytes += len(frame)
         if self.pending_bytes > self.node.max_queue_bytes:
             self.overflows += 1
-            log.warning(
+            # Once per connection at WARNING: a stuck peer would otherwise repeat it forever.
+            (log.warning if self.connects > self._overflow_logged_at else log.debug)(
                 "peer %s: more than %d bytes queued; dropping them and the connection "
                 "(it catches up once it keeps pace)",
                 self.name,
                 self.node.max_queue_bytes,
             )
+            self._overflow_logged_at = self.connects
             self.pending = []
             self.pending_bytes = 0
             self.snapshot_queued = False  # still due: sent again on the next connection
@@ -1334,6 +1338,7 @@ class Collective:
                 link.snapshot_due = False
                 link.drop_connection()
             link.peer_id = hello.node_id
+            link.reports = 0
             link.down = False
             link.last_heard = time.monotonic()
             link.kick.set()
@@ -1406,6 +1411,9 @@ class Collective:
                 vector, complete, promise, frontier = parse_progress(message)
                 if link is not None and link.peer_id == peer_id:
                     theirs = {origin: seq for origin, seq, _ in vector}
+                    # The previous report on this same connection, to see what stalled.
+                    previous = link.peer_vector if link.reports > 0 else None
+                    link.reports += 1
                     link.peer_vector = theirs
                     link.peer_promise = promise
                     link.peer_own_seq = theirs.get(peer_id, 0)
@@ -1420,7 +1428,7 @@ class Collective:
                         link.snapshot_vector = None  # merged: no longer owed
                         link.snapshot_due = False
                     if complete:
-                        sent_bound = self._catch_up(link, theirs, peer_id, sent_bound)
+                        sent_bound = self._catch_up(link, theirs, previous, peer_id, sent_bound)
             elif kind == SNAPSHOT:
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT frame has the wrong length")
@@ -1449,14 +1457,29 @@ class Collective:
         return sent_bound
 
     def _catch_up(
-        self, link: _PeerLink, theirs: dict[int, int], peer_id: int, bound: dict[int, int]
+        self,
+        link: _PeerLink,
+        theirs: dict[int, int],
+        previous: dict[int, int] | None,
+        peer_id: int,
+        bound: dict[int, int],
     ) -> dict[int, int]:
-        """Send a peer what it lacks of what we had by ``bound``; return the next bound."""
+        """Send a peer what it lacks of what we had by ``bound``; return the next bound.
+
+        After the first report on a connection, only origins on which the peer made no
+        progress since its previous report are resent: a peer that is merely behind (busy
+        applying a burst) gets nothing twice; one whose link from an origin is broken, or
+        whose origin died, gets what it lacks.
+        """
         if link.snapshot_vector is not None:
             return dict(self._progress.applied)  # it is still merging the snapshot we sent
+        if previous is not None:
+            bound = {o: b for o, b in bound.items() if theirs.get(o, 0) <= previous.get(o, 0)}
         frames = self._log.missing(theirs, bound, exclude=peer_id)
+        if frames is not None and sum(map(len, frames)) > self.max_queue_bytes // 2:
+            frames = None  # too much to queue: the snapshot bypasses the queue limit
         if frames is None:
-            log.info("peer %s missed more than the log holds: sending a snapshot", link.name)
+            log.info("peer %s missed too much to resend: sending a snapshot", link.name)
             link.resync()
         elif frames:
             log.debug("peer %s: resending %d operations it missed", link.name, len(frames))
