@@ -49,7 +49,8 @@ def test_links_cut_and_restored_mid_stream_lose_nothing(proxied):
 def test_partition_with_writes_on_both_sides_heals_by_catch_up(proxied):
     cluster = proxied(4)
     nodes = cluster.nodes
-    wait_until(lambda: converged(nodes))
+    wait_until(lambda: converged(nodes) and all(n.call("stats")["synced"] for n in nodes))
+    wait_until(lambda: all(not n.call("stats")["gaps"] for n in nodes))
     before = [snapshots_sent(n) for n in nodes]
     cluster.partition([0, 1], [2, 3])
     for i, node in enumerate(nodes):
