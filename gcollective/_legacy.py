@@ -67,7 +67,17 @@ from gevent.server import StreamServer
 from . import _node
 from ._errors import InvalidKeyError, InvalidValueError, NotStartedError, ProtocolError
 from ._store import MISSING, copy_value, is_number, read_path
-from ._validate import Key, check_amount, clean_value, format_address, parse_address, parse_key
+from ._validate import (
+    Key,
+    check_amount,
+    check_positive,
+    check_sizes,
+    clean_value,
+    format_address,
+    parse_address,
+    parse_key,
+    parse_members,
+)
 from ._wire import MAGIC, _check_json
 
 __all__ = [
@@ -614,30 +624,18 @@ class LegacyCollective:
         unknown = set(native_only) - _NATIVE_ONLY_OPTIONS
         if unknown:
             raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
-        self.local = parse_address(local)
-        self.advertise = self.local if advertise is None else parse_address(advertise)
-        seen: set[tuple[str, int]] = set()
-        self.peers: list[tuple[str, int]] = []
-        for peer in peers:
-            address = parse_address(peer)
-            if address not in (self.local, self.advertise) and address not in seen:
-                seen.add(address)
-                self.peers.append(address)
-        for name, number in (
-            ("connect_timeout", connect_timeout),
-            ("send_timeout", send_timeout),
-            ("backoff_min", backoff_min),
-            ("backoff_max", backoff_max),
-        ):
-            if not isinstance(number, (int, float)) or isinstance(number, bool) or number <= 0:
-                raise ValueError(f"{name} must be a positive number, not {number!r}")
-        for name, size, least in (
-            ("max_frame", max_frame, 1024),
-            ("max_queue_bytes", max_queue_bytes, 1024),
-            ("max_connections", max_connections, 1),
-        ):
-            if not isinstance(size, int) or isinstance(size, bool) or size < least:
-                raise ValueError(f"{name} must be an int of at least {least}, not {size!r}")
+        self.local, self.advertise, self.peers = parse_members(local, peers, advertise)
+        check_positive(
+            connect_timeout=connect_timeout,
+            send_timeout=send_timeout,
+            backoff_min=backoff_min,
+            backoff_max=backoff_max,
+        )
+        check_sizes(
+            max_frame=(max_frame, 1024),
+            max_queue_bytes=(max_queue_bytes, 1024),
+            max_connections=(max_connections, 1),
+        )
         self.protocol = PROTOCOL
         self.connect_timeout = float(connect_timeout)
         self.send_timeout = float(send_timeout)

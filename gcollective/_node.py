@@ -57,10 +57,12 @@ from ._store import DELETE, INCREMENT, SET, Store, is_number
 from ._validate import (
     Key,
     check_amount,
+    check_positive,
+    check_sizes,
     clean_value,
     format_address,
-    parse_address,
     parse_key,
+    parse_members,
 )
 from ._wire import (
     OP,
@@ -110,6 +112,19 @@ def backoff_delay(failures: int, low: float, high: float) -> float:
     """Seconds to wait before reconnecting after ``failures`` failures in a row: doubling from
     ``low`` up to ``high``, with jitter so that peers restarted together do not stampede."""
     return min(high, low * (2 ** min(failures, 20))) * random.uniform(0.5, 1.0)
+
+
+def _recv_before(sock: Any, deadline: float, what: str) -> bytes:
+    """One read of a connection still introducing itself, or ``ProtocolError`` once the
+    handshake deadline (``time.monotonic()``) has passed without ``what``."""
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        sock.settimeout(remaining)
+        try:
+            return sock.recv(4096)
+        except gsocket.timeout:
+            pass
+    raise ProtocolError(f"no {what} within the handshake timeout")
 
 
 def _register_fork_hook() -> None:
@@ -699,36 +714,24 @@ class Collective:
         keyfile: str | os.PathLike[str] | None = None,
         cafile: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.local = parse_address(local)
-        self.advertise = self.local if advertise is None else parse_address(advertise)
-        seen: set[tuple[str, int]] = set()
-        self.peers: list[tuple[str, int]] = []
-        for peer in peers:
-            address = parse_address(peer)
-            if address not in (self.local, self.advertise) and address not in seen:
-                seen.add(address)
-                self.peers.append(address)
-        for name, number in (
-            ("connect_timeout", connect_timeout),
-            ("send_timeout", send_timeout),
-            ("backoff_min", backoff_min),
-            ("backoff_max", backoff_max),
-            ("sync_interval", sync_interval),
-            ("handshake_timeout", handshake_timeout),
-            ("idle_timeout", idle_timeout),
-            ("down_timeout", down_timeout),
-            ("clock_skew", clock_skew),
-        ):
-            if not isinstance(number, (int, float)) or isinstance(number, bool) or number <= 0:
-                raise ValueError(f"{name} must be a positive number, not {number!r}")
-        for name, size, least in (
-            ("max_frame", max_frame, 1024),
-            ("max_queue_bytes", max_queue_bytes, 1024),
-            ("log_bytes", log_bytes, 0),
-            ("max_connections", max_connections, 1),
-        ):
-            if not isinstance(size, int) or isinstance(size, bool) or size < least:
-                raise ValueError(f"{name} must be an int of at least {least}, not {size!r}")
+        self.local, self.advertise, self.peers = parse_members(local, peers, advertise)
+        check_positive(
+            connect_timeout=connect_timeout,
+            send_timeout=send_timeout,
+            backoff_min=backoff_min,
+            backoff_max=backoff_max,
+            sync_interval=sync_interval,
+            handshake_timeout=handshake_timeout,
+            idle_timeout=idle_timeout,
+            down_timeout=down_timeout,
+            clock_skew=clock_skew,
+        )
+        check_sizes(
+            max_frame=(max_frame, 1024),
+            max_queue_bytes=(max_queue_bytes, 1024),
+            log_bytes=(log_bytes, 0),
+            max_connections=(max_connections, 1),
+        )
         self.connect_timeout = float(connect_timeout)
         self.send_timeout = float(send_timeout)
         self.backoff_min = float(backoff_min)
@@ -1232,14 +1235,7 @@ class Collective:
         handshake = AcceptorHandshake(self._secret, self._info)
         first = True
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ProtocolError("no authentication within the handshake timeout")
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(4096)
-            except gsocket.timeout:
-                raise ProtocolError("no authentication within the handshake timeout") from None
+            data = _recv_before(sock, deadline, "authentication")
             if first:
                 if not data:
                     return None
@@ -1276,14 +1272,7 @@ class Collective:
             messages = feed(handshake.leftover)
         first = True
         while not messages:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ProtocolError("no HELLO within the handshake timeout")
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(4096)
-            except gsocket.timeout:
-                raise ProtocolError("no HELLO within the handshake timeout") from None
+            data = _recv_before(sock, deadline, "HELLO")
             if not data:
                 if opener is not None:
                     opener.close()

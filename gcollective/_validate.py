@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 from ._errors import InvalidKeyError, InvalidValueError
 
@@ -15,6 +15,9 @@ __all__ = [
     "check_amount",
     "parse_address",
     "format_address",
+    "parse_members",
+    "check_positive",
+    "check_sizes",
     "MAX_DEPTH",
 ]
 
@@ -131,3 +134,33 @@ def format_address(address: tuple[str, int]) -> str:
     """``host:port``, with brackets around an IPv6 host."""
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_members(
+    local: Any, peers: Iterable[Any], advertise: Any = None
+) -> tuple[tuple[str, int], tuple[str, int], list[tuple[str, int]]]:
+    """``(local, advertise, peers)`` parsed; the peers lose this member's own addresses and
+    repeats, keeping their order (so ``peers`` may list every member, as in collective.js)."""
+    local_address = parse_address(local)
+    advertised = local_address if advertise is None else parse_address(advertise)
+    others: list[tuple[str, int]] = []
+    for peer in peers:
+        address = parse_address(peer)
+        if address not in (local_address, advertised) and address not in others:
+            others.append(address)
+    return local_address, advertised, others
+
+
+def check_positive(**numbers: Any) -> None:
+    """``ValueError`` naming the first option that is not a positive int or float."""
+    for name, number in numbers.items():
+        if not isinstance(number, (int, float)) or isinstance(number, bool) or number <= 0:
+            raise ValueError(f"{name} must be a positive number, not {number!r}")
+
+
+def check_sizes(**sizes: tuple[Any, int]) -> None:
+    """``ValueError`` naming the first option (given as ``name=(value, least)``) that is not
+    an int of at least ``least``."""
+    for name, (size, least) in sizes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size < least:
+            raise ValueError(f"{name} must be an int of at least {least}, not {size!r}")
