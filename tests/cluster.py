@@ -32,7 +32,13 @@ def free_ports(count: int) -> list[int]:
     return [free_port() for _ in range(count)]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02) -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,
+    interval: float = 0.02,
+    what: str = "",
+    sleep: Callable[[float], Any] = time.sleep,
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -40,8 +46,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
-        time.sleep(interval)
+            raise AssertionError(f"condition not met within {timeout}s: {what or predicate}")
+        sleep(interval)
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = ""
+) -> Any:
+    """``wait_until`` for members running in this process: it sleeps through gevent, so the
+    hub (and the members) run while the test waits."""
+    import gevent
+
+    return wait_until(predicate, timeout, interval, what, sleep=gevent.sleep)
 
 
 class NodeProcess:

@@ -8,7 +8,7 @@ import sys
 
 import gevent
 import pytest
-from cluster import ROOT, free_port, free_ports
+from cluster import ROOT, free_port, free_ports, wait_for
 
 import gcollective
 from gcollective import (
@@ -29,12 +29,6 @@ def node():
     n.start()
     yield n
     n.stop()
-
-
-def wait_for(predicate, timeout=10.0):
-    with gevent.Timeout(timeout):
-        while not predicate():
-            gevent.sleep(0.01)
 
 
 def test_operation_constants_match_collective_js():

@@ -15,7 +15,7 @@ import time
 import gevent
 import pytest
 import trustme
-from cluster import free_port, free_ports
+from cluster import free_port, free_ports, wait_for
 from gevent import socket as gsocket
 
 import gcollective
@@ -29,12 +29,6 @@ WEAK_SECRET = "hunter2"
 SECRETS = (SECRET, OTHER_SECRET, WEAK_SECRET)
 
 FAST = {"sync_interval": 0.05, "backoff_max": 0.2, "handshake_timeout": 1.0}
-
-
-def wait_for(predicate, timeout=10.0):
-    with gevent.Timeout(timeout, AssertionError(f"condition not met within {timeout}s")):
-        while not predicate():
-            gevent.sleep(0.01)
 
 
 def messages(caplog, level=logging.WARNING):

@@ -3,22 +3,21 @@ and the down-timeout trade-off, both ways. Members run in this process under gev
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import gevent
 import pytest
 from cluster import free_ports
+from cluster import wait_for as _wait_for
 from faults import Proxy
 
 from gcollective import Collective
 
+# Metadata is collected in the background: allow it longer than the default.
+wait_for = functools.partial(_wait_for, timeout=20.0, interval=0.02)
+
 FAST = {"sync_interval": 0.05, "backoff_max": 0.2, "clock_skew": 0.05}
-
-
-def wait_for(predicate, timeout=20.0):
-    with gevent.Timeout(timeout):
-        while not predicate():
-            gevent.sleep(0.02)
 
 
 def metadata_size(node: Collective) -> int:

@@ -12,7 +12,7 @@ import os
 
 import gevent
 import pytest
-from cluster import free_port
+from cluster import free_port, wait_for
 from gevent import socket as gsocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,12 +21,6 @@ from gcollective import Collective
 from gcollective._wire import encode_hello
 
 OPTIONS = {"handshake_timeout": 0.5, "max_frame": 4096, "sync_interval": 0.1}
-
-
-def wait_for(predicate, timeout=10.0):
-    with gevent.Timeout(timeout):
-        while not predicate():
-            gevent.sleep(0.01)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 
 import gevent
 import pytest
-from cluster import free_port, free_ports
+from cluster import free_port, free_ports, wait_for
 from gevent import socket as gsocket
 from legacy_peer import LegacyPeer, js_stringify
 
@@ -43,18 +43,6 @@ from gcollective._wire import encode_hello
 
 HOST = "127.0.0.1"
 FAST = {"backoff_min": 0.02, "backoff_max": 0.2, "connect_timeout": 1.0}
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = ""):
-    """Poll ``predicate`` (letting the hub run) until it is truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what or predicate}")
-        gevent.sleep(0.01)
 
 
 def hosts(*ports: int) -> list[dict]:

@@ -6,18 +6,12 @@ import logging
 
 import gevent
 import pytest
-from cluster import free_ports
+from cluster import free_ports, wait_for
 
 import gcollective
 from gcollective import DELETE, INCREMENT, SET, Collective
 
 FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
-
-
-def wait_for(predicate, timeout=10.0):
-    with gevent.Timeout(timeout):
-        while not predicate():
-            gevent.sleep(0.01)
 
 
 class Recorder:
