@@ -4,9 +4,11 @@ Shape (see the README's design section):
 
 - One acceptor (a gevent ``StreamServer``) reads every peer's incoming connection and applies
   what arrives to the store.
-- One writer greenlet per peer (``_PeerLink``) dials that peer and sends. An operation is
-  encoded once; its bytes are appended to every link's pending list, and a writer sends all
-  that is pending with one ``sendall``. ``set()`` never waits for the network.
+- One writer greenlet per peer (``_PeerLink``) dials that peer and sends. ``set()`` applies
+  an operation and appends it to the node's outbox; at the next turn of the event loop (or
+  every ``_OUTBOX_LIMIT`` operations) the outbox is encoded once as one OPS frame whose bytes
+  go to every link's pending list, and a writer sends all that is pending with one
+  ``sendall``. ``set()`` never waits for the network.
 - Every operation carries its origin's sequence number. Each node keeps a version vector of
   what it applied (``Progress``) and a bounded log of recent frames from every origin
   (``OpLog``). Writers send their node's vector every ``sync_interval``; a node that sees a
@@ -50,7 +52,7 @@ from ._auth import (
     explain_refusal,
     secret_is_weak,
 )
-from ._clock import HybridClock, new_node_id, stamp_origin
+from ._clock import NODE_BITS, HybridClock, new_node_id
 from ._errors import AuthenticationError, InvalidValueError, NotStartedError, ProtocolError
 from ._oplog import OpLog, Progress
 from ._store import DELETE, INCREMENT, SET, Store, is_number
@@ -65,7 +67,7 @@ from ._validate import (
     parse_members,
 )
 from ._wire import (
-    OP,
+    OPS,
     PROGRESS,
     SNAPSHOT,
     SNAPSHOT_END,
@@ -75,14 +77,14 @@ from ._wire import (
     FrameDecoder,
     check_snapshot_items,
     encode_hello,
-    encode_op,
+    encode_ops,
     encode_progress,
     encode_snapshot,
     encode_snapshot_end,
     encode_status_reply,
     is_status_request,
     parse_hello,
-    parse_op,
+    parse_ops,
     parse_progress,
     parse_vector,
 )
@@ -96,6 +98,8 @@ _RECV_SIZE = 256 * 1024
 # TLS recognises a peer that speaks it, to say so instead of "not JSON".
 _TLS_HANDSHAKE = b"\x16\x03"
 _SNAPSHOT_CHUNK_KEYS = 2048  # top-level keys per SNAPSHOT frame
+# A greenlet that sets without yielding gets its operations sent in batches of this many.
+_OUTBOX_LIMIT = 1024
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
@@ -319,6 +323,7 @@ class _PeerLink:
         self.name = format_address(address)
         self.pending: list[bytes] = []
         self.pending_bytes = 0
+        self.pending_ops = 0  # own or relayed operations in ``pending`` (not catch-up)
         self.wake = Event()  # something is pending (or the node is stopping)
         self.kick = Event()  # the peer is known to be up: skip the rest of the backoff
         self.state = "connecting"
@@ -344,6 +349,7 @@ class _PeerLink:
         self._sock: Any = None
         self.sent_frames = 0
         self.sent_bytes = 0
+        self.sent_ops = 0
         self.connects = 0
         self.overflows = 0
         self.snapshots_sent = 0
@@ -358,11 +364,13 @@ class _PeerLink:
         # on every retry, and one line per retry would bury the rest of the log.
         self._warned: set[str] = set()
 
-    def enqueue(self, frame: bytes) -> None:
-        """Queue a frame; never blocks. A peer that lets too much pile up is dropped: the
-        catch-up by version vectors (or a snapshot) brings it back up to date later."""
+    def enqueue(self, frame: bytes, ops: int = 0) -> None:
+        """Queue a frame (carrying ``ops`` operations); never blocks. A peer that lets too
+        much pile up is dropped: the catch-up by version vectors (or a snapshot) brings it
+        back up to date later."""
         self.pending.append(frame)
         self.pending_bytes += len(frame)
+        self.pending_ops += ops
         if self.pending_bytes > self.node.max_queue_bytes:
             self.overflows += 1
             # Once per connection at WARNING: a stuck peer would otherwise repeat it forever.
@@ -374,7 +382,7 @@ class _PeerLink:
             )
             self._overflow_logged_at = self.connects
             self.pending = []
-            self.pending_bytes = 0
+            self.pending_bytes = self.pending_ops = 0
             self.snapshot_queued = False  # still due: sent again on the next connection
             self.drop_connection()
         if not self.wake.is_set():
@@ -400,7 +408,7 @@ class _PeerLink:
         frames, vector = self.node._snapshot_frames()
         log.info("peer %s: sending a snapshot (%d bytes)", self.name, sum(len(f) for f in frames))
         self.pending = frames
-        self.pending_bytes = 0
+        self.pending_bytes = self.pending_ops = 0
         self.snapshot_vector = vector
         self.snapshot_due = self.snapshot_queued = True
         self.snapshots_sent += 1
@@ -590,7 +598,9 @@ class _PeerLink:
         wake = self.wake
         interval = node.sync_interval
         next_progress = time.monotonic() + interval
+        flush = node._flush_outbox
         while True:
+            flush()  # normally done already, by the event loop's callback
             now = time.monotonic()
             if now >= next_progress:
                 self.pending.append(node._progress_frame())
@@ -602,14 +612,16 @@ class _PeerLink:
                 wake.wait(next_progress - now)
                 continue
             batch = self.pending
+            ops = self.pending_ops
             self.pending = []
-            self.pending_bytes = 0
+            self.pending_bytes = self.pending_ops = 0
             self.snapshot_queued = False
             data = b"".join(batch)
             # Sealed here, in the one greenlet that sends, so records go out in counter order.
             sock.sendall(data if sealer is None else sealer.seal(data))
             self.sent_frames += len(batch)
             self.sent_bytes += len(data)
+            self.sent_ops += ops
 
     def _security(self) -> str:
         """How the current connection is protected, for log lines."""
@@ -756,6 +768,9 @@ class Collective:
         self._store = Store()
         self._clock = HybridClock(self.node_id)
         self._seq = 0
+        # Own operations applied but not yet encoded: (hlc, op, path, value), numbered up to
+        # ``_seq``. Flushed by a callback of the event loop (see ``_apply_local``).
+        self._outbox: list[tuple[int, int, tuple[str, ...], Any]] = []
         self._progress = Progress()
         self._log = OpLog(log_bytes)
         self._links: dict[tuple[str, int], _PeerLink] = {}
@@ -774,6 +789,7 @@ class Collective:
         self._generation = -1
         self.started_at: float | None = None
         self.received_frames = 0
+        self.received_ops = 0
         self.applied_ops = 0
         self.refused_connections = 0
         self._refusals_logged: set[tuple[str, str]] = set()
@@ -846,6 +862,7 @@ class Collective:
         close every connection. Reads keep working on the local copy afterwards."""
         if not self._started or self._stopping:
             return
+        self._flush_outbox()
         self._stopping = True
         if self._server is not None:
             self._server.close()
@@ -936,7 +953,9 @@ class Collective:
                 "peer_id": None if link.peer_id is None else f"{link.peer_id:x}",
                 "queued_bytes": link.pending_bytes,
                 "queued_frames": len(link.pending),
+                "queued_ops": link.pending_ops,
                 "sent_frames": link.sent_frames,
+                "sent_ops": link.sent_ops,
                 "sent_bytes": link.sent_bytes,
                 "connects": link.connects,
                 "overflows": link.overflows,
@@ -957,6 +976,7 @@ class Collective:
             "top_level_keys": len(self._store.data),
             "local_ops": self._seq,
             "received_frames": self.received_frames,
+            "received_ops": self.received_ops,
             "applied_ops": self.applied_ops,
             "refused_connections": self.refused_connections,
             "origins": len(self._progress.applied),
@@ -1116,21 +1136,54 @@ class Collective:
         return self._store.to_dict()
 
     def _apply_local(self, stamp: int, op: int, path: tuple[str, ...], value: Any) -> None:
-        seq = self._seq + 1
-        try:
-            frame = encode_op(stamp, op, path, value, seq)
-        except (UnicodeEncodeError, OverflowError, ValueError) as exc:
-            # e.g. a lone surrogate in a str: refuse before the number is used (no gap).
-            raise InvalidValueError(f"cannot be encoded as JSON: {exc}") from None
-        self._seq = seq
+        # Own operations are numbered without gaps: the vector entry moves in place.
+        seq = self._seq = self._seq + 1
         node_id = self.node_id
-        self._progress.accept(node_id, seq, stamp)
-        self._log.add(node_id, seq, frame)
+        progress = self._progress
+        progress.applied[node_id] = seq
+        progress.stamps[node_id] = stamp
         self._store.apply(stamp, op, path, value)
+        outbox = self._outbox
+        outbox.append((stamp >> NODE_BITS, op, path, value))
+        if len(outbox) == 1:
+            # Sent once this greenlet yields: a burst of sets becomes one frame.
+            gevent.get_hub().loop.run_callback(self._flush_outbox)
+        elif len(outbox) >= _OUTBOX_LIMIT:
+            self._flush_outbox()
         if self._watches:
             self._notify(path, op, node_id)
-        for link in self._links.values():
-            link.enqueue(frame)
+
+    def _flush_outbox(self) -> None:
+        """Encode the outbox as OPS frames (once), log them and queue them for every peer.
+
+        Runs as an event-loop callback (so it must never block) or inline; cheap when the
+        outbox is empty, so anything that needs the log or the queues current calls it first.
+        """
+        ops = self._outbox
+        if not ops:
+            return
+        self._outbox = []
+        first = self._seq - len(ops) + 1
+        frames = []
+        self._encode_batch(first, ops, frames)
+        links = self._links.values()
+        add_to_log = self._log.add
+        node_id = self.node_id
+        for first, last, frame in frames:
+            add_to_log(node_id, first, last, frame)
+            for link in links:
+                link.enqueue(frame, last - first + 1)
+
+    def _encode_batch(self, first: int, ops: list[Any], out: list[tuple[int, int, bytes]]) -> None:
+        """OPS frames for ``ops`` numbered from ``first``, halved until each frame is well
+        under what a peer accepts (``max_frame``)."""
+        frame = encode_ops(self.node_id, first, ops)
+        if len(frame) > self.max_frame // 4 and len(ops) > 1:
+            half = len(ops) // 2
+            self._encode_batch(first, ops[:half], out)
+            self._encode_batch(first + half, ops[half:], out)
+        else:
+            out.append((first, first + len(ops) - 1, frame))
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -1376,26 +1429,13 @@ class Collective:
         sent_bound: dict[int, int],
     ) -> dict[int, int]:
         """Apply a batch of frames from one peer; returns the next catch-up bound."""
-        apply = self._store.apply
-        observe = self._clock.observe
-        accept = self._progress.accept
-        add_to_log = self._log.add
         self.received_frames += len(messages)
         for index, message in enumerate(messages):
             if type(message) is not list or not message:
                 raise ProtocolError("frame is not a non-empty JSON array")
             kind = message[0]
-            if kind == OP:
-                stamp, op, path, value, seq = parse_op(message)
-                origin = stamp_origin(stamp)
-                if not accept(origin, seq, stamp):
-                    continue  # a repeat (relayed, or also in a snapshot)
-                apply(stamp, op, path, value)
-                if self._watches:
-                    self._notify(tuple(path), op, origin)
-                observe(stamp)
-                add_to_log(origin, seq, frames[index])  # without its newline: no copy
-                self.applied_ops += 1
+            if kind == OPS:
+                self._apply_ops(message, frames[index])
             elif kind == PROGRESS:
                 vector, complete, promise, frontier = parse_progress(message)
                 if link is not None and link.peer_id == peer_id:
@@ -1430,10 +1470,7 @@ class Collective:
             elif kind == SNAPSHOT_END:
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT_END frame has the wrong length")
-                vector = parse_vector(message[1])
-                self._progress.merge(vector)
-                for origin, seq, _ in vector:
-                    self._log.not_logged(origin, seq)
+                self._progress.merge(parse_vector(message[1]))
                 if not self._synced.is_set():
                     log.info("merged a peer's state")
                     self._synced.set()
@@ -1444,6 +1481,43 @@ class Collective:
             else:
                 raise ProtocolError(f"unknown message type {kind!r}")
         return sent_bound
+
+    def _apply_ops(self, message: list[Any], frame: bytes) -> None:
+        """Apply a received OPS frame (checked whole first), skipping repeats, and log it."""
+        origin, first, items = parse_ops(message)
+        last = first + len(items) - 1
+        progress = self._progress
+        done = progress.applied.get(origin, 0)
+        self.received_ops += len(items)
+        if last <= done:
+            return  # all repeats (relayed, or also in a snapshot)
+        apply = self._store.apply
+        watched = bool(self._watches)
+        if first == done + 1 and not progress.has_gap(origin):
+            # The normal case: the next operations of this origin, in order.
+            for hlc, op, path, value in items:
+                apply((hlc << NODE_BITS) | origin, op, path, value)
+                if watched:
+                    self._notify(tuple(path), op, origin)
+            stamp = (items[-1][0] << NODE_BITS) | origin
+            progress.applied[origin] = last
+            progress.stamps[origin] = stamp
+            applied = len(items)
+        else:
+            accept = progress.accept
+            applied = 0
+            seq = first
+            for hlc, op, path, value in items:
+                stamp = (hlc << NODE_BITS) | origin
+                if accept(origin, seq, stamp):
+                    apply(stamp, op, path, value)
+                    if watched:
+                        self._notify(tuple(path), op, origin)
+                    applied += 1
+                seq += 1
+        self.applied_ops += applied
+        self._clock.observe(stamp)
+        self._log.add(origin, first, last, frame)  # without its newline: no copy
 
     def _catch_up(
         self,
@@ -1462,6 +1536,7 @@ class Collective:
         """
         if link.snapshot_vector is not None:
             return dict(self._progress.applied)  # it is still merging the snapshot we sent
+        self._flush_outbox()  # own operations up to ``bound`` must be in the log
         if previous is not None:
             bound = {o: b for o, b in bound.items() if theirs.get(o, 0) <= previous.get(o, 0)}
         frames = self._log.missing(theirs, bound, exclude=peer_id)

@@ -86,78 +86,85 @@ class Progress:
         return sum(len(s) for s in self._ahead.values())
 
 
-class OpLog:
-    """Encoded frames of recent operations from every origin, at most ``max_bytes`` in all.
+def _widest_first(entry: tuple[int, int, bytes]) -> tuple[int, int]:
+    return entry[0], -entry[1]
 
-    Oldest entries go first. ``covered_from[origin]`` is the lowest sequence number from which
-    every later operation that was applied here is still in the log (operations that arrived
-    inside a snapshot never are).
+
+class OpLog:
+    """Encoded OPS frames of recent operations from every origin, at most ``max_bytes`` in all.
+
+    Each entry is one frame with the range of sequence numbers it carries; oldest entries go
+    first. Ranges of one origin may overlap (a batch received again by catch-up): ``missing``
+    picks frames that together cover what a peer lacks, and the peer skips repeats.
     """
 
-    __slots__ = ("max_bytes", "bytes", "_frames", "_order", "_floor")
+    __slots__ = ("max_bytes", "bytes", "ops", "_frames", "_order")
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._frames: dict[int, dict[int, bytes]] = {}
-        self._order: deque[tuple[int, int, int]] = deque()
-        self._floor: dict[int, int] = {}  # origin -> highest seq no longer (or never) logged
+        self.ops = 0  # operations in the logged frames (repeats included)
+        # origin -> its entries [first seq, last seq, frame], in the order logged
+        self._frames: dict[int, deque[tuple[int, int, bytes]]] = {}
+        self._order: deque[int] = deque()  # the origin of every entry, in the order logged
 
     def __len__(self) -> int:
         return len(self._order)
 
-    def add(self, origin: int, seq: int, frame: bytes) -> None:
-        """Log one operation's frame (with or without its newline: the caller knows)."""
-        frames = self._frames.get(origin)
-        if frames is None:
-            frames = self._frames[origin] = {}
-        frames[seq] = frame
-        size = len(frame)
-        self._order.append((origin, seq, size))
-        self.bytes += size
+    def add(self, origin: int, first: int, last: int, frame: bytes) -> None:
+        """Log one frame carrying operations ``first`` to ``last`` of ``origin`` (with or
+        without its newline: ``missing`` hands frames back as given)."""
+        entries = self._frames.get(origin)
+        if entries is None:
+            entries = self._frames[origin] = deque()
+        entries.append((first, last, frame))
+        self._order.append(origin)
+        self.bytes += len(frame)
+        self.ops += last - first + 1
         if self.bytes > self.max_bytes:
             self._trim()
 
     def _trim(self) -> None:
         order = self._order
-        floor = self._floor
+        all_frames = self._frames
         while self.bytes > self.max_bytes and order:
-            origin, seq, size = order.popleft()
-            self.bytes -= size
-            frames = self._frames[origin]
-            frames.pop(seq, None)
-            if not frames:
-                del self._frames[origin]
-            if seq > floor.get(origin, 0):
-                floor[origin] = seq
-
-    def not_logged(self, origin: int, upto: int) -> None:
-        """Operations of ``origin`` up to ``upto`` were applied without being logged."""
-        if upto > self._floor.get(origin, 0):
-            self._floor[origin] = upto
+            origin = order.popleft()
+            entries = all_frames[origin]
+            first, last, frame = entries.popleft()
+            self.bytes -= len(frame)
+            self.ops -= last - first + 1
+            if not entries:
+                del all_frames[origin]
 
     def missing(
         self, theirs: dict[int, int], ours: dict[int, int], exclude: int = 0
     ) -> list[bytes] | None:
-        """Frames a peer lacks, oldest first per origin, or None when the log cannot cover
-        the gap (a full snapshot is needed).
+        """Frames that hold what a peer lacks, oldest first per origin, or None when the log
+        cannot cover it (a full snapshot is needed).
 
         ``theirs`` is the peer's version vector, ``ours`` the bound of what to send (normally
         what we had applied a moment ago, so operations still in flight are not resent).
         Origin ``exclude`` (the peer itself) is skipped: it has all of its own operations.
         """
         out: list[bytes] = []
-        floor = self._floor
         for origin, upto in ours.items():
             have = theirs.get(origin, 0)
             if have >= upto or origin == exclude:
                 continue
-            if have < floor.get(origin, 0):
+            entries = self._frames.get(origin)
+            if not entries:
                 return None
-            frames = self._frames.get(origin, {})
-            for seq in range(have + 1, upto + 1):
-                frame = frames.get(seq)
-                if frame is None:
-                    return None
-                out.append(frame)
+            # The frames overlapping (have, upto], by first seq; walk them until covered.
+            wanted = sorted((e for e in entries if e[1] > have and e[0] <= upto), key=_widest_first)
+            need = have + 1
+            for first, last, frame in wanted:
+                if first > need:
+                    return None  # a hole (not logged, or trimmed already)
+                if last >= need:
+                    out.append(frame)
+                    need = last + 1
+                    if need > upto:
+                        break
+            if need <= upto:
+                return None
         return out

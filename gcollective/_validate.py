@@ -11,6 +11,7 @@ from ._errors import InvalidKeyError, InvalidValueError
 __all__ = [
     "Key",
     "parse_key",
+    "has_utf8",
     "clean_value",
     "check_amount",
     "parse_address",
@@ -28,11 +29,25 @@ Key = Union[str, "tuple[str, ...]"]
 MAX_DEPTH = 100
 
 
+def has_utf8(text: str) -> bool:
+    """True unless ``text`` holds a lone surrogate, which UTF-8 (and so the wire) cannot
+    carry. Values are encoded in batches after ``set()`` returns, so they are checked here."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_key(key: Any) -> tuple[str, ...]:
     """Turn a key into its path of segments, or raise ``InvalidKeyError``."""
     if type(key) is str:
         if not key or ".." in key or key[0] == "." or key[-1] == ".":
             raise InvalidKeyError(f"key {key!r} is empty or has an empty segment")
+        if not has_utf8(key):
+            raise InvalidKeyError(f"key {key!r} holds a lone surrogate, which UTF-8 cannot carry")
         return tuple(key.split("."))
     if isinstance(key, (tuple, list)):
         if not key:
@@ -44,6 +59,10 @@ def parse_key(key: Any) -> tuple[str, ...]:
                 )
             if not segment:
                 raise InvalidKeyError(f"key {tuple(key)!r} has an empty segment")
+            if not has_utf8(segment):
+                raise InvalidKeyError(
+                    f"key {tuple(key)!r} holds a lone surrogate, which UTF-8 cannot carry"
+                )
         if len(key) > MAX_DEPTH:
             raise InvalidKeyError(f"key is deeper than {MAX_DEPTH} segments")
         return tuple(str(s) for s in key)
@@ -59,8 +78,12 @@ def clean_value(value: Any, depth: int = 0) -> Any:
     locally is exactly what every other replica decodes.
     """
     kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
+    if kind is int or kind is bool or value is None:
         return value
+    if kind is str:
+        if has_utf8(value):
+            return value
+        raise InvalidValueError(f"{value!r} holds a lone surrogate, which UTF-8 cannot carry")
     if kind is float:
         if math.isfinite(value):
             return value
@@ -74,6 +97,10 @@ def clean_value(value: Any, depth: int = 0) -> Any:
                 raise InvalidValueError(
                     f"dict key {k!r} is a {type(k).__name__}; JSON object keys are str"
                 )
+            if not has_utf8(k):
+                raise InvalidValueError(
+                    f"dict key {k!r} holds a lone surrogate, which UTF-8 cannot carry"
+                )
             out[str(k)] = clean_value(v, depth + 1)
         return out
     if kind is list or kind is tuple or isinstance(value, (list, tuple)):
@@ -85,7 +112,7 @@ def clean_value(value: Any, depth: int = 0) -> Any:
     if isinstance(value, float):
         return clean_value(float(value), depth)
     if isinstance(value, str):
-        return str(value)
+        return clean_value(str(value), depth)
     raise InvalidValueError(f"a {kind.__name__} cannot be stored: values must be JSON")
 
 

@@ -2,14 +2,16 @@
 
 Every message is one line: a JSON array followed by ``\\n`` (the JSON codec escapes newlines
 inside strings, so a newline only ever ends a frame). The first frame on a connection must be
-HELLO; after it, the sender streams OP, SNAPSHOT and SNAPSHOT_END frames. Connections are
+HELLO; after it, the sender streams OPS, SNAPSHOT and SNAPSHOT_END frames. Connections are
 one-way, as in collective.js: a node sends on the connections it dials and only reads the
 connections it accepts.
 
 =================  ======================================================================
 HELLO              ``["gcollective", version, node_id, host, port, flags]``
-OP                 ``[1, stamp, op, path, value, seq]``: ``value`` is null for DELETE; ``seq``
-                   numbers the origin's operations 1, 2, 3, ... (the origin is in the stamp)
+OPS                ``[1, origin, seq, [[hlc, op, path, value], ...]]``: a batch of operations
+                   of one origin, numbered ``seq``, ``seq + 1``, ... (every origin numbers its
+                   operations 1, 2, 3, ...); each stamp is ``(hlc << 64) | origin``, and the
+                   ``hlc`` values grow along the batch; ``value`` is null for DELETE
 SNAPSHOT           ``[2, items]``: a slice of ``Store.export()``
 SNAPSHOT_END       ``[3, vector]``: the whole state has been sent; ``vector`` is the sender's
                    version vector ``[[origin, seq, stamp], ...]`` at the time of the snapshot
@@ -47,13 +49,13 @@ __all__ = [
     "PROTOCOL_VERSION",
     "MAGIC",
     "WANTS_SNAPSHOT",
-    "OP",
+    "OPS",
     "SNAPSHOT",
     "SNAPSHOT_END",
     "Hello",
     "FrameDecoder",
     "encode_hello",
-    "encode_op",
+    "encode_ops",
     "encode_snapshot",
     "SNAPSHOT_REQUEST",
     "PROGRESS",
@@ -63,7 +65,7 @@ __all__ = [
     "parse_progress",
     "SNAPSHOT_REQUEST_FRAME",
     "parse_hello",
-    "parse_op",
+    "parse_ops",
     "check_snapshot_items",
     "STATUS_MAGIC",
     "STATUS_VERSION",
@@ -73,11 +75,11 @@ __all__ = [
     "parse_status_reply",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = "gcollective"
 WANTS_SNAPSHOT = 1  # HELLO flag: send me your whole state
 
-OP = 1
+OPS = 1
 SNAPSHOT = 2
 SNAPSHOT_END = 3
 SNAPSHOT_REQUEST = 4
@@ -88,6 +90,7 @@ STATUS_VERSION = 1
 
 _MAX_STAMP = 1 << 128
 _MAX_SEQ = 1 << 63
+_MAX_HLC = 1 << 64
 _ORIGIN_MASK = (1 << 64) - 1
 _dumps = ujson.dumps
 _loads = ujson.loads
@@ -107,9 +110,10 @@ def encode_hello(node_id: int, host: str, port: int, flags: int = 0) -> bytes:
     return (_dumps([MAGIC, PROTOCOL_VERSION, node_id, host, port, flags]) + "\n").encode()
 
 
-def encode_op(stamp: int, op: int, path: tuple[str, ...], value: Any, seq: int) -> bytes:
-    """One operation as one frame; encoded once, the same bytes go to every peer."""
-    return (_dumps([OP, stamp, op, path, value, seq], ensure_ascii=False) + "\n").encode()
+def encode_ops(origin: int, seq: int, ops: list[tuple[int, int, Any, Any]]) -> bytes:
+    """An OPS frame: operations ``seq``, ``seq + 1``, ... of ``origin``, each given as
+    ``(hlc, op, path, value)``. Encoded once per batch; the same bytes go to every peer."""
+    return (_dumps([OPS, origin, seq, ops], ensure_ascii=False) + "\n").encode()
 
 
 def encode_snapshot(items: list[Any]) -> bytes:
@@ -205,34 +209,46 @@ def parse_hello(message: Any) -> Hello:
     return Hello(node_id, host, port, flags)
 
 
-def parse_op(message: list[Any]) -> tuple[int, int, list[str], Any, int]:
-    """Check an OP frame's shape: ``(stamp, op, path, value, seq)`` or ``ProtocolError``."""
-    if len(message) != 6:
-        raise ProtocolError("OP frame has the wrong length")
-    _, stamp, op, path, value, seq = message
-    if type(stamp) is not int or not 0 < stamp < _MAX_STAMP or not stamp & _ORIGIN_MASK:
-        raise ProtocolError("OP frame has a bad stamp")
-    if type(seq) is not int or not 0 < seq < _MAX_SEQ:
-        raise ProtocolError("OP frame has a bad sequence number")
-    if type(path) is not list or not path or len(path) > MAX_DEPTH:
-        raise ProtocolError("OP frame has a bad path")
-    for segment in path:
-        if type(segment) is not str or not segment:
-            raise ProtocolError("OP frame has a bad path segment")
-    if op == 0 and type(op) is int:
-        kind = type(value)
-        if not (kind is str or kind is int or kind is bool or value is None):
-            _check_json(value, 0)
-    elif op == 1 and type(op) is int:
-        kind = type(value)
-        if not (kind is int or (kind is float and math.isfinite(value))):
-            raise ProtocolError("INCREMENT amount is not a number")
-    elif op == 2 and type(op) is int:
-        if value is not None:
-            raise ProtocolError("DELETE carries a value")
-    else:
-        raise ProtocolError(f"unknown operation {op!r}")
-    return stamp, op, path, value, seq
+def parse_ops(message: list[Any]) -> tuple[int, int, list[list[Any]]]:
+    """Check an OPS frame fully: ``(origin, seq, items)``, each item ``[hlc, op, path,
+    value]``, or ``ProtocolError`` (before anything in it is applied)."""
+    if len(message) != 4:
+        raise ProtocolError("OPS frame has the wrong length")
+    _, origin, seq, items = message
+    if type(origin) is not int or not 0 < origin <= _ORIGIN_MASK:
+        raise ProtocolError("OPS frame has a bad origin")
+    if type(items) is not list or not items:
+        raise ProtocolError("OPS frame has no operations")
+    if type(seq) is not int or not 0 < seq < _MAX_SEQ - len(items):
+        raise ProtocolError("OPS frame has a bad sequence number")
+    previous = 0
+    for item in items:
+        if type(item) is not list or len(item) != 4:
+            raise ProtocolError("OPS frame has an operation that is not [hlc, op, path, value]")
+        hlc, op, path, value = item
+        # Growing along the batch, as an origin's stamps do: what ``Progress`` relies on.
+        if type(hlc) is not int or not previous < hlc < _MAX_HLC:
+            raise ProtocolError("OPS frame has a bad stamp")
+        previous = hlc
+        if type(path) is not list or not path or len(path) > MAX_DEPTH:
+            raise ProtocolError("OPS frame has a bad path")
+        for segment in path:
+            if type(segment) is not str or not segment:
+                raise ProtocolError("OPS frame has a bad path segment")
+        if op == 0 and type(op) is int:
+            kind = type(value)
+            if not (kind is str or kind is int or kind is bool or value is None):
+                _check_json(value, 0)
+        elif op == 1 and type(op) is int:
+            kind = type(value)
+            if not (kind is int or (kind is float and math.isfinite(value))):
+                raise ProtocolError("INCREMENT amount is not a number")
+        elif op == 2 and type(op) is int:
+            if value is not None:
+                raise ProtocolError("DELETE carries a value")
+        else:
+            raise ProtocolError(f"unknown operation {op!r}")
+    return origin, seq, items
 
 
 def parse_vector(vector: Any) -> list[tuple[int, int, int]]:

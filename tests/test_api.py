@@ -301,8 +301,12 @@ def _env():
 def test_a_lone_surrogate_is_refused_without_a_gap_in_the_sequence(node):
     with pytest.raises(InvalidValueError):
         node.set("k", "\ud800")
-    with pytest.raises(InvalidValueError):
+    with pytest.raises(InvalidKeyError):
         node.set(("k\ud800",), 1)
+    with pytest.raises(InvalidKeyError):
+        node.set("k\ud800", 1)
+    with pytest.raises(InvalidValueError):
+        node.set("k", {"\ud800": 1})
     node.set("k", "fine")
     assert node.stats()["local_ops"] == 1
     assert node.snapshot() == {"k": "fine"}

@@ -21,7 +21,7 @@ from gevent import socket as gsocket
 import gcollective
 from gcollective import AuthenticationError, Collective, ProtocolError
 from gcollective._auth import HEADER_SIZE, DialerHandshake
-from gcollective._wire import encode_hello, encode_op
+from gcollective._wire import encode_hello, encode_ops
 
 SECRET = "the collective's shared secret for these tests"
 OTHER_SECRET = "a different secret, just as long as the first one"
@@ -92,8 +92,8 @@ def fake_member(node_id: int, seq_start: int = 1):
     port = free_port()
 
     def op(path, value, seq):
-        stamp = (int(time.time() * 1000) << 16 << 64) | node_id
-        return encode_op(stamp, 0, (path,), value, seq)
+        hlc = int(time.time() * 1000) << 16
+        return encode_ops(node_id, seq, [(hlc, 0, (path,), value)])
 
     return encode_hello(node_id, "127.0.0.1", port, 0), op
 

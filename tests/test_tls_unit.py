@@ -20,7 +20,7 @@ from gcollective._tls import (
     explain_tls_error,
     server_context,
 )
-from gcollective._wire import FrameDecoder, encode_hello, encode_op, parse_hello
+from gcollective._wire import FrameDecoder, encode_hello, encode_ops, parse_hello
 
 SECRET = "tls tests secret, long enough to be a real one"
 
@@ -100,9 +100,11 @@ def test_mutual_tls_round_trip_with_the_secret_handshake_and_sealed_frames(pki):
             step = dialer.receive(client.recv(4096))
             assert step.done
             sealer = dialer.sealer()
-            frames = encode_hello(7, "127.0.0.1", 9000) + encode_op(1 << 80 | 5, 0, ("k",), 1, 1)
+            frames = encode_hello(7, "127.0.0.1", 9000) + encode_ops(
+                5, 1, [(1 << 16, 0, ("k",), 1)]
+            )
             client.sendall(step.send + sealer.seal(frames))
-            client.sendall(sealer.seal(encode_op(1 << 80 | 6, 0, ("k",), 2, 2)))
+            client.sendall(sealer.seal(encode_ops(5, 2, [(2 << 16, 0, ("k",), 2)])))
             client.close()
             while not acceptor.done:
                 acceptor.receive(server.recv(4096))
@@ -116,7 +118,7 @@ def test_mutual_tls_round_trip_with_the_secret_handshake_and_sealed_frames(pki):
                 messages += decoder.feed(b"".join(opener.feed(data)))
             opener.close()
         assert parse_hello(messages[0]).node_id == 7
-        assert [m[4] for m in messages[1:]] == [1, 2]
+        assert [m[3][0][3] for m in messages[1:]] == [1, 2]
         assert acceptor.peer_info == "b"
     finally:
         server.close()

@@ -8,33 +8,74 @@ import ujson
 from gcollective._errors import ProtocolError
 from gcollective._store import Store
 from gcollective._wire import (
+    PROTOCOL_VERSION,
     FrameDecoder,
     check_snapshot_items,
     encode_hello,
-    encode_op,
+    encode_ops,
     encode_snapshot,
     parse_hello,
-    parse_op,
+    parse_ops,
 )
 
-STAMP = (1 << 80) | 12345
+HLC = 1 << 16
+ORIGIN = 12345
 
 
 def test_frames_split_across_chunks_and_several_in_one_chunk():
-    frames = b"".join(encode_op(STAMP + i, 0, ("k", str(i)), "é€\n", i + 1) for i in range(3))
+    frames = b"".join(
+        encode_ops(ORIGIN, i + 1, [(HLC + i, 0, ("k", str(i)), "é€\n")]) for i in range(3)
+    )
     decoder = FrameDecoder(1 << 20)
     out = []
     for i in range(len(frames)):  # one byte at a time
         out.extend(decoder.feed(frames[i : i + 1]))
-    assert [m[3] for m in out] == [["k", "0"], ["k", "1"], ["k", "2"]]
-    assert out[0][4] == "é€\n"
+    assert [m[3][0][2] for m in out] == [["k", "0"], ["k", "1"], ["k", "2"]]
+    assert out[0][3][0][3] == "é€\n"
     assert decoder.buffered == 0
     assert FrameDecoder(1 << 20).feed(frames) == out
 
 
-def test_encoded_op_round_trips_with_big_stamps():
-    (message,) = FrameDecoder(1 << 20).feed(encode_op(STAMP, 1, ("a", "b"), 2.5, 7))
-    assert parse_op(message) == (STAMP, 1, ["a", "b"], 2.5, 7)
+def test_encoded_ops_round_trip_with_the_biggest_values():
+    origin, hlc = (1 << 64) - 1, (1 << 64) - 2
+    ops = [(hlc, 1, ("a", "b"), 2.5), (hlc + 1, 2, ("a",), None)]
+    (message,) = FrameDecoder(1 << 20).feed(encode_ops(origin, 7, ops))
+    assert parse_ops(message) == (origin, 7, [[hlc, 1, ["a", "b"], 2.5], [hlc + 1, 2, ["a"], None]])
+
+
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        ([1, 0, 1, [[HLC, 0, ["a"], 1]]], "bad origin"),
+        ([1, ORIGIN, 0, [[HLC, 0, ["a"], 1]]], "bad sequence"),
+        ([1, ORIGIN, 1, []], "no operations"),
+        ([1, ORIGIN, 1, [[0, 0, ["a"], 1]]], "bad stamp"),
+        ([1, ORIGIN, 1, [[1 << 64, 0, ["a"], 1]]], "bad stamp"),
+        ([1, ORIGIN, 1, [[HLC, 0, "a", 1]]], "bad path"),
+        ([1, ORIGIN, 1, [[HLC, 1, ["a"], True]]], "not a number"),
+        ([1, ORIGIN, 1, [[HLC, 2, ["a"], 1]]], "carries a value"),
+        ([1, ORIGIN, 1, [[HLC, 0, ["a"], 1], [HLC, 0, ["b"], 1]]], "bad stamp"),
+        ([1, ORIGIN, 1, [[HLC, 0, ["a"], 1]], 0], "wrong length"),
+        ([1, 1 << 64, 1, [[HLC, 0, ["a"], 1]]], "bad origin"),
+        ([1, -5, 1, [[HLC, 0, ["a"], 1]]], "bad origin"),
+        ([1, "1", 1, [[HLC, 0, ["a"], 1]]], "bad origin"),
+        ([1, ORIGIN, -1, [[HLC, 0, ["a"], 1]]], "bad sequence"),
+        ([1, ORIGIN, "1", [[HLC, 0, ["a"], 1]]], "bad sequence"),
+        ([1, ORIGIN, 1, [[HLC, 0, [], 1]]], "bad path"),
+        ([1, ORIGIN, 1, [[HLC, 0, ["a", ""], 1]]], "path segment"),
+        ([1, ORIGIN, 1, [[HLC, 0, ["a", 1], 1]]], "path segment"),
+        ([1, ORIGIN, 1, [[HLC, 0, ["a"], float("nan")]]], "non-finite"),
+        ([1, ORIGIN, 1, [[HLC, 0, ["a"], {"x": [float("inf")]}]]], "non-finite"),
+        ([1, ORIGIN, 1, [[HLC, 1, ["a"], "1"]]], "not a number"),
+        ([1, ORIGIN, 1, [[HLC, 3, ["a"], 1]]], "unknown operation"),
+        ([1, ORIGIN, 1, [[HLC, True, ["a"], 1]]], "unknown operation"),
+        ([1, ORIGIN, 1, [[HLC, 0, ["a"]]]], "not \\[hlc"),
+        ([1, ORIGIN, 1, [{"hlc": HLC}]], "not \\[hlc"),
+    ],
+)
+def test_bad_ops_frames_are_refused(message, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        parse_ops(message)
 
 
 def test_oversized_frame_and_oversized_tail_are_refused():
@@ -58,54 +99,24 @@ def test_hello_round_trip_and_bad_hellos():
     hello = parse_hello(message)
     assert (hello.node_id, hello.host, hello.port, hello.flags) == (77, "127.0.0.1", 9000, 1)
     for bad in (
-        [1, STAMP, 0, ["a"], 1],
-        ["gcollective", 2, 77, "h", 1, 0],
-        ["gcollective", 1, -1, "h", 1, 0],
-        ["gcollective", 1, 77, "", 1, 0],
-        ["gcollective", 1, 77, "h", 70000, 0],
-        ["gcollective", 1, 77, "h", 1, "x"],
-        ["other", 1, 77, "h", 1, 0],
+        [1, ORIGIN, 1, [[HLC, 0, ["a"], 1]]],
+        ["gcollective", PROTOCOL_VERSION + 1, 77, "h", 1, 0],
+        ["gcollective", PROTOCOL_VERSION, -1, "h", 1, 0],
+        ["gcollective", PROTOCOL_VERSION, 77, "", 1, 0],
+        ["gcollective", PROTOCOL_VERSION, 77, "h", 70000, 0],
+        ["gcollective", PROTOCOL_VERSION, 77, "h", 1, "x"],
+        ["other", PROTOCOL_VERSION, 77, "h", 1, 0],
         "gcollective",
     ):
         with pytest.raises(ProtocolError):
             parse_hello(bad)
 
 
-@pytest.mark.parametrize(
-    "message",
-    [
-        [1, STAMP, 0, ["a"], 1],
-        [1, STAMP, 0, ["a"], 1, 0],
-        [1, STAMP, 0, ["a"], 1, -1],
-        [1, STAMP, 0, ["a"], 1, "1"],
-        [1, 1 << 70, 0, ["a"], 1, 1],
-        [1, 0, 0, ["a"], 1, 1],
-        [1, -5, 0, ["a"], 1, 1],
-        [1, 1 << 129, 0, ["a"], 1, 1],
-        [1, "1", 0, ["a"], 1, 1],
-        [1, STAMP, 0, [], 1, 1],
-        [1, STAMP, 0, "a", 1, 1],
-        [1, STAMP, 0, ["a", ""], 1, 1],
-        [1, STAMP, 0, ["a", 1], 1, 1],
-        [1, STAMP, 0, ["a"], float("nan"), 1],
-        [1, STAMP, 0, ["a"], {"x": [float("inf")]}, 1],
-        [1, STAMP, 1, ["a"], "1", 1],
-        [1, STAMP, 1, ["a"], True, 1],
-        [1, STAMP, 2, ["a"], 1, 1],
-        [1, STAMP, 3, ["a"], 1, 1],
-        [1, STAMP, True, ["a"], 1, 1],
-    ],
-)
-def test_ops_of_the_wrong_shape_are_refused(message):
-    with pytest.raises(ProtocolError):
-        parse_op(message)
-
-
 def test_snapshot_items_are_checked_before_merging():
     store = Store()
-    store.apply(STAMP, 0, ("a", "b"), {"c": [1]})
-    store.apply(STAMP + 1, 1, ("n",), 2)
-    store.apply(STAMP + 2, 2, ("gone",), None)
+    store.apply(HLC << 64 | ORIGIN, 0, ("a", "b"), {"c": [1]})
+    store.apply((HLC + 1) << 64 | ORIGIN, 1, ("n",), 2)
+    store.apply((HLC + 2) << 64 | ORIGIN, 2, ("gone",), None)
     (message,) = FrameDecoder(1 << 20).feed(encode_snapshot(store.export()))
     items = check_snapshot_items(message[1])
     other = Store()
