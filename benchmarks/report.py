@@ -129,7 +129,7 @@ def tables(results: dict[str, Any]) -> str:
             counters = run.get("core_stats") or {}
             dup = "-"
             if counters.get("applied_ops"):
-                dup = f"{counters['received_frames'] / counters['applied_ops']:.2f}"
+                dup = f"{counters['received_ops'] / counters['applied_ops']:.2f}"
             rows.append(
                 [
                     f"{run['processes']} x {run['keys_each']:,}",

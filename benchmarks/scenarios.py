@@ -103,7 +103,7 @@ def wait_listening(port: int, limit: float = 10.0) -> None:
 def core_stats(members: list[Member]) -> dict[str, int] | None:
     """Totals over members of the core's own counters (``Collective.stats()``), if it has them.
 
-    ``received_frames`` above ``applied_ops`` means duplicate deliveries (relays, replays);
+    ``received_ops`` above ``applied_ops`` means duplicate deliveries (relays, replays);
     ``overflows`` and ``snapshots_sent`` show queues dropped and full resyncs.
     """
     totals: dict[str, int] = {}
@@ -111,7 +111,7 @@ def core_stats(members: list[Member]) -> dict[str, int] | None:
         stats = member.call("stats")["stats"]
         if not stats:
             return None
-        for name in ("local_ops", "received_frames", "applied_ops"):
+        for name in ("local_ops", "received_ops", "applied_ops"):
             totals[name] = totals.get(name, 0) + int(stats.get(name) or 0)
         for peer in stats.get("peers", {}).values():
             for name in ("relayed_frames", "overflows", "snapshots_sent", "connects"):

@@ -87,6 +87,7 @@ from ._wire import (
     parse_ops,
     parse_progress,
     parse_vector,
+    wire_path,
 )
 
 __all__ = ["Collective", "Watch"]
@@ -768,9 +769,12 @@ class Collective:
         self._store = Store()
         self._clock = HybridClock(self.node_id)
         self._seq = 0
-        # Own operations applied but not yet encoded: (hlc, op, path, value), numbered up to
-        # ``_seq``. Flushed by a callback of the event loop (see ``_apply_local``).
-        self._outbox: list[tuple[int, int, tuple[str, ...], Any]] = []
+        # Own operations applied but not yet encoded, in the columns of an OPS frame, numbered
+        # up to ``_seq``. Flushed by a callback of the event loop (see ``_apply_local``).
+        self._out_hlcs: list[int] = []
+        self._out_ops: list[int] = []
+        self._out_paths: list[str | list[str]] = []
+        self._out_values: list[Any] = []
         self._progress = Progress()
         self._log = OpLog(log_bytes)
         self._links: dict[tuple[str, int], _PeerLink] = {}
@@ -1099,7 +1103,7 @@ class Collective:
             path = parse_key(key)
             value = clean_value(value)
             stamp = self._clock.stamp()
-            self._apply_local(stamp, SET, path, value)
+            self._apply_local(stamp, SET, path, value, key)
         elif op == INCREMENT:
             self.incr(key, value)
         elif op == DELETE:
@@ -1119,7 +1123,7 @@ class Collective:
                 f"cannot increment {key!r}: it holds a {type(current).__name__}, not a number"
             )
         stamp = self._clock.stamp()
-        self._apply_local(stamp, INCREMENT, path, amount)
+        self._apply_local(stamp, INCREMENT, path, amount, key)
         return self._store.get(path)
 
     def delete(self, key: Key) -> None:
@@ -1127,7 +1131,7 @@ class Collective:
         self._check_writable()
         path = parse_key(key)
         stamp = self._clock.stamp()
-        self._apply_local(stamp, DELETE, path, None)
+        self._apply_local(stamp, DELETE, path, None, key)
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy of the whole tree."""
@@ -1135,7 +1139,11 @@ class Collective:
             self._check_writable()
         return self._store.to_dict()
 
-    def _apply_local(self, stamp: int, op: int, path: tuple[str, ...], value: Any) -> None:
+    def _apply_local(
+        self, stamp: int, op: int, path: tuple[str, ...], value: Any, key: Any
+    ) -> None:
+        """Apply an own operation and put it in the outbox. ``key`` is the caller's key: a
+        plain str is already the path's wire form."""
         # Own operations are numbered without gaps: the vector entry moves in place.
         seq = self._seq = self._seq + 1
         node_id = self.node_id
@@ -1143,12 +1151,15 @@ class Collective:
         progress.applied[node_id] = seq
         progress.stamps[node_id] = stamp
         self._store.apply(stamp, op, path, value)
-        outbox = self._outbox
-        outbox.append((stamp >> NODE_BITS, op, path, value))
-        if len(outbox) == 1:
+        hlcs = self._out_hlcs
+        hlcs.append(stamp >> NODE_BITS)
+        self._out_ops.append(op)
+        self._out_paths.append(key if type(key) is str else wire_path(path))
+        self._out_values.append(value)
+        if len(hlcs) == 1:
             # Sent once this greenlet yields: a burst of sets becomes one frame.
             gevent.get_hub().loop.run_callback(self._flush_outbox)
-        elif len(outbox) >= _OUTBOX_LIMIT:
+        elif len(hlcs) >= _OUTBOX_LIMIT:
             self._flush_outbox()
         if self._watches:
             self._notify(path, op, node_id)
@@ -1159,13 +1170,13 @@ class Collective:
         Runs as an event-loop callback (so it must never block) or inline; cheap when the
         outbox is empty, so anything that needs the log or the queues current calls it first.
         """
-        ops = self._outbox
-        if not ops:
+        hlcs = self._out_hlcs
+        if not hlcs:
             return
-        self._outbox = []
-        first = self._seq - len(ops) + 1
-        frames = []
-        self._encode_batch(first, ops, frames)
+        columns = (hlcs, self._out_ops, self._out_paths, self._out_values)
+        self._out_hlcs, self._out_ops, self._out_paths, self._out_values = [], [], [], []
+        frames: list[tuple[int, int, bytes]] = []
+        self._encode_batch(self._seq - len(hlcs) + 1, columns, frames)
         links = self._links.values()
         add_to_log = self._log.add
         node_id = self.node_id
@@ -1174,16 +1185,19 @@ class Collective:
             for link in links:
                 link.enqueue(frame, last - first + 1)
 
-    def _encode_batch(self, first: int, ops: list[Any], out: list[tuple[int, int, bytes]]) -> None:
-        """OPS frames for ``ops`` numbered from ``first``, halved until each frame is well
-        under what a peer accepts (``max_frame``)."""
-        frame = encode_ops(self.node_id, first, ops)
-        if len(frame) > self.max_frame // 4 and len(ops) > 1:
-            half = len(ops) // 2
-            self._encode_batch(first, ops[:half], out)
-            self._encode_batch(first + half, ops[half:], out)
+    def _encode_batch(
+        self, first: int, columns: tuple[list[Any], ...], out: list[tuple[int, int, bytes]]
+    ) -> None:
+        """OPS frames for the operations in ``columns``, numbered from ``first``, halved
+        until each frame is well under what a peer accepts (``max_frame``)."""
+        size = len(columns[0])
+        frame = encode_ops(self.node_id, first, *columns)
+        if len(frame) > self.max_frame // 4 and size > 1:
+            half = size // 2
+            self._encode_batch(first, tuple(c[:half] for c in columns), out)
+            self._encode_batch(first + half, tuple(c[half:] for c in columns), out)
         else:
-            out.append((first, first + len(ops) - 1, frame))
+            out.append((first, first + size - 1, frame))
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -1484,39 +1498,38 @@ class Collective:
 
     def _apply_ops(self, message: list[Any], frame: bytes) -> None:
         """Apply a received OPS frame (checked whole first), skipping repeats, and log it."""
-        origin, first, items = parse_ops(message)
-        last = first + len(items) - 1
+        origin, first, hlcs, ops, paths, values = parse_ops(message)
+        last = first + len(hlcs) - 1
         progress = self._progress
         done = progress.applied.get(origin, 0)
-        self.received_ops += len(items)
+        self.received_ops += len(hlcs)
         if last <= done:
             return  # all repeats (relayed, or also in a snapshot)
         apply = self._store.apply
         watched = bool(self._watches)
+        stamps = [(hlc << NODE_BITS) | origin for hlc in hlcs]
         if first == done + 1 and not progress.has_gap(origin):
             # The normal case: the next operations of this origin, in order.
-            for hlc, op, path, value in items:
-                apply((hlc << NODE_BITS) | origin, op, path, value)
+            for stamp, op, path, value in zip(stamps, ops, paths, values):
+                apply(stamp, op, path, value)
                 if watched:
                     self._notify(tuple(path), op, origin)
-            stamp = (items[-1][0] << NODE_BITS) | origin
             progress.applied[origin] = last
-            progress.stamps[origin] = stamp
-            applied = len(items)
+            progress.stamps[origin] = stamps[-1]
+            applied = len(stamps)
         else:
             accept = progress.accept
             applied = 0
-            seq = first
-            for hlc, op, path, value in items:
-                stamp = (hlc << NODE_BITS) | origin
+            for seq, stamp, op, path, value in zip(
+                range(first, last + 1), stamps, ops, paths, values
+            ):
                 if accept(origin, seq, stamp):
                     apply(stamp, op, path, value)
                     if watched:
                         self._notify(tuple(path), op, origin)
                     applied += 1
-                seq += 1
         self.applied_ops += applied
-        self._clock.observe(stamp)
+        self._clock.observe(stamps[-1])
         self._log.add(origin, first, last, frame)  # without its newline: no copy
 
     def _catch_up(

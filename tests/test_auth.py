@@ -93,7 +93,7 @@ def fake_member(node_id: int, seq_start: int = 1):
 
     def op(path, value, seq):
         hlc = int(time.time() * 1000) << 16
-        return encode_ops(node_id, seq, [(hlc, 0, (path,), value)])
+        return encode_ops(node_id, seq, [hlc], [0], [path], [value])
 
     return encode_hello(node_id, "127.0.0.1", port, 0), op
 

@@ -162,7 +162,7 @@ def test_wrong_secret_is_caught_by_the_acceptor():
 
 def test_missing_handshake_plain_hello_is_refused_with_a_clear_reason():
     acceptor = AcceptorHandshake(SECRET)
-    hello = encode_hello(7, "127.0.0.1", 9000) + encode_ops(12345, 1, [(HLC, 0, ("k",), 1)])
+    hello = encode_hello(7, "127.0.0.1", 9000) + encode_ops(12345, 1, [HLC], [0], ["k"], [1])
     with pytest.raises(AuthenticationError, match=r"plain HELLO.*no secret") as caught:
         acceptor.receive(hello)
     assert caught.value.reason == "missing-handshake"
@@ -279,7 +279,7 @@ def test_replayed_acceptor_reply_fails_against_a_new_dialer():
 
 def test_records_replayed_from_another_connection_fail():
     sealer, _ = channel()
-    recorded = sealer.seal(encode_ops(12345, 1, [(HLC, 0, ("k",), "evil")]))
+    recorded = sealer.seal(encode_ops(12345, 1, [HLC], [0], ["k"], ["evil"]))
     _, opener = channel()
     with pytest.raises(AuthenticationError, match="another key"):
         opener.feed(recorded)
@@ -472,7 +472,7 @@ def test_precomputed_mac_equals_hmac_sha256(key, parts):
 
 def test_records_split_byte_by_byte_and_glued_together_decode():
     payloads = [
-        encode_ops(12345, i + 1, [(HLC + i, 0, ("k", str(i)), "é" * i)]) * 3 for i in range(5)
+        encode_ops(12345, i + 1, [HLC + i], [0], [f"k.{i}"], ["é" * i]) * 3 for i in range(5)
     ]
     dialer, acceptor, _ = handshake()
     sealer, opener = dialer.sealer(), acceptor.opener()
@@ -493,7 +493,7 @@ def test_records_split_byte_by_byte_and_glued_together_decode():
 
 def test_big_payloads_are_split_into_records_and_frames_span_them():
     sealer, opener = channel(record_size=1000, max_record=1000)
-    payload = b"".join(encode_ops(12345, i + 1, [(HLC, 0, ("k",), "v" * 300)]) for i in range(10))
+    payload = b"".join(encode_ops(12345, i + 1, [HLC], [0], ["k"], ["v" * 300]) for i in range(10))
     stream = sealer.seal(payload)
     assert sealer.counter == -(-len(payload) // 1000)
     assert len(stream) == len(payload) + sealer.counter * _auth.OVERHEAD
@@ -505,10 +505,10 @@ def test_big_payloads_are_split_into_records_and_frames_span_them():
 
 def test_tampered_record_is_rejected_and_nothing_after_it_is_released():
     sealer, opener = channel()
-    good = sealer.seal(encode_ops(12345, 1, [(HLC, 0, ("k",), "fine")]))
-    bad = bytearray(sealer.seal(encode_ops(12345, 2, [(HLC, 0, ("k",), 10)])))
+    good = sealer.seal(encode_ops(12345, 1, [HLC], [0], ["k"], ["fine"]))
+    bad = bytearray(sealer.seal(encode_ops(12345, 2, [HLC], [0], ["k"], [10])))
     bad[-40] ^= 1  # one payload byte: 10 becomes 11
-    after = sealer.seal(encode_ops(12345, 3, [(HLC, 0, ("k",), "later")]))
+    after = sealer.seal(encode_ops(12345, 3, [HLC], [0], ["k"], ["later"]))
     assert len(opener.feed(good)) == 1
     with pytest.raises(AuthenticationError, match="fails authentication") as caught:
         opener.feed(bytes(bad) + after)

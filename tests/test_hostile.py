@@ -70,9 +70,9 @@ HELLO = encode_hello(123456789, "127.0.0.1", 1, 0)
 HLC = 1 << 16
 
 
-def ops_frame(*item, origin=42, seq=1) -> bytes:
-    """An OPS frame of origin 42 carrying one operation ``[hlc, op, path, value]``."""
-    return (json.dumps([1, origin, seq, [list(item)]]) + "\n").encode()
+def ops_frame(hlc, op, path, value) -> bytes:
+    """An OPS frame of origin 42 carrying one operation."""
+    return (json.dumps([1, 42, 1, [hlc], [op], [path], [value]]) + "\n").encode()
 
 
 CASES = {
@@ -88,23 +88,23 @@ CASES = {
     "oversized after hello": (HELLO + b'[1, "' + b"x" * 8000, "exceeds"),
     "unknown message type": (HELLO + b"[77]\n", "unknown message type"),
     "ops frame of the wrong shape": (HELLO + b"[1, 42, 1]\n", "wrong length"),
-    "op of the wrong shape": (HELLO + ops_frame(HLC, 0, ["a"]), "not [hlc, op, path, value]"),
-    "op with a NaN value": (HELLO + b'[1, 42, 1, [[%d, 0, ["a"], NaN]]]\n' % HLC, "non-finite"),
+    "op of the wrong shape": (HELLO + b'[1, 42, 1, [1], [0], ["a"], []]\n', "different lengths"),
+    "op with a NaN value": (HELLO + b'[1, 42, 1, [%d], [0], ["a"], [NaN]]\n' % HLC, "non-finite"),
     "op with a bad path": (HELLO + ops_frame(HLC, 0, ["a", ""], 1), "path segment"),
-    "unknown operation": (HELLO + ops_frame(HLC, 9, ["a"], 1), "unknown operation"),
+    "unknown operation": (HELLO + ops_frame(HLC, 9, "a", 1), "unknown operation"),
     "stamps going backwards": (
-        HELLO + b'[1, 42, 1, [[%d, 0, ["a"], 1], [%d, 0, ["b"], 1]]]\n' % (HLC, HLC),
+        HELLO + b'[1, 42, 1, [%d, %d], [0, 0], ["a", "b"], [1, 1]]\n' % (HLC, HLC),
         "bad stamp",
     ),
     "a bad op after good ones applies none": (
-        HELLO + b'[1, 42, 1, [[%d, 0, ["a"], 1], [%d, 0, [""], 1]]]\n' % (HLC, HLC + 1),
+        HELLO + b'[1, 42, 1, [%d, %d], [0, 0], ["a", "b."], [1, 1]]\n' % (HLC, HLC + 1),
         "path segment",
     ),
     "bad snapshot": (HELLO + b'[2, [["users", [1, 2, 3]]]]\n', "SNAPSHOT"),
-    "truncated frame": (HELLO + ops_frame(HLC, 0, ["users"], "evil")[:-9], "middle"),
+    "truncated frame": (HELLO + ops_frame(HLC, 0, "users", "evil")[:-9], "middle"),
     "truncated hello": (HELLO[:20], "HELLO"),
     "a bad frame after a good one spoils nothing": (
-        HELLO + ops_frame(HLC, 0, ["ok"], 1)[:-1] + b"garbage\n",
+        HELLO + ops_frame(HLC, 0, "ok", 1)[:-1] + b"garbage\n",
         "not valid JSON",
     ),
 }

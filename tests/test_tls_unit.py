@@ -101,10 +101,10 @@ def test_mutual_tls_round_trip_with_the_secret_handshake_and_sealed_frames(pki):
             assert step.done
             sealer = dialer.sealer()
             frames = encode_hello(7, "127.0.0.1", 9000) + encode_ops(
-                5, 1, [(1 << 16, 0, ("k",), 1)]
+                5, 1, [1 << 16], [0], ["k"], [1]
             )
             client.sendall(step.send + sealer.seal(frames))
-            client.sendall(sealer.seal(encode_ops(5, 2, [(2 << 16, 0, ("k",), 2)])))
+            client.sendall(sealer.seal(encode_ops(5, 2, [2 << 16], [0], ["k"], [2])))
             client.close()
             while not acceptor.done:
                 acceptor.receive(server.recv(4096))
@@ -118,7 +118,7 @@ def test_mutual_tls_round_trip_with_the_secret_handshake_and_sealed_frames(pki):
                 messages += decoder.feed(b"".join(opener.feed(data)))
             opener.close()
         assert parse_hello(messages[0]).node_id == 7
-        assert [m[3][0][3] for m in messages[1:]] == [1, 2]
+        assert [m[6] for m in messages[1:]] == [[1], [2]]
         assert acceptor.peer_info == "b"
     finally:
         server.close()

@@ -16,61 +16,83 @@ from gcollective._wire import (
     encode_snapshot,
     parse_hello,
     parse_ops,
+    wire_path,
 )
 
 HLC = 1 << 16
 ORIGIN = 12345
 
 
+def ops_message(*items, origin=ORIGIN, seq=1):
+    """An OPS message (decoded) of ``items``, each ``(hlc, op, path, value)``."""
+    return [1, origin, seq, *(list(column) for column in zip(*items))] if items else []
+
+
 def test_frames_split_across_chunks_and_several_in_one_chunk():
     frames = b"".join(
-        encode_ops(ORIGIN, i + 1, [(HLC + i, 0, ("k", str(i)), "é€\n")]) for i in range(3)
+        encode_ops(ORIGIN, i + 1, [HLC + i], [0], [f"k.{i}"], ["é€\n"]) for i in range(3)
     )
     decoder = FrameDecoder(1 << 20)
     out = []
     for i in range(len(frames)):  # one byte at a time
         out.extend(decoder.feed(frames[i : i + 1]))
-    assert [m[3][0][2] for m in out] == [["k", "0"], ["k", "1"], ["k", "2"]]
-    assert out[0][3][0][3] == "é€\n"
+    assert [parse_ops(m)[4] for m in out] == [[["k", "0"]], [["k", "1"]], [["k", "2"]]]
+    assert out[0][6] == ["é€\n"]
     assert decoder.buffered == 0
     assert FrameDecoder(1 << 20).feed(frames) == out
 
 
 def test_encoded_ops_round_trip_with_the_biggest_values():
-    origin, hlc = (1 << 64) - 1, (1 << 64) - 2
-    ops = [(hlc, 1, ("a", "b"), 2.5), (hlc + 1, 2, ("a",), None)]
-    (message,) = FrameDecoder(1 << 20).feed(encode_ops(origin, 7, ops))
-    assert parse_ops(message) == (origin, 7, [[hlc, 1, ["a", "b"], 2.5], [hlc + 1, 2, ["a"], None]])
+    origin, hlc = (1 << 64) - 1, (1 << 64) - 3
+    hlcs, ops, values = [hlc, hlc + 1, hlc + 2], [1, 2, 0], [2.5, None, {"x": [1, None]}]
+    paths = [wire_path(("a", "b")), wire_path(("a",)), wire_path(("a.b@c", "d"))]
+    assert paths == ["a.b", "a", ["a.b@c", "d"]]
+    (message,) = FrameDecoder(1 << 20).feed(encode_ops(origin, 7, hlcs, ops, paths, values))
+    segments = [["a", "b"], ["a"], ["a.b@c", "d"]]
+    assert parse_ops(message) == (origin, 7, hlcs, ops, segments, values)
+
+
+OK = (HLC, 0, "a", 1)
 
 
 @pytest.mark.parametrize(
     "message, reason",
     [
-        ([1, 0, 1, [[HLC, 0, ["a"], 1]]], "bad origin"),
-        ([1, ORIGIN, 0, [[HLC, 0, ["a"], 1]]], "bad sequence"),
-        ([1, ORIGIN, 1, []], "no operations"),
-        ([1, ORIGIN, 1, [[0, 0, ["a"], 1]]], "bad stamp"),
-        ([1, ORIGIN, 1, [[1 << 64, 0, ["a"], 1]]], "bad stamp"),
-        ([1, ORIGIN, 1, [[HLC, 0, "a", 1]]], "bad path"),
-        ([1, ORIGIN, 1, [[HLC, 1, ["a"], True]]], "not a number"),
-        ([1, ORIGIN, 1, [[HLC, 2, ["a"], 1]]], "carries a value"),
-        ([1, ORIGIN, 1, [[HLC, 0, ["a"], 1], [HLC, 0, ["b"], 1]]], "bad stamp"),
-        ([1, ORIGIN, 1, [[HLC, 0, ["a"], 1]], 0], "wrong length"),
-        ([1, 1 << 64, 1, [[HLC, 0, ["a"], 1]]], "bad origin"),
-        ([1, -5, 1, [[HLC, 0, ["a"], 1]]], "bad origin"),
-        ([1, "1", 1, [[HLC, 0, ["a"], 1]]], "bad origin"),
-        ([1, ORIGIN, -1, [[HLC, 0, ["a"], 1]]], "bad sequence"),
-        ([1, ORIGIN, "1", [[HLC, 0, ["a"], 1]]], "bad sequence"),
-        ([1, ORIGIN, 1, [[HLC, 0, [], 1]]], "bad path"),
-        ([1, ORIGIN, 1, [[HLC, 0, ["a", ""], 1]]], "path segment"),
-        ([1, ORIGIN, 1, [[HLC, 0, ["a", 1], 1]]], "path segment"),
-        ([1, ORIGIN, 1, [[HLC, 0, ["a"], float("nan")]]], "non-finite"),
-        ([1, ORIGIN, 1, [[HLC, 0, ["a"], {"x": [float("inf")]}]]], "non-finite"),
-        ([1, ORIGIN, 1, [[HLC, 1, ["a"], "1"]]], "not a number"),
-        ([1, ORIGIN, 1, [[HLC, 3, ["a"], 1]]], "unknown operation"),
-        ([1, ORIGIN, 1, [[HLC, True, ["a"], 1]]], "unknown operation"),
-        ([1, ORIGIN, 1, [[HLC, 0, ["a"]]]], "not \\[hlc"),
-        ([1, ORIGIN, 1, [{"hlc": HLC}]], "not \\[hlc"),
+        (ops_message(OK, origin=0), "bad origin"),
+        (ops_message(OK, origin=1 << 64), "bad origin"),
+        (ops_message(OK, origin=-5), "bad origin"),
+        (ops_message(OK, origin="1"), "bad origin"),
+        (ops_message(OK, seq=0), "bad sequence"),
+        (ops_message(OK, seq=-1), "bad sequence"),
+        (ops_message(OK, seq="1"), "bad sequence"),
+        ([1, ORIGIN, 1, [], [], [], []], "no operations"),
+        ([1, ORIGIN, 1, [HLC], [0], ["a"]], "wrong length"),
+        ([1, ORIGIN, 1, [HLC], [0], ["a"], [1], 0], "wrong length"),
+        ([1, ORIGIN, 1, [HLC], [0, 0], ["a"], [1]], "different lengths"),
+        ([1, ORIGIN, 1, [HLC], [0], "a", [1]], "different lengths"),
+        (ops_message((0, 0, "a", 1)), "bad stamp"),
+        (ops_message((1 << 64, 0, "a", 1)), "bad stamp"),
+        (ops_message((True, 0, "a", 1)), "bad stamp"),
+        (ops_message((1.5, 0, "a", 1)), "bad stamp"),
+        (ops_message(OK, (HLC, 0, "b", 1)), "bad stamp"),
+        (ops_message((HLC, 0, [], 1)), "bad path"),
+        (ops_message((HLC, 0, 7, 1)), "bad path"),
+        (ops_message((HLC, 0, "", 1)), "path segment"),
+        (ops_message(OK, (HLC + 1, 0, "a..b", 1)), "path segment"),
+        (ops_message(OK, (HLC + 1, 0, ".a", 1)), "path segment"),
+        (ops_message((HLC - 1, 0, "a.", 1), OK), "path segment"),
+        (ops_message((HLC, 0, ["a", ""], 1)), "path segment"),
+        (ops_message((HLC, 0, ["a", 1], 1)), "path segment"),
+        (ops_message((HLC, 0, ".".join("x" * 101), 1)), "bad path"),
+        (ops_message((HLC, 0, ["x"] * 101, 1)), "bad path"),
+        (ops_message((HLC, 0, "a", float("nan"))), "non-finite"),
+        (ops_message((HLC, 0, "a", {"x": [float("inf")]})), "non-finite"),
+        (ops_message((HLC, 1, "a", "1")), "not a number"),
+        (ops_message((HLC, 1, "a", True)), "not a number"),
+        (ops_message((HLC, 2, "a", 1)), "carries a value"),
+        (ops_message((HLC, 3, "a", 1)), "unknown operation"),
+        (ops_message((HLC, True, "a", 1)), "unknown operation"),
+        (ops_message((HLC, [0], "a", 1)), "unknown operation"),
     ],
 )
 def test_bad_ops_frames_are_refused(message, reason):
