@@ -1656,5 +1656,7 @@ class Collective:
                 for inc in entry[4]:
                     newest = max(newest, inc[0])
                 stack.extend(entry[5].values())
+                if entry[6]:
+                    newest = max(newest, max(entry[6].values()))
         if newest:
             self._clock.observe(newest)

@@ -516,7 +516,7 @@ class Store:
         if len(encoded) == 2:
             stamp = encoded[0]
             return (stamp, encoded[1]) if stamp >= parent_r else None
-        a, av, d, imax, incs, children = encoded
+        a, av, d, imax, incs, children, leaves, values = encoded
         node = _Node()
         if a is not None:
             node.a = a
@@ -532,6 +532,25 @@ class Store:
         top = max(node.a, node.imax, node.d)
         new_dict: dict[str, Any] | None = {} if is_dict else None
         entries: dict[str, int | _Node] = {}
+        if leaves:
+            stamps = leaves.values()
+            if min(stamps) >= r:
+                # The common case: every leaf stands. The decoded dicts become the node's own
+                # (copied, in C: the caller's data stays its own).
+                entries = dict(leaves)
+                newest = max(stamps)
+                if newest > top:
+                    top = newest
+                if new_dict is not None:
+                    new_dict = dict(values)
+            else:
+                for k, stamp in leaves.items():
+                    if stamp >= r:
+                        entries[k] = stamp
+                        if stamp > top:
+                            top = stamp
+                        if new_dict is not None and k in values:
+                            new_dict[k] = values[k]
         install = self._install
         for k, child in children.items():
             built = install(child, r)
@@ -660,28 +679,68 @@ class Store:
     def export(self) -> list[Any]:
         """The whole state with its metadata, as JSON-serialisable data (see ``merge``).
 
-        One item per top-level key: ``[key, entry]``. An entry is an int (a tombstone), a
-        ``[stamp, value]`` pair (a plain assignment), or ``[a, av, d, imax, incs, children]``
-        for a full node, where ``av`` is ``[value]``, ``0`` (deleted) or ``1`` (a dict), stamps
-        that are unset are ``None`` and ``children`` maps keys to entries.
+        One item per top-level key (``export_item``).
         """
-        return [[k, e] for k, e in self._export_node(self._root)[5].items()]
+        export_item = self.export_item
+        return [item for item in map(export_item, list(self._root.entries)) if item is not None]
+
+    def export_item(self, key: str) -> list[Any] | None:
+        """The export of one top-level key: ``[key, entry]``, or None if there is no such key
+        (any more). An entry is an int (a tombstone), a ``[stamp, value]`` pair (a plain
+        assignment), or ``[a, av, d, imax, incs, children, leaves, values]`` for a full node,
+        where ``av`` is ``[value]``, ``0`` (deleted) or ``1`` (a dict), stamps that are unset
+        are ``None``, ``children`` maps keys to the entries of full nodes, ``leaves`` maps the
+        keys of plain assignments (and tombstones) to their stamps, and ``values`` maps those
+        of ``leaves`` that hold a value to it.
+
+        Each item is a consistent copy (taken without yielding), so a snapshot can be built
+        and sent one slice at a time while operations go on.
+        """
+        root = self._root
+        entry = root.entries.get(key)
+        if entry is None:
+            return None
+        if type(entry) is int:
+            value = root.value.get(key, MISSING)
+            return [key, entry if value is MISSING else [entry, copy_value(value)]]
+        return [key, self._export_node(entry)]
 
     def _export_node(self, node: _Node) -> list[Any]:
         av = node.av
-        encoded_av: Any = 1 if av is DICT else (0 if av is MISSING else [av])
+        encoded_av: Any = 1 if av is DICT else (0 if av is MISSING else [copy_value(av)])
         incs = [[st, n] for st, n in node.incs.items()] if node.incs else []
         value = node.value
         data = value if type(value) is dict else {}
+        entries = node.entries
         children: dict[str, Any] = {}
-        export_node = self._export_node
-        for k, e in node.entries.items():
-            if type(e) is int:
-                v = data.get(k, MISSING)
-                children[k] = e if v is MISSING else [e, v]
-            else:
-                children[k] = export_node(e)
-        return [_enc(node.a), encoded_av, _enc(node.d), _enc(node.imax), incs, children]
+        if set(map(type, entries.values())) <= _LEAF_TYPES:
+            # Only plain leaves (the bulk of a big tree): the dicts as they are, copied in C.
+            leaves = dict(entries)
+            values = (
+                {k: copy_value(v) for k, v in data.items()} if _has_containers(data) else dict(data)
+            )
+        else:
+            export_node = self._export_node
+            leaves = {}
+            values = {}
+            for k, e in entries.items():
+                if type(e) is int:
+                    leaves[k] = e
+                    v = data.get(k, MISSING)
+                    if v is not MISSING:
+                        values[k] = copy_value(v)
+                else:
+                    children[k] = export_node(e)
+        return [
+            _enc(node.a),
+            encoded_av,
+            _enc(node.d),
+            _enc(node.imax),
+            incs,
+            children,
+            leaves,
+            values,
+        ]
 
     def merge(self, exported: Iterable[Any]) -> None:
         """Merge state exported by another replica: the result is as if this replica had
@@ -716,7 +775,7 @@ class Store:
             stamp, value = encoded
             self._record_assign(entries, key, stamp, value)
             return
-        a, av, d, imax, incs, children = encoded
+        a, av, d, imax, incs, children, leaves, values = encoded
         if a is not None:
             if av == 1 and type(av) is int:
                 value: Any = DICT
@@ -745,12 +804,26 @@ class Store:
         for st in (d, imax):
             if st is not None and st > node.top:
                 node.top = st
+        record_assign = self._record_assign
+        for k, stamp in leaves.items():
+            record_assign(node.entries, k, stamp, values.get(k, MISSING))
+            if stamp > node.top:
+                node.top = stamp
         for k, child in children.items():
             self._merge_entry(node, k, child)
             ce = node.entries[k]
             ctop = ce if type(ce) is int else ce.top
             if ctop > node.top:
                 node.top = ctop
+
+
+_LEAF_TYPES = {int}
+_CONTAINERS = (dict, list)
+
+
+def _has_containers(data: dict[str, Any]) -> bool:
+    """True if some value of ``data`` is a dict or list (to be copied, not shared)."""
+    return not set(map(type, data.values())).isdisjoint(_CONTAINERS)
 
 
 def _enc(stamp: float | int) -> int | None:

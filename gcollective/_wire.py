@@ -402,9 +402,9 @@ def _check_entry(entry: Any, depth: int) -> None:
         _check_stamp(entry[0], False)
         _check_json(entry[1], depth)
         return
-    if len(entry) != 6:
+    if len(entry) != 8:
         raise ProtocolError("SNAPSHOT entry has the wrong shape")
-    a, av, d, imax, incs, children = entry
+    a, av, d, imax, incs, children, leaves, values = entry
     _check_stamp(a, True)
     _check_stamp(d, True)
     _check_stamp(imax, True)
@@ -424,7 +424,23 @@ def _check_entry(entry: Any, depth: int) -> None:
     if type(children) is not dict:
         raise ProtocolError("SNAPSHOT entry has bad children")
     for child in children.values():  # keys may be "" (from a dict value), never a path
+        if type(child) is not list or len(child) != 8:
+            raise ProtocolError("SNAPSHOT entry has a child that is not a full node")
         _check_entry(child, depth + 1)
+    if type(leaves) is not dict or type(values) is not dict:
+        raise ProtocolError("SNAPSHOT entry has bad leaves")
+    if leaves:
+        # Checked a column at a time, in C: a big tree is mostly leaves.
+        stamps = leaves.values()
+        if set(map(type, stamps)) != {int} or min(stamps) <= 0 or max(stamps) >= _MAX_STAMP:
+            raise ProtocolError("SNAPSHOT entry has a bad stamp")
+        if not leaves.keys().isdisjoint(children):
+            raise ProtocolError("SNAPSHOT entry has a key that is both a leaf and a node")
+    if not values.keys() <= leaves.keys():
+        raise ProtocolError("SNAPSHOT entry has a value without a stamp")
+    if not set(map(type, values.values())) <= _SCALARS:
+        for value in values.values():
+            _check_json(value, depth + 1)
 
 
 def encode_status_request() -> bytes:
