@@ -32,7 +32,7 @@ import logging
 import os
 import random
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import gevent
 from gevent import socket as gsocket
@@ -79,10 +79,11 @@ from ._wire import (
     encode_hello,
     encode_ops,
     encode_progress,
-    encode_snapshot,
     encode_snapshot_end,
+    encode_snapshot_item,
     encode_status_reply,
     is_status_request,
+    join_snapshot,
     parse_hello,
     parse_ops,
     parse_progress,
@@ -98,7 +99,9 @@ _RECV_SIZE = 256 * 1024
 # The first two bytes of a TLS record carrying a handshake (a ClientHello): how a node without
 # TLS recognises a peer that speaks it, to say so instead of "not JSON".
 _TLS_HANDSHAKE = b"\x16\x03"
-_SNAPSHOT_CHUNK_KEYS = 2048  # top-level keys per SNAPSHOT frame
+# A snapshot goes out in SNAPSHOT frames of about this size, each built when the previous one
+# was sent: the holder exports, the wire carries and the joiner merges at the same time.
+_SNAPSHOT_FRAME_BYTES = 1 << 20
 # A greenlet that sets without yielding gets its operations sent in batches of this many.
 _OUTBOX_LIMIT = 1024
 
@@ -344,7 +347,8 @@ class _PeerLink:
         # merged it: a sendall that succeeded proves nothing if the connection then broke.
         self.snapshot_vector: dict[int, int] | None = None
         self.snapshot_due = False
-        self.snapshot_queued = False  # it is in ``pending``, not yet handed to the kernel
+        self.snapshot_queued = False  # it is being streamed, not yet all handed to the kernel
+        self.snapshot_stream: Iterator[bytes] | None = None  # its frames still to build
         self._overflow_logged_at = -1
         self.greenlet: gevent.Greenlet | None = None
         self._sock: Any = None
@@ -404,11 +408,13 @@ class _PeerLink:
     def resync(self) -> None:
         """Replace what is pending by a full snapshot (which holds all of it, and more).
 
-        Snapshot bytes do not count against ``max_queue_bytes``: they replace the queue.
+        The snapshot's frames are built one at a time as the writer sends them (see
+        ``Collective._snapshot_stream``); their bytes do not count against
+        ``max_queue_bytes``.
         """
-        frames, vector = self.node._snapshot_frames()
-        log.info("peer %s: sending a snapshot (%d bytes)", self.name, sum(len(f) for f in frames))
-        self.pending = frames
+        self.snapshot_stream, vector = self.node._snapshot_stream()
+        log.info("peer %s: sending a snapshot", self.name)
+        self.pending = []
         self.pending_bytes = self.pending_ops = 0
         self.snapshot_vector = vector
         self.snapshot_due = self.snapshot_queued = True
@@ -456,6 +462,10 @@ class _PeerLink:
                 self._failed(f"{self._phase}: {problem or exc}", problem)
                 failures += 1
             finally:
+                if self.snapshot_stream is not None:
+                    # Frames of it went down with the connection: a new one starts over.
+                    self.snapshot_stream = None
+                    self.snapshot_queued = False
                 current, self._sock = self._sock, None
                 if current is not None and current is not sock:
                     current.close()  # the TLS socket wrapping ``sock``
@@ -606,6 +616,14 @@ class _PeerLink:
             if now >= next_progress:
                 self.pending.append(node._progress_frame())
                 next_progress = now + interval
+            stream = self.snapshot_stream
+            if stream is not None and not self.pending:
+                frame = next(stream, None)
+                if frame is None:
+                    self.snapshot_stream = None
+                    self.snapshot_queued = False
+                else:
+                    self.pending.append(frame)
             if not self.pending:
                 if node._stopping:
                     return
@@ -616,7 +634,6 @@ class _PeerLink:
             ops = self.pending_ops
             self.pending = []
             self.pending_bytes = self.pending_ops = 0
-            self.snapshot_queued = False
             data = b"".join(batch)
             # Sealed here, in the one greenlet that sends, so records go out in counter order.
             sock.sendall(data if sealer is None else sealer.seal(data))
@@ -876,7 +893,7 @@ class Collective:
         for link in list(self._links.values()):
             if link.greenlet is None:
                 continue
-            if link.state == "connected" and link.pending:
+            if link.state == "connected" and (link.pending or link.snapshot_stream is not None):
                 link.greenlet.join(max(0.0, deadline - time.monotonic()))
             if not link.greenlet.dead:
                 link.greenlet.kill(block=True, timeout=1)
@@ -1207,16 +1224,37 @@ class Collective:
             self._progress.vector(), complete, self._clock.promise(), self._frontier
         )
 
-    def _snapshot_frames(self) -> tuple[list[bytes], dict[int, int]]:
-        """The whole state as SNAPSHOT frames, then SNAPSHOT_END with the version vector it
-        corresponds to (built without yielding, so it is one consistent cut)."""
-        items = self._store.export()
-        frames = [
-            encode_snapshot(items[i : i + _SNAPSHOT_CHUNK_KEYS])
-            for i in range(0, len(items), _SNAPSHOT_CHUNK_KEYS)
-        ]
-        frames.append(encode_snapshot_end(self._progress.vector()))
-        return frames, dict(self._progress.applied)
+    def _snapshot_stream(self) -> tuple[Iterator[bytes], dict[int, int]]:
+        """A snapshot of the whole state: an iterator of SNAPSHOT frames ending with
+        SNAPSHOT_END, and the version vector it holds at least.
+
+        The vector is taken now; the top-level keys are exported one by one as the frames are
+        built, later. The store only ever learns more, so each slice holds everything the
+        vector says and maybe more (which the peer then receives twice, harmlessly).
+        """
+        self._flush_outbox()
+        end = encode_snapshot_end(self._progress.vector())
+        keys = self._store.top_level_keys()
+        return self._snapshot_frames(keys, end), dict(self._progress.applied)
+
+    def _snapshot_frames(self, keys: list[str], end: bytes) -> Iterator[bytes]:
+        export_item = self._store.export_item
+        parts: list[bytes] = []
+        size = 0
+        for key in keys:
+            item = export_item(key)
+            if item is None:
+                continue  # forgotten since (a tombstone nothing can reach any more)
+            part = encode_snapshot_item(item)
+            parts.append(part)
+            size += len(part)
+            if size >= _SNAPSHOT_FRAME_BYTES:
+                yield join_snapshot(parts)
+                parts = []
+                size = 0
+        if parts:
+            yield join_snapshot(parts)
+        yield end
 
     def _handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
         current = gevent.getcurrent()

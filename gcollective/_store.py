@@ -682,7 +682,11 @@ class Store:
         One item per top-level key (``export_item``).
         """
         export_item = self.export_item
-        return [item for item in map(export_item, list(self._root.entries)) if item is not None]
+        return [item for item in map(export_item, self.top_level_keys()) if item is not None]
+
+    def top_level_keys(self) -> list[str]:
+        """Every top-level key with metadata (tombstones too): what ``export`` goes over."""
+        return list(self._root.entries)
 
     def export_item(self, key: str) -> list[Any] | None:
         """The export of one top-level key: ``[key, entry]``, or None if there is no such key

@@ -64,6 +64,8 @@ __all__ = [
     "encode_ops",
     "wire_path",
     "encode_snapshot",
+    "encode_snapshot_item",
+    "join_snapshot",
     "SNAPSHOT_REQUEST",
     "PROGRESS",
     "encode_snapshot_end",
@@ -142,7 +144,17 @@ def wire_path(path: Sequence[str]) -> str | list[str]:
 
 def encode_snapshot(items: list[Any]) -> bytes:
     """A SNAPSHOT frame carrying a slice of ``Store.export()``."""
-    return (_dumps([SNAPSHOT, items], ensure_ascii=False) + "\n").encode()
+    return join_snapshot([encode_snapshot_item(item) for item in items])
+
+
+def encode_snapshot_item(item: list[Any]) -> bytes:
+    """One item of ``Store.export()``, encoded for ``join_snapshot``."""
+    return _dumps(item, ensure_ascii=False).encode()
+
+
+def join_snapshot(parts: list[bytes]) -> bytes:
+    """A SNAPSHOT frame of items encoded one by one (so a node can size its frames)."""
+    return b"[2,[" + b",".join(parts) + b"]]\n"
 
 
 SNAPSHOT_REQUEST_FRAME = b"[4]\n"
