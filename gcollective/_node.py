@@ -1632,8 +1632,9 @@ class Collective:
                     )
             self._frontier = self._own_frontier()
             frontier = self._gc_frontier()
-            for _ in range(10):
-                if self._store.collect(frontier, budget=5000):
+            # Small slices: each one holds the hub (and so every delivery) while it runs.
+            for _ in range(50):
+                if self._store.collect(frontier, budget=1000):
                     break
                 gevent.sleep(0)
 

@@ -134,6 +134,10 @@ class Store:
         self._sweep: list[list[Any]] = []
         #: Tombstones and increments dropped or folded by ``collect`` so far.
         self.collected = 0
+        # False while nothing can have left metadata for ``collect`` since its last pass: the
+        # fast paths of ``apply`` (new keys, newer values of plain leaves) leave none, so a
+        # store that only ever sees those is never swept.
+        self._untidy = False
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -203,6 +207,7 @@ class Store:
 
     def _write_below(self, parent: _Node, key: str, node: _Node, s: int) -> None:
         """A write at stamp ``s`` (already recorded in ``node.d``) landed below a non-dict."""
+        self._untidy = True
         if s > node.r:
             # Newest event here: the path becomes an empty dict (older children are overtaken).
             self._prune_children(node, node.r)
@@ -214,6 +219,7 @@ class Store:
             self._rebuild_at(parent, key, node)
 
     def _set(self, parent: _Node, key: str, s: int, value: Any) -> None:
+        self._untidy = True
         entry = parent.entries.get(key)
         if entry is None or (type(entry) is int and s > entry):
             fresh = True
@@ -236,6 +242,7 @@ class Store:
             self._place(parent, key, value)
 
     def _delete(self, parent: _Node, key: str, s: int) -> None:
+        self._untidy = True
         entry = parent.entries.get(key)
         if entry is None or (type(entry) is int and s > entry):
             parent.entries[key] = s
@@ -253,6 +260,7 @@ class Store:
             self._rebuild_at(parent, key, entry)
 
     def _increment(self, parent: _Node, key: str, s: int, amount: int | float) -> None:
+        self._untidy = True
         entry = parent.entries.get(key)
         if entry is None:
             node = _Node()
@@ -313,6 +321,7 @@ class Store:
 
     def _promote(self, parent: _Node, key: str, entry: int | None) -> _Node:
         """Turn a bare-stamp entry (or nothing) into a full metadata node."""
+        self._untidy = True
         node = _Node()
         if entry is None:
             node.r = parent.r
@@ -588,6 +597,9 @@ class Store:
         """
         sweep = self._sweep
         if not sweep:
+            if not self._untidy:
+                return True  # nothing to look at since the last pass
+            self._untidy = False
             root = self._root
             sweep.append([root, root.r, list(root.entries.items()), 0, None, None])
         visited = 0
@@ -604,13 +616,18 @@ class Store:
             if node.entries.get(key) is not entry:
                 continue  # changed since the list was taken: the next pass sees it
             if type(entry) is int:
-                if entry < frontier and (type(node.value) is not dict or key not in node.value):
-                    del node.entries[key]  # a tombstone nothing older can reach any more
-                    frame[3] += 1
-                    self.collected += 1
+                if type(node.value) is not dict or key not in node.value:
+                    if entry < frontier:
+                        del node.entries[key]  # a tombstone nothing older can reach any more
+                        frame[3] += 1
+                        self.collected += 1
+                    else:
+                        self._untidy = True  # for a later pass
                 continue
             if entry.incs:
                 self._fold_increments(entry, r, frontier)
+                if entry.incs:
+                    self._untidy = True
                 if (
                     not entry.incs
                     and not entry.entries
@@ -623,14 +640,13 @@ class Store:
                     continue
             if entry.entries:
                 sweep.append([entry, entry.r, list(entry.entries.items()), 0, node, key])
-            elif (
-                entry.value is MISSING
-                and not entry.incs
-                and max(entry.a, entry.d, entry.imax) < frontier
-            ):
-                del node.entries[key]  # metadata of nothing (left by deletes of absent paths)
-                frame[3] += 1
-                self.collected += 1
+            elif entry.value is MISSING and not entry.incs:
+                if max(entry.a, entry.d, entry.imax) < frontier:
+                    del node.entries[key]  # metadata of nothing (left by deletes of absent paths)
+                    frame[3] += 1
+                    self.collected += 1
+                else:
+                    self._untidy = True
         return not sweep
 
     def _shrink(self, node: _Node, parent: _Node | None, key: str | None) -> None:
@@ -754,6 +770,7 @@ class Store:
         chunks interleaved with live operations.
         """
         root = self._root
+        self._untidy = True
         for key, encoded in exported:
             if key not in root.entries:
                 built = self._install(encoded, root.r)
