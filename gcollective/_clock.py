@@ -43,7 +43,7 @@ class HybridClock:
 
     __slots__ = ("node_id", "_last", "_now")
 
-    def __init__(self, node_id: int, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, node_id: int, now: Callable[[], int] = time.time_ns) -> None:
         if not 0 < node_id <= _NODE_MASK:
             raise ValueError("node_id must be a positive 64-bit int")
         self.node_id = node_id
@@ -52,7 +52,7 @@ class HybridClock:
 
     def stamp(self) -> int:
         """A new stamp, greater than every stamp issued or observed so far."""
-        hlc = int(self._now() * 1000) << _LOGICAL_BITS
+        hlc = self._now() // 1_000_000 << _LOGICAL_BITS
         last = self._last
         if hlc <= last:
             hlc = last + 1
@@ -63,7 +63,7 @@ class HybridClock:
         """A stamp that every later stamp of this clock will exceed: now, or the last stamp
         issued or observed if that is later. (The clock moves up to it, so the promise holds
         even if the wall clock steps back.)"""
-        hlc = int(self._now() * 1000) << _LOGICAL_BITS
+        hlc = self._now() // 1_000_000 << _LOGICAL_BITS
         if hlc < self._last:
             hlc = self._last
         self._last = hlc

@@ -806,6 +806,7 @@ class Collective:
         self._snapshot_asked_at = 0.0
         self._started = False
         self._stopping = False
+        self._writable = False  # started and not stopping (one test on the hot path)
         self._pid = 0
         self._generation = -1
         self.started_at: float | None = None
@@ -840,7 +841,7 @@ class Collective:
             self._client_tls = _tls.client_context(**files)
             self._tls = _tls
         _register_fork_hook()
-        self._started = True
+        self._started = self._writable = True
         self._pid = os.getpid()
         self._generation = _fork_generation
         self.started_at = time.time()
@@ -885,6 +886,7 @@ class Collective:
             return
         self._flush_outbox()
         self._stopping = True
+        self._writable = False
         if self._server is not None:
             self._server.close()
         deadline = time.monotonic() + timeout
@@ -1113,14 +1115,22 @@ class Collective:
         removes the key (``value`` is ignored). Bad keys and values raise before anything is
         applied or sent.
         """
+        if type(op) is int and op == SET and self._writable:
+            # The common call, with the checks it needs and no more (this is the hot path).
+            if self._generation != _fork_generation:
+                self._check_writable()
+            kind = type(value)
+            if not (kind is int or kind is bool or value is None):
+                value = clean_value(value)
+            self._apply_local(self._clock.stamp(), SET, parse_key(key), value, key)
+            return
         if isinstance(op, bool) or not isinstance(op, int):
             raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
         if op == SET:
             self._check_writable()
             path = parse_key(key)
             value = clean_value(value)
-            stamp = self._clock.stamp()
-            self._apply_local(stamp, SET, path, value, key)
+            self._apply_local(self._clock.stamp(), SET, path, value, key)
         elif op == INCREMENT:
             self.incr(key, value)
         elif op == DELETE:

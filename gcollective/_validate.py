@@ -48,6 +48,8 @@ def parse_key(key: Any) -> tuple[str, ...]:
             raise InvalidKeyError(f"key {key!r} is empty or has an empty segment")
         if not has_utf8(key):
             raise InvalidKeyError(f"key {key!r} holds a lone surrogate, which UTF-8 cannot carry")
+        if key.count(".") >= MAX_DEPTH:
+            raise InvalidKeyError(f"key is deeper than {MAX_DEPTH} segments")
         return tuple(key.split("."))
     if isinstance(key, (tuple, list)):
         if not key:

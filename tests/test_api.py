@@ -97,6 +97,15 @@ def test_bad_keys_are_refused(node, key):
     assert node.snapshot() == {}
 
 
+@pytest.mark.parametrize("key", [".".join(["x"] * 101), ("x",) * 101])
+def test_keys_deeper_than_peers_accept_are_refused(node, key):
+    for write in (lambda: node.set(key, 1), lambda: node.incr(key), lambda: node.delete(key)):
+        with pytest.raises(InvalidKeyError, match="deeper"):
+            write()
+    node.set(".".join(["x"] * 100), 1)  # the deepest a peer accepts
+    assert node.stats()["local_ops"] == 1
+
+
 @pytest.mark.parametrize(
     "value",
     [
