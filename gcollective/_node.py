@@ -55,7 +55,7 @@ from ._auth import (
 from ._clock import NODE_BITS, HybridClock, new_node_id
 from ._errors import AuthenticationError, InvalidValueError, NotStartedError, ProtocolError
 from ._oplog import OpLog, Progress
-from ._store import DELETE, INCREMENT, SET, Store, is_number
+from ._store import DELETE, INCREMENT, SET, Store, is_number, read_path
 from ._validate import (
     Key,
     check_amount,
@@ -1105,7 +1105,7 @@ class Collective:
         if self._generation != _fork_generation:
             self._check_writable()
         if type(key) is str and key and ".." not in key and key[0] != "." and key[-1] != ".":
-            return self._store.get(key.split("."), default)
+            return read_path(self._store.data, key.split("."), default)
         return self._store.get(parse_key(key), default)
 
     def set(self, key: Key, value: Any, op: int = SET) -> None:
