@@ -307,8 +307,22 @@ class Driver:
                     seen = arrivals[origin] = []
                 seen.append([value, monotonic()])
 
-        # Every applied operation, local or received, goes through store.apply.
+        # Every applied operation, local or received, goes through store.apply, or through
+        # store.apply_batch for received batches (newer cores).
         store.apply = apply  # type: ignore[method-assign]
+        original_batch = getattr(store, "apply_batch", None)
+        if original_batch is not None:
+
+            def apply_batch(stamps: Any, ops: Any, paths: Any, values: Any) -> None:
+                original_batch(stamps, ops, paths, values)
+                for op, path, value in zip(ops, paths, values):
+                    if path[0] == prefix and op == 0:
+                        seen = arrivals.get(path[1])
+                        if seen is None:
+                            seen = arrivals[path[1]] = []
+                        seen.append([value, monotonic()])
+
+            store.apply_batch = apply_batch  # type: ignore[method-assign]
         return {}
 
     def cmd_probe_dump(self, request: dict[str, Any]) -> dict[str, Any]:

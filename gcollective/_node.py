@@ -1558,10 +1558,12 @@ class Collective:
         stamps = [(hlc << NODE_BITS) | origin for hlc in hlcs]
         if first == done + 1 and not progress.has_gap(origin):
             # The normal case: the next operations of this origin, in order.
-            for stamp, op, path, value in zip(stamps, ops, paths, values):
-                apply(stamp, op, path, value)
-                if watched:
+            if watched:
+                for stamp, op, path, value in zip(stamps, ops, paths, values):
+                    apply(stamp, op, path, value)
                     self._notify(tuple(path), op, origin)
+            else:
+                self._store.apply_batch(stamps, ops, paths, values)
             progress.applied[origin] = last
             progress.stamps[origin] = stamps[-1]
             applied = len(stamps)

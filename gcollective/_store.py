@@ -205,6 +205,60 @@ class Store:
         else:
             self._delete(node, key, s)
 
+    def apply_batch(
+        self,
+        stamps: list[int],
+        ops: list[int],
+        paths: list[list[str]],
+        values: list[Any],
+    ) -> None:
+        """``apply`` each operation in turn (stamps growing, as in one origin's batch), with
+        the same result, faster: a run of plain SETs under one parent finds that parent
+        once and raises its ancestors' summaries once, at the end of the run."""
+        apply = self.apply
+        parent: _Node | None = None  # the last path's parent, while the way to it is settled
+        prefix: list[str] | None = None
+        ancestors: list[_Node] = []
+        raised = NEVER  # newest stamp of the run, not yet recorded on the ancestors
+        for s, op, path, value in zip(stamps, ops, paths, values):
+            if parent is not None and op == SET and type(value) is not dict and path[:-1] == prefix:
+                if s < parent.r:
+                    raised = s  # overtaken by a reset above: only the ancestors learn of it
+                    continue
+                key = path[-1]
+                entries = parent.entries
+                entry = entries.get(key)
+                if entry is None or (type(entry) is int and s > entry):
+                    entries[key] = s
+                    parent.value[key] = value
+                    raised = s
+                    continue
+            if raised != NEVER:
+                _raise(ancestors, raised)
+                raised = NEVER
+            apply(s, op, path, value)
+            parent = None
+            if op == SET and type(value) is not dict:
+                parent, ancestors = self._settled_way(path, s)
+                prefix = path[:-1]
+        if raised != NEVER:
+            _raise(ancestors, raised)
+
+    def _settled_way(self, path: list[str], s: int) -> tuple[_Node | None, list[_Node]]:
+        """The parent of ``path`` and the nodes on the way, if a later plain SET there (with a
+        newer stamp than ``s``) takes the fast path at every level."""
+        node = self._root
+        ancestors = []
+        for i in range(len(path) - 1):
+            if s < node.r:
+                return None, ancestors
+            child = node.entries.get(path[i])
+            if type(child) is not _Node or type(child.value) is not dict:
+                return None, ancestors
+            ancestors.append(child)
+            node = child
+        return node, ancestors
+
     def _write_below(self, parent: _Node, key: str, node: _Node, s: int) -> None:
         """A write at stamp ``s`` (already recorded in ``node.d``) landed below a non-dict."""
         self._untidy = True
@@ -836,6 +890,16 @@ class Store:
             ctop = ce if type(ce) is int else ce.top
             if ctop > node.top:
                 node.top = ctop
+
+
+def _raise(ancestors: list[_Node], s: int) -> None:
+    """Record a write at stamp ``s`` below each of ``ancestors`` (what ``apply`` does on its
+    way down, for a write whose way is all dicts)."""
+    for node in ancestors:
+        if s > node.top:
+            node.top = s
+        if s > node.d:
+            node.d = s
 
 
 _LEAF_TYPES = {int}

@@ -401,6 +401,51 @@ def test_any_delivery_order_matches_model(case: tuple[list[Op], list[Op]]) -> No
 
 
 @_settings(max_examples=300)
+@given(st.data())
+def test_apply_batch_matches_model(data: st.DataObject) -> None:
+    """A batch with growing stamps (one origin's OPS frame) applied at once, on top of any
+    state, leaves exactly the metadata of applying its operations one by one, so the tree
+    matches the model's fold then and after any later (older or newer) operations."""
+    bodies = data.draw(st.lists(BATCH_BODIES, min_size=2, max_size=14), label="bodies")
+    op_stamps = data.draw(
+        st.lists(stamps, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    ops = [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
+    groups = data.draw(st.lists(st.sampled_from("pbba"), min_size=len(ops), max_size=len(ops)))
+    before = [op for op, group in zip(ops, groups) if group == "p"]
+    batch = sorted((op for op, group in zip(ops, groups) if group == "b"), key=lambda op: op.stamp)
+    after = [op for op, group in zip(ops, groups) if group == "a"]
+    schedule = data.draw(deliveries(before), label="before")
+    batched, one_by_one = new_store(), new_store()
+    for store in (batched, one_by_one):
+        deliver(store, schedule)
+    batched.apply_batch(
+        [op.stamp for op in batch],
+        [op.op for op in batch],
+        [list(op.path) for op in batch],
+        [copy.deepcopy(op.value) for op in batch],
+    )
+    deliver(one_by_one, batch)
+    context = f"before: {schedule!r}, batch: {batch!r}"
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    assert_store_matches(batched, before + batch, context)
+    deliver(batched, after)
+    assert_store_matches(batched, ops, f"{context}, after: {after!r}")
+
+
+# Few paths, mostly siblings under shared parents, mostly plain SETs: what batches are made of.
+BATCH_PATHS = st.sampled_from(
+    [("a",), ("b",), ("a", "x"), ("a", "y"), ("a", "x", "p"), ("a", "x", "q"), ("b", "x")]
+)
+BATCH_BODIES = st.one_of(
+    st.tuples(st.just(SET), BATCH_PATHS, small_ints),
+    st.tuples(st.just(SET), BATCH_PATHS, small_ints),
+    st.tuples(st.just(SET), BATCH_PATHS, small_ints),
+    op_bodies(BATCH_PATHS),
+)
+
+
+@_settings(max_examples=300)
 @given(origin_streams())
 def test_interleaved_origins_match_model(case: tuple[list[Op], list[Op]]) -> None:
     """Per-origin ordered streams, interleaved arbitrarily, converge to the model."""
