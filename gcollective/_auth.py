@@ -526,6 +526,13 @@ class AcceptorHandshake(_Handshake):
         return Step(send, True)
 
     def _on_auth1(self, message: Any) -> bytes:
+        if type(message) is list and message and message[0] == "gcollective-status":
+            raise self._fail(
+                "status query without the secret: this node requires one (pass it to "
+                "`python -m gcollective status` with GCOLLECTIVE_SECRET or --secret-env)",
+                "missing-handshake",
+                "secret-required",
+            )
         if type(message) is list and message and message[0] == "gcollective":
             raise self._fail(
                 "peer skipped authentication (it sent a plain HELLO): it has no secret "

@@ -144,6 +144,8 @@ def test_status_with_a_secret(member):
         assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1
         assert "secret" in done.stderr and "Traceback" not in done.stderr
     assert m.stop() == 0
+    # The member's log says what was asked, not that a handshake was garbled.
+    assert "status query without the secret" in m.output()
 
 
 def test_status_of_an_unreachable_member_fails_in_one_line():
