@@ -88,6 +88,7 @@ from ._wire import (
     parse_ops,
     parse_progress,
     parse_vector,
+    path_segments,
     wire_path,
 )
 
@@ -1572,8 +1573,9 @@ class Collective:
             # The normal case: the next operations of this origin, in order.
             if watched:
                 for stamp, op, path, value in zip(stamps, ops, paths, values):
-                    apply(stamp, op, path, value)
-                    self._notify(tuple(path), op, origin)
+                    segments = path_segments(path)
+                    apply(stamp, op, segments, value)
+                    self._notify(tuple(segments), op, origin)
             else:
                 self._store.apply_batch(stamps, ops, paths, values)
             progress.applied[origin] = last
@@ -1586,9 +1588,10 @@ class Collective:
                 range(first, last + 1), stamps, ops, paths, values
             ):
                 if accept(origin, seq, stamp):
-                    apply(stamp, op, path, value)
+                    segments = path_segments(path)
+                    apply(stamp, op, segments, value)
                     if watched:
-                        self._notify(tuple(path), op, origin)
+                        self._notify(tuple(segments), op, origin)
                     applied += 1
         self.applied_ops += applied
         self._clock.observe(stamps[-1])

@@ -209,38 +209,46 @@ class Store:
         self,
         stamps: list[int],
         ops: list[int],
-        paths: list[list[str]],
+        paths: list[str | list[str]],
         values: list[Any],
     ) -> None:
         """``apply`` each operation in turn (stamps growing, as in one origin's batch), with
         the same result, faster: a run of plain SETs under one parent finds that parent
-        once and raises its ancestors' summaries once, at the end of the run."""
+        once and raises its ancestors' summaries once, at the end of the run.
+
+        A path is a dotted string (segments without dots) or a list of segments.
+        """
         apply = self.apply
         parent: _Node | None = None  # the last path's parent, while the way to it is settled
-        prefix: list[str] | None = None
+        prefix: str | None = None  # its dotted path ("" for the root)
         ancestors: list[_Node] = []
         raised = NEVER  # newest stamp of the run, not yet recorded on the ancestors
         for s, op, path, value in zip(stamps, ops, paths, values):
-            if parent is not None and op == SET and type(value) is not dict and path[:-1] == prefix:
-                if s < parent.r:
-                    raised = s  # overtaken by a reset above: only the ancestors learn of it
-                    continue
-                key = path[-1]
-                entries = parent.entries
-                entry = entries.get(key)
-                if entry is None or (type(entry) is int and s > entry):
-                    entries[key] = s
-                    parent.value[key] = value
-                    raised = s
-                    continue
+            if type(path) is str:
+                above, _, key = path.rpartition(".")
+                if above == prefix and parent is not None and op == SET and type(value) is not dict:
+                    if s < parent.r:
+                        raised = s  # overtaken by a reset above: only the ancestors learn of it
+                        continue
+                    entries = parent.entries
+                    entry = entries.get(key)
+                    if entry is None or (type(entry) is int and s > entry):
+                        entries[key] = s
+                        parent.value[key] = value
+                        raised = s
+                        continue
+                segments = path.split(".")
+            else:
+                above = None
+                segments = path
             if raised != NEVER:
                 _raise(ancestors, raised)
                 raised = NEVER
-            apply(s, op, path, value)
+            apply(s, op, segments, value)
             parent = None
-            if op == SET and type(value) is not dict:
-                parent, ancestors = self._settled_way(path, s)
-                prefix = path[:-1]
+            if above is not None and op == SET and type(value) is not dict:
+                parent, ancestors = self._settled_way(segments, s)
+                prefix = above
         if raised != NEVER:
             _raise(ancestors, raised)
 

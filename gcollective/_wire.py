@@ -63,6 +63,7 @@ __all__ = [
     "encode_hello",
     "encode_ops",
     "wire_path",
+    "path_segments",
     "encode_snapshot",
     "encode_snapshot_item",
     "join_snapshot",
@@ -251,9 +252,10 @@ _KINDS = {0, 1, 2}
 
 def parse_ops(
     message: list[Any],
-) -> tuple[int, int, list[int], list[int], list[list[str]], list[Any]]:
-    """Check an OPS frame fully: ``(origin, seq, hlcs, ops, paths, values)`` with each path
-    as its list of segments, or ``ProtocolError`` (before anything in it is applied).
+) -> tuple[int, int, list[int], list[int], list[str | list[str]], list[Any]]:
+    """Check an OPS frame fully: ``(origin, seq, hlcs, ops, paths, values)``, each path as it
+    travels (dotted, or a list of segments when one holds a dot; ``path_segments`` turns it
+    into segments), or ``ProtocolError`` (before anything in it is applied).
 
     The common case (dotted paths, scalar values) is checked a column at a time, in C.
     """
@@ -285,7 +287,7 @@ def parse_ops(
     if not kinds <= _KINDS:
         bad = next(op for op in ops if type(op) is not int or op not in _KINDS)
         raise ProtocolError(f"unknown operation {bad!r}")
-    segments = _split_paths(paths)
+    _check_paths(paths)
     if kinds == {0} and set(map(type, values)) <= _SCALARS:
         pass  # only SETs of plain scalars: nothing more to check
     else:
@@ -299,37 +301,39 @@ def parse_ops(
                     raise ProtocolError("INCREMENT amount is not a number")
             elif value is not None:
                 raise ProtocolError("DELETE carries a value")
-    return origin, seq, hlcs, ops, segments, values
+    return origin, seq, hlcs, ops, paths, values
 
 
-def _split_paths(paths: list[Any]) -> list[list[str]]:
-    """Each path as its list of segments; ``ProtocolError`` for a bad one."""
+def path_segments(path: str | list[str]) -> list[str]:
+    """The segments of a path as ``parse_ops`` returns it."""
+    return path.split(".") if type(path) is str else path
+
+
+def _check_paths(paths: list[Any]) -> None:
+    """``ProtocolError`` unless every path is a good dotted string or list of segments."""
     try:
         joined = ".".join(paths)
     except TypeError:
         joined = ""  # some path is a list (or junk): checked one by one below
     # Joined with dots, an empty path or segment anywhere shows as ".." or a dot at an end.
     if joined and ".." not in joined and joined[0] != "." and joined[-1] != ".":
-        out = [path.split(".") for path in paths]
-        if joined.count(".") >= MAX_DEPTH and max(map(len, out)) > MAX_DEPTH:
+        if joined.count(".") >= MAX_DEPTH and max(p.count(".") for p in paths) >= MAX_DEPTH:
             raise ProtocolError("OPS frame has a bad path")
-        return out
-    out = []
+        return
     for path in paths:
         if type(path) is str:
             if not path or ".." in path or path[0] == "." or path[-1] == ".":
                 raise ProtocolError("OPS frame has a bad path segment")
-            path = path.split(".")
+            depth = path.count(".") + 1
         elif type(path) is list and path:
             for segment in path:
                 if type(segment) is not str or not segment:
                     raise ProtocolError("OPS frame has a bad path segment")
+            depth = len(path)
         else:
             raise ProtocolError("OPS frame has a bad path")
-        if len(path) > MAX_DEPTH:
+        if depth > MAX_DEPTH:
             raise ProtocolError("OPS frame has a bad path")
-        out.append(path)
-    return out
 
 
 def parse_vector(vector: Any) -> list[tuple[int, int, int]]:

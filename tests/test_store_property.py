@@ -416,13 +416,15 @@ def test_apply_batch_matches_model(data: st.DataObject) -> None:
     batch = sorted((op for op, group in zip(ops, groups) if group == "b"), key=lambda op: op.stamp)
     after = [op for op, group in zip(ops, groups) if group == "a"]
     schedule = data.draw(deliveries(before), label="before")
+    from gcollective._wire import wire_path
+
     batched, one_by_one = new_store(), new_store()
     for store in (batched, one_by_one):
         deliver(store, schedule)
     batched.apply_batch(
         [op.stamp for op in batch],
         [op.op for op in batch],
-        [list(op.path) for op in batch],
+        [wire_path(op.path) for op in batch],
         [copy.deepcopy(op.value) for op in batch],
     )
     deliver(one_by_one, batch)

@@ -16,6 +16,7 @@ from gcollective._wire import (
     encode_snapshot,
     parse_hello,
     parse_ops,
+    path_segments,
     wire_path,
 )
 
@@ -36,7 +37,7 @@ def test_frames_split_across_chunks_and_several_in_one_chunk():
     out = []
     for i in range(len(frames)):  # one byte at a time
         out.extend(decoder.feed(frames[i : i + 1]))
-    assert [parse_ops(m)[4] for m in out] == [[["k", "0"]], [["k", "1"]], [["k", "2"]]]
+    assert [parse_ops(m)[4] for m in out] == [["k.0"], ["k.1"], ["k.2"]]
     assert out[0][6] == ["é€\n"]
     assert decoder.buffered == 0
     assert FrameDecoder(1 << 20).feed(frames) == out
@@ -48,8 +49,8 @@ def test_encoded_ops_round_trip_with_the_biggest_values():
     paths = [wire_path(("a", "b")), wire_path(("a",)), wire_path(("a.b@c", "d"))]
     assert paths == ["a.b", "a", ["a.b@c", "d"]]
     (message,) = FrameDecoder(1 << 20).feed(encode_ops(origin, 7, hlcs, ops, paths, values))
-    segments = [["a", "b"], ["a"], ["a.b@c", "d"]]
-    assert parse_ops(message) == (origin, 7, hlcs, ops, segments, values)
+    assert parse_ops(message) == (origin, 7, hlcs, ops, paths, values)
+    assert [path_segments(p) for p in paths] == [["a", "b"], ["a"], ["a.b@c", "d"]]
 
 
 OK = (HLC, 0, "a", 1)
