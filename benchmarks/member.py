@@ -316,6 +316,8 @@ class Driver:
             def apply_batch(stamps: Any, ops: Any, paths: Any, values: Any) -> None:
                 original_batch(stamps, ops, paths, values)
                 for op, path, value in zip(ops, paths, values):
+                    if type(path) is str:  # dotted, in newer cores
+                        path = path.split(".")
                     if path[0] == prefix and op == 0:
                         seen = arrivals.get(path[1])
                         if seen is None:
