@@ -179,9 +179,15 @@ class Store:
                 continue
             if type(child) is not _Node:
                 child = self._promote(node, key, child)
+            # ``d`` never exceeds ``top`` (a write below is in the subtree): the newest event
+            # of a subtree, the usual case, is one comparison.
             if s > child.top:
                 child.top = s
-            if writes and s > child.d:
+                if writes:
+                    child.d = s
+                    if type(child.value) is not dict:
+                        self._write_below(node, key, child, s)
+            elif writes and s > child.d:
                 child.d = s
                 if type(child.value) is not dict:
                     self._write_below(node, key, child, s)
