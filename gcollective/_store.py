@@ -87,12 +87,11 @@ def read_path(data: dict[str, Any], path: Iterable[str], default: Any = None) ->
     """The value at ``path`` in a plain nested dict (containers copied), or ``default`` when
     there is none (also when the way to it goes through something that is not a dict)."""
     node: Any = data
-    for segment in path:
-        if type(node) is not dict:
-            return default
-        node = node.get(segment, MISSING)
-        if node is MISSING:
-            return default
+    try:
+        for segment in path:
+            node = node[segment]
+    except (KeyError, TypeError):
+        return default  # missing, or the way goes through a list, str or number (all JSON)
     kind = type(node)
     if kind is dict or kind is list:
         return copy_value(node)
