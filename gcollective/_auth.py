@@ -163,6 +163,15 @@ _REFUSALS = {
 }
 
 
+#: What a dialer without a secret opens with, and what the acceptor's log says about it.
+_UNAUTHENTICATED = {
+    "gcollective": "peer skipped authentication (it sent a plain HELLO): it has no secret "
+    "and this node requires one; set the same secret on every member",
+    "gcollective-status": "status query without the secret: this node requires one (pass it "
+    "to `python -m gcollective status` with GCOLLECTIVE_SECRET or --secret-env)",
+}
+
+
 class Step(NamedTuple):
     """What a handshake asks of the node after ``receive``: send ``send`` (may be empty);
     once ``done``, the peer is authenticated and the keys are ready."""
@@ -526,20 +535,9 @@ class AcceptorHandshake(_Handshake):
         return Step(send, True)
 
     def _on_auth1(self, message: Any) -> bytes:
-        if type(message) is list and message and message[0] == "gcollective-status":
-            raise self._fail(
-                "status query without the secret: this node requires one (pass it to "
-                "`python -m gcollective status` with GCOLLECTIVE_SECRET or --secret-env)",
-                "missing-handshake",
-                "secret-required",
-            )
-        if type(message) is list and message and message[0] == "gcollective":
-            raise self._fail(
-                "peer skipped authentication (it sent a plain HELLO): it has no secret "
-                "and this node requires one; set the same secret on every member",
-                "missing-handshake",
-                "secret-required",
-            )
+        opener = message[0] if type(message) is list and message else None
+        if type(opener) is str and opener in _UNAUTHENTICATED:
+            raise self._fail(_UNAUTHENTICATED[opener], "missing-handshake", "secret-required")
         if not (_is_auth(message) and message[1] == AUTH1 and type(message[1]) is int):
             raise self._fail(
                 "first message is not the authentication handshake (AUTH1)",
