@@ -1,0 +1,99 @@
+"""Snapshots streamed in many frames while the holder keeps writing: members in this process."""
+
+from __future__ import annotations
+
+import random
+
+import gevent
+import pytest
+from cluster import free_ports, wait_for
+
+from gcollective import Collective, _node
+
+FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
+
+
+@pytest.fixture
+def small_frames(monkeypatch):
+    """Snapshot frames of about 2 KB, so a small tree goes out in hundreds of them."""
+    monkeypatch.setattr(_node, "_SNAPSHOT_FRAME_BYTES", 2048)
+
+
+def test_a_snapshot_in_many_frames_under_writes_loses_nothing(small_frames):
+    holder_port, joiner_port = free_ports(2)
+    addresses = [f"127.0.0.1:{holder_port}", f"127.0.0.1:{joiner_port}"]
+    holder = Collective(addresses[0], addresses, **FAST)
+    holder.start(timeout=1)
+    joiner = None
+    try:
+        for i in range(3000):
+            holder.set(("t", str(i % 300), str(i)), i)  # many leaves under one top-level key
+            holder.set((f"top{i % 500}", "n"), i)
+        holder.incr("counter", 5)
+        rng = random.Random(7)
+        writing = True
+
+        def keep_writing():
+            # New keys, overwrites, deletes and increments on keys the stream has or has
+            # not reached yet.
+            step = 0
+            while writing:
+                step += 1
+                key = f"top{rng.randrange(600)}"
+                choice = rng.randrange(4)
+                if choice == 0:
+                    holder.set((key, "n"), -step)
+                elif choice == 1:
+                    holder.delete(key)
+                elif choice == 2:
+                    holder.incr("counter")
+                else:
+                    holder.set((key, "deep", str(step)), step)
+                gevent.sleep(0.001)
+
+        writer = gevent.spawn(keep_writing)
+        joiner = Collective(addresses[1], addresses, **FAST)
+        joiner.start(timeout=10)
+        assert joiner.synced
+        writing = False
+        writer.join(5)
+        wait_for(lambda: joiner.snapshot() == holder.snapshot(), timeout=20)
+        link = holder.stats()["peers"][addresses[1]]
+        assert link["snapshots_sent"] == 1
+        assert link["sent_frames"] > 15  # it did go out in many frames
+    finally:
+        holder.stop(timeout=1)
+        if joiner is not None:
+            joiner.stop(timeout=1)
+
+
+def test_a_stream_cut_by_a_lost_connection_starts_over(small_frames, monkeypatch):
+    holder_port, joiner_port = free_ports(2)
+    addresses = [f"127.0.0.1:{holder_port}", f"127.0.0.1:{joiner_port}"]
+    holder = Collective(addresses[0], addresses, **FAST)
+    holder.start(timeout=1)
+    joiner = None
+    cut: list[int] = []
+    frames_of = Collective._snapshot_frames
+
+    def cut_after_five(self, keys, end):
+        # The first stream loses its connection after five frames went out.
+        for number, frame in enumerate(frames_of(self, keys, end)):
+            if number == 5 and not cut:
+                cut.append(number)
+                self._links[("127.0.0.1", joiner_port)].drop_connection()
+            yield frame
+
+    monkeypatch.setattr(Collective, "_snapshot_frames", cut_after_five)
+    try:
+        for i in range(2000):
+            holder.set((f"k{i}", "v"), i)
+        joiner = Collective(addresses[1], addresses, **FAST)
+        joiner.start(timeout=10)
+        wait_for(lambda: joiner.snapshot() == holder.snapshot(), timeout=20)
+        assert cut, "the stream was never cut"
+        assert holder.stats()["peers"][addresses[1]]["snapshots_sent"] == 2
+    finally:
+        holder.stop(timeout=1)
+        if joiner is not None:
+            joiner.stop(timeout=1)
