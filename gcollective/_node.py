@@ -1210,8 +1210,8 @@ class Collective:
         outbox is empty, so anything that needs the log or the queues current calls it first.
         """
         hlcs = self._out_hlcs
-        if not hlcs:
-            return
+        if not hlcs or self._generation != _fork_generation:
+            return  # (a callback scheduled before a fork runs in the child too: not its node)
         self._flushed_at = time.monotonic()
         columns = (hlcs, self._out_ops, self._out_paths, self._out_values)
         self._out_hlcs, self._out_ops, self._out_paths, self._out_values = [], [], [], []
