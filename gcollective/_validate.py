@@ -46,7 +46,7 @@ def parse_key(key: Any) -> tuple[str, ...]:
     if type(key) is str:
         if not key or ".." in key or key[0] == "." or key[-1] == ".":
             raise InvalidKeyError(f"key {key!r} is empty or has an empty segment")
-        if not has_utf8(key):
+        if not key.isascii() and not has_utf8(key):
             raise InvalidKeyError(f"key {key!r} holds a lone surrogate, which UTF-8 cannot carry")
         if key.count(".") >= MAX_DEPTH:
             raise InvalidKeyError(f"key is deeper than {MAX_DEPTH} segments")
