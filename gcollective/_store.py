@@ -34,7 +34,10 @@ keeps the cost of the common leaf to one dict slot and one int.
 
 from __future__ import annotations
 
+import heapq
 from typing import Any, Iterable
+
+from ._clock import expiry_stamp
 
 __all__ = [
     "Store",
@@ -52,6 +55,7 @@ INCREMENT = 1
 DELETE = 2
 
 NEVER = float("-inf")
+_MILLIS_SHIFT = 64 + 16  # stamp >> this = its wall-clock milliseconds (see _clock)
 
 
 class _Marker:
@@ -102,7 +106,7 @@ def read_path(data: dict[str, Any], path: Iterable[str], default: Any = None) ->
 class _Node:
     """Metadata of one path that is more than a single assignment (see the module docstring)."""
 
-    __slots__ = ("a", "av", "d", "imax", "incs", "r", "top", "entries", "value")
+    __slots__ = ("a", "av", "d", "imax", "incs", "r", "top", "entries", "value", "ttls")
 
     def __init__(self) -> None:
         self.a: float | int = NEVER  # own assignment stamp
@@ -114,6 +118,8 @@ class _Node:
         self.top: float | int = NEVER  # latest stamp anywhere in this subtree
         self.entries: dict[str, int | _Node] = {}
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
+        # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
+        self.ttls: dict[int, int] | None = None
 
 
 class Store:
@@ -134,6 +140,14 @@ class Store:
         self._sweep: list[list[Any]] = []
         #: Tombstones and increments dropped or folded by ``collect`` so far.
         self.collected = 0
+        #: The store's notion of now, in wall-clock milliseconds (see ``advance``).
+        self.now_ms: float | int = NEVER
+        # Expiries not yet due, (E, stamp, path), and due ones not yet made permanent,
+        # (D, stamp, path). Entries may be stale (the event was overtaken): checked on use.
+        self._pending: list[tuple[int, int, tuple[str, ...]]] = []
+        self._due: list[tuple[int, int, tuple[str, ...]]] = []
+        #: Expiries made permanent by ``expire`` so far.
+        self.expired = 0
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -147,11 +161,20 @@ class Store:
 
     # -- applying one operation -------------------------------------------------------------
 
-    def apply(self, stamp: int, op: int, path: tuple[str, ...] | list[str], value: Any) -> None:
+    def apply(
+        self,
+        stamp: int,
+        op: int,
+        path: tuple[str, ...] | list[str],
+        value: Any,
+        ttl_ms: int = 0,
+    ) -> None:
         """Apply one stamped operation; a repeat of a stamp already applied changes nothing.
 
         ``value`` is the SET value (trusted: a fresh JSON value the store may keep) or the
-        INCREMENT amount; it is ignored for DELETE. ``path`` must be non-empty.
+        INCREMENT amount; it is ignored for DELETE. ``path`` must be non-empty. ``ttl_ms``
+        (SET and INCREMENT only, positive) makes the path expire at
+        ``expiry_stamp(stamp, ttl_ms)`` once ``advance`` passes its time (see ``advance``).
         """
         s = stamp
         node = self._root
@@ -175,6 +198,10 @@ class Store:
                 continue
             if type(child) is not _Node:
                 child = self._promote(node, key, child)
+            if child.ttls is not None:
+                # Below a path that may expire: record the event, recompute that subtree.
+                self._slow(node, key, path[i + 1 :], s, op, value, ttl_ms, path)
+                return
             if s > child.top:
                 child.top = s
             if writes and s > child.d:
@@ -184,6 +211,9 @@ class Store:
             node = child
         key = path[last]
         if s < node.r:
+            return
+        if ttl_ms:
+            self._slow(node, key, (), s, op, value, ttl_ms, path)
             return
         if op == SET:
             entries = node.entries
@@ -197,9 +227,73 @@ class Store:
                 return
             self._set(node, key, s, value)
         elif op == INCREMENT:
-            self._increment(node, key, s, value)
+            self._increment(node, key, s, value, path)
         else:
             self._delete(node, key, s)
+
+    def _slow(
+        self,
+        parent: _Node,
+        key: str,
+        rest: tuple[str, ...] | list[str],
+        s: int,
+        op: int,
+        value: Any,
+        ttl_ms: int,
+        path: tuple[str, ...] | list[str],
+    ) -> None:
+        """Apply an operation at or below ``parent.entries[key]`` by recording its events
+        there and rebuilding that subtree: the way for anything touching a path with ttl
+        events (``key`` is the topmost such path on the way, or the target of a ttl op).
+        ``parent`` and its ancestors carry no ttl events."""
+        writes = op != DELETE
+        p, k = parent, key
+        for segment in rest:
+            n = p.entries.get(k)
+            if type(n) is not _Node:
+                n = self._promote(p, k, n)
+            if s > n.top:
+                n.top = s
+            if writes and s > n.d:
+                n.d = s
+            p, k = n, segment
+        if op == INCREMENT:
+            n = p.entries.get(k)
+            if type(n) is not _Node:
+                n = self._promote(p, k, n)
+            if s > n.a:  # else overtaken by the assignment here (or a repeat of a folded one)
+                if n.incs is None:
+                    n.incs = {}
+                n.incs.setdefault(s, value)
+                if s > n.imax:
+                    n.imax = s
+                if s > n.top:
+                    n.top = s
+                if ttl_ms:
+                    self._add_ttl(n, s, expiry_stamp(s, ttl_ms), path)
+        else:
+            self._record_assign(p.entries, k, s, MISSING if op == DELETE else value)
+            if ttl_ms:
+                n = p.entries.get(k)
+                if type(n) is _Node and n.a == s:
+                    self._add_ttl(n, s, expiry_stamp(s, ttl_ms), path)
+        top = parent.entries.get(key)
+        if type(top) is _Node:
+            self._rebuild_at(parent, key, top)
+
+    def _add_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
+        """Record ttl event ``s`` (expiring at the derived stamp ``expiry``) at ``node``."""
+        if node.ttls is None:
+            node.ttls = {}
+        if s in node.ttls:
+            return
+        node.ttls[s] = expiry
+        path = tuple(path)
+        due = expiry >> _MILLIS_SHIFT
+        if due <= self.now_ms:
+            heapq.heappush(self._due, (expiry, s, path))
+        else:
+            heapq.heappush(self._pending, (due, s, path))
 
     def _write_below(self, parent: _Node, key: str, node: _Node, s: int) -> None:
         """A write at stamp ``s`` (already recorded in ``node.d``) landed below a non-dict."""
@@ -252,8 +346,13 @@ class Store:
             entry.av = MISSING
             self._rebuild_at(parent, key, entry)
 
-    def _increment(self, parent: _Node, key: str, s: int, amount: int | float) -> None:
+    def _increment(
+        self, parent: _Node, key: str, s: int, amount: int | float, path: Any = ()
+    ) -> None:
         entry = parent.entries.get(key)
+        if type(entry) is _Node and entry.ttls is not None:
+            self._slow(parent, key, (), s, INCREMENT, amount, 0, path)
+            return
         if entry is None:
             node = _Node()
             node.incs = {s: amount}
@@ -411,6 +510,8 @@ class Store:
             node.imax = NEVER
         if node.d <= base:
             node.d = NEVER
+        if node.ttls is not None:
+            self._prune_ttls(node, base)
         imax = node.imax
         d = node.d
         node.r = base if imax == NEVER else imax
@@ -418,31 +519,76 @@ class Store:
             return bv is DICT, base, bv
         return d > imax, base, bv
 
-    def _finish(self, node: _Node, base: Any, bv: Any, new_dict: dict[str, Any] | None) -> None:
-        """Set a node's materialized value once its children are settled (see ``_rebuild``)."""
-        imax = node.imax
+    @staticmethod
+    def _prune_ttls(node: _Node, base: Any) -> None:
+        """Forget ttl events that can never fire: older than the assignment or reset here
+        (a SET-with-ttl is the assignment itself), or replaced by a newer ttl event here
+        before their expiry (which then finds another owner). What stays can fire: each
+        one owns its path at its expiry unless a reset from above comes in between."""
+        ttls = node.ttls
+        assert ttls is not None
+        stamps = sorted(st for st in ttls if st >= base)
+        kept: dict[int, int] = {}
+        for index, st in enumerate(stamps):
+            expiry = ttls[st]
+            if index + 1 < len(stamps) and stamps[index + 1] < expiry:
+                continue
+            kept[st] = expiry
+        node.ttls = kept or None
+
+    def _expiry(self, node: _Node, parent_vr: Any) -> Any:
+        """The stamp of the latest expiry here that has fired (``now_ms`` reached its time)
+        and still owns the path, or NEVER. After ``_prune_ttls`` every event owns its path at
+        its expiry, unless the visible reset from above (a newer reset, or an ancestor's
+        expiry) came after it."""
+        assert node.ttls is not None
+        now = self.now_ms
+        fired: Any = NEVER
+        for st, expiry in node.ttls.items():
+            if st > parent_vr and expiry > fired and expiry >> _MILLIS_SHIFT <= now:
+                fired = expiry
+        return fired
+
+    def _finish(
+        self,
+        node: _Node,
+        base: Any,
+        bv: Any,
+        new_dict: dict[str, Any] | None,
+        vbase: Any,
+        vbv: Any,
+        vd: Any,
+        vimax: Any,
+    ) -> None:
+        """Set a node's materialized value once its children are settled (see ``_rebuild``).
+
+        ``base`` is the real assignment or reset (what is older is forgotten); ``vbase``,
+        ``vbv``, ``vd`` and ``vimax`` describe what is visible, which an expiry that fired
+        here or above (a DELETE at its derived stamp, for materialization only) may move
+        later than ``base``; without one they equal ``base``, ``bv``, ``node.d``, ``node.imax``.
+        """
         d = node.d
+        lower = base if d == NEVER else max(base, d)  # increments older than this are overtaken
         if new_dict is not None:
             node.value = new_dict
-        elif imax != NEVER and imax > d:
+        elif vimax != NEVER and vimax > vd:
             # A number: the increments after the latest assignment or write below, in order.
-            lower = base if d == NEVER else d
+            vlower = vbase if vd == NEVER else vd
             incs = node.incs or {}
-            result: Any = bv if (d == NEVER and is_number(bv)) else MISSING
+            result: Any = vbv if (vd == NEVER and is_number(vbv)) else MISSING
             kept: dict[int, int | float] = {}
             for st in sorted(incs):
+                amount = incs[st]
                 if st > lower:
-                    amount = incs[st]
                     kept[st] = amount
+                if st > vlower:
                     result = amount if result is MISSING else result + amount
             node.incs = kept
             node.value = result
             return
         else:
-            node.value = bv
+            node.value = vbv
         if node.incs:
-            # Increments older than the latest write below (or the assignment) are overtaken.
-            lower = base if d == NEVER else max(base, d)
             node.incs = {st: n for st, n in node.incs.items() if st > lower} or None
 
     @staticmethod
@@ -455,16 +601,38 @@ class Store:
             or node.d != NEVER
             or node.imax != NEVER
             or node.a == NEVER
+            or node.ttls is not None
         )
 
-    def _rebuild(self, node: _Node, parent_r: float | int) -> bool:
+    def _rebuild(self, node: _Node, parent_r: float | int, parent_vr: Any = NEVER) -> bool:
         """Recompute a node's value from its metadata; drop what can no longer matter.
 
         This is the reference the fast paths agree with. Returns False when nothing in the
         subtree is newer than the reset inherited from above (the node can be forgotten).
+        ``parent_vr`` is the visible reset from above, when an expiry that fired above makes
+        it later than ``parent_r``: what is older stays recorded (a late operation may still
+        cancel that expiry) but is not visible.
         """
         is_dict, base, bv = self._settle(node, parent_r)
         r = node.r
+        vbase = parent_vr if parent_vr > base else base
+        if node.ttls is not None:
+            fired = self._expiry(node, parent_vr)
+            if fired > vbase:
+                vbase = fired
+        d = node.d
+        imax = node.imax
+        if vbase == base:
+            vr, vbv, vd, vimax = r, bv, d, imax
+        else:
+            # An expiry (here or above) acts as a DELETE at vbase for what is visible.
+            is_dict = False
+            vbv = MISSING
+            vimax = imax if imax > vbase else NEVER
+            vd = d if d > vbase else NEVER
+            vr = vbase if vimax == NEVER else vimax
+            if vimax != NEVER or vd != NEVER:
+                is_dict = vd > vimax
         old_value = node.value
         old_dict = old_value if type(old_value) is dict else None
         new_dict: dict[str, Any] | None = None
@@ -480,10 +648,20 @@ class Store:
                         if new_dict is not None:
                             new_dict.pop(k, None)
                         continue
-                    keep[k] = e  # its value (if not a tombstone) is already in new_dict
-                    if e > top:
-                        top = e
-                elif self._rebuild(e, r):
+                    if (new_dict is None or e < vr) and old_dict is not None and k in old_dict:
+                        # A value about to be hidden: it lives in this node's dict, so give
+                        # it a node of its own to keep it while it is hidden.
+                        child = _Node()
+                        child.a = child.top = e
+                        child.av = child.value = old_dict[k]
+                        child.r = max(e, r)
+                        e = child
+                    else:
+                        keep[k] = e  # its value (if not a tombstone) is already in new_dict
+                        if e > top:
+                            top = e
+                        continue
+                if self._rebuild(e, r, vr):
                     if e.top > top:
                         top = e.top
                     child_value = e.value
@@ -492,7 +670,9 @@ class Store:
                             new_dict.pop(k, None)
                         else:
                             new_dict[k] = child_value
-                    if self._is_plain(e) and (child_value is MISSING or new_dict is not None):
+                    if self._is_plain(e) and (
+                        e.av is MISSING if child_value is MISSING else new_dict is not None
+                    ):
                         keep[k] = e.a  # a plain assignment: back to a bare stamp
                     else:
                         keep[k] = e
@@ -503,19 +683,35 @@ class Store:
             # Drop leftovers that no entry accounts for (possible only after a reset).
             for k in [k for k in new_dict if k not in node.entries]:
                 del new_dict[k]
-        self._finish(node, base, bv, new_dict)
+        self._finish(node, base, bv, new_dict, vbase, vbv, vd, vimax)
         node.top = top
         return top != NEVER and top >= parent_r
 
-    def _install(self, encoded: Any, parent_r: float | int) -> tuple[Any, Any] | None:
-        """Build an exported entry where nothing is known locally: ``(entry, value)``, or
-        None if all of it is overtaken by ``parent_r``. The same result as recording the
-        entry's events and rebuilding, in one pass (this is what makes joining fast)."""
+    def _install(
+        self, encoded: Any, parent_r: float | int, path: tuple[str, ...]
+    ) -> tuple[Any, Any] | None:
+        """Build an exported entry (at ``path``) where nothing is known locally:
+        ``(entry, value)``, or None if all of it is overtaken by ``parent_r``. The same result
+        as recording the entry's events and rebuilding, in one pass (this is what makes
+        joining fast)."""
         if type(encoded) is int:
             return (encoded, MISSING) if encoded >= parent_r else None
         if len(encoded) == 2:
             stamp = encoded[0]
             return (stamp, encoded[1]) if stamp >= parent_r else None
+        if len(encoded) == 7:
+            # It may expire: record its events and rebuild (the general way, with expiries).
+            holder = _Node()
+            holder.r = parent_r
+            holder.value = {}
+            key = path[-1]
+            self._merge_entry(holder, key, encoded, path)
+            node = holder.entries[key]
+            if type(node) is int:
+                return (node, MISSING) if node >= parent_r else None
+            if not self._rebuild(node, parent_r):
+                return None
+            return node, node.value
         a, av, d, imax, incs, children = encoded
         node = _Node()
         if a is not None:
@@ -534,7 +730,10 @@ class Store:
         entries: dict[str, int | _Node] = {}
         install = self._install
         for k, child in children.items():
-            built = install(child, r)
+            # (the path matters only to register expiries, found in full nodes)
+            built = install(
+                child, r, (*path, k) if type(child) is list and len(child) > 2 else path
+            )
             if built is None:
                 continue
             entry, value = built
@@ -550,11 +749,111 @@ class Store:
             if new_dict is not None and value is not MISSING:
                 new_dict[k] = value
         node.entries = entries
-        self._finish(node, base, bv, new_dict)
+        self._finish(node, base, bv, new_dict, base, bv, node.d, node.imax)
         node.top = top
         if top == NEVER or top < parent_r:
             return None
         return node, node.value
+
+    # -- expiring keys ----------------------------------------------------------------------
+
+    @property
+    def next_expiry(self) -> float | int:
+        """The wall-clock milliseconds of the next expiry not yet due (``inf`` if none):
+        ``advance`` to it or later to make it fire."""
+        pending = self._pending
+        return pending[0][0] if pending else float("inf")
+
+    @property
+    def pending_expiries(self) -> int:
+        """Registered expiries not yet made permanent (due or not; some may be stale)."""
+        return len(self._pending) + len(self._due)
+
+    def advance(self, now_ms: float | int) -> list[tuple[tuple[str, ...], int]]:
+        """Move the store's time forward to ``now_ms`` (wall-clock milliseconds; a smaller
+        value than before changes nothing) and let the expiries due by then fire.
+
+        A fired expiry hides its path as a DELETE at its derived stamp would, for reading
+        only: nothing is forgotten yet, since an older operation arriving late may still
+        cancel it (``expire`` makes it permanent once none can). Returns ``(path, stamp)``
+        of each ttl operation whose expiry fired (the caller may tell watchers).
+        """
+        if not now_ms > self.now_ms:
+            return []
+        self.now_ms = now_ms
+        pending = self._pending
+        if not pending or pending[0][0] > now_ms:
+            return []
+        fired: list[tuple[tuple[str, ...], int]] = []
+        tops: dict[tuple[str, ...], None] = {}
+        while pending and pending[0][0] <= now_ms:
+            _, st, path = heapq.heappop(pending)
+            found = self._locate(path)
+            if found is None:
+                continue  # overtaken meanwhile
+            top_path, target = found
+            expiry = target.ttls.get(st) if target.ttls else None
+            if expiry is None:
+                continue
+            heapq.heappush(self._due, (expiry, st, path))
+            tops[top_path] = None
+            fired.append((path, st))
+        for top_path in tops:
+            self._rebuild_path(top_path)
+        return fired
+
+    def expire(self, frontier: int) -> int:
+        """Make permanent the expiries that fired with a derived stamp below ``frontier``
+        (the same stability frontier as ``collect``): each becomes a real DELETE at that
+        stamp, so the path's metadata can be forgotten. Nothing visible changes. Returns how
+        many were applied."""
+        due = self._due
+        done = 0
+        while due and due[0][0] < frontier:
+            expiry, st, path = heapq.heappop(due)
+            found = self._locate(path)
+            if found is None:
+                continue
+            top_path, target = found
+            if not target.ttls or target.ttls.get(st) != expiry:
+                continue  # overtaken, or replaced by a newer ttl before it fired
+            # It owns its path at its expiry: the events that could have cancelled it are
+            # all older than the frontier, hence known; an ancestor's expiry before it was
+            # applied first (``due`` is in stamp order) and would have dropped it.
+            parent = self._root
+            for segment in path[:-1]:
+                parent = parent.entries[segment]  # type: ignore[assignment]
+            self._record_assign(parent.entries, path[-1], expiry, MISSING)
+            self._rebuild_path(top_path)
+            done += 1
+        self.expired += done
+        return done
+
+    def _locate(self, path: tuple[str, ...]) -> tuple[tuple[str, ...], _Node] | None:
+        """``(path of the topmost node with ttl events on the way, node at path)``, or None
+        when the way is not made of nodes or none of them has ttl events."""
+        node = self._root
+        top: tuple[str, ...] | None = None
+        for depth, segment in enumerate(path):
+            entry = node.entries.get(segment)
+            if type(entry) is not _Node:
+                return None
+            if top is None and entry.ttls is not None:
+                top = path[: depth + 1]
+            node = entry
+        return None if top is None else (top, node)
+
+    def _rebuild_path(self, path: tuple[str, ...]) -> None:
+        """Rebuild the node at ``path`` (whose ancestors carry no ttl events)."""
+        parent = self._root
+        for segment in path[:-1]:
+            entry = parent.entries.get(segment)
+            if type(entry) is not _Node:
+                return
+            parent = entry
+        node = parent.entries.get(path[-1])
+        if type(node) is _Node:
+            self._rebuild_at(parent, path[-1], node)
 
     # -- forgetting what can no longer matter ------------------------------------------------
 
@@ -591,9 +890,13 @@ class Store:
                     self.collected += 1
                 continue
             if entry.incs:
-                self._fold_increments(entry, r, frontier)
+                # Folding acts as a SET at the newest folded increment, so it must stay
+                # below every ttl event here (it would cancel them otherwise).
+                limit = frontier if entry.ttls is None else min(frontier, min(entry.ttls))
+                self._fold_increments(entry, r, limit)
                 if (
-                    not entry.incs
+                    entry.ttls is None
+                    and not entry.incs
                     and not entry.entries
                     and entry.d == NEVER
                     and NEVER < entry.imax <= entry.a
@@ -606,6 +909,7 @@ class Store:
                 sweep.append([entry, entry.r, list(entry.entries.items()), 0, node, key])
             elif (
                 entry.value is MISSING
+                and entry.ttls is None
                 and not entry.incs
                 and max(entry.a, entry.d, entry.imax) < frontier
             ):
@@ -663,7 +967,8 @@ class Store:
         One item per top-level key: ``[key, entry]``. An entry is an int (a tombstone), a
         ``[stamp, value]`` pair (a plain assignment), or ``[a, av, d, imax, incs, children]``
         for a full node, where ``av`` is ``[value]``, ``0`` (deleted) or ``1`` (a dict), stamps
-        that are unset are ``None`` and ``children`` maps keys to entries.
+        that are unset are ``None`` and ``children`` maps keys to entries. A node with ttl
+        events has a seventh element, ``[[stamp, expiry stamp], ...]``.
         """
         return [[k, e] for k, e in self._export_node(self._root)[5].items()]
 
@@ -681,7 +986,10 @@ class Store:
                 children[k] = e if v is MISSING else [e, v]
             else:
                 children[k] = export_node(e)
-        return [_enc(node.a), encoded_av, _enc(node.d), _enc(node.imax), incs, children]
+        out = [_enc(node.a), encoded_av, _enc(node.d), _enc(node.imax), incs, children]
+        if node.ttls:
+            out.append([[st, expiry] for st, expiry in node.ttls.items()])
+        return out
 
     def merge(self, exported: Iterable[Any]) -> None:
         """Merge state exported by another replica: the result is as if this replica had
@@ -693,7 +1001,7 @@ class Store:
         root = self._root
         for key, encoded in exported:
             if key not in root.entries:
-                built = self._install(encoded, root.r)
+                built = self._install(encoded, root.r, (key,))
                 if built is not None:
                     entry, value = built
                     if type(entry) is _Node and self._is_plain(entry):
@@ -701,13 +1009,14 @@ class Store:
                     root.entries[key] = entry
                     self._place(root, key, value)
                 continue
-            self._merge_entry(root, key, encoded)
+            self._merge_entry(root, key, encoded, (key,))
             entry = root.entries[key]
             if type(entry) is _Node:
                 self._rebuild_at(root, key, entry)
 
-    def _merge_entry(self, parent: _Node, key: str, encoded: Any) -> None:
-        """Record the events of one exported entry into ``parent.entries[key]`` (no rebuild)."""
+    def _merge_entry(self, parent: _Node, key: str, encoded: Any, path: tuple[str, ...]) -> None:
+        """Record the events of one exported entry (at ``path``) into ``parent.entries[key]``
+        (no rebuild)."""
         entries = parent.entries
         if type(encoded) is int:
             self._record_assign(entries, key, encoded, MISSING)
@@ -716,7 +1025,7 @@ class Store:
             stamp, value = encoded
             self._record_assign(entries, key, stamp, value)
             return
-        a, av, d, imax, incs, children = encoded
+        a, av, d, imax, incs, children = encoded[:6]
         if a is not None:
             if av == 1 and type(av) is int:
                 value: Any = DICT
@@ -745,8 +1054,11 @@ class Store:
         for st in (d, imax):
             if st is not None and st > node.top:
                 node.top = st
+        if len(encoded) == 7:
+            for st, expiry in encoded[6]:
+                self._add_ttl(node, st, expiry, path)
         for k, child in children.items():
-            self._merge_entry(node, k, child)
+            self._merge_entry(node, k, child, (*path, k))
             ce = node.entries[k]
             ctop = ce if type(ce) is int else ce.top
             if ctop > node.top:
