@@ -50,7 +50,7 @@ from ._auth import (
     explain_refusal,
     secret_is_weak,
 )
-from ._clock import HybridClock, new_node_id, stamp_origin
+from ._clock import HybridClock, new_node_id, stamp_millis, stamp_origin
 from ._errors import AuthenticationError, InvalidValueError, NotStartedError, ProtocolError
 from ._oplog import OpLog, Progress
 from ._store import DELETE, INCREMENT, SET, Store, is_number
@@ -59,6 +59,7 @@ from ._validate import (
     check_amount,
     check_positive,
     check_sizes,
+    check_ttl,
     clean_value,
     format_address,
     parse_key,
@@ -96,6 +97,7 @@ _RECV_SIZE = 256 * 1024
 # TLS recognises a peer that speaks it, to say so instead of "not JSON".
 _TLS_HANDSHAKE = b"\x16\x03"
 _SNAPSHOT_CHUNK_KEYS = 2048  # top-level keys per SNAPSHOT frame
+_INF = float("inf")
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
@@ -762,6 +764,12 @@ class Collective:
         self._down_ids: set[int] = set()  # incarnations declared down: refused from then on
         self._frontier = 0  # no operation older than this can still reach this node
         self._housekeeper: gevent.Greenlet | None = None
+        # Expiring keys: a greenlet sleeps until the store's next expiry (wall-clock ms in
+        # _next_due, inf when none); a sooner one wakes it. Reads check _next_due too, so a
+        # read just after an expiry never sees the key.
+        self._expirer: gevent.Greenlet | None = None
+        self._next_due = _INF
+        self._expiry_wake = Event()
         self._server: StreamServer | None = None
         self._handlers: set[gevent.Greenlet] = set()
         self._synced = Event()
@@ -815,6 +823,8 @@ class Collective:
         for address in self.peers:
             self._add_link(address)
         self._housekeeper = gevent.spawn(self._housekeeping)
+        self._advance()
+        self._expirer = gevent.spawn(self._expiring)
         self._check_ready()
         if not self._ready.wait(timeout):
             log.warning(
@@ -863,6 +873,8 @@ class Collective:
             gevent.killall(list(self._handlers), block=True, timeout=1)
         if self._housekeeper is not None:
             self._housekeeper.kill(block=True, timeout=1)
+        if self._expirer is not None:
+            self._expirer.kill(block=True, timeout=1)
         watches, self._watches = self._watches, []
         for watch in watches:
             watch._close()  # what is queued is still delivered
@@ -963,6 +975,8 @@ class Collective:
             "gaps": self._progress.gaps(),
             "log_ops": len(self._log),
             "log_bytes": self._log.bytes,
+            "pending_expiries": self._store.pending_expiries,
+            "expired": self._store.expired,
             "peers": peers,
         }
 
@@ -1061,16 +1075,24 @@ class Collective:
         """
         if self._generation != _fork_generation:
             self._check_writable()
+        due = self._next_due
+        if due < _INF and due <= time.time() * 1000:
+            self._advance()
         if type(key) is str and key and ".." not in key and key[0] != "." and key[-1] != ".":
             return self._store.get(key.split("."), default)
         return self._store.get(parse_key(key), default)
 
-    def set(self, key: Key, value: Any, op: int = SET) -> None:
+    def set(self, key: Key, value: Any, op: int = SET, ttl: float | None = None) -> None:
         """Set ``key`` to ``value`` here at once and on every peer soon after.
 
         ``op`` keeps collective.js's third argument: ``INCREMENT`` adds ``value``, ``DELETE``
         removes the key (``value`` is ignored). Bad keys and values raise before anything is
         applied or sent.
+
+        ``ttl`` (seconds, SET and INCREMENT only) makes the key expire: from the operation's
+        stamp time plus ``ttl`` on, every member reads it (and everything under it) as
+        missing, unless a newer SET without ttl (or with a new ttl) of it came first. See
+        "Expiring keys" in the README.
         """
         if isinstance(op, bool) or not isinstance(op, int):
             raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
@@ -1078,28 +1100,36 @@ class Collective:
             self._check_writable()
             path = parse_key(key)
             value = clean_value(value)
+            ttl_ms = 0 if ttl is None else check_ttl(ttl)
             stamp = self._clock.stamp()
-            self._apply_local(stamp, SET, path, value)
+            self._apply_local(stamp, SET, path, value, ttl_ms)
         elif op == INCREMENT:
-            self.incr(key, value)
+            self.incr(key, value, ttl)
         elif op == DELETE:
+            if ttl is not None:
+                raise InvalidValueError("a DELETE cannot have a ttl")
             self.delete(key)
         else:
             raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
 
-    def incr(self, key: Key, amount: int | float = 1) -> int | float:
+    def incr(self, key: Key, amount: int | float = 1, ttl: float | None = None) -> int | float:
         """Add ``amount`` to the number at ``key`` (missing counts as 0); returns the new local
-        value. Concurrent increments on all members all count."""
+        value. Concurrent increments on all members all count.
+
+        With ``ttl`` (seconds) the key expires ``ttl`` after this increment, replacing any
+        earlier expiry of it: ``incr(k, ttl=60)`` on every hit drops ``k`` 60 s after the
+        last hit. An increment without ttl keeps the expiry the key has."""
         self._check_writable()
         path = parse_key(key)
         amount = check_amount(amount)
+        ttl_ms = 0 if ttl is None else check_ttl(ttl)
         current = self._store.get(path, _store.MISSING)
         if current is not _store.MISSING and not is_number(current):
             raise InvalidValueError(
                 f"cannot increment {key!r}: it holds a {type(current).__name__}, not a number"
             )
         stamp = self._clock.stamp()
-        self._apply_local(stamp, INCREMENT, path, amount)
+        self._apply_local(stamp, INCREMENT, path, amount, ttl_ms)
         return self._store.get(path)
 
     def delete(self, key: Key) -> None:
@@ -1113,12 +1143,17 @@ class Collective:
         """A deep copy of the whole tree."""
         if self._generation != _fork_generation:
             self._check_writable()
+        due = self._next_due
+        if due < _INF and due <= time.time() * 1000:
+            self._advance()
         return self._store.to_dict()
 
-    def _apply_local(self, stamp: int, op: int, path: tuple[str, ...], value: Any) -> None:
+    def _apply_local(
+        self, stamp: int, op: int, path: tuple[str, ...], value: Any, ttl_ms: int = 0
+    ) -> None:
         seq = self._seq + 1
         try:
-            frame = encode_op(stamp, op, path, value, seq)
+            frame = encode_op(stamp, op, path, value, seq, ttl_ms)
         except (UnicodeEncodeError, OverflowError, ValueError) as exc:
             # e.g. a lone surrogate in a str: refuse before the number is used (no gap).
             raise InvalidValueError(f"cannot be encoded as JSON: {exc}") from None
@@ -1126,7 +1161,11 @@ class Collective:
         node_id = self.node_id
         self._progress.accept(node_id, seq, stamp)
         self._log.add(node_id, seq, frame)
-        self._store.apply(stamp, op, path, value)
+        if ttl_ms:
+            self._store.apply(stamp, op, path, value, ttl_ms)
+            self._due_by(stamp_millis(stamp) + ttl_ms)
+        else:
+            self._store.apply(stamp, op, path, value)
         if self._watches:
             self._notify(path, op, node_id)
         for link in self._links.values():
@@ -1390,7 +1429,11 @@ class Collective:
                 origin = stamp_origin(stamp)
                 if not accept(origin, seq, stamp):
                     continue  # a repeat (relayed, or also in a snapshot)
-                apply(stamp, op, path, value)
+                if len(message) == 7:  # with a ttl (checked by parse_op)
+                    apply(stamp, op, path, value, message[6])
+                    self._due_by(stamp_millis(stamp) + message[6])
+                else:
+                    apply(stamp, op, path, value)
                 if self._watches:
                     self._notify(tuple(path), op, origin)
                 observe(stamp)
@@ -1427,6 +1470,7 @@ class Collective:
                 else:
                     self._store.merge(items)
                 self._observe_items(items)
+                self._due_by(self._store.next_expiry)
             elif kind == SNAPSHOT_END:
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT_END frame has the wrong length")
@@ -1506,10 +1550,44 @@ class Collective:
                     )
             self._frontier = self._own_frontier()
             frontier = self._gc_frontier()
+            # Expiries every member has passed become real deletes; collect then forgets them.
+            self._advance()
+            self._store.expire(frontier)
             for _ in range(10):
                 if self._store.collect(frontier, budget=5000):
                     break
                 gevent.sleep(0)
+
+    def _due_by(self, due_ms: float) -> None:
+        """An expiry is due at ``due_ms``: wake the expirer if that is sooner than it knew."""
+        if due_ms < self._next_due:
+            self._next_due = due_ms
+            self._expiry_wake.set()
+
+    def _advance(self) -> None:
+        """Let the store's expiries due by now fire, and tell the watches."""
+        store = self._store
+        fired = store.advance(int(time.time() * 1000))
+        self._next_due = store.next_expiry
+        if fired and self._watches:
+            get = store.get
+            for path, stamp in fired:
+                op = DELETE if get(path, _MISSING) is _MISSING else SET
+                self._notify(path, op, stamp_origin(stamp))
+
+    def _expiring(self) -> None:
+        """Sleep until the next expiry (or until a sooner one is registered), then fire it."""
+        wake = self._expiry_wake
+        while not self._stopping:
+            wake.clear()
+            due = self._next_due
+            if due == _INF:
+                wake.wait()
+            else:
+                delay = (due - time.time() * 1000) / 1000
+                if delay > 0:
+                    wake.wait(delay)
+            self._advance()
 
     def _own_frontier(self) -> int:
         """A stamp below which no operation can still reach this node.

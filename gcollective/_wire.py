@@ -9,7 +9,8 @@ connections it accepts.
 =================  ======================================================================
 HELLO              ``["gcollective", version, node_id, host, port, flags]``
 OP                 ``[1, stamp, op, path, value, seq]``: ``value`` is null for DELETE; ``seq``
-                   numbers the origin's operations 1, 2, 3, ... (the origin is in the stamp)
+                   numbers the origin's operations 1, 2, 3, ... (the origin is in the stamp);
+                   a SET or INCREMENT with a ttl has a 7th element, the ttl in milliseconds
 SNAPSHOT           ``[2, items]``: a slice of ``Store.export()``
 SNAPSHOT_END       ``[3, vector]``: the whole state has been sent; ``vector`` is the sender's
                    version vector ``[[origin, seq, stamp], ...]`` at the time of the snapshot
@@ -64,6 +65,8 @@ __all__ = [
     "SNAPSHOT_REQUEST_FRAME",
     "parse_hello",
     "parse_op",
+    "op_ttl",
+    "MAX_TTL_MS",
     "check_snapshot_items",
     "STATUS_MAGIC",
     "STATUS_VERSION",
@@ -88,6 +91,9 @@ STATUS_VERSION = 1
 
 _MAX_STAMP = 1 << 128
 _MAX_SEQ = 1 << 63
+#: The longest ttl accepted, in milliseconds (about ten years).
+MAX_TTL_MS = 10 * 366 * 24 * 3600 * 1000
+_DERIVED_BIT = 1 << 63  # set in the origin half of an expiry stamp (see _clock.expiry_stamp)
 _ORIGIN_MASK = (1 << 64) - 1
 _dumps = ujson.dumps
 _loads = ujson.loads
@@ -107,8 +113,13 @@ def encode_hello(node_id: int, host: str, port: int, flags: int = 0) -> bytes:
     return (_dumps([MAGIC, PROTOCOL_VERSION, node_id, host, port, flags]) + "\n").encode()
 
 
-def encode_op(stamp: int, op: int, path: tuple[str, ...], value: Any, seq: int) -> bytes:
+def encode_op(
+    stamp: int, op: int, path: tuple[str, ...], value: Any, seq: int, ttl_ms: int = 0
+) -> bytes:
     """One operation as one frame; encoded once, the same bytes go to every peer."""
+    if ttl_ms:
+        frame = [OP, stamp, op, path, value, seq, ttl_ms]
+        return (_dumps(frame, ensure_ascii=False) + "\n").encode()
     return (_dumps([OP, stamp, op, path, value, seq], ensure_ascii=False) + "\n").encode()
 
 
@@ -206,9 +217,15 @@ def parse_hello(message: Any) -> Hello:
 
 
 def parse_op(message: list[Any]) -> tuple[int, int, list[str], Any, int]:
-    """Check an OP frame's shape: ``(stamp, op, path, value, seq)`` or ``ProtocolError``."""
+    """Check an OP frame's shape: ``(stamp, op, path, value, seq)`` or ``ProtocolError``.
+
+    A frame with a ttl (a 7th element) is checked here too; read the ttl with ``op_ttl``.
+    """
     if len(message) != 6:
-        raise ProtocolError("OP frame has the wrong length")
+        if len(message) != 7:
+            raise ProtocolError("OP frame has the wrong length")
+        _check_ttl(message)
+        message = message[:6]
     _, stamp, op, path, value, seq = message
     if type(stamp) is not int or not 0 < stamp < _MAX_STAMP or not stamp & _ORIGIN_MASK:
         raise ProtocolError("OP frame has a bad stamp")
@@ -233,6 +250,22 @@ def parse_op(message: list[Any]) -> tuple[int, int, list[str], Any, int]:
     else:
         raise ProtocolError(f"unknown operation {op!r}")
     return stamp, op, path, value, seq
+
+
+def _check_ttl(message: list[Any]) -> None:
+    ttl = message[6]
+    if type(ttl) is not int or not 0 < ttl <= MAX_TTL_MS:
+        raise ProtocolError("OP frame has a bad ttl")
+    if message[2] not in (0, 1) or type(message[2]) is not int:
+        raise ProtocolError("OP frame has a ttl on an operation other than SET or INCREMENT")
+    stamp = message[1]
+    if type(stamp) is int and stamp & _DERIVED_BIT:
+        raise ProtocolError("OP frame with a ttl has a bad stamp")
+
+
+def op_ttl(message: list[Any]) -> int:
+    """The ttl in milliseconds of an OP frame that ``parse_op`` accepted (0: none)."""
+    return message[6] if len(message) == 7 else 0
 
 
 def parse_vector(vector: Any) -> list[tuple[int, int, int]]:
@@ -317,9 +350,11 @@ def _check_entry(entry: Any, depth: int) -> None:
         _check_stamp(entry[0], False)
         _check_json(entry[1], depth)
         return
-    if len(entry) != 6:
+    if len(entry) == 7:
+        _check_ttls(entry[6])
+    elif len(entry) != 6:
         raise ProtocolError("SNAPSHOT entry has the wrong shape")
-    a, av, d, imax, incs, children = entry
+    a, av, d, imax, incs, children = entry[:6]
     _check_stamp(a, True)
     _check_stamp(d, True)
     _check_stamp(imax, True)
@@ -340,6 +375,25 @@ def _check_entry(entry: Any, depth: int) -> None:
         raise ProtocolError("SNAPSHOT entry has bad children")
     for child in children.values():  # keys may be "" (from a dict value), never a path
         _check_entry(child, depth + 1)
+
+
+def _check_ttls(ttls: Any) -> None:
+    """The ttl events of a node: ``[[stamp, expiry stamp], ...]``, each expiry derived from
+    its stamp (the same origin, later)."""
+    if type(ttls) is not list or not ttls:
+        raise ProtocolError("SNAPSHOT entry has bad ttls")
+    for event in ttls:
+        if type(event) is not list or len(event) != 2:
+            raise ProtocolError("SNAPSHOT entry has bad ttls")
+        stamp, expiry = event
+        _check_stamp(stamp, False)
+        _check_stamp(expiry, False)
+        if (
+            stamp & _DERIVED_BIT
+            or expiry & _ORIGIN_MASK != _DERIVED_BIT | (stamp & _ORIGIN_MASK)
+            or not 0 < (expiry >> 80) - (stamp >> 80) <= MAX_TTL_MS
+        ):
+            raise ProtocolError("SNAPSHOT entry has a bad expiry")
 
 
 def encode_status_request() -> bytes:
