@@ -521,30 +521,33 @@ class Store:
 
     @staticmethod
     def _prune_ttls(node: _Node, base: Any) -> None:
-        """Forget ttl events that can never fire: older than the assignment or reset here
-        (a SET-with-ttl is the assignment itself), or replaced by a newer ttl event here
-        before their expiry (which then finds another owner). What stays can fire: each
-        one owns its path at its expiry unless a reset from above comes in between."""
+        """Forget ttl events older than the assignment or reset here (a SET-with-ttl is the
+        assignment itself): those can never fire."""
         ttls = node.ttls
         assert ttls is not None
-        stamps = sorted(st for st in ttls if st >= base)
-        kept: dict[int, int] = {}
-        for index, st in enumerate(stamps):
-            expiry = ttls[st]
-            if index + 1 < len(stamps) and stamps[index + 1] < expiry:
-                continue
-            kept[st] = expiry
-        node.ttls = kept or None
+        if min(ttls) < base:
+            node.ttls = {st: expiry for st, expiry in ttls.items() if st >= base} or None
+
+    @staticmethod
+    def _owners(ttls: dict[int, int]) -> list[tuple[int, int]]:
+        """The ttl events that own their path at their expiry as far as this path goes: no
+        other ttl event here came between (which would have become the owner)."""
+        stamps = sorted(ttls)
+        last = len(stamps) - 1
+        return [
+            (st, ttls[st])
+            for index, st in enumerate(stamps)
+            if index == last or stamps[index + 1] > ttls[st]
+        ]
 
     def _expiry(self, node: _Node, parent_vr: Any) -> Any:
         """The stamp of the latest expiry here that has fired (``now_ms`` reached its time)
-        and still owns the path, or NEVER. After ``_prune_ttls`` every event owns its path at
-        its expiry, unless the visible reset from above (a newer reset, or an ancestor's
-        expiry) came after it."""
+        and still owns the path, or NEVER. An owner here loses the path anyway if the visible
+        reset from above (a newer reset, or an ancestor's expiry) came after it."""
         assert node.ttls is not None
         now = self.now_ms
         fired: Any = NEVER
-        for st, expiry in node.ttls.items():
+        for st, expiry in self._owners(node.ttls):
             if st > parent_vr and expiry > fired and expiry >> _MILLIS_SHIFT <= now:
                 fired = expiry
         return fired
@@ -815,7 +818,7 @@ class Store:
             if found is None:
                 continue
             top_path, target = found
-            if not target.ttls or target.ttls.get(st) != expiry:
+            if not target.ttls or (st, expiry) not in self._owners(target.ttls):
                 continue  # overtaken, or replaced by a newer ttl before it fired
             # It owns its path at its expiry: the events that could have cancelled it are
             # all older than the frontier, hence known; an ancestor's expiry before it was
@@ -889,6 +892,8 @@ class Store:
                     frame[3] += 1
                     self.collected += 1
                 continue
+            if entry.ttls is not None:
+                self._drop_replaced(entry, frontier)
             if entry.incs:
                 # Folding acts as a SET at the newest folded increment, so it must stay
                 # below every ttl event here (it would cancel them otherwise).
@@ -917,6 +922,18 @@ class Store:
                 frame[3] += 1
                 self.collected += 1
         return not sweep
+
+    def _drop_replaced(self, node: _Node, frontier: int) -> None:
+        """Forget ttl events older than ``frontier`` that a newer ttl event here replaced
+        before they expired. (Not sooner: until then an older ttl event may still arrive,
+        and the replaced one is what tells that it was replaced too.)"""
+        ttls = node.ttls
+        assert ttls is not None
+        owners = dict(self._owners(ttls))
+        if len(owners) < len(ttls):
+            kept = {st: e for st, e in ttls.items() if st >= frontier or st in owners}
+            self.collected += len(ttls) - len(kept)
+            node.ttls = kept or None
 
     def _shrink(self, node: _Node, parent: _Node | None, key: str | None) -> None:
         """Give back the memory of a node's dicts after many of their entries were dropped
