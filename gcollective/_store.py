@@ -146,6 +146,7 @@ class Store:
         # (D, stamp, path). Entries may be stale (the event was overtaken): checked on use.
         self._pending: list[tuple[int, int, tuple[str, ...]]] = []
         self._due: list[tuple[int, int, tuple[str, ...]]] = []
+        self._due_stamps: set[int] = set()  # the events in _due
         #: Expiries made permanent by ``expire`` so far.
         self.expired = 0
 
@@ -282,18 +283,34 @@ class Store:
             self._rebuild_at(parent, key, top)
 
     def _add_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
-        """Record ttl event ``s`` (expiring at the derived stamp ``expiry``) at ``node``."""
-        if node.ttls is None:
-            node.ttls = {}
-        if s in node.ttls:
+        """Record ttl event ``s`` (expiring at the derived stamp ``expiry``) at ``node``.
+
+        ``_pending`` holds, per node, an entry no later than the earliest of its events not
+        yet due; ``advance`` moves it on when it pops. So a counter hit again and again (each
+        hit replacing the expiry) keeps one entry, not one per hit.
+        """
+        ttls = node.ttls
+        if ttls is None:
+            node.ttls = ttls = {}
+        if s in ttls:
             return
-        node.ttls[s] = expiry
-        path = tuple(path)
+        now = self.now_ms
         due = expiry >> _MILLIS_SHIFT
-        if due <= self.now_ms:
+        covered = False
+        for other in ttls.values():
+            if now < other >> _MILLIS_SHIFT <= due:
+                covered = True  # an entry for this node pops first
+                break
+        ttls[s] = expiry
+        if due <= now:
+            self._push_due(expiry, s, tuple(path))
+        elif not covered:
+            heapq.heappush(self._pending, (due, s, tuple(path)))
+
+    def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
+        if s not in self._due_stamps:
+            self._due_stamps.add(s)
             heapq.heappush(self._due, (expiry, s, path))
-        else:
-            heapq.heappush(self._pending, (due, s, path))
 
     def _write_below(self, parent: _Node, key: str, node: _Node, s: int) -> None:
         """A write at stamp ``s`` (already recorded in ``node.d``) landed below a non-dict."""
@@ -790,17 +807,28 @@ class Store:
         fired: list[tuple[tuple[str, ...], int]] = []
         tops: dict[tuple[str, ...], None] = {}
         while pending and pending[0][0] <= now_ms:
-            _, st, path = heapq.heappop(pending)
+            _, _, path = heapq.heappop(pending)
             found = self._locate(path)
             if found is None:
                 continue  # overtaken meanwhile
             top_path, target = found
-            expiry = target.ttls.get(st) if target.ttls else None
-            if expiry is None:
+            ttls = target.ttls
+            if not ttls:
                 continue
-            heapq.heappush(self._due, (expiry, st, path))
-            tops[top_path] = None
-            fired.append((path, st))
+            # Every event of the node due by now fires (whether it had an entry of its own or
+            # came after this one); the earliest one not yet due gets the node's next entry.
+            later: tuple[int, int] | None = None
+            for st, expiry in ttls.items():
+                due = expiry >> _MILLIS_SHIFT
+                if due > now_ms:
+                    if later is None or due < later[0]:
+                        later = (due, st)
+                elif st not in self._due_stamps:
+                    self._push_due(expiry, st, path)
+                    tops[top_path] = None
+                    fired.append((path, st))
+            if later is not None:
+                heapq.heappush(pending, (later[0], later[1], path))
         for top_path in tops:
             self._rebuild_path(top_path)
         return fired
@@ -814,6 +842,7 @@ class Store:
         done = 0
         while due and due[0][0] < frontier:
             expiry, st, path = heapq.heappop(due)
+            self._due_stamps.discard(st)
             found = self._locate(path)
             if found is None:
                 continue

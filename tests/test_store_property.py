@@ -1203,3 +1203,29 @@ def test_ttl_replaced_event_still_replaces_an_older_late_one() -> None:
     ]
     check_ttl_orders(ops, 2, {"a": {"b": 1.0}})
     check_ttl_orders(ops, 5, {"a": {}})  # the last INCR's expiry removes b only
+
+
+def test_ttl_counter_hit_often_keeps_bounded_bookkeeping() -> None:
+    """``incr(k, ttl=...)`` on every hit: one pending expiry entry, not one per hit; replaced
+    ttl events and old increments are forgotten once the frontier passes them."""
+    store = new_store()
+    store.advance(0)
+    for hit in range(1000):
+        store.apply(real_stamp(hit // 10, hit % 10, 1), INCREMENT, ("hits",), 1, 500)
+    assert store.get(("hits",)) == 1000
+    assert store.pending_expiries == 1
+    frontier = real_stamp(99, 5, 1)
+    while not store.collect(frontier):
+        pass
+    node = store._root.entries["hits"]
+    assert len(node.ttls) <= 6 and len(node.incs) <= 6
+    assert store.get(("hits",)) == 1000
+    store.advance(598)
+    assert store.get(("hits",)) == 1000
+    store.advance(599)  # 500 ms after the last hit
+    assert store.get(("hits",)) is None
+    assert store.expire(real_stamp(601, 0, 1)) == 1
+    assert store.pending_expiries == 0
+    while not store.collect(real_stamp(601, 0, 1)):
+        pass
+    assert "hits" not in store._root.entries
