@@ -30,6 +30,16 @@ written; anything arriving late records its event and recomputes the affected su
 A path whose only metadata is one assignment is stored as a bare int stamp in its parent's
 ``entries``: its value is in the parent's materialized dict, or absent for a tombstone. That
 keeps the cost of the common leaf to one dict slot and one int.
+
+Expiring keys: a SET or INCREMENT with a ttl records a ttl event on its path's node
+(``ttls``: stamp -> derived expiry stamp D, see ``_clock.expiry_stamp``); such a path is never
+a bare int, and any operation at or below it takes ``_slow`` (record, then ``_rebuild``). The
+contract's derived EXPIRE fires once ``advance`` has moved ``now_ms`` past its time and acts,
+if its event still owns the path, as a DELETE at D for the *materialized* value only
+(``_rebuild``'s visible base ``vbase`` / visible reset ``vr``): nothing is forgotten, since an
+operation older than D may still arrive and cancel it. Values hidden that way keep a node of
+their own (a bare int's value would be lost with the hidden dict). ``expire`` turns fired
+expiries below the stability frontier into real DELETEs at D, which ``collect`` then forgets.
 """
 
 from __future__ import annotations

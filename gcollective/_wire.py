@@ -65,7 +65,6 @@ __all__ = [
     "SNAPSHOT_REQUEST_FRAME",
     "parse_hello",
     "parse_op",
-    "op_ttl",
     "MAX_TTL_MS",
     "check_snapshot_items",
     "STATUS_MAGIC",
@@ -219,7 +218,7 @@ def parse_hello(message: Any) -> Hello:
 def parse_op(message: list[Any]) -> tuple[int, int, list[str], Any, int]:
     """Check an OP frame's shape: ``(stamp, op, path, value, seq)`` or ``ProtocolError``.
 
-    A frame with a ttl (a 7th element) is checked here too; read the ttl with ``op_ttl``.
+    A frame with a ttl (a 7th element, ``message[6]``) is checked here too.
     """
     if len(message) != 6:
         if len(message) != 7:
@@ -261,11 +260,6 @@ def _check_ttl(message: list[Any]) -> None:
     stamp = message[1]
     if type(stamp) is int and stamp & _DERIVED_BIT:
         raise ProtocolError("OP frame with a ttl has a bad stamp")
-
-
-def op_ttl(message: list[Any]) -> int:
-    """The ttl in milliseconds of an OP frame that ``parse_op`` accepted (0: none)."""
-    return message[6] if len(message) == 7 else 0
 
 
 def parse_vector(vector: Any) -> list[tuple[int, int, int]]:
