@@ -298,8 +298,8 @@ class Driver:
         prefix = request["prefix"]
         arrivals = self.arrivals = {}
 
-        def apply(stamp: int, op: int, path: Any, value: Any) -> None:
-            original(stamp, op, path, value)
+        def apply(stamp: int, op: int, path: Any, value: Any, *ttl: int) -> None:
+            original(stamp, op, path, value, *ttl)
             if path[0] == prefix and op == 0:
                 origin = path[1]
                 seen = arrivals.get(origin)

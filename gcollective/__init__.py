@@ -157,14 +157,16 @@ def get(key: Key, default: Any = None) -> Any:
     return default_node().get(key, default)
 
 
-def set(key: Key, value: Any, op: int = SET) -> None:  # noqa: A001 - the collective.js name
-    """``default_node().set(key, value, op)``."""
-    default_node().set(key, value, op)
+def set(  # noqa: A001 - the collective.js name
+    key: Key, value: Any, op: int = SET, ttl: float | None = None
+) -> None:
+    """``default_node().set(key, value, op, ttl)``; ``ttl`` in seconds makes the key expire."""
+    default_node().set(key, value, op, ttl)
 
 
-def incr(key: Key, amount: int | float = 1) -> int | float:
-    """``default_node().incr(key, amount)``; returns the new local value."""
-    return default_node().incr(key, amount)
+def incr(key: Key, amount: int | float = 1, ttl: float | None = None) -> int | float:
+    """``default_node().incr(key, amount, ttl)``; returns the new local value."""
+    return default_node().incr(key, amount, ttl)
 
 
 def delete(key: Key) -> None:

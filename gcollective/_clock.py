@@ -13,11 +13,19 @@ import os
 import time
 from typing import Callable
 
-__all__ = ["HybridClock", "new_node_id", "stamp_origin", "stamp_millis", "NODE_BITS"]
+__all__ = [
+    "HybridClock",
+    "new_node_id",
+    "stamp_origin",
+    "stamp_millis",
+    "expiry_stamp",
+    "NODE_BITS",
+]
 
 NODE_BITS = 64
 _NODE_MASK = (1 << NODE_BITS) - 1
 _LOGICAL_BITS = 16
+_DERIVED_BIT = 1 << 63  # marks a derived (expiry) stamp; never set in a node id
 
 
 def new_node_id() -> int:
@@ -36,6 +44,19 @@ def stamp_origin(stamp: int) -> int:
 def stamp_millis(stamp: int) -> int:
     """The wall-clock milliseconds part of ``stamp`` (approximately when it was made)."""
     return stamp >> (NODE_BITS + _LOGICAL_BITS)
+
+
+def expiry_stamp(stamp: int, ttl_ms: int) -> int:
+    """The stamp of the expiry implied by an operation at ``stamp`` with a ttl of ``ttl_ms``.
+
+    It sits at the expiry time (``stamp_millis(stamp) + ttl_ms``, logical counter 0) with bit
+    63 set in the node-id half: real node ids are below 2**63, so a derived stamp never equals
+    a real one, orders after every real stamp of an earlier millisecond or of the same
+    millisecond with counter 0, and before every later one. The origin's id keeps the derived
+    stamps of two origins distinct.
+    """
+    expires = stamp_millis(stamp) + ttl_ms
+    return (expires << (NODE_BITS + _LOGICAL_BITS)) | _DERIVED_BIT | (stamp & _NODE_MASK)
 
 
 class HybridClock:

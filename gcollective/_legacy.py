@@ -575,6 +575,14 @@ class _Link:
             watcher.kill()
 
 
+def _refuse_ttl(ttl: Any) -> None:
+    if ttl is not None:
+        raise ValueError(
+            "ttl is not supported with protocol='collective.js': collective.js has no expiring "
+            "keys (use protocol 'gcollective')"
+        )
+
+
 class LegacyCollective:
     """A member of a collective.js 0.3.1 collective, with ``Collective``'s public API.
 
@@ -852,9 +860,9 @@ class LegacyCollective:
             return self._store.get(key.split("."), default)
         return self._store.get(parse_key(key), default)
 
-    def set(self, key: Key, value: Any, op: int = SET) -> None:
+    def set(self, key: Key, value: Any, op: int = SET, ttl: float | None = None) -> None:
         """Set ``key`` to ``value`` here and send it to every member, stamped with the wall
-        clock in milliseconds.
+        clock in milliseconds. ``ttl`` is refused: collective.js has no expiring keys.
 
         ``op`` is collective.js's third argument: ``INCREMENT`` adds ``value``, ``DELETE``
         removes the key (``value`` is ignored). Bad keys and values raise before anything is
@@ -863,6 +871,7 @@ class LegacyCollective:
         """
         if isinstance(op, bool) or not isinstance(op, int):
             raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
+        _refuse_ttl(ttl)
         if op == SET:
             self._check_writable()
             path, key_text = wire_key(key)
@@ -878,9 +887,11 @@ class LegacyCollective:
         else:
             raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
 
-    def incr(self, key: Key, amount: int | float = 1) -> int | float:
+    def incr(self, key: Key, amount: int | float = 1, ttl: float | None = None) -> int | float:
         """Add ``amount`` to the number at ``key`` (missing counts as 0); returns the new local
-        value. Every member adds it when it arrives, whatever happened to the key meanwhile."""
+        value. Every member adds it when it arrives, whatever happened to the key meanwhile.
+        ``ttl`` is refused: collective.js has no expiring keys."""
+        _refuse_ttl(ttl)
         self._check_writable()
         path, key_text = wire_key(key)
         amount = check_amount(amount)

@@ -52,7 +52,7 @@ from ._auth import (
     explain_refusal,
     secret_is_weak,
 )
-from ._clock import NODE_BITS, HybridClock, new_node_id
+from ._clock import NODE_BITS, HybridClock, new_node_id, stamp_millis, stamp_origin
 from ._errors import AuthenticationError, InvalidValueError, NotStartedError, ProtocolError
 from ._oplog import OpLog, Progress
 from ._store import DELETE, INCREMENT, SET, Store, is_number, read_path
@@ -61,6 +61,7 @@ from ._validate import (
     check_amount,
     check_positive,
     check_sizes,
+    check_ttl,
     clean_value,
     format_address,
     parse_key,
@@ -110,6 +111,7 @@ _OUTBOX_LIMIT = 1024
 # frame costs a wake-up and a syscall per peer, and a decode on each peer). An idle node sends
 # at once.
 _COALESCE_SECONDS = 0.001
+_INF = float("inf")
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
@@ -798,6 +800,7 @@ class Collective:
         self._out_ops: list[int] = []
         self._out_paths: list[str | list[str]] = []
         self._out_values: list[Any] = []
+        self._out_ttls: list[int] | None = None  # only once an operation has a ttl
         self._flushed_at = 0.0  # when the outbox was last encoded and queued
         self._progress = Progress()
         self._log = OpLog(log_bytes)
@@ -805,6 +808,12 @@ class Collective:
         self._down_ids: set[int] = set()  # incarnations declared down: refused from then on
         self._frontier = 0  # no operation older than this can still reach this node
         self._housekeeper: gevent.Greenlet | None = None
+        # Expiring keys: a greenlet sleeps until the store's next expiry (wall-clock ms in
+        # _next_due, inf when none); a sooner one wakes it. Reads check _next_due too, so a
+        # read just after an expiry never sees the key.
+        self._expirer: gevent.Greenlet | None = None
+        self._next_due = _INF
+        self._expiry_wake = Event()
         self._server: StreamServer | None = None
         self._handlers: set[gevent.Greenlet] = set()
         self._synced = Event()
@@ -860,6 +869,8 @@ class Collective:
         for address in self.peers:
             self._add_link(address)
         self._housekeeper = gevent.spawn(self._housekeeping)
+        self._advance()
+        self._expirer = gevent.spawn(self._expiring)
         self._check_ready()
         if not self._ready.wait(timeout):
             log.warning(
@@ -910,6 +921,8 @@ class Collective:
             gevent.killall(list(self._handlers), block=True, timeout=1)
         if self._housekeeper is not None:
             self._housekeeper.kill(block=True, timeout=1)
+        if self._expirer is not None:
+            self._expirer.kill(block=True, timeout=1)
         watches, self._watches = self._watches, []
         for watch in watches:
             watch._close()  # what is queued is still delivered
@@ -1013,6 +1026,8 @@ class Collective:
             "gaps": self._progress.gaps(),
             "log_ops": len(self._log),
             "log_bytes": self._log.bytes,
+            "pending_expiries": self._store.pending_expiries,
+            "expired": self._store.expired,
             "peers": peers,
         }
 
@@ -1111,18 +1126,26 @@ class Collective:
         """
         if self._generation != _fork_generation:
             self._check_writable()
+        due = self._next_due
+        if due < _INF and due <= time.time() * 1000:
+            self._advance()
         if type(key) is str and key and ".." not in key and key[0] != "." and key[-1] != ".":
             return read_path(self._store.data, key.split("."), default)
         return self._store.get(parse_key(key), default)
 
-    def set(self, key: Key, value: Any, op: int = SET) -> None:
+    def set(self, key: Key, value: Any, op: int = SET, ttl: float | None = None) -> None:
         """Set ``key`` to ``value`` here at once and on every peer soon after.
 
         ``op`` keeps collective.js's third argument: ``INCREMENT`` adds ``value``, ``DELETE``
         removes the key (``value`` is ignored). Bad keys and values raise before anything is
         applied or sent.
+
+        ``ttl`` (seconds, SET and INCREMENT only) makes the key expire: from the operation's
+        stamp time plus ``ttl`` on, every member reads it (and everything under it) as
+        missing, unless a newer SET without ttl (or with a new ttl) of it came first. See
+        "Expiring keys" in the README.
         """
-        if type(op) is int and op == SET and self._writable:
+        if type(op) is int and op == SET and ttl is None and self._writable:
             # The common call, with the checks it needs and no more (this is the hot path).
             if self._generation != _fork_generation:
                 self._check_writable()
@@ -1137,27 +1160,35 @@ class Collective:
             self._check_writable()
             path = parse_key(key)
             value = clean_value(value)
-            self._apply_local(self._clock.stamp(), SET, path, value, key)
+            ttl_ms = 0 if ttl is None else check_ttl(ttl)
+            self._apply_local(self._clock.stamp(), SET, path, value, key, ttl_ms)
         elif op == INCREMENT:
-            self.incr(key, value)
+            self.incr(key, value, ttl)
         elif op == DELETE:
+            if ttl is not None:
+                raise InvalidValueError("a DELETE cannot have a ttl")
             self.delete(key)
         else:
             raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
 
-    def incr(self, key: Key, amount: int | float = 1) -> int | float:
+    def incr(self, key: Key, amount: int | float = 1, ttl: float | None = None) -> int | float:
         """Add ``amount`` to the number at ``key`` (missing counts as 0); returns the new local
-        value. Concurrent increments on all members all count."""
+        value. Concurrent increments on all members all count.
+
+        With ``ttl`` (seconds) the key expires ``ttl`` after this increment, replacing any
+        earlier expiry of it: ``incr(k, ttl=60)`` on every hit drops ``k`` 60 s after the
+        last hit. An increment without ttl keeps the expiry the key has."""
         self._check_writable()
         path = parse_key(key)
         amount = check_amount(amount)
+        ttl_ms = 0 if ttl is None else check_ttl(ttl)
         current = self._store.get(path, _store.MISSING)
         if current is not _store.MISSING and not is_number(current):
             raise InvalidValueError(
                 f"cannot increment {key!r}: it holds a {type(current).__name__}, not a number"
             )
         stamp = self._clock.stamp()
-        self._apply_local(stamp, INCREMENT, path, amount, key)
+        self._apply_local(stamp, INCREMENT, path, amount, key, ttl_ms)
         return self._store.get(path)
 
     def delete(self, key: Key) -> None:
@@ -1171,10 +1202,13 @@ class Collective:
         """A deep copy of the whole tree."""
         if self._generation != _fork_generation:
             self._check_writable()
+        due = self._next_due
+        if due < _INF and due <= time.time() * 1000:
+            self._advance()
         return self._store.to_dict()
 
     def _apply_local(
-        self, stamp: int, op: int, path: tuple[str, ...], value: Any, key: Any
+        self, stamp: int, op: int, path: tuple[str, ...], value: Any, key: Any, ttl_ms: int = 0
     ) -> None:
         """Apply an own operation and put it in the outbox. ``key`` is the caller's key: a
         plain str is already the path's wire form."""
@@ -1184,12 +1218,21 @@ class Collective:
         progress = self._progress
         progress.applied[node_id] = seq
         progress.stamps[node_id] = stamp
-        self._store.apply(stamp, op, path, value)
         hlcs = self._out_hlcs
         hlcs.append(stamp >> NODE_BITS)
         self._out_ops.append(op)
         self._out_paths.append(key if type(key) is str else wire_path(path))
         self._out_values.append(value)
+        if ttl_ms:
+            self._store.apply(stamp, op, path, value, ttl_ms)
+            self._due_by(stamp_millis(stamp) + ttl_ms)
+        else:
+            self._store.apply(stamp, op, path, value)
+        ttls = self._out_ttls
+        if ttl_ms or ttls is not None:
+            if ttls is None:  # the first operation with a ttl in this batch
+                ttls = self._out_ttls = [0] * (len(hlcs) - 1)
+            ttls.append(ttl_ms)
         if len(hlcs) == 1:
             # Sent once this greenlet yields (a burst of sets becomes one frame), or a moment
             # later if a batch just went out.
@@ -1213,7 +1256,10 @@ class Collective:
         if not hlcs or self._generation != _fork_generation:
             return  # (a callback scheduled before a fork runs in the child too: not its node)
         self._flushed_at = time.monotonic()
-        columns = (hlcs, self._out_ops, self._out_paths, self._out_values)
+        columns: tuple[list[Any], ...] = (hlcs, self._out_ops, self._out_paths, self._out_values)
+        if self._out_ttls is not None:
+            columns += (self._out_ttls,)
+            self._out_ttls = None
         self._out_hlcs, self._out_ops, self._out_paths, self._out_values = [], [], [], []
         frames: list[tuple[int, int, bytes]] = []
         self._encode_batch(self._seq - len(hlcs) + 1, columns, frames)
@@ -1542,6 +1588,7 @@ class Collective:
                 else:
                     self._store.merge(items)
                 self._observe_items(items)
+                self._due_by(self._store.next_expiry)
             elif kind == SNAPSHOT_END:
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT_END frame has the wrong length")
@@ -1559,23 +1606,24 @@ class Collective:
 
     def _apply_ops(self, message: list[Any], frame: bytes) -> None:
         """Apply a received OPS frame (checked whole first), skipping repeats, and log it."""
-        origin, first, hlcs, ops, paths, values = parse_ops(message)
+        origin, first, hlcs, ops, paths, values, ttls = parse_ops(message)
         last = first + len(hlcs) - 1
         progress = self._progress
         done = progress.applied.get(origin, 0)
         self.received_ops += len(hlcs)
         if last <= done:
             return  # all repeats (relayed, or also in a snapshot)
-        apply = self._store.apply
-        watched = bool(self._watches)
         stamps = [(hlc << NODE_BITS) | origin for hlc in hlcs]
+        if ttls is None:
+            ttls = [0] * len(hlcs)
+        elif ttls:
+            self._due_by(min(stamp_millis(st) + t for st, t in zip(stamps, ttls) if t))
+        apply_one = self._apply_received
         if first == done + 1 and not progress.has_gap(origin):
             # The normal case: the next operations of this origin, in order.
-            if watched:
-                for stamp, op, path, value in zip(stamps, ops, paths, values):
-                    segments = path_segments(path)
-                    apply(stamp, op, segments, value)
-                    self._notify(tuple(segments), op, origin)
+            if self._watches or any(ttls):
+                for stamp, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
+                    apply_one(stamp, op, path, value, ttl_ms, origin)
             else:
                 self._store.apply_batch(stamps, ops, paths, values)
             progress.applied[origin] = last
@@ -1584,18 +1632,27 @@ class Collective:
         else:
             accept = progress.accept
             applied = 0
-            for seq, stamp, op, path, value in zip(
-                range(first, last + 1), stamps, ops, paths, values
+            for seq, stamp, op, path, value, ttl_ms in zip(
+                range(first, last + 1), stamps, ops, paths, values, ttls
             ):
                 if accept(origin, seq, stamp):
-                    segments = path_segments(path)
-                    apply(stamp, op, segments, value)
-                    if watched:
-                        self._notify(tuple(segments), op, origin)
+                    apply_one(stamp, op, path, value, ttl_ms, origin)
                     applied += 1
         self.applied_ops += applied
         self._clock.observe(stamps[-1])
         self._log.add(origin, first, last, frame)  # without its newline: no copy
+
+    def _apply_received(
+        self, stamp: int, op: int, path: str | list[str], value: Any, ttl_ms: int, origin: int
+    ) -> None:
+        """Apply one received operation (see ``_apply_ops``) and tell the watches."""
+        segments = path_segments(path)
+        if ttl_ms:
+            self._store.apply(stamp, op, segments, value, ttl_ms)
+        else:
+            self._store.apply(stamp, op, segments, value)
+        if self._watches:
+            self._notify(tuple(segments), op, origin)
 
     def _catch_up(
         self,
@@ -1659,11 +1716,45 @@ class Collective:
                     )
             self._frontier = self._own_frontier()
             frontier = self._gc_frontier()
+            # Expiries every member has passed become real deletes; collect then forgets them.
+            self._advance()
+            self._store.expire(frontier)
             # Small slices: each one holds the hub (and so every delivery) while it runs.
             for _ in range(50):
                 if self._store.collect(frontier, budget=1000):
                     break
                 gevent.sleep(0)
+
+    def _due_by(self, due_ms: float) -> None:
+        """An expiry is due at ``due_ms``: wake the expirer if that is sooner than it knew."""
+        if due_ms < self._next_due:
+            self._next_due = due_ms
+            self._expiry_wake.set()
+
+    def _advance(self) -> None:
+        """Let the store's expiries due by now fire, and tell the watches."""
+        store = self._store
+        fired = store.advance(int(time.time() * 1000))
+        self._next_due = store.next_expiry
+        if fired and self._watches:
+            get = store.get
+            for path, stamp in fired:
+                op = DELETE if get(path, _MISSING) is _MISSING else SET
+                self._notify(path, op, stamp_origin(stamp))
+
+    def _expiring(self) -> None:
+        """Sleep until the next expiry (or until a sooner one is registered), then fire it."""
+        wake = self._expiry_wake
+        while not self._stopping:
+            wake.clear()
+            due = self._next_due
+            if due == _INF:
+                wake.wait()
+            else:
+                delay = (due - time.time() * 1000) / 1000
+                if delay > 0:
+                    wake.wait(delay)
+            self._advance()
 
     def _own_frontier(self) -> int:
         """A stamp below which no operation can still reach this node.

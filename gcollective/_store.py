@@ -30,11 +30,24 @@ written; anything arriving late records its event and recomputes the affected su
 A path whose only metadata is one assignment is stored as a bare int stamp in its parent's
 ``entries``: its value is in the parent's materialized dict, or absent for a tombstone. That
 keeps the cost of the common leaf to one dict slot and one int.
+
+Expiring keys: a SET or INCREMENT with a ttl records a ttl event on its path's node
+(``ttls``: stamp -> derived expiry stamp D, see ``_clock.expiry_stamp``); such a path is never
+a bare int, and any operation at or below it takes ``_slow`` (record, then ``_rebuild``). The
+contract's derived EXPIRE fires once ``advance`` has moved ``now_ms`` past its time and acts,
+if its event still owns the path, as a DELETE at D for the *materialized* value only
+(``_rebuild``'s visible base ``vbase`` / visible reset ``vr``): nothing is forgotten, since an
+operation older than D may still arrive and cancel it. Values hidden that way keep a node of
+their own (a bare int's value would be lost with the hidden dict). ``expire`` turns fired
+expiries below the stability frontier into real DELETEs at D, which ``collect`` then forgets.
 """
 
 from __future__ import annotations
 
+import heapq
 from typing import Any, Iterable
+
+from ._clock import expiry_stamp
 
 __all__ = [
     "Store",
@@ -52,6 +65,7 @@ INCREMENT = 1
 DELETE = 2
 
 NEVER = float("-inf")
+_MILLIS_SHIFT = 64 + 16  # stamp >> this = its wall-clock milliseconds (see _clock)
 
 
 class _Marker:
@@ -101,7 +115,7 @@ def read_path(data: dict[str, Any], path: Iterable[str], default: Any = None) ->
 class _Node:
     """Metadata of one path that is more than a single assignment (see the module docstring)."""
 
-    __slots__ = ("a", "av", "d", "imax", "incs", "r", "top", "entries", "value")
+    __slots__ = ("a", "av", "d", "imax", "incs", "r", "top", "entries", "value", "ttls")
 
     def __init__(self) -> None:
         self.a: float | int = NEVER  # own assignment stamp
@@ -113,6 +127,8 @@ class _Node:
         self.top: float | int = NEVER  # latest stamp anywhere in this subtree
         self.entries: dict[str, int | _Node] = {}
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
+        # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
+        self.ttls: dict[int, int] | None = None
 
 
 class Store:
@@ -137,6 +153,15 @@ class Store:
         # fast paths of ``apply`` (new keys, newer values of plain leaves) leave none, so a
         # store that only ever sees those is never swept.
         self._untidy = False
+        #: The store's notion of now, in wall-clock milliseconds (see ``advance``).
+        self.now_ms: float | int = NEVER
+        # Expiries not yet due, (E, stamp, path), and due ones not yet made permanent,
+        # (D, stamp, path). Entries may be stale (the event was overtaken): checked on use.
+        self._pending: list[tuple[int, int, tuple[str, ...]]] = []
+        self._due: list[tuple[int, int, tuple[str, ...]]] = []
+        self._due_stamps: set[int] = set()  # the events in _due
+        #: Expiries made permanent by ``expire`` so far.
+        self.expired = 0
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -150,11 +175,20 @@ class Store:
 
     # -- applying one operation -------------------------------------------------------------
 
-    def apply(self, stamp: int, op: int, path: tuple[str, ...] | list[str], value: Any) -> None:
+    def apply(
+        self,
+        stamp: int,
+        op: int,
+        path: tuple[str, ...] | list[str],
+        value: Any,
+        ttl_ms: int = 0,
+    ) -> None:
         """Apply one stamped operation; a repeat of a stamp already applied changes nothing.
 
         ``value`` is the SET value (trusted: a fresh JSON value the store may keep) or the
-        INCREMENT amount; it is ignored for DELETE. ``path`` must be non-empty.
+        INCREMENT amount; it is ignored for DELETE. ``path`` must be non-empty. ``ttl_ms``
+        (SET and INCREMENT only, positive) makes the path expire at
+        ``expiry_stamp(stamp, ttl_ms)`` once ``advance`` passes its time (see ``advance``).
         """
         s = stamp
         node = self._root
@@ -178,6 +212,10 @@ class Store:
                 continue
             if type(child) is not _Node:
                 child = self._promote(node, key, child)
+            if child.ttls is not None:
+                # Below a path that may expire: record the event, recompute that subtree.
+                self._slow(node, key, path[i + 1 :], s, op, value, ttl_ms, path)
+                return
             # ``d`` never exceeds ``top`` (a write below is in the subtree): the newest event
             # of a subtree, the usual case, is one comparison.
             if s > child.top:
@@ -194,6 +232,9 @@ class Store:
         key = path[last]
         if s < node.r:
             return
+        if ttl_ms:
+            self._slow(node, key, (), s, op, value, ttl_ms, path)
+            return
         if op == SET:
             entries = node.entries
             entry = entries.get(key)
@@ -206,7 +247,7 @@ class Store:
                 return
             self._set(node, key, s, value)
         elif op == INCREMENT:
-            self._increment(node, key, s, value)
+            self._increment(node, key, s, value, path)
         else:
             self._delete(node, key, s)
 
@@ -266,11 +307,92 @@ class Store:
             if s < node.r:
                 return None, ancestors
             child = node.entries.get(path[i])
-            if type(child) is not _Node or type(child.value) is not dict:
-                return None, ancestors
+            if type(child) is not _Node or type(child.value) is not dict or child.ttls is not None:
+                return None, ancestors  # (a path that may expire takes apply's slow way)
             ancestors.append(child)
             node = child
         return node, ancestors
+
+    def _slow(
+        self,
+        parent: _Node,
+        key: str,
+        rest: tuple[str, ...] | list[str],
+        s: int,
+        op: int,
+        value: Any,
+        ttl_ms: int,
+        path: tuple[str, ...] | list[str],
+    ) -> None:
+        """Apply an operation at or below ``parent.entries[key]`` by recording its events
+        there and rebuilding that subtree: the way for anything touching a path with ttl
+        events (``key`` is the topmost such path on the way, or the target of a ttl op).
+        ``parent`` and its ancestors carry no ttl events."""
+        writes = op != DELETE
+        p, k = parent, key
+        for segment in rest:
+            n = p.entries.get(k)
+            if type(n) is not _Node:
+                n = self._promote(p, k, n)
+            if s > n.top:
+                n.top = s
+            if writes and s > n.d:
+                n.d = s
+            p, k = n, segment
+        if op == INCREMENT:
+            n = p.entries.get(k)
+            if type(n) is not _Node:
+                n = self._promote(p, k, n)
+            if s > n.a:  # else overtaken by the assignment here (or a repeat of a folded one)
+                if n.incs is None:
+                    n.incs = {}
+                n.incs.setdefault(s, value)
+                if s > n.imax:
+                    n.imax = s
+                if s > n.top:
+                    n.top = s
+                if ttl_ms:
+                    self._add_ttl(n, s, expiry_stamp(s, ttl_ms), path)
+        else:
+            self._record_assign(p.entries, k, s, MISSING if op == DELETE else value)
+            if ttl_ms:
+                n = p.entries.get(k)
+                if type(n) is _Node and n.a == s:
+                    self._add_ttl(n, s, expiry_stamp(s, ttl_ms), path)
+        top = parent.entries.get(key)
+        if type(top) is _Node:
+            self._rebuild_at(parent, key, top)
+
+    def _add_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
+        """Record ttl event ``s`` (expiring at the derived stamp ``expiry``) at ``node``.
+
+        ``_pending`` holds, per node, an entry no later than the earliest of its events not
+        yet due; ``advance`` moves it on when it pops. So a counter hit again and again (each
+        hit replacing the expiry) keeps one entry, not one per hit.
+        """
+        self._untidy = True
+        ttls = node.ttls
+        if ttls is None:
+            node.ttls = ttls = {}
+        if s in ttls:
+            return
+        now = self.now_ms
+        due = expiry >> _MILLIS_SHIFT
+        covered = False
+        for other in ttls.values():
+            if now < other >> _MILLIS_SHIFT <= due:
+                covered = True  # an entry for this node pops first
+                break
+        ttls[s] = expiry
+        if due <= now:
+            self._push_due(expiry, s, tuple(path))
+        elif not covered:
+            heapq.heappush(self._pending, (due, s, tuple(path)))
+
+    def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
+        if s not in self._due_stamps:
+            self._due_stamps.add(s)
+            heapq.heappush(self._due, (expiry, s, path))
 
     def _write_below(self, parent: _Node, key: str, node: _Node, s: int) -> None:
         """A write at stamp ``s`` (already recorded in ``node.d``) landed below a non-dict."""
@@ -326,9 +448,14 @@ class Store:
             entry.av = MISSING
             self._rebuild_at(parent, key, entry)
 
-    def _increment(self, parent: _Node, key: str, s: int, amount: int | float) -> None:
+    def _increment(
+        self, parent: _Node, key: str, s: int, amount: int | float, path: Any = ()
+    ) -> None:
         self._untidy = True
         entry = parent.entries.get(key)
+        if type(entry) is _Node and entry.ttls is not None:
+            self._slow(parent, key, (), s, INCREMENT, amount, 0, path)
+            return
         if entry is None:
             node = _Node()
             node.incs = {s: amount}
@@ -487,6 +614,8 @@ class Store:
             node.imax = NEVER
         if node.d <= base:
             node.d = NEVER
+        if node.ttls is not None:
+            self._prune_ttls(node, base)
         imax = node.imax
         d = node.d
         node.r = base if imax == NEVER else imax
@@ -494,31 +623,79 @@ class Store:
             return bv is DICT, base, bv
         return d > imax, base, bv
 
-    def _finish(self, node: _Node, base: Any, bv: Any, new_dict: dict[str, Any] | None) -> None:
-        """Set a node's materialized value once its children are settled (see ``_rebuild``)."""
-        imax = node.imax
+    @staticmethod
+    def _prune_ttls(node: _Node, base: Any) -> None:
+        """Forget ttl events older than the assignment or reset here (a SET-with-ttl is the
+        assignment itself): those can never fire."""
+        ttls = node.ttls
+        assert ttls is not None
+        if min(ttls) < base:
+            node.ttls = {st: expiry for st, expiry in ttls.items() if st >= base} or None
+
+    @staticmethod
+    def _owners(ttls: dict[int, int]) -> list[tuple[int, int]]:
+        """The ttl events that own their path at their expiry as far as this path goes: no
+        other ttl event here came between (which would have become the owner)."""
+        stamps = sorted(ttls)
+        last = len(stamps) - 1
+        return [
+            (st, ttls[st])
+            for index, st in enumerate(stamps)
+            if index == last or stamps[index + 1] > ttls[st]
+        ]
+
+    def _expiry(self, node: _Node, parent_vr: Any) -> Any:
+        """The stamp of the latest expiry here that has fired (``now_ms`` reached its time)
+        and still owns the path, or NEVER. An owner here loses the path anyway if the visible
+        reset from above (a newer reset, or an ancestor's expiry) came after it."""
+        assert node.ttls is not None
+        now = self.now_ms
+        fired: Any = NEVER
+        for st, expiry in self._owners(node.ttls):
+            if st > parent_vr and expiry > fired and expiry >> _MILLIS_SHIFT <= now:
+                fired = expiry
+        return fired
+
+    def _finish(
+        self,
+        node: _Node,
+        base: Any,
+        bv: Any,
+        new_dict: dict[str, Any] | None,
+        vbase: Any,
+        vbv: Any,
+        vd: Any,
+        vimax: Any,
+    ) -> None:
+        """Set a node's materialized value once its children are settled (see ``_rebuild``).
+
+        ``base`` is the real assignment or reset (what is older is forgotten); ``vbase``,
+        ``vbv``, ``vd`` and ``vimax`` describe what is visible, which an expiry that fired
+        here or above (a DELETE at its derived stamp, for materialization only) may move
+        later than ``base``; without one they equal ``base``, ``bv``, ``node.d``, ``node.imax``.
+        """
         d = node.d
+        lower = base if d == NEVER else max(base, d)  # increments older than this are overtaken
         if new_dict is not None:
             node.value = new_dict
-        elif imax != NEVER and imax > d:
+        elif vimax != NEVER and vimax > vd:
             # A number: the increments after the latest assignment or write below, in order.
-            lower = base if d == NEVER else d
+            vlower = vbase if vd == NEVER else vd
             incs = node.incs or {}
-            result: Any = bv if (d == NEVER and is_number(bv)) else MISSING
+            result: Any = vbv if (vd == NEVER and is_number(vbv)) else MISSING
             kept: dict[int, int | float] = {}
             for st in sorted(incs):
+                amount = incs[st]
                 if st > lower:
-                    amount = incs[st]
                     kept[st] = amount
+                if st > vlower:
                     result = amount if result is MISSING else result + amount
             node.incs = kept
             node.value = result
             return
         else:
-            node.value = bv
+            node.value = vbv
         if node.incs:
-            # Increments older than the latest write below (or the assignment) are overtaken.
-            lower = base if d == NEVER else max(base, d)
             node.incs = {st: n for st, n in node.incs.items() if st > lower} or None
 
     @staticmethod
@@ -531,16 +708,38 @@ class Store:
             or node.d != NEVER
             or node.imax != NEVER
             or node.a == NEVER
+            or node.ttls is not None
         )
 
-    def _rebuild(self, node: _Node, parent_r: float | int) -> bool:
+    def _rebuild(self, node: _Node, parent_r: float | int, parent_vr: Any = NEVER) -> bool:
         """Recompute a node's value from its metadata; drop what can no longer matter.
 
         This is the reference the fast paths agree with. Returns False when nothing in the
         subtree is newer than the reset inherited from above (the node can be forgotten).
+        ``parent_vr`` is the visible reset from above, when an expiry that fired above makes
+        it later than ``parent_r``: what is older stays recorded (a late operation may still
+        cancel that expiry) but is not visible.
         """
         is_dict, base, bv = self._settle(node, parent_r)
         r = node.r
+        vbase = parent_vr if parent_vr > base else base
+        if node.ttls is not None:
+            fired = self._expiry(node, parent_vr)
+            if fired > vbase:
+                vbase = fired
+        d = node.d
+        imax = node.imax
+        if vbase == base:
+            vr, vbv, vd, vimax = r, bv, d, imax
+        else:
+            # An expiry (here or above) acts as a DELETE at vbase for what is visible.
+            is_dict = False
+            vbv = MISSING
+            vimax = imax if imax > vbase else NEVER
+            vd = d if d > vbase else NEVER
+            vr = vbase if vimax == NEVER else vimax
+            if vimax != NEVER or vd != NEVER:
+                is_dict = vd > vimax
         old_value = node.value
         old_dict = old_value if type(old_value) is dict else None
         new_dict: dict[str, Any] | None = None
@@ -556,10 +755,20 @@ class Store:
                         if new_dict is not None:
                             new_dict.pop(k, None)
                         continue
-                    keep[k] = e  # its value (if not a tombstone) is already in new_dict
-                    if e > top:
-                        top = e
-                elif self._rebuild(e, r):
+                    if (new_dict is None or e < vr) and old_dict is not None and k in old_dict:
+                        # A value about to be hidden: it lives in this node's dict, so give
+                        # it a node of its own to keep it while it is hidden.
+                        child = _Node()
+                        child.a = child.top = e
+                        child.av = child.value = old_dict[k]
+                        child.r = max(e, r)
+                        e = child
+                    else:
+                        keep[k] = e  # its value (if not a tombstone) is already in new_dict
+                        if e > top:
+                            top = e
+                        continue
+                if self._rebuild(e, r, vr):
                     if e.top > top:
                         top = e.top
                     child_value = e.value
@@ -568,7 +777,9 @@ class Store:
                             new_dict.pop(k, None)
                         else:
                             new_dict[k] = child_value
-                    if self._is_plain(e) and (child_value is MISSING or new_dict is not None):
+                    if self._is_plain(e) and (
+                        e.av is MISSING if child_value is MISSING else new_dict is not None
+                    ):
                         keep[k] = e.a  # a plain assignment: back to a bare stamp
                     else:
                         keep[k] = e
@@ -579,19 +790,35 @@ class Store:
             # Drop leftovers that no entry accounts for (possible only after a reset).
             for k in [k for k in new_dict if k not in node.entries]:
                 del new_dict[k]
-        self._finish(node, base, bv, new_dict)
+        self._finish(node, base, bv, new_dict, vbase, vbv, vd, vimax)
         node.top = top
         return top != NEVER and top >= parent_r
 
-    def _install(self, encoded: Any, parent_r: float | int) -> tuple[Any, Any] | None:
-        """Build an exported entry where nothing is known locally: ``(entry, value)``, or
-        None if all of it is overtaken by ``parent_r``. The same result as recording the
-        entry's events and rebuilding, in one pass (this is what makes joining fast)."""
+    def _install(
+        self, encoded: Any, parent_r: float | int, path: tuple[str, ...]
+    ) -> tuple[Any, Any] | None:
+        """Build an exported entry (at ``path``) where nothing is known locally:
+        ``(entry, value)``, or None if all of it is overtaken by ``parent_r``. The same result
+        as recording the entry's events and rebuilding, in one pass (this is what makes
+        joining fast)."""
         if type(encoded) is int:
             return (encoded, MISSING) if encoded >= parent_r else None
         if len(encoded) == 2:
             stamp = encoded[0]
             return (stamp, encoded[1]) if stamp >= parent_r else None
+        if len(encoded) == 9:
+            # It may expire: record its events and rebuild (the general way, with expiries).
+            holder = _Node()
+            holder.r = parent_r
+            holder.value = {}
+            key = path[-1]
+            self._merge_entry(holder, key, encoded, path)
+            node = holder.entries[key]
+            if type(node) is int:
+                return (node, MISSING) if node >= parent_r else None
+            if not self._rebuild(node, parent_r):
+                return None
+            return node, node.value
         a, av, d, imax, incs, children, leaves, values = encoded
         node = _Node()
         if a is not None:
@@ -629,7 +856,10 @@ class Store:
                             new_dict[k] = values[k]
         install = self._install
         for k, child in children.items():
-            built = install(child, r)
+            # (the path matters only to register expiries, found in full nodes)
+            built = install(
+                child, r, (*path, k) if type(child) is list and len(child) > 2 else path
+            )
             if built is None:
                 continue
             entry, value = built
@@ -645,11 +875,124 @@ class Store:
             if new_dict is not None and value is not MISSING:
                 new_dict[k] = value
         node.entries = entries
-        self._finish(node, base, bv, new_dict)
+        self._finish(node, base, bv, new_dict, base, bv, node.d, node.imax)
         node.top = top
         if top == NEVER or top < parent_r:
             return None
         return node, node.value
+
+    # -- expiring keys ----------------------------------------------------------------------
+
+    @property
+    def next_expiry(self) -> float | int:
+        """The wall-clock milliseconds of the next expiry not yet due (``inf`` if none):
+        ``advance`` to it or later to make it fire."""
+        pending = self._pending
+        return pending[0][0] if pending else float("inf")
+
+    @property
+    def pending_expiries(self) -> int:
+        """Registered expiries not yet made permanent (due or not; some may be stale)."""
+        return len(self._pending) + len(self._due)
+
+    def advance(self, now_ms: float | int) -> list[tuple[tuple[str, ...], int]]:
+        """Move the store's time forward to ``now_ms`` (wall-clock milliseconds; a smaller
+        value than before changes nothing) and let the expiries due by then fire.
+
+        A fired expiry hides its path as a DELETE at its derived stamp would, for reading
+        only: nothing is forgotten yet, since an older operation arriving late may still
+        cancel it (``expire`` makes it permanent once none can). Returns ``(path, stamp)``
+        of each ttl operation whose expiry fired (the caller may tell watchers).
+        """
+        if not now_ms > self.now_ms:
+            return []
+        self.now_ms = now_ms
+        pending = self._pending
+        if not pending or pending[0][0] > now_ms:
+            return []
+        fired: list[tuple[tuple[str, ...], int]] = []
+        tops: dict[tuple[str, ...], None] = {}
+        while pending and pending[0][0] <= now_ms:
+            _, _, path = heapq.heappop(pending)
+            found = self._locate(path)
+            if found is None:
+                continue  # overtaken meanwhile
+            top_path, target = found
+            ttls = target.ttls
+            if not ttls:
+                continue
+            # Every event of the node due by now fires (whether it had an entry of its own or
+            # came after this one); the earliest one not yet due gets the node's next entry.
+            later: tuple[int, int] | None = None
+            for st, expiry in ttls.items():
+                due = expiry >> _MILLIS_SHIFT
+                if due > now_ms:
+                    if later is None or due < later[0]:
+                        later = (due, st)
+                elif st not in self._due_stamps:
+                    self._push_due(expiry, st, path)
+                    tops[top_path] = None
+                    fired.append((path, st))
+            if later is not None:
+                heapq.heappush(pending, (later[0], later[1], path))
+        for top_path in tops:
+            self._rebuild_path(top_path)
+        return fired
+
+    def expire(self, frontier: int) -> int:
+        """Make permanent the expiries that fired with a derived stamp below ``frontier``
+        (the same stability frontier as ``collect``): each becomes a real DELETE at that
+        stamp, so the path's metadata can be forgotten. Nothing visible changes. Returns how
+        many were applied."""
+        due = self._due
+        done = 0
+        while due and due[0][0] < frontier:
+            expiry, st, path = heapq.heappop(due)
+            self._due_stamps.discard(st)
+            found = self._locate(path)
+            if found is None:
+                continue
+            top_path, target = found
+            if not target.ttls or (st, expiry) not in self._owners(target.ttls):
+                continue  # overtaken, or replaced by a newer ttl before it fired
+            # It owns its path at its expiry: the events that could have cancelled it are
+            # all older than the frontier, hence known; an ancestor's expiry before it was
+            # applied first (``due`` is in stamp order) and would have dropped it.
+            parent = self._root
+            for segment in path[:-1]:
+                parent = parent.entries[segment]  # type: ignore[assignment]
+            self._record_assign(parent.entries, path[-1], expiry, MISSING)
+            self._rebuild_path(top_path)
+            self._untidy = True  # a tombstone for ``collect``
+            done += 1
+        self.expired += done
+        return done
+
+    def _locate(self, path: tuple[str, ...]) -> tuple[tuple[str, ...], _Node] | None:
+        """``(path of the topmost node with ttl events on the way, node at path)``, or None
+        when the way is not made of nodes or none of them has ttl events."""
+        node = self._root
+        top: tuple[str, ...] | None = None
+        for depth, segment in enumerate(path):
+            entry = node.entries.get(segment)
+            if type(entry) is not _Node:
+                return None
+            if top is None and entry.ttls is not None:
+                top = path[: depth + 1]
+            node = entry
+        return None if top is None else (top, node)
+
+    def _rebuild_path(self, path: tuple[str, ...]) -> None:
+        """Rebuild the node at ``path`` (whose ancestors carry no ttl events)."""
+        parent = self._root
+        for segment in path[:-1]:
+            entry = parent.entries.get(segment)
+            if type(entry) is not _Node:
+                return
+            parent = entry
+        node = parent.entries.get(path[-1])
+        if type(node) is _Node:
+            self._rebuild_at(parent, path[-1], node)
 
     # -- forgetting what can no longer matter ------------------------------------------------
 
@@ -691,12 +1034,18 @@ class Store:
                     else:
                         self._untidy = True  # for a later pass
                 continue
+            if entry.ttls is not None and self._drop_replaced(entry, frontier):
+                self._untidy = True  # replaced ttl events the frontier has not passed yet
             if entry.incs:
-                self._fold_increments(entry, r, frontier)
+                # Folding acts as a SET at the newest folded increment, so it must stay
+                # below every ttl event here (it would cancel them otherwise).
+                limit = frontier if entry.ttls is None else min(frontier, min(entry.ttls))
+                self._fold_increments(entry, r, limit)
                 if entry.incs:
                     self._untidy = True
                 if (
-                    not entry.incs
+                    entry.ttls is None
+                    and not entry.incs
                     and not entry.entries
                     and entry.d == NEVER
                     and NEVER < entry.imax <= entry.a
@@ -707,7 +1056,7 @@ class Store:
                     continue
             if entry.entries:
                 sweep.append([entry, entry.r, list(entry.entries.items()), 0, node, key])
-            elif entry.value is MISSING and not entry.incs:
+            elif entry.value is MISSING and entry.ttls is None and not entry.incs:
                 if max(entry.a, entry.d, entry.imax) < frontier:
                     del node.entries[key]  # metadata of nothing (left by deletes of absent paths)
                     frame[3] += 1
@@ -715,6 +1064,21 @@ class Store:
                 else:
                     self._untidy = True
         return not sweep
+
+    def _drop_replaced(self, node: _Node, frontier: int) -> bool:
+        """Forget ttl events older than ``frontier`` that a newer ttl event here replaced
+        before they expired. (Not sooner: until then an older ttl event may still arrive,
+        and the replaced one is what tells that it was replaced too.) True if replaced
+        events are left for a later pass."""
+        ttls = node.ttls
+        assert ttls is not None
+        owners = dict(self._owners(ttls))
+        if len(owners) < len(ttls):
+            kept = {st: e for st, e in ttls.items() if st >= frontier or st in owners}
+            self.collected += len(ttls) - len(kept)
+            node.ttls = kept or None
+            return len(kept) > len(owners)
+        return False
 
     def _shrink(self, node: _Node, parent: _Node | None, key: str | None) -> None:
         """Give back the memory of a node's dicts after many of their entries were dropped
@@ -778,7 +1142,8 @@ class Store:
         where ``av`` is ``[value]``, ``0`` (deleted) or ``1`` (a dict), stamps that are unset
         are ``None``, ``children`` maps keys to the entries of full nodes, ``leaves`` maps the
         keys of plain assignments (and tombstones) to their stamps, and ``values`` maps those
-        of ``leaves`` that hold a value to it.
+        of ``leaves`` that hold a value to it. A node with ttl events has a ninth element,
+        ``[[stamp, expiry stamp], ...]``.
 
         Each item is a consistent copy (taken without yielding), so a snapshot can be built
         and sent one slice at a time while operations go on.
@@ -818,16 +1183,11 @@ class Store:
                         values[k] = copy_value(v)
                 else:
                     children[k] = export_node(e)
-        return [
-            _enc(node.a),
-            encoded_av,
-            _enc(node.d),
-            _enc(node.imax),
-            incs,
-            children,
-            leaves,
-            values,
-        ]
+        out = [_enc(node.a), encoded_av, _enc(node.d), _enc(node.imax), incs, children]
+        out += (leaves, values)
+        if node.ttls:
+            out.append([[st, expiry] for st, expiry in node.ttls.items()])
+        return out
 
     def merge(self, exported: Iterable[Any]) -> None:
         """Merge state exported by another replica: the result is as if this replica had
@@ -840,7 +1200,7 @@ class Store:
         self._untidy = True
         for key, encoded in exported:
             if key not in root.entries:
-                built = self._install(encoded, root.r)
+                built = self._install(encoded, root.r, (key,))
                 if built is not None:
                     entry, value = built
                     if type(entry) is _Node and self._is_plain(entry):
@@ -848,13 +1208,14 @@ class Store:
                     root.entries[key] = entry
                     self._place(root, key, value)
                 continue
-            self._merge_entry(root, key, encoded)
+            self._merge_entry(root, key, encoded, (key,))
             entry = root.entries[key]
             if type(entry) is _Node:
                 self._rebuild_at(root, key, entry)
 
-    def _merge_entry(self, parent: _Node, key: str, encoded: Any) -> None:
-        """Record the events of one exported entry into ``parent.entries[key]`` (no rebuild)."""
+    def _merge_entry(self, parent: _Node, key: str, encoded: Any, path: tuple[str, ...]) -> None:
+        """Record the events of one exported entry (at ``path``) into ``parent.entries[key]``
+        (no rebuild)."""
         entries = parent.entries
         if type(encoded) is int:
             self._record_assign(entries, key, encoded, MISSING)
@@ -863,7 +1224,7 @@ class Store:
             stamp, value = encoded
             self._record_assign(entries, key, stamp, value)
             return
-        a, av, d, imax, incs, children, leaves, values = encoded
+        a, av, d, imax, incs, children, leaves, values = encoded[:8]
         if a is not None:
             if av == 1 and type(av) is int:
                 value: Any = DICT
@@ -897,8 +1258,11 @@ class Store:
             record_assign(node.entries, k, stamp, values.get(k, MISSING))
             if stamp > node.top:
                 node.top = stamp
+        if len(encoded) == 9:
+            for st, expiry in encoded[8]:
+                self._add_ttl(node, st, expiry, path)
         for k, child in children.items():
-            self._merge_entry(node, k, child)
+            self._merge_entry(node, k, child, (*path, k))
             ce = node.entries[k]
             ctop = ce if type(ce) is int else ce.top
             if ctop > node.top:

@@ -14,6 +14,8 @@ __all__ = [
     "has_utf8",
     "clean_value",
     "check_amount",
+    "check_ttl",
+    "MAX_TTL",
     "parse_address",
     "format_address",
     "parse_members",
@@ -132,6 +134,22 @@ def check_amount(amount: Any) -> int | float:
     if not math.isfinite(amount):
         raise InvalidValueError(f"increment amount {amount!r} is not a JSON number")
     return amount
+
+
+#: The longest ttl accepted, in seconds (about ten years; the wire refuses longer ones).
+MAX_TTL = 10 * 365 * 24 * 3600
+
+
+def check_ttl(ttl: Any) -> int:
+    """A ttl in seconds (a positive finite int or float, not a bool, at most ``MAX_TTL``),
+    as whole milliseconds (at least 1); ``InvalidValueError`` otherwise."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise InvalidValueError(f"ttl must be a number of seconds, not {type(ttl).__name__}")
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidValueError(f"ttl must be a positive finite number of seconds, not {ttl!r}")
+    if ttl > MAX_TTL:
+        raise InvalidValueError(f"ttl {ttl!r} is longer than {MAX_TTL} seconds (10 years)")
+    return max(1, round(ttl * 1000))
 
 
 def parse_address(address: Any) -> tuple[str, int]:

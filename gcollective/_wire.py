@@ -8,14 +8,15 @@ connections it accepts.
 
 =================  ======================================================================
 HELLO              ``["gcollective", version, node_id, host, port, flags]``
-OPS                ``[1, origin, seq, hlcs, ops, paths, values]``: a batch of operations of
-                   one origin, numbered ``seq``, ``seq + 1``, ... (every origin numbers its
-                   operations 1, 2, 3, ...), in columns: operation ``i`` has the stamp
-                   ``(hlcs[i] << 64) | origin`` (growing along the batch), the kind
-                   ``ops[i]``, the path ``paths[i]`` and the value ``values[i]`` (null for
-                   DELETE). A path is a dotted string, or a list of segments when a segment
-                   holds a dot. (Columns decode several times faster than a list per
-                   operation.)
+OPS                ``[1, origin, seq, hlcs, ops, paths, values]`` or ``[..., values, ttls]``: a
+                   batch of operations of one origin, numbered ``seq``, ``seq + 1``, ... (every
+                   origin numbers its operations 1, 2, 3, ...), in columns: operation ``i``
+                   has the stamp ``(hlcs[i] << 64) | origin`` (growing along the batch), the
+                   kind ``ops[i]``, the path ``paths[i]`` and the value ``values[i]`` (null
+                   for DELETE). A path is a dotted string, or a list of segments when a
+                   segment holds a dot. ``ttls`` is there when an operation of the batch has
+                   a ttl: ``ttls[i]`` is its ttl in milliseconds, or 0. (Columns decode
+                   several times faster than a list per operation.)
 SNAPSHOT           ``[2, items]``: a slice of ``Store.export()``
 SNAPSHOT_END       ``[3, vector]``: the whole state has been sent; ``vector`` is the sender's
                    version vector ``[[origin, seq, stamp], ...]`` at the time of the snapshot
@@ -76,6 +77,7 @@ __all__ = [
     "SNAPSHOT_REQUEST_FRAME",
     "parse_hello",
     "parse_ops",
+    "MAX_TTL_MS",
     "check_snapshot_items",
     "STATUS_MAGIC",
     "STATUS_VERSION",
@@ -101,6 +103,9 @@ STATUS_VERSION = 1
 _MAX_STAMP = 1 << 128
 _MAX_SEQ = 1 << 63
 _MAX_HLC = 1 << 64
+#: The longest ttl accepted, in milliseconds (about ten years).
+MAX_TTL_MS = 10 * 366 * 24 * 3600 * 1000
+_DERIVED_BIT = 1 << 63  # set in the origin half of an expiry stamp (see _clock.expiry_stamp)
 _ORIGIN_MASK = (1 << 64) - 1
 _dumps = ujson.dumps
 _loads = ujson.loads
@@ -127,12 +132,15 @@ def encode_ops(
     ops: Sequence[int],
     paths: Sequence[str | Sequence[str]],
     values: Sequence[Any],
+    ttls: Sequence[int] | None = None,
 ) -> bytes:
-    """An OPS frame: operations ``seq``, ``seq + 1``, ... of ``origin``, in columns. Encoded
-    once per batch; the same bytes go to every peer."""
-    return (
-        _dumps([OPS, origin, seq, hlcs, ops, paths, values], ensure_ascii=False) + "\n"
-    ).encode()
+    """An OPS frame: operations ``seq``, ``seq + 1``, ... of ``origin``, in columns (``ttls``
+    only when some operation has one). Encoded once per batch; the same bytes go to every
+    peer."""
+    frame = [OPS, origin, seq, hlcs, ops, paths, values]
+    if ttls is not None:
+        frame.append(ttls)
+    return (_dumps(frame, ensure_ascii=False) + "\n").encode()
 
 
 def wire_path(path: Sequence[str]) -> str | list[str]:
@@ -252,17 +260,23 @@ _KINDS = {0, 1, 2}
 
 def parse_ops(
     message: list[Any],
-) -> tuple[int, int, list[int], list[int], list[str | list[str]], list[Any]]:
-    """Check an OPS frame fully: ``(origin, seq, hlcs, ops, paths, values)``, each path as it
-    travels (dotted, or a list of segments when one holds a dot; ``path_segments`` turns it
-    into segments), or ``ProtocolError`` (before anything in it is applied).
+) -> tuple[int, int, list[int], list[int], list[str | list[str]], list[Any], list[int] | None]:
+    """Check an OPS frame fully: ``(origin, seq, hlcs, ops, paths, values, ttls)``, each path
+    as it travels (dotted, or a list of segments when one holds a dot; ``path_segments``
+    turns it into segments), ``ttls`` None when no operation has one; or ``ProtocolError``
+    (before anything in it is applied).
 
     The common case (dotted paths, scalar values) is checked a column at a time, in C.
     """
-    if len(message) != 7:
+    if len(message) == 8:
+        ttls = message[7]
+    elif len(message) == 7:
+        ttls = None
+    else:
         raise ProtocolError("OPS frame has the wrong length")
-    _, origin, seq, hlcs, ops, paths, values = message
-    if type(origin) is not int or not 0 < origin <= _ORIGIN_MASK:
+    _, origin, seq, hlcs, ops, paths, values = message[:7]
+    # Node ids have the top bit clear; stamps with it set are derived (expiries), never sent.
+    if type(origin) is not int or not 0 < origin < _DERIVED_BIT:
         raise ProtocolError("OPS frame has a bad origin")
     if type(hlcs) is not list or not hlcs:
         raise ProtocolError("OPS frame has no operations")
@@ -288,6 +302,8 @@ def parse_ops(
         bad = next(op for op in ops if type(op) is not int or op not in _KINDS)
         raise ProtocolError(f"unknown operation {bad!r}")
     _check_paths(paths)
+    if ttls is not None:
+        _check_op_ttls(ttls, ops)
     if kinds == {0} and set(map(type, values)) <= _SCALARS:
         pass  # only SETs of plain scalars: nothing more to check
     else:
@@ -301,7 +317,16 @@ def parse_ops(
                     raise ProtocolError("INCREMENT amount is not a number")
             elif value is not None:
                 raise ProtocolError("DELETE carries a value")
-    return origin, seq, hlcs, ops, paths, values
+    return origin, seq, hlcs, ops, paths, values, ttls
+
+
+def _check_op_ttls(ttls: Any, ops: list[int]) -> None:
+    """The ttl column: one int per operation, 0 (none) or a ttl in ms on a SET or INCREMENT."""
+    if type(ttls) is not list or len(ttls) != len(ops) or set(map(type, ttls)) != {int}:
+        raise ProtocolError("OPS frame has a bad ttl column")
+    for op, ttl in zip(ops, ttls):
+        if ttl and (not 0 < ttl <= MAX_TTL_MS or op == 2):
+            raise ProtocolError("OPS frame has a bad ttl")
 
 
 def path_segments(path: str | list[str]) -> list[str]:
@@ -418,9 +443,11 @@ def _check_entry(entry: Any, depth: int) -> None:
         _check_stamp(entry[0], False)
         _check_json(entry[1], depth)
         return
-    if len(entry) != 8:
+    if len(entry) == 9:
+        _check_ttls(entry[8])
+    elif len(entry) != 8:
         raise ProtocolError("SNAPSHOT entry has the wrong shape")
-    a, av, d, imax, incs, children, leaves, values = entry
+    a, av, d, imax, incs, children, leaves, values = entry[:8]
     _check_stamp(a, True)
     _check_stamp(d, True)
     _check_stamp(imax, True)
@@ -440,7 +467,7 @@ def _check_entry(entry: Any, depth: int) -> None:
     if type(children) is not dict:
         raise ProtocolError("SNAPSHOT entry has bad children")
     for child in children.values():  # keys may be "" (from a dict value), never a path
-        if type(child) is not list or len(child) != 8:
+        if type(child) is not list or len(child) not in (8, 9):
             raise ProtocolError("SNAPSHOT entry has a child that is not a full node")
         _check_entry(child, depth + 1)
     if type(leaves) is not dict or type(values) is not dict:
@@ -457,6 +484,25 @@ def _check_entry(entry: Any, depth: int) -> None:
     if not set(map(type, values.values())) <= _SCALARS:
         for value in values.values():
             _check_json(value, depth + 1)
+
+
+def _check_ttls(ttls: Any) -> None:
+    """The ttl events of a node: ``[[stamp, expiry stamp], ...]``, each expiry derived from
+    its stamp (the same origin, later)."""
+    if type(ttls) is not list or not ttls:
+        raise ProtocolError("SNAPSHOT entry has bad ttls")
+    for event in ttls:
+        if type(event) is not list or len(event) != 2:
+            raise ProtocolError("SNAPSHOT entry has bad ttls")
+        stamp, expiry = event
+        _check_stamp(stamp, False)
+        _check_stamp(expiry, False)
+        if (
+            stamp & _DERIVED_BIT
+            or expiry & _ORIGIN_MASK != _DERIVED_BIT | (stamp & _ORIGIN_MASK)
+            or not 0 < (expiry >> 80) - (stamp >> 80) <= MAX_TTL_MS
+        ):
+            raise ProtocolError("SNAPSHOT entry has a bad expiry")
 
 
 def encode_status_request() -> bytes:

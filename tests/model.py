@@ -36,11 +36,13 @@ class Op(NamedTuple):
     op: int
     path: Path
     value: Any = None
+    ttl: int | None = None  # milliseconds, SET and INCREMENT only
 
     def __repr__(self) -> str:
         # Compact form so hypothesis falsifying examples read like the contract's notation.
         name = OP_NAMES.get(self.op, str(self.op))
-        return f"Op({self.stamp}, {name}, {self.path!r}, {self.value!r})"
+        ttl = "" if self.ttl is None else f", ttl={self.ttl}"
+        return f"Op({self.stamp}, {name}, {self.path!r}, {self.value!r}{ttl})"
 
 
 class _Missing:
@@ -105,11 +107,64 @@ def distinct_ops(ops: Iterable[Op]) -> list[Op]:
     return [by_stamp[stamp] for stamp in sorted(by_stamp)]
 
 
-def fold(ops: Iterable[Op]) -> dict:
-    """Materialise the tree a replica must hold after receiving ``ops`` (any order, any dups)."""
-    tree: dict = {}
+EXPIRE = 3  # the derived operation of a ttl operation, at its derived stamp
+
+
+def expiry_of(stamp: int, ttl_ms: int) -> tuple[int, int]:
+    """``(E, D)``: the expiry time in milliseconds of an operation at ``stamp`` with a ttl of
+    ``ttl_ms``, and the derived stamp of its EXPIRE, ``((E << 16) << 64) | 2**63 | origin``.
+    Written out here independently of ``gcollective._clock`` on purpose."""
+    expires = (stamp >> 80) + ttl_ms
+    return expires, ((expires << 16) << 64) | (1 << 63) | (stamp & ((1 << 64) - 1))
+
+
+def _under(path: Path, prefix: Path) -> bool:
+    return path[: len(prefix)] == prefix
+
+
+def fold(ops: Iterable[Op], now_ms: float | None = None) -> dict:
+    """Materialise the tree a replica must hold after receiving ``ops`` (any order, any dups)
+    when its clock reads ``now_ms`` (None: no expiry has fired yet).
+
+    Each ttl operation X implies an EXPIRE at its derived stamp D(X), part of the fold once
+    ``now_ms`` reaches X's expiry time. Along the fold each path has at most one expiry
+    owner: SET and DELETE at p clear the owners at and under p (a SET with ttl then owns p);
+    INCREMENT at p clears the owners strictly under p and, with a ttl, owns p; writes below
+    p leave p's owner alone. EXPIRE D(X) deletes p (as a DELETE at D(X)) only if X still
+    owns p.
+    """
+    events: list[tuple[int, int, Path, Any, Any]] = []
     for operation in distinct_ops(ops):
-        apply_op(tree, operation.op, operation.path, operation.value)
+        events.append((operation.stamp, operation.op, operation.path, operation.value, None))
+        if operation.ttl is not None and now_ms is not None:
+            expires, derived = expiry_of(operation.stamp, operation.ttl)
+            if expires <= now_ms:
+                events.append((derived, EXPIRE, operation.path, None, operation.stamp))
+    events.sort(key=lambda event: event[0])
+    tree: dict = {}
+    owner: dict[Path, int] = {}
+    ttl_stamps = {o.stamp for o in distinct_ops(ops) if o.ttl is not None}
+
+    def clear(prefix: Path, strictly: bool) -> None:
+        for path in [p for p in owner if _under(p, prefix)]:
+            if not (strictly and path == prefix):
+                del owner[path]
+
+    for stamp, op, path, value, origin_op in events:
+        if op == EXPIRE:
+            if owner.get(path) == origin_op:
+                apply_op(tree, DELETE, path)
+                clear(path, strictly=False)
+            continue
+        apply_op(tree, op, path, value)
+        if op in (SET, DELETE):
+            clear(path, strictly=False)
+            if op == SET and stamp in ttl_stamps:
+                owner[path] = stamp
+        else:  # INCREMENT
+            clear(path, strictly=True)
+            if stamp in ttl_stamps:
+                owner[path] = stamp
     return tree
 
 

@@ -62,10 +62,11 @@ def handle(node, request):
         )
         return node, {"synced": node.synced, "node_id": node.node_id}
     if cmd == "set":
-        node.set(request["key"], request["value"])
+        node.set(request["key"], request["value"], ttl=request.get("ttl"))
         return node, {}
     if cmd == "incr":
-        return node, {"value": node.incr(request["key"], request.get("amount", 1))}
+        amount = request.get("amount", 1)
+        return node, {"value": node.incr(request["key"], amount, ttl=request.get("ttl"))}
     if cmd == "delete":
         node.delete(request["key"])
         return node, {}

@@ -93,7 +93,13 @@ def deliver(store: Any, ops: Iterable[Op]) -> None:
     replica cannot corrupt the ``Op`` shared with the model and the other replicas.
     """
     for operation in ops:
-        store.apply(operation.stamp, operation.op, operation.path, copy.deepcopy(operation.value))
+        store.apply(
+            operation.stamp,
+            operation.op,
+            operation.path,
+            copy.deepcopy(operation.value),
+            operation.ttl or 0,
+        )
 
 
 def roundtrip(exported: Any) -> Any:
@@ -953,3 +959,320 @@ def test_duplicate_stamp_applied_once() -> None:
 # --------------------------------------------------------------------------------------------
 # Regressions found by hypothesis (minimal failing examples, kept as explicit tests)
 # --------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------
+# Expiring keys (ttl): the fold with derived EXPIRE events, as time advances
+# --------------------------------------------------------------------------------------------
+
+NODE_IDS = (1, 2, 3)
+
+
+def real_stamp(millis: int, counter: int, origin: int) -> int:
+    """A stamp in the real layout, so that its milliseconds (hence its expiry) are known."""
+    return (((millis << 16) | counter) << NODE_BITS) | origin
+
+
+ttls = st.one_of(st.none(), st.integers(1, 12))
+
+
+# Two nested paths only: ttl ops on the same path and its parent collide all the time.
+narrow_paths = st.sampled_from([("a",), ("a", "b")])
+
+
+def ttl_bodies(path_strategy: st.SearchStrategy = paths) -> st.SearchStrategy:
+    """(op, path, value, ttl): SET and INCREMENT with or without a ttl, DELETE without."""
+    return st.one_of(
+        st.tuples(st.just(SET), path_strategy, json_values, ttls),
+        st.tuples(st.just(INCREMENT), path_strategy, amounts, ttls),
+        st.tuples(st.just(DELETE), path_strategy, st.none(), st.none()),
+    )
+
+
+@st.composite
+def ttl_op_sets(draw: st.DrawFn, max_size: int = 10) -> list[Op]:
+    """Operations with distinct real-layout stamps within a few tens of milliseconds, on
+    overlapping nested paths (or, half the time, on just two)."""
+    narrow = draw(st.booleans())
+    bodies = draw(st.lists(ttl_bodies(narrow_paths if narrow else paths), max_size=max_size))
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
+    keys = draw(st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True))
+    return [
+        Op(real_stamp(*key), op, path, value, ttl)
+        for key, (op, path, value, ttl) in zip(keys, bodies, strict=True)
+    ]
+
+
+@st.composite
+def ttl_histories(draw: st.DrawFn) -> tuple[list[Op], list[tuple]]:
+    """Ops plus a history: deliveries (every op at least once, repeats anywhere) interleaved
+    with ``advance(now)`` steps (monotonic) and ``expire``/``collect`` steps."""
+    ops = draw(ttl_op_sets())
+    schedule = draw(deliveries(ops))
+    steps: list[tuple] = [("deliver", operation) for operation in schedule]
+    extra = draw(
+        st.lists(
+            st.one_of(st.tuples(st.just("advance"), st.integers(0, 45)), st.just(("hard",))),
+            max_size=10,
+        )
+    )
+    for step in extra:
+        steps.insert(draw(st.integers(0, len(steps))), step)
+    # Time only moves forward; the draws above are sorted into place.
+    nows = sorted(step[1] for step in steps if step[0] == "advance")
+    it = iter(nows)
+    steps = [("advance", next(it)) if step[0] == "advance" else step for step in steps]
+    steps.append(("advance", 60))
+    steps.append(("hard",))
+    return ops, steps
+
+
+def run_history(store: Any, ops: list[Op], steps: list[tuple], check: bool) -> tuple[int, list]:
+    """Play ``steps`` on ``store``; after each, the tree must be the model's fold of what was
+    received at the store's time. A hard step uses the largest frontier the test can vouch
+    for: no operation older than it is delivered afterwards."""
+    received: list[Op] = []
+    now: int | None = None
+    for index, step in enumerate(steps):
+        if step[0] == "deliver":
+            deliver(store, [step[1]])
+            received.append(step[1])
+        elif step[0] == "advance":
+            now = step[1]
+            store.advance(now)
+        else:
+            # (repeats count: the node filters them, the store relies on the frontier)
+            later = [s[1].stamp for s in steps[index + 1 :] if s[0] == "deliver"]
+            frontier = min(later) if later else real_stamp(1000, 0, 1)
+            store.expire(frontier)
+            while not store.collect(frontier):
+                pass
+            store.collect(frontier)  # a full pass that starts after the expiries
+        if check:
+            assert_tree(
+                store.to_dict(),
+                fold(received, now),
+                f"after step {index} ({step[0]}), now={now}\nsteps: {steps!r}",
+            )
+    return now or 0, received
+
+
+@_settings(max_examples=500)
+@given(ttl_histories())
+def test_ttl_history_matches_model(case: tuple[list[Op], list[tuple]]) -> None:
+    """With ttls, deliveries in any order with repeats, time steps and hard expiry/collect
+    steps, the store always equals the fold of what it received at its time."""
+    ops, steps = case
+    run_history(new_store(), ops, steps, check=True)
+
+
+@_settings(max_examples=300)
+@given(st.data())
+def test_ttl_replicas_converge(data: st.DataObject) -> None:
+    """Replicas that received the same ops and have the same time are identical, whatever
+    the order of arrival, the time steps on the way, hard expiries, or snapshot transfers."""
+    ops = data.draw(ttl_op_sets(), label="ops")
+    now = data.draw(st.integers(0, 45), label="now")
+    first = new_store()
+    for step in data.draw(ttl_histories_for(ops), label="history 1"):
+        _play(first, ops, step)
+    first.advance(now)
+    second = store_with(data.draw(deliveries(ops), label="schedule 2"))
+    second.advance(now)
+    expected = fold(ops, max(now, first.now_ms))
+    assert_tree(second.to_dict(), fold(ops, now), "replica 2")
+    assert_tree(first.to_dict(), expected, "replica 1")
+    # A joiner merging a snapshot (before or after its own time is set) gets the same.
+    for early in (True, False):
+        joiner = new_store()
+        if early:
+            joiner.advance(first.now_ms)
+        joiner.merge(roundtrip(first.export()))
+        joiner.advance(first.now_ms)
+        assert_tree(joiner.to_dict(), expected, f"joiner (advanced early: {early})")
+    # Split delivery: half the ops applied, the other half merged from another replica.
+    half = data.draw(st.lists(st.booleans(), min_size=len(ops), max_size=len(ops)))
+    a_ops = [o for o, h in zip(ops, half, strict=True) if h]
+    b_ops = [o for o, h in zip(ops, half, strict=True) if not h]
+    a, b = store_with(a_ops), store_with(b_ops)
+    a.advance(now)
+    b.advance(data.draw(st.integers(0, now), label="b's time"))
+    a.merge(roundtrip(b.export()))
+    a.advance(now)
+    assert_tree(a.to_dict(), fold(ops, now), f"A={a_ops!r} merged B={b_ops!r}")
+
+
+@st.composite
+def ttl_histories_for(draw: st.DrawFn, ops: list[Op]) -> list[tuple]:
+    schedule = draw(deliveries(ops))
+    steps: list[tuple] = [("deliver", operation) for operation in schedule]
+    for now in sorted(draw(st.lists(st.integers(0, 45), max_size=4))):
+        steps.insert(draw(st.integers(0, len(steps))), ("advance", now))
+    # keep the time monotonic after the random insertion
+    nows = sorted(step[1] for step in steps if step[0] == "advance")
+    it = iter(nows)
+    return [("advance", next(it)) if step[0] == "advance" else step for step in steps]
+
+
+def _play(store: Any, ops: list[Op], step: tuple) -> None:
+    if step[0] == "deliver":
+        deliver(store, [step[1]])
+    else:
+        store.advance(step[1])
+
+
+def check_ttl_orders(ops: list[Op], now: int, expected: dict) -> None:
+    """``expected`` is the model fold at ``now``; the store reaches it in every delivery
+    order, with its time set before, midway or after, and through export/merge."""
+    assert strict_equal(fold(ops, now), expected), "model disagrees with the expectation"
+    for schedule in itertools.permutations(ops):
+        for when in range(len(ops) + 1):
+            store = new_store()
+            deliver(store, schedule[:when])
+            store.advance(now)
+            deliver(store, schedule[when:])
+            assert_tree(store.to_dict(), expected, f"advanced after {when} of {schedule!r}")
+        joiner = new_store()
+        joiner.merge(roundtrip(store.export()))
+        joiner.advance(now)
+        assert_tree(joiner.to_dict(), expected, f"merged from {schedule!r}")
+
+
+def ms(millis: int, origin: int = 1) -> int:
+    return real_stamp(millis, 0, origin)
+
+
+def test_ttl_expires_and_a_late_set_cancels_it() -> None:
+    """SET a ttl 5 at 0 is gone at 5; a SET without ttl at 2, even arriving late, keeps a."""
+    check_ttl_orders([Op(ms(0), SET, ("a",), 1, 5)], 4, {"a": 1})
+    check_ttl_orders([Op(ms(0), SET, ("a",), 1, 5)], 5, {})
+    check_ttl_orders([Op(ms(0), SET, ("a",), 1, 5), Op(ms(2), SET, ("a",), 2)], 9, {"a": 2})
+    # A SET after the expiry creates the key anew.
+    check_ttl_orders([Op(ms(0), SET, ("a",), 1, 5), Op(ms(7), SET, ("a",), 2)], 9, {"a": 2})
+
+
+def test_ttl_writes_below_go_with_it_and_later_ones_stay() -> None:
+    """Writes below an expiring path before its expiry go with it; later ones stay; a late
+    SET of the path without ttl brings back what was written below after it."""
+    ops = [
+        Op(ms(0), SET, ("a",), {"k": 0}, 5),
+        Op(ms(3), SET, ("a", "x"), 1),
+        Op(ms(7), SET, ("a", "y"), 2),
+    ]
+    check_ttl_orders(ops, 9, {"a": {"y": 2}})
+    check_ttl_orders([*ops, Op(ms(1), SET, ("a",), {})], 9, {"a": {"x": 1, "y": 2}})
+
+
+def test_ttl_increments() -> None:
+    """A newer ttl replaces the older; a plain increment keeps the expiry."""
+    hits = [Op(ms(0), INCREMENT, ("k",), 1, 5), Op(ms(3), INCREMENT, ("k",), 1, 5)]
+    check_ttl_orders(hits, 6, {"k": 2})
+    check_ttl_orders(hits, 8, {})
+    plain = [Op(ms(0), INCREMENT, ("k",), 1, 5), Op(ms(3), INCREMENT, ("k",), 1)]
+    check_ttl_orders(plain, 5, {})
+    check_ttl_orders([*plain, Op(ms(6), INCREMENT, ("k",), 4)], 9, {"k": 4})
+
+
+def test_ttl_ancestors() -> None:
+    """A newer reset of an ancestor cancels the expiry below; an ancestor's expiry takes
+    everything below, ttl or not, and whatever is written after it stays."""
+    reset = [
+        Op(ms(0), SET, ("a", "b"), 1, 5),
+        Op(ms(2), DELETE, ("a",)),
+        Op(ms(3), SET, ("a", "b"), 3),
+    ]
+    check_ttl_orders(reset, 9, {"a": {"b": 3}})
+    above = [
+        Op(ms(0), SET, ("a",), {}, 3),
+        Op(ms(1), SET, ("a", "b"), 1, 10),
+        Op(ms(4), SET, ("a", "c"), 2),
+    ]
+    check_ttl_orders(above[:2], 3, {})
+    check_ttl_orders(above, 5, {"a": {"c": 2}})
+    check_ttl_orders([*above, Op(ms(2), SET, ("a",), {"d": 0})], 5, {"a": {"d": 0, "c": 2}})
+    counter = [Op(ms(0), INCREMENT, ("a",), 1, 3), Op(ms(1), INCREMENT, ("a", "b"), 1, 9)]
+    check_ttl_orders(counter, 4, {})
+
+
+# Ttl ops on a chain of nested paths, with plain ops that cancel, replace or outlive them.
+_EXHAUSTIVE_TTL_BODIES = [
+    (SET, ("a",), 1, 2),
+    (SET, ("a",), {"b": {"c": 2}}, 3),
+    (INCREMENT, ("a",), 1, 2),
+    (INCREMENT, ("a",), 2, None),
+    (DELETE, ("a",), None, None),
+    (SET, ("a", "b"), {}, 1),
+    (INCREMENT, ("a", "b"), 0.5, 3),
+    (SET, ("a", "b", "c"), 3, None),
+    (INCREMENT, ("a", "b", "c"), 1, 1),
+    (SET, ("a",), {}, None),
+]
+
+
+def test_exhaustive_three_op_ttl_histories() -> None:
+    """Every sequence of 3 ops from a small universe with ttls (at 0, 1 and 2 ms), in every
+    delivery order, with the time set before or after, at several times, matches the model;
+    so does a replica that merges the other's export."""
+    failures: list[str] = []
+    for combo in itertools.product(_EXHAUSTIVE_TTL_BODIES, repeat=3):
+        ops = [Op(ms(i), *body) for i, body in enumerate(combo)]
+        for now in (2, 3, 5):
+            expected = fold(ops, now)
+            for schedule in itertools.permutations(ops):
+                early = new_store()
+                early.advance(now)
+                deliver(early, schedule)
+                late = store_with(schedule)
+                late.advance(now)
+                for name, store in (("early", early), ("late", late)):
+                    actual = store.to_dict()
+                    if not strict_equal(actual, expected):
+                        failures.append(f"{name} {list(schedule)!r} now={now}: {actual!r}")
+            joiner = new_store()
+            joiner.merge(roundtrip(store_with(ops[:1]).export()))
+            joiner.merge(roundtrip(store_with(ops[1:]).export()))
+            joiner.advance(now)
+            if not strict_equal(joiner.to_dict(), expected):
+                failures.append(f"merged {ops!r} now={now}: {joiner.to_dict()!r}")
+    assert not failures, f"{len(failures)} divergences, first ones:\n" + "\n".join(failures[:10])
+
+
+def test_ttl_replaced_event_still_replaces_an_older_late_one() -> None:
+    """Found by the exhaustive test: INCR ttl at 1 and 2, then SET ttl at 0 (expiring at 1)
+    arrives late. The INCR at 1 replaced that SET's expiry before it fired, although the
+    INCR at 2 replaced the INCR at 1 in turn; the store had forgotten the INCR at 1's ttl
+    event as replaced, and then let the late SET's expiry fire. Replaced ttl events are now
+    forgotten only below the stability frontier."""
+    ops = [
+        Op(ms(1), INCREMENT, ("a", "b"), 0.5, 3),
+        Op(ms(2), INCREMENT, ("a", "b"), 0.5, 3),
+        Op(ms(0), SET, ("a", "b"), {}, 1),
+    ]
+    check_ttl_orders(ops, 2, {"a": {"b": 1.0}})
+    check_ttl_orders(ops, 5, {"a": {}})  # the last INCR's expiry removes b only
+
+
+def test_ttl_counter_hit_often_keeps_bounded_bookkeeping() -> None:
+    """``incr(k, ttl=...)`` on every hit: one pending expiry entry, not one per hit; replaced
+    ttl events and old increments are forgotten once the frontier passes them."""
+    store = new_store()
+    store.advance(0)
+    for hit in range(1000):
+        store.apply(real_stamp(hit // 10, hit % 10, 1), INCREMENT, ("hits",), 1, 500)
+    assert store.get(("hits",)) == 1000
+    assert store.pending_expiries == 1
+    frontier = real_stamp(99, 5, 1)
+    while not store.collect(frontier):
+        pass
+    node = store._root.entries["hits"]
+    assert len(node.ttls) <= 6 and len(node.incs) <= 6
+    assert store.get(("hits",)) == 1000
+    store.advance(598)
+    assert store.get(("hits",)) == 1000
+    store.advance(599)  # 500 ms after the last hit
+    assert store.get(("hits",)) is None
+    assert store.expire(real_stamp(601, 0, 1)) == 1
+    assert store.pending_expiries == 0
+    while not store.collect(real_stamp(601, 0, 1)):
+        pass
+    assert "hits" not in store._root.entries

@@ -44,12 +44,12 @@ def test_frames_split_across_chunks_and_several_in_one_chunk():
 
 
 def test_encoded_ops_round_trip_with_the_biggest_values():
-    origin, hlc = (1 << 64) - 1, (1 << 64) - 3
+    origin, hlc = (1 << 63) - 1, (1 << 64) - 3  # node ids keep the top bit clear
     hlcs, ops, values = [hlc, hlc + 1, hlc + 2], [1, 2, 0], [2.5, None, {"x": [1, None]}]
     paths = [wire_path(("a", "b")), wire_path(("a",)), wire_path(("a.b@c", "d"))]
     assert paths == ["a.b", "a", ["a.b@c", "d"]]
     (message,) = FrameDecoder(1 << 20).feed(encode_ops(origin, 7, hlcs, ops, paths, values))
-    assert parse_ops(message) == (origin, 7, hlcs, ops, paths, values)
+    assert parse_ops(message) == (origin, 7, hlcs, ops, paths, values, None)
     assert [path_segments(p) for p in paths] == [["a", "b"], ["a"], ["a.b@c", "d"]]
 
 
@@ -61,6 +61,7 @@ OK = (HLC, 0, "a", 1)
     [
         (ops_message(OK, origin=0), "bad origin"),
         (ops_message(OK, origin=1 << 64), "bad origin"),
+        (ops_message(OK, origin=1 << 63), "bad origin"),
         (ops_message(OK, origin=-5), "bad origin"),
         (ops_message(OK, origin="1"), "bad origin"),
         (ops_message(OK, seq=0), "bad sequence"),
@@ -68,7 +69,8 @@ OK = (HLC, 0, "a", 1)
         (ops_message(OK, seq="1"), "bad sequence"),
         ([1, ORIGIN, 1, [], [], [], []], "no operations"),
         ([1, ORIGIN, 1, [HLC], [0], ["a"]], "wrong length"),
-        ([1, ORIGIN, 1, [HLC], [0], ["a"], [1], 0], "wrong length"),
+        ([1, ORIGIN, 1, [HLC], [0], ["a"], [1], 0], "bad ttl column"),
+        ([1, ORIGIN, 1, [HLC], [0], ["a"], [1], [0], 0], "wrong length"),
         ([1, ORIGIN, 1, [HLC], [0, 0], ["a"], [1]], "different lengths"),
         ([1, ORIGIN, 1, [HLC], [0], "a", [1]], "different lengths"),
         (ops_message((0, 0, "a", 1)), "bad stamp"),
