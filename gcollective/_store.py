@@ -328,6 +328,16 @@ class Store:
         there and rebuilding that subtree: the way for anything touching a path with ttl
         events (``key`` is the topmost such path on the way, or the target of a ttl op).
         ``parent`` and its ancestors carry no ttl events."""
+        if (
+            op == INCREMENT
+            and not rest
+            and (not ttl_ms or (s >> _MILLIS_SHIFT) + ttl_ms > self.now_ms)  # not due yet
+        ):
+            n = parent.entries.get(key)
+            if type(n) is _Node and s > n.top and self._newest_increment(parent, key, n, s, value):
+                if ttl_ms:
+                    self._add_ttl(n, s, expiry_stamp(s, ttl_ms), path)
+                return
         writes = op != DELETE
         p, k = parent, key
         for segment in rest:
@@ -362,6 +372,35 @@ class Store:
         top = parent.entries.get(key)
         if type(top) is _Node:
             self._rebuild_at(parent, key, top)
+
+    def _newest_increment(
+        self, parent: _Node, key: str, node: _Node, s: int, amount: int | float
+    ) -> bool:
+        """The in-order case of an increment at a path with ttl events (a counter hit with
+        ``incr(k, ttl=...)`` on every request): newer than everything in the subtree, so
+        the visible number just grows, or restarts. False when it is not that simple: an
+        expiry that fired after ``s`` (the increment comes from a clock behind it) may stop
+        owning the path and come back to life; then the caller rebuilds."""
+        ttls = node.ttls
+        now = self.now_ms
+        if ttls is not None and s >> _MILLIS_SHIFT <= now:
+            for expiry in ttls.values():
+                if expiry > s and expiry >> _MILLIS_SHIFT <= now:
+                    return False
+        current = node.value
+        if is_number(current):
+            result = current + amount
+        else:
+            result = amount  # a number restarts: an INCREMENT replaces anything else
+            if node.entries:
+                node.entries = {}
+        if node.incs is None:
+            node.incs = {}
+        node.incs[s] = amount
+        node.top = node.imax = node.r = s
+        node.value = result
+        self._place(parent, key, result)
+        return True
 
     def _add_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
         """Record ttl event ``s`` (expiring at the derived stamp ``expiry``) at ``node``.
