@@ -49,6 +49,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from array import array  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
@@ -147,7 +148,7 @@ class Driver:
     def __init__(self) -> None:
         self.node: Collective | None = None
         self.pacer: Pacer | None = None
-        self.arrivals: dict[str, list[list[float]]] = {}
+        self.arrivals: dict[str, tuple[array[int], array[float]]] = {}
         self.profiler: cProfile.Profile | None = None
         self.baseline = memory()
 
@@ -296,16 +297,25 @@ class Driver:
         if original is None:
             raise RuntimeError("this gcollective has no Store.apply to probe: update the probe")
         prefix = request["prefix"]
+        # Arrival times go into arrays, not one small list per operation: tens of thousands of
+        # tracked objects would make the garbage collector's full passes (which stop the
+        # process) longer, and the probe would add to the latency it measures.
         arrivals = self.arrivals = {}
+
+        def record(path: Any, value: Any) -> None:
+            if type(path) is str:  # dotted, in newer cores
+                path = path.split(".")
+            if path[0] == prefix:
+                seen = arrivals.get(path[1])
+                if seen is None:
+                    seen = arrivals[path[1]] = (array("q"), array("d"))
+                seen[0].append(value)
+                seen[1].append(monotonic())
 
         def apply(stamp: int, op: int, path: Any, value: Any, *ttl: int) -> None:
             original(stamp, op, path, value, *ttl)
-            if path[0] == prefix and op == 0:
-                origin = path[1]
-                seen = arrivals.get(origin)
-                if seen is None:
-                    seen = arrivals[origin] = []
-                seen.append([value, monotonic()])
+            if op == 0:
+                record(path, value)
 
         # Every applied operation, local or received, goes through store.apply, or through
         # store.apply_batch for received batches (newer cores).
@@ -316,19 +326,17 @@ class Driver:
             def apply_batch(stamps: Any, ops: Any, paths: Any, values: Any) -> None:
                 original_batch(stamps, ops, paths, values)
                 for op, path, value in zip(ops, paths, values):
-                    if type(path) is str:  # dotted, in newer cores
-                        path = path.split(".")
-                    if path[0] == prefix and op == 0:
-                        seen = arrivals.get(path[1])
-                        if seen is None:
-                            seen = arrivals[path[1]] = []
-                        seen.append([value, monotonic()])
+                    if op == 0:
+                        record(path, value)
 
             store.apply_batch = apply_batch  # type: ignore[method-assign]
         return {}
 
     def cmd_probe_dump(self, request: dict[str, Any]) -> dict[str, Any]:
-        arrivals = dict(self.arrivals)
+        arrivals = {
+            origin: [[value, at] for value, at in zip(*columns)]
+            for origin, columns in self.arrivals.items()
+        }
         self.arrivals.clear()  # the probe keeps appending to this very dict
         return {"arrivals": arrivals}
 
