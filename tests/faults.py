@@ -15,6 +15,8 @@ import threading
 
 from cluster import NodeProcess, free_ports
 
+from gcollective import Collective
+
 
 class Proxy:
     """Forwards connections to ``target_port``; links from blocked sources are cut."""
@@ -161,5 +163,46 @@ class ProxiedCluster:
         for node in self.nodes:
             if node is not None:
                 node.stop()
+        for proxy in self.proxies:
+            proxy.close()
+
+
+class ProxiedMembers:
+    """Members running in this process (under gevent) that all reach each other through
+    proxies, so links can be cut; ``options`` go to every ``Collective``."""
+
+    def __init__(self, count: int, **options) -> None:
+        self.real = free_ports(count)
+        self.public = free_ports(count)
+        self.options = options
+        self.proxies = [Proxy(p, r) for p, r in zip(self.public, self.real)]
+        self.nodes: list[Collective] = []
+        for i in range(count):
+            self.nodes.append(self.make(i))
+
+    def make(self, i: int) -> Collective:
+        node = Collective(
+            ("127.0.0.1", self.real[i]),
+            [("127.0.0.1", p) for p in self.public],
+            advertise=("127.0.0.1", self.public[i]),
+            **self.options,
+        )
+        node.start()
+        return node
+
+    def isolate(self, i: int) -> None:
+        others = [p for j, p in enumerate(self.public) if j != i]
+        self.proxies[i].cut(*others)
+        for j, proxy in enumerate(self.proxies):
+            if j != i:
+                proxy.cut(self.public[i])
+
+    def heal(self) -> None:
+        for proxy in self.proxies:
+            proxy.heal()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop(timeout=1)
         for proxy in self.proxies:
             proxy.close()

@@ -8,9 +8,8 @@ import logging
 
 import gevent
 import pytest
-from cluster import free_ports
 from cluster import wait_for as _wait_for
-from faults import Proxy
+from faults import ProxiedMembers
 
 from gcollective import Collective
 
@@ -31,52 +30,12 @@ def metadata_size(node: Collective) -> int:
     return count
 
 
-class Members:
-    """Members that all reach each other through proxies (so links can be cut)."""
-
-    def __init__(self, count: int, **options) -> None:
-        self.real = free_ports(count)
-        self.public = free_ports(count)
-        self.options = {**FAST, **options}
-        self.proxies = [Proxy(p, r) for p, r in zip(self.public, self.real)]
-        self.nodes: list[Collective] = []
-        for i in range(count):
-            self.nodes.append(self.make(i))
-
-    def make(self, i: int) -> Collective:
-        node = Collective(
-            ("127.0.0.1", self.real[i]),
-            [("127.0.0.1", p) for p in self.public],
-            advertise=("127.0.0.1", self.public[i]),
-            **self.options,
-        )
-        node.start()
-        return node
-
-    def isolate(self, i: int) -> None:
-        others = [p for j, p in enumerate(self.public) if j != i]
-        self.proxies[i].cut(*others)
-        for j, proxy in enumerate(self.proxies):
-            if j != i:
-                proxy.cut(self.public[i])
-
-    def heal(self) -> None:
-        for proxy in self.proxies:
-            proxy.heal()
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.stop(timeout=1)
-        for proxy in self.proxies:
-            proxy.close()
-
-
 @pytest.fixture
 def members():
-    made: list[Members] = []
+    made: list[ProxiedMembers] = []
 
-    def make(count: int, **options) -> Members:
-        m = Members(count, **options)
+    def make(count: int, **options) -> ProxiedMembers:
+        m = ProxiedMembers(count, **{**FAST, **options})
         made.append(m)
         return m
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from cluster import free_ports, wait_until
 from cluster import wait_for as _wait_for
-from faults import Proxy
+from faults import ProxiedMembers
 
 from gcollective import DELETE, INCREMENT, SET, Collective, InvalidValueError, ProtocolError
 from gcollective._clock import expiry_stamp, stamp_millis
@@ -244,44 +244,9 @@ def test_a_late_write_from_a_partition_cancels_an_expiry_that_fired(members_behi
     assert ("k", None, DELETE) in events and events[-1] == ("k", "second", SET)
 
 
-class BehindProxies:
-    """Members reached through proxies, so their links can be cut (as in test_gc)."""
-
-    def __init__(self, count: int) -> None:
-        self.real = free_ports(count)
-        self.public = free_ports(count)
-        self.proxies = [Proxy(p, r) for p, r in zip(self.public, self.real, strict=True)]
-        self.nodes = []
-        for i in range(count):
-            node = Collective(
-                ("127.0.0.1", self.real[i]),
-                [("127.0.0.1", p) for p in self.public],
-                advertise=("127.0.0.1", self.public[i]),
-                **FAST,
-            )
-            node.start()
-            self.nodes.append(node)
-
-    def isolate(self, i: int) -> None:
-        self.proxies[i].cut(*[p for j, p in enumerate(self.public) if j != i])
-        for j, proxy in enumerate(self.proxies):
-            if j != i:
-                proxy.cut(self.public[i])
-
-    def heal(self) -> None:
-        for proxy in self.proxies:
-            proxy.heal()
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.stop(timeout=1)
-        for proxy in self.proxies:
-            proxy.close()
-
-
 @pytest.fixture
 def members_behind_proxies():
-    made = BehindProxies(2)
+    made = ProxiedMembers(2, **FAST)
     yield made
     made.close()
 
