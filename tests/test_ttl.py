@@ -10,7 +10,7 @@ import functools
 import time
 
 import pytest
-from cluster import free_ports, wait_until
+from cluster import LocalMembers, free_ports, wait_until
 from cluster import wait_for as _wait_for
 from faults import ProxiedMembers
 
@@ -105,30 +105,11 @@ def test_collective_js_mode_refuses_ttl() -> None:
 
 @pytest.fixture
 def members():
-    """``members(n, spare=0)``: n started members, peers of each other and of ``spare``
-    addresses for members that ``members.join()`` starts later. (An address nobody answers
-    on holds the metadata frontier back, so only tests that join have spares.)"""
-    made: list[Collective] = []
-    addresses: list[str] = []
-
-    def make(count: int, spare: int = 0) -> list[Collective]:
-        addresses.extend(f"127.0.0.1:{p}" for p in free_ports(count + spare))
-        for i in range(count):
-            node = Collective(addresses[i], addresses, **FAST)
-            node.start()
-            made.append(node)
-        return list(made)
-
-    def join() -> Collective:
-        node = Collective(addresses[len(made)], addresses, **FAST)
-        node.start()
-        made.append(node)
-        return node
-
-    make.join = join
-    yield make
-    for node in made:
-        node.stop(timeout=1)
+    """``members(n, spare=0)`` starts members, ``members.join(**watches)`` one more: see
+    ``cluster.LocalMembers``."""
+    local = LocalMembers(**FAST)
+    yield local
+    local.stop()
 
 
 def seen_by_watch(node: Collective, key: str) -> list[tuple]:

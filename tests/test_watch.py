@@ -6,7 +6,7 @@ import logging
 
 import gevent
 import pytest
-from cluster import free_ports, wait_for
+from cluster import LocalMembers, free_ports, wait_for
 
 import gcollective
 from gcollective import DELETE, INCREMENT, SET, Collective
@@ -30,31 +30,11 @@ class Recorder:
 
 @pytest.fixture
 def members():
-    """``members(n)``: n started members that are peers of each other; ``members.join()``
-    starts one more (with the watches passed to it registered first)."""
-    ports = free_ports(4)
-    addresses = [f"127.0.0.1:{p}" for p in ports]
-    made: list[Collective] = []
-
-    def make(count: int) -> list[Collective]:
-        for i in range(count):
-            node = Collective(addresses[i], addresses, **FAST)
-            node.start()
-            made.append(node)
-        return list(made)
-
-    def join(**watches) -> Collective:
-        node = Collective(addresses[len(made)], addresses, **FAST)
-        for prefix, callback in watches.items():
-            node.watch(prefix, callback)
-        node.start()
-        made.append(node)
-        return node
-
-    make.join = join
-    yield make
-    for node in made:
-        node.stop(timeout=1)
+    """``members(n, spare=0)`` starts members, ``members.join(**watches)`` one more: see
+    ``cluster.LocalMembers``."""
+    local = LocalMembers(**FAST)
+    yield local
+    local.stop()
 
 
 def test_local_and_remote_changes_reach_a_watch_with_their_origin(members):
@@ -113,7 +93,7 @@ def test_prefix_semantics_both_directions(members):
 
 
 def test_a_joining_member_sees_what_the_snapshot_merge_changed(members):
-    a, b = members(2)
+    a, b = members(2, spare=1)
     a.set("users.1", {"name": "ann", "tags": ["x"]})
     a.set("users.2", "bob")
     b.set("hits", 3)
