@@ -695,6 +695,7 @@ class LegacyCollective:
             self.local, self._handle_connection, spawn=Pool(self.max_connections)
         )
         self._server.start()
+        _node._running_nodes.add(self)
         deadline = time.monotonic() + timeout
         for address in self.peers:
             self._add_link(address, new_flag=False)
@@ -715,6 +716,7 @@ class LegacyCollective:
         if not self._started or self._stopping:
             return
         self._stopping = True
+        _node._running_nodes.discard(self)
         if self._server is not None:
             self._server.close()
         self._announced.set()  # writers still waiting for it must see the stop
@@ -732,6 +734,11 @@ class LegacyCollective:
         if self._handlers:
             gevent.killall(list(self._handlers), block=True, timeout=1)
         log.info("node %s (collective.js mode) stopped", format_address(self.local))
+
+    def _forget_after_fork(self) -> None:
+        _node.forget_in_child(
+            self, [*(link.greenlet for link in self._links.values()), *self._handlers]
+        )
 
     def __enter__(self) -> LegacyCollective:
         if not self._started:

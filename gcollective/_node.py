@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 import gevent
@@ -117,11 +118,29 @@ _INF = float("inf")
 # cheaply that it was inherited from the parent and must not be used.
 _fork_generation = 0
 _fork_hook_registered = False
+# Nodes running in this process (either kind), so that a forked child can silence its copies.
+_running_nodes: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    nodes = list(_running_nodes)
+    _running_nodes.clear()
+    for node in nodes:
+        node._forget_after_fork()
+
+
+def forget_in_child(node: Any, greenlets: Iterable[gevent.Greenlet | None]) -> None:
+    """In a forked child, silence a copy of the parent's node: stop accepting and kill its
+    greenlets, which would otherwise run in the child's hub and read from or write on the
+    parent's connections (the descriptors are shared). Nothing is sent or shut down: only the
+    child's copies of the descriptors are closed."""
+    node._stopping = True
+    node._writable = False
+    if node._server is not None:
+        node._server.close()
+    gevent.killall([g for g in greenlets if g is not None], block=False)
 
 
 def backoff_delay(failures: int, low: float, high: float) -> float:
@@ -865,6 +884,7 @@ class Collective:
             self.local, self._handle_connection, spawn=Pool(self.max_connections)
         )
         self._server.start()
+        _running_nodes.add(self)
         self._warn_if_exposed()
         for address in self.peers:
             self._add_link(address)
@@ -904,6 +924,7 @@ class Collective:
             return
         self._flush_outbox()
         self._stopping = True
+        _running_nodes.discard(self)
         self._writable = False
         if self._server is not None:
             self._server.close()
@@ -927,6 +948,18 @@ class Collective:
         for watch in watches:
             watch._close()  # what is queued is still delivered
         log.info("node %s stopped", format_address(self.local))
+
+    def _forget_after_fork(self) -> None:
+        forget_in_child(
+            self,
+            [
+                self._housekeeper,
+                self._expirer,
+                *(link.greenlet for link in self._links.values()),
+                *self._handlers,
+                *(watch._greenlet for watch in self._watches),
+            ],
+        )
 
     def __enter__(self) -> Collective:
         if not self._started:

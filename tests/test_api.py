@@ -283,6 +283,47 @@ def test_import_has_no_side_effects():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=_env())
 
 
+def test_a_forked_child_running_the_hub_leaves_the_parents_links_alone():
+    """After a fork the child's hub would run copies of the parent's greenlets on the shared
+    descriptors: with a secret, a record sent twice under one counter breaks the link. The
+    child here runs its hub for a while; the parent's links must never notice."""
+    code = f"""
+from gevent import monkey; monkey.patch_all()
+import os, time, gevent
+from gcollective import Collective
+addresses = ["127.0.0.1:{free_port()}", "127.0.0.1:{free_port()}"]
+options = dict(sync_interval=0.02, secret="s" * 32)
+a = Collective(addresses[0], addresses, **options); a.start(timeout=5)
+b = Collective(addresses[1], addresses, **options); b.start(timeout=5)
+def wait(check):
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline
+        gevent.sleep(0.01)
+a.set("before", 1)
+wait(lambda: b.get("before") == 1)
+pid = os.fork()
+if pid == 0:
+    gevent.sleep(1.0)  # the child runs its hub; the parent's nodes are not its own
+    os._exit(0)
+for i in range(30):
+    a.set(("after", str(i)), i); b.set(("back", str(i)), i)
+    gevent.sleep(0.03)
+os.waitpid(pid, 0)
+wait(lambda: b.get("after") == {{str(i): i for i in range(30)}})
+wait(lambda: a.get("back") == {{str(i): i for i in range(30)}})
+for node, other in ((a, addresses[1]), (b, addresses[0])):
+    peer = node.stats()["peers"][other]
+    assert peer["connects"] == 1, peer  # (its last error is from before the peer listened)
+    assert node.stats()["refused_connections"] == 0
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def test_nothing_of_a_parents_node_survives_fork():
     code = (
         "import os, gcollective\n"
