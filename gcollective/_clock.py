@@ -18,6 +18,7 @@ __all__ = [
     "new_node_id",
     "stamp_origin",
     "stamp_millis",
+    "millis_stamp",
     "expiry_stamp",
     "NODE_BITS",
 ]
@@ -44,6 +45,11 @@ def stamp_origin(stamp: int) -> int:
 def stamp_millis(stamp: int) -> int:
     """The wall-clock milliseconds part of ``stamp`` (approximately when it was made)."""
     return stamp >> (NODE_BITS + _LOGICAL_BITS)
+
+
+def millis_stamp(millis: int) -> int:
+    """The smallest stamp of wall-clock millisecond ``millis`` (below every real one made then)."""
+    return millis << (NODE_BITS + _LOGICAL_BITS)
 
 
 def expiry_stamp(stamp: int, ttl_ms: int) -> int:

@@ -53,7 +53,14 @@ from ._auth import (
     explain_refusal,
     secret_is_weak,
 )
-from ._clock import NODE_BITS, HybridClock, new_node_id, stamp_millis, stamp_origin
+from ._clock import (
+    NODE_BITS,
+    HybridClock,
+    millis_stamp,
+    new_node_id,
+    stamp_millis,
+    stamp_origin,
+)
 from ._errors import AuthenticationError, InvalidValueError, NotStartedError, ProtocolError
 from ._oplog import OpLog, Progress
 from ._store import DELETE, INCREMENT, SET, Store, is_number, read_path
@@ -1767,8 +1774,13 @@ class Collective:
     def _advance(self) -> None:
         """Let the store's expiries due by now fire, and tell the watches."""
         store = self._store
-        fired = store.advance(int(time.time() * 1000))
+        now_ms = int(time.time() * 1000)
+        fired = store.advance(now_ms)
         self._next_due = store.next_expiry
+        if fired:
+            # Whatever this node does after seeing a key expire must order after the expiry
+            # (derived stamps sit at counter 0 of their millisecond), or it would expire too.
+            self._clock.observe(millis_stamp(now_ms))
         if fired and self._watches:
             get = store.get
             for path, stamp in fired:
@@ -1799,7 +1811,7 @@ class Collective:
         make operations older than the clocks allow (``clock_skew``).
         """
         progress = self._progress
-        floor = int((time.time() - self.clock_skew) * 1000) << (16 + 64)
+        floor = millis_stamp(int((time.time() - self.clock_skew) * 1000))
         members = [link for link in self._links.values() if not link.down]
         live = {self.node_id}
         for link in members:

@@ -170,6 +170,20 @@ def test_incr_with_ttl_expires_after_the_last_hit(members) -> None:
     assert a.incr("hits", 1) == 1  # counting starts afresh
 
 
+def test_an_operation_made_after_seeing_an_expiry_is_ordered_after_it(members) -> None:
+    # Regression: an increment made in the very millisecond its key was seen to expire got a
+    # stamp below the expiry's (same millisecond, counter 0) and was itself expired at once.
+    (a,) = members(1)
+    for _ in range(20):
+        a.set("k", 5, ttl=0.001)
+        deadline = time.monotonic() + 5
+        while a.get("k") is not None:  # busy: the next call lands in the same millisecond
+            assert time.monotonic() < deadline, "never expired"
+        assert a.incr("k", 1) == 1
+        a.set("k", "kept")
+        assert a.get("k") == "kept"
+
+
 def test_a_joiner_gets_the_ttl_by_snapshot_and_expires_it(members) -> None:
     a, b = members(2, spare=1)
     a.set("temp", {"x": 1}, ttl=0.6)
