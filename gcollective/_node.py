@@ -1043,6 +1043,7 @@ class Collective:
                 "connects": link.connects,
                 "overflows": link.overflows,
                 "snapshots_sent": link.snapshots_sent,
+                "snapshot_owed": link.snapshot_vector is not None,
                 "relayed_frames": link.relayed_frames,
                 "last_error": link.last_error,
                 "last_error_at": link.last_error_at,
@@ -1609,13 +1610,11 @@ class Collective:
                     link.peer_own_seq = theirs.get(peer_id, 0)
                     link.peer_frontier = frontier
                     link.last_heard = time.monotonic()
-                    owed = link.snapshot_vector
-                    if (
-                        owed is not None
-                        and complete  # a joiner reports complete once a snapshot is merged
-                        and all(theirs.get(o, 0) >= s for o, s in owed.items())
-                    ):
-                        link.snapshot_vector = None  # merged: no longer owed
+                    if complete and link.snapshot_vector is not None:
+                        # A joiner reports complete once it merged a snapshot, ours or
+                        # another member's: ours is no longer owed, and the catch-up below
+                        # sends whatever it still lacks (or a snapshot, if the log cannot).
+                        link.snapshot_vector = None
                         link.snapshot_due = False
                     if complete:
                         sent_bound = self._catch_up(link, theirs, previous, peer_id, sent_bound)
