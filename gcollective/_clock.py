@@ -68,36 +68,47 @@ def expiry_stamp(stamp: int, ttl_ms: int) -> int:
 class HybridClock:
     """Issues this node's stamps; ``observe`` every stamp received from others."""
 
-    __slots__ = ("node_id", "_last", "_now")
+    __slots__ = ("node_id", "_last", "_ms", "_now")
 
     def __init__(self, node_id: int, now: Callable[[], int] = time.time_ns) -> None:
         if not 0 < node_id <= _NODE_MASK:
             raise ValueError("node_id must be a positive 64-bit int")
         self.node_id = node_id
-        self._last = 0
+        # The greatest stamp issued, observed or promised so far, in this node's name.
+        self._last = node_id
+        # The wall-clock millisecond of the last stamp taken from the wall clock: while it
+        # lasts, the next stamp is simply the last one plus one (the common, cheap case).
+        self._ms = -1
         self._now = now
 
     def stamp(self) -> int:
         """A new stamp, greater than every stamp issued or observed so far."""
-        hlc = self._now() // 1_000_000 << _LOGICAL_BITS
-        last = self._last
+        ms = self._now() // 1_000_000
+        if ms == self._ms:
+            stamp = self._last = self._last + _ONE_TICK
+            return stamp
+        hlc = ms << _LOGICAL_BITS
+        last = self._last >> NODE_BITS
         if hlc <= last:
             hlc = last + 1
-        self._last = hlc
-        return (hlc << NODE_BITS) | self.node_id
+        self._ms = ms
+        stamp = self._last = (hlc << NODE_BITS) | self.node_id
+        return stamp
 
     def promise(self) -> int:
         """A stamp that every later stamp of this clock will exceed: now, or the last stamp
         issued or observed if that is later. (The clock moves up to it, so the promise holds
         even if the wall clock steps back.)"""
-        hlc = self._now() // 1_000_000 << _LOGICAL_BITS
-        if hlc < self._last:
-            hlc = self._last
-        self._last = hlc
-        return (hlc << NODE_BITS) | self.node_id
+        now = ((self._now() // 1_000_000) << (_LOGICAL_BITS + NODE_BITS)) | self.node_id
+        if now > self._last:
+            self._last = now
+        return self._last
 
     def observe(self, stamp: int) -> None:
         """Move past a received stamp, so later local stamps order after it."""
-        hlc = stamp >> NODE_BITS
-        if hlc > self._last:
-            self._last = hlc
+        seen = (stamp >> NODE_BITS << NODE_BITS) | self.node_id
+        if seen > self._last:
+            self._last = seen
+
+
+_ONE_TICK = 1 << NODE_BITS  # one step of the logical counter, in a stamp

@@ -63,7 +63,7 @@ from ._clock import (
 )
 from ._errors import AuthenticationError, InvalidValueError, NotStartedError, ProtocolError
 from ._oplog import OpLog, Progress
-from ._store import DELETE, INCREMENT, SET, Store, is_number, read_path
+from ._store import DELETE, INCREMENT, SET, Store, copy_value, is_number
 from ._validate import (
     Key,
     check_amount,
@@ -818,6 +818,7 @@ class Collective:
         #: This incarnation's id: fresh on every construction, so a restart is a new origin.
         self.node_id = new_node_id()
         self._store = Store()
+        self._data = self._store.data  # the live tree (the same dict for the store's life)
         self._clock = HybridClock(self.node_id)
         self._seq = 0
         # Own operations applied but not yet encoded, in the columns of an OPS frame, numbered
@@ -1170,9 +1171,18 @@ class Collective:
         due = self._next_due
         if due < _INF and due <= time.time() * 1000:
             self._advance()
-        if type(key) is str and key and ".." not in key and key[0] != "." and key[-1] != ".":
-            return read_path(self._store.data, key.split("."), default)
-        return self._store.get(parse_key(key), default)
+        # The hot path walks first and checks the key only when nothing is found: every
+        # stored segment is valid, so a dotted key that leads to a value is a valid one.
+        try:
+            value = self._data
+            for segment in key.split("."):
+                value = value[segment]
+        except (KeyError, TypeError, AttributeError):
+            return self._store.get(parse_key(key), default)
+        kind = type(value)
+        if kind is dict or kind is list:
+            return copy_value(value)
+        return value
 
     def set(self, key: Key, value: Any, op: int = SET, ttl: float | None = None) -> None:
         """Set ``key`` to ``value`` here at once and on every peer soon after.

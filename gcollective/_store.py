@@ -45,6 +45,8 @@ expiries below the stability frontier into real DELETEs at D, which ``collect`` 
 from __future__ import annotations
 
 import heapq
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Iterable
 
 from ._clock import expiry_stamp
@@ -264,6 +266,8 @@ class Store:
 
         A path is a dotted string (segments without dots) or a list of segments.
         """
+        if len(stamps) >= _BULK_MIN and self._apply_sibling_sets(stamps, ops, paths, values):
+            return
         apply = self.apply
         parent: _Node | None = None  # the last path's parent, while the way to it is settled
         prefix: str | None = None  # its dotted path ("" for the root)
@@ -293,20 +297,50 @@ class Store:
             apply(s, op, segments, value)
             parent = None
             if above is not None and op == SET and type(value) is not dict:
-                parent, ancestors = self._settled_way(segments, s)
+                parent, ancestors = self._settled_way(segments[:-1], s)
                 prefix = above
         if raised != NEVER:
             _raise(ancestors, raised)
 
-    def _settled_way(self, path: list[str], s: int) -> tuple[_Node | None, list[_Node]]:
-        """The parent of ``path`` and the nodes on the way, if a later plain SET there (with a
-        newer stamp than ``s``) takes the fast path at every level."""
+    def _apply_sibling_sets(
+        self, stamps: list[int], ops: list[int], paths: list[Any], values: list[Any]
+    ) -> bool:
+        """``apply_batch`` of the commonest batch, a writer's loop over one parent, with a few
+        C-level dict operations instead of a Python step per operation: plain SETs (no dict
+        values) of dotted paths under one settled parent, none of which exists there yet.
+        Returns False, having changed nothing, when the batch is not that."""
+        if set(ops) != _ONLY_SETS or dict in set(map(type, values)):
+            return False
+        try:
+            parts = list(map(str.rpartition, paths, repeat(".")))
+        except TypeError:
+            return False  # a path given as a list of segments
+        prefixes = set(map(_FIRST, parts))
+        if len(prefixes) != 1:
+            return False
+        prefix = prefixes.pop()
+        parent, ancestors = self._settled_way(prefix.split(".") if prefix else [], stamps[0])
+        if parent is None or stamps[0] < parent.r:
+            return False
+        keys = list(map(_LAST, parts))
+        entries = parent.entries
+        if not entries.keys().isdisjoint(keys):
+            return False  # some are overwrites: each needs its stamp compared
+        # A key written twice keeps its last value and stamp, as one by one.
+        entries.update(zip(keys, stamps))
+        parent.value.update(zip(keys, values))
+        _raise(ancestors, stamps[-1])
+        return True
+
+    def _settled_way(self, way: list[str], s: int) -> tuple[_Node | None, list[_Node]]:
+        """The node at ``way`` and the nodes on the way to it, if a later plain SET below it
+        (with a newer stamp than ``s``) takes the fast path at every level."""
         node = self._root
         ancestors = []
-        for i in range(len(path) - 1):
+        for segment in way:
             if s < node.r:
                 return None, ancestors
-            child = node.entries.get(path[i])
+            child = node.entries.get(segment)
             if type(child) is not _Node or type(child.value) is not dict or child.ttls is not None:
                 return None, ancestors  # (a path that may expire takes apply's slow way)
             ancestors.append(child)
@@ -1318,6 +1352,10 @@ def _raise(ancestors: list[_Node], s: int) -> None:
             node.d = s
 
 
+_BULK_MIN = 16  # below this, a batch goes one operation at a time
+_ONLY_SETS = {SET}
+_FIRST = itemgetter(0)
+_LAST = itemgetter(2)
 _LEAF_TYPES = {int}
 _CONTAINERS = (dict, list)
 

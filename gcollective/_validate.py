@@ -46,13 +46,15 @@ def has_utf8(text: str) -> bool:
 def parse_key(key: Any) -> tuple[str, ...]:
     """Turn a key into its path of segments, or raise ``InvalidKeyError``."""
     if type(key) is str:
-        if not key or ".." in key or key[0] == "." or key[-1] == ".":
+        # Split first: one C-level scan of the parts then finds any empty segment.
+        segments = key.split(".")
+        if "" in segments:
             raise InvalidKeyError(f"key {key!r} is empty or has an empty segment")
+        if len(segments) > MAX_DEPTH:
+            raise InvalidKeyError(f"key is deeper than {MAX_DEPTH} segments")
         if not key.isascii() and not has_utf8(key):
             raise InvalidKeyError(f"key {key!r} holds a lone surrogate, which UTF-8 cannot carry")
-        if key.count(".") >= MAX_DEPTH:
-            raise InvalidKeyError(f"key is deeper than {MAX_DEPTH} segments")
-        return tuple(key.split("."))
+        return tuple(segments)
     if isinstance(key, (tuple, list)):
         if not key:
             raise InvalidKeyError("key is an empty sequence")

@@ -441,6 +441,53 @@ def test_apply_batch_matches_model(data: st.DataObject) -> None:
     assert_store_matches(batched, ops, f"{context}, after: {after!r}")
 
 
+@_settings(max_examples=200)
+@given(st.data())
+def test_a_bulk_batch_of_sibling_sets_matches_one_by_one(data: st.DataObject) -> None:
+    """A writer's loop over one parent (16 or more plain SETs of siblings: the batch
+    ``apply_batch`` applies in bulk, or hands back to its loop when some key exists), on top
+    of any state, leaves the metadata of applying it one by one."""
+    parent = data.draw(st.sampled_from([(), ("a",), ("a", "x")]), label="parent")
+    names = ["k0", "k1", "k2", "k3"] + [f"n{i}" for i in range(40)]
+    siblings = [(*parent, name) for name in names]
+    size = data.draw(st.integers(min_value=16, max_value=40), label="size")
+    keys = data.draw(st.lists(st.sampled_from(siblings), min_size=size, max_size=size))
+    values = data.draw(
+        st.lists(
+            st.one_of(small_ints, st.lists(small_ints, max_size=2)), min_size=size, max_size=size
+        )
+    )
+    earlier = data.draw(
+        st.lists(
+            op_bodies(st.sampled_from([*siblings[:4], ("a",), ("a", "x"), ("b",)])), max_size=6
+        ),
+        label="earlier",
+    )
+    op_stamps = data.draw(
+        st.lists(stamps, min_size=size + len(earlier), max_size=size + len(earlier), unique=True)
+    )
+    before = [Op(stamp, *body) for stamp, body in zip(op_stamps[size:], earlier)]
+    batch = [
+        Op(stamp, SET, key, value)
+        for stamp, key, value in zip(sorted(op_stamps[:size]), keys, values)
+    ]
+    from gcollective._wire import wire_path
+
+    batched, one_by_one = new_store(), new_store()
+    for store in (batched, one_by_one):
+        deliver(store, before)
+    batched.apply_batch(
+        [op.stamp for op in batch],
+        [op.op for op in batch],
+        [wire_path(op.path) for op in batch],
+        [copy.deepcopy(op.value) for op in batch],
+    )
+    deliver(one_by_one, batch)
+    context = f"before: {before!r}, batch: {batch!r}"
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    assert_store_matches(batched, before + batch, context)
+
+
 # Few paths, mostly siblings under shared parents, mostly plain SETs: what batches are made of.
 BATCH_PATHS = st.sampled_from(
     [("a",), ("b",), ("a", "x"), ("a", "y"), ("a", "x", "p"), ("a", "x", "q"), ("b", "x")]

@@ -1,0 +1,76 @@
+"""The hybrid logical clock (sans-IO: a fake wall clock drives it)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gcollective._clock import HybridClock, millis_stamp, stamp_millis, stamp_origin
+
+NODE = 0x1234_5678_9ABC_DEF0
+
+
+class FakeWall:
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def __call__(self) -> int:
+        return self.ms * 1_000_000 + 999_999  # nanoseconds, late in the millisecond
+
+
+def test_stamps_track_the_wall_clock_and_never_repeat() -> None:
+    wall = FakeWall(1_000)
+    clock = HybridClock(NODE, wall)
+    first, second = clock.stamp(), clock.stamp()
+    assert stamp_millis(first) == stamp_millis(second) == 1_000
+    assert second == first + (1 << 64) and stamp_origin(second) == NODE
+    wall.ms = 1_005
+    assert clock.stamp() == millis_stamp(1_005) | NODE
+
+
+def test_a_wall_clock_stepping_back_never_moves_stamps_back() -> None:
+    wall = FakeWall(2_000)
+    clock = HybridClock(NODE, wall)
+    before = clock.stamp()
+    wall.ms = 1_000
+    assert clock.stamp() == before + (1 << 64)
+
+
+def test_observed_and_promised_stamps_are_passed() -> None:
+    wall = FakeWall(1_000)
+    clock = HybridClock(NODE, wall)
+    clock.stamp()
+    ahead = millis_stamp(5_000) | 7  # another node's clock is ahead
+    clock.observe(ahead)
+    assert clock.stamp() > ahead
+    clock.observe(millis_stamp(10))  # an old stamp changes nothing
+    promised = clock.promise()
+    assert clock.stamp() > promised
+    wall.ms = 9_000
+    promised = clock.promise()
+    assert stamp_millis(promised) == 9_000
+    wall.ms = 8_000
+    assert clock.stamp() > promised
+
+
+@given(st.lists(st.tuples(st.sampled_from("spo"), st.integers(0, 3_000)), max_size=60))
+def test_every_stamp_exceeds_everything_before_it(steps: list[tuple[str, int]]) -> None:
+    """Whatever the wall clock does, a new stamp exceeds every stamp issued, observed or
+    promised before it."""
+    wall = FakeWall(1_500)
+    clock = HybridClock(NODE, wall)
+    floor = 0
+    for action, ms in steps:
+        if action == "s":
+            wall.ms = ms
+            stamp = clock.stamp()
+            assert stamp > floor and stamp_origin(stamp) == NODE
+            assert stamp_millis(stamp) >= ms  # never behind the wall clock
+            floor = stamp
+        elif action == "p":
+            wall.ms = ms
+            floor = max(floor, clock.promise())
+        else:
+            seen = millis_stamp(ms) | (ms + 1)
+            clock.observe(seen)
+            floor = max(floor, seen)
