@@ -342,7 +342,13 @@ def _check_paths(paths: list[Any]) -> None:
         joined = ""  # some path is a list (or junk): checked one by one below
     # Joined with dots, an empty path or segment anywhere shows as ".." or a dot at an end.
     if joined and ".." not in joined and joined[0] != "." and joined[-1] != ".":
-        if joined.count(".") >= MAX_DEPTH and max(p.count(".") for p in paths) >= MAX_DEPTH:
+        # Too deep means MAX_DEPTH dots or more, so (no segment being empty) at least twice
+        # as many characters: only a long path needs its dots counted.
+        if (
+            joined.count(".") >= MAX_DEPTH
+            and max(map(len, paths)) > 2 * MAX_DEPTH
+            and max(p.count(".") for p in paths) >= MAX_DEPTH
+        ):
             raise ProtocolError("OPS frame has a bad path")
         return
     for path in paths:

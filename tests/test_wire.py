@@ -88,6 +88,8 @@ OK = (HLC, 0, "a", 1)
         (ops_message((HLC, 0, ["a", 1], 1)), "path segment"),
         (ops_message((HLC, 0, ".".join("x" * 101), 1)), "bad path"),
         (ops_message((HLC, 0, ["x"] * 101, 1)), "bad path"),
+        (ops_message(OK, (HLC + 1, 0, ".".join("x" * 101), 1)), "bad path"),
+        (ops_message(OK, (HLC + 1, 0, ".".join(["long" * 30] * 101), 1)), "bad path"),
         (ops_message((HLC, 0, "a", float("nan"))), "non-finite"),
         (ops_message((HLC, 0, "a", {"x": [float("inf")]})), "non-finite"),
         (ops_message((HLC, 1, "a", "1")), "not a number"),
@@ -101,6 +103,11 @@ OK = (HLC, 0, "a", 1)
 def test_bad_ops_frames_are_refused(message, reason):
     with pytest.raises(ProtocolError, match=reason):
         parse_ops(message)
+
+
+def test_paths_as_deep_as_allowed_are_accepted():
+    deepest = ".".join("x" * 100)
+    parse_ops(ops_message(OK, (HLC + 1, 0, deepest, 1), (HLC + 2, 0, "long" * 60, 1)))
 
 
 def test_oversized_frame_and_oversized_tail_are_refused():
