@@ -422,11 +422,20 @@ def test_apply_batch_matches_model(data: st.DataObject) -> None:
     batch = sorted((op for op, group in zip(ops, groups) if group == "b"), key=lambda op: op.stamp)
     after = [op for op, group in zip(ops, groups) if group == "a"]
     schedule = data.draw(deliveries(before), label="before")
+    batched, context = batch_matches_one_by_one(schedule, batch)
+    deliver(batched, after)
+    assert_store_matches(batched, ops, f"{context}, after: {after!r}")
+
+
+def batch_matches_one_by_one(before: list[Op], batch: list[Op]) -> tuple[Any, str]:
+    """Deliver ``before`` to two stores, then ``batch`` as one ``apply_batch`` to one and op
+    by op to the other; assert they hold the same metadata and match the model. Returns the
+    batched store and the context for later assertions."""
     from gcollective._wire import wire_path
 
     batched, one_by_one = new_store(), new_store()
     for store in (batched, one_by_one):
-        deliver(store, schedule)
+        deliver(store, before)
     batched.apply_batch(
         [op.stamp for op in batch],
         [op.op for op in batch],
@@ -434,11 +443,10 @@ def test_apply_batch_matches_model(data: st.DataObject) -> None:
         [copy.deepcopy(op.value) for op in batch],
     )
     deliver(one_by_one, batch)
-    context = f"before: {schedule!r}, batch: {batch!r}"
+    context = f"before: {before!r}, batch: {batch!r}"
     assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
-    assert_store_matches(batched, before + batch, context)
-    deliver(batched, after)
-    assert_store_matches(batched, ops, f"{context}, after: {after!r}")
+    assert_store_matches(batched, list(before) + batch, context)
+    return batched, context
 
 
 @_settings(max_examples=200)
@@ -471,21 +479,7 @@ def test_a_bulk_batch_of_sibling_sets_matches_one_by_one(data: st.DataObject) ->
         Op(stamp, SET, key, value)
         for stamp, key, value in zip(sorted(op_stamps[:size]), keys, values)
     ]
-    from gcollective._wire import wire_path
-
-    batched, one_by_one = new_store(), new_store()
-    for store in (batched, one_by_one):
-        deliver(store, before)
-    batched.apply_batch(
-        [op.stamp for op in batch],
-        [op.op for op in batch],
-        [wire_path(op.path) for op in batch],
-        [copy.deepcopy(op.value) for op in batch],
-    )
-    deliver(one_by_one, batch)
-    context = f"before: {before!r}, batch: {batch!r}"
-    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
-    assert_store_matches(batched, before + batch, context)
+    batch_matches_one_by_one(before, batch)
 
 
 # Few paths, mostly siblings under shared parents, mostly plain SETs: what batches are made of.
