@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from typing import Any, Iterable
@@ -61,22 +60,17 @@ import gevent
 import ujson
 from gevent import socket as gsocket
 from gevent.event import Event
-from gevent.pool import Pool
-from gevent.server import StreamServer
 
 from . import _node
-from ._errors import InvalidKeyError, InvalidValueError, NotStartedError, ProtocolError
+from ._errors import InvalidKeyError, InvalidValueError, ProtocolError
 from ._store import MISSING, copy_value, is_number, read_path
 from ._validate import (
     Key,
     check_amount,
-    check_positive,
-    check_sizes,
     clean_value,
     format_address,
     parse_address,
     parse_key,
-    parse_members,
 )
 from ._wire import MAGIC, _check_json
 
@@ -391,7 +385,7 @@ class _Retire(Exception):
     """The member sent New: redial it, as our connection may lead to its previous process."""
 
 
-class _Link:
+class _Link(_node._Writer):
     """The outgoing side of one member: what is pending for it and the writer that sends it."""
 
     def __init__(self, node: LegacyCollective, address: tuple[str, int], new_flag: bool | None):
@@ -441,18 +435,6 @@ class _Link:
                 self.pending_bytes = 0
         if not self.wake.is_set():
             self.wake.set()
-
-    def start(self) -> None:
-        self.greenlet = gevent.spawn(self._run)
-
-    def stop(self) -> None:
-        self.wake.set()
-        self.kick.set()
-
-    def _backoff(self, failures: int) -> None:
-        node = self.node
-        self.kick.clear()
-        self.kick.wait(_node.backoff_delay(failures, node.backoff_min, node.backoff_max))
 
     def _run(self) -> None:
         node = self.node
@@ -583,7 +565,7 @@ def _refuse_ttl(ttl: Any) -> None:
         )
 
 
-class LegacyCollective:
+class LegacyCollective(_node._Member):
     """A member of a collective.js 0.3.1 collective, with ``Collective``'s public API.
 
     ``local`` is this member's listening address and ``peers`` every member's (``local`` may
@@ -611,6 +593,8 @@ class LegacyCollective:
             accepted and ignored, so that the native options work unchanged in this mode.
     """
 
+    _links: dict[tuple[str, int], _Link]
+
     def __init__(
         self,
         local: Any,
@@ -632,40 +616,23 @@ class LegacyCollective:
         unknown = set(native_only) - _NATIVE_ONLY_OPTIONS
         if unknown:
             raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
-        self.local, self.advertise, self.peers = parse_members(local, peers, advertise)
-        check_positive(
+        super().__init__(
+            local,
+            peers,
+            advertise,
             connect_timeout=connect_timeout,
             send_timeout=send_timeout,
             backoff_min=backoff_min,
             backoff_max=backoff_max,
-        )
-        check_sizes(
-            max_frame=(max_frame, 1024),
-            max_queue_bytes=(max_queue_bytes, 1024),
-            max_connections=(max_connections, 1),
+            max_frame=max_frame,
+            max_queue_bytes=max_queue_bytes,
+            max_connections=max_connections,
         )
         self.protocol = PROTOCOL
-        self.connect_timeout = float(connect_timeout)
-        self.send_timeout = float(send_timeout)
-        self.backoff_min = float(backoff_min)
-        self.backoff_max = max(float(backoff_max), self.backoff_min)
-        self.max_frame = max_frame
-        self.max_queue_bytes = max_queue_bytes
-        self.max_connections = max_connections
         self._store = LegacyStore()
-        self._links: dict[tuple[str, int], _Link] = {}
-        self._server: StreamServer | None = None
-        self._handlers: set[gevent.Greenlet] = set()
         self._attempted = Event()  # every member in ``peers`` was tried once
         self._announced = Event()  # New was queued (writers send nothing before)
-        self._ready = Event()  # start() may return
-        self._synced = Event()
         self._join_link: _Link | None = None
-        self._started = False
-        self._stopping = False
-        self._pid = 0
-        self._generation = -1
-        self.started_at: float | None = None
         self.received_messages = 0
         self.received_bytes = 0
         self.applied_ops = 0
@@ -686,16 +653,7 @@ class LegacyCollective:
         """
         if self._started:
             raise RuntimeError("this LegacyCollective was already started; create a new one")
-        _node._register_fork_hook()
-        self._started = True
-        self._pid = os.getpid()
-        self._generation = _node._fork_generation
-        self.started_at = time.time()
-        self._server = StreamServer(
-            self.local, self._handle_connection, spawn=Pool(self.max_connections)
-        )
-        self._server.start()
-        _node._running_nodes.add(self)
+        self._start_serving()
         deadline = time.monotonic() + timeout
         for address in self.peers:
             self._add_link(address, new_flag=False)
@@ -715,56 +673,15 @@ class LegacyCollective:
         close every connection. Reads keep working on the local copy afterwards."""
         if not self._started or self._stopping:
             return
-        self._stopping = True
-        _node._running_nodes.discard(self)
-        if self._server is not None:
-            self._server.close()
+        self._stop_serving()
         self._announced.set()  # writers still waiting for it must see the stop
-        deadline = time.monotonic() + timeout
-        links = list(self._links.values())
-        for link in links:
-            link.stop()
-        for link in links:
-            if link.greenlet is None:
-                continue
-            if link.state == "connected" and link.pending:
-                link.greenlet.join(max(0.0, deadline - time.monotonic()))
-            if not link.greenlet.dead:
-                link.greenlet.kill(block=True, timeout=1)
-        if self._handlers:
-            gevent.killall(list(self._handlers), block=True, timeout=1)
+        self._stop_links(timeout)
         log.info("node %s (collective.js mode) stopped", format_address(self.local))
 
     def _forget_after_fork(self) -> None:
         _node.forget_in_child(
             self, [*(link.greenlet for link in self._links.values()), *self._handlers]
         )
-
-    def __enter__(self) -> LegacyCollective:
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        """True between ``start()`` and ``stop()``, in the process that started it."""
-        return self._started and not self._stopping and self._generation == _node._fork_generation
-
-    @property
-    def synced(self) -> bool:
-        """True once a member's Accept replaced the local data."""
-        return self._synced.is_set()
-
-    def _check_writable(self) -> None:
-        if self._generation != _node._fork_generation:
-            raise NotStartedError(
-                f"this node belongs to process {self._pid}; start a new one after fork"
-            )
-        if not self._started or self._stopping:
-            raise NotStartedError("the node is not running: call start() first")
 
     def _add_link(self, address: tuple[str, int], new_flag: bool | None) -> _Link:
         link = self._links.get(address)

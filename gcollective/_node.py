@@ -33,7 +33,7 @@ import os
 import random
 import time
 import weakref
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import gevent
 from gevent import socket as gsocket
@@ -352,7 +352,39 @@ class Watch:
         return f"<gcollective.Watch {_key_of(self.prefix) if self.prefix else ''!r} {state}>"
 
 
-class _PeerLink:
+class _Writer:
+    """What the outgoing side of every kind of link shares: a writer greenlet that dials the
+    member and sends what is pending (``_run``, in the subclass), waiting between attempts."""
+
+    node: Any
+    greenlet: gevent.Greenlet | None
+    wake: Event  # something is pending (or the node is stopping)
+    kick: Event  # the member is known to be up: skip the rest of the backoff
+    pending: list[bytes]
+
+    def start(self) -> None:
+        self.greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        """Wake the writer so it notices the node is stopping."""
+        self.wake.set()
+        self.kick.set()
+
+    @property
+    def busy(self) -> bool:
+        """True while something is queued for the member."""
+        return bool(self.pending)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _backoff(self, failures: int) -> None:
+        node = self.node
+        self.kick.clear()
+        self.kick.wait(backoff_delay(failures, node.backoff_min, node.backoff_max))
+
+
+class _PeerLink(_Writer):
     """The outgoing side of one peer: pending frames and the writer greenlet that sends them."""
 
     def __init__(self, node: Collective, address: tuple[str, int]) -> None:
@@ -456,13 +488,9 @@ class _PeerLink:
         if not self.wake.is_set():
             self.wake.set()
 
-    def start(self) -> None:
-        self.greenlet = gevent.spawn(self._run)
-
-    def _backoff(self, failures: int) -> None:
-        node = self.node
-        self.kick.clear()
-        self.kick.wait(backoff_delay(failures, node.backoff_min, node.backoff_max))
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending) or self.snapshot_stream is not None
 
     def _run(self) -> None:
         node = self.node
@@ -684,12 +712,133 @@ class _PeerLink:
             parts.append("authenticated by the secret")
         return "; ".join(parts) or "no authentication"
 
-    def stop(self) -> None:
-        self.wake.set()
-        self.kick.set()
+
+_MemberT = TypeVar("_MemberT", bound="_Member")
 
 
-class Collective:
+class _Member:
+    """The lifecycle every kind of member shares (``Collective``, and ``LegacyCollective`` of
+    the collective.js mode): its acceptor and writers started and stopped, use as a context
+    manager, and the guard against using it from a forked child. A subclass sets the
+    attributes below in ``__init__`` and serves accepted connections in
+    ``_handle_connection``."""
+
+    def __init__(
+        self,
+        local: Any,
+        peers: Iterable[Any],
+        advertise: Any,
+        *,
+        connect_timeout: float,
+        send_timeout: float,
+        backoff_min: float,
+        backoff_max: float,
+        max_frame: int,
+        max_queue_bytes: int,
+        max_connections: int,
+    ) -> None:
+        """Check and keep the options every kind of member has (``ValueError`` / ``TypeError``
+        for a bad one); nothing starts."""
+        self.local, self.advertise, self.peers = parse_members(local, peers, advertise)
+        check_positive(
+            connect_timeout=connect_timeout,
+            send_timeout=send_timeout,
+            backoff_min=backoff_min,
+            backoff_max=backoff_max,
+        )
+        check_sizes(
+            max_frame=(max_frame, 1024),
+            max_queue_bytes=(max_queue_bytes, 1024),
+            max_connections=(max_connections, 1),
+        )
+        self.connect_timeout = float(connect_timeout)
+        self.send_timeout = float(send_timeout)
+        self.backoff_min = float(backoff_min)
+        self.backoff_max = max(float(backoff_max), self.backoff_min)
+        self.max_frame = max_frame
+        self.max_queue_bytes = max_queue_bytes
+        self.max_connections = max_connections
+        self._links: dict[tuple[str, int], Any] = {}
+        self._server: StreamServer | None = None
+        self._handlers: set[gevent.Greenlet] = set()
+        self._synced = Event()
+        self._ready = Event()  # start() may return
+        self._started = False
+        self._stopping = False
+        self._pid = 0
+        self._generation = -1
+        self.started_at: float | None = None
+
+    def _handle_connection(self, sock: Any, address: Any) -> None:
+        raise NotImplementedError
+
+    def _start_serving(self) -> None:
+        """Mark the member started in this process and start listening; ``OSError`` if the
+        address cannot be bound."""
+        _register_fork_hook()
+        self._started = True
+        self._pid = os.getpid()
+        self._generation = _fork_generation
+        self.started_at = time.time()
+        self._server = StreamServer(
+            self.local, self._handle_connection, spawn=Pool(self.max_connections)
+        )
+        self._server.start()
+        _running_nodes.add(self)
+
+    def _stop_serving(self) -> None:
+        """Mark the member stopping and stop listening (the caller checked it is running)."""
+        self._stopping = True
+        _running_nodes.discard(self)
+        if self._server is not None:
+            self._server.close()
+
+    def _stop_links(self, timeout: float) -> None:
+        """Let the writers send what is queued for connected members, within ``timeout``
+        seconds in all, then end them and every accepted connection."""
+        deadline = time.monotonic() + timeout
+        links = list(self._links.values())
+        for link in links:
+            link.stop()
+        for link in links:
+            if link.greenlet is None:
+                continue
+            if link.state == "connected" and link.busy:
+                link.greenlet.join(max(0.0, deadline - time.monotonic()))
+            if not link.greenlet.dead:
+                link.greenlet.kill(block=True, timeout=1)
+        if self._handlers:
+            gevent.killall(list(self._handlers), block=True, timeout=1)
+
+    def __enter__(self: _MemberT) -> _MemberT:
+        if not self._started:
+            self.start()  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()  # type: ignore[attr-defined]
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``, in the process that started it."""
+        return self._started and not self._stopping and self._generation == _fork_generation
+
+    @property
+    def synced(self) -> bool:
+        """True once another member's whole state has been merged (or taken over, in the
+        collective.js mode)."""
+        return self._synced.is_set()
+
+    def _check_writable(self) -> None:
+        if self._generation != _fork_generation:
+            raise NotStartedError(
+                f"this node belongs to process {self._pid}; start a new one after fork"
+            )
+        if not self._started or self._stopping:
+            raise NotStartedError("the node is not running: call start() first")
+
+
+class Collective(_Member):
     """One member of a collective: a local replica of the shared tree plus its links.
 
     ``local`` is this member's listening address and ``peers`` every member's (``local`` may
@@ -731,6 +880,8 @@ class Collective:
             against ``cafile``, so every certificate that CA signs is a member. Combine with
             ``secret`` to require both.
     """
+
+    _links: dict[tuple[str, int], _PeerLink]
 
     def __new__(cls, *args: Any, protocol: str = "gcollective", **options: Any) -> Any:
         if protocol == "collective.js":
@@ -778,34 +929,29 @@ class Collective:
         keyfile: str | os.PathLike[str] | None = None,
         cafile: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.local, self.advertise, self.peers = parse_members(local, peers, advertise)
-        check_positive(
+        super().__init__(
+            local,
+            peers,
+            advertise,
             connect_timeout=connect_timeout,
             send_timeout=send_timeout,
             backoff_min=backoff_min,
             backoff_max=backoff_max,
+            max_frame=max_frame,
+            max_queue_bytes=max_queue_bytes,
+            max_connections=max_connections,
+        )
+        check_positive(
             sync_interval=sync_interval,
             handshake_timeout=handshake_timeout,
             idle_timeout=idle_timeout,
             down_timeout=down_timeout,
             clock_skew=clock_skew,
         )
-        check_sizes(
-            max_frame=(max_frame, 1024),
-            max_queue_bytes=(max_queue_bytes, 1024),
-            log_bytes=(log_bytes, 0),
-            max_connections=(max_connections, 1),
-        )
-        self.connect_timeout = float(connect_timeout)
-        self.send_timeout = float(send_timeout)
-        self.backoff_min = float(backoff_min)
-        self.backoff_max = max(float(backoff_max), self.backoff_min)
-        self.max_frame = max_frame
-        self.max_queue_bytes = max_queue_bytes
+        check_sizes(log_bytes=(log_bytes, 0))
         self.sync_interval = float(sync_interval)
         self.handshake_timeout = float(handshake_timeout)
         self.idle_timeout = float(idle_timeout)
-        self.max_connections = max_connections
         self.down_timeout = float(down_timeout)
         self.clock_skew = float(clock_skew)
         self._secret = _check_secret(secret)
@@ -831,7 +977,6 @@ class Collective:
         self._flushed_at = 0.0  # when the outbox was last encoded and queued
         self._progress = Progress()
         self._log = OpLog(log_bytes)
-        self._links: dict[tuple[str, int], _PeerLink] = {}
         self._down_ids: set[int] = set()  # incarnations declared down: refused from then on
         self._frontier = 0  # no operation older than this can still reach this node
         self._housekeeper: gevent.Greenlet | None = None
@@ -841,18 +986,9 @@ class Collective:
         self._expirer: gevent.Greenlet | None = None
         self._next_due = _INF
         self._expiry_wake = Event()
-        self._server: StreamServer | None = None
-        self._handlers: set[gevent.Greenlet] = set()
-        self._synced = Event()
-        self._ready = Event()
         self._snapshot_link: _PeerLink | None = None
         self._snapshot_asked_at = 0.0
-        self._started = False
-        self._stopping = False
         self._writable = False  # started and not stopping (one test on the hot path)
-        self._pid = 0
-        self._generation = -1
-        self.started_at: float | None = None
         self.received_frames = 0
         self.received_ops = 0
         self.applied_ops = 0
@@ -883,16 +1019,8 @@ class Collective:
             self._server_tls = _tls.server_context(**files)
             self._client_tls = _tls.client_context(**files)
             self._tls = _tls
-        _register_fork_hook()
-        self._started = self._writable = True
-        self._pid = os.getpid()
-        self._generation = _fork_generation
-        self.started_at = time.time()
-        self._server = StreamServer(
-            self.local, self._handle_connection, spawn=Pool(self.max_connections)
-        )
-        self._server.start()
-        _running_nodes.add(self)
+        self._start_serving()
+        self._writable = True
         self._warn_if_exposed()
         for address in self.peers:
             self._add_link(address)
@@ -931,23 +1059,9 @@ class Collective:
         if not self._started or self._stopping:
             return
         self._flush_outbox()
-        self._stopping = True
-        _running_nodes.discard(self)
         self._writable = False
-        if self._server is not None:
-            self._server.close()
-        deadline = time.monotonic() + timeout
-        for link in list(self._links.values()):
-            link.stop()
-        for link in list(self._links.values()):
-            if link.greenlet is None:
-                continue
-            if link.state == "connected" and (link.pending or link.snapshot_stream is not None):
-                link.greenlet.join(max(0.0, deadline - time.monotonic()))
-            if not link.greenlet.dead:
-                link.greenlet.kill(block=True, timeout=1)
-        if self._handlers:
-            gevent.killall(list(self._handlers), block=True, timeout=1)
+        self._stop_serving()
+        self._stop_links(timeout)
         if self._housekeeper is not None:
             self._housekeeper.kill(block=True, timeout=1)
         if self._expirer is not None:
@@ -968,32 +1082,6 @@ class Collective:
                 *(watch._greenlet for watch in self._watches),
             ],
         )
-
-    def __enter__(self) -> Collective:
-        if not self._started:
-            self.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()
-
-    @property
-    def running(self) -> bool:
-        """True between ``start()`` and ``stop()``, in the process that started it."""
-        return self._started and not self._stopping and self._generation == _fork_generation
-
-    @property
-    def synced(self) -> bool:
-        """True once a live peer's whole state has been merged."""
-        return self._synced.is_set()
-
-    def _check_writable(self) -> None:
-        if self._generation != _fork_generation:
-            raise NotStartedError(
-                f"this node belongs to process {self._pid}; start a new one after fork"
-            )
-        if not self._started or self._stopping:
-            raise NotStartedError("the node is not running: call start() first")
 
     def _check_ready(self) -> None:
         if self._ready.is_set():
