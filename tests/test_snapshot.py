@@ -6,9 +6,10 @@ import random
 
 import gevent
 import pytest
-from cluster import free_ports, wait_for
+from cluster import LocalMembers, free_ports, wait_for
 
 from gcollective import Collective, _node
+from gcollective._clock import new_node_id
 
 FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
 
@@ -97,3 +98,28 @@ def test_a_stream_cut_by_a_lost_connection_starts_over(small_frames, monkeypatch
         holder.stop(timeout=1)
         if joiner is not None:
             joiner.stop(timeout=1)
+
+
+def test_an_owed_snapshot_is_settled_by_a_complete_report_and_catch_up_resumes() -> None:
+    """A peer that reports complete has merged a snapshot, ours or another member's: ours is
+    no longer owed even when its vector does not cover ours (the other snapshot lacked an
+    origin only we held, say), and catch-up from the log takes over. (It used to stay owed
+    for good: no catch-up for that peer, and a full snapshot again on every new connection.)"""
+    members = LocalMembers(**FAST)
+    try:
+        a, b = members(2)
+        link = a._links[b.local]
+        wait_for(lambda: link.peer_id is not None and link.reports > 0 and b.synced)
+        # As if b had asked a for a snapshot and then merged another member's instead.
+        link.snapshot_vector = {new_node_id(): 5}
+        link.snapshot_due = True
+        sent = link.snapshots_sent
+        a.set("missed", 1)
+        a._flush_outbox()
+        link.pending.clear()  # that frame never reaches b: only catch-up can bring it
+        link.pending_bytes = link.pending_ops = 0
+        wait_for(lambda: not a.stats()["peers"][link.name]["snapshot_owed"])
+        wait_for(lambda: b.get("missed") == 1)
+        assert link.snapshots_sent == sent and link.relayed_frames > 0
+    finally:
+        members.stop()
