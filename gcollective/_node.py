@@ -1258,7 +1258,7 @@ class Collective(_Member):
             self._check_writable()
         due = self._next_due
         if due < _INF and due <= time.time() * 1000:
-            self._advance()
+            self._advance()  # (inline: this is the hot path; see _advance_if_due)
         # The hot path walks first and checks the key only when nothing is found: every
         # stored segment is valid, so a dotted key that leads to a value is a valid one.
         try:
@@ -1321,6 +1321,7 @@ class Collective(_Member):
         path = parse_key(key)
         amount = check_amount(amount)
         ttl_ms = 0 if ttl is None else check_ttl(ttl)
+        self._advance_if_due()  # counts from what a get reads now, expiries included
         current = self._store.get(path, _store.MISSING)
         if current is not _store.MISSING and not is_number(current):
             raise InvalidValueError(
@@ -1341,9 +1342,7 @@ class Collective(_Member):
         """A deep copy of the whole tree."""
         if self._generation != _fork_generation:
             self._check_writable()
-        due = self._next_due
-        if due < _INF and due <= time.time() * 1000:
-            self._advance()
+        self._advance_if_due()
         return self._store.to_dict()
 
     def _apply_local(
@@ -1867,6 +1866,13 @@ class Collective(_Member):
         if due_ms < self._next_due:
             self._next_due = due_ms
             self._expiry_wake.set()
+
+    def _advance_if_due(self) -> None:
+        """Let expiries due by now fire before the caller reads (one float compare when none
+        is due)."""
+        due = self._next_due
+        if due < _INF and due <= time.time() * 1000:
+            self._advance()
 
     def _advance(self) -> None:
         """Let the store's expiries due by now fire, and tell the watches."""
