@@ -1259,14 +1259,18 @@ class Collective(_Member):
         due = self._next_due
         if due < _INF and due <= time.time() * 1000:
             self._advance()  # (inline: this is the hot path; see _advance_if_due)
-        # The hot path walks first and checks the key only when nothing is found: every
-        # stored segment is valid, so a dotted key that leads to a value is a valid one.
+        # The hot path walks first and checks the key fully only when nothing is found: a
+        # dotted key that leads to a value is a valid one, unless it went through the one
+        # kind of key a valid path never holds but a dict value may, "".
         try:
             value = self._data
-            for segment in key.split("."):
+            segments = key.split(".")
+            for segment in segments:
                 value = value[segment]
         except (KeyError, TypeError, AttributeError):
             return self._store.get(parse_key(key), default)
+        if "" in segments:
+            parse_key(key)  # raises: an empty segment
         kind = type(value)
         if kind is dict or kind is list:
             return copy_value(value)

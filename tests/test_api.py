@@ -97,6 +97,15 @@ def test_bad_keys_are_refused(node, key):
     assert node.snapshot() == {}
 
 
+@pytest.mark.parametrize("key", ["a.", "a..b", ".b", ("a", "")])
+def test_a_bad_key_is_refused_even_where_a_dict_value_has_an_empty_key(node, key):
+    # A dict value may hold "" as a key; no key reaches it, and get raises as set does.
+    node.set("a", {"": {"b": 1}, "x": 2})
+    with pytest.raises(InvalidKeyError):
+        node.get(key)
+    assert node.get("a") == {"": {"b": 1}, "x": 2}
+
+
 @pytest.mark.parametrize("key", [".".join(["x"] * 101), ("x",) * 101])
 def test_keys_deeper_than_peers_accept_are_refused(node, key):
     for write in (lambda: node.set(key, 1), lambda: node.incr(key), lambda: node.delete(key)):
