@@ -718,10 +718,10 @@ _MemberT = TypeVar("_MemberT", bound="_Member")
 
 class _Member:
     """The lifecycle every kind of member shares (``Collective``, and ``LegacyCollective`` of
-    the collective.js mode): its acceptor and writers started and stopped, use as a context
-    manager, and the guard against using it from a forked child. A subclass sets the
-    attributes below in ``__init__`` and serves accepted connections in
-    ``_handle_connection``."""
+    the collective.js mode): the options every member has, its acceptor and writers started
+    and stopped, use as a context manager, and the guard against using it from a forked
+    child. A subclass implements ``start`` and ``stop`` with these helpers and serves accepted
+    connections in ``_handle_connection``."""
 
     def __init__(
         self,
@@ -769,6 +769,12 @@ class _Member:
         self._generation = -1
         self.started_at: float | None = None
 
+    def start(self, timeout: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 5.0) -> None:
+        raise NotImplementedError
+
     def _handle_connection(self, sock: Any, address: Any) -> None:
         raise NotImplementedError
 
@@ -812,11 +818,11 @@ class _Member:
 
     def __enter__(self: _MemberT) -> _MemberT:
         if not self._started:
-            self.start()  # type: ignore[attr-defined]
+            self.start()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.stop()  # type: ignore[attr-defined]
+        self.stop()
 
     @property
     def running(self) -> bool:
