@@ -108,9 +108,14 @@ def test_a_bad_key_is_refused_even_where_a_dict_value_has_an_empty_key(node, key
 
 @pytest.mark.parametrize("key", [".".join(["x"] * 101), ("x",) * 101])
 def test_keys_deeper_than_peers_accept_are_refused(node, key):
-    for write in (lambda: node.set(key, 1), lambda: node.incr(key), lambda: node.delete(key)):
+    for call in (
+        lambda: node.set(key, 1),
+        lambda: node.incr(key),
+        lambda: node.delete(key),
+        lambda: node.get(key),
+    ):
         with pytest.raises(InvalidKeyError, match="deeper"):
-            write()
+            call()
     node.set(".".join(["x"] * 100), 1)  # the deepest a peer accepts
     assert node.stats()["local_ops"] == 1
 
@@ -364,6 +369,8 @@ def test_a_lone_surrogate_is_refused_without_a_gap_in_the_sequence(node):
         node.set(("k\ud800",), 1)
     with pytest.raises(InvalidKeyError):
         node.set("k\ud800", 1)
+    with pytest.raises(InvalidKeyError):
+        node.get("k\ud800")
     with pytest.raises(InvalidValueError):
         node.set("k", {"\ud800": 1})
     node.set("k", "fine")
