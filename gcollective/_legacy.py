@@ -678,11 +678,6 @@ class LegacyCollective(_node._Member):
         self._stop_links(timeout)
         log.info("node %s (collective.js mode) stopped", format_address(self.local))
 
-    def _forget_after_fork(self) -> None:
-        _node.forget_in_child(
-            self, [*(link.greenlet for link in self._links.values()), *self._handlers]
-        )
-
     def _add_link(self, address: tuple[str, int], new_flag: bool | None) -> _Link:
         link = self._links.get(address)
         if link is None:
