@@ -989,6 +989,7 @@ class Collective(_Member):
         self._out_values: list[Any] = []
         self._out_ttls: list[int] | None = None  # only once an operation has a ttl
         self._flushed_at = 0.0  # when the outbox was last encoded and queued
+        self._way_wanted: str | None = None  # the parent of the last key set (see ``set``)
         self._progress = Progress()
         self._log = OpLog(log_bytes)
         self._down_ids: set[int] = set()  # incarnations declared down: refused from then on
@@ -1305,7 +1306,32 @@ class Collective(_Member):
             kind = type(value)
             if not (kind is int or kind is bool or value is None):
                 value = clean_value(value)
-            self._apply_local(self._clock.stamp(), SET, parse_key(key), value, key)
+            stamp = self._clock.stamp()
+            if type(key) is str and not self._watches:
+                # A writer's loop sets keys under one parent: the store remembers the way to
+                # that parent, so such a key is checked and applied in a few steps.
+                store = self._store
+                above, _, leaf = key.rpartition(".")
+                if above == store.way_key:
+                    # (The parent was checked when it was cached.)
+                    if leaf and leaf.isascii() and store.set_leaf(stamp, leaf, value):
+                        self._send_own(stamp, SET, key, value)
+                        return
+                    path = parse_key(key)
+                else:
+                    path = parse_key(key)  # raises for a bad key
+                    if above != self._way_wanted:
+                        self._way_wanted = above  # scattered writes pay no more than this
+                    elif store.cache_way(above, path[:-1], stamp):
+                        # The second key in a row under this parent: likely a loop.
+                        if store.set_leaf(stamp, leaf, value):
+                            self._send_own(stamp, SET, key, value)
+                            return
+                    else:
+                        self._way_wanted = None  # not a fast way now: try again later
+            else:
+                path = parse_key(key)
+            self._apply_local(stamp, SET, path, value, key)
             return
         if isinstance(op, bool) or not isinstance(op, int):
             raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
@@ -1362,8 +1388,20 @@ class Collective(_Member):
     def _apply_local(
         self, stamp: int, op: int, path: tuple[str, ...], value: Any, key: Any, ttl_ms: int = 0
     ) -> None:
-        """Apply an own operation and put it in the outbox. ``key`` is the caller's key: a
-        plain str is already the path's wire form."""
+        """Apply an own operation, put it in the outbox and tell the watches. ``key`` is the
+        caller's key: a plain str is already the path's wire form."""
+        if ttl_ms:
+            self._store.apply(stamp, op, path, value, ttl_ms)
+            self._due_by(stamp_millis(stamp) + ttl_ms)
+        else:
+            self._store.apply(stamp, op, path, value)
+        self._send_own(stamp, op, key if type(key) is str else wire_path(path), value, ttl_ms)
+        if self._watches:
+            self._notify(path, op, self.node_id)
+
+    def _send_own(self, stamp: int, op: int, wire: Any, value: Any, ttl_ms: int = 0) -> None:
+        """Number an own operation, applied already, and put it in the outbox (``wire``: its
+        path as it travels)."""
         # Own operations are numbered without gaps: the vector entry moves in place.
         seq = self._seq = self._seq + 1
         node_id = self.node_id
@@ -1373,13 +1411,8 @@ class Collective(_Member):
         hlcs = self._out_hlcs
         hlcs.append(stamp >> NODE_BITS)
         self._out_ops.append(op)
-        self._out_paths.append(key if type(key) is str else wire_path(path))
+        self._out_paths.append(wire)
         self._out_values.append(value)
-        if ttl_ms:
-            self._store.apply(stamp, op, path, value, ttl_ms)
-            self._due_by(stamp_millis(stamp) + ttl_ms)
-        else:
-            self._store.apply(stamp, op, path, value)
         ttls = self._out_ttls
         if ttl_ms or ttls is not None:
             if ttls is None:  # the first operation with a ttl in this batch
@@ -1395,8 +1428,6 @@ class Collective(_Member):
                 gevent.get_hub().loop.run_callback(self._flush_outbox)
         elif len(hlcs) >= _OUTBOX_LIMIT:
             self._flush_outbox()
-        if self._watches:
-            self._notify(path, op, node_id)
 
     def _flush_outbox(self) -> None:
         """Encode the outbox as OPS frames (once), log them and queue them for every peer.

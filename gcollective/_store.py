@@ -164,6 +164,14 @@ class Store:
         self._due_stamps: set[int] = set()  # the events in _due
         #: Expiries made permanent by ``expire`` so far.
         self.expired = 0
+        # The way cached by ``cache_way`` for ``set_leaf``: the dotted path of a parent (or
+        # None), the parent, the nodes on the way to it (itself included) and the newest
+        # reset stamp among them. Valid while only fast-path SETs ran since: every other
+        # change of the tree calls ``_forget_way`` (see ``cache_way``).
+        self.way_key: str | None = None
+        self._way_parent = root
+        self._way_nodes: list[_Node] = []
+        self._way_reset: float | int = NEVER
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -176,6 +184,51 @@ class Store:
         return copy_value(self.data)
 
     # -- applying one operation -------------------------------------------------------------
+
+    def cache_way(self, key: str, way: tuple[str, ...] | list[str], s: int) -> bool:
+        """Remember the node at ``way`` (named ``key``, its dotted form) for ``set_leaf``, if
+        a plain SET below it at stamp ``s`` would take the fast path at every level; True
+        when cached. ``way`` must be a valid path (``key`` is only its name here).
+
+        The cache stays valid while the tree changes only through ``set_leaf`` and the fast
+        paths of ``apply`` (a leaf written where nothing is newer, a new dict on the way):
+        those never replace a node, make a dict something else, add a ttl or raise a reset
+        stamp. Everything else calls ``_forget_way`` first.
+        """
+        parent, nodes = self._settled_way(way, s)
+        if parent is None:
+            return False
+        self._way_parent = parent
+        self._way_nodes = nodes
+        self._way_reset = max([self._root.r, *[node.r for node in nodes]])
+        self.way_key = key
+        return True
+
+    def set_leaf(self, s: int, leaf: str, value: Any) -> bool:
+        """``apply(s, SET, way + (leaf,), value)`` under the way ``cache_way`` remembered, in
+        the common case: a plain value (not a dict) where there is nothing newer. Returns
+        False, having changed nothing, when that is not the case (call ``apply``)."""
+        if s < self._way_reset or type(value) is dict:
+            return False
+        parent = self._way_parent
+        entries = parent.entries
+        entry = entries.get(leaf)
+        if entry is None or (type(entry) is int and s > entry):
+            entries[leaf] = s
+            parent.value[leaf] = value
+            for node in self._way_nodes:  # what ``apply`` does on its way down
+                if s > node.top:
+                    node.top = node.d = s
+                elif s > node.d:
+                    node.d = s
+            return True
+        return False
+
+    def _forget_way(self) -> None:
+        """Drop the way ``cache_way`` remembered: the tree is about to change otherwise."""
+        self.way_key = None
+        self._way_nodes = []
+        self._way_parent = self._root
 
     def apply(
         self,
@@ -266,6 +319,7 @@ class Store:
 
         A path is a dotted string (segments without dots) or a list of segments.
         """
+        self._forget_way()
         if len(stamps) >= _BULK_MIN and self._apply_sibling_sets(stamps, ops, paths, values):
             return
         apply = self.apply
@@ -362,6 +416,7 @@ class Store:
         there and rebuilding that subtree: the way for anything touching a path with ttl
         events (``key`` is the topmost such path on the way, or the target of a ttl op).
         ``parent`` and its ancestors carry no ttl events."""
+        self._forget_way()
         if (
             op == INCREMENT
             and not rest
@@ -444,6 +499,7 @@ class Store:
         hit replacing the expiry) keeps one entry, not one per hit.
         """
         self._untidy = True
+        self._forget_way()
         ttls = node.ttls
         if ttls is None:
             node.ttls = ttls = {}
@@ -470,6 +526,7 @@ class Store:
     def _write_below(self, parent: _Node, key: str, node: _Node, s: int) -> None:
         """A write at stamp ``s`` (already recorded in ``node.d``) landed below a non-dict."""
         self._untidy = True
+        self._forget_way()
         if s > node.r:
             # Newest event here: the path becomes an empty dict (older children are overtaken).
             self._prune_children(node, node.r)
@@ -482,6 +539,7 @@ class Store:
 
     def _set(self, parent: _Node, key: str, s: int, value: Any) -> None:
         self._untidy = True
+        self._forget_way()
         entry = parent.entries.get(key)
         if entry is None or (type(entry) is int and s > entry):
             fresh = True
@@ -505,6 +563,7 @@ class Store:
 
     def _delete(self, parent: _Node, key: str, s: int) -> None:
         self._untidy = True
+        self._forget_way()
         entry = parent.entries.get(key)
         if entry is None or (type(entry) is int and s > entry):
             parent.entries[key] = s
@@ -525,6 +584,7 @@ class Store:
         self, parent: _Node, key: str, s: int, amount: int | float, path: Any = ()
     ) -> None:
         self._untidy = True
+        self._forget_way()
         entry = parent.entries.get(key)
         if type(entry) is _Node and entry.ttls is not None:
             self._slow(parent, key, (), s, INCREMENT, amount, 0, path)
@@ -589,6 +649,7 @@ class Store:
     def _promote(self, parent: _Node, key: str, entry: int | None) -> _Node:
         """Turn a bare-stamp entry (or nothing) into a full metadata node."""
         self._untidy = True
+        self._forget_way()
         node = _Node()
         if entry is None:
             node.r = parent.r
@@ -983,6 +1044,7 @@ class Store:
         pending = self._pending
         if not pending or pending[0][0] > now_ms:
             return []
+        self._forget_way()
         fired: list[tuple[tuple[str, ...], int]] = []
         tops: dict[tuple[str, ...], None] = {}
         while pending and pending[0][0] <= now_ms:
@@ -1017,6 +1079,7 @@ class Store:
         (the same stability frontier as ``collect``): each becomes a real DELETE at that
         stamp, so the path's metadata can be forgotten. Nothing visible changes. Returns how
         many were applied."""
+        self._forget_way()
         due = self._due
         done = 0
         while due and due[0][0] < frontier:
@@ -1078,6 +1141,7 @@ class Store:
         be folded into one assignment. Call repeatedly; returns True when a full pass over the
         tree has finished (the next call starts another).
         """
+        self._forget_way()
         sweep = self._sweep
         if not sweep:
             if not self._untidy:
@@ -1271,6 +1335,7 @@ class Store:
         """
         root = self._root
         self._untidy = True
+        self._forget_way()
         for key, encoded in exported:
             if key not in root.entries:
                 built = self._install(encoded, root.r, (key,))

@@ -490,6 +490,77 @@ def test_a_bulk_batch_of_sibling_sets_matches_one_by_one(data: st.DataObject) ->
     batch_matches_one_by_one(before, batch)
 
 
+@_settings(max_examples=300)
+@given(st.data())
+def test_sets_through_the_cached_way_match_one_by_one(data: st.DataObject) -> None:
+    """``Collective.set``'s fast path: a SET goes through ``set_leaf`` under the way
+    ``cache_way`` remembered, whatever ran since (the cache must be dropped by anything that
+    could change that way). The result equals plain ``apply`` one by one, metadata included,
+    and matches the model."""
+    leaves = st.sampled_from([("x",), ("a", "x"), ("a", "y"), ("a", "x", "p"), ("b", "y")])
+    bodies = data.draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just(SET), leaves, small_ints),
+                # Whatever may change a cached way: writes at and above the leaves' parents.
+                op_bodies(st.sampled_from([("a",), ("a", "x"), ("b",)])),
+            ),
+            min_size=1,
+            max_size=16,
+        ),
+        label="bodies",
+    )
+    op_stamps = data.draw(
+        st.lists(stamps, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    if data.draw(st.booleans(), label="in stamp order"):
+        op_stamps.sort()  # own operations: each newer than everything before it
+    ops = [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
+    cached, plain = new_store(), new_store()
+    for operation in ops:
+        deliver(plain, [operation])
+        *way, leaf = operation.path
+        if operation.op == SET and data.draw(st.booleans(), label="through the cache"):
+            key = ".".join(way)
+            if cached.way_key != key and data.draw(st.booleans(), label="cache the way"):
+                cached.cache_way(key, way, operation.stamp)
+            value = copy.deepcopy(operation.value)
+            if cached.way_key == key and cached.set_leaf(operation.stamp, leaf, value):
+                continue
+        deliver(cached, [operation])
+    context = f"ops: {ops!r}"
+    assert roundtrip(cached.export()) == roundtrip(plain.export()), context
+    assert_store_matches(cached, ops, context)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        Op(3, DELETE, ("a",), None),
+        Op(3, SET, ("a",), 5),
+        Op(3, SET, ("a",), {"z": 1}),
+        Op(3, INCREMENT, ("a",), 1),
+        Op(3, SET, ("a", "x"), {"p": 1}),
+        Op(3, SET, ("a",), 5, ttl=1),
+        Op(-1, DELETE, ("a",), None),
+    ],
+    ids=repr,
+)
+def test_a_cached_way_is_dropped_when_the_way_changes(change: Op) -> None:
+    """After anything but a fast-path SET, the way cached before is not used again: a SET
+    under it afterwards lands where ``apply`` puts it."""
+    ops = [Op(1, SET, ("a", "x"), 1), Op(2, SET, ("a", "y"), 2), change, Op(4, SET, ("a", "x"), 3)]
+    store = store_with(ops[:1])
+    assert store.cache_way("a", ("a",), 2) and store.set_leaf(2, "y", 2)
+    deliver(store, [change])
+    if store.way_key == "a":
+        assert store.set_leaf(4, "x", 3)
+    else:
+        deliver(store, ops[3:])
+    assert roundtrip(store.export()) == roundtrip(store_with(ops).export())
+    assert_store_matches(store, ops)
+
+
 # Few paths, mostly siblings under shared parents, mostly plain SETs: what batches are made of.
 BATCH_PATHS = st.sampled_from(
     [("a",), ("b",), ("a", "x"), ("a", "y"), ("a", "x", "p"), ("a", "x", "q"), ("b", "x")]
