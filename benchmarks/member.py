@@ -317,8 +317,8 @@ class Driver:
             if op == 0:
                 record(path, value)
 
-        # Every applied operation, local or received, goes through store.apply, or through
-        # store.apply_batch for received batches (newer cores).
+        # Every received operation goes through store.apply, or through store.apply_batch
+        # or store.set_siblings for received batches (newer cores).
         store.apply = apply  # type: ignore[method-assign]
         original_batch = getattr(store, "apply_batch", None)
         if original_batch is not None:
@@ -330,6 +330,17 @@ class Driver:
                         record(path, value)
 
             store.apply_batch = apply_batch  # type: ignore[method-assign]
+        original_siblings = getattr(store, "set_siblings", None)
+        if original_siblings is not None:
+
+            def set_siblings(stamps: Any, parent: str, keys: Any, values: Any) -> bool:
+                applied = original_siblings(stamps, parent, keys, values)
+                if applied:
+                    for key, value in zip(keys, values):
+                        record(f"{parent}.{key}" if parent else key, value)
+                return applied
+
+            store.set_siblings = set_siblings  # type: ignore[method-assign]
         return {}
 
     def cmd_probe_dump(self, request: dict[str, Any]) -> dict[str, Any]:

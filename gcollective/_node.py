@@ -91,6 +91,7 @@ from ._wire import (
     encode_snapshot_end,
     encode_snapshot_item,
     encode_status_reply,
+    full_paths,
     is_status_request,
     join_snapshot,
     parse_hello,
@@ -1787,7 +1788,7 @@ class Collective(_Member):
 
     def _apply_ops(self, message: list[Any], frame: bytes) -> None:
         """Apply a received OPS frame (checked whole first), skipping repeats, and log it."""
-        origin, first, hlcs, ops, paths, values, ttls = parse_ops(message)
+        origin, first, hlcs, ops, paths, values, ttls, parent = parse_ops(message)
         last = first + len(hlcs) - 1
         progress = self._progress
         done = progress.applied.get(origin, 0)
@@ -1803,16 +1804,22 @@ class Collective(_Member):
         if first == done + 1 and not progress.has_gap(origin):
             # The normal case: the next operations of this origin, in order.
             if self._watches or any(ttls):
+                paths = full_paths(parent, paths)
                 for stamp, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
                     apply_one(stamp, op, path, value, ttl_ms, origin)
-            else:
-                self._store.apply_batch(stamps, ops, paths, values)
+            elif not (
+                parent
+                and set(ops) == {SET}
+                and self._store.set_siblings(stamps, parent, paths, values)
+            ):
+                self._store.apply_batch(stamps, ops, full_paths(parent, paths), values)
             progress.applied[origin] = last
             progress.stamps[origin] = stamps[-1]
             applied = len(stamps)
         else:
             accept = progress.accept
             applied = 0
+            paths = full_paths(parent, paths)
             for seq, stamp, op, path, value, ttl_ms in zip(
                 range(first, last + 1), stamps, ops, paths, values, ttls
             ):

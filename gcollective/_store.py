@@ -359,11 +359,10 @@ class Store:
     def _apply_sibling_sets(
         self, stamps: list[int], ops: list[int], paths: list[Any], values: list[Any]
     ) -> bool:
-        """``apply_batch`` of the commonest batch, a writer's loop over one parent, with a few
-        C-level dict operations instead of a Python step per operation: plain SETs (no dict
-        values) of dotted paths under one settled parent, none of which exists there yet.
-        Returns False, having changed nothing, when the batch is not that."""
-        if set(ops) != _ONLY_SETS or dict in set(map(type, values)):
+        """``apply_batch`` of the commonest batch, a writer's loop over one parent: plain
+        SETs of dotted paths under one parent (see ``set_siblings``). Returns False, having
+        changed nothing, when the batch is not that."""
+        if set(ops) != _ONLY_SETS:
             return False
         try:
             parts = list(map(str.rpartition, paths, repeat(".")))
@@ -372,17 +371,28 @@ class Store:
         prefixes = set(map(_FIRST, parts))
         if len(prefixes) != 1:
             return False
-        prefix = prefixes.pop()
-        parent, ancestors = self._settled_way(prefix.split(".") if prefix else [], stamps[0])
-        if parent is None or stamps[0] < parent.r:
+        return self.set_siblings(stamps, prefixes.pop(), list(map(_LAST, parts)), values)
+
+    def set_siblings(
+        self, stamps: list[int], parent: str, keys: list[str], values: list[Any]
+    ) -> bool:
+        """Apply SETs of ``values`` at ``keys`` (segments) under the dotted path ``parent``
+        ("" for the top level), stamps growing, with a few C-level dict operations instead
+        of a Python step per operation, when all are new there: no dict values, the way to
+        ``parent`` settled and none of the keys present. Returns False, having changed
+        nothing, when that is not the case (``apply_batch`` the full paths instead)."""
+        if dict in set(map(type, values)):
             return False
-        keys = list(map(_LAST, parts))
-        entries = parent.entries
+        node, ancestors = self._settled_way(parent.split(".") if parent else [], stamps[0])
+        if node is None or stamps[0] < node.r:
+            return False
+        entries = node.entries
         if not entries.keys().isdisjoint(keys):
             return False  # some are overwrites: each needs its stamp compared
+        # (New leaves, as ``apply``'s fast path makes them: a cached way stays valid.)
         # A key written twice keeps its last value and stamp, as one by one.
         entries.update(zip(keys, stamps))
-        parent.value.update(zip(keys, values))
+        node.value.update(zip(keys, values))
         _raise(ancestors, stamps[-1])
         return True
 

@@ -8,15 +8,18 @@ connections it accepts.
 
 =================  ======================================================================
 HELLO              ``["gcollective", version, node_id, host, port, flags]``
-OPS                ``[1, origin, seq, hlcs, ops, paths, values]`` or ``[..., values, ttls]``: a
-                   batch of operations of one origin, numbered ``seq``, ``seq + 1``, ... (every
-                   origin numbers its operations 1, 2, 3, ...), in columns: operation ``i``
-                   has the stamp ``(hlcs[i] << 64) | origin`` (growing along the batch), the
-                   kind ``ops[i]``, the path ``paths[i]`` and the value ``values[i]`` (null
-                   for DELETE). A path is a dotted string, or a list of segments when a
-                   segment holds a dot. ``ttls`` is there when an operation of the batch has
-                   a ttl: ``ttls[i]`` is its ttl in milliseconds, or 0. (Columns decode
-                   several times faster than a list per operation.)
+OPS                ``[1, origin, seq, hlcs, ops, parent, paths, values, ttls]``: a batch of
+                   operations of one origin, numbered ``seq``, ``seq + 1``, ... (every origin
+                   numbers its operations 1, 2, 3, ...), in columns. Operation ``i`` has the
+                   stamp ``(hlc_i << 64) | origin``, where ``hlcs[0]`` is the first hlc and
+                   each later element is how much the next one grows (at least 1); the kind
+                   ``ops[i]`` (``ops`` is one kind for all when they are the same); the path
+                   ``paths[i]`` and the value ``values[i]`` (null for DELETE). A path is a
+                   dotted string, or a list of segments when a segment holds a dot. When
+                   ``parent`` is not ``""``, it is a dotted path and each element of
+                   ``paths`` a single segment (no dot) under it. ``ttls`` is null, or each
+                   operation's ttl in milliseconds (0 for none). (Columns, small deltas and
+                   the common parent said once make a writer's batch cheap to decode.)
 SNAPSHOT           ``[2, items]``: a slice of ``Store.export()``
 SNAPSHOT_END       ``[3, vector]``: the whole state has been sent; ``vector`` is the sender's
                    version vector ``[[origin, seq, stamp], ...]`` at the time of the snapshot
@@ -43,8 +46,8 @@ That is the only time a node writes on a connection it accepted, besides refusal
 from __future__ import annotations
 
 import math
-from itertools import islice
-from operator import lt
+from itertools import accumulate, islice, repeat
+from operator import itemgetter, sub
 from typing import Any, NamedTuple, Sequence
 
 import ujson
@@ -64,6 +67,7 @@ __all__ = [
     "encode_hello",
     "encode_ops",
     "wire_path",
+    "full_paths",
     "path_segments",
     "encode_snapshot",
     "encode_snapshot_item",
@@ -87,7 +91,7 @@ __all__ = [
     "parse_status_reply",
 ]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = "gcollective"
 WANTS_SNAPSHOT = 1  # HELLO flag: send me your whole state
 
@@ -134,13 +138,52 @@ def encode_ops(
     values: Sequence[Any],
     ttls: Sequence[int] | None = None,
 ) -> bytes:
-    """An OPS frame: operations ``seq``, ``seq + 1``, ... of ``origin``, in columns (``ttls``
-    only when some operation has one). Encoded once per batch; the same bytes go to every
-    peer."""
-    frame = [OPS, origin, seq, hlcs, ops, paths, values]
-    if ttls is not None:
-        frame.append(ttls)
+    """An OPS frame: operations ``seq``, ``seq + 1``, ... of ``origin``, in columns (``hlcs``
+    growing; ``ttls`` only when some operation has one). Encoded once per batch; the same
+    bytes go to every peer."""
+    deltas = [hlcs[0], *map(sub, islice(hlcs, 1, None), hlcs)]
+    kinds = set(ops)
+    parent, paths = _common_parent(paths)
+    frame = [
+        OPS,
+        origin,
+        seq,
+        deltas,
+        ops[0] if len(kinds) == 1 else ops,
+        parent,
+        paths,
+        values,
+        ttls,
+    ]
     return (_dumps(frame, ensure_ascii=False) + "\n").encode()
+
+
+def _common_parent(paths: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+    """``(parent, keys)`` when every path is a dotted string made of one parent, a dot and a
+    key without dots (a writer's loop); else ``("", paths)``."""
+    first = paths[0]
+    if type(first) is not str:
+        return "", paths
+    parent = first.rpartition(".")[0]
+    if not parent:
+        return "", paths
+    head = parent + "."
+    try:
+        if all(map(str.startswith, paths, repeat(head))):
+            keys = list(map(itemgetter(slice(len(head), None)), paths))
+            if "." not in "".join(keys):
+                return parent, keys
+    except TypeError:
+        pass  # some path is a list of segments
+    return "", paths
+
+
+def full_paths(parent: str, paths: list[Any]) -> list[Any]:
+    """The paths of an OPS frame (as ``parse_ops`` returns them) with their parent put back."""
+    if not parent:
+        return paths
+    head = parent + "."
+    return [head + key for key in paths]
 
 
 def wire_path(path: Sequence[str]) -> str | list[str]:
@@ -260,48 +303,65 @@ _KINDS = {0, 1, 2}
 
 def parse_ops(
     message: list[Any],
-) -> tuple[int, int, list[int], list[int], list[str | list[str]], list[Any], list[int] | None]:
-    """Check an OPS frame fully: ``(origin, seq, hlcs, ops, paths, values, ttls)``, each path
-    as it travels (dotted, or a list of segments when one holds a dot; ``path_segments``
-    turns it into segments), ``ttls`` None when no operation has one; or ``ProtocolError``
-    (before anything in it is applied).
+) -> tuple[int, int, list[int], list[int], list[str | list[str]], list[Any], list[int] | None, str]:
+    """Check an OPS frame fully: ``(origin, seq, hlcs, ops, paths, values, ttls, parent)``,
+    with the hlcs and kinds of every operation, each path as it travels (dotted, or a list
+    of segments when one holds a dot; ``path_segments`` turns it into segments) and relative
+    to ``parent`` (``full_paths`` puts it back), ``ttls`` None when no operation has one; or
+    ``ProtocolError`` (before anything in it is applied).
 
     The common case (dotted paths, scalar values) is checked a column at a time, in C.
     """
-    if len(message) == 8:
-        ttls = message[7]
-    elif len(message) == 7:
-        ttls = None
-    else:
+    if len(message) != 9:
         raise ProtocolError("OPS frame has the wrong length")
-    _, origin, seq, hlcs, ops, paths, values = message[:7]
+    _, origin, seq, deltas, ops, parent, paths, values, ttls = message
     # Node ids have the top bit clear; stamps with it set are derived (expiries), never sent.
     if type(origin) is not int or not 0 < origin < _DERIVED_BIT:
         raise ProtocolError("OPS frame has a bad origin")
-    if type(hlcs) is not list or not hlcs:
+    if type(deltas) is not list or not deltas:
         raise ProtocolError("OPS frame has no operations")
-    size = len(hlcs)
+    size = len(deltas)
     if type(seq) is not int or not 0 < seq < _MAX_SEQ - size:
         raise ProtocolError("OPS frame has a bad sequence number")
-    if not (type(ops) is list and type(paths) is list and type(values) is list) or not (
+    if type(ops) is int and ops in _KINDS:
+        kinds = {ops}
+        ops = [ops] * size
+    elif type(ops) is list:
+        kinds = set(map(type, ops))
+        if kinds == {int}:
+            kinds = set(ops)
+        if not kinds <= _KINDS:
+            bad = next(op for op in ops if type(op) is not int or op not in _KINDS)
+            raise ProtocolError(f"unknown operation {bad!r}")
+    else:
+        raise ProtocolError(f"unknown operation {ops!r}")
+    if not (type(paths) is list and type(values) is list) or not (
         len(ops) == len(paths) == len(values) == size
     ):
         raise ProtocolError("OPS frame has columns of different lengths")
     # Ints growing along the batch, as an origin's stamps do: what ``Progress`` relies on.
     if (
-        set(map(type, hlcs)) != {int}
-        or hlcs[0] <= 0
-        or hlcs[-1] >= _MAX_HLC
-        or not all(map(lt, hlcs, islice(hlcs, 1, None)))
+        set(map(type, deltas)) != {int}
+        or deltas[0] <= 0
+        or (size > 1 and min(islice(deltas, 1, None)) <= 0)
     ):
         raise ProtocolError("OPS frame has a bad stamp")
-    kinds = set(map(type, ops))
-    if kinds == {int}:
-        kinds = set(ops)
-    if not kinds <= _KINDS:
-        bad = next(op for op in ops if type(op) is not int or op not in _KINDS)
-        raise ProtocolError(f"unknown operation {bad!r}")
-    _check_paths(paths)
+    hlcs = list(accumulate(deltas))
+    if hlcs[-1] >= _MAX_HLC:
+        raise ProtocolError("OPS frame has a bad stamp")
+    if type(parent) is not str:
+        raise ProtocolError("OPS frame has a bad parent")
+    if parent:
+        _check_paths([parent])
+        if parent.count(".") + 1 >= MAX_DEPTH:
+            raise ProtocolError("OPS frame has a bad path")
+        try:
+            if "" in paths or "." in "".join(paths):
+                raise ProtocolError("OPS frame has a bad key under its parent")
+        except TypeError:
+            raise ProtocolError("OPS frame has a bad key under its parent") from None
+    else:
+        _check_paths(paths)
     if ttls is not None:
         _check_op_ttls(ttls, ops)
     if kinds == {0} and set(map(type, values)) <= _SCALARS:
@@ -317,7 +377,7 @@ def parse_ops(
                     raise ProtocolError("INCREMENT amount is not a number")
             elif value is not None:
                 raise ProtocolError("DELETE carries a value")
-    return origin, seq, hlcs, ops, paths, values, ttls
+    return origin, seq, hlcs, ops, paths, values, ttls, parent
 
 
 def _check_op_ttls(ttls: Any, ops: list[int]) -> None:

@@ -20,7 +20,7 @@ from gcollective._tls import (
     explain_tls_error,
     server_context,
 )
-from gcollective._wire import FrameDecoder, encode_hello, encode_ops, parse_hello
+from gcollective._wire import FrameDecoder, encode_hello, encode_ops, parse_hello, parse_ops
 
 SECRET = "tls tests secret, long enough to be a real one"
 
@@ -118,7 +118,7 @@ def test_mutual_tls_round_trip_with_the_secret_handshake_and_sealed_frames(pki):
                 messages += decoder.feed(b"".join(opener.feed(data)))
             opener.close()
         assert parse_hello(messages[0]).node_id == 7
-        assert [m[6] for m in messages[1:]] == [[1], [2]]
+        assert [parse_ops(m)[5] for m in messages[1:]] == [[1], [2]]
         assert acceptor.peer_info == "b"
     finally:
         server.close()

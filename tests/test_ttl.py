@@ -48,21 +48,21 @@ def test_wire_carries_the_ttl_column_only_when_there_is_a_ttl() -> None:
     import ujson
 
     plain = ujson.loads(encode_ops(1, 3, [5], [SET], ["a"], [1]))
-    assert len(plain) == 7 and parse_ops(plain)[6] is None
+    assert plain[8] is None and parse_ops(plain)[6] is None
     message = ujson.loads(encode_ops(1, 3, [5, 6], [SET, INCREMENT], ["a", "b"], [1, 2], [0, 300]))
-    assert message[7] == [0, 300]
+    assert message[8] == [0, 300]
     assert parse_ops(message)[6] == [0, 300]
     for bad in (-5, 1.5, True, None, 10**15):
         with pytest.raises(ProtocolError):
-            parse_ops([1, 1, 3, [5], [SET], ["a"], [1], [bad]])
+            parse_ops([1, 1, 3, [5], [SET], "", ["a"], [1], [bad]])
     with pytest.raises(ProtocolError):
-        parse_ops([1, 1, 3, [5], [DELETE], ["a"], [None], [300]])  # no ttl on DELETE
+        parse_ops([1, 1, 3, [5], [DELETE], "", ["a"], [None], [300]])  # no ttl on DELETE
     with pytest.raises(ProtocolError):
-        parse_ops([1, 1, 3, [5], [SET], ["a"], [1], [300, 0]])  # one ttl per operation
+        parse_ops([1, 1, 3, [5], [SET], "", ["a"], [1], [300, 0]])  # one ttl per operation
     with pytest.raises(ProtocolError):
-        parse_ops([1, 1, 3, [5], [SET], ["a"], [1], [300], 1])
+        parse_ops([1, 1, 3, [5], [SET], "", ["a"], [1], 1])
     with pytest.raises(ProtocolError):
-        parse_ops([1, 1 << 63 | 1, 3, [5], [SET], ["a"], [1]])  # a derived origin
+        parse_ops([1, 1 << 63 | 1, 3, [5], [SET], "", ["a"], [1], None])  # a derived origin
 
 
 def test_snapshot_entries_with_ttls_are_checked() -> None:

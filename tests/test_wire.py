@@ -14,6 +14,7 @@ from gcollective._wire import (
     encode_hello,
     encode_ops,
     encode_snapshot,
+    full_paths,
     parse_hello,
     parse_ops,
     path_segments,
@@ -24,9 +25,12 @@ HLC = 1 << 16
 ORIGIN = 12345
 
 
-def ops_message(*items, origin=ORIGIN, seq=1):
-    """An OPS message (decoded) of ``items``, each ``(hlc, op, path, value)``."""
-    return [1, origin, seq, *(list(column) for column in zip(*items))] if items else []
+def ops_message(*items, origin=ORIGIN, seq=1, parent="", ttls=None):
+    """An OPS message (decoded) of ``items``, each ``(hlc, op, path, value)``: hlcs are
+    given whole here and sent as deltas, as ``encode_ops`` does."""
+    hlcs, ops, paths, values = (list(column) for column in zip(*items))
+    deltas = [hlcs[0], *(b - a for a, b in zip(hlcs, hlcs[1:]))]
+    return [1, origin, seq, deltas, ops, parent, paths, values, ttls]
 
 
 def test_frames_split_across_chunks_and_several_in_one_chunk():
@@ -37,8 +41,12 @@ def test_frames_split_across_chunks_and_several_in_one_chunk():
     out = []
     for i in range(len(frames)):  # one byte at a time
         out.extend(decoder.feed(frames[i : i + 1]))
-    assert [parse_ops(m)[4] for m in out] == [["k.0"], ["k.1"], ["k.2"]]
-    assert out[0][6] == ["é€\n"]
+    assert [full_paths(parse_ops(m)[7], parse_ops(m)[4]) for m in out] == [
+        ["k.0"],
+        ["k.1"],
+        ["k.2"],
+    ]
+    assert out[0][7] == ["é€\n"]
     assert decoder.buffered == 0
     assert FrameDecoder(1 << 20).feed(frames) == out
 
@@ -49,7 +57,7 @@ def test_encoded_ops_round_trip_with_the_biggest_values():
     paths = [wire_path(("a", "b")), wire_path(("a",)), wire_path(("a.b@c", "d"))]
     assert paths == ["a.b", "a", ["a.b@c", "d"]]
     (message,) = FrameDecoder(1 << 20).feed(encode_ops(origin, 7, hlcs, ops, paths, values))
-    assert parse_ops(message) == (origin, 7, hlcs, ops, paths, values, None)
+    assert parse_ops(message) == (origin, 7, hlcs, ops, paths, values, None, "")
     assert [path_segments(p) for p in paths] == [["a", "b"], ["a"], ["a.b@c", "d"]]
 
 
@@ -67,12 +75,28 @@ OK = (HLC, 0, "a", 1)
         (ops_message(OK, seq=0), "bad sequence"),
         (ops_message(OK, seq=-1), "bad sequence"),
         (ops_message(OK, seq="1"), "bad sequence"),
-        ([1, ORIGIN, 1, [], [], [], []], "no operations"),
-        ([1, ORIGIN, 1, [HLC], [0], ["a"]], "wrong length"),
-        ([1, ORIGIN, 1, [HLC], [0], ["a"], [1], 0], "bad ttl column"),
-        ([1, ORIGIN, 1, [HLC], [0], ["a"], [1], [0], 0], "wrong length"),
-        ([1, ORIGIN, 1, [HLC], [0, 0], ["a"], [1]], "different lengths"),
-        ([1, ORIGIN, 1, [HLC], [0], "a", [1]], "different lengths"),
+        ([1, ORIGIN, 1, [], [], "", [], [], None], "no operations"),
+        ([1, ORIGIN, 1, [HLC], [0], ["a"], [1]], "wrong length"),
+        ([1, ORIGIN, 1, [HLC], [0], "", ["a"], [1], 0], "bad ttl column"),
+        ([1, ORIGIN, 1, [HLC], [0], "", ["a"], [1], [0], 0], "wrong length"),
+        ([1, ORIGIN, 1, [HLC], [0, 0], "", ["a"], [1], None], "different lengths"),
+        ([1, ORIGIN, 1, [HLC], [0], "", "a", [1], None], "different lengths"),
+        ([1, ORIGIN, 1, [HLC], 0, "", ["a", "b"], [1, 1], None], "different lengths"),
+        ([1, ORIGIN, 1, [HLC], 3, "", ["a"], [1], None], "unknown operation"),
+        ([1, ORIGIN, 1, [HLC], True, "", ["a"], [1], None], "unknown operation"),
+        ([1, ORIGIN, 1, [HLC], "0", "", ["a"], [1], None], "unknown operation"),
+        ([1, ORIGIN, 1, [HLC, 0], 0, "", ["a", "b"], [1, 1], None], "bad stamp"),
+        ([1, ORIGIN, 1, [HLC, -1], 0, "", ["a", "b"], [1, 1], None], "bad stamp"),
+        ([1, ORIGIN, 1, [HLC, 1 << 64], 0, "", ["a", "b"], [1, 1], None], "bad stamp"),
+        (ops_message(OK, parent=5), "bad parent"),
+        (ops_message(OK, parent=["p"]), "bad parent"),
+        (ops_message(OK, parent="p..q"), "path segment"),
+        (ops_message(OK, parent="p."), "path segment"),
+        (ops_message(OK, parent=".".join("x" * 100)), "bad path"),
+        (ops_message((HLC, 0, "a.b", 1), parent="p"), "bad key under its parent"),
+        (ops_message((HLC, 0, "", 1), parent="p"), "bad key under its parent"),
+        (ops_message((HLC, 0, ["a"], 1), parent="p"), "bad key under its parent"),
+        (ops_message((HLC, 0, 7, 1), parent="p"), "bad key under its parent"),
         (ops_message((0, 0, "a", 1)), "bad stamp"),
         (ops_message((1 << 64, 0, "a", 1)), "bad stamp"),
         (ops_message((True, 0, "a", 1)), "bad stamp"),
@@ -108,6 +132,37 @@ def test_bad_ops_frames_are_refused(message, reason):
 def test_paths_as_deep_as_allowed_are_accepted():
     deepest = ".".join("x" * 100)
     parse_ops(ops_message(OK, (HLC + 1, 0, deepest, 1), (HLC + 2, 0, "long" * 60, 1)))
+    parse_ops(ops_message(OK, parent=".".join("x" * 99)))
+
+
+def test_a_writers_batch_travels_compactly_and_comes_back_whole():
+    """A loop's batch (one kind, keys under one parent) sends the kind once, the parent once
+    and small stamp deltas; ``parse_ops`` gives back every hlc and kind, and the keys with
+    their parent."""
+    hlcs = [HLC << 20, (HLC << 20) + 1, (HLC << 20) + 5]
+    paths = ["users.42.a", "users.42.b", "users.42.é"]
+    frame = encode_ops(ORIGIN, 3, hlcs, [0, 0, 0], paths, [1, "x", None])
+    (message,) = FrameDecoder(1 << 20).feed(frame)
+    assert message[3:7] == [[HLC << 20, 1, 4], 0, "users.42", ["a", "b", "é"]]
+    parsed = parse_ops(message)
+    assert parsed == (ORIGIN, 3, hlcs, [0, 0, 0], ["a", "b", "é"], [1, "x", None], None, "users.42")
+    assert full_paths(parsed[7], parsed[4]) == paths
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [
+        ["a", "b"],  # the top level: nothing to say once
+        ["u.a", "v.b"],  # two parents
+        ["u.a", "u.a.b"],  # a key below another
+        ["u.a", ["u", "a.b"]],  # a segment with a dot travels as a list
+        ["u1.a", "u.a"],  # a parent that is a prefix of another's name
+    ],
+)
+def test_a_batch_without_one_parent_travels_with_full_paths(paths):
+    frame = encode_ops(ORIGIN, 1, [HLC, HLC + 1], [0, 2], paths, [1, None])
+    (message,) = FrameDecoder(1 << 20).feed(frame)
+    assert parse_ops(message) == (ORIGIN, 1, [HLC, HLC + 1], [0, 2], paths, [1, None], None, "")
 
 
 def test_oversized_frame_and_oversized_tail_are_refused():
