@@ -1313,25 +1313,25 @@ class Collective(_Member):
                 # that parent, so such a key is checked and applied in a few steps.
                 store = self._store
                 above, _, leaf = key.rpartition(".")
-                if above == store.way_key:
+                if above == store.way_key and leaf and leaf.isascii():
                     # (The parent was checked when it was cached.)
-                    if leaf and leaf.isascii() and store.set_leaf(stamp, leaf, value):
-                        self._send_own(stamp, SET, key, value)
-                        return
-                    path = parse_key(key)
+                    applied = store.set_leaf(stamp, leaf, value)
+                    path = None
                 else:
                     path = parse_key(key)  # raises for a bad key
+                    applied = False
                     if above != self._way_wanted:
                         self._way_wanted = above  # scattered writes pay no more than this
                     elif store.cache_way(above, path[:-1], stamp):
                         # The second key in a row under this parent: likely a loop.
-                        if store.set_leaf(stamp, leaf, value):
-                            self._send_own(stamp, SET, key, value)
-                            return
+                        applied = store.set_leaf(stamp, leaf, value)
                     else:
-                        self._way_wanted = None  # not a fast way now: try again later
-            else:
-                path = parse_key(key)
+                        self._way_wanted = None  # no fast way there now: try again later
+                if not applied:
+                    store.apply(stamp, SET, path or parse_key(key), value)
+                self._send_own(stamp, SET, key, value)
+                return
+            path = parse_key(key)
             self._apply_local(stamp, SET, path, value, key)
             return
         if isinstance(op, bool) or not isinstance(op, int):
@@ -1788,16 +1788,15 @@ class Collective(_Member):
 
     def _apply_ops(self, message: list[Any], frame: bytes) -> None:
         """Apply a received OPS frame (checked whole first), skipping repeats, and log it."""
-        origin, first, hlcs, ops, paths, values, ttls, parent = parse_ops(message)
-        last = first + len(hlcs) - 1
+        origin, first, stamps, ops, paths, values, ttls, parent = parse_ops(message)
+        last = first + len(stamps) - 1
         progress = self._progress
         done = progress.applied.get(origin, 0)
-        self.received_ops += len(hlcs)
+        self.received_ops += len(stamps)
         if last <= done:
             return  # all repeats (relayed, or also in a snapshot)
-        stamps = [(hlc << NODE_BITS) | origin for hlc in hlcs]
         if ttls is None:
-            ttls = [0] * len(hlcs)
+            ttls = [0] * len(stamps)
         elif ttls:
             self._due_by(min(stamp_millis(st) + t for st, t in zip(stamps, ttls) if t))
         apply_one = self._apply_received

@@ -206,23 +206,25 @@ class Store:
 
     def set_leaf(self, s: int, leaf: str, value: Any) -> bool:
         """``apply(s, SET, way + (leaf,), value)`` under the way ``cache_way`` remembered, in
-        the common case: a plain value (not a dict) where there is nothing newer. Returns
+        the common case: a plain value (not a dict) where there is nothing newer. ``s`` must
+        be a stamp new to this store (as ``Collective.set`` takes from its clock). Returns
         False, having changed nothing, when that is not the case (call ``apply``)."""
         if s < self._way_reset or type(value) is dict:
             return False
         parent = self._way_parent
         entries = parent.entries
-        entry = entries.get(leaf)
-        if entry is None or (type(entry) is int and s > entry):
+        entry = entries.setdefault(leaf, s)  # one lookup when the key is new (``s`` is)
+        if entry is not s:
+            if type(entry) is not int or not s > entry:
+                return False
             entries[leaf] = s
-            parent.value[leaf] = value
-            for node in self._way_nodes:  # what ``apply`` does on its way down
-                if s > node.top:
-                    node.top = node.d = s
-                elif s > node.d:
-                    node.d = s
-            return True
-        return False
+        parent.value[leaf] = value
+        for node in self._way_nodes:  # what ``apply`` does on its way down
+            if s > node.top:
+                node.top = node.d = s
+            elif s > node.d:
+                node.d = s
+        return True
 
     def _forget_way(self) -> None:
         """Drop the way ``cache_way`` remembered: the tree is about to change otherwise."""

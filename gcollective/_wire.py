@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from itertools import accumulate, islice, repeat
-from operator import itemgetter, sub
+from operator import itemgetter, lshift, sub
 from typing import Any, NamedTuple, Sequence
 
 import ujson
@@ -304,8 +304,8 @@ _KINDS = {0, 1, 2}
 def parse_ops(
     message: list[Any],
 ) -> tuple[int, int, list[int], list[int], list[str | list[str]], list[Any], list[int] | None, str]:
-    """Check an OPS frame fully: ``(origin, seq, hlcs, ops, paths, values, ttls, parent)``,
-    with the hlcs and kinds of every operation, each path as it travels (dotted, or a list
+    """Check an OPS frame fully: ``(origin, seq, stamps, ops, paths, values, ttls, parent)``,
+    with the stamps and kinds of every operation, each path as it travels (dotted, or a list
     of segments when one holds a dot; ``path_segments`` turns it into segments) and relative
     to ``parent`` (``full_paths`` puts it back), ``ttls`` None when no operation has one; or
     ``ProtocolError`` (before anything in it is applied).
@@ -346,8 +346,10 @@ def parse_ops(
         or (size > 1 and min(islice(deltas, 1, None)) <= 0)
     ):
         raise ProtocolError("OPS frame has a bad stamp")
-    hlcs = list(accumulate(deltas))
-    if hlcs[-1] >= _MAX_HLC:
+    # Each stamp is (hlc << 64) | origin = origin + the deltas so far, shifted: C-level sums.
+    stamps = list(accumulate(map(lshift, deltas, repeat(64)), initial=origin))
+    del stamps[0]
+    if stamps[-1] >> 64 >= _MAX_HLC:
         raise ProtocolError("OPS frame has a bad stamp")
     if type(parent) is not str:
         raise ProtocolError("OPS frame has a bad parent")
@@ -377,7 +379,7 @@ def parse_ops(
                     raise ProtocolError("INCREMENT amount is not a number")
             elif value is not None:
                 raise ProtocolError("DELETE carries a value")
-    return origin, seq, hlcs, ops, paths, values, ttls, parent
+    return origin, seq, stamps, ops, paths, values, ttls, parent
 
 
 def _check_op_ttls(ttls: Any, ops: list[int]) -> None:

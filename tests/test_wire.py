@@ -57,7 +57,8 @@ def test_encoded_ops_round_trip_with_the_biggest_values():
     paths = [wire_path(("a", "b")), wire_path(("a",)), wire_path(("a.b@c", "d"))]
     assert paths == ["a.b", "a", ["a.b@c", "d"]]
     (message,) = FrameDecoder(1 << 20).feed(encode_ops(origin, 7, hlcs, ops, paths, values))
-    assert parse_ops(message) == (origin, 7, hlcs, ops, paths, values, None, "")
+    stamps = [(hlc << 64) | origin for hlc in hlcs]
+    assert parse_ops(message) == (origin, 7, stamps, ops, paths, values, None, "")
     assert [path_segments(p) for p in paths] == [["a", "b"], ["a"], ["a.b@c", "d"]]
 
 
@@ -145,7 +146,9 @@ def test_a_writers_batch_travels_compactly_and_comes_back_whole():
     (message,) = FrameDecoder(1 << 20).feed(frame)
     assert message[3:7] == [[HLC << 20, 1, 4], 0, "users.42", ["a", "b", "é"]]
     parsed = parse_ops(message)
-    assert parsed == (ORIGIN, 3, hlcs, [0, 0, 0], ["a", "b", "é"], [1, "x", None], None, "users.42")
+    stamps = [(hlc << 64) | ORIGIN for hlc in hlcs]
+    keys, values = ["a", "b", "é"], [1, "x", None]
+    assert parsed == (ORIGIN, 3, stamps, [0, 0, 0], keys, values, None, "users.42")
     assert full_paths(parsed[7], parsed[4]) == paths
 
 
@@ -162,7 +165,8 @@ def test_a_writers_batch_travels_compactly_and_comes_back_whole():
 def test_a_batch_without_one_parent_travels_with_full_paths(paths):
     frame = encode_ops(ORIGIN, 1, [HLC, HLC + 1], [0, 2], paths, [1, None])
     (message,) = FrameDecoder(1 << 20).feed(frame)
-    assert parse_ops(message) == (ORIGIN, 1, [HLC, HLC + 1], [0, 2], paths, [1, None], None, "")
+    stamps = [(HLC << 64) | ORIGIN, ((HLC + 1) << 64) | ORIGIN]
+    assert parse_ops(message) == (ORIGIN, 1, stamps, [0, 2], paths, [1, None], None, "")
 
 
 def test_oversized_frame_and_oversized_tail_are_refused():
