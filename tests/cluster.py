@@ -65,6 +65,12 @@ class LocalMembers:
     ``(n, spare=0)`` starts n more (with ``spare`` addresses kept for ``join``, which starts one
     more with the watches passed to it registered first); ``stop()`` stops them all.
 
+    A member that joins on a spare address is one the others list: what they write before it
+    is up waits in their queues for it and reaches it as ordinary operations, racing the
+    snapshot it asks for. With no spare left, ``join`` takes a fresh address nobody lists:
+    the others learn it from its HELLO and dial back with nothing queued, so all it holds
+    comes by snapshot.
+
     (An address nobody answers on holds the metadata frontier back, so only tests that join
     keep spares.)"""
 
@@ -83,6 +89,8 @@ class LocalMembers:
     def join(self, **watches: Callable[..., Any]) -> Any:
         from gcollective import Collective
 
+        if len(self.nodes) == len(self.addresses):
+            self.addresses.append(f"127.0.0.1:{free_port()}")  # unlisted: see the docstring
         node = Collective(self.addresses[len(self.nodes)], self.addresses, **self.options)
         for prefix, callback in watches.items():
             node.watch(prefix, callback)
