@@ -104,6 +104,7 @@ PROGRESS = 5
 STATUS_MAGIC = "gcollective-status"
 STATUS_VERSION = 1
 
+_PARENT_MIN = 16  # the fewest operations an OPS frame says the parent of once
 _MAX_STAMP = 1 << 128
 _MAX_SEQ = 1 << 63
 _MAX_HLC = 1 << 64
@@ -160,9 +161,10 @@ def encode_ops(
 
 def _common_parent(paths: Sequence[Any]) -> tuple[str, Sequence[Any]]:
     """``(parent, keys)`` when every path is a dotted string made of one parent, a dot and a
-    key without dots (a writer's loop); else ``("", paths)``."""
+    key without dots (a writer's loop); else ``("", paths)``. Only for a batch big enough
+    to gain: a receiver's bulk apply of a few operations costs more than it saves."""
     first = paths[0]
-    if type(first) is not str:
+    if type(first) is not str or len(paths) < _PARENT_MIN:
         return "", paths
     parent = first.rpartition(".")[0]
     if not parent:

@@ -138,18 +138,25 @@ def test_paths_as_deep_as_allowed_are_accepted():
 
 def test_a_writers_batch_travels_compactly_and_comes_back_whole():
     """A loop's batch (one kind, keys under one parent) sends the kind once, the parent once
-    and small stamp deltas; ``parse_ops`` gives back every hlc and kind, and the keys with
+    and small stamp deltas; ``parse_ops`` gives back every stamp and kind, and the keys with
     their parent."""
-    hlcs = [HLC << 20, (HLC << 20) + 1, (HLC << 20) + 5]
-    paths = ["users.42.a", "users.42.b", "users.42.é"]
-    frame = encode_ops(ORIGIN, 3, hlcs, [0, 0, 0], paths, [1, "x", None])
+    hlcs = [(HLC << 20) + i * i for i in range(1, 17)]
+    keys = ["é", *(f"k{i}" for i in range(1, 16))]
+    paths = [f"users.42.{key}" for key in keys]
+    values = list(range(16))
+    frame = encode_ops(ORIGIN, 3, hlcs, [0] * 16, paths, values)
     (message,) = FrameDecoder(1 << 20).feed(frame)
-    assert message[3:7] == [[HLC << 20, 1, 4], 0, "users.42", ["a", "b", "é"]]
+    deltas = [hlcs[0], *(2 * i + 1 for i in range(1, 16))]
+    assert message[3:7] == [deltas, 0, "users.42", keys]
     parsed = parse_ops(message)
     stamps = [(hlc << 64) | ORIGIN for hlc in hlcs]
-    keys, values = ["a", "b", "é"], [1, "x", None]
-    assert parsed == (ORIGIN, 3, stamps, [0, 0, 0], keys, values, None, "users.42")
+    assert parsed == (ORIGIN, 3, stamps, [0] * 16, keys, values, None, "users.42")
     assert full_paths(parsed[7], parsed[4]) == paths
+    # A few operations travel with their full paths: a bulk apply would not pay off.
+    (message,) = FrameDecoder(1 << 20).feed(
+        encode_ops(ORIGIN, 3, hlcs[:15], [0] * 15, paths[:15], values[:15])
+    )
+    assert message[5:7] == ["", paths[:15]]
 
 
 @pytest.mark.parametrize(
@@ -159,14 +166,16 @@ def test_a_writers_batch_travels_compactly_and_comes_back_whole():
         ["u.a", "v.b"],  # two parents
         ["u.a", "u.a.b"],  # a key below another
         ["u.a", ["u", "a.b"]],  # a segment with a dot travels as a list
-        ["u1.a", "u.a"],  # a parent that is a prefix of another's name
+        ["u.a", "u1.a"],  # a parent that is a prefix of another's name
     ],
 )
 def test_a_batch_without_one_parent_travels_with_full_paths(paths):
-    frame = encode_ops(ORIGIN, 1, [HLC, HLC + 1], [0, 2], paths, [1, None])
-    (message,) = FrameDecoder(1 << 20).feed(frame)
-    stamps = [(HLC << 64) | ORIGIN, ((HLC + 1) << 64) | ORIGIN]
-    assert parse_ops(message) == (ORIGIN, 1, stamps, [0, 2], paths, [1, None], None, "")
+    paths = [paths[0]] * 15 + [paths[1]]  # enough operations to say a parent once
+    hlcs = [HLC + i for i in range(16)]
+    ops, values = [0] * 15 + [2], [1] * 15 + [None]
+    (message,) = FrameDecoder(1 << 20).feed(encode_ops(ORIGIN, 1, hlcs, ops, paths, values))
+    stamps = [(hlc << 64) | ORIGIN for hlc in hlcs]
+    assert parse_ops(message) == (ORIGIN, 1, stamps, ops, paths, values, None, "")
 
 
 def test_oversized_frame_and_oversized_tail_are_refused():

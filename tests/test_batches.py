@@ -1,0 +1,47 @@
+"""Writers' loops between real members: the batches a receiver applies in bulk (keys under one
+parent, said once on the wire) and the ones it must apply key by key."""
+
+from __future__ import annotations
+
+import pytest
+from cluster import LocalMembers, wait_for
+
+FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
+
+
+@pytest.fixture
+def members():
+    """``members(n)`` starts n members in this process: see ``cluster.LocalMembers``."""
+    local = LocalMembers(**FAST)
+    yield local
+    local.stop()
+
+
+def test_loops_of_new_keys_overwrites_and_conflicts_converge(members):
+    a, b = members(2)
+    for i in range(100):  # new keys: b takes them in bulk
+        a.set(f"p.k{i}", i)
+    wait_for(lambda: b.get("p.k99") == 99)
+    b.set("p.k10", "b's")
+    wait_for(lambda: a.get("p.k10") == "b's")
+    for i in range(50, 150):  # half overwrites, half new: b goes key by key
+        a.set(f"p.k{i}", -i)
+    b.set("p.k120", "b's")  # concurrent with a's loop: the later stamp wins everywhere
+    wait_for(lambda: a.snapshot() == b.snapshot() and b.get("p.k149") == -149)
+    expected = {f"k{i}": i if i < 50 else -i for i in range(150)}
+    expected["k10"] = "b's"
+    expected["k120"] = a.get("p.k120")
+    assert expected["k120"] in ("b's", -120)
+    assert a.get("p") == expected
+
+
+def test_a_loop_under_a_parent_the_receiver_replaced_lands_as_one_by_one(members):
+    a, b = members(2)
+    a.set("p.x", 1)
+    wait_for(lambda: b.get("p.x") == 1)
+    b.set("p", {"fresh": True})  # replaces p where a's loop is about to write
+    wait_for(lambda: a.get("p") == {"fresh": True})
+    for i in range(40):
+        a.set(f"p.k{i}", i)
+    wait_for(lambda: a.snapshot() == b.snapshot() and b.get("p.k39") == 39)
+    assert b.get("p") == {"fresh": True, **{f"k{i}": i for i in range(40)}}
