@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from itertools import accumulate, islice, repeat
-from operator import itemgetter, lshift, sub
+from operator import lshift, sub
 from typing import Any, NamedTuple, Sequence
 
 import ujson
@@ -170,11 +170,13 @@ def _common_parent(paths: Sequence[Any]) -> tuple[str, Sequence[Any]]:
     if not parent:
         return "", paths
     head = parent + "."
+    size = len(head)
     try:
-        if all(map(str.startswith, paths, repeat(head))):
-            keys = list(map(itemgetter(slice(len(head), None)), paths))
-            if "." not in "".join(keys):
-                return parent, keys
+        keys = [path[size:] for path in paths]
+        # Every path is the head and its key: the joins are equal (each path at least as long
+        # as the head, or the lengths differ), and no key holds a dot. C-level scans.
+        if "|".join(paths) == head + ("|" + head).join(keys) and "." not in "".join(keys):
+            return parent, keys
     except TypeError:
         pass  # some path is a list of segments
     return "", paths

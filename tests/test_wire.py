@@ -152,6 +152,11 @@ def test_a_writers_batch_travels_compactly_and_comes_back_whole():
     stamps = [(hlc << 64) | ORIGIN for hlc in hlcs]
     assert parsed == (ORIGIN, 3, stamps, [0] * 16, keys, values, None, "users.42")
     assert full_paths(parsed[7], parsed[4]) == paths
+    # Any character may be in a key, the encoder's separator included.
+    odd = ["a|b", "|", "a b", *keys[3:]]
+    frame = encode_ops(ORIGIN, 3, hlcs, [0] * 16, [f"users.42.{key}" for key in odd], values)
+    (message,) = FrameDecoder(1 << 20).feed(frame)
+    assert message[5:7] == ["users.42", odd]
     # A few operations travel with their full paths: a bulk apply would not pay off.
     (message,) = FrameDecoder(1 << 20).feed(
         encode_ops(ORIGIN, 3, hlcs[:15], [0] * 15, paths[:15], values[:15])
@@ -167,6 +172,8 @@ def test_a_writers_batch_travels_compactly_and_comes_back_whole():
         ["u.a", "u.a.b"],  # a key below another
         ["u.a", ["u", "a.b"]],  # a segment with a dot travels as a list
         ["u.a", "u1.a"],  # a parent that is a prefix of another's name
+        ["ab.c", "a"],  # a path shorter than the parent
+        ["u.a", "u|u.b"],  # the encoder's separator inside a path
     ],
 )
 def test_a_batch_without_one_parent_travels_with_full_paths(paths):
