@@ -120,6 +120,9 @@ _OUTBOX_LIMIT = 1024
 # frame costs a wake-up and a syscall per peer, and a decode on each peer). An idle node sends
 # at once.
 _COALESCE_SECONDS = 0.001
+# After a key under another parent than the last, ``set`` takes this many keys the plain way
+# before it looks for a loop under one parent again: scattered writes skip that look.
+_WAY_SKIPS = 8
 _INF = float("inf")
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
@@ -991,6 +994,7 @@ class Collective(_Member):
         self._out_ttls: list[int] | None = None  # only once an operation has a ttl
         self._flushed_at = 0.0  # when the outbox was last encoded and queued
         self._way_wanted: str | None = None  # the parent of the last key set (see ``set``)
+        self._way_skips = 0  # sets to make before looking for a loop again (see ``set``)
         self._progress = Progress()
         self._log = OpLog(log_bytes)
         self._down_ids: set[int] = set()  # incarnations declared down: refused from then on
@@ -1312,6 +1316,12 @@ class Collective(_Member):
                 # A writer's loop sets keys under one parent: the store remembers the way to
                 # that parent, so such a key is checked and applied in a few steps.
                 store = self._store
+                if self._way_skips:
+                    # Writes scattered over parents: look for a loop again a few keys later.
+                    self._way_skips -= 1
+                    store.apply(stamp, SET, parse_key(key), value)
+                    self._send_own(stamp, SET, key, value)
+                    return
                 above, _, leaf = key.rpartition(".")
                 if above == store.way_key and leaf and leaf.isascii():
                     # (The parent was checked when it was cached.)
@@ -1321,7 +1331,8 @@ class Collective(_Member):
                     path = parse_key(key)  # raises for a bad key
                     applied = False
                     if above != self._way_wanted:
-                        self._way_wanted = above  # scattered writes pay no more than this
+                        self._way_wanted = above
+                        self._way_skips = _WAY_SKIPS
                     elif store.cache_way(above, path[:-1], stamp):
                         # The second key in a row under this parent: likely a loop.
                         applied = store.set_leaf(stamp, leaf, value)
