@@ -318,29 +318,19 @@ class Driver:
                 record(path, value)
 
         # Every received operation goes through store.apply, or through store.apply_batch
-        # or store.set_siblings for received batches (newer cores).
+        # for received batches (newer cores).
         store.apply = apply  # type: ignore[method-assign]
         original_batch = getattr(store, "apply_batch", None)
         if original_batch is not None:
 
-            def apply_batch(stamps: Any, ops: Any, paths: Any, values: Any) -> None:
-                original_batch(stamps, ops, paths, values)
+            def apply_batch(stamps: Any, ops: Any, paths: Any, values: Any, *parent: str) -> None:
+                original_batch(stamps, ops, paths, values, *parent)  # (a parent: newer cores)
+                head = f"{parent[0]}." if parent and parent[0] else ""
                 for op, path, value in zip(ops, paths, values):
                     if op == 0:
-                        record(path, value)
+                        record(head + path if head else path, value)
 
             store.apply_batch = apply_batch  # type: ignore[method-assign]
-        original_siblings = getattr(store, "set_siblings", None)
-        if original_siblings is not None:
-
-            def set_siblings(stamps: Any, parent: str, keys: Any, values: Any) -> bool:
-                applied = original_siblings(stamps, parent, keys, values)
-                if applied:
-                    for key, value in zip(keys, values):
-                        record(f"{parent}.{key}" if parent else key, value)
-                return applied
-
-            store.set_siblings = set_siblings  # type: ignore[method-assign]
         return {}
 
     def cmd_probe_dump(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -1316,28 +1316,25 @@ class Collective(_Member):
                 # A writer's loop sets keys under one parent: the store remembers the way to
                 # that parent, so such a key is checked and applied in a few steps.
                 store = self._store
+                applied = False
+                path = None
                 if self._way_skips:
-                    # Writes scattered over parents: look for a loop again a few keys later.
-                    self._way_skips -= 1
-                    store.apply(stamp, SET, parse_key(key), value)
-                    self._send_own(stamp, SET, key, value)
-                    return
-                above, _, leaf = key.rpartition(".")
-                if above == store.way_key and leaf and leaf.isascii():
-                    # (The parent was checked when it was cached.)
-                    applied = store.set_leaf(stamp, leaf, value)
-                    path = None
+                    self._way_skips -= 1  # scattered over parents: look for a loop again later
                 else:
-                    path = parse_key(key)  # raises for a bad key
-                    applied = False
-                    if above != self._way_wanted:
-                        self._way_wanted = above
-                        self._way_skips = _WAY_SKIPS
-                    elif store.cache_way(above, path[:-1], stamp):
-                        # The second key in a row under this parent: likely a loop.
+                    above, _, leaf = key.rpartition(".")
+                    if above == store.way_key and leaf and leaf.isascii():
+                        # (The parent was checked when it was cached.)
                         applied = store.set_leaf(stamp, leaf, value)
                     else:
-                        self._way_wanted = None  # no fast way there now: try again later
+                        path = parse_key(key)  # raises for a bad key
+                        if above != self._way_wanted:
+                            self._way_wanted = above
+                            self._way_skips = _WAY_SKIPS
+                        elif store.cache_way(above, path[:-1], stamp):
+                            # The second key in a row under this parent: likely a loop.
+                            applied = store.set_leaf(stamp, leaf, value)
+                        else:
+                            self._way_wanted = None  # no fast way there now: try again later
                 if not applied:
                     store.apply(stamp, SET, path or parse_key(key), value)
                 self._send_own(stamp, SET, key, value)
@@ -1817,12 +1814,8 @@ class Collective(_Member):
                 paths = full_paths(parent, paths)
                 for stamp, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
                     apply_one(stamp, op, path, value, ttl_ms, origin)
-            elif not (
-                parent
-                and set(ops) == {SET}
-                and self._store.set_siblings(stamps, parent, paths, values)
-            ):
-                self._store.apply_batch(stamps, ops, full_paths(parent, paths), values)
+            else:
+                self._store.apply_batch(stamps, ops, paths, values, parent)
             progress.applied[origin] = last
             progress.stamps[origin] = stamps[-1]
             applied = len(stamps)

@@ -427,10 +427,13 @@ def test_apply_batch_matches_model(data: st.DataObject) -> None:
     assert_store_matches(batched, ops, f"{context}, after: {after!r}")
 
 
-def batch_matches_one_by_one(before: list[Op], batch: list[Op]) -> tuple[Any, str]:
+def batch_matches_one_by_one(
+    before: list[Op], batch: list[Op], parent: tuple[str, ...] = ()
+) -> tuple[Any, str]:
     """Deliver ``before`` to two stores, then ``batch`` as one ``apply_batch`` to one and op
     by op to the other; assert they hold the same metadata and match the model. Returns the
-    batched store and the context for later assertions."""
+    batched store and the context for later assertions. With ``parent`` (every path is one
+    key under it), the batch goes as an OPS frame says it: the parent once, then the keys."""
     from gcollective._wire import wire_path
 
     batched, one_by_one = new_store(), new_store()
@@ -439,8 +442,9 @@ def batch_matches_one_by_one(before: list[Op], batch: list[Op]) -> tuple[Any, st
     batched.apply_batch(
         [op.stamp for op in batch],
         [op.op for op in batch],
-        [wire_path(op.path) for op in batch],
+        [op.path[-1] if parent else wire_path(op.path) for op in batch],
         [copy.deepcopy(op.value) for op in batch],
+        ".".join(parent),
     )
     deliver(one_by_one, batch)
     context = f"before: {before!r}, batch: {batch!r}"
@@ -488,6 +492,8 @@ def test_a_bulk_batch_of_sibling_sets_matches_one_by_one(data: st.DataObject) ->
         for stamp, key, value in zip(sorted(op_stamps[:size]), keys, values)
     ]
     batch_matches_one_by_one(before, batch)
+    if parent:
+        batch_matches_one_by_one(before, batch, parent)
 
 
 @_settings(max_examples=300)
