@@ -115,6 +115,7 @@ _TLS_HANDSHAKE = b"\x16\x03"
 _SNAPSHOT_FRAME_BYTES = 1 << 20
 # A greenlet that sets without yielding gets its operations sent in batches of this many.
 _OUTBOX_LIMIT = 1024
+_OUTBOX_ITEMS = 3 * _OUTBOX_LIMIT  # (the outbox holds three items per operation)
 # After a batch went out, the next one waits until this much time has passed, so a steady
 # stream of sets goes out in a few frames per millisecond rather than one frame per set (each
 # frame costs a wake-up and a syscall per peer, and a decode on each peer). An idle node sends
@@ -984,14 +985,13 @@ class Collective(_Member):
         self._store = Store()
         self._data = self._store.data  # the live tree (the same dict for the store's life)
         self._clock = HybridClock(self.node_id)
-        self._seq = 0
-        # Own operations applied but not yet encoded, in the columns of an OPS frame, numbered
-        # up to ``_seq``. Flushed by a callback of the event loop (see ``_apply_local``).
-        self._out_hlcs: list[int] = []
-        self._out_ops: list[int] = []
-        self._out_paths: list[str | list[str]] = []
-        self._out_values: list[Any] = []
-        self._out_ttls: list[int] | None = None  # only once an operation has a ttl
+        self._seq = 0  # own operations numbered (and in the log) so far
+        # Own operations applied but not yet encoded, numbered from ``_seq + 1``: stamp, wire
+        # path and value of each, in one flat list (one in-place add per operation, the
+        # cheapest append there is), and (index, op, ttl_ms) of the few that are not plain
+        # SETs. Flushed by a callback of the event loop (see ``_send_own``).
+        self._outbox: list[Any] = []
+        self._out_special: list[tuple[int, int, int]] = []
         self._flushed_at = 0.0  # when the outbox was last encoded and queued
         self._way_wanted: str | None = None  # the parent of the last key set (see ``set``)
         self._way_skips = 0  # sets to make before looking for a loop again (see ``set``)
@@ -1162,7 +1162,7 @@ class Collective(_Member):
             "synced": self.synced,
             "uptime": 0.0 if self.started_at is None else now - self.started_at,
             "top_level_keys": len(self._store.data),
-            "local_ops": self._seq,
+            "local_ops": self._seq + len(self._outbox) // 3,
             "received_frames": self.received_frames,
             "received_ops": self.received_ops,
             "applied_ops": self.applied_ops,
@@ -1304,44 +1304,53 @@ class Collective(_Member):
         missing, unless a newer SET without ttl (or with a new ttl) of it came first. See
         "Expiring keys" in the README.
         """
-        if type(op) is int and op == SET and ttl is None and self._writable:
-            # The common call, with the checks it needs and no more (this is the hot path).
-            if self._generation != _fork_generation:
-                self._check_writable()
-            kind = type(value)
-            if not (kind is int or kind is bool or value is None):
-                value = clean_value(value)
-            stamp = self._clock.stamp()
-            if type(key) is str and not self._watches:
-                # A writer's loop sets keys under one parent: the store remembers the way to
-                # that parent, so such a key is checked and applied in a few steps.
-                store = self._store
-                applied = False
-                path = None
-                if self._way_skips:
-                    self._way_skips -= 1  # scattered over parents: look for a loop again later
-                else:
-                    above, _, leaf = key.rpartition(".")
-                    if above == store.way_key and leaf and leaf.isascii():
-                        # (The parent was checked when it was cached.)
-                        applied = store.set_leaf(stamp, leaf, value)
-                    else:
-                        path = parse_key(key)  # raises for a bad key
-                        if above != self._way_wanted:
-                            self._way_wanted = above
-                            self._way_skips = _WAY_SKIPS
-                        elif store.cache_way(above, path[:-1], stamp):
-                            # The second key in a row under this parent: likely a loop.
-                            applied = store.set_leaf(stamp, leaf, value)
-                        else:
-                            self._way_wanted = None  # no fast way there now: try again later
-                if not applied:
-                    store.apply(stamp, SET, path or parse_key(key), value)
-                self._send_own(stamp, SET, key, value)
-                return
-            path = parse_key(key)
-            self._apply_local(stamp, SET, path, value, key)
+        if op is not SET or ttl is not None or not self._writable or self._watches:
+            self._set_otherwise(key, value, op, ttl)
             return
+        if type(key) is not str:
+            self._apply_local(self._clock.stamp(), SET, parse_key(key), clean_value(value), key)
+            return
+        # The common call, a plain SET of a dotted key, with the checks it needs and no more:
+        # this is the hot path. (``_writable`` is also how it knows the node was not inherited
+        # through a fork: the fork hook clears it.)
+        kind = type(value)
+        if not (kind is int or kind is bool or value is None):
+            value = clean_value(value)
+        stamp = self._clock.stamp()
+        # A writer's loop sets keys under one parent: the store remembers the way to that
+        # parent, so such a key is checked and applied in a few steps.
+        store = self._store
+        applied = False
+        path = None
+        if self._way_skips:
+            self._way_skips -= 1  # scattered over parents: look for a loop again later
+        else:
+            above, _, leaf = key.rpartition(".")
+            if above == store.way_key and leaf and leaf.isascii():
+                # (The parent was checked when it was cached.)
+                applied = store.set_leaf(stamp, leaf, value)
+            else:
+                path = parse_key(key)  # raises for a bad key
+                if above != self._way_wanted:
+                    self._way_wanted = above
+                    self._way_skips = _WAY_SKIPS
+                elif store.cache_way(above, path[:-1], stamp):
+                    # The second key in a row under this parent: likely a loop.
+                    applied = store.set_leaf(stamp, leaf, value)
+                else:
+                    self._way_wanted = None  # no fast way there now: try again later
+        if not applied:
+            store.apply(stamp, SET, path or parse_key(key), value)
+        # ``_send_own(stamp, SET, key, value)``, inline: the call would cost a tenth of a set.
+        outbox = self._outbox
+        outbox += (stamp, key, value)
+        if len(outbox) == 3:
+            self._schedule_flush()
+        elif len(outbox) >= _OUTBOX_ITEMS:
+            self._flush_outbox()
+
+    def _set_otherwise(self, key: Key, value: Any, op: Any, ttl: float | None) -> None:
+        """``set`` of all but a plain SET on a running node without watches."""
         if isinstance(op, bool) or not isinstance(op, int):
             raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
         if op == SET:
@@ -1409,55 +1418,69 @@ class Collective(_Member):
             self._notify(path, op, self.node_id)
 
     def _send_own(self, stamp: int, op: int, wire: Any, value: Any, ttl_ms: int = 0) -> None:
-        """Number an own operation, applied already, and put it in the outbox (``wire``: its
-        path as it travels)."""
-        # Own operations are numbered without gaps: the vector entry moves in place.
-        seq = self._seq = self._seq + 1
-        node_id = self.node_id
-        progress = self._progress
-        progress.applied[node_id] = seq
-        progress.stamps[node_id] = stamp
-        hlcs = self._out_hlcs
-        hlcs.append(stamp >> NODE_BITS)
-        self._out_ops.append(op)
-        self._out_paths.append(wire)
-        self._out_values.append(value)
-        ttls = self._out_ttls
-        if ttl_ms or ttls is not None:
-            if ttls is None:  # the first operation with a ttl in this batch
-                ttls = self._out_ttls = [0] * (len(hlcs) - 1)
-            ttls.append(ttl_ms)
-        if len(hlcs) == 1:
-            # Sent once this greenlet yields (a burst of sets becomes one frame), or a moment
-            # later if a batch just went out.
-            wait = self._flushed_at + _COALESCE_SECONDS - time.monotonic()
-            if wait > 0:
-                gevent.spawn_later(wait, self._flush_outbox)
-            else:
-                gevent.get_hub().loop.run_callback(self._flush_outbox)
-        elif len(hlcs) >= _OUTBOX_LIMIT:
+        """Put an own operation, applied already, in the outbox (``wire``: its path as it
+        travels). ``set`` does the same inline for plain SETs."""
+        outbox = self._outbox
+        if op or ttl_ms:
+            self._out_special.append((len(outbox) // 3, op, ttl_ms))
+        outbox += (stamp, wire, value)
+        if len(outbox) == 3:
+            self._schedule_flush()
+        elif len(outbox) >= _OUTBOX_ITEMS:
             self._flush_outbox()
 
+    def _schedule_flush(self) -> None:
+        """Have the outbox, which just got its first operation, sent once this greenlet
+        yields (a burst of sets becomes one frame), or a moment later if a batch just went
+        out."""
+        wait = self._flushed_at + _COALESCE_SECONDS - time.monotonic()
+        if wait > 0:
+            gevent.spawn_later(wait, self._flush_outbox)
+        else:
+            gevent.get_hub().loop.run_callback(self._flush_outbox)
+
     def _flush_outbox(self) -> None:
-        """Encode the outbox as OPS frames (once), log them and queue them for every peer.
+        """Number the operations of the outbox, encode them as OPS frames (once), log them
+        and queue them for every peer; the own entry of the progress moves with them.
 
         Runs as an event-loop callback (so it must never block) or inline; cheap when the
-        outbox is empty, so anything that needs the log or the queues current calls it first.
+        outbox is empty, so anything that needs the log, the queues or the own progress
+        current calls it first.
         """
-        hlcs = self._out_hlcs
-        if not hlcs or self._generation != _fork_generation:
+        outbox = self._outbox
+        if not outbox or self._generation != _fork_generation:
             return  # (a callback scheduled before a fork runs in the child too: not its node)
         self._flushed_at = time.monotonic()
-        columns: tuple[list[Any], ...] = (hlcs, self._out_ops, self._out_paths, self._out_values)
-        if self._out_ttls is not None:
-            columns += (self._out_ttls,)
-            self._out_ttls = None
-        self._out_hlcs, self._out_ops, self._out_paths, self._out_values = [], [], [], []
+        self._outbox = []
+        stamps = outbox[0::3]
+        size = len(stamps)
+        ops: list[int] = [SET] * size
+        ttls: list[int] | None = None
+        if self._out_special:
+            for index, op, ttl_ms in self._out_special:
+                ops[index] = op
+                if ttl_ms:
+                    if ttls is None:
+                        ttls = [0] * size
+                    ttls[index] = ttl_ms
+            self._out_special = []
+        columns: tuple[list[Any], ...] = (
+            [stamp >> NODE_BITS for stamp in stamps],
+            ops,
+            outbox[1::3],
+            outbox[2::3],
+        )
+        if ttls is not None:
+            columns += (ttls,)
+        numbered_from = self._seq + 1
+        self._seq += size
+        node_id = self.node_id
+        self._progress.applied[node_id] = self._seq
+        self._progress.stamps[node_id] = stamps[-1]
         frames: list[tuple[int, int, bytes]] = []
-        self._encode_batch(self._seq - len(hlcs) + 1, columns, frames)
+        self._encode_batch(numbered_from, columns, frames)
         links = self._links.values()
         add_to_log = self._log.add
-        node_id = self.node_id
         for first, last, frame in frames:
             add_to_log(node_id, first, last, frame)
             for link in links:
@@ -1480,6 +1503,7 @@ class Collective(_Member):
     # -- receiving ----------------------------------------------------------------------------
 
     def _progress_frame(self) -> bytes:
+        self._flush_outbox()  # the own entry of the progress moves when the outbox is flushed
         complete = self._ready.is_set() and (self._synced.is_set() or self._snapshot_link is None)
         return encode_progress(
             self._progress.vector(), complete, self._clock.promise(), self._frontier

@@ -166,13 +166,14 @@ class Store:
         #: Expiries made permanent by ``expire`` so far.
         self.expired = 0
         # The way cached by ``cache_way`` for ``set_leaf``: the dotted path of a parent (or
-        # None), the parent, the nodes on the way to it (itself included) and the newest
-        # reset stamp among them. Valid while only fast-path SETs ran since: every other
-        # change of the tree calls ``_forget_way`` (see ``cache_way``).
+        # None), the parent and the nodes on the way to it (itself included). Valid while only
+        # fast-path SETs ran since: every other change of the tree calls ``_forget_way`` (see
+        # ``cache_way``). The newest stamp ``set_leaf`` wrote below them, or 0: those nodes'
+        # ``top`` and ``d`` learn it only when read (``_settle_way``), not at every write.
         self.way_key: str | None = None
         self._way_parent = root
         self._way_nodes: list[_Node] = []
-        self._way_reset: float | int = NEVER
+        self._way_newest = 0
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -196,21 +197,23 @@ class Store:
         those never replace a node, make a dict something else, add a ttl or raise a reset
         stamp. Everything else calls ``_forget_way`` first.
         """
+        self._settle_way()
         parent, nodes = self._settled_way(way, s)
-        if parent is None:
+        if parent is None or s < max([self._root.r, *[node.r for node in nodes]]):
             return False
         self._way_parent = parent
         self._way_nodes = nodes
-        self._way_reset = max([self._root.r, *[node.r for node in nodes]])
         self.way_key = key
         return True
 
     def set_leaf(self, s: int, leaf: str, value: Any) -> bool:
         """``apply(s, SET, way + (leaf,), value)`` under the way ``cache_way`` remembered, in
         the common case: a plain value (not a dict) where there is nothing newer. ``s`` must
-        be a stamp new to this store (as ``Collective.set`` takes from its clock). Returns
-        False, having changed nothing, when that is not the case (call ``apply``)."""
-        if s < self._way_reset or type(value) is dict:
+        be a stamp new to this store and newer than the one given to ``cache_way`` and to
+        every ``set_leaf`` since, as a clock's are (``Collective.set`` takes them from its
+        clock). Returns False, having changed nothing, when that is not the case (call
+        ``apply``)."""
+        if type(value) is dict:
             return False
         parent = self._way_parent
         entries = parent.entries
@@ -220,16 +223,22 @@ class Store:
                 return False
             entries[leaf] = s
         parent.value[leaf] = value
-        # ``_raise(self._way_nodes, s)``, inline: the call would cost 4 % of a ``set``.
-        for node in self._way_nodes:
-            if s > node.top:
-                node.top = node.d = s
-            elif s > node.d:
-                node.d = s
+        self._way_newest = s  # (the newest yet: raised on the way later, see _settle_way)
         return True
+
+    def _settle_way(self) -> None:
+        """Raise the summaries on the cached way to the newest ``set_leaf`` below it: what
+        each ``set_leaf`` would have done (the newest stamp decides, as with ``_raise``).
+        Anything that reads the metadata calls this first, ``_forget_way`` too, so every path
+        of ``apply`` but the fast one settles. That one needs not: its walk only raises the
+        same summaries to its own stamp, and maxima commute."""
+        if self._way_newest:
+            _raise(self._way_nodes, self._way_newest)
+            self._way_newest = 0
 
     def _forget_way(self) -> None:
         """Drop the way ``cache_way`` remembered: the tree is about to change otherwise."""
+        self._settle_way()
         self.way_key = None
         self._way_nodes = []
         self._way_parent = self._root
@@ -1302,6 +1311,7 @@ class Store:
         Each item is a consistent copy (taken without yielding), so a snapshot can be built
         and sent one slice at a time while operations go on.
         """
+        self._settle_way()
         root = self._root
         entry = root.entries.get(key)
         if entry is None:
