@@ -219,6 +219,11 @@ def throughput(cfg: Config, progress: Progress) -> dict[str, Any]:
             "local_sets_per_second": statistics.mean(
                 keys / (r["written"] - r["started"]) for r in replies
             ),
+            # CPU seconds of all members together until each held every key, per key written:
+            # the cost of a key (one set, count - 1 receptions) whatever the scheduling did.
+            "cpu_seconds": [r["cpu_seconds"] for r in replies],
+            "cpu_write_seconds": [r["cpu_write_seconds"] for r in replies],
+            "cpu_us_per_key": sum(r["cpu_seconds"] for r in replies) / (count * keys) * 1e6,
             "rss_after": memory["memory"]["rss"],
             "hot_counter": {
                 "increments_each": hot_each,
@@ -237,7 +242,8 @@ def throughput(cfg: Config, progress: Progress) -> dict[str, Any]:
         runs.append(run)
         progress(
             f"throughput: {count} x {keys:,}: {seconds:.2f}s, "
-            f"{run['sets_per_second']:,.0f} sets/s; hot counter {hot_seconds:.2f}s, "
+            f"{run['sets_per_second']:,.0f} sets/s, {run['cpu_us_per_key']:.2f} us CPU per key; "
+            f"hot counter {hot_seconds:.2f}s, "
             f"{run['hot_counter']['increments_per_second']:,.0f} incr/s"
         )
     return {"runs": runs}
