@@ -184,6 +184,7 @@ class Driver:
 
     def cmd_join(self, request: dict[str, Any]) -> dict[str, Any]:
         before = memory()
+        cpu_began = time.process_time()
         began = self._start(request)
         returned = monotonic()
         node = self.node
@@ -194,6 +195,7 @@ class Driver:
             "started": began,
             "returned": returned,
             "synced_at": done,
+            "cpu_seconds": time.process_time() - cpu_began,  # the joiner's, until synced
             "baseline": before,
             "memory": memory(),
         }

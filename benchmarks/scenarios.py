@@ -403,7 +403,10 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
         if join_seconds is None:
             progress(f"join: NOT synced within {cfg.join_limit:.0f}s")
         else:
-            progress(f"join: synced in {join_seconds:.2f}s; letting live writes run 1s more")
+            progress(
+                f"join: synced in {join_seconds:.2f}s (the joiner's CPU: "
+                f"{joined['cpu_seconds']:.2f}s); letting live writes run 1s more"
+            )
         time.sleep(1.0)
         stops = broadcast(holders, "pace_stop")
         wait = 120 if joined["synced"] else 10
@@ -433,6 +436,7 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
         "join_seconds": join_seconds,
         "join_limit": cfg.join_limit,
         "start_returned_seconds": joined["returned"] - joined["started"],
+        "joiner_cpu_seconds": joined["cpu_seconds"],
         "synced": joined["synced"],
         "caught_up": caught["complete"],
         "live_writes": live_total,

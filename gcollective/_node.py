@@ -84,7 +84,6 @@ from ._wire import (
     SNAPSHOT_REQUEST_FRAME,
     WANTS_SNAPSHOT,
     FrameDecoder,
-    check_snapshot_items,
     encode_hello,
     encode_ops,
     encode_progress,
@@ -97,6 +96,7 @@ from ._wire import (
     parse_hello,
     parse_ops,
     parse_progress,
+    parse_snapshot_items,
     parse_vector,
     path_segments,
     wire_path,
@@ -1796,7 +1796,7 @@ class Collective(_Member):
             elif kind == SNAPSHOT:
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT frame has the wrong length")
-                items = check_snapshot_items(message[1])
+                items = parse_snapshot_items(message[1])
                 if self._watches:
                     self._merge_watched(items)
                 else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Any
 
 import pytest
 from cluster import LocalMembers, free_ports, wait_until
@@ -17,7 +18,7 @@ from faults import ProxiedMembers
 from gcollective import DELETE, INCREMENT, SET, Collective, InvalidValueError, ProtocolError
 from gcollective._clock import expiry_stamp, stamp_millis
 from gcollective._validate import check_ttl
-from gcollective._wire import check_snapshot_items, encode_ops, parse_ops
+from gcollective._wire import encode_ops, parse_ops, parse_snapshot_items
 
 wait_for = functools.partial(_wait_for, timeout=20.0, interval=0.01)
 
@@ -67,11 +68,14 @@ def test_wire_carries_the_ttl_column_only_when_there_is_a_ttl() -> None:
 
 def test_snapshot_entries_with_ttls_are_checked() -> None:
     stamp = (1000 << 80) | 9
-    good = [stamp, [1], None, None, [], {}, {}, {}, [[stamp, expiry_stamp(stamp, 300)]]]
-    assert check_snapshot_items([["k", good]])
+
+    def entry(ttls: list[Any]) -> list[Any]:  # (a new one each time: parsing converts it)
+        return [stamp, [1], None, None, [], {}, [[], [], []], [], ttls]
+
+    assert parse_snapshot_items([["k", entry([[stamp, expiry_stamp(stamp, 300)]])]])
     for ttls in ([], [[stamp]], [[stamp, stamp + 1]], [[stamp, expiry_stamp(stamp + 1, 3)]]):
         with pytest.raises(ProtocolError):
-            check_snapshot_items([["k", [*good[:8], ttls]]])
+            parse_snapshot_items([["k", entry(ttls)]])
 
 
 def test_api_refuses_bad_ttls_before_applying_anything() -> None:

@@ -10,18 +10,24 @@ from gcollective._store import Store
 from gcollective._wire import (
     PROTOCOL_VERSION,
     FrameDecoder,
-    check_snapshot_items,
     encode_hello,
     encode_ops,
     encode_snapshot,
     full_paths,
     parse_hello,
     parse_ops,
+    parse_snapshot_items,
     path_segments,
     wire_path,
 )
 
 HLC = 1 << 16
+
+
+def roundtrip(value: object) -> object:
+    return ujson.loads(ujson.dumps(value))
+
+
 ORIGIN = 12345
 
 
@@ -219,37 +225,90 @@ def test_hello_round_trip_and_bad_hellos():
             parse_hello(bad)
 
 
+@pytest.mark.parametrize("origins", [1, 3, 64, 65, 70])
+def test_snapshot_leaves_travel_as_columns(origins: int) -> None:
+    """A node's leaves, written by one origin or many (packed stamps up to 64 origins, the
+    stamps themselves beyond), tombstones among them, arrive as they were."""
+    store = Store()
+    for i in range(200):
+        stamp = (HLC + 7 * i) << 64 | (ORIGIN + i % origins)
+        if i % 5 == 3:
+            store.apply(stamp, 2, ("p", "q", f"k{i - 1}"), None)  # a tombstone
+        else:
+            store.apply(stamp, 0, ("p", "q", f"k{i}"), [i] if i % 7 else i)
+    store.apply((HLC + 5000) << 64 | ORIGIN, 2, ("p", "gone"), None)
+    store.apply((HLC + 5001) << 64 | ORIGIN, 2, ("p", "q", "k0"), None)
+    exported = store.export()
+    frame = encode_snapshot(exported)
+    (message,) = FrameDecoder(1 << 20).feed(frame)
+    items = parse_snapshot_items(message[1])
+    assert items == exported
+    other = Store()
+    other.merge(items)
+    assert roundtrip(other.export()) == roundtrip(exported)
+    assert other.to_dict() == store.to_dict()
+    if origins == 1:
+        assert b"%d" % (HLC << 64 | ORIGIN) not in frame  # no 128-bit stamp per leaf
+
+
 def test_snapshot_items_are_checked_before_merging():
     store = Store()
     store.apply(HLC << 64 | ORIGIN, 0, ("a", "b"), {"c": [1]})
     store.apply((HLC + 1) << 64 | ORIGIN, 1, ("n",), 2)
     store.apply((HLC + 2) << 64 | ORIGIN, 2, ("gone",), None)
     (message,) = FrameDecoder(1 << 20).feed(encode_snapshot(store.export()))
-    items = check_snapshot_items(message[1])
+    items = parse_snapshot_items(message[1])
     other = Store()
     other.merge(items)
     assert other.to_dict() == store.to_dict()
+    no_leaves = [[], [], []]
     for bad in (
         {"a": 1},
         [["a"]],
         [["", 5]],
         [["a", "x"]],
-        [["a", [None, 0, None, None, [], {}, {}]]],
-        [["a", [None, 0, None, None, [], {}, {}, {}, 1]]],
-        [["a", [5, [float("nan")], None, None, [], {}, {}, {}]]],
-        [["a", [5, 7, None, None, [], {}, {}, {}]]],
-        [["a", [5, 0, None, None, [[5, "x"]], {}, {}, {}]]],
-        [["a", [5, 0, None, None, [], {"b": "x"}, {}, {}]]],
-        [["a", [5, 0, None, None, [], {"b": [5, 1]}, {}, {}]]],
-        [["a", [5, 0, None, None, [], {}, {"b": "x"}, {}]]],
-        [["a", [5, 0, None, None, [], {}, {"b": 0}, {}]]],
-        [["a", [5, 0, None, None, [], {}, {"b": 1 << 128}, {}]]],
-        [["a", [5, 0, None, None, [], {}, {"b": 5}, {"c": 1}]]],
-        [["a", [5, 0, None, None, [], {}, {}, {"c": 1}]]],
-        [["a", [5, 0, None, None, [], {}, {"b": 5}, {"b": float("inf")}]]],
-        [["a", [5, 0, None, None, [], {}, {"b": 5}, {"b": {"x": [float("nan")]}}]]],
-        [["a", [5, 0, None, None, [], {"b": [5, 0, None, None, [], {}, {}, {}]}, {"b": 5}, {}]]],
+        [["a", [None, 0, None, None, [], {}, no_leaves]]],
+        [["a", [None, 0, None, None, [], {}, no_leaves, [], 1]]],
+        [["a", [5, [float("nan")], None, None, [], {}, no_leaves, []]]],
+        [["a", [5, 7, None, None, [], {}, no_leaves, []]]],
+        [["a", [5, 0, None, None, [[5, "x"]], {}, no_leaves, []]]],
+        [["a", [5, 0, None, None, [], {"b": "x"}, no_leaves, []]]],
+        [["a", [5, 0, None, None, [], {"b": [5, 1]}, no_leaves, []]]],
+        [["a", [5, 0, None, None, [], {}, {"b": 5}, {}]]],  # leaves as a dict: not how they travel
+        [["a", [5, 0, None, None, [], {}, no_leaves, {}]]],
+        [["a", [5, 0, None, None, [], {}, [[], ["b"]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[], ["b"], []], []]]],
+        [["a", [5, 0, None, None, [], {}, [[], [1], [5]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[], ["b", "b"], [5, 6]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[], ["b"], ["x"]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[], ["b"], [0]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[], ["b"], [1 << 128]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[7], ["b"], [-1]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[7], ["b"], [1 << 64]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[7, 8], ["b"], [1 << 65]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[7], ["b"], [1.5]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[7], ["b"], [True]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[0], ["b"], [5]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[7, 7], ["b"], [5]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[1 << 64], ["b"], [5]], []]]],
+        [["a", [5, 0, None, None, [], {}, [["x"], ["b"], [5]], []]]],
+        [["a", [5, 0, None, None, [], {}, [list(range(1, 66)), ["b"], [5]], []]]],
+        [["a", [5, 0, None, None, [], {}, [[], ["b"], [5]], [1, 2]]]],  # a value without a stamp
+        [["a", [5, 0, None, None, [], {}, no_leaves, [1]]]],
+        [["a", [5, 0, None, None, [], {}, [[], ["b"], [5]], [float("inf")]]]],
+        [["a", [5, 0, None, None, [], {}, [[], ["b"], [5]], [{"x": [float("nan")]}]]]],
+        [
+            [
+                "a",
+                [
+                    *[5, 0, None, None, []],
+                    {"b": [5, 0, None, None, [], {}, no_leaves, []]},
+                    [[], ["b"], [5]],
+                    [],
+                ],
+            ]
+        ],
         [["a", [-1, 1]]],
     ):
         with pytest.raises(ProtocolError):
-            check_snapshot_items(ujson.loads(ujson.dumps(bad)))
+            parse_snapshot_items(ujson.loads(ujson.dumps(bad)))
