@@ -1796,12 +1796,13 @@ class Collective(_Member):
             elif kind == SNAPSHOT:
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT frame has the wrong length")
-                items = parse_snapshot_items(message[1])
+                items, newest = parse_snapshot_items(message[1])
                 if self._watches:
                     self._merge_watched(items)
                 else:
                     self._store.merge(items)
-                self._observe_items(items)
+                if newest:
+                    self._clock.observe(newest)  # our next stamps order after all of it
                 self._due_by(self._store.next_expiry)
             elif kind == SNAPSHOT_END:
                 if len(message) != 2:
@@ -2022,25 +2023,3 @@ class Collective(_Member):
             if not link.down:
                 frontier = min(frontier, link.peer_frontier)
         return frontier
-
-    def _observe_items(self, items: list[Any]) -> None:
-        """Move the clock past the newest stamp in a snapshot slice."""
-        newest = 0
-        stack: list[Any] = [entry for _, entry in items]
-        while stack:
-            entry = stack.pop()
-            if type(entry) is int:
-                newest = max(newest, entry)
-            elif len(entry) == 2:
-                newest = max(newest, entry[0])
-            else:
-                for stamp in (entry[0], entry[2], entry[3]):
-                    if stamp is not None and stamp > newest:
-                        newest = stamp
-                for inc in entry[4]:
-                    newest = max(newest, inc[0])
-                stack.extend(entry[5].values())
-                if entry[6]:
-                    newest = max(newest, max(entry[6].values()))
-        if newest:
-            self._clock.observe(newest)

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from itertools import accumulate, islice, repeat
-from operator import and_, lshift, or_, rshift, sub
+from operator import and_, lshift, rshift, sub
 from typing import Any, NamedTuple, Sequence
 
 import ujson
@@ -522,45 +522,47 @@ def _check_json(value: Any, depth: int) -> None:
         raise ProtocolError("value is not JSON")
 
 
-def parse_snapshot_items(items: Any) -> list[Any]:
+def parse_snapshot_items(items: Any) -> tuple[list[Any], int]:
     """Check a SNAPSHOT frame's payload fully before any of it is merged, and turn it (in
-    place) into items of ``Store.export()`` (a full node's leaves back into dicts)."""
+    place) into items of ``Store.export()`` (a full node's leaves back into dicts):
+    ``(items, the newest stamp of an operation in them)`` (0 when there is none)."""
     if type(items) is not list:
         raise ProtocolError("SNAPSHOT payload is not a list")
+    newest = 0
     for item in items:
         if type(item) is not list or len(item) != 2 or type(item[0]) is not str or not item[0]:
             raise ProtocolError("SNAPSHOT item is not [key, entry]")
-        _check_entry(item[1], 1)
-    return items
+        newest = max(newest, _check_entry(item[1], 1))
+    return items, newest
 
 
-def _check_stamp(stamp: Any, optional: bool) -> None:
+def _check_stamp(stamp: Any, optional: bool) -> int:
+    """``stamp`` (0 for an optional one that is None), or ``ProtocolError``."""
     if stamp is None and optional:
-        return
+        return 0
     if type(stamp) is not int or not 0 < stamp < _MAX_STAMP:
         raise ProtocolError("SNAPSHOT entry has a bad stamp")
+    return stamp
 
 
-def _check_entry(entry: Any, depth: int) -> None:
+def _check_entry(entry: Any, depth: int) -> int:
+    """Check (and convert, see ``parse_snapshot_items``) one entry; its newest stamp."""
     if depth > MAX_DEPTH:
         raise ProtocolError("SNAPSHOT entry is nested too deeply")
     if type(entry) is int:
-        _check_stamp(entry, False)
-        return
+        return _check_stamp(entry, False)
     if type(entry) is not list:
         raise ProtocolError("SNAPSHOT entry has the wrong shape")
     if len(entry) == 2:
-        _check_stamp(entry[0], False)
         _check_json(entry[1], depth)
-        return
+        return _check_stamp(entry[0], False)
     if len(entry) == 9:
         _check_ttls(entry[8])
     elif len(entry) != 8:
         raise ProtocolError("SNAPSHOT entry has the wrong shape")
     a, av, d, imax, incs, children, leaves, values = entry[:8]
-    _check_stamp(a, True)
-    _check_stamp(d, True)
-    _check_stamp(imax, True)
+    # (The expiries of ttl events are derived stamps, not operations: not among the newest.)
+    newest = max(_check_stamp(a, True), _check_stamp(d, True), _check_stamp(imax, True))
     if type(av) is list and len(av) == 1:
         _check_json(av[0], depth)
     elif not (type(av) is int and av in (0, 1)):
@@ -570,7 +572,7 @@ def _check_entry(entry: Any, depth: int) -> None:
     for inc in incs:
         if type(inc) is not list or len(inc) != 2:
             raise ProtocolError("SNAPSHOT entry has bad increments")
-        _check_stamp(inc[0], False)
+        newest = max(newest, _check_stamp(inc[0], False))
         kind = type(inc[1])
         if not (kind is int or (kind is float and math.isfinite(inc[1]))):
             raise ProtocolError("SNAPSHOT increment is not a number")
@@ -579,20 +581,23 @@ def _check_entry(entry: Any, depth: int) -> None:
     for child in children.values():  # keys may be "" (from a dict value), never a path
         if type(child) is not list or len(child) not in (8, 9):
             raise ProtocolError("SNAPSHOT entry has a child that is not a full node")
-        _check_entry(child, depth + 1)
+        newest = max(newest, _check_entry(child, depth + 1))
     # Checked a column at a time, in C: a big tree is mostly leaves.
-    entry[6] = leaves = _leaves_from_columns(leaves, values)
+    leaves, newest_leaf = _leaves_from_columns(leaves, values)
+    entry[6] = leaves
     entry[7] = values = dict(zip(leaves, values))
     if leaves and not leaves.keys().isdisjoint(children):
         raise ProtocolError("SNAPSHOT entry has a key that is both a leaf and a node")
     if not set(map(type, values.values())) <= _SCALARS:
         for value in values.values():
             _check_json(value, depth + 1)
+    return max(newest, newest_leaf)
 
 
-def _leaves_from_columns(columns: Any, values: Any) -> dict[str, int]:
+def _leaves_from_columns(columns: Any, values: Any) -> tuple[dict[str, int], int]:
     """The leaves of a full node, ``{key: stamp}``, from their columns (checked: each key
-    once, with a stamp in range, and no more values than keys). C-level passes but one."""
+    once, with a stamp in range, and no more values than keys), and the newest of those
+    stamps (0 when there are none). C-level passes but one."""
     if type(columns) is not list or len(columns) != 3 or type(values) is not list:
         raise ProtocolError("SNAPSHOT entry has bad leaves")
     origins, keys, packed = columns
@@ -601,7 +606,7 @@ def _leaves_from_columns(columns: Any, values: Any) -> dict[str, int]:
     ):
         raise ProtocolError("SNAPSHOT entry has bad leaves")
     if not keys:
-        return {}
+        return {}, 0
     try:
         "".join(keys)  # only str joins
     except TypeError:
@@ -618,21 +623,23 @@ def _leaves_from_columns(columns: Any, values: Any) -> dict[str, int]:
         or len(set(origins)) != count
     ):
         raise ProtocolError("SNAPSHOT entry has bad leaf origins")
-    if min(packed) < (0 if count else 1) or max(packed) >= (
-        _MAX_HLC * count if count else _MAX_STAMP
-    ):
+    high = max(packed)
+    if min(packed) < (0 if count else 1) or high >= (_MAX_HLC * count if count else _MAX_STAMP):
         raise ProtocolError("SNAPSHOT entry has a bad stamp")
     if count == 1:
         origin = origins[0]
         stamps = [hlc << 64 | origin for hlc in packed]
+        newest = high << 64 | origin
     elif count:
         stamps = [(p // count) << 64 | origins[p % count] for p in packed]
+        newest = max(stamps)
     else:
         stamps = packed
+        newest = high
     leaves = dict(zip(keys, stamps))
     if len(leaves) != len(keys):
         raise ProtocolError("SNAPSHOT entry has a leaf twice")
-    return leaves
+    return leaves, newest
 
 
 def _check_ttls(ttls: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import gevent
 import pytest
@@ -121,5 +122,26 @@ def test_an_owed_snapshot_is_settled_by_a_complete_report_and_catch_up_resumes()
         wait_for(lambda: not a.stats()["peers"][link.name]["snapshot_owed"])
         wait_for(lambda: b.get("missed") == 1)
         assert link.snapshots_sent == sent and link.relayed_frames > 0
+    finally:
+        members.stop()
+
+
+def test_a_joiner_writes_after_what_its_snapshot_held() -> None:
+    """A joiner's clock moves past the newest stamp of the snapshot it merges: its first write
+    of a key it received wins, even when the holder's clock runs ahead of the joiner's."""
+    members = LocalMembers(**FAST)
+    try:
+        (holder,) = members(1)
+        ahead = time.time_ns
+        holder._clock._now = lambda: ahead() + 60 * 10**9  # a minute ahead of everyone
+        for i in range(50):
+            holder.set(f"deep.parent.k{i}", i)  # (leaves: they travel packed)
+        holder.set("top", 1)
+        joiner = members.join()
+        wait_for(lambda: joiner.synced and joiner.get("top") == 1)
+        joiner.set("deep.parent.k7", "mine")
+        joiner.set("top", "mine")
+        assert joiner.get("deep.parent.k7") == "mine" and joiner.get("top") == "mine"
+        wait_for(lambda: holder.get("deep.parent.k7") == "mine" and holder.get("top") == "mine")
     finally:
         members.stop()

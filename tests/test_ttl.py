@@ -72,7 +72,8 @@ def test_snapshot_entries_with_ttls_are_checked() -> None:
     def entry(ttls: list[Any]) -> list[Any]:  # (a new one each time: parsing converts it)
         return [stamp, [1], None, None, [], {}, [[], [], []], [], ttls]
 
-    assert parse_snapshot_items([["k", entry([[stamp, expiry_stamp(stamp, 300)]])]])
+    _, newest = parse_snapshot_items([["k", entry([[stamp, expiry_stamp(stamp, 300)]])]])
+    assert newest == stamp  # (an expiry is no operation's stamp)
     for ttls in ([], [[stamp]], [[stamp, stamp + 1]], [[stamp, expiry_stamp(stamp + 1, 3)]]):
         with pytest.raises(ProtocolError):
             parse_snapshot_items([["k", entry(ttls)]])

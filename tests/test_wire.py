@@ -241,8 +241,9 @@ def test_snapshot_leaves_travel_as_columns(origins: int) -> None:
     exported = store.export()
     frame = encode_snapshot(exported)
     (message,) = FrameDecoder(1 << 20).feed(frame)
-    items = parse_snapshot_items(message[1])
+    items, newest = parse_snapshot_items(message[1])
     assert items == exported
+    assert newest == (HLC + 5001) << 64 | ORIGIN
     other = Store()
     other.merge(items)
     assert roundtrip(other.export()) == roundtrip(exported)
@@ -257,7 +258,8 @@ def test_snapshot_items_are_checked_before_merging():
     store.apply((HLC + 1) << 64 | ORIGIN, 1, ("n",), 2)
     store.apply((HLC + 2) << 64 | ORIGIN, 2, ("gone",), None)
     (message,) = FrameDecoder(1 << 20).feed(encode_snapshot(store.export()))
-    items = parse_snapshot_items(message[1])
+    items, newest = parse_snapshot_items(message[1])
+    assert newest == (HLC + 2) << 64 | ORIGIN
     other = Store()
     other.merge(items)
     assert other.to_dict() == store.to_dict()
