@@ -33,6 +33,8 @@ import os
 import random
 import time
 import weakref
+from itertools import repeat
+from operator import rshift
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import gevent
@@ -1465,7 +1467,7 @@ class Collective(_Member):
                     ttls[index] = ttl_ms
             self._out_special = []
         columns: tuple[list[Any], ...] = (
-            [stamp >> NODE_BITS for stamp in stamps],
+            list(map(rshift, stamps, repeat(NODE_BITS))),
             ops,
             outbox[1::3],
             outbox[2::3],

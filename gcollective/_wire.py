@@ -177,18 +177,20 @@ def _common_parent(paths: Sequence[Any]) -> tuple[str, Sequence[Any]]:
     if type(first) is not str or len(paths) < _PARENT_MIN:
         return "", paths
     parent = first.rpartition(".")[0]
-    if not parent:
+    if not parent or "\0" in parent:
         return "", paths
-    head = parent + "."
-    size = len(head)
     try:
-        keys = [path[size:] for path in paths]
-        # Every path is the head and its key: the joins are equal (each path at least as long
-        # as the head, or the lengths differ), and no key holds a dot. C-level scans.
-        if "|".join(paths) == head + ("|" + head).join(keys) and "." not in "".join(keys):
-            return parent, keys
+        # C-level: split the paths, joined with NULs, at each NUL + parent + ".". With one
+        # piece more than paths and no NUL left in any, every NUL was a seam and every path
+        # the parent and a key. (A key holding a NUL, rare, keeps its batch's full paths.)
+        keys = ("\0" + "\0".join(paths)).split("\0" + parent + ".")
     except TypeError:
-        pass  # some path is a list of segments
+        return "", paths  # some path is a list of segments
+    if len(keys) == len(paths) + 1:
+        del keys[0]  # ("" before the first seam)
+        rest = "".join(keys)
+        if "." not in rest and "\0" not in rest:
+            return parent, keys
     return "", paths
 
 

@@ -158,11 +158,19 @@ def test_a_writers_batch_travels_compactly_and_comes_back_whole():
     stamps = [(hlc << 64) | ORIGIN for hlc in hlcs]
     assert parsed == (ORIGIN, 3, stamps, [0] * 16, keys, values, None, "users.42")
     assert full_paths(parsed[7], parsed[4]) == paths
-    # Any character may be in a key, the encoder's separator included.
-    odd = ["a|b", "|", "a b", *keys[3:]]
-    frame = encode_ops(ORIGIN, 3, hlcs, [0] * 16, [f"users.42.{key}" for key in odd], values)
+    # Any character but a dot may be in a key; one holding a NUL (the encoder's separator)
+    # makes its batch travel with full paths.
+    odd = ["a|b", "|", "a b", "é", *keys[4:]]
+    odd_paths = [f"users.42.{key}" for key in odd]
+    frame = encode_ops(ORIGIN, 3, hlcs, [0] * 16, odd_paths, values)
     (message,) = FrameDecoder(1 << 20).feed(frame)
     assert message[5:7] == ["users.42", odd]
+    for nul in ("a\0b", "\0", "\0users.42.b"):
+        nul_paths = [*odd_paths[:15], f"users.42.{nul}"]
+        (message,) = FrameDecoder(1 << 20).feed(
+            encode_ops(ORIGIN, 3, hlcs, [0] * 16, nul_paths, values)
+        )
+        assert message[5:7] == ["", nul_paths]
     # A few operations travel with their full paths: a bulk apply would not pay off.
     (message,) = FrameDecoder(1 << 20).feed(
         encode_ops(ORIGIN, 3, hlcs[:15], [0] * 15, paths[:15], values[:15])
@@ -179,7 +187,8 @@ def test_a_writers_batch_travels_compactly_and_comes_back_whole():
         ["u.a", ["u", "a.b"]],  # a segment with a dot travels as a list
         ["u.a", "u1.a"],  # a parent that is a prefix of another's name
         ["ab.c", "a"],  # a path shorter than the parent
-        ["u.a", "u|u.b"],  # the encoder's separator inside a path
+        ["u.a", "u\0u.b"],  # the encoder's separator inside a path
+        ["u.a\0u.b", "u.c"],  # ... so that it splits like two paths
     ],
 )
 def test_a_batch_without_one_parent_travels_with_full_paths(paths):
