@@ -54,7 +54,7 @@ __all__ = [
     "ProtocolError",
 ]
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 class Operation(enum.IntEnum):
