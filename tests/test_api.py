@@ -21,6 +21,7 @@ from gcollective import (
     InvalidValueError,
     NotStartedError,
 )
+from gcollective._wire import FrameDecoder, parse_progress
 
 
 @pytest.fixture
@@ -305,6 +306,7 @@ def test_a_forked_child_running_the_hub_leaves_the_parents_links_alone():
 from gevent import monkey; monkey.patch_all()
 import os, time, gevent
 from gcollective import Collective
+from gcollective._wire import FrameDecoder, parse_progress
 addresses = ["127.0.0.1:{free_port()}", "127.0.0.1:{free_port()}"]
 options = dict(sync_interval=0.02, secret="s" * 32)
 a = Collective(addresses[0], addresses, **options); a.start(timeout=5)
@@ -376,3 +378,17 @@ def test_a_lone_surrogate_is_refused_without_a_gap_in_the_sequence(node):
     node.set("k", "fine")
     assert node.stats()["local_ops"] == 1
     assert node.snapshot() == {"k": "fine"}
+
+
+def test_a_progress_report_covers_the_operations_not_yet_sent(node):
+    """The own entry of the version vector moves when the outbox is flushed; a PROGRESS frame
+    built before that (the writer's loop has not yielded yet) must still cover every own
+    operation applied, and the promise must be no older than any of them: peers trust it once
+    they hold what the vector says."""
+    for i in range(5):
+        node.set(f"loop.k{i}", i)
+    (message,) = FrameDecoder(1 << 20).feed(node._progress_frame())
+    vector, _, promise, _ = parse_progress(message)
+    ((origin, seq, stamp),) = vector
+    assert (origin, seq) == (node.node_id, 5)
+    assert stamp == node._store._root.entries["loop"].entries["k4"] <= promise
