@@ -120,7 +120,8 @@ MAX_TTL_MS = 10 * 366 * 24 * 3600 * 1000
 _DERIVED_BIT = 1 << 63  # set in the origin half of an expiry stamp (see _clock.expiry_stamp)
 _ORIGIN_MASK = (1 << 64) - 1
 # The most distinct low halves (origins) among one node's leaves whose stamps are packed: the
-# packed ints stay below 2**63 (ujson's fast range) while hlcs are below 2**57 (until 2106).
+# packed ints stay below 2**63 (ujson's fast range) while hlcs are below 2**57 (wall-clock
+# milliseconds below 2**41: until 2039; later ones are bigger ints, as correct, a bit slower).
 _MAX_LEAF_ORIGINS = 64
 _dumps = ujson.dumps
 _loads = ujson.loads
