@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import ujson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gcollective._errors import ProtocolError
 from gcollective._store import Store
@@ -323,3 +325,38 @@ def test_snapshot_items_are_checked_before_merging():
     ):
         with pytest.raises(ProtocolError):
             parse_snapshot_items(ujson.loads(ujson.dumps(bad)))
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 130), max_value=1 << 130)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_change_to_a_snapshot_node_is_refused_or_merges(data: st.DataObject) -> None:
+    """Replace any part of a full node of a SNAPSHOT (its leaf columns included) by any JSON:
+    parsing refuses it with ProtocolError, or what it returns merges into a store."""
+    store = Store()
+    for i in range(6):
+        store.apply((HLC + i) << 64 | (ORIGIN + i % 2), 0, ("p", "q", f"k{i}"), i)
+    store.apply((HLC + 9) << 64 | ORIGIN, 2, ("p", "q", "k1"), None)
+    (message,) = FrameDecoder(1 << 20).feed(encode_snapshot(store.export()))
+    node = message[1][0][1]
+    child = node[5]["q"]
+    columns = child[6]  # [origins, keys, packed]
+    places = [node, child, columns, *columns, child[7]]
+    target = data.draw(st.sampled_from(places), label="where")
+    index = data.draw(st.integers(0, len(target) - 1), label="index")
+    target[index] = data.draw(st.one_of(_JSON, st.integers(-1, 1 << 64)), label="replacement")
+    try:
+        items, _ = parse_snapshot_items(ujson.loads(ujson.dumps(message[1])))
+    except ProtocolError:
+        return
+    Store().merge(items)
