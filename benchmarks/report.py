@@ -103,6 +103,15 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _spread(run: dict[str, Any]) -> str:
+    """The sets/s of every attempt of a repeated throughput run: ``"3: 226k-376k"``."""
+    repeats = run.get("repeats")
+    if not repeats:
+        return "1"
+    figures = [attempt["sets_per_second"] for attempt in repeats]
+    return f"{len(figures)}: {min(figures) / 1000:,.0f}k-{max(figures) / 1000:,.0f}k"
+
+
 def tables(results: dict[str, Any]) -> str:
     """Every section as a plain-text table."""
     out = []
@@ -135,6 +144,7 @@ def tables(results: dict[str, Any]) -> str:
                     f"{run['processes']} x {run['keys_each']:,}",
                     f"{run['seconds']:.2f}",
                     f"{run['sets_per_second']:,.0f}",
+                    _spread(run),
                     f"{run['local_sets_per_second']:,.0f}",
                     f"{run['cpu_us_per_key']:.2f}" if "cpu_us_per_key" in run else "-",
                     "yes" if run["complete"] else "NO",
@@ -151,6 +161,7 @@ def tables(results: dict[str, Any]) -> str:
                     "processes x keys",
                     "s",
                     "sets/s",
+                    "runs (median shown)",
                     "local sets/s",
                     "CPU us/key",
                     "all",

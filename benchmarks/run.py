@@ -146,6 +146,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(scenarios.SCENARIOS),
         help="comma-separated scenarios to run (default: all): " + ", ".join(scenarios.SCENARIOS),
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help="runs of each throughput workload, the median one reported (default: 3; 1 with "
+        "--quick or --profile)",
+    )
     parser.add_argument("--output", help="JSON results path (default: benchmarks/results/...)")
     parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
     parser.add_argument(
@@ -173,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
     cfg = scenarios.Config.quick() if args.quick else scenarios.Config.full()
+    if args.repeat is not None:
+        if args.repeat < 1:
+            print("--repeat must be at least 1", file=sys.stderr)
+            return 2
+        cfg.throughput_repeats = args.repeat
     if args.log_level:
         os.environ["BENCH_LOG_LEVEL"] = args.log_level
     stamp = time.strftime("%Y%m%d-%H%M%S")
