@@ -1306,11 +1306,14 @@ class Collective(_Member):
         missing, unless a newer SET without ttl (or with a new ttl) of it came first. See
         "Expiring keys" in the README.
         """
-        if op is not SET or ttl is not None or not self._writable or self._watches:
+        if (
+            op is not SET
+            or ttl is not None
+            or not self._writable
+            or self._watches
+            or type(key) is not str
+        ):
             self._set_otherwise(key, value, op, ttl)
-            return
-        if type(key) is not str:
-            self._apply_local(self._clock.stamp(), SET, parse_key(key), clean_value(value), key)
             return
         # The common call, a plain SET of a dotted key, with the checks it needs and no more:
         # this is the hot path. (``_writable`` is also how it knows the node was not inherited
@@ -1352,7 +1355,7 @@ class Collective(_Member):
             self._flush_outbox()
 
     def _set_otherwise(self, key: Key, value: Any, op: Any, ttl: float | None) -> None:
-        """``set`` of all but a plain SET on a running node without watches."""
+        """``set`` of all but a plain SET of a dotted key on a running node without watches."""
         if isinstance(op, bool) or not isinstance(op, int):
             raise ValueError(f"op must be SET, INCREMENT or DELETE (0, 1, 2), not {op!r}")
         if op == SET:
