@@ -405,7 +405,6 @@ class Store:
         entries = node.entries
         if not entries.keys().isdisjoint(keys):
             return False  # some are overwrites: each needs its stamp compared
-        # (New leaves, as ``apply``'s fast path makes them: a cached way stays valid.)
         # A key written twice keeps its last value and stamp, as one by one.
         entries.update(zip(keys, stamps))
         node.value.update(zip(keys, values))
