@@ -29,7 +29,11 @@ written; anything arriving late records its event and recomputes the affected su
 
 A path whose only metadata is one assignment is stored as a bare int stamp in its parent's
 ``entries``: its value is in the parent's materialized dict, or absent for a tombstone. That
-keeps the cost of the common leaf to one dict slot and one int.
+keeps the cost of the common leaf to one dict slot and one int. A bulk of new leaves (a
+writer's loop received in one batch) is not even recorded there at first: the parent keeps
+the batch's keys and stamps as a *run* (``_Node.runs``), and moves them into ``entries`` when
+anything first reads those (``_Node.entries`` does). Keys written once, the bulk of a
+writer's loop, so cost one dict insert instead of two.
 
 Expiring keys: a SET or INCREMENT with a ttl records a ttl event on its path's node
 (``ttls``: stamp -> derived expiry stamp D, see ``_clock.expiry_stamp``); such a path is never
@@ -118,7 +122,7 @@ def read_path(data: dict[str, Any], path: Iterable[str], default: Any = None) ->
 class _Node:
     """Metadata of one path that is more than a single assignment (see the module docstring)."""
 
-    __slots__ = ("a", "av", "d", "imax", "incs", "r", "top", "entries", "value", "ttls")
+    __slots__ = ("a", "av", "d", "imax", "incs", "r", "top", "_entries", "runs", "value", "ttls")
 
     def __init__(self) -> None:
         self.a: float | int = NEVER  # own assignment stamp
@@ -128,10 +132,36 @@ class _Node:
         self.incs: dict[int, int | float] | None = None  # increments still relevant
         self.r: float | int = NEVER  # reset stamp for the children
         self.top: float | int = NEVER  # latest stamp anywhere in this subtree
-        self.entries: dict[str, int | _Node] = {}
+        self._entries: dict[str, int | _Node] = {}
+        # Leaves set in bulk and not yet in ``_entries``: (keys, stamps) lists, or None. Their
+        # keys are new to the node and to each other run, and all in ``value`` (a dict) while
+        # they are pending: nothing but ``Store._set_siblings`` touches a node with runs
+        # without reading ``entries`` first, which records them.
+        self.runs: list[tuple[list[str], list[int]]] | None = None
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
         # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
         self.ttls: dict[int, int] | None = None
+
+    @property
+    def entries(self) -> dict[str, int | _Node]:
+        """Each child's key -> its stamp (a plain assignment or tombstone) or its ``_Node``,
+        pending runs recorded first. (Hot paths test ``runs`` and read ``_entries`` instead:
+        a property costs ~100 ns.)"""
+        if self.runs is not None:
+            self.settle_runs()
+        return self._entries
+
+    @entries.setter
+    def entries(self, entries: dict[str, int | _Node]) -> None:
+        self.runs = None  # (replaced whole: the runs are read first, or meant to go too)
+        self._entries = entries
+
+    def settle_runs(self) -> None:
+        """Record the pending runs in ``_entries``."""
+        entries = self._entries
+        for keys, stamps in self.runs or ():
+            entries.update(zip(keys, stamps))
+        self.runs = None
 
 
 class Store:
@@ -201,6 +231,8 @@ class Store:
         parent, nodes = self._settled_way(way, s)
         if parent is None or s < max([self._root.r, *[node.r for node in nodes]]):
             return False
+        if parent.runs is not None:
+            parent.settle_runs()  # (set_leaf reads its _entries: no runs are added meanwhile)
         self._way_parent = parent
         self._way_nodes = nodes
         self.way_key = key
@@ -216,7 +248,7 @@ class Store:
         if type(value) is dict:
             return False
         parent = self._way_parent
-        entries = parent.entries
+        entries = parent._entries
         entry = entries.setdefault(leaf, s)  # one lookup when the key is new (``s`` is)
         if entry is not s:
             if type(entry) is not int or not s > entry:
@@ -266,14 +298,15 @@ class Store:
             if s < node.r:
                 return  # overtaken by a newer reset above: no effect on anything below
             key = path[i]
-            child = node.entries.get(key)
+            entries = node._entries if node.runs is None else node.entries
+            child = entries.get(key)
             if child is None and writes:
                 # The common way down to a new key: a fresh, empty dict written below.
                 child = _Node()
                 child.d = child.top = s
                 child.r = node.r
                 child.value = fresh = {}
-                node.entries[key] = child
+                entries[key] = child
                 if type(node.value) is dict:
                     node.value[key] = fresh
                 node = child
@@ -304,7 +337,7 @@ class Store:
             self._slow(node, key, (), s, op, value, ttl_ms, path)
             return
         if op == SET:
-            entries = node.entries
+            entries = node._entries if node.runs is None else node.entries
             entry = entries.get(key)
             if type(value) is not dict and (entry is None or (type(entry) is int and s > entry)):
                 # The hot path: a leaf written where there is nothing newer.
@@ -355,7 +388,7 @@ class Store:
                     if s < parent.r:
                         raised = s  # overtaken by a reset above: only the ancestors learn of it
                         continue
-                    entries = parent.entries
+                    entries = parent._entries  # (no runs: ``apply`` read it, just before)
                     entry = entries.get(key)
                     if entry is None or (type(entry) is int and s > entry):
                         entries[key] = s
@@ -402,12 +435,19 @@ class Store:
         node, ancestors = self._settled_way(parent.split(".") if parent else [], stamps[0])
         if node is None or stamps[0] < node.r:
             return False
-        entries = node.entries
-        if not entries.keys().isdisjoint(keys):
+        # None of the keys may be there yet: the pending runs' keys are all in ``value``, and
+        # every key of ``value`` has an entry or is in a run.
+        data = node.value
+        entries = node._entries
+        if not data.keys().isdisjoint(keys) or (entries and not entries.keys().isdisjoint(keys)):
             return False  # some are overwrites: each needs its stamp compared
-        # A key written twice keeps its last value and stamp, as one by one.
-        entries.update(zip(keys, stamps))
-        node.value.update(zip(keys, values))
+        # A key written twice keeps its last value and stamp, as one by one. The stamps go
+        # to ``entries`` only when something reads them (see ``_Node.runs``).
+        data.update(zip(keys, values))
+        if node.runs is None:
+            node.runs = [(keys, stamps)]
+        else:
+            node.runs.append((keys, stamps))
         _raise(ancestors, stamps[-1])
         return True
 
@@ -419,7 +459,7 @@ class Store:
         for segment in way:
             if s < node.r:
                 return None, ancestors
-            child = node.entries.get(segment)
+            child = node._entries.get(segment)  # (never in a run: those are plain leaves)
             if type(child) is not _Node or type(child.value) is not dict or child.ttls is not None:
                 return None, ancestors  # (a path that may expire takes apply's slow way)
             ancestors.append(child)
@@ -1418,8 +1458,9 @@ class Store:
             if st is not None and st > node.top:
                 node.top = st
         record_assign = self._record_assign
+        node_entries = node.entries
         for k, stamp in leaves.items():
-            record_assign(node.entries, k, stamp, values.get(k, MISSING))
+            record_assign(node_entries, k, stamp, values.get(k, MISSING))
             if stamp > node.top:
                 node.top = stamp
         if len(encoded) == 9:

@@ -496,6 +496,91 @@ def test_a_bulk_batch_of_sibling_sets_matches_one_by_one(data: st.DataObject) ->
         batch_matches_one_by_one(before, batch, parent)
 
 
+@_settings(max_examples=200)
+@given(st.data())
+def test_bulk_runs_then_anything_match_one_by_one(data: st.DataObject) -> None:
+    """Leaves set in bulk wait on their parent as runs (``_Node.runs``) until something reads
+    the parent's entries. Whatever follows a few bulk batches (any operation at, above or
+    below their keys, sets through the cached way, more batches, exports, merges) finds
+    them there as if they had been applied one by one."""
+    parent = data.draw(st.sampled_from([(), ("a",), ("a", "x")]), label="parent")
+    names = data.draw(st.permutations([f"n{i}" for i in range(48)]), label="names")
+    count = data.draw(st.integers(1, 3), label="batches")
+    clock = itertools.count(data.draw(st.sampled_from([1, 2**70]), label="base"), 3)
+    context: list[Any] = []
+    batched, plain = new_store(), new_store()
+    received: list[Op] = []
+
+    def bulk(keys: list[str], older: bool = False) -> None:
+        # (An older batch: another origin's, whose clock is behind.)
+        batch = [
+            Op(next(clock) - (2**80 if older else 0), SET, (*parent, key), i)
+            for i, key in enumerate(keys)
+        ]
+        context.append(("bulk", batch))
+        received.extend(batch)
+        batched.apply_batch(
+            [op.stamp for op in batch],
+            [SET] * len(batch),
+            list(keys),
+            list(range(len(batch))),
+            ".".join(parent),
+        )
+        deliver(plain, batch)
+
+    for i in range(count):
+        bulk(names[16 * i : 16 * i + 16])
+    some = [(*parent, name) for name in names[:3] + names[16:19] + names[32:35]]
+    later = data.draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("op"), op_bodies(st.sampled_from([*some, ("a",), ("b",)]))),
+                st.tuples(st.just("below"), st.sampled_from(some), small_ints),
+                st.tuples(st.just("leaf"), st.sampled_from(some), small_ints),
+                st.tuples(st.just("bulk"), st.integers(0, 40), st.booleans()),
+                st.tuples(st.just("older"), st.sampled_from(some), small_ints),
+                st.just(("export",)),
+                st.just(("merge",)),
+            ),
+            max_size=6,
+        ),
+        label="later",
+    )
+    for action in later:
+        kind = action[0]
+        if kind == "op":
+            op = Op(next(clock), *action[1])
+        elif kind == "below":
+            op = Op(next(clock), SET, (*action[1], "z"), action[2])
+        elif kind == "older":
+            op = Op(-next(clock), SET, action[1], action[2])  # loses to the bulk's stamp
+        elif kind == "leaf":
+            op = Op(next(clock), SET, action[1], action[2])
+            key = ".".join(parent)
+            if batched.cache_way(key, parent, op.stamp) and batched.set_leaf(
+                op.stamp, op.path[-1], op.value
+            ):
+                context.append(("leaf", op))
+                received.append(op)
+                deliver(plain, [op])
+                continue
+        elif kind == "bulk":
+            bulk(names[action[1] : action[1] + 16], action[2])  # new keys, or one by one
+            continue
+        elif kind == "export":
+            assert roundtrip(batched.export()) == roundtrip(plain.export()), repr(context)
+            continue
+        else:
+            batched.merge(roundtrip(plain.export()))  # all known already: changes nothing
+            continue
+        context.append(op)
+        received.append(op)
+        deliver(batched, [op])
+        deliver(plain, [op])
+    assert roundtrip(batched.export()) == roundtrip(plain.export()), repr(context)
+    assert_store_matches(batched, received, repr(context))
+
+
 @_settings(max_examples=300)
 @given(st.data())
 def test_sets_through_the_cached_way_match_one_by_one(data: st.DataObject) -> None:
