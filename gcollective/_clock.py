@@ -68,7 +68,7 @@ def expiry_stamp(stamp: int, ttl_ms: int) -> int:
 class HybridClock:
     """Issues this node's stamps; ``observe`` every stamp received from others."""
 
-    __slots__ = ("node_id", "_last", "_ms", "_now")
+    __slots__ = ("node_id", "_last", "_ms_end", "_now")
 
     def __init__(self, node_id: int, now: Callable[[], int] = time.time_ns) -> None:
         if not 0 < node_id <= _NODE_MASK:
@@ -76,22 +76,28 @@ class HybridClock:
         self.node_id = node_id
         # The greatest stamp issued, observed or promised so far, in this node's name.
         self._last = node_id
-        # The wall-clock millisecond of the last stamp taken from the wall clock: while it
-        # lasts, the next stamp is simply the last one plus one (the common, cheap case).
-        self._ms = -1
+        # The end (in wall-clock ns) of the millisecond of the last stamp taken from the wall
+        # clock: until then, the next stamp is simply the last one plus one (the common,
+        # cheap case).
+        self._ms_end = -1
         self._now = now
 
     def stamp(self) -> int:
-        """A new stamp, greater than every stamp issued or observed so far."""
-        ms = self._now() // 1_000_000
-        if ms == self._ms:
+        """A new stamp, greater than every stamp issued or observed so far: the wall-clock
+        millisecond (with a counter of 0), or the last stamp plus one if that is later."""
+        now = self._now()
+        if now < self._ms_end:
+            # Within the millisecond of the last wall-clock stamp (or before it: the wall
+            # clock stepped back), so the last stamp plus one is the later: no division
+            # (a ~100 ns long division on this path, the cost of half a set).
             stamp = self._last = self._last + _ONE_TICK
             return stamp
+        ms = now // 1_000_000
+        self._ms_end = (ms + 1) * 1_000_000
         hlc = ms << _LOGICAL_BITS
         last = self._last >> NODE_BITS
         if hlc <= last:
             hlc = last + 1
-        self._ms = ms
         stamp = self._last = (hlc << NODE_BITS) | self.node_id
         return stamp
 

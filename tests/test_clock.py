@@ -11,11 +11,12 @@ NODE = 0x1234_5678_9ABC_DEF0
 
 
 class FakeWall:
-    def __init__(self, ms: int) -> None:
+    def __init__(self, ms: int, ns: int = 999_999) -> None:
         self.ms = ms
+        self.ns = ns  # (late in the millisecond unless told)
 
     def __call__(self) -> int:
-        return self.ms * 1_000_000 + 999_999  # nanoseconds, late in the millisecond
+        return self.ms * 1_000_000 + self.ns
 
 
 def test_stamps_track_the_wall_clock_and_never_repeat() -> None:
@@ -26,6 +27,18 @@ def test_stamps_track_the_wall_clock_and_never_repeat() -> None:
     assert second == first + (1 << 64) and stamp_origin(second) == NODE
     wall.ms = 1_005
     assert clock.stamp() == millis_stamp(1_005) | NODE
+
+
+def test_the_first_stamp_of_a_millisecond_is_the_wall_clocks() -> None:
+    """From the first nanosecond of a new millisecond on, a stamp follows the wall clock
+    again (the counter restarts), and not a nanosecond earlier."""
+    wall = FakeWall(1_000, ns=0)
+    clock = HybridClock(NODE, wall)
+    first = clock.stamp()
+    wall.ns = 999_999
+    assert clock.stamp() == first + (1 << 64)
+    wall.ms, wall.ns = 1_001, 0
+    assert clock.stamp() == millis_stamp(1_001) | NODE
 
 
 def test_a_wall_clock_stepping_back_never_moves_stamps_back() -> None:
@@ -53,19 +66,27 @@ def test_observed_and_promised_stamps_are_passed() -> None:
     assert clock.stamp() > promised
 
 
-@given(st.lists(st.tuples(st.sampled_from("spo"), st.integers(0, 3_000)), max_size=60))
-def test_every_stamp_exceeds_everything_before_it(steps: list[tuple[str, int]]) -> None:
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("spo"), st.integers(0, 3_000), st.sampled_from([0, 1, 999_999])),
+        max_size=60,
+    )
+)
+def test_every_stamp_exceeds_everything_before_it(steps: list[tuple[str, int, int]]) -> None:
     """Whatever the wall clock does, a new stamp exceeds every stamp issued, observed or
     promised before it."""
     wall = FakeWall(1_500)
     clock = HybridClock(NODE, wall)
     floor = 0
-    for action, ms in steps:
+    for action, ms, ns in steps:
+        wall.ns = ns
         if action == "s":
             wall.ms = ms
             stamp = clock.stamp()
             assert stamp > floor and stamp_origin(stamp) == NODE
             assert stamp_millis(stamp) >= ms  # never behind the wall clock
+            # Exactly: the wall clock's millisecond, or one more than the latest so far.
+            assert stamp >> 64 == max(ms << 16, (floor >> 64) + 1)
             floor = stamp
         elif action == "p":
             wall.ms = ms
