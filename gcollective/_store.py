@@ -51,7 +51,7 @@ from __future__ import annotations
 import heapq
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from ._clock import expiry_stamp
 from ._wire import full_paths
@@ -137,7 +137,7 @@ class _Node:
         # keys are new to the node and to each other run, and all in ``value`` (a dict) while
         # they are pending: nothing but ``Store._set_siblings`` touches a node with runs
         # without reading ``entries`` first, which records them.
-        self.runs: list[tuple[list[str], list[int]]] | None = None
+        self.runs: list[tuple[list[str], Sequence[int]]] | None = None
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
         # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
         self.ttls: dict[int, int] | None = None
@@ -354,7 +354,7 @@ class Store:
 
     def apply_batch(
         self,
-        stamps: list[int],
+        stamps: Sequence[int],
         ops: list[int],
         paths: list[str | list[str]],
         values: list[Any],
@@ -367,6 +367,9 @@ class Store:
 
         A path is a dotted string (segments without dots) or a list of segments; with
         ``parent`` (a dotted path, as an OPS frame may say it once), each is one key under it.
+        The store may keep ``stamps`` and ``paths`` (see ``_Node.runs``): the caller gives
+        them up. ``stamps`` is read by index 0 and -1 and iterated (an OPS frame's
+        ``OpStamps`` makes its stamps only then).
         """
         self._forget_way()
         if len(stamps) >= _BULK_MIN and set(ops) == _ONLY_SETS:
@@ -410,7 +413,9 @@ class Store:
         if raised != NEVER:
             _raise(ancestors, raised)
 
-    def _apply_sibling_sets(self, stamps: list[int], paths: list[Any], values: list[Any]) -> bool:
+    def _apply_sibling_sets(
+        self, stamps: Sequence[int], paths: list[Any], values: list[Any]
+    ) -> bool:
         """``_set_siblings`` of plain SETs given as dotted paths, if they are under one parent.
         Returns False, having changed nothing, when the batch is not that."""
         try:
@@ -423,7 +428,7 @@ class Store:
         return self._set_siblings(stamps, prefixes.pop(), list(map(_LAST, parts)), values)
 
     def _set_siblings(
-        self, stamps: list[int], parent: str, keys: list[str], values: list[Any]
+        self, stamps: Sequence[int], parent: str, keys: list[str], values: list[Any]
     ) -> bool:
         """Apply SETs of ``values`` at ``keys`` (segments) under the dotted path ``parent``
         ("" for the top level), stamps growing, with a few C-level dict operations instead

@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from itertools import accumulate, islice, repeat
 from operator import and_, lshift, rshift, sub
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import ujson
 
@@ -73,6 +73,7 @@ __all__ = [
     "FrameDecoder",
     "encode_hello",
     "encode_ops",
+    "OpStamps",
     "wire_path",
     "full_paths",
     "path_segments",
@@ -347,12 +348,13 @@ _KINDS = {0, 1, 2}
 
 def parse_ops(
     message: list[Any],
-) -> tuple[int, int, list[int], list[int], list[str | list[str]], list[Any], list[int] | None, str]:
+) -> tuple[int, int, OpStamps, list[int], list[str | list[str]], list[Any], list[int] | None, str]:
     """Check an OPS frame fully: ``(origin, seq, stamps, ops, paths, values, ttls, parent)``,
-    with the stamps and kinds of every operation, each path as it travels (dotted, or a list
-    of segments when one holds a dot; ``path_segments`` turns it into segments) and relative
-    to ``parent`` (``full_paths`` puts it back), ``ttls`` None when no operation has one; or
-    ``ProtocolError`` (before anything in it is applied).
+    with the stamps (an ``OpStamps``: made when read) and kinds of every operation, each path
+    as it travels (dotted, or a list of segments when one holds a dot; ``path_segments``
+    turns it into segments) and relative to ``parent`` (``full_paths`` puts it back),
+    ``ttls`` None when no operation has one; or ``ProtocolError`` (before anything in it is
+    applied).
 
     The common case (dotted paths, scalar values) is checked a column at a time, in C.
     """
@@ -390,10 +392,8 @@ def parse_ops(
         or (size > 1 and min(islice(deltas, 1, None)) <= 0)
     ):
         raise ProtocolError("OPS frame has a bad stamp")
-    # Each stamp is (hlc << 64) | origin = origin + the deltas so far, shifted: C-level sums.
-    stamps = list(accumulate(map(lshift, deltas, repeat(64)), initial=origin))
-    del stamps[0]
-    if stamps[-1] >> 64 >= _MAX_HLC:
+    stamps = OpStamps(origin, deltas)
+    if stamps.last >> 64 >= _MAX_HLC:
         raise ProtocolError("OPS frame has a bad stamp")
     if type(parent) is not str:
         raise ProtocolError("OPS frame has a bad parent")
@@ -424,6 +424,42 @@ def parse_ops(
             elif value is not None:
                 raise ProtocolError("DELETE carries a value")
     return origin, seq, stamps, ops, paths, values, ttls, parent
+
+
+class OpStamps(Sequence[int]):
+    """The stamps of an OPS frame's operations, each made when read: a store keeps a bulk
+    of new keys' stamps unread for as long as nothing asks (see ``_store``), and a 128-bit
+    int costs two big-int operations to make. ``first`` and ``last`` are at hand."""
+
+    __slots__ = ("origin", "deltas", "first", "last")
+
+    def __init__(self, origin: int, deltas: list[int]) -> None:
+        self.origin = origin
+        self.deltas = deltas  # (checked by ``parse_ops``: ints, each >= 1)
+        self.first = (deltas[0] << 64) | origin
+        self.last = (sum(deltas) << 64) | origin
+
+    def __len__(self) -> int:
+        return len(self.deltas)
+
+    def __iter__(self) -> Iterator[int]:
+        # Each stamp is (hlc << 64) | origin = origin + the deltas so far, shifted: C-level.
+        return islice(
+            accumulate(map(lshift, self.deltas, repeat(64)), initial=self.origin), 1, None
+        )
+
+    def __getitem__(self, index: Any) -> Any:
+        if index == 0:
+            return self.first
+        if index == -1:
+            return self.last
+        return list(self)[index]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"OpStamps({list(self)!r})"
 
 
 def _check_op_ttls(ttls: Any, ops: list[int]) -> None:

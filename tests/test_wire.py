@@ -140,6 +140,23 @@ def test_paths_as_deep_as_allowed_are_accepted():
     parse_ops(ops_message(OK, parent=".".join("x" * 99)))
 
 
+@pytest.mark.parametrize("hlcs", [[7], [1, 2, 3], [5, 6, 900, 901, (1 << 63) + 2, (1 << 64) - 1]])
+def test_op_stamps_are_made_when_read_and_read_like_a_list(hlcs):
+    """``parse_ops`` gives the stamps as an ``OpStamps`` (made from the deltas when read):
+    whichever way they are read, they are the list of ``(hlc << 64) | origin``."""
+    origin = (1 << 63) - 1  # the widest origin: no carry into the hlc half
+    message = ops_message(*((hlc, 0, f"k{i}", i) for i, hlc in enumerate(hlcs)), origin=origin)
+    stamps = parse_ops(message)[2]
+    expected = [(hlc << 64) | origin for hlc in hlcs]
+    assert list(stamps) == list(stamps) == expected  # (iterable more than once)
+    assert len(stamps) == len(expected) and stamps == expected
+    assert (stamps[0], stamps[-1], stamps.first, stamps.last) == (expected[0], expected[-1]) * 2
+    assert [stamps[i] for i in range(-len(hlcs), len(hlcs))] == expected * 2
+    assert stamps[1:] == expected[1:] and list(reversed(stamps)) == expected[::-1]
+    with pytest.raises(IndexError):
+        stamps[len(hlcs)]
+
+
 def test_a_writers_batch_travels_compactly_and_comes_back_whole():
     """A loop's batch (one kind, keys under one parent) sends the kind once, the parent once
     and small stamp deltas; ``parse_ops`` gives back every stamp and kind, and the keys with
