@@ -391,7 +391,8 @@ class Store:
                     if s < parent.r:
                         raised = s  # overtaken by a reset above: only the ancestors learn of it
                         continue
-                    entries = parent._entries  # (no runs: ``apply`` read it, just before)
+                    # (``apply`` read it just before, unless a reset there overtook that SET)
+                    entries = parent._entries if parent.runs is None else parent.entries
                     entry = entries.get(key)
                     if entry is None or (type(entry) is int and s > entry):
                         entries[key] = s

@@ -528,6 +528,12 @@ def test_bulk_runs_then_anything_match_one_by_one(data: st.DataObject) -> None:
         )
         deliver(plain, batch)
 
+    if parent and data.draw(st.booleans(), label="reset first"):
+        reset = Op(next(clock), SET, parent, {})  # (older writes below lose to it)
+        context.append(reset)
+        received.append(reset)
+        deliver(batched, [reset])
+        deliver(plain, [reset])
     for i in range(count):
         bulk(names[16 * i : 16 * i + 16])
     some = [(*parent, name) for name in names[:3] + names[16:19] + names[32:35]]
@@ -539,6 +545,7 @@ def test_bulk_runs_then_anything_match_one_by_one(data: st.DataObject) -> None:
                 st.tuples(st.just("leaf"), st.sampled_from(some), small_ints),
                 st.tuples(st.just("bulk"), st.integers(0, 40), st.booleans()),
                 st.tuples(st.just("older"), st.sampled_from(some), small_ints),
+                st.tuples(st.just("pair"), st.sampled_from(some), st.sampled_from(some)),
                 st.just(("export",)),
                 st.just(("merge",)),
             ),
@@ -567,6 +574,17 @@ def test_bulk_runs_then_anything_match_one_by_one(data: st.DataObject) -> None:
         elif kind == "bulk":
             bulk(names[action[1] : action[1] + 16], action[2])  # new keys, or one by one
             continue
+        elif kind == "pair":
+            # A small batch of another origin: an old SET (perhaps overtaken by a reset of
+            # the parent), then a newer one.
+            pair = [Op(-next(clock), SET, action[1], 1), Op(next(clock), SET, action[2], 2)]
+            context.append(("pair", pair))
+            received.extend(pair)
+            batched.apply_batch(
+                [op.stamp for op in pair], [SET, SET], [".".join(op.path) for op in pair], [1, 2]
+            )
+            deliver(plain, pair)
+            continue
         elif kind == "export":
             assert roundtrip(batched.export()) == roundtrip(plain.export()), repr(context)
             continue
@@ -579,6 +597,23 @@ def test_bulk_runs_then_anything_match_one_by_one(data: st.DataObject) -> None:
         deliver(plain, [op])
     assert roundtrip(batched.export()) == roundtrip(plain.export()), repr(context)
     assert_store_matches(batched, received, repr(context))
+
+
+def test_a_batch_under_a_parent_with_runs_after_an_overtaken_set() -> None:
+    """A batch's first SET under a parent, overtaken by the parent's reset, reads nothing
+    there; the next one, newer, must still find the parent's pending runs (a key of one
+    overwritten by a newer stamp keeps the newer, and an older write later loses to it)."""
+    keys = [f"k{i}" for i in range(16)]
+    bulk = [Op(200 + i, SET, ("a", key), i) for i, key in enumerate(keys)]
+    store = store_with([Op(100, SET, ("a",), {})])
+    store.apply_batch([op.stamp for op in bulk], [SET] * 16, list(keys), list(range(16)), "a")
+    batch = [Op(50, SET, ("a", "k0"), "overtaken"), Op(300, SET, ("a", "k1"), "newer")]
+    store.apply_batch([50, 300], [SET, SET], ["a.k0", "a.k1"], ["overtaken", "newer"])
+    later = Op(250, SET, ("a", "k1"), "older")
+    deliver(store, [later])
+    ops = [Op(100, SET, ("a",), {}), *bulk, *batch, later]
+    assert roundtrip(store.export()) == roundtrip(store_with(ops).export())
+    assert_store_matches(store, ops)
 
 
 @_settings(max_examples=300)
