@@ -456,7 +456,9 @@ class OpStamps(Sequence[int]):
         return list(self)[index]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and list(self) == list(other)
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return list(self) == list(other)
 
     def __repr__(self) -> str:
         return f"OpStamps({list(self)!r})"
