@@ -30,11 +30,10 @@ written; anything arriving late records its event and recomputes the affected su
 A path whose only metadata is one assignment is stored as a bare int stamp in its parent's
 ``entries``: its value is in the parent's materialized dict, or absent for a tombstone. That
 keeps the cost of the common leaf to one dict slot and one int. A bulk of new leaves (a
-writer's loop received in one batch, or a node's leaves installed from a snapshot) is not
-even recorded there at first: the parent keeps their keys and stamps as a *run*
-(``_Node.runs``), and moves them into ``entries`` when anything first reads those
-(``_Node.entries`` does). Keys written once, the bulk of a writer's loop, so cost one dict
-insert instead of two.
+writer's loop received in one batch) is not even recorded there at first: the parent keeps
+the batch's keys and stamps as a *run* (``_Node.runs``), and moves them into ``entries`` when
+anything first reads those (``_Node.entries`` does). Keys written once, the bulk of a
+writer's loop, so cost one dict insert instead of two.
 
 Expiring keys: a SET or INCREMENT with a ttl records a ttl event on its path's node
 (``ttls``: stamp -> derived expiry stamp D, see ``_clock.expiry_stamp``); such a path is never
@@ -55,7 +54,7 @@ from operator import itemgetter
 from typing import Any, Iterable, Sequence
 
 from ._clock import expiry_stamp
-from ._wire import LeafColumns, full_paths
+from ._wire import full_paths
 
 __all__ = [
     "Store",
@@ -134,12 +133,11 @@ class _Node:
         self.r: float | int = NEVER  # reset stamp for the children
         self.top: float | int = NEVER  # latest stamp anywhere in this subtree
         self._entries: dict[str, int | _Node] = {}
-        # Leaves set in bulk (or installed from a snapshot) and not yet in ``_entries``:
-        # (keys, stamps) pairs, or None. Their keys are new to the node and to each other run,
-        # and all in ``value`` (a dict) while they are pending: nothing but
-        # ``Store._set_siblings`` touches a node with runs without reading ``entries`` first,
-        # which records them.
-        self.runs: list[tuple[list[str], Iterable[int]]] | None = None
+        # Leaves set in bulk and not yet in ``_entries``: (keys, stamps) lists, or None. Their
+        # keys are new to the node and to each other run, and all in ``value`` (a dict) while
+        # they are pending: nothing but ``Store._set_siblings`` touches a node with runs
+        # without reading ``entries`` first, which records them.
+        self.runs: list[tuple[list[str], Sequence[int]]] | None = None
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
         # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
         self.ttls: dict[int, int] | None = None
@@ -909,8 +907,7 @@ class Store:
     def _is_plain(node: _Node) -> bool:
         """True when a node is just one assignment of a leaf (or a tombstone)."""
         return not (
-            node._entries
-            or node.runs  # (not ``entries``: that would record them)
+            node.entries
             or node.incs
             or node.av is DICT
             or node.d != NEVER
@@ -1043,18 +1040,6 @@ class Store:
         top = max(node.a, node.imax, node.d)
         new_dict: dict[str, Any] | None = {} if is_dict else None
         entries: dict[str, int | _Node] = {}
-        run = None
-        if type(leaves) is LeafColumns:
-            # As a SNAPSHOT brings them: when every leaf stands and holds a value, the keys
-            # and the (unmade) stamps wait on the node as a run (see ``_Node.runs``).
-            if new_dict is not None and leaves and leaves.lowest >= r and not leaves.tombstones():
-                run = (leaves.names, leaves.stamps)
-                if leaves.newest > top:
-                    top = leaves.newest
-                new_dict = dict(values)
-                leaves = None
-            else:
-                leaves = leaves.as_dict()
         if leaves:
             stamps = leaves.values()
             if min(stamps) >= r:
@@ -1095,8 +1080,6 @@ class Store:
             if new_dict is not None and value is not MISSING:
                 new_dict[k] = value
         node.entries = entries
-        if run is not None:
-            node.runs = [run]
         self._finish(node, base, bv, new_dict, base, bv, node.d, node.imax)
         node.top = top
         if top == NEVER or top < parent_r:
@@ -1482,8 +1465,6 @@ class Store:
                 node.top = st
         record_assign = self._record_assign
         node_entries = node.entries
-        if type(leaves) is LeafColumns:
-            leaves = leaves.as_dict()
         for k, stamp in leaves.items():
             record_assign(node_entries, k, stamp, values.get(k, MISSING))
             if stamp > node.top:

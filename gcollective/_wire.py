@@ -55,7 +55,7 @@ from __future__ import annotations
 import math
 from itertools import accumulate, islice, repeat
 from operator import and_, lshift, rshift, sub
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import ujson
 
@@ -91,7 +91,6 @@ __all__ = [
     "parse_ops",
     "MAX_TTL_MS",
     "parse_snapshot_items",
-    "LeafColumns",
     "STATUS_MAGIC",
     "STATUS_VERSION",
     "encode_status_request",
@@ -566,9 +565,8 @@ def _check_json(value: Any, depth: int) -> None:
 
 def parse_snapshot_items(items: Any) -> tuple[list[Any], int]:
     """Check a SNAPSHOT frame's payload fully before any of it is merged, and turn it (in
-    place) into items of ``Store.export()`` for ``Store.merge`` (a full node's values back
-    into a dict, its leaves' stamps a ``LeafColumns``): ``(items, the newest stamp of an
-    operation in them)`` (0 when there is none)."""
+    place) into items of ``Store.export()`` (a full node's leaves back into dicts):
+    ``(items, the newest stamp of an operation in them)`` (0 when there is none)."""
     if type(items) is not list:
         raise ProtocolError("SNAPSHOT payload is not a list")
     newest = 0
@@ -626,86 +624,21 @@ def _check_entry(entry: Any, depth: int) -> int:
             raise ProtocolError("SNAPSHOT entry has a child that is not a full node")
         newest = max(newest, _check_entry(child, depth + 1))
     # Checked a column at a time, in C: a big tree is mostly leaves.
-    leaves, values = _leaves_from_columns(leaves, values)
+    leaves, newest_leaf = _leaves_from_columns(leaves, values)
     entry[6] = leaves
-    entry[7] = values
-    if leaves and not (
-        values.keys().isdisjoint(children) and children.keys().isdisjoint(leaves.tombstones())
-    ):
+    entry[7] = values = dict(zip(leaves, values))
+    if leaves and not leaves.keys().isdisjoint(children):
         raise ProtocolError("SNAPSHOT entry has a key that is both a leaf and a node")
     if not set(map(type, values.values())) <= _SCALARS:
         for value in values.values():
             _check_json(value, depth + 1)
-    return max(newest, leaves.newest)
+    return max(newest, newest_leaf)
 
 
-class _PackedStamps:
-    """The stamps of a snapshot node's leaves, made from their packed column when iterated
-    (see ``_leaves_as_columns``)."""
-
-    __slots__ = ("origins", "packed")
-
-    def __init__(self, origins: list[int], packed: list[int]) -> None:
-        self.origins = origins
-        self.packed = packed
-
-    def __iter__(self) -> Iterator[int]:
-        origins, packed = self.origins, self.packed
-        count = len(origins)
-        if count == 1:
-            origin = origins[0]
-            return iter([hlc << 64 | origin for hlc in packed])
-        if count:
-            return iter([(p // count) << 64 | origins[p % count] for p in packed])
-        return iter(packed)  # (full stamps)
-
-
-class LeafColumns:
-    """A full node's plain leaves as a SNAPSHOT brings them (checked): ``names`` (the keys
-    with a value first, then the tombstones) and their ``stamps`` in the same order, made
-    when iterated; ``as_dict()`` is the ``{key: stamp}`` of ``Store.export()``. A store
-    installing a new node keeps them as they are, unread (see ``_store``'s runs): making a
-    128-bit int and a dict entry per leaf was most of a joiner's work."""
-
-    __slots__ = ("names", "stamps", "valued", "lowest", "newest")
-
-    def __init__(
-        self, names: list[str], stamps: Iterable[int], valued: int, lowest: int, newest: int
-    ) -> None:
-        self.names = names
-        self.stamps = stamps
-        self.valued = valued  # how many of ``names`` hold a value (the first ones)
-        self.lowest = lowest  # no stamp is below this
-        self.newest = newest  # the newest stamp (0 when there are none)
-
-    def tombstones(self) -> list[str]:
-        """The names of the leaves without a value."""
-        return self.names[self.valued :]
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(zip(self.names, self.stamps))
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, LeafColumns):
-            other = other.as_dict()
-        if not isinstance(other, dict):
-            return NotImplemented
-        return self.as_dict() == other
-
-    def __repr__(self) -> str:
-        return f"LeafColumns({self.as_dict()!r})"
-
-
-_NO_LEAVES = LeafColumns([], (), 0, 0, 0)
-
-
-def _leaves_from_columns(columns: Any, values: Any) -> tuple[LeafColumns, dict[str, Any]]:
-    """The leaves of a full node from their columns, checked (each key once, a stamp in
-    range, no more values than keys): their ``LeafColumns`` and ``{key: value}`` for those
-    with a value. C-level passes but one."""
+def _leaves_from_columns(columns: Any, values: Any) -> tuple[dict[str, int], int]:
+    """The leaves of a full node, ``{key: stamp}``, from their columns (checked: each key
+    once, with a stamp in range, and no more values than keys), and the newest of those
+    stamps (0 when there are none). C-level passes but one."""
     if type(columns) is not list or len(columns) != 3 or type(values) is not list:
         raise ProtocolError("SNAPSHOT entry has bad leaves")
     origins, keys, packed = columns
@@ -714,7 +647,7 @@ def _leaves_from_columns(columns: Any, values: Any) -> tuple[LeafColumns, dict[s
     ):
         raise ProtocolError("SNAPSHOT entry has bad leaves")
     if not keys:
-        return _NO_LEAVES, {}
+        return {}, 0
     try:
         "".join(keys)  # only str joins
     except TypeError:
@@ -734,24 +667,20 @@ def _leaves_from_columns(columns: Any, values: Any) -> tuple[LeafColumns, dict[s
     high = max(packed)
     if min(packed) < (0 if count else 1) or high >= (_MAX_HLC * count if count else _MAX_STAMP):
         raise ProtocolError("SNAPSHOT entry has a bad stamp")
-    stamps = _PackedStamps(origins, packed)
     if count == 1:
-        lowest = min(packed) << 64 | origins[0]
-        newest = high << 64 | origins[0]
+        origin = origins[0]
+        stamps = [hlc << 64 | origin for hlc in packed]
+        newest = high << 64 | origin
     elif count:
-        lowest = (min(packed) // count) << 64  # (below the real lowest: no origin is 0)
+        stamps = [(p // count) << 64 | origins[p % count] for p in packed]
         newest = max(stamps)
     else:
-        lowest = min(packed)
+        stamps = packed
         newest = high
-    valued = dict(zip(keys, values))
-    tombstones = keys[len(values) :]
-    if len(valued) != len(values) or (
-        tombstones
-        and (len(set(tombstones)) != len(tombstones) or not valued.keys().isdisjoint(tombstones))
-    ):
+    leaves = dict(zip(keys, stamps))
+    if len(leaves) != len(keys):
         raise ProtocolError("SNAPSHOT entry has a leaf twice")
-    return LeafColumns(keys, stamps, len(values), lowest, newest), valued
+    return leaves, newest
 
 
 def _check_ttls(ttls: Any) -> None:

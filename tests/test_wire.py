@@ -276,27 +276,6 @@ def test_snapshot_leaves_travel_as_columns(origins: int) -> None:
         assert b"%d" % (HLC << 64 | ORIGIN) not in frame  # no 128-bit stamp per leaf
 
 
-def test_snapshot_leaves_older_than_their_nodes_reset_stay_out():
-    """A snapshot's leaves are kept as they come (unread: see ``_store``'s runs) only when
-    none is older than its node's reset; a leaf that is (which no honest export holds) is
-    dropped as from the dict form of the same export."""
-    for origins in (1, 2):  # (the stamps packed with one origin, or with several)
-
-        def stamp(hlc: int, origin: int = 0, origins: int = origins) -> int:
-            return hlc << 64 | (ORIGIN + origin % origins)
-
-        leaves = {"k1": stamp(HLC + 50, 1), "k2": stamp(HLC + 150)}
-        values = {"k1": 1, "k2": 2}
-        entry = [stamp(HLC + 100), 1, stamp(HLC + 150), None, [], {}, leaves, values]
-        exported = [["p", entry]]
-        (message,) = FrameDecoder(1 << 20).feed(encode_snapshot(exported))
-        through_the_wire, as_dicts = Store(), Store()
-        through_the_wire.merge(parse_snapshot_items(message[1])[0])
-        as_dicts.merge(ujson.loads(ujson.dumps(exported)))
-        assert through_the_wire.to_dict() == as_dicts.to_dict() == {"p": {"k2": 2}}
-        assert through_the_wire.export() == as_dicts.export()
-
-
 def test_snapshot_items_are_checked_before_merging():
     store = Store()
     store.apply(HLC << 64 | ORIGIN, 0, ("a", "b"), {"c": [1]})
