@@ -133,10 +133,11 @@ class _Node:
         self.r: float | int = NEVER  # reset stamp for the children
         self.top: float | int = NEVER  # latest stamp anywhere in this subtree
         self._entries: dict[str, int | _Node] = {}
-        # Leaves set in bulk and not yet in ``_entries``: (keys, stamps) lists, or None. Their
-        # keys are new to the node and to each other run, and all in ``value`` (a dict) while
-        # they are pending: nothing but ``Store._set_siblings`` touches a node with runs
-        # without reading ``entries`` first, which records them.
+        # Leaves set in bulk and not yet in ``_entries``: (keys, stamps) pairs (the stamps a
+        # list or a frame's ``OpStamps``, made when iterated), or None. Their keys are new to
+        # the node and to each other run, and all in ``value`` (a dict) while they are
+        # pending: nothing but ``Store._set_siblings`` touches a node with runs without
+        # reading ``entries`` first, which records them.
         self.runs: list[tuple[list[str], Sequence[int]]] | None = None
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
         # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
