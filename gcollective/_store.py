@@ -30,10 +30,11 @@ written; anything arriving late records its event and recomputes the affected su
 A path whose only metadata is one assignment is stored as a bare int stamp in its parent's
 ``entries``: its value is in the parent's materialized dict, or absent for a tombstone. That
 keeps the cost of the common leaf to one dict slot and one int. A bulk of new leaves (a
-writer's loop received in one batch) is not even recorded there at first: the parent keeps
-the batch's keys and stamps as a *run* (``_Node.runs``), and moves them into ``entries`` when
-anything first reads those (``_Node.entries`` does). Keys written once, the bulk of a
-writer's loop, so cost one dict insert instead of two.
+writer's loop received in one batch, or a node's leaves installed from a snapshot) is not
+even recorded there at first: the parent keeps their keys and stamps as a *run*
+(``_Node.runs``), and moves them into ``entries`` when anything first reads those
+(``_Node.entries`` does). Keys written once, the bulk of a writer's loop, so cost one dict
+insert instead of two.
 
 Expiring keys: a SET or INCREMENT with a ttl records a ttl event on its path's node
 (``ttls``: stamp -> derived expiry stamp D, see ``_clock.expiry_stamp``); such a path is never
@@ -54,7 +55,7 @@ from operator import itemgetter
 from typing import Any, Iterable, Sequence
 
 from ._clock import expiry_stamp
-from ._wire import full_paths
+from ._wire import LeafColumns, full_paths, unpack_stamps
 
 __all__ = [
     "Store",
@@ -133,12 +134,13 @@ class _Node:
         self.r: float | int = NEVER  # reset stamp for the children
         self.top: float | int = NEVER  # latest stamp anywhere in this subtree
         self._entries: dict[str, int | _Node] = {}
-        # Leaves set in bulk and not yet in ``_entries``: (keys, stamps) pairs (the stamps a
-        # list or a frame's ``OpStamps``, made when iterated), or None. Their keys are new to
-        # the node and to each other run, and all in ``value`` (a dict) while they are
-        # pending: nothing but ``Store._set_siblings`` touches a node with runs without
-        # reading ``entries`` first, which records them.
-        self.runs: list[tuple[list[str], Sequence[int]]] | None = None
+        # Leaves set in bulk (or installed from a snapshot) and not yet in ``_entries``, or
+        # None: (keys, stamps, None) (the stamps a list or a frame's ``OpStamps``, made when
+        # iterated) or a snapshot's (keys, packed stamps, origins) (``unpack_stamps``). Their
+        # keys are new to the node and to each other run, and all in ``value`` (a dict)
+        # while they are pending: nothing but ``Store._set_siblings`` and ``collect`` touch
+        # a node with runs without reading ``entries`` first, which records them.
+        self.runs: list[tuple[Sequence[str], Any, tuple[int, ...] | None]] | None = None
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
         # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
         self.ttls: dict[int, int] | None = None
@@ -160,7 +162,9 @@ class _Node:
     def settle_runs(self) -> None:
         """Record the pending runs in ``_entries``."""
         entries = self._entries
-        for keys, stamps in self.runs or ():
+        for keys, stamps, origins in self.runs or ():
+            if origins is not None:
+                stamps = unpack_stamps(stamps, origins)
             entries.update(zip(keys, stamps))
         self.runs = None
 
@@ -452,9 +456,9 @@ class Store:
         # to ``entries`` only when something reads them (see ``_Node.runs``).
         data.update(zip(keys, values))
         if node.runs is None:
-            node.runs = [(keys, stamps)]
+            node.runs = [(keys, stamps, None)]
         else:
-            node.runs.append((keys, stamps))
+            node.runs.append((keys, stamps, None))
         _raise(ancestors, stamps[-1])
         return True
 
@@ -908,7 +912,8 @@ class Store:
     def _is_plain(node: _Node) -> bool:
         """True when a node is just one assignment of a leaf (or a tombstone)."""
         return not (
-            node.entries
+            node._entries
+            or node.runs  # (not ``entries``: that would record them)
             or node.incs
             or node.av is DICT
             or node.d != NEVER
@@ -1041,6 +1046,18 @@ class Store:
         top = max(node.a, node.imax, node.d)
         new_dict: dict[str, Any] | None = {} if is_dict else None
         entries: dict[str, int | _Node] = {}
+        run = None
+        if type(leaves) is LeafColumns:
+            # As a SNAPSHOT brings them: when every leaf stands and holds a value, the keys
+            # and the (unmade) stamps wait on the node as a run (see ``_Node.runs``).
+            if new_dict is not None and leaves and leaves.lowest >= r and not leaves.tombstones():
+                run = leaves.as_run()
+                if leaves.newest > top:
+                    top = leaves.newest
+                new_dict = dict(values)
+                leaves = None
+            else:
+                leaves = leaves.as_dict()
         if leaves:
             stamps = leaves.values()
             if min(stamps) >= r:
@@ -1081,6 +1098,8 @@ class Store:
             if new_dict is not None and value is not MISSING:
                 new_dict[k] = value
         node.entries = entries
+        if run is not None:
+            node.runs = [run]
         self._finish(node, base, bv, new_dict, base, bv, node.d, node.imax)
         node.top = top
         if top == NEVER or top < parent_r:
@@ -1212,6 +1231,9 @@ class Store:
         tombstone older than it can never overtake anything, and increments older than it can
         be folded into one assignment. Call repeatedly; returns True when a full pass over the
         tree has finished (the next call starts another).
+
+        Pending runs (``_Node.runs``) are passed by, unread: their leaves all hold values, so
+        there is nothing to forget there, and reading them would record them all.
         """
         self._forget_way()
         sweep = self._sweep
@@ -1220,24 +1242,24 @@ class Store:
                 return True  # nothing to look at since the last pass
             self._untidy = False
             root = self._root
-            sweep.append([root, root.r, list(root.entries.items()), 0, None, None])
+            sweep.append([root, root.r, list(root._entries.items()), 0, None, None])
         visited = 0
         while sweep and visited < budget:
             frame = sweep[-1]
             node, r, todo = frame[0], frame[1], frame[2]
             if not todo:
                 sweep.pop()
-                if frame[3] > len(node.entries):
+                if frame[3] > len(node._entries):
                     self._shrink(node, frame[4], frame[5])
                 continue
             key, entry = todo.pop()
             visited += 1
-            if node.entries.get(key) is not entry:
+            if node._entries.get(key) is not entry:
                 continue  # changed since the list was taken: the next pass sees it
             if type(entry) is int:
                 if type(node.value) is not dict or key not in node.value:
                     if entry < frontier:
-                        del node.entries[key]  # a tombstone nothing older can reach any more
+                        del node._entries[key]  # a tombstone nothing older can reach any more
                         frame[3] += 1
                         self.collected += 1
                     else:
@@ -1255,19 +1277,20 @@ class Store:
                 if (
                     entry.ttls is None
                     and not entry.incs
-                    and not entry.entries
+                    and not entry._entries
+                    and entry.runs is None
                     and entry.d == NEVER
                     and NEVER < entry.imax <= entry.a
                     and type(node.value) is dict
                     and key in node.value
                 ):
-                    node.entries[key] = entry.a  # the folded counter is now a plain value
+                    node._entries[key] = entry.a  # the folded counter is now a plain value
                     continue
-            if entry.entries:
-                sweep.append([entry, entry.r, list(entry.entries.items()), 0, node, key])
+            if entry._entries:
+                sweep.append([entry, entry.r, list(entry._entries.items()), 0, node, key])
             elif entry.value is MISSING and entry.ttls is None and not entry.incs:
                 if max(entry.a, entry.d, entry.imax) < frontier:
-                    del node.entries[key]  # metadata of nothing (left by deletes of absent paths)
+                    del node._entries[key]  # metadata of nothing (left by deletes of absent paths)
                     frame[3] += 1
                     self.collected += 1
                 else:
@@ -1292,7 +1315,7 @@ class Store:
     def _shrink(self, node: _Node, parent: _Node | None, key: str | None) -> None:
         """Give back the memory of a node's dicts after many of their entries were dropped
         (a Python dict never shrinks by itself)."""
-        node.entries = dict(node.entries)
+        node._entries = dict(node._entries)  # (pending runs stay pending)
         old = node.value
         if type(old) is dict and parent is not None and key is not None:
             pv = parent.value
@@ -1466,6 +1489,8 @@ class Store:
                 node.top = st
         record_assign = self._record_assign
         node_entries = node.entries
+        if type(leaves) is LeafColumns:
+            leaves = leaves.as_dict()
         for k, stamp in leaves.items():
             record_assign(node_entries, k, stamp, values.get(k, MISSING))
             if stamp > node.top:

@@ -53,6 +53,7 @@ That is the only time a node writes on a connection it accepted, besides refusal
 from __future__ import annotations
 
 import math
+from array import array
 from itertools import accumulate, islice, repeat
 from operator import and_, lshift, rshift, sub
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -91,6 +92,8 @@ __all__ = [
     "parse_ops",
     "MAX_TTL_MS",
     "parse_snapshot_items",
+    "LeafColumns",
+    "unpack_stamps",
     "STATUS_MAGIC",
     "STATUS_VERSION",
     "encode_status_request",
@@ -565,8 +568,9 @@ def _check_json(value: Any, depth: int) -> None:
 
 def parse_snapshot_items(items: Any) -> tuple[list[Any], int]:
     """Check a SNAPSHOT frame's payload fully before any of it is merged, and turn it (in
-    place) into items of ``Store.export()`` (a full node's leaves back into dicts):
-    ``(items, the newest stamp of an operation in them)`` (0 when there is none)."""
+    place) into items of ``Store.export()`` for ``Store.merge`` (a full node's values back
+    into a dict, its leaves' stamps a ``LeafColumns``): ``(items, the newest stamp of an
+    operation in them)`` (0 when there is none)."""
     if type(items) is not list:
         raise ProtocolError("SNAPSHOT payload is not a list")
     newest = 0
@@ -624,21 +628,105 @@ def _check_entry(entry: Any, depth: int) -> int:
             raise ProtocolError("SNAPSHOT entry has a child that is not a full node")
         newest = max(newest, _check_entry(child, depth + 1))
     # Checked a column at a time, in C: a big tree is mostly leaves.
-    leaves, newest_leaf = _leaves_from_columns(leaves, values)
+    leaves, values = _leaves_from_columns(leaves, values)
     entry[6] = leaves
-    entry[7] = values = dict(zip(leaves, values))
-    if leaves and not leaves.keys().isdisjoint(children):
+    entry[7] = values
+    if leaves and not (
+        values.keys().isdisjoint(children) and children.keys().isdisjoint(leaves.tombstones())
+    ):
         raise ProtocolError("SNAPSHOT entry has a key that is both a leaf and a node")
     if not set(map(type, values.values())) <= _SCALARS:
         for value in values.values():
             _check_json(value, depth + 1)
-    return max(newest, newest_leaf)
+    return max(newest, leaves.newest)
 
 
-def _leaves_from_columns(columns: Any, values: Any) -> tuple[dict[str, int], int]:
-    """The leaves of a full node, ``{key: stamp}``, from their columns (checked: each key
-    once, with a stamp in range, and no more values than keys), and the newest of those
-    stamps (0 when there are none). C-level passes but one."""
+def unpack_stamps(packed: Sequence[int] | bytes, origins: Sequence[int]) -> list[int]:
+    """A leaf column's stamps from their packed form (see ``_leaves_as_columns``): ``packed``
+    a sequence of ints, or ``bytes`` of native uint64 (``LeafColumns.as_run``)."""
+    if type(packed) is bytes:
+        packed = memoryview(packed).cast("Q")
+    count = len(origins)
+    if count == 1:
+        origin = origins[0]
+        return [hlc << 64 | origin for hlc in packed]
+    if count:
+        return [(p // count) << 64 | origins[p % count] for p in packed]
+    return list(packed)  # (full stamps)
+
+
+class LeafColumns:
+    """A full node's plain leaves as a SNAPSHOT brings them (checked): ``names`` (the keys
+    with a value first, then the tombstones) and their stamps in the same order, packed
+    (``unpack_stamps``); ``as_dict()`` is the ``{key: stamp}`` of ``Store.export()``. A store
+    installing a new node keeps them packed (``as_run``, see ``_store``'s runs): making a
+    128-bit int and a dict entry per leaf was most of a joiner's work."""
+
+    __slots__ = ("names", "origins", "packed", "valued", "lowest", "newest")
+
+    def __init__(
+        self,
+        names: list[str],
+        origins: list[int],
+        packed: list[int],
+        valued: int,
+        lowest: int,
+        newest: int,
+    ) -> None:
+        self.names = names
+        self.origins = origins  # (none: ``packed`` holds full stamps)
+        self.packed = packed
+        self.valued = valued  # how many of ``names`` hold a value (the first ones)
+        self.lowest = lowest  # no stamp is below this
+        self.newest = newest  # the newest stamp (0 when there are none)
+
+    @property
+    def stamps(self) -> list[int]:
+        """The stamps, in the order of ``names``."""
+        return unpack_stamps(self.packed, self.origins)
+
+    def as_run(self) -> tuple[tuple[str, ...], Sequence[int] | bytes, tuple[int, ...] | None]:
+        """``(names, packed stamps, origins)`` to keep, for ``unpack_stamps`` (origins None
+        for full stamps). Only atomic objects in tuples, which the cyclic GC stops tracking:
+        it visits every item of a list on each full collection, a cache miss each, and a
+        joiner's 2M leaves kept in lists cost it more time than they saved. The column is
+        uint64 bytes when it fits: 8 bytes a leaf instead of an int object."""
+        names, origins, packed = tuple(self.names), self.origins, self.packed
+        if not origins:
+            return names, tuple(packed), None
+        if len(origins) == 1 or max(packed) <= _ORIGIN_MASK:  # (one origin: below _MAX_HLC)
+            return names, array("Q", packed).tobytes(), tuple(origins)
+        return names, tuple(packed), tuple(origins)
+
+    def tombstones(self) -> list[str]:
+        """The names of the leaves without a value."""
+        return self.names[self.valued :]
+
+    def as_dict(self) -> dict[str, int]:
+        """``{key: stamp}``."""
+        return dict(zip(self.names, self.stamps))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LeafColumns):
+            other = other.as_dict()
+        if not isinstance(other, dict):
+            return NotImplemented
+        return self.as_dict() == other
+
+    def __repr__(self) -> str:
+        return f"LeafColumns({self.as_dict()!r})"
+
+
+_NO_LEAVES = LeafColumns([], [], [], 0, 0, 0)
+
+
+def _leaves_from_columns(columns: Any, values: Any) -> tuple[LeafColumns, dict[str, Any]]:
+    """The leaves of a full node from their columns, checked (each key once, a stamp in
+    range, no more values than keys): their ``LeafColumns`` and ``{key: value}`` for those
+    with a value. C-level passes but one."""
     if type(columns) is not list or len(columns) != 3 or type(values) is not list:
         raise ProtocolError("SNAPSHOT entry has bad leaves")
     origins, keys, packed = columns
@@ -647,7 +735,7 @@ def _leaves_from_columns(columns: Any, values: Any) -> tuple[dict[str, int], int
     ):
         raise ProtocolError("SNAPSHOT entry has bad leaves")
     if not keys:
-        return {}, 0
+        return _NO_LEAVES, {}
     try:
         "".join(keys)  # only str joins
     except TypeError:
@@ -668,19 +756,22 @@ def _leaves_from_columns(columns: Any, values: Any) -> tuple[dict[str, int], int
     if min(packed) < (0 if count else 1) or high >= (_MAX_HLC * count if count else _MAX_STAMP):
         raise ProtocolError("SNAPSHOT entry has a bad stamp")
     if count == 1:
-        origin = origins[0]
-        stamps = [hlc << 64 | origin for hlc in packed]
-        newest = high << 64 | origin
+        lowest = min(packed) << 64 | origins[0]
+        newest = high << 64 | origins[0]
     elif count:
-        stamps = [(p // count) << 64 | origins[p % count] for p in packed]
-        newest = max(stamps)
+        lowest = (min(packed) // count) << 64  # (below the real lowest: no origin is 0)
+        newest = max(unpack_stamps(packed, origins))
     else:
-        stamps = packed
+        lowest = min(packed)
         newest = high
-    leaves = dict(zip(keys, stamps))
-    if len(leaves) != len(keys):
+    valued = dict(zip(keys, values))
+    tombstones = keys[len(values) :]
+    if len(valued) != len(values) or (
+        tombstones
+        and (len(set(tombstones)) != len(tombstones) or not valued.keys().isdisjoint(tombstones))
+    ):
         raise ProtocolError("SNAPSHOT entry has a leaf twice")
-    return leaves, newest
+    return LeafColumns(keys, origins, packed, len(values), lowest, newest), valued
 
 
 def _check_ttls(ttls: Any) -> None:

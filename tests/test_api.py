@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -296,6 +297,27 @@ def test_import_has_no_side_effects():
         "assert gcollective.__version__\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=_env())
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_receiving_gives_back_the_apps_gc_setting(node, enabled):
+    """A member pauses the cyclic GC while it decodes and applies what it read (see
+    ``_read_connection``), and must leave it as the app had it: on, or off."""
+    other = Collective(f"127.0.0.1:{free_port()}", [node.local])
+    other.start()
+    was = gc.isenabled()
+    try:
+        if not enabled:
+            gc.disable()
+        for i in range(2000):
+            other.set(("k", str(i)), i)
+        wait_for(lambda: node.get(("k", "1999")) == 1999)
+        assert node.stats()["received_ops"] >= 2000
+        assert gc.isenabled() is enabled
+    finally:
+        if was:
+            gc.enable()
+        other.stop()
 
 
 def test_a_forked_child_running_the_hub_leaves_the_parents_links_alone():
