@@ -161,12 +161,26 @@ class _Node:
 
     def settle_runs(self) -> None:
         """Record the pending runs in ``_entries``."""
-        entries = self._entries
-        for keys, stamps, origins in self.runs or ():
-            if origins is not None:
-                stamps = unpack_stamps(stamps, origins)
-            entries.update(zip(keys, stamps))
+        _add_runs(self._entries, self.runs or ())
         self.runs = None
+
+    def entries_copy(self) -> dict[str, int | _Node]:
+        """A copy of ``entries`` that leaves the pending runs pending: what reads a node
+        once (an export) need not keep a 128-bit int and a dict slot per leaf of them."""
+        entries = dict(self._entries)
+        if self.runs is not None:
+            _add_runs(entries, self.runs)
+        return entries
+
+
+def _add_runs(
+    entries: dict[str, int | _Node], runs: Iterable[tuple[Sequence[str], Any, Any]]
+) -> None:
+    """Record ``runs`` (see ``_Node.runs``) in ``entries``."""
+    for keys, stamps, origins in runs:
+        if origins is not None:
+            stamps = unpack_stamps(stamps, origins)
+        entries.update(zip(keys, stamps))
 
 
 class Store:
@@ -1396,11 +1410,11 @@ class Store:
         incs = [[st, n] for st, n in node.incs.items()] if node.incs else []
         value = node.value
         data = value if type(value) is dict else {}
-        entries = node.entries
+        entries = node.entries_copy()
         children: dict[str, Any] = {}
         if set(map(type, entries.values())) <= _LEAF_TYPES:
             # Only plain leaves (the bulk of a big tree): the dicts as they are, copied in C.
-            leaves = dict(entries)
+            leaves = entries
             values = (
                 {k: copy_value(v) for k, v in data.items()} if _has_containers(data) else dict(data)
             )

@@ -298,7 +298,9 @@ def test_a_snapshot_nodes_leaves_are_kept_packed_and_out_of_the_gcs_way(origins)
     gc.collect()
     assert not gc.is_tracked(run), run
     assert (type(run[1]) is bytes) == (origins > 0), run  # (else a tuple of full stamps)
-    assert other.export() == store.export()  # (reads the run)
+    assert other.export() == store.export()  # (reads the run, which stays pending)
+    assert node.runs == [run]
+    assert node.entries == store._root._entries["n"].entries  # (records it)
     assert node.runs is None
 
 
