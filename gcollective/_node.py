@@ -1533,7 +1533,7 @@ class Collective(_Member):
         parts: list[bytes] = []
         size = 0
         for key in keys:
-            item = export_item(key)
+            item = export_item(key, copy=False)  # (encoded before anything can change)
             if item is None:
                 continue  # forgotten since (a tombstone nothing can reach any more)
             part = encode_snapshot_item(item)

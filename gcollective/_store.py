@@ -1381,7 +1381,7 @@ class Store:
         """Every top-level key with metadata (tombstones too): what ``export`` goes over."""
         return list(self._root.entries)
 
-    def export_item(self, key: str) -> list[Any] | None:
+    def export_item(self, key: str, copy: bool = True) -> list[Any] | None:
         """The export of one top-level key: ``[key, entry]``, or None if there is no such key
         (any more). An entry is an int (a tombstone), a ``[stamp, value]`` pair (a plain
         assignment), or ``[a, av, d, imax, incs, children, leaves, values]`` for a full node,
@@ -1392,7 +1392,9 @@ class Store:
         ``[[stamp, expiry stamp], ...]``.
 
         Each item is a consistent copy (taken without yielding), so a snapshot can be built
-        and sent one slice at a time while operations go on.
+        and sent one slice at a time while operations go on. With ``copy=False`` its dicts
+        may be the store's own: read it before the store changes, and never change it (a
+        snapshot encodes each item at once).
         """
         self._settle_way()
         root = self._root
@@ -1402,22 +1404,25 @@ class Store:
         if type(entry) is int:
             value = root.value.get(key, MISSING)
             return [key, entry if value is MISSING else [entry, copy_value(value)]]
-        return [key, self._export_node(entry)]
+        return [key, self._export_node(entry, copy)]
 
-    def _export_node(self, node: _Node) -> list[Any]:
+    def _export_node(self, node: _Node, copy: bool) -> list[Any]:
         av = node.av
         encoded_av: Any = 1 if av is DICT else (0 if av is MISSING else [copy_value(av)])
         incs = [[st, n] for st, n in node.incs.items()] if node.incs else []
         value = node.value
         data = value if type(value) is dict else {}
-        entries = node.entries_copy()
+        entries = node.entries_copy() if copy or node.runs is not None else node._entries
         children: dict[str, Any] = {}
         if set(map(type, entries.values())) <= _LEAF_TYPES:
-            # Only plain leaves (the bulk of a big tree): the dicts as they are, copied in C.
+            # Only plain leaves (the bulk of a big tree): the dicts as they are (copied in C).
             leaves = entries
-            values = (
-                {k: copy_value(v) for k, v in data.items()} if _has_containers(data) else dict(data)
-            )
+            if not copy:
+                values = data
+            elif _has_containers(data):
+                values = {k: copy_value(v) for k, v in data.items()}
+            else:
+                values = dict(data)
         else:
             export_node = self._export_node
             leaves = {}
@@ -1427,9 +1432,9 @@ class Store:
                     leaves[k] = e
                     v = data.get(k, MISSING)
                     if v is not MISSING:
-                        values[k] = copy_value(v)
+                        values[k] = copy_value(v) if copy else v
                 else:
-                    children[k] = export_node(e)
+                    children[k] = export_node(e, copy)
         out = [_enc(node.a), encoded_av, _enc(node.d), _enc(node.imax), incs, children]
         out += (leaves, values)
         if node.ttls:

@@ -238,7 +238,11 @@ def _leaves_as_columns(node: list[Any]) -> list[Any]:
     keys = list(values)
     if len(keys) != len(leaves):
         keys += [key for key in leaves if key not in values]  # tombstones last
-    stamps = list(map(leaves.__getitem__, keys))
+        stamps = list(map(leaves.__getitem__, keys))
+    elif keys == list(leaves):  # (the usual order: compared by identity first, in C)
+        stamps = list(leaves.values())
+    else:
+        stamps = list(map(leaves.__getitem__, keys))
     origins = list(set(map(and_, stamps, repeat(_ORIGIN_MASK))))
     if len(origins) == 1:  # (the usual case: one writer's keys)
         packed = list(map(rshift, stamps, repeat(64)))
