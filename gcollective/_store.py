@@ -1068,7 +1068,7 @@ class Store:
                 run = leaves.as_run()
                 if leaves.newest > top:
                     top = leaves.newest
-                new_dict = dict(values)
+                new_dict = values  # (the wire's, decoded for this merge: see LeafColumns)
                 leaves = None
             else:
                 leaves = leaves.as_dict()

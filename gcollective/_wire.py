@@ -574,7 +574,8 @@ def parse_snapshot_items(items: Any) -> tuple[list[Any], int]:
     """Check a SNAPSHOT frame's payload fully before any of it is merged, and turn it (in
     place) into items of ``Store.export()`` for ``Store.merge`` (a full node's values back
     into a dict, its leaves' stamps a ``LeafColumns``): ``(items, the newest stamp of an
-    operation in them)`` (0 when there is none)."""
+    operation in them)`` (0 when there is none). The items are for one merge: the store
+    keeps such a node's values dict as its own."""
     if type(items) is not list:
         raise ProtocolError("SNAPSHOT payload is not a list")
     newest = 0
@@ -663,8 +664,10 @@ class LeafColumns:
     """A full node's plain leaves as a SNAPSHOT brings them (checked): ``names`` (the keys
     with a value first, then the tombstones) and their stamps in the same order, packed
     (``unpack_stamps``); ``as_dict()`` is the ``{key: stamp}`` of ``Store.export()``. A store
-    installing a new node keeps them packed (``as_run``, see ``_store``'s runs): making a
-    128-bit int and a dict entry per leaf was most of a joiner's work."""
+    installing a new node keeps them packed (``as_run``, see ``_store``'s runs), and the
+    node's values dict that came with them as it is (made by ``parse_snapshot_items`` for
+    this one merge): making a 128-bit int and a dict entry per leaf was most of a joiner's
+    work."""
 
     __slots__ = ("names", "origins", "packed", "valued", "lowest", "newest")
 
