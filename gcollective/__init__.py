@@ -54,7 +54,7 @@ __all__ = [
     "ProtocolError",
 ]
 
-__version__ = "0.4.1"
+__version__ = "0.4.2"
 
 
 class Operation(enum.IntEnum):
