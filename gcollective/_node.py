@@ -110,8 +110,6 @@ __all__ = ["Collective", "Watch"]
 log = logging.getLogger("gcollective")
 
 _RECV_SIZE = 256 * 1024
-# A reader yields to the other greenlets after this many bytes read without a pause.
-_YIELD_BYTES = 64 * 1024
 # The first two bytes of a TLS record carrying a handshake (a ClientHello): how a node without
 # TLS recognises a peer that speaks it, to say so instead of "not JSON".
 _TLS_HANDSHAKE = b"\x16\x03"
@@ -1762,7 +1760,6 @@ class Collective(_Member):
         sent_bound = self._dispatch(messages[1:], frames, link, hello.node_id, sent_bound)
         del messages  # (see below: the GC would walk them for as long as we hold them)
         recv = sock.recv
-        unyielded = 0
         while True:
             try:
                 data = recv(_RECV_SIZE)
@@ -1791,13 +1788,7 @@ class Collective(_Member):
             finally:
                 if collecting:
                     gc.enable()
-            # Fairness: one busy peer must not starve the others (nor our writers). A read
-            # that had to wait let them run already; a switch after every small read was a
-            # few % of a member's time at 10k sets/s, so yield once per _YIELD_BYTES read.
-            unyielded += len(data)
-            if unyielded >= _YIELD_BYTES:
-                unyielded = 0
-                gevent.sleep(0)
+            gevent.sleep(0)  # fairness: one busy peer must not starve the others
 
     def _answer_status(self, sock: Any, peer: str, handshake: AcceptorHandshake | None) -> None:
         """Reply to a status query (``python -m gcollective status``) with ``stats()``: one
