@@ -1014,7 +1014,6 @@ class Collective(_Member):
         self._outbox: list[Any] = []
         self._out_special: list[tuple[int, int, int]] = []
         self._flushed_at = 0.0  # when the outbox was last encoded and queued
-        self._flush_timer: Any = None  # the event loop's timer of a coalesced flush
         self._way_wanted: str | None = None  # the parent of the last key set (see ``set``)
         self._way_skips = 0  # sets to make before looking for a loop again (see ``set``)
         self._progress = Progress()
@@ -1462,10 +1461,9 @@ class Collective(_Member):
         loop = gevent.get_hub().loop
         if wait > 0:
             # A timer of the event loop, not a greenlet: spawning one per flush cost more
-            # than the flush. (Replacing an earlier timer that is still pending drops
-            # nothing: the outbox it was for went out since, or goes out with this one.)
-            self._flush_timer = timer = loop.timer(wait)
-            timer.start(self._flush_outbox)
+            # than the flush. (The loop holds it until it fires; one that fires after its
+            # outbox went out finds it empty.)
+            loop.timer(wait).start(self._flush_outbox)
         else:
             loop.run_callback(self._flush_outbox)
 

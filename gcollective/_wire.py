@@ -238,8 +238,7 @@ def _leaves_as_columns(node: list[Any]) -> list[Any]:
     keys = list(values)
     if len(keys) != len(leaves):
         keys += [key for key in leaves if key not in values]  # tombstones last
-        stamps = list(map(leaves.__getitem__, keys))
-    elif keys == list(leaves):  # (the usual order: compared by identity first, in C)
+    if keys == list(leaves):  # (the usual order: compared by identity first, in C)
         stamps = list(leaves.values())
     else:
         stamps = list(map(leaves.__getitem__, keys))
@@ -759,17 +758,17 @@ def _leaves_from_columns(columns: Any, values: Any) -> tuple[LeafColumns, dict[s
         or len(set(origins)) != count
     ):
         raise ProtocolError("SNAPSHOT entry has bad leaf origins")
-    high = max(packed)
-    if min(packed) < (0 if count else 1) or high >= (_MAX_HLC * count if count else _MAX_STAMP):
+    low, high = min(packed), max(packed)
+    if low < (0 if count else 1) or high >= (_MAX_HLC * count if count else _MAX_STAMP):
         raise ProtocolError("SNAPSHOT entry has a bad stamp")
     if count == 1:
-        lowest = min(packed) << 64 | origins[0]
+        lowest = low << 64 | origins[0]
         newest = high << 64 | origins[0]
     elif count:
-        lowest = (min(packed) // count) << 64  # (below the real lowest: no origin is 0)
+        lowest = (low // count) << 64  # (below the real lowest: no origin is 0)
         newest = max(unpack_stamps(packed, origins))
     else:
-        lowest = min(packed)
+        lowest = low
         newest = high
     valued = dict(zip(keys, values))
     tombstones = keys[len(values) :]
