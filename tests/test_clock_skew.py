@@ -276,3 +276,10 @@ def test_a_member_beyond_clock_skew_is_refused_until_its_clock_is_fixed(skewed):
     )
     wrong.call("set", key="late.y", value=2)
     everywhere(nodes, "late", {"x": 1, "y": 2})
+
+
+@pytest.mark.parametrize("skew", [float("inf"), 400 * 24 * 3600.0])
+def test_clock_skew_is_bounded(skew):
+    """At most a year: a receiver must refuse stamps long before the wire's limit."""
+    with pytest.raises(ValueError, match="clock_skew"):
+        Collective(f"127.0.0.1:{free_port()}", [], clock_skew=skew)
