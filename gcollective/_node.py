@@ -1666,8 +1666,11 @@ class Collective(_Member):
         warned.add(exc.peer_id)
         log.warning("connection from %s refused: %s (repeats are logged at debug level)", peer, exc)
 
-    def _check_clock(self, stamp: int, what: str, link: _PeerLink | None, peer_id: int) -> None:
-        """Refuse a frame with a stamp more than ``clock_skew`` ahead of our wall clock.
+    def _check_clock(
+        self, stamp: int, what: str, link: _PeerLink | None, peer_id: int, origin: int = 0
+    ) -> None:
+        """Refuse a frame with a stamp more than ``clock_skew`` ahead of our wall clock
+        (``what`` names the frame, ``origin`` the maker of the operations it relays).
 
         Observing it would drag this node's clock (and, through its stamps, everyone's) ahead
         for good: ttls would fire late by as much and the metadata sweep would stall, and a
@@ -1684,6 +1687,8 @@ class Collective(_Member):
             # declared down after ``down_timeout``, like a silent one.
             link.last_heard = link.last_report
         name = link.name if link is not None else "?"
+        if origin and origin != peer_id:
+            what = f"{what} (operations of {origin:x})"
         raise _ClockSkew(
             f"member {name} (id {peer_id:x}) sent {what} stamped {lead:,.3f}s ahead of this "
             f"node's clock, more than clock_skew ({self.clock_skew:g}s): nothing of it is "
@@ -1699,8 +1704,8 @@ class Collective(_Member):
         if lag > self.clock_skew:
             log.warning(
                 "peer %s: its clock is %.3fs behind this node's, more than clock_skew (%gs): "
-                "if this node's clock is the wrong one, members refuse its operations until "
-                "it is fixed (check both members' clocks, e.g. NTP)",
+                "if this node's clock is the wrong one, the peer refuses this node's "
+                "operations until it is fixed (check both members' clocks, e.g. NTP)",
                 link.name,
                 lag,
                 self.clock_skew,
@@ -1952,8 +1957,7 @@ class Collective(_Member):
     ) -> None:
         """Apply a received OPS frame (checked whole first), skipping repeats, and log it."""
         origin, first, stamps, ops, paths, values, ttls, parent = parse_ops(message)
-        what = "an OPS frame" if origin == peer_id else f"an OPS frame (operations of {origin:x})"
-        self._check_clock(stamps.last, what, link, peer_id)
+        self._check_clock(stamps.last, "an OPS frame", link, peer_id, origin)
         last = first + len(stamps) - 1
         progress = self._progress
         done = progress.applied.get(origin, 0)

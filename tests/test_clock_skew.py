@@ -22,7 +22,8 @@ from test_hostile import still_replicates
 from gcollective import Collective
 from gcollective._auth import explain_refusal
 from gcollective._clock import stamp_lead
-from gcollective._wire import encode_hello, encode_progress, parse_ops
+from gcollective._store import Store
+from gcollective._wire import encode_hello, encode_progress, encode_snapshot, parse_ops
 
 OPTIONS = {
     "sync_interval": 0.1,
@@ -140,6 +141,21 @@ def test_a_forged_stamp_is_refused_and_moves_no_clock(pair, caplog, case):
         )
     finally:
         joiner.stop(timeout=1)
+
+
+def test_a_forged_snapshot_stamp_is_refused(pair, caplog):
+    """The same rule for the stamps of a SNAPSHOT (a joiner's clock moves past its newest)."""
+    a, b = pair
+    holder = Store()
+    holder.apply((forged_hlcs()["2**64-1"] << 64) | FORGED, 0, ("forged",), "evil")
+    snapshot = json.loads(encode_snapshot(holder.export()))
+    with caplog.at_level(logging.WARNING, logger="gcollective"):
+        received = forged_conversation(a, [snapshot], free_port())
+    assert "clock_skew" in (refusal_reason(received) or "")
+    assert any("SNAPSHOT" in r.getMessage() for r in caplog.records)
+    assert a.stats()["clock_refusals"] == 1 and a.get("forged") is None
+    assert stamp_lead(a._clock.stamp(), time.time_ns()) < 1.0
+    still_replicates(b, a)
 
 
 def test_a_peer_clock_ahead_is_refused_and_one_behind_is_reported(pair, caplog):
