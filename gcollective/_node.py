@@ -1953,9 +1953,10 @@ class Collective(_Member):
         return sent_bound
 
     def _apply_ops(
-        self, message: list[Any], frame: bytes, link: _PeerLink | None, peer_id: int
+        self, message: list[Any], frame: bytes, link: _PeerLink | None = None, peer_id: int = 0
     ) -> None:
-        """Apply a received OPS frame (checked whole first), skipping repeats, and log it."""
+        """Apply a received OPS frame (checked whole first), skipping repeats, and log it
+        (``link`` and ``peer_id``: the connection's, for a refusal's log line)."""
         origin, first, stamps, ops, paths, values, ttls, parent = parse_ops(message)
         self._check_clock(stamps.last, "an OPS frame", link, peer_id, origin)
         last = first + len(stamps) - 1
