@@ -1580,7 +1580,7 @@ class Collective(_Member):
             deadline = time.monotonic() + self.handshake_timeout
             if self._server_tls is not None:
                 try:
-                    if not self._expect_tls(sock):
+                    if not self._expect_tls(sock, deadline):
                         return  # left without a word
                     remaining = max(0.001, deadline - time.monotonic())
                     conn = self._tls.accept_tls(sock, self._server_tls, remaining)
@@ -1625,11 +1625,11 @@ class Collective(_Member):
             host,
         )
 
-    def _expect_tls(self, sock: Any) -> bool:
-        """Wait for the first byte (within the handshake timeout) and refuse a peer that does
-        not open with TLS: a plain member gets a REFUSE line it can log, instead of an
-        OpenSSL "wrong version number" here and a reset there. False if the peer closed."""
-        sock.settimeout(self.handshake_timeout)
+    def _expect_tls(self, sock: Any, deadline: float) -> bool:
+        """Wait for the first byte (by ``deadline``) and refuse a peer that does not open
+        with TLS: a plain member gets a REFUSE line it can log, instead of an OpenSSL "wrong
+        version number" here and a reset there. False if the peer closed."""
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
         first = sock.recv(1, gsocket.MSG_PEEK)  # peek: the TLS handshake reads it again
         if not first:
             return False

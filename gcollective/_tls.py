@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import gevent
+from gevent import socket as gsocket
 from gevent import ssl as gssl
 
 from ._auth import AuthenticationError
@@ -102,7 +104,12 @@ def explain_tls_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _handshake(tls: Any) -> Any:
+def _handshake(tls: Any, timeout: float) -> Any:
+    # One deadline for the whole handshake: a socket timeout bounds each read only, so a
+    # peer dripping a byte now and then would keep the handshake (and a connection slot)
+    # forever.
+    deadline = gevent.Timeout(timeout, gsocket.timeout("TLS handshake timed out"))
+    deadline.start()
     try:
         tls.do_handshake()
     except SSLError as exc:
@@ -113,12 +120,15 @@ def _handshake(tls: Any) -> Any:
     except BaseException:
         tls.close()
         raise
+    finally:
+        deadline.close()
     return tls
 
 
 def accept_tls(sock: Any, context: Any, timeout: float) -> Any:
     """Run the server side of the TLS handshake on an accepted gevent socket, within
-    ``timeout`` seconds; returns the TLS socket (use it instead of ``sock`` from then on).
+    ``timeout`` seconds in all; returns the TLS socket (use it instead of ``sock`` from then
+    on).
 
     A peer without a certificate, or with one the CA did not sign, raises
     ``AuthenticationError`` (reason ``tls``); a timeout raises ``socket.timeout``. Either way
@@ -126,12 +136,12 @@ def accept_tls(sock: Any, context: Any, timeout: float) -> Any:
     """
     sock.settimeout(timeout)
     tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-    return _handshake(tls)
+    return _handshake(tls, timeout)
 
 
 def connect_tls(sock: Any, context: Any, server_hostname: str, timeout: float) -> Any:
     """Run the client side of the TLS handshake on a dialed gevent socket, within
-    ``timeout`` seconds; returns the TLS socket. ``server_hostname`` is the dialed host (sent
+    ``timeout`` seconds in all; returns the TLS socket. ``server_hostname`` is the dialed host (sent
     as SNI when it is a name, and checked if the context has ``check_hostname``).
 
     An acceptor whose certificate does not verify raises ``AuthenticationError`` (reason
@@ -141,7 +151,7 @@ def connect_tls(sock: Any, context: Any, server_hostname: str, timeout: float) -
     tls = context.wrap_socket(
         sock, server_side=False, do_handshake_on_connect=False, server_hostname=server_hostname
     )
-    return _handshake(tls)
+    return _handshake(tls, timeout)
 
 
 def describe_peer(tls: Any) -> str:

@@ -1,0 +1,69 @@
+# The fixtures ``nodes`` and ``pki`` come from test_auth (pytest finds them imported here).
+# ruff: noqa: F401, F811
+"""Strangers and resource limits (issue 17): what someone who can reach a member's port, or a
+member misbehaving, must not be able to do. Members in this process under gevent, real
+sockets on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+
+import gevent
+import pytest
+from cluster import free_port, free_ports, wait_for
+from gevent import socket as gsocket
+from test_auth import FAST, logged, messages, nodes, pki, read_until_closed
+
+from gcollective import Collective
+
+
+@pytest.fixture(autouse=True)
+def capture_logs(caplog):
+    caplog.set_level(logging.DEBUG, logger="gcollective")
+
+
+def client_hello() -> bytes:
+    """The bytes of a real TLS ClientHello (made in memory, never sent anywhere)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+# -- 3. one deadline for TLS, authentication and HELLO ------------------------------------------
+
+
+def test_a_client_dripping_its_client_hello_is_closed_at_the_handshake_deadline(nodes, pki):
+    a = nodes(free_port(), handshake_timeout=1.0, **pki["a"])
+    hello = client_hello()
+    socks = [gsocket.create_connection(a.local) for _ in range(3)]
+    started = time.monotonic()
+    closed: dict[int, float] = {}
+
+    def drip(index: int, sock) -> None:
+        # One byte every 0.4 s: each read of the handshake gets its byte in time, so only a
+        # deadline over the whole handshake ends it.
+        try:
+            for byte in hello:
+                sock.sendall(bytes([byte]))
+                gevent.sleep(0.4)
+        except OSError:
+            pass
+        closed[index] = time.monotonic() - started
+
+    drippers = [gevent.spawn(drip, i, s) for i, s in enumerate(socks)]
+    try:
+        wait_for(lambda: len(closed) == len(socks), timeout=15)
+    finally:
+        gevent.killall(drippers)
+        for sock in socks:
+            sock.close()
+    assert max(closed.values()) < 4.0, closed
+    assert a.refused_connections == len(socks)
