@@ -87,6 +87,7 @@ from ._wire import (
     SNAPSHOT_REQUEST_FRAME,
     WANTS_SNAPSHOT,
     FrameDecoder,
+    Hello,
     encode_hello,
     encode_ops,
     encode_progress,
@@ -152,6 +153,47 @@ def backoff_delay(failures: int, low: float, high: float) -> float:
     return min(high, low * (2 ** min(failures, 20))) * random.uniform(0.5, 1.0)
 
 
+class RefusalLog:
+    """WARNING lines about refused connections, at most one per category (a fixed word,
+    never the text, which may echo what a stranger sent) every ``interval`` seconds; the rest
+    go to debug level and the next WARNING of that category says how many there were.
+    ``counts`` counts every refusal per category (for ``stats()``)."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self.counts: dict[str, int] = {}
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def warning(self, category: str, message: str, *args: Any) -> None:
+        """Log ``message % args`` for a refusal of ``category``, rate-limited."""
+        self.counts[category] = self.counts.get(category, 0) + 1
+        now = time.monotonic()
+        last = self._last.get(category)
+        if last is not None and now - last < self.interval:
+            self._quiet[category] = self._quiet.get(category, 0) + 1
+            log.debug(message, *args)
+            return
+        self._last[category] = now
+        quiet = self._quiet.pop(category, 0)
+        if quiet:
+            message += f" ({quiet} more refused as {category!r} since, logged at debug level)"
+        else:
+            message += f" (more refused as {category!r} within {self.interval:g}s: debug level)"
+        log.warning(message, *args)
+
+
+def _refusal(message: str, category: str) -> ProtocolError:
+    """A ``ProtocolError`` of ``category`` (see ``RefusalLog``)."""
+    error = ProtocolError(message)
+    error.category = category
+    return error
+
+
+def _handshake_timeout(what: str) -> ProtocolError:
+    return _refusal(f"no {what} within the handshake timeout", "handshake-timeout")
+
+
 def _recv_before(sock: Any, deadline: float, what: str) -> bytes:
     """One read of a connection still introducing itself, or ``ProtocolError`` once the
     handshake deadline (``time.monotonic()``) has passed without ``what``."""
@@ -162,7 +204,7 @@ def _recv_before(sock: Any, deadline: float, what: str) -> bytes:
             return sock.recv(4096)
         except gsocket.timeout:
             pass
-    raise ProtocolError(f"no {what} within the handshake timeout")
+    raise _handshake_timeout(what)
 
 
 def _register_fork_hook() -> None:
@@ -1034,7 +1076,7 @@ class Collective(_Member):
         self.received_ops = 0
         self.applied_ops = 0
         self.refused_connections = 0
-        self._refusals_logged: set[tuple[str, str]] = set()
+        self._refusals = RefusalLog()
         # Replaced, never changed in place, so a loop over it survives (un)watching; empty
         # means nobody watches, and then the data paths skip the watch code entirely.
         self._watches: list[Watch] = []
@@ -1188,6 +1230,7 @@ class Collective(_Member):
             "received_ops": self.received_ops,
             "applied_ops": self.applied_ops,
             "refused_connections": self.refused_connections,
+            "refusals": dict(self._refusals.counts),
             "origins": len(self._progress.applied),
             "gaps": self._progress.gaps(),
             "log_ops": len(self._log),
@@ -1585,15 +1628,15 @@ class Collective(_Member):
                     remaining = max(0.001, deadline - time.monotonic())
                     conn = self._tls.accept_tls(sock, self._server_tls, remaining)
                 except gsocket.timeout:
-                    raise ProtocolError("no TLS handshake within the handshake timeout") from None
+                    raise _handshake_timeout("TLS handshake") from None
             self._read_connection(conn, peer, deadline)
         except AuthenticationError as exc:
             self.refused_connections += 1
-            self._log_refusal(address[0], peer, exc)
+            self._refusals.warning(exc.reason, "connection from %s refused: %s", peer, exc)
             _send_quietly(conn, exc.reply)
         except ProtocolError as exc:
             self.refused_connections += 1
-            log.warning("connection from %s closed: %s", peer, exc)
+            self._refusals.warning(exc.category, "connection from %s closed: %s", peer, exc)
             _send_quietly(conn, getattr(exc, "reply", b""))
         except (OSError, gevent.Timeout) as exc:
             if self._tls is not None and isinstance(exc, self._tls.SSLError):
@@ -1606,24 +1649,6 @@ class Collective(_Member):
             if conn is not sock:
                 conn.close()
             sock.close()
-
-    def _log_refusal(self, host: str, peer: str, exc: AuthenticationError) -> None:
-        """One warning per address and reason: a misconfigured member retries forever, and a
-        line per attempt would bury the rest of the log (``refused_connections`` counts all)."""
-        key = (host, str(exc))
-        seen = self._refusals_logged
-        if key in seen:
-            log.debug("connection from %s refused: %s", peer, exc)
-            return
-        if len(seen) >= 1024:
-            seen.clear()  # bounded: a stranger's messages must not grow memory
-        seen.add(key)
-        log.warning(
-            "connection from %s refused: %s (repeats from %s are logged at debug level)",
-            peer,
-            exc,
-            host,
-        )
 
     def _expect_tls(self, sock: Any, deadline: float) -> bool:
         """Wait for the first byte (by ``deadline``) and refuse a peer that does not open
@@ -1695,26 +1720,20 @@ class Collective(_Member):
                 if opener is not None:
                     opener.close()
                 if decoder.buffered:
-                    raise ProtocolError("closed before completing HELLO")
+                    raise _refusal("closed before completing HELLO", "hello")
                 return
             if first and opener is None and self._tls is None:
                 _check_not_tls(data)
             first = False
-            messages = feed(data)
+            try:
+                messages = feed(data)
+            except ProtocolError as exc:
+                exc.category = "hello"
+                raise
         if is_status_request(messages[0]):
             self._answer_status(sock, peer, handshake)
             return
-        if opener is None:
-            # A peer with a secret opens with AUTH1: say that, not "not a HELLO".
-            check_no_auth(messages[0])
-        hello = parse_hello(messages[0])
-        if hello.node_id == self.node_id:
-            raise ProtocolError("connected to itself")
-        if hello.node_id in self._down_ids:
-            raise ProtocolError(
-                f"incarnation {hello.node_id:x} was declared down after {self.down_timeout:g}s "
-                "of silence; restart it to rejoin (its unsent writes are dropped)"
-            )
+        hello = self._check_hello(messages[0], authenticated=opener is not None)
         sock.settimeout(self.idle_timeout)
         origin = format_address((hello.host, hello.port))
         if opener is None and self._tls is None:
@@ -1762,7 +1781,7 @@ class Collective(_Member):
             try:
                 data = recv(_RECV_SIZE)
             except gsocket.timeout:
-                raise ProtocolError(f"silent for {self.idle_timeout:g}s") from None
+                raise _refusal(f"silent for {self.idle_timeout:g}s", "idle") from None
             if not data:
                 if opener is not None:
                     opener.close()  # raises if the stream stopped inside a record
@@ -1787,6 +1806,27 @@ class Collective(_Member):
                 if collecting:
                     gc.enable()
             gevent.sleep(0)  # fairness: one busy peer must not starve the others
+
+    def _check_hello(self, message: Any, authenticated: bool) -> Hello:
+        """The first frame of a connection as a HELLO this node accepts, or ``ProtocolError``
+        (category ``hello``, or ``AuthenticationError``)."""
+        if not authenticated:
+            # A peer with a secret opens with AUTH1: say that, not "not a HELLO".
+            check_no_auth(message)
+        try:
+            hello = parse_hello(message)
+        except ProtocolError as exc:
+            exc.category = "hello"
+            raise
+        if hello.node_id == self.node_id:
+            raise _refusal("connected to itself", "hello")
+        if hello.node_id in self._down_ids:
+            raise _refusal(
+                f"incarnation {hello.node_id:x} was declared down after {self.down_timeout:g}s "
+                "of silence; restart it to rejoin (its unsent writes are dropped)",
+                "down",
+            )
+        return hello
 
     def _answer_status(self, sock: Any, peer: str, handshake: AcceptorHandshake | None) -> None:
         """Reply to a status query (``python -m gcollective status``) with ``stats()``: one

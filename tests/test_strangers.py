@@ -67,3 +67,34 @@ def test_a_client_dripping_its_client_hello_is_closed_at_the_handshake_deadline(
             sock.close()
     assert max(closed.values()) < 4.0, closed
     assert a.refused_connections == len(socks)
+
+
+# -- 7. refusals are logged at most once per reason, and all counted ------------------------------
+
+
+def closed_by(node, payload: bytes) -> None:
+    """Connect, send ``payload`` (may be empty) and wait until ``node`` closes on us."""
+    sock = gsocket.create_connection(node.local)
+    try:
+        if payload:
+            sock.sendall(payload)
+        read_until_closed(sock, timeout=10)
+    finally:
+        sock.close()
+
+
+def test_refusals_are_rate_limited_per_reason_not_per_text(nodes, caplog):
+    a = nodes(free_port(), handshake_timeout=0.5)
+    strangers = 200
+    for version in range(100, 100 + strangers):  # each refusal's text differs
+        hello = f'["gcollective",{version},12345,"127.0.0.1",1,0]\n'.encode()
+        closed_by(a, hello)
+    silent = [gevent.spawn(closed_by, a, b"") for _ in range(20)]
+    gevent.joinall(silent, raise_error=True)
+    warnings = messages(caplog)
+    assert sum("protocol version" in m for m in warnings) == 1, warnings
+    assert sum("within the handshake timeout" in m for m in warnings) == 1, warnings
+    stats = a.stats()
+    assert stats["refused_connections"] == strangers + 20
+    assert stats["refusals"] == {"hello": strangers, "handshake-timeout": 20}
+    assert logged(caplog, "protocol version 299", level=logging.DEBUG)  # all still at debug
