@@ -79,6 +79,7 @@ from ._validate import (
     parse_members,
 )
 from ._wire import (
+    FRAME_KINDS,
     OPS,
     PROGRESS,
     SNAPSHOT,
@@ -111,6 +112,9 @@ __all__ = ["Collective", "Watch"]
 log = logging.getLogger("gcollective")
 
 _RECV_SIZE = 256 * 1024
+# The most a connection's first frame (HELLO, or a status query) may take: a stranger must not
+# make a node buffer and decode megabytes before it has even said who it is.
+_FIRST_FRAME_BYTES = 4096
 # The first two bytes of a TLS record carrying a handshake (a ClientHello): how a node without
 # TLS recognises a peer that speaks it, to say so instead of "not JSON".
 _TLS_HANDSHAKE = b"\x16\x03"
@@ -1692,7 +1696,7 @@ class Collective(_Member):
                 return handshake
 
     def _read_connection(self, sock: Any, peer: str, deadline: float | None = None) -> None:
-        decoder = FrameDecoder(self.max_frame)
+        decoder = FrameDecoder(self.max_frame, _FIRST_FRAME_BYTES, FRAME_KINDS)
         messages: list[Any] = []
         if deadline is None:
             deadline = time.monotonic() + self.handshake_timeout

@@ -98,3 +98,47 @@ def test_refusals_are_rate_limited_per_reason_not_per_text(nodes, caplog):
     assert stats["refused_connections"] == strangers + 20
     assert stats["refusals"] == {"hello": strangers, "handshake-timeout": 20}
     assert logged(caplog, "protocol version 299", level=logging.DEBUG)  # all still at debug
+
+
+# -- 4. a stranger's first frame is small; junk is refused before it is decoded -------------------
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def send_and_wait_closed(port: int, payload: bytes) -> None:
+    """Send ``payload`` (the node may close on us before the end) and wait until it closes."""
+    sock = gsocket.create_connection(("127.0.0.1", port))
+    try:
+        try:
+            sock.sendall(payload)
+        except OSError:
+            return
+        read_until_closed(sock, timeout=30)
+    finally:
+        sock.close()
+
+
+def test_memory_before_and_after_hello_is_bounded(cluster, capsys):
+    (member,) = cluster(1)
+    pid = member.proc.pid
+    junk = b"[" + b"[]," * (2 * 1024 * 1024) + b"[]]\n"  # 6 MB: about 28x that once decoded
+    base = peak_rss_mb(pid)
+    send_and_wait_closed(member.port, junk)  # as the first frame, before any HELLO
+    before_hello = peak_rss_mb(pid) - base
+    hello = f'["gcollective",4,{0x1234},"127.0.0.1",{free_port()},0]\n'.encode()
+    send_and_wait_closed(member.port, hello + junk)  # after a HELLO: not a known frame kind
+    after_hello = peak_rss_mb(pid) - base
+    with capsys.disabled():
+        print(f"\npeak RSS growth: {before_hello:.1f} MB before HELLO, {after_hello:.1f} MB in all")
+    assert before_hello < 4, before_hello  # refused after 4 KiB
+    assert after_hello < 3 * len(junk) / 1e6, after_hello  # buffered, never decoded
+    stats = member.call("stats")
+    assert stats["refused_connections"] == 2
+    assert member.summary()["leaves"] == 0
