@@ -133,6 +133,11 @@ _COALESCE_SECONDS = 0.001
 # before it looks for a loop under one parent again: scattered writes skip that look.
 _WAY_SKIPS = 8
 _INF = float("inf")
+# Links to addresses learnt from HELLOs (not configured): at most this many, each forgotten
+# after this many failed attempts in a row without a word from the member. A live member
+# holds a connection to us and reports every sync_interval, so it is never forgotten.
+MAX_ANNOUNCED_LINKS = 256
+ANNOUNCED_ATTEMPTS = 5
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
@@ -429,10 +434,13 @@ class _Writer:
 class _PeerLink(_Writer):
     """The outgoing side of one peer: pending frames and the writer greenlet that sends them."""
 
-    def __init__(self, node: Collective, address: tuple[str, int]) -> None:
+    def __init__(self, node: Collective, address: tuple[str, int], announced: bool = False) -> None:
         self.node = node
         self.address = address
         self.name = format_address(address)
+        # Learnt from a HELLO, not configured: forgotten if it never answers (see ``_run``).
+        self.announced = announced
+        self.unheard = 0  # attempts in a row that ended without a word from the member
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.pending_ops = 0  # own or relayed operations in ``pending`` (not catch-up)
@@ -443,6 +451,7 @@ class _PeerLink(_Writer):
         self.attempted = False  # one connection attempt finished (either way)
         self.requested_snapshot = False
         self.peer_id: int | None = None  # from the peer's HELLO on its link to us
+        self.reader: gevent.Greenlet | None = None  # the greenlet reading its connection
         # From the peer's latest PROGRESS (see Collective._gc_frontier).
         self.peer_vector: dict[int, int] = {}
         self.peer_promise: int | None = None
@@ -541,11 +550,14 @@ class _PeerLink(_Writer):
         while not node._stopping:
             self.state = "connecting"
             self._phase = "connect"
+            heard = self.last_heard
             try:
                 sock = gsocket.create_connection(self.address, timeout=node.connect_timeout)
             except OSError as exc:
                 self._failed(f"connect: {exc}")
                 failures += 1
+                if self._unanswered(heard):
+                    break
                 self._backoff(failures)
                 continue
             self._sock = sock
@@ -576,9 +588,25 @@ class _PeerLink(_Writer):
                     current.close()  # the TLS socket wrapping ``sock``
                 sock.close()
                 self.authenticated = self.tls = False
+            if self._unanswered(heard):
+                break
             if not node._stopping:
                 self._backoff(failures)
         self.state = "stopped"
+
+    def _unanswered(self, heard: float) -> bool:
+        """After an attempt that failed or ended (``heard``: ``last_heard`` before it): True,
+        and the link is forgotten, if it is an announced link whose last
+        ``ANNOUNCED_ATTEMPTS`` attempts all went by without a word from the member: an
+        address someone made up, or a member gone for good (one that comes back dials in and
+        announces itself again)."""
+        self.unheard = self.unheard + 1 if self.last_heard == heard else 0
+        if not self.announced or self.unheard < ANNOUNCED_ATTEMPTS or self.node._stopping:
+            return False
+        if time.monotonic() - self.last_heard < max(3 * self.node.sync_interval, 1.0):
+            return False
+        self.node._forget_link(self)
+        return True
 
     def _failed(self, reason: str, problem: str | None = None) -> None:
         node = self.node
@@ -1081,6 +1109,7 @@ class Collective(_Member):
         self.applied_ops = 0
         self.refused_connections = 0
         self._refusals = RefusalLog()
+        self._notices = RefusalLog()  # other warnings a stranger could repeat at will
         # Replaced, never changed in place, so a loop over it survives (un)watching; empty
         # means nobody watches, and then the data paths skip the watch code entirely.
         self._watches: list[Watch] = []
@@ -1188,12 +1217,27 @@ class Collective(_Member):
             link.enqueue(SNAPSHOT_REQUEST_FRAME)
             return
 
-    def _add_link(self, address: tuple[str, int]) -> _PeerLink:
+    def _add_link(self, address: tuple[str, int], announced: bool = False) -> _PeerLink:
         link = self._links.get(address)
         if link is None:
-            link = self._links[address] = _PeerLink(self, address)
+            link = self._links[address] = _PeerLink(self, address, announced)
             link.start()
         return link
+
+    def _forget_link(self, link: _PeerLink) -> None:
+        """Stop dialling an announced address that never answers (its writer ends)."""
+        if self._links.get(link.address) is link:
+            del self._links[link.address]
+        if self._snapshot_link is link:
+            self._snapshot_link = None
+            self._request_snapshot()
+        log.info(
+            "peer %s: forgotten after %d attempts without hearing from it (it was only "
+            "announced; it is dialled again if it connects)",
+            link.name,
+            ANNOUNCED_ATTEMPTS,
+        )
+        self._check_ready()
 
     # -- observing ------------------------------------------------------------------------
 
@@ -1755,10 +1799,7 @@ class Collective(_Member):
                 peer,
                 "; ".join(security),
             )
-        link = self._links.get((hello.host, hello.port))
-        if link is None and not self._stopping:
-            log.info("peer %s is new: connecting back", origin)
-            link = self._add_link((hello.host, hello.port))
+        link = self._link_for(hello, origin)
         if link is not None:
             if link.peer_id is not None and link.peer_id != hello.node_id:
                 # Our connection may still go to the old incarnation, whose kernel would take
@@ -1768,6 +1809,7 @@ class Collective(_Member):
                 link.snapshot_due = False
                 link.drop_connection()
             link.peer_id = hello.node_id
+            link.reader = gevent.getcurrent()
             link.reports = 0
             link.down = False
             link.last_heard = time.monotonic()
@@ -1831,6 +1873,53 @@ class Collective(_Member):
                 "down",
             )
         return hello
+
+    def _link_for(self, hello: Hello, origin: str) -> _PeerLink | None:
+        """The link to the member that sent ``hello`` (announcing ``origin``): a new one if
+        the address is new to us, ``None`` past the bound on announced links. Raises
+        ``ProtocolError`` (category ``identity``) for a HELLO that claims this node's own
+        address, or that of another member that is alive: two members must never share one
+        address, and a link is never handed from a live member to another."""
+        address = (hello.host, hello.port)
+        if address == self.local or address == self.advertise:
+            raise _refusal(
+                f"peer (id {hello.node_id:x}) announces this node's own address {origin}: "
+                "two members with one address? (not dialling it)",
+                "identity",
+            )
+        link = self._links.get(address)
+        if link is None:
+            if self._stopping:
+                return None
+            announced = sum(other.announced for other in self._links.values())
+            if announced >= MAX_ANNOUNCED_LINKS:
+                self._notices.warning(
+                    "announced-limit",
+                    "peer %s is new, but %d links to announced addresses exist already: "
+                    "not connecting back",
+                    origin,
+                    announced,
+                )
+                return None
+            log.info("peer %s is new: connecting back", origin)
+            return self._add_link(address, announced=True)
+        if link.peer_id is not None and link.peer_id != hello.node_id and self._is_live(link):
+            raise _refusal(
+                f"peer (id {hello.node_id:x}) claims the address {origin} of member "
+                f"{link.peer_id:x}, which is alive: two members with one address? (the link "
+                "stays with the member that had it)",
+                "identity",
+            )
+        return link
+
+    def _is_live(self, link: _PeerLink) -> bool:
+        """True while the member ``link`` knows is connected to us and reporting: its
+        connection is open and its PROGRESS came within a few ``sync_interval``."""
+        reader = link.reader
+        if reader is None or reader.dead:
+            return False
+        patience = max(3 * self.sync_interval, 1.0)
+        return time.monotonic() - link.last_heard < patience
 
     def _answer_status(self, sock: Any, peer: str, handshake: AcceptorHandshake | None) -> None:
         """Reply to a status query (``python -m gcollective status``) with ``stats()``: one

@@ -142,3 +142,57 @@ def test_memory_before_and_after_hello_is_bounded(cluster, capsys):
     stats = member.call("stats")
     assert stats["refused_connections"] == 2
     assert member.summary()["leaves"] == 0
+
+
+# -- 5. links to announced addresses --------------------------------------------------------------
+
+
+def announce(node, host: str, port: int, node_id: int) -> None:
+    """Connect to ``node``, send a HELLO announcing ``host:port``, and hang up."""
+    sock = gsocket.create_connection(node.local)
+    try:
+        sock.sendall(f'["gcollective",4,{node_id},"{host}",{port},0]\n'.encode())
+    finally:
+        sock.close()
+
+
+def dialled(node) -> set[str]:
+    return set(node.stats()["peers"])
+
+
+def test_announced_addresses_that_never_answer_are_forgotten_and_bounded(nodes, caplog):
+    MAX_ANNOUNCED_LINKS = 256  # gcollective._node.MAX_ANNOUNCED_LINKS (0.4.2 has none)
+    configured_port = free_port()  # configured, never up: dialled forever, as always
+    a = nodes(free_port(), [configured_port], start_timeout=0.5)
+    fakes = [free_port() for _ in range(MAX_ANNOUNCED_LINKS + 40)]
+    for index, port in enumerate(fakes):
+        announce(a, "127.0.0.1", port, 1000 + index)
+    wait_for(lambda: logged(caplog, "links to announced addresses exist already"))
+    assert len(dialled(a)) <= MAX_ANNOUNCED_LINKS + 1
+    # Own address: refused, never dialled.
+    announce(a, "127.0.0.1", a.local[1], 999)
+    wait_for(lambda: logged(caplog, "announces this node's own address"))
+    wait_for(lambda: dialled(a) == {f"127.0.0.1:{configured_port}"}, timeout=30)
+    assert logged(caplog, "forgotten after 5 attempts", level=logging.INFO)
+    # The configured peer is still dialled: its attempts go on.
+    attempts = a.stats()["peers"][f"127.0.0.1:{configured_port}"]["last_error_at"]
+    wait_for(lambda: a.stats()["peers"][f"127.0.0.1:{configured_port}"]["last_error_at"] > attempts)
+
+
+def test_a_member_only_announced_stays_linked_and_comes_back_after_a_restart(nodes):
+    a_port, c_port = free_ports(2)
+    a = nodes(a_port)
+    c = nodes(c_port, [a_port])  # a does not list c: it learns c from c's HELLO
+    c.set("from_c", 1)
+    a.set("from_a", 1)
+    wait_for(lambda: a.snapshot() == c.snapshot() == {"from_c": 1, "from_a": 1})
+    gevent.sleep(2.0)  # many sync intervals: a live announced member is never forgotten
+    assert dialled(a) == {f"127.0.0.1:{c_port}"}
+    c.stop(timeout=1)
+    wait_for(lambda: dialled(a) == set(), timeout=30)  # gone: forgotten
+    again = nodes(c_port, [a_port])  # a new incarnation on the same address dials in again
+    a.set("later", 2)
+    wait_for(lambda: again.get("later") == 2 and again.get("from_a") == 1)
+    again.set("from_again", 3)
+    wait_for(lambda: a.get("from_again") == 3)
+    assert dialled(a) == {f"127.0.0.1:{c_port}"}
