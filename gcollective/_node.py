@@ -36,7 +36,7 @@ import time
 import weakref
 from itertools import repeat
 from operator import rshift
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import gevent
 from gevent import socket as gsocket
@@ -1108,6 +1108,7 @@ class Collective(_Member):
         self.received_ops = 0
         self.applied_ops = 0
         self.refused_connections = 0
+        self.sequence_clashes = 0  # see _sequence_clash
         self._refusals = RefusalLog()
         self._notices = RefusalLog()  # other warnings a stranger could repeat at will
         # Replaced, never changed in place, so a loop over it survives (un)watching; empty
@@ -1279,6 +1280,7 @@ class Collective(_Member):
             "applied_ops": self.applied_ops,
             "refused_connections": self.refused_connections,
             "refusals": dict(self._refusals.counts),
+            "sequence_clashes": self.sequence_clashes,
             "origins": len(self._progress.applied),
             "gaps": self._progress.gaps(),
             "log_ops": len(self._log),
@@ -2001,6 +2003,15 @@ class Collective(_Member):
         progress = self._progress
         done = progress.applied.get(origin, 0)
         self.received_ops += len(stamps)
+        if first <= done and self._sequence_clash(origin, first, last, done, stamps):
+            # Two senders numbered different operations alike for one origin (a forger, or
+            # two processes with one id): apply the repeats too, rather than drop one
+            # sender's writes for good (the store skips any it holds already, by stamp).
+            paths = full_paths(parent, paths)
+            parent = ""  # the paths are full now
+            repeats = zip(stamps, ops, paths, values, ttls or repeat(0))
+            for _, (stamp, op, path, value, ttl_ms) in zip(range(first, done + 1), repeats):
+                self._apply_received(stamp, op, path, value, ttl_ms, origin)
         if last <= done:
             return  # all repeats (relayed, or also in a snapshot)
         if ttls is None:
@@ -2032,6 +2043,32 @@ class Collective(_Member):
         self.applied_ops += applied
         self._clock.observe(stamps[-1])
         self._log.add(origin, first, last, frame)  # without its newline: no copy
+
+    def _sequence_clash(
+        self, origin: int, first: int, last: int, done: int, stamps: Sequence[int]
+    ) -> bool:
+        """True, counted and logged, if operations ``first..last`` of ``origin`` (some of them
+        applied already: ``first <= done``) cannot be the ones applied under those numbers:
+        an origin's stamps grow with its numbers, and ``done``'s stamp is known."""
+        known = self._progress.stamps.get(origin)
+        if known is None:
+            return False
+        if last < done:
+            clash = stamps[-1] >= known
+        else:
+            clash = stamps[done - first] != known
+        if clash:
+            self.sequence_clashes += 1
+            self._notices.warning(
+                "sequence-clash",
+                "operations %d..%d of origin %x differ from those applied under the same "
+                "numbers: two senders claim that origin (a member forging another's "
+                "operations, or two processes with one id); applying both",
+                first,
+                last,
+                origin,
+            )
+        return clash
 
     def _apply_received(
         self, stamp: int, op: int, path: str | list[str], value: Any, ttl_ms: int, origin: int

@@ -15,9 +15,20 @@ import gevent
 import pytest
 from cluster import free_port, free_ports, wait_for
 from gevent import socket as gsocket
-from test_auth import FAST, logged, messages, nodes, pki, read_until_closed
+from test_auth import (
+    FAST,
+    SECRET,
+    authenticate,
+    logged,
+    messages,
+    nodes,
+    pair,
+    pki,
+    read_until_closed,
+)
 
 from gcollective import Collective
+from gcollective._wire import encode_hello, encode_ops
 
 
 @pytest.fixture(autouse=True)
@@ -196,3 +207,76 @@ def test_a_member_only_announced_stays_linked_and_comes_back_after_a_restart(nod
     again.set("from_again", 3)
     wait_for(lambda: a.get("from_again") == 3)
     assert dialled(a) == {f"127.0.0.1:{c_port}"}
+
+
+# -- 6. identity: an address or an origin claimed twice --------------------------------------------
+
+
+def impostor(node, secret: str, frames: bytes) -> None:
+    """Authenticate to ``node`` with the secret (a member, by the threat model) and send
+    ``frames`` (a HELLO first), then wait until the node closes or 1 s passes."""
+    sock, last, sealer = authenticate(node, secret)
+    try:
+        sock.sendall(last + sealer.seal(frames))
+        try:
+            read_until_closed(sock, timeout=1)
+        except gsocket.timeout:
+            pass
+    finally:
+        sock.close()
+
+
+def test_a_hello_claiming_a_live_members_address_takes_nothing_from_it(nodes, caplog):
+    a, b = pair(nodes, {"secret": SECRET}, {"secret": SECRET})
+    b_name = f"127.0.0.1:{b.local[1]}"
+    b.set("before", 1)
+    wait_for(lambda: a.get("before") == 1)
+    wait_for(lambda: a.stats()["peers"][b_name]["peer_id"] == f"{b.node_id:x}")
+    connects = b.stats()["peers"][f"127.0.0.1:{a.local[1]}"]["connects"]
+    claim = encode_hello(0xBAD, "127.0.0.1", b.local[1], 0)  # b's address, another id
+    impostor(a, SECRET, claim)  # refused at once (0.4.2 took the link over)
+    # The link still belongs to b: its PROGRESS counts, nothing was dropped or swapped.
+    assert a.stats()["peers"][b_name]["peer_id"] == f"{b.node_id:x}"
+    assert b.stats()["peers"][f"127.0.0.1:{a.local[1]}"]["connects"] == connects
+    assert logged(caplog, "claims the address", "which is alive")
+    assert a.stats()["refusals"].get("identity") == 1
+    a.set("after", 2)
+    b.set("from_b", 3)
+    wait_for(lambda: a.snapshot() == b.snapshot() == {"before": 1, "after": 2, "from_b": 3})
+
+
+def test_operations_forged_in_a_members_name_do_not_drop_its_real_writes(nodes, caplog):
+    a, b = pair(nodes, {"secret": SECRET}, {"secret": SECRET})
+    b.set("real.0", 0)
+    wait_for(lambda: a.get("real.0") == 0)
+    next_seq = b.stats()["local_ops"] + 1
+    hlc = int(time.time() * 1000) << 16
+    forged = encode_ops(b.node_id, next_seq, [hlc, hlc + 1], [0, 0], ["forged", "x"], [1, 2])
+    impostor(a, SECRET, encode_hello(0xF00, "127.0.0.1", free_port(), 0) + forged)
+    wait_for(lambda: a.get("forged") == 1)
+    for index in (1, 2, 3):  # the same numbers, then one more: one frame each
+        b.set(("real", str(index)), index)
+        gevent.sleep(0)
+    wait_for(lambda: a.get("real") == {"0": 0, "1": 1, "2": 2, "3": 3})
+    assert a.stats()["sequence_clashes"] >= 1
+    assert logged(caplog, "two senders claim that origin")
+
+
+def test_two_members_advertising_one_address_are_reported_and_never_swap(nodes, caplog):
+    a_port, c_port, twin_port = free_ports(3)
+    a = nodes(a_port)
+    c = nodes(c_port, [a_port])
+    c.set("from_c", 1)
+    wait_for(lambda: a.get("from_c") == 1)
+    c_name = f"127.0.0.1:{c_port}"
+    wait_for(lambda: a.stats()["peers"][c_name]["peer_id"] == f"{c.node_id:x}")
+    # A misconfigured twin announces c's address: refused while c is alive, again and again.
+    twin = nodes(twin_port, [a_port], start_timeout=0.5, advertise=c_name)
+    a_name = f"127.0.0.1:{a_port}"
+    wait_for(lambda: twin.stats()["peers"][a_name]["connects"] >= 3)
+    assert a.stats()["peers"][c_name]["peer_id"] == f"{c.node_id:x}"
+    assert a.stats()["refusals"]["identity"] >= 2
+    assert sum("claims the address" in m for m in messages(caplog)) == 1  # rate-limited
+    c.set("still_c", 2)
+    wait_for(lambda: a.get("still_c") == 2)
+    assert twin.snapshot() == {}
