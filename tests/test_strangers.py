@@ -280,3 +280,38 @@ def test_two_members_advertising_one_address_are_reported_and_never_swap(nodes, 
     c.set("still_c", 2)
     wait_for(lambda: a.get("still_c") == 2)
     assert twin.snapshot() == {}
+
+
+# -- 8. collective.js mode ----------------------------------------------------------------------
+
+
+def test_collective_js_mode_warns_beyond_loopback_and_closes_silent_strangers(caplog):
+    port, other = free_ports(2)
+    node = Collective(
+        f"0.0.0.0:{port}", [f"127.0.0.1:{other}"], protocol="collective.js", handshake_timeout=0.5
+    )
+    node.start(timeout=0.5)
+    try:
+        assert logged(caplog, "in collective.js mode, which has no authentication")
+        # A stranger's host (127.0.0.2 is no member's) must speak within the timeout.
+        stranger = gsocket.socket()
+        stranger.bind(("127.0.0.2", 0))
+        stranger.connect(("127.0.0.1", port))
+        # A member's host (127.0.0.1) may stay silent: collective.js members do.
+        member = gsocket.create_connection(("127.0.0.1", port))
+        started = time.monotonic()
+        try:
+            assert read_until_closed(stranger, timeout=5) == b""
+            assert time.monotonic() - started < 3
+            wait_for(lambda: logged(caplog, "no message within the handshake timeout"))
+            member.settimeout(0.5)
+            with pytest.raises(gsocket.timeout):
+                member.recv(1)  # still open
+            member.sendall(b'[2,["k",1,"v",0]]\n')
+            wait_for(lambda: node.get("k") == "v")
+        finally:
+            stranger.close()
+            member.close()
+        assert node.refused_connections == 1
+    finally:
+        node.stop(timeout=1)
