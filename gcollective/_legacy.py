@@ -371,6 +371,7 @@ _NATIVE_ONLY_OPTIONS = frozenset(
         "log_bytes",
         "sync_interval",
         "idle_timeout",
+        "check_hostname",  # only False gets here (Collective refuses True in this mode)
         "down_timeout",
         "clock_skew",
     }
@@ -592,8 +593,8 @@ class LegacyCollective(_node._Member):
         handshake_timeout: seconds a connection from a host that is not a member's has to
             send its first line (5); connections from members' hosts may stay silent, as
             collective.js members' connections do until they have something to send.
-        log_bytes, sync_interval, idle_timeout, down_timeout, clock_skew: accepted and
-            ignored, so that the native options work unchanged in this mode.
+        log_bytes, sync_interval, idle_timeout, down_timeout, clock_skew, check_hostname:
+            accepted and ignored, so that the native options work unchanged in this mode.
     """
 
     _links: dict[tuple[str, int], _Link]
@@ -620,6 +621,8 @@ class LegacyCollective(_node._Member):
         unknown = set(native_only) - _NATIVE_ONLY_OPTIONS
         if unknown:
             raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
+        if native_only.get("check_hostname"):
+            raise ValueError("check_hostname: protocol 'collective.js' has no TLS")
         super().__init__(
             local,
             peers,

@@ -47,14 +47,13 @@ from gevent.server import StreamServer
 
 from . import SNAPSHOT_ORIGIN, Operation, _store
 from ._auth import (
-    MIN_SECRET_BYTES,
     AcceptorHandshake,
     DialerHandshake,
     Sealer,
     check_no_auth,
     encode_refusal,
     explain_refusal,
-    secret_is_weak,
+    secret_weakness,
 )
 from ._clock import (
     NODE_BITS,
@@ -993,6 +992,9 @@ class Collective(_Member):
             too) and the collective's own CA. Both ends verify the other's certificate
             against ``cafile``, so every certificate that CA signs is a member. Combine with
             ``secret`` to require both.
+        check_hostname: with TLS, a dialer also requires the acceptor's certificate to name
+            the host it dialed (as a DNS name or IP address in its subjectAltName); off by
+            default, since membership is what the CA vouches for (False).
     """
 
     _links: dict[tuple[str, int], _PeerLink]
@@ -1001,8 +1003,8 @@ class Collective(_Member):
         if protocol == "collective.js":
             secured = [
                 name
-                for name in ("secret", "certfile", "keyfile", "cafile")
-                if options.get(name) is not None
+                for name in ("secret", "certfile", "keyfile", "cafile", "check_hostname")
+                if options.get(name) not in (None, False)
             ]
             if secured:
                 # Fail closed: running unauthenticated when a secret was asked for would be
@@ -1042,6 +1044,7 @@ class Collective(_Member):
         certfile: str | os.PathLike[str] | None = None,
         keyfile: str | os.PathLike[str] | None = None,
         cafile: str | os.PathLike[str] | None = None,
+        check_hostname: bool = False,
     ) -> None:
         super().__init__(
             local,
@@ -1070,6 +1073,11 @@ class Collective(_Member):
         self.clock_skew = float(clock_skew)
         self._secret = _check_secret(secret)
         self._tls_files = _check_tls_files(certfile, keyfile, cafile)
+        if type(check_hostname) is not bool:
+            raise TypeError(f"check_hostname must be a bool, not {type(check_hostname).__name__}")
+        if check_hostname and self._tls_files is None:
+            raise ValueError("check_hostname needs TLS (certfile, keyfile and cafile)")
+        self.check_hostname = check_hostname
         self._tls: Any = None  # the _tls module, imported by start() when TLS is configured
         self._server_tls: Any = None  # ssl contexts, built by start()
         self._client_tls: Any = None
@@ -1134,7 +1142,7 @@ class Collective(_Member):
 
             files = self._tls_files
             self._server_tls = _tls.server_context(**files)
-            self._client_tls = _tls.client_context(**files)
+            self._client_tls = _tls.client_context(**files, check_hostname=self.check_hostname)
             self._tls = _tls
         self._start_serving()
         self._writable = True
@@ -1153,12 +1161,12 @@ class Collective(_Member):
 
     def _warn_if_exposed(self) -> None:
         """One warning at start for a configuration that leaves the data open."""
-        if self._secret is not None and secret_is_weak(self._secret):
+        weakness = None if self._secret is None else secret_weakness(self._secret)
+        if weakness is not None:
             log.warning(
-                "the secret is shorter than %d bytes: an attacker who records one handshake, "
-                "or just asks this node for one, can guess it offline; use a random one "
-                "(gcollective.generate_secret())",
-                MIN_SECRET_BYTES,
+                "%s: an attacker who records one handshake, or just asks this node for one, "
+                "can guess it offline; use a random one (gcollective.generate_secret())",
+                weakness,
             )
         if self._secret is None and self._tls is None:
             host = self._server.socket.getsockname()[0] if self._server is not None else ""

@@ -8,11 +8,14 @@ sockets on 127.0.0.1.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import ssl
 import time
 
 import gevent
 import pytest
+import trustme
 from cluster import free_port, free_ports, wait_for
 from gevent import socket as gsocket
 from test_auth import (
@@ -27,6 +30,7 @@ from test_auth import (
     read_until_closed,
 )
 
+import gcollective
 from gcollective import Collective
 from gcollective._wire import encode_hello, encode_ops
 
@@ -315,3 +319,64 @@ def test_collective_js_mode_warns_beyond_loopback_and_closes_silent_strangers(ca
         assert node.refused_connections == 1
     finally:
         node.stop(timeout=1)
+
+
+# -- 9. small ones: the secret in a repr, check_hostname, passphrases ----------------------------
+
+
+def test_the_gunicorn_settings_never_show_the_secret():
+    from gcollective.gunicorn import settings_from_env
+
+    secret = gcollective.generate_secret()
+    settings = settings_from_env({"GCOLLECTIVE_SECRET": secret}, 2)
+    assert settings.secret == secret
+    assert secret not in repr(settings) and secret not in str(settings)
+
+
+def test_check_hostname_requires_the_certificate_to_name_the_dialled_host(nodes, caplog, tmp_path):
+    ca = trustme.CA()
+    cafile = str(tmp_path / "ca.pem")
+    ca.cert_pem.write_to_path(cafile)
+
+    def member(name: str, host: str) -> dict[str, str]:
+        cert = ca.issue_cert(host, common_name=name)
+        certfile = str(tmp_path / f"{name}.pem")
+        cert.private_key_and_cert_chain_pem.write_to_path(certfile)
+        return {"certfile": certfile, "cafile": cafile}
+
+    a_port, b_port, c_port = free_ports(3)
+    b = nodes(b_port, **member("b", "127.0.0.1"))  # named for the address it is dialled at
+    c = nodes(c_port, **member("c", "elsewhere.example"))  # the CA signed it, for another host
+    a = nodes(
+        a_port, [b_port, c_port], start_timeout=1, check_hostname=True, **member("a", "127.0.0.1")
+    )
+    a.set("checked", True)
+    wait_for(lambda: b.get("checked") is True)
+    wait_for(lambda: logged(caplog, f"127.0.0.1:{c_port}", "IP address mismatch"))
+    assert c.get("checked") is None
+    assert a.check_hostname is True
+    with pytest.raises(ValueError, match="check_hostname needs TLS"):
+        Collective(f"127.0.0.1:{free_port()}", check_hostname=True)
+    with pytest.raises(ValueError, match="check_hostname"):
+        Collective(f"127.0.0.1:{free_port()}", protocol="collective.js", check_hostname=True)
+
+
+@pytest.mark.parametrize(
+    "secret, warning",
+    [
+        ("correct horse battery staple", "looks like a passphrase"),
+        ("mycollectivepassword2024!", "looks like a password"),  # 25 printable characters
+        ("hunter2", "shorter than 16 bytes"),
+        ("a" * 40, "very few distinct characters"),
+    ],
+)
+def test_a_secret_that_looks_typed_is_warned_about(nodes, caplog, secret, warning):
+    nodes(free_port(), secret=secret)
+    assert logged(caplog, warning, "guess it offline")
+    assert secret not in "\n".join(messages(caplog, logging.DEBUG))
+
+
+def test_generated_secrets_are_not_warned_about(nodes, caplog):
+    for secret in (gcollective.generate_secret(), os.urandom(16), secrets.token_hex(16)):
+        nodes(free_port(), secret=secret)
+    assert not logged(caplog, "guess it offline")
