@@ -74,9 +74,11 @@ the collective.
 certificate without the secret, is not enough. Confidentiality comes from TLS.
 
 In every mode a member is fully trusted: there is no per-member authorization, and any member
-can change or delete anything. Whatever the mode, nothing received is unpickled, evaluated or
-imported: values are JSON only, and the limits on frame size, connections and handshake time
-apply before authentication.
+can change or delete anything, including by sending operations in another member's name
+(members are known by the address and id they announce; the node notices two senders
+numbering one origin's operations alike, logs it and applies both). Whatever the mode,
+nothing received is unpickled, evaluated or imported: values are JSON only, and the limits on
+frame size, connections and handshake time apply before authentication.
 """
 
 from __future__ import annotations

@@ -664,10 +664,11 @@ class LegacyCollective(_node._Member):
         """
         if self._started:
             raise RuntimeError("this LegacyCollective was already started; create a new one")
+        # Members' hosts are known before anything is accepted (see _first_line_deadline).
+        for host in {self.local[0], self.advertise[0], *(peer[0] for peer in self.peers)}:
+            self._note_member_host(host)
         self._start_serving()
         self._warn_if_exposed()
-        self._note_member_host(self.local[0])
-        self._note_member_host(self.advertise[0])
         deadline = time.monotonic() + timeout
         for address in self.peers:
             self._add_link(address, new_flag=False)
@@ -707,7 +708,8 @@ class LegacyCollective(_node._Member):
     def _add_link(self, address: tuple[str, int], new_flag: bool | None) -> _Link:
         link = self._links.get(address)
         if link is None:
-            self._note_member_host(address[0])
+            if address[0] not in self._member_hosts:
+                self._note_member_host(address[0])
             link = self._links[address] = _Link(self, address, new_flag)
             link.start()
         return link
