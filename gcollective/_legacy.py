@@ -792,6 +792,7 @@ class LegacyCollective(_node._Member):
             "skipped_frames": self.skipped_messages,
             "accepts_applied": self.accepts_applied,
             "refused_connections": self.refused_connections,
+            "refusals": dict(self._refusals.counts),
             "peers": peers,
         }
 
