@@ -993,8 +993,10 @@ class Collective(_Member):
             against ``cafile``, so every certificate that CA signs is a member. Combine with
             ``secret`` to require both.
         check_hostname: with TLS, a dialer also requires the acceptor's certificate to name
-            the host it dialed (as a DNS name or IP address in its subjectAltName); off by
-            default, since membership is what the CA vouches for (False).
+            the host it dialed, and an acceptor requires the dialer's certificate to name the
+            host its HELLO announces (as a DNS name or IP address in its subjectAltName), so
+            a member cannot claim another's address; off by default, since membership is
+            what the CA vouches for (False).
     """
 
     _links: dict[tuple[str, int], _PeerLink]
@@ -1792,6 +1794,12 @@ class Collective(_Member):
             self._answer_status(sock, peer, handshake)
             return
         hello = self._check_hello(messages[0], authenticated=opener is not None)
+        if self.check_hostname and not self._tls.names_host(sock, hello.host):
+            raise _refusal(
+                f"peer's certificate ({self._tls.describe_peer(sock)}) does not name the host "
+                f"{hello.host} its HELLO announces (check_hostname)",
+                "identity",
+            )
         sock.settimeout(self.idle_timeout)
         origin = format_address((hello.host, hello.port))
         if opener is None and self._tls is None:

@@ -17,6 +17,7 @@ words it), or as a reset on a later send. The acceptor's ``accept_tls`` always r
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "connect_tls",
     "describe_peer",
     "explain_tls_error",
+    "names_host",
 ]
 
 SSLError = gssl.SSLError
@@ -165,3 +167,36 @@ def describe_peer(tls: Any) -> str:
     for kind, value in cert.get("subjectAltName", ()):
         parts.append(f"{kind}:{value}")
     return ", ".join(parts) or "no certificate"
+
+
+def _dns_name_matches(pattern: str, host: str) -> bool:
+    """RFC 6125 in short: equal ignoring case, or ``*.rest`` matching one leftmost label."""
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern == host:
+        return True
+    if pattern.startswith("*.") and "." in host:
+        label, rest = host.split(".", 1)
+        return bool(label) and rest == pattern[2:]
+    return False
+
+
+def names_host(tls: Any, host: str) -> bool:
+    """True if the verified peer certificate of ``tls`` names ``host`` in its
+    subjectAltName (an IP address entry for an address, a DNS entry for a name): how an
+    acceptor with ``check_hostname`` binds the address a member announces to its
+    certificate, as a dialer does for the address it dials."""
+    cert = tls.getpeercert() or {}
+    try:
+        address: Any = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        address = None
+    for kind, value in cert.get("subjectAltName", ()):
+        if address is not None and kind == "IP Address":
+            try:
+                if ipaddress.ip_address(value.strip()) == address:
+                    return True
+            except ValueError:
+                continue
+        elif address is None and kind == "DNS" and _dns_name_matches(value, host):
+            return True
+    return False

@@ -346,14 +346,20 @@ def test_check_hostname_requires_the_certificate_to_name_the_dialled_host(nodes,
 
     a_port, b_port, c_port = free_ports(3)
     b = nodes(b_port, **member("b", "127.0.0.1"))  # named for the address it is dialled at
-    c = nodes(c_port, **member("c", "elsewhere.example"))  # the CA signed it, for another host
+    # The CA signed c's certificate, for another host: c is not dialled, nor heard when it
+    # dials and announces 127.0.0.1.
+    c = nodes(c_port, [a_port], start_timeout=0.5, **member("c", "elsewhere.example"))
     a = nodes(
         a_port, [b_port, c_port], start_timeout=1, check_hostname=True, **member("a", "127.0.0.1")
     )
     a.set("checked", True)
     wait_for(lambda: b.get("checked") is True)
     wait_for(lambda: logged(caplog, f"127.0.0.1:{c_port}", "IP address mismatch"))
-    assert c.get("checked") is None
+    c.set("from_c", 1)
+    b.set("from_b", 1)
+    wait_for(lambda: a.get("from_b") == 1)
+    wait_for(lambda: logged(caplog, "does not name the host 127.0.0.1 its HELLO announces"))
+    assert c.get("checked") is None and a.get("from_c") is None
     assert a.check_hostname is True
     with pytest.raises(ValueError, match="check_hostname needs TLS"):
         Collective(f"127.0.0.1:{free_port()}", check_hostname=True)
@@ -380,3 +386,13 @@ def test_generated_secrets_are_not_warned_about(nodes, caplog):
     for secret in (gcollective.generate_secret(), os.urandom(16), secrets.token_hex(16)):
         nodes(free_port(), secret=secret)
     assert not logged(caplog, "guess it offline")
+
+
+def test_certificate_name_matching():
+    from gcollective._tls import _dns_name_matches
+
+    assert _dns_name_matches("Member-1.Example.org.", "member-1.example.org")
+    assert _dns_name_matches("*.example.org", "member-1.example.org")
+    assert not _dns_name_matches("*.example.org", "a.b.example.org")
+    assert not _dns_name_matches("*.example.org", "example.org")
+    assert not _dns_name_matches("member-1.example.org", "member-2.example.org")
