@@ -162,10 +162,11 @@ def backoff_delay(failures: int, low: float, high: float) -> float:
 
 
 class RefusalLog:
-    """WARNING lines about refused connections, at most one per category (a fixed word,
-    never the text, which may echo what a stranger sent) every ``interval`` seconds; the rest
-    go to debug level and the next WARNING of that category says how many there were.
-    ``counts`` counts every refusal per category (for ``stats()``)."""
+    """WARNING lines that a stranger (or a misconfigured member) can cause at will, such as
+    refused connections: at most one per category (a fixed word, never the text, which may
+    echo what a stranger sent) every ``interval`` seconds; the rest go to debug level and the
+    next WARNING of that category says how many there were. ``counts`` counts every one per
+    category (``stats()`` shows the refusals')."""
 
     def __init__(self, interval: float = 60.0) -> None:
         self.interval = interval
@@ -185,9 +186,9 @@ class RefusalLog:
         self._last[category] = now
         quiet = self._quiet.pop(category, 0)
         if quiet:
-            message += f" ({quiet} more refused as {category!r} since, logged at debug level)"
+            message += f" ({quiet} more of these ({category}) since, at debug level)"
         else:
-            message += f" (more refused as {category!r} within {self.interval:g}s: debug level)"
+            message += f" (more of these ({category}) within {self.interval:g}s: debug level)"
         log.warning(message, *args)
 
 
@@ -2028,6 +2029,8 @@ class Collective(_Member):
             repeats = zip(stamps, ops, paths, values, ttls or repeat(0))
             for _, (stamp, op, path, value, ttl_ms) in zip(range(first, done + 1), repeats):
                 self._apply_received(stamp, op, path, value, ttl_ms, origin)
+            self._clock.observe(stamps[-1])
+            self._due_by(self._store.next_expiry)
         if last <= done:
             return  # all repeats (relayed, or also in a snapshot)
         if ttls is None:
