@@ -7,7 +7,9 @@ requires a client certificate, the dialing side checks the acceptor's. Every cer
 CA signs is a member, so ``cafile`` should hold a CA dedicated to the collective (not a public
 or company-wide one). Host names are not checked by default, because members are commonly
 addressed by IP and membership is what the CA vouches for; ``check_hostname=True`` makes a
-dialer also require that the acceptor's certificate names the address it dialed.
+dialer also require that the acceptor's certificate names the address it dialed (and the node
+makes an acceptor require that the dialer's certificate names the host its HELLO announces,
+with ``names_host``).
 
 With TLS 1.3 a client learns that the server rejected its certificate only when it next
 reads: ``connect_tls`` returns, and the refusal surfaces as an ``ssl.SSLError`` (an
@@ -143,8 +145,8 @@ def accept_tls(sock: Any, context: Any, timeout: float) -> Any:
 
 def connect_tls(sock: Any, context: Any, server_hostname: str, timeout: float) -> Any:
     """Run the client side of the TLS handshake on a dialed gevent socket, within
-    ``timeout`` seconds in all; returns the TLS socket. ``server_hostname`` is the dialed host (sent
-    as SNI when it is a name, and checked if the context has ``check_hostname``).
+    ``timeout`` seconds in all; returns the TLS socket. ``server_hostname`` is the dialed
+    host (sent as SNI when it is a name, and checked if the context has ``check_hostname``).
 
     An acceptor whose certificate does not verify raises ``AuthenticationError`` (reason
     ``tls``); the connection is then closed.
