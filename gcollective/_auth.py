@@ -74,9 +74,11 @@ the collective.
 certificate without the secret, is not enough. Confidentiality comes from TLS.
 
 In every mode a member is fully trusted: there is no per-member authorization, and any member
-can change or delete anything. Whatever the mode, nothing received is unpickled, evaluated or
-imported: values are JSON only, and the limits on frame size, connections and handshake time
-apply before authentication.
+can change or delete anything, including by sending operations in another member's name
+(members are known by the address and id they announce; the node notices two senders
+numbering one origin's operations alike, logs it and applies both). Whatever the mode,
+nothing received is unpickled, evaluated or imported: values are JSON only, and the limits on
+frame size, connections and handshake time apply before authentication.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ __all__ = [
     "encode_refusal",
     "generate_secret",
     "secret_is_weak",
+    "secret_weakness",
 ]
 
 AUTH_VERSION = 1
@@ -123,6 +126,10 @@ MAX_INFO = 256
 MAX_LINE = 4096
 #: Secrets shorter than this many bytes fall to offline guessing (see the threat model).
 MIN_SECRET_BYTES = 16
+#: Secrets of printable text shorter than this look typed, not generated (a hex secret of
+#: 128 bits has 32 characters).
+MIN_TEXT_SECRET_CHARS = 32
+_MIN_DISTINCT_CHARS = 8
 
 NONCE_SIZE = 32
 TAG_SIZE = 32
@@ -299,10 +306,36 @@ def generate_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
+def secret_weakness(secret: Secret) -> str | None:
+    """Why ``secret`` is open to offline guessing (a recorded or solicited handshake lets an
+    attacker test guesses), or ``None``: shorter than ``MIN_SECRET_BYTES``, or text that looks
+    chosen by a person (a passphrase) rather than made by a generator: printable ASCII with
+    whitespace, fewer than ``MIN_TEXT_SECRET_CHARS`` characters, or very few distinct ones.
+
+    Printable text carries at most 6.6 bits a character, and a phrase or password far less:
+    25 printable characters of one were guessed in 21 tries. ``generate_secret()`` gives 43
+    characters of base64 (256 bits); ``openssl rand -hex 32`` or ``-base64 32`` pass too.
+    """
+    data = _secret_bytes(secret)
+    if len(data) < MIN_SECRET_BYTES:
+        return f"the secret is shorter than {MIN_SECRET_BYTES} bytes"
+    if not all(32 <= byte < 127 for byte in data):
+        return None  # raw bytes, or non-ASCII text: not a typed passphrase
+    if b" " in data:
+        return "the secret looks like a passphrase (printable text with spaces)"
+    if len(data) < MIN_TEXT_SECRET_CHARS:
+        return (
+            f"the secret looks like a password (printable text shorter than "
+            f"{MIN_TEXT_SECRET_CHARS} characters)"
+        )
+    if len(set(data)) < _MIN_DISTINCT_CHARS:
+        return "the secret looks like a password (very few distinct characters)"
+    return None
+
+
 def secret_is_weak(secret: Secret) -> bool:
-    """True if ``secret`` is shorter than ``MIN_SECRET_BYTES``: worth a warning, since a
-    recorded or solicited handshake lets an attacker test guesses offline."""
-    return len(_secret_bytes(secret)) < MIN_SECRET_BYTES
+    """True if ``secret_weakness`` finds a reason to warn."""
+    return secret_weakness(secret) is not None
 
 
 def _encodable(text: str) -> bool:

@@ -29,7 +29,14 @@ class NotStartedError(GcollectiveError, RuntimeError):
 
 
 class ProtocolError(GcollectiveError):
-    """A peer sent bytes that break the wire protocol; its connection is closed."""
+    """A peer sent bytes that break the wire protocol; its connection is closed.
+
+    ``category`` is a fixed word saying what kind of refusal it is (``frame``, ``hello``,
+    ``handshake-timeout``, ...): logs are rate-limited per category, never per message, since
+    a message may echo what a stranger sent.
+    """
+
+    category = "frame"
 
 
 class AuthenticationError(ProtocolError):

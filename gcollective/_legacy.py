@@ -67,6 +67,7 @@ from ._store import MISSING, copy_value, is_number, read_path
 from ._validate import (
     Key,
     check_amount,
+    check_positive,
     clean_value,
     format_address,
     parse_address,
@@ -369,8 +370,8 @@ _NATIVE_ONLY_OPTIONS = frozenset(
     {
         "log_bytes",
         "sync_interval",
-        "handshake_timeout",
         "idle_timeout",
+        "check_hostname",  # only False gets here (Collective refuses True in this mode)
         "down_timeout",
         "clock_skew",
     }
@@ -589,7 +590,10 @@ class LegacyCollective(_node._Member):
         max_connections: incoming connections served at once (1024).
         advertise: the address sent in New, when members reach this node at another address
             than ``local`` (a proxy, NAT or container port); default ``local``.
-        log_bytes, sync_interval, handshake_timeout, idle_timeout, down_timeout, clock_skew:
+        handshake_timeout: seconds a connection from a host that is not a member's has to
+            send its first line (5); connections from members' hosts may stay silent, as
+            collective.js members' connections do until they have something to send.
+        log_bytes, sync_interval, idle_timeout, down_timeout, clock_skew, check_hostname:
             accepted and ignored, so that the native options work unchanged in this mode.
     """
 
@@ -609,6 +613,7 @@ class LegacyCollective(_node._Member):
         max_queue_bytes: int = 64 * 1024 * 1024,
         max_connections: int = 1024,
         advertise: Any = None,
+        handshake_timeout: float = 5.0,
         **native_only: Any,
     ) -> None:
         if protocol != PROTOCOL:
@@ -616,6 +621,8 @@ class LegacyCollective(_node._Member):
         unknown = set(native_only) - _NATIVE_ONLY_OPTIONS
         if unknown:
             raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
+        if native_only.get("check_hostname"):
+            raise ValueError("check_hostname: protocol 'collective.js' has no TLS")
         super().__init__(
             local,
             peers,
@@ -628,6 +635,8 @@ class LegacyCollective(_node._Member):
             max_queue_bytes=max_queue_bytes,
             max_connections=max_connections,
         )
+        check_positive(handshake_timeout=handshake_timeout)
+        self.handshake_timeout = float(handshake_timeout)
         self.protocol = PROTOCOL
         self._store = LegacyStore()
         self._attempted = Event()  # every member in ``peers`` was tried once
@@ -639,6 +648,8 @@ class LegacyCollective(_node._Member):
         self.skipped_messages = 0
         self.accepts_applied = 0
         self.refused_connections = 0
+        self._refusals = _node.RefusalLog()
+        self._member_hosts: set[str] = set()  # see _first_line_deadline
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -653,7 +664,11 @@ class LegacyCollective(_node._Member):
         """
         if self._started:
             raise RuntimeError("this LegacyCollective was already started; create a new one")
+        # Members' hosts are known before anything is accepted (see _first_line_deadline).
+        for host in {self.local[0], self.advertise[0], *(peer[0] for peer in self.peers)}:
+            self._note_member_host(host)
         self._start_serving()
+        self._warn_if_exposed()
         deadline = time.monotonic() + timeout
         for address in self.peers:
             self._add_link(address, new_flag=False)
@@ -666,6 +681,18 @@ class LegacyCollective(_node._Member):
                 "no Accept from %s within %.1fs; carrying on with the local data",
                 chosen,
                 timeout,
+            )
+
+    def _warn_if_exposed(self) -> None:
+        """One warning at start when listening beyond loopback: this mode cannot be secured."""
+        host = self._server.socket.getsockname()[0] if self._server is not None else ""
+        if not _node._is_loopback(host):
+            log.warning(
+                "listening on %s in collective.js mode, which has no authentication or "
+                "encryption: anyone who can reach this port can read and change all the data; "
+                "keep it on loopback or a trusted private network (or use protocol "
+                "'gcollective' with a secret)",
+                format_address(self.local),
             )
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -681,6 +708,8 @@ class LegacyCollective(_node._Member):
     def _add_link(self, address: tuple[str, int], new_flag: bool | None) -> _Link:
         link = self._links.get(address)
         if link is None:
+            if address[0] not in self._member_hosts:
+                self._note_member_host(address[0])
             link = self._links[address] = _Link(self, address, new_flag)
             link.start()
         return link
@@ -763,6 +792,7 @@ class LegacyCollective(_node._Member):
             "skipped_frames": self.skipped_messages,
             "accepts_applied": self.accepts_applied,
             "refused_connections": self.refused_connections,
+            "refusals": dict(self._refusals.counts),
             "peers": peers,
         }
 
@@ -853,22 +883,54 @@ class LegacyCollective(_node._Member):
         self._handlers.add(current)
         peer = f"{address[0]}:{address[1]}"
         try:
-            self._read_connection(sock, peer)
+            self._read_connection(sock, peer, self._first_line_deadline(address[0]))
         except MixedProtocolError as exc:
             self.refused_connections += 1
-            log.warning("refusing connection from %s: %s", peer, exc)
+            self._refusals.warning("protocol", "refusing connection from %s: %s", peer, exc)
         except ProtocolError as exc:
             self.refused_connections += 1
-            log.warning("connection from %s closed: %s", peer, exc)
+            self._refusals.warning(exc.category, "connection from %s closed: %s", peer, exc)
         except OSError as exc:
             log.info("connection from %s closed: %s", peer, exc or type(exc).__name__)
         finally:
             self._handlers.discard(current)
             sock.close()
 
-    def _read_connection(self, sock: Any, peer: str) -> None:
+    def _first_line_deadline(self, host: str) -> float | None:
+        """When a connection from ``host`` must have sent its first line: ``None`` (never)
+        from a member's host, whose connection may stay silent for as long as it has
+        nothing to say (a collective.js member starting up, a redial with nothing queued:
+        collective.js never reconnects, so cutting one would lose that member for good)."""
+        members = self._member_hosts
+        if host in members or host.split("%", 1)[0].removeprefix("::ffff:") in members:
+            return None
+        return time.monotonic() + self.handshake_timeout
+
+    def _note_member_host(self, host: str) -> None:
+        """Remember ``host`` as a member's, with the addresses it resolves to (a member
+        listed by name dials from its address)."""
+        self._member_hosts.add(host)
+        try:
+            infos = gsocket.getaddrinfo(host, None, 0, gsocket.SOCK_STREAM)
+        except OSError:
+            return  # unknown for now: its connections get the stranger's deadline
+        self._member_hosts.update(str(info[4][0]) for info in infos)
+
+    def _read_connection(self, sock: Any, peer: str, deadline: float | None = None) -> None:
         decoder = LineDecoder(self.max_frame)
         recv = sock.recv
+        while deadline is not None:
+            # A stranger's host: its first line within the handshake timeout.
+            data = _node._recv_before(sock, deadline, "message")
+            if not data:
+                return
+            self.received_bytes += len(data)
+            lines = decoder.feed(data)
+            if lines:
+                sock.settimeout(None)
+                deadline = None
+            for line in lines:
+                self._dispatch(line, peer)
         while True:
             data = recv(_RECV_SIZE)
             if not data:

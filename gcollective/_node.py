@@ -36,7 +36,7 @@ import time
 import weakref
 from itertools import repeat
 from operator import rshift
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import gevent
 from gevent import socket as gsocket
@@ -47,14 +47,13 @@ from gevent.server import StreamServer
 
 from . import SNAPSHOT_ORIGIN, Operation, _store
 from ._auth import (
-    MIN_SECRET_BYTES,
     AcceptorHandshake,
     DialerHandshake,
     Sealer,
     check_no_auth,
     encode_refusal,
     explain_refusal,
-    secret_is_weak,
+    secret_weakness,
 )
 from ._clock import (
     NODE_BITS,
@@ -80,6 +79,7 @@ from ._validate import (
     parse_members,
 )
 from ._wire import (
+    FRAME_KINDS,
     OPS,
     PROGRESS,
     SNAPSHOT,
@@ -88,6 +88,7 @@ from ._wire import (
     SNAPSHOT_REQUEST_FRAME,
     WANTS_SNAPSHOT,
     FrameDecoder,
+    Hello,
     encode_hello,
     encode_ops,
     encode_progress,
@@ -111,6 +112,9 @@ __all__ = ["Collective", "Watch"]
 log = logging.getLogger("gcollective")
 
 _RECV_SIZE = 256 * 1024
+# The most a connection's first frame (HELLO, or a status query) may take: a stranger must not
+# make a node buffer and decode megabytes before it has even said who it is.
+_FIRST_FRAME_BYTES = 4096
 # The first two bytes of a TLS record carrying a handshake (a ClientHello): how a node without
 # TLS recognises a peer that speaks it, to say so instead of "not JSON".
 _TLS_HANDSHAKE = b"\x16\x03"
@@ -145,6 +149,12 @@ class _ClockSkew(ProtocolError):
         self.peer_id = peer_id
 
 
+# Links to addresses learnt from HELLOs (not configured): at most this many, each forgotten
+# after this many failed attempts in a row without a word from the member. A live member
+# holds a connection to us and reports every sync_interval, so it is never forgotten.
+MAX_ANNOUNCED_LINKS = 256
+ANNOUNCED_ATTEMPTS = 5
+
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
 _fork_generation = 0
@@ -168,6 +178,48 @@ def backoff_delay(failures: int, low: float, high: float) -> float:
     return min(high, low * (2 ** min(failures, 20))) * random.uniform(0.5, 1.0)
 
 
+class RefusalLog:
+    """WARNING lines that a stranger (or a misconfigured member) can cause at will, such as
+    refused connections: at most one per category (a fixed word, never the text, which may
+    echo what a stranger sent) every ``interval`` seconds; the rest go to debug level and the
+    next WARNING of that category says how many there were. ``counts`` counts every one per
+    category (``stats()`` shows the refusals')."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self.counts: dict[str, int] = {}
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def warning(self, category: str, message: str, *args: Any) -> None:
+        """Log ``message % args`` for a refusal of ``category``, rate-limited."""
+        self.counts[category] = self.counts.get(category, 0) + 1
+        now = time.monotonic()
+        last = self._last.get(category)
+        if last is not None and now - last < self.interval:
+            self._quiet[category] = self._quiet.get(category, 0) + 1
+            log.debug(message, *args)
+            return
+        self._last[category] = now
+        quiet = self._quiet.pop(category, 0)
+        if quiet:
+            message += f" ({quiet} more of these ({category}) since, at debug level)"
+        else:
+            message += f" (more of these ({category}) within {self.interval:g}s: debug level)"
+        log.warning(message, *args)
+
+
+def _refusal(message: str, category: str) -> ProtocolError:
+    """A ``ProtocolError`` of ``category`` (see ``RefusalLog``)."""
+    error = ProtocolError(message)
+    error.category = category
+    return error
+
+
+def _handshake_timeout(what: str) -> ProtocolError:
+    return _refusal(f"no {what} within the handshake timeout", "handshake-timeout")
+
+
 def _recv_before(sock: Any, deadline: float, what: str) -> bytes:
     """One read of a connection still introducing itself, or ``ProtocolError`` once the
     handshake deadline (``time.monotonic()``) has passed without ``what``."""
@@ -178,7 +230,7 @@ def _recv_before(sock: Any, deadline: float, what: str) -> bytes:
             return sock.recv(4096)
         except gsocket.timeout:
             pass
-    raise ProtocolError(f"no {what} within the handshake timeout")
+    raise _handshake_timeout(what)
 
 
 def _register_fork_hook() -> None:
@@ -399,10 +451,13 @@ class _Writer:
 class _PeerLink(_Writer):
     """The outgoing side of one peer: pending frames and the writer greenlet that sends them."""
 
-    def __init__(self, node: Collective, address: tuple[str, int]) -> None:
+    def __init__(self, node: Collective, address: tuple[str, int], announced: bool = False) -> None:
         self.node = node
         self.address = address
         self.name = format_address(address)
+        # Learnt from a HELLO, not configured: forgotten if it never answers (see ``_run``).
+        self.announced = announced
+        self.unheard = 0  # attempts in a row that ended without a word from the member
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.pending_ops = 0  # own or relayed operations in ``pending`` (not catch-up)
@@ -413,6 +468,7 @@ class _PeerLink(_Writer):
         self.attempted = False  # one connection attempt finished (either way)
         self.requested_snapshot = False
         self.peer_id: int | None = None  # from the peer's HELLO on its link to us
+        self.reader: gevent.Greenlet | None = None  # the greenlet reading its connection
         # From the peer's latest PROGRESS (see Collective._gc_frontier).
         self.peer_vector: dict[int, int] = {}
         self.peer_promise: int | None = None
@@ -512,11 +568,14 @@ class _PeerLink(_Writer):
         while not node._stopping:
             self.state = "connecting"
             self._phase = "connect"
+            heard = self.last_heard
             try:
                 sock = gsocket.create_connection(self.address, timeout=node.connect_timeout)
             except OSError as exc:
                 self._failed(f"connect: {exc}")
                 failures += 1
+                if self._unanswered(heard):
+                    break
                 self._backoff(failures)
                 continue
             self._sock = sock
@@ -547,9 +606,25 @@ class _PeerLink(_Writer):
                     current.close()  # the TLS socket wrapping ``sock``
                 sock.close()
                 self.authenticated = self.tls = False
+            if self._unanswered(heard):
+                break
             if not node._stopping:
                 self._backoff(failures)
         self.state = "stopped"
+
+    def _unanswered(self, heard: float) -> bool:
+        """After an attempt that failed or ended (``heard``: ``last_heard`` before it): True,
+        and the link is forgotten, if it is an announced link whose last
+        ``ANNOUNCED_ATTEMPTS`` attempts all went by without a word from the member: an
+        address someone made up, or a member gone for good (one that comes back dials in and
+        announces itself again)."""
+        self.unheard = self.unheard + 1 if self.last_heard == heard else 0
+        if not self.announced or self.unheard < ANNOUNCED_ATTEMPTS or self.node._stopping:
+            return False
+        if time.monotonic() - self.last_heard < max(3 * self.node.sync_interval, 1.0):
+            return False
+        self.node._forget_link(self)
+        return True
 
     def _failed(self, reason: str, problem: str | None = None) -> None:
         node = self.node
@@ -938,6 +1013,11 @@ class Collective(_Member):
             too) and the collective's own CA. Both ends verify the other's certificate
             against ``cafile``, so every certificate that CA signs is a member. Combine with
             ``secret`` to require both.
+        check_hostname: with TLS, a dialer also requires the acceptor's certificate to name
+            the host it dialed, and an acceptor requires the dialer's certificate to name the
+            host its HELLO announces (as a DNS name or IP address in its subjectAltName), so
+            a member cannot claim another's address; off by default, since membership is
+            what the CA vouches for (False).
     """
 
     _links: dict[tuple[str, int], _PeerLink]
@@ -946,8 +1026,8 @@ class Collective(_Member):
         if protocol == "collective.js":
             secured = [
                 name
-                for name in ("secret", "certfile", "keyfile", "cafile")
-                if options.get(name) is not None
+                for name in ("secret", "certfile", "keyfile", "cafile", "check_hostname")
+                if options.get(name) not in (None, False)
             ]
             if secured:
                 # Fail closed: running unauthenticated when a secret was asked for would be
@@ -987,6 +1067,7 @@ class Collective(_Member):
         certfile: str | os.PathLike[str] | None = None,
         keyfile: str | os.PathLike[str] | None = None,
         cafile: str | os.PathLike[str] | None = None,
+        check_hostname: bool = False,
     ) -> None:
         super().__init__(
             local,
@@ -1017,6 +1098,11 @@ class Collective(_Member):
             raise ValueError(f"clock_skew must be at most {MAX_CLOCK_SKEW:g}, not {clock_skew!r}")
         self._secret = _check_secret(secret)
         self._tls_files = _check_tls_files(certfile, keyfile, cafile)
+        if type(check_hostname) is not bool:
+            raise TypeError(f"check_hostname must be a bool, not {type(check_hostname).__name__}")
+        if check_hostname and self._tls_files is None:
+            raise ValueError("check_hostname needs TLS (certfile, keyfile and cafile)")
+        self.check_hostname = check_hostname
         self._tls: Any = None  # the _tls module, imported by start() when TLS is configured
         self._server_tls: Any = None  # ssl contexts, built by start()
         self._client_tls: Any = None
@@ -1055,9 +1141,10 @@ class Collective(_Member):
         self.received_ops = 0
         self.applied_ops = 0
         self.refused_connections = 0
-        self._refusals_logged: set[tuple[str, str]] = set()
         self.clock_refusals = 0  # frames refused for a stamp beyond clock_skew
-        self._clock_warned: set[int] = set()  # peers whose clock refusal was logged
+        self.sequence_clashes = 0  # see _sequence_clash
+        self._refusals = RefusalLog()
+        self._notices = RefusalLog()  # other warnings a stranger could repeat at will
         # Replaced, never changed in place, so a loop over it survives (un)watching; empty
         # means nobody watches, and then the data paths skip the watch code entirely.
         self._watches: list[Watch] = []
@@ -1081,7 +1168,7 @@ class Collective(_Member):
 
             files = self._tls_files
             self._server_tls = _tls.server_context(**files)
-            self._client_tls = _tls.client_context(**files)
+            self._client_tls = _tls.client_context(**files, check_hostname=self.check_hostname)
             self._tls = _tls
         self._start_serving()
         self._writable = True
@@ -1100,12 +1187,12 @@ class Collective(_Member):
 
     def _warn_if_exposed(self) -> None:
         """One warning at start for a configuration that leaves the data open."""
-        if self._secret is not None and secret_is_weak(self._secret):
+        weakness = None if self._secret is None else secret_weakness(self._secret)
+        if weakness is not None:
             log.warning(
-                "the secret is shorter than %d bytes: an attacker who records one handshake, "
-                "or just asks this node for one, can guess it offline; use a random one "
-                "(gcollective.generate_secret())",
-                MIN_SECRET_BYTES,
+                "%s: an attacker who records one handshake, or just asks this node for one, "
+                "can guess it offline; use a random one (gcollective.generate_secret())",
+                weakness,
             )
         if self._secret is None and self._tls is None:
             host = self._server.socket.getsockname()[0] if self._server is not None else ""
@@ -1165,12 +1252,27 @@ class Collective(_Member):
             link.enqueue(SNAPSHOT_REQUEST_FRAME)
             return
 
-    def _add_link(self, address: tuple[str, int]) -> _PeerLink:
+    def _add_link(self, address: tuple[str, int], announced: bool = False) -> _PeerLink:
         link = self._links.get(address)
         if link is None:
-            link = self._links[address] = _PeerLink(self, address)
+            link = self._links[address] = _PeerLink(self, address, announced)
             link.start()
         return link
+
+    def _forget_link(self, link: _PeerLink) -> None:
+        """Stop dialling an announced address that never answers (its writer ends)."""
+        if self._links.get(link.address) is link:
+            del self._links[link.address]
+        if self._snapshot_link is link:
+            self._snapshot_link = None
+            self._request_snapshot()
+        log.info(
+            "peer %s: forgotten after %d attempts without hearing from it (it was only "
+            "announced; it is dialled again if it connects)",
+            link.name,
+            ANNOUNCED_ATTEMPTS,
+        )
+        self._check_ready()
 
     # -- observing ------------------------------------------------------------------------
 
@@ -1212,6 +1314,8 @@ class Collective(_Member):
             "applied_ops": self.applied_ops,
             "refused_connections": self.refused_connections,
             "clock_refusals": self.clock_refusals,
+            "refusals": dict(self._refusals.counts),
+            "sequence_clashes": self.sequence_clashes,
             "origins": len(self._progress.applied),
             "gaps": self._progress.gaps(),
             "log_ops": len(self._log),
@@ -1604,25 +1708,25 @@ class Collective(_Member):
             deadline = time.monotonic() + self.handshake_timeout
             if self._server_tls is not None:
                 try:
-                    if not self._expect_tls(sock):
+                    if not self._expect_tls(sock, deadline):
                         return  # left without a word
                     remaining = max(0.001, deadline - time.monotonic())
                     conn = self._tls.accept_tls(sock, self._server_tls, remaining)
                 except gsocket.timeout:
-                    raise ProtocolError("no TLS handshake within the handshake timeout") from None
+                    raise _handshake_timeout("TLS handshake") from None
             self._read_connection(conn, peer, deadline)
         except AuthenticationError as exc:
             self.refused_connections += 1
-            self._log_refusal(address[0], peer, exc)
+            self._refusals.warning(exc.reason, "connection from %s refused: %s", peer, exc)
             _send_quietly(conn, exc.reply)
         except _ClockSkew as exc:
             self.refused_connections += 1
             self.clock_refusals += 1
-            self._log_clock_refusal(peer, exc)
+            self._refusals.warning("clock-skew", "connection from %s refused: %s", peer, exc)
             _send_quietly(conn, exc.reply)
         except ProtocolError as exc:
             self.refused_connections += 1
-            log.warning("connection from %s closed: %s", peer, exc)
+            self._refusals.warning(exc.category, "connection from %s closed: %s", peer, exc)
             _send_quietly(conn, getattr(exc, "reply", b""))
         except (OSError, gevent.Timeout) as exc:
             if self._tls is not None and isinstance(exc, self._tls.SSLError):
@@ -1635,36 +1739,6 @@ class Collective(_Member):
             if conn is not sock:
                 conn.close()
             sock.close()
-
-    def _log_refusal(self, host: str, peer: str, exc: AuthenticationError) -> None:
-        """One warning per address and reason: a misconfigured member retries forever, and a
-        line per attempt would bury the rest of the log (``refused_connections`` counts all)."""
-        key = (host, str(exc))
-        seen = self._refusals_logged
-        if key in seen:
-            log.debug("connection from %s refused: %s", peer, exc)
-            return
-        if len(seen) >= 1024:
-            seen.clear()  # bounded: a stranger's messages must not grow memory
-        seen.add(key)
-        log.warning(
-            "connection from %s refused: %s (repeats from %s are logged at debug level)",
-            peer,
-            exc,
-            host,
-        )
-
-    def _log_clock_refusal(self, peer: str, exc: _ClockSkew) -> None:
-        """One warning per member until its clock is accepted again: it reconnects and is
-        refused again until the clocks agree (``clock_refusals`` counts every refusal)."""
-        warned = self._clock_warned
-        if exc.peer_id in warned:
-            log.debug("connection from %s refused: %s", peer, exc)
-            return
-        if len(warned) >= 1024:
-            warned.clear()  # bounded: strangers may claim any id
-        warned.add(exc.peer_id)
-        log.warning("connection from %s refused: %s (repeats are logged at debug level)", peer, exc)
 
     def _check_clock(
         self, stamp: int, what: str, link: _PeerLink | None, peer_id: int, origin: int = 0
@@ -1711,11 +1785,11 @@ class Collective(_Member):
                 self.clock_skew,
             )
 
-    def _expect_tls(self, sock: Any) -> bool:
-        """Wait for the first byte (within the handshake timeout) and refuse a peer that does
-        not open with TLS: a plain member gets a REFUSE line it can log, instead of an
-        OpenSSL "wrong version number" here and a reset there. False if the peer closed."""
-        sock.settimeout(self.handshake_timeout)
+    def _expect_tls(self, sock: Any, deadline: float) -> bool:
+        """Wait for the first byte (by ``deadline``) and refuse a peer that does not open
+        with TLS: a plain member gets a REFUSE line it can log, instead of an OpenSSL "wrong
+        version number" here and a reset there. False if the peer closed."""
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
         first = sock.recv(1, gsocket.MSG_PEEK)  # peek: the TLS handshake reads it again
         if not first:
             return False
@@ -1753,7 +1827,7 @@ class Collective(_Member):
                 return handshake
 
     def _read_connection(self, sock: Any, peer: str, deadline: float | None = None) -> None:
-        decoder = FrameDecoder(self.max_frame)
+        decoder = FrameDecoder(self.max_frame, _FIRST_FRAME_BYTES, FRAME_KINDS)
         messages: list[Any] = []
         if deadline is None:
             deadline = time.monotonic() + self.handshake_timeout
@@ -1781,25 +1855,25 @@ class Collective(_Member):
                 if opener is not None:
                     opener.close()
                 if decoder.buffered:
-                    raise ProtocolError("closed before completing HELLO")
+                    raise _refusal("closed before completing HELLO", "hello")
                 return
             if first and opener is None and self._tls is None:
                 _check_not_tls(data)
             first = False
-            messages = feed(data)
+            try:
+                messages = feed(data)
+            except ProtocolError as exc:
+                exc.category = "hello"
+                raise
         if is_status_request(messages[0]):
             self._answer_status(sock, peer, handshake)
             return
-        if opener is None:
-            # A peer with a secret opens with AUTH1: say that, not "not a HELLO".
-            check_no_auth(messages[0])
-        hello = parse_hello(messages[0])
-        if hello.node_id == self.node_id:
-            raise ProtocolError("connected to itself")
-        if hello.node_id in self._down_ids:
-            raise ProtocolError(
-                f"incarnation {hello.node_id:x} was declared down after {self.down_timeout:g}s "
-                "of silence; restart it to rejoin (its unsent writes are dropped)"
+        hello = self._check_hello(messages[0], authenticated=opener is not None)
+        if self.check_hostname and not self._tls.names_host(sock, hello.host):
+            raise _refusal(
+                f"peer's certificate ({self._tls.describe_peer(sock)}) does not name the host "
+                f"{hello.host} its HELLO announces (check_hostname)",
+                "identity",
             )
         sock.settimeout(self.idle_timeout)
         origin = format_address((hello.host, hello.port))
@@ -1818,10 +1892,7 @@ class Collective(_Member):
                 peer,
                 "; ".join(security),
             )
-        link = self._links.get((hello.host, hello.port))
-        if link is None and not self._stopping:
-            log.info("peer %s is new: connecting back", origin)
-            link = self._add_link((hello.host, hello.port))
+        link = self._link_for(hello, origin)
         if link is not None:
             if link.peer_id is not None and link.peer_id != hello.node_id:
                 # Our connection may still go to the old incarnation, whose kernel would take
@@ -1831,6 +1902,7 @@ class Collective(_Member):
                 link.snapshot_due = False
                 link.drop_connection()
             link.peer_id = hello.node_id
+            link.reader = gevent.getcurrent()
             link.reports = 0
             link.down = False
             link.last_heard = time.monotonic()
@@ -1848,7 +1920,7 @@ class Collective(_Member):
             try:
                 data = recv(_RECV_SIZE)
             except gsocket.timeout:
-                raise ProtocolError(f"silent for {self.idle_timeout:g}s") from None
+                raise _refusal(f"silent for {self.idle_timeout:g}s", "idle") from None
             if not data:
                 if opener is not None:
                     opener.close()  # raises if the stream stopped inside a record
@@ -1873,6 +1945,74 @@ class Collective(_Member):
                 if collecting:
                     gc.enable()
             gevent.sleep(0)  # fairness: one busy peer must not starve the others
+
+    def _check_hello(self, message: Any, authenticated: bool) -> Hello:
+        """The first frame of a connection as a HELLO this node accepts, or ``ProtocolError``
+        (category ``hello``, or ``AuthenticationError``)."""
+        if not authenticated:
+            # A peer with a secret opens with AUTH1: say that, not "not a HELLO".
+            check_no_auth(message)
+        try:
+            hello = parse_hello(message)
+        except ProtocolError as exc:
+            exc.category = "hello"
+            raise
+        if hello.node_id == self.node_id:
+            raise _refusal("connected to itself", "hello")
+        if hello.node_id in self._down_ids:
+            raise _refusal(
+                f"incarnation {hello.node_id:x} was declared down after {self.down_timeout:g}s "
+                "of silence; restart it to rejoin (its unsent writes are dropped)",
+                "down",
+            )
+        return hello
+
+    def _link_for(self, hello: Hello, origin: str) -> _PeerLink | None:
+        """The link to the member that sent ``hello`` (announcing ``origin``): a new one if
+        the address is new to us, ``None`` past the bound on announced links. Raises
+        ``ProtocolError`` (category ``identity``) for a HELLO that claims this node's own
+        address, or that of another member that is alive: two members must never share one
+        address, and a link is never handed from a live member to another."""
+        address = (hello.host, hello.port)
+        if address == self.local or address == self.advertise:
+            raise _refusal(
+                f"peer (id {hello.node_id:x}) announces this node's own address {origin}: "
+                "two members with one address? (not dialling it)",
+                "identity",
+            )
+        link = self._links.get(address)
+        if link is None:
+            if self._stopping:
+                return None
+            announced = sum(other.announced for other in self._links.values())
+            if announced >= MAX_ANNOUNCED_LINKS:
+                self._notices.warning(
+                    "announced-limit",
+                    "peer %s is new, but %d links to announced addresses exist already: "
+                    "not connecting back",
+                    origin,
+                    announced,
+                )
+                return None
+            log.info("peer %s is new: connecting back", origin)
+            return self._add_link(address, announced=True)
+        if link.peer_id is not None and link.peer_id != hello.node_id and self._is_live(link):
+            raise _refusal(
+                f"peer (id {hello.node_id:x}) claims the address {origin} of member "
+                f"{link.peer_id:x}, which is alive: two members with one address? (the link "
+                "stays with the member that had it)",
+                "identity",
+            )
+        return link
+
+    def _is_live(self, link: _PeerLink) -> bool:
+        """True while the member ``link`` knows is connected to us and reporting: its
+        connection is open and its PROGRESS came within a few ``sync_interval``."""
+        reader = link.reader
+        if reader is None or reader.dead:
+            return False
+        patience = max(3 * self.sync_interval, 1.0)
+        return time.monotonic() - link.last_heard < patience
 
     def _answer_status(self, sock: Any, peer: str, handshake: AcceptorHandshake | None) -> None:
         """Reply to a status query (``python -m gcollective status``) with ``stats()``: one
@@ -1904,7 +2044,6 @@ class Collective(_Member):
             elif kind == PROGRESS:
                 vector, complete, promise, frontier = parse_progress(message)
                 self._check_clock(promise, "a PROGRESS frame (its clock)", link, peer_id)
-                self._clock_warned.discard(peer_id)
                 if link is not None and link.peer_id == peer_id:
                     if link.reports == 0:
                         self._check_peer_clock_behind(promise, link)
@@ -1963,6 +2102,17 @@ class Collective(_Member):
         progress = self._progress
         done = progress.applied.get(origin, 0)
         self.received_ops += len(stamps)
+        if first <= done and self._sequence_clash(origin, first, last, done, stamps):
+            # Two senders numbered different operations alike for one origin (a forger, or
+            # two processes with one id): apply the repeats too, rather than drop one
+            # sender's writes for good (the store skips any it holds already, by stamp).
+            paths = full_paths(parent, paths)
+            parent = ""  # the paths are full now
+            repeats = zip(stamps, ops, paths, values, ttls or repeat(0))
+            for _, (stamp, op, path, value, ttl_ms) in zip(range(first, done + 1), repeats):
+                self._apply_received(stamp, op, path, value, ttl_ms, origin)
+            self._clock.observe(stamps[-1])
+            self._due_by(self._store.next_expiry)
         if last <= done:
             return  # all repeats (relayed, or also in a snapshot)
         if ttls is None:
@@ -1994,6 +2144,32 @@ class Collective(_Member):
         self.applied_ops += applied
         self._clock.observe(stamps[-1])
         self._log.add(origin, first, last, frame)  # without its newline: no copy
+
+    def _sequence_clash(
+        self, origin: int, first: int, last: int, done: int, stamps: Sequence[int]
+    ) -> bool:
+        """True, counted and logged, if operations ``first..last`` of ``origin`` (some of them
+        applied already: ``first <= done``) cannot be the ones applied under those numbers:
+        an origin's stamps grow with its numbers, and ``done``'s stamp is known."""
+        known = self._progress.stamps.get(origin)
+        if known is None:
+            return False
+        if last < done:
+            clash = stamps[-1] >= known
+        else:
+            clash = stamps[done - first] != known
+        if clash:
+            self.sequence_clashes += 1
+            self._notices.warning(
+                "sequence-clash",
+                "operations %d..%d of origin %x differ from those applied under the same "
+                "numbers: two senders claim that origin (a member forging another's "
+                "operations, or two processes with one id); applying both",
+                first,
+                last,
+                origin,
+            )
+        return clash
 
     def _apply_received(
         self, stamp: int, op: int, path: str | list[str], value: Any, ttl_ms: int, origin: int

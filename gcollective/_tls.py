@@ -7,7 +7,9 @@ requires a client certificate, the dialing side checks the acceptor's. Every cer
 CA signs is a member, so ``cafile`` should hold a CA dedicated to the collective (not a public
 or company-wide one). Host names are not checked by default, because members are commonly
 addressed by IP and membership is what the CA vouches for; ``check_hostname=True`` makes a
-dialer also require that the acceptor's certificate names the address it dialed.
+dialer also require that the acceptor's certificate names the address it dialed (and the node
+makes an acceptor require that the dialer's certificate names the host its HELLO announces,
+with ``names_host``).
 
 With TLS 1.3 a client learns that the server rejected its certificate only when it next
 reads: ``connect_tls`` returns, and the refusal surfaces as an ``ssl.SSLError`` (an
@@ -17,9 +19,12 @@ words it), or as a reset on a later send. The acceptor's ``accept_tls`` always r
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
+import gevent
+from gevent import socket as gsocket
 from gevent import ssl as gssl
 
 from ._auth import AuthenticationError
@@ -31,6 +36,7 @@ __all__ = [
     "connect_tls",
     "describe_peer",
     "explain_tls_error",
+    "names_host",
 ]
 
 SSLError = gssl.SSLError
@@ -102,7 +108,12 @@ def explain_tls_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _handshake(tls: Any) -> Any:
+def _handshake(tls: Any, timeout: float) -> Any:
+    # One deadline for the whole handshake: a socket timeout bounds each read only, so a
+    # peer dripping a byte now and then would keep the handshake (and a connection slot)
+    # forever.
+    deadline = gevent.Timeout(timeout, gsocket.timeout("TLS handshake timed out"))
+    deadline.start()
     try:
         tls.do_handshake()
     except SSLError as exc:
@@ -113,12 +124,15 @@ def _handshake(tls: Any) -> Any:
     except BaseException:
         tls.close()
         raise
+    finally:
+        deadline.close()
     return tls
 
 
 def accept_tls(sock: Any, context: Any, timeout: float) -> Any:
     """Run the server side of the TLS handshake on an accepted gevent socket, within
-    ``timeout`` seconds; returns the TLS socket (use it instead of ``sock`` from then on).
+    ``timeout`` seconds in all; returns the TLS socket (use it instead of ``sock`` from then
+    on).
 
     A peer without a certificate, or with one the CA did not sign, raises
     ``AuthenticationError`` (reason ``tls``); a timeout raises ``socket.timeout``. Either way
@@ -126,13 +140,13 @@ def accept_tls(sock: Any, context: Any, timeout: float) -> Any:
     """
     sock.settimeout(timeout)
     tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-    return _handshake(tls)
+    return _handshake(tls, timeout)
 
 
 def connect_tls(sock: Any, context: Any, server_hostname: str, timeout: float) -> Any:
     """Run the client side of the TLS handshake on a dialed gevent socket, within
-    ``timeout`` seconds; returns the TLS socket. ``server_hostname`` is the dialed host (sent
-    as SNI when it is a name, and checked if the context has ``check_hostname``).
+    ``timeout`` seconds in all; returns the TLS socket. ``server_hostname`` is the dialed
+    host (sent as SNI when it is a name, and checked if the context has ``check_hostname``).
 
     An acceptor whose certificate does not verify raises ``AuthenticationError`` (reason
     ``tls``); the connection is then closed.
@@ -141,7 +155,7 @@ def connect_tls(sock: Any, context: Any, server_hostname: str, timeout: float) -
     tls = context.wrap_socket(
         sock, server_side=False, do_handshake_on_connect=False, server_hostname=server_hostname
     )
-    return _handshake(tls)
+    return _handshake(tls, timeout)
 
 
 def describe_peer(tls: Any) -> str:
@@ -155,3 +169,36 @@ def describe_peer(tls: Any) -> str:
     for kind, value in cert.get("subjectAltName", ()):
         parts.append(f"{kind}:{value}")
     return ", ".join(parts) or "no certificate"
+
+
+def _dns_name_matches(pattern: str, host: str) -> bool:
+    """RFC 6125 in short: equal ignoring case, or ``*.rest`` matching one leftmost label."""
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern == host:
+        return True
+    if pattern.startswith("*.") and "." in host:
+        label, rest = host.split(".", 1)
+        return bool(label) and rest == pattern[2:]
+    return False
+
+
+def names_host(tls: Any, host: str) -> bool:
+    """True if the verified peer certificate of ``tls`` names ``host`` in its
+    subjectAltName (an IP address entry for an address, a DNS entry for a name): how an
+    acceptor with ``check_hostname`` binds the address a member announces to its
+    certificate, as a dialer does for the address it dials."""
+    cert = tls.getpeercert() or {}
+    try:
+        address: Any = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        address = None
+    for kind, value in cert.get("subjectAltName", ()):
+        if address is not None and kind == "IP Address":
+            try:
+                if ipaddress.ip_address(value.strip()) == address:
+                    return True
+            except ValueError:
+                continue
+        elif address is None and kind == "DNS" and _dns_name_matches(value, host):
+            return True
+    return False

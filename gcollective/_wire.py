@@ -71,6 +71,7 @@ __all__ = [
     "SNAPSHOT",
     "SNAPSHOT_END",
     "Hello",
+    "FRAME_KINDS",
     "FrameDecoder",
     "encode_hello",
     "encode_ops",
@@ -261,6 +262,11 @@ def join_snapshot(parts: list[bytes]) -> bytes:
 
 
 SNAPSHOT_REQUEST_FRAME = b"[4]\n"
+# How every frame after HELLO starts (the kind, as ``_dumps`` writes it): a frame starting
+# otherwise is refused before it is decoded (``FrameDecoder``).
+FRAME_KINDS = frozenset(b"[%d," % kind for kind in (OPS, SNAPSHOT, SNAPSHOT_END, PROGRESS)) | {
+    SNAPSHOT_REQUEST_FRAME[:3]
+}
 
 
 def encode_snapshot_end(vector: list[list[int]]) -> bytes:
@@ -277,13 +283,26 @@ class FrameDecoder:
     """Splits a byte stream into frames and decodes them; raises ``ProtocolError``.
 
     Several frames may come in one chunk and one frame may span chunks. A frame (or an
-    unterminated tail) longer than ``max_frame`` bytes is refused before it is buffered further.
+    unterminated tail) longer than ``max_frame`` bytes is refused before it is buffered further;
+    the first frame of the stream (a stranger's HELLO) may be at most ``first_frame`` bytes.
+    With ``kinds`` (the bytes a frame may start with, such as ``b"[1,"``), every frame after
+    the first that starts otherwise is refused before it is decoded: decoding is what costs
+    memory (a Python object per JSON value), so junk must not get that far.
     """
 
-    __slots__ = ("max_frame", "_parts", "_size", "frames")
+    __slots__ = ("max_frame", "_limit", "_first", "_kinds", "_parts", "_size", "frames")
 
-    def __init__(self, max_frame: int) -> None:
+    def __init__(
+        self,
+        max_frame: int,
+        first_frame: int | None = None,
+        kinds: frozenset[bytes] | None = None,
+    ) -> None:
         self.max_frame = max_frame
+        # The limit of the frame being read: ``first_frame`` until the first one completed.
+        self._limit = max_frame if first_frame is None else min(first_frame, max_frame)
+        self._first = True  # the first frame has not completed yet
+        self._kinds = kinds
         # An unterminated frame, as the chunks it came in: joined once, when it completes,
         # so a 100 MB frame arriving in 64 KB reads costs linear time, not quadratic.
         self._parts: list[bytes] = []
@@ -300,8 +319,9 @@ class FrameDecoder:
         """Decoded JSON of every frame completed by ``data``, in order."""
         if b"\n" not in data:
             self._size += len(data)
-            if self._size > self.max_frame:
-                raise ProtocolError(f"frame exceeds {self.max_frame} bytes")
+            if self._size > self._limit:
+                what = "first frame" if self._first else "frame"
+                raise ProtocolError(f"{what} exceeds {self._limit} bytes")
             if data:
                 self._parts.append(data)
             self.frames = []
@@ -312,6 +332,12 @@ class FrameDecoder:
             self._parts = []
         frames = data.split(b"\n")
         rest = frames.pop()
+        first = self._first
+        if first:
+            if len(frames[0]) > self._limit:
+                raise ProtocolError(f"first frame exceeds {self._limit} bytes")
+            self._first = False
+            self._limit = self.max_frame
         self._size = len(rest)
         if rest:
             self._parts.append(rest)
@@ -319,6 +345,14 @@ class FrameDecoder:
         if len(data) > self.max_frame:
             if len(rest) > self.max_frame or max(map(len, frames)) > self.max_frame:
                 raise ProtocolError(f"frame exceeds {self.max_frame} bytes")
+        kinds = self._kinds
+        if kinds is not None:
+            for frame in frames[1:] if first else frames:
+                if frame[:3] not in kinds:
+                    raise ProtocolError(
+                        f"unknown message type (a frame starting {frame[:8]!r}, refused before "
+                        "decoding)"
+                    )
         try:
             return list(map(_loads, frames))
         except (ValueError, OverflowError) as exc:

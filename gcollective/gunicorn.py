@@ -32,7 +32,7 @@ import inspect
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import gevent
@@ -167,8 +167,8 @@ class Settings:
     slots: tuple[tuple[str, int], ...]
     #: Every member's address on every server (this server's slots included).
     peers: tuple[tuple[str, int], ...]
-    #: Passed to ``gcollective.start`` as ``secret=`` when set.
-    secret: str | None = None
+    #: Passed to ``gcollective.start`` as ``secret=`` when set (never shown by ``repr``).
+    secret: str | None = field(default=None, repr=False)
     #: Seconds ``gcollective.start`` may wait for a live peer's state.
     start_timeout: float = DEFAULT_START_TIMEOUT
     #: Seconds the last holder of the data on this server waits on exit for a successor.

@@ -23,8 +23,9 @@ from gcollective import AuthenticationError, Collective, ProtocolError
 from gcollective._auth import HEADER_SIZE, DialerHandshake
 from gcollective._wire import encode_hello, encode_ops
 
-SECRET = "the collective's shared secret for these tests"
-OTHER_SECRET = "a different secret, just as long as the first one"
+# Generated ones (gcollective.generate_secret()): a typed passphrase is warned about at start.
+SECRET = "CpuJr2CbsE6zwNo8Frogj1S-it96hRNc8Co4FMCQtyQ"
+OTHER_SECRET = "gMhV-cYJL9j2nn9R5ferahseHI_7aNE-GUtHspxbdbo"
 WEAK_SECRET = "hunter2"
 SECRETS = (SECRET, OTHER_SECRET, WEAK_SECRET)
 
