@@ -338,6 +338,11 @@ def format_status(stats: dict[str, Any], now: float | None = None) -> str:
         f"{stats.get('refused_connections')}   log {stats.get('log_ops')} ops / "
         f"{_size(stats.get('log_bytes') or 0)}",
     ]
+    if stats.get("internal_errors"):
+        lines.append(
+            f"  internal errors {stats['internal_errors']}, the last: "
+            f"{stats.get('last_internal_error')}"
+        )
     peers = stats.get("peers") or {}
     if not peers:
         lines.append("no peers")
