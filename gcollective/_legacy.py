@@ -65,8 +65,12 @@ from . import _node
 from ._errors import InvalidKeyError, InvalidValueError, ProtocolError
 from ._store import MISSING, copy_value, is_number, read_path
 from ._validate import (
+    MAX_BYTES,
     Key,
     check_amount,
+    check_positive,
+    check_seconds,
+    check_sizes,
     clean_value,
     format_address,
     parse_address,
@@ -616,6 +620,10 @@ class LegacyCollective(_node._Member):
         unknown = set(native_only) - _NATIVE_ONLY_OPTIONS
         if unknown:
             raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
+        # Ignored here, but checked as the native mode would: one configuration, one verdict.
+        log_bytes = native_only.get("log_bytes", 0)
+        check_sizes(log_bytes=(log_bytes, 0, MAX_BYTES))
+        check_positive(**{k: v for k, v in native_only.items() if k != "log_bytes"})
         super().__init__(
             local,
             peers,
@@ -653,6 +661,7 @@ class LegacyCollective(_node._Member):
         """
         if self._started:
             raise RuntimeError("this LegacyCollective was already started; create a new one")
+        timeout = check_seconds("timeout", timeout, 0.0)
         self._start_serving()
         deadline = time.monotonic() + timeout
         for address in self.peers:

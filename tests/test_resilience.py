@@ -180,18 +180,19 @@ def test_watch_is_refused_on_a_stopped_node():
 def test_watch_is_refused_in_a_forked_child():
     code = (
         "import os, gcollective\n"
-        f"gcollective.start('127.0.0.1:{free_port()}')\n"
+        f"node = gcollective.Collective('127.0.0.1:{free_port()}')\n"
+        "node.start()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
         "    try:\n"
-        "        gcollective.watch('a', print)\n"
+        "        node.watch('a', print)\n"
         "    except gcollective.NotStartedError:\n"
         "        os._exit(0)\n"
         "    os._exit(1)\n"
         "_, status = os.waitpid(pid, 0)\n"
         "assert os.waitstatus_to_exitcode(status) == 0\n"
-        "gcollective.watch('a', print).cancel()\n"
-        "gcollective.stop()\n"
+        "node.watch('a', print).cancel()\n"
+        "node.stop()\n"
     )
     env = dict(os.environ, PYTHONPATH=ROOT)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env, timeout=60)
