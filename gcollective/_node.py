@@ -307,6 +307,7 @@ class Watch:
         self.failures = 0
         self._queue: Queue = Queue()
         self._cancelled = False
+        self._closing = False  # the end mark is queued behind the last events
         self._greenlet = gevent.spawn(self._consume)
 
     @property
@@ -317,7 +318,9 @@ class Watch:
     @property
     def pending(self) -> int:
         """Events queued but not yet handed to the callback."""
-        return self._queue.qsize()
+        if self._cancelled or self._greenlet.dead:
+            return 0  # (what may be left is the end mark)
+        return self._queue.qsize() - self._closing
 
     def cancel(self) -> None:
         """Stop delivering, including events already queued. Idempotent; safe to call from
@@ -326,13 +329,17 @@ class Watch:
             return
         self._cancelled = True
         self.node._remove_watch(self)
+        self._drop_queued()  # dropped, not delivered
+        self._queue.put(_STOP_WATCH)
+
+    def _drop_queued(self) -> None:
         queue = self._queue
         while not queue.empty():
-            queue.get_nowait()  # dropped, not delivered: nothing waits behind the consumer
-        queue.put(_STOP_WATCH)
+            queue.get_nowait()
 
     def _close(self) -> None:
         """The node stopped: deliver what is queued, then end."""
+        self._closing = True
         self._queue.put(_STOP_WATCH)
 
     def _consume(self) -> None:
@@ -349,6 +356,7 @@ class Watch:
                     exc_info=True,
                 )
             self.cancel()
+            self._drop_queued()  # (its end mark too: nobody consumes it any more)
             raise
 
     def _deliver(self) -> None:
