@@ -131,9 +131,11 @@ _COALESCE_SECONDS = 0.001
 # before it looks for a loop under one parent again: scattered writes skip that look.
 _WAY_SKIPS = 8
 _INF = float("inf")
-# Expiries fired (or made permanent) at most per slice: a burst of them (50,000 sessions
-# expiring together) must not hold the hub for long; the expirer yields between slices.
-_EXPIRY_SLICE = 500
+# Background work that may be large (a burst of 50,000 expiries, a sweep over millions of
+# entries) goes in steps of at most this many items, and yields to the hub after about
+# _SLICE_SECONDS of them: each slice holds every other greenlet (and delivery) while it runs.
+_STEP = 100
+_SLICE_SECONDS = 0.005
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
@@ -150,6 +152,24 @@ def _after_fork_in_child() -> None:
     _running_nodes.clear()
     for node in nodes:
         node._forget_after_fork()
+
+
+def _in_slices(step: Callable[[], bool]) -> None:
+    """Call ``step`` (a bounded amount of work; True once there is no more) until it is done,
+    yielding to the hub after every ``_SLICE_SECONDS`` of it."""
+    began = time.monotonic()
+    while not step():
+        if time.monotonic() - began > _SLICE_SECONDS:
+            _let_others_run()
+            began = time.monotonic()
+
+
+def _let_others_run() -> None:
+    """Yield to every other greenlet, those waiting on a timer or on I/O included: a
+    ``sleep(0)`` only lets those already ready run (the event loop runs its callbacks and
+    comes straight back, so a 2 ms timer waited for the whole burst), a timer goes through a
+    whole turn of the loop."""
+    gevent.sleep(0.000_001)
 
 
 def backoff_delay(failures: int, low: float, high: float) -> float:
@@ -2138,14 +2158,18 @@ class Collective(_Member):
         # Expiries every member has passed become real deletes; collect then forgets them.
         self._advance()
         store = self._store
-        while store.expirable(frontier):
-            store.expire(frontier, _EXPIRY_SLICE)
-            gevent.sleep(0)  # (sliced like the sweep below, for the same reason)
-        # Small slices: each one holds the hub (and so every delivery) while it runs.
-        for _ in range(50):
-            if self._store.collect(frontier, budget=1000):
-                break
-            gevent.sleep(0)
+
+        def expire_step() -> bool:
+            store.expire(frontier, _STEP)
+            return not store.expirable(frontier)
+
+        steps_left = iter(range(50_000 // _STEP))  # a big tree is swept over several rounds
+
+        def collect_step() -> bool:
+            return store.collect(frontier, _STEP) or next(steps_left, None) is None
+
+        _in_slices(expire_step)
+        _in_slices(collect_step)
 
     def _due_by(self, due_ms: float) -> None:
         """An expiry is due at ``due_ms``: wake the expirer if that is sooner than it knew."""
@@ -2164,7 +2188,7 @@ class Collective(_Member):
         """Let the store's expiries due by now fire, and tell the watches."""
         store = self._store
         now_ms = int(time.time() * 1000)
-        fired = store.advance(now_ms, _EXPIRY_SLICE)
+        fired = store.advance(now_ms, _STEP)
         self._next_due = store.next_expiry  # still due if the slice did not finish
         if fired:
             # Whatever this node does after seeing a key expire must order after the expiry
@@ -2189,7 +2213,7 @@ class Collective(_Member):
                 if delay > 0:
                     wake.wait(delay)
                 else:
-                    gevent.sleep(0)  # between slices of a burst: let the others run
+                    _let_others_run()  # between slices of a burst
             try:
                 self._advance()
             except Exception:
