@@ -668,6 +668,8 @@ class LegacyCollective(_node._Member):
             self._add_link(address, new_flag=False)
         self._link_attempted()
         self._attempted.wait(max(0.0, deadline - time.monotonic()))
+        if self._stopping:
+            return  # stopped meanwhile
         self._announce()
         if not self._ready.wait(max(0.0, deadline - time.monotonic())):
             chosen = self._join_link.name if self._join_link is not None else "?"
@@ -683,6 +685,7 @@ class LegacyCollective(_node._Member):
         if not self._started or self._stopping:
             return
         self._stop_serving()
+        self._attempted.set()  # a start() still waiting (in another greenlet) returns now
         self._announced.set()  # writers still waiting for it must see the stop
         self._stop_links(timeout)
         log.info("node %s (collective.js mode) stopped", format_address(self.local))

@@ -917,6 +917,7 @@ class _Member:
     def _stop_serving(self) -> None:
         """Mark the member stopping and stop listening (the caller checked it is running)."""
         self._stopping = True
+        self._ready.set()  # a start() still waiting (in another greenlet) returns now
         _running_nodes.discard(self)
         if self._server is not None:
             self._server.close()
@@ -1159,8 +1160,9 @@ class Collective(_Member):
 
         Returns as soon as a snapshot from a peer is merged, or once every peer failed one
         connection attempt (so the first member up does not wait), or after ``timeout``
-        seconds, whichever comes first. Raises ``OSError`` if the address cannot be bound.
-        Blocks the calling greenlet only.
+        seconds, or when ``stop()`` is called, whichever comes first. Raises ``OSError`` if
+        the address cannot be bound, and then leaves the node as it was (it can be started
+        again). Blocks the calling greenlet only.
         """
         if self._started:
             raise RuntimeError("this Collective was already started; create a new one")
@@ -1216,7 +1218,6 @@ class Collective(_Member):
         self._flush_outbox()
         self._writable = False
         self._stop_serving()
-        self._ready.set()  # a start() still waiting for a peer's state returns now
         self._stop_links(timeout)
         if self._housekeeper is not None:
             self._housekeeper.kill(block=True, timeout=1)
@@ -1341,9 +1342,12 @@ class Collective(_Member):
         the old and new values are not both dicts.
 
         The callback runs in the watch's own greenlet, one event at a time, so a slow or
-        failing one never holds up replication; an exception is logged and the watch goes
-        on. Events wait in an unbounded queue meanwhile (``Watch.pending``). Without any
-        watch, nothing is spent on watching.
+        failing one never holds up replication; an exception (a ``BaseException`` subclass
+        too) is logged and the watch goes on, but ``SystemExit`` and ``KeyboardInterrupt``
+        cancel it (logged) and go on to the main greenlet. Events wait in an unbounded queue
+        meanwhile (``Watch.pending``). Without any watch, nothing is spent on watching; a
+        change costs only the watches at, above or below its path. ``NotStartedError`` once
+        the node was stopped, or in a child forked after it started.
         """
         if self._started:
             self._check_writable()  # stopped, or inherited through a fork

@@ -151,15 +151,22 @@ def test_a_never_started_node_says_so():
     assert "start()" in str(refused.value) and "process" not in str(refused.value)
 
 
-def test_stop_releases_a_start_still_waiting_for_a_peer():
+@pytest.mark.parametrize("protocol", ["gcollective", "collective.js"])
+def test_stop_releases_a_start_still_waiting_for_a_peer(protocol):
     silent = socket.socket()  # takes connections (the kernel's backlog), never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    node = Collective(f"127.0.0.1:{free_port()}", [silent.getsockname()], **FAST)
+    peers = [silent.getsockname()]
+    node = Collective(f"127.0.0.1:{free_port()}", peers, protocol=protocol, **FAST)
     try:
         starting = gevent.spawn(node.start, timeout=20)
-        wait_for(lambda: node._links and node._snapshot_link is not None, what="asking")
-        assert not starting.dead  # waiting for a snapshot that never comes
+        # Connected, and asked for its state: a snapshot (native) or an Accept (New sent).
+        if protocol == "gcollective":
+            asked = lambda: node._snapshot_link  # noqa: E731
+        else:
+            asked = node._announced.is_set
+        wait_for(asked, what="asking the peer for its state")
+        assert not starting.dead  # waiting for an answer that never comes
         began = time.monotonic()
         node.stop()
         starting.join(timeout=5)
