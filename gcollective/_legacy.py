@@ -775,6 +775,9 @@ class LegacyCollective(_node._Member):
             "skipped_frames": self.skipped_messages,
             "accepts_applied": self.accepts_applied,
             "refused_connections": self.refused_connections,
+            "internal_errors": self.internal_errors,  # (its writers' only: see _Writer)
+            "last_internal_error": self.last_internal_error,
+            "last_internal_error_at": self.last_internal_error_at,
             "peers": peers,
         }
 
