@@ -13,9 +13,10 @@ from cluster import LocalMembers, wait_for
 
 FAST = {"sync_interval": 0.1, "backoff_max": 0.2}
 KEYS = 50_000
-# Generous for a loaded machine (other processes take the CPU for tens of ms at times): one
-# slice takes about 5 ms; before, the burst held the hub for about 0.7 s.
-BOUND = 0.15
+# Generous for a loaded machine (other processes take the CPU for tens of ms at times), and
+# for three members in one process (a turn of the loop may run a slice of each): one slice
+# takes about 5 ms, the worst delay seen was 40-80 ms; before, the burst held the hub 0.7 s.
+BOUND = 0.2
 
 
 @pytest.fixture
