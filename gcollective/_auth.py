@@ -160,6 +160,9 @@ _REFUSALS = {
     "version": "it speaks another version of the authentication handshake",
     "tls-required": "it requires TLS and this node has none; "
     "set certfile, keyfile and cafile on every member",
+    # (Not a handshake refusal: sent when a member refuses our stamps, see clock_skew.)
+    "clock-skew": "this node's clock (or a stamp it relayed) is more than clock_skew ahead "
+    "of the peer's: it refuses our operations until the clocks agree (check both clocks)",
 }
 
 

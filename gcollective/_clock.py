@@ -20,6 +20,7 @@ __all__ = [
     "stamp_millis",
     "millis_stamp",
     "expiry_stamp",
+    "stamp_lead",
     "NODE_BITS",
 ]
 
@@ -50,6 +51,12 @@ def stamp_millis(stamp: int) -> int:
 def millis_stamp(millis: int) -> int:
     """The smallest stamp of wall-clock millisecond ``millis`` (below every real one made then)."""
     return millis << (NODE_BITS + _LOGICAL_BITS)
+
+
+def stamp_lead(stamp: int, now_ns: int) -> float:
+    """How many seconds ``stamp`` is ahead of the wall-clock time ``now_ns`` (negative if it
+    is behind), to the millisecond."""
+    return (stamp_millis(stamp) - now_ns // 1_000_000) / 1000
 
 
 def expiry_stamp(stamp: int, ttl_ms: int) -> int:
@@ -111,10 +118,21 @@ class HybridClock:
         return self._last
 
     def observe(self, stamp: int) -> None:
-        """Move past a received stamp, so later local stamps order after it."""
+        """Move past a received stamp, so later local stamps order after it.
+
+        ``ValueError`` for a stamp so far ahead that the stamps after it would outgrow the
+        64-bit hlc of the wire: the caller refuses stamps far ahead of its wall clock
+        (``clock_skew``) long before that; this is the last guard, so that a node never
+        issues a stamp the wire cannot carry.
+        """
+        if stamp >> NODE_BITS >= _MAX_OBSERVED_HLC:
+            raise ValueError("stamp too far ahead: the stamps after it would not fit the wire")
         seen = (stamp >> NODE_BITS << NODE_BITS) | self.node_id
         if seen > self._last:
             self._last = seen
 
 
 _ONE_TICK = 1 << NODE_BITS  # one step of the logical counter, in a stamp
+# The wire carries hlcs below 2**64; past an observed hlc below 2**63, a clock would have to
+# tick 2**63 times to get there (and wall-clock hlcs reach 2**63 in the year 4.4 million).
+_MAX_OBSERVED_HLC = 1 << 63

@@ -62,6 +62,7 @@ from ._clock import (
     HybridClock,
     millis_stamp,
     new_node_id,
+    stamp_lead,
     stamp_millis,
     stamp_origin,
 )
@@ -136,6 +137,21 @@ _INF = float("inf")
 # _SLICE_SECONDS of them: each slice holds every other greenlet (and delivery) while it runs.
 _STEP = 100
 _SLICE_SECONDS = 0.005
+#: The largest ``clock_skew`` accepted (a year): stamps within it of the wall clock stay far
+#: below what the wire carries.
+MAX_CLOCK_SKEW = 366 * 24 * 3600.0
+
+
+class _ClockSkew(ProtocolError):
+    """A peer sent a stamp more than ``clock_skew`` ahead of this node's wall clock (its
+    connection is refused: see ``Collective._check_clock``)."""
+
+    reply = encode_refusal("clock-skew")
+
+    def __init__(self, message: str, peer_id: int) -> None:
+        super().__init__(message)
+        self.peer_id = peer_id
+
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
@@ -488,6 +504,7 @@ class _PeerLink(_Writer):
         self.peer_own_seq = 0
         self.reports = 0  # PROGRESS frames received on the peer's current connection
         self.last_heard = time.monotonic()
+        self.last_report = self.last_heard  # the last PROGRESS accepted (or the start)
         self.down = False
         self.is_self = False  # the address turned out to be this node's own (see _run)
         # After a snapshot was queued for the peer: its version vector. The snapshot is owed
@@ -1011,7 +1028,9 @@ class Collective(_Member):
             then, tombstones and old increments are kept in case it comes back with writes
             nobody has seen; after it, they are forgotten, and that incarnation of the peer
             is refused if it comes back (restart it empty: its unsent writes are dropped).
-        clock_skew: the most that members' wall clocks may disagree, in seconds (10).
+        clock_skew: the most that members' wall clocks may disagree, in seconds (10, at
+            most a year). A frame carrying a stamp (an operation's, or a peer's clock) more
+            than this ahead of this node's wall clock is refused with its connection.
         protocol: ``"gcollective"`` (default) or ``"collective.js"``, which makes this a
             ``LegacyCollective`` speaking collective.js 0.3.1's wire protocol (see the README
             for what that mode does not guarantee).
@@ -1105,6 +1124,8 @@ class Collective(_Member):
         self.idle_timeout = float(idle_timeout)
         self.down_timeout = float(down_timeout)
         self.clock_skew = float(clock_skew)
+        if not self.clock_skew <= MAX_CLOCK_SKEW:
+            raise ValueError(f"clock_skew must be at most {MAX_CLOCK_SKEW:g}, not {clock_skew!r}")
         self._secret = _check_secret(secret)
         self._tls_files = _check_tls_files(certfile, keyfile, cafile)
         self._tls: Any = None  # the _tls module, imported by start() when TLS is configured
@@ -1146,6 +1167,8 @@ class Collective(_Member):
         self.applied_ops = 0
         self.refused_connections = 0
         self._refusals_logged: set[tuple[str, str]] = set()
+        self.clock_refusals = 0  # frames refused for a stamp beyond clock_skew
+        self._clock_warned: set[int] = set()  # peers whose clock refusal was logged
         # Replaced, never changed in place, so a loop over it survives (un)watching; empty
         # means nobody watches, and then the data paths skip the watch code entirely.
         self._watches: list[Watch] = []
@@ -1308,6 +1331,7 @@ class Collective(_Member):
             "internal_errors": self.internal_errors,
             "last_internal_error": self.last_internal_error,
             "last_internal_error_at": self.last_internal_error_at,
+            "clock_refusals": self.clock_refusals,
             "origins": len(self._progress.applied),
             "gaps": self._progress.gaps(),
             "log_ops": len(self._log),
@@ -1737,6 +1761,11 @@ class Collective(_Member):
             self.refused_connections += 1
             self._log_refusal(address[0], peer, exc)
             _send_quietly(conn, exc.reply)
+        except _ClockSkew as exc:
+            self.refused_connections += 1
+            self.clock_refusals += 1
+            self._log_clock_refusal(peer, exc)
+            _send_quietly(conn, exc.reply)
         except ProtocolError as exc:
             self.refused_connections += 1
             log.warning("connection from %s closed: %s", peer, exc)
@@ -1774,6 +1803,63 @@ class Collective(_Member):
             exc,
             host,
         )
+
+    def _log_clock_refusal(self, peer: str, exc: _ClockSkew) -> None:
+        """One warning per member until its clock is accepted again: it reconnects and is
+        refused again until the clocks agree (``clock_refusals`` counts every refusal)."""
+        warned = self._clock_warned
+        if exc.peer_id in warned:
+            log.debug("connection from %s refused: %s", peer, exc)
+            return
+        if len(warned) >= 1024:
+            warned.clear()  # bounded: strangers may claim any id
+        warned.add(exc.peer_id)
+        log.warning("connection from %s refused: %s (repeats are logged at debug level)", peer, exc)
+
+    def _check_clock(
+        self, stamp: int, what: str, link: _PeerLink | None, peer_id: int, origin: int = 0
+    ) -> None:
+        """Refuse a frame with a stamp more than ``clock_skew`` ahead of our wall clock
+        (``what`` names the frame, ``origin`` the maker of the operations it relays).
+
+        Observing it would drag this node's clock (and, through its stamps, everyone's) ahead
+        for good: ttls would fire late by as much and the metadata sweep would stall, and a
+        forged stamp near the wire's limit would leave no stamp to issue. Refusing costs
+        nothing within the contract (clocks within ``clock_skew`` never send such a stamp);
+        the sender retries, so its operations arrive once the clocks agree (see the README's
+        consistency contract).
+        """
+        lead = stamp_lead(stamp, time.time_ns())
+        if lead <= self.clock_skew:
+            return
+        if link is not None and link.peer_id == peer_id:
+            # A refused connection is no sign of life: a member whose clock stays wrong is
+            # declared down after ``down_timeout``, like a silent one.
+            link.last_heard = link.last_report
+        name = link.name if link is not None else "?"
+        if origin and origin != peer_id:
+            what = f"{what} (operations of {origin:x})"
+        raise _ClockSkew(
+            f"member {name} (id {peer_id:x}) sent {what} stamped {lead:,.3f}s ahead of this "
+            f"node's clock, more than clock_skew ({self.clock_skew:g}s): nothing of it is "
+            "applied until the clocks agree (check both members' clocks, e.g. NTP)",
+            peer_id,
+        )
+
+    def _check_peer_clock_behind(self, promise: int, link: _PeerLink) -> None:
+        """On a connection's first PROGRESS (sent with HELLO: fresh), warn if the peer's
+        clock is more than ``clock_skew`` behind ours: if ours is the wrong one, the peer
+        refuses our operations, and this says so on our side too."""
+        lag = -stamp_lead(promise, time.time_ns())
+        if lag > self.clock_skew:
+            log.warning(
+                "peer %s: its clock is %.3fs behind this node's, more than clock_skew (%gs): "
+                "if this node's clock is the wrong one, the peer refuses this node's "
+                "operations until it is fixed (check both members' clocks, e.g. NTP)",
+                link.name,
+                lag,
+                self.clock_skew,
+            )
 
     def _expect_tls(self, sock: Any) -> bool:
         """Wait for the first byte (within the handshake timeout) and refuse a peer that does
@@ -1992,10 +2078,14 @@ class Collective(_Member):
                 raise ProtocolError("frame is not a non-empty JSON array")
             kind = message[0]
             if kind == OPS:
-                self._apply_ops(message, frames[index])
+                self._apply_ops(message, frames[index], link, peer_id)
             elif kind == PROGRESS:
                 vector, complete, promise, frontier = parse_progress(message)
+                self._check_clock(promise, "a PROGRESS frame (its clock)", link, peer_id)
+                self._clock_warned.discard(peer_id)
                 if link is not None and link.peer_id == peer_id:
+                    if link.reports == 0:
+                        self._check_peer_clock_behind(promise, link)
                     theirs = {origin: seq for origin, seq, _ in vector}
                     # The previous report on this same connection, to see what stalled.
                     previous = link.peer_vector if link.reports > 0 else None
@@ -2004,7 +2094,7 @@ class Collective(_Member):
                     link.peer_promise = promise
                     link.peer_own_seq = theirs.get(peer_id, 0)
                     link.peer_frontier = frontier
-                    link.last_heard = time.monotonic()
+                    link.last_heard = link.last_report = time.monotonic()
                     if complete and link.snapshot_vector is not None:
                         # A joiner reports complete once it merged a snapshot, ours or
                         # another member's: ours is no longer owed, and the catch-up below
@@ -2017,6 +2107,7 @@ class Collective(_Member):
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT frame has the wrong length")
                 items, newest = parse_snapshot_items(message[1])
+                self._check_clock(newest, "a SNAPSHOT frame", link, peer_id)
                 if self._watches:
                     self._merge_watched(items)
                 else:
@@ -2039,9 +2130,13 @@ class Collective(_Member):
                 raise ProtocolError(f"unknown message type {kind!r}")
         return sent_bound
 
-    def _apply_ops(self, message: list[Any], frame: bytes) -> None:
-        """Apply a received OPS frame (checked whole first), skipping repeats, and log it."""
+    def _apply_ops(
+        self, message: list[Any], frame: bytes, link: _PeerLink | None = None, peer_id: int = 0
+    ) -> None:
+        """Apply a received OPS frame (checked whole first), skipping repeats, and log it
+        (``link`` and ``peer_id``: the connection's, for a refusal's log line)."""
         origin, first, stamps, ops, paths, values, ttls, parent = parse_ops(message)
+        self._check_clock(stamps.last, "an OPS frame", link, peer_id, origin)
         last = first + len(stamps) - 1
         progress = self._progress
         done = progress.applied.get(origin, 0)

@@ -106,12 +106,18 @@ class LocalMembers:
 class NodeProcess:
     """A member running in its own process (tests/node_process.py), driven over stdin."""
 
-    def __init__(self, port: int, peer_ports: list[int], **options: Any) -> None:
+    def __init__(
+        self, port: int, peer_ports: list[int], clock_offset: float | None = None, **options: Any
+    ) -> None:
+        """``clock_offset``: seconds this member's wall clock runs ahead (negative: behind);
+        then ``call("clock_offset", seconds=...)`` moves it (see tests/node_process.py)."""
         self.port = port
         self.local = f"127.0.0.1:{port}"
         self.peers = [f"127.0.0.1:{p}" for p in peer_ports]
         self.options = options
         env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+        if clock_offset is not None:
+            env["GCOLLECTIVE_TEST_CLOCK_OFFSET"] = repr(clock_offset)
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "node_process.py")],
             stdin=subprocess.PIPE,

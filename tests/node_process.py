@@ -13,6 +13,13 @@ Commands (``{"cmd": ..., ...}``):
   stats                            -> node.stats()
   snapshot                         -> {"value": whole tree}
   wait_leaves {count, timeout}     wait until at least count leaves -> {"leaves", "seconds"}
+  metadata                         -> {"entries": metadata entries held (stamps, tombstones)}
+  clock_offset {seconds}           move this process's wall clock (needs the variable below)
+
+With GCOLLECTIVE_TEST_CLOCK_OFFSET=<seconds> in the environment, the process's wall clock
+(``time.time`` and ``time.time_ns``, before gcollective is imported) runs that far ahead (or
+behind, if negative): a member with a wrong clock, for the clock-skew tests. The library's
+own clock source stays as it is in production.
   stop {timeout}                   flush and stop, then exit
 """
 
@@ -30,6 +37,24 @@ import gevent  # noqa: E402
 from gevent.fileobject import FileObjectPosix  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def offset_wall_clock(seconds):
+    """Make ``time.time``/``time.time_ns`` run ``seconds`` off from now on; returns the setter
+    for a new offset. (Before gcollective is imported, so its default clock takes it too.)"""
+    offset_ns = [int(seconds * 1e9)]
+    real_time_ns = time.time_ns
+    time.time_ns = lambda: real_time_ns() + offset_ns[0]
+    time.time = lambda: time.time_ns() / 1e9
+
+    def set_offset(new_seconds):
+        offset_ns[0] = int(new_seconds * 1e9)
+
+    return set_offset
+
+
+_OFFSET = os.environ.get("GCOLLECTIVE_TEST_CLOCK_OFFSET")
+set_clock_offset = offset_wall_clock(float(_OFFSET)) if _OFFSET is not None else None
 
 import gcollective  # noqa: E402
 
@@ -98,6 +123,15 @@ def handle(node, request):
             gevent.sleep(0.05)
             leaves = count_leaves(live_tree(node))
         return node, {"leaves": leaves, "seconds": time.monotonic() - began}
+    if cmd == "metadata":
+        from test_gc import metadata_size
+
+        return node, {"entries": metadata_size(node)}
+    if cmd == "clock_offset":
+        if set_clock_offset is None:
+            raise RuntimeError("started without GCOLLECTIVE_TEST_CLOCK_OFFSET")
+        set_clock_offset(request["seconds"])
+        return node, {}
     if cmd == "stop":
         gcollective.stop(request.get("timeout", 5.0))
         return None, {"stopped": True}

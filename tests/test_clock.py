@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gcollective._clock import HybridClock, millis_stamp, stamp_millis, stamp_origin
+from gcollective._clock import HybridClock, millis_stamp, stamp_lead, stamp_millis, stamp_origin
 
 NODE = 0x1234_5678_9ABC_DEF0
 
@@ -95,3 +95,12 @@ def test_every_stamp_exceeds_everything_before_it(steps: list[tuple[str, int, in
             seen = millis_stamp(ms) | (ms + 1)
             clock.observe(seen)
             floor = max(floor, seen)
+
+
+def test_stamp_lead_is_how_far_a_stamp_is_ahead_of_a_wall_clock() -> None:
+    """What the clock_skew rule compares (tests/test_clock_skew.py): to the millisecond,
+    whatever the logical counter and origin."""
+    now_ns = 5_000 * 1_000_000 + 999_999
+    assert stamp_lead(millis_stamp(7_500) | NODE, now_ns) == 2.5
+    assert stamp_lead((millis_stamp(4_000) + (3 << 64)) | NODE, now_ns) == -1.0
+    assert stamp_lead(((1 << 64) - 1) << 64, now_ns) > 1e11  # the last hlc the wire carries
