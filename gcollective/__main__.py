@@ -19,16 +19,16 @@ import sys
 import time
 from typing import Any
 
-from ._validate import format_address, parse_address
+from ._validate import check_seconds, format_address, is_ascii_digits, parse_address
 
 SECRET_ENV = "GCOLLECTIVE_SECRET"
 
 
 def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    # (not int(text) alone: it takes other scripts' digits, "1_000" and spaces)
+    if not is_ascii_digits(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    number = int(text)
     if number < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return number
@@ -54,12 +54,9 @@ def _addresses(text: str) -> list[tuple[str, int]]:
 
 def _seconds(text: str) -> float:
     try:
-        number = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return number
+        return check_seconds("the value", float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _add_security(parser: argparse.ArgumentParser) -> None:
@@ -341,6 +338,11 @@ def format_status(stats: dict[str, Any], now: float | None = None) -> str:
         f"{stats.get('refused_connections')}   log {stats.get('log_ops')} ops / "
         f"{_size(stats.get('log_bytes') or 0)}",
     ]
+    if stats.get("internal_errors"):
+        lines.append(
+            f"  internal errors {stats['internal_errors']}, the last: "
+            f"{stats.get('last_internal_error')}"
+        )
     peers = stats.get("peers") or {}
     if not peers:
         lines.append("no peers")

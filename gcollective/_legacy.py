@@ -65,9 +65,12 @@ from . import _node
 from ._errors import InvalidKeyError, InvalidValueError, ProtocolError
 from ._store import MISSING, copy_value, is_number, read_path
 from ._validate import (
+    MAX_BYTES,
     Key,
     check_amount,
     check_positive,
+    check_seconds,
+    check_sizes,
     clean_value,
     format_address,
     parse_address,
@@ -623,6 +626,10 @@ class LegacyCollective(_node._Member):
             raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
         if native_only.get("check_hostname"):
             raise ValueError("check_hostname: protocol 'collective.js' has no TLS")
+        # Ignored here, but checked as the native mode would: one configuration, one verdict.
+        log_bytes = native_only.get("log_bytes", 0)
+        check_sizes(log_bytes=(log_bytes, 0, MAX_BYTES))
+        check_positive(**{k: v for k, v in native_only.items() if k != "log_bytes"})
         super().__init__(
             local,
             peers,
@@ -667,6 +674,7 @@ class LegacyCollective(_node._Member):
         # Members' hosts are known before anything is accepted (see _first_line_deadline).
         for host in {self.local[0], self.advertise[0], *(peer[0] for peer in self.peers)}:
             self._note_member_host(host)
+        timeout = check_seconds("timeout", timeout, 0.0)
         self._start_serving()
         self._warn_if_exposed()
         deadline = time.monotonic() + timeout
@@ -674,6 +682,8 @@ class LegacyCollective(_node._Member):
             self._add_link(address, new_flag=False)
         self._link_attempted()
         self._attempted.wait(max(0.0, deadline - time.monotonic()))
+        if self._stopping:
+            return  # stopped meanwhile
         self._announce()
         if not self._ready.wait(max(0.0, deadline - time.monotonic())):
             chosen = self._join_link.name if self._join_link is not None else "?"
@@ -701,6 +711,7 @@ class LegacyCollective(_node._Member):
         if not self._started or self._stopping:
             return
         self._stop_serving()
+        self._attempted.set()  # a start() still waiting (in another greenlet) returns now
         self._announced.set()  # writers still waiting for it must see the stop
         self._stop_links(timeout)
         log.info("node %s (collective.js mode) stopped", format_address(self.local))
@@ -793,6 +804,9 @@ class LegacyCollective(_node._Member):
             "accepts_applied": self.accepts_applied,
             "refused_connections": self.refused_connections,
             "refusals": dict(self._refusals.counts),
+            "internal_errors": self.internal_errors,  # (its writers' only: see _Writer)
+            "last_internal_error": self.last_internal_error,
+            "last_internal_error_at": self.last_internal_error_at,
             "peers": peers,
         }
 

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 import weakref
 from itertools import repeat
@@ -68,9 +69,11 @@ from ._errors import AuthenticationError, InvalidValueError, NotStartedError, Pr
 from ._oplog import OpLog, Progress
 from ._store import DELETE, INCREMENT, SET, Store, copy_value, is_number
 from ._validate import (
+    MAX_BYTES,
     Key,
     check_amount,
     check_positive,
+    check_seconds,
     check_sizes,
     check_ttl,
     clean_value,
@@ -133,6 +136,11 @@ _COALESCE_SECONDS = 0.001
 # before it looks for a loop under one parent again: scattered writes skip that look.
 _WAY_SKIPS = 8
 _INF = float("inf")
+# Background work that may be large (a burst of 50,000 expiries, a sweep over millions of
+# entries) goes in steps of at most this many items, and yields to the hub after about
+# _SLICE_SECONDS of them: each slice holds every other greenlet (and delivery) while it runs.
+_STEP = 100
+_SLICE_SECONDS = 0.005
 #: The largest ``clock_skew`` accepted (a year): stamps within it of the wall clock stay far
 #: below what the wire carries.
 MAX_CLOCK_SKEW = 366 * 24 * 3600.0
@@ -170,6 +178,24 @@ def _after_fork_in_child() -> None:
     _running_nodes.clear()
     for node in nodes:
         node._forget_after_fork()
+
+
+def _in_slices(step: Callable[[], bool]) -> None:
+    """Call ``step`` (a bounded amount of work; True once there is no more) until it is done,
+    yielding to the hub after every ``_SLICE_SECONDS`` of it."""
+    began = time.monotonic()
+    while not step():
+        if time.monotonic() - began > _SLICE_SECONDS:
+            _let_others_run()
+            began = time.monotonic()
+
+
+def _let_others_run() -> None:
+    """Yield to every other greenlet, those waiting on a timer or on I/O included: a
+    ``sleep(0)`` only lets those already ready run (the event loop runs its callbacks and
+    comes straight back, so a 2 ms timer waited for the whole burst), a timer goes through a
+    whole turn of the loop."""
+    gevent.sleep(0.000_001)
 
 
 def backoff_delay(failures: int, low: float, high: float) -> float:
@@ -369,6 +395,7 @@ class Watch:
         self.failures = 0
         self._queue: Queue = Queue()
         self._cancelled = False
+        self._closing = False  # the end mark is queued behind the last events
         self._greenlet = gevent.spawn(self._consume)
 
     @property
@@ -379,7 +406,9 @@ class Watch:
     @property
     def pending(self) -> int:
         """Events queued but not yet handed to the callback."""
-        return self._queue.qsize()
+        if self._cancelled or self._greenlet.dead:
+            return 0  # (what may be left is the end mark)
+        return self._queue.qsize() - self._closing
 
     def cancel(self) -> None:
         """Stop delivering, including events already queued. Idempotent; safe to call from
@@ -388,13 +417,37 @@ class Watch:
             return
         self._cancelled = True
         self.node._remove_watch(self)
+        self._drop_queued()  # dropped, not delivered
         self._queue.put(_STOP_WATCH)
+
+    def _drop_queued(self) -> None:
+        queue = self._queue
+        while not queue.empty():
+            queue.get_nowait()
 
     def _close(self) -> None:
         """The node stopped: deliver what is queued, then end."""
+        self._closing = True
         self._queue.put(_STOP_WATCH)
 
     def _consume(self) -> None:
+        try:
+            self._deliver()
+        except BaseException as exc:
+            # Ended by what must end a greenlet (SystemExit, KeyboardInterrupt, a kill): the
+            # watch must not stay registered with nobody consuming its queue.
+            if not self._cancelled and not isinstance(exc, gevent.GreenletExit):
+                log.error(
+                    "watch %r: callback raised %s: the watch is cancelled",
+                    self._name,
+                    type(exc).__name__,
+                    exc_info=True,
+                )
+            self.cancel()
+            self._drop_queued()  # (its end mark too: nobody consumes it any more)
+            raise
+
+    def _deliver(self) -> None:
         get = self._queue.get
         while True:
             event = get()
@@ -402,14 +455,22 @@ class Watch:
                 return
             try:
                 self.callback(*event)
-            except Exception:
+            except (gevent.GreenletExit, KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:
+                # Any other exception, BaseException subclasses included, is the callback's
+                # failure on this one change: logged, and the watch goes on.
                 self.failures += 1
                 log.exception(
                     "watch %r: callback failed on a change at %r (the watch goes on)",
-                    _key_of(self.prefix) if self.prefix else "",
+                    self._name,
                     event[0],
                 )
             self.delivered += 1
+
+    @property
+    def _name(self) -> Key:
+        return _key_of(self.prefix) if self.prefix else ""
 
     def __repr__(self) -> str:
         state = "active" if self.active else "ended"
@@ -421,13 +482,36 @@ class _Writer:
     member and sends what is pending (``_run``, in the subclass), waiting between attempts."""
 
     node: Any
+    name: str  # the member's address, for log lines
     greenlet: gevent.Greenlet | None
     wake: Event  # something is pending (or the node is stopping)
     kick: Event  # the member is known to be up: skip the rest of the backoff
     pending: list[bytes]
 
     def start(self) -> None:
-        self.greenlet = gevent.spawn(self._run)
+        self.greenlet = gevent.spawn(self._supervise)
+
+    def _supervise(self) -> None:
+        """Run the writer. An unexpected exception (a bug, never a network error: ``_run``
+        handles those) must not end it silently: it is logged with its traceback and counted
+        (``stats()``), its connection was closed on the way out, and the writer dials again
+        after a backoff, so the member is caught up as after any lost connection."""
+        failures = 0
+        while True:
+            try:
+                self._run()
+                return
+            except Exception as exc:
+                failures += 1
+                self.node._internal_error(f"writer to {self.name}")
+                self._failed(f"internal error: {type(exc).__name__}: {exc}")
+                if self.node._stopping:
+                    self.state = "stopped"
+                    return
+                self._backoff(failures)
+
+    def _failed(self, reason: str) -> None:
+        raise NotImplementedError
 
     def stop(self) -> None:
         """Wake the writer so it notices the node is stopping."""
@@ -478,6 +562,7 @@ class _PeerLink(_Writer):
         self.last_heard = time.monotonic()
         self.last_report = self.last_heard  # the last PROGRESS accepted (or the start)
         self.down = False
+        self.is_self = False  # the address turned out to be this node's own (see _run)
         # After a snapshot was queued for the peer: its version vector. The snapshot is owed
         # (and sent again on every new connection) until the peer's PROGRESS shows it has
         # merged it: a sendall that succeeded proves nothing if the connection then broke.
@@ -565,7 +650,7 @@ class _PeerLink(_Writer):
     def _run(self) -> None:
         node = self.node
         failures = 0
-        while not node._stopping:
+        while not node._stopping and not self.is_self:
             self.state = "connecting"
             self._phase = "connect"
             heard = self.last_heard
@@ -608,7 +693,7 @@ class _PeerLink(_Writer):
                 self.authenticated = self.tls = False
             if self._unanswered(heard):
                 break
-            if not node._stopping:
+            if not node._stopping and not self.is_self:
                 self._backoff(failures)
         self.state = "stopped"
 
@@ -853,9 +938,9 @@ class _Member:
             backoff_max=backoff_max,
         )
         check_sizes(
-            max_frame=(max_frame, 1024),
-            max_queue_bytes=(max_queue_bytes, 1024),
-            max_connections=(max_connections, 1),
+            max_frame=(max_frame, 1024, MAX_BYTES),
+            max_queue_bytes=(max_queue_bytes, 1024, MAX_BYTES),
+            max_connections=(max_connections, 1, 1 << 20),
         )
         self.connect_timeout = float(connect_timeout)
         self.send_timeout = float(send_timeout)
@@ -874,9 +959,23 @@ class _Member:
         self._pid = 0
         self._generation = -1
         self.started_at: float | None = None
+        # Unexpected exceptions (bugs) caught in a background greenlet (see _internal_error).
+        self.internal_errors = 0
+        self.last_internal_error: str | None = None
+        self.last_internal_error_at: float | None = None
 
     def start(self, timeout: float = 10.0) -> None:
         raise NotImplementedError
+
+    def _internal_error(self, where: str) -> None:
+        """Log the exception being handled, a bug in ``where`` (a writer, a reader, the flush,
+        the sweep, the expirer), at ERROR with its traceback, and count it for ``stats()``.
+        The caller then carries on: no background greenlet may die silently."""
+        exc = sys.exc_info()[1]
+        self.internal_errors += 1
+        self.last_internal_error = f"{where}: {type(exc).__name__}: {exc}"
+        self.last_internal_error_at = time.time()
+        log.exception("%s failed unexpectedly (carrying on)", where)
 
     def stop(self, timeout: float = 5.0) -> None:
         raise NotImplementedError
@@ -895,12 +994,22 @@ class _Member:
         self._server = StreamServer(
             self.local, self._handle_connection, spawn=Pool(self.max_connections)
         )
-        self._server.start()
+        try:
+            self._server.start()
+        except BaseException:
+            # Nothing else started yet: back to a node that was never started, which can be
+            # started again (once the port is free) and refuses writes meanwhile.
+            self._server = None
+            self._started = False
+            self._generation = -1
+            self.started_at = None
+            raise
         _running_nodes.add(self)
 
     def _stop_serving(self) -> None:
         """Mark the member stopping and stop listening (the caller checked it is running)."""
         self._stopping = True
+        self._ready.set()  # a start() still waiting (in another greenlet) returns now
         _running_nodes.discard(self)
         if self._server is not None:
             self._server.close()
@@ -962,12 +1071,14 @@ class _Member:
         return self._synced.is_set()
 
     def _check_writable(self) -> None:
+        if not self._started:
+            raise NotStartedError("the node is not running: call start() first")
         if self._generation != _fork_generation:
             raise NotStartedError(
                 f"this node belongs to process {self._pid}; start a new one after fork"
             )
-        if not self._started or self._stopping:
-            raise NotStartedError("the node is not running: call start() first")
+        if self._stopping:
+            raise NotStartedError("the node was stopped: start a new one")
 
 
 class Collective(_Member):
@@ -1088,7 +1199,7 @@ class Collective(_Member):
             down_timeout=down_timeout,
             clock_skew=clock_skew,
         )
-        check_sizes(log_bytes=(log_bytes, 0))
+        check_sizes(log_bytes=(log_bytes, 0, MAX_BYTES))
         self.sync_interval = float(sync_interval)
         self.handshake_timeout = float(handshake_timeout)
         self.idle_timeout = float(idle_timeout)
@@ -1148,6 +1259,9 @@ class Collective(_Member):
         # Replaced, never changed in place, so a loop over it survives (un)watching; empty
         # means nobody watches, and then the data paths skip the watch code entirely.
         self._watches: list[Watch] = []
+        # The same watches by prefix (see _index_keys).
+        self._watch_at: dict[tuple[str, ...], list[Watch]] = {}
+        self._watch_below: dict[tuple[str, ...], list[Watch]] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -1156,11 +1270,13 @@ class Collective(_Member):
 
         Returns as soon as a snapshot from a peer is merged, or once every peer failed one
         connection attempt (so the first member up does not wait), or after ``timeout``
-        seconds, whichever comes first. Raises ``OSError`` if the address cannot be bound.
-        Blocks the calling greenlet only.
+        seconds, or when ``stop()`` is called, whichever comes first. Raises ``OSError`` if
+        the address cannot be bound, and then leaves the node as it was (it can be started
+        again). Blocks the calling greenlet only.
         """
         if self._started:
             raise RuntimeError("this Collective was already started; create a new one")
+        timeout = check_seconds("timeout", timeout, 0.0)
         if self._tls_files is not None and self._tls is None:
             # Built here, not at import or construction: loading keys is I/O, and a bad file
             # should fail the start (with a ValueError naming it), before anything listens.
@@ -1179,7 +1295,7 @@ class Collective(_Member):
         self._advance()
         self._expirer = gevent.spawn(self._expiring)
         self._check_ready()
-        if not self._ready.wait(timeout):
+        if not self._ready.wait(timeout) and not self._stopping:
             log.warning(
                 "started without a peer's state after %.1fs; carrying on (it merges later)",
                 timeout,
@@ -1218,6 +1334,7 @@ class Collective(_Member):
         if self._expirer is not None:
             self._expirer.kill(block=True, timeout=1)
         watches, self._watches = self._watches, []
+        self._watch_at, self._watch_below = {}, {}
         for watch in watches:
             watch._close()  # what is queued is still delivered
         log.info("node %s stopped", format_address(self.local))
@@ -1313,6 +1430,9 @@ class Collective(_Member):
             "received_ops": self.received_ops,
             "applied_ops": self.applied_ops,
             "refused_connections": self.refused_connections,
+            "internal_errors": self.internal_errors,
+            "last_internal_error": self.last_internal_error,
+            "last_internal_error_at": self.last_internal_error_at,
             "clock_refusals": self.clock_refusals,
             "refusals": dict(self._refusals.counts),
             "sequence_clashes": self.sequence_clashes,
@@ -1350,42 +1470,60 @@ class Collective(_Member):
         the old and new values are not both dicts.
 
         The callback runs in the watch's own greenlet, one event at a time, so a slow or
-        failing one never holds up replication; an exception is logged and the watch goes
-        on. Events wait in an unbounded queue meanwhile (``Watch.pending``). Without any
-        watch, nothing is spent on watching.
+        failing one never holds up replication; an exception (a ``BaseException`` subclass
+        too) is logged and the watch goes on, but ``SystemExit`` and ``KeyboardInterrupt``
+        cancel it (logged) and go on to the main greenlet. Events wait in an unbounded queue
+        meanwhile (``Watch.pending``). Without any watch, nothing is spent on watching; a
+        change costs only the watches at, above or below its path. ``NotStartedError`` once
+        the node was stopped, or in a child forked after it started.
         """
+        if self._started:
+            self._check_writable()  # stopped, or inherited through a fork
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         watch = Watch(self, _watch_prefix(prefix), callback)
         self._watches = [*self._watches, watch]
+        for index, key in self._index_keys(watch.prefix):
+            index.setdefault(key, []).append(watch)
         return watch
+
+    def _index_keys(self, prefix: tuple[str, ...]) -> Iterator[tuple[dict[Any, Any], Any]]:
+        """Where a watch on ``prefix`` is indexed: under its prefix in ``_watch_at``, and
+        under each ancestor of it (but the root) in ``_watch_below``. So an operation finds
+        the watches it concerns with one lookup per segment of its path, whatever the number
+        of watches. (Index lists change in place: nothing that walks them yields.)"""
+        yield self._watch_at, prefix
+        for size in range(1, len(prefix)):
+            yield self._watch_below, prefix[:size]
 
     def _remove_watch(self, watch: Watch) -> None:
         if watch in self._watches:
             self._watches = [w for w in self._watches if w is not watch]
+            for index, key in self._index_keys(watch.prefix):
+                watches = index[key]
+                watches.remove(watch)
+                if not watches:
+                    del index[key]
 
     def _notify(self, path: tuple[str, ...], op: int, origin: int) -> None:
-        """Queue one applied operation for the watches it concerns."""
+        """Queue one applied operation for the watches it concerns: those at or above its
+        path, and those below it (a change above a prefix is reported at the prefix)."""
         get = self._store.get
-        size = len(path)
-        who = None
-        for watch in self._watches:
+        who = f"{origin:x}"
+        watch_at = self._watch_at
+        for size in range(len(path) + 1):
+            watches = watch_at.get(path[:size])
+            if watches:
+                key, operation = _key_of(path), _OPERATIONS[op]
+                for watch in watches:
+                    watch._queue.put((key, get(path), operation, who))
+        for watch in self._watch_below.get(path, ()):
             prefix = watch.prefix
-            if len(prefix) <= size:
-                if path[: len(prefix)] != prefix:
-                    continue
-                event = (_key_of(path), get(path), _OPERATIONS[op])
-            elif prefix[:size] == path:
-                value = get(prefix, _MISSING)
-                if value is _MISSING:
-                    event = (_key_of(prefix), None, Operation.DELETE)
-                else:
-                    event = (_key_of(prefix), value, Operation.SET)
+            value = get(prefix, _MISSING)
+            if value is _MISSING:
+                watch._queue.put((_key_of(prefix), None, Operation.DELETE, who))
             else:
-                continue
-            if who is None:
-                who = f"{origin:x}"
-            watch._queue.put((*event, who))
+                watch._queue.put((_key_of(prefix), value, Operation.SET, who))
 
     def _merge_watched(self, items: list[Any]) -> None:
         """``Store.merge`` for watched nodes: compare what each concerned watch sees before
@@ -1629,12 +1767,20 @@ class Collective(_Member):
         if ttls is not None:
             columns += (ttls,)
         numbered_from = self._seq + 1
+        frames: list[tuple[int, int, bytes]] = []
+        try:
+            self._encode_batch(numbered_from, columns, frames)
+        except Exception:
+            # A bug: these operations cannot go out as OPS. They stay unnumbered (no gap in
+            # what peers expect next) and reach every peer in a snapshot, which holds them.
+            self._internal_error("the flush of own operations")
+            for link in self._links.values():
+                link.resync()
+            return
         self._seq += size
         node_id = self.node_id
         self._progress.applied[node_id] = self._seq
         self._progress.stamps[node_id] = stamps[-1]
-        frames: list[tuple[int, int, bytes]] = []
-        self._encode_batch(numbered_from, columns, frames)
         links = self._links.values()
         add_to_log = self._log.add
         for first, last, frame in frames:
@@ -1734,6 +1880,10 @@ class Collective(_Member):
                 log.warning("connection from %s closed: TLS error: %s", peer, exc)
             else:
                 log.info("connection from %s closed: %s", peer, exc or type(exc).__name__)
+        except Exception:
+            # A bug: the connection is closed (below); the peer dials again and the
+            # exchange of progress catches up whatever this one lost.
+            self._internal_error(f"reader from {peer}")
         finally:
             self._handlers.discard(current)
             if conn is not sock:
@@ -1868,7 +2018,7 @@ class Collective(_Member):
         if is_status_request(messages[0]):
             self._answer_status(sock, peer, handshake)
             return
-        hello = self._check_hello(messages[0], authenticated=opener is not None)
+        hello = self._check_hello(messages[0], sock, authenticated=opener is not None)
         if self.check_hostname and not self._tls.names_host(sock, hello.host):
             raise _refusal(
                 f"peer's certificate ({self._tls.describe_peer(sock)}) does not name the host "
@@ -1946,7 +2096,7 @@ class Collective(_Member):
                     gc.enable()
             gevent.sleep(0)  # fairness: one busy peer must not starve the others
 
-    def _check_hello(self, message: Any, authenticated: bool) -> Hello:
+    def _check_hello(self, message: Any, sock: Any, authenticated: bool) -> Hello:
         """The first frame of a connection as a HELLO this node accepts, or ``ProtocolError``
         (category ``hello``, or ``AuthenticationError``)."""
         if not authenticated:
@@ -1958,6 +2108,7 @@ class Collective(_Member):
             exc.category = "hello"
             raise
         if hello.node_id == self.node_id:
+            self._forget_own_alias(sock)
             raise _refusal("connected to itself", "hello")
         if hello.node_id in self._down_ids:
             raise _refusal(
@@ -2013,6 +2164,33 @@ class Collective(_Member):
             return False
         patience = max(3 * self.sync_interval, 1.0)
         return time.monotonic() - link.last_heard < patience
+
+    def _forget_own_alias(self, sock: Any) -> None:
+        """A connection of ours came back to us: the peer address one of our writers dialled
+        is this node under another spelling (``localhost:P`` for ``127.0.0.1:P``). That link
+        stops dialling and leaves the peers, with one warning; the rest of the connection's
+        handling refuses it as usual."""
+        try:
+            dialler = sock.getpeername()[:2]
+        except OSError:
+            return
+        for address, link in list(self._links.items()):
+            raw = link._sock
+            try:
+                ours = raw is not None and raw.getsockname()[:2] == dialler
+            except OSError:
+                ours = False
+            if ours:
+                log.warning(
+                    "peer %s is this node itself (its own address spelled differently): no "
+                    "longer dialling it; list one spelling of each address on every member",
+                    link.name,
+                )
+                del self._links[address]
+                link.is_self = True
+                link.stop()
+                link.drop_connection()
+                self._check_ready()
 
     def _answer_status(self, sock: Any, peer: str, handshake: AcceptorHandshake | None) -> None:
         """Reply to a status query (``python -m gcollective status``) with ``stats()``: one
@@ -2223,36 +2401,50 @@ class Collective(_Member):
         what no operation can reach any more, a slice at a time."""
         while not self._stopping:
             gevent.sleep(self.sync_interval)
-            now = time.monotonic()
-            asked = self._snapshot_link
-            patience = max(5.0, 10 * self.sync_interval)
-            if asked is not None and not self.synced and now - self._snapshot_asked_at > patience:
-                # No answer yet (a connection that died unnoticed, a peer that is stuck):
-                # ask again, preferably someone else.
-                asked.requested_snapshot = False
-                self._snapshot_link = None
-                self._request_snapshot(avoid=asked)
-            for link in self._links.values():
-                if not link.down and now - link.last_heard > self.down_timeout:
-                    link.down = True
-                    if link.peer_id is not None:
-                        self._down_ids.add(link.peer_id)
-                    log.warning(
-                        "peer %s silent for %gs: declared down (metadata it might have needed "
-                        "is forgotten; if it comes back it must restart empty)",
-                        link.name,
-                        self.down_timeout,
-                    )
-            self._frontier = self._own_frontier()
-            frontier = self._gc_frontier()
-            # Expiries every member has passed become real deletes; collect then forgets them.
-            self._advance()
-            self._store.expire(frontier)
-            # Small slices: each one holds the hub (and so every delivery) while it runs.
-            for _ in range(50):
-                if self._store.collect(frontier, budget=1000):
-                    break
-                gevent.sleep(0)
+            try:
+                self._housekeep()
+            except Exception:
+                self._internal_error("the housekeeping sweep")  # and again next interval
+
+    def _housekeep(self) -> None:
+        """One round of ``_housekeeping``."""
+        now = time.monotonic()
+        asked = self._snapshot_link
+        patience = max(5.0, 10 * self.sync_interval)
+        if asked is not None and not self.synced and now - self._snapshot_asked_at > patience:
+            # No answer yet (a connection that died unnoticed, a peer that is stuck):
+            # ask again, preferably someone else.
+            asked.requested_snapshot = False
+            self._snapshot_link = None
+            self._request_snapshot(avoid=asked)
+        for link in self._links.values():
+            if not link.down and now - link.last_heard > self.down_timeout:
+                link.down = True
+                if link.peer_id is not None:
+                    self._down_ids.add(link.peer_id)
+                log.warning(
+                    "peer %s silent for %gs: declared down (metadata it might have needed "
+                    "is forgotten; if it comes back it must restart empty)",
+                    link.name,
+                    self.down_timeout,
+                )
+        self._frontier = self._own_frontier()
+        frontier = self._gc_frontier()
+        # Expiries every member has passed become real deletes; collect then forgets them.
+        self._advance()
+        store = self._store
+
+        def expire_step() -> bool:
+            store.expire(frontier, _STEP)
+            return not store.expirable(frontier)
+
+        steps_left = iter(range(50_000 // _STEP))  # a big tree is swept over several rounds
+
+        def collect_step() -> bool:
+            return store.collect(frontier, _STEP) or next(steps_left, None) is None
+
+        _in_slices(expire_step)
+        _in_slices(collect_step)
 
     def _due_by(self, due_ms: float) -> None:
         """An expiry is due at ``due_ms``: wake the expirer if that is sooner than it knew."""
@@ -2271,8 +2463,8 @@ class Collective(_Member):
         """Let the store's expiries due by now fire, and tell the watches."""
         store = self._store
         now_ms = int(time.time() * 1000)
-        fired = store.advance(now_ms)
-        self._next_due = store.next_expiry
+        fired = store.advance(now_ms, _STEP)
+        self._next_due = store.next_expiry  # still due if the slice did not finish
         if fired:
             # Whatever this node does after seeing a key expire must order after the expiry
             # (derived stamps sit at counter 0 of their millisecond), or it would expire too.
@@ -2295,7 +2487,13 @@ class Collective(_Member):
                 delay = (due - time.time() * 1000) / 1000
                 if delay > 0:
                     wake.wait(delay)
-            self._advance()
+                else:
+                    _let_others_run()  # between slices of a burst
+            try:
+                self._advance()
+            except Exception:
+                self._internal_error("the expirer")
+                gevent.sleep(self.sync_interval)  # a bug: do not retry in a tight loop
 
     def _own_frontier(self) -> int:
         """A stamp below which no operation can still reach this node.

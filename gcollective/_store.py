@@ -1134,25 +1134,30 @@ class Store:
         """Registered expiries not yet made permanent (due or not; some may be stale)."""
         return len(self._pending) + len(self._due)
 
-    def advance(self, now_ms: float | int) -> list[tuple[tuple[str, ...], int]]:
+    def advance(
+        self, now_ms: float | int, budget: float = float("inf")
+    ) -> list[tuple[tuple[str, ...], int]]:
         """Move the store's time forward to ``now_ms`` (wall-clock milliseconds; a smaller
-        value than before changes nothing) and let the expiries due by then fire.
+        value than before changes nothing) and let the expiries due by then fire, at most
+        ``budget`` paths of them: while ``next_expiry`` is still due, call again (a burst
+        of expiries then holds the caller's thread a slice at a time).
 
         A fired expiry hides its path as a DELETE at its derived stamp would, for reading
         only: nothing is forgotten yet, since an older operation arriving late may still
         cancel it (``expire`` makes it permanent once none can). Returns ``(path, stamp)``
         of each ttl operation whose expiry fired (the caller may tell watchers).
         """
-        if not now_ms > self.now_ms:
-            return []
-        self.now_ms = now_ms
+        if now_ms > self.now_ms:
+            self.now_ms = now_ms
+        now_ms = self.now_ms
         pending = self._pending
         if not pending or pending[0][0] > now_ms:
             return []
         self._forget_way()
         fired: list[tuple[tuple[str, ...], int]] = []
         tops: dict[tuple[str, ...], None] = {}
-        while pending and pending[0][0] <= now_ms:
+        while pending and pending[0][0] <= now_ms and budget > 0:
+            budget -= 1
             _, _, path = heapq.heappop(pending)
             found = self._locate(path)
             if found is None:
@@ -1179,15 +1184,17 @@ class Store:
             self._rebuild_path(top_path)
         return fired
 
-    def expire(self, frontier: int) -> int:
+    def expire(self, frontier: int, budget: float = float("inf")) -> int:
         """Make permanent the expiries that fired with a derived stamp below ``frontier``
-        (the same stability frontier as ``collect``): each becomes a real DELETE at that
-        stamp, so the path's metadata can be forgotten. Nothing visible changes. Returns how
-        many were applied."""
+        (the same stability frontier as ``collect``), at most ``budget`` of them (while
+        ``expirable(frontier)``, call again): each becomes a real DELETE at that stamp, so
+        the path's metadata can be forgotten. Nothing visible changes. Returns how many were
+        applied."""
         self._forget_way()
         due = self._due
         done = 0
-        while due and due[0][0] < frontier:
+        while due and due[0][0] < frontier and budget > 0:
+            budget -= 1
             expiry, st, path = heapq.heappop(due)
             self._due_stamps.discard(st)
             found = self._locate(path)
@@ -1208,6 +1215,10 @@ class Store:
             done += 1
         self.expired += done
         return done
+
+    def expirable(self, frontier: int) -> bool:
+        """True while ``expire(frontier)`` has something left to look at."""
+        return bool(self._due) and self._due[0][0] < frontier
 
     def _locate(self, path: tuple[str, ...]) -> tuple[tuple[str, ...], _Node] | None:
         """``(path of the topmost node with ttl events on the way, node at path)``, or None

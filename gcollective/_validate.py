@@ -20,7 +20,12 @@ __all__ = [
     "format_address",
     "parse_members",
     "check_positive",
+    "check_seconds",
+    "is_ascii_digits",
     "check_sizes",
+    "MIN_SECONDS",
+    "MAX_SECONDS",
+    "MAX_BYTES",
     "MAX_DEPTH",
 ]
 
@@ -163,7 +168,7 @@ def parse_address(address: Any) -> tuple[str, int]:
     elif isinstance(address, str):
         text = address.strip()
         host, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit():
+        if not sep or not is_ascii_digits(port_text):
             raise ValueError(f"address {address!r} is not host:port")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
@@ -172,7 +177,7 @@ def parse_address(address: Any) -> tuple[str, int]:
         raise ValueError(f"address {address!r} is not host:port, (host, port) or a dict")
     if not isinstance(host, str) or not host:
         raise ValueError(f"address {address!r} has no host")
-    if isinstance(port, str) and port.isdigit():
+    if isinstance(port, str) and is_ascii_digits(port):
         port = int(port)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"address {address!r} has no valid port (1-65535)")
@@ -200,16 +205,43 @@ def parse_members(
     return local_address, advertised, others
 
 
+#: The range of every option given in seconds: shorter would keep the hub busy with timers
+#: and retries, longer is a mistake (a year is already far past any sane timeout).
+MIN_SECONDS = 0.001
+MAX_SECONDS = 365 * 24 * 3600.0
+#: The most any option counted in bytes may say (1 TiB).
+MAX_BYTES = 1 << 40
+
+
+def is_ascii_digits(text: str) -> bool:
+    """True for a non-empty run of 0-9 only: ``str.isdigit`` also accepts other scripts'
+    digits and superscripts, which a port or count must not be."""
+    return text.isascii() and text.isdigit()
+
+
+def check_seconds(name: str, number: Any, least: float = MIN_SECONDS) -> float:
+    """``number`` as a float, or ``ValueError`` naming option ``name`` unless it is an int or
+    float (not a bool), finite, from ``least`` to ``MAX_SECONDS``."""
+    if (
+        not isinstance(number, (int, float))
+        or isinstance(number, bool)
+        or not least <= number <= MAX_SECONDS  # (False for NaN)
+    ):
+        raise ValueError(
+            f"{name} must be a number of seconds from {least:g} to {MAX_SECONDS:g}, not {number!r}"
+        )
+    return float(number)
+
+
 def check_positive(**numbers: Any) -> None:
-    """``ValueError`` naming the first option that is not a positive int or float."""
+    """``check_seconds`` for each option given, with the default least (``MIN_SECONDS``)."""
     for name, number in numbers.items():
-        if not isinstance(number, (int, float)) or isinstance(number, bool) or number <= 0:
-            raise ValueError(f"{name} must be a positive number, not {number!r}")
+        check_seconds(name, number)
 
 
-def check_sizes(**sizes: tuple[Any, int]) -> None:
-    """``ValueError`` naming the first option (given as ``name=(value, least)``) that is not
-    an int of at least ``least``."""
-    for name, (size, least) in sizes.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size < least:
-            raise ValueError(f"{name} must be an int of at least {least}, not {size!r}")
+def check_sizes(**sizes: tuple[Any, int, int]) -> None:
+    """``ValueError`` naming the first option (given as ``name=(value, least, most)``) that is
+    not an int (not a bool) from ``least`` to ``most``."""
+    for name, (size, least, most) in sizes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or not least <= size <= most:
+            raise ValueError(f"{name} must be an int from {least} to {most}, not {size!r}")

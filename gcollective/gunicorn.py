@@ -40,7 +40,14 @@ from gevent import socket as gsocket
 
 import gcollective
 
-from ._validate import format_address, parse_address
+from ._validate import (
+    MAX_SECONDS,
+    MIN_SECONDS,
+    check_seconds,
+    format_address,
+    is_ascii_digits,
+    parse_address,
+)
 
 try:
     from gunicorn.workers import ggevent as _ggevent
@@ -116,7 +123,7 @@ def parse_hosts(text: str, variable: str = "GCOLLECTIVE_HOSTS") -> list[str]:
 def parse_port(text: str, variable: str) -> int:
     """A TCP port number, 1-65535."""
     value = text.strip()
-    if not value.isdigit() or not 0 < int(value) < 65536:
+    if not is_ascii_digits(value) or not 0 < int(value) < 65536:
         raise ConfigError(variable, f"{text!r} is not a port number (1-65535)")
     return int(value)
 
@@ -124,21 +131,21 @@ def parse_port(text: str, variable: str) -> int:
 def parse_count(text: str, variable: str) -> int:
     """A whole number of at least 1."""
     value = text.strip()
-    if not value.isdigit() or int(value) < 1:
+    if not is_ascii_digits(value) or int(value) < 1:
         raise ConfigError(variable, f"{text!r} is not a whole number of at least 1")
     return int(value)
 
 
 def parse_seconds(text: str, variable: str, *, allow_zero: bool = False) -> float:
-    """A finite number of seconds: positive, or also zero when ``allow_zero``."""
+    """A finite number of seconds in the range every option in seconds has (see
+    ``check_seconds``), or also zero when ``allow_zero``."""
     try:
-        value = float(text.strip())
+        return check_seconds(variable, float(text.strip()), 0.0 if allow_zero else MIN_SECONDS)
     except ValueError:
-        value = float("nan")
-    if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
-        kind = "zero or more" if allow_zero else "more than zero"
-        raise ConfigError(variable, f"{text!r} is not a number of seconds ({kind})")
-    return value
+        least = 0 if allow_zero else MIN_SECONDS
+        raise ConfigError(
+            variable, f"{text!r} is not a number of seconds from {least:g} to {MAX_SECONDS:g}"
+        ) from None
 
 
 def parse_peers(text: str, variable: str = "GCOLLECTIVE_PEERS") -> list[tuple[str, int]]:
