@@ -419,11 +419,14 @@ def parse_ops(
     if kinds == {0} and set(map(type, values)) <= _SCALARS:
         pass  # only SETs of plain scalars: nothing more to check
     else:
-        for op, value in zip(ops, values):
+        # (A value's nesting counts on from its path's segments: see ``MAX_DEPTH``.)
+        under = parent.count(".") + 1 if parent else 0
+        for op, path, value in zip(ops, paths, values):
             kind = type(value)
             if op == 0:
                 if kind not in _SCALARS:
-                    _check_json(value, 0)
+                    depth = path.count(".") + 1 if type(path) is str else len(path)
+                    _check_json(value, under + depth)
             elif op == 1:
                 if not (kind is int or (kind is float and math.isfinite(value))):
                     raise ProtocolError("INCREMENT amount is not a number")
