@@ -101,7 +101,7 @@ from ._wire import (
     encode_ops,
     encode_progress,
     encode_snapshot_end,
-    encode_snapshot_item,
+    encode_snapshot_parts,
     encode_status_reply,
     full_paths,
     is_status_request,
@@ -1613,19 +1613,23 @@ class Collective(_Member):
 
     def _snapshot_frames(self, keys: list[str], end: bytes) -> Iterator[bytes]:
         export_item = self._store.export_item
+        # Frames of about the target size, well under what the peer accepts: a subtree
+        # longer than that goes in pieces (only a single value can make a frame longer,
+        # and ``set`` refused values that would not fit in ``max_frame``).
+        target = min(_SNAPSHOT_FRAME_BYTES, self.max_frame // 2)
         parts: list[bytes] = []
         size = 0
         for key in keys:
             item = export_item(key, copy=False)  # (encoded before anything can change)
             if item is None:
                 continue  # forgotten since (a tombstone nothing can reach any more)
-            part = encode_snapshot_item(item)
-            parts.append(part)
-            size += len(part)
-            if size >= _SNAPSHOT_FRAME_BYTES:
-                yield join_snapshot(parts)
-                parts = []
-                size = 0
+            for part in encode_snapshot_parts(item, target):
+                if parts and size + len(part) > target:
+                    yield join_snapshot(parts)
+                    parts = []
+                    size = 0
+                parts.append(part)
+                size += len(part)
         if parts:
             yield join_snapshot(parts)
         yield end
