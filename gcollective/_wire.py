@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from itertools import accumulate, islice, repeat
+from itertools import accumulate, chain, islice, repeat
 from operator import and_, lshift, rshift, sub
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -280,23 +280,40 @@ def _node_parts(entry: list[Any], wrap: Any, limit: int, scale: list[float]) -> 
     small = type(av) is int
     head = [a if small else None, av if small else 0, d, imax, []]
 
-    def within(piece_children: dict[str, Any], keys: list[str]) -> list[Any]:
-        piece_leaves = {k: leaves[k] for k in keys}
-        piece_values = {k: values[k] for k in keys if k in values}
+    def within(
+        piece_children: dict[str, Any], piece_values: dict[str, Any], tombstones: list[str]
+    ) -> list[Any]:
+        piece_leaves = dict(zip(piece_values, map(leaves.__getitem__, piece_values)))
+        if tombstones:
+            piece_leaves.update(zip(tombstones, map(leaves.__getitem__, tombstones)))
         return wrap([*head, piece_children, piece_leaves, piece_values])
 
-    keys = list(leaves)
+    # The leaves in chunks of about the limit (the number learnt as they go): those with a
+    # value in their order in ``values`` (the order they travel in), then the tombstones.
+    valued = iter(values.items())
+    tombstones = [k for k in leaves if k not in values] if len(values) < len(leaves) else []
     count = max(1, int(limit * _FILL / scale[0]))
-    done = 0
-    while done < len(keys):
-        chunk = keys[done : done + count]
-        part = encode_snapshot_item(within({}, chunk))
-        if len(part) > limit and count > 1:
-            count = max(1, count // 2)
+    chunk: dict[str, Any] = {}
+    done = 0  # tombstones sent
+    while True:
+        if len(chunk) < count:
+            chunk.update(islice(valued, count - len(chunk)))
+        dead = tombstones[done : done + count - len(chunk)]
+        size = len(chunk) + len(dead)
+        if not size:
+            break
+        part = encode_snapshot_item(within({}, chunk, dead))
+        if len(part) > limit and size > 1:
+            count = max(1, size // 2)
+            if len(chunk) > count:  # (put the rest back: sent with the next chunk)
+                keep = dict(islice(chunk.items(), count))
+                valued = chain(islice(chunk.items(), count, None), valued)
+                chunk = keep
             continue
         yield part
-        done += len(chunk)
-        scale[0] = len(part) / len(chunk)
+        chunk = {}
+        done += len(dead)
+        scale[0] = len(part) / size
         count = max(1, min(2 * count, int(limit * _FILL / scale[0])))
     group: dict[str, Any] = {}
     weight = 0
@@ -321,7 +338,7 @@ def _child_parts(
     """The parts of one child of a node being split (``within`` wraps it)."""
 
     def wrap(piece: list[Any]) -> list[Any]:
-        return within({name: piece}, [])
+        return within({name: piece}, {}, [])
 
     yield from _node_parts(child, wrap, limit, scale)
 
@@ -330,7 +347,7 @@ def _group_parts(
     group: dict[str, Any], weight: int, within: Any, limit: int, scale: list[float]
 ) -> Iterator[bytes]:
     """Children of a node being split, as one part, or halves when that is too long."""
-    part = encode_snapshot_item(within(group, []))
+    part = encode_snapshot_item(within(group, {}, []))
     if len(part) <= limit:
         scale[0] = len(part) / weight
         yield part
