@@ -77,6 +77,7 @@ from ._store import DELETE, INCREMENT, SET, Store, copy_value, is_number
 from ._validate import (
     INT_BOUND,
     MAX_DEPTH,
+    MAX_INT_DIGITS,
     Key,
     check_amount,
     check_number,
@@ -144,6 +145,7 @@ _INF = float("inf")
 # not fit in ``max_frame`` with these (see ``Collective._check_fits``).
 _OP_BYTES = 256
 _LEVEL_BYTES = 160
+_INT_LOW = -INT_BOUND  # (made once: ``set`` compares every int with it)
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
@@ -1357,10 +1359,15 @@ class Collective(_Member):
         # this is the hot path. (``_writable`` is also how it knows the node was not inherited
         # through a fork: the fork hook clears it.)
         kind = type(value)
-        if not ((kind is int and -INT_BOUND < value < INT_BOUND) or kind is bool or value is None):
-            value = clean_value(value, key.count(".") + 1)
-            if kind is not str or len(key) + len(value) > self._fits_chars:
-                self._check_fits(key, value, key.count(".") + 1)
+        if not ((kind is int and _INT_LOW < value < INT_BOUND) or kind is bool or value is None):
+            if kind is str:
+                value = clean_value(value)
+                if len(key) + len(value) > self._fits_chars:
+                    self._check_fits(key, value, key.count(".") + 1)
+            else:
+                depth = key.count(".") + 1
+                value = clean_value(value, depth)
+                self._check_fits(key, value, depth)
         elif len(key) > self._fits_chars:
             self._check_fits(key, value, key.count(".") + 1)
         stamp = self._clock.stamp()
@@ -1464,23 +1471,34 @@ class Collective(_Member):
     def _check_fits(self, key: Key, value: Any, depth: int) -> None:
         """Refuse an operation (key, checked value, the key's segments) that no peer could
         accept: its OPS frame, or a snapshot frame holding its value alone, would be longer
-        than ``max_frame`` (the same on every member, presumably). Measures only when the
-        key and value might be that long."""
-        chars = len(key) if type(key) is str else sum(map(len, key)) + 4 * len(key)
+        than ``max_frame`` (the same on every member, presumably). Measures only what might
+        be that long (a character takes at most 6 bytes as JSON, 4 unescaped)."""
+        chars = len(key) if isinstance(key, str) else sum(map(len, key)) + 4 * len(key)
         kind = type(value)
         if kind is str:
             chars += len(value)
-        if kind is not dict and kind is not list and chars <= self._fits_chars:
+        elif kind is dict or kind is list:
+            text = ujson.dumps(value, ensure_ascii=False)  # (escaped: 4 bytes a character)
+            chars += len(text)
+        else:
+            chars += MAX_INT_DIGITS  # (a number, or None)
+        if chars <= self._fits_chars:
             return
         limit = self.max_frame - _OP_BYTES - _LEVEL_BYTES * depth
-        wire = key if type(key) is str else list(key)
+        wire = str(key) if isinstance(key, str) else list(key)
         key_bytes = len(ujson.dumps(wire, ensure_ascii=False).encode())
         if key_bytes > limit:
             raise InvalidKeyError(
                 f"key is {key_bytes} bytes long, too long for a frame peers accept "
                 f"(max_frame={self.max_frame})"
             )
-        value_bytes = len(ujson.dumps(value, ensure_ascii=False).encode())
+        if kind is str:
+            text = ujson.dumps(value, ensure_ascii=False)
+        elif kind is not dict and kind is not list:
+            return
+        if key_bytes + 4 * len(text) <= limit:
+            return
+        value_bytes = len(text.encode())
         if key_bytes + value_bytes > limit:
             raise InvalidValueError(
                 f"value is {value_bytes} bytes as JSON, too long for a frame peers accept "
