@@ -1463,7 +1463,7 @@ class Store:
                 continue
             existing = root.entries[key]
             if self._can_graft(root, key, existing, encoded):
-                self._graft(existing, encoded, (key,))  # type: ignore[arg-type]
+                self._graft(existing, encoded, (key,), root.r)  # type: ignore[arg-type]
                 continue
             self._merge_entry(root, key, encoded, (key,))
             entry = root.entries[key]
@@ -1494,14 +1494,15 @@ class Store:
             and not encoded[4]
         )
 
-    def _graft(self, node: _Node, encoded: list[Any], path: tuple[str, ...]) -> None:
+    def _graft(self, node: _Node, encoded: list[Any], path: tuple[str, ...], parent_r: Any) -> None:
         """Merge ``encoded`` into ``node`` (``_can_graft`` said yes, and every node above is
-        a dict without ttl events): what ``_merge_entry`` and a rebuild would make of it,
-        touching only what ``encoded`` holds."""
+        a dict without ttl events; ``parent_r`` is the reset above it): what
+        ``_merge_entry`` and a rebuild would make of it, touching only what ``encoded``
+        holds."""
         d, children, leaves, values = encoded[2], encoded[5], encoded[6], encoded[7]
-        if d is not None and d > node.d:
+        if d is not None and d > node.d and d > node.a and d > parent_r:
             node.d = d  # (a dict stays a dict when a write below is newer)
-        top = max(node.top, NEVER if d is None else d)
+        top = max(node.top, node.d)
         if leaves:
             top = max(top, self._graft_leaves(node, leaves, values))
         data = node.value
@@ -1519,7 +1520,7 @@ class Store:
                 if value is not MISSING:
                     data[k] = value
             elif self._can_graft(node, k, entry, child):
-                self._graft(entry, child, (*path, k))
+                self._graft(entry, child, (*path, k), r)
             else:
                 if node.runs is not None:
                     node.settle_runs()
