@@ -1492,10 +1492,8 @@ class Collective(_Member):
                 f"key is {key_bytes} bytes long, too long for a frame peers accept "
                 f"(max_frame={self.max_frame})"
             )
-        if kind is str:
+        if kind is not dict and kind is not list:
             text = ujson.dumps(value, ensure_ascii=False)
-        elif kind is not dict and kind is not list:
-            return
         if key_bytes + 4 * len(text) <= limit:
             return
         value_bytes = len(text.encode())
