@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from itertools import accumulate, chain, islice, repeat
+from itertools import accumulate, islice, repeat
 from operator import and_, lshift, rshift, sub
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -283,40 +283,35 @@ def _node_parts(entry: list[Any], wrap: Any, limit: int, scale: list[float]) -> 
     head = [a if small else None, av if small else 0, d, imax, []]
 
     def within(
-        piece_children: dict[str, Any], piece_values: dict[str, Any], tombstones: list[str]
+        piece_children: dict[str, Any],
+        piece_leaves: dict[str, int] | None = None,
+        piece_values: dict[str, Any] | None = None,
     ) -> list[Any]:
-        piece_leaves = dict(zip(piece_values, map(leaves.__getitem__, piece_values)))
-        if tombstones:
-            piece_leaves.update(zip(tombstones, map(leaves.__getitem__, tombstones)))
-        return wrap([*head, piece_children, piece_leaves, piece_values])
+        return wrap([*head, piece_children, piece_leaves or {}, piece_values or {}])
 
-    # The leaves in chunks of about the limit (the number learnt as they go): those with a
-    # value in their order in ``values`` (the order they travel in), then the tombstones.
-    valued = iter(values.items())
-    tombstones = [k for k in leaves if k not in values] if len(values) < len(leaves) else []
+    # The leaves in chunks of about the limit (how many is learnt as they go), in the order
+    # they travel in: those with a value in the order of ``values``, then the tombstones.
+    names = list(values)
+    valued = len(names)
+    if valued < len(leaves):
+        names += [k for k in leaves if k not in values]
+    # (Read in order, not looked up one by one: a lookup in a big dict is a cache miss.)
+    stamps = list(leaves.values()) if names == list(leaves) else [leaves[k] for k in names]
+    data = list(values.values())
     count = max(1, int(limit * _FILL / scale[0]))
-    chunk: dict[str, Any] = {}
-    done = 0  # tombstones sent
-    while True:
-        if len(chunk) < count:
-            chunk.update(islice(valued, count - len(chunk)))
-        dead = tombstones[done : done + count - len(chunk)]
-        size = len(chunk) + len(dead)
-        if not size:
-            break
-        part = encode_snapshot_item(within({}, chunk, dead))
-        if len(part) > limit and size > 1:
-            count = max(1, size // 2)
-            if len(chunk) > count:  # (put the rest back: sent with the next chunk)
-                keep = dict(islice(chunk.items(), count))
-                valued = chain(islice(chunk.items(), count, None), valued)
-                chunk = keep
+    start = 0
+    while start < len(names):
+        end = min(start + count, len(names))
+        keys = names[start:end]
+        piece_values = dict(zip(keys, data[start:end])) if start < valued else {}
+        part = encode_snapshot_item(within({}, dict(zip(keys, stamps[start:end])), piece_values))
+        if len(part) > limit and end - start > 1:
+            count = max(1, (end - start) // 2)
             continue
         yield part
-        chunk = {}
-        done += len(dead)
-        scale[0] = len(part) / size
+        scale[0] = len(part) / (end - start)
         count = max(1, min(2 * count, int(limit * _FILL / scale[0])))
+        start = end
     group: dict[str, Any] = {}
     weight = 0
     for name, child in children.items():
@@ -340,7 +335,7 @@ def _child_parts(
     """The parts of one child of a node being split (``within`` wraps it)."""
 
     def wrap(piece: list[Any]) -> list[Any]:
-        return within({name: piece}, {}, [])
+        return within({name: piece})
 
     yield from _node_parts(child, wrap, limit, scale)
 
@@ -349,7 +344,7 @@ def _group_parts(
     group: dict[str, Any], weight: int, within: Any, limit: int, scale: list[float]
 ) -> Iterator[bytes]:
     """Children of a node being split, as one part, or halves when that is too long."""
-    part = encode_snapshot_item(within(group, {}, []))
+    part = encode_snapshot_item(within(group))
     if len(part) <= limit:
         scale[0] = len(part) / weight
         yield part
