@@ -767,6 +767,8 @@ def _check_entry(entry: Any, depth: int) -> int:
         newest = max(newest, _check_entry(child, depth + 1))
     # Checked a column at a time, in C: a big tree is mostly leaves.
     leaves, values = _leaves_from_columns(leaves, values)
+    if leaves and depth >= MAX_DEPTH:  # (its leaves' paths are one segment longer)
+        raise ProtocolError("SNAPSHOT entry is nested too deeply")
     entry[6] = leaves
     entry[7] = values
     if leaves and not (
