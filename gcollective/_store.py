@@ -1446,7 +1446,8 @@ class Store:
         received every operation that one had received, too.
 
         Accepts the whole ``export()`` list or any slice of it, so a snapshot can arrive in
-        chunks interleaved with live operations.
+        chunks interleaved with live operations, and pieces of an item (the same key again
+        with more of its subtree, see ``_wire.encode_snapshot_parts``), which it grafts.
         """
         root = self._root
         self._untidy = True
