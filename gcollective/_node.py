@@ -1444,7 +1444,7 @@ class Collective(_Member):
                 )
             try:
                 check_number(current + amount)
-            except InvalidValueError as exc:
+            except (InvalidValueError, OverflowError) as exc:  # (a big int plus a float)
                 raise InvalidValueError(
                     f"cannot increment {key!r} by {amount!r}: the result would not be a JSON "
                     f"number ({exc})"

@@ -58,6 +58,7 @@ def test_numbers_json_cannot_carry_are_refused_and_the_rest_replicates(cluster, 
     message = refused(a, "incr", key="x", amount=1.7e308)  # inf
     assert "not a JSON number" in message
     assert a.call("get", key="x")["value"] == 1.7e308
+    refused(a, "incr", key="count", amount=1.5)  # (an int that big is no float)
     a.call("set", key="small", value=1)
     wait_until(lambda: b.call("get", key="small")["value"] == 1, what="small reaches b")
     all_converge([a, b], "a and b hold the same")
