@@ -258,8 +258,9 @@ def encode_snapshot_parts(item: list[Any], limit: int) -> Iterator[bytes]:
         yield from _node_parts(entry, wrap, limit, [len(part) / weight])
 
 
-# A leaf of a snapshot's node takes at least this many bytes as it travels (its key in quotes
-# and its packed stamp, commas), and usually about the second figure.
+# A leaf of a snapshot's node hardly takes fewer bytes than the first figure as it travels (a
+# key in quotes, a packed stamp of a wall-clock hlc, 17 digits, and a value), and usually
+# about the second. (A node guessed too long is only cut in pieces it did not need.)
 _LEAF_BYTES_AT_LEAST = 8
 _LEAF_BYTES_GUESS = 40
 _FILL = 0.75  # parts are aimed at this much of their limit (leaves vary in size)
