@@ -40,6 +40,7 @@ from operator import rshift
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import gevent
+import ujson
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.pool import Pool
@@ -65,13 +66,23 @@ from ._clock import (
     stamp_millis,
     stamp_origin,
 )
-from ._errors import AuthenticationError, InvalidValueError, NotStartedError, ProtocolError
+from ._errors import (
+    AuthenticationError,
+    InvalidKeyError,
+    InvalidValueError,
+    NotStartedError,
+    ProtocolError,
+)
 from ._oplog import OpLog, Progress
 from ._store import DELETE, INCREMENT, SET, Store, copy_value, is_number
 from ._validate import (
+    INT_BOUND,
     MAX_BYTES,
+    MAX_DEPTH,
+    MAX_INT_DIGITS,
     Key,
     check_amount,
+    check_number,
     check_positive,
     check_seconds,
     check_sizes,
@@ -96,7 +107,7 @@ from ._wire import (
     encode_ops,
     encode_progress,
     encode_snapshot_end,
-    encode_snapshot_item,
+    encode_snapshot_parts,
     encode_status_reply,
     full_paths,
     is_status_request,
@@ -162,6 +173,13 @@ class _ClockSkew(ProtocolError):
 # holds a connection to us and reports every sync_interval, so it is never forgotten.
 MAX_ANNOUNCED_LINKS = 256
 ANNOUNCED_ATTEMPTS = 5
+# What an operation's frame, or a snapshot frame carrying only its value, holds besides its
+# key and value, at most: the frame's head and stamp, and per segment of the key a snapshot's
+# node (three stamps, brackets, the packed stamp). ``set`` refuses an operation that would
+# not fit in ``max_frame`` with these (see ``Collective._check_fits``).
+_OP_BYTES = 256
+_LEVEL_BYTES = 160
+_INT_LOW = -INT_BOUND  # (made once: ``set`` compares every int with it)
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
@@ -1219,6 +1237,9 @@ class Collective(_Member):
         self._client_tls: Any = None
         # Says who we are in the handshake (authenticated, not secret): the advertised address.
         self._info = format_address(self.advertise)
+        # Keys and str values shorter than this together (in characters) fit in a frame
+        # whatever they hold (at most 6 bytes each as JSON): ``set`` measures only longer ones.
+        self._fits_chars = (max_frame - _OP_BYTES - _LEVEL_BYTES * MAX_DEPTH) // 6
         #: This incarnation's id: fresh on every construction, so a restart is a new origin.
         self.node_id = new_node_id()
         self._store = Store()
@@ -1604,8 +1625,17 @@ class Collective(_Member):
         # this is the hot path. (``_writable`` is also how it knows the node was not inherited
         # through a fork: the fork hook clears it.)
         kind = type(value)
-        if not (kind is int or kind is bool or value is None):
-            value = clean_value(value)
+        if not ((kind is int and _INT_LOW < value < INT_BOUND) or kind is bool or value is None):
+            if kind is str:
+                value = clean_value(value)
+                if len(key) + len(value) > self._fits_chars:
+                    self._check_fits(key, value, key.count(".") + 1)
+            else:
+                depth = key.count(".") + 1
+                value = clean_value(value, depth)
+                self._check_fits(key, value, depth)
+        elif len(key) > self._fits_chars:
+            self._check_fits(key, value, key.count(".") + 1)
         stamp = self._clock.stamp()
         # A writer's loop sets keys under one parent: the store remembers the way to that
         # parent, so such a key is checked and applied in a few steps.
@@ -1646,7 +1676,8 @@ class Collective(_Member):
         if op == SET:
             self._check_writable()
             path = parse_key(key)
-            value = clean_value(value)
+            value = clean_value(value, len(path))
+            self._check_fits(key, value, len(path))
             ttl_ms = 0 if ttl is None else check_ttl(ttl)
             self._apply_local(self._clock.stamp(), SET, path, value, key, ttl_ms)
         elif op == INCREMENT:
@@ -1669,12 +1700,21 @@ class Collective(_Member):
         path = parse_key(key)
         amount = check_amount(amount)
         ttl_ms = 0 if ttl is None else check_ttl(ttl)
+        self._check_fits(key, amount, len(path))
         self._advance_if_due()  # counts from what a get reads now, expiries included
         current = self._store.get(path, _store.MISSING)
-        if current is not _store.MISSING and not is_number(current):
-            raise InvalidValueError(
-                f"cannot increment {key!r}: it holds a {type(current).__name__}, not a number"
-            )
+        if current is not _store.MISSING:
+            if not is_number(current):
+                raise InvalidValueError(
+                    f"cannot increment {key!r}: it holds a {type(current).__name__}, not a number"
+                )
+            try:
+                check_number(current + amount)
+            except (InvalidValueError, OverflowError) as exc:  # (a big int plus a float)
+                raise InvalidValueError(
+                    f"cannot increment {key!r} by {amount!r}: the result would not be a JSON "
+                    f"number ({exc})"
+                ) from None
         stamp = self._clock.stamp()
         self._apply_local(stamp, INCREMENT, path, amount, key, ttl_ms)
         return self._store.get(path)
@@ -1683,6 +1723,7 @@ class Collective(_Member):
         """Remove ``key`` (and everything below it) here and on every peer."""
         self._check_writable()
         path = parse_key(key)
+        self._check_fits(key, None, len(path))
         stamp = self._clock.stamp()
         self._apply_local(stamp, DELETE, path, None, key)
 
@@ -1692,6 +1733,42 @@ class Collective(_Member):
             self._check_writable()
         self._advance_if_due()
         return self._store.to_dict()
+
+    def _check_fits(self, key: Key, value: Any, depth: int) -> None:
+        """Refuse an operation (key, checked value, the key's segments) that no peer could
+        accept: its OPS frame, or a snapshot frame holding its value alone, would be longer
+        than ``max_frame`` (the same on every member, presumably). Measures only what might
+        be that long (a character takes at most 6 bytes as JSON, 4 unescaped)."""
+        chars = len(key) if isinstance(key, str) else sum(map(len, key)) + 4 * len(key)
+        kind = type(value)
+        if kind is str:
+            chars += len(value)
+        elif kind is dict or kind is list:
+            text = ujson.dumps(value, ensure_ascii=False)  # (escaped: 4 bytes a character)
+            chars += len(text)
+        else:
+            chars += MAX_INT_DIGITS  # (a number, or None)
+        if chars <= self._fits_chars:
+            return
+        limit = self.max_frame - _OP_BYTES - _LEVEL_BYTES * depth
+        wire = str(key) if isinstance(key, str) else list(key)
+        key_bytes = len(ujson.dumps(wire, ensure_ascii=False).encode())
+        if key_bytes > limit:
+            raise InvalidKeyError(
+                f"key is {key_bytes} bytes long, too long for a frame peers accept "
+                f"(max_frame={self.max_frame})"
+            )
+        if kind is not dict and kind is not list:
+            text = ujson.dumps(value, ensure_ascii=False)
+        if key_bytes + 4 * len(text) <= limit:
+            return
+        value_bytes = len(text.encode())
+        if key_bytes + value_bytes > limit:
+            raise InvalidValueError(
+                f"value is {value_bytes} bytes as JSON, too long for a frame peers accept "
+                f"(max_frame={self.max_frame}, with the key {key_bytes} bytes and "
+                f"{self.max_frame - limit} for the frame around them)"
+            )
 
     def _apply_local(
         self, stamp: int, op: int, path: tuple[str, ...], value: Any, key: Any, ttl_ms: int = 0
@@ -1826,19 +1903,23 @@ class Collective(_Member):
 
     def _snapshot_frames(self, keys: list[str], end: bytes) -> Iterator[bytes]:
         export_item = self._store.export_item
+        # Frames of about the target size, well under what the peer accepts: a subtree
+        # longer than that goes in pieces (only a single value can make a frame longer,
+        # and ``set`` refused values that would not fit in ``max_frame``).
+        target = min(_SNAPSHOT_FRAME_BYTES, self.max_frame // 2)
         parts: list[bytes] = []
         size = 0
         for key in keys:
             item = export_item(key, copy=False)  # (encoded before anything can change)
             if item is None:
                 continue  # forgotten since (a tombstone nothing can reach any more)
-            part = encode_snapshot_item(item)
-            parts.append(part)
-            size += len(part)
-            if size >= _SNAPSHOT_FRAME_BYTES:
-                yield join_snapshot(parts)
-                parts = []
-                size = 0
+            for part in encode_snapshot_parts(item, target):
+                if parts and size + len(part) > target:
+                    yield join_snapshot(parts)
+                    parts = []
+                    size = 0
+                parts.append(part)
+                size += len(part)
         if parts:
             yield join_snapshot(parts)
         yield end

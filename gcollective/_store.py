@@ -1457,7 +1457,8 @@ class Store:
         received every operation that one had received, too.
 
         Accepts the whole ``export()`` list or any slice of it, so a snapshot can arrive in
-        chunks interleaved with live operations.
+        chunks interleaved with live operations, and pieces of an item (the same key again
+        with more of its subtree, see ``_wire.encode_snapshot_parts``), which it grafts.
         """
         root = self._root
         self._untidy = True
@@ -1472,10 +1473,126 @@ class Store:
                     root.entries[key] = entry
                     self._place(root, key, value)
                 continue
+            existing = root.entries[key]
+            if self._can_graft(root, key, existing, encoded):
+                self._graft(existing, encoded, (key,), root.r)  # type: ignore[arg-type]
+                continue
             self._merge_entry(root, key, encoded, (key,))
             entry = root.entries[key]
             if type(entry) is _Node:
                 self._rebuild_at(root, key, entry)
+
+    # A big subtree comes in several pieces (see ``_wire.encode_snapshot_parts``): the first
+    # installs the node's own events, later ones bring more of its children and leaves under
+    # the same path. Merging those the general way (record, then rebuild the whole top-level
+    # subtree) would cost the subtree's size for every piece; grafting costs the piece's.
+
+    @staticmethod
+    def _can_graft(parent: _Node, key: str, node: Any, encoded: Any) -> bool:
+        """True if merging ``encoded`` (a full node's export) into ``node``, the existing
+        entry ``key`` of ``parent``, cannot change what ``node`` is: it is a dict with no
+        ttl events, and ``encoded`` brings no assignment, reset or increment of its own that
+        is newer than what ``node`` has. Then only the events below it are new."""
+        return (
+            type(node) is _Node
+            and type(encoded) is list
+            and len(encoded) == 8
+            and node.ttls is None
+            and type(node.value) is dict
+            and type(parent.value) is dict
+            and parent.value.get(key) is node.value
+            and (encoded[0] is None or encoded[0] <= node.a)
+            and (encoded[3] is None or encoded[3] <= node.r)
+            and not encoded[4]
+        )
+
+    def _graft(self, node: _Node, encoded: list[Any], path: tuple[str, ...], parent_r: Any) -> None:
+        """Merge ``encoded`` into ``node`` (``_can_graft`` said yes, and every node above is
+        a dict without ttl events; ``parent_r`` is the reset above it): what
+        ``_merge_entry`` and a rebuild would make of it, touching only what ``encoded``
+        holds."""
+        d, children, leaves, values = encoded[2], encoded[5], encoded[6], encoded[7]
+        if d is not None and d > node.d and d > node.a and d > parent_r:
+            node.d = d  # (a dict stays a dict when a write below is newer)
+        top = max(node.top, node.d)
+        if leaves:
+            top = max(top, self._graft_leaves(node, leaves, values))
+        data = node.value
+        r = node.r
+        for k, child in children.items():
+            entry: Any = node._entries.get(k)
+            if entry is None and k not in data:
+                built = self._install(child, r, (*path, k))
+                if built is None:
+                    continue
+                entry, value = built
+                if type(entry) is _Node and self._is_plain(entry):
+                    entry = entry.a  # a plain assignment: a bare stamp
+                node._entries[k] = entry
+                if value is not MISSING:
+                    data[k] = value
+            elif self._can_graft(node, k, entry, child):
+                self._graft(entry, child, (*path, k), r)
+            else:
+                if node.runs is not None:
+                    node.settle_runs()
+                self._merge_entry(node, k, child, (*path, k))
+                entry = node._entries[k]
+                self._rebuild_at(node, k, entry)
+                entry = node._entries.get(k)
+                if entry is None:
+                    continue
+            ctop = entry if type(entry) is int else entry.top
+            if ctop > top:
+                top = ctop
+        node.top = top
+
+    def _graft_leaves(
+        self, node: _Node, leaves: LeafColumns | dict[str, int], values: dict[str, Any]
+    ) -> Any:
+        """The leaves of a piece (as a SNAPSHOT brings them, or as ``export`` makes them)
+        into ``node`` (see ``_graft``); their newest stamp. New keys that all stand are
+        recorded the way ``_install`` does (the valued ones as a run)."""
+        data = node.value
+        entries = node._entries
+        if isinstance(leaves, dict):
+            pairs: Iterable[tuple[str, int]] = leaves.items()
+        elif (
+            leaves.lowest >= node.r
+            and entries.keys().isdisjoint(leaves.names)
+            and data.keys().isdisjoint(leaves.names)
+        ):
+            names = leaves.names
+            valued = leaves.valued
+            if valued:
+                run = leaves.as_run(valued)
+                node.runs = [run] if node.runs is None else [*node.runs, run]
+                data.update(values)
+            if valued < len(names):
+                entries.update(zip(leaves.tombstones(), leaves.stamps[valued:]))
+            return leaves.newest
+        else:
+            pairs = zip(leaves.names, leaves.stamps)
+        if node.runs is not None:
+            node.settle_runs()
+        r = node.r
+        newest: Any = NEVER
+        for k, stamp in pairs:
+            if stamp < r:
+                continue  # overtaken by a reset here
+            entry: Any = entries.get(k)
+            value = values.get(k, MISSING)
+            if entry is None or (type(entry) is int and stamp > entry):
+                entries[k] = stamp
+                self._place(node, k, value)
+            elif type(entry) is _Node:
+                self._record_assign(entries, k, stamp, value)
+                self._rebuild_at(node, k, entry)
+            else:
+                continue
+            if stamp > newest:
+                newest = stamp
+        return newest
 
     def _merge_entry(self, parent: _Node, key: str, encoded: Any, path: tuple[str, ...]) -> None:
         """Record the events of one exported entry (at ``path``) into ``parent.entries[key]``

@@ -27,13 +27,25 @@ __all__ = [
     "MAX_SECONDS",
     "MAX_BYTES",
     "MAX_DEPTH",
+    "MAX_INT_DIGITS",
+    "check_number",
+    "INT_BOUND",
 ]
 
 #: A dotted string ('users.42.visits') or a tuple of segments (('users', 'a.b@c.d')).
 Key = Union[str, "tuple[str, ...]"]
 
-#: Nesting limit for values and keys together, well below the JSON codec's own limit.
+#: Nesting limit for keys and values together, well below the JSON codec's own limit: a
+#: key's segments plus the nesting of the value stored there (a list or dict counts one level,
+#: each list or dict inside it one more). One rule on every path (``set``, ``incr``, OPS and
+#: SNAPSHOT frames), so whatever one member accepts every member, joiners too, accepts.
 MAX_DEPTH = 100
+
+#: The most decimal digits of an int: Python's default limit on converting an int to or from
+#: text, which the JSON codec hits on both ends (``sys.get_int_max_str_digits``).
+MAX_INT_DIGITS = 4300
+#: Ints strictly between minus this and this have at most ``MAX_INT_DIGITS`` digits.
+INT_BOUND = 10**MAX_INT_DIGITS
 
 
 def has_utf8(text: str) -> bool:
@@ -82,25 +94,45 @@ def parse_key(key: Any) -> tuple[str, ...]:
     raise InvalidKeyError(f"key must be a str or a tuple of str, not {type(key).__name__}")
 
 
+def check_number(number: int | float) -> int | float:
+    """``number`` (an int or float) if the JSON codec carries it exactly, else
+    ``InvalidValueError``: an int of more than ``MAX_INT_DIGITS`` digits, or a float that is
+    not finite (which JSON has no number for)."""
+    if type(number) is int:
+        if -INT_BOUND < number < INT_BOUND:
+            return number
+        raise InvalidValueError(
+            f"an int of more than {MAX_INT_DIGITS} digits cannot travel as JSON "
+            "(Python's limit on converting ints to text)"
+        )
+    if math.isfinite(number):
+        return number
+    raise InvalidValueError(f"{number!r} is not a JSON number")
+
+
 def clean_value(value: Any, depth: int = 0) -> Any:
     """A private copy of ``value`` made only of JSON types, or ``InvalidValueError``.
 
     Tuples become lists and subclasses of JSON types become the plain types, so what is kept
-    locally is exactly what every other replica decodes.
+    locally is exactly what every other replica decodes. ``depth`` is the number of segments
+    of the key it is stored at (see ``MAX_DEPTH``).
     """
     kind = type(value)
-    if kind is int or kind is bool or value is None:
+    if kind is int:
+        return check_number(value)
+    if kind is bool or value is None:
         return value
     if kind is str:
         if has_utf8(value):
             return value
         raise InvalidValueError(f"{value!r} holds a lone surrogate, which UTF-8 cannot carry")
     if kind is float:
-        if math.isfinite(value):
-            return value
-        raise InvalidValueError(f"{value!r} is not a JSON number")
+        return check_number(value)
     if depth >= MAX_DEPTH:
-        raise InvalidValueError(f"value is nested deeper than {MAX_DEPTH} levels")
+        raise InvalidValueError(
+            f"key and value are nested deeper than {MAX_DEPTH} levels together (the key's "
+            "segments plus the value's nesting)"
+        )
     if kind is dict or isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
@@ -119,7 +151,7 @@ def clean_value(value: Any, depth: int = 0) -> Any:
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
-        return int(value)
+        return check_number(int(value))
     if isinstance(value, float):
         return clean_value(float(value), depth)
     if isinstance(value, str):
@@ -130,17 +162,14 @@ def clean_value(value: Any, depth: int = 0) -> Any:
 def check_amount(amount: Any) -> int | float:
     """An INCREMENT amount: an int or finite float, never a bool."""
     if type(amount) is int:
-        return amount
+        return check_number(amount)
     if isinstance(amount, bool) or not isinstance(amount, (int, float)):
         raise InvalidValueError(
             f"increment amount must be an int or float, not {type(amount).__name__}"
         )
     if isinstance(amount, int):
-        return int(amount)
-    amount = float(amount)
-    if not math.isfinite(amount):
-        raise InvalidValueError(f"increment amount {amount!r} is not a JSON number")
-    return amount
+        return check_number(int(amount))
+    return check_number(float(amount))
 
 
 #: The longest ttl accepted, in seconds (about ten years; the wire refuses longer ones).

@@ -27,7 +27,9 @@ SNAPSHOT           ``[2, items]``: a slice of ``Store.export()``, except that th
                    holds each leaf's stamp as ``hlc * len(origins) + i`` where ``origins[i]``
                    is its low 64 bits, or the stamp itself when ``origins`` is empty. (Small
                    ints: a JSON codec reads and writes them three times faster than 128-bit
-                   stamps, and a big tree is mostly leaves.)
+                   stamps, and a big tree is mostly leaves.) A subtree too long for one
+                   frame comes as several items of its top-level key, each a piece of it on
+                   its path (``encode_snapshot_parts``); a merge takes their union.
 SNAPSHOT_END       ``[3, vector]``: the whole state has been sent; ``vector`` is the sender's
                    version vector ``[[origin, seq, stamp], ...]`` at the time of the snapshot
 SNAPSHOT_REQUEST   ``[4]``: please send me your whole state (on the reverse link)
@@ -81,6 +83,7 @@ __all__ = [
     "path_segments",
     "encode_snapshot",
     "encode_snapshot_item",
+    "encode_snapshot_parts",
     "join_snapshot",
     "SNAPSHOT_REQUEST",
     "PROGRESS",
@@ -228,6 +231,135 @@ def encode_snapshot_item(item: list[Any]) -> bytes:
     if type(entry) is list and len(entry) >= 8:
         item = [key, _leaves_as_columns(entry)]
     return _dumps(item, ensure_ascii=False).encode()
+
+
+def encode_snapshot_parts(item: list[Any], limit: int) -> Iterator[bytes]:
+    """One item of ``Store.export()`` encoded for ``join_snapshot`` in parts of at most
+    ``limit`` bytes each, where it can be (a single value longer than that stays whole).
+
+    A full node too long for one part goes as several items of the same key, each the path
+    down to some of its leaves or children: the first with the node's own events (its
+    assignment, increments, ttls), the others with only what tells that it is a dict. They
+    merge to the same as the whole (a merge takes the union of the events; the joiner
+    grafts each piece, see ``Store._graft``), and each carries its leaves as columns."""
+    key, entry = item
+
+    def wrap(piece: list[Any]) -> list[Any]:
+        return [key, piece]
+
+    if type(entry) is list and len(entry) >= 8:
+        weight = _weight(entry)
+        if weight * _LEAF_BYTES_AT_LEAST > limit:  # too long whatever it holds: no need to try
+            yield from _node_parts(entry, wrap, limit, [_LEAF_BYTES_GUESS])
+            return
+    part = encode_snapshot_item(item)
+    if len(part) <= limit or type(entry) is not list or len(entry) < 8:
+        yield part
+    else:
+        yield from _node_parts(entry, wrap, limit, [len(part) / weight])
+
+
+# A leaf of a snapshot's node hardly takes fewer bytes than the first figure as it travels (a
+# key in quotes, a packed stamp of a wall-clock hlc, 17 digits, and a value), and usually
+# about the second. (A node guessed too long is only cut in pieces it did not need.)
+_LEAF_BYTES_AT_LEAST = 8
+_LEAF_BYTES_GUESS = 40
+_FILL = 0.75  # parts are aimed at this much of their limit (leaves vary in size)
+
+
+def _weight(entry: list[Any]) -> int:
+    """A full node's size in units of about one leaf: its leaves, and itself and its
+    children's, recursively."""
+    return 1 + len(entry[6]) + sum(map(_weight, entry[5].values()))
+
+
+def _node_parts(entry: list[Any], wrap: Any, limit: int, scale: list[float]) -> Iterator[bytes]:
+    """The parts of a full node (see ``encode_snapshot_parts``); ``wrap`` puts a piece of it
+    back on its path, ``scale`` (bytes per unit of ``_weight``) is learnt as parts are
+    made."""
+    a, av, d, imax, incs, children, leaves, values, *ttls = entry
+    yield encode_snapshot_item(wrap([a, av, d, imax, incs, {}, {}, {}, *ttls]))
+    # What the other pieces say of the node: enough to make it a dict where it is one. (Its
+    # own leaf value, if it held one before the writes below, goes with the first only.)
+    small = type(av) is int
+    head = [a if small else None, av if small else 0, d, imax, []]
+
+    def within(
+        piece_children: dict[str, Any],
+        piece_leaves: dict[str, int] | None = None,
+        piece_values: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        return wrap([*head, piece_children, piece_leaves or {}, piece_values or {}])
+
+    # The leaves in chunks of about the limit (how many is learnt as they go), in the order
+    # they travel in: those with a value in the order of ``values``, then the tombstones.
+    names = list(values)
+    valued = len(names)
+    if valued < len(leaves):
+        names += [k for k in leaves if k not in values]
+    # (Read in order, not looked up one by one: a lookup in a big dict is a cache miss.)
+    stamps = list(leaves.values()) if names == list(leaves) else [leaves[k] for k in names]
+    data = list(values.values())
+    count = max(1, int(limit * _FILL / scale[0]))
+    start = 0
+    while start < len(names):
+        end = min(start + count, len(names))
+        keys = names[start:end]
+        piece_values = dict(zip(keys, data[start:end])) if start < valued else {}
+        part = encode_snapshot_item(within({}, dict(zip(keys, stamps[start:end])), piece_values))
+        if len(part) > limit and end - start > 1:
+            count = max(1, (end - start) // 2)
+            continue
+        yield part
+        scale[0] = len(part) / (end - start)
+        count = max(1, min(2 * count, int(limit * _FILL / scale[0])))
+        start = end
+    group: dict[str, Any] = {}
+    weight = 0
+    for name, child in children.items():
+        child_weight = _weight(child)
+        if child_weight * scale[0] > limit * _FILL:
+            yield from _child_parts(name, child, within, limit, scale)
+            continue
+        group[name] = child
+        weight += child_weight
+        if weight * scale[0] >= limit * _FILL:
+            yield from _group_parts(group, weight, within, limit, scale)
+            group = {}
+            weight = 0
+    if group:
+        yield from _group_parts(group, weight, within, limit, scale)
+
+
+def _child_parts(
+    name: str, child: list[Any], within: Any, limit: int, scale: list[float]
+) -> Iterator[bytes]:
+    """The parts of one child of a node being split (``within`` wraps it)."""
+
+    def wrap(piece: list[Any]) -> list[Any]:
+        return within({name: piece})
+
+    yield from _node_parts(child, wrap, limit, scale)
+
+
+def _group_parts(
+    group: dict[str, Any], weight: int, within: Any, limit: int, scale: list[float]
+) -> Iterator[bytes]:
+    """Children of a node being split, as one part, or halves when that is too long."""
+    part = encode_snapshot_item(within(group))
+    if len(part) <= limit:
+        scale[0] = len(part) / weight
+        yield part
+    elif len(group) == 1:
+        [(name, child)] = group.items()
+        yield from _child_parts(name, child, within, limit, scale)
+    else:
+        names = list(group)
+        for half in (names[: len(names) // 2], names[len(names) // 2 :]):
+            part_group = {name: group[name] for name in half}
+            yield from _group_parts(
+                part_group, sum(map(_weight, part_group.values())), within, limit, scale
+            )
 
 
 def _leaves_as_columns(node: list[Any]) -> list[Any]:
@@ -453,11 +585,14 @@ def parse_ops(
     if kinds == {0} and set(map(type, values)) <= _SCALARS:
         pass  # only SETs of plain scalars: nothing more to check
     else:
-        for op, value in zip(ops, values):
+        # (A value's nesting counts on from its path's segments: see ``MAX_DEPTH``.)
+        under = parent.count(".") + 1 if parent else 0
+        for op, path, value in zip(ops, paths, values):
             kind = type(value)
             if op == 0:
                 if kind not in _SCALARS:
-                    _check_json(value, 0)
+                    depth = path.count(".") + 1 if type(path) is str else len(path)
+                    _check_json(value, under + depth)
             elif op == 1:
                 if not (kind is int or (kind is float and math.isfinite(value))):
                     raise ProtocolError("INCREMENT amount is not a number")
@@ -667,6 +802,8 @@ def _check_entry(entry: Any, depth: int) -> int:
         newest = max(newest, _check_entry(child, depth + 1))
     # Checked a column at a time, in C: a big tree is mostly leaves.
     leaves, values = _leaves_from_columns(leaves, values)
+    if leaves and depth >= MAX_DEPTH:  # (its leaves' paths are one segment longer)
+        raise ProtocolError("SNAPSHOT entry is nested too deeply")
     entry[6] = leaves
     entry[7] = values
     if leaves and not (
@@ -725,13 +862,20 @@ class LeafColumns:
         """The stamps, in the order of ``names``."""
         return unpack_stamps(self.packed, self.origins)
 
-    def as_run(self) -> tuple[tuple[str, ...], Sequence[int] | bytes, tuple[int, ...] | None]:
-        """``(names, packed stamps, origins)`` to keep, for ``unpack_stamps`` (origins None
-        for full stamps). Only atomic objects in tuples, which the cyclic GC stops tracking:
-        it visits every item of a list on each full collection, a cache miss each, and a
-        joiner's 2M leaves kept in lists cost it more time than they saved. The column is
-        uint64 bytes when it fits: 8 bytes a leaf instead of an int object."""
+    def as_run(
+        self, count: int | None = None
+    ) -> tuple[tuple[str, ...], Sequence[int] | bytes, tuple[int, ...] | None]:
+        """``(names, packed stamps, origins)`` of the first ``count`` leaves (all by default)
+        to keep, for ``unpack_stamps`` (origins None for full stamps). Only atomic objects
+        in tuples, which the cyclic GC stops tracking: it visits every item of a list on
+        each full collection, a cache miss each, and a joiner's 2M leaves kept in lists cost
+        it more time than they saved. The column is uint64 bytes when it fits: 8 bytes a
+        leaf instead of an int object."""
         names, origins, packed = tuple(self.names), self.origins, self.packed
+        if count is not None and count < len(names):
+            names, packed = names[:count], packed[:count]
+        if not packed:
+            return names, (), None
         if not origins:
             return names, tuple(packed), None
         if len(origins) == 1 or max(packed) <= _ORIGIN_MASK:  # (one origin: below _MAX_HLC)

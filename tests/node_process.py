@@ -5,9 +5,11 @@ stdout. The process is a monkey-patched gevent app, like the ones gcollective se
 
 Commands (``{"cmd": ..., ...}``):
   start {local, peers, options}    start the node           -> {"synced": bool}
-  set/incr/delete/get {key, ...}   the data API             -> {"value": ...}
-  write_keys {prefix, count, start, yield_every} SET prefix.<i>.v = i for i in range, without
-                                   yielding (or yielding every yield_every operations)
+  set/incr/delete/get {key, ...}   the data API             -> {"value": ...}; a value or
+                                   amount {"build": kind, "size": n} is made here (see build)
+  write_keys {prefix, count, start, yield_every, flat} SET prefix.<i>.v = i (prefix.<i> = i
+                                   when flat) for i in range, without yielding (or yielding
+                                   every yield_every operations)
   incr_many {key, count}           INCREMENT key by 1, count times, without yielding
   summary                          -> {"digest": sha256 of canonical JSON, "leaves": int}
   stats                            -> node.stats()
@@ -76,8 +78,32 @@ def summary(node):
     return {"digest": hashlib.sha256(canonical.encode()).hexdigest(), "leaves": count_leaves(tree)}
 
 
+def build(spec):
+    """A value JSON lines cannot carry, or that is long to write out: ``{"build": kind,
+    "size": n}`` for an int of n digits (all nines), a str of n characters, a list or dict
+    nested n levels; anything else is itself, with what it holds built."""
+    if type(spec) is list:
+        return [build(item) for item in spec]
+    if type(spec) is not dict:
+        return spec
+    if "build" not in spec:
+        return {key: build(item) for key, item in spec.items()}
+    kind, size = spec["build"], spec["size"]
+    if kind == "digits":
+        return 10**size - 1
+    if kind == "text":
+        return "v" * size
+    value = 0
+    for _ in range(size):
+        value = [value] if kind == "nested_list" else {"k": value}
+    return value
+
+
 def handle(node, request):
     cmd = request["cmd"]
+    for name in ("value", "amount"):
+        if name in request:
+            request[name] = build(request[name])
     if cmd == "start":
         node = gcollective.start(
             request["local"],
@@ -100,8 +126,9 @@ def handle(node, request):
     if cmd == "write_keys":
         prefix, begin = request["prefix"], request.get("start", 0)
         every = request.get("yield_every", 0)  # like an app serving requests in between
+        form = "{}.{}" if request.get("flat") else "{}.{}.v"
         for i in range(begin, begin + request["count"]):
-            node.set(f"{prefix}.{i}.v", i)
+            node.set(form.format(prefix, i), i)
             if every and i % every == 0:
                 gevent.sleep(0)
         return node, {}

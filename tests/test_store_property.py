@@ -804,6 +804,56 @@ def test_a_snapshot_through_the_wire_then_anything_matches_its_export(data: st.D
     assert_store_matches(through_the_wire, ops, context)
 
 
+def _through_the_wire_in_pieces(holder: Any, limit: int) -> list[Any]:
+    """``holder``'s snapshot as a joiner decodes it, each item cut in pieces of about
+    ``limit`` bytes (``encode_snapshot_parts``), one frame per piece."""
+    from gcollective._wire import (
+        FrameDecoder,
+        encode_snapshot_parts,
+        join_snapshot,
+        parse_snapshot_items,
+    )
+
+    frames = []
+    for key in holder.top_level_keys():
+        item = holder.export_item(key, copy=False)
+        if item is not None:
+            frames += [join_snapshot([part]) for part in encode_snapshot_parts(item, limit)]
+    messages = FrameDecoder(1 << 30).feed(b"".join(frames))
+    return [parse_snapshot_items(message[1])[0] for message in messages]
+
+
+@_settings(max_examples=300)
+@given(st.data())
+def test_a_snapshot_in_pieces_merges_as_the_whole(data: st.DataObject) -> None:
+    """A snapshot whose subtrees go in pieces (the smallest limit cuts every node down to
+    single leaves and children) merges to the same as the whole export, metadata included,
+    into a fresh store or one that received some operations first (the pieces then graft
+    onto nodes it has), and later operations find the same."""
+    bodies = data.draw(st.lists(op_bodies(), min_size=1, max_size=24), label="bodies")
+    positive = st.one_of(st.integers(min_value=1, max_value=60), hlc_stamps)  # (the wire's)
+    op_stamps = data.draw(
+        st.lists(positive, min_size=len(bodies), max_size=len(bodies), unique=True),
+        label="stamps",
+    )
+    ops = [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
+    split = data.draw(st.integers(0, len(ops)), label="split")
+    holder = store_with(ops[:split])
+    limit = data.draw(st.sampled_from([1, 60, 200, 1000]), label="limit")
+    before = data.draw(st.lists(st.sampled_from(ops), max_size=6), label="received before")
+    in_pieces, whole = store_with(before), store_with(before)
+    for items in _through_the_wire_in_pieces(holder, limit):
+        in_pieces.merge(items)
+    whole.merge(roundtrip(holder.export()))
+    context = f"ops: {ops!r}, split: {split}, limit: {limit}, before: {before!r}"
+    assert roundtrip(in_pieces.export()) == roundtrip(whole.export()), context
+    later = data.draw(deliveries(ops[split:]), label="later")
+    deliver(in_pieces, later)
+    deliver(whole, later)
+    assert roundtrip(in_pieces.export()) == roundtrip(whole.export()), context
+    assert_store_matches(in_pieces, [*before, *ops], context)
+
+
 @_settings(max_examples=250)
 @given(st.data())
 def test_export_merge_matches_union(data: st.DataObject) -> None:

@@ -144,6 +144,43 @@ def test_paths_as_deep_as_allowed_are_accepted():
     parse_ops(ops_message(OK, parent=".".join("x" * 99)))
 
 
+def nested_value(kind: type, levels: int):
+    value = 0
+    for _ in range(levels):
+        value = [value] if kind is list else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("kind", [list, dict])
+@pytest.mark.parametrize("segments", [1, 2, 60, 99])
+def test_one_depth_rule_for_set_ops_and_snapshots(kind, segments):
+    """A key's segments plus its value's nesting: what ``clean_value`` (``set``) accepts,
+    the OPS and SNAPSHOT decoders accept (a joiner too); one level more, none does."""
+    from gcollective._errors import InvalidValueError
+    from gcollective._validate import clean_value
+
+    key = [f"s{i}" for i in range(segments)]
+    deepest = nested_value(kind, 100 - segments)
+    clean_value(deepest, segments)
+    with pytest.raises(InvalidValueError, match="together"):
+        clean_value(nested_value(kind, 101 - segments), segments)
+    frame = encode_ops(ORIGIN, 1, [HLC], [0], [".".join(key)], [deepest])
+    parse_ops(FrameDecoder(1 << 20).feed(frame)[0])
+    if segments > 1:  # (the same under a parent said once)
+        parse_ops(ops_message(*[(HLC + i, 0, ".".join(key), deepest) for i in range(16)]))
+    store = Store()
+    store.apply(1 << 64 | 5, 0, tuple(key), deepest)
+    parse_snapshot_items(FrameDecoder(1 << 20).feed(encode_snapshot(store.export()))[0][1])
+    too_deep = nested_value(kind, 101 - segments)
+    frame = encode_ops(ORIGIN, 1, [HLC], [0], [".".join(key)], [too_deep])
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        parse_ops(FrameDecoder(1 << 20).feed(frame)[0])
+    store = Store()
+    store.apply(1 << 64 | 5, 0, tuple(key), too_deep)
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        parse_snapshot_items(FrameDecoder(1 << 20).feed(encode_snapshot(store.export()))[0][1])
+
+
 @pytest.mark.parametrize("hlcs", [[7], [1, 2, 3], [5, 6, 900, 901, (1 << 63) + 2, (1 << 64) - 1]])
 def test_op_stamps_are_made_when_read_and_read_like_a_list(hlcs):
     """``parse_ops`` gives the stamps as an ``OpStamps`` (made from the deltas when read):
