@@ -66,7 +66,7 @@ def target_figure(
         return None, False, None
     if kind == "local":
         _, op, peers, depth = where
-        figure = section["gcollective"][op].get(peers, {}).get(depth)
+        figure = section.get("gcollective", {}).get(op, {}).get(peers, {}).get(depth)
         return figure, figure is not None, None
     if kind == "set_full":
         _, pattern, peers = where
