@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from typing import Any
 
@@ -43,3 +45,47 @@ def memory() -> dict[str, int]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         result["rss"] = result["peak_rss"] = peak if sys.platform == "darwin" else peak * 1024
     return result
+
+
+def tree_digest(tree: Any) -> str:
+    """sha256 of a JSON tree's canonical form: equal digests mean identical data, which equal
+    leaf counts do not."""
+    canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+#: Multiplier of ``scrambled_index``: a prime (Knuth's multiplicative hash), so coprime to any
+#: key count below it, and consecutive positions land far apart.
+_SCRAMBLE = 2_654_435_761
+
+
+def scrambled_index(position: int, total: int) -> int:
+    """The fill index written at ``position`` in the mixed workload: a permutation of
+    ``range(total)`` (for any ``total`` below the multiplier) that scatters consecutive
+    positions over every parent."""
+    return position * _SCRAMBLE % total
+
+
+def mixed_value(index: int) -> Any:
+    """The value of fill index ``index`` in the mixed workload: an int, a str or a small dict."""
+    kind = index % 3
+    if kind == 0:
+        return index
+    if kind == 1:
+        return f"v{index}"
+    return {"n": index, "tag": "x"}
+
+
+def live_key(prefix: str, name: str, seq: int, cycle: int, parents: list[int] | None) -> str:
+    """The key of a pacer's write number ``seq`` (one definition for the writer and for the
+    joiner that waits for it).
+
+    With ``parents`` (``[groups, fanout]`` of the fill) the writes go into the fill's own
+    parents, a new leaf each, spread over all of them; otherwise under ``prefix.name``,
+    overwriting a cycle of ``cycle`` keys (0: a new key each)."""
+    if parents:
+        groups, fanout = parents
+        return f"g{seq % groups}.s{(seq // groups) % fanout}.L{name}x{seq}"
+    if cycle:
+        return f"{prefix}.{name}.k{seq % cycle}"
+    return f"{prefix}.{name}.{seq}"

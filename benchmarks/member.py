@@ -11,18 +11,21 @@ for every process of the machine, so the orchestrator can compare times across m
 Commands (``{"cmd": ..., ...}``; ``limit`` is always a member-side timeout in seconds):
 
   start {local, peers, options, limit}   start the node; reports RSS before and after
-  join {local, peers, options, limit}    start, then wait until a peer's state is merged
+  join {local, peers, options, limit, fill_keys, live}
+                                         start, wait until a peer's state is merged, then
+                                         until it holds ``fill_keys`` and every write of the
+                                         ``live`` pacers due by then
   write_and_wait {prefix, count, writers, limit}
                                          SET prefix.<j> = j for j < count without yielding,
                                          then wait until every writer's last key is here
   incr_and_wait {key, count, expected, limit}
                                          INCREMENT key count times without yielding, then
                                          wait until it reads ``expected``
-  fill {begin, end, fanout}              SET the 3-level keys of indexes [begin, end)
+  fill {begin, end, fanout, mixed}       SET the 3-level keys of positions [begin, end)
   wait_keys {keys, limit}                wait until every key has a value
   leaves                                 count the leaves of the local tree
   memory                                 RSS and peak RSS (after a garbage collection)
-  pace_start {prefix, rate, name, cycle, record}
+  pace_start {prefix, rate, name, cycle, record, parents}
                                          start writing ``rate`` sets per second in the
                                          background (open loop)
   pace_status / pace_stop                the pacer's sequence number / stop it
@@ -30,6 +33,10 @@ Commands (``{"cmd": ..., ...}``; ``limit`` is always a member-side timeout in se
   probe_dump                             the recorded arrival times
   keys {prefix}                          the keys of the dict at path ``prefix`` (a list)
   stats                                  the node's ``stats()``, when the core has it
+  set_cost {pattern, count, yield_every} one batch of SETs, GC on, yielding: ns per set, flush
+                                         included
+  set {key, value}                       one SET
+  digest                                 sha256 of the tree's canonical JSON, and its leaves
   local_ops {...}                        run ``benchmarks.local_ops.measure`` in this process
   plain_dict {count, fanout}             RSS of a plain dict holding the fill data
   redis_ops {port, count}                get/set/incr through redis-py against a redis-server
@@ -55,7 +62,15 @@ from typing import Any  # noqa: E402
 import gevent  # noqa: E402
 from gevent.fileobject import FileObjectPosix  # noqa: E402
 
-from benchmarks.common import count_leaves, fill_key, memory  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    count_leaves,
+    fill_key,
+    live_key,
+    memory,
+    mixed_value,
+    scrambled_index,
+    tree_digest,
+)
 from gcollective import Collective  # noqa: E402
 
 monotonic = time.monotonic
@@ -80,36 +95,49 @@ class Pacer:
     """Writes at a fixed offered rate in a background greenlet (open loop: no waiting).
 
     Operation ``seq`` is due at ``t0 + seq / rate``; whenever the greenlet runs it issues every
-    operation that is due, then sleeps until the next one. The key is
-    ``prefix.name.k<seq % cycle>`` (or ``prefix.name.<seq>`` when ``cycle`` is 0), the value
-    ``seq``; with ``record`` the monotonic time of every ``set`` call is kept.
+    operation that is due, then sleeps until the next one. The key is ``live_key(prefix, name,
+    seq, cycle, parents)``, the value ``seq``. With ``record`` the time each operation was due
+    is kept, not the time its ``set`` ran: when the process is busy the writes go out late,
+    and a latency measured from the actual call would leave that delay out (coordinated
+    omission).
     """
 
     def __init__(
-        self, node: Collective, prefix: str, name: str, rate: float, cycle: int, record: bool
+        self,
+        node: Collective,
+        prefix: str,
+        name: str,
+        rate: float,
+        cycle: int,
+        record: bool,
+        parents: list[int] | None = None,
     ) -> None:
         self.node = node
-        self.prefix = f"{prefix}.{name}"
+        self.prefix = prefix
+        self.name = name
+        self.parents = parents
         self.rate = float(rate)
         self.cycle = cycle
         self.sends: list[float] | None = [] if record else None
+        # when each set was actually called, for comparison only
+        self.calls: list[float] | None = [] if record else None
         self.seq = 0
         self.max_lag = 0.0
-        self.started = 0.0
         self.stopped = 0.0
         self.running = True
+        # The schedule's origin is known before the greenlet runs: a joiner computes from it
+        # which writes were due by a given time.
+        self.started = monotonic()
         self.greenlet = gevent.spawn(self._run)
 
     def key(self, seq: int) -> str:
-        if self.cycle:
-            return f"{self.prefix}.k{seq % self.cycle}"
-        return f"{self.prefix}.{seq}"
+        return live_key(self.prefix, self.name, seq, self.cycle, self.parents)
 
     def _run(self) -> None:
         node_set = self.node.set
-        sends = self.sends
+        sends, calls = self.sends, self.calls
         rate = self.rate
-        t0 = self.started = monotonic()
+        t0 = self.started
         seq = 0
         while self.running:
             now = monotonic()
@@ -120,8 +148,9 @@ class Pacer:
                     self.max_lag = lag
             while seq < due:
                 key = self.key(seq)
-                if sends is not None:
-                    sends.append(monotonic())
+                if sends is not None and calls is not None:
+                    sends.append(t0 + seq / rate)  # when it was due (see the class docstring)
+                    calls.append(monotonic())
                 node_set(key, seq)
                 seq += 1
             self.seq = seq
@@ -139,7 +168,50 @@ class Pacer:
             "max_lag": self.max_lag,
             "started": self.started,
             "sends": self.sends,
+            "calls": self.calls,
         }
+
+
+def _writes_due(writer: dict[str, Any], moment: float) -> int:
+    """How many writes of an open-loop pacer (``pace_start``'s reply and request) were due
+    by ``moment``: ``seq`` is due at ``started + seq / rate``."""
+    if moment < writer["started"]:
+        return 0
+    return int((moment - writer["started"]) * writer["rate"]) + 1
+
+
+def _holds_everything(
+    node: Collective, fill_keys: list[str], writers: list[dict[str, Any]], due: list[int]
+) -> Any:
+    """A predicate for ``wait_for``: ``node`` holds every key of ``fill_keys`` and the first
+    ``due[i]`` writes of each pacer ``writers[i]``. One cursor per writer, so each write is
+    looked up about once."""
+    get = node.get
+    cursors = [0] * len(writers)
+
+    def holds() -> bool:
+        for i, writer in enumerate(writers):
+            prefix, name = writer["prefix"], writer["name"]
+            cycle, parents = writer.get("cycle", 0), writer.get("parents")
+            seq = cursors[i]
+            while seq < due[i] and get(live_key(prefix, name, seq, cycle, parents)) == seq:
+                seq += 1
+            cursors[i] = seq
+            if seq < due[i]:
+                return False
+        return all(get(key) is not None for key in fill_keys)
+
+    return holds
+
+
+def set_cost_keys(pattern: str, count: int) -> list[str]:
+    """``count`` 3-level keys: under one parent (1000 leaves, cycled) or each under another
+    parent than the one before (1000 parents)."""
+    if pattern == "same_parent":
+        return [f"sp.p.k{j % 1000}" for j in range(count)]
+    if pattern == "scattered":
+        return [f"sc.p{j % 1000}.k{j // 1000}" for j in range(count)]
+    raise ValueError(f"unknown key pattern {pattern!r}")
 
 
 class Driver:
@@ -150,6 +222,7 @@ class Driver:
         self.pacer: Pacer | None = None
         self.arrivals: dict[str, tuple[array[int], array[float]]] = {}
         self.profiler: cProfile.Profile | None = None
+        self.batches = 0  # of set_cost
         self.baseline = memory()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -189,13 +262,28 @@ class Driver:
         returned = monotonic()
         node = self.node
         assert node is not None
-        synced, done = wait_for(lambda: node.synced, request.get("limit", 60.0))
+        limit = request.get("limit", 60.0)
+        synced, synced_at = wait_for(lambda: node.synced, limit)
+        cpu_synced = time.process_time()
+        full, full_at, due = False, None, []
+        if synced:
+            due = [_writes_due(writer, synced_at) for writer in request.get("live", [])]
+            full, at = wait_for(
+                _holds_everything(node, request.get("fill_keys", []), request.get("live", []), due),
+                max(0.0, began + limit - monotonic()),
+            )
+            full_at = at if full else None
         return {
             "synced": synced,
             "started": began,
             "returned": returned,
-            "synced_at": done,
-            "cpu_seconds": time.process_time() - cpu_began,  # the joiner's, until synced
+            "synced_at": synced_at,
+            "full": full,
+            "full_at": full_at,
+            "live_due": due,
+            # the joiner's CPU until its first snapshot was merged, and until it held everything
+            "cpu_seconds_synced": cpu_synced - cpu_began,
+            "cpu_seconds": time.process_time() - cpu_began,
             "baseline": before,
             "memory": memory(),
         }
@@ -248,16 +336,31 @@ class Driver:
         }
 
     def cmd_fill(self, request: dict[str, Any]) -> dict[str, Any]:
+        """SET the fill's keys of positions [begin, end). With ``mixed`` (``{total, part,
+        parts}``) this member writes only the positions ``part`` modulo ``parts``, each at the
+        scrambled index of its position (consecutive keys in different parents) and with a
+        mixed value; otherwise every index in order, its value the index."""
         node = self.node
         assert node is not None
         fanout = request["fanout"]
+        mixed = request.get("mixed")
         node_set = node.set
         began = monotonic()
-        for index in range(request["begin"], request["end"]):
-            node_set(fill_key(index, fanout), index)
-            if index % 5000 == 4999:
+        key = None
+        written = 0
+        for position in range(request["begin"], request["end"]):
+            if mixed is None:
+                key, value = fill_key(position, fanout), position
+            elif position % mixed["parts"] == mixed["part"]:
+                index = scrambled_index(position, mixed["total"])
+                key, value = fill_key(index, fanout), mixed_value(index)
+            else:
+                continue
+            node_set(key, value)
+            written += 1
+            if written % 5000 == 0:
                 gevent.sleep(0)  # let the writers send: bounded queues, like a real app
-        return {"started": began, "done": monotonic()}
+        return {"started": began, "done": monotonic(), "last_key": key, "written": written}
 
     def cmd_wait_keys(self, request: dict[str, Any]) -> dict[str, Any]:
         node = self.node
@@ -275,6 +378,17 @@ class Driver:
             tree = tree.get(segment, {}) if type(tree) is dict else {}
         return {"leaves": count_leaves(tree)}
 
+    def cmd_set(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.node is not None
+        self.node.set(request["key"], request["value"])
+        return {}
+
+    def cmd_digest(self, request: dict[str, Any]) -> dict[str, Any]:
+        """sha256 of the whole tree's canonical JSON, and its leaves: members holding
+        identical data have equal digests."""
+        tree = self.live
+        return {"digest": tree_digest(tree), "leaves": count_leaves(tree)}
+
     def cmd_memory(self, request: dict[str, Any]) -> dict[str, Any]:
         gc.collect()
         return {"memory": memory(), "baseline": self.baseline}
@@ -288,8 +402,9 @@ class Driver:
             request["rate"],
             request.get("cycle", 0),
             request.get("record", False),
+            request.get("parents"),
         )
-        return {"started": self.pacer.started}
+        return {"started": self.pacer.started, "rate": self.pacer.rate}
 
     def cmd_pace_status(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.pacer is not None
@@ -363,6 +478,36 @@ class Driver:
         for segment in request["prefix"]:
             tree = tree.get(segment, {}) if type(tree) is dict else {}
         return {"keys": sorted(tree) if type(tree) is dict else []}
+
+    def cmd_set_cost(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One batch of ``count`` SETs of 3-level keys (``pattern``: ``same_parent`` or
+        ``scattered``), yielding to the event loop every ``yield_every`` sets, with the garbage
+        collector on: wall and CPU ns per set, the flushes (encode, log, queue for every peer)
+        and the sends included, up to the flush of the batch's last set."""
+        node = self.node
+        assert node is not None
+        keys = set_cost_keys(request["pattern"], request["count"])
+        every = request["yield_every"]
+        node_set = node.set
+        sleep = gevent.sleep
+        began_cpu = time.process_time_ns()
+        began = time.perf_counter_ns()
+        for value, key in enumerate(keys):
+            node_set(key, value)
+            if value % every == every - 1:
+                sleep(0)
+        # A peek at the core: its outbox holds the sets not flushed yet (a coalescing timer
+        # of about a millisecond sends them); the batch ends when it is empty.
+        while getattr(node, "_outbox", None):
+            sleep(0.0002)
+        wall = time.perf_counter_ns() - began
+        cpu = time.process_time_ns() - began_cpu
+        # A new key after the batch (its keys repeat from batch to batch): a peer holding it
+        # holds the whole batch, the writer's operations arriving in order.
+        self.batches += 1
+        marker = f"setcost.b{self.batches}"
+        node_set(marker, self.batches)
+        return {"wall_ns": wall / len(keys), "cpu_ns": cpu / len(keys), "last_key": marker}
 
     def cmd_local_ops(self, request: dict[str, Any]) -> dict[str, Any]:
         from benchmarks.local_ops import measure

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -187,13 +187,16 @@ class Proxy(Child):
         super().__init__("benchmarks.proxy", "proxy", max_seconds)
 
 
+ChildType = TypeVar("ChildType", bound=Child)
+
+
 class Group:
     """Closes every child it was given, whatever happens (a context manager)."""
 
     def __init__(self) -> None:
         self.children: list[Child] = []
 
-    def add(self, child: Child) -> Child:
+    def add(self, child: ChildType) -> ChildType:
         self.children.append(child)
         return child
 

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 #: The issue's targets on a 2-core machine: (label, how to read the figure, bound, unit, kind).
 TARGETS = [
     ("4 x 50,000 keys, sets/s cluster-wide", ("throughput", 4, 50_000), 300_000, "/s", "min"),
     ("8 x 25,000 keys, sets/s cluster-wide", ("throughput", 8, 25_000), 180_000, "/s", "min"),
     ("get, 3-level path", ("local", "get", "0", "3"), 1000, "ns", "max"),
-    ("set, 3-level path, 7 peers", ("local", "set", "7", "3"), 4000, "ns", "max"),
+    (
+        "set, 3-level path, 7 peers, one parent (full cost)",
+        ("set_full", "same_parent", "7"),
+        4000,
+        "ns",
+        "max",
+    ),
+    (
+        "set, 3-level path, 7 peers, scattered (full cost)",
+        ("set_full", "scattered", "7"),
+        4000,
+        "ns",
+        "max",
+    ),
     ("join of 2,000,000 keys", ("join", "join_seconds", 2_000_000), 3.0, "s", "max"),
     (
         "holder RSS per key (2,000,000 keys)",
@@ -36,43 +49,85 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}"
 
 
-def target_figure(results: dict[str, Any], where: tuple[Any, ...]) -> tuple[float | None, bool]:
-    """The figure a target refers to, and whether it was measured at the target's size."""
+def target_figure(
+    results: dict[str, Any], where: tuple[Any, ...]
+) -> tuple[float | None, bool, str | None]:
+    """The figure a target refers to, whether it was measured at the target's size, and what
+    went wrong in the run it comes from (data lost, members differing), if anything."""
     kind = where[0]
-    section = results.get(kind)
+    section = results.get("local" if kind == "set_full" else kind)
     if not section or "error" in section or "skipped" in section:
-        return None, False
+        return None, False, None
     if kind == "throughput":
         _, processes, keys = where
         for run in section["runs"]:
             if run["processes"] == processes:
-                return run["sets_per_second"], run["keys_each"] == keys
-        return None, False
+                return run["sets_per_second"], run["keys_each"] == keys, _throughput_problem(run)
+        return None, False, None
     if kind == "local":
         _, op, peers, depth = where
-        figure = section["gcollective"][op].get(peers, {}).get(depth)
-        return figure, figure is not None
+        figure = section.get("gcollective", {}).get(op, {}).get(peers, {}).get(depth)
+        return figure, figure is not None, None
+    if kind == "set_full":
+        _, pattern, peers = where
+        run = section.get("set_full", {}).get(pattern, {}).get(peers)
+        if run is None:
+            return None, False, None
+        problem = None if run["complete"] else "a peer missed sets"
+        return run["cpu_ns"], True, problem
     if kind == "join":
         _, name, keys = where
-        if section.get(name) is None:  # the joiner never synced
-            return float("inf"), section["keys"] == keys
-        return section[name], section["keys"] == keys
+        figure = section.get(name)
+        if figure is None:  # the joiner never held everything
+            figure = float("inf")
+        return figure, section["keys"] == keys, _join_problem(section)
     if kind == "latency":
         _, rate = where
         for run in section["runs"]:
             if run["offered_rate"] == rate:
-                return run["p99_ms"], section["processes"] == 4
-        return None, False
-    return None, False
+                return run["p99_ms"], section["processes"] == 4, _latency_problem(run)
+        return None, False, None
+    return None, False, None
+
+
+def _throughput_problem(run: dict[str, Any]) -> str | None:
+    if not run["complete"]:
+        return "keys missing or members' data differ"
+    if not run["hot_counter"]["complete"]:
+        return "the hot counter is wrong"
+    return None
+
+
+def _join_problem(section: dict[str, Any]) -> str | None:
+    if not section["synced"] or not section.get("full", True):
+        return "the joiner never held everything"
+    if not section["caught_up"]:
+        return "live writes missing"
+    if not section["converged"]:
+        return "members' data differ"
+    return None
+
+
+def _latency_problem(run: dict[str, Any]) -> str | None:
+    if run["lost"]:
+        return f"{run['lost']:,} writes lost"
+    if not run.get("converged", True):
+        return "members' data differ"
+    return None
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per target: the figure, and met / missed (or not comparable at this size)."""
+    """One row per target: the figure, and met / missed (or not comparable at this size).
+
+    A run that lost data or whose members ended with different data fails its targets
+    whatever its figure: a fast wrong answer is not a result."""
     rows = []
     for label, where, bound, unit, kind in TARGETS:
-        figure, comparable = target_figure(results, where)
+        figure, comparable, problem = target_figure(results, where)
         if figure is None:
             verdict = "not run"
+        elif problem:
+            verdict = f"FAILED: {problem}"
         elif not comparable:
             verdict = "n/a (smaller run)"
         elif (figure >= bound) if kind == "min" else (figure <= bound):
@@ -103,6 +158,68 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _yes(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "NO")
+
+
+def _set_full_table(section: dict[str, Any]) -> str:
+    """The full cost of a set (``scenarios.set_cost``), by key pattern and peers."""
+    rows = []
+    for pattern in ("same_parent", "scattered"):
+        for peers, run in sorted(section.get(pattern, {}).items(), key=lambda i: int(i[0])):
+            rows.append(
+                [
+                    f"{pattern.replace('_', ' ')}, {peers} peers",
+                    f"{run['cpu_ns']:,.0f}",
+                    f"{run['wall_ns']:,.0f}",
+                    _yes(run["complete"]),
+                ]
+            )
+    return _table(
+        f"Full cost of a set, 3-level key (GC on, yielding every {section['yield_every']} "
+        "sets, flush included; peers in their own processes)",
+        ["keys", "CPU ns per set", "wall ns per set", "all received"],
+        rows,
+    )
+
+
+def _join_table(joins: list[tuple[str, dict[str, Any]]]) -> str:
+    """The join figures, one column per join scenario (``join``, ``join_mixed``)."""
+    mb = 1024 * 1024
+
+    def seconds(section: dict[str, Any], name: str) -> str:
+        value = section.get(name)
+        return f"NOT within {section['join_limit']:.0f} s" if value is None else f"{value:.2f} s"
+
+    def per_key(section: dict[str, Any], name: str) -> str:
+        value = section.get(name)
+        return "-" if value is None else f"{value:,.0f}"
+
+    figures: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+        ("keys (3 levels)", lambda j: f"{j['keys']:,}"),
+        ("join: start until full sync", lambda j: seconds(j, "join_seconds")),
+        ("  (first snapshot merged)", lambda j: seconds(j, "snapshot_merged_seconds")),
+        ("live writes during join", lambda j: f"{j['live_rate']:,}/s"),
+        ("converged, identical data", lambda j: _yes(j["converged"])),
+        ("holder RSS", lambda j: f"{j['holder_rss'] / mb:,.0f} MB"),
+        ("holder bytes per key", lambda j: per_key(j, "holder_bytes_per_key")),
+        ("replica bytes per key", lambda j: per_key(j, "replica_bytes_per_key")),
+        (
+            "joiner RSS (peak)",
+            lambda j: f"{j['joiner_rss'] / mb:,.0f} MB ({j['joiner_peak_rss'] / mb:,.0f} MB)",
+        ),
+        ("joiner bytes per key", lambda j: per_key(j, "joiner_bytes_per_key")),
+        ("plain dict bytes per key", lambda j: per_key(j, "plain_dict_bytes_per_key")),
+        ("fill (write + replicate)", lambda j: f"{j['fill_seconds']:.1f} s"),
+    ]
+    headers = {"join": "one origin, in order, ints", "join_mixed": "two origins, mixed"}
+    return _table(
+        "Join",
+        ["figure", *(headers[name] for name, _ in joins)],
+        [[label, *(show(section) for _, section in joins)] for label, show in figures],
+    )
+
+
 def _spread(run: dict[str, Any]) -> str:
     """The sets/s of every attempt of a repeated throughput run: ``"3: 226k-376k"``."""
     repeats = run.get("repeats")
@@ -130,6 +247,8 @@ def tables(results: dict[str, Any]) -> str:
                 rows,
             )
         )
+    if local and local.get("set_full"):
+        out.append(_set_full_table(local["set_full"]))
     section = results.get("throughput")
     if section and "runs" in section:
         rows = []
@@ -183,48 +302,37 @@ def tables(results: dict[str, Any]) -> str:
                 f"{run['p50_ms']:.2f}",
                 f"{run['p99_ms']:.2f}",
                 f"{run['max_ms']:.2f}",
+                f"{run['p99_ms_from_call']:.2f}" if "p99_ms_from_call" in run else "-",
                 str(run["lost"]),
+                _yes(run.get("converged")),
             ]
             for run in section["runs"]
         ]
         out.append(
             _table(
-                f"Propagation latency, set until visible on all others "
-                f"({section['processes']} processes)",
-                ["offered", "achieved", "ops", "p50 ms", "p99 ms", "max ms", "lost"],
+                f"Propagation latency, from when a set was due (open loop) until visible on all "
+                f"others ({section['processes']} processes)",
+                [
+                    "offered",
+                    "achieved",
+                    "ops",
+                    "p50 ms",
+                    "p99 ms",
+                    "max ms",
+                    "p99 from call",
+                    "lost",
+                    "identical",
+                ],
                 rows,
             )
         )
-    section = results.get("join")
-    if section and "keys" in section:
-        mb = 1024 * 1024
-        rows = [
-            ["keys (3 levels)", f"{section['keys']:,}"],
-            [
-                "join: start until synced",
-                f"{section['join_seconds']:.2f} s"
-                if section["join_seconds"] is not None
-                else f"NOT synced within {section['join_limit']:.0f} s",
-            ],
-            ["live writes during join", f"{section['live_rate']:,}/s"],
-            [
-                "converged afterwards",
-                "yes"
-                if section["converged"]
-                else f"NO ({section.get('joiner_missing_live_keys', '?')} live writes missing)",
-            ],
-            ["holder RSS", f"{section['holder_rss'] / mb:,.0f} MB"],
-            ["holder bytes per key", f"{section['holder_bytes_per_key']:,.0f}"],
-            ["replica bytes per key", f"{section['replica_bytes_per_key']:,.0f}"],
-            [
-                "joiner RSS (peak)",
-                f"{section['joiner_rss'] / mb:,.0f} MB ({section['joiner_peak_rss'] / mb:,.0f} MB)",
-            ],
-            ["joiner bytes per key", f"{section['joiner_bytes_per_key']:,.0f}"],
-            ["plain dict bytes per key", f"{section['plain_dict_bytes_per_key']:,.0f}"],
-            ["fill (write + replicate)", f"{section['fill_seconds']:.1f} s"],
-        ]
-        out.append(_table("Join", ["figure", "value"], rows))
+    joins = [
+        (name, results[name])
+        for name in ("join", "join_mixed")
+        if results.get(name) and "keys" in results[name]
+    ]
+    if joins:
+        out.append(_join_table(joins))
     section = results.get("catchup")
     if section and "catchup_seconds" in section:
         rows = [
@@ -295,9 +403,10 @@ def _profiles(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     for run in (results.get("throughput") or {}).get("runs", []):
         if run.get("profile"):
             found.append((f"throughput {run['processes']} x {run['keys_each']:,}", run["profile"]))
-    join = results.get("join") or {}
-    if join.get("profile"):
-        found.append((f"join of {join['keys']:,} keys", join["profile"]))
+    for name in ("join", "join_mixed"):
+        join = results.get(name) or {}
+        if join.get("profile"):
+            found.append((f"{name} of {join['keys']:,} keys", join["profile"]))
     return found
 
 

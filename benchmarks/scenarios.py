@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from benchmarks.common import fill_key
 from benchmarks.procs import (
     Group,
     Member,
@@ -38,6 +37,10 @@ class Config:
     local_peers: list[int] = field(default_factory=lambda: [0, 3, 7])
     local_ops_per_batch: int = 10_000
     local_batches: int = 5
+    # The full cost of a set (GC on, flushes included), with peers in their own processes.
+    set_cost_peers: list[int] = field(default_factory=lambda: [0, 7])
+    set_cost_ops: int = 20_000
+    set_cost_yield_every: int = 100
     throughput: list[tuple[int, int]] = field(
         default_factory=lambda: [(2, 50_000), (4, 50_000), (8, 25_000)]
     )
@@ -70,6 +73,7 @@ class Config:
             "quick",
             local_ops_per_batch=1_000,
             local_batches=2,
+            set_cost_ops=2_000,
             throughput=[(2, 5_000), (4, 5_000), (8, 2_500)],
             throughput_repeats=1,
             hot_increments=100,
@@ -123,6 +127,13 @@ def core_stats(members: list[Member]) -> dict[str, int] | None:
     return totals
 
 
+def same_data(members: list[Member], timeout: float = 300.0) -> tuple[bool, list[int]]:
+    """Whether every member holds identical data (equal digests of their whole trees; equal
+    leaf counts would not show a wrong value), and each one's leaf count."""
+    replies = broadcast(members, "digest", timeout=timeout)
+    return len({r["digest"] for r in replies}) == 1, [r["leaves"] for r in replies]
+
+
 def _members(group: Group, ports: list[int], peers: list[int], cfg: Config) -> list[Member]:
     return [
         group.add(Member(port, peers, name=f"m{i}:{port}", max_seconds=cfg.member_max_seconds))
@@ -162,7 +173,77 @@ def local_ops(cfg: Config, progress: Progress) -> dict[str, Any]:
             },
         )
     result["peers_are"] = "in-process nodes over loopback TCP"
+    result["set_full"] = set_cost(cfg, progress)
     return result
+
+
+#: The key patterns of ``set_cost``: a writer's loop under one parent, and keys scattered.
+SET_COST_PATTERNS = ("same_parent", "scattered")
+
+
+def set_cost(cfg: Config, progress: Progress) -> dict[str, Any]:
+    """The full cost of a ``set`` of a 3-level key, as an app pays it.
+
+    The figures above time the calls alone: the garbage collector off, nothing yielding, so
+    the encoding and sending of the operations happen after the timer stops. Here a member
+    process sets ``set_cost_ops`` keys per batch with the collector on, yielding to the event
+    loop every ``set_cost_yield_every`` sets, until the batch's last set is flushed (encoded,
+    logged, queued for every peer; the writers send meanwhile); its peers are processes of
+    their own, so their receiving is not counted. ``cpu_ns`` is the writing process's CPU time
+    per set (what a set costs the app, however the machine's cores were shared); ``wall_ns``
+    the elapsed time, which on a 2-core machine also holds the peers' receiving. Medians over
+    ``local_batches`` batches, after one unrecorded batch.
+    """
+    result: dict[str, Any] = {pattern: {} for pattern in SET_COST_PATTERNS}
+    for peer_count in cfg.set_cost_peers:
+        progress(f"local ops: full cost of a set, {peer_count} peers in their own processes")
+        ports = free_ports(peer_count + 1)
+        with Group() as group:
+            writer = group.add(
+                Member(ports[0], ports[1:], name="set-cost", max_seconds=cfg.member_max_seconds)
+            )
+            peers = [
+                group.add(Member(port, ports[:1], name=f"peer:{port}", max_seconds=600))
+                for port in ports[1:]
+            ]
+            members = [writer, *peers]
+            start_all(members)
+            _warm(members, "warm")
+            for pattern in SET_COST_PATTERNS:
+                result[pattern][str(peer_count)] = _set_cost_batches(cfg, writer, peers, pattern)
+            result.setdefault("core_stats", {})[str(peer_count)] = core_stats(members)
+    result["ops_per_batch"] = cfg.set_cost_ops
+    result["yield_every"] = cfg.set_cost_yield_every
+    return result
+
+
+def _set_cost_batches(
+    cfg: Config, writer: Member, peers: list[Member], pattern: str
+) -> dict[str, Any]:
+    """Median figures of ``set_cost`` for one key pattern; each batch waits until every peer
+    holds the batch's last key (they start with empty queues)."""
+    samples = []
+    complete = True
+    for batch in range(cfg.local_batches + 1):
+        reply = writer.call(
+            "set_cost",
+            timeout=300,
+            pattern=pattern,
+            count=cfg.set_cost_ops,
+            yield_every=cfg.set_cost_yield_every,
+        )
+        if peers:
+            arrived = broadcast(
+                peers, "wait_keys", timeout=180, keys=[reply["last_key"]], limit=120
+            )
+            complete = complete and all(r["complete"] for r in arrived)
+        if batch:  # the first one warms up
+            samples.append(reply)
+    return {
+        "cpu_ns": statistics.median(r["cpu_ns"] for r in samples),
+        "wall_ns": statistics.median(r["wall_ns"] for r in samples),
+        "complete": complete,
+    }
 
 
 # -- 2. replication throughput -------------------------------------------------------------
@@ -219,7 +300,7 @@ def _throughput_run(cfg: Config, progress: Progress, count: int, keys: int) -> d
         began = min(r["started"] for r in replies)
         ended = max(r["done"] for r in replies)
         complete = all(r["complete"] for r in replies)
-        leaves = [m.call("leaves")["leaves"] for m in members]
+        identical, leaves = same_data(members)
         counters = core_stats(members)
         memory = members[0].call("memory")
         hot_each = min(keys, cfg.hot_increments)
@@ -245,7 +326,9 @@ def _throughput_run(cfg: Config, progress: Progress, count: int, keys: int) -> d
         "key_shape": "w<i>.<j> (2 levels)",
         "seconds": seconds,
         "sets_per_second": count * keys / seconds,
-        "complete": complete and all(n == count * keys + count for n in leaves),
+        # every key arrived everywhere, and every member holds the same data
+        "complete": complete and identical and all(n == count * keys + count for n in leaves),
+        "identical": identical,
         "leaves": leaves,
         "local_write_seconds": [r["written"] - r["started"] for r in replies],
         "local_sets_per_second": statistics.mean(
@@ -287,7 +370,9 @@ def latency(cfg: Config, progress: Progress) -> dict[str, Any]:
     """p50 / p99 / max from ``set`` on one member until applied on all others, at fixed loads.
 
     Every member writes ``rate / N`` sets per second (open loop) to keys that it overwrites in a
-    cycle of 1000; a probe in every member records when each remote set is applied.
+    cycle of 1000; a probe in every member records when each remote set is applied. A delay is
+    counted from the time the set was due on the writer's schedule, not from when the writer
+    got to it (no coordinated omission).
     """
     count = cfg.latency_members
     ports = free_ports(count)
@@ -318,6 +403,7 @@ def latency(cfg: Config, progress: Progress) -> dict[str, Any]:
             _warm(members, f"settle{round_number}.")  # FIFO links: everything sent has arrived
             dumps = broadcast(members, "probe_dump")
             runs.append(_latency_figures(rate, cfg.latency_seconds, names, stops, dumps))
+            runs[-1]["converged"], runs[-1]["leaves"] = same_data(members)
             progress(
                 f"latency: {rate:,}/s: p50 {runs[-1]['p50_ms']:.2f} ms, "
                 f"p99 {runs[-1]['p99_ms']:.2f} ms, max {runs[-1]['max_ms']:.2f} ms"
@@ -331,10 +417,11 @@ def _latency_figures(
     warmup = seconds * 0.1
     to_all: list[float] = []
     to_each: list[float] = []
+    from_call: list[float] = []  # the same, from when the set was called: for comparison
     lost = 0
     sent = 0
     for i, origin in enumerate(names):
-        sends = stops[i]["sends"]
+        sends, calls = stops[i]["sends"], stops[i]["calls"]
         first = stops[i]["started"] + warmup
         arrivals = []
         for j, dump in enumerate(dumps):
@@ -351,6 +438,7 @@ def _latency_figures(
             delays = [t - sent_at for t in times]  # type: ignore[operator]
             to_each.extend(delays)
             to_all.append(max(delays))
+            from_call.append(max(delays) - (calls[seq] - sent_at))
     achieved = sum(s["count"] for s in stops) / max(s["elapsed"] for s in stops)
     if not to_all:
         raise RuntimeError(f"latency at {rate}/s: no operation was measured")
@@ -367,6 +455,8 @@ def _latency_figures(
         "mean_ms": statistics.mean(to_all) * 1000,
         "each_p50_ms": _percentile(to_each, 0.50) * 1000,
         "each_p99_ms": _percentile(to_each, 0.99) * 1000,
+        "delays_from": "when each set was due on the writer's open-loop schedule",
+        "p99_ms_from_call": _percentile(from_call, 0.99) * 1000,
     }
 
 
@@ -374,7 +464,61 @@ def _latency_figures(
 
 
 def join(cfg: Config, progress: Progress) -> dict[str, Any]:
-    """A member joins two members holding ``join_keys`` 3-level keys while writes continue."""
+    """A member joins two members holding ``join_keys`` 3-level keys while writes continue.
+
+    The easy case: the keys written in order by one member, int values, the live writes in
+    a subtree of their own. Timed until the joiner holds everything (see ``_join``)."""
+    return _join(cfg, progress, mixed=False)
+
+
+def join_mixed(cfg: Config, progress: Progress) -> dict[str, Any]:
+    """``join``, harder: the keys written by both members in a scrambled order (a parent's
+    leaves from two origins, out of order), ints, strs and small dicts as values, and the live
+    writes going into the very parents the snapshot carries."""
+    return _join(cfg, progress, mixed=True)
+
+
+def _fill(
+    holders: list[Member], cfg: Config, progress: Progress, mixed: bool, label: str
+) -> list[str]:
+    """Write the join's fill (on the first holder, or shared by all when ``mixed``) and wait
+    until every holder has it; the last key each writer wrote."""
+    total, fanout = cfg.join_keys, cfg.join_fanout
+    writers = holders if mixed else holders[:1]
+    last_keys: dict[str, str] = {}
+    chunk = max(10_000, total // 20)
+    began = time.monotonic()
+    for begin in range(0, total, chunk):
+        end = min(total, begin + chunk)
+        for part, member in enumerate(writers):
+            shares = {"total": total, "part": part, "parts": len(writers)} if mixed else None
+            member.send("fill", begin=begin, end=end, fanout=fanout, mixed=shares)
+        for member in writers:
+            reply = member.receive(600)
+            if reply["last_key"] is not None:
+                last_keys[member.name] = reply["last_key"]
+        progress(
+            f"{label}: filling {end:,} / {total:,} keys "
+            f"({time.monotonic() - began:.1f}s, {len(writers)} writer(s), replicated)"
+        )
+    limit = 60 + total / 10_000
+    keys = list(last_keys.values())
+    replies = broadcast(holders, "wait_keys", timeout=limit + 60, keys=keys, limit=limit)
+    if not all(reply["complete"] for reply in replies):
+        raise RuntimeError(
+            f"{label}: the holders did not all receive the fill within {limit:.0f}s after it "
+            f"was written (core counters: {core_stats(holders)})"
+        )
+    return keys
+
+
+def _join(cfg: Config, progress: Progress, mixed: bool) -> dict[str, Any]:
+    """Fill two members, start live writes on both, and time a third member's join until it
+    holds everything: its first snapshot merged, the fill's last keys, and every live write
+    that was due on the writers' schedules by the time that snapshot was merged (whatever the
+    snapshot carried, the rest came as operations). Then, the writes stopped, every member's
+    data must be identical (digests)."""
+    label = "join (mixed)" if mixed else "join"
     total, fanout = cfg.join_keys, cfg.join_fanout
     ports = free_ports(3)
     with Group() as group:
@@ -382,44 +526,36 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
         starts = start_all(holders)
         _warm(holders, "warm")
         holder, replica = holders
-        chunk = max(10_000, total // 20)
         began = time.monotonic()
-        for begin in range(0, total, chunk):
-            end = min(total, begin + chunk)
-            holder.call("fill", timeout=600, begin=begin, end=end, fanout=fanout)
-            progress(
-                f"join: filling {end:,} / {total:,} keys "
-                f"({time.monotonic() - began:.1f}s, replicated to a second member)"
-            )
-        limit = 60 + total / 10_000
-        reply = replica.call(
-            "wait_keys", timeout=limit + 60, keys=[fill_key(total - 1, fanout)], limit=limit
-        )
-        if not reply["complete"]:
-            counters = core_stats(holders)
-            raise RuntimeError(
-                f"join: the replica did not receive the fill within {limit:.0f}s after it was "
-                f"written (core counters: {counters})"
-            )
+        fill_keys = _fill(holders, cfg, progress, mixed, label)
         fill_seconds = time.monotonic() - began
         fill_counters = core_stats(holders)
         holder_memory = holder.call("memory")["memory"]
         replica_memory = replica.call("memory")["memory"]
-        progress(f"join: measuring a plain dict of {total:,} keys")
-        plain = group.add(Member(free_port(), [], name="plain-dict", max_seconds=600))
-        plain_reply = plain.call("plain_dict", timeout=600, count=total, fanout=fanout)
-        plain.close()
+        plain_reply = None
+        if not mixed:
+            progress(f"{label}: measuring a plain dict of {total:,} keys")
+            plain = group.add(Member(free_port(), [], name="plain-dict", max_seconds=600))
+            plain_reply = plain.call("plain_dict", timeout=600, count=total, fanout=fanout)
+            plain.close()
+        parents = [max(1, total // (fanout * fanout)), fanout] if mixed else None
+        live = []
         for i, member in enumerate(holders):
-            member.call(
-                "pace_start", prefix="live", name=f"n{i}", rate=cfg.join_live_rate / 2, cycle=0
+            name, rate = f"n{i}", cfg.join_live_rate / len(holders)
+            reply = member.call(
+                "pace_start", prefix="live", name=name, rate=rate, cycle=0, parents=parents
             )
+            live.append({"prefix": "live", "name": name, "cycle": 0, "parents": parents, **reply})
         progress(
-            f"join: a new member joins {total:,} keys while {cfg.join_live_rate:,} sets/s continue"
+            f"{label}: a new member joins {total:,} keys while {cfg.join_live_rate:,} sets/s "
+            f"continue{' into the same parents' if mixed else ''}"
         )
         joiner = group.add(
             Member(ports[2], ports, name="joiner", max_seconds=cfg.member_max_seconds)
         )
-        profiler = WindowProfiler(cfg.profile_dir, "join", [*holders, joiner])
+        profiler = WindowProfiler(
+            cfg.profile_dir, "join-mixed" if mixed else "join", [*holders, joiner]
+        )
         profiler.start()
         joined = joiner.call(
             "join",
@@ -428,33 +564,31 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
             peers=joiner.peers,
             options={},
             limit=cfg.join_limit,
+            fill_keys=fill_keys,
+            live=live,
         )
         profile = profiler.stop()
-        join_seconds = joined["synced_at"] - joined["started"] if joined["synced"] else None
+        join_seconds = joined["full_at"] - joined["started"] if joined["full"] else None
+        snapshot_seconds = joined["synced_at"] - joined["started"] if joined["synced"] else None
         if join_seconds is None:
-            progress(f"join: NOT synced within {cfg.join_limit:.0f}s")
+            progress(f"{label}: NOT in full sync within {cfg.join_limit:.0f}s")
         else:
             progress(
-                f"join: synced in {join_seconds:.2f}s (the joiner's CPU: "
-                f"{joined['cpu_seconds']:.2f}s); letting live writes run 1s more"
+                f"{label}: in full sync after {join_seconds:.2f}s (first snapshot merged after "
+                f"{snapshot_seconds:.2f}s; the joiner's CPU: {joined['cpu_seconds']:.2f}s); "
+                "letting live writes run 1s more"
             )
-        time.sleep(1.0)
+        time.sleep(1.0)  # workload, not synchronisation: live writes go on after the join
         stops = broadcast(holders, "pace_stop")
         wait = 120 if joined["synced"] else 10
-        caught = joiner.call(
-            "wait_keys", timeout=wait + 60, keys=[s["last_key"] for s in stops], limit=wait
+        last_live = [stop["last_key"] for stop in stops]
+        caught = broadcast(
+            [*holders, joiner], "wait_keys", timeout=wait + 60, keys=last_live, limit=wait
         )
-        missing: list[str] = []  # live writes some holder has and the joiner lacks
-        for name in ("n0", "n1"):
-            have = set(joiner.call("keys", prefix=["live", name])["keys"])
-            for member in holders:
-                want = member.call("keys", prefix=["live", name])["keys"]
-                missing.extend(f"live.{name}.{k}" for k in want if k not in have)
-        missing = sorted(set(missing))
+        identical, leaves = same_data([*holders, joiner])
         counters = core_stats([*holders, joiner])
         holders_after = [m.call("memory")["memory"] for m in holders]
         joiner_memory = joiner.call("memory")["memory"]
-        leaves = [m.call("leaves", timeout=300)["leaves"] for m in [*holders, joiner]]
     live_total = sum(s["count"] for s in stops)
     holder_base = starts[0]["baseline"]["rss"]
     replica_base = starts[1]["baseline"]["rss"]
@@ -462,20 +596,32 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
     result = {
         "keys": total,
         "key_shape": f"g<a>.s<b>.k<c>, {total // (fanout * fanout)} x {fanout} x {fanout}",
+        "workload": (
+            "written by both members in a scrambled order; int, str and small dict values; "
+            "live writes into the same parents"
+            if mixed
+            else "written in order by one member; int values; live writes in their own subtree"
+        ),
         "fill_seconds": fill_seconds,
         "fill_core_stats": fill_counters,
         "join_seconds": join_seconds,
+        "join_ends": "full sync: the fill, and every live write due when the snapshot merged",
+        "snapshot_merged_seconds": snapshot_seconds,
         "join_limit": cfg.join_limit,
         "start_returned_seconds": joined["returned"] - joined["started"],
         "joiner_cpu_seconds": joined["cpu_seconds"],
+        "joiner_cpu_seconds_to_snapshot": joined["cpu_seconds_synced"],
         "synced": joined["synced"],
-        "caught_up": caught["complete"],
+        "full": joined["full"],
+        "live_writes_due_at_snapshot": sum(joined["live_due"]),
+        "caught_up": all(reply["complete"] for reply in caught),
         "live_writes": live_total,
         "live_rate": cfg.join_live_rate,
-        "converged": caught["complete"] and len(set(leaves)) == 1 and leaves[0] >= total,
+        "identical": identical,
+        "converged": all(reply["complete"] for reply in caught)
+        and identical
+        and min(leaves) >= total,
         "leaves": leaves,
-        "joiner_missing_live_keys": len(missing),
-        "joiner_missing_examples": missing[:10],
         "holder_rss": holder_memory["rss"],
         "holder_bytes_per_key": (holder_memory["rss"] - holder_base) / total,
         "replica_rss": replica_memory["rss"],
@@ -484,9 +630,10 @@ def join(cfg: Config, progress: Progress) -> dict[str, Any]:
         "joiner_rss": joiner_memory["rss"],
         "joiner_peak_rss": joiner_memory["peak_rss"],
         "joiner_bytes_per_key": (joiner_memory["rss"] - joiner_base) / total,
-        "plain_dict_bytes_per_key": plain_reply["rss_delta"] / total,
         "baseline_rss": holder_base,
     }
+    if plain_reply is not None:
+        result["plain_dict_bytes_per_key"] = plain_reply["rss_delta"] / total
     if counters:
         result["core_stats"] = counters
     if profile:
@@ -560,7 +707,7 @@ def catchup(cfg: Config, progress: Progress) -> dict[str, Any]:
         final = broadcast(
             members, "wait_keys", timeout=180, keys=[s["last_key"] for s in stops], limit=120
         )
-        leaves = [m.call("leaves")["leaves"] for m in members]
+        identical, leaves = same_data(members)
         counters = core_stats(members)
         stats = proxy.call("stats")
     written = sum(s["seq"] for s in at_heal) - sum(s["seq"] for s in before)
@@ -572,7 +719,7 @@ def catchup(cfg: Config, progress: Progress) -> dict[str, Any]:
         "writes_while_partitioned": written,
         "catchup_seconds": catchup_seconds,
         "caught_up": caught["complete"],
-        "converged": all(r["complete"] for r in final) and len(set(leaves)) == 1,
+        "converged": all(r["complete"] for r in final) and identical,
         "leaves": leaves,
         "proxy": stats,
         "core_stats": counters,
@@ -607,6 +754,7 @@ SCENARIOS: dict[str, Callable[[Config, Progress], dict[str, Any]]] = {
     "throughput": throughput,
     "latency": latency,
     "join": join,
+    "join_mixed": join_mixed,
     "catchup": catchup,
     "redis": redis_compare,
 }

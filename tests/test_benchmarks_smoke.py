@@ -11,6 +11,10 @@ import os
 import subprocess
 import sys
 
+from benchmarks.procs import Group, Member, free_ports
+from benchmarks.report import check_targets
+from benchmarks.scenarios import same_data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,7 +29,7 @@ def test_quick_benchmark_run_completes_with_sane_figures(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=480,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Targets" in proc.stdout  # the printed table
@@ -44,10 +48,17 @@ def test_quick_benchmark_run_completes_with_sane_figures(tmp_path):
             assert set(figures) == {"1", "2", "3", "4", "5"}
             assert all(_positive(ns) for ns in figures.values())
 
+    set_full = local["set_full"]
+    for pattern in ("same_parent", "scattered"):
+        assert set(set_full[pattern]) == {"0", "7"}
+        for run in set_full[pattern].values():
+            assert run["complete"], run
+            assert _positive(run["cpu_ns"]) and _positive(run["wall_ns"])
+
     runs = results["throughput"]["runs"]
     assert [run["processes"] for run in runs] == [2, 4, 8]
     for run in runs:
-        assert run["complete"], run
+        assert run["complete"] and run["identical"], run
         assert _positive(run["seconds"]) and _positive(run["sets_per_second"])
         hot = run["hot_counter"]
         assert hot["complete"], hot
@@ -57,24 +68,108 @@ def test_quick_benchmark_run_completes_with_sane_figures(tmp_path):
     latency = results["latency"]
     assert [run["offered_rate"] for run in latency["runs"]] == [1_000, 10_000]
     for run in latency["runs"]:
-        assert run["lost"] == 0 and run["measured_ops"] > 0
+        assert run["lost"] == 0 and run["measured_ops"] > 0 and run["converged"]
         assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
         assert _positive(run["achieved_rate"])
 
-    join = results["join"]
-    assert join["synced"] and join["caught_up"]
-    assert _positive(join["join_seconds"])
-    for name in ("holder", "replica", "joiner", "plain_dict"):
-        assert _positive(join[f"{name}_bytes_per_key"])
-    assert min(join["leaves"]) >= join["keys"]
+    for name in ("join", "join_mixed"):
+        join = results[name]
+        assert join["synced"] and join["full"] and join["caught_up"], join
+        assert join["identical"] and join["converged"], join
+        # the join is timed until the joiner holds everything, not until the first snapshot
+        assert join["join_seconds"] >= join["snapshot_merged_seconds"] > 0
+        assert join["live_writes_due_at_snapshot"] > 0  # live writes were part of the sync
+        for member in ("holder", "replica", "joiner"):
+            assert _positive(join[f"{member}_bytes_per_key"])
+        assert min(join["leaves"]) >= join["keys"]
+    assert _positive(results["join"]["plain_dict_bytes_per_key"])
 
     catchup = results["catchup"]
-    assert catchup["caught_up"] and _positive(catchup["catchup_seconds"])
+    assert catchup["caught_up"] and catchup["converged"] and _positive(catchup["catchup_seconds"])
     assert catchup["writes_while_partitioned"] > 0
 
     redis = results["redis"]
     if "skipped" not in redis:
         assert all(_positive(ns) for ns in redis["ns"].values())
 
-    assert len(results["targets"]) == 7
+    assert len(results["targets"]) == 8
+    assert not [t for t in results["targets"] if t["verdict"].startswith("FAILED")]
     assert all("error" not in section for section in results.values() if isinstance(section, dict))
+
+
+def _passing_results() -> dict:
+    """Results in which every target's figure is well within its bound, every run sound."""
+    sound = {"complete": True, "hot_counter": {"complete": True}}
+    return {
+        "throughput": {
+            "runs": [
+                {"processes": 4, "keys_each": 50_000, "sets_per_second": 1e6, **sound},
+                {"processes": 8, "keys_each": 25_000, "sets_per_second": 1e6, **sound},
+            ]
+        },
+        "local": {
+            "gcollective": {"get": {"0": {"3": 100.0}}},
+            "set_full": {
+                pattern: {"7": {"cpu_ns": 100.0, "wall_ns": 100.0, "complete": True}}
+                for pattern in ("same_parent", "scattered")
+            },
+        },
+        "join": {
+            "keys": 2_000_000,
+            "join_seconds": 0.5,
+            "holder_bytes_per_key": 100.0,
+            "synced": True,
+            "full": True,
+            "caught_up": True,
+            "converged": True,
+        },
+        "latency": {
+            "processes": 4,
+            "runs": [{"offered_rate": 10_000, "p99_ms": 1.0, "lost": 0, "converged": True}],
+        },
+    }
+
+
+def test_targets_are_met_only_by_sound_runs():
+    """A figure within its bound is "met" only when its run kept every write and its members
+    ended with identical data; otherwise the target fails, whatever the figure."""
+    assert {row["verdict"] for row in check_targets(_passing_results())} == {"met"}
+    spoilers = {
+        "keys missing or members' data differ": [
+            lambda r: r["throughput"]["runs"][0].update(complete=False)
+        ],
+        "the hot counter is wrong": [
+            lambda r: r["throughput"]["runs"][1]["hot_counter"].update(complete=False)
+        ],
+        "a peer missed sets": [
+            lambda r: r["local"]["set_full"]["scattered"]["7"].update(complete=False)
+        ],
+        "live writes missing": [lambda r: r["join"].update(caught_up=False)],
+        "members' data differ": [
+            lambda r: r["join"].update(converged=False),
+            lambda r: r["latency"]["runs"][0].update(converged=False),
+        ],
+        "the joiner never held everything": [
+            lambda r: r["join"].update(full=False, join_seconds=None)
+        ],
+        "3 writes lost": [lambda r: r["latency"]["runs"][0].update(lost=3)],
+    }
+    for problem, spoils in spoilers.items():
+        for spoil in spoils:
+            results = _passing_results()
+            spoil(results)
+            verdicts = [row["verdict"] for row in check_targets(results)]
+            assert f"FAILED: {problem}" in verdicts, (problem, verdicts)
+            assert "met" in verdicts  # only the spoilt run's targets fail
+
+
+def test_same_data_compares_digests_not_leaf_counts():
+    """Two members holding as many leaves but one different value are not "the same data"."""
+    with Group() as group:
+        members = [group.add(Member(port, [])) for port in free_ports(2)]
+        for member in members:
+            member.start(limit=10)
+            member.call("fill", begin=0, end=100, fanout=10)
+        assert same_data(members) == (True, [100, 100])
+        members[1].call("set", key="g0.s0.k1", value="other")
+        assert same_data(members) == (False, [100, 100])
