@@ -97,7 +97,8 @@ class Proxy:
     def check(self) -> None:
         """Fail if the proxy met a connection it could not attribute to a member."""
         if self.errors:
-            raise AssertionError(f"proxy {self.port}: " + "; ".join(self.errors))
+            shown = "; ".join(self.errors[:3])
+            raise AssertionError(f"proxy {self.port}, {len(self.errors)} errors: {shown}")
 
     def close(self) -> None:
         self._closed = True
