@@ -43,6 +43,7 @@ class Proxy:
         self.target_port = target_port
         self.dropped = 0  # connections cut by ``cut``
         self.dropped_bytes = 0  # bytes held back (in flight) on them when they were cut
+        self.dropped_op_frames = 0  # OPS frames among those bytes (operations lost in flight)
         self.refused = 0  # connections refused while their source was blocked
         self.errors: list[str] = []
         self._blocked: set[int] = set()
@@ -79,6 +80,7 @@ class Proxy:
             doomed = [link for link in self._links if link.source in sources]
             self.dropped += len(doomed)
             self.dropped_bytes += sum(len(link.held_back) for link in doomed)
+            self.dropped_op_frames += sum(_op_frames(link.held_back) for link in doomed)
         for link in doomed:
             _shut(link.client)
             _shut(link.upstream)
@@ -93,6 +95,11 @@ class Proxy:
                 self._blocked.difference_update(sources)
             else:
                 self._blocked.clear()
+
+    def blocking(self) -> bool:
+        """True while some source is cut off."""
+        with self._lock:
+            return bool(self._blocked)
 
     def check(self) -> None:
         """Fail if the proxy met a connection it could not attribute to a member."""
@@ -176,6 +183,11 @@ class Proxy:
             pass
         _shut(link.client)
         _shut(link.upstream)
+
+
+def _op_frames(data: bytes) -> int:
+    """How many OPS frames (``[1, ...]``, see ``gcollective._wire``) begin in ``data``."""
+    return sum(line.startswith(b"[1,") for line in bytes(data).split(b"\n"))
 
 
 def _hello_source(line: bytes) -> int | None:
