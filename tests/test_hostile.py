@@ -17,6 +17,7 @@ from cluster import free_port, wait_for
 from gevent import socket as gsocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from gcollective import Collective
 from gcollective._wire import encode_hello
@@ -199,7 +200,7 @@ def test_thousands_of_silent_connections_do_not_lock_out_a_real_member(pair):
 
 
 @settings(
-    max_examples=60,
+    max_examples=examples(60),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
@@ -212,7 +213,7 @@ def test_fuzz_random_bytes_never_change_a_replica(pair, junk):
 
 
 @settings(
-    max_examples=60,
+    max_examples=examples(60),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )

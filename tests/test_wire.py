@@ -9,6 +9,7 @@ import pytest
 import ujson
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from gcollective._errors import ProtocolError
 from gcollective._store import Store
@@ -411,7 +412,7 @@ _JSON = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=st.data())
 def test_any_change_to_a_snapshot_node_is_refused_or_merges(data: st.DataObject) -> None:
     """Replace any part of a full node of a SNAPSHOT (its leaf columns included) by any JSON:
