@@ -126,8 +126,8 @@ def test_ops_of_an_origin_that_died_after_reaching_only_some_peers(proxied):
     a.call("write_keys", prefix="lonely", count=1500)
     a.call("incr_many", key="counter", count=42)
     wait_until(lambda: b.summary()["leaves"] == 1501, timeout=60)
+    # The cut held: a kept dialing c and was refused (c gets a's writes only through b).
     wait_until(lambda: cluster.proxies[2].refused > 0, what="a refused by c's proxy")
-    assert c.summary()["leaves"] == 0  # nothing reached c but through b, after a is gone
     a.kill()  # a's operations now live only on b
     wait_until(lambda: converged([b, c], leaves=1501), timeout=60)
     assert c.call("get", key="counter")["value"] == 42
