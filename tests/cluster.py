@@ -7,23 +7,73 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-_handed_out: set[int] = set()
+# Ports come from blocks below the kernel's ephemeral range (so no socket the OS numbers itself,
+# in any process, can take one) and each block is held by one process at a time through a lock
+# file (so parallel test runs, of this checkout or another, never hand out the same port). A
+# port is handed out once per process and checked free by binding it. Binding port 0 and
+# handing the number on would be a race: the OS may give it to someone else before use.
+_PORT_LOW, _PORT_HIGH = 20000, 32768  # ip_local_port_range starts at 32768 by default
+_BLOCK = 64
+_LOCK_DIR = os.path.join(tempfile.gettempdir(), "gcollective-test-ports")
+_held_blocks: list[Any] = []  # open lock files: the blocks this process owns until it exits
+_next_ports: list[int] = []  # the rest of the newest block, not yet handed out
+
+
+def _below_ephemeral() -> int:
+    """The first port the kernel may pick by itself (32768 unless configured otherwise)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            return min(int(ranges.read().split()[0]), _PORT_HIGH)
+    except (OSError, ValueError, IndexError):
+        return _PORT_HIGH
+
+
+def _claim_block() -> None:
+    """Take the lock of a free block of ports (starting at a random one) for this process."""
+    import fcntl
+    import random
+
+    os.makedirs(_LOCK_DIR, exist_ok=True)
+    starts = list(range(_PORT_LOW, _below_ephemeral() - _BLOCK + 1, _BLOCK))
+    first = random.randrange(len(starts))
+    for base in starts[first:] + starts[:first]:
+        lock = open(os.path.join(_LOCK_DIR, f"{base}.lock"), "w")  # noqa: SIM115 (held)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        _held_blocks.append(lock)
+        _next_ports[:] = range(base, base + _BLOCK)
+        return
+    raise RuntimeError("every block of test ports is held by another process")
+
+
+def _bindable(port: int) -> bool:
+    """True when nothing listens on (or is bound to) 127.0.0.1:``port`` right now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that the OS just gave out, never the same twice per session."""
+    """A TCP port on 127.0.0.1 that is this process's alone: never handed out twice, in this
+    process or any other test run (see ``_claim_block``)."""
     while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
+        if not _next_ports:
+            _claim_block()
+        port = _next_ports.pop(0)
+        if _bindable(port):
             return port
 
 
@@ -173,24 +223,15 @@ def converged(nodes: list[NodeProcess], leaves: int | None = None) -> bool:
     return len({s["digest"] for s in summaries}) == 1
 
 
-def free_port_run(count: int, attempts: int = 200) -> int:
-    """The first of ``count`` consecutive ports that are all free right now (for programs that
-    take a base port). Starts from an OS-chosen port so parallel runs do not collide."""
-    for _ in range(attempts):
-        base = free_port()
-        if base + count > 65535:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        _handed_out.update(range(base, base + count))
-        return base
-    raise RuntimeError(f"no run of {count} free ports found")
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free ports, this process's alone (for programs that
+    take a base port)."""
+    if count > _BLOCK:
+        raise ValueError(f"at most {_BLOCK} consecutive ports")
+    while True:
+        if len(_next_ports) < count:
+            _claim_block()
+        run = _next_ports[:count]
+        del _next_ports[:count]
+        if all(_bindable(port) for port in run):
+            return run[0]

@@ -9,7 +9,26 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import profiles  # registers and loads the hypothesis profile, before any test module
 from cluster import NodeProcess, free_ports
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Hand a random profile's seed to hypothesis's plugin (unless --hypothesis-seed was
+    given), so every hypothesis test of the run draws from it."""
+    if profiles.SEED is not None and config.getoption("hypothesis_seed") is None:
+        config.option.hypothesis_seed = str(profiles.SEED)
+
+
+def pytest_report_header(config):
+    if profiles.SEED is None:
+        return f"hypothesis: profile {profiles.PROFILE!r} (derandomized)"
+    seed = config.getoption("hypothesis_seed")
+    return (
+        f"hypothesis: profile {profiles.PROFILE!r}, seed {seed} (replay: "
+        f"HYPOTHESIS_PROFILE={profiles.PROFILE} HYPOTHESIS_SEED={seed} pytest ...)"
+    )
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ stdout. The process is a monkey-patched gevent app, like the ones gcollective se
 Commands (``{"cmd": ..., ...}``):
   start {local, peers, options}    start the node           -> {"synced": bool}
   set/incr/delete/get {key, ...}   the data API             -> {"value": ...}; a value or
-                                   amount {"build": kind, "size": n} is made here (see build)
+                                   amount {"build": kind, "size": n} is made here (see build);
+                                   a write also -> {"stamp": the stamp the node gave it}
+                                   (see StampRecorder)
   write_keys {prefix, count, start, yield_every, flat} SET prefix.<i>.v = i (prefix.<i> = i
                                    when flat) for i in range, without yielding (or yielding
                                    every yield_every operations)
@@ -99,6 +101,37 @@ def build(spec):
     return value
 
 
+class StampRecorder:
+    """Test-only: stands in for the node's clock (``node._clock``) and keeps the stamps issued
+    during the current command, so a write's reply can say which stamp the node gave it (the
+    model check folds every write by its stamp). The library is untouched: this wraps the
+    clock from outside, in this test process only."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.issued = []
+
+    def stamp(self):
+        stamp = self.clock.stamp()
+        self.issued.append(stamp)
+        return stamp
+
+    def promise(self):
+        return self.clock.promise()
+
+    def observe(self, stamp):
+        self.clock.observe(stamp)
+
+
+def issued_stamp(node):
+    """The one stamp the node issued for the write just made (exactly one, or the hook
+    missed a write or saw another)."""
+    issued = node._clock.issued
+    if len(issued) != 1:
+        raise AssertionError(f"expected one stamp for one write, saw {len(issued)}")
+    return issued[0]
+
+
 def handle(node, request):
     cmd = request["cmd"]
     for name in ("value", "amount"):
@@ -111,16 +144,20 @@ def handle(node, request):
             timeout=request.get("timeout", 10.0),
             **request.get("options", {}),
         )
+        node._clock = StampRecorder(node._clock)
         return node, {"synced": node.synced, "node_id": node.node_id}
+    if node is not None:
+        node._clock.issued.clear()
     if cmd == "set":
         node.set(request["key"], request["value"], ttl=request.get("ttl"))
-        return node, {}
+        return node, {"stamp": issued_stamp(node)}
     if cmd == "incr":
         amount = request.get("amount", 1)
-        return node, {"value": node.incr(request["key"], amount, ttl=request.get("ttl"))}
+        value = node.incr(request["key"], amount, ttl=request.get("ttl"))
+        return node, {"value": value, "stamp": issued_stamp(node)}
     if cmd == "delete":
         node.delete(request["key"])
-        return node, {}
+        return node, {"stamp": issued_stamp(node)}
     if cmd == "get":
         return node, {"value": node.get(request["key"])}
     if cmd == "write_keys":

@@ -69,6 +69,19 @@ def nodes():
         node.stop(timeout=1)
 
 
+def refused_again(*nodes: Collective, times: int = 1) -> None:
+    """Wait until each node refused ``times`` more connections than it has so far: positive
+    evidence that the other side kept trying (and got nothing through) meanwhile."""
+    before = [node.stats()["refused_connections"] for node in nodes]
+    wait_for(
+        lambda: all(
+            node.stats()["refused_connections"] >= count + times
+            for node, count in zip(nodes, before, strict=True)
+        ),
+        what=f"{times} more refusals on each node",
+    )
+
+
 def pair(make, a_options, b_options):
     ports = free_ports(2)
     return make(ports[0], ports, **a_options), make(ports[1], ports, **b_options)
@@ -135,7 +148,7 @@ def test_wrong_secret_is_refused_both_ways_with_one_line_each(nodes, caplog):
     # Each dialer finds the acceptor's proof wrong; each acceptor hears why it was refused.
     wait_for(lambda: sum("has a different secret" in m for m in messages(caplog)) == 2)
     wait_for(lambda: sum("the secrets differ" in m for m in messages(caplog)) == 2)
-    gevent.sleep(0.8)  # several more retries: still refused, and not logged again
+    refused_again(a, b, times=3)  # several more retries: still refused, and not logged again
     assert sum("has a different secret" in m for m in messages(caplog)) == 2
     assert sum("the secrets differ" in m for m in messages(caplog)) == 2
     assert a.snapshot() == {"from_a": 1} and b.snapshot() == {"from_b": 1}
@@ -157,7 +170,7 @@ def test_mixed_secret_and_no_secret_refuse_each_other(nodes, caplog):
     # a dials b with AUTH1: b refuses it and tells it why.
     wait_for(lambda: logged(caplog, "refused", "wants to authenticate", "this node has none"))
     wait_for(lambda: logged(caplog, b_name, "it has no secret configured and this node has one"))
-    gevent.sleep(0.3)
+    refused_again(a, b)  # each retried since, and was refused again
     assert a.snapshot() == {"from_a": 1} and b.snapshot() == {"from_b": 1}
     assert not a.stats()["peers"][b_name[5:]]["authenticated"]
 
@@ -312,7 +325,7 @@ def test_tls_round_trip_and_a_certificate_from_another_ca_is_refused(nodes, capl
     wait_for(lambda: logged(caplog, "refused", "TLS handshake failed", "not signed by a CA"))
     # TLS 1.3 tells the dialer only on its next read: it learns from the alert.
     wait_for(lambda: logged(caplog, "peer rejected our certificate"))
-    gevent.sleep(0.3)
+    refused_again(a)  # the stranger retried since, and was refused again
     assert a.snapshot() == before == b.snapshot()
     assert f"127.0.0.1:{stranger.local[1]}" not in a.stats()["peers"]
 
@@ -324,7 +337,7 @@ def test_tls_and_plain_nodes_refuse_each_other(nodes, caplog, pki):
     wait_for(lambda: logged(caplog, "refused", "did not open with TLS"))
     wait_for(lambda: logged(caplog, "it requires TLS and this node has none"))
     wait_for(lambda: logged(caplog, "refused", "peer opened with a TLS handshake"))
-    gevent.sleep(0.2)
+    refused_again(a, b)  # each retried since, and was refused again
     assert a.snapshot() == {"from_a": 1} and b.snapshot() == {"from_b": 1}
 
 
@@ -343,7 +356,7 @@ def test_tls_with_a_secret_needs_both(nodes, caplog, pki):
     c = nodes(c_port, [a_port], start_timeout=1, secret=OTHER_SECRET, **pki["c"])
     c.set("intruder", True)
     wait_for(lambda: logged(caplog, "has a different secret"))
-    gevent.sleep(0.2)
+    refused_again(a)  # c retried since, and was refused again
     assert a.snapshot() == b.snapshot() == {"both": True, "back": 1}
     assert c.snapshot() == {"intruder": True}
 

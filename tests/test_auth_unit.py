@@ -12,6 +12,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from gcollective import _auth
 from gcollective._auth import (
@@ -385,7 +386,7 @@ def test_auth_module_imports_only_the_standard_library():
     }
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(message=st.integers(0, 2), bit=st.integers(0, 10**6))
 def test_any_single_bit_flip_in_the_handshake_is_detected(message, bit):
     dialer = DialerHandshake(SECRET, "d")
@@ -419,7 +420,7 @@ _json = st.recursive(
 _hex32 = st.binary(min_size=32, max_size=32).map(bytes.hex)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     fields=st.lists(_json | _hex32 | st.sampled_from(["auth", 0, 1, 2, 3]), max_size=6),
     junk=st.binary(max_size=40),
@@ -583,7 +584,7 @@ def _corrupt(stream: bytes, bit: int) -> bytes:
     return bytes(altered)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     payloads=st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=6),
     bit=st.integers(min_value=0),

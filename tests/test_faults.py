@@ -41,12 +41,17 @@ def settled(node: NodeProcess) -> bool:
 def test_links_cut_and_restored_mid_stream_lose_nothing(proxied):
     cluster = proxied(2)
     a, b = cluster.nodes
+    proxy, source = cluster.proxies[1], cluster.public[0]  # the link a -> b
     for round_ in range(5):
+        wait_until(lambda: proxy.linked(source), what="a -> b up again")
+        proxy.hold(source)  # what a sends now stays in flight, in the proxy
         a.call("write_keys", prefix="a", start=round_ * 2000, count=2000)
         a.call("incr_many", key="hits", count=100)
-        cluster.proxies[1].cut(cluster.public[0])  # a -> b, while frames are in flight
+        wait_until(lambda: proxy.held_bytes(source) > 0, what="a's writes in flight")
+        proxy.cut(source)  # fails unless it drops the link
         b.call("write_keys", prefix="b", start=round_ * 2000, count=2000)
-        cluster.proxies[1].heal()
+        proxy.heal()
+    assert proxy.dropped == 5 and proxy.dropped_bytes > 0
     wait_until(lambda: converged([a, b], leaves=20001), timeout=60)
     assert b.call("get", key="hits")["value"] == 500
 
@@ -65,7 +70,10 @@ def test_partition_with_writes_on_both_sides_heals_by_catch_up(proxied):
         node.call("incr_many", key="counter", count=250)
         node.call("set", key="conflict", value=i)
     wait_until(lambda: converged(nodes[:2]) and converged(nodes[2:]), timeout=60)
+    # The partition held: each side has only its own writes, and dialers were refused.
     assert nodes[0].call("get", key="counter")["value"] == 500
+    assert nodes[0].summary()["leaves"] == nodes[3].summary()["leaves"] == 2 * 3000 + 2
+    wait_until(lambda: cluster.refused() > 0, what="a dialer refused across the partition")
     cluster.heal()
     wait_until(lambda: converged(nodes, leaves=4 * 3000 + 2), timeout=60)
     assert all(n.call("get", key="counter")["value"] == 1000 for n in nodes)
@@ -76,12 +84,17 @@ def test_partition_with_writes_on_both_sides_heals_by_catch_up(proxied):
 def test_tiny_log_falls_back_to_a_snapshot(proxied):
     cluster = proxied(2, log_bytes=0)
     a, b = cluster.nodes
+    wait_until(lambda: all(settled(n) and n.call("stats")["synced"] for n in (a, b)))
+    before = [snapshots_sent(a), snapshots_sent(b)]
     cluster.partition([0], [1])
     a.call("write_keys", prefix="a", count=2000)
     b.call("incr_many", key="n", count=7)
+    wait_until(lambda: cluster.refused() > 0, what="a dialer refused across the partition")
+    assert a.summary()["leaves"] == 2000 and b.summary()["leaves"] == 1  # nothing crossed
     cluster.heal()
     wait_until(lambda: converged([a, b], leaves=2001), timeout=60)
-    assert snapshots_sent(a) + snapshots_sent(b) >= 2
+    # No log to catch up from: each side needed a snapshot of the other's writes.
+    assert snapshots_sent(a) > before[0] and snapshots_sent(b) > before[1]
 
 
 def test_sigkill_during_a_write_storm_then_restart_empty(proxied):
@@ -108,24 +121,25 @@ def test_sigkill_during_a_write_storm_then_restart_empty(proxied):
 def test_ops_of_an_origin_that_died_after_reaching_only_some_peers(proxied):
     cluster = proxied(3)
     a, b, c = cluster.nodes
+    wait_until(lambda: cluster.proxies[2].linked(cluster.public[0]), what="a -> c up")
     cluster.proxies[2].cut(cluster.public[0])  # a's link to c is down
     a.call("write_keys", prefix="lonely", count=1500)
     a.call("incr_many", key="counter", count=42)
     wait_until(lambda: b.summary()["leaves"] == 1501, timeout=60)
+    # The cut held: a kept dialing c and was refused (c gets a's writes only through b).
+    wait_until(lambda: cluster.proxies[2].refused > 0, what="a refused by c's proxy")
     a.kill()  # a's operations now live only on b
     wait_until(lambda: converged([b, c], leaves=1501), timeout=60)
     assert c.call("get", key="counter")["value"] == 42
 
 
-def test_clean_stop_flushes_and_a_returning_member_loses_nothing(cluster):
-    a, b = cluster(2)
+def test_clean_stop_flushes_and_a_returning_member_loses_nothing(proxied):
+    cluster = proxied(2)
+    a, b = cluster.nodes
     a.call("write_keys", prefix="last", count=5000)
     a.call("stop")  # flushes what is queued before closing
     wait_until(lambda: b.summary()["leaves"] == 5000, timeout=30)
     b.call("incr_many", key="while_away", count=5)
-    back = NodeProcess(a.port, [a.port, b.port])
-    try:
-        back.start()
-        wait_until(lambda: converged([back, b], leaves=5001), timeout=30)
-    finally:
-        back.stop()
+    # It returns at its address (the proxy's) on a fresh port: no port is bound twice.
+    back = cluster.launch(0)
+    wait_until(lambda: converged([back, b], leaves=5001), timeout=30)

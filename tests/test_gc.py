@@ -44,6 +44,28 @@ def members():
         m.close()
 
 
+def refused_again(*nodes: Collective) -> None:
+    """Wait until each node refused one more connection than it has so far."""
+    before = [node.stats()["refused_connections"] for node in nodes]
+    wait_for(
+        lambda: all(
+            node.stats()["refused_connections"] > count
+            for node, count in zip(nodes, before, strict=True)
+        ),
+        what="one more refusal on each node",
+    )
+
+
+def sync_intervals_pass(node: Collective, peer: str, count: int) -> None:
+    """Wait until ``node`` sent ``count`` more frames to ``peer``: its PROGRESS goes every
+    ``sync_interval``, the period of its housekeeping (which forgets metadata)."""
+    before = node.stats()["peers"][peer]["sent_frames"]
+    wait_for(
+        lambda: node.stats()["peers"][peer]["sent_frames"] >= before + count,
+        what=f"{count} frames to {peer}",
+    )
+
+
 def test_a_hot_counter_keeps_metadata_in_the_order_of_members(members):
     a, b, c = members(3).nodes
     for _ in range(3000):
@@ -90,7 +112,7 @@ def test_short_down_timeout_forgets_and_refuses_the_returning_incarnation(member
     with caplog.at_level(logging.WARNING, logger="gcollective"):
         m.heal()
         wait_for(lambda: any("declared down" in r.getMessage() for r in caplog.records))
-    gevent.sleep(0.3)
+    refused_again(a, b)  # the returning incarnation dialed both since, and was refused
     assert a.get("written_while_away") is None
     # Restarted empty, the member rejoins and converges.
     c.stop(timeout=1)
@@ -112,7 +134,7 @@ def test_long_down_timeout_keeps_what_a_returning_member_needs(members):
     gevent.sleep(0.01)
     a.delete("keep")
     c.delete("old")
-    gevent.sleep(0.5)  # several sync intervals: nothing may be forgotten meanwhile
+    sync_intervals_pass(a, f"127.0.0.1:{m.public[1]}", 10)  # nothing forgotten meanwhile
     assert metadata_size(a) > 0
     m.heal()
     wait_for(lambda: a.snapshot() == b.snapshot() == c.snapshot())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 
 import gevent
 import pytest
@@ -16,6 +17,7 @@ from cluster import free_port, wait_for
 from gevent import socket as gsocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from gcollective import Collective
 from gcollective._wire import encode_hello
@@ -146,10 +148,28 @@ def test_one_byte_at_a_time_is_cut_at_the_handshake_timeout(pair, caplog):
     still_replicates(a, b)
 
 
+def established(sockets: list) -> int:
+    """How many of these non-blocking sockets finished connecting (or were closed since)."""
+    poller = select.poll()
+    for sock in sockets:
+        poller.register(sock.fileno(), select.POLLOUT)
+    done = select.POLLOUT | select.POLLHUP | select.POLLERR
+    return sum(1 for _, events in poller.poll(0) if events & done)
+
+
 def test_thousands_of_silent_connections_do_not_lock_out_a_real_member(pair):
     a, b = pair
+    pool = a._server.pool  # the listener's pool: max_connections handlers (1024)
+    busiest = [0]
+
+    def watch_pool() -> None:
+        while True:
+            busiest[0] = max(busiest[0], pool.size - pool.free_count())
+            gevent.sleep(0.005)
+
+    watcher = gevent.spawn(watch_pool)
     idle = []
-    for _ in range(2000):  # the listener's pool (max_connections) is 1024
+    for i in range(2000):
         sock = gsocket.socket()
         sock.setblocking(False)
         try:
@@ -157,8 +177,11 @@ def test_thousands_of_silent_connections_do_not_lock_out_a_real_member(pair):
         except BlockingIOError:
             pass
         idle.append(sock)
-    gevent.sleep(0.1)
+        if i % 100 == 99:
+            gevent.sleep(0.001)  # let the node accept, or the kernel's backlog drops SYNs
     try:
+        # The attack is real: every handler of the pool held by a silent connection.
+        wait_for(lambda: busiest[0] == pool.size, what="the pool full of silent connections")
         joiner = Collective(f"127.0.0.1:{free_port()}", [a.local], **OPTIONS)
         joiner.start(timeout=10)
         try:
@@ -167,14 +190,17 @@ def test_thousands_of_silent_connections_do_not_lock_out_a_real_member(pair):
             wait_for(lambda: a.get("from_joiner") == 1)
         finally:
             joiner.stop()
+        # And all 2,000 got through to the node (accepted, then cut at the handshake timeout).
+        wait_for(lambda: established(idle) == 2000, timeout=60, what="2000 sockets connected")
     finally:
+        watcher.kill()
         for sock in idle:
             sock.close()
     still_replicates(a, b)
 
 
 @settings(
-    max_examples=60,
+    max_examples=examples(60),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
@@ -187,7 +213,7 @@ def test_fuzz_random_bytes_never_change_a_replica(pair, junk):
 
 
 @settings(
-    max_examples=60,
+    max_examples=examples(60),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )

@@ -25,6 +25,14 @@ def wait_converged(cluster: ProxiedCluster, leaves: int | None = None) -> None:
         raise
 
 
+def heal_after_a_refusal(cluster: ProxiedCluster) -> None:
+    """Heal every cut, once a dialer was refused across one (the cut was felt)."""
+    if any(proxy.blocking() for proxy in cluster.proxies):
+        refused = cluster.refused()
+        wait_until(lambda: cluster.refused() > refused, what="a dialer refused across a cut")
+    cluster.heal()
+
+
 def run_soak(seconds: float, seed: int) -> None:
     rng = random.Random(seed)
     cluster = ProxiedCluster(4)
@@ -50,9 +58,9 @@ def run_soak(seconds: float, seed: int) -> None:
                 expected_total += count
             elif action < 0.85:
                 source, target = rng.sample(range(4), 2)
-                cluster.proxies[target].cut(cluster.public[source])
+                cluster.proxies[target].cut(cluster.public[source], require=False)
             elif action < 0.95:
-                cluster.heal()
+                heal_after_a_refusal(cluster)
             else:
                 # Kill a member only once the others hold all it wrote: nothing to lose.
                 cluster.heal()
@@ -64,6 +72,10 @@ def run_soak(seconds: float, seed: int) -> None:
         nodes = cluster.live()
         wait_converged(cluster, leaves=expected_leaves + (1 if expected_total else 0))
         assert all(n.call("get", key="total")["value"] == (expected_total or None) for n in nodes)
+        # The faults happened: links were dropped and dialers refused while cut.
+        faults = {"dropped": sum(p.dropped for p in cluster.proxies), "refused": cluster.refused()}
+        print("faults seen:", faults)
+        assert faults["dropped"] > 0 and faults["refused"] > 0, faults
     finally:
         cluster.close()
 

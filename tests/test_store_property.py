@@ -8,9 +8,10 @@ regardless of delivery order, duplicates or how state was exchanged.
 Comparisons use ``strict_equal`` because ``1 == 1.0 == True`` in Python and the contract cares
 about the difference (and about the exact float summation order).
 
-Runs are deterministic (``derandomize=True``). For a deeper bug hunt run e.g.::
+Runs follow the hypothesis profile (``tests/profiles.py``): derandomized by default; for a
+deeper bug hunt (random, twenty times the examples) run e.g.::
 
-    GCOLLECTIVE_PROPERTY_SCALE=20 GCOLLECTIVE_PROPERTY_RANDOM=1 pytest tests/test_store_property.py
+    HYPOTHESIS_PROFILE=long pytest tests/test_store_property.py
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pytest
 import ujson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 
 # tests/ is not a package and conftest.py belongs to someone else, so load the sibling reference
@@ -57,16 +59,13 @@ strict_equal = model.strict_equal
 # Configuration
 # --------------------------------------------------------------------------------------------
 
-_SCALE = float(os.environ.get("GCOLLECTIVE_PROPERTY_SCALE", "1"))
-_DERANDOMIZE = os.environ.get("GCOLLECTIVE_PROPERTY_RANDOM") != "1"
-
 
 def _settings(max_examples: int) -> settings:
-    """Shared hypothesis settings: deterministic, no deadline, example count scalable by env."""
+    """Shared hypothesis settings: the profile's (see ``tests/profiles.py``), no deadline, the
+    example count scaled up by the ``long`` profile."""
     return settings(
-        max_examples=max(1, int(max_examples * _SCALE)),
+        max_examples=examples(max_examples),
         deadline=None,
-        derandomize=_DERANDOMIZE,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
 

@@ -221,13 +221,16 @@ def test_cancel_stops_delivery_even_of_queued_events(members):
     handle = b.watch("x", seen)
     a.set("x", 1)
     wait_for(lambda: len(seen.events) == 1)
+    witness = Recorder()
+    witness_handle = b.watch("x", witness)
     handle.cancel()
     handle.cancel()  # idempotent
     assert not handle.active
     a.set("x", 2)
-    wait_for(lambda: b.get("x") == 2)
-    gevent.sleep(0.05)
+    wait_for(lambda: len(witness.events) == 1)  # the change reached b's watches
+    wait_for(lambda: handle._greenlet.dead)  # the cancelled one's deliverer ended: no more
     assert len(seen.events) == 1
+    witness_handle.cancel()
     assert b._watches == []  # nothing left to check on the data paths
 
     # Cancelling from inside the callback drops what was queued behind it.
@@ -240,8 +243,7 @@ def test_cancel_stops_delivery_even_of_queued_events(members):
     inner = b.watch("y", once)
     for i in range(5):
         b.set("y", i)
-    wait_for(lambda: not inner.active)
-    gevent.sleep(0.05)
+    wait_for(lambda: inner._greenlet.dead)  # its deliverer ended: nothing more can come
     assert calls == [0]
 
 

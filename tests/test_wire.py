@@ -7,8 +7,9 @@ from array import array
 
 import pytest
 import ujson
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from gcollective._errors import ProtocolError
 from gcollective._store import Store
@@ -448,11 +449,13 @@ _JSON = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=st.data())
 def test_any_change_to_a_snapshot_node_is_refused_or_merges(data: st.DataObject) -> None:
     """Replace any part of a full node of a SNAPSHOT (its leaf columns included) by any JSON:
-    parsing refuses it with ProtocolError, or what it returns merges into a store."""
+    parsing refuses it with ProtocolError, or it is the snapshot of some replica's state: it
+    merges the same in either order with the original's (so replicas that receive both
+    converge), merging it again changes nothing, and what it becomes exports the same tree."""
     store = Store()
     for i in range(6):
         store.apply((HLC + i) << 64 | (ORIGIN + i % 2), 0, ("p", "q", f"k{i}"), i)
@@ -465,8 +468,37 @@ def test_any_change_to_a_snapshot_node_is_refused_or_merges(data: st.DataObject)
     target = data.draw(st.sampled_from(places), label="where")
     index = data.draw(st.integers(0, len(target) - 1), label="index")
     target[index] = data.draw(st.one_of(_JSON, st.integers(-1, 1 << 64)), label="replacement")
+    mutated = ujson.dumps(message[1])
     try:
-        items, _ = parse_snapshot_items(ujson.loads(ujson.dumps(message[1])))
+        parse_snapshot_items(ujson.loads(mutated))
     except ProtocolError:
         return
-    Store().merge(items)
+    assert_merges_like_a_replica(store, mutated)
+    event("accepted")  # (most changes that parse: see --hypothesis-show-statistics)
+
+
+def merged(*snapshots: str) -> Store:
+    """A fresh store that merged these SNAPSHOT payloads in order (each parsed anew: parsed
+    items are for one merge)."""
+    store = Store()
+    for payload in snapshots:
+        store.merge(parse_snapshot_items(ujson.loads(payload))[0])
+    return store
+
+
+def assert_merges_like_a_replica(original: Store, mutated: str) -> None:
+    """``mutated`` (an accepted SNAPSHOT payload) behaves as the snapshot of a real state:
+    merging it is idempotent, with or without the original's state around it, and the store
+    it makes exports itself faithfully (a replica joining from it gets the same tree, and the
+    same export: nothing accepted is lost or changed on the way on)."""
+    (own,) = FrameDecoder(1 << 20).feed(encode_snapshot(original.export()))
+    own_payload = ujson.dumps(own[1])
+    alone = merged(mutated)
+    assert merged(mutated, mutated).to_dict() == alone.to_dict()
+    both = merged(own_payload, mutated)
+    assert merged(own_payload, mutated, own_payload, mutated).to_dict() == both.to_dict()
+    for store in (alone, both):
+        (again,) = FrameDecoder(1 << 20).feed(encode_snapshot(store.export()))
+        joined = merged(ujson.dumps(again[1]))
+        assert joined.to_dict() == store.to_dict()
+        assert joined.export() == store.export()
