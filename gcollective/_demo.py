@@ -61,9 +61,9 @@ def run_supervisor(workers: int, base_port: int, host: str, once: bool) -> int:
     try:
         while pids:
             pid, status = os.wait()
-            worker_id = pids.pop(pid, None)
-            if worker_id is None:
+            if pid not in pids:
                 continue
+            worker_id = pids.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             if once and code == 0:
                 continue

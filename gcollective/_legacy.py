@@ -532,7 +532,8 @@ class _Link(_node._Writer):
         try:
             head: list[bytes] = []
             if self.new_flag is not None:
-                head.append(encode_new(*node.advertise, self.new_flag))
+                host, port = node.advertise
+                head.append(encode_new(host, port, self.new_flag))
             wake = self.wake
             while True:
                 if self._peer_closed:

@@ -1588,7 +1588,7 @@ class Collective(_Member):
         # holds but a dict value may, "".
         try:
             value = self._data
-            segments = key.split(".")
+            segments = key.split(".")  # type: ignore[union-attr]  # (a tuple: below)
             for segment in segments:
                 value = value[segment]
         except (KeyError, TypeError, AttributeError):

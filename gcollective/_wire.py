@@ -545,7 +545,7 @@ def parse_ops(
         kinds = {ops}
         ops = [ops] * size
     elif type(ops) is list:
-        kinds = set(map(type, ops))
+        kinds = set(map(type, ops))  # type: ignore[arg-type]  # (types are hashable)
         if kinds == {int}:
             kinds = set(ops)
         if not kinds <= _KINDS:
@@ -650,7 +650,7 @@ def _check_op_ttls(ttls: Any, ops: list[int]) -> None:
 
 def path_segments(path: str | list[str]) -> list[str]:
     """The segments of a path as ``parse_ops`` returns it."""
-    return path.split(".") if type(path) is str else path
+    return path.split(".") if isinstance(path, str) else path
 
 
 def _check_paths(paths: list[Any]) -> None:
