@@ -2,7 +2,7 @@
 
 Each process holds the whole tree in memory. ``set`` / ``incr`` / ``delete`` apply locally at
 once and reach every other member asynchronously; ``get`` never touches the network. Replicas
-converge: every member applies the same operations as if in one total order (see README.rst).
+converge: every member applies the same operations as if in one total order (see docs/contract.rst).
 
 Importing this package has no side effects: gevent, sockets and the hub are only touched once a
 node starts, so it is safe before ``gevent.monkey.patch_all()`` and in a gunicorn master.

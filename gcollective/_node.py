@@ -1,6 +1,6 @@
 """The node: a ``Store`` replicated over gevent sockets. The only module that does I/O.
 
-Shape (see the README's design section):
+Shape (see docs/design.rst):
 
 - One acceptor (a gevent ``StreamServer``) reads every peer's incoming connection and applies
   what arrives to the store.
@@ -1125,8 +1125,8 @@ class Collective(_Member):
             most a year). A frame carrying a stamp (an operation's, or a peer's clock) more
             than this ahead of this node's wall clock is refused with its connection.
         protocol: ``"gcollective"`` (default) or ``"collective.js"``, which makes this a
-            ``LegacyCollective`` speaking collective.js 0.3.1's wire protocol (see the README
-            for what that mode does not guarantee).
+            ``LegacyCollective`` speaking collective.js 0.3.1's wire protocol (see
+            docs/collectivejs.rst for what that mode does not guarantee).
         handshake_timeout: seconds an incoming connection has to send HELLO (5).
         idle_timeout: seconds an incoming connection may stay silent after HELLO (60).
         max_connections: incoming connections served at once (1024).
@@ -1610,7 +1610,7 @@ class Collective(_Member):
         ``ttl`` (seconds, SET and INCREMENT only) makes the key expire: from the operation's
         stamp time plus ``ttl`` on, every member reads it (and everything under it) as
         missing, unless a newer SET without ttl (or with a new ttl) of it came first. See
-        "Expiring keys" in the README.
+        "Expiring keys" in docs/guide.rst.
         """
         if (
             op is not SET
@@ -1981,8 +1981,8 @@ class Collective(_Member):
         for good: ttls would fire late by as much and the metadata sweep would stall, and a
         forged stamp near the wire's limit would leave no stamp to issue. Refusing costs
         nothing within the contract (clocks within ``clock_skew`` never send such a stamp);
-        the sender retries, so its operations arrive once the clocks agree (see the README's
-        consistency contract).
+        the sender retries, so its operations arrive once the clocks agree (see
+        docs/contract.rst).
         """
         lead = stamp_lead(stamp, time.time_ns())
         if lead <= self.clock_skew:

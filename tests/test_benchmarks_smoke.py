@@ -1,7 +1,7 @@
 """CI smoke test of the benchmark suite (issue 6): ``python -m benchmarks --quick`` runs through.
 
 It checks that every scenario completes and reports sane, non-zero figures; it sets no timing
-thresholds (CI machines vary too much for that; the targets live in the README).
+thresholds (CI machines vary too much for that; the targets live in docs/performance.rst).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A bad clock or a forged stamp (issue 17, cases 1 and 2; the clock-skew test of issue 23).
 
-The rule (README, "The consistency contract"): a member refuses, with the connection, any
+The rule (docs/contract.rst): a member refuses, with the connection, any
 frame carrying a stamp more than ``clock_skew`` ahead of its own wall clock. A forged member
 speaks the wire protocol over a raw socket to real members in this process; member processes
 whose wall clocks run off (``tests/node_process.py``, GCOLLECTIVE_TEST_CLOCK_OFFSET) check

@@ -102,7 +102,7 @@ def test_an_operation_no_peer_could_accept_is_refused(cluster, joiner):
     refused(a, "set", key=["doc", "text"], value={"build": "text", "size": MIB})
     refused(a, "set", error="InvalidKeyError", key="k" * (2 * MIB), value=1)
     a.call("set", key="half", value={"build": "text", "size": MIB // 2})
-    # The longest value accepted at a 3-segment key (the README's rule: 256 bytes plus 160 a
+    # The longest value accepted at a 3-segment key (docs/guide.rst's rule: 256 bytes plus 160 a
     # segment for the frame around it; the key is ["a","b","c"], the value in quotes), in a
     # node with other leaves: it still reaches the joiner, in a snapshot piece of its own.
     longest = MIB - 256 - 3 * 160 - len('["a","b","c"]') - 2
