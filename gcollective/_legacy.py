@@ -578,8 +578,9 @@ class LegacyCollective(_node._Member):
     the members use for themselves (collective.js identifies members by ``host:port`` string).
     Nothing happens until ``start()``. Usable as a context manager.
 
-    The semantics are collective.js's (see ``LegacyStore`` and docs/collectivejs.rst): last-writer-wins per key string on millisecond wall-clock times,
-    increments applied as they arrive, the joiner's data replaced by one member's snapshot.
+    The semantics are collective.js's (see ``LegacyStore`` and docs/collectivejs.rst):
+    last-writer-wins per key string on millisecond wall-clock times, increments applied as
+    they arrive, the joiner's data replaced by one member's snapshot.
 
     Options:
         protocol: must be ``"collective.js"`` when given (lets callers pass it through).
