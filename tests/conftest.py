@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import profiles  # registers and loads the hypothesis profile, before any test module
-from cluster import NodeProcess, free_ports
+from cluster import LocalMembers, NodeProcess, free_ports
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -49,3 +49,13 @@ def cluster():
     yield make
     for node in made:
         node.stop()
+
+
+@pytest.fixture
+def members(request):
+    """``members(n, spare=0)`` starts n members in this process, ``members.join()`` one more
+    (see ``cluster.LocalMembers``), with the test module's ``FAST`` options; all are stopped
+    after the test. (A module may define its own ``members`` instead.)"""
+    local = LocalMembers(**getattr(request.module, "FAST", {}))
+    yield local
+    local.stop()

@@ -3,18 +3,9 @@ parent, said once on the wire) and the ones it must apply key by key."""
 
 from __future__ import annotations
 
-import pytest
-from cluster import LocalMembers, free_port, wait_for
+from cluster import free_port, wait_for
 
 FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
-
-
-@pytest.fixture
-def members():
-    """``members(n)`` starts n members in this process: see ``cluster.LocalMembers``."""
-    local = LocalMembers(**FAST)
-    yield local
-    local.stop()
 
 
 def test_loops_of_new_keys_overwrites_and_conflicts_converge(members):

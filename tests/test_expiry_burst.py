@@ -8,8 +8,7 @@ import gc
 import time
 
 import gevent
-import pytest
-from cluster import LocalMembers, wait_for
+from cluster import wait_for
 
 FAST = {"sync_interval": 0.1, "backoff_max": 0.2}
 KEYS = 50_000
@@ -17,13 +16,6 @@ KEYS = 50_000
 # for three members in one process (a turn of the loop may run a slice of each): one slice
 # takes about 5 ms, the worst delay seen was 40-80 ms; before, the burst held the hub 0.7 s.
 BOUND = 0.2
-
-
-@pytest.fixture
-def members():
-    local = LocalMembers(**FAST)
-    yield local
-    local.stop()
 
 
 class Probe:

@@ -14,20 +14,11 @@ from typing import Any, Callable
 
 import gevent
 import pytest
-from cluster import ROOT, LocalMembers, free_port, free_ports, wait_for
+from cluster import ROOT, free_port, free_ports, wait_for
 
 from gcollective import Collective, NotStartedError
 
 FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
-
-
-@pytest.fixture
-def members():
-    """``members(n, spare=0)`` starts members, ``members.join()`` one more: see
-    ``cluster.LocalMembers``."""
-    local = LocalMembers(**FAST)
-    yield local
-    local.stop()
 
 
 class Fault:

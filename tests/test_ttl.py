@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from cluster import LocalMembers, free_ports, wait_until
+from cluster import free_ports, wait_until
 from cluster import wait_for as _wait_for
 from faults import ProxiedMembers
 
@@ -106,15 +106,6 @@ def test_collective_js_mode_refuses_ttl() -> None:
 
 
 # -- members in this process ------------------------------------------------------------------
-
-
-@pytest.fixture
-def members():
-    """``members(n, spare=0)`` starts members, ``members.join(**watches)`` one more: see
-    ``cluster.LocalMembers``."""
-    local = LocalMembers(**FAST)
-    yield local
-    local.stop()
 
 
 def seen_by_watch(node: Collective, key: str) -> list[tuple]:

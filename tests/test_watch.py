@@ -7,7 +7,7 @@ import logging
 
 import gevent
 import pytest
-from cluster import LocalMembers, free_ports, wait_for
+from cluster import free_ports, wait_for
 
 import gcollective
 from gcollective import DELETE, INCREMENT, SET, Collective
@@ -27,15 +27,6 @@ class Recorder:
     def changes(self):
         """The events without their origins."""
         return [event[:3] for event in self.events]
-
-
-@pytest.fixture
-def members():
-    """``members(n, spare=0)`` starts members, ``members.join(**watches)`` one more: see
-    ``cluster.LocalMembers``."""
-    local = LocalMembers(**FAST)
-    yield local
-    local.stop()
 
 
 def test_local_and_remote_changes_reach_a_watch_with_their_origin(members):

@@ -9,17 +9,10 @@ import time
 
 import gevent
 import pytest
-from cluster import LocalMembers, wait_for
+from cluster import wait_for
 from gevent.event import Event
 
 FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
-
-
-@pytest.fixture
-def members():
-    local = LocalMembers(**FAST)
-    yield local
-    local.stop()
 
 
 class Boom(BaseException):
