@@ -371,6 +371,7 @@ _NATIVE_ONLY_OPTIONS = frozenset(
         "sync_interval",
         "handshake_timeout",
         "idle_timeout",
+        "stall_timeout",
         "down_timeout",
         "clock_skew",
     }
@@ -589,8 +590,9 @@ class LegacyCollective(_node._Member):
         max_connections: incoming connections served at once (1024).
         advertise: the address sent in New, when members reach this node at another address
             than ``local`` (a proxy, NAT or container port); default ``local``.
-        log_bytes, sync_interval, handshake_timeout, idle_timeout, down_timeout, clock_skew:
-            accepted and ignored, so that the native options work unchanged in this mode.
+        log_bytes, sync_interval, handshake_timeout, idle_timeout, stall_timeout,
+            down_timeout, clock_skew: accepted and ignored, so that the native options work
+            unchanged in this mode.
     """
 
     _links: dict[tuple[str, int], _Link]
