@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 import weakref
 from itertools import repeat
@@ -132,6 +133,7 @@ _INF = float("inf")
 # partition, a lossy link), the next one comes within this many seconds whatever the backoff
 # has grown to: the network may heal any moment, and a retry costs one SYN.
 _SILENT_RETRY_SECONDS = 0.5
+_TCP_RTO_MAX_MS = 44  # Linux's socket option (linux/tcp.h; Python has no name for it yet)
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
@@ -244,8 +246,17 @@ def _limit_unacknowledged(sock: Any, seconds: float) -> None:
     ``send_timeout``'s business, not this.
     """
     option = getattr(gsocket, "TCP_USER_TIMEOUT", None)
-    if option is not None:
-        sock.setsockopt(gsocket.IPPROTO_TCP, option, max(1, int(seconds * 1000)))
+    if option is None:
+        return
+    sock.setsockopt(gsocket.IPPROTO_TCP, option, max(1, int(seconds * 1000)))
+    # Linux 6.15 and later also cap the retransmission timeout (1 s at the least): retry at
+    # least twice per ``seconds``, so a link whose losses ended recovers within a second.
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        sock.setsockopt(gsocket.IPPROTO_TCP, _TCP_RTO_MAX_MS, max(1000, int(seconds * 500)))
+    except OSError:
+        pass  # an older kernel
 
 
 def _send_quietly(sock: Any, data: bytes) -> None:
@@ -523,6 +534,7 @@ class _PeerLink(_Writer):
                 sock = self._dial()
             except OSError as exc:
                 if self.kick.is_set() and not node._stopping:
+                    self.kick.clear()  # (once: a kick left from earlier must not spin us)
                     continue  # the peer just dialled us: try again at once (see redial_now)
                 self._failed(f"connect: {exc}")
                 failures += 1
