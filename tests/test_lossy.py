@@ -22,6 +22,7 @@ from netns import LOSS, PARTITION, NamespacedMember, Network, missing
 LOSS_TARGET = 3.0  # seconds from the end of 10 s of 25 % loss on every link to convergence
 HEAL_TARGET = 2.0  # seconds from a partition's end to convergence
 SLACK = 1.0  # a loaded CI machine delays the test's polling and the members alike
+BUSY = 14.0  # seconds of writes at the full pace in a partition (see ``partitioned``)
 PORT = 7000  # the namespaces are new and empty: nothing else listens in them
 MEMBERS = 3
 
@@ -73,15 +74,17 @@ class Writer:
         self.nodes = nodes
         self.rounds = 0
 
-    def write_for(self, seconds: float) -> None:
-        """Write in turn for ``seconds`` (the fault's duration, not a synchronisation)."""
+    def write_for(self, seconds: float, pause: float = 0.005) -> None:
+        """Write in turn for ``seconds`` (the fault's duration, not a synchronisation),
+        pausing ``pause`` seconds between rounds (by default about a thousand keys a second
+        per member)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             start = self.rounds * self.BATCH
             for i, node in enumerate(self.nodes):
                 node.call("write_keys", prefix=f"m{i}", start=start, count=self.BATCH)
             self.rounds += 1
-            time.sleep(0.005)  # pace: a few thousand writes a second per member
+            time.sleep(pause)
 
     @property
     def leaves(self) -> int:
@@ -142,9 +145,13 @@ def lossy(seconds: float) -> Callable[[Network, Writer], None]:
 
 
 def partitioned(seconds: float, member: int = 2) -> Callable[[Network, Writer], None]:
+    """``member`` isolated for ``seconds``; past ``BUSY`` seconds the writes slow down so
+    that the catch-up after the heal stays the same size (this measures the links, not
+    how fast a member applies a backlog)."""
+
     def fault(net: Network, writer: Writer) -> None:
         net.impair(member, PARTITION)
-        writer.write_for(seconds)
+        writer.write_for(seconds, pause=0.005 * max(1.0, seconds / BUSY))
 
     return fault
 
