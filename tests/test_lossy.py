@@ -21,7 +21,7 @@ from netns import LOSS, PARTITION, NamespacedMember, Network, missing
 
 LOSS_TARGET = 3.0  # seconds from the end of 10 s of 25 % loss on every link to convergence
 HEAL_TARGET = 2.0  # seconds from a partition's end to convergence
-SLACK = 1.0  # a loaded CI machine delays the test's polling and the members alike
+SLACK = 0.5  # a loaded CI machine delays the test's polling and the members alike
 BUSY = 14.0  # seconds of writes at the full pace in a partition (see ``partitioned``)
 PORT = 7000  # the namespaces are new and empty: nothing else listens in them
 MEMBERS = 3
