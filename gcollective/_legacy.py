@@ -375,6 +375,7 @@ _NATIVE_ONLY_OPTIONS = frozenset(
         "sync_interval",
         "idle_timeout",
         "check_hostname",  # only False gets here (Collective refuses True in this mode)
+        "stall_timeout",
         "down_timeout",
         "clock_skew",
     }
@@ -597,8 +598,9 @@ class LegacyCollective(_node._Member):
         handshake_timeout: seconds a connection from a host that is not a member's has to
             send its first line (5); connections from members' hosts may stay silent, as
             collective.js members' connections do until they have something to send.
-        log_bytes, sync_interval, idle_timeout, down_timeout, clock_skew, check_hostname:
-            accepted and ignored, so that the native options work unchanged in this mode.
+        log_bytes, sync_interval, idle_timeout, stall_timeout, down_timeout, clock_skew,
+            check_hostname: accepted and ignored, so that the native options work unchanged
+            in this mode.
     """
 
     _links: dict[tuple[str, int], _Link]

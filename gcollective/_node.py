@@ -180,6 +180,11 @@ ANNOUNCED_ATTEMPTS = 5
 _OP_BYTES = 256
 _LEVEL_BYTES = 160
 _INT_LOW = -INT_BOUND  # (made once: ``set`` compares every int with it)
+# After a connection attempt to a member reached before timed out (a silent network: a
+# partition, a lossy link), the next one comes within this many seconds whatever the backoff
+# has grown to: the network may heal any moment, and a retry costs one SYN.
+_SILENT_RETRY_SECONDS = 0.5
+_TCP_RTO_MAX_MS = 44  # Linux's socket option (linux/tcp.h; Python has no name for it yet)
 
 # Bumped in every child after fork (hook registered by the first start()), so a node can tell
 # cheaply that it was inherited from the parent and must not be used.
@@ -337,6 +342,32 @@ def _check_not_tls(data: bytes) -> None:
             "does not (set certfile, keyfile and cafile on every member)",
             "tls",
         )
+
+
+def _limit_unacknowledged(sock: Any, seconds: float) -> None:
+    """Have the kernel end the connection once data sent on it stays unacknowledged for
+    ``seconds`` (Linux's ``TCP_USER_TIMEOUT``; elsewhere nothing changes).
+
+    Without it a link that lost packets waits for TCP's retransmissions, whose backoff doubles
+    up to minutes, long after the network is fine again; the kernel would give up only after
+    about 15 minutes. A writer always has something recent in flight (PROGRESS every
+    ``sync_interval``), so a link stuck either way is noticed: the writer's next send fails
+    and it redials, with a fresh connection and no backoff; catch-up resends what was lost.
+    A peer that is alive but reads slowly still acknowledges (its window probes): that is
+    ``send_timeout``'s business, not this.
+    """
+    option = getattr(gsocket, "TCP_USER_TIMEOUT", None)
+    if option is None:
+        return
+    sock.setsockopt(gsocket.IPPROTO_TCP, option, max(1, int(seconds * 1000)))
+    # Linux 6.15 and later also cap the retransmission timeout (1 s at the least): retry at
+    # least twice per ``seconds``, so a link whose losses ended recovers within a second.
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        sock.setsockopt(gsocket.IPPROTO_TCP, _TCP_RTO_MAX_MS, max(1000, int(seconds * 500)))
+    except OSError:
+        pass  # an older kernel
 
 
 def _send_quietly(sock: Any, data: bytes) -> None:
@@ -544,10 +575,12 @@ class _Writer:
     def _run(self) -> None:
         raise NotImplementedError
 
-    def _backoff(self, failures: int) -> None:
+    def _backoff(self, failures: int, cap: float = _INF) -> None:
+        """Wait before the next attempt (at most ``cap`` seconds), or until kicked."""
         node = self.node
+        high = max(node.backoff_min, min(cap, node.backoff_max))
         self.kick.clear()
-        self.kick.wait(backoff_delay(failures, node.backoff_min, node.backoff_max))
+        self.kick.wait(backoff_delay(failures, node.backoff_min, high))
 
 
 class _PeerLink(_Writer):
@@ -591,6 +624,7 @@ class _PeerLink(_Writer):
         self._overflow_logged_at = -1
         self.greenlet: gevent.Greenlet | None = None
         self._sock: Any = None
+        self._dialling: Any = None  # the socket of a connection attempt in progress
         self.sent_frames = 0
         self.sent_bytes = 0
         self.sent_ops = 0
@@ -673,13 +707,17 @@ class _PeerLink(_Writer):
             self._phase = "connect"
             heard = self.last_heard
             try:
-                sock = gsocket.create_connection(self.address, timeout=node.connect_timeout)
+                sock = self._dial()
             except OSError as exc:
+                if self.kick.is_set() and not node._stopping:
+                    self.kick.clear()  # (once: a kick left from earlier must not spin us)
+                    continue  # the peer just dialled us: try again at once (see redial_now)
                 self._failed(f"connect: {exc}")
                 failures += 1
                 if self._unanswered(heard):
                     break
-                self._backoff(failures)
+                silent = self.connects > 0 and isinstance(exc, gsocket.timeout)
+                self._backoff(failures, _SILENT_RETRY_SECONDS if silent else _INF)
                 continue
             self._sock = sock
             try:
@@ -728,6 +766,35 @@ class _PeerLink(_Writer):
             return False
         self.node._forget_link(self)
         return True
+
+    def _dial(self) -> Any:
+        """A new connection to the peer (like ``create_connection``), or ``OSError``."""
+        host, port = self.address
+        error: OSError = OSError(f"no address for {host}")
+        for family, kind, proto, _, where in gsocket.getaddrinfo(
+            host, port, 0, gsocket.SOCK_STREAM
+        ):
+            sock = gsocket.socket(family, kind, proto)
+            self._dialling = sock
+            try:
+                sock.settimeout(self.node.connect_timeout)
+                sock.connect(where)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+            finally:
+                self._dialling = None
+        raise error
+
+    def redial_now(self) -> None:
+        """The peer is up (it just dialled us): skip the rest of the backoff, and give up an
+        attempt in progress (its SYN may have been lost while the network was down, and the
+        kernel would resend it only after a second or more) for a fresh one."""
+        self.kick.set()
+        attempt = self._dialling
+        if attempt is not None:
+            attempt.close()  # the writer's connect fails at once
 
     def _failed(self, reason: str, problem: str | None = None) -> None:
         node = self.node
@@ -835,6 +902,7 @@ class _PeerLink(_Writer):
         node = self.node
         sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_KEEPALIVE, 1)
+        _limit_unacknowledged(sock, node.stall_timeout)
         sock, sealer, last_handshake_message = self._secure(sock)
         self._phase = "send"
         sock.settimeout(node.send_timeout)
@@ -1129,6 +1197,8 @@ class Collective(_Member):
             docs/collectivejs.rst for what that mode does not guarantee).
         handshake_timeout: seconds an incoming connection has to send HELLO (5).
         idle_timeout: seconds an incoming connection may stay silent after HELLO (60).
+        stall_timeout: seconds data sent to a peer may stay unacknowledged (by its TCP stack)
+            before the link is dropped and redialled (2; Linux only, ``TCP_USER_TIMEOUT``).
         max_connections: incoming connections served at once (1024).
         advertise: the address announced to peers, when they reach this node at another
             address than ``local`` (a proxy, NAT or container port); default ``local``.
@@ -1188,6 +1258,7 @@ class Collective(_Member):
         sync_interval: float = 1.0,
         handshake_timeout: float = 5.0,
         idle_timeout: float = 60.0,
+        stall_timeout: float = 2.0,
         max_connections: int = 1024,
         advertise: Any = None,
         down_timeout: float = 600.0,
@@ -1214,6 +1285,7 @@ class Collective(_Member):
             sync_interval=sync_interval,
             handshake_timeout=handshake_timeout,
             idle_timeout=idle_timeout,
+            stall_timeout=stall_timeout,
             down_timeout=down_timeout,
             clock_skew=clock_skew,
         )
@@ -1221,6 +1293,7 @@ class Collective(_Member):
         self.sync_interval = float(sync_interval)
         self.handshake_timeout = float(handshake_timeout)
         self.idle_timeout = float(idle_timeout)
+        self.stall_timeout = float(stall_timeout)
         self.down_timeout = float(down_timeout)
         self.clock_skew = float(clock_skew)
         if not self.clock_skew <= MAX_CLOCK_SKEW:
@@ -2137,7 +2210,12 @@ class Collective(_Member):
             link.reports = 0
             link.down = False
             link.last_heard = time.monotonic()
-            link.kick.set()
+            link.redial_now()
+            # A new connection means the peer may have missed what was in flight on its
+            # last one: report our progress now, not at the next tick, so its catch-up
+            # starts at once.
+            link.progress_due = True
+            link.wake.set()
             if hello.flags & WANTS_SNAPSHOT:
                 link.resync()
         # What we had when the peer connected bounds the first catch-up: later operations

@@ -228,7 +228,9 @@ def test_addresses_in_every_form_and_self_is_skipped():
     assert n.peers == [("127.0.0.1", other)]
 
 
-@pytest.mark.parametrize("option", ["connect_timeout", "backoff_min", "send_timeout"])
+@pytest.mark.parametrize(
+    "option", ["connect_timeout", "backoff_min", "send_timeout", "stall_timeout"]
+)
 def test_bad_options_are_refused(option):
     with pytest.raises(ValueError):
         Collective(f"127.0.0.1:{free_port()}", **{option: 0})
