@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_security(node)
     node.add_argument(
+        "--metrics",
+        type=_address,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP on this address (needs gcollective[metrics])",
+    )
+    node.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -203,6 +209,7 @@ def run_node(args: argparse.Namespace, secret: str | None, tls: dict[str, Any]) 
         raise CommandError(f"cannot listen on {format_address(args.local)}: {exc}") from None
     except ValueError as exc:  # an unusable TLS file
         raise CommandError(str(exc)) from None
+    metrics = _serve_metrics(node, args.metrics) if args.metrics else None
     log.info(
         "member %s running (id %x, %d peers); stop with SIGINT or SIGTERM",
         format_address(args.local),
@@ -211,9 +218,24 @@ def run_node(args: argparse.Namespace, secret: str | None, tls: dict[str, Any]) 
     )
     stopping.wait()
     log.info("stopping: sending what is queued")
+    if metrics is not None:
+        metrics.stop()
     node.stop()
     logging.shutdown()
     return 0
+
+
+def _serve_metrics(node: Any, address: tuple[str, int]) -> Any:
+    """Start the metrics endpoint of ``node`` (``--metrics``), or stop the node and fail."""
+    try:
+        from ._metrics import describe, serve_metrics
+
+        server = serve_metrics(node, address)
+    except (ImportError, OSError) as exc:
+        node.stop()
+        raise CommandError(f"--metrics {format_address(address)}: {exc}") from None
+    logging.getLogger("gcollective").info("metrics at %s", describe(address))
+    return server
 
 
 def query_status(

@@ -606,6 +606,7 @@ class _PeerLink(_Writer):
         self.reader: gevent.Greenlet | None = None  # the greenlet reading its connection
         # From the peer's latest PROGRESS (see Collective._gc_frontier).
         self.peer_vector: dict[int, int] = {}
+        self.peer_stamps: dict[int, int] = {}  # the stamp at each of those (for metrics)
         self.peer_promise: int | None = None
         self.peer_frontier = 0
         self.peer_own_seq = 0
@@ -1344,6 +1345,7 @@ class Collective(_Member):
         self._writable = False  # started and not stopping (one test on the hot path)
         self.received_frames = 0
         self.received_ops = 0
+        self.received_bytes = 0  # from peers, as read from the sockets (for metrics)
         self.applied_ops = 0
         self.refused_connections = 0
         self.clock_refusals = 0  # frames refused for a stamp beyond clock_skew
@@ -1522,6 +1524,7 @@ class Collective(_Member):
             "local_ops": self._seq + len(self._outbox) // 3,
             "received_frames": self.received_frames,
             "received_ops": self.received_ops,
+            "received_bytes": self.received_bytes,
             "applied_ops": self.applied_ops,
             "refused_connections": self.refused_connections,
             "internal_errors": self.internal_errors,
@@ -2164,6 +2167,7 @@ class Collective(_Member):
             if first and opener is None and self._tls is None:
                 _check_not_tls(data)
             first = False
+            self.received_bytes += len(data)
             try:
                 messages = feed(data)
             except ProtocolError as exc:
@@ -2230,6 +2234,7 @@ class Collective(_Member):
                 data = recv(_RECV_SIZE)
             except gsocket.timeout:
                 raise _refusal(f"silent for {self.idle_timeout:g}s", "idle") from None
+            self.received_bytes += len(data)
             if not data:
                 if opener is not None:
                     opener.close()  # raises if the stream stopped inside a record
@@ -2389,6 +2394,7 @@ class Collective(_Member):
                     previous = link.peer_vector if link.reports > 0 else None
                     link.reports += 1
                     link.peer_vector = theirs
+                    link.peer_stamps = {origin: stamp for origin, _, stamp in vector}
                     link.peer_promise = promise
                     link.peer_own_seq = theirs.get(peer_id, 0)
                     link.peer_frontier = frontier
