@@ -180,6 +180,8 @@ class Settings:
     start_timeout: float = DEFAULT_START_TIMEOUT
     #: Seconds the last holder of the data on this server waits on exit for a successor.
     handoff_timeout: float = DEFAULT_HANDOFF_TIMEOUT
+    #: With ``GCOLLECTIVE_METRICS_PORT``: slot i serves its Prometheus metrics on this + i.
+    metrics_port: int | None = None
 
 
 def _is_local_host(host: str) -> bool:
@@ -252,6 +254,8 @@ def settings_from_env(
     - ``GCOLLECTIVE_SECRET``: passed on as ``secret=`` when set.
     - ``GCOLLECTIVE_START_TIMEOUT`` (default 10) and ``GCOLLECTIVE_HANDOFF_TIMEOUT``
       (default 5, 0 disables the wait): seconds, see ``Settings``.
+    - ``GCOLLECTIVE_METRICS_PORT``: when set, the worker in slot i serves its Prometheus
+      metrics on this server's host at this port + i (needs ``gcollective[metrics]``).
 
     Raises ``ConfigError`` naming the variable at fault.
     """
@@ -309,6 +313,14 @@ def settings_from_env(
     secret = env.get("GCOLLECTIVE_SECRET")
     if secret is not None and not secret:
         raise ConfigError("GCOLLECTIVE_SECRET", "is set but empty")
+    metrics_text = value("GCOLLECTIVE_METRICS_PORT")
+    metrics_port = None
+    if metrics_text is not None:
+        metrics_port = parse_port(metrics_text, "GCOLLECTIVE_METRICS_PORT")
+        if metrics_port + len(slots) - 1 > 65535:
+            raise ConfigError(
+                "GCOLLECTIVE_METRICS_PORT", f"{metrics_port} + {len(slots)} slots runs past 65535"
+            )
     start_text = value("GCOLLECTIVE_START_TIMEOUT")
     handoff_text = value("GCOLLECTIVE_HANDOFF_TIMEOUT")
     return Settings(
@@ -326,7 +338,21 @@ def settings_from_env(
             if handoff_text is not None
             else DEFAULT_HANDOFF_TIMEOUT
         ),
+        metrics_port=metrics_port,
     )
+
+
+def _serve_metrics(node: Any, address: tuple[str, int]) -> Any:
+    """The worker's metrics endpoint (``GCOLLECTIVE_METRICS_PORT`` + slot), started."""
+    try:
+        from ._metrics import serve_metrics
+
+        return serve_metrics(node, address)
+    except (ImportError, OSError) as exc:
+        gcollective.stop(1.0)
+        raise ConfigError(
+            "GCOLLECTIVE_METRICS_PORT", f"cannot serve metrics on {format_address(address)}: {exc}"
+        ) from exc
 
 
 def _accepts_secret() -> bool:
@@ -542,6 +568,10 @@ class GeventWorker(_ggevent.GeventWorker):
         self._gcollective_peers = _PeerAges(node)
         gevent.spawn(self._gcollective_peers.run)
         os.environ[SLOT_VARIABLE] = str(slot)
+        if settings.metrics_port is not None:
+            self._gcollective_metrics = _serve_metrics(
+                node, (settings.bind, settings.metrics_port + slot)
+            )
         self.log.info(
             "gcollective: worker %s has slot %d (%s), %s",
             self.pid,
@@ -605,6 +635,9 @@ class GeventWorker(_ggevent.GeventWorker):
                 node = gcollective.default_node()
             except gcollective.NotStartedError:
                 return
+        metrics = getattr(self, "_gcollective_metrics", None)
+        if metrics is not None:
+            metrics.stop()
         settings = self.gcollective_settings
         if settings is None or not node.running:
             return

@@ -155,3 +155,28 @@ def test_a_real_prometheus_scrapes_two_members(member, tmp_path):  # noqa: F811
         server.wait(20)
         log.close()
     assert a.stop() == 0 and b.stop() == 0
+
+
+def test_every_gunicorn_worker_serves_its_metrics_on_its_slots_port():
+    """GCOLLECTIVE_METRICS_PORT + slot: each worker answers for itself, at a known port."""
+    from cluster import free_port_run
+    from test_gunicorn import Gunicorn
+
+    metrics_base = free_port_run(2)
+    server = Gunicorn(workers=2, env={"GCOLLECTIVE_METRICS_PORT": str(metrics_base)})
+    try:
+        server.start()
+
+        def both_linked():
+            try:
+                pages = [scrape(metrics_base + slot) for slot in (0, 1)]
+            except OSError:
+                return False
+            links = [value(p, "gcollective_peer_state", state="connected") for p in pages]
+            return links == [1, 1] and pages
+
+        pages = wait_until(both_linked, timeout=30, what="both workers linked")
+        addresses = [p["gcollective_info"][0].labels["address"] for p in pages]
+        assert addresses == [f"127.0.0.1:{server.base_port + slot}" for slot in (0, 1)]
+    finally:
+        server.close()
