@@ -1,8 +1,10 @@
-"""Command line: ``python -m gcollective {node,status,demo} ...``; ``--help`` on each.
+"""Command line: ``python -m gcollective {node,status,verify,demo} ...``; ``--help`` on each.
 
 - ``node``: run a standalone member until SIGINT or SIGTERM (then flush and exit 0).
 - ``status``: ask a running member for its ``stats()`` over the peer port (see ``_wire``'s
   status query) and print them as a table or as JSON.
+- ``verify``: ask members for their version vectors and tree digests (``_verify``) and say
+  whether they agree.
 - ``demo``: collective.js's cluster example with forked workers.
 
 Exit codes: 0 success, 1 a runtime failure (cannot listen, member unreachable, refused), 2 bad
@@ -137,6 +139,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=5.0, metavar="S", help="seconds to wait (default 5)"
     )
     _add_security(status)
+    verify = commands.add_parser(
+        "verify",
+        help="check that members which applied the same operations hold the same data",
+        description=(
+            "Ask each member for its version vector and digests of its tree (per top-level "
+            "key; the tree is not copied) and say whether they agree, which keys differ if "
+            "not, and how far behind each member is. Exit 0 when they agree, 1 otherwise."
+        ),
+    )
+    verify.add_argument(
+        "addresses", type=_address, nargs="+", metavar="HOST:PORT", help="the members"
+    )
+    verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    verify.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for each answer (default 30: a big tree takes seconds)",
+    )
+    verify.add_argument(
+        "--settle",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds members may take to catch up before they are judged (default 5)",
+    )
+    _add_security(verify)
     demo = commands.add_parser(
         "demo",
         help="run collective.js's cluster example with forked worker processes",
@@ -244,9 +274,11 @@ def query_status(
     secret: str | bytes | None = None,
     timeout: float = 5.0,
     tls: dict[str, Any] | None = None,
+    request: bytes | None = None,
 ) -> dict[str, Any]:
-    """The ``stats()`` of the member at ``address``, asked over its peer port. Raises
-    ``CommandError`` with a one-line reason when it cannot be had."""
+    """The ``stats()`` of the member at ``address``, asked over its peer port (or its answer
+    to another status ``request``, such as a digest query). Raises ``CommandError`` with a
+    one-line reason when it cannot be had."""
     import gevent
     from gevent import socket as gsocket
 
@@ -255,6 +287,8 @@ def query_status(
     from ._wire import encode_status_request, parse_status_reply
 
     where = format_address(address)
+    if request is None:
+        request = encode_status_request()
     sock: Any = None
     try:
         with gevent.Timeout(timeout, CommandError(f"{where}: no answer within {timeout:g}s")):
@@ -266,7 +300,7 @@ def query_status(
                 sock = _tls.connect_tls(sock, context, address[0], timeout)
             opener = None
             if secret is None:
-                sock.sendall(encode_status_request())
+                sock.sendall(request)
             else:
                 handshake = DialerHandshake(secret, "status")
                 sock.sendall(handshake.start())
@@ -276,7 +310,7 @@ def query_status(
                         break
                 opener = handshake.opener()
                 sealer = handshake.sealer()
-                sock.sendall(step.send + sealer.seal(encode_status_request()))
+                sock.sendall(step.send + sealer.seal(request))
             received = b"" if opener is None else b"".join(opener.feed(handshake.leftover))
             while not received.endswith(b"\n"):
                 data = sock.recv(65536)
@@ -318,6 +352,35 @@ def query_status(
         return parse_status_reply(line)
     except ProtocolError as exc:
         raise CommandError(f"{where}: {exc}") from None
+
+
+def run_verify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``verify``: 0 when the members agree, 1 when they do not or one cannot be asked."""
+    from ._verify import format_report, verify
+    from ._wire import encode_digest_request
+
+    secret = _secret(parser, args.secret_env)
+    tls = _tls_files(parser, args)
+
+    def query(address: tuple[str, int], buckets: list[int]) -> dict[str, Any]:
+        return query_status(
+            address,
+            secret=secret,
+            timeout=args.timeout,
+            tls=tls,
+            request=encode_digest_request(buckets),
+        )
+
+    try:
+        report = verify(args.addresses, query, args.settle, format_address)
+    except CommandError as exc:
+        print(f"gcollective verify: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(format_report(report))
+    return 0 if report["agree"] else 1
 
 
 def _duration(seconds: float) -> str:
@@ -403,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "verify":
+        return run_verify(parser, args)
     if args.command in ("node", "status"):
         secret = _secret(parser, args.secret_env)
         tls = _tls_files(parser, args)

@@ -103,6 +103,7 @@ from ._wire import (
     WANTS_SNAPSHOT,
     FrameDecoder,
     Hello,
+    digest_buckets,
     encode_hello,
     encode_ops,
     encode_progress,
@@ -2174,7 +2175,7 @@ class Collective(_Member):
                 exc.category = "hello"
                 raise
         if is_status_request(messages[0]):
-            self._answer_status(sock, peer, handshake)
+            self._answer_status(sock, peer, handshake, digest_buckets(messages[0]))
             return
         hello = self._check_hello(messages[0], sock, authenticated=opener is not None)
         if self.check_hostname and not self._tls.names_host(sock, hello.host):
@@ -2356,12 +2357,24 @@ class Collective(_Member):
                 link.drop_connection()
                 self._check_ready()
 
-    def _answer_status(self, sock: Any, peer: str, handshake: AcceptorHandshake | None) -> None:
-        """Reply to a status query (``python -m gcollective status``) with ``stats()``: one
-        line, sealed when the collective has a secret (the asker authenticated like a
-        member, and the reply must be authentic too). The caller then closes."""
-        log.debug("status query from %s", peer)
-        reply = encode_status_reply(self.stats())
+    def _answer_status(
+        self,
+        sock: Any,
+        peer: str,
+        handshake: AcceptorHandshake | None,
+        digest: list[int] | None = None,
+    ) -> None:
+        """Reply to a status query (``python -m gcollective status``) with ``stats()``, or
+        to a digest query (``verify``) with ``_digest.digest_reply``: one line, sealed when
+        the collective has a secret (the asker authenticated like a member, and the reply
+        must be authentic too). The caller then closes."""
+        log.debug("%s query from %s", "status" if digest is None else "digest", peer)
+        if digest is None:
+            reply = encode_status_reply(self.stats())
+        else:
+            from ._digest import digest_reply
+
+            reply = encode_status_reply(digest_reply(self, digest))
         if handshake is not None:
             reply = handshake.sealer().seal(reply)
         sock.settimeout(self.handshake_timeout)

@@ -47,6 +47,10 @@ what it sends, like a member), and sends, in place of HELLO:
 STATUS_REQUEST     ``["gcollective-status", version]``
 STATUS_REPLY       one JSON object, the node's ``stats()``, on one line (sealed with the
                    acceptor-to-dialer key when there is a secret); then the node closes
+DIGEST_REQUEST     ``["gcollective-status", version, "digest", [bucket, ...]]``
+                   (``python -m gcollective verify``): the reply is one JSON object too,
+                   the node's version vector and digests of its tree (``_digest``), with
+                   the digest of every key in the listed buckets
 =================  ======================================================================
 
 That is the only time a node writes on a connection it accepted, besides refusals.
@@ -101,6 +105,8 @@ __all__ = [
     "STATUS_MAGIC",
     "STATUS_VERSION",
     "encode_status_request",
+    "encode_digest_request",
+    "digest_buckets",
     "is_status_request",
     "encode_status_reply",
     "parse_status_reply",
@@ -987,12 +993,38 @@ def is_status_request(message: Any) -> bool:
     it is a status request this node cannot answer."""
     if type(message) is not list or not message or message[0] != STATUS_MAGIC:
         return False
+    if len(message) == 4 and message[2] == DIGEST_QUERY:
+        message = message[:2]
     if len(message) != 2 or type(message[1]) is not int or message[1] != STATUS_VERSION:
         raise ProtocolError(
             f"status request of an unknown version ({message[1:]!r}); this node speaks "
             f"version {STATUS_VERSION}"
         )
     return True
+
+
+#: What a digest query names after the version (see DIGEST_REQUEST above).
+DIGEST_QUERY = "digest"
+#: Buckets of top-level keys in a digest (``_digest.BUCKETS``; here for the checks).
+DIGEST_BUCKETS = 256
+
+
+def encode_digest_request(buckets: Sequence[int] = ()) -> bytes:
+    """DIGEST_REQUEST: a status query for digests, with every key of ``buckets`` in detail."""
+    return (_dumps([STATUS_MAGIC, STATUS_VERSION, DIGEST_QUERY, list(buckets)]) + "\n").encode()
+
+
+def digest_buckets(message: list[Any]) -> list[int] | None:
+    """For a status request (checked by ``is_status_request``): None when it asks for the
+    stats, else the buckets a digest query wants in detail."""
+    if len(message) == 2:
+        return None
+    buckets = message[3]
+    if type(buckets) is not list or not all(
+        type(b) is int and 0 <= b < DIGEST_BUCKETS for b in buckets
+    ):
+        raise ProtocolError("digest request has bad buckets")
+    return buckets
 
 
 def encode_status_reply(stats: dict[str, Any]) -> bytes:

@@ -19,6 +19,9 @@ Commands (``{"cmd": ..., ...}``):
   wait_leaves {count, timeout}     wait until at least count leaves -> {"leaves", "seconds"}
   metadata                         -> {"entries": metadata entries held (stamps, tombstones)}
   clock_offset {seconds}           move this process's wall clock (needs the variable below)
+  tamper {key, value}              TEST ONLY: put value under top-level key straight into the
+                                   store's tree, behind replication's back (no operation, no
+                                   stamp): a replica made to differ, for ``verify``
 
 With GCOLLECTIVE_TEST_CLOCK_OFFSET=<seconds> in the environment, the process's wall clock
 (``time.time`` and ``time.time_ns``, before gcollective is imported) runs that far ahead (or
@@ -191,6 +194,9 @@ def handle(node, request):
         from test_gc import metadata_size
 
         return node, {"entries": metadata_size(node)}
+    if cmd == "tamper":
+        live_tree(node)[request["key"]] = request["value"]
+        return node, {}
     if cmd == "clock_offset":
         if set_clock_offset is None:
             raise RuntimeError("started without GCOLLECTIVE_TEST_CLOCK_OFFSET")
