@@ -6,8 +6,9 @@ same key falls in the same bucket everywhere); asked for some buckets in detail,
 digest of every key in them. Comparing members costs a few kilobytes, then a little more for
 the buckets that differ: the tree itself never crosses the network.
 
-A key's digest is BLAKE2b over the canonical JSON of ``[key, value]``; a bucket's is the XOR
-of its keys', so it does not depend on the order keys were made in. Computed on demand, in
+A key's digest is BLAKE2b over its name and its value's digest (``value_digest``: a leaf's
+canonical JSON hashed, a dict's made of its entries' in no particular order); a bucket's is
+the XOR of its keys', so it does not depend on the order keys were made in. Computed on demand, in
 slices: the walk yields to the hub every ``SLICE_SECONDS`` so that a 2M-key tree delays the
 member's other work by a few milliseconds at a time (docs/operations.rst has the figures).
 """
@@ -22,14 +23,17 @@ from typing import Any, Iterable
 import gevent
 import ujson
 
-__all__ = ["BUCKETS", "bucket_of", "digest_reply", "key_digest"]
+__all__ = ["BUCKETS", "bucket_of", "digest_reply", "key_digest", "value_digest"]
 
 #: Buckets of top-level keys in a digest reply.
 BUCKETS = 256
 #: The longest stretch the walk runs without yielding to the hub.
 SLICE_SECONDS = 0.005
+# How long the walk lets the loop run between two slices.
+_PAUSE_SECONDS = 0.0001
 # Keys digested between two looks at the clock.
 _CHECK_EVERY = 256
+_MISSING = object()
 
 
 def bucket_of(key: str) -> int:
@@ -37,11 +41,65 @@ def bucket_of(key: str) -> int:
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % BUCKETS
 
 
-def key_digest(key: str, value: Any) -> int:
+class Slicer:
+    """Yields to the hub whenever the walk has run ``SLICE_SECONDS`` since the last yield;
+    remembers the longest stretch it ran without yielding."""
+
+    __slots__ = ("began", "count", "longest")
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+        self.count = 0
+        self.longest = 0.0
+
+    def tick(self) -> None:
+        self.count += 1
+        if self.count % _CHECK_EVERY:
+            return
+        now = time.perf_counter()
+        if now - self.began >= SLICE_SECONDS:
+            self.longest = max(self.longest, now - self.began)
+            # Not sleep(0): that runs ready greenlets but may not let the loop fire timers
+            # or poll sockets; a sleep of any length waits for the loop's next turn.
+            gevent.sleep(_PAUSE_SECONDS)
+            self.began = time.perf_counter()
+
+    def finish(self) -> float:
+        return max(self.longest, time.perf_counter() - self.began)
+
+
+def _hash(data: bytes) -> int:
+    return int.from_bytes(blake2b(data, digest_size=16).digest(), "big")
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def value_digest(value: Any, slicer: Slicer | None = None) -> int:
+    """The digest of a value: a leaf's canonical JSON, hashed; a dict's, the hash of the
+    XOR of its entries' hashes (name and child digest), so that no order is needed and a
+    dict of millions of entries is walked in slices (``slicer``) rather than in one go."""
+    if type(value) is not dict:
+        if slicer is not None:
+            slicer.tick()
+        return _hash(_encode(ujson.dumps(value, sort_keys=True, ensure_ascii=False)))
+    combined = 0
+    missing = _MISSING
+    # A copy of the names (not of the items: 2M new tuples would wake the cyclic GC), as
+    # the walk may yield and the dict change meanwhile (then ``settled`` is false).
+    for name in list(value):
+        child = value.get(name, missing)
+        if child is missing:
+            continue
+        child_digest = value_digest(child, slicer)
+        combined ^= _hash(_encode(name) + b"\0" + child_digest.to_bytes(16, "big"))
+    return _hash(b"{" + combined.to_bytes(16, "big") + len(value).to_bytes(8, "big"))
+
+
+def key_digest(key: str, value: Any, slicer: Slicer | None = None) -> int:
     """The digest of one top-level key and its whole subtree, as an int (XOR-able)."""
-    canonical = ujson.dumps([key, value], sort_keys=True, ensure_ascii=False)
-    text = canonical.encode("utf-8", "surrogatepass")
-    return int.from_bytes(blake2b(text, digest_size=16).digest(), "big")
+    return _hash(_encode(key) + b"\0" + value_digest(value, slicer).to_bytes(16, "big"))
 
 
 def _vector(node: Any) -> list[list[Any]]:
@@ -57,26 +115,18 @@ def _walk(data: dict[str, Any], detail: set[int]) -> tuple[list[int], dict[str, 
     seconds) the walk ran without yielding."""
     buckets = [0] * BUCKETS
     keys: dict[str, str] = {}
-    longest = 0.0
-    began = time.perf_counter()
-    names = list(data)  # a copy: the tree may change while the walk yields
-    missing = object()
-    for index, key in enumerate(names):
+    slicer = Slicer()
+    missing = _MISSING
+    for key in list(data):  # a copy: the tree may change while the walk yields
         value = data.get(key, missing)
-        if value is not missing:
-            digest = key_digest(key, value)
-            bucket = bucket_of(key)
-            buckets[bucket] ^= digest
-            if bucket in detail:
-                keys[key] = f"{digest:032x}"
-        if index % _CHECK_EVERY == 0:
-            now = time.perf_counter()
-            if now - began >= SLICE_SECONDS:
-                longest = max(longest, now - began)
-                gevent.sleep(0)
-                began = time.perf_counter()
-    longest = max(longest, time.perf_counter() - began)
-    return buckets, keys, longest
+        if value is missing:
+            continue  # deleted meanwhile
+        digest = key_digest(key, value, slicer)
+        bucket = bucket_of(key)
+        buckets[bucket] ^= digest
+        if bucket in detail:
+            keys[key] = f"{digest:032x}"
+    return buckets, keys, slicer.finish()
 
 
 def digest_reply(node: Any, detail: Iterable[int] = ()) -> dict[str, Any]:

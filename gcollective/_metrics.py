@@ -18,8 +18,6 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator
 
-import gevent
-
 try:
     from prometheus_client import CollectorRegistry, make_wsgi_app
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -30,31 +28,30 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from ._clock import stamp_millis
+from ._digest import Slicer
 from ._validate import format_address
 
 __all__ = ["NodeCollector", "metrics_app", "metrics_registry", "serve_metrics"]
 
 #: The states of a peer link (``stats()["peers"][...]["state"]``), one series each.
 PEER_STATES = ("connecting", "connected", "backoff", "stopped")
-# Metadata nodes walked between two yields to the hub while counting metadata entries.
-_WALK_SLICE = 5000
 
 
-def metadata_entries(store: Any, slice_size: int = _WALK_SLICE) -> int:
+def metadata_entries(store: Any) -> int:
     """Entries of metadata the store holds (stamps, tombstones, pending increments), counted
-    in slices with a yield to the hub between them: a 2M-key tree does not stall the member."""
+    in slices with a pause for the hub between them: a 2M-key tree does not stall the
+    member."""
     count = 0
     stack = [store._root]
-    walked = 0
+    slicer = Slicer()
     while stack:
         meta = stack.pop()
-        children = list(meta.entries.values())  # a copy: the tree may change at each yield
+        children = list(meta.entries.values())  # a copy: the tree may change at each pause
         count += len(children) + len(meta.incs or ())
-        stack.extend(child for child in children if type(child) is not int)
-        walked += len(children)
-        if walked >= slice_size:
-            walked = 0
-            gevent.sleep(0)
+        for child in children:
+            if type(child) is not int:
+                stack.append(child)
+            slicer.tick()
     return count
 
 
