@@ -73,6 +73,8 @@ from ._errors import (
     NotStartedError,
     ProtocolError,
 )
+from ._logcontext import install as install_log_context
+from ._logcontext import tag_current
 from ._oplog import OpLog, Progress
 from ._store import DELETE, INCREMENT, SET, Store, copy_value, is_number
 from ._validate import (
@@ -248,7 +250,7 @@ class RefusalLog:
         last = self._last.get(category)
         if last is not None and now - last < self.interval:
             self._quiet[category] = self._quiet.get(category, 0) + 1
-            log.debug(message, *args)
+            log.debug(message, *args, extra={"reason": category})
             return
         self._last[category] = now
         quiet = self._quiet.pop(category, 0)
@@ -256,7 +258,7 @@ class RefusalLog:
             message += f" ({quiet} more of these ({category}) since, at debug level)"
         else:
             message += f" (more of these ({category}) within {self.interval:g}s: debug level)"
-        log.warning(message, *args)
+        log.warning(message, *args, extra={"reason": category})  # (see _logcontext)
 
 
 def _refusal(message: str, category: str) -> ProtocolError:
@@ -703,6 +705,7 @@ class _PeerLink(_Writer):
 
     def _run(self) -> None:
         node = self.node
+        tag_current(node, self.name)  # (see _logcontext)
         failures = 0
         while not node._stopping and not self.is_self:
             self.state = "connecting"
@@ -802,16 +805,20 @@ class _PeerLink(_Writer):
         node = self.node
         if problem is not None and problem not in self._warned:
             self._warned.add(problem)
-            log.warning("peer %s: %s (retrying; logged once)", self.name, reason)
+            log.warning(
+                "peer %s: %s (retrying; logged once)", self.name, reason, extra={"reason": reason}
+            )
         elif self.state == "connected":
             if problem is None:
                 # An ordinary loss after a connection that worked: should a security problem
                 # come up next, it is news again. (Not cleared on connecting: without a secret
                 # the refusal only shows after "connected".)
                 self._warned.clear()
-            log.info("peer %s: connection lost (%s)", self.name, reason)
+            log.info("peer %s: connection lost (%s)", self.name, reason, extra={"reason": reason})
         elif not self.attempted:
-            log.debug("peer %s: not reachable yet (%s)", self.name, reason)
+            log.debug(
+                "peer %s: not reachable yet (%s)", self.name, reason, extra={"reason": reason}
+            )
         self.state = "backoff"
         self.last_error = reason
         self.last_error_at = time.time()
@@ -1317,6 +1324,7 @@ class Collective(_Member):
         self._fits_chars = (max_frame - _OP_BYTES - _LEVEL_BYTES * MAX_DEPTH) // 6
         #: This incarnation's id: fresh on every construction, so a restart is a new origin.
         self.node_id = new_node_id()
+        install_log_context(self)  # node id, peer and reason on every log record
         self._store = Store()
         self._data = self._store.data  # the live tree (the same dict for the store's life)
         self._clock = HybridClock(self.node_id)
@@ -2005,6 +2013,7 @@ class Collective(_Member):
         current = gevent.getcurrent()
         self._handlers.add(current)
         peer = f"{address[0]}:{address[1]}"
+        tag_current(self, peer)  # (see _logcontext)
         conn = sock  # the TLS socket once TLS is up
         try:
             # One deadline for TLS, authentication and HELLO: a stranger gets no more time
@@ -2035,9 +2044,15 @@ class Collective(_Member):
         except (OSError, gevent.Timeout) as exc:
             if self._tls is not None and isinstance(exc, self._tls.SSLError):
                 # After the handshake, a TLS error means a corrupted or forged record.
-                log.warning("connection from %s closed: TLS error: %s", peer, exc)
+                log.warning(
+                    "connection from %s closed: TLS error: %s",
+                    peer,
+                    exc,
+                    extra={"reason": f"TLS error: {exc}"},
+                )
             else:
-                log.info("connection from %s closed: %s", peer, exc or type(exc).__name__)
+                why = str(exc) or type(exc).__name__
+                log.info("connection from %s closed: %s", peer, why, extra={"reason": why})
         except Exception:
             # A bug: the connection is closed (below); the peer dials again and the
             # exchange of progress catches up whatever this one lost.
@@ -2577,6 +2592,7 @@ class Collective(_Member):
     def _housekeeping(self) -> None:
         """Every ``sync_interval``: declare silent peers down, then let the store forget
         what no operation can reach any more, a slice at a time."""
+        tag_current(self)  # (see _logcontext)
         while not self._stopping:
             gevent.sleep(self.sync_interval)
             try:
