@@ -2201,6 +2201,7 @@ class Collective(_Member):
             )
         sock.settimeout(self.idle_timeout)
         origin = format_address((hello.host, hello.port))
+        tag_current(self, origin)  # from now on the peer is known by its address
         if opener is None and self._tls is None:
             log.info("peer %s (id %x) connected from %s", origin, hello.node_id, peer)
         else:

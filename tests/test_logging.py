@@ -56,6 +56,12 @@ def test_records_of_two_members_in_one_process_say_which_member_and_peer():
         (f"{b.node_id:x}", format_address(a)),
     }
     assert all(r.node_id in ids for r in records.records if r.node_id is not None)
+    # Once its HELLO named it, an incoming connection's records name the peer by its address.
+    hellos = [r for r in records.records if "connected from" in r.getMessage()]
+    assert {(r.node_id, r.peer) for r in hellos} == {
+        (f"{a.node_id:x}", format_address(b)),
+        (f"{b.node_id:x}", format_address(a)),
+    }
 
 
 def format_address(node: Collective) -> str:
