@@ -23,6 +23,8 @@ from typing import Any, Iterable
 import gevent
 import ujson
 
+from ._validate import format_address
+
 __all__ = ["BUCKETS", "bucket_of", "digest_reply", "key_digest", "value_digest"]
 
 #: Buckets of top-level keys in a digest reply.
@@ -142,7 +144,7 @@ def digest_reply(node: Any, detail: Iterable[int] = ()) -> dict[str, Any]:
     after = _vector(node)
     return {
         "node_id": f"{node.node_id:x}",
-        "address": node.stats()["address"],
+        "address": format_address(node.local),
         "vector": after,
         "settled": before == after,
         "top_level_keys": len(data),

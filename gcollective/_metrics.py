@@ -199,6 +199,8 @@ class NodeCollector(Collector):
 
 def metrics_registry(node: Any) -> CollectorRegistry:
     """A registry holding only this node's collector (not the process-wide default one)."""
+    if not hasattr(node, "_progress"):
+        raise TypeError("metrics need a member speaking the gcollective protocol")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
     return registry

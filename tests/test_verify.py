@@ -101,3 +101,55 @@ def test_verify_with_a_secret_as_a_member_would():
         assert done.returncode == 1 and "secret" in done.stderr
     finally:
         node.stop()
+
+
+def test_digests_ignore_the_order_keys_were_made_in_and_see_any_change():
+    from gcollective._digest import key_digest, value_digest
+
+    one = {"a": {"x": 1, "y": [1, 2]}, "b": "text"}
+    other = {"b": "text", "a": {"y": [1, 2], "x": 1}}
+    assert value_digest(one) == value_digest(other)
+    for changed in (
+        {"a": {"x": 1, "y": [2, 1]}, "b": "text"},  # list order matters
+        {"a": {"x": 1.0, "y": [1, 2]}, "b": "text"},  # 1.0 is not 1 (JSON keeps the type)
+        {"a": {"x": 1, "y": [1, 2], "z": None}, "b": "text"},  # one more entry
+        {"a": {"x": 1}, "b": "text", "y": [1, 2]},  # moved up a level
+        {"a": {"x": 1, "y": [1, 2]}, "b": "texT"},
+    ):
+        assert value_digest(changed) != value_digest(one), changed
+    assert key_digest("a", 1) != key_digest("b", 1)
+
+
+def test_a_bad_digest_request_is_refused_and_the_member_carries_on(processes):
+    import socket
+
+    from gcollective._errors import ProtocolError
+    from gcollective._wire import digest_buckets, encode_digest_request, is_status_request
+
+    for bad in ([999], [-1], ["0"], "all", [True]):
+        message = ["gcollective-status", 1, "digest", bad]
+        assert is_status_request(message)
+        with pytest.raises(ProtocolError):
+            digest_buckets(message)
+    assert json.loads(encode_digest_request([3, 4])) == ["gcollective-status", 1, "digest", [3, 4]]
+    (a,) = processes(1)
+    a.call("set", key="x", value=1)
+    with socket.create_connection(("127.0.0.1", a.port), timeout=10) as sock:
+        sock.sendall(b'["gcollective-status",1,"digest",[999]]\n')
+        received = b""
+        while True:  # the member closes the connection without answering
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    assert b"node_id" not in received and b"buckets" not in received
+    done = verify([a])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["verify"], ["verify", "nope"], ["verify", "127.0.0.1:1", "--settle", "0"]]
+)
+def test_verify_bad_arguments_exit_2_with_usage(args):
+    done = gcollective(*args)
+    assert done.returncode == 2 and "usage:" in done.stderr and "Traceback" not in done.stderr
