@@ -132,6 +132,11 @@ class NodeCollector(Collector):
             ("received_frames", "Frames received from peers.", stats["received_frames"]),
             ("received_bytes", "Bytes received from peers.", stats["received_bytes"]),
             ("expired", "Keys expired by their TTL.", stats["expired"]),
+            (
+                "snapshots_merged",
+                "Whole states received from peers and merged.",
+                stats["snapshots_merged"],
+            ),
         ]
         for name, text, value in counters:
             yield CounterMetricFamily(f"gcollective_{name}", text, value=value)

@@ -1355,6 +1355,7 @@ class Collective(_Member):
         self.received_frames = 0
         self.received_ops = 0
         self.received_bytes = 0  # from peers, as read from the sockets (for metrics)
+        self.snapshots_merged = 0  # whole states received from peers and merged
         self.applied_ops = 0
         self.refused_connections = 0
         self.clock_refusals = 0  # frames refused for a stamp beyond clock_skew
@@ -1534,6 +1535,7 @@ class Collective(_Member):
             "received_frames": self.received_frames,
             "received_ops": self.received_ops,
             "received_bytes": self.received_bytes,
+            "snapshots_merged": self.snapshots_merged,
             "applied_ops": self.applied_ops,
             "refused_connections": self.refused_connections,
             "internal_errors": self.internal_errors,
@@ -2452,6 +2454,7 @@ class Collective(_Member):
                 if len(message) != 2:
                     raise ProtocolError("SNAPSHOT_END frame has the wrong length")
                 self._progress.merge(parse_vector(message[1]))
+                self.snapshots_merged += 1
                 if not self._synced.is_set():
                     log.info("merged a peer's state")
                     self._synced.set()

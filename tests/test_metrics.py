@@ -84,6 +84,9 @@ def test_metrics_of_two_members_parse_and_follow_the_traffic(member):  # noqa: F
     assert value(families, "gcollective_received_frames_total") > 0
     assert value(families, "gcollective_metadata_entries") >= 100  # a stamp per key and leaf
     assert value(families, "gcollective_running") == 1
+    # The member that started second took the first one's state as a snapshot.
+    merged = [value(scrape(port), "gcollective_snapshots_merged_total") for port in metrics_ports]
+    assert sum(merged) >= 1, merged
     assert value(families, "gcollective_peer_sent_bytes_total", peer=a.address) > 0
     assert value(families, "gcollective_peer_connects_total", peer=a.address) >= 1
     assert value(families, "gcollective_peer_lag_operations", peer=a.address) >= 0
