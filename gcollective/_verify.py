@@ -27,7 +27,8 @@ def _applied(reply: dict[str, Any]) -> dict[str, int]:
 
 def _behind(replies: list[dict[str, Any]]) -> list[tuple[int, int]]:
     """Per member: operations it lacks of what any member applied, and the milliseconds
-    between the stamps of the newest such operation and its own (origin by origin)."""
+    between the stamps of the newest such operation and its own newest of the same origin
+    (the most of any origin it holds some of)."""
     newest: dict[str, tuple[int, int]] = {}
     for reply in replies:
         for origin, seq, stamp in reply["vector"]:
@@ -41,7 +42,8 @@ def _behind(replies: list[dict[str, Any]]) -> list[tuple[int, int]]:
             have, at = mine.get(origin, (0, 0))
             if have < seq:
                 operations += seq - have
-                millis = max(millis, stamp_millis(stamp) - (stamp_millis(at) if at else 0))
+                if have:  # (of an origin it has nothing of, how old its view is is unknown)
+                    millis = max(millis, stamp_millis(stamp) - stamp_millis(at))
         out.append((operations, millis))
     return out
 

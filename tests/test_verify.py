@@ -75,6 +75,7 @@ def test_a_member_cut_off_from_the_others_is_behind_and_its_missing_keys_named(p
     assert not report["same_operations"] and not report["diverged"]
     behind = {m["address"]: m["behind_ops"] for m in report["members"]}
     assert behind == {a.local: 1, b.local: 2}  # each lacks the other's operations
+    assert all(m["behind_ms"] == 0 for m in report["members"])  # nothing in common to date
     assert {"key": "only", "missing_on": [b.local]} in report["differing_keys"]
 
 
@@ -153,3 +154,26 @@ def test_a_bad_digest_request_is_refused_and_the_member_carries_on(processes):
 def test_verify_bad_arguments_exit_2_with_usage(args):
     done = gcollective(*args)
     assert done.returncode == 2 and "usage:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_member_with_a_cut_link_is_behind_then_agrees_once_healed():
+    from faults import ProxiedCluster
+
+    members = ProxiedCluster(2)
+    try:
+        a, b = members.launch(0), members.launch(1)
+        a.call("set", key="early", value=1)
+        wait_until(lambda: verify([a, b], "--settle", "1").returncode == 0, timeout=30)
+        members.partition([0], [1])
+        a.call("set", key="late.news", value=2)
+        done = verify([a, b], "--json", "--settle", "1")
+        assert done.returncode == 1, done.stdout
+        report = json.loads(done.stdout)
+        lag = {m["address"]: (m["behind_ops"], m["behind_ms"]) for m in report["members"]}
+        assert lag[a.local] == (0, 0) and lag[b.local][0] == 1 and lag[b.local][1] >= 0
+        assert report["differing_keys"] == [{"key": "late", "missing_on": [b.local]}]
+        assert "behind by 1 ops" in verify([a, b], "--settle", "1").stdout
+        members.heal()
+        wait_until(lambda: verify([a, b], "--settle", "1").returncode == 0, timeout=60)
+    finally:
+        members.close()
