@@ -19,6 +19,7 @@ Commands (``{"cmd": ..., ...}``):
   wait_leaves {count, timeout}     wait until at least count leaves -> {"leaves", "seconds"}
   metadata                         -> {"entries": metadata entries held (stamps, tombstones)}
   clock_offset {seconds}           move this process's wall clock (needs the variable below)
+  serve_metrics {port}             serve Prometheus metrics on 127.0.0.1:port (_metrics)
   tamper {key, value}              TEST ONLY: put value under top-level key straight into the
                                    store's tree, behind replication's back (no operation, no
                                    stamp): a replica made to differ, for ``verify``
@@ -194,6 +195,11 @@ def handle(node, request):
         from test_gc import metadata_size
 
         return node, {"entries": metadata_size(node)}
+    if cmd == "serve_metrics":
+        from gcollective._metrics import serve_metrics
+
+        serve_metrics(node, ("127.0.0.1", request["port"]))
+        return node, {}
     if cmd == "tamper":
         live_tree(node)[request["key"]] = request["value"]
         return node, {}

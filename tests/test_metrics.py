@@ -183,3 +183,44 @@ def test_every_gunicorn_worker_serves_its_metrics_on_its_slots_port():
         assert addresses == [f"127.0.0.1:{server.base_port + slot}" for slot in (0, 1)]
     finally:
         server.close()
+
+
+def test_lag_of_a_peer_behind_a_cut_link_grows_with_the_writes_it_misses():
+    from faults import ProxiedCluster
+
+    members = ProxiedCluster(2)
+    (metrics_port,) = free_ports(1)
+    try:
+        a, _ = members.launch(0), members.launch(1)
+        a.call("serve_metrics", port=metrics_port)
+        b_name = f"127.0.0.1:{members.public[1]}"
+        a.call("set", key="before", value=0)
+
+        def caught_up():
+            families = scrape(metrics_port)
+            return value(families, "gcollective_peer_lag_operations", peer=b_name) == 0
+
+        wait_until(caught_up, what="b reports it has a's first write")
+        members.partition([0], [1])
+
+        def link_down():
+            families = scrape(metrics_port)
+            return value(families, "gcollective_peer_state", peer=b_name, state="connected") == 0
+
+        wait_until(link_down, what="a sees its link to b cut")
+        for i in range(5):
+            a.call("set", key=f"missed{i}", value=i)
+
+        def lag_of_five():
+            # (Own operations count once their batch went out: a millisecond after the set.)
+            families = scrape(metrics_port)
+            lag = value(families, "gcollective_peer_lag_operations", peer=b_name)
+            assert lag <= 5
+            return lag == 5 and families
+
+        families = wait_until(lag_of_five, what="b lacks the 5 operations")
+        assert value(families, "gcollective_peer_lag_seconds", peer=b_name) > 0
+        members.heal()
+        wait_until(caught_up, timeout=60, what="b caught up after the heal")
+    finally:
+        members.close()
