@@ -196,7 +196,7 @@ def handle(node, request):
 
         return node, {"entries": metadata_size(node)}
     if cmd == "serve_metrics":
-        from gcollective._metrics import serve_metrics
+        from gcollective.metrics import serve_metrics
 
         serve_metrics(node, ("127.0.0.1", request["port"]))
         return node, {}
