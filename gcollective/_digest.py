@@ -8,9 +8,10 @@ the buckets that differ: the tree itself never crosses the network.
 
 A key's digest is BLAKE2b over its name and its value's digest (``value_digest``: a leaf's
 canonical JSON hashed, a dict's made of its entries' in no particular order); a bucket's is
-the XOR of its keys', so it does not depend on the order keys were made in. Computed on demand, in
-slices: the walk yields to the hub every ``SLICE_SECONDS`` so that a 2M-key tree delays the
-member's other work by a few milliseconds at a time (docs/operations.rst has the figures).
+the XOR of its keys', so it does not depend on the order keys were made in. Computed on
+demand, in slices: the walk yields to the hub every ``_SLICE_SECONDS`` (the node's) so that a
+2M-key tree delays the member's other work by a few milliseconds at a time (figures in
+docs/operations.rst).
 """
 
 from __future__ import annotations
@@ -20,19 +21,16 @@ import zlib
 from hashlib import blake2b
 from typing import Any, Iterable
 
-import gevent
 import ujson
 
+from ._node import _SLICE_SECONDS, _let_others_run
 from ._validate import format_address
+from ._wire import DIGEST_BUCKETS
 
 __all__ = ["BUCKETS", "bucket_of", "digest_reply", "key_digest", "value_digest"]
 
-#: Buckets of top-level keys in a digest reply.
-BUCKETS = 256
-#: The longest stretch the walk runs without yielding to the hub.
-SLICE_SECONDS = 0.005
-# How long the walk lets the loop run between two slices.
-_PAUSE_SECONDS = 0.0001
+#: Buckets of top-level keys in a digest reply (the wire checks requests against it).
+BUCKETS = DIGEST_BUCKETS
 # Keys digested between two looks at the clock.
 _CHECK_EVERY = 256
 _MISSING = object()
@@ -44,7 +42,7 @@ def bucket_of(key: str) -> int:
 
 
 class Slicer:
-    """Yields to the hub whenever the walk has run ``SLICE_SECONDS`` since the last yield;
+    """Yields to the hub whenever the walk has run ``_SLICE_SECONDS`` since the last yield;
     remembers the longest stretch it ran without yielding."""
 
     __slots__ = ("began", "count", "longest")
@@ -59,11 +57,9 @@ class Slicer:
         if self.count % _CHECK_EVERY:
             return
         now = time.perf_counter()
-        if now - self.began >= SLICE_SECONDS:
+        if now - self.began >= _SLICE_SECONDS:
             self.longest = max(self.longest, now - self.began)
-            # Not sleep(0): that runs ready greenlets but may not let the loop fire timers
-            # or poll sockets; a sleep of any length waits for the loop's next turn.
-            gevent.sleep(_PAUSE_SECONDS)
+            _let_others_run()  # (a whole turn of the loop: timers and sockets too)
             self.began = time.perf_counter()
 
     def finish(self) -> float:

@@ -1005,7 +1005,7 @@ def is_status_request(message: Any) -> bool:
 
 #: What a digest query names after the version (see DIGEST_REQUEST above).
 DIGEST_QUERY = "digest"
-#: Buckets of top-level keys in a digest (``_digest.BUCKETS``; here for the checks).
+#: Buckets of top-level keys in a digest (``_digest`` puts each top-level key in one).
 DIGEST_BUCKETS = 256
 
 
