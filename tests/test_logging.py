@@ -88,7 +88,7 @@ def test_a_refused_connection_is_logged_with_its_reason():
 
         record = wait_for(refused, what="a refuses b")[0]
         assert record.node_id == f"{a.node_id:x}" and record.peer.startswith("127.0.0.1:")
-        assert record.reason and record.reason in record.getMessage()
+        assert record.reason and f"({record.reason})" in record.getMessage()  # its category
     finally:
         b.stop(timeout=1)
         a.stop(timeout=1)
