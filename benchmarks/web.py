@@ -1,0 +1,257 @@
+"""The web workload (issue 20): a WSGI app under real gunicorn, loaded by ``ab``.
+
+The app (``benchmarks/web_app.py``) does one ``incr("hits.total")`` and one ``set`` per
+request. Three variants of it run under gunicorn with the same workers, all started at once
+and loaded in turn, round after round (interleaved, so a busy moment of the machine hits
+every variant alike):
+
+- ``dict``: the plain gevent worker (``-k gevent``), a dict in each worker;
+- ``gcollective``: ``-k gcollective.gunicorn.GeventWorker``, the workers one collective;
+- ``redis``: the plain gevent worker, redis-py to a local redis-server of our own.
+
+``ab -n N -c C`` is the client (Debian's ``apache2-utils``); a round's figure is its requests/s.
+Afterwards every variant's count is checked: each gcollective worker must end with
+``hits.total`` equal to every request sent, redis's counter likewise, and the dict workers'
+counters must add up to it. Skipped with a note when ``ab``, ``redis-server`` or redis-py is
+missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from benchmarks.procs import ROOT, RedisServer, free_port, free_ports
+
+Progress = Callable[[str], None]
+
+VARIANTS = ("dict", "gcollective", "redis")
+WORKER_CLASSES = {
+    "dict": "gevent",
+    "gcollective": "gcollective.gunicorn.GeventWorker",
+    "redis": "gevent",
+}
+# Requests sent before the measured rounds: connections, imports and the first sync are done.
+WARMUP_REQUESTS = 500
+
+
+def missing_tools() -> str | None:
+    """Why the workload cannot run here, or None."""
+    if shutil.which("ab") is None:
+        return "ab is not on PATH (Debian: apt-get install apache2-utils)"
+    if shutil.which("redis-server") is None:
+        return "redis-server is not on PATH (Debian: apt-get install redis-server)"
+    for module in ("redis", "gunicorn"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install 'gcollective[bench,gunicorn]')"
+    return None
+
+
+class WebServer:
+    """A gunicorn master serving ``benchmarks.web_app`` with one store; output to a file."""
+
+    def __init__(self, variant: str, workers: int, redis_port: int = 0) -> None:
+        self.variant = variant
+        self.workers = workers
+        self.port = free_port()
+        self.sent = 0  # requests sent to it, warm-up included: what the counter must reach
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GCOLLECTIVE_")}
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env["BENCH_WEB_STORE"] = variant
+        env["BENCH_WEB_REDIS_PORT"] = str(redis_port)
+        if variant == "gcollective":
+            members = ",".join(f"127.0.0.1:{port}" for port in free_ports(workers))
+            env["GCOLLECTIVE_PEERS"] = members
+            env["GCOLLECTIVE_BIND"] = "127.0.0.1"
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in stop()
+        command = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-k",
+            WORKER_CLASSES[variant],
+            "-w",
+            str(workers),
+            "-b",
+            f"127.0.0.1:{self.port}",
+            "--worker-connections",
+            "1000",
+            "--graceful-timeout",
+            "10",
+            "--log-level",
+            "warning",
+            "benchmarks.web_app:app",
+        ]
+        self.proc = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + path, timeout=5) as reply:
+            return json.loads(reply.read())
+
+    def wait_ready(self, limit: float = 60.0) -> None:
+        """Until every worker answered (gcollective workers answer once their node started)."""
+        self.worker_counts(limit)
+
+    def worker_counts(self, limit: float) -> dict[int, int]:
+        """The counter as each worker sees it, asked over fresh connections (each goes to
+        whichever worker accepts) until every worker answered, within ``limit`` seconds."""
+        deadline = time.monotonic() + limit
+        seen: dict[int, int] = {}
+        with ThreadPoolExecutor(8) as pool:
+            while len(seen) < self.workers:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.variant}: gunicorn exited\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{self.variant}: {len(seen)} of {self.workers} workers answered "
+                        f"within {limit}s\n{self.log()}"
+                    )
+                for reply in pool.map(self._try_count, range(16)):
+                    if reply is not None:
+                        seen[reply["pid"]] = reply["count"]
+        return seen
+
+    def _try_count(self, _: int) -> dict[str, Any] | None:
+        try:
+            return self.get("/count")
+        except OSError:
+            time.sleep(0.05)  # not listening yet: the next attempt comes a little later
+            return None
+
+    def exact(self, limit: float = 30.0) -> tuple[bool, dict[int, int]]:
+        """Whether the counter holds every request sent: on every worker (gcollective, redis)
+        or added over the workers (dict); polled until true or ``limit`` seconds passed."""
+        deadline = time.monotonic() + limit
+        while True:
+            counts = self.worker_counts(max(1.0, deadline - time.monotonic()))
+            if self.variant == "dict":
+                good = sum(counts.values()) == self.sent
+            else:
+                good = all(count == self.sent for count in counts.values())
+            if good or time.monotonic() > deadline:
+                return good, counts
+            time.sleep(0.1)  # replication is asynchronous: ask again shortly
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read()[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+_AB_FIGURES = {
+    "complete": re.compile(r"^Complete requests:\s+(\d+)", re.M),
+    "failed": re.compile(r"^Failed requests:\s+(\d+)", re.M),
+    "non_2xx": re.compile(r"^Non-2xx responses:\s+(\d+)", re.M),
+    "requests_per_second": re.compile(r"^Requests per second:\s+([\d.]+)", re.M),
+    "ms_per_request": re.compile(r"^Time per request:\s+([\d.]+) \[ms\] \(mean\)", re.M),
+}
+
+
+def run_ab(server: WebServer, requests: int, concurrency: int) -> dict[str, Any]:
+    """``ab -n requests -c concurrency`` on ``/hit``: its figures, parsed."""
+    out = subprocess.run(
+        ["ab", "-q", "-n", str(requests), "-c", str(concurrency), f"{server.url}/hit"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    figures: dict[str, Any] = {}
+    for name, pattern in _AB_FIGURES.items():
+        match = pattern.search(out.stdout)
+        if match:
+            figures[name] = float(match.group(1))
+    if out.returncode != 0 or "requests_per_second" not in figures:
+        raise RuntimeError(f"ab failed ({out.returncode}): {out.stderr.strip()}\n{out.stdout}")
+    server.sent += int(figures["complete"])
+    figures.setdefault("non_2xx", 0.0)
+    return figures
+
+
+def web(cfg: Any, progress: Progress) -> dict[str, Any]:
+    """The three variants, ``cfg.web_rounds`` interleaved rounds of ``ab`` each."""
+    missing = missing_tools()
+    if missing:
+        progress(f"web: skipped: {missing}")
+        return {"skipped": f"skipped: {missing}"}
+    rounds: dict[str, list[dict[str, Any]]] = {variant: [] for variant in VARIANTS}
+    servers: dict[str, WebServer] = {}
+    with RedisServer() as redis_server:
+        try:
+            for variant in VARIANTS:
+                servers[variant] = WebServer(variant, cfg.web_workers, redis_server.port)
+            for variant in VARIANTS:
+                servers[variant].wait_ready()
+                run_ab(servers[variant], WARMUP_REQUESTS, cfg.web_concurrency)
+            for number in range(cfg.web_rounds):
+                # Rotate who goes first: no variant always follows the same one.
+                order = VARIANTS[number % 3 :] + VARIANTS[: number % 3]
+                for variant in order:
+                    figures = run_ab(servers[variant], cfg.web_requests, cfg.web_concurrency)
+                    rounds[variant].append(figures)
+                    progress(
+                        f"web: round {number + 1}, {variant}: "
+                        f"{figures['requests_per_second']:,.0f} requests/s"
+                    )
+            exact = {variant: servers[variant].exact() for variant in VARIANTS}
+        finally:
+            for server in servers.values():
+                server.stop()
+    return _summary(cfg, rounds, exact, redis_server.version)
+
+
+def _summary(
+    cfg: Any,
+    rounds: dict[str, list[dict[str, Any]]],
+    exact: dict[str, tuple[bool, dict[int, int]]],
+    redis_version: str | None,
+) -> dict[str, Any]:
+    variants: dict[str, Any] = {}
+    for variant in VARIANTS:
+        rates = [r["requests_per_second"] for r in rounds[variant]]
+        good, counts = exact[variant]
+        variants[variant] = {
+            "requests_per_second": statistics.median(rates),
+            "rounds": rates,
+            "failed": int(sum(r["failed"] + r["non_2xx"] for r in rounds[variant])),
+            "exact": good,
+            "counts": {str(pid): count for pid, count in counts.items()},
+        }
+    median = {variant: variants[variant]["requests_per_second"] for variant in VARIANTS}
+    return {
+        "workers": cfg.web_workers,
+        "requests": cfg.web_requests,
+        "concurrency": cfg.web_concurrency,
+        "rounds": cfg.web_rounds,
+        "warmup_requests": WARMUP_REQUESTS,
+        "redis_server": redis_version,
+        "variants": variants,
+        "gcollective_vs_dict": median["gcollective"] / median["dict"],
+        "gcollective_vs_redis": median["gcollective"] / median["redis"],
+    }
