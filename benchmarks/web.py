@@ -43,6 +43,14 @@ WORKER_CLASSES = {
     "gcollective": "gcollective.gunicorn.GeventWorker",
     "redis": "gevent",
 }
+#: Set to another checkout's root (e.g. a worktree of the previous release) to run its
+#: gcollective as a fourth variant, ``gcollective-base``, in the same rounds: before/after
+#: figures from one window.
+BASELINE_VARIANT = "gcollective-base"
+BASELINE_ROOT_VARIABLE = "BENCH_WEB_BASELINE"
+# The app's directory, the workers' first import path (``python -m`` puts the working
+# directory first): not the checkout's root, whose gcollective would shadow ``code_root``'s.
+APP_DIR = os.path.join(ROOT, "benchmarks")
 # Requests sent before the measured rounds: connections, imports and the first sync are done.
 WARMUP_REQUESTS = 500
 
@@ -60,18 +68,24 @@ def missing_tools() -> str | None:
 
 
 class WebServer:
-    """A gunicorn master serving ``benchmarks.web_app`` with one store; output to a file."""
+    """A gunicorn master serving ``benchmarks/web_app.py`` with one store; output to a file.
 
-    def __init__(self, variant: str, workers: int, redis_port: int = 0) -> None:
+    ``code_root``: the checkout whose gcollective the workers import (this one by default).
+    The app is loaded from this checkout's benchmarks directory whatever the code root."""
+
+    def __init__(
+        self, variant: str, workers: int, redis_port: int = 0, code_root: str = ROOT
+    ) -> None:
         self.variant = variant
+        self.store = "gcollective" if variant == BASELINE_VARIANT else variant
         self.workers = workers
         self.port = free_port()
         self.sent = 0  # requests sent to it, warm-up included: what the counter must reach
         env = {k: v for k, v in os.environ.items() if not k.startswith("GCOLLECTIVE_")}
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        env["BENCH_WEB_STORE"] = variant
+        env["PYTHONPATH"] = code_root + os.pathsep + env.get("PYTHONPATH", "")
+        env["BENCH_WEB_STORE"] = self.store
         env["BENCH_WEB_REDIS_PORT"] = str(redis_port)
-        if variant == "gcollective":
+        if self.store == "gcollective":
             members = ",".join(f"127.0.0.1:{port}" for port in free_ports(workers))
             env["GCOLLECTIVE_PEERS"] = members
             env["GCOLLECTIVE_BIND"] = "127.0.0.1"
@@ -81,7 +95,7 @@ class WebServer:
             "-m",
             "gunicorn",
             "-k",
-            WORKER_CLASSES[variant],
+            WORKER_CLASSES[self.store],
             "-w",
             str(workers),
             "-b",
@@ -92,10 +106,12 @@ class WebServer:
             "10",
             "--log-level",
             "warning",
-            "benchmarks.web_app:app",
+            "--chdir",
+            APP_DIR,
+            "web_app:app",
         ]
         self.proc = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=APP_DIR
         )
 
     @property
@@ -108,13 +124,13 @@ class WebServer:
 
     def wait_ready(self, limit: float = 60.0) -> None:
         """Until every worker answered (gcollective workers answer once their node started)."""
-        self.worker_counts(limit)
+        self.worker_replies(limit)
 
-    def worker_counts(self, limit: float) -> dict[int, int]:
-        """The counter as each worker sees it, asked over fresh connections (each goes to
-        whichever worker accepts) until every worker answered, within ``limit`` seconds."""
+    def worker_replies(self, limit: float) -> dict[int, dict[str, Any]]:
+        """Each worker's ``/count``, asked over fresh connections (each goes to whichever
+        worker accepts) until every worker answered, within ``limit`` seconds."""
         deadline = time.monotonic() + limit
-        seen: dict[int, int] = {}
+        seen: dict[int, dict[str, Any]] = {}
         with ThreadPoolExecutor(8) as pool:
             while len(seen) < self.workers:
                 if self.proc.poll() is not None:
@@ -126,7 +142,7 @@ class WebServer:
                     )
                 for reply in pool.map(self._try_count, range(16)):
                     if reply is not None:
-                        seen[reply["pid"]] = reply["count"]
+                        seen[reply["pid"]] = reply
         return seen
 
     def _try_count(self, _: int) -> dict[str, Any] | None:
@@ -136,27 +152,35 @@ class WebServer:
             time.sleep(0.05)  # not listening yet: the next attempt comes a little later
             return None
 
-    def exact(self, limit: float = 30.0) -> tuple[bool, dict[int, int]]:
+    def exact(self, limit: float = 30.0) -> tuple[bool, dict[int, dict[str, Any]]]:
         """Whether the counter holds every request sent: on every worker (gcollective, redis)
-        or added over the workers (dict); polled until true or ``limit`` seconds passed."""
+        or added over the workers (dict); polled until true or ``limit`` seconds passed.
+        Also each worker's last reply."""
         deadline = time.monotonic() + limit
         while True:
-            counts = self.worker_counts(max(1.0, deadline - time.monotonic()))
-            if self.variant == "dict":
+            replies = self.worker_replies(max(1.0, deadline - time.monotonic()))
+            counts = {pid: reply["count"] for pid, reply in replies.items()}
+            if self.store == "dict":
                 good = sum(counts.values()) == self.sent
             else:
                 good = all(count == self.sent for count in counts.values())
             if good or time.monotonic() > deadline:
-                return good, counts
+                return good, replies
             time.sleep(0.1)  # replication is asynchronous: ask again shortly
 
     def log(self) -> str:
         self._log.seek(0)
         return self._log.read()[-4000:]
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
+        """Tell gunicorn to stop (its workers finish and hand their data on); see ``stop``."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Stop gunicorn and wait for it (killed if it takes over 30 s)."""
+        self.terminate()
+        if self.proc.poll() is None:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -200,18 +224,22 @@ def web(cfg: Any, progress: Progress) -> dict[str, Any]:
     if missing:
         progress(f"web: skipped: {missing}")
         return {"skipped": f"skipped: {missing}"}
-    rounds: dict[str, list[dict[str, Any]]] = {variant: [] for variant in VARIANTS}
+    baseline = os.environ.get(BASELINE_ROOT_VARIABLE)
+    variants = (*VARIANTS, BASELINE_VARIANT) if baseline else VARIANTS
+    rounds: dict[str, list[dict[str, Any]]] = {variant: [] for variant in variants}
     servers: dict[str, WebServer] = {}
     with RedisServer() as redis_server:
         try:
-            for variant in VARIANTS:
-                servers[variant] = WebServer(variant, cfg.web_workers, redis_server.port)
-            for variant in VARIANTS:
+            for variant in variants:
+                root = baseline if variant == BASELINE_VARIANT and baseline else ROOT
+                servers[variant] = WebServer(variant, cfg.web_workers, redis_server.port, root)
+            for variant in variants:
                 servers[variant].wait_ready()
                 run_ab(servers[variant], WARMUP_REQUESTS, cfg.web_concurrency)
             for number in range(cfg.web_rounds):
                 # Rotate who goes first: no variant always follows the same one.
-                order = VARIANTS[number % 3 :] + VARIANTS[: number % 3]
+                turn = number % len(variants)
+                order = variants[turn:] + variants[:turn]
                 for variant in order:
                     figures = run_ab(servers[variant], cfg.web_requests, cfg.web_concurrency)
                     rounds[variant].append(figures)
@@ -219,8 +247,10 @@ def web(cfg: Any, progress: Progress) -> dict[str, Any]:
                         f"web: round {number + 1}, {variant}: "
                         f"{figures['requests_per_second']:,.0f} requests/s"
                     )
-            exact = {variant: servers[variant].exact() for variant in VARIANTS}
+            exact = {variant: servers[variant].exact() for variant in variants}
         finally:
+            for server in servers.values():
+                server.terminate()  # all at once: each may wait for its workers' hand-off
             for server in servers.values():
                 server.stop()
     return _summary(cfg, rounds, exact, redis_server.version)
@@ -229,22 +259,29 @@ def web(cfg: Any, progress: Progress) -> dict[str, Any]:
 def _summary(
     cfg: Any,
     rounds: dict[str, list[dict[str, Any]]],
-    exact: dict[str, tuple[bool, dict[int, int]]],
+    exact: dict[str, tuple[bool, dict[int, dict[str, Any]]]],
     redis_version: str | None,
 ) -> dict[str, Any]:
     variants: dict[str, Any] = {}
-    for variant in VARIANTS:
+    for variant in rounds:
         rates = [r["requests_per_second"] for r in rounds[variant]]
-        good, counts = exact[variant]
+        good, replies = exact[variant]
         variants[variant] = {
             "requests_per_second": statistics.median(rates),
             "rounds": rates,
             "failed": int(sum(r["failed"] + r["non_2xx"] for r in rounds[variant])),
             "exact": good,
-            "counts": {str(pid): count for pid, count in counts.items()},
+            "counts": {str(pid): reply["count"] for pid, reply in replies.items()},
         }
-    median = {variant: variants[variant]["requests_per_second"] for variant in VARIANTS}
-    return {
+        frames = [reply["frames"] for reply in replies.values() if "frames" in reply]
+        if frames:
+            variants[variant]["code"] = sorted({f["code"] for f in frames})
+            variants[variant]["ops_per_frame_sent"] = _ratio(frames, "sent_ops", "sent_frames")
+            variants[variant]["ops_per_frame_received"] = _ratio(
+                frames, "received_ops", "received_frames"
+            )
+    median = {variant: variants[variant]["requests_per_second"] for variant in rounds}
+    summary = {
         "workers": cfg.web_workers,
         "requests": cfg.web_requests,
         "concurrency": cfg.web_concurrency,
@@ -255,3 +292,12 @@ def _summary(
         "gcollective_vs_dict": median["gcollective"] / median["dict"],
         "gcollective_vs_redis": median["gcollective"] / median["redis"],
     }
+    if BASELINE_VARIANT in median:
+        summary["gcollective_vs_base"] = median["gcollective"] / median[BASELINE_VARIANT]
+    return summary
+
+
+def _ratio(counters: list[dict[str, int]], over: str, under: str) -> float:
+    """sum(over) / sum(under) over the workers' counters (0 when nothing was counted)."""
+    total = sum(c[under] for c in counters)
+    return sum(c[over] for c in counters) / total if total else 0.0

@@ -6,7 +6,8 @@
 - ``redis``: redis-py to the server at ``BENCH_WEB_REDIS_PORT`` on 127.0.0.1.
 
 Routes: ``/hit`` (the measured one; its body has a fixed length, so ``ab`` counts no length
-failures) and ``/count`` (JSON: this worker's pid and the counter as it sees it).
+failures) and ``/count`` (JSON: this worker's pid and the counter as it sees it, and for
+gcollective the operations and frames it sent and received).
 """
 
 from __future__ import annotations
@@ -49,6 +50,20 @@ class _CollectiveStore:
 
     def count(self) -> int:
         return int(self.gcollective.get(COUNTER, 0))
+
+    def frames(self) -> dict[str, int]:
+        """How many operations and frames this worker sent and received: the operations per
+        frame show whether a request's writes leave as their own small batch."""
+        stats = self.gcollective.default_node().stats()
+        peers = stats["peers"].values()
+        return {
+            "local_ops": stats["local_ops"],
+            "received_ops": stats["received_ops"],
+            "received_frames": stats["received_frames"],
+            "sent_ops": sum(peer["sent_ops"] for peer in peers),
+            "sent_frames": sum(peer["sent_frames"] for peer in peers),
+            "code": os.path.dirname(self.gcollective.__file__),
+        }
 
 
 class _RedisStore:
@@ -94,7 +109,10 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
         body = _OK
         content_type = "text/plain"
     elif path == "/count":
-        body = json.dumps({"pid": os.getpid(), "count": store().count()}).encode()
+        reply = {"pid": os.getpid(), "count": store().count()}
+        if hasattr(store(), "frames"):
+            reply["frames"] = store().frames()
+        body = json.dumps(reply).encode()
         content_type = "application/json"
     else:
         start_response("404 Not Found", [("Content-Length", "0")])
