@@ -231,6 +231,7 @@ def _web_table(section: dict[str, Any]) -> str:
                 variant,
                 f"{figures['requests_per_second']:,.0f}",
                 " / ".join(f"{rate:,.0f}" for rate in figures["rounds"]),
+                f"{figures['cpu_us_per_request']:,.0f}",
                 str(figures["failed"]),
                 _yes(figures["exact"]),
                 f"{figures['ops_per_frame_sent']:.1f}" if "ops_per_frame_sent" in figures else "-",
@@ -241,7 +242,19 @@ def _web_table(section: dict[str, Any]) -> str:
         f"-c {section['concurrency']}, {section['rounds']} interleaved rounds (gcollective "
         f"{section['gcollective_vs_dict']:.2f}x dict, {section['gcollective_vs_redis']:.2f}x redis)"
     )
-    return _table(title, ["variant", "requests/s", "rounds", "failed", "exact", "ops/frame"], rows)
+    return _table(
+        title,
+        [
+            "variant",
+            "requests/s",
+            "rounds",
+            "CPU us/request",
+            "failed",
+            "exact",
+            "ops/frame",
+        ],
+        rows,
+    )
 
 
 def _spread(run: dict[str, Any]) -> str:

@@ -81,6 +81,7 @@ class WebServer:
         self.workers = workers
         self.port = free_port()
         self.sent = 0  # requests sent to it, warm-up included: what the counter must reach
+        self.extra_pids: list[int] = []  # other processes serving it (its redis-server)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GCOLLECTIVE_")}
         env["PYTHONPATH"] = code_root + os.pathsep + env.get("PYTHONPATH", "")
         env["BENCH_WEB_STORE"] = self.store
@@ -168,6 +169,16 @@ class WebServer:
                 return good, replies
             time.sleep(0.1)  # replication is asynchronous: ask again shortly
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the workers (and by ``extra_pids``, e.g. the redis-server):
+        per request, the figure a busy shared machine disturbs least."""
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as children:
+                pids = [int(pid) for pid in children.read().split()]
+        except OSError:
+            return float("nan")  # not Linux: no figure
+        return sum(_cpu_seconds(pid) for pid in [*pids, *self.extra_pids])
+
     def log(self) -> str:
         self._log.seek(0)
         return self._log.read()[-4000:]
@@ -199,7 +210,9 @@ _AB_FIGURES = {
 
 
 def run_ab(server: WebServer, requests: int, concurrency: int) -> dict[str, Any]:
-    """``ab -n requests -c concurrency`` on ``/hit``: its figures, parsed."""
+    """``ab -n requests -c concurrency`` on ``/hit``: its figures, parsed, and the servers' CPU
+    time per request."""
+    cpu_before = server.cpu_seconds()
     out = subprocess.run(
         ["ab", "-q", "-n", str(requests), "-c", str(concurrency), f"{server.url}/hit"],
         capture_output=True,
@@ -214,8 +227,21 @@ def run_ab(server: WebServer, requests: int, concurrency: int) -> dict[str, Any]
     if out.returncode != 0 or "requests_per_second" not in figures:
         raise RuntimeError(f"ab failed ({out.returncode}): {out.stderr.strip()}\n{out.stdout}")
     server.sent += int(figures["complete"])
+    cpu = server.cpu_seconds() - cpu_before
+    figures["cpu_us_per_request"] = cpu / figures["complete"] * 1e6 if figures["complete"] else 0
     figures.setdefault("non_2xx", 0.0)
     return figures
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def web(cfg: Any, progress: Progress) -> dict[str, Any]:
@@ -233,6 +259,8 @@ def web(cfg: Any, progress: Progress) -> dict[str, Any]:
             for variant in variants:
                 root = baseline if variant == BASELINE_VARIANT and baseline else ROOT
                 servers[variant] = WebServer(variant, cfg.web_workers, redis_server.port, root)
+            if redis_server.proc is not None:
+                servers["redis"].extra_pids.append(redis_server.proc.pid)
             for variant in variants:
                 servers[variant].wait_ready()
                 run_ab(servers[variant], WARMUP_REQUESTS, cfg.web_concurrency)
@@ -266,9 +294,12 @@ def _summary(
     for variant in rounds:
         rates = [r["requests_per_second"] for r in rounds[variant]]
         good, replies = exact[variant]
+        cpu = [r["cpu_us_per_request"] for r in rounds[variant]]
         variants[variant] = {
             "requests_per_second": statistics.median(rates),
             "rounds": rates,
+            "cpu_us_per_request": statistics.median(cpu),
+            "cpu_rounds": cpu,
             "failed": int(sum(r["failed"] + r["non_2xx"] for r in rounds[variant])),
             "exact": good,
             "counts": {str(pid): reply["count"] for pid, reply in replies.items()},
