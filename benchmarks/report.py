@@ -220,6 +220,43 @@ def _join_table(joins: list[tuple[str, dict[str, Any]]]) -> str:
     )
 
 
+def _web_table(section: dict[str, Any]) -> str:
+    """The web workload: requests/s per variant, each round's figure, and the counts' check."""
+    if "variants" not in section:
+        return f"Web workload: {section.get('skipped') or section.get('error')}"
+    rows = []
+    for variant, figures in section["variants"].items():
+        rows.append(
+            [
+                variant,
+                f"{figures['requests_per_second']:,.0f}",
+                " / ".join(f"{rate:,.0f}" for rate in figures["rounds"]),
+                f"{figures['cpu_us_per_request']:,.0f}",
+                str(figures["failed"]),
+                _yes(figures["exact"]),
+                f"{figures['ops_per_frame_sent']:.1f}" if "ops_per_frame_sent" in figures else "-",
+            ]
+        )
+    title = (
+        f"Web workload: gunicorn, {section['workers']} workers, ab -n {section['requests']:,} "
+        f"-c {section['concurrency']}, {section['rounds']} interleaved rounds (gcollective "
+        f"{section['gcollective_vs_dict']:.2f}x dict, {section['gcollective_vs_redis']:.2f}x redis)"
+    )
+    return _table(
+        title,
+        [
+            "variant",
+            "requests/s",
+            "rounds",
+            "CPU us/request",
+            "failed",
+            "exact",
+            "ops/frame",
+        ],
+        rows,
+    )
+
+
 def _spread(run: dict[str, Any]) -> str:
     """The sets/s of every attempt of a repeated throughput run: ``"3: 226k-376k"``."""
     repeats = run.get("repeats")
@@ -368,6 +405,9 @@ def tables(results: dict[str, Any]) -> str:
                     rows,
                 )
             )
+    section = results.get("web")
+    if section:
+        out.append(_web_table(section))
     for label, profile in _profiles(results):
         if profile.get("self_percent"):
             rows = [

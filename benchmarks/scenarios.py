@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from benchmarks import web
 from benchmarks.procs import (
     Group,
     Member,
@@ -60,6 +61,11 @@ class Config:
     catchup_rate: int = 5_000
     catchup_partition_seconds: float = 10.0
     redis_ops: int = 10_000
+    # The web workload (benchmarks/web.py): ab -n web_requests -c web_concurrency, per round.
+    web_workers: int = 4
+    web_requests: int = 20_000
+    web_concurrency: int = 50
+    web_rounds: int = 3
     member_max_seconds: float = 900.0
     profile_dir: str | None = None
 
@@ -84,6 +90,8 @@ class Config:
             join_limit=60.0,
             catchup_partition_seconds=2.0,
             redis_ops=500,
+            web_requests=2_000,
+            web_rounds=1,
             member_max_seconds=120.0,
         )
 
@@ -757,4 +765,5 @@ SCENARIOS: dict[str, Callable[[Config, Progress], dict[str, Any]]] = {
     "join_mixed": join_mixed,
     "catchup": catchup,
     "redis": redis_compare,
+    "web": web.web,
 }

@@ -11,6 +11,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from benchmarks import web
 from benchmarks.procs import Group, Member, free_ports
 from benchmarks.report import check_targets
 from benchmarks.scenarios import same_data
@@ -92,9 +95,44 @@ def test_quick_benchmark_run_completes_with_sane_figures(tmp_path):
     if "skipped" not in redis:
         assert all(_positive(ns) for ns in redis["ns"].values())
 
+    _check_web(results["web"])
+
     assert len(results["targets"]) == 8
     assert not [t for t in results["targets"] if t["verdict"].startswith("FAILED")]
     assert all("error" not in section for section in results.values() if isinstance(section, dict))
+
+
+def _check_web(web: dict) -> None:
+    """The web workload's section: every variant served every request and counted it."""
+    if "skipped" in web:
+        return
+    assert set(web["variants"]) == {"dict", "gcollective", "redis"}
+    for variant, figures in web["variants"].items():
+        assert figures["exact"] and figures["failed"] == 0, (variant, figures)
+        assert _positive(figures["requests_per_second"])
+        assert _positive(figures["cpu_us_per_request"])
+        assert len(figures["counts"]) == web["workers"]
+    sent = web["warmup_requests"] + web["rounds"] * web["requests"]
+    assert set(web["variants"]["gcollective"]["counts"].values()) == {sent}
+    assert sum(web["variants"]["dict"]["counts"].values()) == sent
+    assert web["variants"]["gcollective"]["ops_per_frame_sent"] >= 1
+
+
+@pytest.mark.skipif(web.missing_tools() is not None, reason=str(web.missing_tools()))
+def test_quick_web_workload_serves_and_counts_every_request(tmp_path):
+    """``--only web --quick``: gunicorn + ab, three variants, exact counts on every worker."""
+    output = tmp_path / "web.json"
+    command = ["-m", "benchmarks", "--quick", "--only", "web", "--no-chart", "--output"]
+    proc = subprocess.run(
+        [sys.executable, *command, str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Web workload" in proc.stdout
+    _check_web(json.loads(output.read_text())["web"])
 
 
 def _passing_results() -> dict:
