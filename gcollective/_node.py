@@ -1679,7 +1679,15 @@ class Collective(_Member):
             value = clean_value(value, len(path))
             self._check_fits(key, value, len(path))
             ttl_ms = 0 if ttl is None else check_ttl(ttl)
-            self._apply_local(self._clock.stamp(), SET, path, value, key, ttl_ms)
+            stamp = self._clock.stamp()
+            if ttl_ms and type(key) is str and not self._watches and self._on_way(key, path, stamp):
+                leaf = path[-1]
+                if self._store.assign_leaf(stamp, leaf, value, ttl_ms):
+                    # (a session: ``_apply_local`` without a walk down and a rebuild)
+                    self._due_by(stamp_millis(stamp) + ttl_ms)
+                    self._send_own(stamp, SET, key, value, ttl_ms)
+                    return
+            self._apply_local(stamp, SET, path, value, key, ttl_ms)
         elif op == INCREMENT:
             self.incr(key, value, ttl)
         elif op == DELETE:
@@ -1696,6 +1704,19 @@ class Collective(_Member):
         With ``ttl`` (seconds) the key expires ``ttl`` after this increment, replacing any
         earlier expiry of it: ``incr(k, ttl=60)`` on every hit drops ``k`` 60 s after the
         last hit. An increment without ttl keeps the expiry the key has."""
+        if (
+            ttl is None
+            and type(amount) is int
+            and type(key) is str
+            and self._writable
+            and not self._watches
+            and _INT_LOW < amount < INT_BOUND
+            and len(key) <= self._fits_chars
+        ):
+            # The common call (a counter hit in a loop): the way cached as for ``set``.
+            result = self._incr_on_way(key, amount)
+            if result is not _store.MISSING:
+                return result
         self._check_writable()
         path = parse_key(key)
         amount = check_amount(amount)
@@ -1719,12 +1740,56 @@ class Collective(_Member):
         self._apply_local(stamp, INCREMENT, path, amount, key, ttl_ms)
         return self._store.get(path)
 
+    def _incr_on_way(self, key: str, amount: int) -> Any:
+        """``incr(key, amount)`` of a valid amount, the way ``set`` takes: under the store's
+        cached way, a new stamp and a few dict updates. The new value, or MISSING (nothing
+        changed) when the call takes the general way."""
+        self._advance_if_due()  # counts from what a get reads now, expiries included
+        above, _, leaf = key.rpartition(".")
+        stamp = self._clock.stamp()
+        if above == self._store.way_key and leaf and leaf.isascii():
+            pass  # (the parent was checked when it was cached)
+        elif not self._on_way(key, parse_key(key), stamp):
+            return _store.MISSING
+        result = self._store.incr_leaf(stamp, leaf, amount)
+        if result is not _store.MISSING:
+            self._send_own(stamp, INCREMENT, key, amount)
+        return result
+
+    def _on_way(self, key: str, path: tuple[str, ...], stamp: int) -> bool:
+        """Whether the store's cached way leads to the parent of ``key`` (``path``, valid), so
+        that an operation there at ``stamp`` may take the store's ``*_leaf`` fast paths;
+        caches it on the second key in a row under one parent (a loop), as ``set`` does."""
+        above = key.rpartition(".")[0]
+        store = self._store
+        if above == store.way_key:
+            return True
+        if self._way_skips:
+            self._way_skips -= 1  # scattered over parents: look for a loop again later
+            return False
+        if above != self._way_wanted:
+            self._way_wanted = above
+            self._way_skips = _WAY_SKIPS
+            return False
+        if store.cache_way(above, path[:-1], stamp):
+            return True
+        self._way_wanted = None  # no fast way there now: try again later
+        return False
+
     def delete(self, key: Key) -> None:
         """Remove ``key`` (and everything below it) here and on every peer."""
         self._check_writable()
         path = parse_key(key)
         self._check_fits(key, None, len(path))
         stamp = self._clock.stamp()
+        if (
+            type(key) is str
+            and not self._watches
+            and self._on_way(key, path, stamp)
+            and self._store.delete_leaf(stamp, path[-1])
+        ):
+            self._send_own(stamp, DELETE, key, None)
+            return
         self._apply_local(stamp, DELETE, path, None, key)
 
     def snapshot(self) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from operator import itemgetter
 from typing import Any, Iterable, Sequence
 
 from ._clock import expiry_stamp
+from ._validate import INT_BOUND
 from ._wire import LeafColumns, full_paths, unpack_stamps
 
 __all__ = [
@@ -222,6 +223,7 @@ class Store:
         self.way_key: str | None = None
         self._way_parent = root
         self._way_nodes: list[_Node] = []
+        self._way_path: tuple[str, ...] = ()
         self._way_newest = 0
 
     # -- reading ---------------------------------------------------------------------------
@@ -254,6 +256,7 @@ class Store:
             parent.settle_runs()  # (set_leaf reads its _entries: no runs are added meanwhile)
         self._way_parent = parent
         self._way_nodes = nodes
+        self._way_path = tuple(way)
         self.way_key = key
         return True
 
@@ -265,7 +268,7 @@ class Store:
         clock). Returns False, having changed nothing, when that is not the case (call
         ``apply``)."""
         if type(value) is dict:
-            return False
+            return self.assign_leaf(s, leaf, value)
         parent = self._way_parent
         entries = parent._entries
         entry = entries.setdefault(leaf, s)  # one lookup when the key is new (``s`` is)
@@ -275,6 +278,94 @@ class Store:
             entries[leaf] = s
         parent.value[leaf] = value
         self._way_newest = s  # (the newest yet: raised on the way later, see _settle_way)
+        return True
+
+    def assign_leaf(self, s: int, leaf: str, value: Any, ttl_ms: int = 0) -> bool:
+        """``apply(s, SET, way + (leaf,), value, ttl_ms)`` under the cached way, for the SETs
+        ``set_leaf`` leaves out: a dict value (a session), or a ttl, where nothing in the
+        key's subtree is as new as ``s``. The key is then replaced whole by a fresh node, as
+        ``_set`` (and, with a ttl, ``_slow``'s record-and-rebuild) would make it. ``s`` as for
+        ``set_leaf``; False, having changed nothing, when the case is not that simple."""
+        parent = self._way_parent
+        entries = parent._entries
+        entry = entries.get(leaf)
+        if entry is not None and not s > _newest_in(entry):
+            return False  # something there is as new: the general way compares
+        if ttl_ms:
+            expiry = expiry_stamp(s, ttl_ms)
+            due = expiry >> _MILLIS_SHIFT
+            if due <= self.now_ms:
+                return False  # due already: the general way fires it
+        if type(value) is dict:
+            node = self._build(value, s)
+        elif ttl_ms:
+            node = _Node()
+            node.a = node.r = node.top = s
+            node.av = node.value = value
+        else:
+            return False  # a plain leaf: set_leaf's case
+        if ttl_ms:
+            node.ttls = {s: expiry}
+            heapq.heappush(self._pending, (due, s, (*self._way_path, leaf)))
+        self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
+        entries[leaf] = node
+        parent.value[leaf] = node.value
+        self._way_newest = s
+        return True
+
+    def incr_leaf(self, s: int, leaf: str, amount: int) -> Any:
+        """``apply(s, INCREMENT, way + (leaf,), amount)`` under the cached way, in the common
+        case: an int counter (or a new key) with no ttl events, where nothing in the key's
+        subtree is as new as ``s``, and a result that stays an int JSON carries. Returns the
+        new value, or MISSING having changed nothing when the case is not that (call
+        ``apply``). ``s`` as for ``set_leaf``."""
+        parent = self._way_parent
+        entries = parent._entries
+        entry = entries.get(leaf)
+        if entry is None:
+            node = _Node()
+            node.incs = {s: amount}
+            node.imax = node.r = node.top = s
+            node.value = amount
+            entries[leaf] = node
+            parent.value[leaf] = amount
+            self._untidy = True  # (increments for ``collect`` to fold)
+            self._way_newest = s
+            return amount
+        if type(entry) is not _Node or entry.ttls is not None or not s > entry.top:
+            return MISSING
+        current = entry.value
+        if type(current) is not int:
+            return MISSING
+        result = current + amount
+        if not -INT_BOUND < result < INT_BOUND:
+            return MISSING  # the general way refuses it
+        incs = entry.incs
+        if incs is None:
+            entry.incs = incs = {}
+        incs[s] = amount
+        entry.top = entry.imax = entry.r = s
+        entry.value = result
+        parent.value[leaf] = result
+        self._untidy = True
+        self._way_newest = s
+        return result
+
+    def delete_leaf(self, s: int, leaf: str) -> bool:
+        """``apply(s, DELETE, way + (leaf,), None)`` under the cached way, where nothing in
+        the key's subtree is as new as ``s``: a tombstone replaces it, as in ``_delete``.
+        ``s`` as for ``set_leaf``; False, having changed nothing, otherwise."""
+        parent = self._way_parent
+        entries = parent._entries
+        entry = entries.get(leaf)
+        if entry is not None and not s > _newest_in(entry):
+            return False
+        self._untidy = True  # a tombstone for ``collect``
+        entries[leaf] = s
+        parent.value.pop(leaf, None)
+        for node in self._way_nodes:
+            if s > node.top:
+                node.top = s  # (not ``d``: a DELETE is no write below, see ``apply``)
         return True
 
     def _settle_way(self) -> None:
@@ -1651,6 +1742,11 @@ class Store:
             ctop = ce if type(ce) is int else ce.top
             if ctop > node.top:
                 node.top = ctop
+
+
+def _newest_in(entry: int | _Node) -> float | int:
+    """The newest stamp in an entry's subtree: a bare stamp's own, a node's ``top``."""
+    return entry if type(entry) is int else entry.top  # type: ignore[union-attr]
 
 
 def _raise(ancestors: list[_Node], s: int) -> None:

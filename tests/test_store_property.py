@@ -1662,3 +1662,88 @@ def test_ttl_counter_hit_often_keeps_bounded_bookkeeping() -> None:
     while not store.collect(real_stamp(601, 0, 1)):
         pass
     assert "hits" not in store._root.entries
+
+
+# The other fast paths of a node's own operations under the cached way (issue 20): a SET of a
+# dict (a session) or with a ttl (``assign_leaf``), an INCREMENT of an int (``incr_leaf``),
+# a DELETE (``delete_leaf``). Own operations come in stamp order; others' arrive through
+# ``apply`` at any stamp, between them, with time steps and hard expiry / collection.
+WAY_LEAVES = st.sampled_from([("x",), ("a", "x"), ("a", "y"), ("a", "x", "p"), ("b", "y")])
+SMALL_DICTS = st.dictionaries(st.sampled_from(SEGMENTS), json_leaves, max_size=3)
+
+
+def _way_bodies() -> st.SearchStrategy:
+    """(op, path, value, ttl) for the fast paths, and anything that may change a way."""
+    own = st.one_of(
+        st.tuples(st.just(SET), WAY_LEAVES, st.one_of(SMALL_DICTS, json_values), ttls),
+        st.tuples(st.just(INCREMENT), WAY_LEAVES, st.one_of(small_ints, amounts), st.none()),
+        st.tuples(st.just(DELETE), WAY_LEAVES, st.none(), st.none()),
+    )
+    return st.one_of(own, own, ttl_bodies(st.sampled_from([("a",), ("a", "x"), ("b",)])))
+
+
+def _through_way(store: Any, operation: Op) -> bool:
+    """Apply ``operation`` through a fast path under the way cached (which must lead to its
+    parent); False, having changed nothing, when that path refuses it."""
+    leaf = operation.path[-1]
+    value = copy.deepcopy(operation.value)
+    if operation.op == SET:
+        if operation.ttl:
+            return store.assign_leaf(operation.stamp, leaf, value, operation.ttl)
+        return store.set_leaf(operation.stamp, leaf, value)
+    if operation.op == INCREMENT:
+        from gcollective._store import MISSING
+
+        if type(value) is not int or operation.ttl:
+            return False  # (``Collective.incr`` takes only ints without ttl this way)
+        return store.incr_leaf(operation.stamp, leaf, value) is not MISSING
+    return store.delete_leaf(operation.stamp, leaf)
+
+
+@_settings(max_examples=400)
+@given(st.data())
+def test_own_operations_through_the_cached_way_match_apply(data: st.DataObject) -> None:
+    """``assign_leaf``, ``incr_leaf`` and ``delete_leaf`` (with ``set_leaf``) leave the store
+    as ``apply`` one by one does, metadata included, and its tree equal to the model's fold
+    at every step, with ttls, time steps and hard expiry / collection between them."""
+    bodies = data.draw(st.lists(_way_bodies(), min_size=1, max_size=14), label="bodies")
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
+    keys = data.draw(
+        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    if data.draw(st.booleans(), label="in stamp order"):
+        keys.sort()
+    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    cached, plain = new_store(), new_store()
+    received: list[Op] = []
+    now: int | None = None
+    newest = 0  # the fast paths take stamps newer than any cache_way and fast path had
+    for index, operation in enumerate(ops):
+        context = f"ops: {ops!r}, at {index}, now={now}"
+        if data.draw(st.booleans(), label="advance first"):
+            now = max(now or 0, data.draw(st.integers(0, 45), label="now"))
+            cached.advance(now)
+            plain.advance(now)
+        deliver(plain, [operation])
+        received.append(operation)
+        *way, _ = operation.path
+        key = ".".join(way)
+        taken = False
+        if operation.stamp > newest and data.draw(st.booleans(), label="through the cache"):
+            if cached.way_key != key and cached.cache_way(key, way, operation.stamp):
+                newest = operation.stamp
+            if cached.way_key == key and _through_way(cached, operation):
+                newest = operation.stamp
+                taken = True
+        if not taken:
+            deliver(cached, [operation])
+        assert roundtrip(cached.export()) == roundtrip(plain.export()), context
+        assert_tree(cached.to_dict(), fold(received, now), context)
+        assert cached.next_expiry <= plain.next_expiry, context  # (stale entries may stay)
+    for store in (cached, plain):
+        store.advance(60)
+        store.expire(real_stamp(1000, 0, 1))
+        while not store.collect(real_stamp(1000, 0, 1)):
+            pass
+    assert roundtrip(cached.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
+    assert_tree(cached.to_dict(), fold(ops, 60), f"ops: {ops!r}")
