@@ -1115,7 +1115,8 @@ class Collective(_Member):
         max_queue_bytes: bytes queued for one peer before it counts as unable to keep up and
             its link is dropped, to be caught up later (64 MiB).
         log_bytes: bytes of recent operations kept to catch peers up (64 MiB); a peer that
-            missed more than the log holds gets a full snapshot instead.
+            missed more than the log holds gets a full snapshot instead. What every peer
+            not declared down has applied is dropped sooner (see "Catch-up" in the README).
         sync_interval: seconds between version-vector reports to each peer (1).
         down_timeout: seconds of silence after which a peer is declared down (600). Until
             then, tombstones and old increments are kept in case it comes back with writes
@@ -2574,6 +2575,7 @@ class Collective(_Member):
                     link.name,
                     self.down_timeout,
                 )
+        self._forget_logged()
         self._frontier = self._own_frontier()
         frontier = self._gc_frontier()
         # Expiries every member has passed become real deletes; collect then forgets them.
@@ -2591,6 +2593,22 @@ class Collective(_Member):
 
         _in_slices(expire_step)
         _in_slices(collect_step)
+
+    def _forget_logged(self) -> None:
+        """Drop from the log what every peer not declared down has applied, as its latest
+        PROGRESS says (a peer's applied only grows while it lives): no catch-up resends it.
+        A peer silent for a while is still counted, with what it had, so its catch-up after
+        a partition finds the rest logged; one declared down comes back empty, or gets a
+        snapshot. So the log holds only what some peer may lack, not ``log_bytes`` of churn
+        (issue 20)."""
+        applied = dict(self._progress.applied)
+        for link in self._links.values():
+            if not link.down:
+                vector = link.peer_vector
+                applied = {
+                    origin: min(seq, vector.get(origin, 0)) for origin, seq in applied.items()
+                }
+        self._log.forget_applied(applied)
 
     def _due_by(self, due_ms: float) -> None:
         """An expiry is due at ``due_ms``: wake the expirer if that is sooner than it knew."""
