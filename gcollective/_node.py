@@ -1706,8 +1706,7 @@ class Collective(_Member):
         earlier expiry of it: ``incr(k, ttl=60)`` on every hit drops ``k`` 60 s after the
         last hit. An increment without ttl keeps the expiry the key has."""
         if (
-            ttl is None
-            and type(amount) is int
+            type(amount) is int
             and type(key) is str
             and self._writable
             and not self._watches
@@ -1715,7 +1714,7 @@ class Collective(_Member):
             and len(key) <= self._fits_chars
         ):
             # The common call (a counter hit in a loop): the way cached as for ``set``.
-            result = self._incr_on_way(key, amount)
+            result = self._incr_on_way(key, amount, 0 if ttl is None else check_ttl(ttl))
             if result is not _store.MISSING:
                 return result
         self._check_writable()
@@ -1741,10 +1740,10 @@ class Collective(_Member):
         self._apply_local(stamp, INCREMENT, path, amount, key, ttl_ms)
         return self._store.get(path)
 
-    def _incr_on_way(self, key: str, amount: int) -> Any:
-        """``incr(key, amount)`` of a valid amount, the way ``set`` takes: under the store's
-        cached way, a new stamp and a few dict updates. The new value, or MISSING (nothing
-        changed) when the call takes the general way."""
+    def _incr_on_way(self, key: str, amount: int, ttl_ms: int) -> Any:
+        """``incr(key, amount, ttl)`` of a valid amount (and ttl, in ms), the way ``set``
+        takes: under the store's cached way, a new stamp and a few dict updates. The new
+        value, or MISSING (nothing changed) when the call takes the general way."""
         self._advance_if_due()  # counts from what a get reads now, expiries included
         above, _, leaf = key.rpartition(".")
         stamp = self._clock.stamp()
@@ -1752,9 +1751,11 @@ class Collective(_Member):
             pass  # (the parent was checked when it was cached)
         elif not self._on_way(key, parse_key(key), stamp):
             return _store.MISSING
-        result = self._store.incr_leaf(stamp, leaf, amount)
+        result = self._store.incr_leaf(stamp, leaf, amount, ttl_ms)
         if result is not _store.MISSING:
-            self._send_own(stamp, INCREMENT, key, amount)
+            if ttl_ms:
+                self._due_by(stamp_millis(stamp) + ttl_ms)
+            self._send_own(stamp, INCREMENT, key, amount, ttl_ms)
         return result
 
     def _on_way(self, key: str, path: tuple[str, ...], stamp: int) -> bool:

@@ -293,8 +293,7 @@ class Store:
             return False  # something there is as new: the general way compares
         if ttl_ms:
             expiry = expiry_stamp(s, ttl_ms)
-            due = expiry >> _MILLIS_SHIFT
-            if due <= self.now_ms:
+            if expiry >> _MILLIS_SHIFT <= self.now_ms:
                 return False  # due already: the general way fires it
         if type(value) is dict:
             node = self._build(value, s)
@@ -305,49 +304,54 @@ class Store:
         else:
             return False  # a plain leaf: set_leaf's case
         if ttl_ms:
-            node.ttls = {s: expiry}
-            heapq.heappush(self._pending, (due, s, (*self._way_path, leaf)))
+            self._record_ttl(node, s, expiry, (*self._way_path, leaf))
         self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
         entries[leaf] = node
         parent.value[leaf] = node.value
         self._way_newest = s
         return True
 
-    def incr_leaf(self, s: int, leaf: str, amount: int) -> Any:
-        """``apply(s, INCREMENT, way + (leaf,), amount)`` under the cached way, in the common
-        case: an int counter (or a new key) with no ttl events, where nothing in the key's
-        subtree is as new as ``s``, and a result that stays an int JSON carries. Returns the
-        new value, or MISSING having changed nothing when the case is not that (call
-        ``apply``). ``s`` as for ``set_leaf``."""
+    def incr_leaf(self, s: int, leaf: str, amount: int, ttl_ms: int = 0) -> Any:
+        """``apply(s, INCREMENT, way + (leaf,), amount, ttl_ms)`` under the cached way, in
+        the common case: an int counter (or a new key) where nothing in the key's subtree is
+        as new as ``s``, a result that stays an int JSON carries, and no expiry due (a
+        counter hit with ``incr(k, ttl=...)`` on every request takes it too, as in ``_slow``).
+        Returns the new value, or MISSING having changed nothing when the case is not that
+        (call ``apply``). ``s`` as for ``set_leaf``."""
+        if ttl_ms and (s >> _MILLIS_SHIFT) + ttl_ms <= self.now_ms:
+            return MISSING  # due already: the general way fires it
         parent = self._way_parent
         entries = parent._entries
         entry = entries.get(leaf)
         if entry is None:
-            node = _Node()
-            node.incs = {s: amount}
-            node.imax = node.r = node.top = s
-            node.value = amount
-            entries[leaf] = node
+            entry = _Node()
+            entry.incs = {s: amount}
+            entry.imax = entry.r = entry.top = s
+            entry.value = result = amount
+            entries[leaf] = entry
             parent.value[leaf] = amount
-            self._untidy = True  # (increments for ``collect`` to fold)
-            self._way_newest = s
-            return amount
-        if type(entry) is not _Node or entry.ttls is not None or not s > entry.top:
-            return MISSING
-        current = entry.value
-        if type(current) is not int:
-            return MISSING
-        result = current + amount
-        if not -INT_BOUND < result < INT_BOUND:
-            return MISSING  # the general way refuses it
-        incs = entry.incs
-        if incs is None:
-            entry.incs = incs = {}
-        incs[s] = amount
-        entry.top = entry.imax = entry.r = s
-        entry.value = result
-        parent.value[leaf] = result
-        self._untidy = True
+        else:
+            if type(entry) is not _Node or not s > entry.top:
+                return MISSING
+            current = entry.value
+            if type(current) is not int:
+                return MISSING
+            result = current + amount
+            if not -INT_BOUND < result < INT_BOUND:
+                return MISSING  # the general way refuses it
+            if entry.ttls is None:
+                incs = entry.incs
+                if incs is None:
+                    entry.incs = incs = {}
+                incs[s] = amount
+                entry.top = entry.imax = entry.r = s
+                entry.value = result
+                parent.value[leaf] = result
+            elif not self._newest_increment(parent, leaf, entry, s, amount):
+                return MISSING
+        if ttl_ms:
+            self._record_ttl(entry, s, expiry_stamp(s, ttl_ms), (*self._way_path, leaf))
+        self._untidy = True  # (increments for ``collect`` to fold)
         self._way_newest = s
         return result
 
@@ -679,8 +683,12 @@ class Store:
         yet due; ``advance`` moves it on when it pops. So a counter hit again and again (each
         hit replacing the expiry) keeps one entry, not one per hit.
         """
-        self._untidy = True
         self._forget_way()
+        self._record_ttl(node, s, expiry, path)
+
+    def _record_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
+        """``_add_ttl`` at a node off the cached way (its leaf: the way keeps no ttls)."""
+        self._untidy = True
         ttls = node.ttls
         if ttls is None:
             node.ttls = ttls = {}

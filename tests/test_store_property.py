@@ -1676,7 +1676,7 @@ def _way_bodies() -> st.SearchStrategy:
     """(op, path, value, ttl) for the fast paths, and anything that may change a way."""
     own = st.one_of(
         st.tuples(st.just(SET), WAY_LEAVES, st.one_of(SMALL_DICTS, json_values), ttls),
-        st.tuples(st.just(INCREMENT), WAY_LEAVES, st.one_of(small_ints, amounts), st.none()),
+        st.tuples(st.just(INCREMENT), WAY_LEAVES, st.one_of(small_ints, amounts), ttls),
         st.tuples(st.just(DELETE), WAY_LEAVES, st.none(), st.none()),
     )
     return st.one_of(own, own, ttl_bodies(st.sampled_from([("a",), ("a", "x"), ("b",)])))
@@ -1694,13 +1694,13 @@ def _through_way(store: Any, operation: Op) -> bool:
     if operation.op == INCREMENT:
         from gcollective._store import MISSING
 
-        if type(value) is not int or operation.ttl:
-            return False  # (``Collective.incr`` takes only ints without ttl this way)
-        return store.incr_leaf(operation.stamp, leaf, value) is not MISSING
+        if type(value) is not int:
+            return False  # (``Collective.incr`` takes only ints this way)
+        return store.incr_leaf(operation.stamp, leaf, value, operation.ttl or 0) is not MISSING
     return store.delete_leaf(operation.stamp, leaf)
 
 
-@_settings(max_examples=400)
+@_settings(max_examples=1000)
 @given(st.data())
 def test_own_operations_through_the_cached_way_match_apply(data: st.DataObject) -> None:
     """``assign_leaf``, ``incr_leaf`` and ``delete_leaf`` (with ``set_leaf``) leave the store
