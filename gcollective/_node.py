@@ -1613,18 +1613,12 @@ class Collective(_Member):
         missing, unless a newer SET without ttl (or with a new ttl) of it came first. See
         "Expiring keys" in the README.
         """
-        if (
-            op is not SET
-            or ttl is not None
-            or not self._writable
-            or self._watches
-            or type(key) is not str
-        ):
+        if op is not SET or not self._writable or self._watches or type(key) is not str:
             self._set_otherwise(key, value, op, ttl)
             return
-        # The common call, a plain SET of a dotted key, with the checks it needs and no more:
-        # this is the hot path. (``_writable`` is also how it knows the node was not inherited
-        # through a fork: the fork hook clears it.)
+        # The common call, a SET of a dotted key (a session's with a ttl too), with the checks
+        # it needs and no more: this is the hot path. (``_writable`` is also how it knows the
+        # node was not inherited through a fork: the fork hook clears it.)
         kind = type(value)
         if not ((kind is int and _INT_LOW < value < INT_BOUND) or kind is bool or value is None):
             if kind is str:
@@ -1637,6 +1631,7 @@ class Collective(_Member):
                 self._check_fits(key, value, depth)
         elif len(key) > self._fits_chars:
             self._check_fits(key, value, key.count(".") + 1)
+        ttl_ms = 0 if ttl is None else check_ttl(ttl)
         stamp = self._clock.stamp()
         # A writer's loop sets keys under one parent: the store remembers the way to that
         # parent, so such a key is checked and applied in a few steps.
@@ -1649,7 +1644,11 @@ class Collective(_Member):
             above, _, leaf = key.rpartition(".")
             if above == store.way_key and leaf and leaf.isascii():
                 # (The parent was checked when it was cached.)
-                applied = store.set_leaf(stamp, leaf, value)
+                applied = (
+                    store.assign_leaf(stamp, leaf, value, ttl_ms)
+                    if ttl_ms
+                    else store.set_leaf(stamp, leaf, value)
+                )
             else:
                 path = parse_key(key)  # raises for a bad key
                 if above != self._way_wanted:
@@ -1657,12 +1656,20 @@ class Collective(_Member):
                     self._way_skips = _WAY_SKIPS
                 elif store.cache_way(above, path[:-1], stamp):
                     # The second key in a row under this parent: likely a loop.
-                    applied = store.set_leaf(stamp, leaf, value)
+                    applied = (
+                        store.assign_leaf(stamp, leaf, value, ttl_ms)
+                        if ttl_ms
+                        else store.set_leaf(stamp, leaf, value)
+                    )
                 else:
                     self._way_wanted = None  # no fast way there now: try again later
         if not applied:
-            store.apply(stamp, SET, path or parse_key(key), value)
-        # ``_send_own(stamp, SET, key, value)``, inline: the call would cost a tenth of a set.
+            store.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
+        if ttl_ms:
+            self._due_by(stamp_millis(stamp) + ttl_ms)
+            self._out_special.append((len(self._outbox) // 3, SET, ttl_ms))
+        # ``_send_own(stamp, SET, key, value, ttl_ms)``, inline: the call would cost a tenth
+        # of a set.
         outbox = self._outbox
         outbox += (stamp, key, value)
         if len(outbox) == 3:
@@ -1680,15 +1687,7 @@ class Collective(_Member):
             value = clean_value(value, len(path))
             self._check_fits(key, value, len(path))
             ttl_ms = 0 if ttl is None else check_ttl(ttl)
-            stamp = self._clock.stamp()
-            if ttl_ms and type(key) is str and not self._watches and self._on_way(key, path, stamp):
-                leaf = path[-1]
-                if self._store.assign_leaf(stamp, leaf, value, ttl_ms):
-                    # (a session: ``_apply_local`` without a walk down and a rebuild)
-                    self._due_by(stamp_millis(stamp) + ttl_ms)
-                    self._send_own(stamp, SET, key, value, ttl_ms)
-                    return
-            self._apply_local(stamp, SET, path, value, key, ttl_ms)
+            self._apply_local(self._clock.stamp(), SET, path, value, key, ttl_ms)
         elif op == INCREMENT:
             self.incr(key, value, ttl)
         elif op == DELETE:
@@ -1711,12 +1710,26 @@ class Collective(_Member):
             and self._writable
             and not self._watches
             and _INT_LOW < amount < INT_BOUND
-            and len(key) <= self._fits_chars
+            and len(key) + MAX_INT_DIGITS <= self._fits_chars  # (``_check_fits``'s first test)
         ):
-            # The common call (a counter hit in a loop): the way cached as for ``set``.
-            result = self._incr_on_way(key, amount, 0 if ttl is None else check_ttl(ttl))
-            if result is not _store.MISSING:
-                return result
+            # The common call (a counter hit in a loop), the way ``set`` takes: under the
+            # store's cached way, a new stamp and a few dict updates.
+            ttl_ms = 0 if ttl is None else check_ttl(ttl)
+            due = self._next_due
+            if due < _INF and due <= time.time() * 1000:
+                self._advance()  # (``_advance_if_due``, inline: count from what a get reads)
+            above, _, leaf = key.rpartition(".")
+            stamp = self._clock.stamp()
+            store = self._store
+            if (above == store.way_key and leaf and leaf.isascii()) or self._on_way(
+                key, parse_key(key), stamp
+            ):
+                result = store.incr_leaf(stamp, leaf, amount, ttl_ms)
+                if result is not _store.MISSING:
+                    if ttl_ms:
+                        self._due_by(stamp_millis(stamp) + ttl_ms)
+                    self._send_own(stamp, INCREMENT, key, amount, ttl_ms)
+                    return result
         self._check_writable()
         path = parse_key(key)
         amount = check_amount(amount)
@@ -1740,24 +1753,6 @@ class Collective(_Member):
         self._apply_local(stamp, INCREMENT, path, amount, key, ttl_ms)
         return self._store.get(path)
 
-    def _incr_on_way(self, key: str, amount: int, ttl_ms: int) -> Any:
-        """``incr(key, amount, ttl)`` of a valid amount (and ttl, in ms), the way ``set``
-        takes: under the store's cached way, a new stamp and a few dict updates. The new
-        value, or MISSING (nothing changed) when the call takes the general way."""
-        self._advance_if_due()  # counts from what a get reads now, expiries included
-        above, _, leaf = key.rpartition(".")
-        stamp = self._clock.stamp()
-        if above == self._store.way_key and leaf and leaf.isascii():
-            pass  # (the parent was checked when it was cached)
-        elif not self._on_way(key, parse_key(key), stamp):
-            return _store.MISSING
-        result = self._store.incr_leaf(stamp, leaf, amount, ttl_ms)
-        if result is not _store.MISSING:
-            if ttl_ms:
-                self._due_by(stamp_millis(stamp) + ttl_ms)
-            self._send_own(stamp, INCREMENT, key, amount, ttl_ms)
-        return result
-
     def _on_way(self, key: str, path: tuple[str, ...], stamp: int) -> bool:
         """Whether the store's cached way leads to the parent of ``key`` (``path``, valid), so
         that an operation there at ``stamp`` may take the store's ``*_leaf`` fast paths;
@@ -1780,19 +1775,26 @@ class Collective(_Member):
 
     def delete(self, key: Key) -> None:
         """Remove ``key`` (and everything below it) here and on every peer."""
+        if (
+            type(key) is str
+            and self._writable
+            and not self._watches
+            and len(key) + MAX_INT_DIGITS <= self._fits_chars
+        ):
+            # A loop deleting keys under one parent: the way ``set`` takes.
+            above, _, leaf = key.rpartition(".")
+            stamp = self._clock.stamp()
+            store = self._store
+            if (
+                (above == store.way_key and leaf and leaf.isascii())
+                or self._on_way(key, parse_key(key), stamp)
+            ) and store.delete_leaf(stamp, leaf):
+                self._send_own(stamp, DELETE, key, None)
+                return
         self._check_writable()
         path = parse_key(key)
         self._check_fits(key, None, len(path))
-        stamp = self._clock.stamp()
-        if (
-            type(key) is str
-            and not self._watches
-            and self._on_way(key, path, stamp)
-            and self._store.delete_leaf(stamp, path[-1])
-        ):
-            self._send_own(stamp, DELETE, key, None)
-            return
-        self._apply_local(stamp, DELETE, path, None, key)
+        self._apply_local(self._clock.stamp(), DELETE, path, None, key)
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy of the whole tree."""
