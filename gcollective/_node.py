@@ -1725,10 +1725,17 @@ class Collective(_Member):
                 key, parse_key(key), stamp
             ):
                 result = store.incr_leaf(stamp, leaf, amount, ttl_ms)
-                if result is not _store.MISSING:
+                if result is not None:
                     if ttl_ms:
                         self._due_by(stamp_millis(stamp) + ttl_ms)
-                    self._send_own(stamp, INCREMENT, key, amount, ttl_ms)
+                    # ``_send_own(stamp, INCREMENT, key, amount, ttl_ms)``, inline (as in set)
+                    outbox = self._outbox
+                    self._out_special.append((len(outbox) // 3, INCREMENT, ttl_ms))
+                    outbox += (stamp, key, amount)
+                    if len(outbox) == 3:
+                        self._schedule_flush()
+                    elif len(outbox) >= _OUTBOX_ITEMS:
+                        self._flush_outbox()
                     return result
         self._check_writable()
         path = parse_key(key)

@@ -316,10 +316,10 @@ class Store:
         the common case: an int counter (or a new key) where nothing in the key's subtree is
         as new as ``s``, a result that stays an int JSON carries, and no expiry due (a
         counter hit with ``incr(k, ttl=...)`` on every request takes it too, as in ``_slow``).
-        Returns the new value, or MISSING having changed nothing when the case is not that
+        Returns the new value, or None having changed nothing when the case is not that
         (call ``apply``). ``s`` as for ``set_leaf``."""
         if ttl_ms and (s >> _MILLIS_SHIFT) + ttl_ms <= self.now_ms:
-            return MISSING  # due already: the general way fires it
+            return None  # due already: the general way fires it
         parent = self._way_parent
         entries = parent._entries
         entry = entries.get(leaf)
@@ -332,23 +332,23 @@ class Store:
             parent.value[leaf] = amount
         else:
             if type(entry) is not _Node or not s > entry.top:
-                return MISSING
+                return None
             current = entry.value
             if type(current) is not int:
-                return MISSING
+                return None
             result = current + amount
             if not -INT_BOUND < result < INT_BOUND:
-                return MISSING  # the general way refuses it
-            if entry.ttls is None:
-                incs = entry.incs
-                if incs is None:
-                    entry.incs = incs = {}
-                incs[s] = amount
-                entry.top = entry.imax = entry.r = s
-                entry.value = result
-                parent.value[leaf] = result
-            elif not self._newest_increment(parent, leaf, entry, s, amount):
-                return MISSING
+                return None  # the general way refuses it
+            if entry.ttls is not None and s >> _MILLIS_SHIFT <= self.now_ms:
+                return None  # an expiry may have fired after ``s``: _newest_increment
+            # (``_newest_increment`` of a number, inline)
+            incs = entry.incs
+            if incs is None:
+                entry.incs = incs = {}
+            incs[s] = amount
+            entry.top = entry.imax = entry.r = s
+            entry.value = result
+            parent.value[leaf] = result
         if ttl_ms:
             self._record_ttl(entry, s, expiry_stamp(s, ttl_ms), (*self._way_path, leaf))
         self._untidy = True  # (increments for ``collect`` to fold)
@@ -690,12 +690,17 @@ class Store:
         """``_add_ttl`` at a node off the cached way (its leaf: the way keeps no ttls)."""
         self._untidy = True
         ttls = node.ttls
-        if ttls is None:
-            node.ttls = ttls = {}
-        if s in ttls:
-            return
         now = self.now_ms
         due = expiry >> _MILLIS_SHIFT
+        if ttls is None:
+            node.ttls = {s: expiry}  # (a session's: its only event, nothing covers it)
+            if due <= now:
+                self._push_due(expiry, s, tuple(path))
+            else:
+                heapq.heappush(self._pending, (due, s, tuple(path)))
+            return
+        if s in ttls:
+            return
         covered = False
         for other in ttls.values():
             if now < other >> _MILLIS_SHIFT <= due:

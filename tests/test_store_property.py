@@ -1692,11 +1692,9 @@ def _through_way(store: Any, operation: Op) -> bool:
             return store.assign_leaf(operation.stamp, leaf, value, operation.ttl)
         return store.set_leaf(operation.stamp, leaf, value)
     if operation.op == INCREMENT:
-        from gcollective._store import MISSING
-
         if type(value) is not int:
             return False  # (``Collective.incr`` takes only ints this way)
-        return store.incr_leaf(operation.stamp, leaf, value, operation.ttl or 0) is not MISSING
+        return store.incr_leaf(operation.stamp, leaf, value, operation.ttl or 0) is not None
     return store.delete_leaf(operation.stamp, leaf)
 
 
