@@ -60,6 +60,13 @@ class Config:
     catchup_rate: int = 5_000
     catchup_partition_seconds: float = 10.0
     redis_ops: int = 10_000
+    # Issue 20's cluster workloads: operations per member, and rounds (interleaved).
+    web_members: int = 4
+    web_ops: int = 50_000
+    web_sessions: int = 20_000
+    web_counter_keys: int = 1_000
+    web_repeats: int = 3
+    web_limit: float = 120.0
     member_max_seconds: float = 900.0
     profile_dir: str | None = None
 
@@ -84,6 +91,11 @@ class Config:
             join_limit=60.0,
             catchup_partition_seconds=2.0,
             redis_ops=500,
+            web_ops=2_000,
+            web_sessions=1_000,
+            web_counter_keys=100,
+            web_repeats=1,
+            web_limit=60.0,
             member_max_seconds=120.0,
         )
 
@@ -173,6 +185,18 @@ def local_ops(cfg: Config, progress: Progress) -> dict[str, Any]:
             },
         )
     result["peers_are"] = "in-process nodes over loopback TCP"
+    progress(f"local ops: web-app calls, {max(cfg.local_peers)} peers")
+    with Group() as group:
+        runner = group.add(Member(free_port(), [], name="local-web", max_seconds=600))
+        result["web"] = runner.call(
+            "local_web",
+            timeout=600,
+            args={
+                "peer_count": max(cfg.local_peers),
+                "ops_per_batch": cfg.local_ops_per_batch,
+                "batches": cfg.local_batches,
+            },
+        )
     result["set_full"] = set_cost(cfg, progress)
     return result
 
@@ -749,6 +773,92 @@ def redis_compare(cfg: Config, progress: Progress) -> dict[str, Any]:
     return result
 
 
+# -- 7. what web apps do (issue 20) ------------------------------------------------------
+
+#: The workloads of ``web_workloads``: distinct keys (the reference), one hot counter,
+#: sessions (small dicts with a ttl, read back), a rate limiter (counters with a ttl).
+WEB_WORKLOADS = ("distinct", "hot_counter", "sessions", "rate_limit")
+
+
+def web_workloads(cfg: Config, progress: Progress) -> dict[str, Any]:
+    """Cluster-wide operations/s of each of ``WEB_WORKLOADS``: ``web_members`` processes each
+    make ``web_ops`` operations (``web_sessions`` sessions) without yielding; the time runs
+    from the first start until every member holds everyone's. Rounds of all four run in
+    turn (``web_repeats``) on the same members; each figure is the median round, with its
+    ratio to the distinct-keys figure of the same round. ``exact``: every member of every
+    round checked every value (counters exact, every session there with its value)."""
+    count = cfg.web_members
+    rounds: list[dict[str, Any]] = []
+    ports = free_ports(count)
+    with Group() as group:
+        members = _members(group, ports, ports, cfg)
+        start_all(members)
+        _warm(members, "warm")
+        for round_ in range(cfg.web_repeats):
+            figures = {}
+            for name in WEB_WORKLOADS:
+                progress(f"web: round {round_ + 1}, {name}, {count} processes")
+                figures[name] = _web_run(cfg, members, name, f"r{round_}")
+            rounds.append(figures)
+    result: dict[str, Any] = {"processes": count, "rounds": rounds}
+    for name in WEB_WORKLOADS:
+        result[name] = {
+            "ops_per_second": statistics.median(r[name]["ops_per_second"] for r in rounds),
+            "x_distinct": statistics.median(
+                r[name]["ops_per_second"] / r["distinct"]["ops_per_second"] for r in rounds
+            ),
+            "ops_each": rounds[0][name]["ops_each"],
+            "exact": all(r[name]["exact"] for r in rounds),
+        }
+    return result
+
+
+def _web_run(cfg: Config, members: list[Member], name: str, tag: str) -> dict[str, Any]:
+    """One workload of ``web_workloads`` on every member at once."""
+    count = len(members)
+    limit = cfg.web_limit
+    ops = cfg.web_sessions if name == "sessions" else cfg.web_ops
+    for i, member in enumerate(members):
+        if name == "distinct":
+            writers = [f"{tag}d{k}" for k in range(count)]
+            member.send(
+                "write_and_wait", prefix=writers[i], count=ops, writers=writers, limit=limit
+            )
+        elif name == "hot_counter":
+            member.send(
+                "incr_and_wait", key=f"{tag}hot", count=ops, expected=count * ops, limit=limit
+            )
+        elif name == "sessions":
+            writers = [f"{tag}s{k}" for k in range(count)]
+            member.send(
+                "sessions_and_wait",
+                prefix=writers[i],
+                count=ops,
+                writers=writers,
+                ttl=60,
+                limit=limit,
+            )
+        else:
+            keys = cfg.web_counter_keys
+            member.send(
+                "incr_keys_and_wait",
+                prefix=f"{tag}rl",
+                keys=keys,
+                count=ops,
+                ttl=60,
+                expected=count * ops // keys,
+                limit=limit,
+            )
+    replies = [m.receive(limit + 60) for m in members]
+    seconds = max(r["done"] for r in replies) - min(r["started"] for r in replies)
+    return {
+        "ops_each": ops,
+        "seconds": seconds,
+        "ops_per_second": count * ops / seconds,
+        "exact": all(r["complete"] and r.get("exact", True) for r in replies),
+    }
+
+
 SCENARIOS: dict[str, Callable[[Config, Progress], dict[str, Any]]] = {
     "local": local_ops,
     "throughput": throughput,
@@ -757,4 +867,5 @@ SCENARIOS: dict[str, Callable[[Config, Progress], dict[str, Any]]] = {
     "join_mixed": join_mixed,
     "catchup": catchup,
     "redis": redis_compare,
+    "web": web_workloads,
 }

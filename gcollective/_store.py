@@ -283,14 +283,26 @@ class Store:
     def assign_leaf(self, s: int, leaf: str, value: Any, ttl_ms: int = 0) -> bool:
         """``apply(s, SET, way + (leaf,), value, ttl_ms)`` under the cached way, for the SETs
         ``set_leaf`` leaves out: a dict value (a session), or a ttl, where nothing in the
-        key's subtree is as new as ``s``. The key is then replaced whole by a fresh node, as
-        ``_set`` (and, with a ttl, ``_slow``'s record-and-rebuild) would make it. ``s`` as for
-        ``set_leaf``; False, having changed nothing, when the case is not that simple."""
-        parent = self._way_parent
-        entries = parent._entries
-        entry = entries.get(leaf)
-        if entry is not None and not s > _newest_in(entry):
-            return False  # something there is as new: the general way compares
+        key's subtree is as new as ``s`` (see ``_assign_fresh``). ``s`` as for ``set_leaf``;
+        False, having changed nothing, when the case is not that simple."""
+        path = (*self._way_path, leaf) if ttl_ms else ()
+        if not self._assign_fresh(self._way_parent, leaf, s, value, ttl_ms, path):
+            return False
+        self._way_newest = s
+        return True
+
+    def _assign_fresh(
+        self, parent: _Node, key: str, s: int, value: Any, ttl_ms: int, path: tuple[str, ...]
+    ) -> bool:
+        """A SET of a dict or with a ttl (at ``path``, ``parent``'s child ``key``) where
+        nothing in the key's subtree is as new as ``s`` and the expiry is not due: the key is
+        replaced whole by a fresh node, as ``_set`` (and, with a ttl, ``_slow``'s record and
+        rebuild) would make it. False, having changed nothing, when the case is not that."""
+        entries = parent._entries if parent.runs is None else parent.entries
+        entry = entries.get(key)
+        if (entry is not None and not s > _newest_in(entry)) or type(parent.value) is not dict:
+            return False  # something there is as new (the general way compares), or no dict
+        expiry = 0
         if ttl_ms:
             expiry = expiry_stamp(s, ttl_ms)
             if expiry >> _MILLIS_SHIFT <= self.now_ms:
@@ -304,11 +316,10 @@ class Store:
         else:
             return False  # a plain leaf: set_leaf's case
         if ttl_ms:
-            self._record_ttl(node, s, expiry, (*self._way_path, leaf))
+            self._record_ttl(node, s, expiry, path)
         self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
-        entries[leaf] = node
-        parent.value[leaf] = node.value
-        self._way_newest = s
+        entries[key] = node
+        parent.value[key] = node.value
         return True
 
     def incr_leaf(self, s: int, leaf: str, amount: int, ttl_ms: int = 0) -> Any:
@@ -448,6 +459,12 @@ class Store:
         if s < node.r:
             return
         if ttl_ms:
+            # A received session (a dict or leaf SET with a ttl, newest there) is built as
+            # it is; anything else with a ttl is recorded and rebuilt.
+            if op == SET:
+                self._forget_way()  # (the key may be on the cached way)
+                if self._assign_fresh(node, key, s, value, ttl_ms, tuple(path)):
+                    return
             self._slow(node, key, (), s, op, value, ttl_ms, path)
             return
         if op == SET:
