@@ -625,7 +625,11 @@ class Store:
             and (not ttl_ms or (s >> _MILLIS_SHIFT) + ttl_ms > self.now_ms)  # not due yet
         ):
             n = parent.entries.get(key)
-            if type(n) is _Node and s > n.top and self._newest_increment(parent, key, n, s, value):
+            if type(n) is _Node and (
+                self._newest_increment(parent, key, n, s, value)
+                if s > n.top
+                else self._late_increment(parent, key, n, s, value)
+            ):
                 if ttl_ms:
                     self._add_ttl(n, s, expiry_stamp(s, ttl_ms), path)
                 return
@@ -691,6 +695,40 @@ class Store:
         node.top = node.imax = node.r = s
         node.value = result
         self._place(parent, key, result)
+        return True
+
+    def _late_increment(
+        self, parent: _Node, key: str, node: _Node, s: int, amount: int | float
+    ) -> bool:
+        """``_increment``'s late case of ints at a path with ttl events (members hitting one
+        rate-limit counter at once): an int amount, after the assignment and every write
+        below, where the number counts increments already, and no expiry here has fired.
+        The sum does not depend on the order, and a ttl event not due changes nothing
+        visible yet: the number grows. False when it is not that simple (the caller
+        rebuilds)."""
+        current = node.value
+        if (
+            type(current) is not int
+            or type(amount) is not int
+            or not (node.imax > node.d and s > node.d and s > node.a)
+        ):
+            return False
+        now = self.now_ms
+        for expiry in (node.ttls or {}).values():
+            if expiry >> _MILLIS_SHIFT <= now:
+                return False  # fired: whether it still owns the path may change
+        incs = node.incs
+        if incs is None:
+            node.incs = incs = {}
+        elif s in incs:
+            return True  # a repeat
+        incs[s] = amount
+        if s > node.imax:
+            node.imax = s
+            if s > node.r:
+                node.r = s
+        node.value = current + amount
+        self._place(parent, key, node.value)
         return True
 
     def _add_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
