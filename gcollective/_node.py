@@ -2452,8 +2452,6 @@ class Collective(_Member):
             return  # all repeats (relayed, or also in a snapshot)
         if ttls is None:
             ttls = [0] * len(stamps)
-        elif ttls:
-            self._due_by(min(stamp_millis(st) + t for st, t in zip(stamps, ttls) if t))
         apply_one = self._apply_received
         if first == done + 1 and not progress.has_gap(origin):
             # The normal case: the next operations of this origin, in order.
@@ -2477,6 +2475,10 @@ class Collective(_Member):
                     apply_one(stamp, op, path, value, ttl_ms, origin)
                     applied += 1
         self.applied_ops += applied
+        if any(ttls):
+            # Wake the expirer for the soonest expiry the store now holds (its own, computed
+            # once, instead of each operation's in Python).
+            self._due_by(self._store.next_expiry)
         self._clock.observe(stamps[-1])
         self._log.add(origin, first, last, frame)  # without its newline: no copy
 
