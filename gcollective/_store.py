@@ -50,6 +50,7 @@ expiries below the stability frontier into real DELETEs at D, which ``collect`` 
 from __future__ import annotations
 
 import heapq
+import math
 from itertools import repeat
 from operator import itemgetter
 from typing import Any, Iterable, Sequence
@@ -678,7 +679,7 @@ class Store:
         owning the path and come back to life; then the caller rebuilds."""
         ttls = node.ttls
         now = self.now_ms
-        if ttls is not None and s >> _MILLIS_SHIFT <= now:
+        if ttls is not None and s >> _MILLIS_SHIFT <= now and _fired_any(ttls, now):
             for expiry in ttls.values():
                 if expiry > s and expiry >> _MILLIS_SHIFT <= now:
                     return False
@@ -713,10 +714,8 @@ class Store:
             or not (node.imax > node.d and s > node.d and s > node.a)
         ):
             return False
-        now = self.now_ms
-        for expiry in (node.ttls or {}).values():
-            if expiry >> _MILLIS_SHIFT <= now:
-                return False  # fired: whether it still owns the path may change
+        if node.ttls and _fired_any(node.ttls, self.now_ms):
+            return False  # fired: whether it still owns the path may change
         incs = node.incs
         if incs is None:
             node.incs = incs = {}
@@ -1810,6 +1809,14 @@ class Store:
             ctop = ce if type(ce) is int else ce.top
             if ctop > node.top:
                 node.top = ctop
+
+
+def _fired_any(ttls: dict[int, int], now_ms: float | int) -> bool:
+    """Whether an expiry of ``ttls`` (derived stamps) is due by ``now_ms``: the earliest,
+    found in C (a counter hit in a burst holds hundreds, until ``collect``)."""
+    if math.isinf(now_ms):
+        return now_ms > 0  # (NEVER: no time yet)
+    return min(ttls.values()) < (math.floor(now_ms) + 1) << _MILLIS_SHIFT
 
 
 def _newest_in(entry: int | _Node) -> float | int:
