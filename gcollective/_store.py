@@ -531,6 +531,13 @@ class Store:
                         parent.value[key] = value
                         raised = s
                         continue
+                elif above == prefix and parent is not None and op == INCREMENT:
+                    # Counters under one parent (a hot counter, others' hits): ``apply``'s
+                    # last step, the way to the parent settled as for the SETs above.
+                    if s >= parent.r:
+                        self._increment(parent, key, s, value, path.split("."))
+                    raised = s
+                    continue
                 segments = path.split(".")
             else:
                 above = None
@@ -540,7 +547,7 @@ class Store:
                 raised = NEVER
             apply(s, op, segments, value)
             parent = None
-            if above is not None and op == SET and type(value) is not dict:
+            if above is not None and op != DELETE and type(value) is not dict:
                 parent, ancestors = self._settled_way(segments[:-1], s)
                 prefix = above
         if raised != NEVER:

@@ -1814,3 +1814,25 @@ def test_a_late_increment_before_a_fired_expiry_stays_expired() -> None:
     deliver(store, ops[1:])
     assert store.get(("a",)) == 1
     assert_tree(store.to_dict(), fold(ops, 10))
+
+
+@_settings(max_examples=400)
+@given(st.data())
+def test_a_batch_of_counter_hits_matches_one_by_one(data: st.DataObject) -> None:
+    """Increments under a shared parent (a hot counter, others' hits on many counters) in
+    one origin's batch take ``apply_batch``'s cached parent; on top of any state, with SETs
+    and DELETEs among them, the metadata equals applying them one by one."""
+    counters = st.sampled_from([("a", "x"), ("a", "y"), ("a", "z"), ("b", "x")])
+    hits = st.tuples(st.just(INCREMENT), counters, st.one_of(small_ints, amounts))
+    bodies = data.draw(
+        st.lists(st.one_of(hits, hits, hits, BATCH_BODIES), min_size=8, max_size=16),
+        label="bodies",
+    )
+    op_stamps = data.draw(
+        st.lists(stamps, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    ops = [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
+    in_batch = data.draw(st.lists(st.booleans(), min_size=len(ops), max_size=len(ops)))
+    before = [op for op, batched in zip(ops, in_batch) if not batched]
+    batch = sorted((op for op, batched in zip(ops, in_batch) if batched), key=lambda o: o.stamp)
+    batch_matches_one_by_one(data.draw(deliveries(before), label="before"), batch)
