@@ -534,8 +534,9 @@ class Store:
                 elif above == prefix and parent is not None and op == INCREMENT:
                     # Counters under one parent (a hot counter, others' hits): ``apply``'s
                     # last step, the way to the parent settled as for the SETs above.
-                    if s >= parent.r:
-                        self._increment(parent, key, s, value, path.split("."))
+                    # (``parent`` is a _Node here: mypy keeps the parameter's type)
+                    if s >= parent.r:  # type: ignore[attr-defined]
+                        self._increment(parent, key, s, value, path.split("."))  # type: ignore[arg-type]
                     raised = s
                     continue
                 segments = path.split(".")
