@@ -215,6 +215,92 @@ def measure(
     return result
 
 
+#: The calls web apps make most (issue 20), each timed at a 3-level path with 7 peers. The
+#: figure each is compared with, ``dict_set``, is a plain nested dict set in the same run.
+WEB_ROWS = (
+    "dict_set",
+    "set",
+    "set_dict",
+    "set_dict_ttl",
+    "incr_hot",
+    "incr",
+    "incr_ttl",
+    "delete",
+)
+
+
+def _web_runner(row: str, node: Collective, tree: dict[str, Any]) -> Callable[[list[str]], None]:
+    """A loop making the call of ``row`` (see ``WEB_ROWS``) once per key."""
+    node_set, incr, delete = node.set, node.incr, node.delete
+
+    def run(keys: list[str]) -> None:
+        if row == "dict_set":
+            for value, key in enumerate(keys):
+                dict_set(tree, key, value)
+        elif row == "set":
+            for value, key in enumerate(keys):
+                node_set(key, value)
+        elif row == "set_dict":
+            for value, key in enumerate(keys):
+                node_set(key, {"u": value})
+        elif row == "set_dict_ttl":
+            for value, key in enumerate(keys):
+                node_set(key, {"u": value}, ttl=60)
+        elif row == "incr_hot":
+            for _ in keys:
+                incr("hits.total")
+        elif row == "incr":
+            for key in keys:
+                incr(key)
+        elif row == "incr_ttl":
+            for key in keys:
+                incr(key, 1, ttl=60)
+        else:
+            for key in keys:
+                delete(key)
+
+    return run
+
+
+def measure_web(
+    peer_count: int = 7, ops_per_batch: int = 10_000, batches: int = 5
+) -> dict[str, Any]:
+    """ns per call of each of ``WEB_ROWS`` (medians over ``batches``), one node with
+    ``peer_count`` in-process peers, and each row's ratio to ``dict_set``.
+
+    Every row but ``delete`` cycles over ``DISTINCT_KEYS`` keys of its own (``incr_hot`` over
+    one); ``delete`` removes ``ops_per_batch`` distinct keys set (untimed) just before."""
+    bench = _Bench(peer_count)
+    ns: dict[str, float] = {}
+    try:
+        for row in WEB_ROWS:
+            tree: dict[str, Any] = {}
+            run = _web_runner(row, bench.node, tree)
+            samples = []
+            for batch in range(batches + 1):  # the first one warms up
+                if row == "delete":
+                    keys = [f"web.{row}{batch}.k{j}" for j in range(ops_per_batch)]
+                    for key in keys:
+                        bench.node.set(key, 1)
+                    bench.settle()
+                else:
+                    keys = [f"web.{row}.k{j % DISTINCT_KEYS}" for j in range(ops_per_batch)]
+                figure = _time_batch(run, keys)
+                bench.settle()
+                if batch:
+                    samples.append(figure)
+            ns[row] = statistics.median(samples)
+    finally:
+        bench.close()
+    return {
+        "ns": ns,
+        "x_dict_set": {row: ns[row] / ns["dict_set"] for row in WEB_ROWS},
+        "peers": peer_count,
+        "ops_per_batch": ops_per_batch,
+        "batches": batches,
+    }
+
+
 def measure_redis(port: int, count: int, repeats: int = 3) -> dict[str, Any]:
     """Microseconds per get / set / incr through redis-py (one round trip each)."""
     import redis
@@ -254,3 +340,14 @@ def measure_redis(port: int, count: int, repeats: int = 3) -> dict[str, Any]:
         "redis_py_version": redis.__version__,
         "key_depth": 3,
     }
+
+
+if __name__ == "__main__":  # python -m benchmarks.local_ops: the web rows alone
+    from gevent import monkey
+
+    monkey.patch_all()
+    import json
+    import sys
+
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    print(json.dumps(measure_web(ops_per_batch=count)))

@@ -21,6 +21,13 @@ Commands (``{"cmd": ..., ...}``; ``limit`` is always a member-side timeout in se
   incr_and_wait {key, count, expected, limit}
                                          INCREMENT key count times without yielding, then
                                          wait until it reads ``expected``
+  sessions_and_wait {prefix, count, writers, ttl, limit}
+                                         SET prefix.s<j> = {"u": j, "w": prefix} with ``ttl``
+                                         and read each back, then wait until every writer's
+                                         last one is here; ``exact``: all are, with their values
+  incr_keys_and_wait {prefix, keys, count, ttl, expected, limit}
+                                         ``incr(prefix.k<j % keys>, 1, ttl=ttl)`` count times,
+                                         then wait until every key reads ``expected``
   fill {begin, end, fanout, mixed}       SET the 3-level keys of positions [begin, end)
   wait_keys {keys, limit}                wait until every key has a value
   leaves                                 count the leaves of the local tree
@@ -38,6 +45,7 @@ Commands (``{"cmd": ..., ...}``; ``limit`` is always a member-side timeout in se
   set {key, value}                       one SET
   digest                                 sha256 of the tree's canonical JSON, and its leaves
   local_ops {...}                        run ``benchmarks.local_ops.measure`` in this process
+  local_web {...}                        run ``benchmarks.local_ops.measure_web`` in it
   plain_dict {count, fanout}             RSS of a plain dict holding the fill data
   redis_ops {port, count}                get/set/incr through redis-py against a redis-server
   profile_start / profile_stop {path}    cProfile this process over a window
@@ -335,6 +343,62 @@ class Driver:
             "value": node.get(key),
         }
 
+    def cmd_sessions_and_wait(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A web app's sessions (issue 20): small dicts with a ttl, each read back once."""
+        node = self.node
+        assert node is not None
+        prefix, count, ttl = request["prefix"], request["count"], request["ttl"]
+        node_set, get = node.set, node.get
+        began = monotonic()
+        for j in range(count):
+            node_set(f"{prefix}.s{j}", {"u": j, "w": prefix}, ttl=ttl)
+        unread = sum(get(f"{prefix}.s{j}") is None for j in range(count))
+        written = monotonic()
+        last_keys = [f"{w}.s{count - 1}" for w in request["writers"]]
+        complete, done = wait_for(
+            lambda: all(get(k) is not None for k in last_keys), request.get("limit", 120.0)
+        )
+        exact = not unread and all(
+            get(f"{w}.s{j}") == {"u": j, "w": w} for w in request["writers"] for j in range(count)
+        )
+        return {
+            "started": began,
+            "written": written,
+            "done": done,
+            "complete": complete,
+            "exact": exact,
+        }
+
+    def cmd_incr_keys_and_wait(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Counters over ``keys`` keys (a rate limiter's, with a ttl), then the wait until
+        every key holds every member's increments."""
+        node = self.node
+        assert node is not None
+        prefix, keys, count, ttl = (
+            request["prefix"],
+            request["keys"],
+            request["count"],
+            request["ttl"],
+        )
+        names = [f"{prefix}.k{i}" for i in range(keys)]
+        incr, get = node.incr, node.get
+        began = monotonic()
+        for j in range(count):
+            incr(names[j % keys], 1, ttl=ttl)
+        written = monotonic()
+        expected = request["expected"]
+        complete, done = wait_for(
+            lambda: all(get(name) == expected for name in names), request.get("limit", 120.0)
+        )
+        return {
+            "started": began,
+            "written": written,
+            "done": done,
+            "complete": complete,
+            "exact": complete,
+            "values": sorted({repr(get(name)) for name in names})[:5],
+        }
+
     def cmd_fill(self, request: dict[str, Any]) -> dict[str, Any]:
         """SET the fill's keys of positions [begin, end). With ``mixed`` (``{total, part,
         parts}``) this member writes only the positions ``part`` modulo ``parts``, each at the
@@ -513,6 +577,11 @@ class Driver:
         from benchmarks.local_ops import measure
 
         return measure(**request["args"])
+
+    def cmd_local_web(self, request: dict[str, Any]) -> dict[str, Any]:
+        from benchmarks.local_ops import measure_web
+
+        return measure_web(**request["args"])
 
     def cmd_plain_dict(self, request: dict[str, Any]) -> dict[str, Any]:
         gc.collect()

@@ -266,6 +266,54 @@ def _spread(run: dict[str, Any]) -> str:
     return f"{len(figures)}: {min(figures) / 1000:,.0f}k-{max(figures) / 1000:,.0f}k"
 
 
+#: What each row of ``local_ops.measure_web`` times (a 3-level key).
+_LOCAL_WEB_LABELS = {
+    "dict_set": "plain nested dict set",
+    "set": "set, int value",
+    "set_dict": 'set of a small dict ({"u": i})',
+    "set_dict_ttl": "the same with ttl=60",
+    "incr_hot": "incr, one hot key",
+    "incr": "incr, 1,000 keys",
+    "incr_ttl": "incr(..., ttl=60)",
+    "delete": "delete",
+}
+
+
+def _local_web_table(section: dict[str, Any]) -> str:
+    """The calls web apps make most (``local_ops.measure_web``), next to a plain dict set."""
+    rows = [
+        [label, f"{section['ns'][row]:,.0f}", f"{section['x_dict_set'][row]:.2f}"]
+        for row, label in _LOCAL_WEB_LABELS.items()
+        if row in section["ns"]
+    ]
+    return _table(
+        f"Web-app calls, 3-level keys, {section['peers']} peers (ns per call)",
+        ["call", "ns", "x dict set"],
+        rows,
+    )
+
+
+def _workloads_table(section: dict[str, Any]) -> str:
+    """Cluster-wide operations/s of ``scenarios.app_workloads``."""
+    rows = [
+        [
+            name.replace("_", " "),
+            f"{section[name]['ops_each']:,}",
+            f"{section[name]['ops_per_second']:,.0f}",
+            f"{section[name]['x_distinct']:.2f}",
+            _yes(section[name]["exact"]),
+        ]
+        for name in ("distinct", "hot_counter", "sessions", "rate_limit")
+        if name in section
+    ]
+    return _table(
+        f"Web workloads, {section['processes']} processes (median of {len(section['rounds'])} "
+        "rounds)",
+        ["workload", "ops each", "ops/s", "x distinct", "exact everywhere"],
+        rows,
+    )
+
+
 def tables(results: dict[str, Any]) -> str:
     """Every section as a plain-text table."""
     out = []
@@ -286,6 +334,10 @@ def tables(results: dict[str, Any]) -> str:
         )
     if local and local.get("set_full"):
         out.append(_set_full_table(local["set_full"]))
+    if local and local.get("web"):
+        out.append(_local_web_table(local["web"]))
+    if results.get("workloads"):
+        out.append(_workloads_table(results["workloads"]))
     section = results.get("throughput")
     if section and "runs" in section:
         rows = []

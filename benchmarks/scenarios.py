@@ -66,6 +66,13 @@ class Config:
     web_requests: int = 20_000
     web_concurrency: int = 50
     web_rounds: int = 3
+    # Issue 20's cluster workloads: operations per member, and rounds (interleaved).
+    workload_members: int = 4
+    workload_ops: int = 50_000
+    workload_sessions: int = 20_000
+    workload_counter_keys: int = 1_000
+    workload_repeats: int = 3
+    workload_limit: float = 120.0
     member_max_seconds: float = 900.0
     profile_dir: str | None = None
 
@@ -92,6 +99,11 @@ class Config:
             redis_ops=500,
             web_requests=2_000,
             web_rounds=1,
+            workload_ops=2_000,
+            workload_sessions=1_000,
+            workload_counter_keys=100,
+            workload_repeats=1,
+            workload_limit=60.0,
             member_max_seconds=120.0,
         )
 
@@ -181,6 +193,18 @@ def local_ops(cfg: Config, progress: Progress) -> dict[str, Any]:
             },
         )
     result["peers_are"] = "in-process nodes over loopback TCP"
+    progress(f"local ops: web-app calls, {max(cfg.local_peers)} peers")
+    with Group() as group:
+        runner = group.add(Member(free_port(), [], name="local-web", max_seconds=600))
+        result["web"] = runner.call(
+            "local_web",
+            timeout=600,
+            args={
+                "peer_count": max(cfg.local_peers),
+                "ops_per_batch": cfg.local_ops_per_batch,
+                "batches": cfg.local_batches,
+            },
+        )
     result["set_full"] = set_cost(cfg, progress)
     return result
 
@@ -757,6 +781,93 @@ def redis_compare(cfg: Config, progress: Progress) -> dict[str, Any]:
     return result
 
 
+# -- 7. what web apps do, cluster-wide (issue 20) -------------------------------------------
+
+#: The workloads of ``app_workloads``: distinct keys (the reference), one hot counter,
+#: sessions (small dicts with a ttl, read back), a rate limiter (counters with a ttl).
+APP_WORKLOADS = ("distinct", "hot_counter", "sessions", "rate_limit")
+
+
+def app_workloads(cfg: Config, progress: Progress) -> dict[str, Any]:
+    """Cluster-wide operations/s of each of ``APP_WORKLOADS``: ``workload_members`` processes
+    each make ``workload_ops`` operations (``workload_sessions`` sessions) without yielding;
+    the time runs from the first start until every member holds everyone's. Rounds of all
+    four run in turn (``workload_repeats``) on the same members; each figure is the median
+    round, with its ratio to the distinct-keys figure of the same round. ``exact``: every
+    member of every round checked every value (counters exact, every session there with its
+    value)."""
+    count = cfg.workload_members
+    rounds: list[dict[str, Any]] = []
+    ports = free_ports(count)
+    with Group() as group:
+        members = _members(group, ports, ports, cfg)
+        start_all(members)
+        _warm(members, "warm")
+        for round_ in range(cfg.workload_repeats):
+            figures = {}
+            for name in APP_WORKLOADS:
+                progress(f"workloads: round {round_ + 1}, {name}, {count} processes")
+                figures[name] = _workload_run(cfg, members, name, f"r{round_}")
+            rounds.append(figures)
+    result: dict[str, Any] = {"processes": count, "rounds": rounds}
+    for name in APP_WORKLOADS:
+        result[name] = {
+            "ops_per_second": statistics.median(r[name]["ops_per_second"] for r in rounds),
+            "x_distinct": statistics.median(
+                r[name]["ops_per_second"] / r["distinct"]["ops_per_second"] for r in rounds
+            ),
+            "ops_each": rounds[0][name]["ops_each"],
+            "exact": all(r[name]["exact"] for r in rounds),
+        }
+    return result
+
+
+def _workload_run(cfg: Config, members: list[Member], name: str, tag: str) -> dict[str, Any]:
+    """One workload of ``app_workloads`` on every member at once."""
+    count = len(members)
+    limit = cfg.workload_limit
+    ops = cfg.workload_sessions if name == "sessions" else cfg.workload_ops
+    for i, member in enumerate(members):
+        if name == "distinct":
+            writers = [f"{tag}d{k}" for k in range(count)]
+            member.send(
+                "write_and_wait", prefix=writers[i], count=ops, writers=writers, limit=limit
+            )
+        elif name == "hot_counter":
+            member.send(
+                "incr_and_wait", key=f"{tag}hot", count=ops, expected=count * ops, limit=limit
+            )
+        elif name == "sessions":
+            writers = [f"{tag}s{k}" for k in range(count)]
+            member.send(
+                "sessions_and_wait",
+                prefix=writers[i],
+                count=ops,
+                writers=writers,
+                ttl=60,
+                limit=limit,
+            )
+        else:
+            keys = cfg.workload_counter_keys
+            member.send(
+                "incr_keys_and_wait",
+                prefix=f"{tag}rl",
+                keys=keys,
+                count=ops,
+                ttl=60,
+                expected=count * ops // keys,
+                limit=limit,
+            )
+    replies = [m.receive(limit + 60) for m in members]
+    seconds = max(r["done"] for r in replies) - min(r["started"] for r in replies)
+    return {
+        "ops_each": ops,
+        "seconds": seconds,
+        "ops_per_second": count * ops / seconds,
+        "exact": all(r["complete"] and r.get("exact", True) for r in replies),
+    }
+
+
 SCENARIOS: dict[str, Callable[[Config, Progress], dict[str, Any]]] = {
     "local": local_ops,
     "throughput": throughput,
@@ -766,4 +877,5 @@ SCENARIOS: dict[str, Callable[[Config, Progress], dict[str, Any]]] = {
     "catchup": catchup,
     "redis": redis_compare,
     "web": web.web,
+    "workloads": app_workloads,
 }

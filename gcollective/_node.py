@@ -1192,7 +1192,8 @@ class Collective(_Member):
         max_queue_bytes: bytes queued for one peer before it counts as unable to keep up and
             its link is dropped, to be caught up later (64 MiB).
         log_bytes: bytes of recent operations kept to catch peers up (64 MiB); a peer that
-            missed more than the log holds gets a full snapshot instead.
+            missed more than the log holds gets a full snapshot instead. What every peer
+            not declared down has applied is dropped sooner (see "Catch-up" in the README).
         sync_interval: seconds between version-vector reports to each peer (1).
         down_timeout: seconds of silence after which a peer is declared down (600). Until
             then, tombstones and old increments are kept in case it comes back with writes
@@ -1699,18 +1700,12 @@ class Collective(_Member):
         missing, unless a newer SET without ttl (or with a new ttl) of it came first. See
         "Expiring keys" in docs/guide.rst.
         """
-        if (
-            op is not SET
-            or ttl is not None
-            or not self._writable
-            or self._watches
-            or type(key) is not str
-        ):
+        if op is not SET or not self._writable or self._watches or type(key) is not str:
             self._set_otherwise(key, value, op, ttl)
             return
-        # The common call, a plain SET of a dotted key, with the checks it needs and no more:
-        # this is the hot path. (``_writable`` is also how it knows the node was not inherited
-        # through a fork: the fork hook clears it.)
+        # The common call, a SET of a dotted key (a session's with a ttl too), with the checks
+        # it needs and no more: this is the hot path. (``_writable`` is also how it knows the
+        # node was not inherited through a fork: the fork hook clears it.)
         kind = type(value)
         if not ((kind is int and _INT_LOW < value < INT_BOUND) or kind is bool or value is None):
             if kind is str:
@@ -1723,6 +1718,7 @@ class Collective(_Member):
                 self._check_fits(key, value, depth)
         elif len(key) > self._fits_chars:
             self._check_fits(key, value, key.count(".") + 1)
+        ttl_ms = 0 if ttl is None else check_ttl(ttl)
         stamp = self._clock.stamp()
         # A writer's loop sets keys under one parent: the store remembers the way to that
         # parent, so such a key is checked and applied in a few steps.
@@ -1735,7 +1731,11 @@ class Collective(_Member):
             above, _, leaf = key.rpartition(".")
             if above == store.way_key and leaf and leaf.isascii():
                 # (The parent was checked when it was cached.)
-                applied = store.set_leaf(stamp, leaf, value)
+                applied = (
+                    store.assign_leaf(stamp, leaf, value, ttl_ms)
+                    if ttl_ms
+                    else store.set_leaf(stamp, leaf, value)
+                )
             else:
                 path = parse_key(key)  # raises for a bad key
                 if above != self._way_wanted:
@@ -1743,12 +1743,20 @@ class Collective(_Member):
                     self._way_skips = _WAY_SKIPS
                 elif store.cache_way(above, path[:-1], stamp):
                     # The second key in a row under this parent: likely a loop.
-                    applied = store.set_leaf(stamp, leaf, value)
+                    applied = (
+                        store.assign_leaf(stamp, leaf, value, ttl_ms)
+                        if ttl_ms
+                        else store.set_leaf(stamp, leaf, value)
+                    )
                 else:
                     self._way_wanted = None  # no fast way there now: try again later
         if not applied:
-            store.apply(stamp, SET, path or parse_key(key), value)
-        # ``_send_own(stamp, SET, key, value)``, inline: the call would cost a tenth of a set.
+            store.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
+        if ttl_ms:
+            self._due_by(stamp_millis(stamp) + ttl_ms)
+            self._out_special.append((len(self._outbox) // 3, SET, ttl_ms))
+        # ``_send_own(stamp, SET, key, value, ttl_ms)``, inline: the call would cost a tenth
+        # of a set.
         outbox = self._outbox
         outbox += (stamp, key, value)
         if len(outbox) == 3:
@@ -1783,6 +1791,43 @@ class Collective(_Member):
         With ``ttl`` (seconds) the key expires ``ttl`` after this increment, replacing any
         earlier expiry of it: ``incr(k, ttl=60)`` on every hit drops ``k`` 60 s after the
         last hit. An increment without ttl keeps the expiry the key has."""
+        if (
+            type(amount) is int
+            and type(key) is str
+            and self._writable
+            and not self._watches
+            and _INT_LOW < amount < INT_BOUND
+            and len(key) + MAX_INT_DIGITS <= self._fits_chars  # (``_check_fits``'s first test)
+        ):
+            # The common call (a counter hit in a loop), the way ``set`` takes: under the
+            # store's cached way, a new stamp and a few dict updates.
+            ttl_ms = 0 if ttl is None else check_ttl(ttl)
+            due = self._next_due
+            if due < _INF and due <= time.time() * 1000:
+                self._advance()  # (``_advance_if_due``, inline: count from what a get reads)
+            above, _, leaf = key.rpartition(".")
+            stamp = self._clock.stamp()
+            store = self._store
+            if (above == store.way_key and leaf and leaf.isascii()) or self._on_way(
+                key, parse_key(key), stamp
+            ):
+                result = store.incr_leaf(stamp, leaf, amount, ttl_ms)
+                if result is not None:
+                    if ttl_ms:
+                        self._due_by(stamp_millis(stamp) + ttl_ms)
+                    # ``_send_own(stamp, INCREMENT, key, amount, ttl_ms)``, inline (as in set)
+                    outbox = self._outbox
+                    self._out_special.append((len(outbox) // 3, INCREMENT, ttl_ms))
+                    outbox += (stamp, key, amount)
+                    if len(outbox) == 3:
+                        self._schedule_flush()
+                    elif len(outbox) >= _OUTBOX_ITEMS:
+                        self._flush_outbox()
+                    return result
+            # Not that case: the general way below, with the stamp already taken (nothing
+            # yields meanwhile, so it still orders after everything applied here).
+        else:
+            stamp = 0
         self._check_writable()
         path = parse_key(key)
         amount = check_amount(amount)
@@ -1802,17 +1847,56 @@ class Collective(_Member):
                     f"cannot increment {key!r} by {amount!r}: the result would not be a JSON "
                     f"number ({exc})"
                 ) from None
-        stamp = self._clock.stamp()
+        if not stamp:
+            stamp = self._clock.stamp()
         self._apply_local(stamp, INCREMENT, path, amount, key, ttl_ms)
         return self._store.get(path)
 
+    def _on_way(self, key: str, path: tuple[str, ...], stamp: int) -> bool:
+        """Whether the store's cached way leads to the parent of ``key`` (``path``, valid), so
+        that an operation there at ``stamp`` may take the store's ``*_leaf`` fast paths;
+        caches it on the second key in a row under one parent (a loop), as ``set`` does."""
+        above = key.rpartition(".")[0]
+        store = self._store
+        if above == store.way_key:
+            return True
+        if self._way_skips:
+            self._way_skips -= 1  # scattered over parents: look for a loop again later
+            return False
+        if above != self._way_wanted:
+            self._way_wanted = above
+            self._way_skips = _WAY_SKIPS
+            return False
+        if store.cache_way(above, path[:-1], stamp):
+            return True
+        self._way_wanted = None  # no fast way there now: try again later
+        return False
+
     def delete(self, key: Key) -> None:
         """Remove ``key`` (and everything below it) here and on every peer."""
+        if (
+            type(key) is str
+            and self._writable
+            and not self._watches
+            and len(key) + MAX_INT_DIGITS <= self._fits_chars
+        ):
+            # A loop deleting keys under one parent: the way ``set`` takes.
+            above, _, leaf = key.rpartition(".")
+            stamp = self._clock.stamp()
+            store = self._store
+            if (
+                (above == store.way_key and leaf and leaf.isascii())
+                or self._on_way(key, parse_key(key), stamp)
+            ) and store.delete_leaf(stamp, leaf):
+                self._send_own(stamp, DELETE, key, None)
+                return
+            # Not that case: the general way, with the stamp taken (nothing yielded since).
+        else:
+            stamp = 0
         self._check_writable()
         path = parse_key(key)
         self._check_fits(key, None, len(path))
-        stamp = self._clock.stamp()
-        self._apply_local(stamp, DELETE, path, None, key)
+        self._apply_local(stamp or self._clock.stamp(), DELETE, path, None, key)
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy of the whole tree."""
@@ -2492,8 +2576,6 @@ class Collective(_Member):
             return  # all repeats (relayed, or also in a snapshot)
         if ttls is None:
             ttls = [0] * len(stamps)
-        elif ttls:
-            self._due_by(min(stamp_millis(st) + t for st, t in zip(stamps, ttls) if t))
         apply_one = self._apply_received
         if first == done + 1 and not progress.has_gap(origin):
             # The normal case: the next operations of this origin, in order.
@@ -2517,6 +2599,10 @@ class Collective(_Member):
                     apply_one(stamp, op, path, value, ttl_ms, origin)
                     applied += 1
         self.applied_ops += applied
+        if any(ttls):
+            # Wake the expirer for the soonest expiry the store now holds (its own, computed
+            # once, instead of each operation's in Python).
+            self._due_by(self._store.next_expiry)
         self._clock.observe(stamps[-1])
         self._log.add(origin, first, last, frame)  # without its newline: no copy
 
@@ -2626,6 +2712,7 @@ class Collective(_Member):
                     link.name,
                     self.down_timeout,
                 )
+        self._forget_logged()
         self._frontier = self._own_frontier()
         frontier = self._gc_frontier()
         # Expiries every member has passed become real deletes; collect then forgets them.
@@ -2643,6 +2730,22 @@ class Collective(_Member):
 
         _in_slices(expire_step)
         _in_slices(collect_step)
+
+    def _forget_logged(self) -> None:
+        """Drop from the log what every peer not declared down has applied, as its latest
+        PROGRESS says (a peer's applied only grows while it lives): no catch-up resends it.
+        A peer silent for a while is still counted, with what it had, so its catch-up after
+        a partition finds the rest logged; one declared down comes back empty, or gets a
+        snapshot. So the log holds only what some peer may lack, not ``log_bytes`` of churn
+        (issue 20)."""
+        applied = dict(self._progress.applied)
+        for link in self._links.values():
+            if not link.down:
+                vector = link.peer_vector
+                applied = {
+                    origin: min(seq, vector.get(origin, 0)) for origin, seq in applied.items()
+                }
+        self._log.forget_applied(applied)
 
     def _due_by(self, due_ms: float) -> None:
         """An expiry is due at ``due_ms``: wake the expirer if that is sooner than it knew."""

@@ -5,7 +5,8 @@ Sans-IO bookkeeping for catch-up:
 - Every origin (a node incarnation) numbers its operations 1, 2, 3, ... ``Progress`` keeps, per
   origin, the highest sequence number up to which everything was applied (the *version
   vector*), plus the numbers seen beyond a gap, so a repeat is recognised and a gap known.
-- ``OpLog`` keeps the encoded frames of recent operations from every origin, bounded in bytes.
+- ``OpLog`` keeps the encoded frames of recent operations from every origin, bounded in bytes
+  and by what every peer has applied (``forget_applied``).
   When a peer reports its version vector, ``missing`` returns the frames it lacks if the log
   still covers the gap, or says that only a full snapshot can.
 """
@@ -98,7 +99,7 @@ class OpLog:
     picks frames that together cover what a peer lacks, and the peer skips repeats.
     """
 
-    __slots__ = ("max_bytes", "bytes", "ops", "_frames", "_order")
+    __slots__ = ("max_bytes", "bytes", "ops", "_frames", "_order", "_stale", "_stale_count")
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -107,9 +108,13 @@ class OpLog:
         # origin -> its entries [first seq, last seq, frame], in the order logged
         self._frames: dict[int, deque[tuple[int, int, bytes]]] = {}
         self._order: deque[int] = deque()  # the origin of every entry, in the order logged
+        # Entries ``forget_applied`` dropped ahead of ``_order``: per origin, how many of its
+        # first occurrences there name no entry any more (and how many in all).
+        self._stale: dict[int, int] = {}
+        self._stale_count = 0
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._order) - self._stale_count
 
     def add(self, origin: int, first: int, last: int, frame: bytes) -> None:
         """Log one frame carrying operations ``first`` to ``last`` of ``origin`` (with or
@@ -129,12 +134,59 @@ class OpLog:
         all_frames = self._frames
         while self.bytes > self.max_bytes and order:
             origin = order.popleft()
+            if self._drop_stale(origin):
+                continue
             entries = all_frames[origin]
             first, last, frame = entries.popleft()
             self.bytes -= len(frame)
             self.ops -= last - first + 1
             if not entries:
                 del all_frames[origin]
+
+    def forget_applied(self, applied: dict[int, int]) -> int:
+        """Drop, per origin, the oldest entries carrying only operations up to
+        ``applied[origin]``: what every peer that may still ask has applied, so no catch-up
+        resends it. Returns how many entries went."""
+        dropped = 0
+        for origin, upto in applied.items():
+            entries = self._frames.get(origin)
+            count = 0
+            while entries and entries[0][1] <= upto:
+                first, last, frame = entries.popleft()
+                self.bytes -= len(frame)
+                self.ops -= last - first + 1
+                count += 1
+            if count:
+                self._stale[origin] = self._stale.get(origin, 0) + count
+                dropped += count
+                if not entries:
+                    del self._frames[origin]
+        self._stale_count += dropped
+        if self._stale_count * 2 > len(self._order):
+            self._compact()
+        return dropped
+
+    def _drop_stale(self, origin: int) -> bool:
+        """Whether an occurrence of ``origin`` just taken from the front of ``_order`` names
+        an entry ``forget_applied`` dropped already (the first ones of each origin do)."""
+        stale = self._stale.get(origin)
+        if not stale:
+            return False
+        if stale == 1:
+            del self._stale[origin]
+        else:
+            self._stale[origin] = stale - 1
+        self._stale_count -= 1
+        return True
+
+    def _compact(self) -> None:
+        """Rebuild ``_order`` without the occurrences of dropped entries (when they are most
+        of it: it would otherwise grow with every entry ever logged)."""
+        kept: deque[int] = deque()
+        for origin in self._order:
+            if not self._drop_stale(origin):
+                kept.append(origin)
+        self._order = kept
 
     def missing(
         self, theirs: dict[int, int], ours: dict[int, int], exclude: int = 0

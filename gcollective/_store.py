@@ -50,11 +50,13 @@ expiries below the stability frontier into real DELETEs at D, which ``collect`` 
 from __future__ import annotations
 
 import heapq
+import math
 from itertools import repeat
 from operator import itemgetter
 from typing import Any, Iterable, Sequence
 
 from ._clock import expiry_stamp
+from ._validate import INT_BOUND
 from ._wire import LeafColumns, full_paths, unpack_stamps
 
 __all__ = [
@@ -222,6 +224,7 @@ class Store:
         self.way_key: str | None = None
         self._way_parent = root
         self._way_nodes: list[_Node] = []
+        self._way_path: tuple[str, ...] = ()
         self._way_newest = 0
 
     # -- reading ---------------------------------------------------------------------------
@@ -254,6 +257,7 @@ class Store:
             parent.settle_runs()  # (set_leaf reads its _entries: no runs are added meanwhile)
         self._way_parent = parent
         self._way_nodes = nodes
+        self._way_path = tuple(way)
         self.way_key = key
         return True
 
@@ -265,7 +269,7 @@ class Store:
         clock). Returns False, having changed nothing, when that is not the case (call
         ``apply``)."""
         if type(value) is dict:
-            return False
+            return self.assign_leaf(s, leaf, value)
         parent = self._way_parent
         entries = parent._entries
         entry = entries.setdefault(leaf, s)  # one lookup when the key is new (``s`` is)
@@ -275,6 +279,109 @@ class Store:
             entries[leaf] = s
         parent.value[leaf] = value
         self._way_newest = s  # (the newest yet: raised on the way later, see _settle_way)
+        return True
+
+    def assign_leaf(self, s: int, leaf: str, value: Any, ttl_ms: int = 0) -> bool:
+        """``apply(s, SET, way + (leaf,), value, ttl_ms)`` under the cached way, for the SETs
+        ``set_leaf`` leaves out: a dict value (a session), or a ttl, where nothing in the
+        key's subtree is as new as ``s`` (see ``_assign_fresh``). ``s`` as for ``set_leaf``;
+        False, having changed nothing, when the case is not that simple."""
+        path = (*self._way_path, leaf) if ttl_ms else ()
+        if not self._assign_fresh(self._way_parent, leaf, s, value, ttl_ms, path):
+            return False
+        self._way_newest = s
+        return True
+
+    def _assign_fresh(
+        self, parent: _Node, key: str, s: int, value: Any, ttl_ms: int, path: tuple[str, ...]
+    ) -> bool:
+        """A SET of a dict or with a ttl (at ``path``, ``parent``'s child ``key``) where
+        nothing in the key's subtree is as new as ``s`` and the expiry is not due: the key is
+        replaced whole by a fresh node, as ``_set`` (and, with a ttl, ``_slow``'s record and
+        rebuild) would make it. False, having changed nothing, when the case is not that."""
+        entries = parent._entries if parent.runs is None else parent.entries
+        entry = entries.get(key)
+        if (entry is not None and not s > _newest_in(entry)) or type(parent.value) is not dict:
+            return False  # something there is as new (the general way compares), or no dict
+        expiry = 0
+        if ttl_ms:
+            expiry = expiry_stamp(s, ttl_ms)
+            if expiry >> _MILLIS_SHIFT <= self.now_ms:
+                return False  # due already: the general way fires it
+        if type(value) is dict:
+            node = self._build(value, s)
+        elif ttl_ms:
+            node = _Node()
+            node.a = node.r = node.top = s
+            node.av = node.value = value
+        else:
+            return False  # a plain leaf: set_leaf's case
+        if ttl_ms:
+            self._record_ttl(node, s, expiry, path)
+        self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
+        entries[key] = node
+        parent.value[key] = node.value
+        return True
+
+    def incr_leaf(self, s: int, leaf: str, amount: int, ttl_ms: int = 0) -> Any:
+        """``apply(s, INCREMENT, way + (leaf,), amount, ttl_ms)`` under the cached way, in
+        the common case: an int counter (or a new key) where nothing in the key's subtree is
+        as new as ``s``, a result that stays an int JSON carries, and no expiry due (a
+        counter hit with ``incr(k, ttl=...)`` on every request takes it too, as in ``_slow``).
+        Returns the new value, or None having changed nothing when the case is not that
+        (call ``apply``). ``s`` as for ``set_leaf``."""
+        if ttl_ms and (s >> _MILLIS_SHIFT) + ttl_ms <= self.now_ms:
+            return None  # due already: the general way fires it
+        parent = self._way_parent
+        entries = parent._entries
+        entry = entries.get(leaf)
+        if entry is None:
+            entry = _Node()
+            entry.incs = {s: amount}
+            entry.imax = entry.r = entry.top = s
+            entry.value = result = amount
+            entries[leaf] = entry
+            parent.value[leaf] = amount
+        else:
+            if type(entry) is not _Node or not s > entry.top:
+                return None
+            current = entry.value
+            if type(current) is not int:
+                return None
+            result = current + amount
+            if not -INT_BOUND < result < INT_BOUND:
+                return None  # the general way refuses it
+            if entry.ttls is not None and s >> _MILLIS_SHIFT <= self.now_ms:
+                return None  # an expiry may have fired after ``s``: _newest_increment
+            # (``_newest_increment`` of a number, inline)
+            incs = entry.incs
+            if incs is None:
+                entry.incs = incs = {}
+            incs[s] = amount
+            entry.top = entry.imax = entry.r = s
+            entry.value = result
+            parent.value[leaf] = result
+        if ttl_ms:
+            self._record_ttl(entry, s, expiry_stamp(s, ttl_ms), (*self._way_path, leaf))
+        self._untidy = True  # (increments for ``collect`` to fold)
+        self._way_newest = s
+        return result
+
+    def delete_leaf(self, s: int, leaf: str) -> bool:
+        """``apply(s, DELETE, way + (leaf,), None)`` under the cached way, where nothing in
+        the key's subtree is as new as ``s``: a tombstone replaces it, as in ``_delete``.
+        ``s`` as for ``set_leaf``; False, having changed nothing, otherwise."""
+        parent = self._way_parent
+        entries = parent._entries
+        entry = entries.get(leaf)
+        if entry is not None and not s > _newest_in(entry):
+            return False
+        self._untidy = True  # a tombstone for ``collect``
+        entries[leaf] = s
+        parent.value.pop(leaf, None)
+        for node in self._way_nodes:
+            if s > node.top:
+                node.top = s  # (not ``d``: a DELETE is no write below, see ``apply``)
         return True
 
     def _settle_way(self) -> None:
@@ -353,6 +460,12 @@ class Store:
         if s < node.r:
             return
         if ttl_ms:
+            # A received session (a dict or leaf SET with a ttl, newest there) is built as
+            # it is; anything else with a ttl is recorded and rebuilt.
+            if op == SET:
+                self._forget_way()  # (the key may be on the cached way)
+                if self._assign_fresh(node, key, s, value, ttl_ms, tuple(path)):
+                    return
             self._slow(node, key, (), s, op, value, ttl_ms, path)
             return
         if op == SET:
@@ -418,6 +531,14 @@ class Store:
                         parent.value[key] = value
                         raised = s
                         continue
+                elif above == prefix and parent is not None and op == INCREMENT:
+                    # Counters under one parent (a hot counter, others' hits): ``apply``'s
+                    # last step, the way to the parent settled as for the SETs above.
+                    # (``parent`` is a _Node here: mypy keeps the parameter's type)
+                    if s >= parent.r:  # type: ignore[attr-defined]
+                        self._increment(parent, key, s, value, path.split("."))  # type: ignore[arg-type]
+                    raised = s
+                    continue
                 segments = path.split(".")
             else:
                 above = None
@@ -427,7 +548,7 @@ class Store:
                 raised = NEVER
             apply(s, op, segments, value)
             parent = None
-            if above is not None and op == SET and type(value) is not dict:
+            if above is not None and op != DELETE and type(value) is not dict:
                 parent, ancestors = self._settled_way(segments[:-1], s)
                 prefix = above
         if raised != NEVER:
@@ -513,7 +634,11 @@ class Store:
             and (not ttl_ms or (s >> _MILLIS_SHIFT) + ttl_ms > self.now_ms)  # not due yet
         ):
             n = parent.entries.get(key)
-            if type(n) is _Node and s > n.top and self._newest_increment(parent, key, n, s, value):
+            if type(n) is _Node and (
+                self._newest_increment(parent, key, n, s, value)
+                if s > n.top
+                else self._late_increment(parent, key, n, s, value)
+            ):
                 if ttl_ms:
                     self._add_ttl(n, s, expiry_stamp(s, ttl_ms), path)
                 return
@@ -562,7 +687,7 @@ class Store:
         owning the path and come back to life; then the caller rebuilds."""
         ttls = node.ttls
         now = self.now_ms
-        if ttls is not None and s >> _MILLIS_SHIFT <= now:
+        if ttls is not None and s >> _MILLIS_SHIFT <= now and _fired_any(ttls, now):
             for expiry in ttls.values():
                 if expiry > s and expiry >> _MILLIS_SHIFT <= now:
                     return False
@@ -581,6 +706,38 @@ class Store:
         self._place(parent, key, result)
         return True
 
+    def _late_increment(
+        self, parent: _Node, key: str, node: _Node, s: int, amount: int | float
+    ) -> bool:
+        """``_increment``'s late case of ints at a path with ttl events (members hitting one
+        rate-limit counter at once): an int amount, after the assignment and every write
+        below, where the number counts increments already, and no expiry here has fired.
+        The sum does not depend on the order, and a ttl event not due changes nothing
+        visible yet: the number grows. False when it is not that simple (the caller
+        rebuilds)."""
+        current = node.value
+        if (
+            type(current) is not int
+            or type(amount) is not int
+            or not (node.imax > node.d and s > node.d and s > node.a)
+        ):
+            return False
+        if node.ttls and _fired_any(node.ttls, self.now_ms):
+            return False  # fired: whether it still owns the path may change
+        incs = node.incs
+        if incs is None:
+            node.incs = incs = {}
+        elif s in incs:
+            return True  # a repeat
+        incs[s] = amount
+        if s > node.imax:
+            node.imax = s
+            if s > node.r:
+                node.r = s
+        node.value = current + amount
+        self._place(parent, key, node.value)
+        return True
+
     def _add_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
         """Record ttl event ``s`` (expiring at the derived stamp ``expiry``) at ``node``.
 
@@ -588,15 +745,24 @@ class Store:
         yet due; ``advance`` moves it on when it pops. So a counter hit again and again (each
         hit replacing the expiry) keeps one entry, not one per hit.
         """
-        self._untidy = True
         self._forget_way()
+        self._record_ttl(node, s, expiry, path)
+
+    def _record_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
+        """``_add_ttl`` at a node off the cached way (its leaf: the way keeps no ttls)."""
+        self._untidy = True
         ttls = node.ttls
-        if ttls is None:
-            node.ttls = ttls = {}
-        if s in ttls:
-            return
         now = self.now_ms
         due = expiry >> _MILLIS_SHIFT
+        if ttls is None:
+            node.ttls = {s: expiry}  # (a session's: its only event, nothing covers it)
+            if due <= now:
+                self._push_due(expiry, s, tuple(path))
+            else:
+                heapq.heappush(self._pending, (due, s, tuple(path)))
+            return
+        if s in ttls:
+            return
         covered = False
         for other in ttls.values():
             if now < other >> _MILLIS_SHIFT <= due:
@@ -1651,6 +1817,19 @@ class Store:
             ctop = ce if type(ce) is int else ce.top
             if ctop > node.top:
                 node.top = ctop
+
+
+def _fired_any(ttls: dict[int, int], now_ms: float | int) -> bool:
+    """Whether an expiry of ``ttls`` (derived stamps) is due by ``now_ms``: the earliest,
+    found in C (a counter hit in a burst holds hundreds, until ``collect``)."""
+    if math.isinf(now_ms):
+        return now_ms > 0  # (NEVER: no time yet)
+    return min(ttls.values()) < (math.floor(now_ms) + 1) << _MILLIS_SHIFT
+
+
+def _newest_in(entry: int | _Node) -> float | int:
+    """The newest stamp in an entry's subtree: a bare stamp's own, a node's ``top``."""
+    return entry if type(entry) is int else entry.top  # type: ignore[union-attr]
 
 
 def _raise(ancestors: list[_Node], s: int) -> None:

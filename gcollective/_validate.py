@@ -136,6 +136,19 @@ def clean_value(value: Any, depth: int = 0) -> Any:
     if kind is dict or isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
+            inner = type(v)
+            if (
+                type(k) is str
+                and k.isascii()
+                and (
+                    (inner is int and -INT_BOUND < v < INT_BOUND)
+                    or (inner is str and v.isascii())
+                    or inner is bool
+                    or v is None
+                )
+            ):
+                out[k] = v  # the common member (a session's), checked here: no call
+                continue
             if not isinstance(k, str):
                 raise InvalidValueError(
                     f"dict key {k!r} is a {type(k).__name__}; JSON object keys are str"
@@ -179,6 +192,8 @@ MAX_TTL = 10 * 365 * 24 * 3600
 def check_ttl(ttl: Any) -> int:
     """A ttl in seconds (a positive finite int or float, not a bool, at most ``MAX_TTL``),
     as whole milliseconds (at least 1); ``InvalidValueError`` otherwise."""
+    if type(ttl) is int and 0 < ttl <= MAX_TTL:
+        return ttl * 1000  # the common ttl, whole seconds: no float rounding
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
         raise InvalidValueError(f"ttl must be a number of seconds, not {type(ttl).__name__}")
     if not math.isfinite(ttl) or ttl <= 0:

@@ -91,6 +91,15 @@ def test_quick_benchmark_run_completes_with_sane_figures(tmp_path):
     assert catchup["caught_up"] and catchup["converged"] and _positive(catchup["catchup_seconds"])
     assert catchup["writes_while_partitioned"] > 0
 
+    web_calls = local["web"]
+    assert set(web_calls["ns"]) == set(web_calls["x_dict_set"]) and web_calls["peers"] == 7
+    assert all(_positive(ns) for ns in web_calls["ns"].values())
+    workloads = results["workloads"]
+    for name in ("distinct", "hot_counter", "sessions", "rate_limit"):
+        assert workloads[name]["exact"], workloads[name]  # every value checked on every member
+        assert _positive(workloads[name]["ops_per_second"])
+        assert _positive(workloads[name]["x_distinct"])
+
     redis = results["redis"]
     if "skipped" not in redis:
         assert all(_positive(ns) for ns in redis["ns"].values())

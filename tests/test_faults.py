@@ -148,3 +148,34 @@ def test_clean_stop_flushes_and_a_returning_member_loses_nothing(proxied):
     # It returns at its address (the proxy's) on a fresh port: no port is bound twice.
     back = cluster.launch(0)
     wait_until(lambda: converged([back, b], leaves=5001), timeout=30)
+
+
+def test_log_holds_only_what_some_peer_may_lack(proxied):
+    """Issue 20: the log keeps what a live peer may still need for catch-up, not
+    ``log_bytes`` of churn. With every peer up it empties once their PROGRESS shows they
+    applied everything; a partitioned (silent, not down) peer keeps the rest logged for it,
+    so it still catches up by resending after the heal, and the log empties again."""
+    cluster = proxied(3, sync_interval=0.2)
+    nodes = cluster.nodes
+    wait_until(lambda: converged(nodes) and all(settled(n) for n in nodes), timeout=60)
+
+    def logged(node: NodeProcess) -> int:
+        return node.call("stats")["log_bytes"]
+
+    for i, node in enumerate(nodes):
+        node.call("write_keys", prefix=f"churn{i}", count=2000)
+        node.call("incr_many", key="hits", count=100)
+    wait_until(lambda: converged(nodes, leaves=3 * 2000 + 1), timeout=60)
+    wait_until(lambda: all(logged(n) == 0 for n in nodes), timeout=30, what="logs empty")
+    before = [snapshots_sent(n) for n in nodes]
+    cluster.partition([0], [1, 2])
+    for i, node in enumerate(nodes):
+        node.call("write_keys", prefix=f"cut{i}", count=2000)
+        node.call("incr_many", key="hits", count=100)
+    wait_until(lambda: converged(nodes[1:]), timeout=60)
+    assert logged(nodes[1]) > 0 and logged(nodes[2]) > 0  # kept for the silent member
+    cluster.heal()
+    wait_until(lambda: converged(nodes, leaves=6 * 2000 + 1), timeout=60)
+    assert all(n.call("get", key="hits")["value"] == 600 for n in nodes)
+    assert [snapshots_sent(n) for n in nodes] == before  # caught up from the logs
+    wait_until(lambda: all(logged(n) == 0 for n in nodes), timeout=30, what="logs empty again")

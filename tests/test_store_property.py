@@ -1661,3 +1661,177 @@ def test_ttl_counter_hit_often_keeps_bounded_bookkeeping() -> None:
     while not store.collect(real_stamp(601, 0, 1)):
         pass
     assert "hits" not in store._root.entries
+
+
+# The other fast paths of a node's own operations under the cached way (issue 20): a SET of a
+# dict (a session) or with a ttl (``assign_leaf``), an INCREMENT of an int (``incr_leaf``),
+# a DELETE (``delete_leaf``). Own operations come in stamp order; others' arrive through
+# ``apply`` at any stamp, between them, with time steps and hard expiry / collection.
+WAY_LEAVES = st.sampled_from([("x",), ("a", "x"), ("a", "y"), ("a", "x", "p"), ("b", "y")])
+SMALL_DICTS = st.dictionaries(st.sampled_from(SEGMENTS), json_leaves, max_size=3)
+
+
+def _way_bodies() -> st.SearchStrategy:
+    """(op, path, value, ttl) for the fast paths, and anything that may change a way."""
+    own = st.one_of(
+        st.tuples(st.just(SET), WAY_LEAVES, st.one_of(SMALL_DICTS, json_values), ttls),
+        st.tuples(st.just(INCREMENT), WAY_LEAVES, st.one_of(small_ints, amounts), ttls),
+        st.tuples(st.just(DELETE), WAY_LEAVES, st.none(), st.none()),
+    )
+    return st.one_of(own, own, ttl_bodies(st.sampled_from([("a",), ("a", "x"), ("b",)])))
+
+
+def _through_way(store: Any, operation: Op) -> bool:
+    """Apply ``operation`` through a fast path under the way cached (which must lead to its
+    parent); False, having changed nothing, when that path refuses it."""
+    leaf = operation.path[-1]
+    value = copy.deepcopy(operation.value)
+    if operation.op == SET:
+        if operation.ttl:
+            return store.assign_leaf(operation.stamp, leaf, value, operation.ttl)
+        return store.set_leaf(operation.stamp, leaf, value)
+    if operation.op == INCREMENT:
+        if type(value) is not int:
+            return False  # (``Collective.incr`` takes only ints this way)
+        return store.incr_leaf(operation.stamp, leaf, value, operation.ttl or 0) is not None
+    return store.delete_leaf(operation.stamp, leaf)
+
+
+@_settings(max_examples=1000)
+@given(st.data())
+def test_own_operations_through_the_cached_way_match_apply(data: st.DataObject) -> None:
+    """``assign_leaf``, ``incr_leaf`` and ``delete_leaf`` (with ``set_leaf``) leave the store
+    as ``apply`` one by one does, metadata included, and its tree equal to the model's fold
+    at every step, with ttls, time steps and hard expiry / collection between them."""
+    bodies = data.draw(st.lists(_way_bodies(), min_size=1, max_size=14), label="bodies")
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
+    keys = data.draw(
+        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    if data.draw(st.booleans(), label="in stamp order"):
+        keys.sort()
+    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    cached, plain = new_store(), new_store()
+    received: list[Op] = []
+    now: int | None = None
+    newest = 0  # the fast paths take stamps newer than any cache_way and fast path had
+    for index, operation in enumerate(ops):
+        context = f"ops: {ops!r}, at {index}, now={now}"
+        if data.draw(st.booleans(), label="advance first"):
+            now = max(now or 0, data.draw(st.integers(0, 45), label="now"))
+            cached.advance(now)
+            plain.advance(now)
+        deliver(plain, [operation])
+        received.append(operation)
+        *way, _ = operation.path
+        key = ".".join(way)
+        taken = False
+        if operation.stamp > newest and data.draw(st.booleans(), label="through the cache"):
+            if cached.way_key != key and cached.cache_way(key, way, operation.stamp):
+                newest = operation.stamp
+            if cached.way_key == key and _through_way(cached, operation):
+                newest = operation.stamp
+                taken = True
+        if not taken:
+            deliver(cached, [operation])
+        assert roundtrip(cached.export()) == roundtrip(plain.export()), context
+        assert_tree(cached.to_dict(), fold(received, now), context)
+        assert cached.next_expiry <= plain.next_expiry, context  # (stale entries may stay)
+    for store in (cached, plain):
+        store.advance(60)
+        store.expire(real_stamp(1000, 0, 1))
+        while not store.collect(real_stamp(1000, 0, 1)):
+            pass
+    assert roundtrip(cached.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
+    assert_tree(cached.to_dict(), fold(ops, 60), f"ops: {ops!r}")
+
+
+@st.composite
+def counter_histories(draw: st.DrawFn) -> tuple[list[Op], list[tuple]]:
+    """``ttl_histories`` of mostly int increments with ttls on one or two nested paths, from
+    several origins: a rate-limit counter, its increments arriving late."""
+    counter = st.tuples(
+        st.just(INCREMENT), narrow_paths, small_ints, st.one_of(st.none(), st.integers(1, 60))
+    )
+    bodies = draw(
+        st.lists(st.one_of(counter, counter, counter, ttl_bodies(narrow_paths)), max_size=12)
+    )
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
+    keys = draw(st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True))
+    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    steps: list[tuple] = [("deliver", operation) for operation in draw(deliveries(ops))]
+    for now in draw(st.lists(st.integers(0, 45), max_size=4)):
+        steps.insert(draw(st.integers(0, len(steps))), ("advance", now))
+    if draw(st.booleans()):
+        steps.insert(draw(st.integers(0, len(steps))), ("hard",))
+    nows = iter(sorted(step[1] for step in steps if step[0] == "advance"))
+    steps = [("advance", next(nows)) if step[0] == "advance" else step for step in steps]
+    return ops, [*steps, ("advance", 60), ("hard",)]
+
+
+@_settings(max_examples=500)
+@given(st.one_of(counter_histories(), counter_histories(), ttl_histories()))
+def test_late_increments_with_ttls_match_the_rebuild(case: tuple[list[Op], list[tuple]]) -> None:
+    """``_late_increment`` (a counter with ttl events hit by several members at once) leaves
+    the store as recording the increment and rebuilding does, metadata included, through
+    any delivery order, time steps and hard expiry / collection."""
+    from gcollective._store import Store
+
+    class Rebuilding(Store):
+        def _late_increment(self, *args: Any) -> bool:
+            return False  # always the general way
+
+    ops, steps = case
+    fast, general = new_store(), Rebuilding()
+    for index, step in enumerate(steps):
+        for store in (fast, general):
+            if step[0] == "hard":  # (as in run_history)
+                later = [s[1].stamp for s in steps[index + 1 :] if s[0] == "deliver"]
+                frontier = min(later) if later else real_stamp(1000, 0, 1)
+                store.expire(frontier)
+                while not store.collect(frontier):
+                    pass
+            else:
+                _play(store, ops, step)
+        context = f"after step {index} ({step[0]})\nsteps: {steps!r}"
+        assert_tree(fast.to_dict(), general.to_dict(), context)
+    assert roundtrip(fast.export()) == roundtrip(general.export()), f"steps: {steps!r}"
+
+
+def test_a_late_increment_before_a_fired_expiry_stays_expired() -> None:
+    """A counter expired (its ttl fired), counted again after, then an increment stamped
+    before the expiry arrives: the expiry overtook it, so it must not count (the case
+    ``_late_increment`` leaves to the rebuild)."""
+    ops = [
+        Op(real_stamp(0, 0, 1), INCREMENT, ("a",), 1, ttl=5),
+        Op(real_stamp(20, 0, 2), INCREMENT, ("a",), 1),
+        Op(real_stamp(3, 0, 3), INCREMENT, ("a",), 1),
+    ]
+    store = new_store()
+    deliver(store, ops[:1])
+    store.advance(10)
+    deliver(store, ops[1:])
+    assert store.get(("a",)) == 1
+    assert_tree(store.to_dict(), fold(ops, 10))
+
+
+@_settings(max_examples=400)
+@given(st.data())
+def test_a_batch_of_counter_hits_matches_one_by_one(data: st.DataObject) -> None:
+    """Increments under a shared parent (a hot counter, others' hits on many counters) in
+    one origin's batch take ``apply_batch``'s cached parent; on top of any state, with SETs
+    and DELETEs among them, the metadata equals applying them one by one."""
+    counters = st.sampled_from([("a", "x"), ("a", "y"), ("a", "z"), ("b", "x")])
+    hits = st.tuples(st.just(INCREMENT), counters, st.one_of(small_ints, amounts))
+    bodies = data.draw(
+        st.lists(st.one_of(hits, hits, hits, BATCH_BODIES), min_size=8, max_size=16),
+        label="bodies",
+    )
+    op_stamps = data.draw(
+        st.lists(stamps, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    ops = [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
+    in_batch = data.draw(st.lists(st.booleans(), min_size=len(ops), max_size=len(ops)))
+    before = [op for op, batched in zip(ops, in_batch) if not batched]
+    batch = sorted((op for op, batched in zip(ops, in_batch) if batched), key=lambda o: o.stamp)
+    batch_matches_one_by_one(data.draw(deliveries(before), label="before"), batch)
