@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import sys
 import time
 
 import gevent
@@ -146,3 +148,55 @@ def test_a_joiner_writes_after_what_its_snapshot_held() -> None:
         wait_for(lambda: holder.get("deep.parent.k7") == "mine" and holder.get("top") == "mine")
     finally:
         members.stop()
+
+
+def _building_a_snapshot_frame() -> bool:
+    """Whether the code running now (a GC callback's caller) is building a snapshot frame."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _node.Collective._snapshot_frames.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_holder_builds_snapshot_frames_without_the_gc_and_gives_its_setting_back(enabled):
+    """Exporting and encoding a node of small dicts makes a mass of young lists: a collection
+    triggered meanwhile walks them (and a full one the whole store) again and again, most of
+    a holder's time for such a snapshot. The holder pauses the cyclic GC while it builds a
+    frame, and leaves it as the app had it."""
+    holder_port, joiner_port = free_ports(2)
+    addresses = [f"127.0.0.1:{holder_port}", f"127.0.0.1:{joiner_port}"]
+    holder = Collective(addresses[0], addresses, **FAST)
+    holder.start(timeout=1)
+    joiner = None
+    during_frames: list[int] = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start" and _building_a_snapshot_frame():
+            during_frames.append(info["generation"])
+
+    was = gc.isenabled()
+    try:
+        for i in range(6000):
+            holder.set((f"g{i % 3}", f"s{i % 60}", str(i)), {"n": i, "tag": "x"})
+        if not enabled:
+            gc.disable()
+        gc.callbacks.append(record)
+        joiner = Collective(addresses[1], addresses, **FAST)
+        joiner.start(timeout=30)
+        assert joiner.synced
+        gc.callbacks.remove(record)
+        assert joiner.get(("g2", "s59", "5999")) == {"n": 5999, "tag": "x"}
+        assert joiner.snapshot() == holder.snapshot()
+        assert during_frames == []  # (thousands of lists per frame: many without the pause)
+        assert gc.isenabled() is enabled
+    finally:
+        if record in gc.callbacks:
+            gc.callbacks.remove(record)
+        if was:
+            gc.enable()
+        if joiner is not None:
+            joiner.stop()
+        holder.stop()
