@@ -138,6 +138,9 @@ _TLS_HANDSHAKE = b"\x16\x03"
 # A snapshot goes out in SNAPSHOT frames of about this size, each built when the previous one
 # was sent: the holder exports, the wire carries and the joiner merges at the same time.
 _SNAPSHOT_FRAME_BYTES = 1 << 20
+# A joiner asks another peer for a snapshot when the one it asked sent none of it for this
+# long (or ten sync intervals if longer): silence, not the length of a big snapshot.
+_SNAPSHOT_PATIENCE = 5.0
 # A greenlet that sets without yielding gets its operations sent in batches of this many.
 _OUTBOX_LIMIT = 1024
 _OUTBOX_ITEMS = 3 * _OUTBOX_LIMIT  # (the outbox holds three items per operation)
@@ -2547,6 +2550,8 @@ class Collective(_Member):
                     raise ProtocolError("SNAPSHOT frame has the wrong length")
                 items, newest = parse_snapshot_items(message[1])
                 self._check_clock(newest, "a SNAPSHOT frame", link, peer_id)
+                if link is not None and link is self._snapshot_link:
+                    self._snapshot_asked_at = time.monotonic()  # it answers: be patient
                 if self._watches:
                     self._merge_watched(items)
                 else:
@@ -2714,10 +2719,12 @@ class Collective(_Member):
         """One round of ``_housekeeping``."""
         now = time.monotonic()
         asked = self._snapshot_link
-        patience = max(5.0, 10 * self.sync_interval)
+        patience = max(_SNAPSHOT_PATIENCE, 10 * self.sync_interval)
         if asked is not None and not self.synced and now - self._snapshot_asked_at > patience:
-            # No answer yet (a connection that died unnoticed, a peer that is stuck):
-            # ask again, preferably someone else.
+            # No answer yet, or no frame of it for a while (a connection that died
+            # unnoticed, a peer that is stuck): ask again, preferably someone else. (Not
+            # while frames come: a second holder would export and send all of it again, and
+            # the two streams share the CPU, the joiner merging both.)
             asked.requested_snapshot = False
             self._snapshot_link = None
             self._request_snapshot(avoid=asked)

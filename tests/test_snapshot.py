@@ -200,3 +200,42 @@ def test_a_holder_builds_snapshot_frames_without_the_gc_and_gives_its_setting_ba
         if joiner is not None:
             joiner.stop()
         holder.stop()
+
+
+def _snapshots_sent_to(member: Collective, address: str) -> int:
+    return sum(
+        peer["snapshots_sent"] for name, peer in member.stats()["peers"].items() if address in name
+    )
+
+
+def test_a_joiner_waits_for_a_long_snapshot_that_keeps_coming(small_frames, monkeypatch):
+    """A joiner asks another peer for a snapshot when the one it asked does not answer; not
+    when that one is answering, only at length: a second holder would export and send it all
+    again, sharing the CPU with the first, and the joiner would merge both."""
+    patience = 0.3
+    monkeypatch.setattr(_node, "_SNAPSHOT_PATIENCE", patience)
+    options = {"sync_interval": patience / 10, "backoff_max": 0.2}
+    ports = free_ports(3)
+    addresses = [f"127.0.0.1:{port}" for port in ports]
+    holder = Collective(addresses[0], addresses[:2], **options)
+    holder.start(timeout=1)
+    other = joiner = None
+    try:
+        for i in range(60000):
+            holder.set((f"g{i % 20}", f"s{i % 100}", str(i)), {"n": i, "tag": "x"})
+        other = Collective(addresses[1], addresses[:2], **options)
+        other.start(timeout=60)
+        assert other.synced
+        began = time.monotonic()
+        joiner = Collective(addresses[2], addresses, **options)
+        joiner.start(timeout=60)
+        assert joiner.synced
+        # (A snapshot that came within the patience proves nothing: make it longer then.)
+        assert time.monotonic() - began > 3 * patience
+        sent = [_snapshots_sent_to(member, addresses[2]) for member in (holder, other)]
+        assert sorted(sent) == [0, 1]
+        assert joiner.snapshot() == holder.snapshot()
+    finally:
+        for member in (joiner, other, holder):
+            if member is not None:
+                member.stop()
