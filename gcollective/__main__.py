@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ._validate import check_seconds, format_address, is_ascii_digits, parse_address
@@ -376,11 +377,13 @@ def run_verify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     except CommandError as exc:
         print(f"gcollective verify: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True))
-    else:
-        print(format_report(report))
+    _print_answer(report, args.json, format_report)
     return 0 if report["agree"] else 1
+
+
+def _print_answer(answer: dict[str, Any], as_json: bool, as_text: Callable[[Any], str]) -> None:
+    """A command's answer on stdout: JSON with ``--json``, else as ``as_text`` lays it out."""
+    print(json.dumps(answer, indent=2, sort_keys=True) if as_json else as_text(answer))
 
 
 def _duration(seconds: float) -> str:
@@ -478,10 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         except CommandError as exc:
             print(f"gcollective {args.command}: {exc}", file=sys.stderr)
             return 1
-        if args.json:
-            print(json.dumps(stats, indent=2, sort_keys=True))
-        else:
-            print(format_status(stats))
+        _print_answer(stats, args.json, format_status)
         return 0
     if args.command == "demo":
         if args.base_port + args.workers - 1 > 65535:

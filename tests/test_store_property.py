@@ -769,6 +769,17 @@ def test_replicas_converge(data: st.DataObject) -> None:
     assert_tree(trees[2], trees[0], "replicas 0 and 2 diverge")
 
 
+def draw_wire_ops(data: Any, max_size: int) -> list[Op]:
+    """Operations with stamps the wire carries (small ones, and real hybrid-clock ones)."""
+    bodies = data.draw(st.lists(op_bodies(), min_size=1, max_size=max_size), label="bodies")
+    positive = st.one_of(st.integers(min_value=1, max_value=60), hlc_stamps)
+    op_stamps = data.draw(
+        st.lists(positive, min_size=len(bodies), max_size=len(bodies), unique=True),
+        label="stamps",
+    )
+    return [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
+
+
 @_settings(max_examples=200)
 @given(st.data())
 def test_a_snapshot_through_the_wire_then_anything_matches_its_export(data: st.DataObject) -> None:
@@ -777,13 +788,7 @@ def test_a_snapshot_through_the_wire_then_anything_matches_its_export(data: st.D
     included, also after any later operations."""
     from gcollective._wire import FrameDecoder, encode_snapshot, parse_snapshot_items
 
-    bodies = data.draw(st.lists(op_bodies(), min_size=1, max_size=14), label="bodies")
-    positive = st.one_of(st.integers(min_value=1, max_value=60), hlc_stamps)  # (the wire's)
-    op_stamps = data.draw(
-        st.lists(positive, min_size=len(bodies), max_size=len(bodies), unique=True),
-        label="stamps",
-    )
-    ops = [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
+    ops = draw_wire_ops(data, max_size=14)
     split = data.draw(st.integers(0, len(ops)), label="split")
     holder = store_with(ops[:split])
     exported = holder.export()
@@ -829,13 +834,7 @@ def test_a_snapshot_in_pieces_merges_as_the_whole(data: st.DataObject) -> None:
     single leaves and children) merges to the same as the whole export, metadata included,
     into a fresh store or one that received some operations first (the pieces then graft
     onto nodes it has), and later operations find the same."""
-    bodies = data.draw(st.lists(op_bodies(), min_size=1, max_size=24), label="bodies")
-    positive = st.one_of(st.integers(min_value=1, max_value=60), hlc_stamps)  # (the wire's)
-    op_stamps = data.draw(
-        st.lists(positive, min_size=len(bodies), max_size=len(bodies), unique=True),
-        label="stamps",
-    )
-    ops = [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
+    ops = draw_wire_ops(data, max_size=24)
     split = data.draw(st.integers(0, len(ops)), label="split")
     holder = store_with(ops[:split])
     limit = data.draw(st.sampled_from([1, 60, 200, 1000]), label="limit")
