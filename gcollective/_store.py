@@ -1705,13 +1705,26 @@ class Store:
                 self._merge_entry(node, k, child, (*path, k))
                 entry = node._entries[k]
                 self._rebuild_at(node, k, entry)
-                entry = node._entries.get(k)
+                entry = self._bare_if_plain(node, k)
                 if entry is None:
                     continue
             ctop = entry if type(entry) is int else entry.top
             if ctop > top:
                 top = ctop
         node.top = top
+
+    def _bare_if_plain(self, node: _Node, key: str) -> Any:
+        """The entry at ``key`` of ``node`` (a dict) after a rebuild, back to a bare stamp if
+        it is just one assignment, as a rebuild of ``node`` itself would leave it: the same
+        events must give the same metadata whichever way they arrived."""
+        entry = node._entries.get(key)
+        if (
+            type(entry) is _Node
+            and self._is_plain(entry)
+            and (entry.av is MISSING if entry.value is MISSING else True)
+        ):
+            entry = node._entries[key] = entry.a
+        return entry
 
     def _graft_leaves(
         self, node: _Node, leaves: LeafColumns | dict[str, int], values: dict[str, Any]
@@ -1754,6 +1767,7 @@ class Store:
             elif type(entry) is _Node:
                 self._record_assign(entries, k, stamp, value)
                 self._rebuild_at(node, k, entry)
+                self._bare_if_plain(node, k)
             else:
                 continue
             if stamp > newest:

@@ -852,6 +852,29 @@ def test_a_snapshot_in_pieces_merges_as_the_whole(data: st.DataObject) -> None:
     assert_store_matches(in_pieces, [*before, *ops], context)
 
 
+def test_a_leaf_in_pieces_replacing_a_dict_leaves_the_metadata_a_whole_merge_leaves() -> None:
+    """Found by the random profile (seed 2842116039): the receiver holds ``a.a`` as a dict
+    (``a.a.a``), the holder a newer plain ``a.a``. Grafted in pieces, the leaf stayed a
+    one-assignment node where the whole merge leaves a bare stamp: the same value, but
+    metadata that depended on how the snapshot travelled."""
+    x = 1 << NODE_BITS
+    holder = store_with(
+        [
+            Op(1, DELETE, ("a",), None),
+            Op(5, SET, ("a",), None),
+            Op(x | 3, SET, ("a",), None),
+            Op(x | 5, SET, ("a", "a"), None),
+        ]
+    )
+    before = [Op(x | 4, SET, ("a", "a", "a"), None)]
+    in_pieces, whole = store_with(before), store_with(before)
+    for items in _through_the_wire_in_pieces(holder, 1):
+        in_pieces.merge(items)
+    whole.merge(roundtrip(holder.export()))
+    assert roundtrip(in_pieces.export()) == roundtrip(whole.export())
+    assert in_pieces.to_dict() == whole.to_dict() == {"a": {"a": None}}
+
+
 @_settings(max_examples=250)
 @given(st.data())
 def test_export_merge_matches_union(data: st.DataObject) -> None:
