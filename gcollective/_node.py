@@ -216,21 +216,19 @@ def _in_slices(step: Callable[[], bool]) -> None:
             began = time.monotonic()
 
 
-def _next_frame_without_gc(stream: Iterator[bytes]) -> bytes | None:
-    """The next frame of a snapshot stream (None at its end), built with the cyclic GC
-    paused (the app's own setting is given back).
+_Result = TypeVar("_Result")
 
-    Building a frame exports and encodes top-level items without yielding to the hub: a mass
-    of young lists (a full node's export, its leaves as columns) alive until the item is
-    encoded, which every collection triggered meanwhile walks again, and the full collections
-    they trigger walk the whole store. A holder of 500k keys whose values are small dicts
-    spent about two thirds of its snapshot's time in the GC. Refcounting frees them once
-    encoded: nothing in them makes a cycle."""
+
+def _without_gc(call: Callable[..., _Result], *args: Any) -> _Result:
+    """``call(*args)`` with the cyclic GC paused (the app's own setting is given back), for
+    work that does not yield and makes a mass of young lists it frees before it returns:
+    every collection triggered meanwhile would walk them again, and the full collections
+    they trigger walk the whole store. Refcounting frees them: nothing in them makes a cycle."""
     collecting = gc.isenabled()
     if collecting:
         gc.disable()
     try:
-        return next(stream, None)
+        return call(*args)
     finally:
         if collecting:
             gc.enable()
@@ -986,7 +984,10 @@ class _PeerLink(_Writer):
                 self.pending.append(node._progress_frame())
             stream = self.snapshot_stream
             if stream is not None and not self.pending:
-                frame = _next_frame_without_gc(stream)
+                # Building a frame exports and encodes top-level items (a full node's
+                # export, its leaves as columns): a holder of 500k small dicts spent about
+                # two thirds of its snapshot's time in the GC.
+                frame = _without_gc(next, stream, None)
                 if frame is None:
                     self.snapshot_stream = None
                     self.snapshot_queued = False
@@ -2371,16 +2372,9 @@ class Collective(_Member):
             # collection triggered meanwhile would walk again. They are freed before it
             # resumes (nothing else holds them), so the next collection walks only what
             # the store kept. (A joiner spent ~20 % of its time in the GC otherwise.)
-            collecting = gc.isenabled()
-            if collecting:
-                gc.disable()
-            try:
-                sent_bound = self._dispatch(
-                    feed(data), decoder.frames, link, hello.node_id, sent_bound
-                )
-            finally:
-                if collecting:
-                    gc.enable()
+            sent_bound = _without_gc(
+                self._dispatch_read, feed, data, decoder, link, hello.node_id, sent_bound
+            )
             gevent.sleep(0)  # fairness: one busy peer must not starve the others
 
     def _check_hello(self, message: Any, sock: Any, authenticated: bool) -> Hello:
@@ -2501,6 +2495,18 @@ class Collective(_Member):
             reply = handshake.sealer().seal(reply)
         sock.settimeout(self.handshake_timeout)
         sock.sendall(reply)
+
+    def _dispatch_read(
+        self,
+        feed: Callable[[bytes], list[Any]],
+        data: bytes,
+        decoder: FrameDecoder,
+        link: _PeerLink | None,
+        peer_id: int,
+        sent_bound: dict[int, int],
+    ) -> dict[int, int]:
+        """Decode one read's bytes (``feed``) and apply its frames (see ``_dispatch``)."""
+        return self._dispatch(feed(data), decoder.frames, link, peer_id, sent_bound)
 
     def _dispatch(
         self,
