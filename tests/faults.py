@@ -59,6 +59,11 @@ class Proxy:
         with self._lock:
             return sum(link.source == source for link in self._links)
 
+    def held_op_frames(self, source: int) -> int:
+        """OPS frames from ``source`` the proxy holds back now (see ``hold``)."""
+        with self._lock:
+            return sum(_op_frames(link.held_back) for link in self._links if link.source == source)
+
     def held_bytes(self, source: int) -> int:
         """Bytes from ``source`` the proxy holds back now (see ``hold``)."""
         with self._lock:

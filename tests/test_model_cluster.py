@@ -37,6 +37,7 @@ class ModelRun:
         self.cluster = ProxiedCluster(MEMBERS)
         self.ops: list[Op] = []
         self.held: list[tuple[int, int]] = []  # (to, source) links held in flight
+        self.in_flight = 0  # SETs made only to have an operation in flight at a cut
         self.history: list[str] = []  # what happened, printed on failure
 
     # -- operations -------------------------------------------------------------------------
@@ -121,10 +122,33 @@ class ModelRun:
 
     def cut_held(self) -> None:
         """Cut the held links (dropping what they hold) and a random one."""
+        for to, source in self.held:
+            self.put_in_flight(to, source)
         for to, source in [*self.held, tuple(self.rng.sample(range(MEMBERS), 2))]:
             dropped = self.cluster.proxies[to].cut(self.cluster.public[source], require=False)
             self.history.append(f"cut {source}->{to} ({dropped} dropped)")
         self.held.clear()
+
+    def put_in_flight(self, to: int, source: int) -> None:
+        """Make sure the held link carries an operation when it is cut (so the cut drops one
+        in flight, not only PROGRESS): if it is up and holds none, the source makes one SET of
+        its own key (no draw from the seeded generator, so the schedule stays the seed's), and
+        the proxy gets a bounded moment to receive it. Without this, whether a seed's cuts
+        caught an operation depended on timing (assert_faults_happened failed now and then)."""
+        proxy = self.cluster.proxies[to]
+        port = self.cluster.public[source]
+        if not proxy.linked(port) or proxy.held_op_frames(port):
+            return
+        self.in_flight += 1
+        path = ("inflight", str(self.in_flight))
+        reply = self.node(source).call("set", key=".".join(path), value=self.in_flight)
+        self.ops.append(Op(reply["stamp"], SET, path, self.in_flight, None))
+        self.history.append(f"m{source} in flight {path}")
+        deadline = time.monotonic() + 2.0
+        while proxy.linked(port) and not proxy.held_op_frames(port):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
 
     def partition(self) -> None:
         members = list(range(MEMBERS))
