@@ -26,7 +26,6 @@ Shape (see docs/design.rst):
 
 from __future__ import annotations
 
-import gc
 import ipaddress
 import json
 import logging
@@ -35,9 +34,7 @@ import random
 import sys
 import time
 import weakref
-from itertools import repeat
-from operator import rshift
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import gevent
 import ujson
@@ -57,15 +54,9 @@ from ._auth import (
     explain_refusal,
     secret_weakness,
 )
-from ._clock import (
-    NODE_BITS,
-    HybridClock,
-    millis_stamp,
-    new_node_id,
-    stamp_lead,
-    stamp_millis,
-    stamp_origin,
-)
+from ._clock import HybridClock, millis_stamp, new_node_id, stamp_millis, stamp_origin
+from ._engine import OUTBOX_ITEMS, Engine, Inbound, Peer, refusal, without_gc
+from ._engine import ClockSkew as _ClockSkew
 from ._errors import (
     AuthenticationError,
     InvalidKeyError,
@@ -75,7 +66,6 @@ from ._errors import (
 )
 from ._logcontext import install as install_log_context
 from ._logcontext import tag_current
-from ._oplog import OpLog, Progress
 from ._store import DELETE, INCREMENT, SET, Store, copy_value, is_number
 from ._validate import (
     INT_BOUND,
@@ -96,31 +86,12 @@ from ._validate import (
 )
 from ._wire import (
     FRAME_KINDS,
-    OPS,
-    PROGRESS,
-    SNAPSHOT,
-    SNAPSHOT_END,
-    SNAPSHOT_REQUEST,
-    SNAPSHOT_REQUEST_FRAME,
-    WANTS_SNAPSHOT,
     FrameDecoder,
     Hello,
     digest_buckets,
-    encode_hello,
-    encode_ops,
-    encode_progress,
-    encode_snapshot_end,
-    encode_snapshot_parts,
     encode_status_reply,
-    full_paths,
     is_status_request,
-    join_snapshot,
     parse_hello,
-    parse_ops,
-    parse_progress,
-    parse_snapshot_items,
-    parse_vector,
-    path_segments,
     wire_path,
 )
 
@@ -135,20 +106,6 @@ _FIRST_FRAME_BYTES = 4096
 # The first two bytes of a TLS record carrying a handshake (a ClientHello): how a node without
 # TLS recognises a peer that speaks it, to say so instead of "not JSON".
 _TLS_HANDSHAKE = b"\x16\x03"
-# A snapshot goes out in SNAPSHOT frames of about this size, each built when the previous one
-# was sent: the holder exports, the wire carries and the joiner merges at the same time.
-_SNAPSHOT_FRAME_BYTES = 1 << 20
-# A joiner asks another peer for a snapshot when the one it asked sent none of it for this
-# long (or ten sync intervals if longer): silence, not the length of a big snapshot.
-_SNAPSHOT_PATIENCE = 5.0
-# A greenlet that sets without yielding gets its operations sent in batches of this many.
-_OUTBOX_LIMIT = 1024
-_OUTBOX_ITEMS = 3 * _OUTBOX_LIMIT  # (the outbox holds three items per operation)
-# After a batch went out, the next one waits until this much time has passed, so a steady
-# stream of sets goes out in a few frames per millisecond rather than one frame per set (each
-# frame costs a wake-up and a syscall per peer, and a decode on each peer). An idle node sends
-# at once.
-_COALESCE_SECONDS = 0.001
 # After a key under another parent than the last, ``set`` takes this many keys the plain way
 # before it looks for a loop under one parent again: scattered writes skip that look.
 _WAY_SKIPS = 8
@@ -158,17 +115,6 @@ _INF = float("inf")
 # _SLICE_SECONDS of them: each slice holds every other greenlet (and delivery) while it runs.
 _STEP = 100
 _SLICE_SECONDS = 0.005
-
-
-class _ClockSkew(ProtocolError):
-    """A peer sent a stamp more than ``clock_skew`` ahead of this node's wall clock (its
-    connection is refused: see ``Collective._check_clock``)."""
-
-    reply = encode_refusal("clock-skew")
-
-    def __init__(self, message: str, peer_id: int) -> None:
-        super().__init__(message)
-        self.peer_id = peer_id
 
 
 # Links to addresses learnt from HELLOs (not configured): at most this many, each forgotten
@@ -216,24 +162,6 @@ def _in_slices(step: Callable[[], bool]) -> None:
             began = time.monotonic()
 
 
-_Result = TypeVar("_Result")
-
-
-def _without_gc(call: Callable[..., _Result], *args: Any) -> _Result:
-    """``call(*args)`` with the cyclic GC paused (the app's own setting is given back), for
-    work that does not yield and makes a mass of young lists it frees before it returns:
-    every collection triggered meanwhile would walk them again, and the full collections
-    they trigger walk the whole store. Refcounting frees them: nothing in them makes a cycle."""
-    collecting = gc.isenabled()
-    if collecting:
-        gc.disable()
-    try:
-        return call(*args)
-    finally:
-        if collecting:
-            gc.enable()
-
-
 def _let_others_run() -> None:
     """Yield to every other greenlet, those waiting on a timer or on I/O included: a
     ``sleep(0)`` only lets those already ready run (the event loop runs its callbacks and
@@ -279,11 +207,7 @@ class RefusalLog:
         log.warning(message, *args, extra={"reason": category})  # (see _logcontext)
 
 
-def _refusal(message: str, category: str) -> ProtocolError:
-    """A ``ProtocolError`` of ``category`` (see ``RefusalLog``)."""
-    error = ProtocolError(message)
-    error.category = category
-    return error
+_refusal = refusal
 
 
 def _handshake_timeout(what: str) -> ProtocolError:
@@ -604,56 +528,28 @@ class _Writer:
         self.kick.wait(backoff_delay(failures, node.backoff_min, high))
 
 
-class _PeerLink(_Writer):
-    """The outgoing side of one peer: pending frames and the writer greenlet that sends them."""
+class _PeerLink(_Writer, Peer):
+    """One peer: its protocol state (``Peer``, the engine's) and the writer greenlet that
+    dials it and sends what the engine queues for it."""
 
     def __init__(self, node: Collective, address: tuple[str, int], announced: bool = False) -> None:
+        Peer.__init__(self, node._engine, address, time.monotonic())
         self.node = node
-        self.address = address
-        self.name = format_address(address)
         # Learnt from a HELLO, not configured: forgotten if it never answers (see ``_run``).
         self.announced = announced
         self.unheard = 0  # attempts in a row that ended without a word from the member
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.pending_ops = 0  # own or relayed operations in ``pending`` (not catch-up)
         self.wake = Event()  # something is pending (or the node is stopping)
-        self.progress_due = False  # set every sync_interval by the connection's ticker
         self.kick = Event()  # the peer is known to be up: skip the rest of the backoff
         self.state = "connecting"
         self.attempted = False  # one connection attempt finished (either way)
-        self.requested_snapshot = False
-        self.peer_id: int | None = None  # from the peer's HELLO on its link to us
         self.reader: gevent.Greenlet | None = None  # the greenlet reading its connection
-        # From the peer's latest PROGRESS (see Collective._gc_frontier).
-        self.peer_vector: dict[int, int] = {}
-        self.peer_stamps: dict[int, int] = {}  # the stamp at each of those (for metrics)
-        self.peer_promise: int | None = None
-        self.peer_frontier = 0
-        self.peer_own_seq = 0
-        self.reports = 0  # PROGRESS frames received on the peer's current connection
-        self.last_heard = time.monotonic()
-        self.last_report = self.last_heard  # the last PROGRESS accepted (or the start)
-        self.down = False
         self.is_self = False  # the address turned out to be this node's own (see _run)
-        # After a snapshot was queued for the peer: its version vector. The snapshot is owed
-        # (and sent again on every new connection) until the peer's PROGRESS shows it has
-        # merged it: a sendall that succeeded proves nothing if the connection then broke.
-        self.snapshot_vector: dict[int, int] | None = None
-        self.snapshot_due = False
-        self.snapshot_queued = False  # it is being streamed, not yet all handed to the kernel
-        self.snapshot_stream: Iterator[bytes] | None = None  # its frames still to build
-        self._overflow_logged_at = -1
         self.greenlet: gevent.Greenlet | None = None
         self._sock: Any = None
         self._dialling: Any = None  # the socket of a connection attempt in progress
         self.sent_frames = 0
         self.sent_bytes = 0
         self.sent_ops = 0
-        self.connects = 0
-        self.overflows = 0
-        self.snapshots_sent = 0
-        self.relayed_frames = 0
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         # The current connection passed the secret handshake / runs over TLS (for stats()).
@@ -664,27 +560,9 @@ class _PeerLink(_Writer):
         # on every retry, and one line per retry would bury the rest of the log.
         self._warned: set[str] = set()
 
-    def enqueue(self, frame: bytes, ops: int = 0) -> None:
-        """Queue a frame (carrying ``ops`` operations); never blocks. A peer that lets too
-        much pile up is dropped: the catch-up by version vectors (or a snapshot) brings it
-        back up to date later."""
-        self.pending.append(frame)
-        self.pending_bytes += len(frame)
-        self.pending_ops += ops
-        if self.pending_bytes > self.node.max_queue_bytes:
-            self.overflows += 1
-            # Once per connection at WARNING: a stuck peer would otherwise repeat it forever.
-            (log.warning if self.connects > self._overflow_logged_at else log.debug)(
-                "peer %s: more than %d bytes queued; dropping them and the connection "
-                "(it catches up once it keeps pace)",
-                self.name,
-                self.node.max_queue_bytes,
-            )
-            self._overflow_logged_at = self.connects
-            self.pending = []
-            self.pending_bytes = self.pending_ops = 0
-            self.snapshot_queued = False  # still due: sent again on the next connection
-            self.drop_connection()
+    busy = Peer.busy  # (not _Writer's: a snapshot stream is queued work too)
+
+    def data_ready(self) -> None:
         if not self.wake.is_set():
             self.wake.set()
 
@@ -699,27 +577,6 @@ class _PeerLink(_Writer):
                 sock.shutdown(gsocket.SHUT_RDWR)
             except OSError:
                 pass
-
-    def resync(self) -> None:
-        """Replace what is pending by a full snapshot (which holds all of it, and more).
-
-        The snapshot's frames are built one at a time as the writer sends them (see
-        ``Collective._snapshot_stream``); their bytes do not count against
-        ``max_queue_bytes``.
-        """
-        self.snapshot_stream, vector = self.node._snapshot_stream()
-        log.info("peer %s: sending a snapshot", self.name)
-        self.pending = []
-        self.pending_bytes = self.pending_ops = 0
-        self.snapshot_vector = vector
-        self.snapshot_due = self.snapshot_queued = True
-        self.snapshots_sent += 1
-        if not self.wake.is_set():
-            self.wake.set()
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.pending) or self.snapshot_stream is not None
 
     def _run(self) -> None:
         node = self.node
@@ -761,10 +618,7 @@ class _PeerLink(_Writer):
                 self._failed(f"{self._phase}: {problem or exc}", problem)
                 failures += 1
             finally:
-                if self.snapshot_stream is not None:
-                    # Frames of it went down with the connection: a new one starts over.
-                    self.snapshot_stream = None
-                    self.snapshot_queued = False
+                node._engine.stream_lost(self)  # (frames of a stream went down with it)
                 current, self._sock = self._sock, None
                 if current is not None and current is not sock:
                     current.close()  # the TLS socket wrapping ``sock``
@@ -841,10 +695,7 @@ class _PeerLink(_Writer):
         self.last_error = reason
         self.last_error_at = time.time()
         self.attempted = True
-        if self.requested_snapshot:
-            self.requested_snapshot = False
-            node._snapshot_link = None
-            node._request_snapshot()
+        node._engine.link_failed(self, time.monotonic())
         node._check_ready()
 
     def _tls_problem(self, exc: OSError) -> str | None:
@@ -933,28 +784,18 @@ class _PeerLink(_Writer):
         sock, sealer, last_handshake_message = self._secure(sock)
         self._phase = "send"
         sock.settimeout(node.send_timeout)
-        flags = 0
-        if not node._synced.is_set() and node._snapshot_link is None:
-            flags |= WANTS_SNAPSHOT
-            node._snapshot_link = self
-            node._snapshot_asked_at = time.monotonic()
-            self.requested_snapshot = True
-            log.info("peer %s: asking it for a snapshot", self.name)
-        hello = encode_hello(node.node_id, node.advertise[0], node.advertise[1], flags)
-        self.connects += 1
         self.state = "connected"
         self.attempted = True
         if sealer is None and not self.tls:
             log.info("peer %s: connected", self.name)
         else:
             log.info("peer %s: connected (%s)", self.name, self._security())
-        if self.snapshot_due and not self.snapshot_queued:
-            self.resync()  # the last one was lost with its connection
+        first = node._engine.link_up(self, time.monotonic())  # HELLO and PROGRESS
         if sealer is None:
-            sock.sendall(hello + node._progress_frame())
+            sock.sendall(first)
         else:
             # One sendall for AUTH3 and the first record: the acceptor reads them together.
-            sock.sendall(last_handshake_message + sealer.seal(hello + node._progress_frame()))
+            sock.sendall(last_handshake_message + sealer.seal(first))
         # PROGRESS every sync_interval: a repeating timer of the event loop raises a flag and
         # wakes us, so waiting for work takes no timeout (a Timeout object per wake-up, ~5 %
         # of a member's time at 10k sets/s).
@@ -976,33 +817,16 @@ class _PeerLink(_Writer):
         """Send whatever becomes pending, until the node stops or the connection fails."""
         node = self.node
         wake = self.wake
-        flush = node._flush_outbox
+        take = node._engine.data_to_send
+        monotonic = time.monotonic
         while True:
-            flush()  # normally done already, by the event loop's callback
-            if self.progress_due:
-                self.progress_due = False
-                self.pending.append(node._progress_frame())
-            stream = self.snapshot_stream
-            if stream is not None and not self.pending:
-                # Building a frame exports and encodes top-level items (a full node's
-                # export, its leaves as columns): a holder of 500k small dicts spent about
-                # two thirds of its snapshot's time in the GC.
-                frame = _without_gc(next, stream, None)
-                if frame is None:
-                    self.snapshot_stream = None
-                    self.snapshot_queued = False
-                else:
-                    self.pending.append(frame)
-            if not self.pending:
+            batch, ops = take(self, monotonic())
+            if not batch:
                 if node._stopping:
                     return
                 wake.clear()
                 wake.wait()
                 continue
-            batch = self.pending
-            ops = self.pending_ops
-            self.pending = []
-            self.pending_bytes = self.pending_ops = 0
             data = b"".join(batch)
             # Sealed here, in the one greenlet that sends, so records go out in counter order.
             sock.sendall(data if sealer is None else sealer.seal(data))
@@ -1350,20 +1174,8 @@ class Collective(_Member):
         self._store = Store()
         self._data = self._store.data  # the live tree (the same dict for the store's life)
         self._clock = HybridClock(self.node_id)
-        self._seq = 0  # own operations numbered (and in the log) so far
-        # Own operations applied but not yet encoded, numbered from ``_seq + 1``: stamp, wire
-        # path and value of each, in one flat list (one in-place add per operation, the
-        # cheapest append there is), and (index, op, ttl_ms) of the few that are not plain
-        # SETs. Flushed by a callback of the event loop (see ``_send_own``).
-        self._outbox: list[Any] = []
-        self._out_special: list[tuple[int, int, int]] = []
-        self._flushed_at = 0.0  # when the outbox was last encoded and queued
         self._way_wanted: str | None = None  # the parent of the last key set (see ``set``)
         self._way_skips = 0  # sets to make before looking for a loop again (see ``set``)
-        self._progress = Progress()
-        self._log = OpLog(log_bytes)
-        self._down_ids: set[int] = set()  # incarnations declared down: refused from then on
-        self._frontier = 0  # no operation older than this can still reach this node
         self._housekeeper: gevent.Greenlet | None = None
         # Expiring keys: a greenlet sleeps until the store's next expiry (wall-clock ms in
         # _next_due, inf when none); a sooner one wakes it. Reads check _next_due too, so a
@@ -1371,25 +1183,59 @@ class Collective(_Member):
         self._expirer: gevent.Greenlet | None = None
         self._next_due = _INF
         self._expiry_wake = Event()
-        self._snapshot_link: _PeerLink | None = None
-        self._snapshot_asked_at = 0.0
         self._writable = False  # started and not stopping (one test on the hot path)
-        self.received_frames = 0
-        self.received_ops = 0
         self.received_bytes = 0  # from peers, as read from the sockets (for metrics)
-        self.snapshots_merged = 0  # whole states received from peers and merged
-        self.applied_ops = 0
         self.refused_connections = 0
         self.clock_refusals = 0  # frames refused for a stamp beyond clock_skew
-        self.sequence_clashes = 0  # see _sequence_clash
         self._refusals = RefusalLog()
         self._notices = RefusalLog()  # other warnings a stranger could repeat at will
+        self._engine = engine = self._new_engine(log_bytes)
+        self._links = engine.peers  # (the engine's peers are the links)
+        # Own operations not yet encoded (see ``Engine.outbox``): the hot paths add to them.
+        self._outbox = engine.outbox
+        self._out_special = engine.out_special
+        self._progress = engine.progress
+        self._log = engine.log
         # Replaced, never changed in place, so a loop over it survives (un)watching; empty
         # means nobody watches, and then the data paths skip the watch code entirely.
         self._watches: list[Watch] = []
         # The same watches by prefix (see _index_keys).
         self._watch_at: dict[tuple[str, ...], list[Watch]] = {}
         self._watch_below: dict[tuple[str, ...], list[Watch]] = {}
+
+    def _new_engine(self, log_bytes: int) -> Engine:
+        """The replication engine of this member, its hooks into this shell set."""
+        engine = Engine(
+            self.node_id,
+            self._store,
+            self._clock,
+            wall_ns=time.time_ns,
+            advertise=self.advertise,
+            log_bytes=log_bytes,
+            max_frame=self.max_frame,
+            max_queue_bytes=self.max_queue_bytes,
+            sync_interval=self.sync_interval,
+            down_timeout=self.down_timeout,
+            clock_skew=self.clock_skew,
+        )
+        engine.notify = self._notify
+        engine.merge_watched = self._merge_watched
+        engine.due_by = self._due_by
+        engine.schedule_flush = self._schedule_flush
+        engine.flush_now = self._flush_outbox
+        engine.on_synced = self._merged_a_state
+        engine.on_internal_error = self._internal_error
+        engine.notice = self._notices.warning
+        return engine
+
+    # The engine's counters and state, by the names stats(), the metrics and tests read.
+    received_frames = property(lambda self: self._engine.received_frames)
+    received_ops = property(lambda self: self._engine.received_ops)
+    snapshots_merged = property(lambda self: self._engine.snapshots_merged)
+    applied_ops = property(lambda self: self._engine.applied_ops)
+    sequence_clashes = property(lambda self: self._engine.sequence_clashes)
+    _frontier = property(lambda self: self._engine.frontier)
+    _snapshot_link = property(lambda self: self._engine.snapshot_peer)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -1456,12 +1302,14 @@ class Collective(_Member):
         self._flush_outbox()
         self._writable = False
         self._stop_serving()
+        self._engine.stopping = self._engine.ready = True  # (as _stop_serving's events)
         self._stop_links(timeout)
         if self._housekeeper is not None:
             self._housekeeper.kill(block=True, timeout=1)
         if self._expirer is not None:
             self._expirer.kill(block=True, timeout=1)
         watches, self._watches = self._watches, []
+        self._engine.watches = self._watches
         self._watch_at, self._watch_below = {}, {}
         for watch in watches:
             watch._close()  # what is queued is still delivered
@@ -1480,22 +1328,13 @@ class Collective(_Member):
         if self._synced.is_set() or all(
             link.attempted and not link.requested_snapshot for link in self._links.values()
         ):
+            self._engine.ready = True
             self._ready.set()
 
-    def _request_snapshot(self, avoid: _PeerLink | None = None) -> None:
-        """Ask a connected peer for its state (another than ``avoid`` if there is one), after
-        the one asked first went away or did not answer in time."""
-        if self._synced.is_set() or self._stopping:
-            return
-        connected = [link for link in self._links.values() if link.state == "connected"]
-        others = [link for link in connected if link is not avoid]
-        for link in others or connected:
-            link.requested_snapshot = True
-            self._snapshot_link = link
-            self._snapshot_asked_at = time.monotonic()
-            log.info("peer %s: asking it for a snapshot", link.name)
-            link.enqueue(SNAPSHOT_REQUEST_FRAME)
-            return
+    def _merged_a_state(self) -> None:
+        """The engine merged a peer's whole state: the node is synced."""
+        self._synced.set()
+        self._check_ready()
 
     def _add_link(self, address: tuple[str, int], announced: bool = False) -> _PeerLink:
         link = self._links.get(address)
@@ -1506,11 +1345,7 @@ class Collective(_Member):
 
     def _forget_link(self, link: _PeerLink) -> None:
         """Stop dialling an announced address that never answers (its writer ends)."""
-        if self._links.get(link.address) is link:
-            del self._links[link.address]
-        if self._snapshot_link is link:
-            self._snapshot_link = None
-            self._request_snapshot()
+        self._engine.forget_peer(link, time.monotonic())
         log.info(
             "peer %s: forgotten after %d attempts without hearing from it (it was only "
             "announced; it is dialled again if it connects)",
@@ -1538,7 +1373,7 @@ class Collective(_Member):
                 "connects": link.connects,
                 "overflows": link.overflows,
                 "snapshots_sent": link.snapshots_sent,
-                "snapshot_owed": link.snapshot_vector is not None,
+                "snapshot_owed": link.snapshot_owed,
                 "relayed_frames": link.relayed_frames,
                 "last_error": link.last_error,
                 "last_error_at": link.last_error_at,
@@ -1553,7 +1388,7 @@ class Collective(_Member):
             "synced": self.synced,
             "uptime": 0.0 if self.started_at is None else now - self.started_at,
             "top_level_keys": len(self._store.data),
-            "local_ops": self._seq + len(self._outbox) // 3,
+            "local_ops": self._engine.seq + len(self._outbox) // 3,
             "received_frames": self.received_frames,
             "received_ops": self.received_ops,
             "received_bytes": self.received_bytes,
@@ -1612,7 +1447,7 @@ class Collective(_Member):
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         watch = Watch(self, _watch_prefix(prefix), callback)
-        self._watches = [*self._watches, watch]
+        self._watches = self._engine.watches = [*self._watches, watch]
         for index, key in self._index_keys(watch.prefix):
             index.setdefault(key, []).append(watch)
         return watch
@@ -1628,7 +1463,7 @@ class Collective(_Member):
 
     def _remove_watch(self, watch: Watch) -> None:
         if watch in self._watches:
-            self._watches = [w for w in self._watches if w is not watch]
+            self._watches = self._engine.watches = [w for w in self._watches if w is not watch]
             for index, key in self._index_keys(watch.prefix):
                 watches = index[key]
                 watches.remove(watch)
@@ -1782,7 +1617,7 @@ class Collective(_Member):
         outbox += (stamp, key, value)
         if len(outbox) == 3:
             self._schedule_flush()
-        elif len(outbox) >= _OUTBOX_ITEMS:
+        elif len(outbox) >= OUTBOX_ITEMS:
             self._flush_outbox()
 
     def _set_otherwise(self, key: Key, value: Any, op: Any, ttl: float | None) -> None:
@@ -1842,7 +1677,7 @@ class Collective(_Member):
                     outbox += (stamp, key, amount)
                     if len(outbox) == 3:
                         self._schedule_flush()
-                    elif len(outbox) >= _OUTBOX_ITEMS:
+                    elif len(outbox) >= OUTBOX_ITEMS:
                         self._flush_outbox()
                     return result
             # Not that case: the general way below, with the stamp already taken (nothing
@@ -1909,7 +1744,7 @@ class Collective(_Member):
                 (above == store.way_key and leaf and leaf.isascii())
                 or self._on_way(key, parse_key(key), stamp)
             ) and store.delete_leaf(stamp, leaf):
-                self._send_own(stamp, DELETE, key, None)
+                self._engine.send_own(stamp, DELETE, key, None)
                 return
             # Not that case: the general way, with the stamp taken (nothing yielded since).
         else:
@@ -1968,31 +1803,15 @@ class Collective(_Member):
         """Apply an own operation, put it in the outbox and tell the watches. ``key`` is the
         caller's key: a plain str is already the path's wire form."""
         if ttl_ms:
-            self._store.apply(stamp, op, path, value, ttl_ms)
             self._due_by(stamp_millis(stamp) + ttl_ms)
-        else:
-            self._store.apply(stamp, op, path, value)
-        self._send_own(stamp, op, key if type(key) is str else wire_path(path), value, ttl_ms)
-        if self._watches:
-            self._notify(path, op, self.node_id)
-
-    def _send_own(self, stamp: int, op: int, wire: Any, value: Any, ttl_ms: int = 0) -> None:
-        """Put an own operation, applied already, in the outbox (``wire``: its path as it
-        travels). ``set`` does the same inline for plain SETs."""
-        outbox = self._outbox
-        if op or ttl_ms:
-            self._out_special.append((len(outbox) // 3, op, ttl_ms))
-        outbox += (stamp, wire, value)
-        if len(outbox) == 3:
-            self._schedule_flush()
-        elif len(outbox) >= _OUTBOX_ITEMS:
-            self._flush_outbox()
+        wire = key if type(key) is str else wire_path(path)
+        self._engine.apply_local(stamp, op, path, value, wire, ttl_ms)
 
     def _schedule_flush(self) -> None:
         """Have the outbox, which just got its first operation, sent once this greenlet
         yields (a burst of sets becomes one frame), or a moment later if a batch just went
         out."""
-        wait = self._flushed_at + _COALESCE_SECONDS - time.monotonic()
+        wait = self._engine.flush_at() - time.monotonic()
         loop = gevent.get_hub().loop
         if wait > 0:
             # A timer of the event loop, not a greenlet: spawning one per flush cost more
@@ -2003,118 +1822,11 @@ class Collective(_Member):
             loop.run_callback(self._flush_outbox)
 
     def _flush_outbox(self) -> None:
-        """Number the operations of the outbox, encode them as OPS frames (once), log them
-        and queue them for every peer; the own entry of the progress moves with them.
-
-        Runs as an event-loop callback (so it must never block) or inline; cheap when the
-        outbox is empty, so anything that needs the log, the queues or the own progress
-        current calls it first.
-        """
-        outbox = self._outbox
-        if not outbox or self._generation != _fork_generation:
-            return  # (a callback scheduled before a fork runs in the child too: not its node)
-        self._flushed_at = time.monotonic()
-        self._outbox = []
-        stamps = outbox[0::3]
-        size = len(stamps)
-        ops: list[int] = [SET] * size
-        ttls: list[int] | None = None
-        if self._out_special:
-            for index, op, ttl_ms in self._out_special:
-                ops[index] = op
-                if ttl_ms:
-                    if ttls is None:
-                        ttls = [0] * size
-                    ttls[index] = ttl_ms
-            self._out_special = []
-        columns: tuple[list[Any], ...] = (
-            list(map(rshift, stamps, repeat(NODE_BITS))),
-            ops,
-            outbox[1::3],
-            outbox[2::3],
-        )
-        if ttls is not None:
-            columns += (ttls,)
-        numbered_from = self._seq + 1
-        frames: list[tuple[int, int, bytes]] = []
-        try:
-            self._encode_batch(numbered_from, columns, frames)
-        except Exception:
-            # A bug: these operations cannot go out as OPS. They stay unnumbered (no gap in
-            # what peers expect next) and reach every peer in a snapshot, which holds them.
-            self._internal_error("the flush of own operations")
-            for link in self._links.values():
-                link.resync()
-            return
-        self._seq += size
-        node_id = self.node_id
-        self._progress.applied[node_id] = self._seq
-        self._progress.stamps[node_id] = stamps[-1]
-        links = self._links.values()
-        add_to_log = self._log.add
-        for first, last, frame in frames:
-            add_to_log(node_id, first, last, frame)
-            for link in links:
-                link.enqueue(frame, last - first + 1)
-
-    def _encode_batch(
-        self, first: int, columns: tuple[list[Any], ...], out: list[tuple[int, int, bytes]]
-    ) -> None:
-        """OPS frames for the operations in ``columns``, numbered from ``first``, halved
-        until each frame is well under what a peer accepts (``max_frame``)."""
-        size = len(columns[0])
-        frame = encode_ops(self.node_id, first, *columns)
-        if len(frame) > self.max_frame // 4 and size > 1:
-            half = size // 2
-            self._encode_batch(first, tuple(c[:half] for c in columns), out)
-            self._encode_batch(first + half, tuple(c[half:] for c in columns), out)
-        else:
-            out.append((first, first + size - 1, frame))
-
-    # -- receiving ----------------------------------------------------------------------------
-
-    def _progress_frame(self) -> bytes:
-        self._flush_outbox()  # the own entry of the progress moves when the outbox is flushed
-        complete = self._ready.is_set() and (self._synced.is_set() or self._snapshot_link is None)
-        return encode_progress(
-            self._progress.vector(), complete, self._clock.promise(), self._frontier
-        )
-
-    def _snapshot_stream(self) -> tuple[Iterator[bytes], dict[int, int]]:
-        """A snapshot of the whole state: an iterator of SNAPSHOT frames ending with
-        SNAPSHOT_END, and the version vector it holds at least.
-
-        The vector is taken now; the top-level keys are exported one by one as the frames are
-        built, later. The store only ever learns more, so each slice holds everything the
-        vector says and maybe more (which the peer then receives twice, harmlessly).
-        """
-        self._flush_outbox()
-        end = encode_snapshot_end(self._progress.vector())
-        keys = self._store.top_level_keys()
-        return self._snapshot_frames(keys, end), dict(self._progress.applied)
-
-    def _snapshot_frames(self, keys: list[str], end: bytes) -> Iterator[bytes]:
-        export_item = self._store.export_item
-        # Frames of about the target size, well under what the peer accepts: a subtree
-        # longer than that goes in pieces (only a single value can make a frame longer,
-        # and ``set`` refused values that would not fit in ``max_frame``).
-        target = min(_SNAPSHOT_FRAME_BYTES, self.max_frame // 2)
-        parts: list[bytes] = []
-        size = 0
-        for key in keys:
-            item = export_item(key, copy=False)  # (encoded before anything can change)
-            if item is None:
-                continue  # forgotten since (a tombstone nothing can reach any more)
-            for part in encode_snapshot_parts(item, target):
-                if parts and size + len(part) > target:
-                    yield join_snapshot(parts)
-                    parts = []
-                    size = 0
-                parts.append(part)
-                size += len(part)
-        if parts:
-            yield join_snapshot(parts)
-        yield end
+        """Have the engine encode and queue the outbox (see ``Engine.flush``). Runs as an
+        event-loop callback (so it must never block) or inline."""
+        if self._outbox and self._generation == _fork_generation:
+            # (A callback scheduled before a fork runs in the child too: not its node.)
+            self._engine.flush(time.monotonic())
 
     def _handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
         current = gevent.getcurrent()
@@ -2169,51 +1881,6 @@ class Collective(_Member):
             if conn is not sock:
                 conn.close()
             sock.close()
-
-    def _check_clock(
-        self, stamp: int, what: str, link: _PeerLink | None, peer_id: int, origin: int = 0
-    ) -> None:
-        """Refuse a frame with a stamp more than ``clock_skew`` ahead of our wall clock
-        (``what`` names the frame, ``origin`` the maker of the operations it relays).
-
-        Observing it would drag this node's clock (and, through its stamps, everyone's) ahead
-        for good: ttls would fire late by as much and the metadata sweep would stall, and a
-        forged stamp near the wire's limit would leave no stamp to issue. Refusing costs
-        nothing within the contract (clocks within ``clock_skew`` never send such a stamp);
-        the sender retries, so its operations arrive once the clocks agree (see
-        docs/contract.rst).
-        """
-        lead = stamp_lead(stamp, time.time_ns())
-        if lead <= self.clock_skew:
-            return
-        if link is not None and link.peer_id == peer_id:
-            # A refused connection is no sign of life: a member whose clock stays wrong is
-            # declared down after ``down_timeout``, like a silent one.
-            link.last_heard = link.last_report
-        name = link.name if link is not None else "?"
-        if origin and origin != peer_id:
-            what = f"{what} (operations of {origin:x})"
-        raise _ClockSkew(
-            f"member {name} (id {peer_id:x}) sent {what} stamped {lead:,.3f}s ahead of this "
-            f"node's clock, more than clock_skew ({self.clock_skew:g}s): nothing of it is "
-            "applied until the clocks agree (check both members' clocks, e.g. NTP)",
-            peer_id,
-        )
-
-    def _check_peer_clock_behind(self, promise: int, link: _PeerLink) -> None:
-        """On a connection's first PROGRESS (sent with HELLO: fresh), warn if the peer's
-        clock is more than ``clock_skew`` behind ours: if ours is the wrong one, the peer
-        refuses our operations, and this says so on our side too."""
-        lag = -stamp_lead(promise, time.time_ns())
-        if lag > self.clock_skew:
-            log.warning(
-                "peer %s: its clock is %.3fs behind this node's, more than clock_skew (%gs): "
-                "if this node's clock is the wrong one, the peer refuses this node's "
-                "operations until it is fixed (check both members' clocks, e.g. NTP)",
-                link.name,
-                lag,
-                self.clock_skew,
-            )
 
     def _expect_tls(self, sock: Any, deadline: float) -> bool:
         """Wait for the first byte (by ``deadline``) and refuse a peer that does not open
@@ -2326,31 +1993,10 @@ class Collective(_Member):
             )
         link = self._link_for(hello, origin)
         if link is not None:
-            if link.peer_id is not None and link.peer_id != hello.node_id:
-                # Our connection may still go to the old incarnation, whose kernel would take
-                # bytes it will never read: start a new one.
-                log.info("peer %s restarted (new incarnation %x)", origin, hello.node_id)
-                link.snapshot_vector = None
-                link.snapshot_due = False
-                link.drop_connection()
-            link.peer_id = hello.node_id
             link.reader = gevent.getcurrent()
-            link.reports = 0
-            link.down = False
-            link.last_heard = time.monotonic()
-            link.redial_now()
-            # A new connection means the peer may have missed what was in flight on its
-            # last one: report our progress now, not at the next tick, so its catch-up
-            # starts at once.
-            link.progress_due = True
-            link.wake.set()
-            if hello.flags & WANTS_SNAPSHOT:
-                link.resync()
-        # What we had when the peer connected bounds the first catch-up: later operations
-        # are on their way to it already.
-        sent_bound = dict(self._progress.applied)
-        frames = decoder.frames[1:]
-        sent_bound = self._dispatch(messages[1:], frames, link, hello.node_id, sent_bound)
+        receive = self._engine.receive
+        inbound = self._engine.connection_made(link, hello, time.monotonic())
+        receive(inbound, messages[1:], decoder.frames[1:], time.monotonic())
         del messages  # (see below: the GC would walk them for as long as we hold them)
         recv = sock.recv
         while True:
@@ -2372,9 +2018,7 @@ class Collective(_Member):
             # collection triggered meanwhile would walk again. They are freed before it
             # resumes (nothing else holds them), so the next collection walks only what
             # the store kept. (A joiner spent ~20 % of its time in the GC otherwise.)
-            sent_bound = _without_gc(
-                self._dispatch_read, feed, data, decoder, link, hello.node_id, sent_bound
-            )
+            without_gc(self._receive_read, feed, data, decoder, inbound)
             gevent.sleep(0)  # fairness: one busy peer must not starve the others
 
     def _check_hello(self, message: Any, sock: Any, authenticated: bool) -> Hello:
@@ -2391,7 +2035,7 @@ class Collective(_Member):
         if hello.node_id == self.node_id:
             self._forget_own_alias(sock)
             raise _refusal("connected to itself", "hello")
-        if hello.node_id in self._down_ids:
+        if hello.node_id in self._engine.down_ids:
             raise _refusal(
                 f"incarnation {hello.node_id:x} was declared down after {self.down_timeout:g}s "
                 "of silence; restart it to rejoin (its unsent writes are dropped)",
@@ -2496,214 +2140,15 @@ class Collective(_Member):
         sock.settimeout(self.handshake_timeout)
         sock.sendall(reply)
 
-    def _dispatch_read(
+    def _receive_read(
         self,
         feed: Callable[[bytes], list[Any]],
         data: bytes,
         decoder: FrameDecoder,
-        link: _PeerLink | None,
-        peer_id: int,
-        sent_bound: dict[int, int],
-    ) -> dict[int, int]:
-        """Decode one read's bytes (``feed``) and apply its frames (see ``_dispatch``)."""
-        return self._dispatch(feed(data), decoder.frames, link, peer_id, sent_bound)
-
-    def _dispatch(
-        self,
-        messages: list[Any],
-        frames: list[bytes],
-        link: _PeerLink | None,
-        peer_id: int,
-        sent_bound: dict[int, int],
-    ) -> dict[int, int]:
-        """Apply a batch of frames from one peer; returns the next catch-up bound."""
-        self.received_frames += len(messages)
-        for index, message in enumerate(messages):
-            if type(message) is not list or not message:
-                raise ProtocolError("frame is not a non-empty JSON array")
-            kind = message[0]
-            if kind == OPS:
-                self._apply_ops(message, frames[index], link, peer_id)
-            elif kind == PROGRESS:
-                vector, complete, promise, frontier = parse_progress(message)
-                self._check_clock(promise, "a PROGRESS frame (its clock)", link, peer_id)
-                if link is not None and link.peer_id == peer_id:
-                    if link.reports == 0:
-                        self._check_peer_clock_behind(promise, link)
-                    theirs = {origin: seq for origin, seq, _ in vector}
-                    # The previous report on this same connection, to see what stalled.
-                    previous = link.peer_vector if link.reports > 0 else None
-                    link.reports += 1
-                    link.peer_vector = theirs
-                    link.peer_stamps = {origin: stamp for origin, _, stamp in vector}
-                    link.peer_promise = promise
-                    link.peer_own_seq = theirs.get(peer_id, 0)
-                    link.peer_frontier = frontier
-                    link.last_heard = link.last_report = time.monotonic()
-                    if complete and link.snapshot_vector is not None:
-                        # A joiner reports complete once it merged a snapshot, ours or
-                        # another member's: ours is no longer owed, and the catch-up below
-                        # sends whatever it still lacks (or a snapshot, if the log cannot).
-                        link.snapshot_vector = None
-                        link.snapshot_due = False
-                    if complete:
-                        sent_bound = self._catch_up(link, theirs, previous, peer_id, sent_bound)
-            elif kind == SNAPSHOT:
-                if len(message) != 2:
-                    raise ProtocolError("SNAPSHOT frame has the wrong length")
-                items, newest = parse_snapshot_items(message[1])
-                self._check_clock(newest, "a SNAPSHOT frame", link, peer_id)
-                if link is not None and link is self._snapshot_link:
-                    self._snapshot_asked_at = time.monotonic()  # it answers: be patient
-                if self._watches:
-                    self._merge_watched(items)
-                else:
-                    self._store.merge(items)
-                if newest:
-                    self._clock.observe(newest)  # our next stamps order after all of it
-                self._due_by(self._store.next_expiry)
-            elif kind == SNAPSHOT_END:
-                if len(message) != 2:
-                    raise ProtocolError("SNAPSHOT_END frame has the wrong length")
-                self._progress.merge(parse_vector(message[1]))
-                self.snapshots_merged += 1
-                if not self._synced.is_set():
-                    log.info("merged a peer's state")
-                    self._synced.set()
-                    self._check_ready()
-            elif kind == SNAPSHOT_REQUEST:
-                if link is not None:
-                    link.resync()
-            else:
-                raise ProtocolError(f"unknown message type {kind!r}")
-        return sent_bound
-
-    def _apply_ops(
-        self, message: list[Any], frame: bytes, link: _PeerLink | None = None, peer_id: int = 0
+        inbound: Inbound,
     ) -> None:
-        """Apply a received OPS frame (checked whole first), skipping repeats, and log it
-        (``link`` and ``peer_id``: the connection's, for a refusal's log line)."""
-        origin, first, stamps, ops, paths, values, ttls, parent = parse_ops(message)
-        self._check_clock(stamps.last, "an OPS frame", link, peer_id, origin)
-        last = first + len(stamps) - 1
-        progress = self._progress
-        done = progress.applied.get(origin, 0)
-        self.received_ops += len(stamps)
-        if first <= done and self._sequence_clash(origin, first, last, done, stamps):
-            # Two senders numbered different operations alike for one origin (a forger, or
-            # two processes with one id): apply the repeats too, rather than drop one
-            # sender's writes for good (the store skips any it holds already, by stamp).
-            paths = full_paths(parent, paths)
-            parent = ""  # the paths are full now
-            repeats = zip(stamps, ops, paths, values, ttls or repeat(0))
-            for _, (stamp, op, path, value, ttl_ms) in zip(range(first, done + 1), repeats):
-                self._apply_received(stamp, op, path, value, ttl_ms, origin)
-            self._clock.observe(stamps[-1])
-            self._due_by(self._store.next_expiry)
-        if last <= done:
-            return  # all repeats (relayed, or also in a snapshot)
-        if ttls is None:
-            ttls = [0] * len(stamps)
-        apply_one = self._apply_received
-        if first == done + 1 and not progress.has_gap(origin):
-            # The normal case: the next operations of this origin, in order.
-            if self._watches or any(ttls):
-                paths = full_paths(parent, paths)
-                for stamp, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
-                    apply_one(stamp, op, path, value, ttl_ms, origin)
-            else:
-                self._store.apply_batch(stamps, ops, paths, values, parent)
-            progress.applied[origin] = last
-            progress.stamps[origin] = stamps[-1]
-            applied = len(stamps)
-        else:
-            accept = progress.accept
-            applied = 0
-            paths = full_paths(parent, paths)
-            for seq, stamp, op, path, value, ttl_ms in zip(
-                range(first, last + 1), stamps, ops, paths, values, ttls
-            ):
-                if accept(origin, seq, stamp):
-                    apply_one(stamp, op, path, value, ttl_ms, origin)
-                    applied += 1
-        self.applied_ops += applied
-        if any(ttls):
-            # Wake the expirer for the soonest expiry the store now holds (its own, computed
-            # once, instead of each operation's in Python).
-            self._due_by(self._store.next_expiry)
-        self._clock.observe(stamps[-1])
-        self._log.add(origin, first, last, frame)  # without its newline: no copy
-
-    def _sequence_clash(
-        self, origin: int, first: int, last: int, done: int, stamps: Sequence[int]
-    ) -> bool:
-        """True, counted and logged, if operations ``first..last`` of ``origin`` (some of them
-        applied already: ``first <= done``) cannot be the ones applied under those numbers:
-        an origin's stamps grow with its numbers, and ``done``'s stamp is known."""
-        known = self._progress.stamps.get(origin)
-        if known is None:
-            return False
-        if last < done:
-            clash = stamps[-1] >= known
-        else:
-            clash = stamps[done - first] != known
-        if clash:
-            self.sequence_clashes += 1
-            self._notices.warning(
-                "sequence-clash",
-                "operations %d..%d of origin %x differ from those applied under the same "
-                "numbers: two senders claim that origin (a member forging another's "
-                "operations, or two processes with one id); applying both",
-                first,
-                last,
-                origin,
-            )
-        return clash
-
-    def _apply_received(
-        self, stamp: int, op: int, path: str | list[str], value: Any, ttl_ms: int, origin: int
-    ) -> None:
-        """Apply one received operation (see ``_apply_ops``) and tell the watches."""
-        segments = path_segments(path)
-        if ttl_ms:
-            self._store.apply(stamp, op, segments, value, ttl_ms)
-        else:
-            self._store.apply(stamp, op, segments, value)
-        if self._watches:
-            self._notify(tuple(segments), op, origin)
-
-    def _catch_up(
-        self,
-        link: _PeerLink,
-        theirs: dict[int, int],
-        previous: dict[int, int] | None,
-        peer_id: int,
-        bound: dict[int, int],
-    ) -> dict[int, int]:
-        """Send a peer what it lacks of what we had by ``bound``; return the next bound.
-
-        After the first report on a connection, only origins on which the peer made no
-        progress since its previous report are resent: a peer that is merely behind (busy
-        applying a burst) gets nothing twice; one whose link from an origin is broken, or
-        whose origin died, gets what it lacks.
-        """
-        if link.snapshot_vector is not None:
-            return dict(self._progress.applied)  # it is still merging the snapshot we sent
-        self._flush_outbox()  # own operations up to ``bound`` must be in the log
-        if previous is not None:
-            bound = {o: b for o, b in bound.items() if theirs.get(o, 0) <= previous.get(o, 0)}
-        frames = self._log.missing(theirs, bound, exclude=peer_id)
-        if frames is not None and sum(map(len, frames)) > self.max_queue_bytes // 2:
-            frames = None  # too much to queue: the snapshot bypasses the queue limit
-        if frames is None:
-            log.info("peer %s missed too much to resend: sending a snapshot", link.name)
-            link.resync()
-        elif frames:
-            log.debug("peer %s: resending %d operations it missed", link.name, len(frames))
-            link.relayed_frames += len(frames)
-            # Own frames are logged with their newline, received ones without.
-            link.enqueue(b"".join(f if f[-1:] == b"\n" else f + b"\n" for f in frames))
-        return dict(self._progress.applied)
+        """Decode one read's bytes (``feed``) and hand its frames to the engine."""
+        self._engine.receive(inbound, feed(data), decoder.frames, time.monotonic())
 
     # -- housekeeping: down peers and forgetting old metadata ---------------------------------
 
@@ -2719,32 +2164,8 @@ class Collective(_Member):
                 self._internal_error("the housekeeping sweep")  # and again next interval
 
     def _housekeep(self) -> None:
-        """One round of ``_housekeeping``."""
-        now = time.monotonic()
-        asked = self._snapshot_link
-        patience = max(_SNAPSHOT_PATIENCE, 10 * self.sync_interval)
-        if asked is not None and not self.synced and now - self._snapshot_asked_at > patience:
-            # No answer yet, or no frame of it for a while (a connection that died
-            # unnoticed, a peer that is stuck): ask again, preferably someone else. (Not
-            # while frames come: a second holder would export and send all of it again, and
-            # the two streams share the CPU, the joiner merging both.)
-            asked.requested_snapshot = False
-            self._snapshot_link = None
-            self._request_snapshot(avoid=asked)
-        for link in self._links.values():
-            if not link.down and now - link.last_heard > self.down_timeout:
-                link.down = True
-                if link.peer_id is not None:
-                    self._down_ids.add(link.peer_id)
-                log.warning(
-                    "peer %s silent for %gs: declared down (metadata it might have needed "
-                    "is forgotten; if it comes back it must restart empty)",
-                    link.name,
-                    self.down_timeout,
-                )
-        self._forget_logged()
-        self._frontier = self._own_frontier()
-        frontier = self._gc_frontier()
+        """One round of ``_housekeeping``: the engine's, then the store's sweeps in slices."""
+        frontier = self._engine.housekeep(time.monotonic())
         # Expiries every member has passed become real deletes; collect then forgets them.
         self._advance()
         store = self._store
@@ -2760,22 +2181,6 @@ class Collective(_Member):
 
         _in_slices(expire_step)
         _in_slices(collect_step)
-
-    def _forget_logged(self) -> None:
-        """Drop from the log what every peer not declared down has applied, as its latest
-        PROGRESS says (a peer's applied only grows while it lives): no catch-up resends it.
-        A peer silent for a while is still counted, with what it had, so its catch-up after
-        a partition finds the rest logged; one declared down comes back empty, or gets a
-        snapshot. So the log holds only what some peer may lack, not ``log_bytes`` of churn
-        (issue 20)."""
-        applied = dict(self._progress.applied)
-        for link in self._links.values():
-            if not link.down:
-                vector = link.peer_vector
-                applied = {
-                    origin: min(seq, vector.get(origin, 0)) for origin, seq in applied.items()
-                }
-        self._log.forget_applied(applied)
 
     def _due_by(self, due_ms: float) -> None:
         """An expiry is due at ``due_ms``: wake the expirer if that is sooner than it knew."""
@@ -2825,43 +2230,3 @@ class Collective(_Member):
             except Exception:
                 self._internal_error("the expirer")
                 gevent.sleep(self.sync_interval)  # a bug: do not retry in a tight loop
-
-    def _own_frontier(self) -> int:
-        """A stamp below which no operation can still reach this node.
-
-        Each member that is not declared down promises that its next operations are newer
-        than its clock (trusted once we hold everything it had sent by then); each past
-        incarnation limits it while a member holds more of its operations than we do; a
-        member never heard from allows nothing; and a member that was never seen cannot
-        make operations older than the clocks allow (``clock_skew``).
-        """
-        progress = self._progress
-        floor = millis_stamp(int((time.time() - self.clock_skew) * 1000))
-        members = [link for link in self._links.values() if not link.down]
-        live = {self.node_id}
-        for link in members:
-            peer = link.peer_id
-            if peer is None or link.peer_promise is None:
-                return 0
-            live.add(peer)
-            if progress.applied.get(peer, 0) >= link.peer_own_seq and not progress.has_gap(peer):
-                floor = min(floor, link.peer_promise)
-            else:
-                floor = min(floor, progress.stamps.get(peer, 0))
-        for origin, seq in progress.applied.items():
-            if origin in live:
-                continue
-            if progress.has_gap(origin) or any(
-                link.peer_vector.get(origin, 0) > seq for link in members
-            ):
-                floor = min(floor, progress.stamps.get(origin, 0))
-        return floor
-
-    def _gc_frontier(self) -> int:
-        """A stamp below which no operation can reach any member (so every replica already
-        holds every operation older than it): the minimum of everyone's frontier."""
-        frontier = self._frontier
-        for link in self._links.values():
-            if not link.down:
-                frontier = min(frontier, link.peer_frontier)
-        return frontier

@@ -6,6 +6,7 @@ import gc
 import os
 import subprocess
 import sys
+import time
 
 import gevent
 import pytest
@@ -411,7 +412,7 @@ def test_a_progress_report_covers_the_operations_not_yet_sent(node):
     they hold what the vector says."""
     for i in range(5):
         node.set(f"loop.k{i}", i)
-    (message,) = FrameDecoder(1 << 20).feed(node._progress_frame())
+    (message,) = FrameDecoder(1 << 20).feed(node._engine.progress_frame(time.monotonic()))
     vector, _, promise, _ = parse_progress(message)
     ((origin, seq, stamp),) = vector
     assert (origin, seq) == (node.node_id, 5)

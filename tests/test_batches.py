@@ -73,7 +73,7 @@ def test_loop_batches_arriving_out_of_order_are_applied_once_whole():
         decoder = FrameDecoder(1 << 20)
         for frame in (frames[1], frames[0], frames[1]):
             (message,) = decoder.feed(frame)
-            node._apply_ops(message, decoder.frames[0])
+            node._engine.apply_ops(message, decoder.frames[0])
         assert node.get("p") == {f"k{i}": i for i in range(40)}
         assert node.applied_ops == 40
     finally:

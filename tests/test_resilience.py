@@ -51,11 +51,11 @@ def _inject(where: str, monkeypatch: Any, a: Collective, b: Collective) -> Fault
     """A fault in ``a``'s ``where`` (``b``'s reader of ``a`` for "reader")."""
     if where == "writer":  # PROGRESS is built in the writer's loop, every sync_interval
         link = a._links[b.local]
-        return Fault(monkeypatch, a, "_progress_frame", lambda: link.greenlet)
+        return Fault(monkeypatch, a._engine, "progress_frame", lambda: link.greenlet)
     if where == "reader":
-        return Fault(monkeypatch, b, "_apply_ops")
+        return Fault(monkeypatch, b._engine, "apply_ops")
     if where == "flush":
-        return Fault(monkeypatch, a, "_encode_batch")
+        return Fault(monkeypatch, a._engine, "encode_batch")
     if where == "sweep":
         return Fault(monkeypatch, a._store, "collect")
     assert where == "expirer"

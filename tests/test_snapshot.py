@@ -11,8 +11,9 @@ import gevent
 import pytest
 from cluster import LocalMembers, free_ports, wait_for
 
-from gcollective import Collective, _node
+from gcollective import Collective, _engine
 from gcollective._clock import new_node_id
+from gcollective._peerstate import Snapshot
 
 FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
 
@@ -20,7 +21,7 @@ FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
 @pytest.fixture
 def small_frames(monkeypatch):
     """Snapshot frames of about 2 KB, so a small tree goes out in hundreds of them."""
-    monkeypatch.setattr(_node, "_SNAPSHOT_FRAME_BYTES", 2048)
+    monkeypatch.setattr(_engine, "SNAPSHOT_FRAME_BYTES", 2048)
 
 
 def test_a_snapshot_in_many_frames_under_writes_loses_nothing(small_frames):
@@ -78,17 +79,17 @@ def test_a_stream_cut_by_a_lost_connection_starts_over(small_frames, monkeypatch
     holder.start(timeout=1)
     joiner = None
     cut: list[int] = []
-    frames_of = Collective._snapshot_frames
+    frames_of = _engine.Engine._snapshot_frames
 
     def cut_after_five(self, keys, end):
         # The first stream loses its connection after five frames went out.
         for number, frame in enumerate(frames_of(self, keys, end)):
             if number == 5 and not cut:
                 cut.append(number)
-                self._links[("127.0.0.1", joiner_port)].drop_connection()
+                self.peers[("127.0.0.1", joiner_port)].drop_connection()
             yield frame
 
-    monkeypatch.setattr(Collective, "_snapshot_frames", cut_after_five)
+    monkeypatch.setattr(_engine.Engine, "_snapshot_frames", cut_after_five)
     try:
         for i in range(2000):
             holder.set((f"k{i}", "v"), i)
@@ -114,8 +115,8 @@ def test_an_owed_snapshot_is_settled_by_a_complete_report_and_catch_up_resumes()
         link = a._links[b.local]
         wait_for(lambda: link.peer_id is not None and link.reports > 0 and b.synced)
         # As if b had asked a for a snapshot and then merged another member's instead.
+        link.snapshot = Snapshot.OWED
         link.snapshot_vector = {new_node_id(): 5}
-        link.snapshot_due = True
         sent = link.snapshots_sent
         a.set("missed", 1)
         a._flush_outbox()
@@ -154,7 +155,7 @@ def _building_a_snapshot_frame() -> bool:
     """Whether the code running now (a GC callback's caller) is building a snapshot frame."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _node.Collective._snapshot_frames.__code__:
+        if frame.f_code is _engine.Engine._snapshot_frames.__code__:
             return True
         frame = frame.f_back
     return False
@@ -213,8 +214,8 @@ def test_a_joiner_waits_for_a_long_snapshot_that_keeps_coming(small_frames, monk
     when that one is answering, only at length: a second holder would export and send it all
     again, sharing the CPU with the first, and the joiner would merge both."""
     patience = 0.3
-    monkeypatch.setattr(_node, "_SNAPSHOT_PATIENCE", patience)
-    frames_of = Collective._snapshot_frames
+    monkeypatch.setattr(_engine, "SNAPSHOT_PATIENCE", patience)
+    frames_of = _engine.Engine._snapshot_frames
     frames_sent: list[int] = []
 
     def slow_frames(self, keys, end):
@@ -225,7 +226,7 @@ def test_a_joiner_waits_for_a_long_snapshot_that_keeps_coming(small_frames, monk
             gevent.sleep(patience / 10)
             yield frame
 
-    monkeypatch.setattr(Collective, "_snapshot_frames", slow_frames)
+    monkeypatch.setattr(_engine.Engine, "_snapshot_frames", slow_frames)
     options = {"sync_interval": patience / 10, "backoff_max": 0.2}
     ports = free_ports(3)
     addresses = [f"127.0.0.1:{port}" for port in ports]

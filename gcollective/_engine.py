@@ -1,0 +1,930 @@
+"""The replication protocol without I/O: what to send each peer, and what to do with what came.
+
+The engine never touches gevent, sockets or the clocks itself. Time comes in as arguments
+(``now``: monotonic seconds; the wall clock through the injected ``wall_ns``, the same one the
+``HybridClock`` reads), frames come in already decoded (``receive``), frames go out as bytes
+queued on each ``Peer`` (``pending``, drained by the shell through ``data_to_send``), and what
+the engine needs from the shell (wake a writer, end a connection, schedule a flush) goes
+through a few hooks. So the same engine runs in a member (``_node.Collective``, the gevent
+shell) and in the deterministic simulation (``tests/simulation.py``), which wires several of
+them through a simulated network and clock.
+
+What it decides:
+
+- the outbox of own operations: numbered, encoded once as OPS frames, logged and queued for
+  every peer (``flush``), at most every ``COALESCE_SECONDS`` while writes keep coming;
+- what arrives after a connection's HELLO (``connection_made``, then ``receive``): OPS applied
+  (repeats skipped, sequence clashes detected), PROGRESS reports (catch-up from the log, or a
+  snapshot when the log no longer covers the gap), SNAPSHOT frames merged, SNAPSHOT_END;
+  every stamp checked against ``clock_skew`` first;
+- snapshots: asked for by a joiner (one peer at a time, another after ``SNAPSHOT_PATIENCE``
+  of silence), streamed by a holder frame by frame, owed until the peer reports complete
+  (``_peerstate`` holds that life cycle's states and transitions);
+- housekeeping (``housekeep``): peers silent for ``down_timeout`` declared down, the log
+  forgotten up to what every live peer applied, and the frontier below which no operation
+  can still arrive (the store's sweeps then run to it, driven by the shell in slices).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from itertools import repeat
+from operator import rshift
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from ._auth import encode_refusal
+from ._clock import NODE_BITS, HybridClock, millis_stamp, stamp_lead
+from ._errors import ProtocolError
+from ._oplog import OpLog, Progress
+from ._peerstate import OWED_STATES, STREAMING_STATES, Event, Snapshot, next_state
+from ._store import SET, Store
+from ._validate import format_address
+from ._wire import (
+    OPS,
+    PROGRESS,
+    SNAPSHOT,
+    SNAPSHOT_END,
+    SNAPSHOT_REQUEST,
+    SNAPSHOT_REQUEST_FRAME,
+    WANTS_SNAPSHOT,
+    Hello,
+    encode_hello,
+    encode_ops,
+    encode_progress,
+    encode_snapshot_end,
+    encode_snapshot_parts,
+    full_paths,
+    join_snapshot,
+    parse_ops,
+    parse_progress,
+    parse_snapshot_items,
+    parse_vector,
+    path_segments,
+)
+
+__all__ = ["Engine", "Inbound", "Peer"]
+
+log = logging.getLogger("gcollective")
+
+# A snapshot goes out in SNAPSHOT frames of about this size, each built when the previous one
+# was sent: the holder exports, the wire carries and the joiner merges at the same time.
+SNAPSHOT_FRAME_BYTES = 1 << 20
+# A joiner asks another peer for a snapshot when the one it asked sent none of it for this
+# long (or ten sync intervals if longer): silence, not the length of a big snapshot.
+SNAPSHOT_PATIENCE = 5.0
+# A greenlet that sets without yielding gets its operations sent in batches of this many.
+OUTBOX_LIMIT = 1024
+OUTBOX_ITEMS = 3 * OUTBOX_LIMIT  # (the outbox holds three items per operation)
+# After a batch went out, the next one waits until this much time has passed, so a steady
+# stream of sets goes out in a few frames per millisecond rather than one frame per set (each
+# frame costs a wake-up and a syscall per peer, and a decode on each peer). An idle node sends
+# at once.
+COALESCE_SECONDS = 0.001
+
+_Result = TypeVar("_Result")
+
+
+def without_gc(call: Callable[..., _Result], *args: Any) -> _Result:
+    """``call(*args)`` with the cyclic GC paused (the app's own setting is given back), for
+    work that does not yield and makes a mass of young lists it frees before it returns:
+    every collection triggered meanwhile would walk them again, and the full collections
+    they trigger walk the whole store. Refcounting frees them: nothing in them makes a cycle."""
+    collecting = gc.isenabled()
+    if collecting:
+        gc.disable()
+    try:
+        return call(*args)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def refusal(message: str, category: str) -> ProtocolError:
+    """A ``ProtocolError`` of ``category`` (see ``RefusalLog``)."""
+    error = ProtocolError(message)
+    error.category = category
+    return error
+
+
+class ClockSkew(ProtocolError):
+    """A peer sent a stamp more than ``clock_skew`` ahead of this node's wall clock (its
+    connection is refused: see ``Engine.check_clock``)."""
+
+    reply = encode_refusal("clock-skew")
+
+    def __init__(self, message: str, peer_id: int) -> None:
+        super().__init__(message)
+        self.peer_id = peer_id
+
+
+class Peer:
+    """One peer as the protocol sees it: what is queued for it, what it reported, and the
+    snapshot this node owes it (``snapshot``, a ``_peerstate.Snapshot``).
+
+    The shell's link to the peer is a subclass: it overrides the three hooks below, through
+    which the engine asks for I/O.
+    """
+
+    def __init__(self, engine: Engine, address: tuple[str, int], now: float) -> None:
+        self.engine = engine
+        self.address = address
+        self.name = format_address(address)
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.pending_ops = 0  # own or relayed operations in ``pending`` (not catch-up)
+        self.progress_due = False  # set every sync_interval by the connection's ticker
+        self.connected = False  # our connection to it is up (its HELLO went out)
+        self.connects = 0
+        self.peer_id: int | None = None  # from the peer's HELLO on its link to us
+        # From the peer's latest PROGRESS (see Engine.gc_frontier).
+        self.peer_vector: dict[int, int] = {}
+        self.peer_stamps: dict[int, int] = {}  # the stamp at each of those (for metrics)
+        self.peer_promise: int | None = None
+        self.peer_frontier = 0
+        self.peer_own_seq = 0
+        self.reports = 0  # PROGRESS frames received on the peer's current connection
+        self.last_heard = now
+        self.last_report = now  # the last PROGRESS accepted (or the start)
+        self.down = False
+        self.snapshot = Snapshot.NONE
+        # While a snapshot is owed: the version vector it holds at least.
+        self.snapshot_vector: dict[int, int] | None = None
+        self.snapshot_stream: Iterator[bytes] | None = None  # its frames still to build
+        self._overflow_logged_at = -1
+        self.overflows = 0
+        self.snapshots_sent = 0
+        self.relayed_frames = 0
+
+    # -- hooks: what the engine asks of the shell ---------------------------------------------
+
+    def data_ready(self) -> None:
+        """Something is pending: wake whoever sends to the peer."""
+
+    def drop_connection(self) -> None:
+        """End the current connection to the peer (it is redialled)."""
+
+    def redial_now(self) -> None:
+        """The peer is up (it just connected to us): skip any backoff before dialling it."""
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _move(self, event: Event) -> None:
+        """Change ``snapshot`` as the transition table says (see ``_peerstate``)."""
+        state = self.snapshot = next_state(self.snapshot, event)
+        if state not in OWED_STATES:
+            self.snapshot_vector = None
+        if state not in STREAMING_STATES:
+            self.snapshot_stream = None
+
+    @property
+    def snapshot_owed(self) -> bool:
+        """A snapshot was sent (or is being sent) and the peer has not reported it merged."""
+        return self.snapshot in OWED_STATES
+
+    @property
+    def requested_snapshot(self) -> bool:
+        """This node asked the peer for a snapshot and waits for it."""
+        return self.engine.snapshot_peer is self
+
+    @property
+    def busy(self) -> bool:
+        """True while something is queued for the peer."""
+        return bool(self.pending) or self.snapshot_stream is not None
+
+    def enqueue(self, frame: bytes, ops: int = 0) -> None:
+        """Queue a frame (carrying ``ops`` operations); never blocks. A peer that lets too
+        much pile up is dropped: the catch-up by version vectors (or a snapshot) brings it
+        back up to date later."""
+        self.pending.append(frame)
+        self.pending_bytes += len(frame)
+        self.pending_ops += ops
+        limit = self.engine.max_queue_bytes
+        if self.pending_bytes > limit:
+            self.overflows += 1
+            # Once per connection at WARNING: a stuck peer would otherwise repeat it forever.
+            (log.warning if self.connects > self._overflow_logged_at else log.debug)(
+                "peer %s: more than %d bytes queued; dropping them and the connection "
+                "(it catches up once it keeps pace)",
+                self.name,
+                limit,
+            )
+            self._overflow_logged_at = self.connects
+            self.pending = []
+            self.pending_bytes = self.pending_ops = 0
+            if self.snapshot in STREAMING_STATES:
+                self._move(Event.CONNECTION_LOST)  # (sent again on the next connection)
+            self.drop_connection()
+        self.data_ready()
+
+    def resync(self, now: float) -> None:
+        """Replace what is pending by a full snapshot (which holds all of it, and more).
+
+        The snapshot's frames are built one at a time as the writer sends them (see
+        ``Engine.snapshot_stream``); their bytes do not count against ``max_queue_bytes``.
+        """
+        stream, vector = self.engine.snapshot_stream(now)
+        log.info("peer %s: sending a snapshot", self.name)
+        self.pending = []
+        self.pending_bytes = self.pending_ops = 0
+        self._move(Event.START)
+        self.snapshot_stream = stream
+        self.snapshot_vector = vector
+        self.snapshots_sent += 1
+        self.data_ready()
+
+    def next_snapshot_frame(self) -> bytes | None:
+        """The next frame of the stream (built now), or ``None`` once it is all out."""
+        stream = self.snapshot_stream
+        if stream is None:
+            return None
+        # Building a frame exports and encodes top-level items (a full node's export, its
+        # leaves as columns): a holder of 500k small dicts spent about two thirds of its
+        # snapshot's time in the GC.
+        frame = without_gc(next, stream, None)
+        if frame is None:
+            self._move(Event.STREAMED)
+        return frame
+
+
+class Inbound:
+    """One connection from a peer, after its HELLO: who sent it and the catch-up bound."""
+
+    __slots__ = ("peer", "peer_id", "sent_bound")
+
+    def __init__(self, peer: Peer | None, peer_id: int, sent_bound: dict[int, int]) -> None:
+        self.peer = peer  # None past the bound on announced links
+        self.peer_id = peer_id
+        # What we had when the peer connected bounds the first catch-up: later operations
+        # are on their way to it already.
+        self.sent_bound = sent_bound
+
+
+def _ignore(*args: Any) -> None:
+    pass
+
+
+class Engine:
+    """The replication protocol of one member (see the module docstring)."""
+
+    def __init__(
+        self,
+        node_id: int,
+        store: Store,
+        clock: HybridClock,
+        *,
+        wall_ns: Callable[[], int],
+        advertise: tuple[str, int],
+        log_bytes: int,
+        max_frame: int,
+        max_queue_bytes: int,
+        sync_interval: float,
+        down_timeout: float,
+        clock_skew: float,
+    ) -> None:
+        self.node_id = node_id
+        self.store = store
+        self.clock = clock
+        self.wall_ns = wall_ns
+        self.advertise = advertise
+        self.max_frame = max_frame
+        self.max_queue_bytes = max_queue_bytes
+        self.sync_interval = sync_interval
+        self.down_timeout = down_timeout
+        self.clock_skew = clock_skew
+        self.peers: dict[tuple[str, int], Any] = {}  # address -> Peer (the shell's links)
+        self.seq = 0  # own operations numbered (and in the log) so far
+        # Own operations applied but not yet encoded, numbered from ``seq + 1``: stamp, wire
+        # path and value of each, in one flat list (one in-place add per operation, the
+        # cheapest append there is), and (index, op, ttl_ms) of the few that are not plain
+        # SETs. The lists are emptied in place: the shell's hot paths hold them.
+        self.outbox: list[Any] = []
+        self.out_special: list[tuple[int, int, int]] = []
+        self.flushed_at = float("-inf")  # when the outbox was last encoded and queued
+        self.progress = Progress()
+        self.log = OpLog(log_bytes)
+        self.down_ids: set[int] = set()  # incarnations declared down: refused from then on
+        self.frontier = 0  # no operation older than this can still reach this node
+        self.synced = False  # a peer's whole state was merged
+        self.ready = False  # the shell's start() returned (or may): reports may say complete
+        self.stopping = False  # the shell is stopping: ask nobody for anything any more
+        self.snapshot_peer: Peer | None = None  # the peer asked for a snapshot
+        self.snapshot_asked_at = 0.0
+        self.received_frames = 0
+        self.received_ops = 0
+        self.snapshots_merged = 0  # whole states received from peers and merged
+        self.applied_ops = 0
+        self.sequence_clashes = 0  # see _sequence_clash
+        # Watches: the shell's list (replaced, never changed in place; empty: nobody
+        # watches) and how to tell them of a received operation or a merge.
+        self.watches: list[Any] = []
+        self.notify: Callable[[tuple[str, ...], int, int], None] = _ignore
+        self.merge_watched: Callable[[list[Any]], None] = store.merge
+        # Hooks into the shell: an expiry due at this wall-clock ms; the outbox got its first
+        # operation; a peer's state was merged; a bug was caught (with its place); a warning
+        # a stranger could repeat at will (category, message, args).
+        self.due_by: Callable[[float], None] = _ignore
+        self.schedule_flush: Callable[[], None] = _ignore
+        self.flush_now: Callable[[], None] = _ignore  # (the outbox is full: flush it now)
+        self.on_synced: Callable[[], None] = _ignore
+        self.on_internal_error: Callable[[str], None] = _ignore
+        self.notice: Callable[..., None] = _ignore
+
+    # -- own operations ----------------------------------------------------------------------
+
+    def apply_local(
+        self, stamp: int, op: int, path: tuple[str, ...], value: Any, wire: Any, ttl_ms: int = 0
+    ) -> None:
+        """Apply an own operation, put it in the outbox and tell the watches (``wire``: its
+        path as it travels)."""
+        if ttl_ms:
+            self.store.apply(stamp, op, path, value, ttl_ms)
+        else:
+            self.store.apply(stamp, op, path, value)
+        self.send_own(stamp, op, wire, value, ttl_ms)
+        if self.watches:
+            self.notify(path, op, self.node_id)
+
+    def send_own(self, stamp: int, op: int, wire: Any, value: Any, ttl_ms: int = 0) -> None:
+        """Put an own operation, applied already, in the outbox. The shell's ``set`` and
+        ``incr`` do the same inline for their common cases."""
+        outbox = self.outbox
+        if op or ttl_ms:
+            self.out_special.append((len(outbox) // 3, op, ttl_ms))
+        outbox += (stamp, wire, value)
+        if len(outbox) == 3:
+            self.schedule_flush()
+        elif len(outbox) >= OUTBOX_ITEMS:
+            self.flush_now()
+
+    def flush_at(self) -> float:
+        """When (monotonic) the outbox, which just got its first operation, should go out: at
+        once after a quiet while, else ``COALESCE_SECONDS`` after the last batch."""
+        return self.flushed_at + COALESCE_SECONDS
+
+    def flush(self, now: float) -> None:
+        """Number the operations of the outbox, encode them as OPS frames (once), log them
+        and queue them for every peer; the own entry of the progress moves with them.
+
+        Cheap when the outbox is empty, so anything that needs the log, the queues or the
+        own progress current calls it first. ``now`` (monotonic) starts the next coalescing
+        wait (see ``flush_at``).
+        """
+        outbox = self.outbox
+        if not outbox:
+            return
+        self.flushed_at = now
+        stamps = outbox[0::3]
+        columns = self._columns(stamps, outbox)
+        outbox.clear()
+        numbered_from = self.seq + 1
+        frames: list[tuple[int, int, bytes]] = []
+        try:
+            self.encode_batch(numbered_from, columns, frames)
+        except Exception:
+            # A bug: these operations cannot go out as OPS. They stay unnumbered (no gap in
+            # what peers expect next) and reach every peer in a snapshot, which holds them.
+            self.on_internal_error("the flush of own operations")
+            for peer in self.peers.values():
+                peer.resync(now)
+            return
+        self.seq += len(stamps)
+        node_id = self.node_id
+        self.progress.applied[node_id] = self.seq
+        self.progress.stamps[node_id] = stamps[-1]
+        peers = self.peers.values()
+        add_to_log = self.log.add
+        for first, last, frame in frames:
+            add_to_log(node_id, first, last, frame)
+            for peer in peers:
+                peer.enqueue(frame, last - first + 1)
+
+    def _columns(self, stamps: list[int], outbox: list[Any]) -> tuple[list[Any], ...]:
+        """The outbox as the OPS frame's columns (hlcs, ops, paths, values, and ttls if any)."""
+        size = len(stamps)
+        ops: list[int] = [SET] * size
+        ttls: list[int] | None = None
+        special = self.out_special
+        if special:
+            for index, op, ttl_ms in special:
+                ops[index] = op
+                if ttl_ms:
+                    if ttls is None:
+                        ttls = [0] * size
+                    ttls[index] = ttl_ms
+            special.clear()
+        columns: tuple[list[Any], ...] = (
+            list(map(rshift, stamps, repeat(NODE_BITS))),
+            ops,
+            outbox[1::3],
+            outbox[2::3],
+        )
+        if ttls is not None:
+            columns += (ttls,)
+        return columns
+
+    def encode_batch(
+        self, first: int, columns: tuple[list[Any], ...], out: list[tuple[int, int, bytes]]
+    ) -> None:
+        """OPS frames for the operations in ``columns``, numbered from ``first``, halved
+        until each frame is well under what a peer accepts (``max_frame``)."""
+        size = len(columns[0])
+        frame = encode_ops(self.node_id, first, *columns)
+        if len(frame) > self.max_frame // 4 and size > 1:
+            half = size // 2
+            self.encode_batch(first, tuple(c[:half] for c in columns), out)
+            self.encode_batch(first + half, tuple(c[half:] for c in columns), out)
+        else:
+            out.append((first, first + size - 1, frame))
+
+    # -- what goes out -----------------------------------------------------------------------
+
+    def progress_frame(self, now: float) -> bytes:
+        """A PROGRESS frame: what this node applied, whether it holds a whole state, its
+        clock's promise and its frontier."""
+        self.flush(now)  # the own entry of the progress moves when the outbox is flushed
+        complete = self.ready and (self.synced or self.snapshot_peer is None)
+        return encode_progress(
+            self.progress.vector(), complete, self.clock.promise(), self.frontier
+        )
+
+    def snapshot_stream(self, now: float) -> tuple[Iterator[bytes], dict[int, int]]:
+        """A snapshot of the whole state: an iterator of SNAPSHOT frames ending with
+        SNAPSHOT_END, and the version vector it holds at least.
+
+        The vector is taken now; the top-level keys are exported one by one as the frames are
+        built, later. The store only ever learns more, so each slice holds everything the
+        vector says and maybe more (which the peer then receives twice, harmlessly).
+        """
+        self.flush(now)
+        end = encode_snapshot_end(self.progress.vector())
+        keys = self.store.top_level_keys()
+        return self._snapshot_frames(keys, end), dict(self.progress.applied)
+
+    def _snapshot_frames(self, keys: list[str], end: bytes) -> Iterator[bytes]:
+        export_item = self.store.export_item
+        # Frames of about the target size, well under what the peer accepts: a subtree
+        # longer than that goes in pieces (only a single value can make a frame longer,
+        # and ``set`` refused values that would not fit in ``max_frame``).
+        target = min(SNAPSHOT_FRAME_BYTES, self.max_frame // 2)
+        parts: list[bytes] = []
+        size = 0
+        for key in keys:
+            item = export_item(key, copy=False)  # (encoded before anything can change)
+            if item is None:
+                continue  # forgotten since (a tombstone nothing can reach any more)
+            for part in encode_snapshot_parts(item, target):
+                if parts and size + len(part) > target:
+                    yield join_snapshot(parts)
+                    parts = []
+                    size = 0
+                parts.append(part)
+                size += len(part)
+        if parts:
+            yield join_snapshot(parts)
+        yield end
+
+    def data_to_send(self, peer: Peer, now: float) -> tuple[list[bytes], int]:
+        """What to send the peer now, taken off its queue (empty: nothing), and how many
+        operations (own or relayed) it carries: what is pending, PROGRESS if due, else the
+        next frame of a snapshot stream."""
+        self.flush(now)  # normally done already, by the shell's scheduled flush
+        if peer.progress_due:
+            peer.progress_due = False
+            peer.pending.append(self.progress_frame(now))
+        if not peer.pending and peer.snapshot_stream is not None:
+            frame = peer.next_snapshot_frame()
+            if frame is not None:
+                peer.pending.append(frame)
+        batch = peer.pending
+        if not batch:
+            return batch, 0
+        ops = peer.pending_ops
+        peer.pending = []
+        peer.pending_bytes = peer.pending_ops = 0
+        return batch, ops
+
+    # -- our connection to a peer ------------------------------------------------------------
+
+    def link_up(self, peer: Peer, now: float) -> bytes:
+        """Our connection to ``peer`` is up (secured): its first bytes, HELLO (asking for a
+        snapshot if this node still needs one and asked nobody) and PROGRESS."""
+        flags = 0
+        if not self.synced and self.snapshot_peer is None:
+            flags |= WANTS_SNAPSHOT
+            self.snapshot_peer = peer
+            self.snapshot_asked_at = now
+            log.info("peer %s: asking it for a snapshot", peer.name)
+        hello = encode_hello(self.node_id, self.advertise[0], self.advertise[1], flags)
+        peer.connects += 1
+        peer.connected = True
+        if peer.snapshot is Snapshot.OWED:
+            peer.resync(now)  # the last one was lost with its connection
+        return hello + self.progress_frame(now)
+
+    def link_failed(self, peer: Peer, now: float) -> None:
+        """An attempt to reach ``peer``, or our connection to it, failed: a snapshot asked of
+        it is asked of another."""
+        peer.connected = False
+        if self.snapshot_peer is peer:
+            self.snapshot_peer = None
+            self.request_snapshot(now)
+
+    def stream_lost(self, peer: Peer) -> None:
+        """Our connection to ``peer`` ended: frames of a stream went down with it (a new
+        connection starts it over, while it is owed)."""
+        if peer.snapshot in STREAMING_STATES:
+            peer._move(Event.CONNECTION_LOST)
+
+    def add_peer(self, peer: Peer) -> None:
+        self.peers[peer.address] = peer
+
+    def forget_peer(self, peer: Peer, now: float) -> None:
+        """Stop replicating to ``peer`` (its address was forgotten); re-ask a snapshot."""
+        if self.peers.get(peer.address) is peer:
+            del self.peers[peer.address]
+        if self.snapshot_peer is peer:
+            self.snapshot_peer = None
+            self.request_snapshot(now)
+
+    def request_snapshot(self, now: float, avoid: Peer | None = None) -> None:
+        """Ask a connected peer for its state (another than ``avoid`` if there is one), after
+        the one asked first went away or did not answer in time."""
+        if self.synced or self.stopping:
+            return
+        connected = [peer for peer in self.peers.values() if peer.connected]
+        others = [peer for peer in connected if peer is not avoid]
+        for peer in others or connected:
+            self.snapshot_peer = peer
+            self.snapshot_asked_at = now
+            log.info("peer %s: asking it for a snapshot", peer.name)
+            peer.enqueue(SNAPSHOT_REQUEST_FRAME)
+            return
+
+    # -- a connection from a peer ------------------------------------------------------------
+
+    def connection_made(self, peer: Peer | None, hello: Hello, now: float) -> Inbound:
+        """A peer's connection to us sent ``hello`` (checked by the shell): note who it is
+        and report our progress at once, so its catch-up starts."""
+        if peer is not None:
+            if peer.peer_id is not None and peer.peer_id != hello.node_id:
+                # Our connection may still go to the old incarnation, whose kernel would take
+                # bytes it will never read: start a new one.
+                log.info("peer %s restarted (new incarnation %x)", peer.name, hello.node_id)
+                peer._move(Event.RESTARTED)
+                peer.drop_connection()
+            peer.peer_id = hello.node_id
+            peer.reports = 0
+            peer.down = False
+            peer.last_heard = now
+            peer.redial_now()
+            # A new connection means the peer may have missed what was in flight on its
+            # last one: report our progress now, not at the next tick.
+            peer.progress_due = True
+            peer.data_ready()
+            if hello.flags & WANTS_SNAPSHOT:
+                peer.resync(now)
+        return Inbound(peer, hello.node_id, dict(self.progress.applied))
+
+    def receive(
+        self, inbound: Inbound, messages: list[Any], frames: list[bytes], now: float
+    ) -> None:
+        """Apply a batch of decoded frames (``frames``: their bytes) from one connection."""
+        self.received_frames += len(messages)
+        peer = inbound.peer
+        peer_id = inbound.peer_id
+        for index, message in enumerate(messages):
+            if type(message) is not list or not message:
+                raise ProtocolError("frame is not a non-empty JSON array")
+            kind = message[0]
+            if kind == OPS:
+                self.apply_ops(message, frames[index], peer, peer_id)
+            elif kind == PROGRESS:
+                self._receive_progress(message, inbound, now)
+            elif kind == SNAPSHOT:
+                self._receive_snapshot(message, peer, peer_id, now)
+            elif kind == SNAPSHOT_END:
+                self._receive_snapshot_end(message)
+            elif kind == SNAPSHOT_REQUEST:
+                if peer is not None:
+                    peer.resync(now)
+            else:
+                raise ProtocolError(f"unknown message type {kind!r}")
+
+    def _receive_progress(self, message: list[Any], inbound: Inbound, now: float) -> None:
+        vector, complete, promise, frontier = parse_progress(message)
+        peer, peer_id = inbound.peer, inbound.peer_id
+        self.check_clock(promise, "a PROGRESS frame (its clock)", peer, peer_id)
+        if peer is None or peer.peer_id != peer_id:
+            return
+        if peer.reports == 0:
+            self._check_peer_clock_behind(promise, peer)
+        theirs = {origin: seq for origin, seq, _ in vector}
+        # The previous report on this same connection, to see what stalled.
+        previous = peer.peer_vector if peer.reports > 0 else None
+        peer.reports += 1
+        peer.peer_vector = theirs
+        peer.peer_stamps = {origin: stamp for origin, _, stamp in vector}
+        peer.peer_promise = promise
+        peer.peer_own_seq = theirs.get(peer_id, 0)
+        peer.peer_frontier = frontier
+        peer.last_heard = peer.last_report = now
+        if complete:
+            # A joiner reports complete once it merged a snapshot, ours or another member's:
+            # ours is no longer owed, and the catch-up below sends whatever it still lacks
+            # (or a snapshot, if the log cannot).
+            peer._move(Event.COMPLETE)
+            inbound.sent_bound = self.catch_up(peer, theirs, previous, inbound.sent_bound, now)
+
+    def _receive_snapshot(
+        self, message: list[Any], peer: Peer | None, peer_id: int, now: float
+    ) -> None:
+        if len(message) != 2:
+            raise ProtocolError("SNAPSHOT frame has the wrong length")
+        items, newest = parse_snapshot_items(message[1])
+        self.check_clock(newest, "a SNAPSHOT frame", peer, peer_id)
+        if peer is not None and peer is self.snapshot_peer:
+            self.snapshot_asked_at = now  # it answers: be patient
+        if self.watches:
+            self.merge_watched(items)
+        else:
+            self.store.merge(items)
+        if newest:
+            self.clock.observe(newest)  # our next stamps order after all of it
+        self.due_by(self.store.next_expiry)
+
+    def _receive_snapshot_end(self, message: list[Any]) -> None:
+        if len(message) != 2:
+            raise ProtocolError("SNAPSHOT_END frame has the wrong length")
+        self.progress.merge(parse_vector(message[1]))
+        self.snapshots_merged += 1
+        if not self.synced:
+            log.info("merged a peer's state")
+            self.synced = True
+            self.on_synced()
+
+    def check_clock(
+        self, stamp: int, what: str, peer: Peer | None, peer_id: int, origin: int = 0
+    ) -> None:
+        """Refuse a frame with a stamp more than ``clock_skew`` ahead of our wall clock
+        (``what`` names the frame, ``origin`` the maker of the operations it relays).
+
+        Observing it would drag this node's clock (and, through its stamps, everyone's) ahead
+        for good: ttls would fire late by as much and the metadata sweep would stall, and a
+        forged stamp near the wire's limit would leave no stamp to issue. Refusing costs
+        nothing within the contract (clocks within ``clock_skew`` never send such a stamp);
+        the sender retries, so its operations arrive once the clocks agree (see
+        docs/contract.rst).
+        """
+        lead = stamp_lead(stamp, self.wall_ns())
+        if lead <= self.clock_skew:
+            return
+        if peer is not None and peer.peer_id == peer_id:
+            # A refused connection is no sign of life: a member whose clock stays wrong is
+            # declared down after ``down_timeout``, like a silent one.
+            peer.last_heard = peer.last_report
+        name = peer.name if peer is not None else "?"
+        if origin and origin != peer_id:
+            what = f"{what} (operations of {origin:x})"
+        raise ClockSkew(
+            f"member {name} (id {peer_id:x}) sent {what} stamped {lead:,.3f}s ahead of this "
+            f"node's clock, more than clock_skew ({self.clock_skew:g}s): nothing of it is "
+            "applied until the clocks agree (check both members' clocks, e.g. NTP)",
+            peer_id,
+        )
+
+    def _check_peer_clock_behind(self, promise: int, peer: Peer) -> None:
+        """On a connection's first PROGRESS (sent with HELLO: fresh), warn if the peer's
+        clock is more than ``clock_skew`` behind ours: if ours is the wrong one, the peer
+        refuses our operations, and this says so on our side too."""
+        lag = -stamp_lead(promise, self.wall_ns())
+        if lag > self.clock_skew:
+            log.warning(
+                "peer %s: its clock is %.3fs behind this node's, more than clock_skew (%gs): "
+                "if this node's clock is the wrong one, the peer refuses this node's "
+                "operations until it is fixed (check both members' clocks, e.g. NTP)",
+                peer.name,
+                lag,
+                self.clock_skew,
+            )
+
+    # -- received operations -----------------------------------------------------------------
+
+    def apply_ops(
+        self, message: list[Any], frame: bytes, peer: Peer | None = None, peer_id: int = 0
+    ) -> None:
+        """Apply a received OPS frame (checked whole first), skipping repeats, and log it
+        (``peer`` and ``peer_id``: the connection's, for a refusal's log line)."""
+        origin, first, stamps, ops, paths, values, ttls, parent = parse_ops(message)
+        self.check_clock(stamps.last, "an OPS frame", peer, peer_id, origin)
+        last = first + len(stamps) - 1
+        progress = self.progress
+        done = progress.applied.get(origin, 0)
+        self.received_ops += len(stamps)
+        if first <= done and self._sequence_clash(origin, first, last, done, stamps):
+            # Two senders numbered different operations alike for one origin (a forger, or
+            # two processes with one id): apply the repeats too, rather than drop one
+            # sender's writes for good (the store skips any it holds already, by stamp).
+            paths = full_paths(parent, paths)
+            parent = ""  # the paths are full now
+            repeats = zip(stamps, ops, paths, values, ttls or repeat(0))
+            for _, (stamp, op, path, value, ttl_ms) in zip(range(first, done + 1), repeats):
+                self._apply_received(stamp, op, path, value, ttl_ms, origin)
+            self.clock.observe(stamps[-1])
+            self.due_by(self.store.next_expiry)
+        if last <= done:
+            return  # all repeats (relayed, or also in a snapshot)
+        if ttls is None:
+            ttls = [0] * len(stamps)
+        apply_one = self._apply_received
+        if first == done + 1 and not progress.has_gap(origin):
+            # The normal case: the next operations of this origin, in order.
+            if self.watches or any(ttls):
+                paths = full_paths(parent, paths)
+                for stamp, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
+                    apply_one(stamp, op, path, value, ttl_ms, origin)
+            else:
+                self.store.apply_batch(stamps, ops, paths, values, parent)
+            progress.applied[origin] = last
+            progress.stamps[origin] = stamps[-1]
+            applied = len(stamps)
+        else:
+            accept = progress.accept
+            applied = 0
+            paths = full_paths(parent, paths)
+            for seq, stamp, op, path, value, ttl_ms in zip(
+                range(first, last + 1), stamps, ops, paths, values, ttls
+            ):
+                if accept(origin, seq, stamp):
+                    apply_one(stamp, op, path, value, ttl_ms, origin)
+                    applied += 1
+        self.applied_ops += applied
+        if any(ttls):
+            # Wake the expirer for the soonest expiry the store now holds (its own, computed
+            # once, instead of each operation's in Python).
+            self.due_by(self.store.next_expiry)
+        self.clock.observe(stamps[-1])
+        self.log.add(origin, first, last, frame)  # without its newline: no copy
+
+    def _sequence_clash(
+        self, origin: int, first: int, last: int, done: int, stamps: Sequence[int]
+    ) -> bool:
+        """True, counted and logged, if operations ``first..last`` of ``origin`` (some of them
+        applied already: ``first <= done``) cannot be the ones applied under those numbers:
+        an origin's stamps grow with its numbers, and ``done``'s stamp is known."""
+        known = self.progress.stamps.get(origin)
+        if known is None:
+            return False
+        if last < done:
+            clash = stamps[-1] >= known
+        else:
+            clash = stamps[done - first] != known
+        if clash:
+            self.sequence_clashes += 1
+            self.notice(
+                "sequence-clash",
+                "operations %d..%d of origin %x differ from those applied under the same "
+                "numbers: two senders claim that origin (a member forging another's "
+                "operations, or two processes with one id); applying both",
+                first,
+                last,
+                origin,
+            )
+        return clash
+
+    def _apply_received(
+        self, stamp: int, op: int, path: str | list[str], value: Any, ttl_ms: int, origin: int
+    ) -> None:
+        """Apply one received operation (see ``apply_ops``) and tell the watches."""
+        segments = path_segments(path)
+        if ttl_ms:
+            self.store.apply(stamp, op, segments, value, ttl_ms)
+        else:
+            self.store.apply(stamp, op, segments, value)
+        if self.watches:
+            self.notify(tuple(segments), op, origin)
+
+    def catch_up(
+        self,
+        peer: Peer,
+        theirs: dict[int, int],
+        previous: dict[int, int] | None,
+        bound: dict[int, int],
+        now: float,
+    ) -> dict[int, int]:
+        """Send a peer what it lacks of what we had by ``bound``; return the next bound.
+
+        After the first report on a connection, only origins on which the peer made no
+        progress since its previous report are resent: a peer that is merely behind (busy
+        applying a burst) gets nothing twice; one whose link from an origin is broken, or
+        whose origin died, gets what it lacks.
+        """
+        if peer.snapshot_owed:
+            return dict(self.progress.applied)  # it is still merging the snapshot we sent
+        self.flush(now)  # own operations up to ``bound`` must be in the log
+        if previous is not None:
+            bound = {o: b for o, b in bound.items() if theirs.get(o, 0) <= previous.get(o, 0)}
+        frames = self.log.missing(theirs, bound, exclude=peer.peer_id or 0)
+        if frames is not None and sum(map(len, frames)) > self.max_queue_bytes // 2:
+            frames = None  # too much to queue: the snapshot bypasses the queue limit
+        if frames is None:
+            log.info("peer %s missed too much to resend: sending a snapshot", peer.name)
+            peer.resync(now)
+        elif frames:
+            log.debug("peer %s: resending %d operations it missed", peer.name, len(frames))
+            peer.relayed_frames += len(frames)
+            # Own frames are logged with their newline, received ones without.
+            peer.enqueue(b"".join(f if f[-1:] == b"\n" else f + b"\n" for f in frames))
+        return dict(self.progress.applied)
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def housekeep(self, now: float) -> int:
+        """One round of housekeeping (every ``sync_interval``): ask another peer for a
+        snapshot if the one asked stays silent, declare silent peers down, forget what every
+        live peer has, and move the frontier. Returns the stamp below which no operation can
+        reach any member: the store's sweeps may forget metadata older than it."""
+        asked = self.snapshot_peer
+        patience = max(SNAPSHOT_PATIENCE, 10 * self.sync_interval)
+        if asked is not None and not self.synced and now - self.snapshot_asked_at > patience:
+            # No answer yet, or no frame of it for a while (a connection that died
+            # unnoticed, a peer that is stuck): ask again, preferably someone else. (Not
+            # while frames come: a second holder would export and send all of it again, and
+            # the two streams share the CPU, the joiner merging both.)
+            self.snapshot_peer = None
+            self.request_snapshot(now, avoid=asked)
+        for peer in self.peers.values():
+            if not peer.down and now - peer.last_heard > self.down_timeout:
+                self._declare_down(peer)
+        self.forget_logged()
+        self.frontier = self.own_frontier()
+        return self.gc_frontier()
+
+    def _declare_down(self, peer: Peer) -> None:
+        peer.down = True
+        if peer.peer_id is not None:
+            self.down_ids.add(peer.peer_id)
+        log.warning(
+            "peer %s silent for %gs: declared down (metadata it might have needed "
+            "is forgotten; if it comes back it must restart empty)",
+            peer.name,
+            self.down_timeout,
+        )
+
+    def forget_logged(self) -> None:
+        """Drop from the log what every peer not declared down has applied, as its latest
+        PROGRESS says (a peer's applied only grows while it lives): no catch-up resends it.
+        A peer silent for a while is still counted, with what it had, so its catch-up after
+        a partition finds the rest logged; one declared down comes back empty, or gets a
+        snapshot. So the log holds only what some peer may lack, not ``log_bytes`` of churn
+        (issue 20)."""
+        applied = dict(self.progress.applied)
+        for peer in self.peers.values():
+            if not peer.down:
+                vector = peer.peer_vector
+                applied = {
+                    origin: min(seq, vector.get(origin, 0)) for origin, seq in applied.items()
+                }
+        self.log.forget_applied(applied)
+
+    def own_frontier(self) -> int:
+        """A stamp below which no operation can still reach this node.
+
+        Each member that is not declared down promises that its next operations are newer
+        than its clock (trusted once we hold everything it had sent by then); each past
+        incarnation limits it while a member holds more of its operations than we do; a
+        member never heard from allows nothing; and a member that was never seen cannot
+        make operations older than the clocks allow (``clock_skew``).
+        """
+        progress = self.progress
+        floor = millis_stamp(int((self.wall_ns() / 1e9 - self.clock_skew) * 1000))
+        members = [peer for peer in self.peers.values() if not peer.down]
+        live = {self.node_id}
+        for peer in members:
+            peer_id = peer.peer_id
+            if peer_id is None or peer.peer_promise is None:
+                return 0
+            live.add(peer_id)
+            if progress.applied.get(peer_id, 0) >= peer.peer_own_seq and not progress.has_gap(
+                peer_id
+            ):
+                floor = min(floor, peer.peer_promise)
+            else:
+                floor = min(floor, progress.stamps.get(peer_id, 0))
+        for origin, seq in progress.applied.items():
+            if origin in live:
+                continue
+            if progress.has_gap(origin) or any(
+                peer.peer_vector.get(origin, 0) > seq for peer in members
+            ):
+                floor = min(floor, progress.stamps.get(origin, 0))
+        return floor
+
+    def gc_frontier(self) -> int:
+        """A stamp below which no operation can reach any member (so every replica already
+        holds every operation older than it): the minimum of everyone's frontier."""
+        frontier = self.frontier
+        for peer in self.peers.values():
+            if not peer.down:
+                frontier = min(frontier, peer.peer_frontier)
+        return frontier
