@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import ujson
 
-from ._node import _SLICE_SECONDS, _let_others_run
+from ._server import _SLICE_SECONDS, _let_others_run
 from ._validate import format_address
 from ._wire import DIGEST_BUCKETS
 

@@ -61,7 +61,7 @@ import ujson
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from . import _node
+from . import _server
 from ._errors import InvalidKeyError, InvalidValueError, ProtocolError
 from ._store import MISSING, copy_value, is_number, read_path
 from ._validate import (
@@ -390,7 +390,7 @@ class _Retire(Exception):
     """The member sent New: redial it, as our connection may lead to its previous process."""
 
 
-class _Link(_node._Writer):
+class _Link(_server._Writer):
     """The outgoing side of one member: what is pending for it and the writer that sends it."""
 
     def __init__(self, node: LegacyCollective, address: tuple[str, int], new_flag: bool | None):
@@ -571,7 +571,7 @@ def _refuse_ttl(ttl: Any) -> None:
         )
 
 
-class LegacyCollective(_node._Member):
+class LegacyCollective(_server._Member):
     """A member of a collective.js 0.3.1 collective, with ``Collective``'s public API.
 
     ``local`` is this member's listening address and ``peers`` every member's (``local`` may
@@ -658,7 +658,7 @@ class LegacyCollective(_node._Member):
         self.skipped_messages = 0
         self.accepts_applied = 0
         self.refused_connections = 0
-        self._refusals = _node.RefusalLog()
+        self._refusals = _server.RefusalLog()
         self._member_hosts: set[str] = set()  # see _first_line_deadline
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -699,7 +699,7 @@ class LegacyCollective(_node._Member):
     def _warn_if_exposed(self) -> None:
         """One warning at start when listening beyond loopback: this mode cannot be secured."""
         host = self._server.socket.getsockname()[0] if self._server is not None else ""
-        if not _node._is_loopback(host):
+        if not _server._is_loopback(host):
             log.warning(
                 "listening on %s in collective.js mode, which has no authentication or "
                 "encryption: anyone who can reach this port can read and change all the data; "
@@ -820,7 +820,7 @@ class LegacyCollective(_node._Member):
 
         Containers come back as copies: changing them changes nothing shared.
         """
-        if self._generation != _node._fork_generation:
+        if self._stale:
             self._check_writable()
         if type(key) is str and key and ".." not in key and key[0] != "." and key[-1] != ".":
             return self._store.get(key.split("."), default)
@@ -883,7 +883,7 @@ class LegacyCollective(_node._Member):
 
     def snapshot(self) -> dict[str, Any]:
         """A deep copy of the whole object."""
-        if self._generation != _node._fork_generation:
+        if self._stale:
             self._check_writable()
         return copy_value(self._store.data)
 
@@ -938,7 +938,7 @@ class LegacyCollective(_node._Member):
         recv = sock.recv
         while deadline is not None:
             # A stranger's host: its first line within the handshake timeout.
-            data = _node._recv_before(sock, deadline, "message")
+            data = _server._recv_before(sock, deadline, "message")
             if not data:
                 return
             self.received_bytes += len(data)

@@ -141,7 +141,7 @@ def test_a_listed_joiner_sees_each_change_whichever_way_it_arrives(members):
 def test_snapshot_differences_include_deleted_keys():
     """A merge that removes keys under the prefix reports each as a DELETE (at the level
     where old and new stop being dicts), and one that changes nothing reports nothing."""
-    from gcollective._node import _diff
+    from gcollective._watches import _diff
 
     out: list = []
     _diff(("a",), {"x": 1, "y": {"p": 1}, "z": 2}, {"x": 1, "y": 5}, out)

@@ -1,0 +1,43 @@
+"""Checks of the security options a ``Collective`` takes (the rest are checked by
+``_validate``'s helpers in ``Collective.__init__``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def _check_secret(secret: Any) -> bytes | None:
+    """The secret as bytes (str is UTF-8), or ``None``; ``TypeError`` / ``ValueError`` if it
+    cannot be one. Never put the secret itself in a message."""
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    elif isinstance(secret, (bytes, bytearray)):
+        secret = bytes(secret)
+    else:
+        raise TypeError(f"secret must be str or bytes, not {type(secret).__name__}")
+    if not secret:
+        raise ValueError("secret must not be empty (pass None for no authentication)")
+    return secret
+
+
+def _check_tls_files(certfile: Any, keyfile: Any, cafile: Any) -> dict[str, Any] | None:
+    """The TLS options as ``_tls``'s context builders take them, or ``None`` without TLS.
+
+    All or nothing: half a TLS configuration is a mistake, never a request for no TLS.
+    """
+    given = {"certfile": certfile, "keyfile": keyfile, "cafile": cafile}
+    if all(value is None for value in given.values()):
+        return None
+    for name, value in given.items():
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path, not {type(value).__name__}")
+    missing = [name for name in ("certfile", "cafile") if given[name] is None]
+    if missing:
+        raise ValueError(
+            f"TLS needs certfile (this member's certificate) and cafile (the collective's "
+            f"CA), and keyfile unless the key is in certfile; missing: {', '.join(missing)}"
+        )
+    return given
