@@ -211,28 +211,43 @@ class _Connections:
         sock.settimeout(self.idle_timeout)
         origin = format_address((hello.host, hello.port))
         tag_current(self, origin)  # from now on the peer is known by its address
-        if opener is None and self._tls is None:
-            log.info("peer %s (id %x) connected from %s", origin, hello.node_id, peer)
-        else:
-            security = []
-            if self._tls is not None:
-                security.append(f"TLS, {self._tls.describe_peer(sock)}")
-            if opener is not None:
-                security.append("authenticated by the secret")
-            log.info(
-                "peer %s (id %x) connected from %s (%s)",
-                origin,
-                hello.node_id,
-                peer,
-                "; ".join(security),
-            )
+        self._log_connected(sock, origin, hello, peer, authenticated=opener is not None)
         link = self._link_for(hello, origin)
         if link is not None:
             link.reader = gevent.getcurrent()
-        receive = self._engine.receive
         inbound = self._engine.connection_made(link, hello, time.monotonic())
-        receive(inbound, messages[1:], decoder.frames[1:], time.monotonic())
-        del messages  # (see below: the GC would walk them for as long as we hold them)
+        self._engine.receive(inbound, messages[1:], decoder.frames[1:], time.monotonic())
+        del messages  # (see _read_frames: the GC would walk them for as long as we hold them)
+        self._read_frames(sock, feed, decoder, opener, inbound)
+
+    def _log_connected(
+        self, sock: Any, origin: str, hello: Hello, peer: str, authenticated: bool
+    ) -> None:
+        if not authenticated and self._tls is None:
+            log.info("peer %s (id %x) connected from %s", origin, hello.node_id, peer)
+            return
+        security = []
+        if self._tls is not None:
+            security.append(f"TLS, {self._tls.describe_peer(sock)}")
+        if authenticated:
+            security.append("authenticated by the secret")
+        log.info(
+            "peer %s (id %x) connected from %s (%s)",
+            origin,
+            hello.node_id,
+            peer,
+            "; ".join(security),
+        )
+
+    def _read_frames(
+        self,
+        sock: Any,
+        feed: Callable[[bytes], list[Any]],
+        decoder: FrameDecoder,
+        opener: Any,
+        inbound: Inbound,
+    ) -> None:
+        """After HELLO: hand what arrives to the engine until the peer closes."""
         recv = sock.recv
         while True:
             try:

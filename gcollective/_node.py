@@ -38,7 +38,7 @@ from ._errors import InvalidKeyError, InvalidValueError
 from ._links import ANNOUNCED_ATTEMPTS, _PeerLink
 from ._logcontext import install as install_log_context
 from ._logcontext import tag_current
-from ._options import _check_secret, _check_tls_files
+from ._options import check_security
 from ._server import (
     _STEP,
     RefusalLog,
@@ -218,13 +218,14 @@ class Collective(_Connections, _Watching, _Member):
         # (At most ``MAX_SECONDS``, a year, as every option in seconds: stamps within it of
         # the wall clock stay far below what the wire carries.)
         self.clock_skew = float(clock_skew)
-        self._secret = _check_secret(secret)
-        self._tls_files = _check_tls_files(certfile, keyfile, cafile)
-        if type(check_hostname) is not bool:
-            raise TypeError(f"check_hostname must be a bool, not {type(check_hostname).__name__}")
-        if check_hostname and self._tls_files is None:
-            raise ValueError("check_hostname needs TLS (certfile, keyfile and cafile)")
+        self._secret, self._tls_files = check_security(
+            secret, certfile, keyfile, cafile, check_hostname
+        )
         self.check_hostname = check_hostname
+        self._init_state(log_bytes)
+
+    def _init_state(self, log_bytes: int) -> None:
+        """Everything a new member holds besides its options (``__init__``'s second half)."""
         self._tls: Any = None  # the _tls module, imported by start() when TLS is configured
         self._server_tls: Any = None  # ssl contexts, built by start()
         self._client_tls: Any = None
@@ -232,7 +233,7 @@ class Collective(_Connections, _Watching, _Member):
         self._info = format_address(self.advertise)
         # Keys and str values shorter than this together (in characters) fit in a frame
         # whatever they hold (at most 6 bytes each as JSON): ``set`` measures only longer ones.
-        self._fits_chars = (max_frame - _OP_BYTES - _LEVEL_BYTES * MAX_DEPTH) // 6
+        self._fits_chars = (self.max_frame - _OP_BYTES - _LEVEL_BYTES * MAX_DEPTH) // 6
         #: This incarnation's id: fresh on every construction, so a restart is a new origin.
         self.node_id = new_node_id()
         install_log_context(self)  # node id, peer and reason on every log record

@@ -41,3 +41,17 @@ def _check_tls_files(certfile: Any, keyfile: Any, cafile: Any) -> dict[str, Any]
             f"CA), and keyfile unless the key is in certfile; missing: {', '.join(missing)}"
         )
     return given
+
+
+def check_security(
+    secret: Any, certfile: Any, keyfile: Any, cafile: Any, check_hostname: Any
+) -> tuple[bytes | None, dict[str, Any] | None]:
+    """The secret (as bytes) and the TLS files of a member's options, checked
+    (``TypeError`` / ``ValueError`` for a bad one, never naming the secret)."""
+    checked_secret = _check_secret(secret)
+    tls_files = _check_tls_files(certfile, keyfile, cafile)
+    if type(check_hostname) is not bool:
+        raise TypeError(f"check_hostname must be a bool, not {type(check_hostname).__name__}")
+    if check_hostname and tls_files is None:
+        raise ValueError("check_hostname needs TLS (certfile, keyfile and cafile)")
+    return checked_secret, tls_files
