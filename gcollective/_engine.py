@@ -37,9 +37,8 @@ from ._auth import encode_refusal
 from ._clock import NODE_BITS, HybridClock, millis_stamp, stamp_lead
 from ._errors import ProtocolError
 from ._oplog import OpLog, Progress
-from ._peerstate import OWED_STATES, STREAMING_STATES, Event, Snapshot, next_state
+from ._peerstate import STREAMING_STATES, Event, Inbound, Peer, Snapshot
 from ._store import SET, Store
-from ._validate import format_address
 from ._wire import (
     OPS,
     PROGRESS,
@@ -63,7 +62,7 @@ from ._wire import (
     path_segments,
 )
 
-__all__ = ["Engine", "Inbound", "Peer"]
+__all__ = ["Engine", "Inbound", "Peer"]  # (the per-peer state is ``_peerstate``'s)
 
 log = logging.getLogger("gcollective")
 
@@ -116,148 +115,6 @@ class ClockSkew(ProtocolError):
     def __init__(self, message: str, peer_id: int) -> None:
         super().__init__(message)
         self.peer_id = peer_id
-
-
-class Peer:
-    """One peer as the protocol sees it: what is queued for it, what it reported, and the
-    snapshot this node owes it (``snapshot``, a ``_peerstate.Snapshot``).
-
-    The shell's link to the peer is a subclass: it overrides the three hooks below, through
-    which the engine asks for I/O.
-    """
-
-    def __init__(self, engine: Engine, address: tuple[str, int], now: float) -> None:
-        self.engine = engine
-        self.address = address
-        self.name = format_address(address)
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.pending_ops = 0  # own or relayed operations in ``pending`` (not catch-up)
-        self.progress_due = False  # set every sync_interval by the connection's ticker
-        self.connected = False  # our connection to it is up (its HELLO went out)
-        self.connects = 0
-        self.peer_id: int | None = None  # from the peer's HELLO on its link to us
-        # From the peer's latest PROGRESS (see Engine.gc_frontier).
-        self.peer_vector: dict[int, int] = {}
-        self.peer_stamps: dict[int, int] = {}  # the stamp at each of those (for metrics)
-        self.peer_promise: int | None = None
-        self.peer_frontier = 0
-        self.peer_own_seq = 0
-        self.reports = 0  # PROGRESS frames received on the peer's current connection
-        self.last_heard = now
-        self.last_report = now  # the last PROGRESS accepted (or the start)
-        self.down = False
-        self.snapshot = Snapshot.NONE
-        # While a snapshot is owed: the version vector it holds at least.
-        self.snapshot_vector: dict[int, int] | None = None
-        self.snapshot_stream: Iterator[bytes] | None = None  # its frames still to build
-        self._overflow_logged_at = -1
-        self.overflows = 0
-        self.snapshots_sent = 0
-        self.relayed_frames = 0
-
-    # -- hooks: what the engine asks of the shell ---------------------------------------------
-
-    def data_ready(self) -> None:
-        """Something is pending: wake whoever sends to the peer."""
-
-    def drop_connection(self) -> None:
-        """End the current connection to the peer (it is redialled)."""
-
-    def redial_now(self) -> None:
-        """The peer is up (it just connected to us): skip any backoff before dialling it."""
-
-    # -- state -------------------------------------------------------------------------------
-
-    def _move(self, event: Event) -> None:
-        """Change ``snapshot`` as the transition table says (see ``_peerstate``)."""
-        state = self.snapshot = next_state(self.snapshot, event)
-        if state not in OWED_STATES:
-            self.snapshot_vector = None
-        if state not in STREAMING_STATES:
-            self.snapshot_stream = None
-
-    @property
-    def snapshot_owed(self) -> bool:
-        """A snapshot was sent (or is being sent) and the peer has not reported it merged."""
-        return self.snapshot in OWED_STATES
-
-    @property
-    def requested_snapshot(self) -> bool:
-        """This node asked the peer for a snapshot and waits for it."""
-        return self.engine.snapshot_peer is self
-
-    @property
-    def busy(self) -> bool:
-        """True while something is queued for the peer."""
-        return bool(self.pending) or self.snapshot_stream is not None
-
-    def enqueue(self, frame: bytes, ops: int = 0) -> None:
-        """Queue a frame (carrying ``ops`` operations); never blocks. A peer that lets too
-        much pile up is dropped: the catch-up by version vectors (or a snapshot) brings it
-        back up to date later."""
-        self.pending.append(frame)
-        self.pending_bytes += len(frame)
-        self.pending_ops += ops
-        limit = self.engine.max_queue_bytes
-        if self.pending_bytes > limit:
-            self.overflows += 1
-            # Once per connection at WARNING: a stuck peer would otherwise repeat it forever.
-            (log.warning if self.connects > self._overflow_logged_at else log.debug)(
-                "peer %s: more than %d bytes queued; dropping them and the connection "
-                "(it catches up once it keeps pace)",
-                self.name,
-                limit,
-            )
-            self._overflow_logged_at = self.connects
-            self.pending = []
-            self.pending_bytes = self.pending_ops = 0
-            if self.snapshot in STREAMING_STATES:
-                self._move(Event.CONNECTION_LOST)  # (sent again on the next connection)
-            self.drop_connection()
-        self.data_ready()
-
-    def resync(self, now: float) -> None:
-        """Replace what is pending by a full snapshot (which holds all of it, and more).
-
-        The snapshot's frames are built one at a time as the writer sends them (see
-        ``Engine.snapshot_stream``); their bytes do not count against ``max_queue_bytes``.
-        """
-        stream, vector = self.engine.snapshot_stream(now)
-        log.info("peer %s: sending a snapshot", self.name)
-        self.pending = []
-        self.pending_bytes = self.pending_ops = 0
-        self._move(Event.START)
-        self.snapshot_stream = stream
-        self.snapshot_vector = vector
-        self.snapshots_sent += 1
-        self.data_ready()
-
-    def next_snapshot_frame(self) -> bytes | None:
-        """The next frame of the stream (built now), or ``None`` once it is all out."""
-        stream = self.snapshot_stream
-        if stream is None:
-            return None
-        # Building a frame exports and encodes top-level items (a full node's export, its
-        # leaves as columns): a holder of 500k small dicts spent about two thirds of its
-        # snapshot's time in the GC.
-        frame = without_gc(next, stream, None)
-        if frame is None:
-            self._move(Event.STREAMED)
-        return frame
-
-
-class Inbound:
-    """One connection from a peer, after its HELLO: who sent it and the catch-up bound."""
-
-    __slots__ = ("peer", "peer_id", "sent_bound")
-
-    def __init__(self, peer: Peer | None, peer_id: int, sent_bound: dict[int, int]) -> None:
-        self.peer = peer  # None past the bound on announced links
-        self.peer_id = peer_id
-        # What we had when the peer connected bounds the first catch-up: later operations
-        # are on their way to it already.
-        self.sent_bound = sent_bound
 
 
 def _ignore(*args: Any) -> None:
@@ -386,7 +243,7 @@ class Engine:
             # what peers expect next) and reach every peer in a snapshot, which holds them.
             self.on_internal_error("the flush of own operations")
             for peer in self.peers.values():
-                peer.resync(now)
+                self.resync(peer, now)
             return
         self.seq += len(stamps)
         node_id = self.node_id
@@ -484,6 +341,14 @@ class Engine:
             yield join_snapshot(parts)
         yield end
 
+    def resync(self, peer: Peer, now: float) -> None:
+        """Replace what is pending for ``peer`` by a full snapshot (which holds all of it, and
+        more). Its frames are built one at a time as the writer sends them (see
+        ``snapshot_stream``); their bytes do not count against ``max_queue_bytes``."""
+        stream, vector = self.snapshot_stream(now)
+        log.info("peer %s: sending a snapshot", peer.name)
+        peer.start_snapshot(stream, vector)
+
     def data_to_send(self, peer: Peer, now: float) -> tuple[list[bytes], int]:
         """What to send the peer now, taken off its queue (empty: nothing), and how many
         operations (own or relayed) it carries: what is pending, PROGRESS if due, else the
@@ -493,7 +358,10 @@ class Engine:
             peer.progress_due = False
             peer.pending.append(self.progress_frame(now))
         if not peer.pending and peer.snapshot_stream is not None:
-            frame = peer.next_snapshot_frame()
+            # Building a frame exports and encodes top-level items (a full node's export,
+            # its leaves as columns): a holder of 500k small dicts spent about two thirds of
+            # its snapshot's time in the GC.
+            frame = without_gc(peer.next_snapshot_frame)
             if frame is not None:
                 peer.pending.append(frame)
         batch = peer.pending
@@ -519,7 +387,7 @@ class Engine:
         peer.connects += 1
         peer.connected = True
         if peer.snapshot is Snapshot.OWED:
-            peer.resync(now)  # the last one was lost with its connection
+            self.resync(peer, now)  # the last one was lost with its connection
         return hello + self.progress_frame(now)
 
     def link_failed(self, peer: Peer, now: float) -> None:
@@ -583,7 +451,7 @@ class Engine:
             peer.progress_due = True
             peer.data_ready()
             if hello.flags & WANTS_SNAPSHOT:
-                peer.resync(now)
+                self.resync(peer, now)
         return Inbound(peer, hello.node_id, dict(self.progress.applied))
 
     def receive(
@@ -607,7 +475,7 @@ class Engine:
                 self._receive_snapshot_end(message)
             elif kind == SNAPSHOT_REQUEST:
                 if peer is not None:
-                    peer.resync(now)
+                    self.resync(peer, now)
             else:
                 raise ProtocolError(f"unknown message type {kind!r}")
 
@@ -829,7 +697,7 @@ class Engine:
             frames = None  # too much to queue: the snapshot bypasses the queue limit
         if frames is None:
             log.info("peer %s missed too much to resend: sending a snapshot", peer.name)
-            peer.resync(now)
+            self.resync(peer, now)
         elif frames:
             log.debug("peer %s: resending %d operations it missed", peer.name, len(frames))
             peer.relayed_frames += len(frames)

@@ -65,7 +65,7 @@ class _PeerLink(_Writer, Peer):
     dials it and sends what the engine queues for it."""
 
     def __init__(self, node: Any, address: tuple[str, int], announced: bool = False) -> None:
-        Peer.__init__(self, node._engine, address, time.monotonic())
+        Peer.__init__(self, address, time.monotonic(), node.max_queue_bytes)
         self.node = node
         # Learnt from a HELLO, not configured: forgotten if it never answers (see ``_run``).
         self.announced = announced

@@ -391,8 +391,9 @@ class Collective(_Connections, _Watching, _Member):
     def _check_ready(self) -> None:
         if self._ready.is_set():
             return
+        asked = self._engine.snapshot_peer
         if self._synced.is_set() or all(
-            link.attempted and not link.requested_snapshot for link in self._links.values()
+            link.attempted and link is not asked for link in self._links.values()
         ):
             self._engine.ready = True
             self._ready.set()

@@ -1,4 +1,5 @@
-"""The snapshot a node owes one peer: a named state and the one table of its transitions.
+"""One peer's protocol state (``Peer``), and the snapshot a node owes it: a named state and
+the one table of its transitions.
 
 A node that sends a peer its whole state (the peer asked for it, or missed more than the log
 holds) owes it until the peer reports ``complete`` in a PROGRESS: a ``sendall`` that
@@ -26,6 +27,12 @@ does not list raises ``LocalProtocolError`` (a bug in the engine, never a peer's
 from __future__ import annotations
 
 import enum
+import logging
+from typing import Iterator
+
+from ._validate import format_address
+
+log = logging.getLogger("gcollective")
 
 
 class Snapshot(enum.Enum):
@@ -92,3 +99,132 @@ def next_state(state: Snapshot, event: Event) -> Snapshot:
         raise LocalProtocolError(
             f"snapshot state {state.value}: {event.value} is not allowed"
         ) from None
+
+
+class Peer:
+    """One peer as the protocol sees it: what is queued for it, what it reported, and the
+    snapshot this node owes it (``snapshot``, a ``Snapshot``).
+
+    The shell's link to the peer is a subclass: it overrides the three hooks below, through
+    which the engine asks for I/O. ``max_queue_bytes``: what may be queued before the peer
+    counts as unable to keep up.
+    """
+
+    def __init__(self, address: tuple[str, int], now: float, max_queue_bytes: int) -> None:
+        self.address = address
+        self.max_queue_bytes = max_queue_bytes
+        self.name = format_address(address)
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.pending_ops = 0  # own or relayed operations in ``pending`` (not catch-up)
+        self.progress_due = False  # set every sync_interval by the connection's ticker
+        self.connected = False  # our connection to it is up (its HELLO went out)
+        self.connects = 0
+        self.peer_id: int | None = None  # from the peer's HELLO on its link to us
+        # From the peer's latest PROGRESS (see Engine.gc_frontier).
+        self.peer_vector: dict[int, int] = {}
+        self.peer_stamps: dict[int, int] = {}  # the stamp at each of those (for metrics)
+        self.peer_promise: int | None = None
+        self.peer_frontier = 0
+        self.peer_own_seq = 0
+        self.reports = 0  # PROGRESS frames received on the peer's current connection
+        self.last_heard = now
+        self.last_report = now  # the last PROGRESS accepted (or the start)
+        self.down = False
+        self.snapshot = Snapshot.NONE
+        # While a snapshot is owed: the version vector it holds at least.
+        self.snapshot_vector: dict[int, int] | None = None
+        self.snapshot_stream: Iterator[bytes] | None = None  # its frames still to build
+        self._overflow_logged_at = -1
+        self.overflows = 0
+        self.snapshots_sent = 0
+        self.relayed_frames = 0
+
+    # -- hooks: what the engine asks of the shell ---------------------------------------------
+
+    def data_ready(self) -> None:
+        """Something is pending: wake whoever sends to the peer."""
+
+    def drop_connection(self) -> None:
+        """End the current connection to the peer (it is redialled)."""
+
+    def redial_now(self) -> None:
+        """The peer is up (it just connected to us): skip any backoff before dialling it."""
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _move(self, event: Event) -> None:
+        """Change ``snapshot`` as the transition table says (see ``_peerstate``)."""
+        state = self.snapshot = next_state(self.snapshot, event)
+        if state not in OWED_STATES:
+            self.snapshot_vector = None
+        if state not in STREAMING_STATES:
+            self.snapshot_stream = None
+
+    @property
+    def snapshot_owed(self) -> bool:
+        """A snapshot was sent (or is being sent) and the peer has not reported it merged."""
+        return self.snapshot in OWED_STATES
+
+    @property
+    def busy(self) -> bool:
+        """True while something is queued for the peer."""
+        return bool(self.pending) or self.snapshot_stream is not None
+
+    def enqueue(self, frame: bytes, ops: int = 0) -> None:
+        """Queue a frame (carrying ``ops`` operations); never blocks. A peer that lets too
+        much pile up is dropped: the catch-up by version vectors (or a snapshot) brings it
+        back up to date later."""
+        self.pending.append(frame)
+        self.pending_bytes += len(frame)
+        self.pending_ops += ops
+        limit = self.max_queue_bytes
+        if self.pending_bytes > limit:
+            self.overflows += 1
+            # Once per connection at WARNING: a stuck peer would otherwise repeat it forever.
+            (log.warning if self.connects > self._overflow_logged_at else log.debug)(
+                "peer %s: more than %d bytes queued; dropping them and the connection "
+                "(it catches up once it keeps pace)",
+                self.name,
+                limit,
+            )
+            self._overflow_logged_at = self.connects
+            self.pending = []
+            self.pending_bytes = self.pending_ops = 0
+            if self.snapshot in STREAMING_STATES:
+                self._move(Event.CONNECTION_LOST)  # (sent again on the next connection)
+            self.drop_connection()
+        self.data_ready()
+
+    def start_snapshot(self, stream: Iterator[bytes], vector: dict[int, int]) -> None:
+        """Replace what is pending by a snapshot stream (see ``Engine.resync``)."""
+        self.pending = []
+        self.pending_bytes = self.pending_ops = 0
+        self._move(Event.START)
+        self.snapshot_stream = stream
+        self.snapshot_vector = vector
+        self.snapshots_sent += 1
+        self.data_ready()
+
+    def next_snapshot_frame(self) -> bytes | None:
+        """The next frame of the stream (built now), or ``None`` once it is all out."""
+        stream = self.snapshot_stream
+        if stream is None:
+            return None
+        frame = next(stream, None)
+        if frame is None:
+            self._move(Event.STREAMED)
+        return frame
+
+
+class Inbound:
+    """One connection from a peer, after its HELLO: who sent it and the catch-up bound."""
+
+    __slots__ = ("peer", "peer_id", "sent_bound")
+
+    def __init__(self, peer: Peer | None, peer_id: int, sent_bound: dict[int, int]) -> None:
+        self.peer = peer  # None past the bound on announced links
+        self.peer_id = peer_id
+        # What we had when the peer connected bounds the first catch-up: later operations
+        # are on their way to it already.
+        self.sent_bound = sent_bound

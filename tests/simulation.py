@@ -184,7 +184,7 @@ class SimMember:
         self.paused = False
         for other in world.members:
             if other is not self:
-                peer = SimPeer(engine, other.address, world.now)
+                peer = SimPeer(other.address, world.now, engine.max_queue_bytes)
                 peer.member = self
                 engine.add_peer(peer)
                 self.dial_soon(peer, 0.0)
@@ -253,7 +253,7 @@ class SimMember:
         assert engine is not None
         if not engine.ready and (
             engine.synced
-            or all(peer.attempted and not peer.requested_snapshot for peer in self.peers())
+            or all(peer.attempted and peer is not engine.snapshot_peer for peer in self.peers())
         ):
             engine.ready = True
 
