@@ -173,7 +173,7 @@ class SimMember:
             max_frame=1024 if world.small_frames else 1 << 24,
             max_queue_bytes=1 << 20,
             sync_interval=SYNC_INTERVAL,
-            down_timeout=3600.0,
+            down_timeout=world.down_timeout,
             clock_skew=CLOCK_SKEW,
         )
         engine.schedule_flush = lambda: world.scheduler.at(engine.flush_at(), self.flush)
@@ -352,8 +352,14 @@ class SimMember:
             engine.receive(connection.inbound, messages, frames, self.world.now)
             return True
         except ProtocolError as exc:
-            self.world.refusals.append(f"m{self.index}: {exc}")
             connection.cut()
+            if str(exc) == "declared down":
+                # Refused for good: its operator restarts it empty (see the down_timeout
+                # option), which drops what only it held.
+                self.world.down_refusals += 1
+                self.world.restart_when_refused(connection.source)
+            else:
+                self.world.refusals.append(f"m{self.index}: {exc}")
             return False
 
     def hello(self, message: Any) -> Inbound:
@@ -406,6 +412,10 @@ class World:
     # max_frame 1024 (the least allowed) instead of 16 MiB: snapshots in many frames, items
     # split across them (see test_simulation.py: a known bug in streaming big items)
     small_frames: bool = False
+    # Seconds of silence after which a member is declared down (then refused until it
+    # restarts empty): by default longer than any run.
+    down_timeout: float = 3600.0
+    down_refusals: int = 0
     rng: Random = field(init=False)
     scheduler: Scheduler = field(init=False)
     members: list[SimMember] = field(default_factory=list)
@@ -520,6 +530,16 @@ class World:
         member.stop()
         self.scheduler.after(self.rng.uniform(0.05, 1.0), self._start_again(member))
 
+    def restart_when_refused(self, member: SimMember) -> None:
+        """``member`` was refused as declared down: restart it empty, once per incarnation."""
+        incarnation = member.incarnation
+
+        def restart() -> None:
+            if member.running and member.incarnation == incarnation:
+                self.restart_empty(member)
+
+        self.scheduler.after(self.rng.uniform(0.05, 0.5), restart)
+
     def heal(self) -> None:
         self.partition = frozenset()
         self.history.append(f"{self.now:.3f} heal")
@@ -621,8 +641,12 @@ class World:
 
 def simulate(seed: int, **options: Any) -> World:
     """Run seed ``seed`` and check it; the world, for more checks."""
-    size, small_frames = options.pop("size", 3), options.pop("small_frames", False)
-    world = World(seed, size=size, small_frames=small_frames)
+    settings = {
+        name: options.pop(name)
+        for name in ("size", "small_frames", "down_timeout")
+        if name in options
+    }
+    world = World(seed, **settings)
     try:
         world.run(**options)
     except AssertionError:
