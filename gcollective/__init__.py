@@ -75,17 +75,21 @@ DELETE = Operation.DELETE
 SNAPSHOT_ORIGIN = "snapshot"
 
 
-def __getattr__(name: str) -> Any:
-    # Collective lives with gevent; import it only when someone asks for it.
-    if name == "Collective":
-        from ._node import Collective
+if not TYPE_CHECKING:
+    # Hidden from type checkers, which see the imports above instead: a module __getattr__
+    # would make every misspelt ``gcollective.name`` in a user's code an ``Any``, not an error.
 
-        return Collective
-    if name == "Watch":
-        from ._node import Watch
+    def __getattr__(name: str) -> Any:
+        # Collective lives with gevent; import it only when someone asks for it.
+        if name == "Collective":
+            from ._node import Collective
 
-        return Watch
-    raise AttributeError(f"module 'gcollective' has no attribute {name!r}")
+            return Collective
+        if name == "Watch":
+            from ._node import Watch
+
+            return Watch
+        raise AttributeError(f"module 'gcollective' has no attribute {name!r}")
 
 
 # -- the drop-in: one default node per process ------------------------------------------------
