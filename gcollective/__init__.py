@@ -21,7 +21,7 @@ from ._errors import (
     NotStartedError,
     ProtocolError,
 )
-from ._validate import Key
+from ._validate import Address, Key
 
 if TYPE_CHECKING:
     from ._node import Collective, Watch
@@ -34,6 +34,7 @@ __all__ = [
     "INCREMENT",
     "DELETE",
     "Key",
+    "Address",
     "start",
     "stop",
     "get",
@@ -110,7 +111,7 @@ def default_node() -> Collective:
 
 
 def start(
-    local: Any, peers: Iterable[Any] = (), *, timeout: float = 10.0, **options: Any
+    local: Address, peers: Iterable[Address] = (), *, timeout: float = 10.0, **options: Any
 ) -> Collective:
     """Start this process's default node (see ``Collective`` for the arguments) and return it.
 

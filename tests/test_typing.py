@@ -38,6 +38,7 @@ MISUSES = {
     'gcollective.watch("a", lambda key: None)': "arg-type",
     'gcollective.Collective("127.0.0.1:9001").set(42, 1)': "arg-type",
     "gcollective.DELETE.name.no_such_method()": "attr-defined",
+    "gcollective.start(9001)": "arg-type",
 }
 
 

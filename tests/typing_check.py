@@ -15,6 +15,7 @@ from gcollective import (
     OPERATIONS,
     SET,
     SNAPSHOT_ORIGIN,
+    Address,
     AuthenticationError,
     Collective,
     GcollectiveError,
@@ -34,7 +35,8 @@ def on_change(key: Key, value: object, op: Operation, origin: str) -> None:
 
 def default_node_walk() -> None:
     """The drop-in functions, on the process's default node."""
-    node: Collective = gcollective.start("127.0.0.1:9001", ["127.0.0.1:9002"], timeout=5.0)
+    peers: list[Address] = ["127.0.0.1:9002", ("127.0.0.1", 9003), {"host": "::1", "port": 9004}]
+    node: Collective = gcollective.start("127.0.0.1:9001", peers, timeout=5.0)
     same: Collective = gcollective.default_node()
     assert node is same
     gcollective.set("users.42.name", "Ada")
