@@ -184,7 +184,7 @@ def snapshot() -> dict[str, Any]:
     return default_node().snapshot()
 
 
-def watch(prefix: Key | None, callback: Callable[[Key, Any, Operation, str], Any]) -> Watch:
+def watch(prefix: Key | None, callback: Callable[[Key, Any, Operation, str], object]) -> Watch:
     """``default_node().watch(prefix, callback)``: call ``callback(key, value, op, origin)``
     in its own greenlet for every change at or under ``prefix`` (``""`` for everything), local
     or remote, in the order applied. Returns a handle; ``handle.cancel()`` stops it. See
