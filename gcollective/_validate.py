@@ -38,7 +38,7 @@ Key = Union[str, "tuple[str, ...]"]
 
 #: A member's address: ``"host:port"`` (``"[v6]:port"``), ``(host, port)`` or
 #: ``{"host": host, "port": port}``; ``parse_address`` checks it at run time.
-Address = Union[str, "tuple[str, int]", "dict[str, Any]"]
+Address = Union[str, tuple[str, int], dict[str, Any]]
 
 #: Nesting limit for keys and values together, well below the JSON codec's own limit: a
 #: key's segments plus the nesting of the value stored there (a list or dict counts one level,
