@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import gevent
 from gevent import socket as gsocket
@@ -16,7 +16,7 @@ from ._engine import ClockSkew, Inbound, refusal, without_gc
 from ._errors import AuthenticationError, ProtocolError
 from ._links import MAX_ANNOUNCED_LINKS, _PeerLink
 from ._logcontext import tag_current
-from ._server import _handshake_timeout, _recv_before, _send_quietly
+from ._server import _handshake_timeout, _recv_before, _send_quietly, current_greenlet
 from ._validate import format_address
 from ._wire import (
     FRAME_KINDS,
@@ -55,6 +55,8 @@ def _check_not_tls(data: bytes) -> None:
 class _Connections:
     """The acceptor's side of a ``Collective``: one greenlet per incoming connection."""
 
+    _links: dict[tuple[str, int], _PeerLink]
+    sync_interval: float
     refused_connections: int
     clock_refusals: int
     received_bytes: int  # from peers, as read from the sockets (for metrics)
@@ -64,7 +66,7 @@ class _Connections:
         def __getattr__(self, name: str) -> Any: ...
 
     def _handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
-        current = gevent.getcurrent()
+        current = current_greenlet()
         self._handlers.add(current)
         peer = f"{address[0]}:{address[1]}"
         tag_current(self, peer)  # (see _logcontext)
@@ -214,7 +216,7 @@ class _Connections:
         self._log_connected(sock, origin, hello, peer, authenticated=opener is not None)
         link = self._link_for(hello, origin)
         if link is not None:
-            link.reader = gevent.getcurrent()
+            link.reader = current_greenlet()
         inbound = self._engine.connection_made(link, hello, time.monotonic())
         self._engine.receive(inbound, messages[1:], decoder.frames[1:], time.monotonic())
         del messages  # (see _read_frames: the GC would walk them for as long as we hold them)
@@ -321,7 +323,8 @@ class _Connections:
                 )
                 return None
             log.info("peer %s is new: connecting back", origin)
-            return self._add_link(address, announced=True)
+            added: _PeerLink = self._add_link(address, announced=True)
+            return added
         if link.peer_id is not None and link.peer_id != hello.node_id and self._is_live(link):
             raise refusal(
                 f"peer (id {hello.node_id:x}) claims the address {origin} of member "
@@ -384,7 +387,7 @@ class _Connections:
         else:
             from ._digest import digest_reply
 
-            reply = encode_status_reply(digest_reply(self, digest))
+            reply = encode_status_reply(digest_reply(cast(Any, self), digest))
         if handshake is not None:
             reply = handshake.sealer().seal(reply)
         sock.settimeout(self.handshake_timeout)

@@ -405,7 +405,7 @@ class _Link(_server._Writer):
         self.attempted = False  # one connection attempt finished (either way)
         #: ``wants_data`` of the New to send first on the next connection; None: send none.
         self.new_flag = new_flag
-        self.greenlet: gevent.Greenlet | None = None
+        self.greenlet: gevent.Greenlet[Any, Any] | None = None
         self._sock: Any = None
         self._peer_closed = False
         self.retire = False  # end the connection after the current send and redial at once
@@ -870,7 +870,8 @@ class LegacyCollective(_server._Member):
         message = encode_data(key_text, time_ms, amount, INCREMENT)
         self._store.apply(key_text, path, time_ms, INCREMENT, amount)
         self._broadcast(message)
-        return self._store.get(path)
+        result: int | float = self._store.get(path)
+        return result
 
     def delete(self, key: Key) -> None:
         """Remove ``key`` (and everything below it) here and on every member."""
@@ -885,7 +886,8 @@ class LegacyCollective(_server._Member):
         """A deep copy of the whole object."""
         if self._stale:
             self._check_writable()
-        return copy_value(self._store.data)
+        tree: dict[str, Any] = copy_value(self._store.data)
+        return tree
 
     def _broadcast(self, message: bytes) -> None:
         # Queued for every member, connected or not: a link that is down sends it once it is
@@ -896,7 +898,7 @@ class LegacyCollective(_server._Member):
     # -- receiving ----------------------------------------------------------------------------
 
     def _handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
-        current = gevent.getcurrent()
+        current = _server.current_greenlet()
         self._handlers.add(current)
         peer = f"{address[0]}:{address[1]}"
         try:

@@ -74,9 +74,9 @@ class _PeerLink(_Writer, Peer):
         self.kick = Event()  # the peer is known to be up: skip the rest of the backoff
         self.state = "connecting"
         self.attempted = False  # one connection attempt finished (either way)
-        self.reader: gevent.Greenlet | None = None  # the greenlet reading its connection
+        self.reader: gevent.Greenlet[Any, Any] | None = None  # the greenlet reading its connection
         self.is_self = False  # the address turned out to be this node's own (see _run)
-        self.greenlet: gevent.Greenlet | None = None
+        self.greenlet: gevent.Greenlet[Any, Any] | None = None
         self._sock: Any = None
         self._dialling: Any = None  # the socket of a connection attempt in progress
         self.sent_frames = 0

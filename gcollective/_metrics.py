@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
     from gevent.pywsgi import WSGIServer
 
-    from ._node import Collective, _PeerLink
+    from ._links import _PeerLink
+    from ._node import Collective
     from ._store import Store
 
 __all__ = ["NodeCollector", "metrics_app", "metrics_registry", "serve_metrics"]

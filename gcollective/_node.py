@@ -242,11 +242,11 @@ class Collective(_Connections, _Watching, _Member):
         self._clock = HybridClock(self.node_id)
         self._way_wanted: str | None = None  # the parent of the last key set (see ``set``)
         self._way_skips = 0  # sets to make before looking for a loop again (see ``set``)
-        self._housekeeper: gevent.Greenlet | None = None
+        self._housekeeper: gevent.Greenlet[Any, Any] | None = None
         # Expiring keys: a greenlet sleeps until the store's next expiry (wall-clock ms in
         # _next_due, inf when none); a sooner one wakes it. Reads check _next_due too, so a
         # read just after an expiry never sees the key.
-        self._expirer: gevent.Greenlet | None = None
+        self._expirer: gevent.Greenlet[Any, Any] | None = None
         self._next_due = _INF
         self._expiry_wake = Event()
         self._writable = False  # started and not stopping (one test on the hot path)
@@ -381,7 +381,7 @@ class Collective(_Connections, _Watching, _Member):
             watch._close()  # what is queued is still delivered
         log.info("node %s stopped", format_address(self.local))
 
-    def _background_greenlets(self) -> list[gevent.Greenlet | None]:
+    def _background_greenlets(self) -> list[gevent.Greenlet[Any, Any] | None]:
         return [
             self._housekeeper,
             self._expirer,
@@ -536,7 +536,7 @@ class Collective(_Connections, _Watching, _Member):
         # is a valid one, unless it went through the one kind of key a valid path never
         # holds but a dict value may, "".
         try:
-            value = self._data
+            value: Any = self._data
             segments = key.split(".")  # type: ignore[union-attr]  # (a tuple: below)
             for segment in segments:
                 value = value[segment]
@@ -672,7 +672,7 @@ class Collective(_Connections, _Watching, _Member):
             if (above == store.way_key and leaf and leaf.isascii()) or self._on_way(
                 key, parse_key(key), stamp
             ):
-                result = store.incr_leaf(stamp, leaf, amount, ttl_ms)
+                result: int | float | None = store.incr_leaf(stamp, leaf, amount, ttl_ms)
                 if result is not None:
                     if ttl_ms:
                         self._due_by(stamp_millis(stamp) + ttl_ms)
@@ -711,7 +711,8 @@ class Collective(_Connections, _Watching, _Member):
         if not stamp:
             stamp = self._clock.stamp()
         self._apply_local(stamp, INCREMENT, path, amount, key, ttl_ms)
-        return self._store.get(path)
+        total: int | float = self._store.get(path)
+        return total
 
     def _on_way(self, key: str, path: tuple[str, ...], stamp: int) -> bool:
         """Whether the store's cached way leads to the parent of ``key`` (``path``, valid), so

@@ -20,7 +20,7 @@ def _check_secret(secret: Any) -> bytes | None:
         raise TypeError(f"secret must be str or bytes, not {type(secret).__name__}")
     if not secret:
         raise ValueError("secret must not be empty (pass None for no authentication)")
-    return secret
+    return bytes(secret)
 
 
 def _check_tls_files(certfile: Any, keyfile: Any, cafile: Any) -> dict[str, Any] | None:

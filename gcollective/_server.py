@@ -18,7 +18,7 @@ import random
 import sys
 import time
 import weakref
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar, cast
 
 import gevent
 from gevent import socket as gsocket
@@ -76,10 +76,16 @@ def _let_others_run() -> None:
     gevent.sleep(0.000_001)
 
 
+def current_greenlet() -> gevent.Greenlet[Any, Any]:
+    """The running greenlet: in a connection handler or a writer, the ``gevent.Greenlet`` the
+    pool or ``spawn`` made (``gevent.getcurrent()`` is typed as a plain greenlet)."""
+    return cast("gevent.Greenlet[Any, Any]", gevent.getcurrent())
+
+
 def backoff_delay(failures: int, low: float, high: float) -> float:
     """Seconds to wait before reconnecting after ``failures`` failures in a row: doubling from
     ``low`` up to ``high``, with jitter so that peers restarted together do not stampede."""
-    return min(high, low * (2 ** min(failures, 20))) * random.uniform(0.5, 1.0)
+    return float(min(high, low * (2 ** min(failures, 20))) * random.uniform(0.5, 1.0))
 
 
 class RefusalLog:
@@ -124,7 +130,8 @@ def _recv_before(sock: Any, deadline: float, what: str) -> bytes:
     if remaining > 0:
         sock.settimeout(remaining)
         try:
-            return sock.recv(4096)
+            data: bytes = sock.recv(4096)
+            return data
         except gsocket.timeout:
             pass
     raise _handshake_timeout(what)
@@ -162,7 +169,7 @@ class _Writer:
 
     node: Any
     name: str  # the member's address, for log lines
-    greenlet: gevent.Greenlet | None
+    greenlet: gevent.Greenlet[Any, Any] | None
     wake: Event  # something is pending (or the node is stopping)
     kick: Event  # the member is known to be up: skip the rest of the backoff
     pending: list[bytes]
@@ -260,7 +267,7 @@ class _Member:
         self.max_connections = max_connections
         self._links: dict[tuple[str, int], Any] = {}
         self._server: StreamServer | None = None
-        self._handlers: set[gevent.Greenlet] = set()
+        self._handlers: set[gevent.Greenlet[Any, Any]] = set()
         self._synced = Event()
         self._ready = Event()  # start() may return
         self._started = False
@@ -342,7 +349,7 @@ class _Member:
         ]
         gevent.killall([g for g in greenlets if g is not None], block=False)
 
-    def _background_greenlets(self) -> list[gevent.Greenlet | None]:
+    def _background_greenlets(self) -> list[gevent.Greenlet[Any, Any] | None]:
         """The subclass's own greenlets besides the writers and connection handlers."""
         return []
 

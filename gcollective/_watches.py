@@ -79,7 +79,7 @@ class Watch:
         self.callback = callback
         self.delivered = 0
         self.failures = 0
-        self._queue: Queue = Queue()
+        self._queue: Queue[Any] = Queue()
         self._cancelled = False
         self._closing = False  # the end mark is queued behind the last events
         self._greenlet = gevent.spawn(self._consume)
