@@ -32,6 +32,12 @@ GAP_SEEDS = [225, 484]
 # and may keep failing while writes go on under that key). Encoding each item's parts at
 # once (``list(encode_snapshot_parts(...))``) makes these seeds pass.
 SPLIT_ITEM_SEEDS = [61, 571, 816]  # (with small frames: max_frame=1024, the least allowed)
+# "down": with a short down_timeout (1 s: partitions and pauses outlast it), members end
+# with different trees (seed 33: one holds an empty dict where the others hold nothing). A
+# likely cause, not pinned down yet: members that declared a peer down forget tombstones its
+# operations might still need, but a member that joined later does not know it is down and
+# takes its operations, older than the forgotten tombstones, from it or its relays.
+DOWN_SEEDS = [33]
 KNOWN_BUGS = set(GAP_SEEDS)
 
 
@@ -58,6 +64,12 @@ def test_known_bug_gap_of_a_dead_origin(seed: int) -> None:
 def test_known_bug_split_item_changes_while_streamed(seed: int) -> None:
     with pytest.raises(AssertionError, match=r"KeyError|TypeError"):
         simulate(seed, small_frames=True)
+
+
+@pytest.mark.parametrize("seed", DOWN_SEEDS)
+def test_known_bug_members_declared_down(seed: int) -> None:
+    with pytest.raises(AssertionError, match="missing on the right"):
+        simulate(seed, down_timeout=1.0)
 
 
 def test_short_run_of_seeds() -> None:
