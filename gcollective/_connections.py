@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import TYPE_CHECKING, Any, Callable
 
 import gevent
 from gevent import socket as gsocket
 
 from ._auth import AcceptorHandshake, check_no_auth, encode_refusal
+from ._digest import digest_reply
 from ._engine import ClockSkew, Inbound, refusal, without_gc
 from ._errors import AuthenticationError, ProtocolError
 from ._links import MAX_ANNOUNCED_LINKS, _PeerLink
@@ -385,9 +386,7 @@ class _Connections:
         if digest is None:
             reply = encode_status_reply(self.stats())
         else:
-            from ._digest import digest_reply
-
-            reply = encode_status_reply(digest_reply(cast(Any, self), digest))
+            reply = encode_status_reply(digest_reply(self, digest))
         if handshake is not None:
             reply = handshake.sealer().seal(reply)
         sock.settimeout(self.handshake_timeout)

@@ -19,16 +19,15 @@ from __future__ import annotations
 import time
 import zlib
 from hashlib import blake2b
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Protocol
 
 import ujson
 
+from ._oplog import Progress
 from ._server import _SLICE_SECONDS, _let_others_run
+from ._store import Store
 from ._validate import format_address
 from ._wire import DIGEST_BUCKETS
-
-if TYPE_CHECKING:
-    from ._node import Collective
 
 __all__ = ["BUCKETS", "bucket_of", "digest_reply", "key_digest", "value_digest"]
 
@@ -37,6 +36,18 @@ BUCKETS = DIGEST_BUCKETS
 # Keys digested between two looks at the clock.
 _CHECK_EVERY = 256
 _MISSING = object()
+
+
+class Member(Protocol):
+    """What a digest reads of a member (a ``Collective``; named here so this module does not
+    import the node, which imports it through its connections)."""
+
+    node_id: int
+    local: tuple[str, int]
+    _progress: Progress
+    _store: Store
+
+    def _flush_outbox(self) -> None: ...
 
 
 def bucket_of(key: str) -> int:
@@ -103,7 +114,7 @@ def key_digest(key: str, value: object, slicer: Slicer | None = None) -> int:
     return _hash(_encode(key) + b"\0" + value_digest(value, slicer).to_bytes(16, "big"))
 
 
-def _vector(node: Collective) -> list[list[str | int]]:
+def _vector(node: Member) -> list[list[str | int]]:
     """The version vector: ``[origin (hex), sequence number, stamp]`` for each origin."""
     progress = node._progress
     return [
@@ -131,7 +142,7 @@ def _walk(data: dict[str, Any], detail: set[int]) -> tuple[list[int], dict[str, 
     return buckets, keys, slicer.finish()
 
 
-def digest_reply(node: Collective, detail: Iterable[int] = ()) -> dict[str, Any]:
+def digest_reply(node: Member, detail: Iterable[int] = ()) -> dict[str, Any]:
     """What a member answers to a digest query: its version vector (taken before and after
     the walk: ``settled`` says whether it stayed the same), the digest of every bucket, and
     the digest of every key of the ``detail`` buckets."""
