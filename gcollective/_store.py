@@ -55,9 +55,9 @@ from itertools import repeat
 from operator import itemgetter
 from typing import Any, Iterable, Sequence
 
-from ._clock import expiry_stamp
+from ._clock import MILLIS_SHIFT, expiry_stamp
+from ._columns import LeafColumns, full_paths, unpack_stamps
 from ._validate import INT_BOUND
-from ._wire import LeafColumns, full_paths, unpack_stamps
 
 __all__ = [
     "Store",
@@ -75,7 +75,6 @@ INCREMENT = 1
 DELETE = 2
 
 NEVER = float("-inf")
-_MILLIS_SHIFT = 64 + 16  # stamp >> this = its wall-clock milliseconds (see _clock)
 
 
 class _Marker:
@@ -306,7 +305,7 @@ class Store:
         expiry = 0
         if ttl_ms:
             expiry = expiry_stamp(s, ttl_ms)
-            if expiry >> _MILLIS_SHIFT <= self.now_ms:
+            if expiry >> MILLIS_SHIFT <= self.now_ms:
                 return False  # due already: the general way fires it
         if type(value) is dict:
             node = self._build(value, s)
@@ -330,7 +329,7 @@ class Store:
         counter hit with ``incr(k, ttl=...)`` on every request takes it too, as in ``_slow``).
         Returns the new value, or None having changed nothing when the case is not that
         (call ``apply``). ``s`` as for ``set_leaf``."""
-        if ttl_ms and (s >> _MILLIS_SHIFT) + ttl_ms <= self.now_ms:
+        if ttl_ms and (s >> MILLIS_SHIFT) + ttl_ms <= self.now_ms:
             return None  # due already: the general way fires it
         parent = self._way_parent
         entries = parent._entries
@@ -351,7 +350,7 @@ class Store:
             result = current + amount
             if not -INT_BOUND < result < INT_BOUND:
                 return None  # the general way refuses it
-            if entry.ttls is not None and s >> _MILLIS_SHIFT <= self.now_ms:
+            if entry.ttls is not None and s >> MILLIS_SHIFT <= self.now_ms:
                 return None  # an expiry may have fired after ``s``: _newest_increment
             # (``_newest_increment`` of a number, inline)
             incs = entry.incs
@@ -631,7 +630,7 @@ class Store:
         if (
             op == INCREMENT
             and not rest
-            and (not ttl_ms or (s >> _MILLIS_SHIFT) + ttl_ms > self.now_ms)  # not due yet
+            and (not ttl_ms or (s >> MILLIS_SHIFT) + ttl_ms > self.now_ms)  # not due yet
         ):
             n = parent.entries.get(key)
             if type(n) is _Node and (
@@ -687,9 +686,9 @@ class Store:
         owning the path and come back to life; then the caller rebuilds."""
         ttls = node.ttls
         now = self.now_ms
-        if ttls is not None and s >> _MILLIS_SHIFT <= now and _fired_any(ttls, now):
+        if ttls is not None and s >> MILLIS_SHIFT <= now and _fired_any(ttls, now):
             for expiry in ttls.values():
-                if expiry > s and expiry >> _MILLIS_SHIFT <= now:
+                if expiry > s and expiry >> MILLIS_SHIFT <= now:
                     return False
         current = node.value
         if is_number(current):
@@ -753,7 +752,7 @@ class Store:
         self._untidy = True
         ttls = node.ttls
         now = self.now_ms
-        due = expiry >> _MILLIS_SHIFT
+        due = expiry >> MILLIS_SHIFT
         if ttls is None:
             node.ttls = {s: expiry}  # (a session's: its only event, nothing covers it)
             if due <= now:
@@ -765,7 +764,7 @@ class Store:
             return
         covered = False
         for other in ttls.values():
-            if now < other >> _MILLIS_SHIFT <= due:
+            if now < other >> MILLIS_SHIFT <= due:
                 covered = True  # an entry for this node pops first
                 break
         ttls[s] = expiry
@@ -1042,7 +1041,7 @@ class Store:
         now = self.now_ms
         fired: Any = NEVER
         for st, expiry in self._owners(node.ttls):
-            if st > parent_vr and expiry > fired and expiry >> _MILLIS_SHIFT <= now:
+            if st > parent_vr and expiry > fired and expiry >> MILLIS_SHIFT <= now:
                 fired = expiry
         return fired
 
@@ -1336,7 +1335,7 @@ class Store:
             # came after this one); the earliest one not yet due gets the node's next entry.
             later: tuple[int, int] | None = None
             for st, expiry in ttls.items():
-                due = expiry >> _MILLIS_SHIFT
+                due = expiry >> MILLIS_SHIFT
                 if due > now_ms:
                     if later is None or due < later[0]:
                         later = (due, st)
@@ -1838,7 +1837,7 @@ def _fired_any(ttls: dict[int, int], now_ms: float | int) -> bool:
     found in C (a counter hit in a burst holds hundreds, until ``collect``)."""
     if math.isinf(now_ms):
         return now_ms > 0  # (NEVER: no time yet)
-    return min(ttls.values()) < (math.floor(now_ms) + 1) << _MILLIS_SHIFT
+    return min(ttls.values()) < (math.floor(now_ms) + 1) << MILLIS_SHIFT
 
 
 def _newest_in(entry: int | _Node) -> float | int:
