@@ -20,7 +20,7 @@ from typing import Any
 from ._apply import Applier
 from ._clock import MILLIS_SHIFT, expiry_stamp
 from ._tree import _Node, newest_in
-from ._validate import INT_BOUND
+from ._validate import INT_BOUND, parse_key
 
 __all__ = ["Ways"]
 
@@ -36,6 +36,66 @@ class Ways(Applier):
         super().__init__()
         self._way_wanted: str | None = None  # the parent of the last key not on the way
         self._way_skips = 0  # keys to take before looking for a loop again
+
+    def assign_key(self, stamp: int, key: str, value: Any, ttl_ms: int = 0) -> bool:
+        """A node's own SET of ``value`` at the dotted ``key`` (a str, maybe not valid), in
+        a writer's loop: ``set_leaf`` (or ``assign_leaf``, for a dict or a ttl) under the way
+        to the key's parent, cached when keys come in a row under one parent (a loop).
+        ``stamp`` as for ``set_leaf``. False, having changed nothing, when that is not the
+        case: then ``apply`` it. ``InvalidKeyError`` for a bad key it had to parse."""
+        above, _, leaf = key.rpartition(".")
+        if not (above == self.way_key and leaf and leaf.isascii()) and not self._find_way(
+            above, key, stamp
+        ):
+            return False
+        if ttl_ms:
+            return self.assign_leaf(stamp, leaf, value, ttl_ms)
+        return self.set_leaf(stamp, leaf, value)
+
+    def increment_key(self, stamp: int, key: str, amount: int, ttl_ms: int = 0) -> Any:
+        """A node's own INCREMENT of the int counter at the dotted ``key`` by the int
+        ``amount``, the way ``assign_key`` takes (``incr_leaf``): the new value, or None
+        having changed nothing when that is not the case (then ``apply`` it)."""
+        above, _, leaf = key.rpartition(".")
+        if not (above == self.way_key and leaf and leaf.isascii()) and not self._find_way(
+            above, key, stamp
+        ):
+            return None
+        return self.incr_leaf(stamp, leaf, amount, ttl_ms)
+
+    def delete_key(self, stamp: int, key: str) -> bool:
+        """A node's own DELETE of the dotted ``key``, the way ``assign_key`` takes
+        (``delete_leaf``): False, having changed nothing, when that is not the case (then
+        ``apply`` it)."""
+        above, _, leaf = key.rpartition(".")
+        if not (above == self.way_key and leaf and leaf.isascii()) and not self._find_way(
+            above, key, stamp
+        ):
+            return False
+        return self.delete_leaf(stamp, leaf)
+
+    def _find_way(self, above: str, key: str, stamp: int) -> bool:
+        """Whether the way to ``above``, the parent of ``key``, is cached now, for an
+        operation at ``stamp``: the policy of ``assign_key`` and its kin, for a key the quick
+        test (the cached parent, a plain leaf) did not take. After a key under another
+        parent than the last one looked at, the next ``_WAY_SKIPS`` keys take the general
+        way without looking (keys scattered over parents pay little for the cache); a key
+        looked at under the same parent as the last is taken for a loop, and its way
+        cached."""
+        if self._way_skips:
+            self._way_skips -= 1
+            return False
+        path = parse_key(key)  # raises for a bad key
+        if above == self.way_key:
+            return True  # (a valid leaf that the quick test left out)
+        if above != self._way_wanted:
+            self._way_wanted = above
+            self._way_skips = _WAY_SKIPS
+            return False
+        if self.cache_way(above, path[:-1], stamp):
+            return True
+        self._way_wanted = None  # no fast way there now: try again later
+        return False
 
     def cache_way(self, key: str, way: tuple[str, ...] | list[str], s: int) -> bool:
         """Remember the node at ``way`` (named ``key``, its dotted form) for ``set_leaf``, if
