@@ -63,7 +63,8 @@ class Applier(Expiries):
                 child = _Node()
                 child.written_below = child.newest = s
                 child.reset = node.reset
-                child.value = fresh = {}
+                fresh: dict[str, Any] = {}
+                child.value = fresh
                 entries[key] = child
                 if type(node.value) is dict:
                     node.value[key] = fresh
@@ -298,18 +299,16 @@ class Applier(Expiries):
         self._untidy = True
         self._forget_way()
         entry = parent.entries.get(key)
-        if entry is None or (type(entry) is int and s > entry):
-            fresh = True
-        elif type(entry) is int:
-            return  # older than (or the same as) the assignment there
-        else:
-            fresh = s > entry.newest
-            if not fresh:
-                if s <= entry.assigned:
-                    return
-                record_assign(parent.entries, key, s, value)
-                rebuild_at(parent, key, entry, self.now_ms)
+        if type(entry) is _Node:
+            if s <= entry.newest:
+                # Late: something in the subtree is newer, so record and recompute.
+                if s > entry.assigned:
+                    record_assign(parent.entries, key, s, value)
+                    rebuild_at(parent, key, entry, self.now_ms)
                 return
+        elif entry is not None and s <= entry:
+            return  # older than (or the same as) the assignment there
+        # The newest event at the path: the value replaces whatever was there.
         if type(value) is dict:
             node = build(value, s)
             parent.entries[key] = node
@@ -322,20 +321,20 @@ class Applier(Expiries):
         self._untidy = True
         self._forget_way()
         entry = parent.entries.get(key)
-        if entry is None or (type(entry) is int and s > entry):
-            parent.entries[key] = s
-            if type(parent.value) is dict:
-                parent.value.pop(key, None)
-        elif type(entry) is int:
-            return
-        elif s > entry.newest:
-            parent.entries[key] = s
-            if type(parent.value) is dict:
-                parent.value.pop(key, None)
-        elif s > entry.assigned:
-            entry.assigned = s
-            entry.assigned_value = MISSING
-            rebuild_at(parent, key, entry, self.now_ms)
+        if type(entry) is _Node:
+            if s <= entry.newest:
+                # Late: something in the subtree is newer, so record and recompute.
+                if s > entry.assigned:
+                    entry.assigned = s
+                    entry.assigned_value = MISSING
+                    rebuild_at(parent, key, entry, self.now_ms)
+                return
+        elif entry is not None and s <= entry:
+            return  # older than (or the same as) the assignment there
+        # The newest event at the path: a tombstone replaces whatever was there.
+        parent.entries[key] = s
+        if type(parent.value) is dict:
+            parent.value.pop(key, None)
 
     def _increment(
         self, parent: _Node, key: str, s: int, amount: int | float, path: Any = ()
@@ -354,7 +353,7 @@ class Applier(Expiries):
             parent.entries[key] = node
             place(parent, key, amount)
             return
-        if type(entry) is int:
+        if type(entry) is not _Node:
             if s < entry:
                 return  # the assignment there is newer
             entry = self._promote(parent, key, entry)

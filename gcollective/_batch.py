@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from ._columns import full_paths
-from ._tree import DELETE, INCREMENT, NEVER, SET, _Node, raise_below
+from ._tree import DELETE, INCREMENT, SET, _Node, raise_below
 from ._way import Ways
 
 __all__ = ["Batches"]
@@ -49,52 +49,60 @@ class Batches(Ways):
         self._forget_way()
         if len(stamps) >= _BULK_MIN and set(ops) == _ONLY_SETS:
             if parent:
-                if self._set_siblings(stamps, parent, paths, values):
+                if self._set_siblings(stamps, parent, cast("list[str]", paths), values):
                     return
             elif self._apply_sibling_sets(stamps, paths, values):
                 return
-        paths = full_paths(parent, paths)
+        self._apply_in_turn(stamps, ops, full_paths(parent, paths), values)
+
+    def _apply_in_turn(
+        self, stamps: Sequence[int], ops: list[int], paths: list[Any], values: list[Any]
+    ) -> None:
+        """``apply_batch`` one operation after the other, where a plain SET or INCREMENT
+        under the parent of the last one skips the walk from the root: that parent is
+        found once, and its ancestors' summaries raised once, at the end of the run."""
         apply = self.apply
-        parent: _Node | None = None  # the last path's parent, while the way to it is settled
+        last_parent: _Node | None = None  # the last path's parent, while its way is all dicts
         prefix: str | None = None  # its dotted path ("" for the root)
         ancestors: list[_Node] = []
-        raised = NEVER  # newest stamp of the run, not yet recorded on the ancestors
+        raised = 0  # newest stamp of the run not yet recorded on the ancestors (0: none)
         for s, op, path, value in zip(stamps, ops, paths, values):
             if type(path) is str:
                 above, _, key = path.rpartition(".")
-                if above == prefix and parent is not None and op == SET and type(value) is not dict:
-                    if s < parent.reset:
-                        raised = s  # overtaken by a reset above: only the ancestors learn of it
-                        continue
-                    # (``apply`` read it just before, unless a reset there overtook that SET)
-                    entries = parent._entries if parent.runs is None else parent.entries
-                    entry = entries.get(key)
-                    if entry is None or (type(entry) is int and s > entry):
-                        entries[key] = s
-                        parent.value[key] = value
+                if above == prefix and last_parent is not None:
+                    if op == SET and type(value) is not dict:
+                        if s < last_parent.reset:
+                            raised = s  # overtaken by a reset above: only ancestors learn of it
+                            continue
+                        # (``apply`` read it just before, unless a reset overtook that SET)
+                        parent = last_parent
+                        entries = parent._entries if parent.runs is None else parent.entries
+                        entry = entries.get(key)
+                        if entry is None or (type(entry) is int and s > entry):
+                            entries[key] = s
+                            parent.value[key] = value
+                            raised = s
+                            continue
+                    elif op == INCREMENT:
+                        # Counters under one parent (a hot counter, others' hits): ``apply``'s
+                        # last step, the way to the parent known as for the SETs above.
+                        if s >= last_parent.reset:
+                            self._increment(last_parent, key, s, value, path.split("."))
                         raised = s
                         continue
-                elif above == prefix and parent is not None and op == INCREMENT:
-                    # Counters under one parent (a hot counter, others' hits): ``apply``'s
-                    # last step, the way to the parent settled as for the SETs above.
-                    # (``parent`` is a _Node here: mypy keeps the parameter's type)
-                    if s >= parent.reset:  # type: ignore[attr-defined]
-                        self._increment(parent, key, s, value, path.split("."))  # type: ignore[arg-type]
-                    raised = s
-                    continue
                 segments = path.split(".")
             else:
                 above = None
                 segments = path
-            if raised != NEVER:
+            if raised:
                 raise_below(ancestors, raised)
-                raised = NEVER
+                raised = 0
             apply(s, op, segments, value)
-            parent = None
+            last_parent = None
             if above is not None and op != DELETE and type(value) is not dict:
-                parent, ancestors = self._dict_way(segments[:-1], s)
+                last_parent, ancestors = self._dict_way(segments[:-1], s)
                 prefix = above
-        if raised != NEVER:
+        if raised:
             raise_below(ancestors, raised)
 
     def _apply_sibling_sets(

@@ -125,7 +125,7 @@ class Collector(Tree):
         if type(old) is dict and parent is not None and key is not None:
             pv = parent.value
             if type(pv) is dict and pv.get(key) is old:
-                node.value = pv[key] = dict(old)
+                node.value = pv[key] = dict(node.value)  # (``old``: mypy narrows it to None)
 
     def _fold_increments(self, node: _Node, parent_r: Any, frontier: int) -> None:
         """Fold the increments older than ``frontier`` into one assignment of their result."""

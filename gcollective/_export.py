@@ -51,7 +51,7 @@ class Exporter(Tree):
         entry = root.entries.get(key)
         if entry is None:
             return None
-        if type(entry) is int:
+        if type(entry) is not _Node:
             value = root.value.get(key, MISSING)
             return [key, entry if value is MISSING else [entry, copy_value(value)]]
         return [key, self._export_node(entry, copy)]
@@ -78,7 +78,7 @@ class Exporter(Tree):
             leaves = {}
             values = {}
             for k, e in entries.items():
-                if type(e) is int:
+                if type(e) is not _Node:
                     leaves[k] = e
                     v = data.get(k, MISSING)
                     if v is not MISSING:

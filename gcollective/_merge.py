@@ -373,6 +373,6 @@ class Merger(Expiries):
         for k, child in children.items():
             self._merge_entry(node, k, child, (*path, k))
             ce = node.entries[k]
-            ctop = ce if type(ce) is int else ce.newest
+            ctop = ce.newest if type(ce) is _Node else ce
             if ctop > node.newest:
                 node.newest = ctop

@@ -43,7 +43,7 @@ shares (the store's now, whether ``collect`` has work, the way ``_way`` caches).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence, TypeAlias
+from typing import Any, Iterable, Sequence, TypeAlias, cast, final
 
 from ._columns import Run, unpack_stamps
 
@@ -120,6 +120,7 @@ def read_path(data: dict[str, Any], path: Iterable[str], default: Any = None) ->
     return node
 
 
+@final
 class _Node:
     """Metadata of one path that is more than a single assignment (see the module docstring).
 
@@ -237,11 +238,9 @@ def record_assign(entries: dict[str, int | _Node], key: str, s: int, value: Any)
     materialized dict may not exist; ``_rebuild`` then places them.
     """
     entry = entries.get(key)
-    if type(entry) is int:
-        if entry >= s:
-            return
-        entry = None
-    if entry is None:
+    if type(entry) is not _Node:
+        if entry is not None and entry >= s:
+            return  # the bare stamp there is as new
         entry = _Node()
         entries[key] = entry
     elif entry.assigned >= s:
@@ -281,13 +280,13 @@ def bare_if_plain(node: _Node, key: str) -> Any:
         and is_plain(entry)
         and (entry.assigned_value is MISSING if entry.value is MISSING else True)
     ):
-        entry = node._entries[key] = entry.assigned
+        entry = node._entries[key] = cast(int, entry.assigned)  # (plain: a real stamp)
     return entry
 
 
 def newest_in(entry: int | _Node) -> float | int:
-    """The newest stamp in an entry's subtree: a bare stamp's own, a node's ``top``."""
-    return entry if type(entry) is int else entry.newest  # type: ignore[union-attr]
+    """The newest stamp in an entry's subtree: a bare stamp's own, a node's ``newest``."""
+    return entry.newest if type(entry) is _Node else entry
 
 
 def raise_below(ancestors: list[_Node], s: int) -> None:
@@ -339,7 +338,8 @@ class Tree:
 
     def to_dict(self) -> dict[str, Any]:
         """A deep copy of the whole tree."""
-        return copy_value(self.data)
+        copy: dict[str, Any] = copy_value(self.data)
+        return copy
 
     def _flush_way(self) -> None:
         """Raise the summaries on the cached way to the newest ``set_leaf`` below it: what

@@ -15,7 +15,7 @@ a node, make a dict something else, add a ttl or raise a reset stamp. Everything
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from ._apply import Applier
 from ._clock import MILLIS_SHIFT, expiry_stamp
@@ -211,11 +211,11 @@ class Ways(Applier):
                 node.newest = s  # (not ``d``: a DELETE is no write below, see ``apply``)
         return True
 
-    def _dict_way(self, way: list[str], s: int) -> tuple[_Node | None, list[_Node]]:
+    def _dict_way(self, way: Sequence[str], s: int) -> tuple[_Node | None, list[_Node]]:
         """The node at ``way`` and the nodes on the way to it, if a later plain SET below it
         (with a newer stamp than ``s``) takes the fast path at every level."""
         node = self._root
-        ancestors = []
+        ancestors: list[_Node] = []
         for segment in way:
             if s < node.reset:
                 return None, ancestors

@@ -61,7 +61,7 @@ from __future__ import annotations
 import math
 from itertools import accumulate, islice, repeat
 from operator import lshift, sub
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import ujson
 
@@ -256,6 +256,10 @@ def encode_snapshot_parts(item: list[Any], limit: int) -> Iterator[bytes]:
 _LEAF_BYTES_AT_LEAST = 8
 _LEAF_BYTES_GUESS = 40
 _FILL = 0.75  # parts are aimed at this much of their limit (leaves vary in size)
+# Puts a piece of a node back on its path (to the top-level item).
+_Wrap = Callable[[list[Any]], list[Any]]
+# Puts a piece of a node's children (and leaves, values) back on the node's path.
+_Within = Callable[..., list[Any]]
 
 
 def _weight(entry: list[Any]) -> int:
@@ -264,7 +268,7 @@ def _weight(entry: list[Any]) -> int:
     return 1 + len(entry[6]) + sum(map(_weight, entry[5].values()))
 
 
-def _node_parts(entry: list[Any], wrap: Any, limit: int, scale: list[float]) -> Iterator[bytes]:
+def _node_parts(entry: list[Any], wrap: _Wrap, limit: int, scale: list[float]) -> Iterator[bytes]:
     """The parts of a full node (see ``encode_snapshot_parts``); ``wrap`` puts a piece of it
     back on its path, ``scale`` (bytes per unit of ``_weight``) is learnt as parts are
     made."""
@@ -323,7 +327,7 @@ def _node_parts(entry: list[Any], wrap: Any, limit: int, scale: list[float]) -> 
 
 
 def _child_parts(
-    name: str, child: list[Any], within: Any, limit: int, scale: list[float]
+    name: str, child: list[Any], within: _Within, limit: int, scale: list[float]
 ) -> Iterator[bytes]:
     """The parts of one child of a node being split (``within`` wraps it)."""
 
@@ -334,7 +338,7 @@ def _child_parts(
 
 
 def _group_parts(
-    group: dict[str, Any], weight: int, within: Any, limit: int, scale: list[float]
+    group: dict[str, Any], weight: int, within: _Within, limit: int, scale: list[float]
 ) -> Iterator[bytes]:
     """Children of a node being split, as one part, or halves when that is too long."""
     part = encode_snapshot_item(within(group))
@@ -523,11 +527,12 @@ def parse_ops(
     size = len(deltas)
     if type(seq) is not int or not 0 < seq < _MAX_SEQ - size:
         raise ProtocolError("OPS frame has a bad sequence number")
+    kinds: set[Any]  # the kinds of operation, or first their types
     if type(ops) is int and ops in _KINDS:
         kinds = {ops}
         ops = [ops] * size
     elif type(ops) is list:
-        kinds = set(map(type, ops))  # type: ignore[arg-type]  # (types are hashable)
+        kinds = set(map(type, ops))
         if kinds == {int}:
             kinds = set(ops)
         if not kinds <= _KINDS:
