@@ -76,8 +76,8 @@ class Applier(Expiries):
                 # Below a path that may expire: record the event, recompute that subtree.
                 self._slow(node, key, path[i + 1 :], s, op, value, ttl_ms, path)
                 return
-            # ``d`` never exceeds ``top`` (a write below is in the subtree): the newest event
-            # of a subtree, the usual case, is one comparison.
+            # ``written_below`` never exceeds ``newest`` (a write below is in the subtree): the
+            # newest event of a subtree, the usual case, is one comparison.
             if s > child.newest:
                 child.newest = s
                 if writes:

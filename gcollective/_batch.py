@@ -125,8 +125,8 @@ class Batches(Ways):
         """Apply SETs of ``values`` at ``keys`` (segments) under the dotted path ``parent``
         ("" for the top level), stamps growing, with a few C-level dict operations instead
         of a Python step per operation, when all are new there: no dict values, the way to
-        ``parent`` settled and none of the keys present. Returns False, having changed
-        nothing, when that is not the case."""
+        ``parent`` all dicts (``_dict_way``) and none of the keys present. Returns False,
+        having changed nothing, when that is not the case."""
         if dict in set(map(type, values)):
             return False
         node, ancestors = self._dict_way(parent.split(".") if parent else [], stamps[0])

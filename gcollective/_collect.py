@@ -127,23 +127,24 @@ class Collector(Tree):
             if type(pv) is dict and pv.get(key) is old:
                 node.value = pv[key] = dict(node.value)  # (``old``: mypy narrows it to None)
 
-    def _fold_increments(self, node: _Node, parent_r: Any, frontier: int) -> None:
-        """Fold the increments older than ``frontier`` into one assignment of their result."""
+    def _fold_increments(self, node: _Node, parent_reset: Any, frontier: int) -> None:
+        """Fold the increments older than ``frontier`` into one assignment of their result
+        (``parent_reset``: the reset above the node)."""
         incs = node.incs
         assert incs is not None
         old = sorted(st for st in incs if st < frontier)
         if not old:
             return
         newest = old[-1]
-        base = node.assigned if node.assigned >= parent_r else parent_r
-        d = node.written_below if node.written_below > base else NEVER
-        lower = base if d == NEVER else d
-        if newest <= lower or newest < parent_r:
+        base = node.assigned if node.assigned >= parent_reset else parent_reset
+        below = node.written_below if node.written_below > base else NEVER
+        lower = base if below == NEVER else below
+        if newest <= lower or newest < parent_reset:
             for st in old:  # overtaken already
                 del incs[st]
         else:
-            bv = node.assigned_value if node.assigned >= parent_r else MISSING
-            result: Any = bv if (d == NEVER and is_number(bv)) else MISSING
+            base_value = node.assigned_value if node.assigned >= parent_reset else MISSING
+            result: Any = base_value if (below == NEVER and is_number(base_value)) else MISSING
             for st in old:
                 amount = incs.pop(st)
                 if st > lower:

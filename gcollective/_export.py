@@ -34,12 +34,14 @@ class Exporter(Tree):
     def export_item(self, key: str, copy: bool = True) -> list[Any] | None:
         """The export of one top-level key: ``[key, entry]``, or None if there is no such key
         (any more). An entry is an int (a tombstone), a ``[stamp, value]`` pair (a plain
-        assignment), or ``[a, av, d, imax, incs, children, leaves, values]`` for a full node,
-        where ``av`` is ``[value]``, ``0`` (deleted) or ``1`` (a dict), stamps that are unset
-        are ``None``, ``children`` maps keys to the entries of full nodes, ``leaves`` maps the
-        keys of plain assignments (and tombstones) to their stamps, and ``values`` maps those
-        of ``leaves`` that hold a value to it. A node with ttl events has a ninth element,
-        ``[[stamp, expiry stamp], ...]``.
+        assignment), or ``[a, av, d, imax, incs, children, leaves, values]`` for a full node:
+        its ``_Node`` fields ``assigned``, ``assigned_value`` (``av``: ``[value]``, ``0``
+        deleted, or ``1`` a dict), ``written_below``, ``incremented`` and ``incs`` (as
+        ``[[stamp, amount], ...]``), stamps that are unset ``None``; ``children`` maps keys
+        to the entries of full nodes, ``leaves`` maps the keys of plain assignments (and
+        tombstones) to their stamps, and ``values`` maps those of ``leaves`` that hold a
+        value to it. A node with ttl events has a ninth element, ``[[stamp, expiry stamp],
+        ...]``.
 
         Each item is a consistent copy (taken without yielding), so a snapshot can be built
         and sent one slice at a time while operations go on. With ``copy=False`` its dicts

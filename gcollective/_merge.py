@@ -236,23 +236,28 @@ class Merger(Expiries):
             and not encoded[4]
         )
 
-    def _graft(self, node: _Node, encoded: list[Any], path: tuple[str, ...], parent_r: Any) -> None:
+    def _graft(self, node: _Node, encoded: list[Any], path: Path, parent_reset: Any) -> None:
         """Merge ``encoded`` into ``node`` (``_can_graft`` said yes, and every node above is
-        a dict without ttl events; ``parent_r`` is the reset above it): what
+        a dict without ttl events; ``parent_reset`` is the reset above it): what
         ``_merge_entry`` and a rebuild would make of it, touching only what ``encoded``
         holds."""
-        d, children, leaves, values = encoded[2], encoded[5], encoded[6], encoded[7]
-        if d is not None and d > node.written_below and d > node.assigned and d > parent_r:
-            node.written_below = d  # (a dict stays a dict when a write below is newer)
-        top = max(node.newest, node.written_below)
+        below, children, leaves, values = encoded[2], encoded[5], encoded[6], encoded[7]
+        if (
+            below is not None
+            and below > node.written_below
+            and below > node.assigned
+            and below > parent_reset
+        ):
+            node.written_below = below  # (a dict stays a dict when a write below is newer)
+        newest = max(node.newest, node.written_below)
         if leaves:
-            top = max(top, self._graft_leaves(node, leaves, values))
+            newest = max(newest, self._graft_leaves(node, leaves, values))
         data = node.value
-        r = node.reset
+        reset = node.reset
         for k, child in children.items():
             entry: Any = node._entries.get(k)
             if entry is None and k not in data:
-                built = self._install(child, r, (*path, k))
+                built = self._install(child, reset, (*path, k))
                 if built is None:
                     continue
                 entry, value = built
@@ -262,7 +267,7 @@ class Merger(Expiries):
                 if value is not MISSING:
                     data[k] = value
             elif self._can_graft(node, k, entry, child):
-                self._graft(entry, child, (*path, k), r)
+                self._graft(entry, child, (*path, k), reset)
             else:
                 if node.runs is not None:
                     node.record_runs()
@@ -272,10 +277,10 @@ class Merger(Expiries):
                 entry = bare_if_plain(node, k)
                 if entry is None:
                     continue
-            ctop = entry if type(entry) is int else entry.newest
-            if ctop > top:
-                top = ctop
-        node.newest = top
+            child_newest = entry.newest if type(entry) is _Node else entry
+            if child_newest > newest:
+                newest = child_newest
+        node.newest = newest
 
     def _graft_leaves(
         self, node: _Node, leaves: LeafColumns | dict[str, int], values: dict[str, Any]
@@ -305,10 +310,10 @@ class Merger(Expiries):
             pairs = zip(leaves.names, leaves.stamps)
         if node.runs is not None:
             node.record_runs()
-        r = node.reset
+        reset = node.reset
         newest: Any = NEVER
         for k, stamp in pairs:
-            if stamp < r:
+            if stamp < reset:
                 continue  # overtaken by a reset here
             entry: Any = entries.get(k)
             value = values.get(k, MISSING)
@@ -325,7 +330,7 @@ class Merger(Expiries):
                 newest = stamp
         return newest
 
-    def _merge_entry(self, parent: _Node, key: str, encoded: Any, path: tuple[str, ...]) -> None:
+    def _merge_entry(self, parent: _Node, key: str, encoded: Any, path: Path) -> None:
         """Record the events of one exported entry (at ``path``) into ``parent.entries[key]``
         (no rebuild)."""
         entries = parent.entries
@@ -336,43 +341,52 @@ class Merger(Expiries):
             stamp, value = encoded
             record_assign(entries, key, stamp, value)
             return
-        a, av, d, imax, incs, children, leaves, values = encoded[:8]
-        if a is not None:
-            value = decode_assigned(av)
-            if value is DICT:
-                record_assign(entries, key, a, {})
-                # the members of that dict come as children with the same stamp
-            else:
-                record_assign(entries, key, a, value)
+        assigned, assigned_value, below, incremented, incs = encoded[:5]
+        if assigned is not None:
+            value = decode_assigned(assigned_value)
+            # (the members of an assigned dict come as children with the same stamp)
+            record_assign(entries, key, assigned, {} if value is DICT else value)
         node = entries.get(key)
         if type(node) is not _Node:
             node = self._promote(parent, key, node)
-        if d is not None and d > node.written_below:
-            node.written_below = d
-        if imax is not None and imax > node.incremented:
-            node.incremented = imax
+        if below is not None and below > node.written_below:
+            node.written_below = below
+        if incremented is not None and incremented > node.incremented:
+            node.incremented = incremented
         if incs:
             current = node.incs
             if current is None:
                 node.incs = current = {}
-            for st, n in incs:
-                current.setdefault(st, n)
-        for st in (d, imax):
-            if st is not None and st > node.newest:
-                node.newest = st
+            for stamp, amount in incs:
+                current.setdefault(stamp, amount)
+        for stamp in (below, incremented):
+            if stamp is not None and stamp > node.newest:
+                node.newest = stamp
+        if len(encoded) == 9:
+            for stamp, expiry in encoded[8]:
+                self._add_ttl(node, stamp, expiry, path)
+        self._merge_below(node, encoded[5], encoded[6], encoded[7], path)
+
+    def _merge_below(
+        self,
+        node: _Node,
+        children: dict[str, Any],
+        leaves: LeafColumns | dict[str, int],
+        values: dict[str, Any],
+        path: Path,
+    ) -> None:
+        """Record the events of an exported node's leaves and children (``_merge_entry``)."""
         node_entries = node.entries
         if type(leaves) is LeafColumns:
             leaves = leaves.as_dict()
+        assert isinstance(leaves, dict)
         for k, stamp in leaves.items():
             record_assign(node_entries, k, stamp, values.get(k, MISSING))
             if stamp > node.newest:
                 node.newest = stamp
-        if len(encoded) == 9:
-            for st, expiry in encoded[8]:
-                self._add_ttl(node, st, expiry, path)
         for k, child in children.items():
             self._merge_entry(node, k, child, (*path, k))
-            ce = node.entries[k]
-            ctop = ce.newest if type(ce) is _Node else ce
-            if ctop > node.newest:
-                node.newest = ctop
+            entry = node.entries[k]
+            newest = entry.newest if type(entry) is _Node else entry
+            if newest > node.newest:
+                node.newest = newest

@@ -208,7 +208,7 @@ class Ways(Applier):
         parent.value.pop(leaf, None)
         for node in self._way_nodes:
             if s > node.newest:
-                node.newest = s  # (not ``d``: a DELETE is no write below, see ``apply``)
+                node.newest = s  # (not written_below: a DELETE is no write below)
         return True
 
     def _dict_way(self, way: Sequence[str], s: int) -> tuple[_Node | None, list[_Node]]:

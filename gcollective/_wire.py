@@ -232,7 +232,7 @@ def encode_snapshot_parts(item: list[Any], limit: int) -> Iterator[bytes]:
     down to some of its leaves or children: the first with the node's own events (its
     assignment, increments, ttls), the others with only what tells that it is a dict. They
     merge to the same as the whole (a merge takes the union of the events; the joiner
-    grafts each piece, see ``Store._graft``), and each carries its leaves as columns."""
+    grafts each piece, see ``_merge``), and each carries its leaves as columns."""
     key, entry = item
 
     def wrap(piece: list[Any]) -> list[Any]:
@@ -590,7 +590,7 @@ def parse_ops(
 
 class OpStamps(Sequence[int]):
     """The stamps of an OPS frame's operations, each made when read: a store keeps a bulk
-    of new keys' stamps unread for as long as nothing asks (see ``_store``), and a 128-bit
+    of new keys' stamps unread for as long as nothing asks (see ``_tree``), and a 128-bit
     int costs two big-int operations to make. ``first`` and ``last`` are at hand."""
 
     __slots__ = ("origin", "deltas", "first", "last")
