@@ -3,12 +3,12 @@
 In-order writes (the normal case) take short paths that touch only the path written: a leaf
 written where nothing is newer, a new dict on the way. Anything arriving late records its
 event and rebuilds the affected subtree (``_rebuild``), which is the definition the fast paths
-agree with; so does anything at or below a path with ttl events (``_slow``).
+agree with; so does anything at or below a path with ttl events (``_record_and_rebuild``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from ._clock import MILLIS_SHIFT, expiry_stamp
 from ._rebuild import prune_children, rebuild_at
@@ -74,7 +74,7 @@ class Applier(Expiries):
                 child = self._promote(node, key, child)
             if child.ttls is not None:
                 # Below a path that may expire: record the event, recompute that subtree.
-                self._slow(node, key, path[i + 1 :], s, op, value, ttl_ms, path)
+                self._record_and_rebuild(node, key, path[i + 1 :], s, op, value, ttl_ms, path)
                 return
             # ``written_below`` never exceeds ``newest`` (a write below is in the subtree): the
             # newest event of a subtree, the usual case, is one comparison.
@@ -93,15 +93,8 @@ class Applier(Expiries):
         if s < node.reset:
             return
         if ttl_ms:
-            # A received session (a dict or leaf SET with a ttl, newest there) is built as
-            # it is; anything else with a ttl is recorded and rebuilt.
-            if op == SET:
-                self._forget_way()  # (the key may be on the cached way)
-                if self._assign_fresh(node, key, s, value, ttl_ms, tuple(path)):
-                    return
-            self._slow(node, key, (), s, op, value, ttl_ms, path)
-            return
-        if op == SET:
+            self._apply_with_ttl(node, key, s, op, value, ttl_ms, path)
+        elif op == SET:
             entries = node._entries if node.runs is None else node.entries
             entry = entries.get(key)
             if type(value) is not dict and (entry is None or (type(entry) is int and s > entry)):
@@ -117,13 +110,32 @@ class Applier(Expiries):
         else:
             self._delete(node, key, s)
 
+    def _apply_with_ttl(
+        self,
+        parent: _Node,
+        key: str,
+        s: int,
+        op: int,
+        value: Any,
+        ttl_ms: int,
+        path: Sequence[str],
+    ) -> None:
+        """``apply``'s last step for an operation with a ttl: a received session (a dict or
+        leaf SET with a ttl, newest there) is built as it is; anything else is recorded and
+        rebuilt."""
+        if op == SET:
+            self._forget_way()  # (the key may be on the cached way)
+            if self._assign_fresh(parent, key, s, value, ttl_ms, tuple(path)):
+                return
+        self._record_and_rebuild(parent, key, (), s, op, value, ttl_ms, path)
+
     def _assign_fresh(
         self, parent: _Node, key: str, s: int, value: Any, ttl_ms: int, path: tuple[str, ...]
     ) -> bool:
         """A SET of a dict or with a ttl (at ``path``, ``parent``'s child ``key``) where
         nothing in the key's subtree is as new as ``s`` and the expiry is not due: the key is
-        replaced whole by a fresh node, as ``_set`` (and, with a ttl, ``_slow``'s record and
-        rebuild) would make it. False, having changed nothing, when the case is not that."""
+        replaced whole by a fresh node, as ``_set`` (and, with a ttl, ``_record_and_rebuild``)
+        would make it. False, having changed nothing, when the case is not that."""
         entries = parent._entries if parent.runs is None else parent.entries
         entry = entries.get(key)
         if (entry is not None and not s > newest_in(entry)) or type(parent.value) is not dict:
@@ -148,72 +160,95 @@ class Applier(Expiries):
         parent.value[key] = node.value
         return True
 
-    def _slow(
+    def _record_and_rebuild(
         self,
         parent: _Node,
         key: str,
-        rest: tuple[str, ...] | list[str],
+        rest: Sequence[str],
         s: int,
         op: int,
         value: Any,
         ttl_ms: int,
-        path: tuple[str, ...] | list[str],
+        path: Sequence[str],
     ) -> None:
         """Apply an operation at or below ``parent.entries[key]`` by recording its events
         there and rebuilding that subtree: the way for anything touching a path with ttl
-        events (``key`` is the topmost such path on the way, or the target of a ttl op).
-        ``parent`` and its ancestors carry no ttl events."""
+        events (``key`` is the topmost such path on the way, or the target of a ttl op;
+        ``rest`` the segments below it). ``parent`` and its ancestors carry no ttl events."""
         self._forget_way()
         if (
             op == INCREMENT
             and not rest
-            and (not ttl_ms or (s >> MILLIS_SHIFT) + ttl_ms > self.now_ms)  # not due yet
+            and self._increment_expiring(parent, key, s, value, ttl_ms, path)
         ):
-            n = parent.entries.get(key)
-            if type(n) is _Node and (
-                self._newest_increment(parent, key, n, s, value)
-                if s > n.newest
-                else self._late_increment(parent, key, n, s, value)
-            ):
-                if ttl_ms:
-                    self._add_ttl(n, s, expiry_stamp(s, ttl_ms), path)
-                return
+            return
         writes = op != DELETE
-        p, k = parent, key
+        above, target = parent, key
         for segment in rest:
-            n = p.entries.get(k)
-            if type(n) is not _Node:
-                n = self._promote(p, k, n)
-            if s > n.newest:
-                n.newest = s
-            if writes and s > n.written_below:
-                n.written_below = s
-            p, k = n, segment
-        if op == INCREMENT:
-            n = p.entries.get(k)
-            if type(n) is not _Node:
-                n = self._promote(p, k, n)
-            if (
-                s > n.assigned
-            ):  # else overtaken by the assignment here (or a repeat of a folded one)
-                if n.incs is None:
-                    n.incs = {}
-                n.incs.setdefault(s, value)
-                if s > n.incremented:
-                    n.incremented = s
-                if s > n.newest:
-                    n.newest = s
-                if ttl_ms:
-                    self._add_ttl(n, s, expiry_stamp(s, ttl_ms), path)
-        else:
-            record_assign(p.entries, k, s, MISSING if op == DELETE else value)
-            if ttl_ms:
-                n = p.entries.get(k)
-                if type(n) is _Node and n.assigned == s:
-                    self._add_ttl(n, s, expiry_stamp(s, ttl_ms), path)
+            node = above.entries.get(target)
+            if type(node) is not _Node:
+                node = self._promote(above, target, node)
+            if s > node.newest:
+                node.newest = s
+            if writes and s > node.written_below:
+                node.written_below = s
+            above, target = node, segment
+        self._record_at(above, target, s, op, value, ttl_ms, path)
         top = parent.entries.get(key)
         if type(top) is _Node:
             rebuild_at(parent, key, top, self.now_ms)
+
+    def _increment_expiring(
+        self, parent: _Node, key: str, s: int, amount: Any, ttl_ms: int, path: Sequence[str]
+    ) -> bool:
+        """An increment of ``parent.entries[key]``, a path with ttl events, in its simple
+        cases, without a rebuild (``_newest_increment``, ``_late_increment``). False, having
+        changed nothing, when neither applies (then record and rebuild)."""
+        if ttl_ms and (s >> MILLIS_SHIFT) + ttl_ms <= self.now_ms:
+            return False  # due already: the rebuild fires it
+        node = parent.entries.get(key)
+        if type(node) is not _Node:
+            return False
+        if s > node.newest:
+            done = self._newest_increment(parent, key, node, s, amount)
+        else:
+            done = self._late_increment(parent, key, node, s, amount)
+        if done and ttl_ms:
+            self._add_ttl(node, s, expiry_stamp(s, ttl_ms), path)
+        return done
+
+    def _record_at(
+        self,
+        parent: _Node,
+        key: str,
+        s: int,
+        op: int,
+        value: Any,
+        ttl_ms: int,
+        path: Sequence[str],
+    ) -> None:
+        """Record an operation's own events at its target ``parent.entries[key]`` (its
+        ttl event too), for a rebuild to follow."""
+        if op != INCREMENT:
+            record_assign(parent.entries, key, s, MISSING if op == DELETE else value)
+            node = parent.entries.get(key)
+            if ttl_ms and type(node) is _Node and node.assigned == s:
+                self._add_ttl(node, s, expiry_stamp(s, ttl_ms), path)
+            return
+        node = parent.entries.get(key)
+        if type(node) is not _Node:
+            node = self._promote(parent, key, node)
+        if s <= node.assigned:
+            return  # overtaken by the assignment here (or a repeat of a folded one)
+        if node.incs is None:
+            node.incs = {}
+        node.incs.setdefault(s, value)
+        if s > node.incremented:
+            node.incremented = s
+        if s > node.newest:
+            node.newest = s
+        if ttl_ms:
+            self._add_ttl(node, s, expiry_stamp(s, ttl_ms), path)
 
     def _newest_increment(
         self, parent: _Node, key: str, node: _Node, s: int, amount: int | float
@@ -296,6 +331,7 @@ class Applier(Expiries):
             rebuild_at(parent, key, node, self.now_ms)
 
     def _set(self, parent: _Node, key: str, s: int, value: Any) -> None:
+        """``apply``'s last step for a SET that is not a new leaf's."""
         self._untidy = True
         self._forget_way()
         entry = parent.entries.get(key)
@@ -318,6 +354,7 @@ class Applier(Expiries):
             place(parent, key, value)
 
     def _delete(self, parent: _Node, key: str, s: int) -> None:
+        """``apply``'s last step for a DELETE."""
         self._untidy = True
         self._forget_way()
         entry = parent.entries.get(key)
@@ -339,11 +376,12 @@ class Applier(Expiries):
     def _increment(
         self, parent: _Node, key: str, s: int, amount: int | float, path: Any = ()
     ) -> None:
+        """``apply``'s last step for an INCREMENT (``path`` the whole path, for a ttl)."""
         self._untidy = True
         self._forget_way()
         entry = parent.entries.get(key)
         if type(entry) is _Node and entry.ttls is not None:
-            self._slow(parent, key, (), s, INCREMENT, amount, 0, path)
+            self._record_and_rebuild(parent, key, (), s, INCREMENT, amount, 0, path)
             return
         if entry is None:
             node = _Node()
@@ -378,20 +416,22 @@ class Applier(Expiries):
             entry.value = result
             place(parent, key, result)
         else:
-            # Late (other members' increments interleave): for ints the sum does not depend
-            # on the order, so a number only grows; anything else is recomputed.
-            if s > entry.incremented:
-                entry.incremented = s
-                if s > entry.reset:
-                    entry.reset = s
-            current = entry.value
-            if (
-                type(current) is int
-                and type(amount) is int
-                and entry.incremented > entry.written_below
-            ):
-                if s > entry.written_below:
-                    entry.value = current + amount
-                    place(parent, key, entry.value)
-            else:
-                rebuild_at(parent, key, entry, self.now_ms)
+            self._increment_late(parent, key, entry, s, amount)
+
+    def _increment_late(
+        self, parent: _Node, key: str, node: _Node, s: int, amount: int | float
+    ) -> None:
+        """``_increment``'s case of an increment (recorded in ``node.incs``) older than
+        something in the subtree (other members' increments interleave): for ints the sum
+        does not depend on the order, so a number only grows; anything else is rebuilt."""
+        if s > node.incremented:
+            node.incremented = s
+            if s > node.reset:
+                node.reset = s
+        current = node.value
+        if type(current) is int and type(amount) is int and node.incremented > node.written_below:
+            if s > node.written_below:
+                node.value = current + amount
+                place(parent, key, node.value)
+        else:
+            rebuild_at(parent, key, node, self.now_ms)

@@ -51,7 +51,7 @@ class Collector(Tree):
         visited = 0
         while sweep and visited < budget:
             frame = sweep[-1]
-            node, r, todo = frame[0], frame[1], frame[2]
+            node, todo = frame[0], frame[2]
             if not todo:
                 sweep.pop()
                 if frame[3] > len(node._entries):
@@ -70,37 +70,44 @@ class Collector(Tree):
                     else:
                         self._untidy = True  # for a later pass
                 continue
-            if entry.ttls is not None and self._drop_replaced(entry, frontier):
-                self._untidy = True  # replaced ttl events the frontier has not passed yet
-            if entry.incs:
-                # Folding acts as a SET at the newest folded increment, so it must stay
-                # below every ttl event here (it would cancel them otherwise).
-                limit = frontier if entry.ttls is None else min(frontier, min(entry.ttls))
-                self._fold_increments(entry, r, limit)
-                if entry.incs:
-                    self._untidy = True
-                if (
-                    entry.ttls is None
-                    and not entry.incs
-                    and not entry._entries
-                    and entry.runs is None
-                    and entry.written_below == NEVER
-                    and NEVER < entry.incremented <= entry.assigned
-                    and type(node.value) is dict
-                    and key in node.value
-                ):
-                    node._entries[key] = entry.assigned  # the folded counter is now a plain value
-                    continue
-            if entry._entries:
-                sweep.append([entry, entry.reset, list(entry._entries.items()), 0, node, key])
-            elif entry.value is MISSING and entry.ttls is None and not entry.incs:
-                if max(entry.assigned, entry.written_below, entry.incremented) < frontier:
-                    del node._entries[key]  # metadata of nothing (left by deletes of absent paths)
-                    frame[3] += 1
-                    self.collected += 1
-                else:
-                    self._untidy = True
+            self._visit_node(frame, key, entry, frontier)
         return not sweep
+
+    def _visit_node(self, frame: list[Any], key: str, entry: _Node, frontier: int) -> None:
+        """``collect``'s step at ``entry``, a child of ``frame``'s node that is a node: drop
+        its replaced ttl events, fold its old increments (a folded counter goes back to a
+        bare stamp), then go down into its children, or drop it if it holds nothing."""
+        node = frame[0]
+        if entry.ttls is not None and self._drop_replaced(entry, frontier):
+            self._untidy = True  # replaced ttl events the frontier has not passed yet
+        if entry.incs:
+            # Folding acts as a SET at the newest folded increment, so it must stay below
+            # every ttl event here (it would cancel them otherwise).
+            limit = frontier if entry.ttls is None else min(frontier, min(entry.ttls))
+            self._fold_increments(entry, frame[1], limit)
+            if entry.incs:
+                self._untidy = True
+            if (
+                entry.ttls is None
+                and not entry.incs
+                and not entry._entries
+                and entry.runs is None
+                and entry.written_below == NEVER
+                and NEVER < entry.incremented <= entry.assigned
+                and type(node.value) is dict
+                and key in node.value
+            ):
+                node._entries[key] = entry.assigned  # the folded counter is now a plain value
+                return
+        if entry._entries:
+            self._sweep.append([entry, entry.reset, list(entry._entries.items()), 0, node, key])
+        elif entry.value is MISSING and entry.ttls is None and not entry.incs:
+            if max(entry.assigned, entry.written_below, entry.incremented) < frontier:
+                del node._entries[key]  # metadata of nothing (left by deletes of absent paths)
+                frame[3] += 1
+                self.collected += 1
+            else:
+                self._untidy = True
 
     def _drop_replaced(self, node: _Node, frontier: int) -> bool:
         """Forget ttl events older than ``frontier`` that a newer ttl event here replaced

@@ -2,10 +2,10 @@
 
 A SET or INCREMENT with a ttl records a ttl event on its path's node (``_Node.ttls``: stamp
 -> derived expiry stamp D, see ``_clock.expiry_stamp``); such a path is never a bare int, and
-any operation at or below it takes ``Applier._slow`` (record, then rebuild). The contract's
-derived EXPIRE fires once ``advance`` has moved ``now_ms`` past its time and acts, if its
-event still owns the path, as a DELETE at D for the *materialized* value only (``_rebuild``'s
-visible view): nothing is forgotten, since an operation older than D may still arrive and
+any operation at or below it takes ``Applier._record_and_rebuild``. The contract's derived
+EXPIRE fires once ``advance`` has moved ``now_ms`` past its time and acts, if its event still
+owns the path, as a DELETE at D for the *materialized* value only (``_rebuild``'s visible
+view): nothing is forgotten, since an operation older than D may still arrive and
 cancel it. ``expire`` turns fired expiries below the stability frontier into real DELETEs at
 D, which ``collect`` then forgets.
 """

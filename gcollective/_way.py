@@ -154,7 +154,8 @@ class Ways(Applier):
         """``apply(s, INCREMENT, way + (leaf,), amount, ttl_ms)`` under the cached way, in
         the common case: an int counter (or a new key) where nothing in the key's subtree is
         as new as ``s``, a result that stays an int JSON carries, and no expiry due (a
-        counter hit with ``incr(k, ttl=...)`` on every request takes it too, as in ``_slow``).
+        counter hit with ``incr(k, ttl=...)`` on every request takes it too, as in
+        ``_increment_expiring``).
         Returns the new value, or None having changed nothing when the case is not that
         (call ``apply``). ``s`` as for ``set_leaf``."""
         if ttl_ms and (s >> MILLIS_SHIFT) + ttl_ms <= self.now_ms:
