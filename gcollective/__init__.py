@@ -21,7 +21,7 @@ from ._errors import (
     NotStartedError,
     ProtocolError,
 )
-from ._validate import Key
+from ._validate import Address, Key
 
 if TYPE_CHECKING:
     from ._node import Collective, Watch
@@ -34,6 +34,7 @@ __all__ = [
     "INCREMENT",
     "DELETE",
     "Key",
+    "Address",
     "start",
     "stop",
     "get",
@@ -75,17 +76,21 @@ DELETE = Operation.DELETE
 SNAPSHOT_ORIGIN = "snapshot"
 
 
-def __getattr__(name: str) -> Any:
-    # Collective lives with gevent; import it only when someone asks for it.
-    if name == "Collective":
-        from ._node import Collective
+if not TYPE_CHECKING:
+    # Hidden from type checkers, which see the imports above instead: a module __getattr__
+    # would make every misspelt ``gcollective.name`` in a user's code an ``Any``, not an error.
 
-        return Collective
-    if name == "Watch":
-        from ._node import Watch
+    def __getattr__(name: str) -> Any:
+        # Collective lives with gevent; import it only when someone asks for it.
+        if name == "Collective":
+            from ._node import Collective
 
-        return Watch
-    raise AttributeError(f"module 'gcollective' has no attribute {name!r}")
+            return Collective
+        if name == "Watch":
+            from ._node import Watch
+
+            return Watch
+        raise AttributeError(f"module 'gcollective' has no attribute {name!r}")
 
 
 # -- the drop-in: one default node per process ------------------------------------------------
@@ -106,7 +111,7 @@ def default_node() -> Collective:
 
 
 def start(
-    local: Any, peers: Iterable[Any] = (), *, timeout: float = 10.0, **options: Any
+    local: Address, peers: Iterable[Address] = (), *, timeout: float = 10.0, **options: Any
 ) -> Collective:
     """Start this process's default node (see ``Collective`` for the arguments) and return it.
 
@@ -179,7 +184,7 @@ def snapshot() -> dict[str, Any]:
     return default_node().snapshot()
 
 
-def watch(prefix: Key | None, callback: Callable[[Key, Any, Operation, str], Any]) -> Watch:
+def watch(prefix: Key | None, callback: Callable[[Key, Any, Operation, str], object]) -> Watch:
     """``default_node().watch(prefix, callback)``: call ``callback(key, value, op, origin)``
     in its own greenlet for every change at or under ``prefix`` (``""`` for everything), local
     or remote, in the order applied. Returns a handle; ``handle.cancel()`` stops it. See

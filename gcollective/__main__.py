@@ -19,12 +19,27 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from ._validate import check_seconds, format_address, is_ascii_digits, parse_address
 
+if TYPE_CHECKING:
+    from gevent.pywsgi import WSGIServer
+    from gevent.socket import socket
+
+    from ._node import Collective
+
 SECRET_ENV = "GCOLLECTIVE_SECRET"
+
+
+class TlsFiles(TypedDict, total=False):
+    """The TLS options of ``--certfile``, ``--keyfile`` and ``--cafile``: all three, or none
+    when TLS is off (a certificate and a CA always come together)."""
+
+    certfile: str
+    keyfile: str | None
+    cafile: str
 
 
 def _positive_int(text: str) -> int:
@@ -205,14 +220,14 @@ def _secret(parser: argparse.ArgumentParser, variable: str | None) -> str | None
     return secret
 
 
-def _tls_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
-    files = {"certfile": args.certfile, "keyfile": args.keyfile, "cafile": args.cafile}
+def _tls_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TlsFiles:
+    files: TlsFiles = {"certfile": args.certfile, "keyfile": args.keyfile, "cafile": args.cafile}
     if any(files.values()) and not (args.certfile and args.cafile):
         parser.error("TLS needs --certfile and --cafile (and --keyfile unless in --certfile)")
     return files if any(files.values()) else {}
 
 
-def run_node(args: argparse.Namespace, secret: str | None, tls: dict[str, Any]) -> int:
+def run_node(args: argparse.Namespace, secret: str | None, tls: TlsFiles) -> int:
     """``node``: run a member until SIGINT or SIGTERM."""
     import signal
 
@@ -256,7 +271,7 @@ def run_node(args: argparse.Namespace, secret: str | None, tls: dict[str, Any]) 
     return 0
 
 
-def _serve_metrics(node: Any, address: tuple[str, int]) -> Any:
+def _serve_metrics(node: Collective, address: tuple[str, int]) -> WSGIServer:
     """Start the metrics endpoint of ``node`` (``--metrics``), or stop the node and fail."""
     try:
         from ._metrics import describe, serve_metrics
@@ -274,7 +289,7 @@ def query_status(
     *,
     secret: str | bytes | None = None,
     timeout: float = 5.0,
-    tls: dict[str, Any] | None = None,
+    tls: TlsFiles | None = None,
     request: bytes | None = None,
 ) -> dict[str, Any]:
     """The ``stats()`` of the member at ``address``, asked over its peer port (or its answer
@@ -290,7 +305,7 @@ def query_status(
     where = format_address(address)
     if request is None:
         request = encode_status_request()
-    sock: Any = None
+    sock: socket | None = None
     try:
         with gevent.Timeout(timeout, CommandError(f"{where}: no answer within {timeout:g}s")):
             sock = gsocket.create_connection(address, timeout=timeout)
@@ -381,7 +396,11 @@ def run_verify(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return 0 if report["agree"] else 1
 
 
-def _print_answer(answer: dict[str, Any], as_json: bool, as_text: Callable[[Any], str]) -> None:
+#: A command's answer: the stats of ``status``, the report of ``verify``.
+Answer = TypeVar("Answer", bound=Mapping[str, object])
+
+
+def _print_answer(answer: Answer, as_json: bool, as_text: Callable[[Answer], str]) -> None:
     """A command's answer on stdout: JSON with ``--json``, else as ``as_text`` lays it out."""
     print(json.dumps(answer, indent=2, sort_keys=True) if as_json else as_text(answer))
 

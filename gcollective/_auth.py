@@ -90,10 +90,13 @@ import os
 import re
 import secrets
 import struct
-from typing import Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard, Union
 
 # Defined with the other exceptions so that ``gcollective`` can export it without this module.
 from ._errors import AuthenticationError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 __all__ = [
     "AUTH_VERSION",
@@ -254,7 +257,7 @@ def _derive(prk: bytes, transcript: bytes) -> _Keys:
 # -- messages ------------------------------------------------------------------------------
 
 
-def _line(message: list[Any]) -> bytes:
+def _line(message: list[object]) -> bytes:
     return json.dumps(message, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
 
 
@@ -265,7 +268,7 @@ def encode_refusal(code: str) -> bytes:
     return _line([AUTH_MAGIC, REFUSE, code])
 
 
-def explain_refusal(message: Any) -> str | None:
+def explain_refusal(message: object) -> str | None:
     """If ``message`` (a decoded frame) is a REFUSE, why the peer refused; else ``None``."""
     if (
         type(message) is list
@@ -281,11 +284,11 @@ def explain_refusal(message: Any) -> str | None:
     return None
 
 
-def _is_auth(message: Any) -> bool:
+def _is_auth(message: object) -> TypeGuard[list[Any]]:
     return type(message) is list and len(message) >= 2 and message[0] == AUTH_MAGIC
 
 
-def check_no_auth(message: Any) -> None:
+def check_no_auth(message: object) -> None:
     """For a node *without* a secret: check the first frame of an accepted connection.
 
     Raises ``AuthenticationError`` (reason ``no-secret``, with a REFUSE reply to send) if the
@@ -392,8 +395,9 @@ class _Handshake:
             raise self._fail(f"peer closed the connection {where} {waiting_for}", "closed")
         self._buffer += data
 
-    def _take_line(self, waiting_for: str) -> Any:
-        """The next complete line decoded, or ``None`` while it is incomplete."""
+    def _take_line(self, waiting_for: str) -> object:
+        """The next complete line decoded (any JSON: checked by the caller), or ``None`` while
+        it is incomplete."""
         buffer = self._buffer
         end = buffer.find(b"\n", 0, MAX_LINE + 1)
         if end < 0:
@@ -414,7 +418,7 @@ class _Handshake:
                 "bad-message",
             ) from None
 
-    def _check_refusal(self, message: Any) -> None:
+    def _check_refusal(self, message: object) -> None:
         why = explain_refusal(message)
         if why is not None:
             raise self._fail(why, "refused")
@@ -450,26 +454,26 @@ class _Handshake:
         return Opener(self._direction_keys()[1], max_record)
 
 
-def _parse_nonce(value: Any) -> bytes | None:
+def _parse_nonce(value: object) -> bytes | None:
     if type(value) is str and _HEX32.fullmatch(value):
         return bytes.fromhex(value)
     return None
 
 
-def _parse_info(value: Any) -> str | None:
+def _parse_info(value: object) -> str | None:
     if type(value) is str and len(value) <= MAX_INFO and _encodable(value):
         return value
     return None
 
 
-def _proof_matches(proof: Any, expected: bytes) -> bool:
+def _proof_matches(proof: object, expected: bytes) -> bool:
     # Compared as hex text in constant time; a proof of the wrong type or length just fails.
     if type(proof) is not str or not _HEX32.fullmatch(proof):
         return False
     return _compare(proof.encode("ascii"), expected.hex().encode("ascii"))
 
 
-def _is_message(message: Any, kind: int, length: int) -> bool:
+def _is_message(message: object, kind: int, length: int) -> TypeGuard[list[Any]]:
     return (
         _is_auth(message)
         and len(message) == length
@@ -570,7 +574,7 @@ class AcceptorHandshake(_Handshake):
         self._on_auth3(message)
         return Step(send, True)
 
-    def _on_auth1(self, message: Any) -> bytes:
+    def _on_auth1(self, message: object) -> bytes:
         opener = message[0] if type(message) is list and message else None
         if type(opener) is str and opener in _UNAUTHENTICATED:
             raise self._fail(_UNAUTHENTICATED[opener], "missing-handshake", "secret-required")
@@ -598,7 +602,7 @@ class AcceptorHandshake(_Handshake):
         self._pending = (keys, info_d)
         return _line([AUTH_MAGIC, AUTH2, self._nonce.hex(), self._info, keys.acceptor_proof.hex()])
 
-    def _on_auth3(self, message: Any) -> None:
+    def _on_auth3(self, message: object) -> None:
         self._check_refusal(message)
         if not _is_message(message, AUTH3, 3):
             raise self._fail("peer's reply is not AUTH3", "bad-message", "bad-message")
@@ -642,7 +646,7 @@ class _Mac:
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
 
-    def tag(self, *parts: Any) -> bytes:
+    def tag(self, *parts: ReadableBuffer) -> bytes:
         """The HMAC of the concatenation of ``parts`` (bytes-like)."""
         inner = self._inner.copy()
         for part in parts:
@@ -681,7 +685,7 @@ class Sealer:
         view = memoryview(payload)
         return b"".join([self._seal_one(view[i : i + size]) for i in range(0, len(payload), size)])
 
-    def _seal_one(self, chunk: Any) -> bytes:
+    def _seal_one(self, chunk: bytes | memoryview) -> bytes:
         counter = self._counter
         if counter >= _MAX_COUNTER:
             raise AuthenticationError("record counter exhausted: reconnect", "bad-record")
@@ -721,7 +725,7 @@ class Opener:
         """Bytes of an incomplete record held so far."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
         """Payloads of every record completed by ``data``, in order (empty records give none).
 
         When it raises, the payloads of good records earlier in the same ``data`` are dropped
@@ -732,7 +736,7 @@ class Opener:
         buffer = self._buffer
         if buffer:
             buffer += data
-            data = buffer  # type: ignore[assignment]
+            data = buffer
         # else: work on the caller's bytes directly; the common case (whole records per
         # read) then copies nothing but the payloads it returns.
         size = len(data)

@@ -16,7 +16,8 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Callable
+from types import FrameType
+from typing import Callable
 
 KEY = "over.nine.thousand"
 
@@ -47,7 +48,7 @@ def run_supervisor(workers: int, base_port: int, host: str, once: bool) -> int:
         pids[pid] = worker_id
         _say(f"[supervisor] worker {worker_id} is pid {pid}")
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)

@@ -19,13 +19,16 @@ from __future__ import annotations
 import time
 import zlib
 from hashlib import blake2b
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import ujson
 
 from ._node import _SLICE_SECONDS, _let_others_run
 from ._validate import format_address
 from ._wire import DIGEST_BUCKETS
+
+if TYPE_CHECKING:
+    from ._node import Collective
 
 __all__ = ["BUCKETS", "bucket_of", "digest_reply", "key_digest", "value_digest"]
 
@@ -74,7 +77,7 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def value_digest(value: Any, slicer: Slicer | None = None) -> int:
+def value_digest(value: object, slicer: Slicer | None = None) -> int:
     """The digest of a value: a leaf's canonical JSON, hashed; a dict's, the hash of the
     XOR of its entries' hashes (name and child digest), so that no order is needed and a
     dict of millions of entries is walked in slices (``slicer``) rather than in one go."""
@@ -95,12 +98,13 @@ def value_digest(value: Any, slicer: Slicer | None = None) -> int:
     return _hash(b"{" + combined.to_bytes(16, "big") + len(value).to_bytes(8, "big"))
 
 
-def key_digest(key: str, value: Any, slicer: Slicer | None = None) -> int:
+def key_digest(key: str, value: object, slicer: Slicer | None = None) -> int:
     """The digest of one top-level key and its whole subtree, as an int (XOR-able)."""
     return _hash(_encode(key) + b"\0" + value_digest(value, slicer).to_bytes(16, "big"))
 
 
-def _vector(node: Any) -> list[list[Any]]:
+def _vector(node: Collective) -> list[list[str | int]]:
+    """The version vector: ``[origin (hex), sequence number, stamp]`` for each origin."""
     progress = node._progress
     return [
         [f"{origin:x}", seq, progress.stamps.get(origin, 0)]
@@ -127,7 +131,7 @@ def _walk(data: dict[str, Any], detail: set[int]) -> tuple[list[int], dict[str, 
     return buckets, keys, slicer.finish()
 
 
-def digest_reply(node: Any, detail: Iterable[int] = ()) -> dict[str, Any]:
+def digest_reply(node: Collective, detail: Iterable[int] = ()) -> dict[str, Any]:
     """What a member answers to a digest query: its version vector (taken before and after
     the walk: ``settled`` says whether it stayed the same), the digest of every bucket, and
     the digest of every key of the ``detail`` buckets."""

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from gevent import getcurrent
+
+if TYPE_CHECKING:
+    from greenlet import greenlet as RawGreenlet  # what gevent.getcurrent() returns
 
 __all__ = ["FIELDS", "install", "tag_greenlet", "tag_current"]
 
@@ -30,7 +33,18 @@ FIELDS = ("node_id", "peer", "reason")
 _ATTRIBUTE = "gcollective_log_context"
 _LOGGERS = ("gcollective", "gcollective.legacy")
 
-_nodes: weakref.WeakSet[Any] = weakref.WeakSet()
+
+class Member(Protocol):
+    """What the log context reads of a member."""
+
+    @property
+    def node_id(self) -> int: ...
+
+
+#: A greenlet's context: ``{"node_id": hex, "peer": address or None}``.
+Context = dict[str, str | None]
+
+_nodes: weakref.WeakSet[Member] = weakref.WeakSet()
 
 
 class ContextFilter(logging.Filter):
@@ -44,7 +58,7 @@ class ContextFilter(logging.Filter):
         return True
 
 
-def _only_node() -> dict[str, Any]:
+def _only_node() -> Context:
     nodes = list(_nodes)
     if len(nodes) == 1:
         return {"node_id": f"{nodes[0].node_id:x}"}
@@ -54,7 +68,7 @@ def _only_node() -> dict[str, Any]:
 _FILTER = ContextFilter()
 
 
-def install(node: Any) -> None:
+def install(node: Member) -> None:
     """Put the filter on the ``gcollective`` loggers (once) and count ``node`` among the
     members of this process."""
     _nodes.add(node)
@@ -64,11 +78,11 @@ def install(node: Any) -> None:
             logger.addFilter(_FILTER)
 
 
-def tag_greenlet(greenlet: Any, node: Any, peer: str | None = None) -> None:
+def tag_greenlet(greenlet: RawGreenlet, node: Member, peer: str | None = None) -> None:
     """Records logged in ``greenlet`` are about ``node`` (and ``peer``)."""
     setattr(greenlet, _ATTRIBUTE, {"node_id": f"{node.node_id:x}", "peer": peer})
 
 
-def tag_current(node: Any, peer: str | None = None) -> None:
+def tag_current(node: Member, peer: str | None = None) -> None:
     """``tag_greenlet`` for the running greenlet."""
     tag_greenlet(getcurrent(), node, peer)

@@ -16,11 +16,12 @@ Nothing is counted for the metrics: the collector reads the counters the node ke
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 try:
     from prometheus_client import CollectorRegistry, make_wsgi_app
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+    from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
@@ -31,13 +32,20 @@ from ._clock import stamp_millis
 from ._digest import Slicer
 from ._validate import format_address
 
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
+    from gevent.pywsgi import WSGIServer
+
+    from ._node import Collective, _PeerLink
+    from ._store import Store
+
 __all__ = ["NodeCollector", "metrics_app", "metrics_registry", "serve_metrics"]
 
 #: The states of a peer link (``stats()["peers"][...]["state"]``), one series each.
 PEER_STATES = ("connecting", "connected", "backoff", "stopped")
 
 
-def metadata_entries(store: Any) -> int:
+def metadata_entries(store: Store) -> int:
     """Entries of metadata the store holds (stamps, tombstones, pending increments), counted
     in slices with a pause for the hub between them: a 2M-key tree does not stall the
     member."""
@@ -49,13 +57,13 @@ def metadata_entries(store: Any) -> int:
         children = list(meta.entries.values())  # a copy: the tree may change at each pause
         count += len(children) + len(meta.incs or ())
         for child in children:
-            if type(child) is not int:
+            if not isinstance(child, int):  # a subtree (an int is a leaf's stamp)
                 stack.append(child)
             slicer.tick()
     return count
 
 
-def _lag(node: Any, link: Any) -> tuple[int, float]:
+def _lag(node: Collective, link: _PeerLink) -> tuple[int, float]:
     """How far the peer's last reported progress is behind ours: operations it lacks, and
     the milliseconds between the stamps of our newest and its newest operation of the
     origin on which it is furthest behind."""
@@ -77,16 +85,16 @@ def _lag(node: Any, link: Any) -> tuple[int, float]:
 class NodeCollector(Collector):
     """Reads one node's counters at scrape time (a ``prometheus_client`` custom collector)."""
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Collective) -> None:
         self.node = node
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         node = self.node
         stats = node.stats()
         yield from self._node_metrics(stats)
         yield from self._peer_metrics(stats)
 
-    def _node_metrics(self, stats: dict[str, Any]) -> Iterator[Any]:
+    def _node_metrics(self, stats: dict[str, Any]) -> Iterator[Metric]:
         from . import __version__
 
         node = self.node
@@ -147,7 +155,7 @@ class NodeCollector(Collector):
             return float("nan")  # no frontier yet: nothing was forgotten
         return max(0.0, time.time() - stamp_millis(frontier) / 1000)
 
-    def _peer_metrics(self, stats: dict[str, Any]) -> Iterator[Any]:
+    def _peer_metrics(self, stats: dict[str, Any]) -> Iterator[Metric]:
         labels = ["peer"]
         state = GaugeMetricFamily(
             "gcollective_peer_state", "1 for the link's current state.", labels=[*labels, "state"]
@@ -202,7 +210,7 @@ class NodeCollector(Collector):
         yield lag_seconds
 
 
-def metrics_registry(node: Any) -> CollectorRegistry:
+def metrics_registry(node: Collective) -> CollectorRegistry:
     """A registry holding only this node's collector (not the process-wide default one)."""
     if not hasattr(node, "_progress"):
         raise TypeError("metrics need a member speaking the gcollective protocol")
@@ -211,12 +219,12 @@ def metrics_registry(node: Any) -> CollectorRegistry:
     return registry
 
 
-def metrics_app(node: Any) -> Any:
+def metrics_app(node: Collective) -> WSGIApplication:
     """A WSGI app answering with this node's metrics in the Prometheus text format."""
     return make_wsgi_app(metrics_registry(node))
 
 
-def serve_metrics(node: Any, address: tuple[str, int]) -> Any:
+def serve_metrics(node: Collective, address: tuple[str, int]) -> WSGIServer:
     """Serve the node's metrics on ``address`` (HTTP, any path) from a gevent WSGI server in
     this process; returns the started server (``server.stop()`` ends it). Raises ``OSError``
     when the address cannot be bound."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Any
+from typing import Union, cast
 
 import gevent
 from gevent import socket as gsocket
@@ -41,37 +41,48 @@ __all__ = [
 
 SSLError = gssl.SSLError
 
+#: A file option: a path as text or an ``os.PathLike`` (checked at run time by ``_check_file``).
+Path = Union[str, os.PathLike[str], os.PathLike[bytes]]
 
-def _check_file(option: str, path: Any) -> str:
+#: ``(kind, value)`` pairs, as ``getpeercert()`` gives a certificate's names.
+Names = tuple[tuple[str, str], ...]
+#: What ``getpeercert()`` returns for a verified peer: typeshed types each value as the union of
+#: every key's shape (text, ``Names`` or a tuple of ``Names``), so the readers below cast.
+Certificate = dict[str, Union[str, Names, tuple[Names, ...]]]
+
+
+def _check_file(option: str, path: object) -> str | bytes:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{option} must be a path, not {type(path).__name__}")
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{option} {path!r} does not exist or is not a file")
-    return path
+    checked = os.fspath(path)
+    if not os.path.isfile(checked):
+        raise ValueError(f"{option} {checked!r} does not exist or is not a file")
+    return checked
 
 
-def _configure(context: Any, certfile: Any, keyfile: Any, cafile: Any) -> None:
-    certfile = _check_file("certfile", certfile)
-    keyfile = None if keyfile is None else _check_file("keyfile", keyfile)
-    cafile = _check_file("cafile", cafile)
+def _configure(
+    context: gssl.SSLContext, certfile: Path, keyfile: Path | None, cafile: Path
+) -> None:
+    certificate = _check_file("certfile", certfile)
+    key = None if keyfile is None else _check_file("keyfile", keyfile)
+    authorities = _check_file("cafile", cafile)
     try:
-        context.load_cert_chain(certfile, keyfile)
+        context.load_cert_chain(certificate, key)
     except (SSLError, OSError) as exc:
         # The ssl module's own message ("[SSL] PEM lib") names neither file nor cause.
         raise ValueError(
-            f"cannot load the certificate {certfile!r} with the key "
-            f"{keyfile or certfile!r} (not PEM, or they do not match): {exc}"
+            f"cannot load the certificate {certificate!r} with the key "
+            f"{key or certificate!r} (not PEM, or they do not match): {exc}"
         ) from None
     try:
-        context.load_verify_locations(cafile=cafile)
+        context.load_verify_locations(cafile=authorities)
     except (SSLError, OSError) as exc:
-        raise ValueError(f"cannot load CA certificates from {cafile!r}: {exc}") from None
+        raise ValueError(f"cannot load CA certificates from {authorities!r}: {exc}") from None
     context.verify_mode = gssl.CERT_REQUIRED
     context.minimum_version = gssl.TLSVersion.TLSv1_2
 
 
-def server_context(*, certfile: Any, cafile: Any, keyfile: Any = None) -> Any:
+def server_context(*, certfile: Path, cafile: Path, keyfile: Path | None = None) -> gssl.SSLContext:
     """An ``ssl.SSLContext`` (gevent's) for accepted connections: presents ``certfile`` (with
     ``keyfile``, or the key inside ``certfile``) and requires a client certificate signed by
     a CA in ``cafile``. Raises ``ValueError`` naming the file that is missing or unusable."""
@@ -81,8 +92,8 @@ def server_context(*, certfile: Any, cafile: Any, keyfile: Any = None) -> Any:
 
 
 def client_context(
-    *, certfile: Any, cafile: Any, keyfile: Any = None, check_hostname: bool = False
-) -> Any:
+    *, certfile: Path, cafile: Path, keyfile: Path | None = None, check_hostname: bool = False
+) -> gssl.SSLContext:
     """An ``ssl.SSLContext`` (gevent's) for dialed connections: presents ``certfile`` and
     requires the acceptor's certificate to be signed by a CA in ``cafile`` (and, with
     ``check_hostname``, to name the dialed host)."""
@@ -108,7 +119,7 @@ def explain_tls_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _handshake(tls: Any, timeout: float) -> Any:
+def _handshake(tls: gssl.SSLSocket, timeout: float) -> gssl.SSLSocket:
     # One deadline for the whole handshake: a socket timeout bounds each read only, so a
     # peer dripping a byte now and then would keep the handshake (and a connection slot)
     # forever.
@@ -129,7 +140,7 @@ def _handshake(tls: Any, timeout: float) -> Any:
     return tls
 
 
-def accept_tls(sock: Any, context: Any, timeout: float) -> Any:
+def accept_tls(sock: gsocket.socket, context: gssl.SSLContext, timeout: float) -> gssl.SSLSocket:
     """Run the server side of the TLS handshake on an accepted gevent socket, within
     ``timeout`` seconds in all; returns the TLS socket (use it instead of ``sock`` from then
     on).
@@ -143,7 +154,9 @@ def accept_tls(sock: Any, context: Any, timeout: float) -> Any:
     return _handshake(tls, timeout)
 
 
-def connect_tls(sock: Any, context: Any, server_hostname: str, timeout: float) -> Any:
+def connect_tls(
+    sock: gsocket.socket, context: gssl.SSLContext, server_hostname: str, timeout: float
+) -> gssl.SSLSocket:
     """Run the client side of the TLS handshake on a dialed gevent socket, within
     ``timeout`` seconds in all; returns the TLS socket. ``server_hostname`` is the dialed
     host (sent as SNI when it is a name, and checked if the context has ``check_hostname``).
@@ -158,17 +171,27 @@ def connect_tls(sock: Any, context: Any, server_hostname: str, timeout: float) -
     return _handshake(tls, timeout)
 
 
-def describe_peer(tls: Any) -> str:
+def describe_peer(tls: gssl.SSLSocket) -> str:
     """The verified peer certificate's subject and alternative names, for log lines."""
     cert = tls.getpeercert() or {}
     parts = []
-    for rdn in cert.get("subject", ()):
+    for rdn in _subject(cert):
         for name, value in rdn:
             if name in ("commonName", "organizationName", "organizationalUnitName"):
                 parts.append(f"{name}={value}")
-    for kind, value in cert.get("subjectAltName", ()):
+    for kind, value in _alt_names(cert):
         parts.append(f"{kind}:{value}")
     return ", ".join(parts) or "no certificate"
+
+
+def _subject(cert: Certificate) -> tuple[Names, ...]:
+    # getpeercert()'s documented shape for "subject": relative distinguished names of pairs.
+    return cast(tuple[Names, ...], cert.get("subject", ()))
+
+
+def _alt_names(cert: Certificate) -> Names:
+    # getpeercert()'s documented shape for "subjectAltName": ("DNS", name), ("IP Address", ...).
+    return cast(Names, cert.get("subjectAltName", ()))
 
 
 def _dns_name_matches(pattern: str, host: str) -> bool:
@@ -182,17 +205,18 @@ def _dns_name_matches(pattern: str, host: str) -> bool:
     return False
 
 
-def names_host(tls: Any, host: str) -> bool:
+def names_host(tls: gssl.SSLSocket, host: str) -> bool:
     """True if the verified peer certificate of ``tls`` names ``host`` in its
     subjectAltName (an IP address entry for an address, a DNS entry for a name): how an
     acceptor with ``check_hostname`` binds the address a member announces to its
     certificate, as a dialer does for the address it dials."""
     cert = tls.getpeercert() or {}
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     try:
-        address: Any = ipaddress.ip_address(host.split("%", 1)[0])
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         address = None
-    for kind, value in cert.get("subjectAltName", ()):
+    for kind, value in _alt_names(cert):
         if address is not None and kind == "IP Address":
             try:
                 if ipaddress.ip_address(value.strip()) == address:

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Union
 from ._errors import InvalidKeyError, InvalidValueError
 
 __all__ = [
+    "Address",
     "Key",
     "parse_key",
     "has_utf8",
@@ -35,6 +36,10 @@ __all__ = [
 #: A dotted string ('users.42.visits') or a tuple of segments (('users', 'a.b@c.d')).
 Key = Union[str, "tuple[str, ...]"]
 
+#: A member's address: ``"host:port"`` (``"[v6]:port"``), ``(host, port)`` or
+#: ``{"host": host, "port": port}``; ``parse_address`` checks it at run time.
+Address = Union[str, tuple[str, int], dict[str, Any]]
+
 #: Nesting limit for keys and values together, well below the JSON codec's own limit: a
 #: key's segments plus the nesting of the value stored there (a list or dict counts one level,
 #: each list or dict inside it one more). One rule on every path (``set``, ``incr``, OPS and
@@ -60,7 +65,7 @@ def has_utf8(text: str) -> bool:
     return True
 
 
-def parse_key(key: Any) -> tuple[str, ...]:
+def parse_key(key: object) -> tuple[str, ...]:
     """Turn a key into its path of segments, or raise ``InvalidKeyError``."""
     if type(key) is str:
         # Split first: one C-level scan of the parts then finds any empty segment.
@@ -110,6 +115,9 @@ def check_number(number: int | float) -> int | float:
     raise InvalidValueError(f"{number!r} is not a JSON number")
 
 
+# ``Any``, not ``object``, on purpose: the hot path tells types apart by ``kind = type(value)``,
+# which mypy does not narrow ``value`` by, and rewriting it for the checker would slow every
+# ``set()``. What it returns is a JSON value, which callers read as ``Any`` (as json.loads).
 def clean_value(value: Any, depth: int = 0) -> Any:
     """A private copy of ``value`` made only of JSON types, or ``InvalidValueError``.
 
@@ -172,7 +180,7 @@ def clean_value(value: Any, depth: int = 0) -> Any:
     raise InvalidValueError(f"a {kind.__name__} cannot be stored: values must be JSON")
 
 
-def check_amount(amount: Any) -> int | float:
+def check_amount(amount: object) -> int | float:
     """An INCREMENT amount: an int or finite float, never a bool."""
     if type(amount) is int:
         return check_number(amount)
@@ -189,7 +197,7 @@ def check_amount(amount: Any) -> int | float:
 MAX_TTL = 10 * 365 * 24 * 3600
 
 
-def check_ttl(ttl: Any) -> int:
+def check_ttl(ttl: object) -> int:
     """A ttl in seconds (a positive finite int or float, not a bool, at most ``MAX_TTL``),
     as whole milliseconds (at least 1); ``InvalidValueError`` otherwise."""
     if type(ttl) is int and 0 < ttl <= MAX_TTL:
@@ -203,7 +211,7 @@ def check_ttl(ttl: Any) -> int:
     return max(1, round(ttl * 1000))
 
 
-def parse_address(address: Any) -> tuple[str, int]:
+def parse_address(address: object) -> tuple[str, int]:
     """``"host:port"``, ``"[v6]:port"``, ``(host, port)`` or ``{"host": h, "port": p}``."""
     if isinstance(address, dict):
         host, port = address.get("host"), address.get("port")
@@ -235,7 +243,7 @@ def format_address(address: tuple[str, int]) -> str:
 
 
 def parse_members(
-    local: Any, peers: Iterable[Any], advertise: Any = None
+    local: object, peers: Iterable[object], advertise: object = None
 ) -> tuple[tuple[str, int], tuple[str, int], list[tuple[str, int]]]:
     """``(local, advertise, peers)`` parsed; the peers lose this member's own addresses and
     repeats, keeping their order (so ``peers`` may list every member, as in collective.js)."""
@@ -263,7 +271,7 @@ def is_ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-def check_seconds(name: str, number: Any, least: float = MIN_SECONDS) -> float:
+def check_seconds(name: str, number: object, least: float = MIN_SECONDS) -> float:
     """``number`` as a float, or ``ValueError`` naming option ``name`` unless it is an int or
     float (not a bool), finite, from ``least`` to ``MAX_SECONDS``."""
     if (
@@ -277,13 +285,13 @@ def check_seconds(name: str, number: Any, least: float = MIN_SECONDS) -> float:
     return float(number)
 
 
-def check_positive(**numbers: Any) -> None:
+def check_positive(**numbers: object) -> None:
     """``check_seconds`` for each option given, with the default least (``MIN_SECONDS``)."""
     for name, number in numbers.items():
         check_seconds(name, number)
 
 
-def check_sizes(**sizes: tuple[Any, int, int]) -> None:
+def check_sizes(**sizes: tuple[object, int, int]) -> None:
     """``ValueError`` naming the first option (given as ``name=(value, least, most)``) that is
     not an int (not a bool) from ``least`` to ``most``."""
     for name, (size, least, most) in sizes.items():

@@ -5,11 +5,11 @@ over its peer port; never copies the tree."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypedDict
 
 from ._clock import stamp_millis
 
-__all__ = ["MAX_DETAIL_BUCKETS", "compare", "format_report", "verify"]
+__all__ = ["MAX_DETAIL_BUCKETS", "Report", "compare", "format_report", "verify"]
 
 #: Buckets asked for in detail (every key's digest) when they differ: the differing keys of
 #: a few buckets locate a problem; a member missing everything would otherwise send its tree's
@@ -18,7 +18,46 @@ MAX_DETAIL_BUCKETS = 16
 # Seconds between two rounds while members still catch up.
 _ROUND_PAUSE = 0.25
 
+#: Asks the member at an address for its digest reply (``_digest.digest_reply``, as decoded
+#: JSON), with every key's digest in the buckets listed.
 Query = Callable[[tuple[str, int], list[int]], dict[str, Any]]
+
+
+class MemberReport(TypedDict):
+    """One member's line of a ``Report``."""
+
+    address: str
+    node_id: str
+    top_level_keys: int
+    applied_ops: int
+    behind_ops: int
+    behind_ms: int
+    settled: bool
+    digest_seconds: float
+    longest_slice_seconds: float
+
+
+class DifferingKey(TypedDict):
+    """A top-level key whose digest differs, and the members that do not hold it at all."""
+
+    key: str
+    missing_on: list[str]
+
+
+class _Detail(TypedDict, total=False):
+    # Set by ``verify`` once it asked for the differing buckets in detail (not by ``compare``).
+    detailed_buckets: list[int]
+
+
+class Report(_Detail):
+    """The verdict (``verify --json`` prints it as it is)."""
+
+    agree: bool
+    same_operations: bool
+    diverged: list[list[str]]
+    differing_buckets: list[int]
+    members: list[MemberReport]
+    differing_keys: list[DifferingKey]
 
 
 def _applied(reply: dict[str, Any]) -> dict[str, int]:
@@ -53,10 +92,10 @@ def _differing_buckets(replies: list[dict[str, Any]]) -> list[int]:
     return [index for index, column in enumerate(columns) if len(set(column)) > 1]
 
 
-def _differing_keys(addresses: list[str], details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _differing_keys(addresses: list[str], details: list[dict[str, Any]]) -> list[DifferingKey]:
     """Keys whose digest is not the same on every member, with where each is missing."""
     names = sorted(set().union(*(detail["keys"] for detail in details)))
-    out = []
+    out: list[DifferingKey] = []
     for name in names:
         digests = [detail["keys"].get(name) for detail in details]
         if len(set(digests)) > 1:
@@ -65,12 +104,12 @@ def _differing_keys(addresses: list[str], details: list[dict[str, Any]]) -> list
     return out
 
 
-def compare(addresses: list[str], replies: list[dict[str, Any]]) -> dict[str, Any]:
+def compare(addresses: list[str], replies: list[dict[str, Any]]) -> Report:
     """The verdict on one round of digest replies (no detail yet)."""
     vectors = [_applied(reply) for reply in replies]
     same_operations = all(vector == vectors[0] for vector in vectors)
     differing = _differing_buckets(replies)
-    members = []
+    members: list[MemberReport] = []
     for address, reply, (operations, millis) in zip(addresses, replies, _behind(replies)):
         members.append(
             {
@@ -115,7 +154,7 @@ def verify(
     query: Query,
     settle: float,
     describe: Callable[[tuple[str, int]], str],
-) -> dict[str, Any]:
+) -> Report:
     """Ask every member for its digests until they agree or ``settle`` seconds have passed
     (members still catching up, or a key expiring between two answers, agree a moment
     later); then locate the keys that differ, asking for the differing buckets in detail."""
@@ -137,7 +176,7 @@ def verify(
     return report
 
 
-def format_report(report: dict[str, Any]) -> str:
+def format_report(report: Report) -> str:
     """The verdict for people: one line per member, then what differs."""
     lines = []
     for member in report["members"]:

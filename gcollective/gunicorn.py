@@ -33,7 +33,8 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import gevent
 from gevent import socket as gsocket
@@ -55,6 +56,11 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "gcollective.gunicorn needs gunicorn: pip install 'gcollective[gunicorn]'"
     ) from exc
+
+if TYPE_CHECKING:
+    from gevent.pywsgi import WSGIServer
+
+    from ._node import Collective
 
 __all__ = [
     "DEFAULT_BASE_PORT",
@@ -342,7 +348,7 @@ def settings_from_env(
     )
 
 
-def _serve_metrics(node: Any, address: tuple[str, int]) -> Any:
+def _serve_metrics(node: Collective, address: tuple[str, int]) -> WSGIServer:
     """The worker's metrics endpoint (``GCOLLECTIVE_METRICS_PORT`` + slot), started."""
     try:
         from ._metrics import serve_metrics
@@ -386,7 +392,7 @@ def _any_answers(addresses: list[tuple[str, int]]) -> bool:
     return any(probe.successful() and probe.value for probe in probes)
 
 
-def _peer_views(node: Any) -> dict[str, dict[str, Any]]:
+def _peer_views(node: Collective) -> dict[str, dict[str, Any]]:
     """Per-peer state from ``node.stats()`` (empty if this core has no ``stats()``)."""
     stats = getattr(node, "stats", None)
     if stats is None:
@@ -398,11 +404,11 @@ def _peer_views(node: Any) -> dict[str, dict[str, Any]]:
     return peers if isinstance(peers, dict) else {}
 
 
-def _connected_peers(node: Any) -> list[str]:
+def _connected_peers(node: Collective) -> list[str]:
     return [name for name, view in _peer_views(node).items() if view.get("state") == "connected"]
 
 
-def _incarnation(view: dict[str, Any]) -> tuple[Any, Any]:
+def _incarnation(view: dict[str, Any]) -> tuple[object, object]:
     # A new process at an address has a new node id; a new connection bumps `connects`.
     return view.get("peer_id"), view.get("connects")
 
@@ -418,9 +424,9 @@ class _PeerAges:
     version-vector reports), so the handoff trusts only peers that have been around a while.
     """
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Collective) -> None:
         self.node = node
-        self.since: dict[str, tuple[Any, float]] = {}
+        self.since: dict[str, tuple[object, float]] = {}
         interval = getattr(node, "sync_interval", 1.0)
         self.settled = 2.5 * (interval if isinstance(interval, (int, float)) else 1.0)
 
@@ -457,7 +463,7 @@ class _SuccessorWatch:
     vector reports) for it to have asked for anything it lacked.
     """
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: Collective) -> None:
         self.node = node
         views = _peer_views(node)
         self.baseline = {name: _incarnation(view) for name, view in views.items()}
@@ -494,7 +500,7 @@ class GeventWorker(_ggevent.GeventWorker):
 
     gcollective_settings: Settings | None = None
     gcollective_slot: int | None = None
-    gcollective_node: Any = None
+    gcollective_node: Collective | None = None
     _gcollective_start_took = 0.0
 
     def init_process(self) -> None:
@@ -517,7 +523,7 @@ class GeventWorker(_ggevent.GeventWorker):
         self._gcollective_join()
         super().load_wsgi()
 
-    def handle_quit(self, sig: int, frame: Any) -> None:
+    def handle_quit(self, sig: int, frame: FrameType | None) -> None:
         """SIGQUIT / SIGINT: a quick exit; flush, but do not wait for a successor."""
         self._gcollective_quick = True
         super().handle_quit(sig, frame)
@@ -534,7 +540,7 @@ class GeventWorker(_ggevent.GeventWorker):
     def _gcollective_join(self) -> None:
         settings = self.gcollective_settings
         assert settings is not None
-        options: dict[str, Any] = {}
+        options: dict[str, str] = {}  # the options beyond the addresses: secret
         if settings.secret is not None:
             if not _accepts_secret():
                 raise ConfigError(
@@ -580,7 +586,7 @@ class GeventWorker(_ggevent.GeventWorker):
             "state merged from a peer" if node.synced else "no peer state yet",
         )
 
-    def _claim(self, settings: Settings, options: dict[str, Any]) -> tuple[int, Any]:
+    def _claim(self, settings: Settings, options: dict[str, str]) -> tuple[int, Collective]:
         """Start the node on the first free slot; wait while every slot is taken.
 
         Binding is the claim: two workers racing for a slot cannot both get it. Old workers
@@ -653,7 +659,7 @@ class GeventWorker(_ggevent.GeventWorker):
             gcollective.stop(stop_timeout)
             self.log.info("gcollective: worker %s left slot %s", self.pid, self.gcollective_slot)
 
-    def _handoff(self, node: Any, settings: Settings) -> None:
+    def _handoff(self, node: Collective, settings: Settings) -> None:
         """Return once stopping this node loses nothing, or after ``handoff_timeout``.
 
         Members that stay hold everything this one sent them (``stop()`` flushes). When all
