@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from ._apply import Applier
 from ._clock import MILLIS_SHIFT, expiry_stamp
-from ._tree import _Node, newest_in
+from ._tree import SET, _Node, newest_in
 from ._validate import INT_BOUND, parse_key
 
 __all__ = ["Ways"]
@@ -37,55 +37,69 @@ class Ways(Applier):
         self._way_wanted: str | None = None  # the parent of the last key not on the way
         self._way_skips = 0  # keys to take before looking for a loop again
 
-    def assign_key(self, stamp: int, key: str, value: Any, ttl_ms: int = 0) -> bool:
-        """A node's own SET of ``value`` at the dotted ``key`` (a str, maybe not valid), in
-        a writer's loop: ``set_leaf`` (or ``assign_leaf``, for a dict or a ttl) under the way
-        to the key's parent, cached when keys come in a row under one parent (a loop).
-        ``stamp`` as for ``set_leaf``. False, having changed nothing, when that is not the
-        case: then ``apply`` it. ``InvalidKeyError`` for a bad key it had to parse."""
-        above, _, leaf = key.rpartition(".")
-        if not (above == self.way_key and leaf and leaf.isascii()) and not self._find_way(
-            above, key, stamp
-        ):
-            return False
-        if ttl_ms:
-            return self.assign_leaf(stamp, leaf, value, ttl_ms)
-        return self.set_leaf(stamp, leaf, value)
+    def assign_key(self, stamp: int, key: str, value: Any, ttl_ms: int = 0) -> None:
+        """``apply(stamp, SET, parse_key(key), value, ttl_ms)`` for a node's own SET at the
+        dotted ``key`` (``InvalidKeyError`` if it is not valid; ``stamp`` as for
+        ``set_leaf``). In a writer's loop it takes a few steps: ``set_leaf`` (or
+        ``assign_leaf``, for a dict or a ttl) under the way to the key's parent, cached when
+        keys come in a row under one parent (see ``_way_to``)."""
+        path = None
+        if self._way_skips:
+            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
+        else:
+            above, _, leaf = key.rpartition(".")
+            if above == self.way_key and leaf and leaf.isascii():
+                on_way = True  # (the parent was checked when it was cached)
+            else:
+                path = parse_key(key)  # raises for a bad key
+                on_way = self._way_to(above, path, stamp)
+            if on_way and (
+                self.assign_leaf(stamp, leaf, value, ttl_ms)
+                if ttl_ms
+                else self.set_leaf(stamp, leaf, value)
+            ):
+                return
+        self.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
 
     def increment_key(self, stamp: int, key: str, amount: int, ttl_ms: int = 0) -> Any:
         """A node's own INCREMENT of the int counter at the dotted ``key`` by the int
-        ``amount``, the way ``assign_key`` takes (``incr_leaf``): the new value, or None
-        having changed nothing when that is not the case (then ``apply`` it)."""
+        ``amount``, under the way ``assign_key`` takes (``incr_leaf``): the new value, or
+        None having changed nothing when that is not the case (then ``apply`` it).
+        ``InvalidKeyError`` for a bad key."""
         above, _, leaf = key.rpartition(".")
-        if not (above == self.way_key and leaf and leaf.isascii()) and not self._find_way(
+        if (above == self.way_key and leaf and leaf.isascii()) or self._look_for_way(
             above, key, stamp
         ):
-            return None
-        return self.incr_leaf(stamp, leaf, amount, ttl_ms)
+            return self.incr_leaf(stamp, leaf, amount, ttl_ms)
+        return None
 
     def delete_key(self, stamp: int, key: str) -> bool:
-        """A node's own DELETE of the dotted ``key``, the way ``assign_key`` takes
+        """A node's own DELETE of the dotted ``key``, under the way ``assign_key`` takes
         (``delete_leaf``): False, having changed nothing, when that is not the case (then
-        ``apply`` it)."""
+        ``apply`` it). ``InvalidKeyError`` for a bad key."""
         above, _, leaf = key.rpartition(".")
-        if not (above == self.way_key and leaf and leaf.isascii()) and not self._find_way(
+        if (above == self.way_key and leaf and leaf.isascii()) or self._look_for_way(
             above, key, stamp
         ):
-            return False
-        return self.delete_leaf(stamp, leaf)
+            return self.delete_leaf(stamp, leaf)
+        return False
 
-    def _find_way(self, above: str, key: str, stamp: int) -> bool:
-        """Whether the way to ``above``, the parent of ``key``, is cached now, for an
-        operation at ``stamp``: the policy of ``assign_key`` and its kin, for a key the quick
-        test (the cached parent, a plain leaf) did not take. After a key under another
-        parent than the last one looked at, the next ``_WAY_SKIPS`` keys take the general
-        way without looking (keys scattered over parents pay little for the cache); a key
-        looked at under the same parent as the last is taken for a loop, and its way
-        cached."""
-        if self._way_skips:
-            self._way_skips -= 1
-            return False
+    def _look_for_way(self, above: str, key: str, stamp: int) -> bool:
+        """``increment_key``'s and ``delete_key``'s policy for a key the quick test (the
+        cached parent, a plain leaf) did not take: whether the way to ``above``, its parent,
+        is cached now (``_way_to``), unless keys are being skipped."""
         path = parse_key(key)  # raises for a bad key
+        if above != self.way_key and self._way_skips:
+            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
+            return False
+        return self._way_to(above, path, stamp)
+
+    def _way_to(self, above: str, path: tuple[str, ...], stamp: int) -> bool:
+        """Whether the way to ``above``, the parent of the valid ``path``, is cached now, for
+        an operation at ``stamp``. The policy: a key under the same parent as the last one
+        looked at is taken for a loop, and its way cached; after a key under another parent,
+        the next ``_WAY_SKIPS`` keys take the general way without looking (keys scattered
+        over parents pay little for the cache)."""
         if above == self.way_key:
             return True  # (a valid leaf that the quick test left out)
         if above != self._way_wanted:

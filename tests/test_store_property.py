@@ -1770,12 +1770,13 @@ def test_own_operations_through_the_cached_way_match_apply(data: st.DataObject) 
 
 def _by_key(store: Any, operation: Op) -> bool:
     """Apply ``operation`` as ``Collective`` does a node's own: through ``assign_key``,
-    ``increment_key`` or ``delete_key`` (the store's way-cache policy), which say whether
-    they took it."""
+    ``increment_key`` or ``delete_key`` (the store's way-cache policy); False when it was
+    not taken (then ``apply`` it)."""
     key = ".".join(operation.path)
     value = copy.deepcopy(operation.value)
     if operation.op == SET:
-        return store.assign_key(operation.stamp, key, value, operation.ttl or 0)
+        store.assign_key(operation.stamp, key, value, operation.ttl or 0)  # (applies it anyway)
+        return True
     if operation.op == INCREMENT:
         if type(value) is not int:
             return False  # (``Collective.incr`` takes only ints this way)
@@ -1824,6 +1825,25 @@ def test_own_operations_by_key_match_apply(data: st.DataObject) -> None:
         assert roundtrip(by_key.export()) == roundtrip(plain.export()), context
         assert_tree(by_key.to_dict(), fold(received, None), context)
     event("took the way" if taken else "took no way")
+
+
+def test_a_loop_by_key_caches_its_way_and_refuses_one_that_may_expire() -> None:
+    """``assign_key`` caches the way of a writer's loop (the keys land under their parent),
+    and refuses to cache a way through a path with a ttl (those take the general way): a
+    loop under such a parent still leaves the store as ``apply`` does."""
+    plain, by_key = new_store(), new_store()
+    ops = [Op(real_stamp(1, 0, 1), SET, ("s",), {"u": 0}, 60)]
+    ops += [Op(real_stamp(2 + i, 0, 1), SET, ("loop", f"k{i}"), i) for i in range(24)]
+    ops += [Op(real_stamp(30 + i, 0, 1), SET, ("s", f"k{i}"), i) for i in range(24)]
+    for operation in ops:
+        deliver(plain, [operation])
+        key = ".".join(operation.path)
+        by_key.assign_key(operation.stamp, key, copy.deepcopy(operation.value), operation.ttl or 0)
+        if operation.path == ("loop", "k23"):
+            assert by_key.way_key == "loop", "a loop's way was not cached"
+    assert by_key.way_key != "s", "a way through a path that may expire was cached"
+    assert roundtrip(by_key.export()) == roundtrip(plain.export())
+    assert_tree(by_key.to_dict(), fold(ops, None))
 
 
 @st.composite
