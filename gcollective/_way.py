@@ -61,29 +61,6 @@ class Ways(Applier):
                 return
         self.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
 
-    def increment_key(self, stamp: int, key: str, amount: int, ttl_ms: int = 0) -> Any:
-        """A node's own INCREMENT of the int counter at the dotted ``key`` by the int
-        ``amount``, under the way ``assign_key`` takes (``incr_leaf``): the new value, or
-        None having changed nothing when that is not the case (then ``apply`` it).
-        ``InvalidKeyError`` for a bad key."""
-        above, _, leaf = key.rpartition(".")
-        if (above == self.way_key and leaf and leaf.isascii()) or self._look_for_way(
-            above, key, stamp
-        ):
-            return self.incr_leaf(stamp, leaf, amount, ttl_ms)
-        return None
-
-    def delete_key(self, stamp: int, key: str) -> bool:
-        """A node's own DELETE of the dotted ``key``, under the way ``assign_key`` takes
-        (``delete_leaf``): False, having changed nothing, when that is not the case (then
-        ``apply`` it). ``InvalidKeyError`` for a bad key."""
-        above, _, leaf = key.rpartition(".")
-        if (above == self.way_key and leaf and leaf.isascii()) or self._look_for_way(
-            above, key, stamp
-        ):
-            return self.delete_leaf(stamp, leaf)
-        return False
-
     def _look_for_way(self, above: str, key: str, stamp: int) -> bool:
         """``increment_key``'s and ``delete_key``'s policy for a key the quick test (the
         cached parent, a plain leaf) did not take: whether the way to ``above``, its parent,
@@ -164,14 +141,19 @@ class Ways(Applier):
         self._way_newest = s
         return True
 
-    def incr_leaf(self, s: int, leaf: str, amount: int, ttl_ms: int = 0) -> Any:
-        """``apply(s, INCREMENT, way + (leaf,), amount, ttl_ms)`` under the cached way, in
-        the common case: an int counter (or a new key) where nothing in the key's subtree is
-        as new as ``s``, a result that stays an int JSON carries, and no expiry due (a
-        counter hit with ``incr(k, ttl=...)`` on every request takes it too, as in
-        ``_increment_expiring``).
+    def increment_key(self, s: int, key: str, amount: int, ttl_ms: int = 0) -> Any:
+        """A node's own INCREMENT of the int counter at the dotted ``key`` by the int
+        ``amount``, under the way ``assign_key`` takes, in the common case: an int counter
+        (or a new key) where nothing in the key's subtree is as new as ``s``, a result that
+        stays an int JSON carries, and no expiry due (a counter hit with
+        ``incr(k, ttl=...)`` on every request takes it too, as in ``_increment_expiring``).
         Returns the new value, or None having changed nothing when the case is not that
-        (call ``apply``). ``s`` as for ``set_leaf``."""
+        (then ``apply`` it). ``s`` as for ``set_leaf``; ``InvalidKeyError`` for a bad key."""
+        above, _, leaf = key.rpartition(".")
+        if not (above == self.way_key and leaf and leaf.isascii()) and not self._look_for_way(
+            above, key, s
+        ):
+            return None
         if ttl_ms and (s >> MILLIS_SHIFT) + ttl_ms <= self.now_ms:
             return None  # due already: the general way fires it
         parent = self._way_parent
@@ -209,10 +191,16 @@ class Ways(Applier):
         self._way_newest = s
         return result
 
-    def delete_leaf(self, s: int, leaf: str) -> bool:
-        """``apply(s, DELETE, way + (leaf,), None)`` under the cached way, where nothing in
-        the key's subtree is as new as ``s``: a tombstone replaces it, as in ``_delete``.
-        ``s`` as for ``set_leaf``; False, having changed nothing, otherwise."""
+    def delete_key(self, s: int, key: str) -> bool:
+        """A node's own DELETE of the dotted ``key``, under the way ``assign_key`` takes,
+        where nothing in the key's subtree is as new as ``s``: a tombstone replaces it, as in
+        ``_delete``. ``s`` as for ``set_leaf``; False, having changed nothing, otherwise
+        (then ``apply`` it); ``InvalidKeyError`` for a bad key."""
+        above, _, leaf = key.rpartition(".")
+        if not (above == self.way_key and leaf and leaf.isascii()) and not self._look_for_way(
+            above, key, s
+        ):
+            return False
         parent = self._way_parent
         entries = parent._entries
         entry = entries.get(leaf)
@@ -225,6 +213,18 @@ class Ways(Applier):
             if s > node.newest:
                 node.newest = s  # (not written_below: a DELETE is no write below)
         return True
+
+    def incr_leaf(self, s: int, leaf: str, amount: int, ttl_ms: int = 0) -> Any:
+        """``increment_key`` of ``leaf`` (a segment) under the way ``cache_way`` cached."""
+        return self.increment_key(s, self._under_way(leaf), amount, ttl_ms)
+
+    def delete_leaf(self, s: int, leaf: str) -> bool:
+        """``delete_key`` of ``leaf`` (a segment) under the way ``cache_way`` cached."""
+        return self.delete_key(s, self._under_way(leaf))
+
+    def _under_way(self, leaf: str) -> str:
+        """The dotted key of ``leaf`` under the cached way."""
+        return f"{self.way_key}.{leaf}" if self.way_key else leaf
 
     def _dict_way(self, way: Sequence[str], s: int) -> tuple[_Node | None, list[_Node]]:
         """The node at ``way`` and the nodes on the way to it, if a later plain SET below it
