@@ -15,7 +15,7 @@ from __future__ import annotations
 from array import array
 from itertools import repeat
 from operator import and_, rshift
-from typing import Any, Sequence
+from typing import Any, Sequence, final
 
 from ._clock import NODE_BITS, NODE_MASK
 
@@ -79,6 +79,7 @@ def unpack_stamps(packed: Sequence[int] | bytes, origins: Sequence[int]) -> list
     return list(packed)  # (full stamps)
 
 
+@final
 class LeafColumns:
     """A full node's plain leaves as a SNAPSHOT brings them (checked): ``names`` (the keys
     with a value first, then the tombstones) and their stamps in the same order, packed

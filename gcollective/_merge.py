@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from ._columns import LeafColumns, Run
-from ._rebuild import materialize, own_state, real_view, rebuild, rebuild_at
+from ._rebuild import materialize, own_state, rebuild, rebuild_at
 from ._tree import DICT, MISSING, NEVER, Entry, _Node, bare_if_plain, is_plain, place, record_assign
 from ._ttl import Expiries
 
@@ -29,60 +29,33 @@ def decode_assigned(encoded: Any) -> Any:
     return encoded[0]
 
 
-class _Installed:
-    """What ``_install_node`` builds for a node beside its own events: its entries, its
-    dict (None when it is not one), a run of its leaves, the newest stamp so far."""
-
-    __slots__ = ("entries", "new_dict", "run", "newest")
-
-    def __init__(
-        self,
-        entries: dict[str, Entry],
-        new_dict: dict[str, Any] | None,
-        run: Run | None,
-        newest: Stamp,
-    ) -> None:
-        self.entries = entries
-        self.new_dict = new_dict
-        self.run = run
-        self.newest = newest
-
-
 def _install_leaves(
-    node: _Node, installed: _Installed, leaves: LeafColumns | dict[str, int], values: dict[str, Any]
-) -> None:
-    """Install the plain leaves of ``node`` (after ``own_state``) into ``installed``."""
+    node: _Node,
+    leaves: LeafColumns | dict[str, int],
+    values: dict[str, Any],
+    new_dict: dict[str, Any] | None,
+    newest: Stamp,
+) -> tuple[dict[str, Entry], dict[str, Any] | None, Run | None, Stamp]:
+    """The plain leaves of a node being installed (after ``own_state``; ``new_dict`` its
+    dict, None when it is not one; ``newest`` its newest stamp so far): ``(entries, new_dict,
+    run, newest)``, the leaves that stand recorded in the entries or in the run."""
     reset = node.reset
     if type(leaves) is LeafColumns:
         # As a SNAPSHOT brings them: when every leaf stands and holds a value, the keys and
         # the (unmade) stamps wait on the node as a run (see ``_Node.runs``).
-        if (
-            installed.new_dict is not None
-            and leaves
-            and leaves.lowest >= reset
-            and not leaves.tombstones()
-        ):
-            installed.run = leaves.as_run()
-            if leaves.newest > installed.newest:
-                installed.newest = leaves.newest
-            installed.new_dict = values  # (the wire's, decoded for this merge: see LeafColumns)
-            return
+        if new_dict is not None and leaves and leaves.lowest >= reset and not leaves.tombstones():
+            # (``values``: the wire's, decoded for this merge, see LeafColumns)
+            return {}, values, leaves.as_run(), max(newest, leaves.newest)
         leaves = leaves.as_dict()
     if not leaves:
-        return
-    assert isinstance(leaves, dict)
+        return {}, new_dict, None, newest
     stamps = leaves.values()
     if min(stamps) >= reset:
         # The common case: every leaf stands. The decoded dicts become the node's own
         # (copied, in C: the caller's data stays its own).
-        installed.entries = dict(leaves)
-        newest = max(stamps)
-        if newest > installed.newest:
-            installed.newest = newest
-        if installed.new_dict is not None:
-            installed.new_dict = dict(values)
-        return
-    entries, new_dict, newest = installed.entries, installed.new_dict, installed.newest
+        newest = max(newest, max(stamps))
+        return dict(leaves), None if new_dict is None else dict(values), None, newest
+    entries: dict[str, Entry] = {}
     for k, stamp in leaves.items():
         if stamp >= reset:
             entries[k] = stamp
@@ -90,7 +63,7 @@ def _install_leaves(
                 newest = stamp
             if new_dict is not None and k in values:
                 new_dict[k] = values[k]
-    installed.newest = newest
+    return entries, new_dict, None, newest
 
 
 class Merger(Expiries):
@@ -125,12 +98,16 @@ class Merger(Expiries):
             entry = root.entries[key]
             if type(entry) is _Node:
                 rebuild_at(root, key, entry, self.now_ms)
+                # (as ``_graft`` does below the top, and an install: the same events make
+                # the same metadata, a bare stamp for one assignment, however they came)
+                bare_if_plain(root, key)
 
     def _install(self, encoded: Any, parent_reset: Stamp, path: Path) -> Built | None:
         """Build an exported entry (at ``path``) where nothing is known locally:
         ``(entry, value)``, or None if all of it is overtaken by ``parent_reset``. The same
         result as recording the entry's events and rebuilding, in one pass (this is what
-        makes joining fast)."""
+        makes joining fast): a full node's own events, then its leaves and children, each
+        dropped if the node's reset overtook it."""
         if type(encoded) is int:
             return (encoded, MISSING) if encoded >= parent_reset else None
         if len(encoded) == 2:
@@ -138,29 +115,6 @@ class Merger(Expiries):
             return (stamp, encoded[1]) if stamp >= parent_reset else None
         if len(encoded) == 9:
             return self._install_expiring(encoded, parent_reset, path)
-        return self._install_node(encoded, parent_reset, path)
-
-    def _install_expiring(
-        self, encoded: list[Any], parent_reset: Stamp, path: Path
-    ) -> Built | None:
-        """``_install`` of a full node with ttl events: record its events and rebuild (the
-        general way, which knows about expiries)."""
-        holder = _Node()
-        holder.reset = parent_reset
-        holder.value = {}
-        key = path[-1]
-        self._merge_entry(holder, key, encoded, path)
-        node = holder.entries[key]
-        if type(node) is int:
-            return (node, MISSING) if node >= parent_reset else None
-        assert type(node) is _Node
-        if not rebuild(node, parent_reset, self.now_ms):
-            return None
-        return node, node.value
-
-    def _install_node(self, encoded: list[Any], parent_reset: Stamp, path: Path) -> Built | None:
-        """``_install`` of a full node without ttl events: its own events, then its leaves
-        and children, each dropped if the node's reset overtook it."""
         assigned, assigned_value, below, incremented, incs, children, leaves, values = encoded
         node = _Node()
         if assigned is not None:
@@ -174,27 +128,50 @@ class Merger(Expiries):
             node.incs = {stamp: n for stamp, n in incs}
         is_dict, base, base_value = own_state(node, parent_reset)
         newest = max(node.assigned, node.incremented, node.written_below)
-        installed = _Installed({}, {} if is_dict else None, None, newest)
-        _install_leaves(node, installed, leaves, values)
-        self._install_children(node, installed, children, path)
-        node.entries = installed.entries
-        if installed.run is not None:
-            node.runs = [installed.run]
-        view = real_view(node, is_dict, base, base_value)
-        materialize(node, base, installed.new_dict, view)
-        node.newest = newest = installed.newest
+        entries, new_dict, run, newest = _install_leaves(
+            node, leaves, values, {} if is_dict else None, newest
+        )
+        if children:
+            newest = self._install_children(node, children, path, entries, new_dict, newest)
+        node.entries = entries
+        if run is not None:
+            node.runs = [run]
+        visible = (is_dict, base, base_value, node.written_below, node.incremented, node.reset)
+        materialize(node, base, new_dict, visible)  # (nothing fired here: all is visible)
+        node.newest = newest
         if newest == NEVER or newest < parent_reset:
             return None
         return node, node.value
 
+    def _install_expiring(
+        self, encoded: list[Any], parent_reset: Stamp, path: Path
+    ) -> Built | None:
+        """``_install`` of a full node with ttl events: record its events and rebuild (the
+        general way, which knows about expiries)."""
+        holder = _Node()
+        holder.reset = parent_reset
+        holder.value = {}
+        key = path[-1]
+        self._merge_entry(holder, key, encoded, path)
+        node = holder.entries[key]
+        if type(node) is not _Node:
+            return (node, MISSING) if node >= parent_reset else None
+        if not rebuild(node, parent_reset, self.now_ms):
+            return None
+        return node, node.value
+
     def _install_children(
-        self, node: _Node, installed: _Installed, children: dict[str, Any], path: Path
-    ) -> None:
-        """Install the full nodes below ``node`` (after ``own_state``) into ``installed``."""
+        self,
+        node: _Node,
+        children: dict[str, Any],
+        path: Path,
+        entries: dict[str, Entry],
+        new_dict: dict[str, Any] | None,
+        newest: Stamp,
+    ) -> Stamp:
+        """Install the full nodes below ``node`` (after ``own_state``) into its ``entries``
+        and ``new_dict`` (None when it is not a dict); the newest stamp so far."""
         reset = node.reset
-        new_dict = installed.new_dict
-        entries = installed.entries
-        newest = installed.newest
         install = self._install
         for k, child in children.items():
             # (the path matters only to register expiries, found in full nodes)
@@ -215,7 +192,7 @@ class Merger(Expiries):
             entries[k] = entry
             if new_dict is not None and value is not MISSING:
                 new_dict[k] = value
-        installed.newest = newest
+        return newest
 
     @staticmethod
     def _can_graft(parent: _Node, key: str, node: Any, encoded: Any) -> bool:
@@ -379,7 +356,6 @@ class Merger(Expiries):
         node_entries = node.entries
         if type(leaves) is LeafColumns:
             leaves = leaves.as_dict()
-        assert isinstance(leaves, dict)
         for k, stamp in leaves.items():
             record_assign(node_entries, k, stamp, values.get(k, MISSING))
             if stamp > node.newest:

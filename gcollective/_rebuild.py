@@ -16,7 +16,7 @@ hidden dict), since an operation older than the expiry may still arrive and canc
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 from ._clock import MILLIS_SHIFT
 from ._tree import DICT, MISSING, NEVER, Entry, _Node, is_number, is_plain, place
@@ -47,34 +47,30 @@ def rebuild(
     still cancel that expiry) but is not visible.
     """
     is_dict, base, base_value = own_state(node, parent_reset)
-    view = _visible(node, is_dict, base, base_value, parent_visible_reset, now_ms)
+    visible = _visible(node, is_dict, base, base_value, parent_visible_reset, now_ms)
     old_value = node.value
     old_dict = old_value if type(old_value) is dict else None
     new_dict: dict[str, Any] | None = None
-    if view.is_dict:
+    if visible[0]:
         new_dict = old_dict if old_dict is not None else {}
     newest = max(node.assigned, node.incremented, node.written_below)
     if node.entries:
-        newest = _rebuild_children(node, new_dict, old_dict, view.reset, newest, now_ms)
+        newest = _rebuild_children(node, new_dict, old_dict, visible[5], newest, now_ms)
     if new_dict is not None and len(new_dict) > len(node.entries):
         # Drop leftovers that no entry accounts for (possible only after a reset).
         for k in [k for k in new_dict if k not in node.entries]:
             del new_dict[k]
-    materialize(node, base, new_dict, view)
+    materialize(node, base, new_dict, visible)
     node.newest = newest
     return bool(newest != NEVER and newest >= parent_reset)
 
 
-class _View(NamedTuple):
-    """What is visible of a node's own events (see the module docstring): without an expiry
-    that fired, the real ones."""
-
-    is_dict: bool
-    base: Stamp  # the visible assignment or reset
-    value: Any  # the visible assignment's value (MISSING once an expiry hid it)
-    written_below: Stamp
-    incremented: Stamp
-    reset: Stamp  # the visible reset for the children
+#: What is visible of a node's own events (see the module docstring), without an expiry that
+#: fired the real ones: ``(is_dict, base, base_value, written_below, incremented, reset)``,
+#: ``base`` being the visible assignment or reset, ``base_value`` its value (MISSING once an
+#: expiry hid it) and ``reset`` the visible reset for the children. (A plain tuple: a rebuild
+#: makes one per node, and a joiner installs hundreds of thousands of nodes.)
+Visible = tuple[bool, Stamp, Any, Stamp, Stamp, Stamp]
 
 
 def _visible(
@@ -84,8 +80,8 @@ def _visible(
     base_value: Any,
     parent_visible_reset: Stamp,
     now_ms: float | int,
-) -> _View:
-    """The visible view of a node's own events (``own_state`` applied first)."""
+) -> Visible:
+    """What is visible of a node's own events (``own_state`` applied first)."""
     visible_base = parent_visible_reset if parent_visible_reset > base else base
     if node.ttls is not None:
         fired = _fired_expiry(node, parent_visible_reset, now_ms)
@@ -93,7 +89,7 @@ def _visible(
             visible_base = fired
     below, incremented = node.written_below, node.incremented
     if visible_base == base:
-        return _View(is_dict, base, base_value, below, incremented, node.reset)
+        return is_dict, base, base_value, below, incremented, node.reset
     # An expiry (here or above) acts as a DELETE at visible_base for what is visible.
     visible_incremented = incremented if incremented > visible_base else NEVER
     visible_below = below if below > visible_base else NEVER
@@ -101,7 +97,7 @@ def _visible(
     is_dict = False
     if visible_incremented != NEVER or visible_below != NEVER:
         is_dict = visible_below > visible_incremented
-    return _View(is_dict, visible_base, MISSING, visible_below, visible_incremented, visible_reset)
+    return is_dict, visible_base, MISSING, visible_below, visible_incremented, visible_reset
 
 
 def _rebuild_children(
@@ -186,23 +182,26 @@ def own_state(node: _Node, parent_reset: Stamp) -> tuple[bool, Stamp, Any]:
     return below > incremented, base, base_value
 
 
-def materialize(node: _Node, base: Stamp, new_dict: dict[str, Any] | None, view: _View) -> None:
+def materialize(
+    node: _Node, base: Stamp, new_dict: dict[str, Any] | None, visible: Visible
+) -> None:
     """Set a node's materialized value once its children are rebuilt (see ``rebuild``).
 
-    ``base`` is the real assignment or reset (what is older is forgotten); ``view`` what is
-    visible, which an expiry that fired here or above (a DELETE at its derived stamp, for
+    ``base`` is the real assignment or reset (what is older is forgotten); ``visible`` what
+    is visible, which an expiry that fired here or above (a DELETE at its derived stamp, for
     materialization only) may make later than ``base``.
     """
+    _, visible_base, visible_value, visible_below, visible_incremented, _ = visible
     below = node.written_below
     lower = base if below == NEVER else max(base, below)  # increments older are overtaken
     if new_dict is not None:
         node.value = new_dict
-    elif view.incremented != NEVER and view.incremented > view.written_below:
+    elif visible_incremented != NEVER and visible_incremented > visible_below:
         # A number: the increments after the latest assignment or write below, in order.
-        visible_lower = view.base if view.written_below == NEVER else view.written_below
+        visible_lower = visible_base if visible_below == NEVER else visible_below
         incs = node.incs or {}
         result: Any = (
-            view.value if (view.written_below == NEVER and is_number(view.value)) else MISSING
+            visible_value if (visible_below == NEVER and is_number(visible_value)) else MISSING
         )
         kept: dict[int, int | float] = {}
         for stamp in sorted(incs):
@@ -215,14 +214,9 @@ def materialize(node: _Node, base: Stamp, new_dict: dict[str, Any] | None, view:
         node.value = result
         return
     else:
-        node.value = view.value
+        node.value = visible_value
     if node.incs:
         node.incs = {stamp: n for stamp, n in node.incs.items() if stamp > lower} or None
-
-
-def real_view(node: _Node, is_dict: bool, base: Stamp, base_value: Any) -> _View:
-    """The view of a node with no expiry fired here or above (``_merge``'s install)."""
-    return _View(is_dict, base, base_value, node.written_below, node.incremented, node.reset)
 
 
 def prune_children(node: _Node, reset: Stamp, now_ms: float | int) -> None:
