@@ -65,7 +65,8 @@ class Batches(Ways):
         last_parent: _Node | None = None  # the last path's parent, while its way is all dicts
         prefix: str | None = None  # its dotted path ("" for the root)
         ancestors: list[_Node] = []
-        raised = 0  # newest stamp of the run not yet recorded on the ancestors (0: none)
+        # The newest stamp of the run not yet recorded on the ancestors (a stamp is any int).
+        raised: int | None = None
         for s, op, path, value in zip(stamps, ops, paths, values):
             if type(path) is str:
                 above, _, key = path.rpartition(".")
@@ -94,15 +95,15 @@ class Batches(Ways):
             else:
                 above = None
                 segments = path
-            if raised:
+            if raised is not None:
                 raise_below(ancestors, raised)
-                raised = 0
+                raised = None
             apply(s, op, segments, value)
             last_parent = None
             if above is not None and op != DELETE and type(value) is not dict:
                 last_parent, ancestors = self._dict_way(segments[:-1], s)
                 prefix = above
-        if raised:
+        if raised is not None:
             raise_below(ancestors, raised)
 
     def _apply_sibling_sets(

@@ -606,6 +606,15 @@ def test_bulk_runs_then_anything_match_one_by_one(data: st.DataObject) -> None:
     assert_store_matches(batched, received, repr(context))
 
 
+def test_a_batch_ending_at_stamp_zero_raises_the_summaries_as_one_by_one() -> None:
+    """A stamp is any int, zero too: a run of SETs under one parent that ends at stamp 0
+    leaves the ancestors' summaries as ``apply`` one by one does."""
+    ops = [Op(stamp, SET, ("a", key), stamp) for stamp, key in ((-2, "x"), (-1, "y"), (0, "z"))]
+    batched = new_store()
+    batched.apply_batch([op.stamp for op in ops], [SET] * 3, ["a.x", "a.y", "a.z"], [-2, -1, 0])
+    assert roundtrip(batched.export()) == roundtrip(store_with(ops).export())
+
+
 def test_collect_passes_by_pending_runs() -> None:
     """``collect`` forgets the tombstones beside a node's pending runs and leaves the runs
     unread (their leaves all hold values: recording them would be work for nothing)."""
