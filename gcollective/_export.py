@@ -107,4 +107,4 @@ def _has_containers(data: dict[str, Any]) -> bool:
 
 
 def _enc(stamp: float | int) -> int | None:
-    return None if stamp == NEVER else stamp  # type: ignore[return-value]
+    return None if stamp == NEVER else stamp  # type: ignore[return-value]  # (NEVER: the one float)

@@ -92,6 +92,7 @@ class Merger(Expiries):
                 continue
             existing = root.entries[key]
             if self._can_graft(root, key, existing, encoded):
+                # (``_can_graft`` saw that ``existing`` is a _Node)
                 self._graft(existing, encoded, (key,), root.reset)  # type: ignore[arg-type]
                 continue
             self._merge_entry(root, key, encoded, (key,))

@@ -114,7 +114,7 @@ def _rebuild_children(
     reset = node.reset
     keep: dict[str, Entry] = {}
     for k, e in node.entries.items():
-        if type(e) is int:
+        if type(e) is not _Node:
             if e < reset:
                 if new_dict is not None:
                     new_dict.pop(k, None)
@@ -132,7 +132,6 @@ def _rebuild_children(
                 if e > newest:
                     newest = e
                 continue
-        assert type(e) is _Node
         if rebuild(e, reset, now_ms, visible_reset):
             if e.newest > newest:
                 newest = e.newest
@@ -226,11 +225,11 @@ def prune_children(node: _Node, reset: Stamp, now_ms: float | int) -> None:
         return
     keep: dict[str, Entry] = {}
     for k, e in entries.items():
-        if type(e) is int:
+        if type(e) is not _Node:
             if e >= reset:
                 keep[k] = e
-        elif e.newest >= reset:  # type: ignore[union-attr]
-            rebuild(e, reset, now_ms)  # type: ignore[arg-type]
+        elif e.newest >= reset:
+            rebuild(e, reset, now_ms)
             keep[k] = e
     node.entries = keep
 
