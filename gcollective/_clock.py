@@ -22,12 +22,27 @@ __all__ = [
     "expiry_stamp",
     "stamp_lead",
     "NODE_BITS",
+    "NODE_MASK",
+    "MILLIS_SHIFT",
+    "DERIVED_BIT",
+    "HLC_LIMIT",
+    "STAMP_LIMIT",
 ]
 
-NODE_BITS = 64
-_NODE_MASK = (1 << NODE_BITS) - 1
+# The stamp layout, defined here only (the store and the wire codec import it):
+#
+#   bit 127 ............ 80 79 ........ 64 63 ...................... 0
+#   [ wall-clock millis    | logical count | node id (bit 63 clear)     ]
+#   [            hlc                       | the origin half            ]
+#
+# An expiry's derived stamp sets bit 63 in the origin half (``expiry_stamp``).
+NODE_BITS = 64  # the origin half: a stamp >> NODE_BITS is its hlc
+NODE_MASK = (1 << NODE_BITS) - 1  # stamp & NODE_MASK is its origin half
 _LOGICAL_BITS = 16
-_DERIVED_BIT = 1 << 63  # marks a derived (expiry) stamp; never set in a node id
+MILLIS_SHIFT = NODE_BITS + _LOGICAL_BITS  # stamp >> MILLIS_SHIFT is its wall-clock millis
+DERIVED_BIT = 1 << 63  # marks a derived (expiry) stamp; never set in a node id
+HLC_LIMIT = 1 << 64  # the wire carries hlcs below this
+STAMP_LIMIT = HLC_LIMIT << NODE_BITS  # so every stamp is below this
 
 
 def new_node_id() -> int:
@@ -40,17 +55,17 @@ def new_node_id() -> int:
 
 def stamp_origin(stamp: int) -> int:
     """The node id that made ``stamp``."""
-    return stamp & _NODE_MASK
+    return stamp & NODE_MASK
 
 
 def stamp_millis(stamp: int) -> int:
     """The wall-clock milliseconds part of ``stamp`` (approximately when it was made)."""
-    return stamp >> (NODE_BITS + _LOGICAL_BITS)
+    return stamp >> MILLIS_SHIFT
 
 
 def millis_stamp(millis: int) -> int:
     """The smallest stamp of wall-clock millisecond ``millis`` (below every real one made then)."""
-    return millis << (NODE_BITS + _LOGICAL_BITS)
+    return millis << MILLIS_SHIFT
 
 
 def stamp_lead(stamp: int, now_ns: int) -> float:
@@ -69,7 +84,7 @@ def expiry_stamp(stamp: int, ttl_ms: int) -> int:
     stamps of two origins distinct.
     """
     expires = stamp_millis(stamp) + ttl_ms
-    return (expires << (NODE_BITS + _LOGICAL_BITS)) | _DERIVED_BIT | (stamp & _NODE_MASK)
+    return (expires << MILLIS_SHIFT) | DERIVED_BIT | (stamp & NODE_MASK)
 
 
 class HybridClock:
@@ -78,7 +93,7 @@ class HybridClock:
     __slots__ = ("node_id", "_last", "_ms_end", "_now")
 
     def __init__(self, node_id: int, now: Callable[[], int] = time.time_ns) -> None:
-        if not 0 < node_id <= _NODE_MASK:
+        if not 0 < node_id <= NODE_MASK:
             raise ValueError("node_id must be a positive 64-bit int")
         self.node_id = node_id
         # The greatest stamp issued, observed or promised so far, in this node's name.
@@ -112,7 +127,7 @@ class HybridClock:
         """A stamp that every later stamp of this clock will exceed: now, or the last stamp
         issued or observed if that is later. (The clock moves up to it, so the promise holds
         even if the wall clock steps back.)"""
-        now = ((self._now() // 1_000_000) << (_LOGICAL_BITS + NODE_BITS)) | self.node_id
+        now = ((self._now() // 1_000_000) << MILLIS_SHIFT) | self.node_id
         if now > self._last:
             self._last = now
         return self._last

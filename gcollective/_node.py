@@ -71,9 +71,6 @@ __all__ = ["Collective", "Watch"]
 
 log = logging.getLogger("gcollective")
 
-# After a key under another parent than the last, ``set`` takes this many keys the plain way
-# before it looks for a loop under one parent again: scattered writes skip that look.
-_WAY_SKIPS = 8
 _INF = float("inf")
 
 
@@ -240,8 +237,6 @@ class Collective(_Connections, _Watching, _Member):
         self._store = Store()
         self._data = self._store.data  # the live tree (the same dict for the store's life)
         self._clock = HybridClock(self.node_id)
-        self._way_wanted: str | None = None  # the parent of the last key set (see ``set``)
-        self._way_skips = 0  # sets to make before looking for a loop again (see ``set``)
         self._housekeeper: gevent.Greenlet[Any, Any] | None = None
         # Expiring keys: a greenlet sleeps until the store's next expiry (wall-clock ms in
         # _next_due, inf when none); a sooner one wakes it. Reads check _next_due too, so a
@@ -582,37 +577,8 @@ class Collective(_Connections, _Watching, _Member):
         ttl_ms = 0 if ttl is None else check_ttl(ttl)
         stamp = self._clock.stamp()
         # A writer's loop sets keys under one parent: the store remembers the way to that
-        # parent, so such a key is checked and applied in a few steps.
-        store = self._store
-        applied = False
-        path = None
-        if self._way_skips:
-            self._way_skips -= 1  # scattered over parents: look for a loop again later
-        else:
-            above, _, leaf = key.rpartition(".")
-            if above == store.way_key and leaf and leaf.isascii():
-                # (The parent was checked when it was cached.)
-                applied = (
-                    store.assign_leaf(stamp, leaf, value, ttl_ms)
-                    if ttl_ms
-                    else store.set_leaf(stamp, leaf, value)
-                )
-            else:
-                path = parse_key(key)  # raises for a bad key
-                if above != self._way_wanted:
-                    self._way_wanted = above
-                    self._way_skips = _WAY_SKIPS
-                elif store.cache_way(above, path[:-1], stamp):
-                    # The second key in a row under this parent: likely a loop.
-                    applied = (
-                        store.assign_leaf(stamp, leaf, value, ttl_ms)
-                        if ttl_ms
-                        else store.set_leaf(stamp, leaf, value)
-                    )
-                else:
-                    self._way_wanted = None  # no fast way there now: try again later
-        if not applied:
-            store.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
+        # parent, so such a key is checked and applied in a few steps (``Store.assign_key``).
+        self._store.assign_key(stamp, key, value, ttl_ms)  # (raises for a bad key)
         if ttl_ms:
             self._due_by(stamp_millis(stamp) + ttl_ms)
             self._out_special.append((len(self._outbox) // 3, SET, ttl_ms))
@@ -666,25 +632,20 @@ class Collective(_Connections, _Watching, _Member):
             due = self._next_due
             if due < _INF and due <= time.time() * 1000:
                 self._advance()  # (``_advance_if_due``, inline: count from what a get reads)
-            above, _, leaf = key.rpartition(".")
             stamp = self._clock.stamp()
-            store = self._store
-            if (above == store.way_key and leaf and leaf.isascii()) or self._on_way(
-                key, parse_key(key), stamp
-            ):
-                result: int | float | None = store.incr_leaf(stamp, leaf, amount, ttl_ms)
-                if result is not None:
-                    if ttl_ms:
-                        self._due_by(stamp_millis(stamp) + ttl_ms)
-                    # ``_send_own(stamp, INCREMENT, key, amount, ttl_ms)``, inline (as in set)
-                    outbox = self._outbox
-                    self._out_special.append((len(outbox) // 3, INCREMENT, ttl_ms))
-                    outbox += (stamp, key, amount)
-                    if len(outbox) == 3:
-                        self._schedule_flush()
-                    elif len(outbox) >= OUTBOX_ITEMS:
-                        self._flush_outbox()
-                    return result
+            result: int | float | None = self._store.increment_key(stamp, key, amount, ttl_ms)
+            if result is not None:
+                if ttl_ms:
+                    self._due_by(stamp_millis(stamp) + ttl_ms)
+                # ``_send_own(stamp, INCREMENT, key, amount, ttl_ms)``, inline (as in set)
+                outbox = self._outbox
+                self._out_special.append((len(outbox) // 3, INCREMENT, ttl_ms))
+                outbox += (stamp, key, amount)
+                if len(outbox) == 3:
+                    self._schedule_flush()
+                elif len(outbox) >= OUTBOX_ITEMS:
+                    self._flush_outbox()
+                return result
             # Not that case: the general way below, with the stamp already taken (nothing
             # yields meanwhile, so it still orders after everything applied here).
         else:
@@ -714,26 +675,6 @@ class Collective(_Connections, _Watching, _Member):
         total: int | float = self._store.get(path)
         return total
 
-    def _on_way(self, key: str, path: tuple[str, ...], stamp: int) -> bool:
-        """Whether the store's cached way leads to the parent of ``key`` (``path``, valid), so
-        that an operation there at ``stamp`` may take the store's ``*_leaf`` fast paths;
-        caches it on the second key in a row under one parent (a loop), as ``set`` does."""
-        above = key.rpartition(".")[0]
-        store = self._store
-        if above == store.way_key:
-            return True
-        if self._way_skips:
-            self._way_skips -= 1  # scattered over parents: look for a loop again later
-            return False
-        if above != self._way_wanted:
-            self._way_wanted = above
-            self._way_skips = _WAY_SKIPS
-            return False
-        if store.cache_way(above, path[:-1], stamp):
-            return True
-        self._way_wanted = None  # no fast way there now: try again later
-        return False
-
     def delete(self, key: Key) -> None:
         """Remove ``key`` (and everything below it) here and on every peer."""
         if (
@@ -743,13 +684,8 @@ class Collective(_Connections, _Watching, _Member):
             and len(key) + MAX_INT_DIGITS <= self._fits_chars
         ):
             # A loop deleting keys under one parent: the way ``set`` takes.
-            above, _, leaf = key.rpartition(".")
             stamp = self._clock.stamp()
-            store = self._store
-            if (
-                (above == store.way_key and leaf and leaf.isascii())
-                or self._on_way(key, parse_key(key), stamp)
-            ) and store.delete_leaf(stamp, leaf):
+            if self._store.delete_key(stamp, key):
                 self._engine.send_own(stamp, DELETE, key, None)
                 return
             # Not that case: the general way, with the stamp taken (nothing yielded since).

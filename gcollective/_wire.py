@@ -59,13 +59,14 @@ That is the only time a node writes on a connection it accepted, besides refusal
 from __future__ import annotations
 
 import math
-from array import array
 from itertools import accumulate, islice, repeat
-from operator import and_, lshift, rshift, sub
-from typing import Any, Iterator, NamedTuple, Sequence
+from operator import lshift, sub
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import ujson
 
+from ._clock import DERIVED_BIT, HLC_LIMIT, MILLIS_SHIFT, NODE_BITS, NODE_MASK, STAMP_LIMIT
+from ._columns import MAX_LEAF_ORIGINS, LeafColumns, full_paths, pack_stamps, unpack_stamps
 from ._errors import ProtocolError
 from ._validate import MAX_DEPTH
 
@@ -126,17 +127,9 @@ STATUS_MAGIC = "gcollective-status"
 STATUS_VERSION = 1
 
 _PARENT_MIN = 16  # the fewest operations an OPS frame says the parent of once
-_MAX_STAMP = 1 << 128
 _MAX_SEQ = 1 << 63
-_MAX_HLC = 1 << 64
 #: The longest ttl accepted, in milliseconds (about ten years).
 MAX_TTL_MS = 10 * 366 * 24 * 3600 * 1000
-_DERIVED_BIT = 1 << 63  # set in the origin half of an expiry stamp (see _clock.expiry_stamp)
-_ORIGIN_MASK = (1 << 64) - 1
-# The most distinct low halves (origins) among one node's leaves whose stamps are packed: the
-# packed ints stay below 2**63 (ujson's fast range) while hlcs are below 2**57 (wall-clock
-# milliseconds below 2**41: until 2039; later ones are bigger ints, as correct, a bit slower).
-_MAX_LEAF_ORIGINS = 64
 _dumps = ujson.dumps
 _loads = ujson.loads
 
@@ -209,14 +202,6 @@ def _common_parent(paths: Sequence[Any]) -> tuple[str, Sequence[Any]]:
     return "", paths
 
 
-def full_paths(parent: str, paths: list[Any]) -> list[Any]:
-    """The paths of an OPS frame (as ``parse_ops`` returns them) with their parent put back."""
-    if not parent:
-        return paths
-    head = parent + "."
-    return [head + key for key in paths]
-
-
 def wire_path(path: Sequence[str]) -> str | list[str]:
     """How a path travels in OPS frames: dotted, unless a segment holds a dot."""
     for segment in path:
@@ -247,7 +232,7 @@ def encode_snapshot_parts(item: list[Any], limit: int) -> Iterator[bytes]:
     down to some of its leaves or children: the first with the node's own events (its
     assignment, increments, ttls), the others with only what tells that it is a dict. They
     merge to the same as the whole (a merge takes the union of the events; the joiner
-    grafts each piece, see ``Store._graft``), and each carries its leaves as columns."""
+    grafts each piece, see ``_merge``), and each carries its leaves as columns."""
     key, entry = item
 
     def wrap(piece: list[Any]) -> list[Any]:
@@ -271,6 +256,10 @@ def encode_snapshot_parts(item: list[Any], limit: int) -> Iterator[bytes]:
 _LEAF_BYTES_AT_LEAST = 8
 _LEAF_BYTES_GUESS = 40
 _FILL = 0.75  # parts are aimed at this much of their limit (leaves vary in size)
+# Puts a piece of a node back on its path (to the top-level item).
+_Wrap = Callable[[list[Any]], list[Any]]
+# Puts a piece of a node's children (and leaves, values) back on the node's path.
+_Within = Callable[..., list[Any]]
 
 
 def _weight(entry: list[Any]) -> int:
@@ -279,7 +268,7 @@ def _weight(entry: list[Any]) -> int:
     return 1 + len(entry[6]) + sum(map(_weight, entry[5].values()))
 
 
-def _node_parts(entry: list[Any], wrap: Any, limit: int, scale: list[float]) -> Iterator[bytes]:
+def _node_parts(entry: list[Any], wrap: _Wrap, limit: int, scale: list[float]) -> Iterator[bytes]:
     """The parts of a full node (see ``encode_snapshot_parts``); ``wrap`` puts a piece of it
     back on its path, ``scale`` (bytes per unit of ``_weight``) is learnt as parts are
     made."""
@@ -338,7 +327,7 @@ def _node_parts(entry: list[Any], wrap: Any, limit: int, scale: list[float]) -> 
 
 
 def _child_parts(
-    name: str, child: list[Any], within: Any, limit: int, scale: list[float]
+    name: str, child: list[Any], within: _Within, limit: int, scale: list[float]
 ) -> Iterator[bytes]:
     """The parts of one child of a node being split (``within`` wraps it)."""
 
@@ -349,7 +338,7 @@ def _child_parts(
 
 
 def _group_parts(
-    group: dict[str, Any], weight: int, within: Any, limit: int, scale: list[float]
+    group: dict[str, Any], weight: int, within: _Within, limit: int, scale: list[float]
 ) -> Iterator[bytes]:
     """Children of a node being split, as one part, or halves when that is too long."""
     part = encode_snapshot_item(within(group))
@@ -381,16 +370,7 @@ def _leaves_as_columns(node: list[Any]) -> list[Any]:
         stamps = list(leaves.values())
     else:
         stamps = list(map(leaves.__getitem__, keys))
-    origins = list(set(map(and_, stamps, repeat(_ORIGIN_MASK))))
-    if len(origins) == 1:  # (the usual case: one writer's keys)
-        packed = list(map(rshift, stamps, repeat(64)))
-    elif len(origins) <= _MAX_LEAF_ORIGINS:
-        count = len(origins)
-        index = {origin: i for i, origin in enumerate(origins)}
-        packed = [(stamp >> 64) * count + index[stamp & _ORIGIN_MASK] for stamp in stamps]
-    else:
-        origins = []
-        packed = stamps
+    origins, packed = pack_stamps(stamps)
     return [a, av, d, imax, incs, children, [origins, keys, packed], [*values.values()], *ttls]
 
 
@@ -509,7 +489,7 @@ def parse_hello(message: Any) -> Hello:
     _, version, node_id, host, port, flags = message
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise ProtocolError(f"protocol version {version!r} is not {PROTOCOL_VERSION}")
-    if type(node_id) is not int or not 0 < node_id < (1 << 64):
+    if type(node_id) is not int or not 0 < node_id <= NODE_MASK:
         raise ProtocolError("HELLO has a bad node id")
     if type(host) is not str or not host or len(host) > 255:
         raise ProtocolError("HELLO has a bad host")
@@ -540,18 +520,19 @@ def parse_ops(
         raise ProtocolError("OPS frame has the wrong length")
     _, origin, seq, deltas, ops, parent, paths, values, ttls = message
     # Node ids have the top bit clear; stamps with it set are derived (expiries), never sent.
-    if type(origin) is not int or not 0 < origin < _DERIVED_BIT:
+    if type(origin) is not int or not 0 < origin < DERIVED_BIT:
         raise ProtocolError("OPS frame has a bad origin")
     if type(deltas) is not list or not deltas:
         raise ProtocolError("OPS frame has no operations")
     size = len(deltas)
     if type(seq) is not int or not 0 < seq < _MAX_SEQ - size:
         raise ProtocolError("OPS frame has a bad sequence number")
+    kinds: set[Any]  # the kinds of operation, or first their types
     if type(ops) is int and ops in _KINDS:
         kinds = {ops}
         ops = [ops] * size
     elif type(ops) is list:
-        kinds = set(map(type, ops))  # type: ignore[arg-type]  # (types are hashable)
+        kinds = set(map(type, ops))
         if kinds == {int}:
             kinds = set(ops)
         if not kinds <= _KINDS:
@@ -571,7 +552,7 @@ def parse_ops(
     ):
         raise ProtocolError("OPS frame has a bad stamp")
     stamps = OpStamps(origin, deltas)
-    if stamps.last >> 64 >= _MAX_HLC:
+    if stamps.last >> NODE_BITS >= HLC_LIMIT:
         raise ProtocolError("OPS frame has a bad stamp")
     if type(parent) is not str:
         raise ProtocolError("OPS frame has a bad parent")
@@ -609,7 +590,7 @@ def parse_ops(
 
 class OpStamps(Sequence[int]):
     """The stamps of an OPS frame's operations, each made when read: a store keeps a bulk
-    of new keys' stamps unread for as long as nothing asks (see ``_store``), and a 128-bit
+    of new keys' stamps unread for as long as nothing asks (see ``_tree``), and a 128-bit
     int costs two big-int operations to make. ``first`` and ``last`` are at hand."""
 
     __slots__ = ("origin", "deltas", "first", "last")
@@ -617,16 +598,16 @@ class OpStamps(Sequence[int]):
     def __init__(self, origin: int, deltas: list[int]) -> None:
         self.origin = origin
         self.deltas = deltas  # (checked by ``parse_ops``: ints, each >= 1)
-        self.first = (deltas[0] << 64) | origin
-        self.last = (sum(deltas) << 64) | origin
+        self.first = (deltas[0] << NODE_BITS) | origin
+        self.last = (sum(deltas) << NODE_BITS) | origin
 
     def __len__(self) -> int:
         return len(self.deltas)
 
     def __iter__(self) -> Iterator[int]:
-        # Each stamp is (hlc << 64) | origin = origin + the deltas so far, shifted: C-level.
+        # Each stamp is (hlc << NODE_BITS) | origin = origin + the deltas so far, shifted: C-level.
         return islice(
-            accumulate(map(lshift, self.deltas, repeat(64)), initial=self.origin), 1, None
+            accumulate(map(lshift, self.deltas, repeat(NODE_BITS)), initial=self.origin), 1, None
         )
 
     def __getitem__(self, index: Any) -> Any:
@@ -701,11 +682,11 @@ def parse_vector(vector: Any) -> list[tuple[int, int, int]]:
         if type(entry) is not list or len(entry) != 3:
             raise ProtocolError("version vector entry is not [origin, seq, stamp]")
         origin, seq, stamp = entry
-        if type(origin) is not int or not 0 < origin <= _ORIGIN_MASK:
+        if type(origin) is not int or not 0 < origin <= NODE_MASK:
             raise ProtocolError("version vector has a bad origin")
         if type(seq) is not int or not 0 <= seq < _MAX_SEQ:
             raise ProtocolError("version vector has a bad sequence number")
-        if type(stamp) is not int or not 0 <= stamp < _MAX_STAMP:
+        if type(stamp) is not int or not 0 <= stamp < STAMP_LIMIT:
             raise ProtocolError("version vector has a bad stamp")
         out.append((origin, seq, stamp))
     return out
@@ -719,7 +700,7 @@ def parse_progress(message: list[Any]) -> tuple[list[tuple[int, int, int]], bool
     if type(complete) is not bool:
         raise ProtocolError("PROGRESS frame has a bad completeness flag")
     for stamp in (promise, frontier):
-        if type(stamp) is not int or not 0 <= stamp < _MAX_STAMP:
+        if type(stamp) is not int or not 0 <= stamp < STAMP_LIMIT:
             raise ProtocolError("PROGRESS frame has a bad stamp")
     return parse_vector(vector), complete, promise, frontier
 
@@ -764,7 +745,7 @@ def _check_stamp(stamp: Any, optional: bool) -> int:
     """``stamp`` (0 for an optional one that is None), or ``ProtocolError``."""
     if stamp is None and optional:
         return 0
-    if type(stamp) is not int or not 0 < stamp < _MAX_STAMP:
+    if type(stamp) is not int or not 0 < stamp < STAMP_LIMIT:
         raise ProtocolError("SNAPSHOT entry has a bad stamp")
     return stamp
 
@@ -822,94 +803,6 @@ def _check_entry(entry: Any, depth: int) -> int:
     return max(newest, leaves.newest)
 
 
-def unpack_stamps(packed: Sequence[int] | bytes, origins: Sequence[int]) -> list[int]:
-    """A leaf column's stamps from their packed form (see ``_leaves_as_columns``): ``packed``
-    a sequence of ints, or ``bytes`` of native uint64 (``LeafColumns.as_run``)."""
-    if type(packed) is bytes:
-        packed = memoryview(packed).cast("Q")
-    count = len(origins)
-    if count == 1:
-        origin = origins[0]
-        return [hlc << 64 | origin for hlc in packed]
-    if count:
-        return [(p // count) << 64 | origins[p % count] for p in packed]
-    return list(packed)  # (full stamps)
-
-
-class LeafColumns:
-    """A full node's plain leaves as a SNAPSHOT brings them (checked): ``names`` (the keys
-    with a value first, then the tombstones) and their stamps in the same order, packed
-    (``unpack_stamps``); ``as_dict()`` is the ``{key: stamp}`` of ``Store.export()``. A store
-    installing a new node keeps them packed (``as_run``, see ``_store``'s runs), and the
-    node's values dict that came with them as it is (made by ``parse_snapshot_items`` for
-    this one merge): making a 128-bit int and a dict entry per leaf was most of a joiner's
-    work."""
-
-    __slots__ = ("names", "origins", "packed", "valued", "lowest", "newest")
-
-    def __init__(
-        self,
-        names: list[str],
-        origins: list[int],
-        packed: list[int],
-        valued: int,
-        lowest: int,
-        newest: int,
-    ) -> None:
-        self.names = names
-        self.origins = origins  # (none: ``packed`` holds full stamps)
-        self.packed = packed
-        self.valued = valued  # how many of ``names`` hold a value (the first ones)
-        self.lowest = lowest  # no stamp is below this
-        self.newest = newest  # the newest stamp (0 when there are none)
-
-    @property
-    def stamps(self) -> list[int]:
-        """The stamps, in the order of ``names``."""
-        return unpack_stamps(self.packed, self.origins)
-
-    def as_run(
-        self, count: int | None = None
-    ) -> tuple[tuple[str, ...], Sequence[int] | bytes, tuple[int, ...] | None]:
-        """``(names, packed stamps, origins)`` of the first ``count`` leaves (all by default)
-        to keep, for ``unpack_stamps`` (origins None for full stamps). Only atomic objects
-        in tuples, which the cyclic GC stops tracking: it visits every item of a list on
-        each full collection, a cache miss each, and a joiner's 2M leaves kept in lists cost
-        it more time than they saved. The column is uint64 bytes when it fits: 8 bytes a
-        leaf instead of an int object."""
-        names, origins, packed = tuple(self.names), self.origins, self.packed
-        if count is not None and count < len(names):
-            names, packed = names[:count], packed[:count]
-        if not packed:
-            return names, (), None
-        if not origins:
-            return names, tuple(packed), None
-        if len(origins) == 1 or max(packed) <= _ORIGIN_MASK:  # (one origin: below _MAX_HLC)
-            return names, array("Q", packed).tobytes(), tuple(origins)
-        return names, tuple(packed), tuple(origins)
-
-    def tombstones(self) -> list[str]:
-        """The names of the leaves without a value."""
-        return self.names[self.valued :]
-
-    def as_dict(self) -> dict[str, int]:
-        """``{key: stamp}``."""
-        return dict(zip(self.names, self.stamps))
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, LeafColumns):
-            other = other.as_dict()
-        if not isinstance(other, dict):
-            return NotImplemented
-        return self.as_dict() == other
-
-    def __repr__(self) -> str:
-        return f"LeafColumns({self.as_dict()!r})"
-
-
 _NO_LEAVES = LeafColumns([], [], [], 0, 0, 0)
 
 
@@ -935,21 +828,21 @@ def _leaves_from_columns(columns: Any, values: Any) -> tuple[LeafColumns, dict[s
     count = len(origins)
     # Real low halves (origins, or derived ones) are never 0, so no stamp below is 0.
     if count and (
-        count > _MAX_LEAF_ORIGINS
+        count > MAX_LEAF_ORIGINS
         or set(map(type, origins)) != {int}
         or min(origins) <= 0
-        or max(origins) > _ORIGIN_MASK
+        or max(origins) > NODE_MASK
         or len(set(origins)) != count
     ):
         raise ProtocolError("SNAPSHOT entry has bad leaf origins")
     low, high = min(packed), max(packed)
-    if low < (0 if count else 1) or high >= (_MAX_HLC * count if count else _MAX_STAMP):
+    if low < (0 if count else 1) or high >= (HLC_LIMIT * count if count else STAMP_LIMIT):
         raise ProtocolError("SNAPSHOT entry has a bad stamp")
     if count == 1:
-        lowest = low << 64 | origins[0]
-        newest = high << 64 | origins[0]
+        lowest = low << NODE_BITS | origins[0]
+        newest = high << NODE_BITS | origins[0]
     elif count:
-        lowest = (low // count) << 64  # (below the real lowest: no origin is 0)
+        lowest = (low // count) << NODE_BITS  # (below the real lowest: no origin is 0)
         newest = max(unpack_stamps(packed, origins))
     else:
         lowest = low
@@ -976,9 +869,9 @@ def _check_ttls(ttls: Any) -> None:
         _check_stamp(stamp, False)
         _check_stamp(expiry, False)
         if (
-            stamp & _DERIVED_BIT
-            or expiry & _ORIGIN_MASK != _DERIVED_BIT | (stamp & _ORIGIN_MASK)
-            or not 0 < (expiry >> 80) - (stamp >> 80) <= MAX_TTL_MS
+            stamp & DERIVED_BIT
+            or expiry & NODE_MASK != DERIVED_BIT | (stamp & NODE_MASK)
+            or not 0 < (expiry >> MILLIS_SHIFT) - (stamp >> MILLIS_SHIFT) <= MAX_TTL_MS
         ):
             raise ProtocolError("SNAPSHOT entry has a bad expiry")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import ujson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from profiles import examples
 
@@ -604,6 +604,15 @@ def test_bulk_runs_then_anything_match_one_by_one(data: st.DataObject) -> None:
         context.append(("collect", frontier))
     assert roundtrip(batched.export()) == roundtrip(plain.export()), repr(context)
     assert_store_matches(batched, received, repr(context))
+
+
+def test_a_batch_ending_at_stamp_zero_raises_the_summaries_as_one_by_one() -> None:
+    """A stamp is any int, zero too: a run of SETs under one parent that ends at stamp 0
+    leaves the ancestors' summaries as ``apply`` one by one does."""
+    ops = [Op(stamp, SET, ("a", key), stamp) for stamp, key in ((-2, "x"), (-1, "y"), (0, "z"))]
+    batched = new_store()
+    batched.apply_batch([op.stamp for op in ops], [SET] * 3, ["a.x", "a.y", "a.z"], [-2, -1, 0])
+    assert roundtrip(batched.export()) == roundtrip(store_with(ops).export())
 
 
 def test_collect_passes_by_pending_runs() -> None:
@@ -1766,6 +1775,84 @@ def test_own_operations_through_the_cached_way_match_apply(data: st.DataObject) 
             pass
     assert roundtrip(cached.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
     assert_tree(cached.to_dict(), fold(ops, 60), f"ops: {ops!r}")
+
+
+def _by_key(store: Any, operation: Op) -> bool:
+    """Apply ``operation`` as ``Collective`` does a node's own: through ``assign_key``,
+    ``increment_key`` or ``delete_key`` (the store's way-cache policy); False when it was
+    not taken (then ``apply`` it)."""
+    key = ".".join(operation.path)
+    value = copy.deepcopy(operation.value)
+    if operation.op == SET:
+        store.assign_key(operation.stamp, key, value, operation.ttl or 0)  # (applies it anyway)
+        return True
+    if operation.op == INCREMENT:
+        if type(value) is not int:
+            return False  # (``Collective.incr`` takes only ints this way)
+        return store.increment_key(operation.stamp, key, value, operation.ttl or 0) is not None
+    return store.delete_key(operation.stamp, key)
+
+
+@_settings(max_examples=500)
+@given(st.data())
+def test_own_operations_by_key_match_apply(data: st.DataObject) -> None:
+    """The way-cache policy (``assign_key``, ``increment_key``, ``delete_key``: find the
+    way, cache it for keys in a row under one parent, look again only every so many keys
+    after a change of parent) leaves the store as ``apply`` one by one does, metadata
+    included: own operations mostly in stamp order through it, others' through ``apply``
+    at any stamp between them."""
+    bodies = data.draw(st.lists(_way_bodies(), min_size=1, max_size=40), label="bodies")
+    for index in range(1, len(bodies)):
+        # Loops: keys in a row under one parent (where the policy caches the way).
+        if data.draw(st.integers(0, 5), label="under the last parent") > 0:
+            op, path, *rest = bodies[index]
+            bodies[index] = (op, (*bodies[index - 1][1][:-1], path[-1]), *rest)
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
+    keys = data.draw(
+        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    keys.sort()  # (mostly in stamp order, as a node's own operations come)
+    for _ in range(data.draw(st.integers(0, 3), label="swaps")):
+        i = data.draw(st.integers(0, len(keys) - 1), label="swap")
+        keys[i], keys[-1 - i] = keys[-1 - i], keys[i]
+    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    by_key, plain = new_store(), new_store()
+    received: list[Op] = []
+    newest = 0  # own stamps grow, as a clock's do
+    taken = 0
+    for index, operation in enumerate(ops):
+        context = f"ops: {ops!r}, at {index}"
+        deliver(plain, [operation])
+        received.append(operation)
+        own = operation.stamp > newest and data.draw(st.integers(0, 3), label="own") > 0
+        if own:
+            newest = operation.stamp
+        if own and _by_key(by_key, operation):
+            taken += 1
+        else:
+            deliver(by_key, [operation])
+        assert roundtrip(by_key.export()) == roundtrip(plain.export()), context
+        assert_tree(by_key.to_dict(), fold(received, None), context)
+    event("took the way" if taken else "took no way")
+
+
+def test_a_loop_by_key_caches_its_way_and_refuses_one_that_may_expire() -> None:
+    """``assign_key`` caches the way of a writer's loop (the keys land under their parent),
+    and refuses to cache a way through a path with a ttl (those take the general way): a
+    loop under such a parent still leaves the store as ``apply`` does."""
+    plain, by_key = new_store(), new_store()
+    ops = [Op(real_stamp(1, 0, 1), SET, ("s",), {"u": 0}, 60)]
+    ops += [Op(real_stamp(2 + i, 0, 1), SET, ("loop", f"k{i}"), i) for i in range(24)]
+    ops += [Op(real_stamp(30 + i, 0, 1), SET, ("s", f"k{i}"), i) for i in range(24)]
+    for operation in ops:
+        deliver(plain, [operation])
+        key = ".".join(operation.path)
+        by_key.assign_key(operation.stamp, key, copy.deepcopy(operation.value), operation.ttl or 0)
+        if operation.path == ("loop", "k23"):
+            assert by_key.way_key == "loop", "a loop's way was not cached"
+    assert by_key.way_key != "s", "a way through a path that may expire was cached"
+    assert roundtrip(by_key.export()) == roundtrip(plain.export())
+    assert_tree(by_key.to_dict(), fold(ops, None))
 
 
 @st.composite

@@ -477,6 +477,27 @@ def test_any_change_to_a_snapshot_node_is_refused_or_merges(data: st.DataObject)
     event("accepted")  # (most changes that parse: see --hypothesis-show-statistics)
 
 
+def test_a_merge_leaves_one_assignment_at_the_top_as_a_bare_stamp() -> None:
+    """A snapshot that deletes a top-level dict the store holds (a newer assignment there
+    overtakes the dict's children) leaves the same metadata as an install of that snapshot:
+    a bare stamp, not a node (the same events make the same state however they came; the
+    export a joiner gets from it would differ otherwise)."""
+    store = Store()
+    for i in range(6):
+        store.apply((HLC + i) << 64 | (ORIGIN + i % 2), 0, ("p", "q", f"k{i}"), i)
+    (message,) = FrameDecoder(1 << 20).feed(encode_snapshot(store.export()))
+    own = ujson.dumps(message[1])
+    message[1][0][1][0] = (HLC + 100) << 64 | ORIGIN  # p deleted later: [a, 0 (deleted), ...]
+    deleting = ujson.dumps(message[1])
+    both = merged(own, deleting)
+    (again,) = FrameDecoder(1 << 20).feed(encode_snapshot(both.export()))
+    assert (
+        both.export()
+        == merged(ujson.dumps(again[1])).export()
+        == [["p", (HLC + 100) << 64 | ORIGIN]]
+    )
+
+
 def merged(*snapshots: str) -> Store:
     """A fresh store that merged these SNAPSHOT payloads in order (each parsed anew: parsed
     items are for one merge)."""

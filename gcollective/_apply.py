@@ -1,0 +1,437 @@
+"""Applying one stamped operation: the walk down, its fast paths, and the general way.
+
+In-order writes (the normal case) take short paths that touch only the path written: a leaf
+written where nothing is newer, a new dict on the way. Anything arriving late records its
+event and rebuilds the affected subtree (``_rebuild``), which is the definition the fast paths
+agree with; so does anything at or below a path with ttl events (``_record_and_rebuild``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ._clock import MILLIS_SHIFT, expiry_stamp
+from ._rebuild import prune_children, rebuild_at
+from ._tree import (
+    DELETE,
+    INCREMENT,
+    MISSING,
+    SET,
+    _Node,
+    build,
+    is_number,
+    newest_in,
+    place,
+    record_assign,
+)
+from ._ttl import Expiries, fired_any
+
+__all__ = ["Applier"]
+
+
+class Applier(Expiries):
+    """``apply``: one operation, in any order, any number of times (see the module
+    docstring)."""
+
+    def apply(
+        self,
+        stamp: int,
+        op: int,
+        path: tuple[str, ...] | list[str],
+        value: Any,
+        ttl_ms: int = 0,
+    ) -> None:
+        """Apply one stamped operation; a repeat of a stamp already applied changes nothing.
+
+        ``value`` is the SET value (trusted: a fresh JSON value the store may keep) or the
+        INCREMENT amount; it is ignored for DELETE. ``path`` must be non-empty. ``ttl_ms``
+        (SET and INCREMENT only, positive) makes the path expire at
+        ``expiry_stamp(stamp, ttl_ms)`` once ``advance`` passes its time (see ``advance``).
+        """
+        s = stamp
+        node = self._root
+        last = len(path) - 1
+        writes = op != DELETE
+        for i in range(last):
+            if s < node.reset:
+                return  # overtaken by a newer reset above: no effect on anything below
+            key = path[i]
+            entries = node._entries if node.runs is None else node.entries
+            child = entries.get(key)
+            if child is None and writes:
+                # The common way down to a new key: a fresh, empty dict written below.
+                child = _Node()
+                child.written_below = child.newest = s
+                child.reset = node.reset
+                fresh: dict[str, Any] = {}
+                child.value = fresh
+                entries[key] = child
+                if type(node.value) is dict:
+                    node.value[key] = fresh
+                node = child
+                continue
+            if type(child) is not _Node:
+                child = self._promote(node, key, child)
+            if child.ttls is not None:
+                # Below a path that may expire: record the event, recompute that subtree.
+                self._record_and_rebuild(node, key, path[i + 1 :], s, op, value, ttl_ms, path)
+                return
+            # ``written_below`` never exceeds ``newest`` (a write below is in the subtree): the
+            # newest event of a subtree, the usual case, is one comparison.
+            if s > child.newest:
+                child.newest = s
+                if writes:
+                    child.written_below = s
+                    if type(child.value) is not dict:
+                        self._write_below(node, key, child, s)
+            elif writes and s > child.written_below:
+                child.written_below = s
+                if type(child.value) is not dict:
+                    self._write_below(node, key, child, s)
+            node = child
+        key = path[last]
+        if s < node.reset:
+            return
+        if ttl_ms:
+            self._apply_with_ttl(node, key, s, op, value, ttl_ms, path)
+        elif op == SET:
+            entries = node._entries if node.runs is None else node.entries
+            entry = entries.get(key)
+            if type(value) is not dict and (entry is None or (type(entry) is int and s > entry)):
+                # The hot path: a leaf written where there is nothing newer.
+                entries[key] = s
+                data = node.value
+                if type(data) is dict:
+                    data[key] = value
+                return
+            self._set(node, key, s, value)
+        elif op == INCREMENT:
+            self._increment(node, key, s, value, path)
+        else:
+            self._delete(node, key, s)
+
+    def _apply_with_ttl(
+        self,
+        parent: _Node,
+        key: str,
+        s: int,
+        op: int,
+        value: Any,
+        ttl_ms: int,
+        path: Sequence[str],
+    ) -> None:
+        """``apply``'s last step for an operation with a ttl: a received session (a dict or
+        leaf SET with a ttl, newest there) is built as it is; anything else is recorded and
+        rebuilt."""
+        if op == SET:
+            self._forget_way()  # (the key may be on the cached way)
+            if self._assign_fresh(parent, key, s, value, ttl_ms, tuple(path)):
+                return
+        self._record_and_rebuild(parent, key, (), s, op, value, ttl_ms, path)
+
+    def _assign_fresh(
+        self, parent: _Node, key: str, s: int, value: Any, ttl_ms: int, path: tuple[str, ...]
+    ) -> bool:
+        """A SET of a dict or with a ttl (at ``path``, ``parent``'s child ``key``) where
+        nothing in the key's subtree is as new as ``s`` and the expiry is not due: the key is
+        replaced whole by a fresh node, as ``_set`` (and, with a ttl, ``_record_and_rebuild``)
+        would make it. False, having changed nothing, when the case is not that."""
+        entries = parent._entries if parent.runs is None else parent.entries
+        entry = entries.get(key)
+        if (entry is not None and not s > newest_in(entry)) or type(parent.value) is not dict:
+            return False  # something there is as new (the general way compares), or no dict
+        expiry = 0
+        if ttl_ms:
+            expiry = expiry_stamp(s, ttl_ms)
+            if expiry >> MILLIS_SHIFT <= self.now_ms:
+                return False  # due already: the general way fires it
+        if type(value) is dict:
+            node = build(value, s)
+        elif ttl_ms:
+            node = _Node()
+            node.assigned = node.reset = node.newest = s
+            node.assigned_value = node.value = value
+        else:
+            return False  # a plain leaf: set_leaf's case
+        if ttl_ms:
+            self._record_ttl(node, s, expiry, path)
+        self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
+        entries[key] = node
+        parent.value[key] = node.value
+        return True
+
+    def _record_and_rebuild(
+        self,
+        parent: _Node,
+        key: str,
+        rest: Sequence[str],
+        s: int,
+        op: int,
+        value: Any,
+        ttl_ms: int,
+        path: Sequence[str],
+    ) -> None:
+        """Apply an operation at or below ``parent.entries[key]`` by recording its events
+        there and rebuilding that subtree: the way for anything touching a path with ttl
+        events (``key`` is the topmost such path on the way, or the target of a ttl op;
+        ``rest`` the segments below it). ``parent`` and its ancestors carry no ttl events."""
+        self._forget_way()
+        if (
+            op == INCREMENT
+            and not rest
+            and self._increment_expiring(parent, key, s, value, ttl_ms, path)
+        ):
+            return
+        writes = op != DELETE
+        above, target = parent, key
+        for segment in rest:
+            node = above.entries.get(target)
+            if type(node) is not _Node:
+                node = self._promote(above, target, node)
+            if s > node.newest:
+                node.newest = s
+            if writes and s > node.written_below:
+                node.written_below = s
+            above, target = node, segment
+        self._record_at(above, target, s, op, value, ttl_ms, path)
+        top = parent.entries.get(key)
+        if type(top) is _Node:
+            rebuild_at(parent, key, top, self.now_ms)
+
+    def _increment_expiring(
+        self, parent: _Node, key: str, s: int, amount: Any, ttl_ms: int, path: Sequence[str]
+    ) -> bool:
+        """An increment of ``parent.entries[key]``, a path with ttl events, in its simple
+        cases, without a rebuild (``_newest_increment``, ``_late_increment``). False, having
+        changed nothing, when neither applies (then record and rebuild)."""
+        if ttl_ms and (s >> MILLIS_SHIFT) + ttl_ms <= self.now_ms:
+            return False  # due already: the rebuild fires it
+        node = parent.entries.get(key)
+        if type(node) is not _Node:
+            return False
+        if s > node.newest:
+            done = self._newest_increment(parent, key, node, s, amount)
+        else:
+            done = self._late_increment(parent, key, node, s, amount)
+        if done and ttl_ms:
+            self._add_ttl(node, s, expiry_stamp(s, ttl_ms), path)
+        return done
+
+    def _record_at(
+        self,
+        parent: _Node,
+        key: str,
+        s: int,
+        op: int,
+        value: Any,
+        ttl_ms: int,
+        path: Sequence[str],
+    ) -> None:
+        """Record an operation's own events at its target ``parent.entries[key]`` (its
+        ttl event too), for a rebuild to follow."""
+        if op != INCREMENT:
+            record_assign(parent.entries, key, s, MISSING if op == DELETE else value)
+            node = parent.entries.get(key)
+            if ttl_ms and type(node) is _Node and node.assigned == s:
+                self._add_ttl(node, s, expiry_stamp(s, ttl_ms), path)
+            return
+        node = parent.entries.get(key)
+        if type(node) is not _Node:
+            node = self._promote(parent, key, node)
+        if s <= node.assigned:
+            return  # overtaken by the assignment here (or a repeat of a folded one)
+        if node.incs is None:
+            node.incs = {}
+        node.incs.setdefault(s, value)
+        if s > node.incremented:
+            node.incremented = s
+        if s > node.newest:
+            node.newest = s
+        if ttl_ms:
+            self._add_ttl(node, s, expiry_stamp(s, ttl_ms), path)
+
+    def _newest_increment(
+        self, parent: _Node, key: str, node: _Node, s: int, amount: int | float
+    ) -> bool:
+        """The in-order case of an increment at a path with ttl events (a counter hit with
+        ``incr(k, ttl=...)`` on every request): newer than everything in the subtree, so
+        the visible number just grows, or restarts. False when it is not that simple: an
+        expiry that fired after ``s`` (the increment comes from a clock behind it) may stop
+        owning the path and come back to life; then the caller rebuilds."""
+        ttls = node.ttls
+        now = self.now_ms
+        if ttls is not None and s >> MILLIS_SHIFT <= now and fired_any(ttls, now):
+            for expiry in ttls.values():
+                if expiry > s and expiry >> MILLIS_SHIFT <= now:
+                    return False
+        current = node.value
+        if is_number(current):
+            result = current + amount
+        else:
+            result = amount  # a number restarts: an INCREMENT replaces anything else
+            if node.entries:
+                node.entries = {}
+        if node.incs is None:
+            node.incs = {}
+        node.incs[s] = amount
+        node.newest = node.incremented = node.reset = s
+        node.value = result
+        place(parent, key, result)
+        return True
+
+    def _late_increment(
+        self, parent: _Node, key: str, node: _Node, s: int, amount: int | float
+    ) -> bool:
+        """``_increment``'s late case of ints at a path with ttl events (members hitting one
+        rate-limit counter at once): an int amount, after the assignment and every write
+        below, where the number counts increments already, and no expiry here has fired.
+        The sum does not depend on the order, and a ttl event not due changes nothing
+        visible yet: the number grows. False when it is not that simple (the caller
+        rebuilds)."""
+        current = node.value
+        if (
+            type(current) is not int
+            or type(amount) is not int
+            or not (
+                node.incremented > node.written_below
+                and s > node.written_below
+                and s > node.assigned
+            )
+        ):
+            return False
+        if node.ttls and fired_any(node.ttls, self.now_ms):
+            return False  # fired: whether it still owns the path may change
+        incs = node.incs
+        if incs is None:
+            node.incs = incs = {}
+        elif s in incs:
+            return True  # a repeat
+        incs[s] = amount
+        if s > node.incremented:
+            node.incremented = s
+            if s > node.reset:
+                node.reset = s
+        node.value = current + amount
+        place(parent, key, node.value)
+        return True
+
+    def _write_below(self, parent: _Node, key: str, node: _Node, s: int) -> None:
+        """A write at stamp ``s`` (already recorded in ``node.written_below``) landed below
+        a non-dict."""
+        self._untidy = True
+        self._forget_way()
+        if s > node.reset:
+            # Newest event here: the path becomes an empty dict (older children are overtaken).
+            prune_children(node, node.reset, self.now_ms)
+            node.value = {}
+            node.incs = None
+            place(parent, key, node.value)
+        else:
+            # Between the assignment and the latest increment: the number changes.
+            rebuild_at(parent, key, node, self.now_ms)
+
+    def _set(self, parent: _Node, key: str, s: int, value: Any) -> None:
+        """``apply``'s last step for a SET that is not a new leaf's."""
+        self._untidy = True
+        self._forget_way()
+        entry = parent.entries.get(key)
+        if type(entry) is _Node:
+            if s <= entry.newest:
+                # Late: something in the subtree is newer, so record and recompute.
+                if s > entry.assigned:
+                    record_assign(parent.entries, key, s, value)
+                    rebuild_at(parent, key, entry, self.now_ms)
+                return
+        elif entry is not None and s <= entry:
+            return  # older than (or the same as) the assignment there
+        # The newest event at the path: the value replaces whatever was there.
+        if type(value) is dict:
+            node = build(value, s)
+            parent.entries[key] = node
+            place(parent, key, node.value)
+        else:
+            parent.entries[key] = s
+            place(parent, key, value)
+
+    def _delete(self, parent: _Node, key: str, s: int) -> None:
+        """``apply``'s last step for a DELETE."""
+        self._untidy = True
+        self._forget_way()
+        entry = parent.entries.get(key)
+        if type(entry) is _Node:
+            if s <= entry.newest:
+                # Late: something in the subtree is newer, so record and recompute.
+                if s > entry.assigned:
+                    entry.assigned = s
+                    entry.assigned_value = MISSING
+                    rebuild_at(parent, key, entry, self.now_ms)
+                return
+        elif entry is not None and s <= entry:
+            return  # older than (or the same as) the assignment there
+        # The newest event at the path: a tombstone replaces whatever was there.
+        parent.entries[key] = s
+        if type(parent.value) is dict:
+            parent.value.pop(key, None)
+
+    def _increment(
+        self, parent: _Node, key: str, s: int, amount: int | float, path: Any = ()
+    ) -> None:
+        """``apply``'s last step for an INCREMENT (``path`` the whole path, for a ttl)."""
+        self._untidy = True
+        self._forget_way()
+        entry = parent.entries.get(key)
+        if type(entry) is _Node and entry.ttls is not None:
+            self._record_and_rebuild(parent, key, (), s, INCREMENT, amount, 0, path)
+            return
+        if entry is None:
+            node = _Node()
+            node.incs = {s: amount}
+            node.incremented = node.reset = node.newest = s
+            node.value = amount
+            parent.entries[key] = node
+            place(parent, key, amount)
+            return
+        if type(entry) is not _Node:
+            if s < entry:
+                return  # the assignment there is newer
+            entry = self._promote(parent, key, entry)
+        incs = entry.incs
+        if incs is not None and s in incs:
+            return  # a repeat
+        if s < entry.assigned:
+            return  # overtaken by the assignment here
+        if incs is None:
+            entry.incs = incs = {}
+        incs[s] = amount
+        if s > entry.newest:
+            # Newest event in the subtree: a number grows, anything else becomes the amount.
+            entry.newest = entry.incremented = entry.reset = s
+            current = entry.value
+            if is_number(current):
+                result = current + amount
+            else:
+                result = amount
+                if entry.entries:
+                    entry.entries = {}
+            entry.value = result
+            place(parent, key, result)
+        else:
+            self._increment_late(parent, key, entry, s, amount)
+
+    def _increment_late(
+        self, parent: _Node, key: str, node: _Node, s: int, amount: int | float
+    ) -> None:
+        """``_increment``'s case of an increment (recorded in ``node.incs``) older than
+        something in the subtree (other members' increments interleave): for ints the sum
+        does not depend on the order, so a number only grows; anything else is rebuilt."""
+        if s > node.incremented:
+            node.incremented = s
+            if s > node.reset:
+                node.reset = s
+        current = node.value
+        if type(current) is int and type(amount) is int and node.incremented > node.written_below:
+            if s > node.written_below:
+                node.value = current + amount
+                place(parent, key, node.value)
+        else:
+            rebuild_at(parent, key, node, self.now_ms)

@@ -1,0 +1,167 @@
+"""Garbage collection: forgetting metadata no operation can need any more.
+
+Below the stability frontier (a stamp below which no operation will ever arrive again,
+anywhere) a tombstone can never overtake anything, increments can be folded into one
+assignment of their sum, and a ttl event replaced before it expired can never fire. The
+sweep is incremental (``collect`` visits at most ``budget`` entries a call) and runs only
+when something may have left such metadata (``Tree._untidy``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._rebuild import owners
+from ._tree import MISSING, NEVER, Tree, _Node, is_number
+
+__all__ = ["Collector"]
+
+
+class Collector(Tree):
+    """``collect`` (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Where the incremental collection stands: a stack of
+        # [node, its reset stamp, its children still to visit, entries dropped, parent, key].
+        self._sweep: list[list[Any]] = []
+        #: Tombstones and increments dropped or folded by ``collect`` so far.
+        self.collected = 0
+
+    def collect(self, frontier: int, budget: int = 10000) -> bool:
+        """Forget metadata older than ``frontier``, visiting at most ``budget`` entries.
+
+        ``frontier`` must be a stamp below which no operation will ever arrive again, at this
+        replica or at any other (the node derives it from every member's progress). Then a
+        tombstone older than it can never overtake anything, and increments older than it can
+        be folded into one assignment. Call repeatedly; returns True when a full pass over the
+        tree has finished (the next call starts another).
+
+        Pending runs (``_Node.runs``) are passed by, unread: their leaves all hold values, so
+        there is nothing to forget there, and reading them would record them all.
+        """
+        self._forget_way()
+        sweep = self._sweep
+        if not sweep:
+            if not self._untidy:
+                return True  # nothing to look at since the last pass
+            self._untidy = False
+            root = self._root
+            sweep.append([root, root.reset, list(root._entries.items()), 0, None, None])
+        visited = 0
+        while sweep and visited < budget:
+            frame = sweep[-1]
+            node, todo = frame[0], frame[2]
+            if not todo:
+                sweep.pop()
+                if frame[3] > len(node._entries):
+                    self._shrink(node, frame[4], frame[5])
+                continue
+            key, entry = todo.pop()
+            visited += 1
+            if node._entries.get(key) is not entry:
+                continue  # changed since the list was taken: the next pass sees it
+            if type(entry) is int:
+                if type(node.value) is not dict or key not in node.value:
+                    if entry < frontier:
+                        del node._entries[key]  # a tombstone nothing older can reach any more
+                        frame[3] += 1
+                        self.collected += 1
+                    else:
+                        self._untidy = True  # for a later pass
+                continue
+            self._visit_node(frame, key, entry, frontier)
+        return not sweep
+
+    def _visit_node(self, frame: list[Any], key: str, entry: _Node, frontier: int) -> None:
+        """``collect``'s step at ``entry``, a child of ``frame``'s node that is a node: drop
+        its replaced ttl events, fold its old increments (a folded counter goes back to a
+        bare stamp), then go down into its children, or drop it if it holds nothing."""
+        node = frame[0]
+        if entry.ttls is not None and self._drop_replaced(entry, frontier):
+            self._untidy = True  # replaced ttl events the frontier has not passed yet
+        if entry.incs:
+            # Folding acts as a SET at the newest folded increment, so it must stay below
+            # every ttl event here (it would cancel them otherwise).
+            limit = frontier if entry.ttls is None else min(frontier, min(entry.ttls))
+            self._fold_increments(entry, frame[1], limit)
+            if entry.incs:
+                self._untidy = True
+            if (
+                entry.ttls is None
+                and not entry.incs
+                and not entry._entries
+                and entry.runs is None
+                and entry.written_below == NEVER
+                and NEVER < entry.incremented <= entry.assigned
+                and type(node.value) is dict
+                and key in node.value
+            ):
+                node._entries[key] = entry.assigned  # the folded counter is now a plain value
+                return
+        if entry._entries:
+            self._sweep.append([entry, entry.reset, list(entry._entries.items()), 0, node, key])
+        elif entry.value is MISSING and entry.ttls is None and not entry.incs:
+            if max(entry.assigned, entry.written_below, entry.incremented) < frontier:
+                del node._entries[key]  # metadata of nothing (left by deletes of absent paths)
+                frame[3] += 1
+                self.collected += 1
+            else:
+                self._untidy = True
+
+    def _drop_replaced(self, node: _Node, frontier: int) -> bool:
+        """Forget ttl events older than ``frontier`` that a newer ttl event here replaced
+        before they expired. (Not sooner: until then an older ttl event may still arrive,
+        and the replaced one is what tells that it was replaced too.) True if replaced
+        events are left for a later pass."""
+        ttls = node.ttls
+        assert ttls is not None
+        owning = dict(owners(ttls))
+        if len(owning) < len(ttls):
+            kept = {st: e for st, e in ttls.items() if st >= frontier or st in owning}
+            self.collected += len(ttls) - len(kept)
+            node.ttls = kept or None
+            return len(kept) > len(owning)
+        return False
+
+    def _shrink(self, node: _Node, parent: _Node | None, key: str | None) -> None:
+        """Give back the memory of a node's dicts after many of their entries were dropped
+        (a Python dict never shrinks by itself)."""
+        node._entries = dict(node._entries)  # (pending runs stay pending)
+        old = node.value
+        if type(old) is dict and parent is not None and key is not None:
+            pv = parent.value
+            if type(pv) is dict and pv.get(key) is old:
+                node.value = pv[key] = dict(node.value)  # (``old``: mypy narrows it to None)
+
+    def _fold_increments(self, node: _Node, parent_reset: Any, frontier: int) -> None:
+        """Fold the increments older than ``frontier`` into one assignment of their result
+        (``parent_reset``: the reset above the node)."""
+        incs = node.incs
+        assert incs is not None
+        old = sorted(st for st in incs if st < frontier)
+        if not old:
+            return
+        newest = old[-1]
+        base = node.assigned if node.assigned >= parent_reset else parent_reset
+        below = node.written_below if node.written_below > base else NEVER
+        lower = base if below == NEVER else below
+        if newest <= lower or newest < parent_reset:
+            for st in old:  # overtaken already
+                del incs[st]
+        else:
+            base_value = node.assigned_value if node.assigned >= parent_reset else MISSING
+            result: Any = base_value if (below == NEVER and is_number(base_value)) else MISSING
+            for st in old:
+                amount = incs.pop(st)
+                if st > lower:
+                    result = amount if result is MISSING else result + amount
+            # As if one SET of the running total had happened at the newest folded stamp:
+            # every event still to come is newer, so the outcome is the same.
+            node.assigned = newest
+            node.assigned_value = result
+            if node.written_below <= newest:
+                node.written_below = NEVER
+        self.collected += len(old)
+        if not incs:
+            node.incs = None

@@ -1,0 +1,375 @@
+"""The replicated tree's nodes: what one path remembers, and reading the tree.
+
+Every operation carries a *stamp*, a unique int (see ``_clock``). The contract: the materialized
+tree always equals the result of applying every distinct operation received, in ascending stamp
+order, to an empty dict, with these rules:
+
+- SET p v: non-dicts (or nothing) met on the way to p are replaced by dicts; p becomes v.
+- DELETE p: p is removed if the way to it consists of dicts; otherwise nothing happens.
+- INCREMENT p n: the way is made of dicts as for SET; a number (not a bool) at p grows by n,
+  anything else at p (or nothing) becomes n.
+
+Operations may arrive in any order and more than once. Rather than replaying a log, each path
+keeps a small summary of the events that can still matter to it (a ``_Node``):
+
+- ``assigned`` / ``assigned_value``: its own latest assignment (SET or DELETE at exactly this
+  path). A SET of a dict is recorded as an assignment of DICT here plus an assignment of each
+  member below, all with the same stamp.
+- ``incs``: increments that are not yet overtaken, by stamp (so a repeat is applied once).
+- ``written_below``: the latest SET or INCREMENT strictly below this path; such a write turns
+  this path into a dict ("ensure dict").
+- ``incremented``: the latest increment here. Together with the assignment it forms ``reset``,
+  the reset stamp of the children: a child event older than ``reset`` can never matter again
+  and is dropped.
+- ``newest``: the latest stamp anywhere in the subtree (one comparison tells the usual case,
+  an operation newer than everything there).
+
+The value of a path follows from these: after the effective assignment (its own, or a newer
+reset of an ancestor), the latest of {increment here, write below} decides whether it is a
+number or a dict. ``_rebuild`` is that definition; the fast paths of ``_apply`` agree with it.
+
+A path whose only metadata is one assignment is stored as a bare int stamp in its parent's
+``entries``: its value is in the parent's materialized dict, or absent for a tombstone. That
+keeps the cost of the common leaf to one dict slot and one int. A bulk of new leaves (a
+writer's loop received in one batch, or a node's leaves installed from a snapshot) is not
+even recorded there at first: the parent keeps their keys and stamps as a *run*
+(``_Node.runs``), and records them in ``entries`` when anything first reads those
+(``_Node.entries`` does). Keys written once, the bulk of a writer's loop, so cost one dict
+insert instead of two.
+
+``Tree`` is the base of the ``Store``: the root, the reads, and the state every concern
+shares (the store's now, whether ``collect`` has work, the way ``_way`` caches).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence, TypeAlias, cast, final
+
+from ._columns import Run, unpack_stamps
+
+__all__ = [
+    "SET",
+    "INCREMENT",
+    "DELETE",
+    "NEVER",
+    "MISSING",
+    "DICT",
+    "Entry",
+    "Tree",
+    "is_number",
+    "copy_value",
+    "read_path",
+    "place",
+    "build",
+    "record_assign",
+    "is_plain",
+    "bare_if_plain",
+    "newest_in",
+    "raise_below",
+]
+
+SET = 0
+INCREMENT = 1
+DELETE = 2
+
+#: The stamp of an event that never happened: below every real stamp.
+NEVER: float = float("-inf")
+
+
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+MISSING: Any = _Marker("MISSING")
+DICT: Any = _Marker("DICT")
+
+
+def is_number(value: object) -> bool:
+    """True for int and float values; bool is not a number in JSON."""
+    return type(value) is int or type(value) is float
+
+
+def copy_value(value: Any) -> Any:
+    """Copy a JSON value deeply, keeping every type exactly (faster than ``copy.deepcopy``)."""
+    kind = type(value)
+    if kind is dict:
+        return {k: copy_value(v) for k, v in value.items()}
+    if kind is list:
+        return [copy_value(v) for v in value]
+    return value
+
+
+def read_path(data: dict[str, Any], path: Iterable[str], default: Any = None) -> Any:
+    """The value at ``path`` in a plain nested dict (containers copied), or ``default`` when
+    there is none (also when the way to it goes through something that is not a dict)."""
+    node: Any = data
+    try:
+        for segment in path:
+            node = node[segment]
+    except (KeyError, TypeError):
+        return default  # missing, or the way goes through a list, str or number (all JSON)
+    kind = type(node)
+    if kind is dict or kind is list:
+        return copy_value(node)
+    return node
+
+
+@final
+class _Node:
+    """Metadata of one path that is more than a single assignment (see the module docstring).
+
+    Stamps that are unset are ``NEVER``. (``__slots__``: the spelled-out names cost nothing.)
+    """
+
+    __slots__ = (
+        "assigned",
+        "assigned_value",
+        "written_below",
+        "incremented",
+        "incs",
+        "reset",
+        "newest",
+        "_entries",
+        "runs",
+        "value",
+        "ttls",
+    )
+
+    def __init__(self) -> None:
+        self.assigned: float | int = NEVER  # own assignment's stamp
+        self.assigned_value: Any = MISSING  # own assignment: leaf value, DICT or MISSING (DELETE)
+        self.written_below: float | int = NEVER  # latest SET or INCREMENT strictly below
+        self.incremented: float | int = NEVER  # latest increment here
+        self.incs: dict[int, int | float] | None = None  # increments still relevant
+        self.reset: float | int = NEVER  # reset stamp for the children
+        self.newest: float | int = NEVER  # latest stamp anywhere in this subtree
+        self._entries: dict[str, Entry] = {}
+        # Leaves set in bulk (or installed from a snapshot) and not yet in ``_entries``, or
+        # None (see ``_columns.Run``). Their keys are new to the node and to each other run,
+        # and all in ``value`` (a dict) while they are pending: nothing but
+        # ``Batches._set_siblings`` and ``collect`` touch a node with runs without reading
+        # ``entries`` first, which records them.
+        self.runs: list[Run] | None = None
+        self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
+        # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
+        self.ttls: dict[int, int] | None = None
+
+    @property
+    def entries(self) -> dict[str, Entry]:
+        """Each child's key -> its stamp (a plain assignment or tombstone) or its ``_Node``,
+        pending runs recorded first. (Hot paths test ``runs`` and read ``_entries`` instead:
+        a property costs ~100 ns.)"""
+        if self.runs is not None:
+            self.record_runs()
+        return self._entries
+
+    @entries.setter
+    def entries(self, entries: dict[str, Entry]) -> None:
+        self.runs = None  # (replaced whole: the runs are read first, or meant to go too)
+        self._entries = entries
+
+    def record_runs(self) -> None:
+        """Record the pending runs in ``_entries``."""
+        _add_runs(self._entries, self.runs or ())
+        self.runs = None
+
+    def entries_copy(self) -> dict[str, Entry]:
+        """A copy of ``entries`` that leaves the pending runs pending: what reads a node
+        once (an export) need not keep a 128-bit int and a dict slot per leaf of them."""
+        entries = dict(self._entries)
+        if self.runs is not None:
+            _add_runs(entries, self.runs)
+        return entries
+
+
+#: A child in its parent's entries: a bare stamp (one assignment) or a node.
+Entry: TypeAlias = "int | _Node"
+
+
+def _add_runs(
+    entries: dict[str, int | _Node], runs: Iterable[tuple[Sequence[str], Any, Any]]
+) -> None:
+    """Record ``runs`` (see ``_Node.runs``) in ``entries``."""
+    for keys, stamps, origins in runs:
+        if origins is not None:
+            stamps = unpack_stamps(stamps, origins)
+        entries.update(zip(keys, stamps))
+
+
+def place(parent: _Node, key: str, value: Any) -> None:
+    """Put a path's new materialized value into its parent's dict (if that is a dict)."""
+    if type(parent.value) is dict:
+        if value is MISSING:
+            parent.value.pop(key, None)
+        else:
+            parent.value[key] = value
+
+
+def build(value: dict[str, Any], s: int) -> _Node:
+    """A fresh node for a dict assigned at stamp ``s``, its members assigned at ``s`` too."""
+    node = _Node()
+    node.assigned = node.reset = node.newest = s
+    node.assigned_value = DICT
+    data: dict[str, Any] = {}
+    entries: dict[str, int | _Node] = {}
+    for k, v in value.items():
+        if type(v) is dict:
+            child = build(v, s)
+            entries[k] = child
+            data[k] = child.value
+        else:
+            entries[k] = s
+            data[k] = v
+    node.entries = entries
+    node.value = data
+    return node
+
+
+def record_assign(entries: dict[str, int | _Node], key: str, s: int, value: Any) -> None:
+    """Record an assignment (leaf, dict or MISSING) without touching materialized values.
+
+    Leaf assignments are recorded as full nodes carrying their value, since the parent's
+    materialized dict may not exist; ``_rebuild`` then places them.
+    """
+    entry = entries.get(key)
+    if type(entry) is not _Node:
+        if entry is not None and entry >= s:
+            return  # the bare stamp there is as new
+        entry = _Node()
+        entries[key] = entry
+    elif entry.assigned >= s:
+        return
+    entry.assigned = s
+    if s > entry.newest:
+        entry.newest = s
+    if type(value) is dict:
+        entry.assigned_value = DICT
+        for k, v in value.items():
+            record_assign(entry.entries, k, s, v)
+    else:
+        entry.assigned_value = value
+
+
+def is_plain(node: _Node) -> bool:
+    """True when a node is just one assignment of a leaf (or a tombstone)."""
+    return not (
+        node._entries
+        or node.runs  # (not ``entries``: that would record them)
+        or node.incs
+        or node.assigned_value is DICT
+        or node.written_below != NEVER
+        or node.incremented != NEVER
+        or node.assigned == NEVER
+        or node.ttls is not None
+    )
+
+
+def bare_if_plain(node: _Node, key: str) -> Any:
+    """The entry at ``key`` of ``node`` (a dict) after a rebuild, back to a bare stamp if
+    it is just one assignment, as a rebuild of ``node`` itself would leave it: the same
+    events must give the same metadata whichever way they arrived."""
+    entry = node._entries.get(key)
+    if (
+        type(entry) is _Node
+        and is_plain(entry)
+        and (entry.assigned_value is MISSING if entry.value is MISSING else True)
+    ):
+        entry = node._entries[key] = cast(int, entry.assigned)  # (plain: a real stamp)
+    return entry
+
+
+def newest_in(entry: int | _Node) -> float | int:
+    """The newest stamp in an entry's subtree: a bare stamp's own, a node's ``newest``."""
+    return entry.newest if type(entry) is _Node else entry
+
+
+def raise_below(ancestors: list[_Node], s: int) -> None:
+    """Record a write at stamp ``s`` below each of ``ancestors`` (what ``apply`` does on its
+    way down, for a write whose way is all dicts)."""
+    for node in ancestors:
+        if s > node.newest:
+            node.newest = s
+        if s > node.written_below:
+            node.written_below = s
+
+
+class Tree:
+    """The base of ``Store``: the root node, the reads, and what every concern shares.
+
+    The concerns build on it as mixins (``_ttl.Expiries``, ``_apply.Applier``, ``_way.Ways``,
+    ``_batch.Batches``, ``_collect.Collector``, ``_export.Exporter``, ``_merge.Merger``),
+    each adding its methods and its own state; ``_store.Store`` composes them.
+    """
+
+    def __init__(self) -> None:
+        root = _Node()
+        root.value = {}
+        self._root = root
+        #: The materialized tree: the live root, for callers that promise not to mutate it.
+        self.data: dict[str, Any] = root.value
+        # False while nothing can have left metadata for ``collect`` since its last pass: the
+        # fast paths of ``apply`` (new keys, newer values of plain leaves) leave none, so a
+        # store that only ever sees those is never swept.
+        self._untidy = False
+        #: The store's notion of now, in wall-clock milliseconds (see ``advance``): what
+        #: decides which expiries have fired, in every rebuild.
+        self.now_ms: float | int = NEVER
+        # The way cached by ``cache_way`` for the ``*_leaf`` fast paths (see ``_way``): the
+        # dotted path of a parent (or None), the parent and the nodes on the way to it (itself
+        # included). Valid while only the fast paths ran since: every other change of the tree
+        # calls ``_forget_way``, which is why it lives here. The newest stamp ``set_leaf``
+        # wrote below them, or 0: those nodes' ``newest`` and ``written_below`` learn it only
+        # when read (``_flush_way``), not at every write.
+        self.way_key: str | None = None
+        self._way_parent = root
+        self._way_nodes: list[_Node] = []
+        self._way_path: tuple[str, ...] = ()
+        self._way_newest = 0
+
+    def get(self, path: Iterable[str], default: Any = None) -> Any:
+        """The value at ``path`` (containers copied), or ``default`` when there is none."""
+        return read_path(self.data, path, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A deep copy of the whole tree."""
+        copy: dict[str, Any] = copy_value(self.data)
+        return copy
+
+    def _flush_way(self) -> None:
+        """Raise the summaries on the cached way to the newest ``set_leaf`` below it: what
+        each ``set_leaf`` would have done (the newest stamp decides, as with
+        ``raise_below``). Anything that reads the metadata calls this first, ``_forget_way``
+        too, so every path of ``apply`` but the fast one flushes. That one needs not: its walk
+        only raises the same summaries to its own stamp, and maxima commute."""
+        if self._way_newest:
+            raise_below(self._way_nodes, self._way_newest)
+            self._way_newest = 0
+
+    def _forget_way(self) -> None:
+        """Drop the way ``cache_way`` remembered: the tree is about to change otherwise."""
+        self._flush_way()
+        self.way_key = None
+        self._way_nodes = []
+        self._way_parent = self._root
+
+    def _promote(self, parent: _Node, key: str, entry: int | None) -> _Node:
+        """Turn a bare-stamp entry (or nothing) into a full metadata node."""
+        self._untidy = True
+        self._forget_way()
+        node = _Node()
+        if entry is None:
+            node.reset = parent.reset
+        else:
+            node.assigned = node.newest = entry
+            parent_value = parent.value
+            value = parent_value.get(key, MISSING) if type(parent_value) is dict else MISSING
+            node.assigned_value = node.value = value
+            node.reset = max(entry, parent.reset)
+        parent.entries[key] = node
+        return node

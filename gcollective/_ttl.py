@@ -1,0 +1,219 @@
+"""Expiring keys: the ttl events' registry, firing them, and making them permanent.
+
+A SET or INCREMENT with a ttl records a ttl event on its path's node (``_Node.ttls``: stamp
+-> derived expiry stamp D, see ``_clock.expiry_stamp``); such a path is never a bare int, and
+any operation at or below it takes ``Applier._record_and_rebuild``. The contract's derived
+EXPIRE fires once ``advance`` has moved ``now_ms`` past its time and acts, if its event still
+owns the path, as a DELETE at D for the *materialized* value only (``_rebuild``'s visible
+view): nothing is forgotten, since an operation older than D may still arrive and
+cancel it. ``expire`` turns fired expiries below the stability frontier into real DELETEs at
+D, which ``collect`` then forgets.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Any
+
+from ._clock import MILLIS_SHIFT
+from ._rebuild import owners, rebuild_at
+from ._tree import MISSING, Tree, _Node, record_assign
+
+__all__ = ["Expiries", "fired_any"]
+
+Path = tuple[str, ...]
+
+
+class Expiries(Tree):
+    """The store's expiring keys (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Expiries not yet due, (E, stamp, path), and due ones not yet made permanent,
+        # (D, stamp, path). Entries may be stale (the event was overtaken): checked on use.
+        self._pending: list[tuple[int, int, Path]] = []
+        self._due: list[tuple[int, int, Path]] = []
+        self._due_stamps: set[int] = set()  # the events in _due
+        #: Expiries made permanent by ``expire`` so far.
+        self.expired = 0
+
+    @property
+    def next_expiry(self) -> float | int:
+        """The wall-clock milliseconds of the next expiry not yet due (``inf`` if none):
+        ``advance`` to it or later to make it fire."""
+        pending = self._pending
+        return pending[0][0] if pending else float("inf")
+
+    @property
+    def pending_expiries(self) -> int:
+        """Registered expiries not yet made permanent (due or not; some may be stale)."""
+        return len(self._pending) + len(self._due)
+
+    def advance(
+        self, now_ms: float | int, budget: float = float("inf")
+    ) -> list[tuple[tuple[str, ...], int]]:
+        """Move the store's time forward to ``now_ms`` (wall-clock milliseconds; a smaller
+        value than before changes nothing) and let the expiries due by then fire, at most
+        ``budget`` paths of them: while ``next_expiry`` is still due, call again (a burst
+        of expiries then holds the caller's thread a slice at a time).
+
+        A fired expiry hides its path as a DELETE at its derived stamp would, for reading
+        only: nothing is forgotten yet, since an older operation arriving late may still
+        cancel it (``expire`` makes it permanent once none can). Returns ``(path, stamp)``
+        of each ttl operation whose expiry fired (the caller may tell watchers).
+        """
+        if now_ms > self.now_ms:
+            self.now_ms = now_ms
+        now_ms = self.now_ms
+        pending = self._pending
+        if not pending or pending[0][0] > now_ms:
+            return []
+        self._forget_way()
+        fired: list[tuple[Path, int]] = []
+        tops: dict[Path, None] = {}  # the subtrees to rebuild, once each
+        while pending and pending[0][0] <= now_ms and budget > 0:
+            budget -= 1
+            _, _, path = heapq.heappop(pending)
+            self._fire_due(path, now_ms, fired, tops)
+        for top_path in tops:
+            self._rebuild_path(top_path)
+        return fired
+
+    def _fire_due(
+        self, path: Path, now_ms: float | int, fired: list[tuple[Path, int]], tops: dict[Path, None]
+    ) -> None:
+        """Fire every ttl event of the node at ``path`` due by ``now_ms`` (whether it had a
+        ``_pending`` entry of its own or came after the one that popped), adding it to
+        ``fired`` and the path of its topmost node with ttl events to ``tops``; the earliest
+        event not yet due gets the node's next entry."""
+        found = self._locate(path)
+        if found is None:
+            return  # overtaken meanwhile
+        top_path, target = found
+        ttls = target.ttls
+        if not ttls:
+            return
+        later: tuple[int, int] | None = None
+        for stamp, expiry in ttls.items():
+            due = expiry >> MILLIS_SHIFT
+            if due > now_ms:
+                if later is None or due < later[0]:
+                    later = (due, stamp)
+            elif stamp not in self._due_stamps:
+                self._push_due(expiry, stamp, path)
+                tops[top_path] = None
+                fired.append((path, stamp))
+        if later is not None:
+            heapq.heappush(self._pending, (later[0], later[1], path))
+
+    def expire(self, frontier: int, budget: float = float("inf")) -> int:
+        """Make permanent the expiries that fired with a derived stamp below ``frontier``
+        (the same stability frontier as ``collect``), at most ``budget`` of them (while
+        ``expirable(frontier)``, call again): each becomes a real DELETE at that stamp, so
+        the path's metadata can be forgotten. Nothing visible changes. Returns how many were
+        applied."""
+        self._forget_way()
+        due = self._due
+        done = 0
+        while due and due[0][0] < frontier and budget > 0:
+            budget -= 1
+            expiry, st, path = heapq.heappop(due)
+            self._due_stamps.discard(st)
+            found = self._locate(path)
+            if found is None:
+                continue
+            top_path, target = found
+            if not target.ttls or (st, expiry) not in owners(target.ttls):
+                continue  # overtaken, or replaced by a newer ttl before it fired
+            # It owns its path at its expiry: the events that could have cancelled it are
+            # all older than the frontier, hence known; an ancestor's expiry before it was
+            # applied first (``due`` is in stamp order) and would have dropped it.
+            parent: Any = self._root
+            for segment in path[:-1]:
+                parent = parent.entries[segment]
+            record_assign(parent.entries, path[-1], expiry, MISSING)
+            self._rebuild_path(top_path)
+            self._untidy = True  # a tombstone for ``collect``
+            done += 1
+        self.expired += done
+        return done
+
+    def expirable(self, frontier: int) -> bool:
+        """True while ``expire(frontier)`` has something left to look at."""
+        return bool(self._due) and self._due[0][0] < frontier
+
+    def _add_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
+        """Record ttl event ``s`` (expiring at the derived stamp ``expiry``) at ``node``.
+
+        ``_pending`` holds, per node, an entry no later than the earliest of its events not
+        yet due; ``advance`` moves it on when it pops. So a counter hit again and again (each
+        hit replacing the expiry) keeps one entry, not one per hit.
+        """
+        self._forget_way()
+        self._record_ttl(node, s, expiry, path)
+
+    def _record_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
+        """``_add_ttl`` at a node off the cached way (its leaf: the way keeps no ttls)."""
+        self._untidy = True
+        ttls = node.ttls
+        now = self.now_ms
+        due = expiry >> MILLIS_SHIFT
+        if ttls is None:
+            node.ttls = {s: expiry}  # (a session's: its only event, nothing covers it)
+            if due <= now:
+                self._push_due(expiry, s, tuple(path))
+            else:
+                heapq.heappush(self._pending, (due, s, tuple(path)))
+            return
+        if s in ttls:
+            return
+        covered = False
+        for other in ttls.values():
+            if now < other >> MILLIS_SHIFT <= due:
+                covered = True  # an entry for this node pops first
+                break
+        ttls[s] = expiry
+        if due <= now:
+            self._push_due(expiry, s, tuple(path))
+        elif not covered:
+            heapq.heappush(self._pending, (due, s, tuple(path)))
+
+    def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
+        if s not in self._due_stamps:
+            self._due_stamps.add(s)
+            heapq.heappush(self._due, (expiry, s, path))
+
+    def _locate(self, path: tuple[str, ...]) -> tuple[tuple[str, ...], _Node] | None:
+        """``(path of the topmost node with ttl events on the way, node at path)``, or None
+        when the way is not made of nodes or none of them has ttl events."""
+        node = self._root
+        top: tuple[str, ...] | None = None
+        for depth, segment in enumerate(path):
+            entry = node.entries.get(segment)
+            if type(entry) is not _Node:
+                return None
+            if top is None and entry.ttls is not None:
+                top = path[: depth + 1]
+            node = entry
+        return None if top is None else (top, node)
+
+    def _rebuild_path(self, path: tuple[str, ...]) -> None:
+        """Rebuild the node at ``path`` (whose ancestors carry no ttl events)."""
+        parent = self._root
+        for segment in path[:-1]:
+            entry = parent.entries.get(segment)
+            if type(entry) is not _Node:
+                return
+            parent = entry
+        node = parent.entries.get(path[-1])
+        if type(node) is _Node:
+            rebuild_at(parent, path[-1], node, self.now_ms)
+
+
+def fired_any(ttls: dict[int, int], now_ms: float | int) -> bool:
+    """Whether an expiry of ``ttls`` (derived stamps) is due by ``now_ms``: the earliest,
+    found in C (a counter hit in a burst holds hundreds, until ``collect``)."""
+    if math.isinf(now_ms):
+        return now_ms > 0  # (NEVER: no time yet)
+    return min(ttls.values()) < (math.floor(now_ms) + 1) << MILLIS_SHIFT

@@ -1,0 +1,242 @@
+"""The way cache: a node's own operations in a writer's loop, in a few steps each.
+
+A loop sets (or counts, or deletes) keys under one parent. The store remembers the way to
+that parent (``cache_way``) and then takes each key's operation under it with a few dict
+updates (``set_leaf``, ``assign_leaf``, ``incr_leaf``, ``delete_leaf``), instead of walking
+the path from the root. ``assign_key``, ``increment_key`` and ``delete_key`` are the policy
+that ``Collective`` uses: they find or cache the way for a dotted key, and take the fast
+path when it applies.
+
+The cache stays valid while the tree changes only through these and the fast paths of
+``apply`` (a leaf written where nothing is newer, a new dict on the way): those never replace
+a node, make a dict something else, add a ttl or raise a reset stamp. Everything else calls
+``_forget_way`` first (``Tree`` holds the cached way for that reason).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ._apply import Applier
+from ._clock import MILLIS_SHIFT, expiry_stamp
+from ._tree import SET, _Node, newest_in
+from ._validate import INT_BOUND, parse_key
+
+__all__ = ["Ways"]
+
+# After a key whose parent differs from the last one's, the keys to take the general way
+# before looking for a loop again: keys scattered over parents try no way at every one.
+_WAY_SKIPS = 8
+
+
+class Ways(Applier):
+    """The way cache and the fast paths under it (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._way_wanted: str | None = None  # the parent of the last key not on the way
+        self._way_skips = 0  # keys to take before looking for a loop again
+
+    def assign_key(self, stamp: int, key: str, value: Any, ttl_ms: int = 0) -> None:
+        """``apply(stamp, SET, parse_key(key), value, ttl_ms)`` for a node's own SET at the
+        dotted ``key`` (``InvalidKeyError`` if it is not valid; ``stamp`` as for
+        ``set_leaf``). In a writer's loop it takes a few steps: ``set_leaf`` (or
+        ``assign_leaf``, for a dict or a ttl) under the way to the key's parent, cached when
+        keys come in a row under one parent (see ``_way_to``)."""
+        path = None
+        if self._way_skips:
+            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
+        else:
+            above, _, leaf = key.rpartition(".")
+            if above == self.way_key and leaf and leaf.isascii():
+                on_way = True  # (the parent was checked when it was cached)
+            else:
+                path = parse_key(key)  # raises for a bad key
+                on_way = self._way_to(above, path, stamp)
+            if on_way and (
+                self.assign_leaf(stamp, leaf, value, ttl_ms)
+                if ttl_ms
+                else self.set_leaf(stamp, leaf, value)
+            ):
+                return
+        self.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
+
+    def _look_for_way(self, above: str, key: str, stamp: int) -> bool:
+        """``increment_key``'s and ``delete_key``'s policy for a key the quick test (the
+        cached parent, a plain leaf) did not take: whether the way to ``above``, its parent,
+        is cached now (``_way_to``), unless keys are being skipped."""
+        path = parse_key(key)  # raises for a bad key
+        if above != self.way_key and self._way_skips:
+            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
+            return False
+        return self._way_to(above, path, stamp)
+
+    def _way_to(self, above: str, path: tuple[str, ...], stamp: int) -> bool:
+        """Whether the way to ``above``, the parent of the valid ``path``, is cached now, for
+        an operation at ``stamp``. The policy: a key under the same parent as the last one
+        looked at is taken for a loop, and its way cached; after a key under another parent,
+        the next ``_WAY_SKIPS`` keys take the general way without looking (keys scattered
+        over parents pay little for the cache)."""
+        if above == self.way_key:
+            return True  # (a valid leaf that the quick test left out)
+        if above != self._way_wanted:
+            self._way_wanted = above
+            self._way_skips = _WAY_SKIPS
+            return False
+        if self.cache_way(above, path[:-1], stamp):
+            return True
+        self._way_wanted = None  # no fast way there now: try again later
+        return False
+
+    def cache_way(self, key: str, way: tuple[str, ...] | list[str], s: int) -> bool:
+        """Remember the node at ``way`` (named ``key``, its dotted form) for ``set_leaf``, if
+        a plain SET below it at stamp ``s`` would take the fast path at every level; True
+        when cached. ``way`` must be a valid path (``key`` is only its name here).
+
+        The cache stays valid while the tree changes only through ``set_leaf`` and the fast
+        paths of ``apply`` (a leaf written where nothing is newer, a new dict on the way):
+        those never replace a node, make a dict something else, add a ttl or raise a reset
+        stamp. Everything else calls ``_forget_way`` first.
+        """
+        self._flush_way()
+        parent, nodes = self._dict_way(way, s)
+        if parent is None or s < max([self._root.reset, *[node.reset for node in nodes]]):
+            return False
+        if parent.runs is not None:
+            parent.record_runs()  # (set_leaf reads its _entries: no runs are added meanwhile)
+        self._way_parent = parent
+        self._way_nodes = nodes
+        self._way_path = tuple(way)
+        self.way_key = key
+        return True
+
+    def set_leaf(self, s: int, leaf: str, value: Any) -> bool:
+        """``apply(s, SET, way + (leaf,), value)`` under the way ``cache_way`` remembered, in
+        the common case: a plain value (not a dict) where there is nothing newer. ``s`` must
+        be a stamp new to this store and newer than the one given to ``cache_way`` and to
+        every ``set_leaf`` since, as a clock's are (``Collective.set`` takes them from its
+        clock). Returns False, having changed nothing, when that is not the case (call
+        ``apply``)."""
+        if type(value) is dict:
+            return self.assign_leaf(s, leaf, value)
+        parent = self._way_parent
+        entries = parent._entries
+        entry = entries.setdefault(leaf, s)  # one lookup when the key is new (``s`` is)
+        if entry is not s:
+            if type(entry) is not int or not s > entry:
+                return False
+            entries[leaf] = s
+        parent.value[leaf] = value
+        self._way_newest = s  # (the newest yet: raised on the way later, see _flush_way)
+        return True
+
+    def assign_leaf(self, s: int, leaf: str, value: Any, ttl_ms: int = 0) -> bool:
+        """``apply(s, SET, way + (leaf,), value, ttl_ms)`` under the cached way, for the SETs
+        ``set_leaf`` leaves out: a dict value (a session), or a ttl, where nothing in the
+        key's subtree is as new as ``s`` (see ``_assign_fresh``). ``s`` as for ``set_leaf``;
+        False, having changed nothing, when the case is not that simple."""
+        path = (*self._way_path, leaf) if ttl_ms else ()
+        if not self._assign_fresh(self._way_parent, leaf, s, value, ttl_ms, path):
+            return False
+        self._way_newest = s
+        return True
+
+    def increment_key(self, s: int, key: str, amount: int, ttl_ms: int = 0) -> Any:
+        """A node's own INCREMENT of the int counter at the dotted ``key`` by the int
+        ``amount``, under the way ``assign_key`` takes, in the common case: an int counter
+        (or a new key) where nothing in the key's subtree is as new as ``s``, a result that
+        stays an int JSON carries, and no expiry due (a counter hit with
+        ``incr(k, ttl=...)`` on every request takes it too, as in ``_increment_expiring``).
+        Returns the new value, or None having changed nothing when the case is not that
+        (then ``apply`` it). ``s`` as for ``set_leaf``; ``InvalidKeyError`` for a bad key."""
+        above, _, leaf = key.rpartition(".")
+        if not (above == self.way_key and leaf and leaf.isascii()) and not self._look_for_way(
+            above, key, s
+        ):
+            return None
+        if ttl_ms and (s >> MILLIS_SHIFT) + ttl_ms <= self.now_ms:
+            return None  # due already: the general way fires it
+        parent = self._way_parent
+        entries = parent._entries
+        entry = entries.get(leaf)
+        if entry is None:
+            entry = _Node()
+            entry.incs = {s: amount}
+            entry.incremented = entry.reset = entry.newest = s
+            entry.value = result = amount
+            entries[leaf] = entry
+            parent.value[leaf] = amount
+        else:
+            if type(entry) is not _Node or not s > entry.newest:
+                return None
+            current = entry.value
+            if type(current) is not int:
+                return None
+            result = current + amount
+            if not -INT_BOUND < result < INT_BOUND:
+                return None  # the general way refuses it
+            if entry.ttls is not None and s >> MILLIS_SHIFT <= self.now_ms:
+                return None  # an expiry may have fired after ``s``: _newest_increment
+            # (``_newest_increment`` of a number, inline)
+            incs = entry.incs
+            if incs is None:
+                entry.incs = incs = {}
+            incs[s] = amount
+            entry.newest = entry.incremented = entry.reset = s
+            entry.value = result
+            parent.value[leaf] = result
+        if ttl_ms:
+            self._record_ttl(entry, s, expiry_stamp(s, ttl_ms), (*self._way_path, leaf))
+        self._untidy = True  # (increments for ``collect`` to fold)
+        self._way_newest = s
+        return result
+
+    def delete_key(self, s: int, key: str) -> bool:
+        """A node's own DELETE of the dotted ``key``, under the way ``assign_key`` takes,
+        where nothing in the key's subtree is as new as ``s``: a tombstone replaces it, as in
+        ``_delete``. ``s`` as for ``set_leaf``; False, having changed nothing, otherwise
+        (then ``apply`` it); ``InvalidKeyError`` for a bad key."""
+        above, _, leaf = key.rpartition(".")
+        if not (above == self.way_key and leaf and leaf.isascii()) and not self._look_for_way(
+            above, key, s
+        ):
+            return False
+        parent = self._way_parent
+        entries = parent._entries
+        entry = entries.get(leaf)
+        if entry is not None and not s > newest_in(entry):
+            return False
+        self._untidy = True  # a tombstone for ``collect``
+        entries[leaf] = s
+        parent.value.pop(leaf, None)
+        for node in self._way_nodes:
+            if s > node.newest:
+                node.newest = s  # (not written_below: a DELETE is no write below)
+        return True
+
+    def incr_leaf(self, s: int, leaf: str, amount: int, ttl_ms: int = 0) -> Any:
+        """``increment_key`` of ``leaf`` (a segment) under the way ``cache_way`` cached."""
+        return self.increment_key(s, self._under_way(leaf), amount, ttl_ms)
+
+    def delete_leaf(self, s: int, leaf: str) -> bool:
+        """``delete_key`` of ``leaf`` (a segment) under the way ``cache_way`` cached."""
+        return self.delete_key(s, self._under_way(leaf))
+
+    def _under_way(self, leaf: str) -> str:
+        """The dotted key of ``leaf`` under the cached way."""
+        return f"{self.way_key}.{leaf}" if self.way_key else leaf
+
+    def _dict_way(self, way: Sequence[str], s: int) -> tuple[_Node | None, list[_Node]]:
+        """The node at ``way`` and the nodes on the way to it, if a later plain SET below it
+        (with a newer stamp than ``s``) takes the fast path at every level."""
+        node = self._root
+        ancestors: list[_Node] = []
+        for segment in way:
+            if s < node.reset:
+                return None, ancestors
+            child = node._entries.get(segment)  # (never in a run: those are plain leaves)
+            if type(child) is not _Node or type(child.value) is not dict or child.ttls is not None:
+                return None, ancestors  # (a path that may expire takes apply's slow way)
+            ancestors.append(child)
+            node = child
+        return node, ancestors
