@@ -61,7 +61,8 @@ class Exporter(Tree):
     def _export_node(self, node: _Node, copy: bool) -> list[Any]:
         av = node.assigned_value
         encoded_av: Any = 1 if av is DICT else (0 if av is MISSING else [copy_value(av)])
-        incs = [[st, n] for st, n in node.incs.items()] if node.incs else []
+        # By stamp: arrival order (a late increment goes last) must not show in an export.
+        incs = [[st, n] for st, n in sorted(node.incs.items())] if node.incs else []
         value = node.value
         data = value if type(value) is dict else {}
         entries = node.entries_copy() if copy or node.runs is not None else node._entries
