@@ -17,6 +17,7 @@ See docs/durability.rst for the promise and the layout.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -60,7 +61,6 @@ _OURS = {DATABASE, LOCK, DATABASE + "-wal", DATABASE + "-shm", DATABASE + "-jour
 # The frame kinds worth keeping (PROGRESS and requests are about a connection, not data).
 _KEPT = (b"[1,", b"[2,", b"[3,")  # OPS, SNAPSHOT, SNAPSHOT_END (see _wire)
 
-_open_after_fork: list[Any] = []  # a forked child's copies: kept, never closed (see below)
 _open_databases: list[Durability] = []
 _fork_hook_registered = False
 
@@ -90,7 +90,9 @@ def _after_fork_in_child() -> None:
     connection can checkpoint or unlock the parent's files. Keep the copies for good, and
     drop the child's descriptor of the lock (the parent's still holds it)."""
     for durability in _open_databases:
-        _open_after_fork.append(durability._connection)
+        # Leaked on purpose, for the child's whole life and its exit too (a list would be
+        # freed at interpreter shutdown, closing the connection).
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(durability._connection))
         durability._connection = None
         if durability._lock_fd is not None:
             os.close(durability._lock_fd)
@@ -123,6 +125,18 @@ class Durability:
         self.written_frames = 0
         self.checkpoints = 0
         self.restored_frames = 0
+        self._in_flight = 0  # frames being written now
+
+    def stats(self) -> dict[str, Any]:
+        """What ``Collective.stats()`` reports under ``data_dir``."""
+        return {
+            "path": self.path,
+            "fsync": self.fsync,
+            "unwritten_frames": len(self._pending) + self._in_flight,
+            "written_frames": self.written_frames,
+            "restored_frames": self.restored_frames,
+            "checkpoints": self.checkpoints,
+        }
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -290,12 +304,15 @@ class Durability:
         size = self._pending_bytes
         self._pending = []
         self._pending_bytes = 0
+        self._in_flight = len(frames)
         try:
             gevent.get_hub().threadpool.spawn(self._append, frames).get()
         except BaseException:
             self._pending[:0] = frames  # written with the next batch
             self._pending_bytes += size
             raise
+        finally:
+            self._in_flight = 0
         self._since_checkpoint += size
         self.written_frames += len(frames)
 

@@ -496,6 +496,7 @@ class Collective(_Connections, _Watching, _Member):
             "log_bytes": self._log.bytes,
             "pending_expiries": self._store.pending_expiries,
             "expired": self._store.expired,
+            "data_dir": None if self._durable is None else self._durable.stats(),
             "peers": peers,
         }
 
