@@ -149,7 +149,7 @@ def test_foreign_directory_and_foreign_database_are_refused(tmp_path):
     foreign = tmp_path / "home"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(DataDirError, match="notes.txt.*not a gcollective data directory"):
+    with pytest.raises(DataDirError, match=r"notes\.txt.*not a gcollective data directory"):
         started(str(foreign))
     assert os.listdir(foreign) == ["notes.txt"]
     other = tmp_path / "other"
