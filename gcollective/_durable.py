@@ -35,7 +35,7 @@ from ._wire import FrameDecoder
 if TYPE_CHECKING:
     from ._engine import Engine
 
-__all__ = ["DataDirError", "Durability", "FLUSH_INTERVAL", "FSYNC_POLICIES"]
+__all__ = ["DataDirError", "DataDirLocked", "Durability", "FLUSH_INTERVAL", "FSYNC_POLICIES"]
 
 log = logging.getLogger("gcollective")
 
@@ -68,6 +68,10 @@ _fork_hook_registered = False
 class DataDirError(RuntimeError):
     """The ``data_dir`` cannot be used: another process holds it, it is not a gcollective
     data directory, or its database is corrupt. Nothing in it was changed."""
+
+
+class DataDirLocked(DataDirError):
+    """Another process (or member) holds the ``data_dir``."""
 
 
 def check_durability(data_dir: Any, fsync: Any) -> Durability | None:
@@ -126,6 +130,7 @@ class Durability:
         self.checkpoints = 0
         self.restored_frames = 0
         self._in_flight = 0  # frames being written now
+        self._engine: Engine | None = None  # (whose on_applied hook this is, once started)
 
     def stats(self) -> dict[str, Any]:
         """What ``Collective.stats()`` reports under ``data_dir``."""
@@ -142,8 +147,9 @@ class Durability:
 
     def open(self) -> None:
         """Take the directory (``DataDirError`` if it is not ours, locked or corrupt)."""
-        if self._connection is not None:
-            return  # (a start() that failed to bind, tried again)
+        self._closing = False
+        self._wake.clear()
+        self.greenlet = None
         os.makedirs(self.path, exist_ok=True)
         foreign = sorted(set(os.listdir(self.path)) - _OURS)
         if foreign:
@@ -168,7 +174,7 @@ class Durability:
         except BlockingIOError:
             holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
             os.close(fd)
-            raise DataDirError(
+            raise DataDirLocked(
                 f"data_dir {self.path} is in use by another process (pid {holder}): two "
                 "members must never share one directory"
             ) from None
@@ -282,6 +288,7 @@ class Durability:
     def start(self, engine: Engine, on_error: Callable[[str], None]) -> None:
         """Keep what the engine applies from now on (after ``restore``)."""
         engine.on_applied = self.keep
+        self._engine = engine
         self.greenlet = gevent.spawn(self._writing, engine, on_error)
 
     def _writing(self, engine: Engine, on_error: Callable[[str], None]) -> None:
@@ -361,6 +368,8 @@ class Durability:
         """Write what is pending, then close the database and free the directory."""
         self._closing = True
         self._wake.set()
+        if self._engine is not None:
+            self._engine.on_applied = None  # (nothing more is kept)
         if self.greenlet is not None:
             self.greenlet.join()
         if self._connection is None:

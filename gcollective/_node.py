@@ -332,7 +332,12 @@ class Collective(_Connections, _Watching, _Member):
             self._tls = _tls
         if self._durable is not None:
             self._restore()
-        self._start_serving()
+        try:
+            self._start_serving()
+        except BaseException:
+            if self._durable is not None:
+                self._durable.close()  # (free for whoever holds the address)
+            raise
         self._writable = True
         self._warn_if_exposed()
         for address in self.peers:
@@ -351,14 +356,13 @@ class Collective(_Connections, _Watching, _Member):
         """Open ``data_dir`` and apply what it holds (before serving), then keep writing."""
         durable = self._durable
         assert durable is not None
-        if durable.greenlet is None:  # (not on a start() tried again after a failed bind)
-            durable.open()
-            try:
-                durable.restore(self._engine)
-            except BaseException:
-                durable.close()  # (the directory is left as it was, and free)
-                raise
-            durable.start(self._engine, self._internal_error)
+        durable.open()
+        try:
+            durable.restore(self._engine)  # (again after a failed bind: repeats are skipped)
+        except BaseException:
+            durable.close()  # (the directory is left as it was, and free)
+            raise
+        durable.start(self._engine, self._internal_error)
 
     def _warn_if_exposed(self) -> None:
         """One warning at start for a configuration that leaves the data open."""

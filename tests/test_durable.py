@@ -243,3 +243,18 @@ def test_options_are_checked_and_off_by_default(tmp_path):
     finally:
         node.stop()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_start_that_cannot_bind_leaves_the_directory_free(tmp_path):
+    data_dir = str(tmp_path / "data")
+    stopped_with_data(data_dir)
+    holder = started(None)
+    node = Collective(holder.local, data_dir=data_dir)
+    try:
+        with pytest.raises(OSError):
+            node.start(timeout=0.5)
+        again = started(data_dir)  # (as a gunicorn worker trying the next slot does)
+        assert again.get("count") == 5
+        again.stop()
+    finally:
+        holder.stop()
