@@ -258,3 +258,32 @@ def test_a_start_that_cannot_bind_leaves_the_directory_free(tmp_path):
         again.stop()
     finally:
         holder.stop()
+
+
+def test_checkpoints_keep_the_table_proportional_to_the_tree_not_the_history(tmp_path, monkeypatch):
+    """One key overwritten 60,000 times: the history is megabytes of frames, the tree one
+    key; checkpoints delete the history (with a small threshold, to see several)."""
+    import gevent
+
+    from gcollective import _durable
+
+    monkeypatch.setattr(_durable, "CHECKPOINT_MIN_BYTES", 64 * 1024)
+    data_dir = str(tmp_path / "data")
+    node = started(data_dir)
+    try:
+        for i in range(60_000):
+            node.set("hot", {"n": i, "pad": "x" * 40})
+            if i % 500 == 0:
+                gevent.sleep(0.001)  # an app serving requests: the writer gets its turns
+        assert node.stats()["data_dir"]["checkpoints"] >= 3
+    finally:
+        node.stop()
+    connection = sqlite3.connect(os.path.join(data_dir, DATABASE))
+    stored = connection.execute("SELECT SUM(LENGTH(frame)) FROM frames").fetchone()[0]
+    connection.close()
+    assert stored < 4 * 64 * 1024  # the history written was about 60,000 x 60 bytes
+    node = started(data_dir)
+    try:
+        assert node.get("hot") == {"n": 59_999, "pad": "x" * 40}
+    finally:
+        node.stop()
