@@ -287,3 +287,21 @@ def test_checkpoints_keep_the_table_proportional_to_the_tree_not_the_history(tmp
         assert node.get("hot") == {"n": 59_999, "pad": "x" * 40}
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("fsync,synchronous", [("always", 2), ("interval", 1), ("never", 0)])
+def test_fsync_policy_is_sqlite_synchronous_and_each_restarts(tmp_path, fsync, synchronous):
+    data_dir = str(tmp_path / "data")
+    node = started(data_dir, fsync=fsync)
+    try:
+        connection = node._durable._connection
+        assert connection.execute("PRAGMA synchronous").fetchone()[0] == synchronous
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        node.incr("n", 3)
+    finally:
+        node.stop()
+    node = started(data_dir, fsync=fsync)
+    try:
+        assert node.get("n") == 3 and node.stats()["data_dir"]["fsync"] == fsync
+    finally:
+        node.stop()
