@@ -347,7 +347,7 @@ class Durability:
         pool = gevent.get_hub().threadpool
         first: int | None = None
         size = 0
-        for chunk in _chunks(frame[:-1] if frame[-1:] == b"\n" else frame for frame in stream):
+        for chunk in _chunks(stream):
             if self._closing:
                 return  # an unfinished checkpoint is harmless: nothing was deleted
             start = pool.spawn(self._append, chunk).get()
@@ -390,11 +390,17 @@ class Durability:
 
 
 def _chunks(stream: Iterator[bytes], target: int = 4 * 1024 * 1024) -> Iterator[list[bytes]]:
-    """The frames of a snapshot stream in lists of about ``target`` bytes, yielding to the
-    hub between frames (building one is CPU work on the store)."""
+    """The frames of a snapshot stream (newlines dropped) in lists of about ``target``
+    bytes, yielding to the hub between frames. Each frame is built with the cyclic GC
+    paused, as a snapshot for a peer is (see ``Engine.data_to_send``)."""
     chunk: list[bytes] = []
     size = 0
-    for frame in stream:
+    while True:
+        frame = without_gc(next, stream, None)
+        if frame is None:
+            break
+        if frame[-1:] == b"\n":
+            frame = frame[:-1]
         chunk.append(frame)
         size += len(frame)
         if size >= target:
