@@ -149,7 +149,7 @@ class Durability:
         self._closing = False
         self._wake.clear()
         self.greenlet = None
-        os.makedirs(self.path, exist_ok=True)
+        os.makedirs(self.path, mode=0o700, exist_ok=True)  # (new: only this user reads it)
         foreign = sorted(set(os.listdir(self.path)) - _OURS)
         if foreign:
             raise DataDirError(
