@@ -149,8 +149,12 @@ class Durability:
         self._closing = False
         self._wake.clear()
         self.greenlet = None
-        os.makedirs(self.path, mode=0o700, exist_ok=True)  # (new: only this user reads it)
-        foreign = sorted(set(os.listdir(self.path)) - _OURS)
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)  # (new: only this user reads it)
+            names = os.listdir(self.path)
+        except OSError as exc:
+            raise DataDirError(f"data_dir {self.path} cannot be used: {exc}") from None
+        foreign = sorted(set(names) - _OURS)
         if foreign:
             raise DataDirError(
                 f"data_dir {self.path} holds files gcollective did not write "

@@ -161,6 +161,11 @@ def test_foreign_directory_and_foreign_database_are_refused(tmp_path):
     connection.close()
     with pytest.raises(DataDirError, match="format version"):
         started(str(other))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    with pytest.raises(DataDirError, match="cannot be used"):
+        started(str(a_file))
+    assert a_file.read_text() == "mine"
 
 
 def test_second_process_on_one_directory_is_refused(tmp_path):
