@@ -265,6 +265,8 @@ def settings_from_env(
       (default 5, 0 disables the wait): seconds, see ``Settings``.
     - ``GCOLLECTIVE_METRICS_PORT``: when set, the worker in slot i serves its Prometheus
       metrics on this server's host at this port + i (needs ``gcollective[metrics]``).
+    - ``GCOLLECTIVE_DATA_DIR``: when set, the worker in slot i keeps its data in
+      ``slot-<i>`` under it (``data_dir``), and hands nothing over when it leaves.
 
     Raises ``ConfigError`` naming the variable at fault.
     """
