@@ -126,6 +126,7 @@ class Durability:
         self._wake = Event()
         self.greenlet: gevent.Greenlet[Any, Any] | None = None
         self.written_frames = 0
+        self.written_bytes = 0  # (checkpoints not counted)
         self.checkpoints = 0
         self.restored_frames = 0
         self._in_flight = 0  # frames being written now
@@ -138,6 +139,7 @@ class Durability:
             "fsync": self.fsync,
             "unwritten_frames": len(self._pending) + self._in_flight,
             "written_frames": self.written_frames,
+            "written_bytes": self.written_bytes,
             "restored_frames": self.restored_frames,
             "checkpoints": self.checkpoints,
         }
@@ -336,6 +338,7 @@ class Durability:
             self._in_flight = 0
         self._since_checkpoint += size
         self.written_frames += len(frames)
+        self.written_bytes += size
 
     def _append(self, frames: list[bytes]) -> int:
         """Append frames in one transaction (in a thread of the pool); the first row's id."""

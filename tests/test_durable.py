@@ -283,10 +283,14 @@ def test_checkpoints_keep_the_table_proportional_to_the_tree_not_the_history(tmp
         assert node.stats()["data_dir"]["checkpoints"] >= 3
     finally:
         node.stop()
+    history = node.stats()["data_dir"]["written_bytes"]
+    assert history > 3_000_000  # about 60,000 x 60 bytes
     connection = sqlite3.connect(os.path.join(data_dir, DATABASE))
     stored = connection.execute("SELECT SUM(LENGTH(frame)) FROM frames").fetchone()[0]
     connection.close()
-    assert stored < 4 * 64 * 1024  # the history written was about 60,000 x 60 bytes
+    # At most the last checkpoint (a few hundred bytes), what came since (up to the
+    # threshold) and what came while checkpoints ran: a loaded machine's writer lags.
+    assert stored < history / 4
     node = started(data_dir)
     try:
         assert node.get("hot") == {"n": 59_999, "pad": "x" * 40}
