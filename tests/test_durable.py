@@ -314,3 +314,20 @@ def test_fsync_policy_is_sqlite_synchronous_and_each_restarts(tmp_path, fsync, s
         assert node.get("n") == 3 and node.stats()["data_dir"]["fsync"] == fsync
     finally:
         node.stop()
+
+
+def test_command_line_node_takes_data_dir_and_refuses_a_foreign_one(tmp_path):
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    command = [sys.executable, "-m", "gcollective", "node", "--local", f"127.0.0.1:{free_port()}"]
+    refused = subprocess.run(
+        [*command, "--data-dir", str(foreign)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    assert refused.returncode == 1
+    assert "not a gcollective data directory" in refused.stderr
+    assert os.listdir(foreign) == ["notes.txt"]
