@@ -117,7 +117,8 @@ def start(
 
     Blocks the calling greenlet until a live peer's state is merged or each peer failed once
     (at most ``timeout`` seconds). ``GCOLLECTIVE_PROTOCOL`` in the environment sets
-    ``protocol`` when it is not passed, and ``GCOLLECTIVE_SECRET`` sets ``secret``.
+    ``protocol`` when it is not passed, ``GCOLLECTIVE_SECRET`` sets ``secret`` and
+    ``GCOLLECTIVE_DATA_DIR`` sets ``data_dir``.
     """
     global _default
     import os
@@ -129,6 +130,8 @@ def start(
     if "secret" not in options and os.environ.get("GCOLLECTIVE_SECRET"):
         # From the environment so it stays out of code, config files and process listings.
         options["secret"] = os.environ["GCOLLECTIVE_SECRET"]
+    if "data_dir" not in options and os.environ.get("GCOLLECTIVE_DATA_DIR"):
+        options["data_dir"] = os.environ["GCOLLECTIVE_DATA_DIR"]
     current = _default
     if current is not None and current.running:
         raise RuntimeError("gcollective.start() was already called in this process")

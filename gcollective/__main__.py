@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_security(node)
     node.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=os.environ.get("GCOLLECTIVE_DATA_DIR") or None,
+        help="keep the data on disk here and come back with it on restart (default: "
+        "GCOLLECTIVE_DATA_DIR if set, else memory only; see docs/durability.rst)",
+    )
+    node.add_argument(
         "--metrics",
         type=_address,
         metavar="HOST:PORT",
@@ -234,6 +241,7 @@ def run_node(args: argparse.Namespace, secret: str | None, tls: TlsFiles) -> int
     import gevent
     from gevent.event import Event
 
+    from ._durable import DataDirError
     from ._node import Collective
 
     logging.basicConfig(
@@ -243,7 +251,14 @@ def run_node(args: argparse.Namespace, secret: str | None, tls: TlsFiles) -> int
     )
     log = logging.getLogger("gcollective")
     try:
-        node = Collective(args.local, args.peers, advertise=args.advertise, secret=secret, **tls)
+        node = Collective(
+            args.local,
+            args.peers,
+            advertise=args.advertise,
+            secret=secret,
+            data_dir=args.data_dir,
+            **tls,
+        )
     except (ValueError, TypeError) as exc:
         raise CommandError(str(exc)) from None
     stopping = Event()
@@ -253,7 +268,7 @@ def run_node(args: argparse.Namespace, secret: str | None, tls: TlsFiles) -> int
         node.start(timeout=args.start_timeout)
     except OSError as exc:
         raise CommandError(f"cannot listen on {format_address(args.local)}: {exc}") from None
-    except ValueError as exc:  # an unusable TLS file
+    except (ValueError, DataDirError) as exc:  # an unusable TLS file or data_dir
         raise CommandError(str(exc)) from None
     metrics = _serve_metrics(node, args.metrics) if args.metrics else None
     log.info(

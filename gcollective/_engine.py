@@ -186,6 +186,8 @@ class Engine:
         self.on_synced: Callable[[], None] = _ignore
         self.on_internal_error: Callable[[str], None] = _ignore
         self.notice: Callable[..., None] = _ignore
+        # Durability (``_durable``): told of every frame applied, own or received, or None.
+        self.on_applied: Callable[[bytes], None] | None = None
 
     # -- own operations ----------------------------------------------------------------------
 
@@ -255,6 +257,8 @@ class Engine:
             add_to_log(node_id, first, last, frame)
             for peer in peers:
                 peer.enqueue(frame, last - first + 1)
+            if self.on_applied is not None:
+                self.on_applied(frame)
 
     def _columns(self, stamps: list[int], outbox: list[Any]) -> tuple[list[Any], ...]:
         """The outbox as the OPS frame's columns (hlcs, ops, paths, values, and ttls if any)."""
@@ -478,6 +482,8 @@ class Engine:
                     self.resync(peer, now)
             else:
                 raise ProtocolError(f"unknown message type {kind!r}")
+            if self.on_applied is not None:
+                self.on_applied(frames[index])
 
     def _receive_progress(self, message: list[Any], inbound: Inbound, now: float) -> None:
         vector, complete, promise, frontier = parse_progress(message)

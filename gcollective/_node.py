@@ -33,6 +33,7 @@ from . import Operation, _store
 from ._auth import secret_weakness
 from ._clock import HybridClock, millis_stamp, new_node_id, stamp_millis, stamp_origin
 from ._connections import _Connections
+from ._durable import check_durability
 from ._engine import OUTBOX_ITEMS, Engine
 from ._errors import InvalidKeyError, InvalidValueError
 from ._links import ANNOUNCED_ATTEMPTS, _PeerLink
@@ -185,6 +186,8 @@ class Collective(_Connections, _Watching, _Member):
         keyfile: str | os.PathLike[str] | None = None,
         cafile: str | os.PathLike[str] | None = None,
         check_hostname: bool = False,
+        data_dir: str | os.PathLike[str] | None = None,
+        fsync: str = "interval",
     ) -> None:
         super().__init__(
             local,
@@ -219,6 +222,7 @@ class Collective(_Connections, _Watching, _Member):
             secret, certfile, keyfile, cafile, check_hostname
         )
         self.check_hostname = check_hostname
+        self._durable = check_durability(data_dir, fsync)  # (None: nothing touches the disk)
         self._init_state(log_bytes)
 
     def _init_state(self, log_bytes: int) -> None:
@@ -321,7 +325,14 @@ class Collective(_Connections, _Watching, _Member):
             self._server_tls = _tls.server_context(**files)
             self._client_tls = _tls.client_context(**files, check_hostname=self.check_hostname)
             self._tls = _tls
-        self._start_serving()
+        if self._durable is not None:
+            self._restore()
+        try:
+            self._start_serving()
+        except BaseException:
+            if self._durable is not None:
+                self._durable.close()  # (free for whoever holds the address)
+            raise
         self._writable = True
         self._warn_if_exposed()
         for address in self.peers:
@@ -335,6 +346,18 @@ class Collective(_Connections, _Watching, _Member):
                 "started without a peer's state after %.1fs; carrying on (it merges later)",
                 timeout,
             )
+
+    def _restore(self) -> None:
+        """Open ``data_dir`` and apply what it holds (before serving), then keep writing."""
+        durable = self._durable
+        assert durable is not None
+        durable.open()
+        try:
+            durable.restore(self._engine)  # (again after a failed bind: repeats are skipped)
+        except BaseException:
+            durable.close()  # (the directory is left as it was, and free)
+            raise
+        durable.start(self._engine, self._internal_error)
 
     def _warn_if_exposed(self) -> None:
         """One warning at start for a configuration that leaves the data open."""
@@ -365,6 +388,8 @@ class Collective(_Connections, _Watching, _Member):
         self._stop_serving()
         self._engine.stopping = self._engine.ready = True  # (as _stop_serving's events)
         self._stop_links(timeout)
+        if self._durable is not None:
+            self._durable.close()  # (after the links: nothing more is applied)
         if self._housekeeper is not None:
             self._housekeeper.kill(block=True, timeout=1)
         if self._expirer is not None:
@@ -380,6 +405,7 @@ class Collective(_Connections, _Watching, _Member):
         return [
             self._housekeeper,
             self._expirer,
+            self._durable.greenlet if self._durable is not None else None,
             *(watch._greenlet for watch in self._watches),
         ]
 
@@ -469,6 +495,7 @@ class Collective(_Connections, _Watching, _Member):
             "log_bytes": self._log.bytes,
             "pending_expiries": self._store.pending_expiries,
             "expired": self._store.expired,
+            "data_dir": None if self._durable is None else self._durable.stats(),
             "peers": peers,
         }
 

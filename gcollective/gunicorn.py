@@ -41,6 +41,7 @@ from gevent import socket as gsocket
 
 import gcollective
 
+from ._durable import DataDirLocked
 from ._validate import (
     MAX_SECONDS,
     MIN_SECONDS,
@@ -188,6 +189,8 @@ class Settings:
     handoff_timeout: float = DEFAULT_HANDOFF_TIMEOUT
     #: With ``GCOLLECTIVE_METRICS_PORT``: slot i serves its Prometheus metrics on this + i.
     metrics_port: int | None = None
+    #: With ``GCOLLECTIVE_DATA_DIR``: slot i keeps its data in its subdirectory ``slot-<i>``.
+    data_dir: str | None = None
 
 
 def _is_local_host(host: str) -> bool:
@@ -262,6 +265,8 @@ def settings_from_env(
       (default 5, 0 disables the wait): seconds, see ``Settings``.
     - ``GCOLLECTIVE_METRICS_PORT``: when set, the worker in slot i serves its Prometheus
       metrics on this server's host at this port + i (needs ``gcollective[metrics]``).
+    - ``GCOLLECTIVE_DATA_DIR``: when set, the worker in slot i keeps its data in
+      ``slot-<i>`` under it (``data_dir``), and hands nothing over when it leaves.
 
     Raises ``ConfigError`` naming the variable at fault.
     """
@@ -345,6 +350,7 @@ def settings_from_env(
             else DEFAULT_HANDOFF_TIMEOUT
         ),
         metrics_port=metrics_port,
+        data_dir=value("GCOLLECTIVE_DATA_DIR") or None,
     )
 
 
@@ -598,10 +604,14 @@ class GeventWorker(_ggevent.GeventWorker):
         while True:
             for slot, address in enumerate(settings.slots):
                 began = time.monotonic()
+                if settings.data_dir is not None:  # (each slot its own: one process each)
+                    options["data_dir"] = os.path.join(settings.data_dir, f"slot-{slot}")
                 try:
                     node = gcollective.start(
                         address, settings.peers, timeout=settings.start_timeout, **options
                     )
+                except DataDirLocked:
+                    continue  # the slot's previous worker is still leaving
                 except OSError as exc:
                     if exc.errno == errno.EADDRINUSE:
                         continue
@@ -649,7 +659,12 @@ class GeventWorker(_ggevent.GeventWorker):
             return
         stop_timeout = max(1.0, min(5.0, float(self.cfg.graceful_timeout)))
         try:
-            if not self._gcollective_quick and settings.handoff_timeout > 0:
+            # (With a data_dir, the data is on disk: nothing to hand over.)
+            if (
+                not self._gcollective_quick
+                and settings.handoff_timeout > 0
+                and not settings.data_dir
+            ):
                 beat = gevent.spawn(self._heartbeat)
                 try:
                     self._handoff(node, settings)
