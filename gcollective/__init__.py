@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ._errors import (
     AuthenticationError,
+    DataDirError,
+    DataDirLocked,
     GcollectiveError,
     InvalidKeyError,
     InvalidValueError,
@@ -48,6 +50,8 @@ __all__ = [
     "default_node",
     "generate_secret",
     "AuthenticationError",
+    "DataDirError",
+    "DataDirLocked",
     "GcollectiveError",
     "InvalidKeyError",
     "InvalidValueError",

@@ -241,7 +241,7 @@ def run_node(args: argparse.Namespace, secret: str | None, tls: TlsFiles) -> int
     import gevent
     from gevent.event import Event
 
-    from ._durable import DataDirError
+    from ._errors import DataDirError
     from ._node import Collective
 
     logging.basicConfig(

@@ -29,11 +29,11 @@ import gevent
 from gevent.event import Event
 
 from ._engine import Engine, without_gc
-from ._errors import ProtocolError
+from ._errors import DataDirError, DataDirLocked, ProtocolError
 from ._peerstate import Inbound
 from ._wire import FrameDecoder
 
-__all__ = ["DataDirError", "DataDirLocked", "Durability", "FLUSH_INTERVAL", "FSYNC_POLICIES"]
+__all__ = ["Durability", "FLUSH_INTERVAL", "FSYNC_POLICIES"]
 
 log = logging.getLogger("gcollective")
 
@@ -62,15 +62,6 @@ _KEPT = (b"[1,", b"[2,", b"[3,")  # OPS, SNAPSHOT, SNAPSHOT_END (see _wire)
 
 _open_databases: list[Durability] = []
 _fork_hook_registered = False
-
-
-class DataDirError(RuntimeError):
-    """The ``data_dir`` cannot be used: another process holds it, it is not a gcollective
-    data directory, or its database is corrupt. Nothing in it was changed."""
-
-
-class DataDirLocked(DataDirError):
-    """Another process (or member) holds the ``data_dir``."""
 
 
 def check_durability(data_dir: Any, fsync: Any) -> Durability | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "DataDirError",
+    "DataDirLocked",
     "GcollectiveError",
     "InvalidKeyError",
     "InvalidValueError",
@@ -26,6 +28,15 @@ class InvalidValueError(GcollectiveError, ValueError):
 
 class NotStartedError(GcollectiveError, RuntimeError):
     """The node (or the module-level default node) is not running in this process."""
+
+
+class DataDirError(GcollectiveError, RuntimeError):
+    """The ``data_dir`` cannot be used: another process holds it, it is not a gcollective
+    data directory, or its database is corrupt. Nothing in it was changed."""
+
+
+class DataDirLocked(DataDirError):
+    """Another process (or member) holds the ``data_dir``."""
 
 
 class ProtocolError(GcollectiveError):

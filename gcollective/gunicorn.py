@@ -41,7 +41,7 @@ from gevent import socket as gsocket
 
 import gcollective
 
-from ._durable import DataDirLocked
+from ._errors import DataDirLocked
 from ._validate import (
     MAX_SECONDS,
     MIN_SECONDS,

@@ -11,8 +11,8 @@ import textwrap
 import pytest
 from cluster import ROOT, NodeProcess, converged, free_port, free_ports, wait_until
 
-from gcollective import Collective
-from gcollective._durable import DATABASE, DataDirError
+from gcollective import Collective, DataDirError
+from gcollective._durable import DATABASE
 
 KEYS = 2000  # per member
 HITS = 300  # increments of one shared counter, per member
