@@ -263,7 +263,8 @@ class Engine:
         for first, last, frame in frames:
             add_to_log(node_id, first, last, frame)
             for peer in peers:
-                peer.enqueue(frame, last - first + 1)
+                if not peer.down:  # (see _declare_down)
+                    peer.enqueue(frame, last - first + 1)
 
     def _columns(self, stamps: list[int], outbox: list[Any]) -> tuple[list[Any], ...]:
         """The outbox as the OPS frame's columns (hlcs, ops, paths, values, and ttls if any)."""
@@ -742,6 +743,14 @@ class Engine:
 
     def _declare_down(self, peer: Peer) -> None:
         peer.down = True
+        # Nothing more is queued for it: what is, and what we make from now on, is older than
+        # what every member may forget from now on. Delivered to its next, empty incarnation
+        # before the snapshot that incarnation asks for (our writer dials the address, and
+        # sends what is queued, before anything says who answers), an old write under a
+        # forgotten tombstone would live on there for good. (This incarnation is refused if
+        # it comes back; one never identified, and so not refused, gets all of it by
+        # catch-up or a snapshot.)
+        peer.drop_pending()
         if peer.peer_id is not None:
             self.down_ids.add(peer.peer_id)
         log.warning(

@@ -21,6 +21,12 @@ from simulation import seed_from_env, simulate
 # gap never filled, N+1 reached no other member, and the log and frontier stayed stuck at it
 # (2562: N+1's effect showed in the trees). Fixed by ``Engine.skip_dead_gaps``.
 REGRESSION_SEEDS: list[int] = [225, 484, 2562]
+# With down_timeout=1.0. 33: a member kept what it had queued for a peer declared down (its
+# own operations, older than what every member forgot since), and its writer delivered them
+# to the peer's next, empty incarnation before that one merged its snapshot: a write under a
+# forgotten tombstone came back there for good. Nothing is queued for a peer declared down
+# any more (``Engine._declare_down``).
+DOWN_REGRESSION_SEEDS: list[int] = [33]
 
 # Seeds that find bugs this step (a refactoring that changes no behaviour) leaves open; each
 # is checked to find its bug today: when a fix makes it pass, move it to REGRESSION_SEEDS.
@@ -31,12 +37,18 @@ REGRESSION_SEEDS: list[int] = [225, 484, 2562]
 # and may keep failing while writes go on under that key). Encoding each item's parts at
 # once (``list(encode_snapshot_parts(...))``) makes these seeds pass.
 SPLIT_ITEM_SEEDS = [61, 571, 816]  # (with small frames: max_frame=1024, the least allowed)
-# "down": with a short down_timeout (1 s: partitions and pauses outlast it), members end
-# with different trees (seed 33: one holds an empty dict where the others hold nothing). A
-# likely cause, not pinned down yet: members that declared a peer down forget tombstones its
-# operations might still need, but a member that joined later does not know it is down and
-# takes its operations, older than the forgotten tombstones, from it or its relays.
-DOWN_SEEDS = [33]
+# "down": with a short down_timeout (1 s: partitions and pauses outlast it), about 3.5 % of
+# the seeds end with trees that differ from the model (all members alike, mostly): members
+# declared down come back without restarting empty, and the metadata forgotten for them is
+# missed. The contract asks that a member declared down restart empty, but only a member
+# whose id was known when it was declared down is refused (and so restarted by its
+# operator): seed 8, a member that started during a partition declares the other two down
+# before it ever heard them, so nobody refuses anybody at the heal, and the tombstones it
+# forgot (an expired ttl) let an older write of another member live on. Declaring down is
+# also one member's view, not agreed: a third member that did not declare the peer down
+# still takes and relays its operations (seed 372 is of that kind, or of one not pinned
+# down yet).
+DOWN_SEEDS = [8, 372]
 
 
 def test_a_seed_replays_exactly() -> None:
@@ -50,6 +62,8 @@ def test_a_seed_replays_exactly() -> None:
 def test_regression_seeds() -> None:
     for seed in REGRESSION_SEEDS:
         simulate(seed)
+    for seed in DOWN_REGRESSION_SEEDS:
+        simulate(seed, down_timeout=1.0)
 
 
 @pytest.mark.parametrize("seed", SPLIT_ITEM_SEEDS)
@@ -60,7 +74,7 @@ def test_known_bug_split_item_changes_while_streamed(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", DOWN_SEEDS)
 def test_known_bug_members_declared_down(seed: int) -> None:
-    with pytest.raises(AssertionError, match="missing on the right"):
+    with pytest.raises(AssertionError, match=r"problems: \[.m0: at /"):
         simulate(seed, down_timeout=1.0)
 
 
