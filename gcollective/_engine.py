@@ -830,9 +830,10 @@ class Engine:
 
         Each member that is not declared down promises that its next operations are newer
         than its clock (trusted once we hold everything it had sent by then); each past
-        incarnation limits it while a member holds more of its operations than we do; a
-        member never heard from allows nothing; and a member that was never seen cannot
-        make operations older than the clocks allow (``clock_skew``).
+        incarnation limits it while we hold its operations beyond a gap, while a member holds
+        more of them than we do, or less (it gets them from us); a member never heard from
+        allows nothing; and a member that was never seen cannot make operations older than
+        the clocks allow (``clock_skew``).
         """
         progress = self.progress
         floor = millis_stamp(int((self.wall_ns() / 1e9 - self.clock_skew) * 1000))
@@ -849,14 +850,32 @@ class Engine:
                 floor = min(floor, peer.peer_promise)
             else:
                 floor = min(floor, progress.stamps.get(peer_id, 0))
-        for origin, seq in progress.applied.items():
-            if origin in live:
-                continue
-            if progress.has_gap(origin) or any(
-                peer.peer_vector.get(origin, 0) > seq for peer in members
-            ):
-                floor = min(floor, progress.stamps.get(origin, 0))
+        # (Origins with a gap at their first operation have no entry in ``applied``.)
+        for origin in progress.applied.keys() | progress.gap_origins():
+            limit = None if origin in live else self._past_origin_limit(origin, members)
+            if limit is not None:
+                floor = min(floor, limit)
         return floor
+
+    def _past_origin_limit(self, origin: int, members: list[Peer]) -> int | None:
+        """How far the operations of past incarnation ``origin`` hold the frontier back (see
+        ``own_frontier``); None: not at all (we and every live member hold the same)."""
+        progress = self.progress
+        seq = progress.applied.get(origin, 0)
+        # A member that lacks some of them gets them from us (catch-up, or a snapshot): what
+        # it may meet there must still be known. (Its own frontier says so once it heard that
+        # we hold more, not before: after a gap counted as lost, we may be the only one that
+        # knows of what followed it.)
+        limits = [
+            peer.peer_stamps.get(origin, 0)
+            for peer in members
+            if peer.peer_vector.get(origin, 0) < seq
+        ]
+        if progress.has_gap(origin) or any(
+            peer.peer_vector.get(origin, 0) > seq for peer in members
+        ):
+            limits.append(progress.stamps.get(origin, 0))
+        return min(limits, default=None)
 
     def gc_frontier(self) -> int:
         """A stamp below which no operation can reach any member (so every replica already

@@ -36,19 +36,19 @@ DOWN_REGRESSION_SEEDS: list[int] = [33]
 # nodes being encoded (TypeError or KeyError in the writer: the stream fails and restarts,
 # and may keep failing while writes go on under that key). Encoding each item's parts at
 # once (``list(encode_snapshot_parts(...))``) makes these seeds pass.
-SPLIT_ITEM_SEEDS = [61, 571, 816]  # (with small frames: max_frame=1024, the least allowed)
+# (With small frames: max_frame=1024, the least allowed. 919 replaces 816, whose run the
+# frontier's wait for past incarnations' operations changed so that it no longer meets it.)
+SPLIT_ITEM_SEEDS = [61, 571, 919]
 # "down": with a short down_timeout (1 s: partitions and pauses outlast it), about 3.5 % of
-# the seeds end with trees that differ from the model (all members alike, mostly): members
-# declared down come back without restarting empty, and the metadata forgotten for them is
-# missed. The contract asks that a member declared down restart empty, but only a member
-# whose id was known when it was declared down is refused (and so restarted by its
-# operator): seed 8, a member that started during a partition declares the other two down
-# before it ever heard them, so nobody refuses anybody at the heal, and the tombstones it
-# forgot (an expired ttl) let an older write of another member live on. Declaring down is
-# also one member's view, not agreed: a third member that did not declare the peer down
-# still takes and relays its operations (seed 372 is of that kind, or of one not pinned
-# down yet).
-DOWN_SEEDS = [8, 372]
+# the seeds end with trees that differ from the model (all members alike, mostly), nearly all
+# of them after a member declared down came back as the same incarnation, not restarted
+# empty, and missed the metadata forgotten for it. The contract asks that a member declared
+# down restart empty, but only a member whose id was known when it was declared down is
+# refused (and so restarted by its operator): in seed 74 a member restarted during a
+# partition declares another down before it ever heard from it, so nobody refuses that one
+# at the heal (116 is of the same kind). Declaring down is also one member's view, not
+# agreed: a member that did not declare the peer down still takes and relays its operations.
+DOWN_SEEDS = [74, 116]
 
 
 def test_a_seed_replays_exactly() -> None:
