@@ -19,8 +19,10 @@ from simulation import seed_from_env, simulate
 # 225, 484, 2562 ("gap"): an origin's operation N+1 reached a member while N was lost in
 # flight (its connection cut), then the origin restarted empty before catch-up resent N: the
 # gap never filled, N+1 reached no other member, and the log and frontier stayed stuck at it
-# (2562: N+1's effect showed in the trees). Fixed by ``Engine.skip_dead_gaps``.
-REGRESSION_SEEDS: list[int] = [225, 484, 2562]
+# (2562: N+1's effect showed in the trees). Fixed by ``Engine.skip_dead_gaps``. 5672: once
+# such a gap was counted as lost, its holder forgot a tombstone beyond it before the others
+# had it (the frontier now waits for what a live member lacks of a past incarnation).
+REGRESSION_SEEDS: list[int] = [225, 484, 2562, 5672]
 # With down_timeout=1.0. 33: a member kept what it had queued for a peer declared down (its
 # own operations, older than what every member forgot since), and its writer delivered them
 # to the peer's next, empty incarnation before that one merged its snapshot: a write under a
