@@ -20,9 +20,10 @@ What it decides:
 - snapshots: asked for by a joiner (one peer at a time, another after ``SNAPSHOT_PATIENCE``
   of silence), streamed by a holder frame by frame, owed until the peer reports complete
   (``_peerstate`` holds that life cycle's states and transitions);
-- housekeeping (``housekeep``): peers silent for ``down_timeout`` declared down, the log
-  forgotten up to what every live peer applied, and the frontier below which no operation
-  can still arrive (the store's sweeps then run to it, driven by the shell in slices).
+- housekeeping (``housekeep``): peers silent for ``down_timeout`` declared down, gaps of past
+  incarnations that no live peer can fill counted as lost, the log forgotten up to what
+  every live peer applied, and the frontier below which no operation can still arrive (the
+  store's sweeps then run to it, driven by the shell in slices).
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ OUTBOX_ITEMS = 3 * OUTBOX_LIMIT  # (the outbox holds three items per operation)
 # frame costs a wake-up and a syscall per peer, and a decode on each peer). An idle node sends
 # at once.
 COALESCE_SECONDS = 0.001
+# A gap in a past incarnation's operations that no live peer can fill is counted as lost once
+# it stayed so for this long (or ten sync intervals if longer): long enough for every peer to
+# report again, and for what was still in flight from that incarnation to land.
+DEAD_GAP_GRACE = 2.0
 
 _Result = TypeVar("_Result")
 
@@ -161,6 +166,10 @@ class Engine:
         self.progress = Progress()
         self.log = OpLog(log_bytes)
         self.down_ids: set[int] = set()  # incarnations declared down: refused from then on
+        self.past_ids: set[int] = set()  # incarnations replaced by a new one at their address
+        # Origins whose gap no live peer can fill: since when (see ``skip_dead_gaps``).
+        self.dead_gaps: dict[int, float] = {}
+        self.skipped_gaps = 0
         self.frontier = 0  # no operation older than this can still reach this node
         self.synced = False  # a peer's whole state was merged
         self.ready = False  # the shell's start() returned (or may): reports may say complete
@@ -256,7 +265,8 @@ class Engine:
         for first, last, frame in frames:
             add_to_log(node_id, first, last, frame)
             for peer in peers:
-                peer.enqueue(frame, last - first + 1)
+                if not peer.down:  # (see _declare_down)
+                    peer.enqueue(frame, last - first + 1)
             if self.on_applied is not None:
                 self.on_applied(frame)
 
@@ -443,6 +453,7 @@ class Engine:
                 # Our connection may still go to the old incarnation, whose kernel would take
                 # bytes it will never read: start a new one.
                 log.info("peer %s restarted (new incarnation %x)", peer.name, hello.node_id)
+                self.past_ids.add(peer.peer_id)
                 peer._move(Event.RESTARTED)
                 peer.drop_connection()
             peer.peer_id = hello.node_id
@@ -715,8 +726,9 @@ class Engine:
 
     def housekeep(self, now: float) -> int:
         """One round of housekeeping (every ``sync_interval``): ask another peer for a
-        snapshot if the one asked stays silent, declare silent peers down, forget what every
-        live peer has, and move the frontier. Returns the stamp below which no operation can
+        snapshot if the one asked stays silent, declare silent peers down, count as lost the
+        gaps no live peer can fill, forget what every live peer has, and move the frontier.
+        Returns the stamp below which no operation can
         reach any member: the store's sweeps may forget metadata older than it."""
         asked = self.snapshot_peer
         patience = max(SNAPSHOT_PATIENCE, 10 * self.sync_interval)
@@ -730,12 +742,21 @@ class Engine:
         for peer in self.peers.values():
             if not peer.down and now - peer.last_heard > self.down_timeout:
                 self._declare_down(peer)
+        self.skip_dead_gaps(now)
         self.forget_logged()
         self.frontier = self.own_frontier()
         return self.gc_frontier()
 
     def _declare_down(self, peer: Peer) -> None:
         peer.down = True
+        # Nothing more is queued for it: what is, and what we make from now on, is older than
+        # what every member may forget from now on. Delivered to its next, empty incarnation
+        # before the snapshot that incarnation asks for (our writer dials the address, and
+        # sends what is queued, before anything says who answers), an old write under a
+        # forgotten tombstone would live on there for good. (This incarnation is refused if
+        # it comes back; one never identified, and so not refused, gets all of it by
+        # catch-up or a snapshot.)
+        peer.drop_pending()
         if peer.peer_id is not None:
             self.down_ids.add(peer.peer_id)
         log.warning(
@@ -744,6 +765,55 @@ class Engine:
             peer.name,
             self.down_timeout,
         )
+
+    def skip_dead_gaps(self, now: float) -> None:
+        """Count as lost the missing operations before those of a past incarnation held
+        beyond a gap, once no live peer can fill it.
+
+        An origin's operation N+1 can arrive while N was lost in flight (its connection cut);
+        if the origin then restarts empty before its catch-up resends N, nobody ever will,
+        and the gap would hold the log and the frontier (so every member's metadata) for
+        good, while N+1 and what follows it would reach no other member: catch-up resends
+        only what the version vector covers. A member that held N would report it (holding
+        N with N-1, it has N in its vector): so once the origin is known gone (replaced at
+        its address, or declared down) and every live peer reports exactly our mark, for
+        ``DEAD_GAP_GRACE``, N is lost. The vector then moves past it; peers lacking what
+        follows get it by catch-up, or by a snapshot (the log has no frame for N), whose
+        vector moves theirs past N too.
+        """
+        progress = self.progress
+        grace = max(DEAD_GAP_GRACE, 10 * self.sync_interval)
+        for origin in progress.gap_origins():
+            if not self._gap_is_dead(origin):
+                self.dead_gaps.pop(origin, None)
+                continue
+            since = self.dead_gaps.setdefault(origin, now)
+            if now - since >= grace:
+                del self.dead_gaps[origin]
+                done = progress.applied.get(origin, 0)
+                upto = progress.skip_gap(origin)
+                self.skipped_gaps += 1
+                log.warning(
+                    "operations after %d of past incarnation %x were lost with it (no live "
+                    "peer holds them): counting them as applied, up to %d",
+                    done,
+                    origin,
+                    upto,
+                )
+
+    def _gap_is_dead(self, origin: int) -> bool:
+        """Whether no live peer can fill the gap of ``origin`` (see ``skip_dead_gaps``)."""
+        if origin not in self.past_ids and origin not in self.down_ids:
+            return False
+        done = self.progress.applied.get(origin, 0)
+        for peer in self.peers.values():
+            if peer.down:
+                continue
+            if peer.peer_id is None or peer.peer_promise is None or peer.peer_id == origin:
+                return False
+            if peer.peer_vector.get(origin, 0) != done:
+                return False
+        return True
 
     def forget_logged(self) -> None:
         """Drop from the log what every peer not declared down has applied, as its latest
@@ -766,9 +836,10 @@ class Engine:
 
         Each member that is not declared down promises that its next operations are newer
         than its clock (trusted once we hold everything it had sent by then); each past
-        incarnation limits it while a member holds more of its operations than we do; a
-        member never heard from allows nothing; and a member that was never seen cannot
-        make operations older than the clocks allow (``clock_skew``).
+        incarnation limits it while we hold its operations beyond a gap, while a member holds
+        more of them than we do, or less (it gets them from us); a member never heard from
+        allows nothing; and a member that was never seen cannot make operations older than
+        the clocks allow (``clock_skew``).
         """
         progress = self.progress
         floor = millis_stamp(int((self.wall_ns() / 1e9 - self.clock_skew) * 1000))
@@ -785,14 +856,32 @@ class Engine:
                 floor = min(floor, peer.peer_promise)
             else:
                 floor = min(floor, progress.stamps.get(peer_id, 0))
-        for origin, seq in progress.applied.items():
-            if origin in live:
-                continue
-            if progress.has_gap(origin) or any(
-                peer.peer_vector.get(origin, 0) > seq for peer in members
-            ):
-                floor = min(floor, progress.stamps.get(origin, 0))
+        # (Origins with a gap at their first operation have no entry in ``applied``.)
+        for origin in progress.applied.keys() | progress.gap_origins():
+            limit = None if origin in live else self._past_origin_limit(origin, members)
+            if limit is not None:
+                floor = min(floor, limit)
         return floor
+
+    def _past_origin_limit(self, origin: int, members: list[Peer]) -> int | None:
+        """How far the operations of past incarnation ``origin`` hold the frontier back (see
+        ``own_frontier``); None: not at all (we and every live member hold the same)."""
+        progress = self.progress
+        seq = progress.applied.get(origin, 0)
+        # A member that lacks some of them gets them from us (catch-up, or a snapshot): what
+        # it may meet there must still be known. (Its own frontier says so once it heard that
+        # we hold more, not before: after a gap counted as lost, we may be the only one that
+        # knows of what followed it.)
+        limits = [
+            peer.peer_stamps.get(origin, 0)
+            for peer in members
+            if peer.peer_vector.get(origin, 0) < seq
+        ]
+        if progress.has_gap(origin) or any(
+            peer.peer_vector.get(origin, 0) > seq for peer in members
+        ):
+            limits.append(progress.stamps.get(origin, 0))
+        return min(limits, default=None)
 
     def gc_frontier(self) -> int:
         """A stamp below which no operation can reach any member (so every replica already

@@ -73,6 +73,26 @@ class Progress:
                 self.applied[origin] = seq
                 self.stamps[origin] = stamp
 
+    def skip_gap(self, origin: int) -> int:
+        """Count the missing operations before the first ones of ``origin`` held beyond a gap
+        as applied (they are lost: see ``Engine.skip_dead_gaps``); the new contiguous mark.
+        Nothing is applied: the operations held already move into the vector."""
+        ahead = self._ahead.pop(origin)
+        seq = min(ahead)
+        stamp = ahead.pop(seq)
+        while seq + 1 in ahead:
+            seq += 1
+            stamp = ahead.pop(seq)
+        if ahead:
+            self._ahead[origin] = ahead
+        self.applied[origin] = seq
+        self.stamps[origin] = stamp
+        return seq
+
+    def gap_origins(self) -> list[int]:
+        """The origins of which operations arrived beyond a missing one."""
+        return list(self._ahead)
+
     def vector(self) -> list[list[int]]:
         """The version vector as JSON-ready ``[[origin, seq, stamp], ...]``."""
         stamps = self.stamps

@@ -189,17 +189,20 @@ class Peer:
                 limit,
             )
             self._overflow_logged_at = self.connects
-            self.pending = []
-            self.pending_bytes = self.pending_ops = 0
+            self.drop_pending()
             if self.snapshot in STREAMING_STATES:
                 self._move(Event.CONNECTION_LOST)  # (sent again on the next connection)
             self.drop_connection()
         self.data_ready()
 
-    def start_snapshot(self, stream: Iterator[bytes], vector: dict[int, int]) -> None:
-        """Replace what is pending by a snapshot stream (see ``Engine.resync``)."""
+    def drop_pending(self) -> None:
+        """Forget what is queued (catch-up, or a snapshot, brings the peer what it needs)."""
         self.pending = []
         self.pending_bytes = self.pending_ops = 0
+
+    def start_snapshot(self, stream: Iterator[bytes], vector: dict[int, int]) -> None:
+        """Replace what is pending by a snapshot stream (see ``Engine.resync``)."""
+        self.drop_pending()
         self._move(Event.START)
         self.snapshot_stream = stream
         self.snapshot_vector = vector

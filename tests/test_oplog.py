@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gcollective._oplog import OpLog
+from gcollective._oplog import OpLog, Progress
 
 ORIGINS = (1, 2, 3)
 
@@ -72,3 +72,15 @@ def test_the_log_matches_a_list_of_its_entries(steps, max_bytes):
         assert len(log) == len(model)
         assert log.bytes == sum(len(e[3]) for e in model)
         assert log.ops == sum(e[2] - e[1] + 1 for e in model)
+
+
+def test_skipping_a_gap_moves_the_vector_to_the_next_hole_only() -> None:
+    progress = Progress()
+    for seq in (1, 2, 4, 5, 7):
+        assert progress.accept(9, seq, seq * 10)
+    assert progress.applied[9] == 2 and progress.gaps() == 3
+    assert progress.skip_gap(9) == 5  # 3 is lost: 4 and 5 count, 6 is still awaited
+    assert progress.stamps[9] == 50 and progress.gap_origins() == [9]
+    assert not progress.accept(9, 5, 50)  # a repeat is still recognised
+    assert progress.accept(9, 6, 60)  # the next hole fills as before
+    assert progress.applied[9] == 7 and not progress.has_gap(9)

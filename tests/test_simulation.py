@@ -15,30 +15,42 @@ import os
 import pytest
 from simulation import seed_from_env, simulate
 
-REGRESSION_SEEDS: list[int] = []  # seeds that once failed and pass now: they run every time
+# Seeds that once failed and pass now: they run every time.
+# 225, 484, 2562 ("gap"): an origin's operation N+1 reached a member while N was lost in
+# flight (its connection cut), then the origin restarted empty before catch-up resent N: the
+# gap never filled, N+1 reached no other member, and the log and frontier stayed stuck at it
+# (2562: N+1's effect showed in the trees). Fixed by ``Engine.skip_dead_gaps``. 5672: once
+# such a gap was counted as lost, its holder forgot a tombstone beyond it before the others
+# had it (the frontier now waits for what a live member lacks of a past incarnation).
+REGRESSION_SEEDS: list[int] = [225, 484, 2562, 5672]
+# With down_timeout=1.0. 33: a member kept what it had queued for a peer declared down (its
+# own operations, older than what every member forgot since), and its writer delivered them
+# to the peer's next, empty incarnation before that one merged its snapshot: a write under a
+# forgotten tombstone came back there for good. Nothing is queued for a peer declared down
+# any more (``Engine._declare_down``).
+DOWN_REGRESSION_SEEDS: list[int] = [33]
 
 # Seeds that find bugs this step (a refactoring that changes no behaviour) leaves open; each
 # is checked to find its bug today: when a fix makes it pass, move it to REGRESSION_SEEDS.
 #
-# "gap": an origin's operation N+1 reaches one member while N is lost in flight (its
-# connection cut), then the origin restarts empty before catch-up resends N. The member holds
-# N+1 beyond a gap that never fills; catch-up only resends contiguous operations, so no other
-# member ever gets N+1 (its effect diverges, if visible), the log keeps it and the frontier
-# stays at the gap (metadata is never collected below it).
-GAP_SEEDS = [225, 484, 2562]  # (2562: the lost effect shows in the trees)
 # "split item": a top-level item longer than a snapshot frame is exported without a copy and
 # encoded lazily, frame by frame; an operation applied between two of its frames changes the
 # nodes being encoded (TypeError or KeyError in the writer: the stream fails and restarts,
 # and may keep failing while writes go on under that key). Encoding each item's parts at
 # once (``list(encode_snapshot_parts(...))``) makes these seeds pass.
-SPLIT_ITEM_SEEDS = [61, 571, 816]  # (with small frames: max_frame=1024, the least allowed)
-# "down": with a short down_timeout (1 s: partitions and pauses outlast it), members end
-# with different trees (seed 33: one holds an empty dict where the others hold nothing). A
-# likely cause, not pinned down yet: members that declared a peer down forget tombstones its
-# operations might still need, but a member that joined later does not know it is down and
-# takes its operations, older than the forgotten tombstones, from it or its relays.
-DOWN_SEEDS = [33]
-KNOWN_BUGS = set(GAP_SEEDS)
+# (With small frames: max_frame=1024, the least allowed. 919 replaces 816, whose run the
+# frontier's wait for past incarnations' operations changed so that it no longer meets it.)
+SPLIT_ITEM_SEEDS = [61, 571, 919]
+# "down": with a short down_timeout (1 s: partitions and pauses outlast it), about 3.5 % of
+# the seeds end with trees that differ from the model (all members alike, mostly), nearly all
+# of them after a member declared down came back as the same incarnation, not restarted
+# empty, and missed the metadata forgotten for it. The contract asks that a member declared
+# down restart empty, but only a member whose id was known when it was declared down is
+# refused (and so restarted by its operator): in seed 74 a member restarted during a
+# partition declares another down before it ever heard from it, so nobody refuses that one
+# at the heal (116 is of the same kind). Declaring down is also one member's view, not
+# agreed: a member that did not declare the peer down still takes and relays its operations.
+DOWN_SEEDS = [74, 116]
 
 
 def test_a_seed_replays_exactly() -> None:
@@ -52,12 +64,8 @@ def test_a_seed_replays_exactly() -> None:
 def test_regression_seeds() -> None:
     for seed in REGRESSION_SEEDS:
         simulate(seed)
-
-
-@pytest.mark.parametrize("seed", GAP_SEEDS)
-def test_known_bug_gap_of_a_dead_origin(seed: int) -> None:
-    with pytest.raises(AssertionError, match="has gaps"):
-        simulate(seed)
+    for seed in DOWN_REGRESSION_SEEDS:
+        simulate(seed, down_timeout=1.0)
 
 
 @pytest.mark.parametrize("seed", SPLIT_ITEM_SEEDS)
@@ -68,7 +76,7 @@ def test_known_bug_split_item_changes_while_streamed(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", DOWN_SEEDS)
 def test_known_bug_members_declared_down(seed: int) -> None:
-    with pytest.raises(AssertionError, match="missing on the right"):
+    with pytest.raises(AssertionError, match=r"problems: \[.m0: at /"):
         simulate(seed, down_timeout=1.0)
 
 
@@ -76,8 +84,6 @@ def test_short_run_of_seeds() -> None:
     """Seeds 0..199 (a few seconds); each run checks itself (see ``World.check``)."""
     seen = {"cuts": 0, "lost": 0, "restarts": 0, "snapshots": 0, "ops": 0}
     for seed in range(200):
-        if seed in KNOWN_BUGS:
-            continue
         world = simulate(seed)
         seen["cuts"] += world.cuts
         seen["lost"] += len(world.lost)
@@ -101,16 +107,14 @@ def test_a_bigger_collective_converges() -> None:
 
 @pytest.mark.soak
 def test_long_run_of_seeds() -> None:
-    """``SIM_SEEDS`` seeds (5000) from ``SIM_FIRST_SEED`` (1000). Failures of the open
-    "gap" bug are counted and printed; any other failure fails the test."""
+    """``SIM_SEEDS`` seeds (5000) from ``SIM_FIRST_SEED`` (1000); the failing ones are
+    printed, and fail the test."""
     first = int(os.environ.get("SIM_FIRST_SEED", 1000))
-    gaps, failures = [], []
+    failures = []
     for seed in range(first, first + int(os.environ.get("SIM_SEEDS", 5000))):
         try:
             simulate(seed)
         except AssertionError as exc:
-            (gaps if "has gaps" in str(exc) else failures).append(seed)
-            if seed not in gaps:
-                print(exc)
-    print(f"seeds failing on the open gap bug: {gaps}")
+            failures.append(seed)
+            print(exc)
     assert not failures, failures
