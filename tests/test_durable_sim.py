@@ -177,10 +177,7 @@ def simulate_with_disk(seed: int) -> DiskWorld:
     return world
 
 
-# (The seeds of the engine's open bugs, tests/test_simulation.py's KNOWN_BUGS, fail here too.)
-from test_simulation import KNOWN_BUGS  # noqa: E402
-
-SEEDS = [seed for seed in range(120) if seed not in KNOWN_BUGS]
+SEEDS = range(120)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
