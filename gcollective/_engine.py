@@ -704,8 +704,10 @@ class Engine:
         applying a burst) gets nothing twice; one whose link from an origin is broken, or
         whose origin died, gets what it lacks.
         """
-        if peer.snapshot_owed:
-            return dict(self.progress.applied)  # it is still merging the snapshot we sent
+        if peer.snapshot_owed or peer.snapshot_stream is not None:
+            # It is still merging the snapshot we sent, or getting it: a report settles a
+            # snapshot (a synced peer always reports complete) but must not start it over.
+            return dict(self.progress.applied)
         self.flush(now)  # own operations up to ``bound`` must be in the log
         if previous is not None:
             bound = {o: b for o, b in bound.items() if theirs.get(o, 0) <= previous.get(o, 0)}

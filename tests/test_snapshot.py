@@ -254,3 +254,35 @@ def test_a_joiner_waits_for_a_long_snapshot_that_keeps_coming(small_frames, monk
         for member in (joiner, other, holder):
             if member is not None:
                 member.stop()
+
+
+def test_a_snapshot_to_a_synced_peer_that_fell_behind_is_not_restarted_by_its_reports(
+    small_frames, monkeypatch
+):
+    """A synced peer whose queue overflowed gets a snapshot; it keeps reporting (complete,
+    as a synced member always does) while the snapshot streams. Each report used to start
+    the stream over (the report settled it, and the catch-up then found too much to resend
+    from the log): a stream longer than the report interval never finished, and the peer
+    never caught up (CI saw it once, on a loaded machine, in test_hostile.py)."""
+    frames_of = _engine.Engine._snapshot_frames
+    streams: list[int] = []
+
+    def slow_frames(self, keys, end):
+        streams.append(1)
+        for frame in frames_of(self, keys, end):
+            gevent.sleep(0.01)  # longer than the report interval, whatever the machine
+            yield frame
+
+    monkeypatch.setattr(_engine.Engine, "_snapshot_frames", slow_frames)
+    members = LocalMembers(sync_interval=0.02, backoff_max=0.2, max_queue_bytes=64 * 1024)
+    try:
+        writer, behind = members(2)
+        wait_for(lambda: writer.synced and behind.synced)
+        streams.clear()
+        for i in range(2000):  # ~260 KB at once: the queue to ``behind`` overflows
+            writer.set(("k", str(i)), "x" * 100)
+        wait_for(lambda: behind.get(("k", "1999")) == "x" * 100, timeout=30)
+        wait_for(lambda: behind.snapshot() == writer.snapshot(), timeout=30)
+        assert 1 <= len(streams) <= 3, len(streams)
+    finally:
+        members.stop()
