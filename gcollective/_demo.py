@@ -85,14 +85,14 @@ def run_supervisor(workers: int, base_port: int, host: str, once: bool) -> int:
         while pids and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
+                if not pid:
+                    time.sleep(0.05)
+                    continue
             except ChildProcessError:
                 break
             except KeyboardInterrupt:
-                continue
-            if pid:
-                pids.pop(pid, None)
-            else:
-                time.sleep(0.05)
+                continue  # another Ctrl-C (or a signal to the whole group): still stopping
+            pids.pop(pid, None)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         _say("[supervisor] stopped")
