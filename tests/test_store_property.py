@@ -817,9 +817,10 @@ def test_a_snapshot_through_the_wire_then_anything_matches_its_export(data: st.D
     assert_store_matches(through_the_wire, ops, context)
 
 
-def _through_the_wire_in_pieces(holder: Any, limit: int) -> list[Any]:
+def _through_the_wire_in_pieces(holder: Any, limit: int, leaves: int = 0) -> list[Any]:
     """``holder``'s snapshot as a joiner decodes it, each item cut in pieces of about
-    ``limit`` bytes (``encode_snapshot_parts``), one frame per piece."""
+    ``limit`` bytes (``encode_snapshot_parts``), one frame per piece; with ``leaves``, first
+    in pieces of about that many leaves read from the store (``export_pieces``)."""
     from gcollective._wire import (
         FrameDecoder,
         encode_snapshot_parts,
@@ -829,9 +830,13 @@ def _through_the_wire_in_pieces(holder: Any, limit: int) -> list[Any]:
 
     frames = []
     for key in holder.top_level_keys():
-        item = holder.export_item(key, copy=False)
-        if item is not None:
-            frames += [join_snapshot([part]) for part in encode_snapshot_parts(item, limit)]
+        if leaves:
+            items = list(holder.export_pieces(key, [leaves]))
+        else:
+            items = [holder.export_item(key, copy=False)]
+        for item in items:
+            if item is not None:
+                frames += [join_snapshot([part]) for part in encode_snapshot_parts(item, limit)]
     messages = FrameDecoder(1 << 30).feed(b"".join(frames))
     return [parse_snapshot_items(message[1])[0] for message in messages]
 
@@ -847,12 +852,13 @@ def test_a_snapshot_in_pieces_merges_as_the_whole(data: st.DataObject) -> None:
     split = data.draw(st.integers(0, len(ops)), label="split")
     holder = store_with(ops[:split])
     limit = data.draw(st.sampled_from([1, 60, 200, 1000]), label="limit")
+    leaves = data.draw(st.sampled_from([0, 1, 2, 5]), label="leaves a piece")
     before = data.draw(st.lists(st.sampled_from(ops), max_size=6), label="received before")
     in_pieces, whole = store_with(before), store_with(before)
-    for items in _through_the_wire_in_pieces(holder, limit):
+    for items in _through_the_wire_in_pieces(holder, limit, leaves):
         in_pieces.merge(items)
     whole.merge(roundtrip(holder.export()))
-    context = f"ops: {ops!r}, split: {split}, limit: {limit}, before: {before!r}"
+    context = f"ops: {ops!r}, split: {split}, limit: {limit}/{leaves}, before: {before!r}"
     assert roundtrip(in_pieces.export()) == roundtrip(whole.export()), context
     later = data.draw(deliveries(ops[split:]), label="later")
     deliver(in_pieces, later)
