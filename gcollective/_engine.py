@@ -327,8 +327,10 @@ class Engine:
         SNAPSHOT_END, and the version vector it holds at least.
 
         The vector is taken now; the top-level keys are exported one by one as the frames are
-        built, later. The store only ever learns more, so each slice holds everything the
-        vector says and maybe more (which the peer then receives twice, harmlessly).
+        built, later (a long one in pieces, each read when its frame is built: see
+        ``Store.export_pieces``). The store only ever learns more, so each slice holds
+        everything the vector says and maybe more (which the peer then receives twice,
+        harmlessly).
         """
         self.flush(now)
         end = encode_snapshot_end(self.progress.vector())

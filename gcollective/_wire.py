@@ -29,7 +29,8 @@ SNAPSHOT           ``[2, items]``: a slice of ``Store.export()``, except that th
                    ints: a JSON codec reads and writes them three times faster than 128-bit
                    stamps, and a big tree is mostly leaves.) A subtree too long for one
                    frame comes as several items of its top-level key, each a piece of it on
-                   its path (``encode_snapshot_parts``); a merge takes their union.
+                   its path (``Store.export_pieces``, ``encode_snapshot_parts``); a merge
+                   takes their union.
 SNAPSHOT_END       ``[3, vector]``: the whole state has been sent; ``vector`` is the sender's
                    version vector ``[[origin, seq, stamp], ...]`` at the time of the snapshot
 SNAPSHOT_REQUEST   ``[4]``: please send me your whole state (on the reverse link)
