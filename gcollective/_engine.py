@@ -41,7 +41,9 @@ from ._oplog import OpLog, Progress
 from ._peerstate import STREAMING_STATES, Event, Inbound, Peer, Snapshot
 from ._store import SET, Store
 from ._wire import (
+    LEAF_BYTES_GUESS,
     OPS,
+    PIECE_FILL,
     PROGRESS,
     SNAPSHOT,
     SNAPSHOT_END,
@@ -56,6 +58,7 @@ from ._wire import (
     encode_snapshot_parts,
     full_paths,
     join_snapshot,
+    learn_piece_size,
     parse_ops,
     parse_progress,
     parse_snapshot_items,
@@ -324,8 +327,10 @@ class Engine:
         SNAPSHOT_END, and the version vector it holds at least.
 
         The vector is taken now; the top-level keys are exported one by one as the frames are
-        built, later. The store only ever learns more, so each slice holds everything the
-        vector says and maybe more (which the peer then receives twice, harmlessly).
+        built, later (a long one in pieces, each read when its frame is built: see
+        ``Store.export_pieces``). The store only ever learns more, so each slice holds
+        everything the vector says and maybe more (which the peer then receives twice,
+        harmlessly).
         """
         self.flush(now)
         end = encode_snapshot_end(self.progress.vector())
@@ -333,24 +338,29 @@ class Engine:
         return self._snapshot_frames(keys, end), dict(self.progress.applied)
 
     def _snapshot_frames(self, keys: list[str], end: bytes) -> Iterator[bytes]:
-        export_item = self.store.export_item
+        export_pieces = self.store.export_pieces
         # Frames of about the target size, well under what the peer accepts: a subtree
         # longer than that goes in pieces (only a single value can make a frame longer,
         # and ``set`` refused values that would not fit in ``max_frame``).
         target = min(SNAPSHOT_FRAME_BYTES, self.max_frame // 2)
+        # Leaves per piece of a long item (learnt as pieces are made): a piece is read from
+        # the store and encoded at once, so the store may change between pieces (the hub
+        # runs between frames) but never under one; and each costs the hub about a frame's
+        # work, however long the item.
+        budget = [max(1, int(target * PIECE_FILL / LEAF_BYTES_GUESS))]
         parts: list[bytes] = []
         size = 0
         for key in keys:
-            item = export_item(key, copy=False)  # (encoded before anything can change)
-            if item is None:
-                continue  # forgotten since (a tombstone nothing can reach any more)
-            for part in encode_snapshot_parts(item, target):
-                if parts and size + len(part) > target:
-                    yield join_snapshot(parts)
-                    parts = []
-                    size = 0
-                parts.append(part)
-                size += len(part)
+            for item in export_pieces(key, budget):
+                encoded = list(encode_snapshot_parts(item, target))
+                learn_piece_size(budget, item, encoded, target)
+                for part in encoded:
+                    if parts and size + len(part) > target:
+                        yield join_snapshot(parts)
+                        parts = []
+                        size = 0
+                    parts.append(part)
+                    size += len(part)
         if parts:
             yield join_snapshot(parts)
         yield end

@@ -6,13 +6,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from itertools import repeat
+from typing import Any, Iterator, Sequence, cast
 
+from ._columns import Run, unpack_stamps
 from ._tree import DICT, MISSING, NEVER, Tree, _Node, copy_value
 
 __all__ = ["Exporter"]
 
+Path = tuple[str, ...]
+# Where the keys of a node being exported in pieces were listed from: its entries (None), or
+# one of its pending runs, with the keys as listed.
+_Source = tuple[Run | None, Sequence[str]]
+
 _LEAF_TYPES = {int}
+_LEAF_TYPE_SET = frozenset(_LEAF_TYPES)
 _CONTAINERS = (dict, list)
 
 
@@ -58,11 +66,120 @@ class Exporter(Tree):
             return [key, entry if value is MISSING else [entry, copy_value(value)]]
         return [key, self._export_node(entry, copy)]
 
+    def export_pieces(self, key: str, budget: list[int]) -> Iterator[list[Any]]:
+        """The export of one top-level key in items of about ``budget[0]`` leaves each (the
+        caller may change it between items): the whole item when it is that small, else
+        pieces of it on their paths, which merge to the same as the whole (see
+        ``_wire.encode_snapshot_parts``).
+
+        Each item is read from the store as it is when it is made, and shares the store's
+        values: encode it before the store can change (before the next item is asked for).
+        Between two items, operations may change anything: each piece is taken from the
+        tree as it is then (a node replaced, deleted, turned into a leaf or a leaf into a
+        node, keys added or deleted), never from what was read before. So every piece is a
+        true part of the state as it was when it was made, which is all a merge needs (it
+        takes the union of the events, by stamp); what changed since the first piece came
+        after the snapshot's vector and reaches the peer as operations. A node is listed
+        once (its keys only: no copy of the tree up front) and read one chunk at a time.
+        """
+        self._flush_way()
+        entry = self._root.entries.get(key)
+        if entry is None:
+            return
+        if type(entry) is not _Node or _weight_upto(entry, budget[0]) <= budget[0]:
+            item = self.export_item(key, copy=False)
+            if item is not None:
+                yield item
+            return
+        yield from self._node_pieces((key,), budget)
+
+    def _node_at(self, path: Path) -> tuple[list[_Node], _Node] | None:
+        """The nodes on the way to ``path`` (the root excluded) and the full node there now,
+        or None if there is none (it became a leaf, was deleted, or forgotten)."""
+        self._flush_way()
+        node = self._root
+        way: list[_Node] = []
+        for segment in path:
+            way.append(node)
+            entry = node._entries.get(segment)  # (a full node is never in a pending run)
+            if type(entry) is not _Node:
+                return None
+            node = entry
+        return way[1:], node
+
+    def _node_pieces(self, path: Path, budget: list[int]) -> Iterator[list[Any]]:
+        """The pieces of the full node at ``path`` (see ``export_pieces``): its own events,
+        then its leaves and small children in chunks, then each long child's pieces."""
+        found = self._node_at(path)
+        if found is None:
+            return
+        way, node = found
+        yield _on_path(path, way, [*_own_events(node), {}, {}, {}, *_ttl_events(node)])
+        sources: list[_Source] = [(None, list(node._entries))]
+        sources += [(run, run[0]) for run in node.runs or ()]
+        long_children: list[str] = []
+        for run, keys in sources:
+            start = 0
+            while start < len(keys):
+                end = start + max(1, budget[0])
+                found = self._node_at(path)
+                if found is None:
+                    return  # no longer a node: what made it so came after the vector
+                way, node = found
+                piece = self._chunk(node, run, keys, start, end, budget[0], long_children)
+                if piece[5] or piece[6]:
+                    yield _on_path(path, way, piece)
+                start = end
+        for name in long_children:
+            yield from self._node_pieces((*path, name), budget)
+
+    def _chunk(
+        self,
+        node: _Node,
+        run: Run | None,
+        keys: Sequence[str],
+        start: int,
+        end: int,
+        budget: int,
+        long_children: list[str],
+    ) -> list[Any]:
+        """A piece of ``node`` with what it holds now of ``keys[start:end]`` (listed from
+        ``run``, or from its entries when None); the names of children too long for one
+        piece go to ``long_children`` instead."""
+        names = keys[start:end]
+        data = node.value if type(node.value) is dict else {}
+        pending = node.runs
+        if run is not None and pending is not None and any(r is run for r in pending):
+            # Still pending, so unchanged: its leaves, all with a value (see ``_Node.runs``).
+            stamps: list[Any] = _run_stamps(run, start, end)
+        else:
+            stamps = list(map(node._entries.get, names))
+        if _LEAF_TYPE_SET.issuperset(map(type, stamps)):
+            # Only plain leaves (the bulk of a big tree): read in C, no loop in Python.
+            got = list(map(data.get, names, repeat(MISSING)))
+            if got.count(MISSING):
+                values = {k: v for k, v in zip(names, got) if v is not MISSING}
+            else:
+                values = dict(zip(names, got))
+            return [*_small_head(node), {}, dict(zip(names, stamps)), values]
+        leaves: dict[str, int] = {}
+        values = {}
+        children: dict[str, Any] = {}
+        for name, entry in zip(names, stamps):
+            if entry is None:
+                continue  # gone (a node assigned anew, a tombstone forgotten): nothing to tell
+            if type(entry) is not _Node:
+                leaves[name] = entry
+                value = data.get(name, MISSING)
+                if value is not MISSING:
+                    values[name] = value
+            elif _weight_upto(entry, budget) <= budget:
+                children[name] = self._export_node(entry, False)
+            else:
+                long_children.append(name)
+        return [*_small_head(node), children, leaves, values]
+
     def _export_node(self, node: _Node, copy: bool) -> list[Any]:
-        av = node.assigned_value
-        encoded_av: Any = 1 if av is DICT else (0 if av is MISSING else [copy_value(av)])
-        # By stamp: arrival order (a late increment goes last) must not show in an export.
-        incs = [[st, n] for st, n in sorted(node.incs.items())] if node.incs else []
         value = node.value
         data = value if type(value) is dict else {}
         entries = node.entries_copy() if copy or node.runs is not None else node._entries
@@ -88,18 +205,70 @@ class Exporter(Tree):
                         values[k] = copy_value(v) if copy else v
                 else:
                     children[k] = export_node(e, copy)
-        out = [
-            _enc(node.assigned),
-            encoded_av,
-            _enc(node.written_below),
-            _enc(node.incremented),
-            incs,
-            children,
-        ]
-        out += (leaves, values)
-        if node.ttls:
-            out.append([[st, expiry] for st, expiry in node.ttls.items()])
-        return out
+        return [*_own_events(node), children, leaves, values, *_ttl_events(node)]
+
+
+def _own_events(node: _Node) -> list[Any]:
+    """A full node's own events as exported: ``[a, av, d, imax, incs]``."""
+    av = node.assigned_value
+    encoded_av: Any = 1 if av is DICT else (0 if av is MISSING else [copy_value(av)])
+    # By stamp: arrival order (a late increment goes last) must not show in an export.
+    incs = [[st, n] for st, n in sorted(node.incs.items())] if node.incs else []
+    return [_enc(node.assigned), encoded_av, _enc(node.written_below), _enc(node.incremented), incs]
+
+
+def _ttl_events(node: _Node) -> list[Any]:
+    """A full node's ttl events as exported: the ninth element, if it has any."""
+    return [[[st, expiry] for st, expiry in node.ttls.items()]] if node.ttls else []
+
+
+def _small_head(node: _Node) -> list[Any]:
+    """What a piece of a node after its first says of the node itself: enough to make it a
+    dict where it is one, in whole events only. (Its own leaf value, increments and ttls go
+    with the first. Not the stamp of its latest increment either: read later than the first
+    piece, it may be one that piece lacks, and a stamp without its amount is no event.)"""
+    av = node.assigned_value
+    small = av is DICT or av is MISSING
+    return [
+        _enc(node.assigned) if small else None,
+        1 if av is DICT else 0,
+        _enc(node.written_below),
+        None,
+        [],
+    ]
+
+
+def _on_path(path: Path, way: list[_Node], piece: list[Any]) -> list[Any]:
+    """A piece of the node at ``path`` as an item of its top-level key (``way``: the nodes
+    above it, under the top-level key's)."""
+    for name, node in zip(reversed(path[1:]), reversed(way)):
+        piece = [*_small_head(node), {name: piece}, {}, {}]
+    return [path[0], piece]
+
+
+def _weight_upto(node: _Node, cap: int) -> int:
+    """A full node's size in units of about one leaf (itself, its leaves, its children's,
+    recursively), counted only until it passes ``cap`` (more than ``cap``: it is long)."""
+    weight = 1 + len(node._entries) + sum(len(run[0]) for run in node.runs or ())
+    if weight > cap:
+        return weight
+    for entry in node._entries.values():
+        if type(entry) is _Node:
+            weight += _weight_upto(entry, cap - weight + 1) - 1
+            if weight > cap:
+                break
+    return weight
+
+
+def _run_stamps(run: Run, start: int, end: int) -> list[int]:
+    """The stamps of a pending run's leaves ``start:end`` (see ``_Node.runs``)."""
+    _, stamps, origins = run
+    if origins is None:
+        stamps = stamps if isinstance(stamps, (list, tuple)) else list(stamps)
+        return list(stamps[start:end])
+    if type(stamps) is bytes:
+        stamps = memoryview(stamps).cast("Q")
+    return unpack_stamps(cast(Sequence[int], stamps[start:end]), origins)
 
 
 def _has_containers(data: dict[str, Any]) -> bool:

@@ -29,7 +29,8 @@ SNAPSHOT           ``[2, items]``: a slice of ``Store.export()``, except that th
                    ints: a JSON codec reads and writes them three times faster than 128-bit
                    stamps, and a big tree is mostly leaves.) A subtree too long for one
                    frame comes as several items of its top-level key, each a piece of it on
-                   its path (``encode_snapshot_parts``); a merge takes their union.
+                   its path (``Store.export_pieces``, ``encode_snapshot_parts``); a merge
+                   takes their union.
 SNAPSHOT_END       ``[3, vector]``: the whole state has been sent; ``vector`` is the sender's
                    version vector ``[[origin, seq, stamp], ...]`` at the time of the snapshot
 SNAPSHOT_REQUEST   ``[4]``: please send me your whole state (on the reverse link)
@@ -89,6 +90,9 @@ __all__ = [
     "encode_snapshot",
     "encode_snapshot_item",
     "encode_snapshot_parts",
+    "learn_piece_size",
+    "LEAF_BYTES_GUESS",
+    "PIECE_FILL",
     "join_snapshot",
     "SNAPSHOT_REQUEST",
     "PROGRESS",
@@ -241,7 +245,7 @@ def encode_snapshot_parts(item: list[Any], limit: int) -> Iterator[bytes]:
     if type(entry) is list and len(entry) >= 8:
         weight = _weight(entry)
         if weight * _LEAF_BYTES_AT_LEAST > limit:  # too long whatever it holds: no need to try
-            yield from _node_parts(entry, wrap, limit, [_LEAF_BYTES_GUESS])
+            yield from _node_parts(entry, wrap, limit, [LEAF_BYTES_GUESS])
             return
     part = encode_snapshot_item(item)
     if len(part) <= limit or type(entry) is not list or len(entry) < 8:
@@ -254,12 +258,21 @@ def encode_snapshot_parts(item: list[Any], limit: int) -> Iterator[bytes]:
 # key in quotes, a packed stamp of a wall-clock hlc, 17 digits, and a value), and usually
 # about the second. (A node guessed too long is only cut in pieces it did not need.)
 _LEAF_BYTES_AT_LEAST = 8
-_LEAF_BYTES_GUESS = 40
-_FILL = 0.75  # parts are aimed at this much of their limit (leaves vary in size)
+LEAF_BYTES_GUESS = 40
+PIECE_FILL = 0.75  # parts are aimed at this much of their limit (leaves vary in size)
 # Puts a piece of a node back on its path (to the top-level item).
 _Wrap = Callable[[list[Any]], list[Any]]
 # Puts a piece of a node's children (and leaves, values) back on the node's path.
 _Within = Callable[..., list[Any]]
+
+
+def learn_piece_size(budget: list[int], item: list[Any], encoded: list[bytes], limit: int) -> None:
+    """Set ``budget[0]``, the leaves a piece of a long item should hold (``Store.export_pieces``),
+    from the last one: ``item``, ``encoded`` in parts of at most ``limit`` bytes."""
+    entry = item[1]
+    if type(entry) is list and len(entry) >= 8:
+        scale = max(1.0, sum(map(len, encoded)) / _weight(entry))
+        budget[0] = max(1, int(limit * PIECE_FILL / scale))
 
 
 def _weight(entry: list[Any]) -> int:
@@ -295,7 +308,7 @@ def _node_parts(entry: list[Any], wrap: _Wrap, limit: int, scale: list[float]) -
     # (Read in order, not looked up one by one: a lookup in a big dict is a cache miss.)
     stamps = list(leaves.values()) if names == list(leaves) else [leaves[k] for k in names]
     data = list(values.values())
-    count = max(1, int(limit * _FILL / scale[0]))
+    count = max(1, int(limit * PIECE_FILL / scale[0]))
     start = 0
     while start < len(names):
         end = min(start + count, len(names))
@@ -307,18 +320,18 @@ def _node_parts(entry: list[Any], wrap: _Wrap, limit: int, scale: list[float]) -
             continue
         yield part
         scale[0] = len(part) / (end - start)
-        count = max(1, min(2 * count, int(limit * _FILL / scale[0])))
+        count = max(1, min(2 * count, int(limit * PIECE_FILL / scale[0])))
         start = end
     group: dict[str, Any] = {}
     weight = 0
     for name, child in children.items():
         child_weight = _weight(child)
-        if child_weight * scale[0] > limit * _FILL:
+        if child_weight * scale[0] > limit * PIECE_FILL:
             yield from _child_parts(name, child, within, limit, scale)
             continue
         group[name] = child
         weight += child_weight
-        if weight * scale[0] >= limit * _FILL:
+        if weight * scale[0] >= limit * PIECE_FILL:
             yield from _group_parts(group, weight, within, limit, scale)
             group = {}
             weight = 0

@@ -29,18 +29,18 @@ REGRESSION_SEEDS: list[int] = [225, 484, 2562, 5672]
 # forgotten tombstone came back there for good. Nothing is queued for a peer declared down
 # any more (``Engine._declare_down``).
 DOWN_REGRESSION_SEEDS: list[int] = [33]
+# With small frames (max_frame=1024, the least allowed). "split item": a top-level item longer
+# than a snapshot frame was exported without a copy and encoded lazily, frame by frame; an
+# operation applied between two of its frames changed the nodes being encoded (TypeError or
+# KeyError in the writer: the stream failed and restarted, and could keep failing while
+# writes went on under that key). Each piece is now read from the store when its frame is
+# built (``Store.export_pieces``). (816 stopped meeting it when the frontier's wait for past
+# incarnations' operations changed its run; 919 met it then.)
+SPLIT_ITEM_REGRESSION_SEEDS: list[int] = [61, 571, 816, 919, 1092]
 
 # Seeds that find bugs this step (a refactoring that changes no behaviour) leaves open; each
 # is checked to find its bug today: when a fix makes it pass, move it to REGRESSION_SEEDS.
 #
-# "split item": a top-level item longer than a snapshot frame is exported without a copy and
-# encoded lazily, frame by frame; an operation applied between two of its frames changes the
-# nodes being encoded (TypeError or KeyError in the writer: the stream fails and restarts,
-# and may keep failing while writes go on under that key). Encoding each item's parts at
-# once (``list(encode_snapshot_parts(...))``) makes these seeds pass.
-# (With small frames: max_frame=1024, the least allowed. 919 replaces 816, whose run the
-# frontier's wait for past incarnations' operations changed so that it no longer meets it.)
-SPLIT_ITEM_SEEDS = [61, 571, 919]
 # "down": with a short down_timeout (1 s: partitions and pauses outlast it), about 3.5 % of
 # the seeds end with trees that differ from the model (all members alike, mostly), nearly all
 # of them after a member declared down came back as the same incarnation, not restarted
@@ -51,6 +51,13 @@ SPLIT_ITEM_SEEDS = [61, 571, 919]
 # at the heal (116 is of the same kind). Declaring down is also one member's view, not
 # agreed: a member that did not declare the peer down still takes and relays its operations.
 DOWN_SEEDS = [74, 116]
+# "unfinished snapshot" (small frames): a holder restarts empty while it streams a snapshot;
+# the joiner has merged some of its frames, which carried the effect of an operation (of a
+# dead incarnation) that no live member's vector counts and no other member holds. The
+# joiner then merges another member's snapshot and holds that effect beyond its vector:
+# catch-up never sends it on (nobody's vector shows it), so the others never get it. (Seed
+# 657: m2 dies while streaming to m0, whose SET of /a/b then lives on m0 only.)
+UNFINISHED_SNAPSHOT_SEEDS = [657]
 
 
 def test_a_seed_replays_exactly() -> None:
@@ -66,11 +73,7 @@ def test_regression_seeds() -> None:
         simulate(seed)
     for seed in DOWN_REGRESSION_SEEDS:
         simulate(seed, down_timeout=1.0)
-
-
-@pytest.mark.parametrize("seed", SPLIT_ITEM_SEEDS)
-def test_known_bug_split_item_changes_while_streamed(seed: int) -> None:
-    with pytest.raises(AssertionError, match=r"KeyError|TypeError"):
+    for seed in SPLIT_ITEM_REGRESSION_SEEDS:
         simulate(seed, small_frames=True)
 
 
@@ -78,6 +81,12 @@ def test_known_bug_split_item_changes_while_streamed(seed: int) -> None:
 def test_known_bug_members_declared_down(seed: int) -> None:
     with pytest.raises(AssertionError, match=r"problems: \[.m0: at /"):
         simulate(seed, down_timeout=1.0)
+
+
+@pytest.mark.parametrize("seed", UNFINISHED_SNAPSHOT_SEEDS)
+def test_known_bug_unfinished_snapshot_of_a_dead_holder(seed: int) -> None:
+    with pytest.raises(AssertionError, match="missing on the right"):
+        simulate(seed, small_frames=True)
 
 
 def test_short_run_of_seeds() -> None:

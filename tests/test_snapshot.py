@@ -284,5 +284,80 @@ def test_a_snapshot_to_a_synced_peer_that_fell_behind_is_not_restarted_by_its_re
         wait_for(lambda: behind.get(("k", "1999")) == "x" * 100, timeout=30)
         wait_for(lambda: behind.snapshot() == writer.snapshot(), timeout=30)
         assert 1 <= len(streams) <= 3, len(streams)
+def _churn_one_top_level_key(holder: Collective, rng: random.Random, step: int) -> None:
+    """One operation under "sessions", on a key the stream has or has not reached yet: a new
+    key, an overwrite, a delete, an increment, a leaf replaced by a subtree, a subtree by a
+    leaf, a subtree deleted or made anew."""
+    group = ("sessions", f"u{rng.randrange(20)}")
+    leaf = (*group, "n", str(rng.randrange(200)))
+    choice = rng.randrange(8)
+    if choice == 0:
+        holder.set(("sessions", f"s{rng.randrange(1200)}"), step)
+    elif choice == 1:
+        holder.delete(("sessions", f"s{rng.randrange(1200)}"))
+    elif choice == 2 and type(holder.get(leaf, 0)) is int:
+        holder.incr(leaf)  # (a leaf becomes a counter; only a number can be incremented)
+    elif choice in (2, 3):
+        holder.set(leaf, {"user": step, "seen": {"at": step}})
+    elif choice == 4:
+        holder.delete(leaf)
+    elif choice == 5:
+        holder.set(leaf, step)
+    elif choice == 6:
+        holder.set((*group, "n", f"new{step}"), step)
+    elif rng.random() < 0.01:
+        holder.set(("sessions", "u0"), -step)  # (a whole subtree replaced by a leaf, at times)
+    else:
+        holder.set((*leaf, "deeper"), step)
+
+
+def test_a_joiner_syncs_while_one_long_top_level_key_keeps_changing(small_frames, monkeypatch):
+    """A top-level key much longer than a frame goes out in pieces over many frames while
+    the holder keeps writing, deleting and replacing under it (leaves by subtrees, subtrees
+    by leaves): each piece is read from the store when its frame is built, so the stream
+    goes through once and the joiner ends equal. (The item used to be exported once and
+    encoded lazily from the store's own dicts: a change between two of its frames broke the
+    writer, KeyError or TypeError, and the stream failed and started over for as long as
+    writes went on.)"""
+    frames_of = _engine.Engine._snapshot_frames
+
+    def frames_of_a_busy_holder(self, keys, end):
+        # The hub runs other greenlets between two frames, as it does whenever the socket's
+        # buffer is full (a joiner that reads slower than the holder builds frames).
+        for frame in frames_of(self, keys, end):
+            gevent.sleep(0.001)
+            yield frame
+
+    monkeypatch.setattr(_engine.Engine, "_snapshot_frames", frames_of_a_busy_holder)
+    members = LocalMembers(**FAST)
+    try:
+        (holder,) = members(1)
+        # Plain leaves at first (the bulk of a big tree: exported as the store holds them),
+        # and a subtree of them.
+        for i in range(1000):
+            holder.set(("sessions", f"s{i}"), i)
+        for j in range(20):
+            holder.set(("sessions", f"u{j}"), {"n": {str(i): i for i in range(200)}})
+        rng = random.Random(11)
+        writing = True
+
+        def keep_writing() -> None:
+            step = 0
+            while writing:
+                step += 1
+                _churn_one_top_level_key(holder, rng, step)
+                gevent.sleep(0.0002)  # (a few operations between two frames)
+
+        writer = gevent.spawn(keep_writing)
+        joiner = members.join()
+        wait_for(lambda: joiner.synced, timeout=60)
+        writing = False
+        writer.join(5)
+        wait_for(lambda: joiner.snapshot() == holder.snapshot(), timeout=30)
+        stats = holder.stats()
+        assert stats["internal_errors"] == 0, stats["last_internal_error"]
+        assert _snapshots_sent_to(holder, members.addresses[-1]) == 1
+        sent = sum(peer["sent_frames"] for peer in stats["peers"].values())
+        assert sent > 20  # (it did go out in many frames, under the writes)
     finally:
         members.stop()
