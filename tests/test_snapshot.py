@@ -284,6 +284,10 @@ def test_a_snapshot_to_a_synced_peer_that_fell_behind_is_not_restarted_by_its_re
         wait_for(lambda: behind.get(("k", "1999")) == "x" * 100, timeout=30)
         wait_for(lambda: behind.snapshot() == writer.snapshot(), timeout=30)
         assert 1 <= len(streams) <= 3, len(streams)
+    finally:
+        members.stop()
+
+
 def _churn_one_top_level_key(holder: Collective, rng: random.Random, step: int) -> None:
     """One operation under "sessions", on a key the stream has or has not reached yet: a new
     key, an overwrite, a delete, an increment, a leaf replaced by a subtree, a subtree by a
