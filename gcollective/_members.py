@@ -6,7 +6,7 @@ address ends linked to every member directly (see docs/membership.rst). No I/O h
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ._wire import MEMBER_ALIVE, MEMBER_LEFT
 
@@ -119,11 +119,17 @@ class MemberList:
         else:
             del self.members[address]
 
-    def entries(self, own: tuple[int, str, int]) -> list[tuple[int, str, int, int]]:
-        """What a MEMBERS frame says: this member, and every member whose id we know."""
+    def entries(
+        self, own: tuple[int, str, int], reached: Callable[[tuple[str, int]], bool]
+    ) -> list[tuple[int, str, int, int]]:
+        """What a MEMBERS frame says: this member, every member that left, and every member
+        alive that we ``reached`` (an address only announced, that never answered, is not
+        passed on: the others would dial it, and hold metadata for it, in turn)."""
         listed = [(own[0], own[1], own[2], MEMBER_ALIVE)]
         for member in self.members.values():
-            if member.node_id is not None:
+            if member.node_id is None or member.state == DOWN:
+                continue
+            if member.state == LEFT or reached(member.address):
                 state = MEMBER_LEFT if member.state == LEFT else MEMBER_ALIVE
                 listed.append((member.node_id, member.address[0], member.address[1], state))
         return listed

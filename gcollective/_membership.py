@@ -31,7 +31,11 @@ class _Membership:
 
     def _members_frame(self) -> bytes:
         own = (self.node_id, self.advertise[0], self.advertise[1])
-        return encode_members(self._members.entries(own))
+        return encode_members(self._members.entries(own, self._reached))
+
+    def _reached(self, address: tuple[str, int]) -> bool:
+        link = self._links.get(address)
+        return link is not None and link.connects > 0
 
     def _member_said_hello(self, link: _PeerLink | None, hello: Hello) -> None:
         """A peer's HELLO (identity checked): note it, send it the members we know if it
