@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Sequence, TypedDict, TypeVar
 
 from ._validate import check_seconds, format_address, is_ascii_digits, parse_address
 
@@ -465,10 +465,14 @@ def format_status(stats: dict[str, Any], now: float | None = None) -> str:
             f"  internal errors {stats['internal_errors']}, the last: "
             f"{stats.get('last_internal_error')}"
         )
+    return "\n".join([*lines, *_peer_lines(stats, now), *_member_lines(stats, now)])
+
+
+def _peer_lines(stats: dict[str, Any], now: float) -> list[str]:
+    """One row per peer (a link this node dials)."""
     peers = stats.get("peers") or {}
     if not peers:
-        lines.append("no peers")
-        return "\n".join(lines)
+        return ["no peers"]
     header = ("PEER", "STATE", "ID", "SECURITY", "QUEUED", "SENT", "CONNECTS", "LAST ERROR")
     rows = [header]
     for name, peer in sorted(peers.items()):
@@ -492,11 +496,37 @@ def format_status(stats: dict[str, Any], now: float | None = None) -> str:
                 error,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return _table(rows)
+
+
+def _member_lines(stats: dict[str, Any], now: float) -> list[str]:
+    """One row per member known (``stats()["members"]``; absent before 0.5)."""
+    members = stats.get("members")
+    if not members:
+        return []
+    rows = [("MEMBER", "STATE", "ID", "LEARNT", "SINCE")]
+    for name, member in sorted(members.items()):
+        since = member.get("since")
+        rows.append(
+            (
+                name,
+                str(member.get("state")),
+                member.get("node_id") or "-",
+                str(member.get("learnt")),
+                "-" if since is None else f"{_duration(max(0.0, now - since))} ago",
+            )
+        )
+    return _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """``rows`` (the header first) in aligned columns, the last one left ragged."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from ._auth import AcceptorHandshake, check_no_auth, encode_refusal
 from ._digest import digest_reply
 from ._engine import ClockSkew, Inbound, refusal, without_gc
 from ._errors import AuthenticationError, ProtocolError
-from ._links import MAX_ANNOUNCED_LINKS, _PeerLink
+from ._links import _PeerLink
 from ._logcontext import tag_current
 from ._server import _handshake_timeout, _recv_before, _send_quietly, current_greenlet
 from ._validate import format_address
@@ -219,6 +219,7 @@ class _Connections:
         if link is not None:
             link.reader = current_greenlet()
         inbound = self._engine.connection_made(link, hello, time.monotonic())
+        self._member_said_hello(link, hello)  # (after: a snapshot started replaces the queue)
         self._engine.receive(inbound, messages[1:], decoder.frames[1:], time.monotonic())
         del messages  # (see _read_frames: the GC would walk them for as long as we hold them)
         self._read_frames(sock, feed, decoder, opener, inbound)
@@ -314,7 +315,7 @@ class _Connections:
             if self._stopping:
                 return None
             announced = sum(other.announced for other in self._links.values())
-            if announced >= MAX_ANNOUNCED_LINKS:
+            if announced >= self.max_members:
                 self._notices.warning(
                     "announced-limit",
                     "peer %s is new, but %d links to announced addresses exist already: "

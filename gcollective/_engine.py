@@ -41,7 +41,9 @@ from ._oplog import OpLog, Progress
 from ._peerstate import STREAMING_STATES, Event, Inbound, Peer, Snapshot
 from ._store import SET, Store
 from ._wire import (
+    KNOWS_MEMBERS,
     LEAF_BYTES_GUESS,
+    MEMBERS,
     OPS,
     PIECE_FILL,
     PROGRESS,
@@ -198,6 +200,8 @@ class Engine:
         self.on_synced: Callable[[], None] = _ignore
         self.on_internal_error: Callable[[str], None] = _ignore
         self.notice: Callable[..., None] = _ignore
+        # A MEMBERS frame came (the shell's member list learns from it).
+        self.on_members: Callable[[Inbound, list[Any]], None] = _ignore
         # Durability (``_durable``): told of every frame applied, own or received, or None.
         self.on_applied: Callable[[bytes], None] | None = None
 
@@ -401,7 +405,7 @@ class Engine:
     def link_up(self, peer: Peer, now: float) -> bytes:
         """Our connection to ``peer`` is up (secured): its first bytes, HELLO (asking for a
         snapshot if this node still needs one and asked nobody) and PROGRESS."""
-        flags = 0
+        flags = KNOWS_MEMBERS
         if not self.synced and self.snapshot_peer is None:
             flags |= WANTS_SNAPSHOT
             self.snapshot_peer = peer
@@ -501,6 +505,8 @@ class Engine:
             elif kind == SNAPSHOT_REQUEST:
                 if peer is not None:
                     self.resync(peer, now)
+            elif kind == MEMBERS:
+                self.on_members(inbound, message)
             else:
                 raise ProtocolError(f"unknown message type {kind!r}")
             if self.on_applied is not None:

@@ -70,6 +70,7 @@ class _PeerLink(_Writer, Peer):
         # Learnt from a HELLO, not configured: forgotten if it never answers (see ``_run``).
         self.announced = announced
         self.unheard = 0  # attempts in a row that ended without a word from the member
+        self.knows_members = False  # its last HELLO said it reads MEMBERS frames
         self.wake = Event()  # something is pending (or the node is stopping)
         self.kick = Event()  # the peer is known to be up: skip the rest of the backoff
         self.state = "connecting"
@@ -170,6 +171,10 @@ class _PeerLink(_Writer, Peer):
         announces itself again)."""
         self.unheard = self.unheard + 1 if self.last_heard == heard else 0
         if not self.announced or self.unheard < ANNOUNCED_ATTEMPTS or self.node._stopping:
+            return False
+        if self.connects and not self.down:
+            # A member we were connected to may just be cut off (a partition): dialled until
+            # it is declared down (down_timeout), or says it left.
             return False
         if time.monotonic() - self.last_heard < max(3 * self.node.sync_interval, 1.0):
             return False

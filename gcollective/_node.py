@@ -36,9 +36,11 @@ from ._connections import _Connections
 from ._durable import check_durability
 from ._engine import OUTBOX_ITEMS, Engine
 from ._errors import InvalidKeyError, InvalidValueError
-from ._links import ANNOUNCED_ATTEMPTS, _PeerLink
+from ._links import ANNOUNCED_ATTEMPTS, MAX_ANNOUNCED_LINKS, _PeerLink
 from ._logcontext import install as install_log_context
 from ._logcontext import tag_current
+from ._members import MemberList
+from ._membership import _Membership
 from ._options import check_security
 from ._server import (
     _STEP,
@@ -84,7 +86,7 @@ _LEVEL_BYTES = 160
 _INT_LOW = -INT_BOUND  # (made once: ``set`` compares every int with it)
 
 
-class Collective(_Connections, _Watching, _Member):
+class Collective(_Connections, _Membership, _Watching, _Member):
     """One member of a collective: a local replica of the shared tree plus its links.
 
     ``local`` is this member's listening address and ``peers`` every member's (``local`` may
@@ -110,6 +112,9 @@ class Collective(_Connections, _Watching, _Member):
         clock_skew: the most that members' wall clocks may disagree, in seconds (10, at
             most a year). A frame carrying a stamp (an operation's, or a peer's clock) more
             than this ahead of this node's wall clock is refused with its connection.
+        max_members: how many members learnt from others (from their HELLOs and member lists,
+            not in ``peers``) this member keeps and dials at most (256; see
+            docs/membership.rst).
         protocol: ``"gcollective"`` (default) or ``"collective.js"``, which makes this a
             ``LegacyCollective`` speaking collective.js 0.3.1's wire protocol (see
             docs/collectivejs.rst for what that mode does not guarantee).
@@ -188,6 +193,7 @@ class Collective(_Connections, _Watching, _Member):
         check_hostname: bool = False,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "interval",
+        max_members: int = MAX_ANNOUNCED_LINKS,
     ) -> None:
         super().__init__(
             local,
@@ -209,7 +215,8 @@ class Collective(_Connections, _Watching, _Member):
             down_timeout=down_timeout,
             clock_skew=clock_skew,
         )
-        check_sizes(log_bytes=(log_bytes, 0, MAX_BYTES))
+        check_sizes(log_bytes=(log_bytes, 0, MAX_BYTES), max_members=(max_members, 1, 1 << 16))
+        self.max_members = max_members
         self.sync_interval = float(sync_interval)
         self.handshake_timeout = float(handshake_timeout)
         self.idle_timeout = float(idle_timeout)
@@ -254,6 +261,7 @@ class Collective(_Connections, _Watching, _Member):
         self.clock_refusals = 0  # frames refused for a stamp beyond clock_skew
         self._refusals = RefusalLog()
         self._notices = RefusalLog()  # other warnings a stranger could repeat at will
+        self._members = MemberList(self.max_members)
         self._engine = engine = self._new_engine(log_bytes)
         self._links = engine.peers  # (the engine's peers are the links)
         # Own operations not yet encoded (see ``Engine.outbox``): the hot paths add to them.
@@ -291,6 +299,7 @@ class Collective(_Connections, _Watching, _Member):
         engine.on_synced = self._merged_a_state
         engine.on_internal_error = self._internal_error
         engine.notice = self._notices.warning
+        engine.on_members = self._members_received
         return engine
 
     # The engine's counters and state, by the names stats(), the metrics and tests read.
@@ -336,6 +345,7 @@ class Collective(_Connections, _Watching, _Member):
         self._writable = True
         self._warn_if_exposed()
         for address in self.peers:
+            self._members.configured(address)
             self._add_link(address)
         self._housekeeper = gevent.spawn(self._housekeeping)
         self._advance()
@@ -384,6 +394,7 @@ class Collective(_Connections, _Watching, _Member):
         if not self._started or self._stopping:
             return
         self._flush_outbox()
+        self._say_goodbye()
         self._writable = False
         self._stop_serving()
         self._engine.stopping = self._engine.ready = True  # (as _stop_serving's events)
@@ -434,6 +445,7 @@ class Collective(_Connections, _Watching, _Member):
     def _forget_link(self, link: _PeerLink) -> None:
         """Stop dialling an announced address that never answers (its writer ends)."""
         self._engine.forget_peer(link, time.monotonic())
+        self._members.forget(link.address, link.down)
         log.info(
             "peer %s: forgotten after %d attempts without hearing from it (it was only "
             "announced; it is dialled again if it connects)",
@@ -443,6 +455,15 @@ class Collective(_Connections, _Watching, _Member):
         self._check_ready()
 
     # -- observing ------------------------------------------------------------------------
+
+    def _members_stats(self) -> dict[str, Any]:
+        """Every member known, by address: incarnation, state (alive, left, down) and how
+        it was learnt (configured, announced, gossip)."""
+        down = self._engine.down_ids
+        return {
+            format_address(address): member.as_stats(member.node_id in down)
+            for address, member in self._members.members.items()
+        }
 
     def stats(self) -> dict[str, Any]:
         """A cheap, JSON-serialisable picture of this node and each of its peers."""
@@ -497,6 +518,7 @@ class Collective(_Connections, _Watching, _Member):
             "expired": self._store.expired,
             "data_dir": None if self._durable is None else self._durable.stats(),
             "peers": peers,
+            "members": self._members_stats(),
         }
 
     def watch(
@@ -813,6 +835,7 @@ class Collective(_Connections, _Watching, _Member):
     def _housekeep(self) -> None:
         """One round of ``_housekeeping``: the engine's, then the store's sweeps in slices."""
         frontier = self._engine.housekeep(time.monotonic())
+        self._gossip_round()
         # Expiries every member has passed become real deletes; collect then forgets them.
         self._advance()
         store = self._store

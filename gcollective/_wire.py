@@ -101,6 +101,12 @@ __all__ = [
     "parse_vector",
     "parse_progress",
     "SNAPSHOT_REQUEST_FRAME",
+    "KNOWS_MEMBERS",
+    "MEMBERS",
+    "MEMBER_ALIVE",
+    "MEMBER_LEFT",
+    "encode_members",
+    "parse_members",
     "parse_hello",
     "parse_ops",
     "MAX_TTL_MS",
@@ -120,12 +126,18 @@ __all__ = [
 PROTOCOL_VERSION = 4
 MAGIC = "gcollective"
 WANTS_SNAPSHOT = 1  # HELLO flag: send me your whole state
+# HELLO flag: this member reads MEMBERS frames. A member of 0.4.2 never sets it (so it is
+# never sent one: it would refuse the frame kind) and ignores it in a HELLO it receives.
+KNOWS_MEMBERS = 2
 
 OPS = 1
 SNAPSHOT = 2
 SNAPSHOT_END = 3
 SNAPSHOT_REQUEST = 4
 PROGRESS = 5
+MEMBERS = 6  # the members the sender knows (see encode_members)
+MEMBER_ALIVE = 0
+MEMBER_LEFT = 1
 
 STATUS_MAGIC = "gcollective-status"
 STATUS_VERSION = 1
@@ -395,9 +407,9 @@ def join_snapshot(parts: list[bytes]) -> bytes:
 SNAPSHOT_REQUEST_FRAME = b"[4]\n"
 # How every frame after HELLO starts (the kind, as ``_dumps`` writes it): a frame starting
 # otherwise is refused before it is decoded (``FrameDecoder``).
-FRAME_KINDS = frozenset(b"[%d," % kind for kind in (OPS, SNAPSHOT, SNAPSHOT_END, PROGRESS)) | {
-    SNAPSHOT_REQUEST_FRAME[:3]
-}
+FRAME_KINDS = frozenset(
+    b"[%d," % kind for kind in (OPS, SNAPSHOT, SNAPSHOT_END, PROGRESS, MEMBERS)
+) | {SNAPSHOT_REQUEST_FRAME[:3]}
 
 
 def encode_snapshot_end(vector: list[list[int]]) -> bytes:
@@ -408,6 +420,37 @@ def encode_snapshot_end(vector: list[list[int]]) -> bytes:
 def encode_progress(vector: list[list[int]], complete: bool, promise: int, frontier: int) -> bytes:
     """A PROGRESS frame: the sender's version vector and clock facts."""
     return (_dumps([PROGRESS, vector, complete, promise, frontier]) + "\n").encode()
+
+
+def encode_members(entries: Sequence[tuple[int, str, int, int]]) -> bytes:
+    """A MEMBERS frame: ``(node_id, host, port, state)`` of members the sender knows
+    (``MEMBER_ALIVE`` or ``MEMBER_LEFT``: it stopped and will not come back). Sent only to a
+    peer whose HELLO has ``KNOWS_MEMBERS``."""
+    return (_dumps([MEMBERS, [list(entry) for entry in entries]]) + "\n").encode()
+
+
+def parse_members(message: Any, limit: int) -> list[tuple[int, str, int, int]]:
+    """The entries of a MEMBERS frame (at most ``limit`` of them), or ``ProtocolError``."""
+    if len(message) != 2 or type(message[1]) is not list:
+        raise ProtocolError("MEMBERS frame is malformed")
+    entries = message[1]
+    if len(entries) > limit:
+        raise ProtocolError(f"MEMBERS frame lists {len(entries)} members, more than {limit}")
+    parsed = []
+    for entry in entries:
+        if type(entry) is not list or len(entry) != 4:
+            raise ProtocolError("MEMBERS frame has a malformed entry")
+        node_id, host, port, state = entry
+        if type(node_id) is not int or not 0 < node_id <= NODE_MASK:
+            raise ProtocolError("MEMBERS frame has a bad node id")
+        if type(host) is not str or not host or len(host) > 255:
+            raise ProtocolError("MEMBERS frame has a bad host")
+        if type(port) is not int or not 0 < port < 65536:
+            raise ProtocolError("MEMBERS frame has a bad port")
+        if state not in (MEMBER_ALIVE, MEMBER_LEFT) or type(state) is not int:
+            raise ProtocolError("MEMBERS frame has a bad state")
+        parsed.append((node_id, host, port, state))
+    return parsed
 
 
 class FrameDecoder:

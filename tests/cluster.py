@@ -157,15 +157,21 @@ class NodeProcess:
     """A member running in its own process (tests/node_process.py), driven over stdin."""
 
     def __init__(
-        self, port: int, peer_ports: list[int], clock_offset: float | None = None, **options: Any
+        self,
+        port: int,
+        peer_ports: list[int],
+        clock_offset: float | None = None,
+        root: str = ROOT,
+        **options: Any,
     ) -> None:
         """``clock_offset``: seconds this member's wall clock runs ahead (negative: behind);
-        then ``call("clock_offset", seconds=...)`` moves it (see tests/node_process.py)."""
+        then ``call("clock_offset", seconds=...)`` moves it (see tests/node_process.py).
+        ``root``: the directory its ``gcollective`` is imported from (another release's)."""
         self.port = port
         self.local = f"127.0.0.1:{port}"
         self.peers = [f"127.0.0.1:{p}" for p in peer_ports]
         self.options = options
-        env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=root, GCOLLECTIVE_TEST_ROOT=root, PYTHONUNBUFFERED="1")
         if clock_offset is not None:
             env["GCOLLECTIVE_TEST_CLOCK_OFFSET"] = repr(clock_offset)
         self.proc = subprocess.Popen(

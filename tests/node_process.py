@@ -44,7 +44,12 @@ import time  # noqa: E402
 import gevent  # noqa: E402
 from gevent.fileobject import FileObjectPosix  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The gcollective to run: this checkout's, or another release's (``NodeProcess(root=...)``).
+sys.path.insert(
+    0,
+    os.environ.get("GCOLLECTIVE_TEST_ROOT")
+    or os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+)
 
 
 def offset_wall_clock(seconds):

@@ -117,7 +117,8 @@ def test_status_of_two_members_as_a_table_and_as_json(member):
     lines = table.stdout.splitlines()
     assert lines[0].startswith("node ") and b.address in lines[0] and "running" in lines[0]
     header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
-    rows = lines[header + 1 :]
+    members = next(i for i, line in enumerate(lines) if line.startswith("MEMBER"))
+    rows = lines[header + 1 : members]
     assert len(rows) == 1 and rows[0].split()[:2] == [a.address, "connected"]
 
     assert a.stop(signal.SIGTERM) == 0
@@ -125,6 +126,32 @@ def test_status_of_two_members_as_a_table_and_as_json(member):
     for m in (a, b):
         out = m.output()
         assert "running (id" in out and "stopped" in out and "Traceback" not in out
+
+
+def test_status_lists_the_members_and_how_each_was_learnt(member):
+    seed_port, b_port, c_port = free_ports(3)
+    seed = member(seed_port, [seed_port])
+    b = member(b_port, [b_port, seed_port])  # each knows the seed only
+    c = member(c_port, [c_port, seed_port])
+
+    def member_rows() -> dict[str, list[str]]:
+        done = gcollective("status", c.address)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        header = next(i for i, line in enumerate(lines) if line.startswith("MEMBER"))
+        return {line.split()[0]: line.split()[1:] for line in lines[header + 1 :]}
+
+    def both_alive() -> bool:
+        rows = member_rows()
+        return len(rows) == 2 and all(row[0] == "alive" for row in rows.values())
+
+    wait_until(both_alive)
+    rows = member_rows()
+    assert rows[seed.address][2] == "configured"
+    assert rows[b.address][2] in ("gossip", "announced")
+    assert b.stop(signal.SIGTERM) == 0
+    wait_until(lambda: member_rows()[b.address][0] == "left")
+    seed.stop()
 
 
 def test_status_with_a_secret(member):
