@@ -139,6 +139,7 @@ class _Node:
         "runs",
         "value",
         "ttls",
+        "ttl_first",
     )
 
     def __init__(self) -> None:
@@ -159,6 +160,16 @@ class _Node:
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
         # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
         self.ttls: dict[int, int] | None = None
+        # The earliest derived stamp of ``ttls`` (kept with it by ``set_ttls`` and
+        # ``_record_ttl``): whether one has fired is one comparison, not a scan of a
+        # counter's ttl events (one per hit until ``collect``).
+        self.ttl_first: int = 0
+
+    def set_ttls(self, ttls: dict[int, int] | None) -> None:
+        """Replace ``ttls`` (None for none), keeping ``ttl_first``."""
+        self.ttls = ttls
+        if ttls:
+            self.ttl_first = min(ttls.values())
 
     @property
     def entries(self) -> dict[str, Entry]:

@@ -1470,7 +1470,17 @@ def run_history(store: Any, ops: list[Op], steps: list[tuple], check: bool) -> t
                 fold(received, now),
                 f"after step {index} ({step[0]}), now={now}\nsteps: {steps!r}",
             )
+            assert_ttl_first(store._root, f"after step {index}\nsteps: {steps!r}")
     return now or 0, received
+
+
+def assert_ttl_first(node: Any, context: str) -> None:
+    """Every node's ``ttl_first`` (what ``fired_any`` compares) is its ttls' earliest."""
+    if node.ttls:
+        assert node.ttl_first == min(node.ttls.values()), context
+    for entry in node.entries.values():
+        if type(entry) is not int:
+            assert_ttl_first(entry, context)
 
 
 @_settings(max_examples=500)
