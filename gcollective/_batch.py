@@ -108,7 +108,8 @@ class Batches(Ways):
                         # Counters under one parent (a hot counter, others' hits): ``apply``'s
                         # last step, the way to the parent known as for the SETs above.
                         if s >= last_parent.reset:
-                            self._increment(last_parent, key, s, value, path.split("."))
+                            # (without ttl: its path is not needed, not even below)
+                            self._increment(last_parent, key, s, value)
                         raised = s
                         continue
                 segments = path.split(".")
