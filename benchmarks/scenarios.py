@@ -827,6 +827,8 @@ def _workload_run(cfg: Config, members: list[Member], name: str, tag: str) -> di
     count = len(members)
     limit = cfg.workload_limit
     ops = cfg.workload_sessions if name == "sessions" else cfg.workload_ops
+    profiler = WindowProfiler(cfg.profile_dir, f"workload-{name}-{tag}", members)
+    profiler.start()
     for i, member in enumerate(members):
         if name == "distinct":
             writers = [f"{tag}d{k}" for k in range(count)]
@@ -859,8 +861,10 @@ def _workload_run(cfg: Config, members: list[Member], name: str, tag: str) -> di
                 limit=limit,
             )
     replies = [m.receive(limit + 60) for m in members]
+    profile = profiler.stop()
     seconds = max(r["done"] for r in replies) - min(r["started"] for r in replies)
     return {
+        **({"profile": profile} if profile else {}),
         "ops_each": ops,
         "seconds": seconds,
         "ops_per_second": count * ops / seconds,

@@ -260,7 +260,7 @@ class Applier(Expiries):
         owning the path and come back to life; then the caller rebuilds."""
         ttls = node.ttls
         now = self.now_ms
-        if ttls is not None and s >> MILLIS_SHIFT <= now and fired_any(ttls, now):
+        if ttls is not None and s >> MILLIS_SHIFT <= now and fired_any(node, now):
             for expiry in ttls.values():
                 if expiry > s and expiry >> MILLIS_SHIFT <= now:
                     return False
@@ -299,7 +299,7 @@ class Applier(Expiries):
             )
         ):
             return False
-        if node.ttls and fired_any(node.ttls, self.now_ms):
+        if node.ttls and fired_any(node, self.now_ms):
             return False  # fired: whether it still owns the path may change
         incs = node.incs
         if incs is None:

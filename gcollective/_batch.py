@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, Sequence, cast
+from typing import Any, Iterable, Sequence, cast
 
 from ._columns import full_paths
 from ._tree import DELETE, INCREMENT, SET, _Node, raise_below
@@ -34,6 +34,7 @@ class Batches(Ways):
         paths: list[str | list[str]],
         values: list[Any],
         parent: str = "",
+        ttls: Sequence[int] | None = None,
     ) -> None:
         """``apply`` each operation in turn (stamps growing, as in one origin's batch), with
         the same result, faster: a writer's loop of new keys under one parent takes a few
@@ -44,9 +45,13 @@ class Batches(Ways):
         ``parent`` (a dotted path, as an OPS frame may say it once), each is one key under it.
         The store may keep ``stamps`` and ``paths`` (see ``_Node.runs``): the caller gives
         them up. ``stamps`` is read by index 0 and -1 and iterated (an OPS frame's
-        ``OpStamps`` makes its stamps only then).
+        ``OpStamps`` makes its stamps only then). ``ttls``: each operation's ttl in
+        milliseconds (0 for none), or None when none has one.
         """
         self._forget_way()
+        if ttls is not None and any(ttls):
+            self._apply_in_turn(stamps, ops, full_paths(parent, paths), values, ttls)
+            return
         if len(stamps) >= _BULK_MIN and set(ops) == _ONLY_SETS:
             if parent:
                 if self._set_siblings(stamps, parent, cast("list[str]", paths), values):
@@ -56,21 +61,36 @@ class Batches(Ways):
         self._apply_in_turn(stamps, ops, full_paths(parent, paths), values)
 
     def _apply_in_turn(
-        self, stamps: Sequence[int], ops: list[int], paths: list[Any], values: list[Any]
+        self,
+        stamps: Sequence[int],
+        ops: list[int],
+        paths: list[Any],
+        values: list[Any],
+        ttls: Iterable[int] = repeat(0),
     ) -> None:
         """``apply_batch`` one operation after the other, where a plain SET or INCREMENT
         under the parent of the last one skips the walk from the root: that parent is
-        found once, and its ancestors' summaries raised once, at the end of the run."""
+        found once, and its ancestors' summaries raised once, at the end of the run. So
+        does a SET or INCREMENT with a ttl (sessions, a rate limiter's counters): apply's
+        last step for it (``_apply_with_ttl``) under that parent."""
         apply = self.apply
         last_parent: _Node | None = None  # the last path's parent, while its way is all dicts
         prefix: str | None = None  # its dotted path ("" for the root)
         ancestors: list[_Node] = []
         # The newest stamp of the run not yet recorded on the ancestors (a stamp is any int).
         raised: int | None = None
-        for s, op, path, value in zip(stamps, ops, paths, values):
+        for s, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
             if type(path) is str:
                 above, _, key = path.rpartition(".")
                 if above == prefix and last_parent is not None:
+                    if ttl_ms:
+                        # (SET or INCREMENT: a DELETE carries no ttl)
+                        if s >= last_parent.reset:
+                            self._apply_with_ttl(
+                                last_parent, key, s, op, value, ttl_ms, path.split(".")
+                            )
+                        raised = s
+                        continue
                     if op == SET and type(value) is not dict:
                         if s < last_parent.reset:
                             raised = s  # overtaken by a reset above: only ancestors learn of it
@@ -88,7 +108,8 @@ class Batches(Ways):
                         # Counters under one parent (a hot counter, others' hits): ``apply``'s
                         # last step, the way to the parent known as for the SETs above.
                         if s >= last_parent.reset:
-                            self._increment(last_parent, key, s, value, path.split("."))
+                            # (without ttl: its path is not needed, not even below)
+                            self._increment(last_parent, key, s, value)
                         raised = s
                         continue
                 segments = path.split(".")
@@ -98,9 +119,9 @@ class Batches(Ways):
             if raised is not None:
                 raise_below(ancestors, raised)
                 raised = None
-            apply(s, op, segments, value)
+            apply(s, op, segments, value, ttl_ms)
             last_parent = None
-            if above is not None and op != DELETE and type(value) is not dict:
+            if above is not None and op != DELETE and (ttl_ms or type(value) is not dict):
                 last_parent, ancestors = self._dict_way(segments[:-1], s)
                 prefix = above
         if raised is not None:

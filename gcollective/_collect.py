@@ -120,7 +120,7 @@ class Collector(Tree):
         if len(owning) < len(ttls):
             kept = {st: e for st, e in ttls.items() if st >= frontier or st in owning}
             self.collected += len(ttls) - len(kept)
-            node.ttls = kept or None
+            node.set_ttls(kept or None)
             return len(kept) > len(owning)
         return False
 

@@ -635,17 +635,18 @@ class Engine:
             self.due_by(self.store.next_expiry)
         if last <= done:
             return  # all repeats (relayed, or also in a snapshot)
+        given_ttls = ttls
         if ttls is None:
             ttls = [0] * len(stamps)
         apply_one = self._apply_received
         if first == done + 1 and not progress.has_gap(origin):
             # The normal case: the next operations of this origin, in order.
-            if self.watches or any(ttls):
+            if self.watches:
                 paths = full_paths(parent, paths)
                 for stamp, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
                     apply_one(stamp, op, path, value, ttl_ms, origin)
             else:
-                self.store.apply_batch(stamps, ops, paths, values, parent)
+                self.store.apply_batch(stamps, ops, paths, values, parent, given_ttls)
             progress.applied[origin] = last
             progress.stamps[origin] = stamps[-1]
             applied = len(stamps)

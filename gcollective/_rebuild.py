@@ -240,7 +240,7 @@ def _prune_ttls(node: _Node, base: Stamp) -> None:
     ttls = node.ttls
     assert ttls is not None
     if min(ttls) < base:
-        node.ttls = {stamp: expiry for stamp, expiry in ttls.items() if stamp >= base} or None
+        node.set_ttls({stamp: expiry for stamp, expiry in ttls.items() if stamp >= base} or None)
 
 
 def owners(ttls: dict[int, int]) -> list[tuple[int, int]]:

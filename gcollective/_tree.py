@@ -139,6 +139,7 @@ class _Node:
         "runs",
         "value",
         "ttls",
+        "ttl_first",
     )
 
     def __init__(self) -> None:
@@ -159,6 +160,16 @@ class _Node:
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
         # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
         self.ttls: dict[int, int] | None = None
+        # The earliest derived stamp of ``ttls`` (kept with it by ``set_ttls`` and
+        # ``_record_ttl``): whether one has fired is one comparison, not a scan of a
+        # counter's ttl events (one per hit until ``collect``).
+        self.ttl_first: int = 0
+
+    def set_ttls(self, ttls: dict[int, int] | None) -> None:
+        """Replace ``ttls`` (None for none), keeping ``ttl_first``."""
+        self.ttls = ttls
+        if ttls:
+            self.ttl_first = min(ttls.values())
 
     @property
     def entries(self) -> dict[str, Entry]:
@@ -216,17 +227,16 @@ def build(value: dict[str, Any], s: int) -> _Node:
     node = _Node()
     node.assigned = node.reset = node.newest = s
     node.assigned_value = DICT
-    data: dict[str, Any] = {}
-    entries: dict[str, int | _Node] = {}
+    # Copied and stamped in C (a session's small dict is built per SET); only a dict member
+    # takes a Python step, its own node. (A copy: the caller may still hold ``value``.)
+    entries: dict[str, int | _Node] = dict.fromkeys(value, s)
+    data = value.copy()
     for k, v in value.items():
         if type(v) is dict:
             child = build(v, s)
             entries[k] = child
             data[k] = child.value
-        else:
-            entries[k] = s
-            data[k] = v
-    node.entries = entries
+    node._entries = entries  # (a new node: no runs)
     node.value = data
     return node
 
@@ -353,6 +363,8 @@ class Tree:
 
     def _forget_way(self) -> None:
         """Drop the way ``cache_way`` remembered: the tree is about to change otherwise."""
+        if self.way_key is None and not self._way_newest:
+            return  # nothing cached (a received batch calls this per operation)
         self._flush_way()
         self.way_key = None
         self._way_nodes = []

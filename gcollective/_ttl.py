@@ -161,6 +161,7 @@ class Expiries(Tree):
         due = expiry >> MILLIS_SHIFT
         if ttls is None:
             node.ttls = {s: expiry}  # (a session's: its only event, nothing covers it)
+            node.ttl_first = expiry
             if due <= now:
                 self._push_due(expiry, s, tuple(path))
             else:
@@ -174,6 +175,8 @@ class Expiries(Tree):
                 covered = True  # an entry for this node pops first
                 break
         ttls[s] = expiry
+        if expiry < node.ttl_first:
+            node.ttl_first = expiry
         if due <= now:
             self._push_due(expiry, s, tuple(path))
         elif not covered:
@@ -211,9 +214,9 @@ class Expiries(Tree):
             rebuild_at(parent, path[-1], node, self.now_ms)
 
 
-def fired_any(ttls: dict[int, int], now_ms: float | int) -> bool:
-    """Whether an expiry of ``ttls`` (derived stamps) is due by ``now_ms``: the earliest,
-    found in C (a counter hit in a burst holds hundreds, until ``collect``)."""
+def fired_any(node: _Node, now_ms: float | int) -> bool:
+    """Whether an expiry of ``node.ttls`` (not None) is due by ``now_ms``: the earliest
+    (``ttl_first``; a counter hit in a burst holds hundreds of them, until ``collect``)."""
     if math.isinf(now_ms):
         return now_ms > 0  # (NEVER: no time yet)
-    return min(ttls.values()) < (math.floor(now_ms) + 1) << MILLIS_SHIFT
+    return node.ttl_first < (math.floor(now_ms) + 1) << MILLIS_SHIFT

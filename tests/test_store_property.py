@@ -444,6 +444,7 @@ def batch_matches_one_by_one(
         [op.path[-1] if parent else wire_path(op.path) for op in batch],
         [copy.deepcopy(op.value) for op in batch],
         ".".join(parent),
+        [op.ttl or 0 for op in batch] if any(op.ttl for op in batch) else None,
     )
     deliver(one_by_one, batch)
     context = f"before: {before!r}, batch: {batch!r}"
@@ -1476,7 +1477,17 @@ def run_history(store: Any, ops: list[Op], steps: list[tuple], check: bool) -> t
                 fold(received, now),
                 f"after step {index} ({step[0]}), now={now}\nsteps: {steps!r}",
             )
+            assert_ttl_first(store._root, f"after step {index}\nsteps: {steps!r}")
     return now or 0, received
+
+
+def assert_ttl_first(node: Any, context: str) -> None:
+    """Every node's ``ttl_first`` (what ``fired_any`` compares) is its ttls' earliest."""
+    if node.ttls:
+        assert node.ttl_first == min(node.ttls.values()), context
+    for entry in node.entries.values():
+        if type(entry) is not int:
+            assert_ttl_first(entry, context)
 
 
 @_settings(max_examples=500)
@@ -1522,6 +1533,60 @@ def test_ttl_replicas_converge(data: st.DataObject) -> None:
     a.merge(roundtrip(b.export()))
     a.advance(now)
     assert_tree(a.to_dict(), fold(ops, now), f"A={a_ops!r} merged B={b_ops!r}")
+
+
+# Sessions and a rate limiter's counters under shared parents, with ttls, and what collides
+# with them (their parent, a key below one).
+TTL_BATCH_PATHS = st.sampled_from(
+    [("s", "a"), ("s", "b"), ("s", "c"), ("s",), ("s", "a", "u"), ("r", "k"), ("r", "k", "x")]
+)
+
+
+@_settings(max_examples=400)
+@given(st.data())
+def test_a_batch_with_ttls_matches_one_by_one(data: st.DataObject) -> None:
+    """A batch with ttls (received sessions and rate-limit hits: ``apply_batch``'s
+    ``_apply_with_ttl`` under the last parent), on top of any state and at any time, leaves
+    the metadata of applying it one by one, and the tree matches the model's fold then and
+    after a later time step and any later operations."""
+    bodies = data.draw(
+        st.lists(ttl_bodies(TTL_BATCH_PATHS), min_size=2, max_size=14), label="bodies"
+    )
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
+    keys = data.draw(
+        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    ops = [
+        Op(real_stamp(*key), op, path, value, ttl)
+        for key, (op, path, value, ttl) in zip(keys, bodies, strict=True)
+    ]
+    groups = data.draw(st.lists(st.sampled_from("pbbba"), min_size=len(ops), max_size=len(ops)))
+    before = [op for op, group in zip(ops, groups) if group == "p"]
+    batch = sorted((op for op, group in zip(ops, groups) if group == "b"), key=lambda op: op.stamp)
+    after = [op for op, group in zip(ops, groups) if group == "a"]
+    now = data.draw(st.integers(0, 45), label="now")
+    schedule = data.draw(deliveries(before), label="before")
+    batched, one_by_one = new_store(), new_store()
+    for store in (batched, one_by_one):
+        deliver(store, schedule)
+        store.advance(now)
+    batched.apply_batch(
+        [op.stamp for op in batch],
+        [op.op for op in batch],
+        [".".join(op.path) for op in batch],
+        [copy.deepcopy(op.value) for op in batch],
+        "",
+        [op.ttl or 0 for op in batch],
+    )
+    deliver(one_by_one, batch)
+    context = f"now={now}, before: {before!r}, batch: {batch!r}"
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    received = [*before, *batch]
+    assert_tree(batched.to_dict(), fold(received, now), context)
+    later = data.draw(st.integers(now, 60), label="later")
+    batched.advance(later)
+    deliver(batched, after)
+    assert_tree(batched.to_dict(), fold(ops, later), f"{context}, later={later}, after={after!r}")
 
 
 @st.composite
