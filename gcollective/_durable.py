@@ -31,7 +31,7 @@ from gevent.event import Event
 from ._engine import Engine, without_gc
 from ._errors import DataDirError, DataDirLocked, ProtocolError
 from ._peerstate import Inbound
-from ._wire import FrameDecoder
+from ._wire import OPS, SNAPSHOT, SNAPSHOT_END, FrameDecoder
 
 __all__ = ["Durability", "FLUSH_INTERVAL", "FSYNC_POLICIES"]
 
@@ -58,7 +58,8 @@ DATABASE = "gcollective.sqlite3"
 LOCK = "gcollective.lock"
 _OURS = {DATABASE, LOCK, DATABASE + "-wal", DATABASE + "-shm", DATABASE + "-journal"}
 # The frame kinds worth keeping (PROGRESS and requests are about a connection, not data).
-_KEPT = (b"[1,", b"[2,", b"[3,")  # OPS, SNAPSHOT, SNAPSHOT_END (see _wire)
+# The frames replayed at restore, by their first bytes (as _wire.FRAME_KINDS tells kinds).
+_KEPT = tuple(b"[%d," % kind for kind in (OPS, SNAPSHOT, SNAPSHOT_END))
 
 _open_databases: list[Durability] = []
 _fork_hook_registered = False

@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from random import Random
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from model import DELETE, INCREMENT, SET, Op, first_difference, fold
 
@@ -646,7 +646,14 @@ def simulate(seed: int, **options: Any) -> World:
         for name in ("size", "small_frames", "down_timeout")
         if name in options
     }
-    world = World(seed, **settings)
+    return run_and_check(World(seed, **settings), **options)
+
+
+W = TypeVar("W", bound=World)
+
+
+def run_and_check(world: W, **options: Any) -> W:
+    """Run ``world`` and check it; an unexpected exception fails with the run's report."""
     try:
         world.run(**options)
     except AssertionError:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from simulation import SimMember, World, seed_from_env
+from simulation import SimMember, World, run_and_check, seed_from_env
 
 from gcollective._durable import _KEPT, FLUSH_INTERVAL, Durability
 
@@ -166,15 +166,7 @@ class DiskWorld(World):
 
 
 def simulate_with_disk(seed: int) -> DiskWorld:
-    world = DiskWorld(seed)
-    try:
-        world.run()
-    except AssertionError:
-        raise
-    except Exception as exc:
-        raise AssertionError(world.report([f"{type(exc).__name__}: {exc}"])) from exc
-    world.check()
-    return world
+    return run_and_check(DiskWorld(seed))
 
 
 SEEDS = range(120)
