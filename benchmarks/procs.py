@@ -142,6 +142,9 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        # The reader ends at the exited child's end of output; closing stdout under it would
+        # make it fail with "I/O operation on closed file".
+        self._reader.join(timeout)
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 if stream is not None:
