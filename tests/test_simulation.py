@@ -56,8 +56,16 @@ DOWN_SEEDS = [74, 116]
 # dead incarnation) that no live member's vector counts and no other member holds. The
 # joiner then merges another member's snapshot and holds that effect beyond its vector:
 # catch-up never sends it on (nobody's vector shows it), so the others never get it. (Seed
-# 657: m2 dies while streaming to m0, whose SET of /a/b then lives on m0 only.)
-UNFINISHED_SNAPSHOT_SEEDS = [657]
+# 657: m2 dies while streaming to m0, whose SET of /a/b then lives on m0 only. Soak seed
+# 4400, default frames: m1 restarts empty after one frame of its stream to m0's second
+# incarnation, the only frame to carry m0's first incarnation's INCREMENT of /b/a/b; m1 had it
+# whole, so the model keeps it, and m2 never gets it.) Each: (seed, small_frames, symptom).
+UNFINISHED_SNAPSHOT_SEEDS = [
+    (657, True, "missing on the right"),
+    (4400, False, "missing on the left"),
+]
+# Seeds of the default run (no option) that fail for a known bug above.
+KNOWN_DEFAULT_FRAME_SEEDS = {seed for seed, small, _ in UNFINISHED_SNAPSHOT_SEEDS if not small}
 
 
 def test_a_seed_replays_exactly() -> None:
@@ -83,10 +91,12 @@ def test_known_bug_members_declared_down(seed: int) -> None:
         simulate(seed, down_timeout=1.0)
 
 
-@pytest.mark.parametrize("seed", UNFINISHED_SNAPSHOT_SEEDS)
-def test_known_bug_unfinished_snapshot_of_a_dead_holder(seed: int) -> None:
-    with pytest.raises(AssertionError, match="missing on the right"):
-        simulate(seed, small_frames=True)
+@pytest.mark.parametrize(("seed", "small_frames", "symptom"), UNFINISHED_SNAPSHOT_SEEDS)
+def test_known_bug_unfinished_snapshot_of_a_dead_holder(
+    seed: int, small_frames: bool, symptom: str
+) -> None:
+    with pytest.raises(AssertionError, match=symptom):
+        simulate(seed, small_frames=small_frames)
 
 
 def test_short_run_of_seeds() -> None:
@@ -117,13 +127,14 @@ def test_a_bigger_collective_converges() -> None:
 @pytest.mark.soak
 def test_long_run_of_seeds() -> None:
     """``SIM_SEEDS`` seeds (5000) from ``SIM_FIRST_SEED`` (1000); the failing ones are
-    printed, and fail the test."""
+    printed, and fail the test (all but the known bugs' seeds above)."""
     first = int(os.environ.get("SIM_FIRST_SEED", 1000))
     failures = []
     for seed in range(first, first + int(os.environ.get("SIM_SEEDS", 5000))):
         try:
             simulate(seed)
         except AssertionError as exc:
-            failures.append(seed)
             print(exc)
+            if seed not in KNOWN_DEFAULT_FRAME_SEEDS:
+                failures.append(seed)
     assert not failures, failures
