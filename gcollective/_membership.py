@@ -84,6 +84,29 @@ class _Membership:
                     log.info("member %s learnt from a peer: connecting", format_address(address))
                     self._add_link(address, announced=True)
 
+    def _discovered(self, address: tuple[str, int]) -> None:
+        """A name in ``peers`` newly resolves to ``address``: dial it as a configured member
+        (at once, should it be waiting out a backoff: a new answer is often a new member)."""
+        if self._stopping or address in self.peers:
+            return  # (an address configured as such is dialled already)
+        self._members.discovered(address)
+        link = self._links.get(address)
+        if link is None:
+            log.info("member %s found by DNS: connecting", format_address(address))
+            self._add_link(address)
+        else:
+            link.announced = False  # dialled while the name resolves to it
+            if not link.connected:
+                link.redial_now()
+
+    def _undiscovered(self, address: tuple[str, int]) -> None:
+        """No name in ``peers`` resolves to ``address`` any more: it is no longer dialled as
+        a configured member, but as one learnt (see ``_links._PeerLink._unanswered``): a
+        member alive stays, membership (down_timeout, a leave) decides when it goes."""
+        link = self._links.get(address)
+        if link is not None and address not in self.peers:
+            link.announced = True
+
     def _member_left(self, address: tuple[str, int], node_id: int) -> None:
         """The member at ``address`` stopped for good: stop dialling it at once."""
         link = self._links.get(address)
