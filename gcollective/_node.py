@@ -42,7 +42,7 @@ from ._logcontext import install as install_log_context
 from ._logcontext import tag_current
 from ._members import MemberList
 from ._membership import _Membership
-from ._options import check_resolve_interval, check_security
+from ._options import MAX_MEMBERS_LIMIT, check_resolve_interval, check_security
 from ._server import (
     _STEP,
     RefusalLog,
@@ -221,7 +221,9 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             down_timeout=down_timeout,
             clock_skew=clock_skew,
         )
-        check_sizes(log_bytes=(log_bytes, 0, MAX_BYTES), max_members=(max_members, 1, 1 << 16))
+        check_sizes(
+            log_bytes=(log_bytes, 0, MAX_BYTES), max_members=(max_members, 1, MAX_MEMBERS_LIMIT)
+        )
         self.max_members = max_members
         self.resolve_interval = check_resolve_interval(resolve_interval)
         self.sync_interval = float(sync_interval)

@@ -11,6 +11,8 @@ from ._validate import check_seconds
 #: The shortest ``resolve_interval``: resolving a name more often would only load its DNS
 #: server (a member found a tenth of a second sooner gains nothing).
 MIN_RESOLVE_INTERVAL = 0.1
+#: The most ``max_members`` may say (a full mesh of that many is far past what one runs).
+MAX_MEMBERS_LIMIT = 1 << 16
 
 
 def _check_secret(secret: Any) -> bytes | None:

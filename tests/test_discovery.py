@@ -241,3 +241,88 @@ def test_resolve_interval_out_of_range_is_refused_with_a_clear_error(bad):
 def test_the_stats_of_a_member_without_names_say_so():
     node = Collective("127.0.0.1:1", ["127.0.0.1:2"])
     assert json.dumps(node.stats()["dns"]) == "{}"
+
+
+def test_the_cli_node_takes_a_name_resolve_interval_and_max_members(namespace, members, tmp_path):
+    """``python -m gcollective node --peers NAME:PORT --resolve-interval S --max-members N``
+    dials every address the name resolves to; ``status`` shows how each member was learnt."""
+    name = f"{NAME}:{PORT}"
+    b = members("127.0.0.3", [])
+    c = members("127.0.0.4", [])
+    namespace.write_hosts({NAME: ["127.0.0.2", "127.0.0.3", "127.0.0.4"]})
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with open(tmp_path / "cli.log", "w") as log:
+        cli = subprocess.Popen(
+            [*namespace.launcher(), sys.executable, "-m", "gcollective", "node",
+             "--local", f"127.0.0.2:{PORT}", "--peers", name, "--resolve-interval", "0.2",
+             "--max-members", "8"],
+            env=env, stderr=log,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: connected_to(b, [c]) and connected_to(c, [b]), what="b and c linked")
+
+        def status() -> dict[str, Any]:
+            done = subprocess.run(
+                [*namespace.launcher(), sys.executable, "-m", "gcollective", "status",
+                 f"127.0.0.2:{PORT}", "--json"],
+                env=env, capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            return json.loads(done.stdout) if done.returncode == 0 else {}
+
+        wait_until(
+            lambda: all(
+                status().get("peers", {}).get(m.local, {}).get("state") == "connected"
+                for m in (b, c)
+            ),
+            timeout=30,
+            what="the CLI member linked to both addresses of the name",
+        )
+        stats = status()
+        assert {stats["members"][m.local]["learnt"] for m in (b, c)} == {"dns"}
+        assert sorted(stats["dns"][name]["addresses"]) == [b.local, c.local]
+    finally:
+        cli.terminate()
+        cli.wait(30)
+    assert cli.returncode == 0
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--resolve-interval", "0.01"), ("--resolve-interval", "x"), ("--max-members", "0")],
+)
+def test_the_cli_refuses_a_bad_resolve_interval_or_max_members(flag, value):
+    done = subprocess.run(
+        [sys.executable, "-m", "gcollective", "node", "--local", "127.0.0.1:1", flag, value],
+        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and f"argument {flag}" in done.stderr, done.stderr
+
+
+def test_the_gunicorn_worker_reads_resolve_interval_and_max_members_and_binds_under_a_name():
+    from gcollective.gunicorn import ConfigError, settings_from_env
+
+    env = {
+        "GCOLLECTIVE_HOSTS": "members.example",  # (a headless service: never resolved here)
+        "GCOLLECTIVE_BIND": "10.1.2.3",
+        "GCOLLECTIVE_RESOLVE_INTERVAL": "2.5",
+        "GCOLLECTIVE_MAX_MEMBERS": "64",
+    }
+    settings = settings_from_env(env, 2)
+    assert settings.slots == (("10.1.2.3", 9400), ("10.1.2.3", 9401))
+    assert settings.peers == (("members.example", 9400), ("members.example", 9401))
+    assert (settings.resolve_interval, settings.max_members) == (2.5, 64)
+    peers = {"GCOLLECTIVE_PEERS": "members.example:7000", "GCOLLECTIVE_BIND": "10.1.2.3"}
+    assert settings_from_env(peers, 1).slots == (("10.1.2.3", 7000),)
+    plain = settings_from_env({}, 1)
+    assert (plain.resolve_interval, plain.max_members) == (None, None)
+    for variable, bad in [
+        ("GCOLLECTIVE_RESOLVE_INTERVAL", "0"),
+        ("GCOLLECTIVE_RESOLVE_INTERVAL", "soon"),
+        ("GCOLLECTIVE_MAX_MEMBERS", "0"),
+        ("GCOLLECTIVE_MAX_MEMBERS", "100000"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            settings_from_env({variable: bad}, 1)
+        assert caught.value.variable == variable
+    with pytest.raises(ConfigError, match="not among the hosts"):  # (no name: as before)
+        settings_from_env({"GCOLLECTIVE_HOSTS": "10.0.0.1", "GCOLLECTIVE_BIND": "10.0.0.2"}, 1)
