@@ -85,6 +85,10 @@ class Discovery:
         self.family = _family_of(node.local[0])
         self.answers: dict[tuple[str, int], list[tuple[str, int]]] = {}
         self.errors: dict[tuple[str, int], str] = {}  # the failure last logged, per name
+        # Names members announce themselves by, resolved once each (see ``check_alias``),
+        # and the addresses they resolve to: the member there is dialled by its name.
+        self.checked: set[tuple[str, int]] = set()
+        self.aliases: dict[tuple[str, int], tuple[str, int]] = {}
         self.greenlet: gevent.Greenlet[Any, Any] | None = None
 
     def start(self) -> None:
@@ -173,8 +177,38 @@ class Discovery:
         )
         listed = self.listed()
         for address in found:
-            if address not in before:
+            if address not in before and address not in self.aliases:
                 self.node._discovered(address)
         for address in before:
             if address not in listed:
                 self.node._undiscovered(address)
+
+    def check_alias(self, announced: tuple[str, int]) -> None:
+        """A member announced itself as ``announced``: if that is a name (a StatefulSet's
+        pod name, say) resolving to an address one of our names gave, both are one member,
+        to be dialled once (``_alias_found``). Each name is resolved once, in a greenlet of
+        its own; at most ``4 * max_members`` of them."""
+        if not self.names or not is_name(announced[0]) or announced in self.checked:
+            return
+        if len(self.checked) >= 4 * self.node.max_members:
+            return
+        self.checked.add(announced)
+        gevent.spawn(self._resolve_alias, announced)
+
+    def _resolve_alias(self, announced: tuple[str, int]) -> None:
+        tag_current(self.node)  # (see _logcontext)
+        try:
+            with gevent.Timeout(RESOLVE_TIMEOUT, OSError(f"no answer in {RESOLVE_TIMEOUT:g}s")):
+                found = resolve(announced, self.family)
+        except OSError as exc:
+            self.checked.discard(announced)  # (tried again when it says HELLO again)
+            log.debug("member name %s does not resolve: %s", format_address(announced), exc)
+            return
+        except Exception:
+            self.node._internal_error("DNS discovery")
+            return
+        listed = self.listed()
+        for address in found[: self.node.max_members]:
+            self.aliases[address] = announced
+            if address in listed:
+                self.node._alias_found(address, announced)

@@ -41,6 +41,8 @@ class _Membership:
         """A peer's HELLO (identity checked): note it, send it the members we know if it
         reads them, and tell the others of a member new to us."""
         new = self._members.heard((hello.host, hello.port), hello.node_id)
+        if self._discovery is not None:
+            self._discovery.check_alias((hello.host, hello.port))
         if link is not None:
             link.knows_members = bool(hello.flags & KNOWS_MEMBERS)
             if link.knows_members:
@@ -113,11 +115,33 @@ class _Membership:
         if link is None or (link.peer_id is not None and link.peer_id != node_id):
             return
         log.info("peer %s left the collective: no longer dialling it", link.name)
-        del self._links[address]
+        self._stop_dialling(link)
+
+    def _stop_dialling(self, link: _PeerLink) -> None:
+        """Drop ``link``: its writer ends, its connection closes, the engine forgets it."""
+        if self._links.get(link.address) is link:
+            del self._links[link.address]
         link.stop()
         link.drop_connection()
         self._engine.forget_peer(link, time.monotonic())
         self._check_ready()
+
+    def _alias_found(self, address: tuple[str, int], name: tuple[str, int]) -> None:
+        """The member announcing itself as ``name`` is the one a name in ``peers`` gave as
+        ``address``: dial it once, under its own name. (A link to ``address`` would send it
+        everything a second time, and never hear from it: a member never heard from holds
+        back what every member may forget, see ``Engine.own_frontier``.)"""
+        link = self._links.get(address)
+        if link is None or name not in self._links:
+            return
+        log.info(
+            "member %s found by DNS is %s, as it announces itself: dialling it once, as %s",
+            format_address(address),
+            format_address(name),
+            format_address(name),
+        )
+        self._members.members.pop(address, None)
+        self._stop_dialling(link)
 
     def _say_goodbye(self) -> None:
         """Stopping: tell every peer that reads MEMBERS frames that this member left (what is

@@ -187,6 +187,33 @@ def test_a_name_resolving_to_several_addresses_changed_while_running_brings_the_
     wait_until(lambda: a.call("get", key="from_b")["value"] == 3, what="b's write after")
 
 
+def test_members_announcing_their_own_names_are_dialled_once_not_also_by_address(
+    namespace, members
+):
+    """A StatefulSet's pods: the service name gives their addresses, each advertises its own
+    name. Each must be dialled once, by the name it announces: a second link to its address
+    would send everything twice and never hear back (holding back what may be forgotten)."""
+    name = f"{NAME}:{PORT}"
+    namespace.write_hosts(
+        {NAME: ["127.0.0.2", "127.0.0.3"], "a.gctest": ["127.0.0.2"], "b.gctest": ["127.0.0.3"]}
+    )
+    a = members("127.0.0.2", [name], advertise=f"a.gctest:{PORT}")
+    b = members("127.0.0.3", [name], advertise=f"b.gctest:{PORT}")
+
+    def only_by_name(member: NamedMember, other: str) -> bool:
+        peers = member.call("stats")["peers"]
+        return set(peers) == {other} and peers[other]["state"] == "connected"
+
+    wait_until(
+        lambda: only_by_name(a, f"b.gctest:{PORT}") and only_by_name(b, f"a.gctest:{PORT}"),
+        timeout=30,
+        what="each member linked once, under the name it announces",
+    )
+    a.call("set", key="x", value=1)
+    wait_until(lambda: b.call("get", key="x")["value"] == 1, what="replication")
+    assert set(a.call("stats")["members"]) == {f"b.gctest:{PORT}"}
+
+
 def test_a_name_that_does_not_resolve_at_first_warns_once_and_dials_once_it_does(
     namespace, members
 ):
