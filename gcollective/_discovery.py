@@ -143,7 +143,7 @@ class Discovery:
             return
         if name in self.errors:
             del self.errors[name]
-            log.warning("peer name %s resolves again", format_address(name))
+            log.info("peer name %s resolves again", format_address(name))
         node = self.node
         own = (node.local, node.advertise)
         found = [address for address in found if address not in own][: node.max_members]

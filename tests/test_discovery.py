@@ -87,7 +87,7 @@ class HostsNamespace:
 
 class NamedMember(NodeProcess):
     """A member process (tests/node_process.py) in ``namespace``, listening on ``host``;
-    its stderr (warnings and up) goes to ``log_path``."""
+    its stderr (its log, INFO and up) goes to ``log_path``."""
 
     def __init__(self, namespace: HostsNamespace, host: str, peers: list[str], log_path: str,
                  **options: Any) -> None:  # fmt: skip
@@ -97,7 +97,7 @@ class NamedMember(NodeProcess):
         self.options = {**FAST, **options}
         self.log_path = log_path
         env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-        env["GCOLLECTIVE_TEST_LOG"] = "WARNING"
+        env["GCOLLECTIVE_TEST_LOG"] = "INFO"
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [*namespace.launcher(), sys.executable, os.path.join(HERE, "node_process.py")],
