@@ -89,6 +89,7 @@ class Discovery:
         # and the addresses they resolve to: the member there is dialled by its name.
         self.checked: set[tuple[str, int]] = set()
         self.aliases: dict[tuple[str, int], tuple[str, int]] = {}
+        self.checking: set[gevent.Greenlet[Any, Any]] = set()  # resolving such names
         self.greenlet: gevent.Greenlet[Any, Any] | None = None
 
     def start(self) -> None:
@@ -96,12 +97,15 @@ class Discovery:
         members found like for configured ones), then again in a greenlet of its own."""
         if not self.names:
             return
-        self.resolve_all()
+        try:
+            self.resolve_all()
+        except Exception:
+            self.node._internal_error("DNS discovery")  # (a bug: start() carries on)
         self.greenlet = gevent.spawn(self._run)
 
     def stop(self) -> None:
-        if self.greenlet is not None:
-            self.greenlet.kill(block=True, timeout=1)
+        greenlets = [self.greenlet, *self.checking]
+        gevent.killall([g for g in greenlets if g is not None], block=True, timeout=1)
 
     def stats(self) -> dict[str, Any]:
         """Each name (``host:port``): the addresses it resolves to, and why its last
@@ -193,7 +197,9 @@ class Discovery:
         if len(self.checked) >= 4 * self.node.max_members:
             return
         self.checked.add(announced)
-        gevent.spawn(self._resolve_alias, announced)
+        greenlet = gevent.spawn(self._resolve_alias, announced)
+        self.checking.add(greenlet)
+        greenlet.link(self.checking.discard)
 
     def _resolve_alias(self, announced: tuple[str, int]) -> None:
         tag_current(self.node)  # (see _logcontext)

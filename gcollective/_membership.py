@@ -132,7 +132,7 @@ class _Membership:
         everything a second time, and never hear from it: a member never heard from holds
         back what every member may forget, see ``Engine.own_frontier``.)"""
         link = self._links.get(address)
-        if link is None or name not in self._links:
+        if link is None or name not in self._links or self._stopping:
             return
         log.info(
             "member %s found by DNS is %s, as it announces itself: dialling it once, as %s",
