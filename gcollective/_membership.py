@@ -135,9 +135,8 @@ class _Membership:
         if link is None or name not in self._links or self._stopping:
             return
         log.info(
-            "member %s found by DNS is %s, as it announces itself: dialling it once, as %s",
+            "member %s found by DNS announces itself as %s: dialling it once, by that name",
             format_address(address),
-            format_address(name),
             format_address(name),
         )
         self._members.members.pop(address, None)
