@@ -64,12 +64,11 @@ def resolve(name: tuple[str, int], family: int = 0) -> list[tuple[str, int]]:
 
 
 def _family_of(host: str) -> int:
-    """The address family to resolve names in for a member listening on ``host``: its own
-    when it is an address (one bound to IPv4 cannot be reached over IPv6, and its peers are
-    presumably alike), any otherwise."""
-    if is_name(host):
-        return 0
-    return gsocket.AF_INET6 if ":" in host else gsocket.AF_INET
+    """The address family to resolve names in for a member listening on ``host``: the one it
+    listens on, by gevent's rule (IPv6 for a host with a colon, IPv4 for any other, a name
+    included), since its peers presumably listen alike: a member bound to IPv4 cannot be
+    reached over IPv6, and a dual-stack name must not have each member dialled twice."""
+    return gsocket.AF_INET6 if ":" in host or not host else gsocket.AF_INET
 
 
 class Discovery:

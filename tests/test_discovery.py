@@ -54,11 +54,15 @@ class HostsNamespace:
         self.name = f"gcd{os.getpid()}n{next(_made)}"
         self.etc = f"/etc/netns/{self.name}"
         os.makedirs(self.etc)
-        with open(f"{self.etc}/resolv.conf", "w") as file:
-            file.write("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
-        self.write_hosts({})
-        _run("ip", "netns", "add", self.name)
-        _run("ip", "-n", self.name, "link", "set", "lo", "up")
+        try:
+            with open(f"{self.etc}/resolv.conf", "w") as file:
+                file.write("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+            self.write_hosts({})
+            _run("ip", "netns", "add", self.name)
+            _run("ip", "-n", self.name, "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
 
     def write_hosts(self, names: dict[str, list[str]]) -> None:
         """The hosts file lists each name once per address (in place: see the docstring)."""
