@@ -103,8 +103,10 @@ class Discovery:
         self.greenlet = gevent.spawn(self._run)
 
     def stop(self) -> None:
-        greenlets = [self.greenlet, *self.checking]
-        gevent.killall([g for g in greenlets if g is not None], block=True, timeout=1)
+        for checking in list(self.checking):
+            checking.kill(block=False)  # (a resolution in a thread is just no longer awaited)
+        if self.greenlet is not None:
+            self.greenlet.kill(block=True, timeout=1)
 
     def stats(self) -> dict[str, Any]:
         """Each name (``host:port``): the addresses it resolves to, and why its last
