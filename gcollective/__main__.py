@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Sequence, TypedDict, TypeVar
 
+from ._options import check_resolve_interval
 from ._validate import check_seconds, format_address, is_ascii_digits, parse_address
 
 if TYPE_CHECKING:
@@ -77,6 +78,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
+def _resolve_interval(text: str) -> float:
+    try:
+        return check_resolve_interval(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 def _add_security(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--secret-env",
@@ -115,7 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="extend",
         default=[],
         metavar="HOST:PORT,...",
-        help="every member's address, comma-separated (may be repeated; --local is skipped)",
+        help="every member's address, comma-separated (may be repeated; --local is skipped); "
+        "a HOST that is a DNS name stands for every address it resolves to",
+    )
+    node.add_argument(
+        "--resolve-interval",
+        type=_resolve_interval,
+        default=5.0,
+        metavar="S",
+        help="seconds between two resolutions of each DNS name in --peers (default 5)",
+    )
+    node.add_argument(
+        "--max-members",
+        type=_positive_int,
+        metavar="N",
+        help="members learnt from others (not in --peers) kept and dialled at most "
+        "(default: max_members' default, see docs/membership.rst)",
     )
     node.add_argument(
         "--advertise", type=_address, metavar="HOST:PORT", help="address announced to peers"
@@ -257,6 +280,8 @@ def run_node(args: argparse.Namespace, secret: str | None, tls: TlsFiles) -> int
             advertise=args.advertise,
             secret=secret,
             data_dir=args.data_dir,
+            resolve_interval=args.resolve_interval,
+            **({} if args.max_members is None else {"max_members": args.max_members}),
             **tls,
         )
     except (ValueError, TypeError) as exc:

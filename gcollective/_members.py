@@ -17,6 +17,7 @@ DOWN = "down"  # silent past down_timeout (declared down by the engine)
 CONFIGURED = "configured"  # in this member's ``peers``
 ANNOUNCED = "announced"  # from its own HELLO (it dialled us)
 GOSSIP = "gossip"  # from another member's MEMBERS frame
+DNS = "dns"  # an address a name in ``peers`` resolves to (see _discovery)
 
 
 class Member:
@@ -51,6 +52,15 @@ class MemberList:
 
     def configured(self, address: tuple[str, int]) -> None:
         self.members.setdefault(address, Member(address, None, CONFIGURED))
+
+    def discovered(self, address: tuple[str, int]) -> None:
+        """A name in ``peers`` resolves to ``address``: dialled as if configured, for as
+        long as the name resolves to it (each answer is bounded by ``limit`` already)."""
+        member = self.members.get(address)
+        if member is None or member.state != ALIVE:
+            self.members[address] = Member(address, None, DNS)
+        elif member.learnt != CONFIGURED:
+            member.learnt = DNS
 
     def full(self) -> bool:
         """No room for one more member alive (those that left or are down keep their entries

@@ -41,6 +41,8 @@ class _Membership:
         """A peer's HELLO (identity checked): note it, send it the members we know if it
         reads them, and tell the others of a member new to us."""
         new = self._members.heard((hello.host, hello.port), hello.node_id)
+        if self._discovery is not None:
+            self._discovery.check_alias((hello.host, hello.port))
         if link is not None:
             link.knows_members = bool(hello.flags & KNOWS_MEMBERS)
             if link.knows_members:
@@ -84,17 +86,61 @@ class _Membership:
                     log.info("member %s learnt from a peer: connecting", format_address(address))
                     self._add_link(address, announced=True)
 
+    def _discovered(self, address: tuple[str, int]) -> None:
+        """A name in ``peers`` newly resolves to ``address``: dial it as a configured member
+        (at once, should it be waiting out a backoff: a new answer is often a new member)."""
+        if self._stopping or address in self.peers:
+            return  # (an address configured as such is dialled already)
+        self._members.discovered(address)
+        link = self._links.get(address)
+        if link is None:
+            log.info("member %s found by DNS: connecting", format_address(address))
+            self._add_link(address)
+        else:
+            link.announced = False  # dialled while the name resolves to it
+            if not link.connected:
+                link.redial_now()
+
+    def _undiscovered(self, address: tuple[str, int]) -> None:
+        """No name in ``peers`` resolves to ``address`` any more: it is no longer dialled as
+        a configured member, but as one learnt (see ``_links._PeerLink._unanswered``): a
+        member alive stays, membership (down_timeout, a leave) decides when it goes."""
+        link = self._links.get(address)
+        if link is not None and address not in self.peers:
+            link.announced = True
+
     def _member_left(self, address: tuple[str, int], node_id: int) -> None:
         """The member at ``address`` stopped for good: stop dialling it at once."""
         link = self._links.get(address)
         if link is None or (link.peer_id is not None and link.peer_id != node_id):
             return
         log.info("peer %s left the collective: no longer dialling it", link.name)
-        del self._links[address]
+        self._stop_dialling(link)
+
+    def _stop_dialling(self, link: _PeerLink) -> None:
+        """Drop ``link``: its writer ends, its connection closes, the engine forgets it."""
+        if self._links.get(link.address) is link:
+            del self._links[link.address]
         link.stop()
         link.drop_connection()
         self._engine.forget_peer(link, time.monotonic())
         self._check_ready()
+
+    def _alias_found(self, address: tuple[str, int], name: tuple[str, int]) -> None:
+        """The member announcing itself as ``name`` is the one a name in ``peers`` gave as
+        ``address``: dial it once, under its own name. (A link to ``address`` would send it
+        everything a second time, and never hear from it: a member never heard from holds
+        back what every member may forget, see ``Engine.own_frontier``.)"""
+        link = self._links.get(address)
+        if link is None or name not in self._links or self._stopping:
+            return
+        log.info(
+            "member %s found by DNS announces itself as %s: dialling it once, by that name",
+            format_address(address),
+            format_address(name),
+        )
+        self._members.members.pop(address, None)
+        self._stop_dialling(link)
 
     def _say_goodbye(self) -> None:
         """Stopping: tell every peer that reads MEMBERS frames that this member left (what is

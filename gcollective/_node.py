@@ -33,6 +33,7 @@ from . import Operation, _store
 from ._auth import secret_weakness
 from ._clock import HybridClock, millis_stamp, new_node_id, stamp_millis, stamp_origin
 from ._connections import _Connections
+from ._discovery import Discovery, split_names
 from ._durable import check_durability
 from ._engine import OUTBOX_ITEMS, Engine
 from ._errors import InvalidKeyError, InvalidValueError
@@ -41,7 +42,7 @@ from ._logcontext import install as install_log_context
 from ._logcontext import tag_current
 from ._members import MemberList
 from ._membership import _Membership
-from ._options import check_security
+from ._options import MAX_MEMBERS_LIMIT, check_resolve_interval, check_security
 from ._server import (
     _STEP,
     RefusalLog,
@@ -114,6 +115,10 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             than this ahead of this node's wall clock is refused with its connection.
         max_members: how many members learnt from others (from their HELLOs and member lists,
             not in ``peers``) this member keeps and dials at most (256; see
+            docs/membership.rst).
+        resolve_interval: seconds between two resolutions of each DNS name in ``peers`` (5):
+            a name (not an IP address) stands for every address it resolves to, each
+            dialled, and addresses new in the answer are dialled as they appear (see
             docs/membership.rst).
         protocol: ``"gcollective"`` (default) or ``"collective.js"``, which makes this a
             ``LegacyCollective`` speaking collective.js 0.3.1's wire protocol (see
@@ -194,6 +199,7 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "interval",
         max_members: int = MAX_ANNOUNCED_LINKS,
+        resolve_interval: float = 5.0,
     ) -> None:
         super().__init__(
             local,
@@ -215,8 +221,11 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             down_timeout=down_timeout,
             clock_skew=clock_skew,
         )
-        check_sizes(log_bytes=(log_bytes, 0, MAX_BYTES), max_members=(max_members, 1, 1 << 16))
+        check_sizes(
+            log_bytes=(log_bytes, 0, MAX_BYTES), max_members=(max_members, 1, MAX_MEMBERS_LIMIT)
+        )
         self.max_members = max_members
+        self.resolve_interval = check_resolve_interval(resolve_interval)
         self.sync_interval = float(sync_interval)
         self.handshake_timeout = float(handshake_timeout)
         self.idle_timeout = float(idle_timeout)
@@ -249,6 +258,7 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         self._data = self._store.data  # the live tree (the same dict for the store's life)
         self._clock = HybridClock(self.node_id)
         self._housekeeper: gevent.Greenlet[Any, Any] | None = None
+        self._discovery: Discovery | None = None  # the names in peers (made by start())
         # Expiring keys: a greenlet sleeps until the store's next expiry (wall-clock ms in
         # _next_due, inf when none); a sooner one wakes it. Reads check _next_due too, so a
         # read just after an expiry never sees the key.
@@ -344,9 +354,12 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             raise
         self._writable = True
         self._warn_if_exposed()
-        for address in self.peers:
+        addresses, names = split_names(self.peers)
+        for address in addresses:
             self._members.configured(address)
             self._add_link(address)
+        self._discovery = Discovery(self, names, self.resolve_interval)
+        self._discovery.start()  # (resolves every name once before start() waits)
         self._housekeeper = gevent.spawn(self._housekeeping)
         self._advance()
         self._expirer = gevent.spawn(self._expiring)
@@ -405,6 +418,8 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             self._housekeeper.kill(block=True, timeout=1)
         if self._expirer is not None:
             self._expirer.kill(block=True, timeout=1)
+        if self._discovery is not None:
+            self._discovery.stop()
         watches, self._watches = self._watches, []
         self._engine.watches = self._watches
         self._watch_at, self._watch_below = {}, {}
@@ -416,6 +431,7 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         return [
             self._housekeeper,
             self._expirer,
+            self._discovery.greenlet if self._discovery is not None else None,
             self._durable.greenlet if self._durable is not None else None,
             *(watch._greenlet for watch in self._watches),
         ]
@@ -519,6 +535,7 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             "data_dir": None if self._durable is None else self._durable.stats(),
             "peers": peers,
             "members": self._members_stats(),
+            "dns": {} if self._discovery is None else self._discovery.stats(),
         }
 
     def watch(

@@ -6,6 +6,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ._validate import check_seconds
+
+#: The shortest ``resolve_interval``: resolving a name more often would only load its DNS
+#: server (a member found a tenth of a second sooner gains nothing).
+MIN_RESOLVE_INTERVAL = 0.1
+#: The most ``max_members`` may say (a full mesh of that many is far past what one runs).
+MAX_MEMBERS_LIMIT = 1 << 16
+
 
 def _check_secret(secret: Any) -> bytes | None:
     """The secret as bytes (str is UTF-8), or ``None``; ``TypeError`` / ``ValueError`` if it
@@ -55,3 +63,9 @@ def check_security(
     if check_hostname and tls_files is None:
         raise ValueError("check_hostname needs TLS (certfile, keyfile and cafile)")
     return checked_secret, tls_files
+
+
+def check_resolve_interval(resolve_interval: Any) -> float:
+    """``resolve_interval`` (seconds between two resolutions of a DNS name in ``peers``) as a
+    float, or ``ValueError`` unless it is a number from 0.1 s to a year."""
+    return check_seconds("resolve_interval", resolve_interval, MIN_RESOLVE_INTERVAL)

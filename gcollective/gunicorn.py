@@ -41,7 +41,9 @@ from gevent import socket as gsocket
 
 import gcollective
 
+from ._discovery import is_name
 from ._errors import DataDirLocked
+from ._options import MAX_MEMBERS_LIMIT, check_resolve_interval
 from ._validate import (
     MAX_SECONDS,
     MIN_SECONDS,
@@ -191,6 +193,9 @@ class Settings:
     metrics_port: int | None = None
     #: With ``GCOLLECTIVE_DATA_DIR``: slot i keeps its data in its subdirectory ``slot-<i>``.
     data_dir: str | None = None
+    #: ``GCOLLECTIVE_RESOLVE_INTERVAL`` and ``GCOLLECTIVE_MAX_MEMBERS``, passed on when set.
+    resolve_interval: float | None = None
+    max_members: int | None = None
 
 
 def _is_local_host(host: str) -> bool:
@@ -221,7 +226,9 @@ def _choose_bind(
                 "GCOLLECTIVE_BIND",
                 f"{bind!r} is a wildcard; give the address peers reach this server at",
             )
-        if bind not in hosts:
+        if bind not in hosts and not any(map(is_name, hosts)):
+            # (A DNS name among the hosts, such as a headless service, stands for this
+            # server's address too: the bind is then one of its addresses.)
             raise ConfigError(
                 "GCOLLECTIVE_BIND", f"{bind!r} is not among the hosts of {source} ({hosts})"
             )
@@ -267,6 +274,10 @@ def settings_from_env(
       metrics on this server's host at this port + i (needs ``gcollective[metrics]``).
     - ``GCOLLECTIVE_DATA_DIR``: when set, the worker in slot i keeps its data in
       ``slot-<i>`` under it (``data_dir``), and hands nothing over when it leaves.
+    - ``GCOLLECTIVE_RESOLVE_INTERVAL`` and ``GCOLLECTIVE_MAX_MEMBERS``: passed on as
+      ``resolve_interval`` and ``max_members`` when set. A host in ``GCOLLECTIVE_HOSTS`` or
+      ``GCOLLECTIVE_PEERS`` may be a DNS name standing for several servers (a headless
+      service); ``GCOLLECTIVE_BIND`` is then this server's address, which need not be listed.
 
     Raises ``ConfigError`` naming the variable at fault.
     """
@@ -293,6 +304,8 @@ def settings_from_env(
         hosts = list(dict.fromkeys(host for host, _ in peers))
         bind = _choose_bind(env, hosts, "GCOLLECTIVE_PEERS", is_local)
         slots = [address for address in peers if address[0] == bind]
+        if bind not in hosts:  # (one of a DNS name's addresses: its ports are the slots)
+            slots = [(bind, port) for port in dict.fromkeys(p for h, p in peers if is_name(h))]
         if len(slots) < workers:
             raise ConfigError(
                 "GCOLLECTIVE_PEERS",
@@ -351,7 +364,29 @@ def settings_from_env(
         ),
         metrics_port=metrics_port,
         data_dir=value("GCOLLECTIVE_DATA_DIR") or None,
+        **_membership_settings(
+            value("GCOLLECTIVE_RESOLVE_INTERVAL"), value("GCOLLECTIVE_MAX_MEMBERS")
+        ),
     )
+
+
+def _membership_settings(interval_text: str | None, members_text: str | None) -> dict[str, Any]:
+    """``GCOLLECTIVE_RESOLVE_INTERVAL`` and ``GCOLLECTIVE_MAX_MEMBERS`` as ``Settings``
+    fields (those set only), checked as the options they become."""
+    settings: dict[str, Any] = {}
+    if interval_text is not None:
+        try:
+            settings["resolve_interval"] = check_resolve_interval(float(interval_text.strip()))
+        except ValueError as exc:
+            raise ConfigError("GCOLLECTIVE_RESOLVE_INTERVAL", f"{interval_text!r}: {exc}") from exc
+    if members_text is not None:
+        count = parse_count(members_text, "GCOLLECTIVE_MAX_MEMBERS")
+        if count > MAX_MEMBERS_LIMIT:
+            raise ConfigError(
+                "GCOLLECTIVE_MAX_MEMBERS", f"{count} is more than {MAX_MEMBERS_LIMIT}"
+            )
+        settings["max_members"] = count
+    return settings
 
 
 def _serve_metrics(node: Collective, address: tuple[str, int]) -> WSGIServer:
@@ -546,7 +581,10 @@ class GeventWorker(_ggevent.GeventWorker):
     def _gcollective_join(self) -> None:
         settings = self.gcollective_settings
         assert settings is not None
-        options: dict[str, str] = {}  # the options beyond the addresses: secret
+        options: dict[str, Any] = {}  # the options beyond the addresses: secret, ...
+        for name in ("resolve_interval", "max_members"):
+            if getattr(settings, name) is not None:
+                options[name] = getattr(settings, name)
         if settings.secret is not None:
             if not _accepts_secret():
                 raise ConfigError(
@@ -592,7 +630,7 @@ class GeventWorker(_ggevent.GeventWorker):
             "state merged from a peer" if node.synced else "no peer state yet",
         )
 
-    def _claim(self, settings: Settings, options: dict[str, str]) -> tuple[int, Collective]:
+    def _claim(self, settings: Settings, options: dict[str, Any]) -> tuple[int, Collective]:
         """Start the node on the first free slot; wait while every slot is taken.
 
         Binding is the claim: two workers racing for a slot cannot both get it. Old workers

@@ -5,14 +5,16 @@ or members in this process, real sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 from typing import Any
 
 import gevent
 import pytest
-from cluster import NodeProcess, converged, free_port, free_ports, wait_for, wait_until
+from cluster import ROOT, NodeProcess, converged, free_port, free_ports, wait_for, wait_until
 
 from gcollective import Collective
 
@@ -179,3 +181,19 @@ def test_members_of_0_4_2_mix_with_members_that_spread_membership(processes, rel
     for node in nodes:
         assert node.call("stats")["refused_connections"] == 0
     assert "members" not in old.call("stats")  # (it is 0.4.2 indeed)
+
+
+def test_the_members_benchmark_runs_through():
+    """``python -m benchmarks.members`` (docs/membership.rst's figures) still works: two
+    members, short windows; not a timing."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.members", "--sizes", "2", "--seconds", "0.5", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout[done.stdout.index("[") :])
+    assert figures[0]["members"] == 2
+    assert figures[0]["idle"]["rss_mib"] > 0 and figures[0]["load"]["cpu_percent"] >= 0
