@@ -63,6 +63,7 @@ from gevent.event import Event
 
 from . import _server
 from ._errors import InvalidKeyError, InvalidValueError, ProtocolError
+from ._options import MAX_MEMBERS_LIMIT, check_resolve_interval
 from ._store import MISSING, copy_value, is_number, read_path
 from ._validate import (
     MAX_BYTES,
@@ -378,6 +379,8 @@ _NATIVE_ONLY_OPTIONS = frozenset(
         "stall_timeout",
         "down_timeout",
         "clock_skew",
+        "max_members",
+        "resolve_interval",
     }
 )
 
@@ -599,8 +602,8 @@ class LegacyCollective(_server._Member):
             send its first line (5); connections from members' hosts may stay silent, as
             collective.js members' connections do until they have something to send.
         log_bytes, sync_interval, idle_timeout, stall_timeout, down_timeout, clock_skew,
-            check_hostname: accepted and ignored, so that the native options work unchanged
-            in this mode.
+            check_hostname, max_members, resolve_interval: accepted (and checked) and ignored,
+            so that the native options work unchanged in this mode.
     """
 
     _links: dict[tuple[str, int], _Link]
@@ -631,8 +634,14 @@ class LegacyCollective(_server._Member):
             raise ValueError("check_hostname: protocol 'collective.js' has no TLS")
         # Ignored here, but checked as the native mode would: one configuration, one verdict.
         log_bytes = native_only.get("log_bytes", 0)
-        check_sizes(log_bytes=(log_bytes, 0, MAX_BYTES))
-        check_positive(**{k: v for k, v in native_only.items() if k != "log_bytes"})
+        max_members = native_only.get("max_members", 1)
+        check_sizes(
+            log_bytes=(log_bytes, 0, MAX_BYTES), max_members=(max_members, 1, MAX_MEMBERS_LIMIT)
+        )
+        if "resolve_interval" in native_only:
+            check_resolve_interval(native_only["resolve_interval"])
+        sized = {"log_bytes", "max_members", "resolve_interval"}
+        check_positive(**{k: v for k, v in native_only.items() if k not in sized})
         super().__init__(
             local,
             peers,

@@ -368,7 +368,10 @@ class _Member:
             if not link.greenlet.dead:
                 link.greenlet.kill(block=True, timeout=1)
         if self._handlers:
-            gevent.killall(list(self._handlers), block=True, timeout=1)
+            # (killall's own timeout would raise out of stop(): joinall's gives up quietly.)
+            handlers = list(self._handlers)
+            gevent.killall(handlers, block=False)
+            gevent.joinall(handlers, timeout=1)
 
     def __enter__(self: _MemberT) -> _MemberT:
         if not self._started:

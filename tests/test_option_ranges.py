@@ -37,6 +37,16 @@ def test_bad_seconds_are_refused(protocol, option, value):
         Collective(f"127.0.0.1:{free_port()}", protocol=protocol, **{option: value})
 
 
+@pytest.mark.parametrize("protocol", ["gcollective", "collective.js"])
+def test_membership_options_are_taken_and_checked_in_both_modes(protocol):
+    # (The collective.js mode ignores them, so that one configuration serves both modes.)
+    address = f"127.0.0.1:{free_port()}"
+    Collective(address, protocol=protocol, max_members=8, resolve_interval=2.5)
+    for option, value in [("max_members", 0), ("max_members", 1 << 20), ("resolve_interval", 0)]:
+        with pytest.raises(ValueError, match=option):
+            Collective(address, protocol=protocol, **{option: value})
+
+
 @pytest.mark.parametrize("option", SIZES)
 @pytest.mark.parametrize("value", NOT_SIZES, ids=repr)
 def test_bad_sizes_are_refused(option, value):

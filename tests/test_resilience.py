@@ -168,6 +168,30 @@ def test_stop_releases_a_start_still_waiting_for_a_peer(protocol):
         silent.close()
 
 
+@pytest.mark.parametrize("protocol", ["gcollective", "collective.js"])
+def test_stop_returns_when_a_connection_handler_is_slow_to_die(protocol):
+    # A handler busy in its cleanup (a saturated machine, 64 members) outlived the second
+    # stop() gives it, and the kill's timeout escaped from stop() as gevent.Timeout.
+    node = Collective(f"127.0.0.1:{free_port()}", protocol=protocol, **FAST)
+    node.start(timeout=0)
+
+    def slow_to_die() -> None:
+        try:
+            gevent.sleep(30)
+        except gevent.GreenletExit:
+            gevent.sleep(1.5)
+
+    handler = gevent.spawn(slow_to_die)
+    node._handlers.add(handler)
+    gevent.sleep(0)  # (it runs, and sleeps)
+    began = time.monotonic()
+    try:
+        node.stop()
+        assert time.monotonic() - began < 5 and not node.running
+    finally:
+        handler.kill(block=False)
+
+
 def test_watch_is_refused_on_a_stopped_node():
     with Collective(f"127.0.0.1:{free_port()}") as node:
         node.watch("a", lambda *event: None)
