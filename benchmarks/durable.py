@@ -110,7 +110,6 @@ def fill_worst_case(directory: str, keys: int) -> dict[str, Any]:
     import gevent
 
     import gcollective
-    from gcollective._durable import CHECKPOINT_MIN_BYTES
 
     node = gcollective.Collective(_free_address(), data_dir=directory)
     node.start(timeout=0)
@@ -137,7 +136,7 @@ def fill_worst_case(directory: str, keys: int) -> dict[str, Any]:
     durable._since_checkpoint = 1 << 62  # (the writer checkpoints the whole tree now)
     while durable.checkpoints == checkpoints:
         gevent.sleep(0.05)
-    limit = 0.95 * max(CHECKPOINT_MIN_BYTES, durable._checkpoint_bytes)
+    limit = 0.95 * durable.checkpoint_due()
     value = 1
     while write_round(value, limit):
         value += 1
