@@ -16,6 +16,11 @@ Each round runs both modes back to back; the figures printed are the medians.
   frames appended since (overwrites of every key, round after round) as the next checkpoint
   waits for. One process fills the directory, then a fresh process per round times
   ``start()`` on a copy of it until the member serves a key.
+
+    python -m benchmarks.durable --checkpoint-lag [--restore-keys 2000000] [--rounds 3]
+
+- checkpoint lag: how late a 1 ms timer wakes while a checkpoint of that many keys is
+  written (what the member's other greenlets wait), p50 / p99 / max.
 """
 
 from __future__ import annotations
@@ -168,6 +173,55 @@ def time_restore(directory: str, keys: int) -> dict[str, Any]:
     return {"seconds": seconds, "restored_frames": restored}
 
 
+def checkpoint_lag(directory: str, keys: int) -> dict[str, Any]:
+    """(In its own process.) How late a 1 ms timer wakes while a checkpoint of ``keys``
+    keys is written (the hub's lag, what the member's other greenlets wait)."""
+    import gevent
+
+    import gcollective
+
+    node = gcollective.Collective(_free_address(), data_dir=directory)
+    node.start(timeout=0)
+    durable = node._durable
+    assert durable is not None
+    for i in range(keys):
+        node.set(f"u{i}", i)
+        if i % 5_000 == 0:
+            gevent.sleep(0.01)
+    while True:  # (until the writer is idle: no checkpoint of the filling under way)
+        checkpoints = durable.checkpoints
+        while durable.stats()["unwritten_frames"]:
+            gevent.sleep(0.05)
+        gevent.sleep(2.0)
+        if checkpoints == durable.checkpoints and (
+            durable._since_checkpoint < durable.checkpoint_due()
+        ):
+            break
+    lateness: list[float] = []
+
+    def ticker() -> None:
+        while True:
+            before = time.perf_counter()
+            gevent.sleep(0.001)
+            lateness.append(time.perf_counter() - before - 0.001)
+
+    ticking = gevent.spawn(ticker)
+    began = time.perf_counter()
+    durable._since_checkpoint = 1 << 62  # (due now)
+    while durable.checkpoints == checkpoints:
+        gevent.sleep(0.01)
+    seconds = time.perf_counter() - began
+    ticking.kill()
+    node.stop()
+    lateness.sort()
+    return {
+        "checkpoint_seconds": seconds,
+        "p50_ms": 1000 * lateness[len(lateness) // 2],
+        "p99_ms": 1000 * lateness[int(len(lateness) * 0.99)],
+        "max_ms": 1000 * lateness[-1],
+    }
+
+
 def _in_process(phase: str, directory: str, keys: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.durable", "--phase", phase, directory]
     done = subprocess.run([*command, "--restore-keys", str(keys)], capture_output=True, text=True)
@@ -201,6 +255,9 @@ def restore(keys: int, rounds: int) -> None:
         print(json.dumps({"restore_seconds_median": statistics.median(seconds)}))
 
 
+PHASES = {"fill": fill_worst_case, "restore": time_restore, "lag": checkpoint_lag}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -209,18 +266,27 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--restore", action="store_true", help="the worst-case restore only")
     parser.add_argument("--restore-keys", type=int, default=2_000_000)
-    parser.add_argument("--phase", choices=("fill", "restore"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--checkpoint-lag", action="store_true", help="the hub's lag during a checkpoint only"
+    )
+    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("directory", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase is not None:
         from gevent import monkey  # (a phase's own process, as a member's)
 
         monkey.patch_all()
-        work = fill_worst_case if args.phase == "fill" else time_restore
+        work = PHASES[args.phase]
         print(json.dumps(work(args.directory, args.restore_keys)))
         return
     if args.restore:
         restore(args.restore_keys, args.rounds)
+        return
+    if args.checkpoint_lag:
+        for round_number in range(args.rounds):
+            with tempfile.TemporaryDirectory(prefix="gcollective-bench-") as directory:
+                lag = _in_process("lag", os.path.join(directory, "d"), args.restore_keys)
+            print(f"round {round_number}: {lag}", flush=True)
         return
     figures: dict[str, dict[str, list[float]]] = {"memory": {}, "data_dir": {}}
     for round_number in range(args.rounds):
