@@ -7,15 +7,31 @@
 - latency: 4 members writing ``rate`` sets/s in all for ``seconds``; p99 from a set until it
   is applied on every other member (the main benchmark's ``latency`` run).
 
-Each round runs both modes back to back; the figures printed are the medians. (The restart
-of a member on 2,000,000 keys is measured by hand: see docs/durability.rst.)
+Each round runs both modes back to back; the figures printed are the medians.
+
+    python -m benchmarks.durable --restore [--restore-keys 2000000] [--rounds 3]
+
+- restore: the time a member takes to start on a directory of ``restore-keys`` keys in the
+  worst case the compaction allows: a checkpoint of the whole tree, then as many bytes of
+  frames appended since (overwrites of every key, round after round) as the next checkpoint
+  waits for. One process fills the directory, then a fresh process per round times
+  ``start()`` on a copy of it until the member serves a key.
+
+    python -m benchmarks.durable --checkpoint-lag [--restore-keys 2000000] [--rounds 3]
+
+- checkpoint lag: how late a 1 ms timer wakes while a checkpoint of that many keys is
+  written (what the member's other greenlets wait), p50 / p99 / max.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -86,13 +102,192 @@ def latency(rate: int, seconds: float, data_dir: str | None) -> dict[str, Any]:
         return _latency_figures(rate, seconds, names, stops, dumps)
 
 
+# -- restore, worst case --------------------------------------------------------------------
+
+
+def _free_address() -> str:
+    return f"127.0.0.1:{free_ports(1)[0]}"
+
+
+def fill_worst_case(directory: str, keys: int) -> dict[str, Any]:
+    """(In its own process.) Fill ``directory`` with ``keys`` keys, checkpoint them, then
+    overwrite them until the bytes appended since are just short of the next checkpoint."""
+    import gevent
+
+    import gcollective
+
+    node = gcollective.Collective(_free_address(), data_dir=directory)
+    node.start(timeout=0)
+    durable = node._durable
+    assert durable is not None
+
+    def written() -> None:
+        while durable.stats()["unwritten_frames"]:
+            gevent.sleep(0.05)
+
+    def write_round(value: int, limit: float) -> bool:
+        """Overwrite every key; False once the appended bytes reach ``limit``."""
+        for i in range(keys):
+            node.set(f"u{i}", value)
+            if i % 5_000 == 0:
+                gevent.sleep(0.01)  # (the flush and the writer run: their timers fire)
+                if durable._since_checkpoint + durable._pending_bytes >= limit:
+                    return False
+        return True
+
+    write_round(0, float("inf"))
+    written()
+    checkpoints = durable.checkpoints
+    durable._since_checkpoint = 1 << 62  # (the writer checkpoints the whole tree now)
+    while durable.checkpoints == checkpoints:
+        gevent.sleep(0.05)
+    limit = 0.95 * durable.checkpoint_due()
+    value = 1
+    while write_round(value, limit):
+        value += 1
+    written()
+    gevent.sleep(0.2)  # (long enough for the writer to start a checkpoint if it were due)
+    if durable.checkpoints != checkpoints + 1 or durable._since_checkpoint >= limit / 0.95:
+        raise RuntimeError("a checkpoint came before the worst case was reached")
+    figures = {
+        "checkpoint_bytes": durable._checkpoint_bytes,
+        "appended_bytes": durable._since_checkpoint,
+        "rounds": value,
+    }
+    node.stop()
+    return figures
+
+
+def time_restore(directory: str, keys: int) -> dict[str, Any]:
+    """(In its own process.) Seconds from ``start()`` until the member serves a key."""
+    import gcollective
+
+    node = gcollective.Collective(_free_address(), data_dir=directory)
+    began = time.perf_counter()
+    node.start(timeout=0)
+    served = node.get(f"u{keys - 1}")
+    seconds = time.perf_counter() - began
+    assert served is not None and len(node.snapshot()) == keys
+    restored = node.stats()["data_dir"]["restored_frames"]
+    node.stop()
+    return {"seconds": seconds, "restored_frames": restored}
+
+
+def checkpoint_lag(directory: str, keys: int) -> dict[str, Any]:
+    """(In its own process.) How late a 1 ms timer wakes while a checkpoint of ``keys``
+    keys is written (the hub's lag, what the member's other greenlets wait)."""
+    import gevent
+
+    import gcollective
+
+    node = gcollective.Collective(_free_address(), data_dir=directory)
+    node.start(timeout=0)
+    durable = node._durable
+    assert durable is not None
+    for i in range(keys):
+        node.set(f"u{i}", i)
+        if i % 5_000 == 0:
+            gevent.sleep(0.01)
+    while True:  # (until the writer is idle: no checkpoint of the filling under way)
+        checkpoints = durable.checkpoints
+        while durable.stats()["unwritten_frames"]:
+            gevent.sleep(0.05)
+        gevent.sleep(2.0)
+        if checkpoints == durable.checkpoints and (
+            durable._since_checkpoint < durable.checkpoint_due()
+        ):
+            break
+    lateness: list[float] = []
+
+    def ticker() -> None:
+        while True:
+            before = time.perf_counter()
+            gevent.sleep(0.001)
+            lateness.append(time.perf_counter() - before - 0.001)
+
+    ticking = gevent.spawn(ticker)
+    began = time.perf_counter()
+    durable._since_checkpoint = 1 << 62  # (due now)
+    while durable.checkpoints == checkpoints:
+        gevent.sleep(0.01)
+    seconds = time.perf_counter() - began
+    ticking.kill()
+    node.stop()
+    lateness.sort()
+    return {
+        "checkpoint_seconds": seconds,
+        "p50_ms": 1000 * lateness[len(lateness) // 2],
+        "p99_ms": 1000 * lateness[int(len(lateness) * 0.99)],
+        "max_ms": 1000 * lateness[-1],
+    }
+
+
+def _in_process(phase: str, directory: str, keys: int) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.durable", "--phase", phase, directory]
+    done = subprocess.run([*command, "--restore-keys", str(keys)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{phase} failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.splitlines()[-1]))
+
+
+def restore(keys: int, rounds: int) -> None:
+    """Fill one worst-case directory, then time restores on copies of it."""
+    with tempfile.TemporaryDirectory(prefix="gcollective-bench-") as directory:
+        filled = os.path.join(directory, "filled")
+        began = time.perf_counter()
+        figures = _in_process("fill", filled, keys)
+        database = os.path.join(filled, "gcollective.sqlite3")
+        print(
+            f"filled in {time.perf_counter() - began:.0f}s: checkpoint "
+            f"{figures['checkpoint_bytes'] / 1e6:.0f} MB + appended "
+            f"{figures['appended_bytes'] / 1e6:.0f} MB ({figures['rounds']} rounds of "
+            f"overwrites), database {os.path.getsize(database) / 1e6:.0f} MB",
+            flush=True,
+        )
+        seconds = []
+        for round_number in range(rounds):
+            copy = os.path.join(directory, f"copy{round_number}")
+            shutil.copytree(filled, copy)
+            timed = _in_process("restore", copy, keys)
+            shutil.rmtree(copy)
+            seconds.append(timed["seconds"])
+            print(f"round {round_number}: restored {timed}", flush=True)
+        print(json.dumps({"restore_seconds_median": statistics.median(seconds)}))
+
+
+PHASES = {"fill": fill_worst_case, "restore": time_restore, "lag": checkpoint_lag}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keys", type=int, default=50_000)
     parser.add_argument("--rate", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--restore", action="store_true", help="the worst-case restore only")
+    parser.add_argument("--restore-keys", type=int, default=2_000_000)
+    parser.add_argument(
+        "--checkpoint-lag", action="store_true", help="the hub's lag during a checkpoint only"
+    )
+    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument("directory", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.phase is not None:
+        from gevent import monkey  # (a phase's own process, as a member's)
+
+        monkey.patch_all()
+        work = PHASES[args.phase]
+        print(json.dumps(work(args.directory, args.restore_keys)))
+        return
+    if args.restore:
+        restore(args.restore_keys, args.rounds)
+        return
+    if args.checkpoint_lag:
+        for round_number in range(args.rounds):
+            with tempfile.TemporaryDirectory(prefix="gcollective-bench-") as directory:
+                lag = _in_process("lag", os.path.join(directory, "d"), args.restore_keys)
+            print(f"round {round_number}: {lag}", flush=True)
+        return
     figures: dict[str, dict[str, list[float]]] = {"memory": {}, "data_dir": {}}
     for round_number in range(args.rounds):
         for mode in ("memory", "data_dir"):

@@ -31,6 +31,7 @@ from gevent.event import Event
 from ._engine import Engine, without_gc
 from ._errors import DataDirError, DataDirLocked, ProtocolError
 from ._peerstate import Inbound
+from ._server import _let_others_run
 from ._wire import OPS, SNAPSHOT, SNAPSHOT_END, FrameDecoder
 
 __all__ = ["Durability", "FLUSH_INTERVAL", "FSYNC_POLICIES"]
@@ -45,8 +46,13 @@ FLUSH_INTERVAL = 0.05
 #: transactions); "never": the OS decides (a killed process still loses nothing written).
 FSYNC_POLICIES = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
 # A checkpoint is written once the rows appended since the last one hold more bytes than
-# the last checkpoint did (and at least this many): the table holds at most about twice the
-# live tree plus this.
+# this share of the last checkpoint (and at least CHECKPOINT_MIN_BYTES): the table holds at
+# most the live tree, this share of it more, plus the minimum. The share bounds the worst
+# restore: a byte of OPS frames costs about twice a checkpoint's byte to replay (each
+# operation is applied; overwrites pack ~13 bytes each), so with 1 (the table twice the
+# tree) a 2,000,000-key member took 23 s to restore, with 1/4 about 8.5 s; a smaller
+# share checkpoints the whole tree more often (see docs/durability.rst).
+CHECKPOINT_SHARE = 0.25
 CHECKPOINT_MIN_BYTES = 8 * 1024 * 1024
 # Rows read (in the thread pool) and applied (in the hub, which other greenlets then wait
 # for) at a time when restoring: SNAPSHOT frames are up to 1 MiB each.
@@ -306,11 +312,15 @@ class Durability:
                 break
             try:
                 self._write_pending()
-                if self._since_checkpoint > max(CHECKPOINT_MIN_BYTES, self._checkpoint_bytes):
+                if self._since_checkpoint > self.checkpoint_due():
                     self._checkpoint(engine)
             except Exception:
                 on_error("the data_dir writer")
                 self._wake.wait(1.0)  # (a full disk: retry, not in a tight loop)
+
+    def checkpoint_due(self) -> float:
+        """The bytes appended since the last checkpoint past which the next one is written."""
+        return max(CHECKPOINT_MIN_BYTES, CHECKPOINT_SHARE * self._checkpoint_bytes)
 
     def _write_pending(self) -> None:
         frames = self._pending
@@ -395,8 +405,9 @@ class Durability:
 
 def _chunks(stream: Iterator[bytes], target: int = 4 * 1024 * 1024) -> Iterator[list[bytes]]:
     """The frames of a snapshot stream (newlines dropped) in lists of about ``target``
-    bytes, yielding to the hub between frames. Each frame is built with the cyclic GC
-    paused, as a snapshot for a peer is (see ``Engine.data_to_send``)."""
+    bytes, yielding to the hub (a whole turn of its loop) between frames. Each frame is
+    built with the cyclic GC paused, as a snapshot for a peer is (see
+    ``Engine.data_to_send``)."""
     chunk: list[bytes] = []
     size = 0
     while True:
@@ -410,6 +421,8 @@ def _chunks(stream: Iterator[bytes], target: int = 4 * 1024 * 1024) -> Iterator[
         if size >= target:
             yield chunk
             chunk, size = [], 0
-        gevent.sleep(0)
+        # (A whole turn of the loop, timers included: with sleep(0) a member's timers, its
+        # flushes and heartbeats, waited for a whole chunk of frames, 0.3-0.5 s at 2M keys.)
+        _let_others_run()
     if chunk:
         yield chunk

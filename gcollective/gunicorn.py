@@ -18,7 +18,9 @@ Lifecycle, on top of gunicorn's own gevent worker:
   its requests, then hands its data on before stopping the node with a flush: it leaves at
   once when a member on another server, or a higher slot on this one, answers; otherwise it
   is the last holder here and waits (``GCOLLECTIVE_HANDOFF_TIMEOUT``) until a new worker has
-  taken its state. SIGQUIT / SIGINT (quick shutdown) only flush.
+  taken its state. SIGQUIT / SIGINT (quick shutdown) only flush, and so does SIGTERM when
+  gunicorn shuts down (its master closed its listeners: see ``_MasterSockets``), since no
+  new worker will come.
 
 Configuration comes from the environment (``gunicorn -e NAME=value`` or ``raw_env``); see
 ``settings_from_env``. A bad value fails the worker's boot with a message naming the
@@ -528,6 +530,109 @@ class _SuccessorWatch:
         return False
 
 
+# -- telling a shutdown from a reload ----------------------------------------------------------
+#
+# A worker gets SIGTERM both when gunicorn shuts down and when a HUP reload (or TTOU) retires
+# it, and only a reload brings new workers to hand the data to. gunicorn's arbiter tells them
+# apart by the order it acts in: ``Arbiter.stop()`` closes its listening sockets
+# (``sock.close_sockets(self.LISTENERS, ...)``) *before* it signals the workers, while
+# ``reload()`` keeps them (or opens new ones when the bind address changed) and spawns the
+# new workers first. The worker shares the master's listeners (inherited at fork), so it
+# reads the master's open sockets in /proc/<master>/fd: when the master no longer holds any
+# of them, nor any socket it did not hold when this worker booted, it is shutting down.
+# Anything this cannot see keeps the handoff: no /proc (not Linux), a master this worker
+# may not inspect (gunicorn ``--user``), workers with their own sockets (``reuse_port``: the
+# master never held this worker's listener), and a USR2 re-exec: the old master closes its
+# listeners when it is stopped, but the new master it started keeps serving and its
+# workers may be waiting for the slots the old ones free, so they need the handoff.
+
+
+def _socket_inodes(pid: int) -> frozenset[int] | None:
+    """The inodes of the sockets process ``pid`` holds (None if /proc cannot tell)."""
+    directory = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return None
+    inodes = set()
+    for name in names:
+        try:
+            target = os.readlink(f"{directory}/{name}")
+        except OSError:
+            continue  # (closed meanwhile)
+        if target.startswith("socket:[") and target.endswith("]"):
+            inodes.add(int(target[8:-1]))
+    return frozenset(inodes)
+
+
+def _own_inodes(sockets: list[Any]) -> frozenset[int]:
+    inodes = set()
+    for sock in sockets:
+        try:
+            inodes.add(os.fstat(sock.fileno()).st_ino)
+        except (OSError, ValueError):
+            continue
+    return frozenset(inodes)
+
+
+def _parent_of(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None  # (gone meanwhile)
+
+
+def _has_reexecuted_child(master: int) -> bool | None:
+    """True if a child of ``master`` is a master it re-executed (USR2: gunicorn gives the
+    new master ``GUNICORN_PID=<old master>``); None if /proc cannot tell."""
+    marker = b"GUNICORN_PID=%d" % master
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        if _parent_of(pid) != master:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if marker in environ.read().split(b"\0"):
+                    return True
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # (gone meanwhile, or a zombie: a worker that just exited)
+        except OSError:
+            return None
+    return False
+
+
+@dataclass(frozen=True)
+class _MasterSockets:
+    """What the master held when this worker booted: the shutdown check's baseline."""
+
+    master: int
+    #: This worker's listeners that the master held too.
+    listeners: frozenset[int]
+    #: Every socket the master held.
+    held: frozenset[int]
+
+    @classmethod
+    def observe(cls, master: int, sockets: list[Any]) -> _MasterSockets | None:
+        """The baseline, or None if the check cannot be made (see above)."""
+        held = _socket_inodes(master)
+        if held is None:
+            return None
+        listeners = _own_inodes(sockets) & held
+        return cls(master, listeners, held) if listeners else None
+
+    def shutting_down(self) -> bool:
+        """True only if the master closed its listeners for good: gunicorn stops."""
+        now = _socket_inodes(self.master)
+        if now is None or now & self.listeners or not now <= self.held:
+            return False
+        return _has_reexecuted_child(self.master) is False
+
+
 # -- the worker --------------------------------------------------------------------------------
 
 
@@ -543,6 +648,7 @@ class GeventWorker(_ggevent.GeventWorker):
     gcollective_slot: int | None = None
     gcollective_node: Collective | None = None
     _gcollective_start_took = 0.0
+    _gcollective_master: _MasterSockets | None = None  # (None: cannot tell a shutdown)
 
     def init_process(self) -> None:
         """Run gunicorn's gevent worker; the node stops when the worker leaves, however it
@@ -562,6 +668,8 @@ class GeventWorker(_ggevent.GeventWorker):
         env.update(self.cfg.env or {})
         self.gcollective_settings = settings_from_env(env, self.cfg.workers)
         self._gcollective_join()
+        # (Now, while the master surely holds its listeners: see _MasterSockets.)
+        self._gcollective_master = _MasterSockets.observe(self.ppid, self.sockets)
         super().load_wsgi()
 
     def handle_quit(self, sig: int, frame: FrameType | None) -> None:
@@ -702,6 +810,7 @@ class GeventWorker(_ggevent.GeventWorker):
                 not self._gcollective_quick
                 and settings.handoff_timeout > 0
                 and not settings.data_dir
+                and not self._gcollective_shutdown()
             ):
                 beat = gevent.spawn(self._heartbeat)
                 try:
@@ -711,6 +820,18 @@ class GeventWorker(_ggevent.GeventWorker):
         finally:
             gcollective.stop(stop_timeout)
             self.log.info("gcollective: worker %s left slot %s", self.pid, self.gcollective_slot)
+
+    def _gcollective_shutdown(self) -> bool:
+        """True if gunicorn is shutting down (no new worker will come to take the data)."""
+        master = self._gcollective_master
+        if master is None or not master.shutting_down():
+            return False
+        self.log.info(
+            "gcollective: worker %s leaves at once: gunicorn is shutting down (its master "
+            "closed its listeners), so no new worker will take the data over",
+            self.pid,
+        )
+        return True
 
     def _handoff(self, node: Collective, settings: Settings) -> None:
         """Return once stopping this node loses nothing, or after ``handoff_timeout``.

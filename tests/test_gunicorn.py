@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,11 @@ class Gunicorn:
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         slots: int | None = None,
+        control_socket: str | None = None,
+        command: tuple[str, ...] = (sys.executable, "-m", "gunicorn"),
     ) -> None:
+        self.control_socket = control_socket
+        self.command = command
         self.workers = workers
         self.worker_class = worker_class
         self.args = args
@@ -111,9 +116,7 @@ class Gunicorn:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GCOLLECTIVE_")}
         env["PYTHONPATH"] = ROOT
         cmd = [
-            sys.executable,
-            "-m",
-            "gunicorn",
+            *self.command,
             "-k",
             self.worker_class,
             "-w",
@@ -122,7 +125,11 @@ class Gunicorn:
             f"127.0.0.1:{self.port}",
             "--chdir",
             EXAMPLES,
-            "--no-control-socket",
+            *(
+                ("--no-control-socket",)
+                if self.control_socket is None
+                else ("--control-socket", self.control_socket)
+            ),
             "--graceful-timeout",
             "10",
             "--log-level",
@@ -311,6 +318,111 @@ def test_ttin_and_ttou_within_the_slots(gunicorn_server):
     remaining = {0, 1, 2, 3} - {int(left.group(1))}
     hits(server.port, 50, concurrency=4)
     server.every_slot(lambda r: r["total"] == 150, slots=remaining)
+
+
+# -- shutdown and reloads: who hands the data over ---------------------------------------------
+
+# Far above the time a quick shutdown takes, so a worker that waits for a successor shows.
+LONG_HANDOFF = {"GCOLLECTIVE_HANDOFF_TIMEOUT": "20"}
+
+
+@pytest.mark.parametrize("control_socket", [False, True])
+def test_term_of_the_master_is_quick_and_quiet(gunicorn_server, tmp_path, control_socket):
+    """``kill -TERM`` of the master (as an operator or a service manager stops gunicorn):
+    no new worker will come, so no worker waits for one, and nothing is logged as lost.
+    (gunicorn's control socket, on by default, changes the master's sockets at each fork.)"""
+    server = gunicorn_server(
+        workers=2,
+        env=LONG_HANDOFF,
+        control_socket=str(tmp_path / "gunicorn.ctl") if control_socket else None,
+    )
+    hits(server.port, 50, concurrency=4)
+    agreed_total(server)
+    assert server.proc is not None
+    began = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.proc.wait(40) == 0
+    took = time.monotonic() - began
+    log = server.log()
+    assert took < 3.0, f"the shutdown took {took:.1f}s:\n{log[-4000:]}"
+    assert "[WARNING]" not in log and "[ERROR]" not in log, log[-4000:]
+    assert log.count("gunicorn is shutting down") == 2, log[-4000:]
+
+
+def test_hup_reload_of_a_single_worker_keeps_the_data(gunicorn_server):
+    """One worker and a spare slot: the new worker takes the spare, catches up from the old
+    one, which leaves only then (the slot count that leaves room for a reload)."""
+    server = gunicorn_server(workers=1, slots=2, env={"GCOLLECTIVE_SLOTS": "2", **LONG_HANDOFF})
+    hits(server.port, 60, concurrency=4)
+    total = agreed_total(server)
+    assert total == 60
+    old = server.every_slot(lambda r: True)[0]["pid"]
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: f"Worker exiting (pid: {old})" in server.log(), timeout=40)
+    new = server.every_slot(lambda r: r["pid"] != old, slots={1})[1]
+    assert new["total"] == total
+    assert "no new worker took it over" not in server.log()
+
+
+def _master_pids(server: Gunicorn) -> list[int]:
+    return [int(pid) for pid in re.findall(r"Listening at: \S+ \((\d+)\)", server.log())]
+
+
+def test_usr2_then_term_of_the_old_master_hands_the_data_over(gunicorn_server):
+    """USR2 re-executes gunicorn: a new master shares the listener, and its workers wait
+    for the slots the old ones hold. Stopping the old master then is no shutdown (the old
+    master closed its listeners, but its re-executed child serves on): the old workers hand
+    their data over as in a reload."""
+    # (Re-execution runs sys.argv again, so start gunicorn from its script, not "-m".)
+    script = shutil.which("gunicorn", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("no gunicorn script next to this Python")
+    server = gunicorn_server(workers=2, env=LONG_HANDOFF, command=(sys.executable, script))
+    hits(server.port, 80, concurrency=4)
+    total = agreed_total(server)
+    old = {r["pid"] for r in server.every_slot(lambda r: True).values()}
+    server.signal(signal.SIGUSR2)
+    try:
+        wait_until(lambda: len(_master_pids(server)) == 2, timeout=30, what="a new master")
+        wait_until(
+            lambda: server.log().count("waits for a free slot") >= 2,
+            timeout=30,
+            what="the new workers waiting for slots",
+        )
+        server.signal(signal.SIGTERM)  # the old master
+        assert server.proc is not None
+        assert server.proc.wait(40) == 0
+        new: dict[int, dict[str, Any]] = {}  # (the new master's workers, by slot)
+
+        def both_slots_answer() -> bool:
+            answer = try_stats(server.port)
+            if answer is not None and answer["pid"] not in old:
+                new[answer["slot"]] = answer
+            return new.keys() == {0, 1}
+
+        wait_until(both_slots_answer, timeout=40, what="the new master's workers")
+        assert {r["total"] for r in new.values()} == {total}, (new, server.log())
+        # (Deterministic, where the totals above may also come out right by luck: an old
+        # worker that left at once may still be stopping when a new one takes its slot.)
+        log = server.log()
+        assert "handed its state on" in log and "gunicorn is shutting down" not in log, log
+        assert "no new worker took it over" not in log
+    finally:
+        for pid in _master_pids(server)[1:]:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+            else:
+                wait_until(lambda pid=pid: _gone(pid), timeout=30, what="the new master's exit")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 # -- other ways to run it ----------------------------------------------------------------------
