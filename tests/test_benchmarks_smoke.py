@@ -106,7 +106,14 @@ def test_quick_benchmark_run_completes_with_sane_figures(tmp_path):
 
     _check_web(results["web"])
 
-    assert len(results["targets"]) == 8
+    churn = results["churn"]
+    assert churn["exact"] and churn["identical"], churn["members"]  # counters exact, all equal
+    assert len(churn["members"]) == 3 and len(churn["samples"]) > 2
+    for member in churn["members"]:
+        assert _positive(member["rss_start"]) and member["rss_peak"] >= member["rss_end"]
+        assert member["allocator_after_settle"]["used_bytes"] > 0
+
+    assert len(results["targets"]) == 9
     assert not [t for t in results["targets"] if t["verdict"].startswith("FAILED")]
     assert all("error" not in section for section in results.values() if isinstance(section, dict))
 
