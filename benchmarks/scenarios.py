@@ -692,6 +692,11 @@ def catchup(cfg: Config, progress: Progress) -> dict[str, Any]:
 
     The figure is the time from the heal until the partitioned member holds every write made
     before it. It includes the reconnect backoff (``backoff_max``, 2 s by default, with jitter).
+
+    Every member advertises its proxy port and dials the others' (so the addresses members
+    pass on in their member lists are proxy ports too: with real ones, the partitioned member
+    learnt the writers' real ports and dialled them around the proxy); the cut drops the
+    partitioned member's links only.
     """
     writers_count = cfg.catchup_members - 1
     real = free_ports(cfg.catchup_members)
@@ -699,23 +704,26 @@ def catchup(cfg: Config, progress: Progress) -> dict[str, Any]:
     cut_off = cfg.catchup_members - 1  # the last member is the one partitioned
     with Group() as group:
         proxy = group.add(Proxy(max_seconds=cfg.member_max_seconds))
-        proxy.call("rename", ports={str(real[i]): proxied[i] for i in range(len(real))})
-        members = []
-        for i in range(cfg.catchup_members):
-            if i == cut_off:
-                peers = [proxied[j] for j in range(writers_count)] + [real[i]]
-            else:
-                peers = [real[j] for j in range(writers_count)] + [proxied[cut_off]]
-            name = f"m{i}:{real[i]}"
-            members.append(
-                group.add(Member(real[i], peers, name=name, max_seconds=cfg.member_max_seconds))
+        members = [
+            group.add(
+                Member(
+                    real[i],
+                    proxied,
+                    name=f"m{i}:{real[i]}",
+                    options={"advertise": f"127.0.0.1:{proxied[i]}"},
+                    max_seconds=cfg.member_max_seconds,
+                )
             )
+            for i in range(cfg.catchup_members)
+        ]
         # A proxy port listens only once its member does: a member accepted by the proxy while
         # the target is down would see a connection that drops only at its first send, and
         # could wait for a snapshot on it for its whole start timeout.
         for i in [cut_off, *range(writers_count)]:
             member = members[i]
-            member.send("start", local=member.local, peers=member.peers, options={}, limit=30)
+            member.send(
+                "start", local=member.local, peers=member.peers, options=member.options, limit=30
+            )
             wait_listening(real[i])
             proxy.call("route", listen=proxied[i], target=real[i])
             member.receive(60)
@@ -728,7 +736,7 @@ def catchup(cfg: Config, progress: Progress) -> dict[str, Any]:
             )
         time.sleep(1.0)
         before = broadcast(writers, "pace_status")
-        proxy.call("cut")
+        proxy.call("cut", isolate=proxied[cut_off])
         cut_at = time.monotonic()
         progress(
             f"catch-up: member cut off for {cfg.catchup_partition_seconds}s "
