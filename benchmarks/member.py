@@ -30,6 +30,8 @@ Commands (``{"cmd": ..., ...}``; ``limit`` is always a member-side timeout in se
                                          then wait until every key reads ``expected``
   fill {begin, end, fanout, mixed}       SET the 3-level keys of positions [begin, end)
   wait_keys {keys, limit}                wait until every key has a value
+  wait_writes {writers, counts, limit}   wait until every write of each pacer up to its
+                                         count is here, with its value
   leaves                                 count the leaves of the local tree
   memory                                 RSS and peak RSS (after a garbage collection)
   pace_start {prefix, rate, name, cycle, record, parents}
@@ -493,6 +495,16 @@ class Driver:
         complete, done = wait_for(
             lambda: all(get(k) is not None for k in keys), request.get("limit", 120.0)
         )
+        return {"complete": complete, "done": done}
+
+    def cmd_wait_writes(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Wait until this member holds the first ``counts[i]`` writes of each pacer
+        ``writers[i]`` (``{prefix, name, cycle}``), every one of them: after a partition the
+        last ones can arrive (live) before the catch-up fills the gap below them."""
+        node = self.node
+        assert node is not None
+        holds = _holds_everything(node, [], request["writers"], request["counts"])
+        complete, done = wait_for(holds, request.get("limit", 120.0))
         return {"complete": complete, "done": done}
 
     def cmd_leaves(self, request: dict[str, Any]) -> dict[str, Any]:

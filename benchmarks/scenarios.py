@@ -751,14 +751,26 @@ def catchup(cfg: Config, progress: Progress) -> dict[str, Any]:
         logged = [reply["stats"] for reply in broadcast(writers, "stats")]
         healed_at = time.monotonic()
         proxy.call("restore")
+        # Every write made before the heal, not only the last ones: those can come live,
+        # ahead of the catch-up that fills the gap below them.
+        pacers = [{"prefix": "cu", "name": f"n{i}", "cycle": 0} for i in range(writers_count)]
         caught = isolated.call(
-            "wait_keys", timeout=180, keys=[s["key"] for s in at_heal], limit=120
+            "wait_writes",
+            timeout=180,
+            writers=pacers,
+            counts=[s["seq"] for s in at_heal],
+            limit=120,
         )
         catchup_seconds = caught["done"] - healed_at
         progress(f"catch-up: converged {catchup_seconds:.2f}s after the heal")
         stops = broadcast(writers, "pace_stop")
         final = broadcast(
-            members, "wait_keys", timeout=180, keys=[s["last_key"] for s in stops], limit=120
+            members,
+            "wait_writes",
+            timeout=180,
+            writers=pacers,
+            counts=[s["count"] for s in stops],
+            limit=120,
         )
         identical, leaves = same_data(members)
         counters = core_stats(members)
