@@ -32,7 +32,7 @@ def test_quick_benchmark_run_completes_with_sane_figures(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=480,
+        timeout=600,  # (the churn scenario adds ~30 s)
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Targets" in proc.stdout  # the printed table
