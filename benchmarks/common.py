@@ -89,3 +89,17 @@ def live_key(prefix: str, name: str, seq: int, cycle: int, parents: list[int] | 
     if cycle:
         return f"{prefix}.{name}.k{seq % cycle}"
     return f"{prefix}.{name}.{seq}"
+
+
+#: What a churn writer's operation ``seq`` does (``seq % 6``): a web app's mix (issue 20) of
+#: sessions that expire, scratch keys set and deleted again, and counters shared by everyone.
+CHURN_STEPS = ("session", "scratch", "counter", "unscratch", "counter", "counter")
+
+#: The counters every churn writer bumps (``churn.c.k<i>``).
+CHURN_COUNTERS = 100
+
+
+def churn_counter(seq: int) -> int:
+    """Which counter a churn writer's operation ``seq`` (a ``counter`` step) bumps: ``seq``
+    modulo ``CHURN_COUNTERS`` (the steps at 2, 4 and 5 of 6 reach every counter)."""
+    return seq % CHURN_COUNTERS

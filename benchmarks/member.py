@@ -30,12 +30,23 @@ Commands (``{"cmd": ..., ...}``; ``limit`` is always a member-side timeout in se
                                          then wait until every key reads ``expected``
   fill {begin, end, fanout, mixed}       SET the 3-level keys of positions [begin, end)
   wait_keys {keys, limit}                wait until every key has a value
+  wait_writes {writers, counts, limit}   wait until every write of each pacer up to its
+                                         count is here, with its value
   leaves                                 count the leaves of the local tree
   memory                                 RSS and peak RSS (after a garbage collection)
   pace_start {prefix, rate, name, cycle, record, parents}
                                          start writing ``rate`` sets per second in the
                                          background (open loop)
   pace_status / pace_stop                the pacer's sequence number / stop it
+  churn_start {name, rate, ttl}          start a pacer of churn (sessions with ``ttl``,
+                                         scratch keys deleted, shared counters)
+  churn_status / churn_stop              RSS, live leaves, log figures / stop, with the
+                                         increments made of each counter
+  churn_settled {expected, limit}        wait until the counters read ``expected`` and
+                                         every session expired
+  malloc_stats                           the small-object allocator's summary (arenas)
+  trace_start {frames} / trace_top {limit}
+                                         tracemalloc: start / the biggest sites held
   probe {prefix}                         record when each remote SET under prefix is applied
   probe_dump                             the recorded arrival times
   keys {prefix}                          the keys of the dict at path ``prefix`` (a list)
@@ -63,7 +74,9 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
+import tracemalloc  # noqa: E402
 from array import array  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -71,6 +84,9 @@ import gevent  # noqa: E402
 from gevent.fileobject import FileObjectPosix  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    CHURN_COUNTERS,
+    CHURN_STEPS,
+    churn_counter,
     count_leaves,
     fill_key,
     live_key,
@@ -141,8 +157,17 @@ class Pacer:
     def key(self, seq: int) -> str:
         return live_key(self.prefix, self.name, seq, self.cycle, self.parents)
 
+    def _writer(self) -> Any:
+        """What the schedule calls for operation ``seq``: here, one ``set``."""
+        node_set, key = self.node.set, self.key
+
+        def write(seq: int) -> None:
+            node_set(key(seq), seq)
+
+        return write
+
     def _run(self) -> None:
-        node_set = self.node.set
+        write = self._writer()
         sends, calls = self.sends, self.calls
         rate = self.rate
         t0 = self.started
@@ -155,11 +180,10 @@ class Pacer:
                 if lag > self.max_lag:
                     self.max_lag = lag
             while seq < due:
-                key = self.key(seq)
                 if sends is not None and calls is not None:
                     sends.append(t0 + seq / rate)  # when it was due (see the class docstring)
                     calls.append(monotonic())
-                node_set(key, seq)
+                write(seq)
                 seq += 1
             self.seq = seq
             gevent.sleep(max(0.0, t0 + seq / rate - monotonic()))
@@ -178,6 +202,43 @@ class Pacer:
             "sends": self.sends,
             "calls": self.calls,
         }
+
+
+class ChurnPacer(Pacer):
+    """A ``Pacer`` whose operations are a web app's churn (``CHURN_STEPS``, issue 20): a
+    session ``churn.s.<name>.<seq>`` (a small dict with ``ttl`` seconds), a scratch key
+    ``churn.x.<name>.<seq>`` set and deleted two operations later, and increments of the
+    counters ``churn.c.k<i>`` every writer shares. The live data stays small (the sessions of
+    the last ``ttl`` seconds and the counters) however long it runs; ``counts`` are this
+    writer's increments of each counter."""
+
+    def __init__(self, node: Collective, name: str, rate: float, ttl: float) -> None:
+        self.ttl = ttl
+        self.counts = [0] * CHURN_COUNTERS
+        super().__init__(node, "churn", name, rate, 0, False)
+
+    def key(self, seq: int) -> str:
+        return f"churn.s.{self.name}.{seq}"
+
+    def _writer(self) -> Any:
+        node, name, ttl, counts = self.node, self.name, self.ttl, self.counts
+        counters = [f"churn.c.k{i}" for i in range(CHURN_COUNTERS)]
+        steps = CHURN_STEPS
+
+        def write(seq: int) -> None:
+            step = steps[seq % len(steps)]
+            if step == "session":
+                node.set(f"churn.s.{name}.{seq}", {"u": seq, "w": name}, ttl=ttl)
+            elif step == "scratch":
+                node.set(f"churn.x.{name}.{seq}", seq)
+            elif step == "unscratch":
+                node.delete(f"churn.x.{name}.{seq - 2}")
+            else:
+                index = churn_counter(seq)
+                node.incr(counters[index])
+                counts[index] += 1
+
+        return write
 
 
 def _writes_due(writer: dict[str, Any], moment: float) -> int:
@@ -436,6 +497,16 @@ class Driver:
         )
         return {"complete": complete, "done": done}
 
+    def cmd_wait_writes(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Wait until this member holds the first ``counts[i]`` writes of each pacer
+        ``writers[i]`` (``{prefix, name, cycle}``), every one of them: after a partition the
+        last ones can arrive (live) before the catch-up fills the gap below them."""
+        node = self.node
+        assert node is not None
+        holds = _holds_everything(node, [], request["writers"], request["counts"])
+        complete, done = wait_for(holds, request.get("limit", 120.0))
+        return {"complete": complete, "done": done}
+
     def cmd_leaves(self, request: dict[str, Any]) -> dict[str, Any]:
         tree: Any = self.live
         for segment in request.get("prefix", []):
@@ -469,6 +540,97 @@ class Driver:
             request.get("parents"),
         )
         return {"started": self.pacer.started, "rate": self.pacer.rate}
+
+    def cmd_churn_start(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.node is not None and self.pacer is None
+        self.pacer = ChurnPacer(self.node, request["name"], request["rate"], request["ttl"])
+        return {"started": self.pacer.started, "rate": self.pacer.rate}
+
+    def cmd_churn_stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        pacer = self.pacer
+        assert isinstance(pacer, ChurnPacer)
+        result = pacer.stop()
+        result["counts"] = pacer.counts
+        self.pacer = None
+        return result
+
+    def cmd_churn_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        """RSS (without collecting garbage first: what the process holds as it runs), the
+        live leaves, and the node's log and expiry figures."""
+        node = self.node
+        assert node is not None
+        stats = node.stats() if hasattr(node, "stats") else {}
+        peers = stats.get("peers", {}).values()
+        return {
+            "queued_bytes": sum(peer.get("queued_bytes") or 0 for peer in peers),
+            "at": monotonic(),
+            "frontier_lag": self._frontier_lag(),
+            "memory": memory(),
+            "leaves": count_leaves(self.live),
+            "seq": 0 if self.pacer is None else self.pacer.seq,
+            "stats": {
+                name: stats.get(name)
+                for name in ("log_ops", "log_bytes", "pending_expiries", "expired", "gaps")
+            },
+        }
+
+    def _frontier_lag(self) -> float | None:
+        """Seconds the stability frontier (below which metadata may be forgotten) trails the
+        wall clock, or None on a core without one (a peek at the engine)."""
+        frontier = getattr(getattr(self.node, "_engine", None), "gc_frontier", None)
+        if frontier is None:
+            return None
+        from gcollective._clock import MILLIS_SHIFT
+
+        stamp = frontier()
+        return time.time() - (stamp >> MILLIS_SHIFT) / 1000 if stamp else None
+
+    def cmd_churn_settled(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Wait until every counter reads ``expected[i]`` and every session expired."""
+        node = self.node
+        assert node is not None
+        expected = request["expected"]
+        get = node.get
+
+        def settled() -> bool:
+            # (an expired session leaves its writer's parent behind, an empty dict)
+            return count_leaves(get("churn.s") or {}) == 0 and all(
+                get(f"churn.c.k{i}") == value for i, value in enumerate(expected)
+            )
+
+        complete, done = wait_for(settled, request.get("limit", 120.0))
+        return {"complete": complete, "done": done}
+
+    def cmd_trace_start(self, request: dict[str, Any]) -> dict[str, Any]:
+        tracemalloc.start(request.get("frames", 1))
+        return {}
+
+    def cmd_trace_top(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The biggest allocation sites still held (``tracemalloc``), by line."""
+        snapshot = tracemalloc.take_snapshot()
+        top = snapshot.statistics("lineno")[: request.get("limit", 25)]
+        return {
+            "traced": tracemalloc.get_traced_memory(),
+            "top": [[str(stat.traceback), stat.size, stat.count] for stat in top],
+        }
+
+    def cmd_malloc_stats(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Python's small-object allocator (``sys._debugmallocstats``): its summary lines,
+        e.g. arenas held, and bytes in used and in free blocks (whether RSS is data or
+        fragments of freed data)."""
+        with tempfile.TemporaryFile("w+") as out:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            try:
+                os.dup2(out.fileno(), 2)
+                sys._debugmallocstats()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            out.seek(0)
+            lines = out.read().splitlines()
+        summary = [line for line in lines if line.startswith("#") or " bytes in " in line]
+        return {"summary": summary[-20:], "memory": memory()}
 
     def cmd_pace_status(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.pacer is not None

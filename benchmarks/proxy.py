@@ -12,8 +12,14 @@ Then every member sees P only as ``X_P`` and P sees the others only as ``X_i``.
 ``cut`` closes every listener and every proxied connection: both sides see their connections
 drop and their reconnects refused, as with a peer that is down. ``restore`` listens again.
 
-Commands: ``route {listen, target}``, ``rename {ports: {real: proxy}}``, ``cut``, ``restore``,
-``stats``, ``stop``.
+``cut {isolate: X_P}`` cuts only P's links: the connections others open to ``X_P`` and those
+whose HELLO names ``X_P`` (P dialing out), new ones refused alike until ``restore``. Use it
+when every member advertises its proxy port (the ``advertise`` option) and dials the others'
+proxy ports: then every address a member learns (from HELLOs, and from the member lists that
+members pass on) is a proxy port, and no member can reach P around the proxy.
+
+Commands: ``route {listen, target}``, ``rename {ports: {real: proxy}}``, ``cut [{isolate}]``,
+``restore``, ``stats``, ``stop``.
 """
 
 from gevent import monkey
@@ -45,6 +51,9 @@ class PartitionProxy:
         self.renames: dict[int, int] = {}  # real member port -> its proxy port
         self.sockets: set[socket.socket] = set()
         self.cut_now = False
+        self.isolated: int | None = None  # the proxy port of the member cut off, if one is
+        # proxied connection -> (the port it was made to, the port its dialer advertises)
+        self.links: dict[socket.socket, tuple[int, int | None]] = {}
         self.bytes_forwarded = 0
         self.connections = 0
 
@@ -54,7 +63,7 @@ class PartitionProxy:
 
     def _listen(self, port: int) -> None:
         target = self.routes[port]
-        server = StreamServer((HOST, port), lambda sock, addr: self._handle(sock, target))
+        server = StreamServer((HOST, port), lambda sock, addr: self._handle(sock, target, port))
         server.start()
         self.servers[port] = server
 
@@ -67,9 +76,20 @@ class PartitionProxy:
         for sock in list(self.sockets):
             self._close(sock)
 
+    def isolate(self, port: int) -> None:
+        """Cut the links of the member whose proxy port is ``port`` (see the docstring)."""
+        self.isolated = port
+        for sock, ends in list(self.links.items()):
+            if port in ends:
+                self._close(sock)
+
+    def _isolates(self, listen: int, dialer: int | None) -> bool:
+        return self.isolated is not None and self.isolated in (listen, dialer)
+
     def restore(self) -> None:
         """Listen again on every route."""
         self.cut_now = False
+        self.isolated = None
         for port in self.routes:
             if port not in self.servers:
                 self._listen(port)
@@ -82,20 +102,22 @@ class PartitionProxy:
             pass
         sock.close()
 
-    def _rewrite_hello(self, line: bytes) -> bytes:
+    def _rewrite_hello(self, line: bytes) -> tuple[bytes, int | None]:
+        """The HELLO with its port renamed, and the port it names (None: not a HELLO)."""
         try:
             hello = json.loads(line)
         except ValueError:
-            return line
+            return line, None
         if type(hello) is list and len(hello) == 6 and hello[0] == "gcollective":
             port = self.renames.get(hello[4])
             if port is not None:
                 hello[4] = port
-                return (json.dumps(hello, separators=(",", ":")) + "\n").encode()
-        return line
+                return (json.dumps(hello, separators=(",", ":")) + "\n").encode(), port
+            return line, hello[4]
+        return line, None
 
-    def _handle(self, client: socket.socket, target: int) -> None:
-        if self.cut_now:
+    def _handle(self, client: socket.socket, target: int, listen: int) -> None:
+        if self.cut_now or self._isolates(listen, None):
             client.close()
             return
         try:
@@ -114,7 +136,11 @@ class PartitionProxy:
                     return
                 head += data
             line, sep, rest = head.partition(b"\n")
-            upstream.sendall(self._rewrite_hello(line + sep) + rest)
+            hello, dialer = self._rewrite_hello(line + sep)
+            if self._isolates(listen, dialer):
+                return
+            self.links[client] = (listen, dialer)
+            upstream.sendall(hello + rest)
             self.bytes_forwarded += len(head)
             back = gevent.spawn(self._pump, upstream, client)
             self._pump(client, upstream)
@@ -122,6 +148,7 @@ class PartitionProxy:
         except OSError:
             pass
         finally:
+            self.links.pop(client, None)
             self._close(client)
             self._close(upstream)
 
@@ -156,6 +183,8 @@ def main() -> None:
                 proxy.route(request["listen"], request["target"])
             elif cmd == "rename":
                 proxy.renames.update({int(k): v for k, v in request["ports"].items()})
+            elif cmd == "cut" and request.get("isolate") is not None:
+                proxy.isolate(request["isolate"])
             elif cmd == "cut":
                 proxy.cut()
             elif cmd == "restore":

@@ -32,6 +32,7 @@ TARGETS = [
         "max",
     ),
     ("p99 propagation at 10k sets/s, 4 processes", ("latency", 10_000), 5.0, "ms", "max"),
+    ("RSS per member under churn (steady state)", ("churn", 240.0), 100e6, "B", "max"),
 ]
 
 
@@ -46,6 +47,8 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value:.2f} s"
     if unit == "ms":
         return f"{value:.2f} ms"
+    if unit == "B" and value >= 1e6:
+        return f"{value / 1e6:,.0f} MB"
     return f"{value:,.0f} {unit}"
 
 
@@ -87,6 +90,10 @@ def target_figure(
             if run["offered_rate"] == rate:
                 return run["p99_ms"], section["processes"] == 4, _latency_problem(run)
         return None, False, None
+    if kind == "churn":
+        _, seconds = where
+        problem = None if section["exact"] else "counters or members' data differ"
+        return section["rss_steady_max"], section["seconds"] >= seconds, problem
     return None, False, None
 
 
@@ -314,6 +321,47 @@ def _workloads_table(section: dict[str, Any]) -> str:
     )
 
 
+def _churn_table(section: dict[str, Any]) -> str:
+    """RSS per member under churn (``scenarios.churn``), and the log's size."""
+    rows = [
+        [
+            f"member {i}",
+            *(f"{member[key] / 1e6:.0f}" for key in ("rss_start", "rss_peak", "rss_steady")),
+            f"{member['rss_end'] / 1e6:.0f}",
+            f"{member['rss_after_settle'] / 1e6:.0f}",
+            _allocated_mb(member.get("allocator_after_settle") or {}),
+            f"{member['log_bytes_peak'] / 1e6:.1f}",
+            f"{section['live_leaves_end'][i]:,}",
+        ]
+        for i, member in enumerate(section["members"])
+    ]
+    rates = ", ".join(f"{rate:,.0f}" for rate in section["achieved_rate"])
+    return _table(
+        f"Memory under churn: {section['processes']} members x {section['offered_rate']:,} "
+        f"ops/s (achieved {rates}) for {section['seconds']:.0f} s, sessions ttl "
+        f"{section['ttl']:g} s; exact at the end: {_yes(section['exact'])}",
+        [
+            "",
+            "RSS start MB",
+            "peak",
+            "steady",
+            "end",
+            "settled",
+            "of it in Python blocks used / free",
+            "log peak MB",
+            "live leaves",
+        ],
+        rows,
+    )
+
+
+def _allocated_mb(figures: dict[str, int]) -> str:
+    """Bytes of Python's small-object allocator in used and in free blocks, in MB."""
+    if "used_bytes" not in figures:
+        return "-"
+    return f"{figures['used_bytes'] / 1e6:.0f} / {figures['free_bytes'] / 1e6:.0f}"
+
+
 def tables(results: dict[str, Any]) -> str:
     """Every section as a plain-text table."""
     out = []
@@ -428,10 +476,21 @@ def tables(results: dict[str, Any]) -> str:
             ["partition", f"{section['partition_seconds']:.1f} s"],
             ["offered load", f"{section['offered_rate']:,}/s ({section['processes'] - 1} writers)"],
             ["writes while partitioned", f"{section['writes_while_partitioned']:,}"],
+            [
+                "writers' logs at the heal",
+                " / ".join(
+                    "-" if size is None else f"{size / 1e6:.1f} MB"
+                    for size in section.get("log_bytes_at_heal", [])
+                )
+                or "-",
+            ],
             ["heal until caught up", f"{section['catchup_seconds']:.2f} s"],
             ["converged afterwards", "yes" if section["converged"] else "NO"],
         ]
         out.append(_table("Catch-up after a partition", ["figure", "value"], rows))
+    section = results.get("churn")
+    if section and "members" in section:
+        out.append(_churn_table(section))
     section = results.get("redis")
     if section:
         if "skipped" in section:

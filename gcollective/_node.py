@@ -102,9 +102,10 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         max_frame: largest frame accepted from a peer, in bytes (256 MiB).
         max_queue_bytes: bytes queued for one peer before it counts as unable to keep up and
             its link is dropped, to be caught up later (64 MiB).
-        log_bytes: bytes of recent operations kept to catch peers up (64 MiB); a peer that
+        log_bytes: bytes of recent operations kept to catch peers up (16 MiB); a peer that
             missed more than the log holds gets a full snapshot instead. What every peer
-            not declared down has applied is dropped sooner (see "Catch-up" in the README).
+            not declared down has applied is dropped sooner (see "Catch-up" in the README),
+            so the log fills only while a peer is silent: this bounds what that costs.
         sync_interval: seconds between version-vector reports to each peer (1).
         down_timeout: seconds of silence after which a peer is declared down (600). Until
             then, tombstones and old increments are kept in case it comes back with writes
@@ -182,7 +183,7 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         backoff_max: float = 2.0,
         max_frame: int = 256 * 1024 * 1024,
         max_queue_bytes: int = 64 * 1024 * 1024,
-        log_bytes: int = 64 * 1024 * 1024,
+        log_bytes: int = 16 * 1024 * 1024,
         sync_interval: float = 1.0,
         handshake_timeout: float = 5.0,
         idle_timeout: float = 60.0,

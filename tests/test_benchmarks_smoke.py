@@ -32,7 +32,7 @@ def test_quick_benchmark_run_completes_with_sane_figures(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=480,
+        timeout=600,  # (the churn scenario adds ~30 s)
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Targets" in proc.stdout  # the printed table
@@ -106,7 +106,14 @@ def test_quick_benchmark_run_completes_with_sane_figures(tmp_path):
 
     _check_web(results["web"])
 
-    assert len(results["targets"]) == 8
+    churn = results["churn"]
+    assert churn["exact"] and churn["identical"], churn["members"]  # counters exact, all equal
+    assert len(churn["members"]) == 3 and len(churn["samples"]) > 2
+    for member in churn["members"]:
+        assert _positive(member["rss_start"]) and member["rss_peak"] >= member["rss_end"]
+        assert member["allocator_after_settle"]["used_bytes"] > 0
+
+    assert len(results["targets"]) == 9
     assert not [t for t in results["targets"] if t["verdict"].startswith("FAILED")]
     assert all("error" not in section for section in results.values() if isinstance(section, dict))
 
@@ -174,6 +181,7 @@ def _passing_results() -> dict:
             "processes": 4,
             "runs": [{"offered_rate": 10_000, "p99_ms": 1.0, "lost": 0, "converged": True}],
         },
+        "churn": {"seconds": 240.0, "rss_steady_max": 50e6, "exact": True},
     }
 
 
@@ -200,6 +208,7 @@ def test_targets_are_met_only_by_sound_runs():
             lambda r: r["join"].update(full=False, join_seconds=None)
         ],
         "3 writes lost": [lambda r: r["latency"]["runs"][0].update(lost=3)],
+        "counters or members' data differ": [lambda r: r["churn"].update(exact=False)],
     }
     for problem, spoils in spoilers.items():
         for spoil in spoils:
