@@ -263,8 +263,9 @@ def settings_from_env(
 
     - ``GCOLLECTIVE_HOSTS``: every server, comma-separated (default ``127.0.0.1``).
     - ``GCOLLECTIVE_BASE_PORT``: the port of slot 0 (default 9400); slot i is base + i.
-    - ``GCOLLECTIVE_SLOTS``: slots per server (default and minimum: ``workers``). Set it to
-      the most workers any server runs, TTIN included.
+    - ``GCOLLECTIVE_SLOTS``: slots per server (minimum: ``workers``; default ``workers``, and
+      2 for a single worker, whose successor needs a free slot on a HUP). Set it to the most
+      workers any server runs, TTIN included.
     - ``GCOLLECTIVE_PEERS``: every member's ``host:port`` instead of the three above; this
       server's slots are the entries whose host is ``GCOLLECTIVE_BIND``, in order.
     - ``GCOLLECTIVE_BIND``: this server's host as spelled in the list; needed only when
@@ -325,8 +326,9 @@ def settings_from_env(
         )
         slots_text = value("GCOLLECTIVE_SLOTS")
         count = parse_count(slots_text, "GCOLLECTIVE_SLOTS") if slots_text is not None else 0
-        # Never fewer slots than workers: each worker needs one.
-        count = max(count, workers)
+        # Never fewer slots than workers: each worker needs one. By default one more for a
+        # single worker: on a HUP its successor needs a free slot to take the data over.
+        count = max(count, workers if slots_text is not None else max(workers, 2))
         if base + count - 1 > 65535:
             raise ConfigError(
                 "GCOLLECTIVE_BASE_PORT",

@@ -102,7 +102,7 @@ class Gunicorn:
         self.worker_class = worker_class
         self.args = args
         self.env = env or {}
-        self.slots = slots or workers
+        self.slots = slots or max(workers, 2)  # (the worker's default)
         self.proc: subprocess.Popen | None = None
         fd, self.log_path = tempfile.mkstemp(prefix="gunicorn-", suffix=".log")
         os.close(fd)
@@ -350,9 +350,10 @@ def test_term_of_the_master_is_quick_and_quiet(gunicorn_server, tmp_path, contro
 
 
 def test_hup_reload_of_a_single_worker_keeps_the_data(gunicorn_server):
-    """One worker and a spare slot: the new worker takes the spare, catches up from the old
-    one, which leaves only then (the slot count that leaves room for a reload)."""
-    server = gunicorn_server(workers=1, slots=2, env={"GCOLLECTIVE_SLOTS": "2", **LONG_HANDOFF})
+    """One worker and, by default, a spare slot: the new worker takes the spare, catches up
+    from the old one, which leaves only then. (With a single slot the new worker waited for
+    the old one's slot, the old one for a successor: the data was lost.)"""
+    server = gunicorn_server(workers=1, env=LONG_HANDOFF)
     hits(server.port, 60, concurrency=4)
     total = agreed_total(server)
     assert total == 60
@@ -617,6 +618,11 @@ def test_hosts_base_port_and_slots_make_every_servers_peers():
     assert s.slots == (("10.0.0.2", 9000), ("10.0.0.2", 9001), ("10.0.0.2", 9002))
     assert len(s.peers) == 6 and ("10.0.0.1", 9002) in s.peers
     assert (s.secret, s.start_timeout, s.handoff_timeout) == ("k", 2.5, 0.0)
+
+
+def test_a_single_worker_gets_a_spare_slot_unless_told_otherwise():
+    assert len(settings_from_env({}, 1).slots) == 2
+    assert len(settings_from_env({"GCOLLECTIVE_SLOTS": "1"}, 1).slots) == 1
 
 
 def test_slots_never_fewer_than_workers():
