@@ -222,18 +222,20 @@ def place(parent: _Node, key: str, value: Any) -> None:
             parent.value[key] = value
 
 
-def build(value: dict[str, Any], s: int) -> _Node:
-    """A fresh node for a dict assigned at stamp ``s``, its members assigned at ``s`` too."""
+def build(value: dict[str, Any], s: int, keep: bool = False) -> _Node:
+    """A fresh node for a dict assigned at stamp ``s``, its members assigned at ``s`` too.
+    The node's value is a copy of ``value`` (the caller may still hold it), or with ``keep``
+    ``value`` itself (a value decoded for the store, which it may keep)."""
     node = _Node()
     node.assigned = node.reset = node.newest = s
     node.assigned_value = DICT
     # Copied and stamped in C (a session's small dict is built per SET); only a dict member
-    # takes a Python step, its own node. (A copy: the caller may still hold ``value``.)
+    # takes a Python step, its own node.
     entries: dict[str, int | _Node] = dict.fromkeys(value, s)
-    data = value.copy()
+    data = value if keep else value.copy()
     for k, v in value.items():
         if type(v) is dict:
-            child = build(v, s)
+            child = build(v, s, keep)
             entries[k] = child
             data[k] = child.value
     node._entries = entries  # (a new node: no runs)
