@@ -99,7 +99,14 @@ def copy_value(value: Any) -> Any:
     """Copy a JSON value deeply, keeping every type exactly (faster than ``copy.deepcopy``)."""
     kind = type(value)
     if kind is dict:
-        return {k: copy_value(v) for k, v in value.items()}
+        # Copied in C, then only containers take a Python step (a session's small dict of
+        # leaves, read back on every request, takes none).
+        copy = value.copy()
+        for k, v in value.items():
+            inner = type(v)
+            if inner is dict or inner is list:
+                copy[k] = copy_value(v)
+        return copy
     if kind is list:
         return [copy_value(v) for v in value]
     return value
