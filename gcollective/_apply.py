@@ -11,7 +11,7 @@ from __future__ import annotations
 from heapq import heappush
 from typing import Any, Sequence
 
-from ._clock import MILLIS_SHIFT, expiry_stamp
+from ._clock import DERIVED_BIT, MILLIS_SHIFT, NODE_MASK, expiry_stamp
 from ._rebuild import prune_children, rebuild_at
 from ._tree import (
     DELETE,
@@ -140,8 +140,9 @@ class Applier(Expiries):
         raised: int | None = None  # the newest stamp not yet raised on the way
         for s, op, key, value, ttl_ms in zip(stamps, ops, keys, values, ttls):
             if ttl_ms:
-                expiry = expiry_stamp(s, ttl_ms)
-                due = expiry >> MILLIS_SHIFT
+                # (``expiry_stamp``, inline: a call costs a tenth of a hit here)
+                due = (s >> MILLIS_SHIFT) + ttl_ms
+                expiry = (due << MILLIS_SHIFT) | DERIVED_BIT | (s & NODE_MASK)
                 if due > now:
                     if op == SET:
                         if type(value) is dict and key not in entries:
