@@ -26,7 +26,7 @@ from ._tree import (
     raise_below,
     record_assign,
 )
-from ._ttl import Expiries, fired_any
+from ._ttl import Expiries, fired_any, path_tuple
 
 __all__ = ["Applier"]
 
@@ -286,7 +286,10 @@ class Applier(Expiries):
         else:
             return False  # a plain leaf: set_leaf's case
         if ttl_ms:
-            self._record_ttl(node, s, expiry, path)
+            # ``_record_ttl`` of a fresh node's only event, not due, inline (a session's)
+            node.ttls = {s: expiry}
+            node.ttl_first = expiry
+            heappush(self._pending, (expiry >> MILLIS_SHIFT, s, path_tuple(path)))
         self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
         entries[key] = node
         parent.value[key] = node.value

@@ -20,7 +20,7 @@ from ._clock import MILLIS_SHIFT
 from ._rebuild import owners, rebuild_at
 from ._tree import MISSING, Tree, _Node, record_assign
 
-__all__ = ["Expiries", "fired_any"]
+__all__ = ["Expiries", "fired_any", "path_tuple"]
 
 Path = tuple[str, ...]
 

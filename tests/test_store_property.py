@@ -2146,6 +2146,19 @@ def test_received_sessions_and_hits_under_a_parent_match_one_by_one(data: st.Dat
         return  # (the batch's origin made one stamp twice)
     now = data.draw(st.integers(0, 45), label="now")
     schedule = data.draw(deliveries(before), label="before's delivery")
+    later = data.draw(st.integers(now, 60), label="later")
+    after = data.draw(st.lists(ttl_bodies(EXPIRING_SIBLING_PATHS), max_size=4), label="after")
+    after_ops = [Op(real_stamp(26 + i, 0, 1), *body) for i, body in enumerate(after)]
+    check_expiring_siblings(schedule, batch, now, later, after_ops)
+
+
+def check_expiring_siblings(
+    schedule: list[Op], batch: list[Op], now: int, later: int, after_ops: list[Op]
+) -> None:
+    """Deliver ``schedule`` to two stores at time ``now``, then ``batch`` (one origin's,
+    under ``s``) as one ``apply_batch`` to one and op by op to the other: the same metadata,
+    and the model's tree; the same after time ``later``, hard expiry and collection below
+    the stamps of ``after_ops``, and those."""
     batched, one_by_one = new_store(), new_store()
     for store in (batched, one_by_one):
         deliver(store, schedule)
@@ -2161,15 +2174,12 @@ def test_received_sessions_and_hits_under_a_parent_match_one_by_one(data: st.Dat
     deliver(one_by_one, batch)
     context = f"now={now}, before: {schedule!r}, batch: {batch!r}"
     assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
-    received = [*before, *batch]
+    received = [*schedule, *batch]
     assert_tree(batched.to_dict(), fold(received, now), context)
     assert_ttl_first(batched._root, context)
     # Later: time steps, the expiries made permanent and the metadata collected, and more
-    # operations (older ones too), both ways alike.
-    later = data.draw(st.integers(now, 60), label="later")
-    after = data.draw(st.lists(ttl_bodies(EXPIRING_SIBLING_PATHS), max_size=4), label="after")
-    after_ops = [Op(real_stamp(26 + i, 0, 1), *body) for i, body in enumerate(after)]
-    frontier = real_stamp(26, 0, 1)
+    # operations, both ways alike.
+    frontier = min([op.stamp for op in after_ops], default=real_stamp(1000, 0, 1))
     for store in (batched, one_by_one):
         store.advance(later)
         store.expire(frontier)
@@ -2180,3 +2190,33 @@ def test_received_sessions_and_hits_under_a_parent_match_one_by_one(data: st.Dat
     context += f", later={later}, after={after_ops!r}"
     assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
     assert_tree(batched.to_dict(), fold(received + after_ops, 60), context)
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        # older than the counter's assignment (a SET with a ttl, then hits): overtaken
+        Op(real_stamp(1, 0, 3), INCREMENT, ("s", "k"), 4, ttl=30),
+        # older than a write below the counter, which made it a dict, then hits again
+        Op(real_stamp(3, 0, 3), INCREMENT, ("s", "k"), 4, ttl=30),
+        # between the write below and the hits: overtaken by the dict it made
+        Op(real_stamp(5, 0, 3), INCREMENT, ("s", "k"), 4, ttl=30),
+        # after everything there but one hit: counts
+        Op(real_stamp(7, 0, 3), INCREMENT, ("s", "k"), 4, ttl=30),
+    ],
+    ids=["before the assignment", "before a write below", "after a write below", "late hit"],
+)
+def test_a_late_hit_under_a_parent_counts_as_one_by_one(late: Op) -> None:
+    """A received rate-limit hit older than some of a counter's events counts only when the
+    contract says (the ``_hit`` cases ``_late_increment`` takes, and those it refuses)."""
+    before = [
+        Op(real_stamp(2, 0, 1), SET, ("s", "k"), 10, ttl=30),
+        Op(real_stamp(4, 0, 2), SET, ("s", "k", "x"), 1),
+        Op(real_stamp(6, 0, 1), INCREMENT, ("s", "k"), 1, ttl=30),
+        Op(real_stamp(8, 0, 2), INCREMENT, ("s", "k"), 1, ttl=30),
+    ]
+    for cut in range(len(before) + 1):
+        check_expiring_siblings(before[:cut], [late], 0, 40, [])
+    hits_only = [before[0], *before[2:]]  # (no write below: the assignment alone decides)
+    for cut in range(len(hits_only) + 1):
+        check_expiring_siblings(hits_only[:cut], [late], 0, 40, [])
