@@ -50,13 +50,14 @@ class Batches(Ways):
         """
         self._forget_way()
         if ttls is not None and any(ttls):
-            node, ancestors = self._dict_way(parent.split(".") if parent else [], stamps[0])
-            if parent and node is not None and stamps[0] >= node.reset:
-                keys = cast("list[str]", paths)  # (sessions, rate-limit hits under one parent)
-                self.apply_expiring_siblings(
-                    node, ancestors, stamps, ops, parent, keys, values, ttls
-                )
-                return
+            if parent:  # (sessions, rate-limit hits: keys under one parent)
+                node, ancestors = self._dict_way(parent.split("."), stamps[0])
+                if node is not None and stamps[0] >= node.reset:
+                    keys = cast("list[str]", paths)
+                    self.apply_expiring_siblings(
+                        node, ancestors, stamps, ops, parent, keys, values, ttls
+                    )
+                    return
             self._apply_in_turn(stamps, ops, full_paths(parent, paths), values, ttls)
             return
         if len(stamps) >= _BULK_MIN and set(ops) == _ONLY_SETS:
