@@ -50,6 +50,14 @@ class Batches(Ways):
         """
         self._forget_way()
         if ttls is not None and any(ttls):
+            if parent:  # (sessions, rate-limit hits: keys under one parent)
+                node, ancestors = self._dict_way(parent.split("."), stamps[0])
+                if node is not None and stamps[0] >= node.reset:
+                    keys = cast("list[str]", paths)
+                    self.apply_expiring_siblings(
+                        node, ancestors, stamps, ops, parent, keys, values, ttls
+                    )
+                    return
             self._apply_in_turn(stamps, ops, full_paths(parent, paths), values, ttls)
             return
         if len(stamps) >= _BULK_MIN and set(ops) == _ONLY_SETS:
@@ -86,9 +94,7 @@ class Batches(Ways):
                     if ttl_ms:
                         # (SET or INCREMENT: a DELETE carries no ttl)
                         if s >= last_parent.reset:
-                            self._apply_with_ttl(
-                                last_parent, key, s, op, value, ttl_ms, path.split(".")
-                            )
+                            self._apply_with_ttl(last_parent, key, s, op, value, ttl_ms, path)
                         raised = s
                         continue
                     if op == SET and type(value) is not dict:

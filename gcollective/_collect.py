@@ -116,6 +116,8 @@ class Collector(Tree):
         events are left for a later pass."""
         ttls = node.ttls
         assert ttls is not None
+        if len(ttls) == 1:
+            return False  # (a session's: its only event, nothing replaced it)
         owning = dict(owners(ttls))
         if len(owning) < len(ttls):
             kept = {st: e for st, e in ttls.items() if st >= frontier or st in owning}

@@ -99,7 +99,14 @@ def copy_value(value: Any) -> Any:
     """Copy a JSON value deeply, keeping every type exactly (faster than ``copy.deepcopy``)."""
     kind = type(value)
     if kind is dict:
-        return {k: copy_value(v) for k, v in value.items()}
+        # Copied in C, then only containers take a Python step (a session's small dict of
+        # leaves, read back on every request, takes none).
+        copy = value.copy()
+        for k, v in value.items():
+            inner = type(v)
+            if inner is dict or inner is list:
+                copy[k] = copy_value(v)
+        return copy
     if kind is list:
         return [copy_value(v) for v in value]
     return value
@@ -222,18 +229,20 @@ def place(parent: _Node, key: str, value: Any) -> None:
             parent.value[key] = value
 
 
-def build(value: dict[str, Any], s: int) -> _Node:
-    """A fresh node for a dict assigned at stamp ``s``, its members assigned at ``s`` too."""
+def build(value: dict[str, Any], s: int, keep: bool = False) -> _Node:
+    """A fresh node for a dict assigned at stamp ``s``, its members assigned at ``s`` too.
+    The node's value is a copy of ``value`` (the caller may still hold it), or with ``keep``
+    ``value`` itself (a value decoded for the store, which it may keep)."""
     node = _Node()
     node.assigned = node.reset = node.newest = s
     node.assigned_value = DICT
     # Copied and stamped in C (a session's small dict is built per SET); only a dict member
-    # takes a Python step, its own node. (A copy: the caller may still hold ``value``.)
+    # takes a Python step, its own node.
     entries: dict[str, int | _Node] = dict.fromkeys(value, s)
-    data = value.copy()
+    data = value if keep else value.copy()
     for k, v in value.items():
         if type(v) is dict:
-            child = build(v, s)
+            child = build(v, s, keep)
             entries[k] = child
             data[k] = child.value
     node._entries = entries  # (a new node: no runs)

@@ -20,7 +20,7 @@ from ._clock import MILLIS_SHIFT
 from ._rebuild import owners, rebuild_at
 from ._tree import MISSING, Tree, _Node, record_assign
 
-__all__ = ["Expiries", "fired_any"]
+__all__ = ["Expiries", "fired_any", "path_tuple"]
 
 Path = tuple[str, ...]
 
@@ -163,24 +163,31 @@ class Expiries(Tree):
             node.ttls = {s: expiry}  # (a session's: its only event, nothing covers it)
             node.ttl_first = expiry
             if due <= now:
-                self._push_due(expiry, s, tuple(path))
+                self._push_due(expiry, s, path_tuple(path))
             else:
-                heapq.heappush(self._pending, (due, s, tuple(path)))
+                heapq.heappush(self._pending, (due, s, path_tuple(path)))
             return
         if s in ttls:
             return
-        covered = False
-        for other in ttls.values():
-            if now < other >> MILLIS_SHIFT <= due:
-                covered = True  # an entry for this node pops first
-                break
+        first_due = node.ttl_first >> MILLIS_SHIFT
+        if first_due > now:
+            # The earliest event here is not due, so it is the earliest not due, and it has
+            # an entry (one comparison: a counter hit again and again holds one event per
+            # hit until ``collect``).
+            covered = first_due <= due
+        else:
+            covered = False
+            for other in ttls.values():
+                if now < other >> MILLIS_SHIFT <= due:
+                    covered = True  # an entry for this node pops first
+                    break
         ttls[s] = expiry
         if expiry < node.ttl_first:
             node.ttl_first = expiry
         if due <= now:
-            self._push_due(expiry, s, tuple(path))
+            self._push_due(expiry, s, path_tuple(path))
         elif not covered:
-            heapq.heappush(self._pending, (due, s, tuple(path)))
+            heapq.heappush(self._pending, (due, s, path_tuple(path)))
 
     def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
         if s not in self._due_stamps:
@@ -212,6 +219,13 @@ class Expiries(Tree):
         node = parent.entries.get(path[-1])
         if type(node) is _Node:
             rebuild_at(parent, path[-1], node, self.now_ms)
+
+
+def path_tuple(path: Any) -> tuple[str, ...]:
+    """A path given as segments, or as a dotted str (segments without dots, as a batch's
+    paths are), as the tuple of its segments: what ``_pending`` holds. (A dotted path is
+    split only when an entry is made: a counter's hits make none.)"""
+    return tuple(path.split(".")) if type(path) is str else tuple(path)
 
 
 def fired_any(node: _Node, now_ms: float | int) -> bool:

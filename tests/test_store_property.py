@@ -2085,3 +2085,138 @@ def test_a_snapshot_in_pieces_read_while_operations_go_on_gives_the_holders_stat
     deliver(holder, more)
     deliver(joiner, more)
     assert_tree(joiner.to_dict(), holder.to_dict(), f"{context}, more: {more!r}")
+
+
+# -- issue 20: received sessions and rate-limit hits under one parent ------------------------
+
+# Keys under the parent ``("s",)`` and what collides with them: the parent itself, a key below
+# a session, another parent.
+EXPIRING_SIBLING_PATHS = st.sampled_from(
+    [("s", "a"), ("s", "b"), ("s", "c"), ("s", "k"), ("s",), ("s", "a", "u"), ("t",)]
+)
+# A session's dict (sometimes with a dict inside) or a leaf.
+SESSION_VALUES = st.one_of(
+    st.dictionaries(st.sampled_from(SEGMENTS), json_leaves, max_size=3),
+    st.dictionaries(
+        st.sampled_from(SEGMENTS),
+        st.one_of(json_leaves, st.dictionaries(st.sampled_from(SEGMENTS), json_leaves)),
+        max_size=2,
+    ),
+    json_leaves,
+)
+
+
+def _sibling_bodies() -> st.SearchStrategy:
+    """Operations at one key under ``s``: sessions (a SET with a ttl), rate-limit hits (an
+    int INCREMENT with a ttl) most, and anything else among them."""
+    keys = st.sampled_from(["a", "b", "c", "k"]).map(lambda key: ("s", key))
+    session = st.tuples(st.just(SET), keys, SESSION_VALUES, st.integers(1, 30))
+    hit = st.tuples(st.just(INCREMENT), keys, small_ints, st.integers(1, 30))
+    other = ttl_bodies(keys)
+    return st.one_of(session, hit, hit, other)
+
+
+@_settings(max_examples=500)
+@given(st.data())
+def test_received_sessions_and_hits_under_a_parent_match_one_by_one(data: st.DataObject) -> None:
+    """One origin's batch of operations under one parent with ttls (received sessions and
+    rate-limit hits: ``apply_expiring_siblings``), on top of any state (other members' hits
+    newer and older, sessions already there, ttls that fired, the parent or a key below a
+    session written), at any time: the metadata equals applying the batch one by one, the
+    tree matches the model then, and after later time steps, hard expiry and collection, and
+    later operations."""
+    before_bodies = data.draw(
+        st.lists(st.one_of(_sibling_bodies(), ttl_bodies(EXPIRING_SIBLING_PATHS)), max_size=10),
+        label="before",
+    )
+    origin = data.draw(st.sampled_from(NODE_IDS), label="batch origin")
+    batch_bodies = data.draw(st.lists(_sibling_bodies(), min_size=1, max_size=16), label="batch")
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 3), st.sampled_from(NODE_IDS))
+    count = len(before_bodies) + len(batch_bodies)
+    keys = data.draw(st.lists(raw, min_size=count, max_size=count, unique=True), label="stamps")
+    before = [Op(real_stamp(*key), *body) for key, body in zip(keys, before_bodies, strict=False)]
+    batch_keys = sorted(
+        (millis, counter, origin) for millis, counter, _ in keys[len(before_bodies) :]
+    )
+    batch = [
+        Op(real_stamp(*key), *body) for key, body in zip(batch_keys, batch_bodies, strict=True)
+    ]
+    taken = {op.stamp for op in before}
+    if taken & {op.stamp for op in batch} or len({op.stamp for op in batch}) < len(batch):
+        return  # (the batch's origin made one stamp twice)
+    now = data.draw(st.integers(0, 45), label="now")
+    schedule = data.draw(deliveries(before), label="before's delivery")
+    later = data.draw(st.integers(now, 60), label="later")
+    after = data.draw(st.lists(ttl_bodies(EXPIRING_SIBLING_PATHS), max_size=4), label="after")
+    after_ops = [Op(real_stamp(26 + i, 0, 1), *body) for i, body in enumerate(after)]
+    check_expiring_siblings(schedule, batch, now, later, after_ops)
+
+
+def check_expiring_siblings(
+    schedule: list[Op], batch: list[Op], now: int, later: int, after_ops: list[Op]
+) -> None:
+    """Deliver ``schedule`` to two stores at time ``now``, then ``batch`` (one origin's,
+    under ``s``) as one ``apply_batch`` to one and op by op to the other: the same metadata,
+    and the model's tree; the same after time ``later``, hard expiry and collection below
+    the stamps of ``after_ops``, and those."""
+    batched, one_by_one = new_store(), new_store()
+    for store in (batched, one_by_one):
+        deliver(store, schedule)
+        store.advance(now)
+    batched.apply_batch(
+        [op.stamp for op in batch],
+        [op.op for op in batch],
+        [op.path[-1] for op in batch],
+        [copy.deepcopy(op.value) for op in batch],
+        "s",
+        [op.ttl or 0 for op in batch],
+    )
+    deliver(one_by_one, batch)
+    context = f"now={now}, before: {schedule!r}, batch: {batch!r}"
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    received = [*schedule, *batch]
+    assert_tree(batched.to_dict(), fold(received, now), context)
+    assert_ttl_first(batched._root, context)
+    # Later: time steps, the expiries made permanent and the metadata collected, and more
+    # operations, both ways alike.
+    frontier = min([op.stamp for op in after_ops], default=real_stamp(1000, 0, 1))
+    for store in (batched, one_by_one):
+        store.advance(later)
+        store.expire(frontier)
+        while not store.collect(frontier):
+            pass
+        deliver(store, after_ops)
+        store.advance(60)
+    context += f", later={later}, after={after_ops!r}"
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    assert_tree(batched.to_dict(), fold(received + after_ops, 60), context)
+
+
+@pytest.mark.parametrize(
+    "late",
+    [
+        # older than the counter's assignment (a SET with a ttl, then hits): overtaken
+        Op(real_stamp(1, 0, 3), INCREMENT, ("s", "k"), 4, ttl=30),
+        # older than a write below the counter, which made it a dict, then hits again
+        Op(real_stamp(3, 0, 3), INCREMENT, ("s", "k"), 4, ttl=30),
+        # between the write below and the hits: overtaken by the dict it made
+        Op(real_stamp(5, 0, 3), INCREMENT, ("s", "k"), 4, ttl=30),
+        # after everything there but one hit: counts
+        Op(real_stamp(7, 0, 3), INCREMENT, ("s", "k"), 4, ttl=30),
+    ],
+    ids=["before the assignment", "before a write below", "after a write below", "late hit"],
+)
+def test_a_late_hit_under_a_parent_counts_as_one_by_one(late: Op) -> None:
+    """A received rate-limit hit older than some of a counter's events counts only when the
+    contract says (the ``_hit`` cases ``_late_increment`` takes, and those it refuses)."""
+    before = [
+        Op(real_stamp(2, 0, 1), SET, ("s", "k"), 10, ttl=30),
+        Op(real_stamp(4, 0, 2), SET, ("s", "k", "x"), 1),
+        Op(real_stamp(6, 0, 1), INCREMENT, ("s", "k"), 1, ttl=30),
+        Op(real_stamp(8, 0, 2), INCREMENT, ("s", "k"), 1, ttl=30),
+    ]
+    for cut in range(len(before) + 1):
+        check_expiring_siblings(before[:cut], [late], 0, 40, [])
+    hits_only = [before[0], *before[2:]]  # (no write below: the assignment alone decides)
+    for cut in range(len(hits_only) + 1):
+        check_expiring_siblings(hits_only[:cut], [late], 0, 40, [])
