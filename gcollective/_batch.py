@@ -136,11 +136,14 @@ class Batches(Ways):
         self, stamps: Sequence[int], parent: str, paths: list[Any], amounts: list[Any]
     ) -> bool:
         """Apply INCREMENTs of ints at one dotted path (a hot counter's hits from one origin,
-        stamps growing) as one, where each would be the newest event there: the counter (or
-        a new one) gets every stamp's increment recorded as one by one would (``incs``, which
-        repeats, late events, the export and ``collect`` read), its number grows by their
-        sum once, and the summaries above it are raised once. Returns False, having changed
-        nothing, when the batch is not that (then one by one decides)."""
+        stamps growing) as one, where each one by one would just add to an int counter: after
+        its assignment and every write below it, none a repeat, nothing that may expire. Then
+        the order of the additions does not matter, whether a hit is the newest there or
+        lands among other members' hits: the counter (or a new one) gets every stamp's
+        increment recorded as one by one would (``incs``, which repeats, late events, the
+        export and ``collect`` read), its number grows by their sum once, its stamps and the
+        summaries above it are raised once. Returns False, having changed nothing, when the
+        batch is not that (then one by one decides)."""
         path = paths[0]
         if type(path) is not str or paths.count(path) != len(paths):
             return False
@@ -153,6 +156,7 @@ class Batches(Ways):
             return False
         entries = node._entries if node.runs is None else node.entries
         entry = entries.get(key)
+        hits = list(stamps)
         if entry is None:
             entry = _Node()
             entry.value = 0
@@ -160,15 +164,21 @@ class Batches(Ways):
             type(entry) is not _Node
             or entry.ttls is not None
             or type(entry.value) is not int
-            or not first > entry.newest
+            or not (first > entry.assigned and first > entry.written_below)
+            or (entry.incs is not None and not entry.incs.keys().isdisjoint(hits))
         ):
-            return False  # not only newer increments of a number: one by one
+            return False  # not only additions to a number: one by one
         if entry.incs is None:
-            entry.incs = dict(zip(stamps, amounts))
+            entry.incs = dict(zip(hits, amounts))
         else:
-            entry.incs.update(zip(stamps, amounts))
-        last = stamps[-1]
-        entry.newest = entry.incremented = entry.reset = last
+            entry.incs.update(zip(hits, amounts))
+        last = hits[-1]
+        if last > entry.incremented:  # (as ``_increment`` and ``_increment_late`` raise them)
+            entry.incremented = last
+            if last > entry.reset:
+                entry.reset = last
+        if last > entry.newest:
+            entry.newest = last
         entry.value += sum(amounts)
         entries[key] = entry
         node.value[key] = entry.value

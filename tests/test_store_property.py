@@ -2105,7 +2105,11 @@ def test_a_batch_of_one_hot_counter_matches_one_by_one(data: st.DataObject) -> N
     amount = small_ints if data.draw(st.booleans(), label="ints only") else amounts
     hits = data.draw(st.lists(amount, min_size=1, max_size=12), label="amounts")
     counted = st.tuples(st.just(INCREMENT), st.just(hot), small_ints)
-    before_bodies = data.draw(st.lists(st.one_of(counted, op_bodies()), max_size=5), "before")
+    assigned = st.tuples(st.just(SET), st.just(hot), small_ints)
+    below = st.tuples(st.just(SET), st.sampled_from([(*hot, s) for s in SEGMENTS]), small_ints)
+    before_bodies = data.draw(
+        st.lists(st.one_of(counted, counted, assigned, below, op_bodies()), max_size=6), "before"
+    )
     after_bodies = data.draw(st.lists(op_bodies(), max_size=5), label="after")
     count = len(hits) + len(before_bodies) + len(after_bodies)
     op_stamps = data.draw(
