@@ -20,6 +20,8 @@ __all__ = ["Batches"]
 
 _BULK_MIN = 16  # below this, a batch goes one operation at a time
 _ONLY_SETS = {SET}
+_ONLY_INCREMENTS = {INCREMENT}
+_ONLY_INTS = {int}
 _FIRST = itemgetter(0)
 _LAST = itemgetter(2)
 
@@ -60,7 +62,10 @@ class Batches(Ways):
                     return
             self._apply_in_turn(stamps, ops, full_paths(parent, paths), values, ttls)
             return
-        if len(stamps) >= _BULK_MIN and set(ops) == _ONLY_SETS:
+        kinds = set(ops)
+        if kinds == _ONLY_INCREMENTS and self._increment_run(stamps, parent, paths, values):
+            return
+        if len(stamps) >= _BULK_MIN and kinds == _ONLY_SETS:
             if parent:
                 if self._set_siblings(stamps, parent, cast("list[str]", paths), values):
                     return
@@ -132,6 +137,60 @@ class Batches(Ways):
                 prefix = above
         if raised is not None:
             raise_below(ancestors, raised)
+
+    def _increment_run(
+        self, stamps: Sequence[int], parent: str, paths: list[Any], amounts: list[Any]
+    ) -> bool:
+        """Apply INCREMENTs of ints at one dotted path (a hot counter's hits from one origin,
+        stamps growing) as one, where each one by one would just add to an int counter: after
+        its assignment and every write below it, none a repeat, nothing that may expire. Then
+        the order of the additions does not matter, whether a hit is the newest there or
+        lands among other members' hits: the counter (or a new one) gets every stamp's
+        increment recorded as one by one would (``incs``, which repeats, late events, the
+        export and ``collect`` read), its number grows by their sum once, its stamps and the
+        summaries above it are raised once. Returns False, having changed nothing, when the
+        batch is not that (then one by one decides)."""
+        path = paths[0]
+        if type(path) is not str or paths.count(path) != len(paths):
+            return False
+        if set(map(type, amounts)) != _ONLY_INTS:
+            return False  # (a float's sum depends on the order of the additions)
+        above, _, key = (f"{parent}.{path}" if parent else path).rpartition(".")
+        first = stamps[0]
+        node, ancestors = self._dict_way(above.split(".") if above else [], first)
+        if node is None or first < node.reset:
+            return False
+        entries = node._entries if node.runs is None else node.entries
+        entry = entries.get(key)
+        hits = list(stamps)
+        if entry is None:
+            entry = _Node()
+            entry.value = 0
+        elif (
+            type(entry) is not _Node
+            or entry.ttls is not None
+            or type(entry.value) is not int
+            or not (first > entry.assigned and first > entry.written_below)
+            or (entry.incs is not None and not entry.incs.keys().isdisjoint(hits))
+        ):
+            return False  # not only additions to a number: one by one
+        if entry.incs is None:
+            entry.incs = dict(zip(hits, amounts))
+        else:
+            entry.incs.update(zip(hits, amounts))
+        last = hits[-1]
+        if last > entry.incremented:  # (as ``_increment`` and ``_increment_late`` raise them)
+            entry.incremented = last
+            if last > entry.reset:
+                entry.reset = last
+        if last > entry.newest:
+            entry.newest = last
+        entry.value += sum(amounts)
+        entries[key] = entry
+        node.value[key] = entry.value
+        self._untidy = True  # (increments for ``collect`` to fold)
+        raise_below(ancestors, last)
+        return True
 
     def _apply_sibling_sets(
         self, stamps: Sequence[int], paths: list[Any], values: list[Any]

@@ -54,6 +54,7 @@ from ._server import (
 from ._store import DELETE, INCREMENT, SET, Store, copy_value, is_number
 from ._validate import (
     INT_BOUND,
+    INT_LOW,
     MAX_BYTES,
     MAX_DEPTH,
     MAX_INT_DIGITS,
@@ -64,6 +65,7 @@ from ._validate import (
     check_seconds,
     check_sizes,
     check_ttl,
+    clean_flat_dict,
     clean_value,
     format_address,
     parse_key,
@@ -84,7 +86,6 @@ _INF = float("inf")
 # not fit in ``max_frame`` with these (see ``Collective._check_fits``).
 _OP_BYTES = 256
 _LEVEL_BYTES = 160
-_INT_LOW = -INT_BOUND  # (made once: ``set`` compares every int with it)
 
 
 class Collective(_Connections, _Membership, _Watching, _Member):
@@ -630,17 +631,15 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         # it needs and no more: this is the hot path. (``_writable`` is also how it knows the
         # node was not inherited through a fork: the fork hook clears it.)
         kind = type(value)
-        if not ((kind is int and _INT_LOW < value < INT_BOUND) or kind is bool or value is None):
-            if kind is str:
-                value = clean_value(value)
-                if len(key) + len(value) > self._fits_chars:
-                    self._check_fits(key, value, key.count(".") + 1)
-            else:
-                depth = key.count(".") + 1
-                value = clean_value(value, depth)
-                self._check_fits(key, value, depth)
-        elif len(key) > self._fits_chars:
-            self._check_fits(key, value, key.count(".") + 1)
+        if (kind is int and INT_LOW < value < INT_BOUND) or kind is bool or value is None:
+            if len(key) > self._fits_chars:
+                self._check_fits(key, value, key.count(".") + 1)
+        elif kind is str:
+            value = clean_value(value)
+            if len(key) + len(value) > self._fits_chars:
+                self._check_fits(key, value, key.count(".") + 1)
+        else:
+            value = self._checked_value(key, value)
         ttl_ms = 0 if ttl is None else check_ttl(ttl)
         stamp = self._clock.stamp()
         # A writer's loop sets keys under one parent: the store remembers the way to that
@@ -657,6 +656,21 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             self._schedule_flush()
         elif len(outbox) >= OUTBOX_ITEMS:
             self._flush_outbox()
+
+    def _checked_value(self, key: str, value: Any) -> Any:
+        """``set``'s checks of a value that is not a number, str, bool or None, at the dotted
+        ``key``: the private copy to store, or ``InvalidValueError``. A session's small flat
+        dict is copied and measured in one pass (``clean_flat_dict``), not encoded."""
+        depth = key.count(".") + 1
+        flat = clean_flat_dict(value, depth) if type(value) is dict else None
+        if flat is None:
+            value = clean_value(value, depth)
+            self._check_fits(key, value, depth)
+            return value
+        value, chars = flat
+        if len(key) + chars > self._fits_chars:
+            self._check_fits(key, value, depth)
+        return value
 
     def _set_otherwise(self, key: Key, value: Any, op: Any, ttl: float | None) -> None:
         """``set`` of all but a plain SET of a dotted key on a running node without watches."""
@@ -690,7 +704,7 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             and type(key) is str
             and self._writable
             and not self._watches
-            and _INT_LOW < amount < INT_BOUND
+            and INT_LOW < amount < INT_BOUND
             and len(key) + MAX_INT_DIGITS <= self._fits_chars  # (``_check_fits``'s first test)
         ):
             # The common call (a counter hit in a loop), the way ``set`` takes: under the
@@ -753,7 +767,14 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             # A loop deleting keys under one parent: the way ``set`` takes.
             stamp = self._clock.stamp()
             if self._store.delete_key(stamp, key):
-                self._engine.send_own(stamp, DELETE, key, None)
+                # ``_send_own(stamp, DELETE, key, None)``, inline (as in set)
+                outbox = self._outbox
+                self._out_special.append((len(outbox) // 3, DELETE, 0))
+                outbox += (stamp, key, None)
+                if len(outbox) == 3:
+                    self._schedule_flush()
+                elif len(outbox) >= OUTBOX_ITEMS:
+                    self._flush_outbox()
                 return
             # Not that case: the general way, with the stamp taken (nothing yielded since).
         else:

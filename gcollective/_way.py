@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from ._apply import Applier
 from ._clock import MILLIS_SHIFT, expiry_stamp
 from ._tree import SET, _Node, newest_in
-from ._validate import INT_BOUND, parse_key
+from ._validate import INT_BOUND, INT_LOW, parse_key
 
 __all__ = ["Ways"]
 
@@ -53,12 +53,21 @@ class Ways(Applier):
             else:
                 path = parse_key(key)  # raises for a bad key
                 on_way = self._way_to(above, path, stamp)
-            if on_way and (
-                self.assign_leaf(stamp, leaf, value, ttl_ms)
-                if ttl_ms
-                else self.set_leaf(stamp, leaf, value)
-            ):
-                return
+            if on_way:
+                if ttl_ms or type(value) is dict:
+                    if self.assign_leaf(stamp, leaf, value, ttl_ms):
+                        return
+                else:
+                    # ``set_leaf``, inline (the call cost a tenth of a ``Collective.set``)
+                    parent = self._way_parent
+                    entries = parent._entries
+                    entry = entries.setdefault(leaf, stamp)
+                    if entry is stamp or (type(entry) is int and stamp > entry):
+                        if entry is not stamp:
+                            entries[leaf] = stamp
+                        parent.value[leaf] = value
+                        self._way_newest = stamp
+                        return
         self.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
 
     def _look_for_way(self, above: str, key: str, stamp: int) -> bool:
@@ -173,7 +182,7 @@ class Ways(Applier):
             if type(current) is not int:
                 return None
             result = current + amount
-            if not -INT_BOUND < result < INT_BOUND:
+            if not INT_LOW < result < INT_BOUND:
                 return None  # the general way refuses it
             if entry.ttls is not None and s >> MILLIS_SHIFT <= self.now_ms:
                 return None  # an expiry may have fired after ``s``: _newest_increment

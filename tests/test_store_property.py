@@ -2220,3 +2220,115 @@ def test_a_late_hit_under_a_parent_counts_as_one_by_one(late: Op) -> None:
     hits_only = [before[0], *before[2:]]  # (no write below: the assignment alone decides)
     for cut in range(len(hits_only) + 1):
         check_expiring_siblings(hits_only[:cut], [late], 0, 40, [])
+
+
+def _stamp_of(operation: Op) -> Any:
+    return operation.stamp
+
+
+@_settings(max_examples=400)
+@given(st.data())
+def test_a_batch_of_one_hot_counter_matches_one_by_one(data: st.DataObject) -> None:
+    """A batch of INCREMENTs of one path (a hot counter's hits from one origin), which
+    ``apply_batch`` applies as one (``_increment_run``) when each is the newest event there,
+    on top of any state (the counter, its ancestors and descendants set, deleted, counted),
+    with the parent said once or not, leaves the metadata of applying them one by one, and
+    later operations (older ones too, landing between the hits) find the same."""
+    from gcollective._wire import wire_path
+
+    hot = data.draw(paths, label="hot path")
+    amount = small_ints if data.draw(st.booleans(), label="ints only") else amounts
+    hits = data.draw(st.lists(amount, min_size=1, max_size=12), label="amounts")
+    counted = st.tuples(st.just(INCREMENT), st.just(hot), small_ints)
+    assigned = st.tuples(st.just(SET), st.just(hot), small_ints)
+    below = st.tuples(st.just(SET), st.sampled_from([(*hot, s) for s in SEGMENTS]), small_ints)
+    before_bodies = data.draw(
+        st.lists(st.one_of(counted, counted, assigned, below, op_bodies()), max_size=6), "before"
+    )
+    after_bodies = data.draw(st.lists(op_bodies(), max_size=5), label="after")
+    count = len(hits) + len(before_bodies) + len(after_bodies)
+    op_stamps = data.draw(
+        st.lists(stamps, min_size=count, max_size=count, unique=True), label="stamps"
+    )
+    if data.draw(st.booleans(), label="before is older"):
+        # (the case the bulk path takes: the hits newest at the counter; later operations
+        # may still land between them)
+        op_stamps.sort()
+        older, newer = op_stamps[: len(before_bodies)], op_stamps[len(before_bodies) :]
+        op_stamps = older + data.draw(st.permutations(newer), label="batch / after stamps")
+    before = [Op(stamp, *body) for stamp, body in zip(op_stamps, before_bodies)]
+    rest = op_stamps[len(before_bodies) :]
+    batch = sorted((Op(stamp, INCREMENT, hot, n) for stamp, n in zip(rest, hits)), key=_stamp_of)
+    after = [Op(stamp, *body) for stamp, body in zip(rest[len(hits) :], after_bodies)]
+    parent = hot[:-1] if len(hot) > 1 and data.draw(st.booleans(), label="parent once") else ()
+    schedule = data.draw(deliveries(before), label="before")
+    probe = new_store()
+    deliver(probe, schedule)
+    probe._forget_way()
+    event(
+        "as one"
+        if probe._increment_run(
+            [op.stamp for op in batch],
+            ".".join(parent),
+            [".".join(op.path[len(parent) :]) for op in batch],
+            [op.value for op in batch],
+        )
+        else "one by one"
+    )
+    batched, context = batch_matches_one_by_one(schedule, batch, parent)
+    if data.draw(st.booleans(), label="the batch again"):  # (a repeat changes nothing)
+        batched.apply_batch(
+            [op.stamp for op in batch],
+            [INCREMENT] * len(batch),
+            [wire_path(hot)] * len(batch),
+            [op.value for op in batch],
+        )
+    deliver(batched, after)
+    assert_store_matches(batched, [*before, *batch, *after], f"{context}, after: {after!r}")
+
+
+_any_text = st.text(st.characters(blacklist_categories=()), max_size=12)  # (surrogates too)
+_edge_ints = st.sampled_from([10**18 - 1, 10**18, -(10**18) + 1, -(10**18), 2**63, 10**4300])
+_flat_members = st.one_of(
+    st.integers(),
+    _edge_ints,
+    _any_text,
+    st.booleans(),
+    st.none(),
+    st.floats(),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(_any_text, st.integers(), max_size=2),
+)
+
+
+@_settings(max_examples=500)
+@given(
+    st.dictionaries(
+        st.one_of(_any_text, _any_text, st.integers(), st.none()), _flat_members, max_size=6
+    ),
+    st.sampled_from([0, 1, 3, 98, 99, 100, 101]),
+)
+def test_the_flat_dict_check_agrees_with_the_general_one(value: dict, depth: int) -> None:
+    """``set``'s fast check of a session's dict (``clean_flat_dict``) takes a value only when
+    the general check (``clean_value``) accepts it, gives the same copy (types too, and a new
+    dict), and its bound of the JSON text is never short of the text ``_check_fits`` would
+    measure: so the refusals stay the general path's."""
+    from gcollective._errors import InvalidValueError
+    from gcollective._validate import clean_flat_dict, clean_value
+
+    flat = clean_flat_dict(value, depth)
+    try:
+        general = clean_value(value, depth)
+    except InvalidValueError:
+        assert flat is None
+        return
+    if flat is None:
+        return
+    copied, chars = flat
+    assert copied is not value
+    assert_tree(copied, general)
+    assert list(copied) == list(general)
+    assert chars >= len(ujson.dumps(general, ensure_ascii=False))
+    # (the codec escapes every control character, quote and slash: the worst case, 6 a char)
+    worst = {"\x01" * 5: "\x01" * 7, "/": '"'}
+    assert clean_flat_dict(worst, 1)[1] >= len(ujson.dumps(worst, ensure_ascii=False))
