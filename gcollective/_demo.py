@@ -75,6 +75,11 @@ def run_supervisor(workers: int, base_port: int, host: str, once: bool) -> int:
     except KeyboardInterrupt:
         stopping = True
     if stopping:
+        # Further interrupts change nothing now (a terminal's Ctrl-C reaches the whole group,
+        # ``timeout`` signals twice): one arriving just after a wait reaped a worker would
+        # lose that reap.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _say("[supervisor] stopping")
         for pid in list(pids):
             try:
@@ -90,11 +95,12 @@ def run_supervisor(workers: int, base_port: int, host: str, once: bool) -> int:
                     continue
             except ChildProcessError:
                 break
-            except KeyboardInterrupt:
-                continue  # another Ctrl-C (or a signal to the whole group): still stopping
             pids.pop(pid, None)
         for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # (reaped already, its reap lost to an interrupt before stopping)
         _say("[supervisor] stopped")
     return exit_code
 

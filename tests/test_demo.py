@@ -35,7 +35,7 @@ class Lines:
                 return line
 
 
-def start_demo(*args: str) -> subprocess.Popen:
+def start_demo(*args: str, own_group: bool = False) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, "-m", "gcollective", "demo", *args],
@@ -43,6 +43,7 @@ def start_demo(*args: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        start_new_session=own_group,
     )
 
 
@@ -79,4 +80,26 @@ def test_demo_restarts_a_killed_worker_which_catches_up_and_ctrl_c_is_clean():
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+
+
+def test_ctrl_c_to_the_whole_process_group_twice_stops_cleanly():
+    """A terminal's Ctrl-C signals the whole foreground group (the workers too), and
+    ``timeout -s INT`` signals it twice: the supervisor stopped with a ProcessLookupError
+    traceback (a worker reaped while the second interrupt was handled, then killed)."""
+    base = free_port_run(2)
+    proc = start_demo("--workers", "2", "--base-port", str(base), own_group=True)
+    lines = Lines(proc)
+    try:
+        for _ in range(2):
+            lines.wait_for(lambda s: s.endswith("over.nine.thousand = None"))
+        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(30)
+        lines.wait_for(lambda s: "[supervisor] stopped" in s, timeout=10)
+        assert proc.returncode == 0
+        assert not any("Traceback" in line for line in lines.seen), lines.seen
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
