@@ -217,6 +217,9 @@ class _PeerLink(_Writer, Peer):
             log.warning(
                 "peer %s: %s (retrying; logged once)", self.name, reason, extra={"reason": reason}
             )
+        elif self.state == "connected" and node._stopping:
+            # (Ours is stopping: the peer may close first, having heard that we leave.)
+            log.debug("peer %s: connection ended as this member stops (%s)", self.name, reason)
         elif self.state == "connected":
             if problem is None:
                 # An ordinary loss after a connection that worked: should a security problem
