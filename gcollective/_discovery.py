@@ -50,12 +50,13 @@ def resolve(name: tuple[str, int], family: int = 0) -> list[tuple[str, int]]:
     one address family only: ``family`` if given, else that of the resolver's first answer (a
     dual-stack name lists each member once per family, and one member must be dialled once).
     Goes through gevent's resolver (the hub's), so only the calling greenlet waits. Raises
-    ``OSError`` (``socket.gaierror``) when the name does not resolve."""
+    ``OSError`` (``socket.gaierror``) when the name does not resolve, or gives no answer
+    within ``RESOLVE_TIMEOUT``."""
     host, port = name
     found: list[tuple[str, int]] = []
-    for answer_family, _, _, _, sockaddr in gsocket.getaddrinfo(
-        host, port, family, gsocket.SOCK_STREAM
-    ):
+    with gevent.Timeout(RESOLVE_TIMEOUT, OSError(f"no answer in {RESOLVE_TIMEOUT:g}s")):
+        answers = gsocket.getaddrinfo(host, port, family, gsocket.SOCK_STREAM)
+    for answer_family, _, _, _, sockaddr in answers:
         family = family or answer_family
         address = (str(sockaddr[0]), int(sockaddr[1]))
         if answer_family == family and address not in found:
@@ -141,8 +142,7 @@ class Discovery:
     def resolve_name(self, name: tuple[str, int]) -> None:
         """Resolve ``name`` once; dial the addresses new in its answer."""
         try:
-            with gevent.Timeout(RESOLVE_TIMEOUT, OSError(f"no answer in {RESOLVE_TIMEOUT:g}s")):
-                found = resolve(name, self.family)
+            found = resolve(name, self.family)
         except OSError as exc:
             self._failed(name, str(exc) or type(exc).__name__)
             return
@@ -205,8 +205,7 @@ class Discovery:
     def _resolve_alias(self, announced: tuple[str, int]) -> None:
         tag_current(self.node)  # (see _logcontext)
         try:
-            with gevent.Timeout(RESOLVE_TIMEOUT, OSError(f"no answer in {RESOLVE_TIMEOUT:g}s")):
-                found = resolve(announced, self.family)
+            found = resolve(announced, self.family)
         except OSError as exc:
             self.checked.discard(announced)  # (tried again when it says HELLO again)
             log.debug("member name %s does not resolve: %s", format_address(announced), exc)
