@@ -45,7 +45,7 @@ import gcollective
 
 from ._discovery import is_name
 from ._errors import DataDirLocked
-from ._options import MAX_MEMBERS_LIMIT, check_resolve_interval
+from ._options import MAX_MEMBERS_LIMIT, MIN_RESOLVE_INTERVAL
 from ._validate import (
     MAX_SECONDS,
     MIN_SECONDS,
@@ -147,13 +147,12 @@ def parse_count(text: str, variable: str) -> int:
     return int(value)
 
 
-def parse_seconds(text: str, variable: str, *, allow_zero: bool = False) -> float:
-    """A finite number of seconds in the range every option in seconds has (see
-    ``check_seconds``), or also zero when ``allow_zero``."""
+def parse_seconds(text: str, variable: str, *, least: float = MIN_SECONDS) -> float:
+    """A finite number of seconds from ``least`` (by default the least every option in
+    seconds has, see ``check_seconds``) to ``MAX_SECONDS``."""
     try:
-        return check_seconds(variable, float(text.strip()), 0.0 if allow_zero else MIN_SECONDS)
+        return check_seconds(variable, float(text.strip()), least)
     except ValueError:
-        least = 0 if allow_zero else MIN_SECONDS
         raise ConfigError(
             variable, f"{text!r} is not a number of seconds from {least:g} to {MAX_SECONDS:g}"
         ) from None
@@ -362,7 +361,7 @@ def settings_from_env(
             else DEFAULT_START_TIMEOUT
         ),
         handoff_timeout=(
-            parse_seconds(handoff_text, "GCOLLECTIVE_HANDOFF_TIMEOUT", allow_zero=True)
+            parse_seconds(handoff_text, "GCOLLECTIVE_HANDOFF_TIMEOUT", least=0.0)
             if handoff_text is not None
             else DEFAULT_HANDOFF_TIMEOUT
         ),
@@ -379,10 +378,9 @@ def _membership_settings(interval_text: str | None, members_text: str | None) ->
     fields (those set only), checked as the options they become."""
     settings: dict[str, Any] = {}
     if interval_text is not None:
-        try:
-            settings["resolve_interval"] = check_resolve_interval(float(interval_text.strip()))
-        except ValueError as exc:
-            raise ConfigError("GCOLLECTIVE_RESOLVE_INTERVAL", f"{interval_text!r}: {exc}") from exc
+        settings["resolve_interval"] = parse_seconds(
+            interval_text, "GCOLLECTIVE_RESOLVE_INTERVAL", least=MIN_RESOLVE_INTERVAL
+        )
     if members_text is not None:
         count = parse_count(members_text, "GCOLLECTIVE_MAX_MEMBERS")
         if count > MAX_MEMBERS_LIMIT:
