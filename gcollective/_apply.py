@@ -11,7 +11,7 @@ from __future__ import annotations
 from heapq import heappush
 from typing import Any, Sequence
 
-from ._clock import DERIVED_BIT, MILLIS_SHIFT, NODE_MASK, expiry_stamp
+from ._clock import MILLIS_SHIFT, expiry_stamp
 from ._rebuild import prune_children, rebuild_at
 from ._tree import (
     DELETE,
@@ -26,7 +26,7 @@ from ._tree import (
     raise_below,
     record_assign,
 )
-from ._ttl import Expiries, fired_any, path_tuple
+from ._ttl import Expiries, fired_any
 
 __all__ = ["Applier"]
 
@@ -129,28 +129,23 @@ class Applier(Expiries):
         included), with the same result, faster for a run of received sessions and rate-limit
         hits: a SET with a ttl of a dict at a new key (``_assign_fresh``'s case) and an int
         hit with a ttl on a counter whose expiries have not fired (``_increment_expiring``'s
-        cases) take a few dict updates here, without a call per operation; anything else
+        cases) take a few dict updates here, not the general way's calls; anything else
         goes its usual way. The summaries on the way are raised once, as a run's are."""
         self._untidy = True  # (increments and ttl events for ``collect``)
         head = tuple(prefix.split("."))
-        pending = self._pending
         now = self.now_ms
         entries = parent.entries  # (pending runs recorded)
         data = parent.value
         raised: int | None = None  # the newest stamp not yet raised on the way
         for s, op, key, value, ttl_ms in zip(stamps, ops, keys, values, ttls):
             if ttl_ms:
-                # (``expiry_stamp``, inline: a call costs a tenth of a hit here)
-                due = (s >> MILLIS_SHIFT) + ttl_ms
-                expiry = (due << MILLIS_SHIFT) | DERIVED_BIT | (s & NODE_MASK)
-                if due > now:
+                expiry = expiry_stamp(s, ttl_ms)
+                if expiry >> MILLIS_SHIFT > now:
                     if op == SET:
                         if type(value) is dict and key not in entries:
                             # A new session: a fresh node of the decoded dict itself.
                             node = build(value, s, True)
-                            node.ttls = {s: expiry}
-                            node.ttl_first = expiry
-                            heappush(pending, (due, s, (*head, key)))
+                            self._first_ttl(node, s, expiry, (*head, key))
                             entries[key] = node
                             data[key] = value
                             raised = s
@@ -169,7 +164,6 @@ class Applier(Expiries):
                     raised = None
                 self.apply(s, op, (*head, key), value)
             entries = parent.entries  # (the general way may have replaced it)
-            pending = self._pending
         if raised is not None:
             raise_below(ancestors, raised)
 
@@ -196,10 +190,8 @@ class Applier(Expiries):
             node.incs = {s: amount}
             node.incremented = node.reset = node.newest = s
             node.value = data[key] = amount
-            node.ttls = {s: expiry}
-            node.ttl_first = expiry
+            self._first_ttl(node, s, expiry, (*head, key))
             entries[key] = node
-            heappush(self._pending, (expiry >> MILLIS_SHIFT, s, (*head, key)))
             return True
         if type(node) is not _Node:
             return False
@@ -286,10 +278,7 @@ class Applier(Expiries):
         else:
             return False  # a plain leaf: set_leaf's case
         if ttl_ms:
-            # ``_record_ttl`` of a fresh node's only event, not due, inline (a session's)
-            node.ttls = {s: expiry}
-            node.ttl_first = expiry
-            heappush(self._pending, (expiry >> MILLIS_SHIFT, s, path_tuple(path)))
+            self._first_ttl(node, s, expiry, path)
         self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
         entries[key] = node
         parent.value[key] = node.value

@@ -160,12 +160,7 @@ class Expiries(Tree):
         now = self.now_ms
         due = expiry >> MILLIS_SHIFT
         if ttls is None:
-            node.ttls = {s: expiry}  # (a session's: its only event, nothing covers it)
-            node.ttl_first = expiry
-            if due <= now:
-                self._push_due(expiry, s, path_tuple(path))
-            else:
-                heapq.heappush(self._pending, (due, s, path_tuple(path)))
+            self._first_ttl(node, s, expiry, path)
             return
         if s in ttls:
             return
@@ -187,6 +182,17 @@ class Expiries(Tree):
         if due <= now:
             self._push_due(expiry, s, path_tuple(path))
         elif not covered:
+            heapq.heappush(self._pending, (due, s, path_tuple(path)))
+
+    def _first_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
+        """Give ``node`` (at ``path``, without ttl events) its only one, at stamp ``s``
+        expiring at ``expiry``: a session's or a new counter's, which nothing covers."""
+        node.ttls = {s: expiry}
+        node.ttl_first = expiry
+        due = expiry >> MILLIS_SHIFT
+        if due <= self.now_ms:
+            self._push_due(expiry, s, path_tuple(path))
+        else:
             heapq.heappush(self._pending, (due, s, path_tuple(path)))
 
     def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
