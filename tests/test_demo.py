@@ -47,6 +47,14 @@ def start_demo(*args: str, own_group: bool = False) -> subprocess.Popen:
     )
 
 
+def assert_stopped_cleanly(proc: subprocess.Popen, lines: Lines) -> None:
+    """The supervisor, interrupted, stops its workers and exits 0 without a traceback."""
+    proc.wait(30)
+    lines.wait_for(lambda s: "[supervisor] stopped" in s, timeout=10)
+    assert proc.returncode == 0
+    assert not any("Traceback" in line for line in lines.seen), lines.seen
+
+
 def test_demo_once_prints_9000_times_workers_then_none():
     base = free_port_run(3)
     proc = start_demo("--workers", "3", "--base-port", str(base), "--once")
@@ -73,10 +81,7 @@ def test_demo_restarts_a_killed_worker_which_catches_up_and_ctrl_c_is_clean():
         assert "sees 3 workers' ready flags" in caught_up
         assert "over.nine.thousand = None" in caught_up
         proc.send_signal(signal.SIGINT)
-        proc.wait(30)
-        lines.wait_for(lambda s: "[supervisor] stopped" in s, timeout=10)
-        assert proc.returncode == 0
-        assert not any("Traceback" in line for line in lines.seen), lines.seen
+        assert_stopped_cleanly(proc, lines)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -95,10 +100,7 @@ def test_ctrl_c_to_the_whole_process_group_twice_stops_cleanly():
             lines.wait_for(lambda s: s.endswith("over.nine.thousand = None"))
         os.killpg(proc.pid, signal.SIGINT)
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(30)
-        lines.wait_for(lambda s: "[supervisor] stopped" in s, timeout=10)
-        assert proc.returncode == 0
-        assert not any("Traceback" in line for line in lines.seen), lines.seen
+        assert_stopped_cleanly(proc, lines)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
