@@ -426,19 +426,12 @@ def test_apply_batch_matches_model(data: st.DataObject) -> None:
     assert_store_matches(batched, ops, f"{context}, after: {after!r}")
 
 
-def batch_matches_one_by_one(
-    before: list[Op], batch: list[Op], parent: tuple[str, ...] = ()
-) -> tuple[Any, str]:
-    """Deliver ``before`` to two stores, then ``batch`` as one ``apply_batch`` to one and op
-    by op to the other; assert they hold the same metadata and match the model. Returns the
-    batched store and the context for later assertions. With ``parent`` (every path is one
-    key under it), the batch goes as an OPS frame says it: the parent once, then the keys."""
+def deliver_as_batch(store: Any, batch: list[Op], parent: tuple[str, ...] = ()) -> None:
+    """Give ``store`` the operations ``batch`` as one ``apply_batch``, as an OPS frame says
+    them: with ``parent`` (every path is one key under it), the parent once, then the keys."""
     from gcollective._wire import wire_path
 
-    batched, one_by_one = new_store(), new_store()
-    for store in (batched, one_by_one):
-        deliver(store, before)
-    batched.apply_batch(
+    store.apply_batch(
         [op.stamp for op in batch],
         [op.op for op in batch],
         [op.path[-1] if parent else wire_path(op.path) for op in batch],
@@ -446,6 +439,19 @@ def batch_matches_one_by_one(
         ".".join(parent),
         [op.ttl or 0 for op in batch] if any(op.ttl for op in batch) else None,
     )
+
+
+def batch_matches_one_by_one(
+    before: list[Op], batch: list[Op], parent: tuple[str, ...] = ()
+) -> tuple[Any, str]:
+    """Deliver ``before`` to two stores, then ``batch`` as one ``apply_batch`` to one and op
+    by op to the other; assert they hold the same metadata and match the model. Returns the
+    batched store and the context for later assertions (``parent``: see
+    ``deliver_as_batch``)."""
+    batched, one_by_one = new_store(), new_store()
+    for store in (batched, one_by_one):
+        deliver(store, before)
+    deliver_as_batch(batched, batch, parent)
     deliver(one_by_one, batch)
     context = f"before: {before!r}, batch: {batch!r}"
     assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
@@ -1570,14 +1576,7 @@ def test_a_batch_with_ttls_matches_one_by_one(data: st.DataObject) -> None:
     for store in (batched, one_by_one):
         deliver(store, schedule)
         store.advance(now)
-    batched.apply_batch(
-        [op.stamp for op in batch],
-        [op.op for op in batch],
-        [".".join(op.path) for op in batch],
-        [copy.deepcopy(op.value) for op in batch],
-        "",
-        [op.ttl or 0 for op in batch],
-    )
+    deliver_as_batch(batched, batch)
     deliver(one_by_one, batch)
     context = f"now={now}, before: {before!r}, batch: {batch!r}"
     assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
@@ -2163,14 +2162,7 @@ def check_expiring_siblings(
     for store in (batched, one_by_one):
         deliver(store, schedule)
         store.advance(now)
-    batched.apply_batch(
-        [op.stamp for op in batch],
-        [op.op for op in batch],
-        [op.path[-1] for op in batch],
-        [copy.deepcopy(op.value) for op in batch],
-        "s",
-        [op.ttl or 0 for op in batch],
-    )
+    deliver_as_batch(batched, batch, ("s",))
     deliver(one_by_one, batch)
     context = f"now={now}, before: {schedule!r}, batch: {batch!r}"
     assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
