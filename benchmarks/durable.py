@@ -9,13 +9,15 @@
 
 Each round runs both modes back to back; the figures printed are the medians.
 
-    python -m benchmarks.durable --restore [--restore-keys 2000000] [--rounds 3]
+    python -m benchmarks.durable --restore [--restore-keys 2000000] [--depth 1] [--rounds 3]
 
 - restore: the time a member takes to start on a directory of ``restore-keys`` keys in the
   worst case the compaction allows: a checkpoint of the whole tree, then as many bytes of
   frames appended since (overwrites of every key, round after round) as the next checkpoint
   waits for. One process fills the directory, then a fresh process per round times
-  ``start()`` on a copy of it until the member serves a key.
+  ``start()`` on a copy of it until the member serves a key. The keys are ``depth`` levels
+  deep (``_key``): 1, flat top-level keys; 3, 200 top-level dicts of 100 dicts of 100 keys
+  at 2,000,000 keys.
 
     python -m benchmarks.durable --checkpoint-lag [--restore-keys 2000000] [--rounds 3]
 
@@ -109,7 +111,24 @@ def _free_address() -> str:
     return f"127.0.0.1:{free_ports(1)[0]}"
 
 
-def fill_worst_case(directory: str, keys: int) -> dict[str, Any]:
+def _key(i: int, depth: int) -> str:
+    """The ``i``-th key of a restore benchmark, ``depth`` levels deep: ``u{i}`` below
+    ``depth - 1`` levels of dicts of 100 (the top level holding the rest)."""
+    segments = [f"u{i}"]
+    for level in range(1, depth):
+        above = i // 100**level
+        segments.append(f"d{above if level == depth - 1 else above % 100}")
+    return ".".join(reversed(segments))
+
+
+def _leaves(tree: Any) -> int:
+    """How many leaves (values that are not dicts) ``tree`` holds."""
+    if type(tree) is not dict:
+        return 1
+    return sum(map(_leaves, tree.values()))
+
+
+def fill_worst_case(directory: str, keys: int, depth: int) -> dict[str, Any]:
     """(In its own process.) Fill ``directory`` with ``keys`` keys, checkpoint them, then
     overwrite them until the bytes appended since are just short of the next checkpoint."""
     import gevent
@@ -128,7 +147,7 @@ def fill_worst_case(directory: str, keys: int) -> dict[str, Any]:
     def write_round(value: int, limit: float) -> bool:
         """Overwrite every key; False once the appended bytes reach ``limit``."""
         for i in range(keys):
-            node.set(f"u{i}", value)
+            node.set(_key(i, depth), value)
             if i % 5_000 == 0:
                 gevent.sleep(0.01)  # (the flush and the writer run: their timers fire)
                 if durable._since_checkpoint + durable._pending_bytes >= limit:
@@ -158,22 +177,22 @@ def fill_worst_case(directory: str, keys: int) -> dict[str, Any]:
     return figures
 
 
-def time_restore(directory: str, keys: int) -> dict[str, Any]:
+def time_restore(directory: str, keys: int, depth: int) -> dict[str, Any]:
     """(In its own process.) Seconds from ``start()`` until the member serves a key."""
     import gcollective
 
     node = gcollective.Collective(_free_address(), data_dir=directory)
     began = time.perf_counter()
     node.start(timeout=0)
-    served = node.get(f"u{keys - 1}")
+    served = node.get(_key(keys - 1, depth))
     seconds = time.perf_counter() - began
-    assert served is not None and len(node.snapshot()) == keys
+    assert served is not None and _leaves(node.snapshot()) == keys
     restored = node.stats()["data_dir"]["restored_frames"]
     node.stop()
     return {"seconds": seconds, "restored_frames": restored}
 
 
-def checkpoint_lag(directory: str, keys: int) -> dict[str, Any]:
+def checkpoint_lag(directory: str, keys: int, depth: int) -> dict[str, Any]:
     """(In its own process.) How late a 1 ms timer wakes while a checkpoint of ``keys``
     keys is written (the hub's lag, what the member's other greenlets wait)."""
     import gevent
@@ -185,7 +204,7 @@ def checkpoint_lag(directory: str, keys: int) -> dict[str, Any]:
     durable = node._durable
     assert durable is not None
     for i in range(keys):
-        node.set(f"u{i}", i)
+        node.set(_key(i, depth), i)
         if i % 5_000 == 0:
             gevent.sleep(0.01)
     while True:  # (until the writer is idle: no checkpoint of the filling under way)
@@ -222,20 +241,21 @@ def checkpoint_lag(directory: str, keys: int) -> dict[str, Any]:
     }
 
 
-def _in_process(phase: str, directory: str, keys: int) -> dict[str, Any]:
+def _in_process(phase: str, directory: str, keys: int, depth: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.durable", "--phase", phase, directory]
-    done = subprocess.run([*command, "--restore-keys", str(keys)], capture_output=True, text=True)
+    sizes = ["--restore-keys", str(keys), "--depth", str(depth)]
+    done = subprocess.run([*command, *sizes], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{phase} failed:\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.splitlines()[-1]))
 
 
-def restore(keys: int, rounds: int) -> None:
+def restore(keys: int, depth: int, rounds: int) -> None:
     """Fill one worst-case directory, then time restores on copies of it."""
     with tempfile.TemporaryDirectory(prefix="gcollective-bench-") as directory:
         filled = os.path.join(directory, "filled")
         began = time.perf_counter()
-        figures = _in_process("fill", filled, keys)
+        figures = _in_process("fill", filled, keys, depth)
         database = os.path.join(filled, "gcollective.sqlite3")
         print(
             f"filled in {time.perf_counter() - began:.0f}s: checkpoint "
@@ -248,7 +268,7 @@ def restore(keys: int, rounds: int) -> None:
         for round_number in range(rounds):
             copy = os.path.join(directory, f"copy{round_number}")
             shutil.copytree(filled, copy)
-            timed = _in_process("restore", copy, keys)
+            timed = _in_process("restore", copy, keys, depth)
             shutil.rmtree(copy)
             seconds.append(timed["seconds"])
             print(f"round {round_number}: restored {timed}", flush=True)
@@ -266,6 +286,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--restore", action="store_true", help="the worst-case restore only")
     parser.add_argument("--restore-keys", type=int, default=2_000_000)
+    parser.add_argument("--depth", type=int, default=1, help="levels of the restore's keys")
     parser.add_argument(
         "--checkpoint-lag", action="store_true", help="the hub's lag during a checkpoint only"
     )
@@ -277,15 +298,17 @@ def main() -> None:
 
         monkey.patch_all()
         work = PHASES[args.phase]
-        print(json.dumps(work(args.directory, args.restore_keys)))
+        print(json.dumps(work(args.directory, args.restore_keys, args.depth)))
         return
     if args.restore:
-        restore(args.restore_keys, args.rounds)
+        restore(args.restore_keys, args.depth, args.rounds)
         return
     if args.checkpoint_lag:
         for round_number in range(args.rounds):
             with tempfile.TemporaryDirectory(prefix="gcollective-bench-") as directory:
-                lag = _in_process("lag", os.path.join(directory, "d"), args.restore_keys)
+                lag = _in_process(
+                    "lag", os.path.join(directory, "d"), args.restore_keys, args.depth
+                )
             print(f"round {round_number}: {lag}", flush=True)
         return
     figures: dict[str, dict[str, list[float]]] = {"memory": {}, "data_dir": {}}

@@ -1,12 +1,13 @@
 """Durability: a member keeps on disk what it applied, and comes back with it (``data_dir``).
 
-The disk holds frames, the bytes the engine already made or received, never a second format:
-one SQLite table (``frames``) of OPS frames (own batches as they are flushed, received
-batches as they came), SNAPSHOT frames and SNAPSHOT_END, in the order applied. A restart
-replays them through ``Engine.receive``, as if a peer sent them: OPS frames are deduplicated
-by the progress vector (and the store applies an operation once, by stamp, whatever the
-order), SNAPSHOT frames merge as a joiner merges them. A checkpoint is the member's own
-snapshot stream (``Engine.snapshot_stream``) appended the same way, after which every row
+The disk holds frames, the bytes the engine already made or received: one SQLite table
+(``frames``) of OPS frames (own batches as they are flushed, received batches as they came),
+SNAPSHOT frames and SNAPSHOT_END, in the order applied. A restart replays them through
+``Engine.receive``, as if a peer sent them: OPS frames are deduplicated by the progress vector
+(and the store applies an operation once, by stamp, whatever the order), SNAPSHOT frames
+merge as a joiner merges them. A checkpoint is the member's own snapshot stream
+(``Engine.snapshot_stream``) appended the same way, but for the root's plain leaves, which it
+writes in columns (ROOT_LEAVES frames, the only frames no member sends); after it, every row
 older than the checkpoint's first one is deleted: the rows stay proportional to the live
 tree, not to its history.
 
@@ -26,13 +27,17 @@ import time
 from typing import Any, Callable, Iterator
 
 import gevent
+import ujson
 from gevent.event import Event
 
+from . import _engine
+from ._columns import LeafColumns, pack_stamps
 from ._engine import Engine, without_gc
 from ._errors import DataDirError, DataDirLocked, ProtocolError
 from ._peerstate import Inbound
 from ._server import _let_others_run
-from ._wire import OPS, SNAPSHOT, SNAPSHOT_END, FrameDecoder
+from ._store import Store
+from ._wire import LEAF_BYTES_GUESS, OPS, SNAPSHOT, SNAPSHOT_END, FrameDecoder, parse_snapshot_items
 
 __all__ = ["Durability", "FLUSH_INTERVAL", "FSYNC_POLICIES"]
 
@@ -58,8 +63,17 @@ CHECKPOINT_MIN_BYTES = 8 * 1024 * 1024
 # for) at a time when restoring: SNAPSHOT frames are up to 1 MiB each.
 RESTORE_ROWS = 16
 # The format of the directory: a database with another one is refused, never rewritten.
+# Version 1 (before ROOT_LEAVES frames) is read as it is; the first checkpoint written into
+# it marks it 2, which a reader of version 1 refuses (it could not replay ROOT_LEAVES).
 FORMAT = "gcollective-durable"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+#: A frame only the disk holds (no member sends it; the wire's kinds are small numbers):
+#: ``[ROOT_LEAVES, [origins, keys, packed], values]``, top-level plain leaves (each holding
+#: a scalar, or none) in the columns a SNAPSHOT gives a full node's leaves (see ``_wire``).
+#: A checkpoint writes the root's so: about 30 bytes a key instead of an item of 55, and
+#: a restore installs a frame of them at once (``Store.merge_root_leaves``).
+ROOT_LEAVES = 100
 DATABASE = "gcollective.sqlite3"
 LOCK = "gcollective.lock"
 _OURS = {DATABASE, LOCK, DATABASE + "-wal", DATABASE + "-shm", DATABASE + "-journal"}
@@ -129,6 +143,7 @@ class Durability:
         self.restored_frames = 0
         self._in_flight = 0  # frames being written now
         self._engine: Engine | None = None  # (whose on_applied hook this is, once started)
+        self._version = FORMAT_VERSION  # the directory's format version (its meta says)
 
     def stats(self) -> dict[str, Any]:
         """What ``Collective.stats()`` reports under ``data_dir``."""
@@ -229,12 +244,15 @@ class Durability:
 
     def _check_format(self, connection: sqlite3.Connection, database: str) -> None:
         meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        version = meta.get("version")
+        if meta.get("format") != FORMAT or version not in READABLE_VERSIONS:
+            readable = " or ".join(map(str, READABLE_VERSIONS))
             raise DataDirError(
                 f"{database} is not a gcollective data directory of format version "
-                f"{FORMAT_VERSION} (found {meta.get('format')!r} version "
-                f"{meta.get('version')!r}): refusing to start on it (nothing was changed)"
+                f"{readable} (found {meta.get('format')!r} version {version!r}): refusing to "
+                "start on it (nothing was changed)"
             )
+        self._version = version
 
     # -- restoring --------------------------------------------------------------------------
 
@@ -276,7 +294,14 @@ class Durability:
         decoder = FrameDecoder(1 << 62)  # (our own frames: any size the writer took)
         try:
             messages = decoder.feed(b"\n".join(frames) + b"\n")
-            engine.receive(inbound, messages, decoder.frames, time.monotonic())
+            now = time.monotonic()
+            start = 0  # the first of the frames not applied yet
+            for index, message in enumerate(messages):
+                if type(message) is list and message[:1] == [ROOT_LEAVES]:
+                    engine.receive(inbound, messages[start:index], frames[start:index], now)
+                    _merge_root_leaves(engine, message)
+                    start = index + 1
+            engine.receive(inbound, messages[start:], frames[start:], now)
         except ProtocolError as exc:
             raise DataDirError(
                 f"{self.path}: a stored frame cannot be applied ({exc}): refusing to start on "
@@ -357,8 +382,10 @@ class Durability:
         """Append the member's whole state (its snapshot stream, frame by frame as the hub
         can spare time), then delete every row older than it."""
         self._write_pending()  # what was applied before the snapshot's vector: older rows
-        stream, _ = engine.snapshot_stream(time.monotonic())
         pool = gevent.get_hub().threadpool
+        if self._version != FORMAT_VERSION:
+            pool.spawn(self._mark_version).get()  # (before its first ROOT_LEAVES frame)
+        stream = checkpoint_stream(engine, time.monotonic())
         first: int | None = None
         size = 0
         for chunk in _chunks(stream):
@@ -373,6 +400,14 @@ class Durability:
         self._checkpoint_bytes = size
         self._since_checkpoint = 0
         self.checkpoints += 1
+
+    def _mark_version(self) -> None:
+        connection = self._connection
+        assert connection is not None
+        with connection:
+            connection.execute("BEGIN")
+            connection.execute("UPDATE meta SET value = ? WHERE key = 'version'", (FORMAT_VERSION,))
+        self._version = FORMAT_VERSION
 
     def _delete_before(self, first: int) -> None:
         connection = self._connection
@@ -403,10 +438,76 @@ class Durability:
             self._unlock()
 
 
+def checkpoint_stream(engine: Engine, now: float) -> Iterator[bytes]:
+    """The frames of a checkpoint: the member's snapshot stream (``Engine.snapshot_stream``),
+    the root's plain leaves first in ROOT_LEAVES frames, each read from the store when it is
+    built. An empty frame stands for none (a pause after a stretch of other keys)."""
+
+    def frames_of(keys: list[str], end: bytes) -> Iterator[bytes]:
+        others: list[str] = []
+        target = min(_engine.SNAPSHOT_FRAME_BYTES, engine.max_frame // 2)  # (as a SNAPSHOT's)
+        yield from root_leaves_frames(engine.store, keys, others, target)
+        yield from engine._snapshot_frames(others, end)
+
+    return engine.snapshot_stream(now, frames_of)[0]
+
+
+def root_leaves_frames(
+    store: Store, keys: list[str], others: list[str], target: int
+) -> Iterator[bytes]:
+    """ROOT_LEAVES frames of about ``target`` bytes for the plain leaves among the top-level
+    ``keys`` (a run of keys at a time, as many as the last frame says fit), each read from
+    the store when it is built; the other keys go to ``others``. An empty frame stands for
+    none (a run of other keys)."""
+    count = max(1, target // LEAF_BYTES_GUESS)
+    start = 0
+    while start < len(keys):
+        run = keys[start : start + count]
+        start += len(run)
+        names, stamps, values, rest = store.root_leaves(run)
+        others += rest
+        if not names:
+            yield b""
+            continue
+        origins, packed = pack_stamps(stamps)
+        frame = [ROOT_LEAVES, [origins, names, packed], values]
+        encoded = ujson.dumps(frame, ensure_ascii=False).encode()  # (as _wire encodes)
+        yield encoded
+        # (At most twice as many next time: a run mostly of other keys makes a short frame.)
+        count = max(1, min(2 * count, int(target * len(run) / len(encoded))))
+
+
+def parse_root_leaves(message: list[Any]) -> tuple[LeafColumns, dict[str, Any], int]:
+    """A decoded ROOT_LEAVES frame, checked whole as the wire checks a full node's leaves
+    (``ProtocolError``): ``(leaves, {key: value} of those with one, the newest stamp)``."""
+    if len(message) != 3:
+        raise ProtocolError("ROOT_LEAVES frame has the wrong length")
+    # (A full node with no events of its own, as the root's export would be, no children.)
+    node = [None, 0, None, None, [], {}, message[1], message[2]]
+    _, newest = parse_snapshot_items([["(the root)", node]])
+    return node[6], node[7], newest
+
+
+def _merge_root_leaves(engine: Engine, message: list[Any]) -> None:
+    """Merge a ROOT_LEAVES frame as ``Engine`` merges a SNAPSHOT frame: checked whole first,
+    its newest stamp against the clock."""
+    leaves, values, newest = parse_root_leaves(message)
+    engine.check_clock(newest, "a checkpoint's ROOT_LEAVES frame", None, 0)
+    if engine.watches:
+        stamps = leaves.stamps
+        engine.merge_watched(
+            [[k, [s, values[k]] if k in values else s] for k, s in zip(leaves.names, stamps)]
+        )
+    else:
+        engine.store.merge_root_leaves(leaves, values)
+    if newest:
+        engine.clock.observe(newest)  # our next stamps order after all of it
+
+
 def _chunks(stream: Iterator[bytes], target: int = 4 * 1024 * 1024) -> Iterator[list[bytes]]:
-    """The frames of a snapshot stream (newlines dropped) in lists of about ``target``
-    bytes, yielding to the hub (a whole turn of its loop) between frames. Each frame is
-    built with the cyclic GC paused, as a snapshot for a peer is (see
+    """The frames of a checkpoint stream (newlines dropped, empty ones skipped) in lists of
+    about ``target`` bytes, yielding to the hub (a whole turn of its loop) between frames.
+    Each frame is built with the cyclic GC paused, as a snapshot for a peer is (see
     ``Engine.data_to_send``)."""
     chunk: list[bytes] = []
     size = 0
@@ -414,6 +515,9 @@ def _chunks(stream: Iterator[bytes], target: int = 4 * 1024 * 1024) -> Iterator[
         frame = without_gc(next, stream, None)
         if frame is None:
             break
+        if not frame:
+            _let_others_run()
+            continue
         if frame[-1:] == b"\n":
             frame = frame[:-1]
         chunk.append(frame)

@@ -326,7 +326,9 @@ class Engine:
             self.progress.vector(), complete, self.clock.promise(), self.frontier
         )
 
-    def snapshot_stream(self, now: float) -> tuple[Iterator[bytes], dict[int, int]]:
+    def snapshot_stream(
+        self, now: float, frames_of: Callable[[list[str], bytes], Iterator[bytes]] | None = None
+    ) -> tuple[Iterator[bytes], dict[int, int]]:
         """A snapshot of the whole state: an iterator of SNAPSHOT frames ending with
         SNAPSHOT_END, and the version vector it holds at least.
 
@@ -334,12 +336,14 @@ class Engine:
         built, later (a long one in pieces, each read when its frame is built: see
         ``Store.export_pieces``). The store only ever learns more, so each slice holds
         everything the vector says and maybe more (which the peer then receives twice,
-        harmlessly).
+        harmlessly). ``frames_of(keys, end)`` makes the frames (``_snapshot_frames`` by
+        default; a ``data_dir``'s checkpoint writes the root's plain leaves its own way).
         """
         self.flush(now)
         end = encode_snapshot_end(self.progress.vector())
         keys = self.store.top_level_keys()
-        return self._snapshot_frames(keys, end), dict(self.progress.applied)
+        frames = (frames_of or self._snapshot_frames)(keys, end)
+        return frames, dict(self.progress.applied)
 
     def _snapshot_frames(self, keys: list[str], end: bytes) -> Iterator[bytes]:
         export_pieces = self.store.export_pieces

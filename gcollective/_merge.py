@@ -12,7 +12,17 @@ from typing import Any, Iterable
 
 from ._columns import LeafColumns, Run
 from ._rebuild import materialize, own_state, rebuild, rebuild_at
-from ._tree import DICT, MISSING, NEVER, Entry, _Node, bare_if_plain, is_plain, place, record_assign
+from ._tree import (
+    DICT,
+    MISSING,
+    NEVER,
+    Entry,
+    _Node,
+    bare_if_plain,
+    is_plain,
+    place,
+    record_assign,
+)
 from ._ttl import Expiries
 
 __all__ = ["Merger", "decode_assigned"]
@@ -20,6 +30,9 @@ __all__ = ["Merger", "decode_assigned"]
 Path = tuple[str, ...]
 Stamp = Any  # an int stamp or NEVER
 Built = tuple[Any, Any]  # an installed entry (a stamp or a node) and its value (or MISSING)
+# The values a checkpoint keeps in the root's columns: those a full node's values may hold at
+# any depth (a list's nesting is checked against its own depth: it goes as an item).
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def decode_assigned(encoded: Any) -> Any:
@@ -102,6 +115,53 @@ class Merger(Expiries):
                 # (as ``_graft`` does below the top, and an install: the same events make
                 # the same metadata, a bare stamp for one assignment, however they came)
                 bare_if_plain(root, key)
+
+    def merge_root_leaves(self, leaves: LeafColumns, values: dict[str, Any]) -> None:
+        """``merge`` of top-level plain leaves given as columns (as ``root_leaves`` reads
+        them, checked as a SNAPSHOT's full node's leaves): the same as merging each as an
+        item (``[key, [stamp, value]]``, or ``[key, stamp]`` for a tombstone). Keys new to
+        the store (a restore into an empty one) are recorded in one go, as a run on the
+        root (see ``_Node.runs``); ``values`` becomes the store's."""
+        self._untidy = True
+        self._forget_way()
+        # (The root is a dict above which there is nothing: what ``_graft`` asks of a node.)
+        self._graft_leaves(self._root, leaves, values)
+
+    def root_leaves(self, keys: Iterable[str]) -> tuple[list[str], list[int], list[Any], list[str]]:
+        """Of the top-level ``keys``, those that are plain leaves holding a scalar, or
+        tombstones: ``(names, stamps, values, others)``, the names of those with a value first
+        (``values`` holds theirs, in order), then the tombstones; and ``others``, the keys
+        still there that are anything else (a full node, a list), to export as items. The
+        values are the store's own scalars (nothing to copy)."""
+        self._flush_way()
+        root = self._root
+        entries = root.entries
+        data = root.value
+        names: list[str] = []
+        stamps: list[int] = []
+        values: list[Any] = []
+        tombstones: list[str] = []
+        tombstone_stamps: list[int] = []
+        others: list[str] = []
+        scalars = _SCALARS
+        for key in keys:
+            entry = entries.get(key)
+            if entry is None:
+                continue
+            if type(entry) is _Node:
+                others.append(key)
+                continue
+            value = data.get(key, MISSING)
+            if value is MISSING:
+                tombstones.append(key)
+                tombstone_stamps.append(entry)
+            elif type(value) in scalars:
+                names.append(key)
+                stamps.append(entry)
+                values.append(value)
+            else:
+                others.append(key)
+        return names + tombstones, stamps + tombstone_stamps, values, others
 
     def _install(self, encoded: Any, parent_reset: Stamp, path: Path) -> Built | None:
         """Build an exported entry (at ``path``) where nothing is known locally:

@@ -13,7 +13,7 @@ import pytest
 from cluster import ROOT, NodeProcess, converged, free_port, free_ports, wait_until
 
 from gcollective import Collective, DataDirError
-from gcollective._durable import DATABASE
+from gcollective._durable import DATABASE, ROOT_LEAVES
 
 KEYS = 2000  # per member
 HITS = 300  # increments of one shared counter, per member
@@ -300,14 +300,14 @@ def test_checkpoints_keep_the_table_proportional_to_the_tree_not_the_history(tmp
 
 
 def _since_last_checkpoint(reader: sqlite3.Connection) -> tuple[int, int]:
-    """(bytes of the last whole checkpoint's SNAPSHOT frames, bytes of OPS frames after it),
-    read from the table as a restore would replay it."""
-    rows = reader.execute("SELECT SUBSTR(frame, 1, 3), LENGTH(frame) FROM frames ORDER BY id")
+    """(bytes of the last whole checkpoint's SNAPSHOT and ROOT_LEAVES frames, bytes of OPS
+    frames after it), read from the table as a restore would replay it."""
+    rows = reader.execute("SELECT SUBSTR(frame, 1, 5), LENGTH(frame) FROM frames ORDER BY id")
     checkpoint, snapshot, appended = 0, 0, 0
     for kind, size in rows:
-        if kind == b"[3,":  # SNAPSHOT_END: the checkpoint before it is whole
+        if kind.startswith(b"[3,"):  # SNAPSHOT_END: the checkpoint before it is whole
             checkpoint, snapshot, appended = snapshot, 0, 0
-        elif kind == b"[2,":
+        elif kind.startswith(b"[2,") or kind == b"[%d," % ROOT_LEAVES:
             snapshot += size
         else:
             appended += size

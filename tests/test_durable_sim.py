@@ -4,8 +4,9 @@ writes to disk (what was applied since the last write is lost, unless a peer hol
 
 The disk is the one ``_durable`` keeps, in memory: the frames the engine applied (its
 ``on_applied`` hook), appended every ``FLUSH_INTERVAL`` (at random moments on top: a loaded
-machine), now and then a checkpoint (the member's snapshot stream, appended a frame at a time
-while the member runs on, then the older rows deleted); a restart replays it through
+machine), now and then a checkpoint (``_durable.checkpoint_stream``: the member's snapshot
+stream, its root's plain leaves in columns, appended a frame at a time while the member runs
+on, then the older rows deleted); a restart replays it through
 ``Durability``'s own replay before the member dials anyone.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from simulation import SimMember, World, run_and_check, seed_from_env
 
-from gcollective._durable import _KEPT, FLUSH_INTERVAL, Durability
+from gcollective._durable import _KEPT, FLUSH_INTERVAL, Durability, checkpoint_stream
 
 
 class DiskMember(SimMember):
@@ -98,11 +99,13 @@ class DiskMember(SimMember):
                 if self.unwritten:
                     self.append(self.unwritten)
                     self.unwritten = []
-                stream, _ = engine.snapshot_stream(self.world.now)
+                stream = checkpoint_stream(engine, self.world.now)
                 self.checkpoint = (stream, self.next_id)
             return
         stream, first = self.checkpoint
         frame = next(stream, None)
+        while frame == b"":  # (no frame: a pause)
+            frame = next(stream, None)
         if frame is None:
             self.rows = [(row_id, kept) for row_id, kept in self.rows if row_id >= first]
             self.checkpoint = None
