@@ -8,9 +8,10 @@ leaves (``_graft``), which costs the piece's size, not the subtree's.
 
 from __future__ import annotations
 
+from itertools import compress
 from typing import Any, Iterable
 
-from ._columns import LeafColumns, Run
+from ._columns import LeafColumns, Run, unpack_stamps
 from ._rebuild import materialize, own_state, rebuild, rebuild_at
 from ._tree import (
     DICT,
@@ -79,6 +80,24 @@ def _install_leaves(
     return entries, new_dict, None, newest
 
 
+def _split_columns(leaves: LeafColumns, known: set[str]) -> tuple[LeafColumns, dict[str, int]]:
+    """``leaves`` without the keys in ``known`` (still columns, in their order), and
+    ``{key: stamp}`` of those."""
+    names, packed = leaves.names, leaves.packed
+    inside = [name in known for name in names]
+    outside = [not taken for taken in inside]
+    stamps = unpack_stamps(list(compress(packed, inside)), leaves.origins)
+    rest = LeafColumns(
+        list(compress(names, outside)),
+        leaves.origins,
+        list(compress(packed, outside)),
+        sum(outside[: leaves.valued]),
+        leaves.lowest,  # (bounds of them all: bounds of the rest too)
+        leaves.newest,
+    )
+    return rest, dict(zip(compress(names, inside), stamps))
+
+
 class Merger(Expiries):
     """``merge`` (see the module docstring)."""
 
@@ -121,11 +140,22 @@ class Merger(Expiries):
         them, checked as a SNAPSHOT's full node's leaves): the same as merging each as an
         item (``[key, [stamp, value]]``, or ``[key, stamp]`` for a tombstone). Keys new to
         the store (a restore into an empty one) are recorded in one go, as a run on the
-        root (see ``_Node.runs``); ``values`` becomes the store's."""
+        root (see ``_Node.runs``), the others key by key; ``values`` is the store's (to
+        keep or change)."""
         self._untidy = True
         self._forget_way()
+        root = self._root
+        names = leaves.names
+        known = root._entries.keys() & names
+        known |= root.value.keys() & names  # (a pending run's keys are in the value)
+        if known and len(known) < len(names):
+            # (A restore meets a few: operations written between two chunks of a checkpoint
+            # touch keys of its later frames. They alone go key by key.)
+            leaves, known_stamps = _split_columns(leaves, known)
+            known_values = {key: values.pop(key) for key in known if key in values}
+            self._graft_leaves(root, known_stamps, known_values)
         # (The root is a dict above which there is nothing: what ``_graft`` asks of a node.)
-        self._graft_leaves(self._root, leaves, values)
+        self._graft_leaves(root, leaves, values)
 
     def root_leaves(self, keys: Iterable[str]) -> tuple[list[str], list[int], list[Any], list[str]]:
         """Of the top-level ``keys``, those that are plain leaves holding a scalar, or

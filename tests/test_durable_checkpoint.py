@@ -15,13 +15,16 @@ from cluster import free_port, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 from test_store_property import (
+    Op,
     _settings,
     _through_the_wire_in_pieces,
     assert_store_matches,
     deliver,
     deliveries,
     draw_wire_ops,
+    hlc_stamps,
     new_store,
+    op_bodies,
     roundtrip,
     store_with,
 )
@@ -35,6 +38,7 @@ from gcollective._durable import (
     parse_root_leaves,
     root_leaves_frames,
 )
+from gcollective._tree import SET
 from gcollective._wire import FrameDecoder
 
 
@@ -90,6 +94,61 @@ def test_root_leaves_in_columns_merge_as_items_do(data: st.DataObject) -> None:
     deliver(restored, later)
     deliver(whole, later)
     assert exported(restored) == exported(whole), context
+    assert_store_matches(restored, [*before, *ops], context)
+
+
+# Top-level keys: a few written at random (mostly plain leaves, some with a child: a node),
+# and a bulk of new ones, written once each.
+TOP = [f"k{i}" for i in range(12)]
+BULK = [f"n{i}" for i in range(40)]
+
+
+def draw_ops(data: st.DataObject, keys: list[str], least: int, most: int, label: str) -> list[Op]:
+    """Operations, three in four on a top-level key of ``keys``, with wire stamps."""
+    flat_paths = st.tuples(st.sampled_from(keys))
+    wide_paths = st.tuples(st.sampled_from(keys), st.sampled_from("ab"))
+    paths = st.one_of(flat_paths, flat_paths, flat_paths, wide_paths)
+    bodies = data.draw(st.lists(op_bodies(paths), min_size=least, max_size=most), label=label)
+    positive = st.one_of(st.integers(min_value=1, max_value=300), hlc_stamps)
+    stamps = data.draw(
+        st.lists(positive, min_size=len(bodies), max_size=len(bodies), unique=True),
+        label=f"{label} stamps",
+    )
+    return [Op(stamp, *body) for stamp, body in zip(stamps, bodies)]
+
+
+@_settings(max_examples=300)
+@given(st.data())
+def test_root_leaves_some_known_merge_as_items_do(data: st.DataObject) -> None:
+    """A frame of root leaves some of which the store knows already (leaves older or newer,
+    tombstones, nodes: a restore meets them when operations were written between two chunks
+    of a checkpoint) merges as its items do: the known ones key by key, the others still
+    as one run."""
+    ops = draw_ops(data, TOP, 6, 30, "held")
+    used = {op.stamp for op in ops}
+    bulk = [
+        Op(stamp, SET, (key,), index)
+        for index, (key, stamp) in enumerate(
+            zip(BULK, (s for s in range(1000, 1100) if s not in used))
+        )
+    ][: data.draw(st.integers(0, len(BULK)), label="bulk")]
+    ops = data.draw(st.permutations([*ops, *bulk]), label="order")
+    holder = store_with(ops)
+    # What the store holds first: some of those, and operations of its own on any key.
+    own = draw_ops(data, TOP + BULK, 1, 8, "own")
+    own = [op for op in own if op.stamp not in {held.stamp for held in ops}]
+    before = data.draw(st.lists(st.sampled_from(ops), max_size=6), label="received") + own
+    columns, others = through_the_checkpoint(holder, 1 << 20)
+    restored, whole = store_with(before), store_with(before)
+    for leaves, values in columns:
+        restored.merge_root_leaves(leaves, values)
+    for pieces in _through_the_wire_in_pieces(holder, 1 << 20):
+        if pieces[0][0] in others:
+            restored.merge(pieces)
+    whole.merge(roundtrip(holder.export()))
+    context = f"ops: {ops!r}, before: {before!r}"
+    assert exported(restored) == exported(whole), context
+    assert value_digest(restored.to_dict()) == value_digest(whole.to_dict()), context
     assert_store_matches(restored, [*before, *ops], context)
 
 
