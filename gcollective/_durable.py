@@ -177,6 +177,7 @@ class Durability:
                 "or new directory; nothing was changed)"
             )
         self._lock()
+        self._version = FORMAT_VERSION  # (a new database's; an existing one's meta says)
         try:
             self._connection = self._connect()
         except BaseException:

@@ -13,17 +13,7 @@ from typing import Any, Iterable
 
 from ._columns import LeafColumns, Run, unpack_stamps
 from ._rebuild import materialize, own_state, rebuild, rebuild_at
-from ._tree import (
-    DICT,
-    MISSING,
-    NEVER,
-    Entry,
-    _Node,
-    bare_if_plain,
-    is_plain,
-    place,
-    record_assign,
-)
+from ._tree import DICT, MISSING, NEVER, Entry, _Node, bare_if_plain, is_plain, place, record_assign
 from ._ttl import Expiries
 
 __all__ = ["Merger", "decode_assigned"]
@@ -161,8 +151,9 @@ class Merger(Expiries):
         """Of the top-level ``keys``, those that are plain leaves holding a scalar, or
         tombstones: ``(names, stamps, values, others)``, the names of those with a value first
         (``values`` holds theirs, in order), then the tombstones; and ``others``, the keys
-        still there that are anything else (a full node, a list), to export as items. The
-        values are the store's own scalars (nothing to copy)."""
+        still there that are anything else (a full node, a list), to export as items (keys no
+        longer there are left out). The values are the store's own scalars (nothing to
+        copy)."""
         self._flush_way()
         root = self._root
         entries = root.entries
