@@ -55,8 +55,9 @@ FSYNC_POLICIES = {"always": "FULL", "interval": "NORMAL", "never": "OFF"}
 # most the live tree, this share of it more, plus the minimum. The share bounds the worst
 # restore: a byte of OPS frames costs about twice a checkpoint's byte to replay (each
 # operation is applied; overwrites pack ~13 bytes each), so with 1 (the table twice the
-# tree) a 2,000,000-key member took 23 s to restore, with 1/4 about 8.5 s; a smaller
-# share checkpoints the whole tree more often (see docs/durability.rst).
+# tree) a 2,000,000-key member took 23 s to restore, with 1/4 about 8.5 s (3 s once a
+# checkpoint kept the root's leaves in columns); a smaller share checkpoints the whole tree
+# more often (see docs/durability.rst).
 CHECKPOINT_SHARE = 0.25
 CHECKPOINT_MIN_BYTES = 8 * 1024 * 1024
 # Rows read (in the thread pool) and applied (in the hub, which other greenlets then wait
