@@ -16,7 +16,8 @@ import heapq
 import math
 from typing import Any
 
-from ._clock import MILLIS_SHIFT
+from ._clock import MILLIS_SHIFT, expiry_stamp
+from ._columns import Run
 from ._rebuild import owners, rebuild_at
 from ._tree import MISSING, Tree, _Node, record_assign
 
@@ -35,6 +36,9 @@ class Expiries(Tree):
         self._pending: list[tuple[int, int, Path]] = []
         self._due: list[tuple[int, int, Path]] = []
         self._due_stamps: set[int] = set()  # the events in _due
+        # The sessions pending runs hold beyond their run's one entry in _pending (see
+        # ``pend_run``): what ``pending_expiries`` counts too.
+        self._run_extra = 0
         #: Expiries made permanent by ``expire`` so far.
         self.expired = 0
 
@@ -48,7 +52,7 @@ class Expiries(Tree):
     @property
     def pending_expiries(self) -> int:
         """Registered expiries not yet made permanent (due or not; some may be stale)."""
-        return len(self._pending) + len(self._due)
+        return len(self._pending) + self._run_extra + len(self._due)
 
     def advance(
         self, now_ms: float | int, budget: float = float("inf")
@@ -87,6 +91,9 @@ class Expiries(Tree):
         ``_pending`` entry of its own or came after the one that popped), adding it to
         ``fired`` and the path of its topmost node with ttl events to ``tops``; the earliest
         event not yet due gets the node's next entry."""
+        if type(path) is _RunPath:
+            self._pend_sessions(path)
+            return
         found = self._locate(path)
         if found is None:
             return  # overtaken meanwhile
@@ -195,6 +202,32 @@ class Expiries(Tree):
         else:
             heapq.heappush(self._pending, (due, s, path_tuple(path)))
 
+    def pend_run(self, parent: tuple[str, ...], run: Run, due: int) -> None:
+        """One ``_pending`` entry, at ``due`` (the earliest of theirs), for the sessions of
+        ``run`` (a pending run of the node at ``parent``, see ``_tree.Sessions``), instead of
+        one per session: when it pops, each session still there gets its own."""
+        path = _RunPath(parent)
+        path.run = run
+        self._run_extra += len(run[0]) - 1
+        heapq.heappush(self._pending, (due, run[1][0], path))
+
+    def _pend_sessions(self, path: _RunPath) -> None:
+        """A run's entry popped (see ``pend_run``): an entry for each of its sessions still
+        holding its ttl event (recorded now, if they were not), at its own time."""
+        keys, stamps, sessions = path.run
+        self._run_extra -= len(keys) - 1
+        parent = self._root
+        for segment in path:
+            parent = parent.entries.get(segment)  # type: ignore[assignment]
+            if type(parent) is not _Node:
+                return  # overtaken meanwhile
+        entries = parent.entries
+        pending = self._pending
+        for key, s, ttl_ms in zip(keys, stamps, sessions.ttls):
+            node = entries.get(key)
+            if type(node) is _Node and node.ttls is not None and s in node.ttls:
+                heapq.heappush(pending, (expiry_stamp(s, ttl_ms) >> MILLIS_SHIFT, s, (*path, key)))
+
     def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
         if s not in self._due_stamps:
             self._due_stamps.add(s)
@@ -225,6 +258,13 @@ class Expiries(Tree):
         node = parent.entries.get(path[-1])
         if type(node) is _Node:
             rebuild_at(parent, path[-1], node, self.now_ms)
+
+
+class _RunPath(tuple[str, ...]):
+    """The path of a pending run's parent in its ``_pending`` entry (see ``pend_run``), the
+    run beside it."""
+
+    run: Run
 
 
 def path_tuple(path: Any) -> tuple[str, ...]:
