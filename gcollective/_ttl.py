@@ -16,7 +16,7 @@ import heapq
 import math
 from typing import Any
 
-from ._clock import MILLIS_SHIFT, expiry_stamp
+from ._clock import MILLIS_SHIFT
 from ._columns import Run
 from ._rebuild import owners, rebuild_at
 from ._tree import MISSING, Tree, _Node, record_assign
@@ -213,8 +213,9 @@ class Expiries(Tree):
 
     def _pend_sessions(self, path: _RunPath) -> None:
         """A run's entry popped (see ``pend_run``): an entry for each of its sessions still
-        holding its ttl event (recorded now, if they were not), at its own time."""
-        keys, stamps, sessions = path.run
+        a node with ttl events (recorded now, if they were not), at its earliest, which the
+        run's entry stood for (``_record_ttl`` relies on it for a later event there too)."""
+        keys, stamps, _ = path.run
         self._run_extra -= len(keys) - 1
         parent = self._root
         for segment in path:
@@ -223,10 +224,10 @@ class Expiries(Tree):
                 return  # overtaken meanwhile
         entries = parent.entries
         pending = self._pending
-        for key, s, ttl_ms in zip(keys, stamps, sessions.ttls):
+        for key, s in zip(keys, stamps):
             node = entries.get(key)
-            if type(node) is _Node and node.ttls is not None and s in node.ttls:
-                heapq.heappush(pending, (expiry_stamp(s, ttl_ms) >> MILLIS_SHIFT, s, (*path, key)))
+            if type(node) is _Node and node.ttls is not None:
+                heapq.heappush(pending, (node.ttl_first >> MILLIS_SHIFT, s, (*path, key)))
 
     def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
         if s not in self._due_stamps:
