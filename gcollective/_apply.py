@@ -27,7 +27,7 @@ from ._tree import (
     raise_below,
     record_assign,
 )
-from ._ttl import Expiries, fired_any
+from ._ttl import Expiries, fired_any, fired_bound
 
 __all__ = ["Applier"]
 
@@ -142,6 +142,8 @@ class Applier(Expiries):
         session_stamps: list[int] = []
         session_ttls: list[int] = []
         first_due = 0  # the earliest of theirs
+        fired_below = fired_bound(now)  # (an expiry stamp below it has fired)
+        hit_due = hit_expiry = 0  # a hit's expiry stamp, made once per millisecond it is due
         raised: int | None = None  # the newest stamp not yet raised on the way
         for s, op, key, value, ttl_ms in zip(stamps, ops, keys, values, ttls):
             if ttl_ms:
@@ -165,7 +167,9 @@ class Applier(Expiries):
                             )
                             session_keys, session_stamps, session_ttls = [], [], []
                         entries = parent._entries if parent.runs is None else parent.entries
-                        if self._hit(entries, data, head, key, s, value, ttl_ms, due):
+                        if due != hit_due:  # (one origin's: the same for the same millisecond)
+                            hit_due, hit_expiry = due, expiry_stamp(s, ttl_ms)
+                        if self._hit(entries, data, head, key, s, value, hit_expiry, fired_below):
                             raised = s
                             continue
             if session_keys:
@@ -215,15 +219,16 @@ class Applier(Expiries):
         key: str,
         s: int,
         amount: int,
-        ttl_ms: int,
-        due: int,
+        expiry: int,
+        fired_below: Any,
     ) -> bool:
         """``apply_expiring_siblings``' case of an int increment at ``key`` under the node at
-        ``head`` (``entries`` and ``data`` its own) with a ttl of ``ttl_ms``, due at ``due``
-        (wall-clock milliseconds), not yet: a new counter, or a counter with ttl events none
-        of which has fired, holding an int, hit in order (``_newest_increment``) or late
-        among others' hits (``_late_increment``); its ttl event recorded as ``_record_ttl``
-        does. False, having changed nothing, when it is not that."""
+        ``head`` (``entries`` and ``data`` its own) with a ttl expiring at ``expiry``, not
+        due (``fired_below``: ``fired_bound`` of the store's now): a new counter, or a
+        counter with ttl events none of which has fired, holding an int, hit in order
+        (``_newest_increment``) or late among others' hits (``_late_increment``); its ttl
+        event recorded as ``_record_ttl`` does. False, having changed nothing, when it is
+        not that."""
         node = entries.get(key)
         if node is None:
             # A new counter, as the rebuild makes it.
@@ -231,15 +236,14 @@ class Applier(Expiries):
             node.incs = {s: amount}
             node.incremented = node.reset = node.newest = s
             node.value = data[key] = amount
-            self._first_ttl(node, s, expiry_stamp(s, ttl_ms), (*head, key))
+            self._first_ttl(node, s, expiry, (*head, key))
             entries[key] = node
             return True
         if type(node) is not _Node:
             return False
         ttls = node.ttls
         current = node.value
-        first = node.ttl_first >> MILLIS_SHIFT
-        if ttls is None or type(current) is not int or first <= self.now_ms:
+        if ttls is None or type(current) is not int or node.ttl_first < fired_below:
             return False  # (an expiry here fired: whether it owns the path may change)
         incs = node.incs
         if s > node.newest:
@@ -262,10 +266,12 @@ class Applier(Expiries):
         # ``_record_ttl``'s case where the earliest event here is not due: an entry for this
         # node pops no later than that one.
         if s not in ttls:
-            ttls[s] = expiry = expiry_stamp(s, ttl_ms)
-            if expiry < node.ttl_first:
+            ttls[s] = expiry
+            first = node.ttl_first
+            if expiry < first:
                 node.ttl_first = expiry
-                if due < first:
+                due = expiry >> MILLIS_SHIFT
+                if due < first >> MILLIS_SHIFT:
                     heappush(self._pending, (due, s, (*head, key)))
         return True
 

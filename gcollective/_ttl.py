@@ -21,7 +21,7 @@ from ._columns import Run
 from ._rebuild import owners, rebuild_at
 from ._tree import MISSING, Tree, _Node, record_assign
 
-__all__ = ["Expiries", "fired_any", "path_tuple"]
+__all__ = ["Expiries", "fired_any", "fired_bound", "path_tuple"]
 
 Path = tuple[str, ...]
 
@@ -278,6 +278,12 @@ def path_tuple(path: Any) -> tuple[str, ...]:
 def fired_any(node: _Node, now_ms: float | int) -> bool:
     """Whether an expiry of ``node.ttls`` (not None) is due by ``now_ms``: the earliest
     (``ttl_first``; a counter hit in a burst holds hundreds of them, until ``collect``)."""
+    return node.ttl_first < fired_bound(now_ms)
+
+
+def fired_bound(now_ms: float | int) -> float | int:
+    """The stamp below which an expiry stamp has fired by ``now_ms`` (its milliseconds are
+    not later): ``fired_any``'s comparison, made once for a batch."""
     if math.isinf(now_ms):
-        return now_ms > 0  # (NEVER: no time yet)
-    return node.ttl_first < (math.floor(now_ms) + 1) << MILLIS_SHIFT
+        return now_ms  # (NEVER: no time yet, nothing fired; inf: everything)
+    return (math.floor(now_ms) + 1) << MILLIS_SHIFT
