@@ -324,7 +324,7 @@ class Applier(Expiries):
         else:
             return False  # a plain leaf: set_leaf's case
         if ttl_ms:
-            self._first_ttl(node, s, expiry, path)
+            self._pend_first(parent, key, node, s, expiry, path)
         self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
         entries[key] = node
         parent.value[key] = node.value

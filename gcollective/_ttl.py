@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Any
+from typing import Any, cast
 
 from ._clock import MILLIS_SHIFT
 from ._columns import Run
@@ -39,6 +39,10 @@ class Expiries(Tree):
         # The sessions pending runs hold beyond their run's one entry in _pending (see
         # ``pend_run``): what ``pending_expiries`` counts too.
         self._run_extra = 0
+        # The last run entry ``_pend_first`` made, while it is in ``_pending``: the nodes
+        # given their first ttl event one after the other under one parent (a writer's
+        # sessions) join it.
+        self._open_run: _RunPath | None = None
         #: Expiries made permanent by ``expire`` so far.
         self.expired = 0
 
@@ -217,6 +221,8 @@ class Expiries(Tree):
         run's entry stood for (``_record_ttl`` relies on it for a later event there too)."""
         keys, stamps, _ = path.run
         self._run_extra -= len(keys) - 1
+        if path is self._open_run:
+            self._open_run = None
         parent = self._root
         for segment in path:
             parent = parent.entries.get(segment)  # type: ignore[assignment]
@@ -228,6 +234,33 @@ class Expiries(Tree):
             node = entries.get(key)
             if type(node) is _Node and node.ttls is not None:
                 heapq.heappush(pending, (node.ttl_first >> MILLIS_SHIFT, s, (*path, key)))
+
+    def _pend_first(
+        self, parent: _Node, key: str, node: _Node, s: int, expiry: int, path: Any
+    ) -> None:
+        """``_first_ttl`` for ``node``, the new child ``key`` of ``parent`` (at ``path``),
+        with one ``_pending`` entry for a run of such nodes: where the last node given one
+        here came under the same parent, due no later, it joins that one's run entry (see
+        ``pend_run``). A writer's sessions so make one entry per run, not one each."""
+        node.ttls = {s: expiry}
+        node.ttl_first = expiry
+        due = expiry >> MILLIS_SHIFT
+        if due <= self.now_ms:
+            self._push_due(expiry, s, path_tuple(path))
+            return
+        run_path = self._open_run
+        if run_path is not None and run_path.parent is parent and run_path.due <= due:
+            keys, stamps, _ = run_path.run  # (lists: its own)
+            cast("list[str]", keys).append(key)
+            stamps.append(s)
+            self._run_extra += 1
+            return
+        run_path = _RunPath(path_tuple(path)[:-1])
+        run_path.run = ([key], [s], None)
+        run_path.parent = parent
+        run_path.due = due
+        self._open_run = run_path
+        heapq.heappush(self._pending, (due, s, run_path))
 
     def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
         if s not in self._due_stamps:
@@ -262,10 +295,12 @@ class Expiries(Tree):
 
 
 class _RunPath(tuple[str, ...]):
-    """The path of a pending run's parent in its ``_pending`` entry (see ``pend_run``), the
-    run beside it."""
+    """The path of a run's parent in its ``_pending`` entry (see ``pend_run``), the run
+    beside it (``_pend_first``'s: the parent node and the entry's time too)."""
 
     run: Run
+    parent: _Node
+    due: int
 
 
 def path_tuple(path: Any) -> tuple[str, ...]:

@@ -203,3 +203,48 @@ def test_a_later_write_below_a_pending_session_builds_it_first() -> None:
         store.advance(11)
     assert batched.to_dict() == one_by_one.to_dict() == fold([PARENT_MADE, session, below], 11)
     assert copy.deepcopy(batched.export()) == copy.deepcopy(one_by_one.export())
+
+
+@_settings(max_examples=300)
+@given(st.data())
+def test_own_sessions_sharing_run_entries_expire_as_the_model(data: st.DataObject) -> None:
+    """A writer's own sessions and leaves with a ttl (``assign_key``, as ``Collective.set``
+    makes them) under two parents, with ttls that shorten and grow, and time steps between
+    them (which pop the run entry they share, see ``Expiries._pend_first``): after each step
+    the tree is the model's, and once all are due every one has expired."""
+    steps = data.draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(PARENTS),
+                st.sampled_from(KEYS),
+                st.one_of(SESSIONS, json_leaves),
+                st.integers(1, 8),
+                st.integers(0, 3),  # milliseconds on
+                st.booleans(),  # a time step after it
+            ),
+            min_size=1,
+            max_size=20,
+        ),
+        label="steps",
+    )
+    store = new_store()
+    store.advance(0)
+    made: list[Op] = []
+    millis = 0
+    for parent, key, value, ttl, step, advance in steps:
+        millis += step
+        op = Op(real_stamp(millis, len(made), 1), SET, (*parent, key), value, ttl)
+        made.append(op)
+        store.assign_key(op.stamp, ".".join(op.path), copy.deepcopy(value), ttl)
+        if advance:
+            store.advance(millis, budget=1)
+            while store.next_expiry <= millis:
+                store.advance(millis, budget=1)
+            assert_tree(store.to_dict(), fold(made, millis), f"made: {made!r}")
+    for later in (millis + 5, millis + 40):
+        while store.next_expiry <= later:
+            store.advance(later, budget=3)
+        store.advance(later)
+        assert_tree(store.to_dict(), fold(made, later), f"made: {made!r}, later={later}")
+    store.expire(real_stamp(1000, 0, 0))
+    assert store.pending_expiries == 0
