@@ -12,8 +12,10 @@ reference model's tree.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
+from cluster import wait_for
 from hypothesis import event, given
 from hypothesis import strategies as st
 from test_store_property import (
@@ -39,6 +41,9 @@ from test_store_property import (
 from gcollective._tree import Sessions
 
 PARENTS = (("s",), ("t",))
+# The members' options (the ``members`` fixture's): frames small enough that a few
+# thousand sessions under one parent go in a snapshot in pieces (``Store.export_pieces``).
+FAST = {"max_frame": 1 << 17}
 # What makes the parent ``s`` (a writer's first batch there goes one by one, making it).
 PARENT_MADE = Op(real_stamp(0, 0, 3), SET, ("s", "z"), 0)
 KEYS = ("a", "b", "c", "d", "e")
@@ -248,3 +253,32 @@ def test_own_sessions_sharing_run_entries_expire_as_the_model(data: st.DataObjec
         assert_tree(store.to_dict(), fold(made, later), f"made: {made!r}, later={later}")
     store.expire(real_stamp(1000, 0, 0))
     assert store.pending_expiries == 0
+
+
+def test_a_joiner_gets_sessions_a_member_holds_as_a_run_and_expires_them(members) -> None:
+    """Sessions that reached a member in frames wait there as runs; with their writer gone,
+    a member joining later gets them by that member's snapshot (in pieces: more than a
+    frame's worth under one parent), each with its ttl, and every one expires on both (the
+    run's one expiry entry, then each session's)."""
+    a, b = members(2)
+    a.set("sess.first", 0)  # (the parent: a writer's first frame there goes one by one)
+    wait_for(lambda: b.get("sess.first") == 0, what="the parent replicated")
+    ttl, count = 4.0, 3000  # long enough to replicate and join before they expire
+    written = time.time()
+    for i in range(count):
+        a.set(f"sess.s{i}", {"u": i, "tags": {"n": i}}, ttl=ttl)
+    wait_for(lambda: b.get(f"sess.s{count - 1}") is not None, what="the sessions replicated")
+    parent = b._store._root.entries["sess"]
+    assert any(type(run[2]) is Sessions for run in parent.runs or ()), "not kept as a run"
+    a.stop(timeout=1)
+    c = members.join()  # (an address nobody lists: all it holds comes by b's snapshot)
+    wait_for(lambda: c.synced, what="the joiner synced")
+    held = [c.get(f"sess.s{i}") for i in range(count)]
+    assert time.time() < written + ttl, "the join took longer than the ttl: raise it"
+    assert held == [{"u": i, "tags": {"n": i}} for i in range(count)]
+    assert c._store.pending_expiries >= count
+    wait_for(
+        lambda: all(n.get("sess") == {"first": 0} for n in (b, c)),
+        timeout=ttl + 30,
+        what="every session expired on both",
+    )
