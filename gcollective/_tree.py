@@ -104,12 +104,16 @@ def copy_value(value: Any) -> Any:
     kind = type(value)
     if kind is dict:
         # Copied in C, then only containers take a Python step (a session's small dict of
-        # leaves, read back on every request, takes none).
+        # leaves, read back on every request, takes none: its values are only looked at).
         copy = value.copy()
-        for k, v in value.items():
+        for v in value.values():
             inner = type(v)
             if inner is dict or inner is list:
-                copy[k] = copy_value(v)
+                for k, v in value.items():
+                    inner = type(v)
+                    if inner is dict or inner is list:
+                        copy[k] = copy_value(v)
+                break
         return copy
     if kind is list:
         return [copy_value(v) for v in value]
