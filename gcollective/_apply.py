@@ -18,6 +18,7 @@ from ._tree import (
     INCREMENT,
     MISSING,
     SET,
+    Sessions,
     _Node,
     build,
     is_number,
@@ -26,7 +27,7 @@ from ._tree import (
     raise_below,
     record_assign,
 )
-from ._ttl import Expiries, fired_any
+from ._ttl import Expiries, fired_any, fired_bound
 
 __all__ = ["Applier"]
 
@@ -127,34 +128,55 @@ class Applier(Expiries):
         ``parent.reset``) at ``keys`` under ``parent``, the node at the dotted ``prefix``
         whose way is all dicts without ttl events (``ancestors``: the nodes on it, itself
         included), with the same result, faster for a run of received sessions and rate-limit
-        hits: a SET with a ttl of a dict at a new key (``_assign_fresh``'s case) and an int
+        hits: new sessions (a SET with a ttl of a dict at a new key, not due) wait on
+        ``parent`` as a pending run (``_tree.Sessions``) with one expiry entry, and an int
         hit with a ttl on a counter whose expiries have not fired (``_increment_expiring``'s
-        cases) take a few dict updates here, not the general way's calls; anything else
-        goes its usual way. The summaries on the way are raised once, as a run's are."""
+        cases) takes a few dict updates here (``_hit``); anything else goes its usual way.
+        The summaries on the way are raised once, as a run's are."""
         self._untidy = True  # (increments and ttl events for ``collect``)
         head = tuple(prefix.split("."))
         now = self.now_ms
-        entries = parent.entries  # (pending runs recorded)
         data = parent.value
+        recorded = parent._entries
+        session_keys: list[str] = []  # the new sessions not yet put on ``parent`` as a run
+        session_stamps: list[int] = []
+        session_ttls: list[int] = []
+        first_due = 0  # the earliest of theirs
+        fired_below = fired_bound(now)  # (an expiry stamp below it has fired)
+        hit_due = hit_expiry = 0  # a hit's expiry stamp, made once per millisecond it is due
         raised: int | None = None  # the newest stamp not yet raised on the way
         for s, op, key, value, ttl_ms in zip(stamps, ops, keys, values, ttls):
             if ttl_ms:
-                expiry = expiry_stamp(s, ttl_ms)
-                if expiry >> MILLIS_SHIFT > now:
+                due = (s >> MILLIS_SHIFT) + ttl_ms  # (``expiry_stamp``'s milliseconds)
+                if due > now:
                     if op == SET:
-                        if type(value) is dict and key not in entries:
-                            # A new session: a fresh node of the decoded dict itself.
-                            node = build(value, s, True)
-                            self._first_ttl(node, s, expiry, (*head, key))
-                            entries[key] = node
+                        if type(value) is dict and key not in data and key not in recorded:
+                            # A new session (new to the runs too: their keys are in ``data``).
                             data[key] = value
+                            session_keys.append(key)
+                            session_stamps.append(s)
+                            session_ttls.append(ttl_ms)
+                            if due < first_due or not first_due:
+                                first_due = due
                             raised = s
                             continue
-                    elif type(value) is int and self._hit(
-                        entries, data, head, key, s, value, expiry
-                    ):
-                        raised = s
-                        continue
+                    elif type(value) is int:
+                        if session_keys:
+                            self._pend_sessions_run(
+                                parent, head, session_keys, session_stamps, session_ttls, first_due
+                            )
+                            session_keys, session_stamps, session_ttls = [], [], []
+                        entries = parent._entries if parent.runs is None else parent.entries
+                        if due != hit_due:  # (one origin's: the same for the same millisecond)
+                            hit_due, hit_expiry = due, expiry_stamp(s, ttl_ms)
+                        if self._hit(entries, data, head, key, s, value, hit_expiry, fired_below):
+                            raised = s
+                            continue
+            if session_keys:
+                self._pend_sessions_run(
+                    parent, head, session_keys, session_stamps, session_ttls, first_due
+                )
+                session_keys, session_stamps, session_ttls = [], [], []
             if ttl_ms:  # (SET or INCREMENT: a write below the way)
                 self._apply_with_ttl(parent, key, s, op, value, ttl_ms, (*head, key))
                 raised = s
@@ -163,9 +185,31 @@ class Applier(Expiries):
                     raise_below(ancestors, raised)
                     raised = None
                 self.apply(s, op, (*head, key), value)
-            entries = parent.entries  # (the general way may have replaced it)
+            recorded = parent._entries  # (the general way may have replaced it)
+        if session_keys:
+            self._pend_sessions_run(
+                parent, head, session_keys, session_stamps, session_ttls, first_due
+            )
         if raised is not None:
             raise_below(ancestors, raised)
+
+    def _pend_sessions_run(
+        self,
+        parent: _Node,
+        head: tuple[str, ...],
+        keys: list[str],
+        stamps: list[int],
+        ttls: list[int],
+        due: int,
+    ) -> None:
+        """Put new sessions (their values in ``parent``'s dict already) on ``parent``, the
+        node at ``head``, as a pending run, with one expiry entry at ``due``."""
+        run = (keys, stamps, Sessions(ttls))
+        if parent.runs is None:
+            parent.runs = [run]
+        else:
+            parent.runs.append(run)
+        self.pend_run(head, run, due)
 
     def _hit(
         self,
@@ -176,13 +220,15 @@ class Applier(Expiries):
         s: int,
         amount: int,
         expiry: int,
+        fired_below: Any,
     ) -> bool:
         """``apply_expiring_siblings``' case of an int increment at ``key`` under the node at
         ``head`` (``entries`` and ``data`` its own) with a ttl expiring at ``expiry``, not
-        due: a new counter, or a counter with ttl events none of which has fired, holding an
-        int, hit in order (``_newest_increment``) or late among others' hits
-        (``_late_increment``); its ttl event recorded as ``_record_ttl`` does. False, having
-        changed nothing, when it is not that."""
+        due (``fired_below``: ``fired_bound`` of the store's now): a new counter, or a
+        counter with ttl events none of which has fired, holding an int, hit in order
+        (``_newest_increment``) or late among others' hits (``_late_increment``); its ttl
+        event recorded as ``_record_ttl`` does. False, having changed nothing, when it is
+        not that."""
         node = entries.get(key)
         if node is None:
             # A new counter, as the rebuild makes it.
@@ -197,8 +243,7 @@ class Applier(Expiries):
             return False
         ttls = node.ttls
         current = node.value
-        first = node.ttl_first >> MILLIS_SHIFT
-        if ttls is None or type(current) is not int or first <= self.now_ms:
+        if ttls is None or type(current) is not int or node.ttl_first < fired_below:
             return False  # (an expiry here fired: whether it owns the path may change)
         incs = node.incs
         if s > node.newest:
@@ -222,11 +267,12 @@ class Applier(Expiries):
         # node pops no later than that one.
         if s not in ttls:
             ttls[s] = expiry
-            if expiry < node.ttl_first:
+            first = node.ttl_first
+            if expiry < first:
                 node.ttl_first = expiry
-            due = expiry >> MILLIS_SHIFT
-            if due < first:
-                heappush(self._pending, (due, s, (*head, key)))
+                due = expiry >> MILLIS_SHIFT
+                if due < first >> MILLIS_SHIFT:
+                    heappush(self._pending, (due, s, (*head, key)))
         return True
 
     def _apply_with_ttl(
@@ -278,7 +324,7 @@ class Applier(Expiries):
         else:
             return False  # a plain leaf: set_leaf's case
         if ttl_ms:
-            self._first_ttl(node, s, expiry, path)
+            self._pend_first(parent, key, node, s, expiry, path)
         self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
         entries[key] = node
         parent.value[key] = node.value

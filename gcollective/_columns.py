@@ -36,8 +36,9 @@ _UINT64_MAX = (1 << 64) - 1  # what an array("Q") holds
 
 #: Leaves kept unread on a node: ``(keys, stamps, origins)``. Either the stamps themselves
 #: (a list, or a frame's ``OpStamps``, made when iterated) and origins None, or a packed
-#: column (a sequence of ints or uint64 ``bytes``) and its origins, for ``unpack_stamps``.
-Run = tuple[Sequence[str], Any, tuple[int, ...] | None]
+#: column (a sequence of ints or uint64 ``bytes``) and its origins, for ``unpack_stamps``; or
+#: new sessions, their stamps and a ``_tree.Sessions`` (their ttls).
+Run = tuple[Sequence[str], Any, Any]
 
 
 def full_paths(parent: str, paths: list[Any]) -> list[Any]:

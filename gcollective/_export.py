@@ -115,6 +115,8 @@ class Exporter(Tree):
             return
         way, node = found
         yield _on_path(path, way, [*_own_events(node), {}, {}, {}, *_ttl_events(node)])
+        if node.has_sessions():
+            node.record_runs()  # (their sessions are nodes: ``_chunk`` reads a run as leaves)
         sources: list[_Source] = [(None, list(node._entries))]
         sources += [(run, run[0]) for run in node.runs or ()]
         long_children: list[str] = []

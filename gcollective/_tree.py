@@ -35,7 +35,9 @@ writer's loop received in one batch, or a node's leaves installed from a snapsho
 even recorded there at first: the parent keeps their keys and stamps as a *run*
 (``_Node.runs``), and records them in ``entries`` when anything first reads those
 (``_Node.entries`` does). Keys written once, the bulk of a writer's loop, so cost one dict
-insert instead of two.
+insert instead of two. A received batch of new sessions (dicts set with a ttl) waits the same
+way, its ttls beside it (``Sessions``): each session's node, with its ttl event, is built only
+when something reads the parent's ``entries``, not for every session a peer writes.
 
 ``Tree`` is the base of the ``Store``: the root, the reads, and the state every concern
 shares (the store's now, whether ``collect`` has work, the way ``_way`` caches).
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence, TypeAlias, cast, final
 
+from ._clock import expiry_stamp
 from ._columns import Run, unpack_stamps
 
 __all__ = [
@@ -66,6 +69,7 @@ __all__ = [
     "bare_if_plain",
     "newest_in",
     "raise_below",
+    "Sessions",
 ]
 
 SET = 0
@@ -100,12 +104,16 @@ def copy_value(value: Any) -> Any:
     kind = type(value)
     if kind is dict:
         # Copied in C, then only containers take a Python step (a session's small dict of
-        # leaves, read back on every request, takes none).
+        # leaves, read back on every request, takes none: its values are only looked at).
         copy = value.copy()
-        for k, v in value.items():
+        for v in value.values():
             inner = type(v)
             if inner is dict or inner is list:
-                copy[k] = copy_value(v)
+                for k, v in value.items():
+                    inner = type(v)
+                    if inner is dict or inner is list:
+                        copy[k] = copy_value(v)
+                break
         return copy
     if kind is list:
         return [copy_value(v) for v in value]
@@ -159,10 +167,11 @@ class _Node:
         self.newest: float | int = NEVER  # latest stamp anywhere in this subtree
         self._entries: dict[str, Entry] = {}
         # Leaves set in bulk (or installed from a snapshot) and not yet in ``_entries``, or
-        # None (see ``_columns.Run``). Their keys are new to the node and to each other run,
-        # and all in ``value`` (a dict) while they are pending: nothing but
-        # ``Batches._set_siblings`` and ``collect`` touch a node with runs without reading
-        # ``entries`` first, which records them.
+        # None (see ``_columns.Run``), or new sessions (a run whose third item is a
+        # ``Sessions``). Their keys are new to the node and to each other run, and all in
+        # ``value`` (a dict) while they are pending: nothing but ``Batches._set_siblings``,
+        # ``Applier.apply_expiring_siblings`` and ``collect`` touch a node with runs without
+        # reading ``entries`` first, which records them.
         self.runs: list[Run] | None = None
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
         # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
@@ -194,7 +203,7 @@ class _Node:
 
     def record_runs(self) -> None:
         """Record the pending runs in ``_entries``."""
-        _add_runs(self._entries, self.runs or ())
+        _add_runs(self._entries, self.runs or (), self.value)
         self.runs = None
 
     def entries_copy(self) -> dict[str, Entry]:
@@ -202,19 +211,44 @@ class _Node:
         once (an export) need not keep a 128-bit int and a dict slot per leaf of them."""
         entries = dict(self._entries)
         if self.runs is not None:
-            _add_runs(entries, self.runs)
+            _add_runs(entries, self.runs, self.value)
         return entries
+
+    def has_sessions(self) -> bool:
+        """Whether a pending run here is one of sessions (see ``Sessions``)."""
+        return self.runs is not None and any(type(run[2]) is Sessions for run in self.runs)
 
 
 #: A child in its parent's entries: a bare stamp (one assignment) or a node.
 Entry: TypeAlias = "int | _Node"
 
 
+@final
+class Sessions:
+    """The third item of a pending run of sessions (``(keys, stamps, Sessions(ttls))``): new
+    keys each SET to a dict with a ttl (``ttls``, in milliseconds) at its stamp, not due
+    when they came, their values in the parent's dict. Recorded, each is the node ``build``
+    makes with its one ttl event, as ``Applier._assign_fresh`` makes it. (The store's
+    ``_pending`` holds one entry for the run: see ``Expiries.pend_run``.)"""
+
+    __slots__ = ("ttls",)
+
+    def __init__(self, ttls: list[int]) -> None:
+        self.ttls = ttls
+
+
 def _add_runs(
-    entries: dict[str, int | _Node], runs: Iterable[tuple[Sequence[str], Any, Any]]
+    entries: dict[str, int | _Node], runs: Iterable[tuple[Sequence[str], Any, Any]], data: Any
 ) -> None:
-    """Record ``runs`` (see ``_Node.runs``) in ``entries``."""
+    """Record ``runs`` (see ``_Node.runs``) of a node whose dict is ``data`` in ``entries``."""
     for keys, stamps, origins in runs:
+        if type(origins) is Sessions:
+            for key, s, ttl_ms in zip(keys, stamps, origins.ttls):
+                node = build(data[key], s, True)
+                node.ttl_first = expiry = expiry_stamp(s, ttl_ms)
+                node.ttls = {s: expiry}
+                entries[key] = node
+            continue
         if origins is not None:
             stamps = unpack_stamps(stamps, origins)
         entries.update(zip(keys, stamps))

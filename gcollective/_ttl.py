@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Any
+from typing import Any, cast
 
 from ._clock import MILLIS_SHIFT
+from ._columns import Run
 from ._rebuild import owners, rebuild_at
 from ._tree import MISSING, Tree, _Node, record_assign
 
-__all__ = ["Expiries", "fired_any", "path_tuple"]
+__all__ = ["Expiries", "fired_any", "fired_bound", "path_tuple"]
 
 Path = tuple[str, ...]
 
@@ -35,6 +36,13 @@ class Expiries(Tree):
         self._pending: list[tuple[int, int, Path]] = []
         self._due: list[tuple[int, int, Path]] = []
         self._due_stamps: set[int] = set()  # the events in _due
+        # The sessions pending runs hold beyond their run's one entry in _pending (see
+        # ``pend_run``): what ``pending_expiries`` counts too.
+        self._run_extra = 0
+        # The last run entry ``_pend_first`` made, while it is in ``_pending``: the nodes
+        # given their first ttl event one after the other under one parent (a writer's
+        # sessions) join it.
+        self._open_run: _RunPath | None = None
         #: Expiries made permanent by ``expire`` so far.
         self.expired = 0
 
@@ -48,7 +56,7 @@ class Expiries(Tree):
     @property
     def pending_expiries(self) -> int:
         """Registered expiries not yet made permanent (due or not; some may be stale)."""
-        return len(self._pending) + len(self._due)
+        return len(self._pending) + self._run_extra + len(self._due)
 
     def advance(
         self, now_ms: float | int, budget: float = float("inf")
@@ -87,6 +95,9 @@ class Expiries(Tree):
         ``_pending`` entry of its own or came after the one that popped), adding it to
         ``fired`` and the path of its topmost node with ttl events to ``tops``; the earliest
         event not yet due gets the node's next entry."""
+        if type(path) is _RunPath:
+            self._pend_sessions(path)
+            return
         found = self._locate(path)
         if found is None:
             return  # overtaken meanwhile
@@ -195,6 +206,62 @@ class Expiries(Tree):
         else:
             heapq.heappush(self._pending, (due, s, path_tuple(path)))
 
+    def pend_run(self, parent: tuple[str, ...], run: Run, due: int) -> None:
+        """One ``_pending`` entry, at ``due`` (the earliest of theirs), for the sessions of
+        ``run`` (a pending run of the node at ``parent``, see ``_tree.Sessions``), instead of
+        one per session: when it pops, each session still there gets its own."""
+        path = _RunPath(parent)
+        path.run = run
+        self._run_extra += len(run[0]) - 1
+        heapq.heappush(self._pending, (due, run[1][0], path))
+
+    def _pend_sessions(self, path: _RunPath) -> None:
+        """A run's entry popped (see ``pend_run``): an entry for each of its sessions still
+        a node with ttl events (recorded now, if they were not), at its earliest, which the
+        run's entry stood for (``_record_ttl`` relies on it for a later event there too)."""
+        keys, stamps, _ = path.run
+        self._run_extra -= len(keys) - 1
+        if path is self._open_run:
+            self._open_run = None
+        parent = self._root
+        for segment in path:
+            parent = parent.entries.get(segment)  # type: ignore[assignment]
+            if type(parent) is not _Node:
+                return  # overtaken meanwhile
+        entries = parent.entries
+        pending = self._pending
+        for key, s in zip(keys, stamps):
+            node = entries.get(key)
+            if type(node) is _Node and node.ttls is not None:
+                heapq.heappush(pending, (node.ttl_first >> MILLIS_SHIFT, s, (*path, key)))
+
+    def _pend_first(
+        self, parent: _Node, key: str, node: _Node, s: int, expiry: int, path: Any
+    ) -> None:
+        """``_first_ttl`` for ``node``, the new child ``key`` of ``parent`` (at ``path``),
+        with one ``_pending`` entry for a run of such nodes: where the last node given one
+        here came under the same parent, due no later, it joins that one's run entry (see
+        ``pend_run``). A writer's sessions so make one entry per run, not one each."""
+        node.ttls = {s: expiry}
+        node.ttl_first = expiry
+        due = expiry >> MILLIS_SHIFT
+        if due <= self.now_ms:
+            self._push_due(expiry, s, path_tuple(path))
+            return
+        run_path = self._open_run
+        if run_path is not None and run_path.parent is parent and run_path.due <= due:
+            keys, stamps, _ = run_path.run  # (lists: its own)
+            cast("list[str]", keys).append(key)
+            stamps.append(s)
+            self._run_extra += 1
+            return
+        run_path = _RunPath(path_tuple(path)[:-1])
+        run_path.run = ([key], [s], None)
+        run_path.parent = parent
+        run_path.due = due
+        self._open_run = run_path
+        heapq.heappush(self._pending, (due, s, run_path))
+
     def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
         if s not in self._due_stamps:
             self._due_stamps.add(s)
@@ -227,6 +294,15 @@ class Expiries(Tree):
             rebuild_at(parent, path[-1], node, self.now_ms)
 
 
+class _RunPath(tuple[str, ...]):
+    """The path of a run's parent in its ``_pending`` entry (see ``pend_run``), the run
+    beside it (``_pend_first``'s: the parent node and the entry's time too)."""
+
+    run: Run
+    parent: _Node
+    due: int
+
+
 def path_tuple(path: Any) -> tuple[str, ...]:
     """A path given as segments, or as a dotted str (segments without dots, as a batch's
     paths are), as the tuple of its segments: what ``_pending`` holds. (A dotted path is
@@ -237,6 +313,12 @@ def path_tuple(path: Any) -> tuple[str, ...]:
 def fired_any(node: _Node, now_ms: float | int) -> bool:
     """Whether an expiry of ``node.ttls`` (not None) is due by ``now_ms``: the earliest
     (``ttl_first``; a counter hit in a burst holds hundreds of them, until ``collect``)."""
+    return node.ttl_first < fired_bound(now_ms)
+
+
+def fired_bound(now_ms: float | int) -> float | int:
+    """The stamp below which an expiry stamp has fired by ``now_ms`` (its milliseconds are
+    not later): ``fired_any``'s comparison, made once for a batch."""
     if math.isinf(now_ms):
-        return now_ms > 0  # (NEVER: no time yet)
-    return node.ttl_first < (math.floor(now_ms) + 1) << MILLIS_SHIFT
+        return now_ms  # (NEVER: no time yet, nothing fired; inf: everything)
+    return (math.floor(now_ms) + 1) << MILLIS_SHIFT

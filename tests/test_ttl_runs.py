@@ -1,0 +1,284 @@
+"""Property tests: received sessions kept as a pending run on their parent (issue 20).
+
+A received batch of new sessions (dicts SET with a ttl at keys new under one parent) waits on
+the parent as a run (``_tree.Sessions``) with one expiry entry for the run
+(``Expiries.pend_run``); each session's node is built only when something reads the parent's
+entries. Whatever comes after (more batches, overwrites, writes below a session, time steps
+that fire the run's entry, a snapshot in pieces, hard expiry and collection), the store must
+hold what the general way (the same operations one by one) holds, metadata included, and the
+reference model's tree.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+from cluster import wait_for
+from hypothesis import event, given
+from hypothesis import strategies as st
+from test_store_property import (
+    DELETE,
+    INCREMENT,
+    NODE_IDS,
+    SET,
+    Op,
+    _settings,
+    _through_the_wire_in_pieces,
+    assert_tree,
+    assert_ttl_first,
+    deliver,
+    deliver_as_batch,
+    fold,
+    json_leaves,
+    new_store,
+    real_stamp,
+    roundtrip,
+    small_ints,
+)
+
+from gcollective._tree import Sessions
+
+PARENTS = (("s",), ("t",))
+# The members' options (the ``members`` fixture's): frames small enough that a few
+# thousand sessions under one parent go in a snapshot in pieces (``Store.export_pieces``).
+FAST = {"max_frame": 1 << 17}
+# What makes the parent ``s`` (a writer's first batch there goes one by one, making it).
+PARENT_MADE = Op(real_stamp(0, 0, 3), SET, ("s", "z"), 0)
+KEYS = ("a", "b", "c", "d", "e")
+SESSIONS = st.dictionaries(
+    st.sampled_from(["u", "w", "n"]),
+    st.one_of(json_leaves, st.dictionaries(st.sampled_from(["x", "y"]), json_leaves, max_size=2)),
+    max_size=3,
+)
+
+
+def _bodies(parent: tuple[str, ...]) -> st.SearchStrategy:
+    """Operations of one batch under ``parent``: new sessions most, and what meets them (the
+    same key again, a hit, a plain SET or DELETE of a key, a SET without ttl)."""
+    key = st.sampled_from(KEYS).map(lambda k: (*parent, k))
+    session = st.tuples(st.just(SET), key, SESSIONS, st.integers(1, 30))
+    hit = st.tuples(st.just(INCREMENT), key, small_ints, st.integers(1, 30))
+    plain = st.tuples(st.just(SET), key, json_leaves, st.just(None))
+    gone = st.tuples(st.just(DELETE), key, st.none(), st.none())
+    return st.one_of(session, session, session, hit, plain, gone)
+
+
+def _after_bodies() -> st.SearchStrategy:
+    """Operations one by one afterwards: at a session, below one, at its parent."""
+    path = st.sampled_from(
+        [("s", "a"), ("s", "b", "u"), ("s", "c", "u", "x"), ("s",), ("t", "d"), ("t", "e", "n")]
+    )
+    return st.one_of(
+        st.tuples(st.just(SET), path, st.one_of(json_leaves, SESSIONS), st.none()),
+        st.tuples(st.just(SET), path, SESSIONS, st.integers(1, 30)),
+        st.tuples(st.just(INCREMENT), path, small_ints, st.none()),
+        st.tuples(st.just(DELETE), path, st.none(), st.none()),
+    )
+
+
+def _pending_sessions(store: Any) -> int:
+    """How many sessions wait in pending runs of the store's top-level nodes."""
+    count = 0
+    for entry in store._root._entries.values():
+        for run in getattr(entry, "runs", None) or ():
+            if type(run[2]) is Sessions:
+                count += len(run[0])
+    return count
+
+
+@st.composite
+def _batches(draw: st.DrawFn) -> list[tuple[tuple[str, ...], list[Op], int]]:
+    """Batches ``(parent, ops, now)``: each one origin's, stamps growing, under one parent,
+    delivered when the store's time is ``now`` (not going back)."""
+    batches = []
+    now = 0
+    millis = 0
+    made = 10  # (the logical counter: stamps unique across the batches, past the parents')
+    for _ in range(draw(st.integers(1, 4), label="batches")):
+        parent = draw(st.sampled_from(PARENTS), label="parent")
+        origin = draw(st.sampled_from(NODE_IDS), label="origin")
+        bodies = draw(st.lists(_bodies(parent), min_size=1, max_size=8), label="bodies")
+        ops = []
+        for body in bodies:
+            millis += draw(st.integers(0, 2), label="step")
+            made += 1
+            ops.append(Op(real_stamp(millis, made, origin), *body))
+        now = draw(st.integers(now, now + 20), label="now")
+        batches.append((parent, ops, now))
+    return batches
+
+
+@_settings(max_examples=400)
+@given(st.data())
+def test_sessions_kept_as_runs_match_one_by_one(data: st.DataObject) -> None:
+    """Batches of received sessions under two parents, with time steps between them (which
+    may fire a run's entry), delivered as ``apply_batch`` to one store and op by op to
+    another: the same metadata and the model's tree after each; a snapshot of it in pieces
+    merges to the same; then later time steps (in small slices), hard expiry, collection and
+    later operations at and below the sessions leave both alike."""
+    batches = data.draw(_batches(), label="batches")
+    batched, one_by_one = new_store(), new_store()
+    # The parents exist (a writer's first batch makes its own, one by one).
+    received = [Op(real_stamp(0, i, 3), SET, (*p, "z"), 0) for i, p in enumerate(PARENTS)]
+    for store in (batched, one_by_one):
+        deliver(store, received)
+    for parent, ops, now in batches:
+        for store in (batched, one_by_one):
+            store.advance(now)
+        deliver_as_batch(batched, ops, parent)
+        deliver(one_by_one, ops)
+        received += ops
+        event(f"sessions pending in runs: {min(_pending_sessions(batched), 3)}")
+        context = f"batches: {batches!r}"
+        assert_tree(batched.to_dict(), fold(received, batched.now_ms), context)
+        assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    pieces, whole = new_store(), new_store()
+    for items in _through_the_wire_in_pieces(batched, 200, data.draw(st.sampled_from([1, 3]))):
+        pieces.merge(items)
+    whole.merge(roundtrip(one_by_one.export()))
+    assert roundtrip(pieces.export()) == roundtrip(whole.export()), context
+    later = data.draw(st.integers(batched.now_ms, 70), label="later")
+    after = data.draw(st.lists(_after_bodies(), max_size=4), label="after")
+    after_ops = [Op(real_stamp(100 + i, 0, 1), *body) for i, body in enumerate(after)]
+    frontier = data.draw(st.integers(0, 100), label="frontier millis")
+    for store in (batched, one_by_one):
+        store.advance(later, budget=2)
+        while store.next_expiry <= later:  # (a slice at a time, as a member does)
+            store.advance(later, budget=2)
+        store.expire(real_stamp(frontier, 0, 0))
+        while not store.collect(real_stamp(frontier, 0, 0)):
+            pass
+    context += f", later={later}, frontier={frontier}"
+    assert_tree(batched.to_dict(), fold(received, later), context)
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    for store in (batched, one_by_one):
+        deliver(store, after_ops)
+        store.advance(200)
+    context += f", after={after_ops!r}"
+    assert_ttl_first(batched._root, context)
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    assert_tree(batched.to_dict(), fold(received + after_ops, 200), context)
+    for store in (batched, one_by_one):
+        store.expire(real_stamp(300, 0, 0))
+    assert batched.pending_expiries == one_by_one.pending_expiries == 0, context
+
+
+def test_a_batch_of_new_sessions_waits_as_one_run_with_one_expiry_entry() -> None:
+    """Three received sessions: no node built, one ``_pending`` entry (counted as three),
+    their values readable; the entry firing expires each, as one by one."""
+    batched, one_by_one = new_store(), new_store()
+    ops = [
+        Op(real_stamp(1, i, 2), SET, ("s", key), {"u": i, "in": {"x": i}}, 10)
+        for i, key in enumerate("abc")
+    ]
+    for store in (batched, one_by_one):
+        deliver(store, [PARENT_MADE])
+        store.advance(0)
+    deliver_as_batch(batched, ops, ("s",))
+    deliver(one_by_one, ops)
+    parent = batched._root._entries["s"]
+    assert [type(run[2]) for run in parent.runs] == [Sessions]
+    assert list(parent._entries) == ["z"] and len(batched._pending) == 1
+    assert batched.pending_expiries == one_by_one.pending_expiries == 3
+    assert batched.get(["s", "b", "in"]) == {"x": 1}
+    assert batched.next_expiry == one_by_one.next_expiry == 11
+    fired = [sorted(store.advance(11)) for store in (batched, one_by_one)]
+    assert fired[0] == fired[1] == [(("s", key), op.stamp) for key, op in zip("abc", ops)]
+    assert batched.to_dict() == one_by_one.to_dict() == {"s": {"z": 0}}
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
+
+
+def test_a_later_write_below_a_pending_session_builds_it_first() -> None:
+    """A write below a session still in a run (and a read of the parent's entries) finds it a
+    node with its ttl event, as one by one: the write is cancelled by its expiry too."""
+    session = Op(real_stamp(1, 0, 2), SET, ("s", "a"), {"u": 1}, 10)
+    below = Op(real_stamp(2, 0, 3), SET, ("s", "a", "w"), {"k": 2}, None)
+    batched, one_by_one = new_store(), new_store()
+    for store in (batched, one_by_one):
+        deliver(store, [PARENT_MADE])
+    deliver_as_batch(batched, [session], ("s",))
+    deliver(one_by_one, [session])
+    for store in (batched, one_by_one):
+        deliver(store, [below])
+    assert batched.to_dict() == {"s": {"z": 0, "a": {"u": 1, "w": {"k": 2}}}}
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
+    for store in (batched, one_by_one):
+        store.advance(11)
+    assert batched.to_dict() == one_by_one.to_dict() == fold([PARENT_MADE, session, below], 11)
+    assert copy.deepcopy(batched.export()) == copy.deepcopy(one_by_one.export())
+
+
+@_settings(max_examples=300)
+@given(st.data())
+def test_own_sessions_sharing_run_entries_expire_as_the_model(data: st.DataObject) -> None:
+    """A writer's own sessions and leaves with a ttl (``assign_key``, as ``Collective.set``
+    makes them) under two parents, with ttls that shorten and grow, and time steps between
+    them (which pop the run entry they share, see ``Expiries._pend_first``): after each step
+    the tree is the model's, and once all are due every one has expired."""
+    steps = data.draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(PARENTS),
+                st.sampled_from(KEYS),
+                st.one_of(SESSIONS, json_leaves),
+                st.integers(1, 8),
+                st.integers(0, 3),  # milliseconds on
+                st.booleans(),  # a time step after it
+            ),
+            min_size=1,
+            max_size=20,
+        ),
+        label="steps",
+    )
+    store = new_store()
+    store.advance(0)
+    made: list[Op] = []
+    millis = 0
+    for parent, key, value, ttl, step, advance in steps:
+        millis += step
+        op = Op(real_stamp(millis, len(made), 1), SET, (*parent, key), value, ttl)
+        made.append(op)
+        store.assign_key(op.stamp, ".".join(op.path), copy.deepcopy(value), ttl)
+        if advance:
+            store.advance(millis, budget=1)
+            while store.next_expiry <= millis:
+                store.advance(millis, budget=1)
+            assert_tree(store.to_dict(), fold(made, millis), f"made: {made!r}")
+    for later in (millis + 5, millis + 40):
+        while store.next_expiry <= later:
+            store.advance(later, budget=3)
+        store.advance(later)
+        assert_tree(store.to_dict(), fold(made, later), f"made: {made!r}, later={later}")
+    store.expire(real_stamp(1000, 0, 0))
+    assert store.pending_expiries == 0
+
+
+def test_a_joiner_gets_sessions_a_member_holds_as_a_run_and_expires_them(members) -> None:
+    """Sessions that reached a member in frames wait there as runs; with their writer gone,
+    a member joining later gets them by that member's snapshot (in pieces: more than a
+    frame's worth under one parent), each with its ttl, and every one expires on both (the
+    run's one expiry entry, then each session's)."""
+    a, b = members(2)
+    a.set("sess.first", 0)  # (the parent: a writer's first frame there goes one by one)
+    wait_for(lambda: b.get("sess.first") == 0, what="the parent replicated")
+    ttl, count = 4.0, 3000  # long enough to replicate and join before they expire
+    written = time.time()
+    for i in range(count):
+        a.set(f"sess.s{i}", {"u": i, "tags": {"n": i}}, ttl=ttl)
+    wait_for(lambda: b.get(f"sess.s{count - 1}") is not None, what="the sessions replicated")
+    parent = b._store._root.entries["sess"]
+    assert any(type(run[2]) is Sessions for run in parent.runs or ()), "not kept as a run"
+    a.stop(timeout=1)
+    c = members.join()  # (an address nobody lists: all it holds comes by b's snapshot)
+    wait_for(lambda: c.synced, what="the joiner synced")
+    held = [c.get(f"sess.s{i}") for i in range(count)]
+    assert time.time() < written + ttl, "the join took longer than the ttl: raise it"
+    assert held == [{"u": i, "tags": {"n": i}} for i in range(count)]
+    assert c._store.pending_expiries >= count
+    wait_for(
+        lambda: all(n.get("sess") == {"first": 0} for n in (b, c)),
+        timeout=ttl + 30,
+        what="every session expired on both",
+    )
