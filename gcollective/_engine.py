@@ -420,7 +420,10 @@ class Engine:
         peer.connected = True
         if peer.snapshot is Snapshot.OWED:
             self.resync(peer, now)  # the last one was lost with its connection
-        return hello + self.progress_frame(now)
+        progress = self.progress_frame(now)  # (flushes: what it queues goes on this one)
+        if not peer.down:  # (nothing is queued for a peer declared down)
+            peer.link_up(self.seq)
+        return hello + progress
 
     def link_failed(self, peer: Peer, now: float) -> None:
         """An attempt to reach ``peer``, or our connection to it, failed: a snapshot asked of
@@ -723,7 +726,8 @@ class Engine:
         After the first report on a connection, only origins on which the peer made no
         progress since its previous report are resent: a peer that is merely behind (busy
         applying a burst) gets nothing twice; one whose link from an origin is broken, or
-        whose origin died, gets what it lacks.
+        whose origin died, gets what it lacks. And never what our connection to it carries
+        already (see ``_queued_for``).
         """
         if peer.snapshot_owed or peer.snapshot_stream is not None:
             # It is still merging the snapshot we sent, or getting it: a report settles a
@@ -732,7 +736,8 @@ class Engine:
         self.flush(now)  # own operations up to ``bound`` must be in the log
         if previous is not None:
             bound = {o: b for o, b in bound.items() if theirs.get(o, 0) <= previous.get(o, 0)}
-        frames = self.log.missing(theirs, bound, exclude=peer.peer_id or 0)
+        sent = self._queued_for(peer, theirs)
+        frames = self.log.missing(sent, bound, exclude=peer.peer_id or 0)
         if frames is not None and sum(map(len, frames)) > self.max_queue_bytes // 2:
             frames = None  # too much to queue: the snapshot bypasses the queue limit
         if frames is None:
@@ -743,7 +748,25 @@ class Engine:
             peer.relayed_frames += len(frames)
             # Own frames are logged with their newline, received ones without.
             peer.enqueue(b"".join(f if f[-1:] == b"\n" else f + b"\n" for f in frames))
+            for origin, upto in bound.items():
+                peer.mark_queued(origin, upto)
         return dict(self.progress.applied)
+
+    def _queued_for(self, peer: Peer, theirs: dict[int, int]) -> dict[int, int]:
+        """Per origin, the last operation the peer has or will get on our current connection
+        to it without a resend: what it reported, or more if that connection carries the
+        rest (what catch-up queued on it; our own operations made since it came up, if the
+        peer had all before). Resending those would only duplicate them: a peer that
+        applies late (busy, or its link from us backed up) would get everything it lacks
+        again every report, and fall further behind."""
+        sent = dict(theirs)
+        for origin, upto in peer.queued_upto().items():
+            if upto > sent.get(origin, 0):
+                sent[origin] = upto
+        node_id = self.node_id
+        if peer.live_from is not None and sent.get(node_id, 0) >= peer.live_from:
+            sent[node_id] = self.seq
+        return sent
 
     # -- housekeeping ------------------------------------------------------------------------
 

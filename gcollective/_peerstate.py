@@ -139,6 +139,14 @@ class Peer:
         self.overflows = 0
         self.snapshots_sent = 0
         self.relayed_frames = 0
+        # What the current connection (``connects``) carries, or will: per origin, the last
+        # operation catch-up queued for the peer on it (all it lacked up to there), and the
+        # last own operation made before it came up (``link_up``: every later one is queued
+        # on it live). TCP delivers all of it unless the connection breaks, and a new one
+        # starts this over: catch-up does not send it twice (see ``Engine.catch_up``).
+        self._queued_upto: dict[int, int] = {}
+        self._queued_on = -1
+        self.live_from: int | None = None
 
     # -- hooks: what the engine asks of the shell ---------------------------------------------
 
@@ -199,6 +207,28 @@ class Peer:
         """Forget what is queued (catch-up, or a snapshot, brings the peer what it needs)."""
         self.pending = []
         self.pending_bytes = self.pending_ops = 0
+        self._queued_upto = {}
+        self.live_from = None
+
+    def queued_upto(self) -> dict[int, int]:
+        """Per origin, the last operation queued for the peer on the current connection:
+        it arrives unless that connection breaks (empty after it broke)."""
+        if self._queued_on != self.connects:
+            self._queued_on = self.connects
+            self._queued_upto = {}
+            self.live_from = None
+        return self._queued_upto
+
+    def link_up(self, own_seq: int) -> None:
+        """A new connection is up; own operations after ``own_seq`` go out on it live."""
+        self.queued_upto()  # (starts the new connection's record)
+        self.live_from = own_seq
+
+    def mark_queued(self, origin: int, upto: int) -> None:
+        """Operations of ``origin`` up to ``upto`` are queued on the current connection."""
+        queued = self.queued_upto()
+        if upto > queued.get(origin, 0):
+            queued[origin] = upto
 
     def start_snapshot(self, stream: Iterator[bytes], vector: dict[int, int]) -> None:
         """Replace what is pending by a snapshot stream (see ``Engine.resync``)."""

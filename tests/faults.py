@@ -75,6 +75,12 @@ class Proxy:
         with self._lock:
             self._held.update(sources)
 
+    def release(self, *sources: int) -> None:
+        """Forward again what these sources send (what was held goes first, with their next
+        bytes)."""
+        with self._lock:
+            self._held.difference_update(sources)
+
     def cut(self, *sources: int, require: bool = True) -> int:
         """Drop and refuse connections from members advertising these ports; returns how many
         were dropped. With ``require`` (the default) dropping none fails: the cut would have

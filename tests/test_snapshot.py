@@ -120,8 +120,7 @@ def test_an_owed_snapshot_is_settled_by_a_complete_report_and_catch_up_resumes()
         sent = link.snapshots_sent
         a.set("missed", 1)
         a._flush_outbox()
-        link.pending.clear()  # that frame never reaches b: only catch-up can bring it
-        link.pending_bytes = link.pending_ops = 0
+        link.drop_pending()  # that frame never reaches b: only catch-up can bring it
         wait_for(lambda: not a.stats()["peers"][link.name]["snapshot_owed"])
         wait_for(lambda: b.get("missed") == 1)
         assert link.snapshots_sent == sent and link.relayed_frames > 0
