@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("gcollective")
 
 _RECV_SIZE = 256 * 1024
+# A plain connection's reads (see _PlainReader): under the allocator's threshold for mapping
+# a block of its own (128 KiB), so a read's bytes object comes from the heap and shrinks in
+# place; a 256 KiB one was mapped, shrunk and unmapped, three system calls per read.
+_PLAIN_READ_SIZE = 64 * 1024
 # The most a connection's first frame (HELLO, or a status query) may take: a stranger must not
 # make a node buffer and decode megabytes before it has even said who it is.
 _FIRST_FRAME_BYTES = 4096
@@ -54,9 +58,8 @@ def _check_not_tls(data: bytes) -> None:
 
 
 class _PlainReader:
-    """Reads a plain connection: waits until it has something to read, then reads it all
-    into a buffer kept for the connection's life. ``socket.timeout`` once the peer has been
-    silent for ``idle_timeout`` seconds.
+    """Reads a plain connection: waits until it has something to read, then reads it.
+    ``socket.timeout`` once the peer has been silent for ``idle_timeout`` seconds.
 
     What it saves per read, at a web app's rate a frame per request, against a gevent
     ``recv`` with a timeout followed by a yield: that ``recv`` on a connection with nothing
@@ -64,18 +67,14 @@ class _PlainReader:
     stopped) before it waits, and the yield after each read cost a turn of the event loop
     of its own. Waiting first does both in one switch, with one watcher and one timer for
     the connection's whole life: when data is there already the wait returns on the loop's
-    next turn (the yield that lets other peers' readers run), else when it comes. The buffer
-    spares the allocator: a fresh 256 KiB bytes object per read is mapped, shrunk and
-    unmapped (three system calls) once reads no longer fail now and then.
+    next turn (the yield that lets other peers' readers run), else when it comes.
     """
 
     def __init__(self, sock: Any, idle_timeout: float) -> None:
-        self._recv_into = sock.recv_into
+        self._recv = sock.recv
         self._hub = gevent.get_hub()
         loop = self._hub.loop
         self._io = loop.io(sock.fileno(), 1)  # (1: readable)
-        self._buffer = bytearray(_RECV_SIZE)
-        self._view = memoryview(self._buffer)
         self._idle_timeout = idle_timeout
         self._heard = time.monotonic()
         self._waiting = False
@@ -87,8 +86,8 @@ class _PlainReader:
     def read(self) -> bytes:
         """The next bytes the peer sent (empty once it closed)."""
         self._wait()
-        size = self._recv_into(self._buffer)
-        return self._view[:size].tobytes()
+        data: bytes = self._recv(_PLAIN_READ_SIZE)
+        return data
 
     def _wait(self) -> None:
         while True:
@@ -120,7 +119,6 @@ class _PlainReader:
         """Stop the watcher and the timer (before the socket is closed)."""
         self._timer.close()
         self._io.close()
-        self._view.release()
 
 
 class _Connections:
