@@ -173,7 +173,9 @@ def set(  # noqa: A001 - the collective.js name
     key: Key, value: Any, op: int = SET, ttl: float | None = None
 ) -> None:
     """``default_node().set(key, value, op, ttl)``; ``ttl`` in seconds makes the key expire."""
-    default_node().set(key, value, op, ttl)
+    # As a plain int: the node's quick way for a SET tells it by identity (``op is SET``),
+    # which ``Operation.SET``, the default here, is not.
+    default_node().set(key, value, op.value if type(op) is Operation else op, ttl)
 
 
 def incr(key: Key, amount: int | float = 1, ttl: float | None = None) -> int | float:

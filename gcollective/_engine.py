@@ -84,8 +84,12 @@ OUTBOX_ITEMS = 3 * OUTBOX_LIMIT  # (the outbox holds three items per operation)
 # After a batch went out, the next one waits until this much time has passed, so a steady
 # stream of sets goes out in a few frames per millisecond rather than one frame per set (each
 # frame costs a wake-up and a syscall per peer, and a decode on each peer). An idle node sends
-# at once.
+# at once. A process too busy to flush when due (its event loop late by more than that wait)
+# waits twice as long after the next batch, up to COALESCE_BUSY_SECONDS: a web worker short of
+# CPU has its requests share frames (each frame wakes every peer, which decodes and applies
+# it); one that keeps up sends as before.
 COALESCE_SECONDS = 0.001
+COALESCE_BUSY_SECONDS = 0.004
 # A gap in a past incarnation's operations that no live peer can fill is counted as lost once
 # it stayed so for this long (or ten sync intervals if longer): long enough for every peer to
 # report again, and for what was still in flight from that incarnation to land.
@@ -168,6 +172,8 @@ class Engine:
         self.outbox: list[Any] = []
         self.out_special: list[tuple[int, int, int]] = []
         self.flushed_at = float("-inf")  # when the outbox was last encoded and queued
+        self.coalesce = COALESCE_SECONDS  # the wait after it (see flush_at)
+        self.flush_due = float("inf")  # when the outbox should go out, if the shell said (flush_at)
         self.progress = Progress()
         self.log = OpLog(log_bytes)
         self.down_ids: set[int] = set()  # incarnations declared down: refused from then on
@@ -232,10 +238,14 @@ class Engine:
         elif len(outbox) >= OUTBOX_ITEMS:
             self.flush_now()
 
-    def flush_at(self) -> float:
-        """When (monotonic) the outbox, which just got its first operation, should go out: at
-        once after a quiet while, else ``COALESCE_SECONDS`` after the last batch."""
-        return self.flushed_at + COALESCE_SECONDS
+    def flush_at(self, now: float | None = None) -> float:
+        """When (monotonic) the outbox, which just got its first operation (at ``now``, when
+        given: how late the flush comes then tells how busy the process is), should go out:
+        at once after a quiet while, else ``coalesce`` after the last batch."""
+        due = self.flushed_at + self.coalesce
+        if now is not None:
+            self.flush_due = max(due, now)
+        return due
 
     def flush(self, now: float) -> None:
         """Number the operations of the outbox, encode them as OPS frames (once), log them
@@ -248,6 +258,10 @@ class Engine:
         outbox = self.outbox
         if not outbox:
             return
+        late = now - self.flush_due
+        self.flush_due = float("inf")
+        busy = late > COALESCE_SECONDS
+        self.coalesce = min(2 * self.coalesce, COALESCE_BUSY_SECONDS) if busy else COALESCE_SECONDS
         self.flushed_at = now
         stamps = outbox[0::3]
         columns = self._columns(stamps, outbox)

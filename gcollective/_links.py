@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import gevent
@@ -58,6 +59,15 @@ def _limit_unacknowledged(sock: Any, seconds: float) -> None:
         sock.setsockopt(gsocket.IPPROTO_TCP, _TCP_RTO_MAX_MS, max(1000, int(seconds * 500)))
     except OSError:
         pass  # an older kernel
+
+
+def _send_all(sock: Any, data: bytes) -> None:
+    """``sock.sendall(data)`` for a plain gevent socket, in one ``send`` when the kernel takes
+    it all (a frame of a few operations always fits): gevent's ``sendall`` first asks the
+    socket its buffer size (a system call) and makes a memoryview, per frame sent."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
 
 
 class _PeerLink(_Writer, Peer):
@@ -359,6 +369,7 @@ class _PeerLink(_Writer, Peer):
         wake = self.wake
         take = node._engine.data_to_send
         monotonic = time.monotonic
+        send = sock.sendall if self.tls else partial(_send_all, sock)
         while True:
             batch, ops = take(self, monotonic())
             if not batch:
@@ -369,7 +380,7 @@ class _PeerLink(_Writer, Peer):
                 continue
             data = b"".join(batch)
             # Sealed here, in the one greenlet that sends, so records go out in counter order.
-            sock.sendall(data if sealer is None else sealer.seal(data))
+            send(data if sealer is None else sealer.seal(data))
             self.sent_frames += len(batch)
             self.sent_bytes += len(data)
             self.sent_ops += ops

@@ -841,7 +841,8 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         """Have the outbox, which just got its first operation, sent once this greenlet
         yields (a burst of sets becomes one frame), or a moment later if a batch just went
         out."""
-        wait = self._engine.flush_at() - time.monotonic()
+        now = time.monotonic()
+        wait = self._engine.flush_at(now) - now
         loop = gevent.get_hub().loop
         if wait > 0:
             # A timer of the event loop, not a greenlet: spawning one per flush cost more

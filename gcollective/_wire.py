@@ -558,6 +558,8 @@ def parse_hello(message: Any) -> Hello:
 
 _SCALARS = {str, int, bool, type(None)}
 _KINDS = {0, 1, 2}
+_COUNTS = {0, 1}  # SET and INCREMENT: an int is a good value for both (a web app's counter)
+_INT = {int}
 
 
 def parse_ops(
@@ -625,8 +627,9 @@ def parse_ops(
         _check_paths(paths)
     if ttls is not None:
         _check_op_ttls(ttls, ops)
-    if kinds == {0} and set(map(type, values)) <= _SCALARS:
-        pass  # only SETs of plain scalars: nothing more to check
+    value_types = set(map(type, values))
+    if value_types <= _SCALARS and (kinds == {0} or (value_types <= _INT and kinds <= _COUNTS)):
+        pass  # SETs of plain scalars, or SETs and INCREMENTs of ints: nothing more to check
     else:
         # (A value's nesting counts on from its path's segments: see ``MAX_DEPTH``.)
         under = parent.count(".") + 1 if parent else 0

@@ -129,6 +129,11 @@ OK = (HLC, 0, "a", 1)
         (ops_message((HLC, 1, "a", "1")), "not a number"),
         (ops_message((HLC, 1, "a", True)), "not a number"),
         (ops_message((HLC, 2, "a", 1)), "carries a value"),
+        # A counter's frame (SETs and INCREMENTs of ints) passes without a look at each
+        # operation; one odd value in it must still be seen.
+        (ops_message((HLC, 1, "a", 1), (HLC + 1, 0, "b", 2), (HLC + 2, 1, "a", True)), "number"),
+        (ops_message((HLC, 1, "a", 1), (HLC + 1, 1, "a", "1")), "not a number"),
+        (ops_message((HLC, 1, "a", 1), (HLC + 1, 2, "b", 1)), "carries a value"),
         (ops_message((HLC, 3, "a", 1)), "unknown operation"),
         (ops_message((HLC, True, "a", 1)), "unknown operation"),
         (ops_message((HLC, [0], "a", 1)), "unknown operation"),

@@ -1,0 +1,99 @@
+"""When a member's own operations go out (``Engine.flush_at``): at once after a quiet while,
+else at most every ``COALESCE_SECONDS``; and when the process is too busy to flush when due
+(its event loop late by more than that), in frames further apart, up to
+``COALESCE_BUSY_SECONDS``, so that a web worker short of CPU has its requests share frames
+(each frame wakes every peer, which decodes and applies it). A real engine and store, on a
+simulated clock: the policy is about time."""
+
+from __future__ import annotations
+
+from gcollective._clock import HybridClock
+from gcollective._engine import COALESCE_BUSY_SECONDS, COALESCE_SECONDS, Engine
+from gcollective._store import Store
+
+WALL_NS = 1_800_000_000 * 10**9
+
+
+def engine() -> Engine:
+    node_id = 12345
+    return Engine(
+        node_id,
+        Store(),
+        HybridClock(node_id, now=lambda: WALL_NS),
+        wall_ns=lambda: WALL_NS,
+        advertise=("127.0.0.1", 1),
+        log_bytes=1 << 20,
+        max_frame=1 << 20,
+        max_queue_bytes=1 << 20,
+        sync_interval=1.0,
+        down_timeout=600.0,
+        clock_skew=10.0,
+    )
+
+
+def write(member: Engine, number: int) -> None:
+    """An own SET, applied and put in the outbox as the shell does."""
+    member.apply_local(member.clock.stamp(), 0, ("k", str(number)), number, f"k.{number}")
+
+
+def flush(member: Engine, now: float, late: float = 0.0) -> float:
+    """The shell's part: the outbox got its first operation at ``now``; it goes out when
+    ``flush_at`` says (or at once), ``late`` seconds after that. Returns the flush's time."""
+    when = max(now, member.flush_at(now)) + late
+    member.flush(when)
+    return when
+
+
+def waits(member: Engine, lateness: list[float], gap: float = 0.0002) -> list[float]:
+    """A write every ``gap`` seconds while the outbox is empty, each flushed as late as the
+    next of ``lateness`` says: how long after each batch the next one was due to go."""
+    out = []
+    for number, late in enumerate(lateness):
+        write(member, number)
+        sent = member.flushed_at
+        now = sent + gap
+        out.append(round(member.flush_at(now) - sent, 6))
+        flush(member, now, late)
+    return out
+
+
+def test_a_member_that_keeps_up_sends_a_stream_every_millisecond_and_a_lone_write_at_once():
+    member = engine()
+    write(member, 0)
+    assert flush(member, 10.0) == 10.0  # the first one: at once
+    assert waits(member, [0.0001] * 20) == [COALESCE_SECONDS] * 20
+    write(member, 100)
+    assert flush(member, member.flushed_at + 1.0) == member.flushed_at  # quiet: at once
+
+
+def test_a_busy_member_waits_longer_between_frames_and_back_once_it_keeps_up():
+    member = engine()
+    write(member, 0)
+    flush(member, 10.0)
+    late = 3 * COALESCE_SECONDS  # its event loop runs the flush 3 ms after it was due
+    assert waits(member, [late] * 6) == [
+        COALESCE_SECONDS,
+        2 * COALESCE_SECONDS,
+        4 * COALESCE_SECONDS,
+        COALESCE_BUSY_SECONDS,
+        COALESCE_BUSY_SECONDS,
+        COALESCE_BUSY_SECONDS,
+    ]
+    # On time again: the next batch waits the short while.
+    assert waits(member, [0.0, 0.0]) == [COALESCE_BUSY_SECONDS, COALESCE_SECONDS]
+    # A write after a quiet while goes out at once, however busy the process was.
+    waits(member, [late] * 3)
+    write(member, 100)
+    quiet = member.flushed_at + 1.0
+    assert member.flush_at(quiet) < quiet
+
+
+def test_writes_just_slower_than_the_wait_are_never_held_back():
+    """A member writing every 3 ms (the latency scenario's 1k/s, per member): each write
+    finds the wait over and goes out at once."""
+    member = engine()
+    now = 5.0
+    for number in range(50):
+        write(member, number)
+        assert flush(member, now) == now
+        now += 0.003
