@@ -55,7 +55,10 @@ class Ways(Applier):
                 on_way = self._way_to(above, path, stamp)
             if on_way:
                 if ttl_ms or type(value) is dict:
-                    if self.assign_leaf(stamp, leaf, value, ttl_ms):
+                    # (``assign_leaf``, inline, its path the dotted key: ``_first_ttl`` splits
+                    # it only when it makes an entry)
+                    if self._assign_fresh(self._way_parent, leaf, stamp, value, ttl_ms, key):
+                        self._way_newest = stamp
                         return
                 else:
                     # ``set_leaf``, inline (the call cost a tenth of a ``Collective.set``)
