@@ -83,7 +83,7 @@ def expiry_stamp(stamp: int, ttl_ms: int) -> int:
     millisecond with counter 0, and before every later one. The origin's id keeps the derived
     stamps of two origins distinct.
     """
-    expires = stamp_millis(stamp) + ttl_ms
+    expires = (stamp >> MILLIS_SHIFT) + ttl_ms  # (``stamp_millis``, inline: once per ttl op)
     return (expires << MILLIS_SHIFT) | DERIVED_BIT | (stamp & NODE_MASK)
 
 
