@@ -76,3 +76,34 @@ def test_a_session_set_takes_the_general_paths_outcome(
         value[next(iter(value))] = "changed by the caller"
         assert fast.get(key) == general.get(key)  # a private copy
     assert fast.snapshot() == general.snapshot()
+
+
+def _incr_outcome(node: Collective, key: str, amount: Any, ttl: Any) -> Any:
+    try:
+        return _typed(node.incr(key, amount, ttl=ttl))
+    except Exception as exc:
+        return type(exc), str(exc)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.integers(0, 3),
+    st.one_of(
+        st.integers(-(2**31), 2**31),
+        st.sampled_from(
+            [2**30 - 1, 2**30, -(2**30) + 1, -(2**30), 10**4299, 10**4300, True, 1.5, None]
+        ),
+    ),
+    st.sampled_from([None, 60, 0, True, 2.5]),
+)
+def test_an_incr_takes_the_general_paths_outcome(
+    fast_and_general: list[Collective], leaf: int, amount: Any, ttl: Any
+) -> None:
+    """``incr``'s fast path (an int amount, whole-second ttl inline) returns and refuses what
+    the general path does, around the one-digit and the 4,300-digit bounds too."""
+    fast, general = fast_and_general
+    key = f"counters.c{leaf}"
+    assert _incr_outcome(fast, key, amount, ttl) == _incr_outcome(general, key, amount, ttl)
+    assert _typed(fast.get(key)) == _typed(general.get(key))
