@@ -107,3 +107,15 @@ def test_an_incr_takes_the_general_paths_outcome(
     key = f"counters.c{leaf}"
     assert _incr_outcome(fast, key, amount, ttl) == _incr_outcome(general, key, amount, ttl)
     assert _typed(fast.get(key)) == _typed(general.get(key))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**63 - 1), st.integers(-(2**40), 2**40))
+def test_the_expiry_stamp_has_its_layout(hlc: int, origin: int, ttl_ms: int) -> None:
+    """``expiry_stamp``'s four operations give the layout its docstring spells out: the
+    expiry's millisecond, counter 0, bit 63 set over the origin's id."""
+    from gcollective._clock import DERIVED_BIT, MILLIS_SHIFT, NODE_BITS, expiry_stamp
+
+    stamp = (hlc << NODE_BITS) | origin
+    expires = (stamp >> MILLIS_SHIFT) + ttl_ms
+    assert expiry_stamp(stamp, ttl_ms) == (expires << MILLIS_SHIFT) | DERIVED_BIT | origin
