@@ -31,7 +31,7 @@ from gevent.event import Event
 
 from . import Operation, _store
 from ._auth import secret_weakness
-from ._clock import HybridClock, millis_stamp, new_node_id, stamp_millis, stamp_origin
+from ._clock import MILLIS_SHIFT, HybridClock, millis_stamp, new_node_id, stamp_millis, stamp_origin
 from ._connections import _Connections
 from ._discovery import Discovery, split_names
 from ._durable import check_durability
@@ -58,6 +58,7 @@ from ._validate import (
     MAX_BYTES,
     MAX_DEPTH,
     MAX_INT_DIGITS,
+    MAX_TTL,
     Key,
     check_amount,
     check_number,
@@ -78,6 +79,9 @@ __all__ = ["Collective", "Watch"]
 log = logging.getLogger("gcollective")
 
 _INF = float("inf")
+# The outbox is flushed at once when an operation finds this many items queued before it
+# (``OUTBOX_ITEMS`` with its own).
+_FLUSH_QUEUED = OUTBOX_ITEMS - 3
 
 
 # What an operation's frame, or a snapshot frame carrying only its value, holds besides its
@@ -253,6 +257,9 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         # Keys and str values shorter than this together (in characters) fit in a frame
         # whatever they hold (at most 6 bytes each as JSON): ``set`` measures only longer ones.
         self._fits_chars = (self.max_frame - _OP_BYTES - _LEVEL_BYTES * MAX_DEPTH) // 6
+        # Keys no longer than this fit with any number (or None): ``incr``'s and ``delete``'s
+        # one test of ``_check_fits``'s first (made once: each call saves an addition).
+        self._fits_number_key = self._fits_chars - MAX_INT_DIGITS
         #: This incarnation's id: fresh on every construction, so a restart is a new origin.
         self.node_id = new_node_id()
         install_log_context(self)  # node id, peer and reason on every log record
@@ -631,45 +638,63 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         # it needs and no more: this is the hot path. (``_writable`` is also how it knows the
         # node was not inherited through a fork: the fork hook clears it.)
         kind = type(value)
-        if (kind is int and INT_LOW < value < INT_BOUND) or kind is bool or value is None:
+        if (
+            (
+                kind is int
+                # (A one-digit int, below 2**30, first: two of the interpreter's fast compares,
+                # a third of the cost of comparing with the 4,300-digit bounds.)
+                and ((value < 0x3FFFFFFF and value > -0x3FFFFFFF) or INT_LOW < value < INT_BOUND)
+            )
+            or kind is bool
+            or value is None
+        ):
             if len(key) > self._fits_chars:
                 self._check_fits(key, value, key.count(".") + 1)
         elif kind is str:
             value = clean_value(value)
             if len(key) + len(value) > self._fits_chars:
                 self._check_fits(key, value, key.count(".") + 1)
+        elif kind is dict and (flat := clean_flat_dict(value, key.count(".") + 1)) is not None:
+            # A session's small flat dict, copied and measured in one pass, not encoded.
+            value, chars = flat
+            if len(key) + chars > self._fits_chars:
+                self._check_fits(key, value, key.count(".") + 1)
         else:
             value = self._checked_value(key, value)
-        ttl_ms = 0 if ttl is None else check_ttl(ttl)
+        if ttl is None:
+            ttl_ms = 0
+        elif type(ttl) is int and 0 < ttl <= MAX_TTL:
+            ttl_ms = ttl * 1000  # (``check_ttl`` of whole seconds, inline: a session's call)
+        else:
+            ttl_ms = check_ttl(ttl)
         stamp = self._clock.stamp()
         # A writer's loop sets keys under one parent: the store remembers the way to that
         # parent, so such a key is checked and applied in a few steps (``Store.assign_key``).
         self._store.assign_key(stamp, key, value, ttl_ms)  # (raises for a bad key)
-        if ttl_ms:
-            self._due_by(stamp_millis(stamp) + ttl_ms)
-            self._out_special.append((len(self._outbox) // 3, SET, ttl_ms))
         # ``_send_own(stamp, SET, key, value, ttl_ms)``, inline: the call would cost a tenth
         # of a set.
         outbox = self._outbox
+        queued = len(outbox)  # (the items before this operation's three)
+        if ttl_ms:
+            # (``_due_by(stamp_millis(stamp) + ttl_ms)``, inline: a session's set pays for
+            # each call it makes)
+            due = (stamp >> MILLIS_SHIFT) + ttl_ms
+            if due < self._next_due:
+                self._due_by(due)
+            self._out_special.append((queued // 3, SET, ttl_ms))
         outbox += (stamp, key, value)
-        if len(outbox) == 3:
+        if not queued:
             self._schedule_flush()
-        elif len(outbox) >= OUTBOX_ITEMS:
+        elif queued >= _FLUSH_QUEUED:
             self._flush_outbox()
 
     def _checked_value(self, key: str, value: Any) -> Any:
-        """``set``'s checks of a value that is not a number, str, bool or None, at the dotted
-        ``key``: the private copy to store, or ``InvalidValueError``. A session's small flat
-        dict is copied and measured in one pass (``clean_flat_dict``), not encoded."""
+        """``set``'s checks of a value that is not a number, str, bool, None or a small flat
+        dict (``clean_flat_dict``'s case), at the dotted ``key``: the private copy to store,
+        or ``InvalidValueError``."""
         depth = key.count(".") + 1
-        flat = clean_flat_dict(value, depth) if type(value) is dict else None
-        if flat is None:
-            value = clean_value(value, depth)
-            self._check_fits(key, value, depth)
-            return value
-        value, chars = flat
-        if len(key) + chars > self._fits_chars:
-            self._check_fits(key, value, depth)
+        value = clean_value(value, depth)
+        self._check_fits(key, value, depth)
         return value
 
     def _set_otherwise(self, key: Key, value: Any, op: Any, ttl: float | None) -> None:
@@ -704,12 +729,17 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             and type(key) is str
             and self._writable
             and not self._watches
-            and INT_LOW < amount < INT_BOUND
-            and len(key) + MAX_INT_DIGITS <= self._fits_chars  # (``_check_fits``'s first test)
+            and ((amount < 0x3FFFFFFF and amount > -0x3FFFFFFF) or INT_LOW < amount < INT_BOUND)
+            and len(key) <= self._fits_number_key  # (``_check_fits``'s first test)
         ):
             # The common call (a counter hit in a loop), the way ``set`` takes: under the
             # store's cached way, a new stamp and a few dict updates.
-            ttl_ms = 0 if ttl is None else check_ttl(ttl)
+            if ttl is None:
+                ttl_ms = 0
+            elif type(ttl) is int and 0 < ttl <= MAX_TTL:
+                ttl_ms = ttl * 1000  # (``check_ttl`` of whole seconds, inline, as in set)
+            else:
+                ttl_ms = check_ttl(ttl)
             due = self._next_due
             if due < _INF and due <= time.time() * 1000:
                 self._advance()  # (``_advance_if_due``, inline: count from what a get reads)
@@ -717,14 +747,17 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             result: int | float | None = self._store.increment_key(stamp, key, amount, ttl_ms)
             if result is not None:
                 if ttl_ms:
-                    self._due_by(stamp_millis(stamp) + ttl_ms)
+                    due = (stamp >> MILLIS_SHIFT) + ttl_ms  # (``_due_by``, inline as in set)
+                    if due < self._next_due:
+                        self._due_by(due)
                 # ``_send_own(stamp, INCREMENT, key, amount, ttl_ms)``, inline (as in set)
                 outbox = self._outbox
-                self._out_special.append((len(outbox) // 3, INCREMENT, ttl_ms))
+                queued = len(outbox)
+                self._out_special.append((queued // 3, INCREMENT, ttl_ms))
                 outbox += (stamp, key, amount)
-                if len(outbox) == 3:
+                if not queued:
                     self._schedule_flush()
-                elif len(outbox) >= OUTBOX_ITEMS:
+                elif queued >= _FLUSH_QUEUED:
                     self._flush_outbox()
                 return result
             # Not that case: the general way below, with the stamp already taken (nothing
@@ -762,18 +795,19 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             type(key) is str
             and self._writable
             and not self._watches
-            and len(key) + MAX_INT_DIGITS <= self._fits_chars
+            and len(key) <= self._fits_number_key
         ):
             # A loop deleting keys under one parent: the way ``set`` takes.
             stamp = self._clock.stamp()
             if self._store.delete_key(stamp, key):
                 # ``_send_own(stamp, DELETE, key, None)``, inline (as in set)
                 outbox = self._outbox
-                self._out_special.append((len(outbox) // 3, DELETE, 0))
+                queued = len(outbox)
+                self._out_special.append((queued // 3, DELETE, 0))
                 outbox += (stamp, key, None)
-                if len(outbox) == 3:
+                if not queued:
                     self._schedule_flush()
-                elif len(outbox) >= OUTBOX_ITEMS:
+                elif queued >= _FLUSH_QUEUED:
                     self._flush_outbox()
                 return
             # Not that case: the general way, with the stamp taken (nothing yielded since).

@@ -186,6 +186,7 @@ def clean_value(value: Any, depth: int = 0) -> Any:
 
 #: Ints strictly between minus this and this take at most 19 characters as JSON.
 _FLAT_INT = 10**18
+_FLAT_LOW = -_FLAT_INT  # (made once, as ``INT_LOW``)
 
 
 def clean_flat_dict(value: dict[Any, Any], depth: int) -> tuple[dict[str, Any], int] | None:
@@ -198,20 +199,22 @@ def clean_flat_dict(value: dict[Any, Any], depth: int) -> tuple[dict[str, Any], 
     ``clean_value`` decides (and refuses what it must)."""
     if depth >= MAX_DEPTH:
         return None
-    out = {}
+    out = value.copy()  # (copied in C, then checked: the caller may change its dict later)
     chars = 0
-    for k, v in value.items():
+    for k, v in out.items():
         if type(k) is not str or not k.isascii():
             return None
         inner = type(v)
-        if inner is str:
+        if inner is int:
+            if not _FLAT_LOW < v < _FLAT_INT:
+                return None
+        elif inner is str:
             if not v.isascii():
                 return None
             chars += len(v)
-        elif not ((inner is int and -_FLAT_INT < v < _FLAT_INT) or inner is bool or v is None):
+        elif inner is not bool and v is not None:
             return None
         chars += len(k)
-        out[k] = v
     return out, 6 * chars + 25 * len(out) + 2
 
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from ._apply import Applier
 from ._clock import MILLIS_SHIFT, expiry_stamp
-from ._tree import SET, _Node, newest_in
+from ._tree import SET, _Node
 from ._validate import INT_BOUND, INT_LOW, parse_key
 
 __all__ = ["Ways"]
@@ -55,7 +55,10 @@ class Ways(Applier):
                 on_way = self._way_to(above, path, stamp)
             if on_way:
                 if ttl_ms or type(value) is dict:
-                    if self.assign_leaf(stamp, leaf, value, ttl_ms):
+                    # (``assign_leaf``, inline, its path the dotted key: ``_first_ttl`` splits
+                    # it only when it makes an entry)
+                    if self._assign_fresh(self._way_parent, leaf, stamp, value, ttl_ms, key):
+                        self._way_newest = stamp
                         return
                 else:
                     # ``set_leaf``, inline (the call cost a tenth of a ``Collective.set``)
@@ -182,7 +185,10 @@ class Ways(Applier):
             if type(current) is not int:
                 return None
             result = current + amount
-            if not INT_LOW < result < INT_BOUND:
+            if not (
+                (result < 0x3FFFFFFF and result > -0x3FFFFFFF)  # (a one-digit int: see set)
+                or INT_LOW < result < INT_BOUND
+            ):
                 return None  # the general way refuses it
             if entry.ttls is not None and s >> MILLIS_SHIFT <= self.now_ms:
                 return None  # an expiry may have fired after ``s``: _newest_increment
@@ -213,7 +219,8 @@ class Ways(Applier):
         parent = self._way_parent
         entries = parent._entries
         entry = entries.get(leaf)
-        if entry is not None and not s > newest_in(entry):
+        # (``newest_in(entry)``, inline: a loop of deletes pays for each call)
+        if entry is not None and not s > (entry.newest if type(entry) is _Node else entry):
             return False
         self._untidy = True  # a tombstone for ``collect``
         entries[leaf] = s
