@@ -279,10 +279,11 @@ def pack_leaves(node: _Node) -> None:
         or len(entries) < max(PACK_MIN, 2 * node.packed)
     ):
         return
-    keys = [key for key, entry in entries.items() if type(entry) is int and key in data]
-    if len(keys) < PACK_MIN:
+    plain = [(key, entry) for key, entry in entries.items() if type(entry) is int and key in data]
+    if len(plain) < PACK_MIN:
         return
-    stamps = [entries[key] for key in keys]
+    keys = [key for key, _ in plain]
+    stamps = [stamp for _, stamp in plain]
     if min(stamps) < 0:
         return  # (not a clock's: a packed column holds none)
     origins, packed = pack_stamps(stamps)
