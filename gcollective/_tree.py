@@ -261,7 +261,8 @@ def _add_runs(
 
 #: The fewest entries a node must have for ``pack_leaves`` to pack them: below that, the
 #: dict slot and the stamp of each leaf cost less than a run's bookkeeping.
-PACK_MIN = 256
+PACK_MIN = 32
+_INT_ONLY = frozenset([int])
 
 
 def pack_leaves(node: _Node) -> None:
@@ -279,22 +280,27 @@ def pack_leaves(node: _Node) -> None:
         or len(entries) < max(PACK_MIN, 2 * node.packed)
     ):
         return
-    plain = [(key, entry) for key, entry in entries.items() if type(entry) is int and key in data]
-    if len(plain) < PACK_MIN:
-        return
-    keys = [key for key, _ in plain]
-    stamps = [stamp for _, stamp in plain]
+    keys: list[str]
+    stamps: list[int]
+    rest: dict[str, Entry] = {}
+    if len(data) == len(entries) and _INT_ONLY.issuperset(map(type, entries.values())):
+        # The usual case, read in C: only plain leaves, each with a value (every key of the
+        # dict has an entry or is in a run, and there are no runs).
+        keys, stamps = list(entries), cast(list[int], list(entries.values()))
+    else:
+        plain = {key: e for key, e in entries.items() if type(e) is int and key in data}
+        if len(plain) < PACK_MIN:
+            return
+        keys, stamps = list(plain), list(plain.values())
+        # A new dict: deleting from the old one would leave its table as large as it was.
+        rest = {key: entry for key, entry in entries.items() if key not in plain}
     if min(stamps) < 0:
         return  # (not a clock's: a packed column holds none)
     origins, packed = pack_stamps(stamps)
     if not origins:
         return  # (too many origins: the full stamps would save only the dict slots)
-    run = LeafColumns(keys, origins, packed, len(keys), 0, 0).as_run()
-    # A new dict: deleting from the old one would leave its table as large as it was.
-    node._entries = {
-        key: entry for key, entry in entries.items() if not (type(entry) is int and key in data)
-    }
-    node.runs = [run]
+    node._entries = rest
+    node.runs = [LeafColumns(keys, origins, packed, len(keys), 0, 0).as_run()]
     node.packed = len(keys)
 
 

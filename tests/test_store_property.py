@@ -2413,3 +2413,35 @@ def test_a_writers_leaves_are_packed_when_it_moves_on() -> None:
     assert store.get(("a", "k0")) == -1 and store.get(("a", "k400")) == -1
     assert sorted(roundtrip(store.export())) == sorted(roundtrip(store_with(ops).export()))
     assert_store_matches(store, ops)
+
+
+def test_leaves_packed_while_a_snapshot_reads_their_node_are_all_in_it() -> None:
+    """A holder serving a snapshot in pieces of a node whose leaves get packed between two
+    pieces (its writer moved on to another parent: ``pack_leaves``) still sends every leaf:
+    a joiner merging the pieces ends with the holder's tree."""
+    from gcollective._clock import NODE_BITS
+
+    store = new_store()
+    stamp = 1000
+
+    def write(key: str) -> None:
+        nonlocal stamp
+        stamp += 1
+        store.assign_key(stamp << NODE_BITS | 7, key, stamp)
+
+    for i in range(40):  # a.k*, then a few under b: a is packed
+        write(f"a.k{i}")
+    for i in range(10):
+        write(f"b.k{i}")
+    assert store._root.entries["a"].runs is not None
+    for i in range(40, 120):  # back to a (recorded again), more leaves than packed
+        write(f"a.k{i}")
+    pieces = store.export_pieces("a", [4])
+    joiner = new_store()
+    joiner.merge([next(pieces), next(pieces)])  # (its own events, then 4 leaves)
+    for i in range(10, 20):  # a is left again, twice as large: packed again
+        write(f"b.k{i}")
+    assert store._root.entries["a"].runs is not None
+    for piece in pieces:
+        joiner.merge([piece])
+    assert joiner.get(("a",)) == store.get(("a",))
