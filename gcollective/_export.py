@@ -156,6 +156,9 @@ class Exporter(Tree):
             stamps: list[Any] = _run_stamps(run, start, end)
         else:
             stamps = list(map(node._entries.get, names))
+            if pending is not None and stamps.count(None):
+                # Packed into a run since listed (``pack_leaves``): recorded again to be read.
+                stamps = list(map(node.entries.get, names))
         if _LEAF_TYPE_SET.issuperset(map(type, stamps)):
             # Only plain leaves (the bulk of a big tree): read in C, no loop in Python.
             got = list(map(data.get, names, repeat(MISSING)))

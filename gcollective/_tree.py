@@ -48,7 +48,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence, TypeAlias, cast, final
 
 from ._clock import expiry_stamp
-from ._columns import Run, unpack_stamps
+from ._columns import LeafColumns, Run, pack_stamps, unpack_stamps
 
 __all__ = [
     "SET",
@@ -69,6 +69,7 @@ __all__ = [
     "bare_if_plain",
     "newest_in",
     "raise_below",
+    "pack_leaves",
     "Sessions",
 ]
 
@@ -155,6 +156,7 @@ class _Node:
         "value",
         "ttls",
         "ttl_first",
+        "packed",
     )
 
     def __init__(self) -> None:
@@ -180,6 +182,9 @@ class _Node:
         # ``_record_ttl``): whether one has fired is one comparison, not a scan of a
         # counter's ttl events (one per hit until ``collect``).
         self.ttl_first: int = 0
+        # How many leaves ``pack_leaves`` last packed here (0: never): it packs again only
+        # when the node has twice as many entries, so a writer coming back pays once.
+        self.packed = 0
 
     def set_ttls(self, ttls: dict[int, int] | None) -> None:
         """Replace ``ttls`` (None for none), keeping ``ttl_first``."""
@@ -252,6 +257,51 @@ def _add_runs(
         if origins is not None:
             stamps = unpack_stamps(stamps, origins)
         entries.update(zip(keys, stamps))
+
+
+#: The fewest entries a node must have for ``pack_leaves`` to pack them: below that, the
+#: dict slot and the stamp of each leaf cost less than a run's bookkeeping.
+PACK_MIN = 32
+_INT_ONLY = frozenset([int])
+
+
+def pack_leaves(node: _Node) -> None:
+    """Move the plain leaves of ``node`` that hold a value (bare stamps whose key is in its
+    dict) out of ``_entries`` into one pending run of packed stamps (``LeafColumns.as_run``),
+    what ``_add_runs`` records again: 16 bytes a leaf instead of a dict slot and a 128-bit
+    int (about 75). The leaves a writer's loop left under a parent (``Tree._leave_way``) are
+    most of a holder's memory otherwise. Nothing happens to a node with pending runs, without
+    a dict, or with fewer than ``PACK_MIN`` entries (twice as many as it last packed). Never
+    for the parent of the cached way: ``set_leaf`` reads its ``_entries`` alone."""
+    entries, data = node._entries, node.value
+    if (
+        node.runs is not None
+        or type(data) is not dict
+        or len(entries) < max(PACK_MIN, 2 * node.packed)
+    ):
+        return
+    keys: list[str]
+    stamps: list[int]
+    rest: dict[str, Entry] = {}
+    if len(data) == len(entries) and _INT_ONLY.issuperset(map(type, entries.values())):
+        # The usual case, read in C: only plain leaves, each with a value (every key of the
+        # dict has an entry or is in a run, and there are no runs).
+        keys, stamps = list(entries), cast(list[int], list(entries.values()))
+    else:
+        plain = {key: e for key, e in entries.items() if type(e) is int and key in data}
+        if len(plain) < PACK_MIN:
+            return
+        keys, stamps = list(plain), list(plain.values())
+        # A new dict: deleting from the old one would leave its table as large as it was.
+        rest = {key: entry for key, entry in entries.items() if key not in plain}
+    if min(stamps) < 0:
+        return  # (not a clock's: a packed column holds none)
+    origins, packed = pack_stamps(stamps)
+    if not origins:
+        return  # (too many origins: the full stamps would save only the dict slots)
+    node._entries = rest
+    node.runs = [LeafColumns(keys, origins, packed, len(keys), 0, 0).as_run()]
+    node.packed = len(keys)
 
 
 def place(parent: _Node, key: str, value: Any) -> None:
@@ -384,6 +434,8 @@ class Tree:
         self._way_nodes: list[_Node] = []
         self._way_path: tuple[str, ...] = ()
         self._way_newest = 0
+        # The parent the cached way last left (``_forget_way``), to pack (``_leave_way``).
+        self._way_left: _Node | None = None
 
     def get(self, path: Iterable[str], default: Any = None) -> Any:
         """The value at ``path`` (containers copied), or ``default`` when there is none."""
@@ -409,9 +461,20 @@ class Tree:
         if self.way_key is None and not self._way_newest:
             return  # nothing cached (a received batch calls this per operation)
         self._flush_way()
+        if self._way_parent is not self._root:
+            self._way_left = self._way_parent
         self.way_key = None
         self._way_nodes = []
         self._way_parent = self._root
+
+    def _leave_way(self, parent: _Node) -> None:
+        """Before ``cache_way`` caches the way to ``parent``: pack the leaves of the parent
+        the way leaves (``pack_leaves``), a writer's loop done with it. (Only there: between
+        operations, with no way cached under it, nothing holds that node's ``_entries``.)"""
+        for node in (self._way_left, self._way_parent):
+            if node is not None and node is not parent:
+                pack_leaves(node)
+        self._way_left = None
 
     def _promote(self, parent: _Node, key: str, entry: int | None) -> _Node:
         """Turn a bare-stamp entry (or nothing) into a full metadata node."""

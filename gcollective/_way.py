@@ -114,6 +114,7 @@ class Ways(Applier):
         parent, nodes = self._dict_way(way, s)
         if parent is None or s < max([self._root.reset, *[node.reset for node in nodes]]):
             return False
+        self._leave_way(parent)  # (packs the leaves of the parent it leaves)
         if parent.runs is not None:
             parent.record_runs()  # (set_leaf reads its _entries: no runs are added meanwhile)
         self._way_parent = parent

@@ -21,6 +21,7 @@ import importlib.util
 import itertools
 import os
 import sys
+import unittest.mock
 from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
@@ -2324,3 +2325,123 @@ def test_the_flat_dict_check_agrees_with_the_general_one(value: dict, depth: int
     # (the codec escapes every control character, quote and slash: the worst case, 6 a char)
     worst = {"\x01" * 5: "\x01" * 7, "/": '"'}
     assert clean_flat_dict(worst, 1)[1] >= len(ujson.dumps(worst, ensure_ascii=False))
+
+
+@_settings(max_examples=300)
+@given(st.data())
+def test_leaves_packed_when_the_way_leaves_match_one_by_one(data: st.DataObject) -> None:
+    """A writer's loop moving from parent to parent: the parent the cached way leaves has its
+    plain leaves packed into a run (``pack_leaves``, every size packed here), and any dict
+    node but the cached way's parent may be packed between operations. Whatever comes after
+    (the way back to a packed parent, an overwrite, a delete, a reset above), the store
+    equals plain ``apply`` one by one, metadata included, and matches the model."""
+    from gcollective import _tree
+
+    parents = st.sampled_from([(), ("a",), ("b",), ("a", "x")])
+    leaves = st.tuples(parents, st.sampled_from(["p", "q", "r"])).map(lambda t: (*t[0], t[1]))
+    bodies = data.draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just(SET), leaves, small_ints),
+                st.tuples(st.just(SET), leaves, small_ints),
+                op_bodies(st.sampled_from([("a",), ("a", "x"), ("b",), ("a", "p"), ("b", "q")])),
+            ),
+            min_size=1,
+            max_size=24,
+        ),
+        label="bodies",
+    )
+    op_stamps = data.draw(
+        st.lists(stamps, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    if data.draw(st.booleans(), label="in stamp order"):
+        op_stamps.sort()
+    ops = [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
+    context = f"ops: {ops!r}"
+    cached, plain = new_store(), new_store()
+    newest = 0
+    with unittest.mock.patch.object(_tree, "PACK_MIN", 1):
+        for operation in ops:
+            deliver(plain, [operation])
+            if data.draw(st.booleans(), label="pack a node"):
+                way = data.draw(st.sampled_from([(), ("a",), ("b",), ("a", "x")]), label="node")
+                node = cached._root
+                for segment in way:
+                    node = node.entries.get(segment)
+                    if not isinstance(node, _tree._Node):
+                        break
+                else:
+                    if node is not cached._way_parent:  # (set_leaf reads its _entries)
+                        _tree.pack_leaves(node)
+            *way, leaf = operation.path
+            stamp = operation.stamp
+            if stamp > newest and operation.op == SET:
+                key = ".".join(way)
+                if cached.way_key != key and cached.cache_way(key, way, stamp):
+                    newest = stamp
+                value = copy.deepcopy(operation.value)
+                if cached.way_key == key and cached.set_leaf(stamp, leaf, value):
+                    newest = stamp
+                    continue
+            deliver(cached, [operation])
+        # (A packed leaf recorded again comes after the others: top-level order is no state.)
+        assert sorted(roundtrip(cached.export())) == sorted(roundtrip(plain.export())), context
+        assert_store_matches(cached, ops, context)
+
+
+def test_a_writers_leaves_are_packed_when_it_moves_on() -> None:
+    """The leaves a writer's loop left under a parent (``assign_key``, what ``Collective.set``
+    calls) are kept packed, not as a dict slot and a stamp each, and read back (values and
+    stamps) as they were written; the writer coming back overwrites them as usual."""
+    from gcollective._clock import NODE_BITS
+
+    store = new_store()
+    ops = []
+    for i, key in enumerate([*(f"a.k{i}" for i in range(300)), *(f"b.k{i}" for i in range(20))]):
+        stamp = (1000 + i) << NODE_BITS | 7
+        store.assign_key(stamp, key, i)
+        ops.append(Op(stamp, SET, tuple(key.split(".")), i))
+    node = store._root.entries["a"]
+    assert node.runs is not None and len(node._entries) == 0  # packed: no entry per leaf
+    assert store.get(("a", "k7")) == 7
+    exported = sorted(roundtrip(store.export()))
+    assert exported == sorted(roundtrip(store_with(ops).export()))
+    for i in range(2):  # back to the packed parent: an overwrite and a new key
+        stamp = (2000 + i) << NODE_BITS | 7
+        store.assign_key(stamp, f"a.k{i * 400}", -1)
+        ops.append(Op(stamp, SET, ("a", f"k{i * 400}"), -1))
+    assert store.get(("a", "k0")) == -1 and store.get(("a", "k400")) == -1
+    assert sorted(roundtrip(store.export())) == sorted(roundtrip(store_with(ops).export()))
+    assert_store_matches(store, ops)
+
+
+def test_leaves_packed_while_a_snapshot_reads_their_node_are_all_in_it() -> None:
+    """A holder serving a snapshot in pieces of a node whose leaves get packed between two
+    pieces (its writer moved on to another parent: ``pack_leaves``) still sends every leaf:
+    a joiner merging the pieces ends with the holder's tree."""
+    from gcollective._clock import NODE_BITS
+
+    store = new_store()
+    stamp = 1000
+
+    def write(key: str) -> None:
+        nonlocal stamp
+        stamp += 1
+        store.assign_key(stamp << NODE_BITS | 7, key, stamp)
+
+    for i in range(40):  # a.k*, then a few under b: a is packed
+        write(f"a.k{i}")
+    for i in range(10):
+        write(f"b.k{i}")
+    assert store._root.entries["a"].runs is not None
+    for i in range(40, 120):  # back to a (recorded again), more leaves than packed
+        write(f"a.k{i}")
+    pieces = store.export_pieces("a", [4])
+    joiner = new_store()
+    joiner.merge([next(pieces), next(pieces)])  # (its own events, then 4 leaves)
+    for i in range(10, 20):  # a is left again, twice as large: packed again
+        write(f"b.k{i}")
+    assert store._root.entries["a"].runs is not None
+    for piece in pieces:
+        joiner.merge([piece])
+    assert joiner.get(("a",)) == store.get(("a",))
