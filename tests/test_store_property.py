@@ -658,6 +658,20 @@ def test_a_batch_under_a_parent_with_runs_after_an_overtaken_set() -> None:
     assert_store_matches(store, ops)
 
 
+def draw_way_ops(
+    data: st.DataObject, bodies: list[st.SearchStrategy], max_size: int
+) -> list[model.Op]:
+    """Operations for the cached-way tests: bodies drawn from ``bodies``, each given a unique
+    stamp, in stamp order or not (own operations are: each newer than everything before)."""
+    drawn = data.draw(st.lists(st.one_of(*bodies), min_size=1, max_size=max_size), label="bodies")
+    op_stamps = data.draw(
+        st.lists(stamps, min_size=len(drawn), max_size=len(drawn), unique=True), label="stamps"
+    )
+    if data.draw(st.booleans(), label="in stamp order"):
+        op_stamps.sort()
+    return [Op(stamp, *body) for stamp, body in zip(op_stamps, drawn)]
+
+
 @_settings(max_examples=300)
 @given(st.data())
 def test_sets_through_the_cached_way_match_one_by_one(data: st.DataObject) -> None:
@@ -666,24 +680,15 @@ def test_sets_through_the_cached_way_match_one_by_one(data: st.DataObject) -> No
     could change that way). The result equals plain ``apply`` one by one, metadata included,
     and matches the model."""
     leaves = st.sampled_from([("x",), ("a", "x"), ("a", "y"), ("a", "x", "p"), ("b", "y")])
-    bodies = data.draw(
-        st.lists(
-            st.one_of(
-                st.tuples(st.just(SET), leaves, small_ints),
-                # Whatever may change a cached way: writes at and above the leaves' parents.
-                op_bodies(st.sampled_from([("a",), ("a", "x"), ("b",)])),
-            ),
-            min_size=1,
-            max_size=16,
-        ),
-        label="bodies",
+    # Whatever may change a cached way: writes at and above the leaves' parents.
+    ops = draw_way_ops(
+        data,
+        [
+            st.tuples(st.just(SET), leaves, small_ints),
+            op_bodies(st.sampled_from([("a",), ("a", "x"), ("b",)])),
+        ],
+        max_size=16,
     )
-    op_stamps = data.draw(
-        st.lists(stamps, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
-    )
-    if data.draw(st.booleans(), label="in stamp order"):
-        op_stamps.sort()  # own operations: each newer than everything before it
-    ops = [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
     context = f"ops: {ops!r}"
     cached, plain = new_store(), new_store()
     newest = 0  # set_leaf takes stamps newer than those cache_way and set_leaf had
@@ -2339,24 +2344,15 @@ def test_leaves_packed_when_the_way_leaves_match_one_by_one(data: st.DataObject)
 
     parents = st.sampled_from([(), ("a",), ("b",), ("a", "x")])
     leaves = st.tuples(parents, st.sampled_from(["p", "q", "r"])).map(lambda t: (*t[0], t[1]))
-    bodies = data.draw(
-        st.lists(
-            st.one_of(
-                st.tuples(st.just(SET), leaves, small_ints),
-                st.tuples(st.just(SET), leaves, small_ints),
-                op_bodies(st.sampled_from([("a",), ("a", "x"), ("b",), ("a", "p"), ("b", "q")])),
-            ),
-            min_size=1,
-            max_size=24,
-        ),
-        label="bodies",
+    ops = draw_way_ops(
+        data,
+        [
+            st.tuples(st.just(SET), leaves, small_ints),
+            st.tuples(st.just(SET), leaves, small_ints),
+            op_bodies(st.sampled_from([("a",), ("a", "x"), ("b",), ("a", "p"), ("b", "q")])),
+        ],
+        max_size=24,
     )
-    op_stamps = data.draw(
-        st.lists(stamps, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
-    )
-    if data.draw(st.booleans(), label="in stamp order"):
-        op_stamps.sort()
-    ops = [Op(stamp, *body) for stamp, body in zip(op_stamps, bodies)]
     context = f"ops: {ops!r}"
     cached, plain = new_store(), new_store()
     newest = 0
