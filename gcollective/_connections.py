@@ -454,7 +454,7 @@ class _Connections:
                     link.name,
                 )
                 del self._links[address]
-                link.is_self = True
+                link.dropped = True
                 link.stop()
                 link.drop_connection()
                 self._check_ready()

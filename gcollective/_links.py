@@ -86,7 +86,9 @@ class _PeerLink(_Writer, Peer):
         self.state = "connecting"
         self.attempted = False  # one connection attempt finished (either way)
         self.reader: gevent.Greenlet[Any, Any] | None = None  # the greenlet reading its connection
-        self.is_self = False  # the address turned out to be this node's own (see _run)
+        # No longer one of the node's links (its member left, or it is the node itself): the
+        # writer ends, even while it waits for something to send (nothing else wakes it).
+        self.dropped = False
         self.greenlet: gevent.Greenlet[Any, Any] | None = None
         self._sock: Any = None
         self._dialling: Any = None  # the socket of a connection attempt in progress
@@ -125,7 +127,7 @@ class _PeerLink(_Writer, Peer):
         node = self.node
         tag_current(node, self.name)  # (see _logcontext)
         failures = 0
-        while not node._stopping and not self.is_self:
+        while not node._stopping and not self.dropped:
             self.state = "connecting"
             self._phase = "connect"
             heard = self.last_heard
@@ -169,7 +171,7 @@ class _PeerLink(_Writer, Peer):
                 self.authenticated = self.tls = False
             if self._unanswered(heard):
                 break
-            if not node._stopping and not self.is_self:
+            if not node._stopping and not self.dropped:
                 self._backoff(failures)
         self.state = "stopped"
 
@@ -373,7 +375,7 @@ class _PeerLink(_Writer, Peer):
         while True:
             batch, ops = take(self, monotonic())
             if not batch:
-                if node._stopping:
+                if node._stopping or self.dropped:
                     return
                 wake.clear()
                 wake.wait()

@@ -121,6 +121,7 @@ class _Membership:
         """Drop ``link``: its writer ends, its connection closes, the engine forgets it."""
         if self._links.get(link.address) is link:
             del self._links[link.address]
+        link.dropped = True
         link.stop()
         link.drop_connection()
         self._engine.forget_peer(link, time.monotonic())

@@ -197,3 +197,17 @@ def test_the_members_benchmark_runs_through():
     figures = json.loads(done.stdout[done.stdout.index("[") :])
     assert figures[0]["members"] == 2
     assert figures[0]["idle"]["rss_mib"] > 0 and figures[0]["load"]["cpu_percent"] >= 0
+
+
+def test_the_writer_to_a_member_that_left_ends(local):
+    """A link dropped because its member left ends its writer greenlet (it waited for
+    something to send forever, outliving even this member's ``stop``)."""
+    a_port, b_port = free_ports(2)
+    a = local(a_port, (b_port,))
+    b = local(b_port, (a_port,))
+    wait_for(lambda: linked(a.stats(), [f"127.0.0.1:{b_port}"]))
+    link = a._links[("127.0.0.1", b_port)]
+    b.stop(timeout=2)
+    wait_for(lambda: f"127.0.0.1:{b_port}" not in a.stats()["peers"], timeout=10)
+    wait_for(lambda: link.greenlet.dead, timeout=10, what="the writer to b ended")
+    assert link.state == "stopped"
