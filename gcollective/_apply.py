@@ -148,36 +148,35 @@ class Applier(Expiries):
         for s, op, key, value, ttl_ms in zip(stamps, ops, keys, values, ttls):
             if ttl_ms:
                 due = (s >> MILLIS_SHIFT) + ttl_ms  # (``expiry_stamp``'s milliseconds)
-                if due > now:
-                    if op == SET:
-                        if type(value) is dict and key not in data and key not in recorded:
-                            # A new session (new to the runs too: their keys are in ``data``).
-                            data[key] = value
-                            session_keys.append(key)
-                            session_stamps.append(s)
-                            session_ttls.append(ttl_ms)
-                            if due < first_due or not first_due:
-                                first_due = due
-                            raised = s
-                            continue
-                    elif type(value) is int:
-                        if session_keys:
-                            self._pend_sessions_run(
-                                parent, head, session_keys, session_stamps, session_ttls, first_due
-                            )
-                            session_keys, session_stamps, session_ttls = [], [], []
-                        entries = parent._entries if parent.runs is None else parent.entries
-                        if due != hit_due:  # (one origin's: the same for the same millisecond)
-                            hit_due, hit_expiry = due, expiry_stamp(s, ttl_ms)
-                        if self._hit(entries, data, head, key, s, value, hit_expiry, fired_below):
-                            raised = s
-                            continue
-            if session_keys:
+                if (
+                    due > now
+                    and op == SET
+                    and type(value) is dict
+                    and key not in data
+                    and key not in recorded
+                ):
+                    # A new session (new to the runs too: their keys are in ``data``).
+                    data[key] = value
+                    session_keys.append(key)
+                    session_stamps.append(s)
+                    session_ttls.append(ttl_ms)
+                    if due < first_due or not first_due:
+                        first_due = due
+                    raised = s
+                    continue
+            if session_keys:  # (anything else reads ``parent``'s entries: the run first)
                 self._pend_sessions_run(
                     parent, head, session_keys, session_stamps, session_ttls, first_due
                 )
-                session_keys, session_stamps, session_ttls = [], [], []
+                session_keys, session_stamps, session_ttls, first_due = [], [], [], 0
             if ttl_ms:  # (SET or INCREMENT: a write below the way)
+                if due > now and op != SET and type(value) is int:
+                    entries = parent._entries if parent.runs is None else parent.entries
+                    if due != hit_due:  # (one origin's: the same for the same millisecond)
+                        hit_due, hit_expiry = due, expiry_stamp(s, ttl_ms)
+                    if self._hit(entries, data, head, key, s, value, hit_expiry, fired_below):
+                        raised = s
+                        continue
                 self._apply_with_ttl(parent, key, s, op, value, ttl_ms, (*head, key))
                 raised = s
             else:
