@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -98,6 +98,25 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {what or predicate}")
         sleep(interval)
+
+
+def started_members(
+    make: Callable[..., Any], stop: Callable[[Any], Any] = lambda member: member.stop()
+) -> Iterator[Callable[..., Any]]:
+    """The body of a fixture handing out started members: yields ``start(*args,
+    start_timeout=3.0, **options)``, which makes one with ``make(*args, **options)`` and starts
+    it; after the test every one made is stopped with ``stop``."""
+    made: list[Any] = []
+
+    def start(*args: Any, start_timeout: float = 3.0, **options: Any) -> Any:
+        member = make(*args, **options)
+        made.append(member)
+        member.start(timeout=start_timeout)
+        return member
+
+    yield start
+    for member in made:
+        stop(member)
 
 
 def wait_for(

@@ -15,7 +15,7 @@ import time
 import gevent
 import pytest
 import trustme
-from cluster import free_port, free_ports, wait_for
+from cluster import free_port, free_ports, started_members, wait_for
 from gevent import socket as gsocket
 
 import gcollective
@@ -54,19 +54,13 @@ def no_secret_in_logs(caplog):
 @pytest.fixture
 def nodes():
     """``make(port, peer_ports, **options)``: a started member; all are stopped afterwards."""
-    made: list[Collective] = []
 
-    def make(port, peer_ports=(), start_timeout=3.0, host="127.0.0.1", **options):
-        node = Collective(
+    def make(port, peer_ports=(), host="127.0.0.1", **options):
+        return Collective(
             f"{host}:{port}", [f"127.0.0.1:{p}" for p in peer_ports], **{**FAST, **options}
         )
-        made.append(node)
-        node.start(timeout=start_timeout)
-        return node
 
-    yield make
-    for node in made:
-        node.stop(timeout=1)
+    yield from started_members(make, stop=lambda node: node.stop(timeout=1))
 
 
 def refused_again(*nodes: Collective, times: int = 1) -> None:

@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 import pytest
-from cluster import HERE, ROOT, NodeProcess, wait_until
+from cluster import HERE, ROOT, NodeProcess, started_members, wait_until
 
 from gcollective import Collective
 from gcollective._discovery import is_name, resolve, split_names
@@ -132,17 +132,11 @@ def namespace():
 @pytest.fixture
 def members(namespace, tmp_path):
     """``start(host, peers, **options)``: a started member in the namespace; all stopped."""
-    made: list[NamedMember] = []
 
-    def start(host: str, peers: list[str], **options: Any) -> NamedMember:
-        member = NamedMember(namespace, host, peers, str(tmp_path / f"{host}.log"), **options)
-        made.append(member)
-        member.start(timeout=3.0)
-        return member
+    def make(host: str, peers: list[str], **options: Any) -> NamedMember:
+        return NamedMember(namespace, host, peers, str(tmp_path / f"{host}.log"), **options)
 
-    yield start
-    for member in made:
-        member.stop()
+    yield from started_members(make)
 
 
 def connected_to(member: NamedMember, others: list[NamedMember]) -> bool:

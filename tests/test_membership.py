@@ -14,7 +14,16 @@ from typing import Any
 
 import gevent
 import pytest
-from cluster import ROOT, NodeProcess, converged, free_port, free_ports, wait_for, wait_until
+from cluster import (
+    ROOT,
+    NodeProcess,
+    converged,
+    free_port,
+    free_ports,
+    started_members,
+    wait_for,
+    wait_until,
+)
 
 from gcollective import Collective
 
@@ -25,37 +34,23 @@ FAST = {"sync_interval": 0.1, "backoff_max": 0.3}
 def processes():
     """``start(port, peer_ports, **options)``: a member process, started; all are stopped
     (or were killed) after the test."""
-    made: list[NodeProcess] = []
 
-    def start(port: int, peer_ports: list[int], **options: Any) -> NodeProcess:
-        node = NodeProcess(port, peer_ports, **{**FAST, **options})  # (root= passes on)
-        made.append(node)
-        node.start(timeout=3.0)
-        return node
+    def make(port: int, peer_ports: list[int], **options: Any) -> NodeProcess:
+        return NodeProcess(port, peer_ports, **{**FAST, **options})  # (root= passes on)
 
-    yield start
-    for node in made:
-        node.stop()
+    yield from started_members(make)
 
 
 @pytest.fixture
 def local():
     """``make(port, peer_ports, **options)``: a started member in this process."""
-    made: list[Collective] = []
 
-    def make(
-        port: int, peer_ports: tuple[int, ...] = (), start_timeout: float = 3.0, **options: Any
-    ) -> Collective:
-        node = Collective(
+    def make(port: int, peer_ports: tuple[int, ...] = (), **options: Any) -> Collective:
+        return Collective(
             f"127.0.0.1:{port}", [f"127.0.0.1:{p}" for p in peer_ports], **{**FAST, **options}
         )
-        made.append(node)
-        node.start(timeout=start_timeout)
-        return node
 
-    yield make
-    for node in made:
-        node.stop(timeout=1)
+    yield from started_members(make, stop=lambda node: node.stop(timeout=1))
 
 
 def linked(stats: dict[str, Any], others: list[str]) -> bool:
