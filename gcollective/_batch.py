@@ -155,6 +155,24 @@ class Batches(Ways):
                         # it would turn a dict (maybe on another parent's way) into a number.
                         entries = parent._entries if parent.runs is None else parent.entries
                         entry = entries.get(key)
+                        if (
+                            type(entry) is _Node
+                            and s > entry.newest
+                            and type(value) is int
+                            and type(entry.value) is int
+                            and entry.incs is not None
+                            and entry.ttls is None
+                        ):
+                            # ``_increment``'s usual case inline: a hit of an int counter, the
+                            # newest event there (so newer than its assignment, and no
+                            # repeat: every recorded hit is at most ``newest``).
+                            entry.incs[s] = value
+                            entry.newest = entry.incremented = entry.reset = s
+                            entry.value += value
+                            parent.value[key] = entry.value
+                            self._untidy = True  # (hits for ``collect`` to fold)
+                            known.raised = s
+                            continue
                         if type(entry) is not _Node or type(entry.value) is not dict:
                             # (without ttl: its path is not needed, not even below)
                             self._increment(parent, key, s, value)
