@@ -26,6 +26,31 @@ _FIRST = itemgetter(0)
 _LAST = itemgetter(2)
 
 
+class _Parent:
+    """A parent met in a batch (see ``Batches._apply_in_turn``): its node, the nodes on the
+    way to it, and the newest stamp written below it not yet recorded on them (None: none;
+    a stamp is any int)."""
+
+    __slots__ = ("node", "ancestors", "raised")
+
+    def __init__(self, node: _Node, ancestors: list[_Node]) -> None:
+        self.node = node
+        self.ancestors = ancestors
+        self.raised: int | None = None
+
+
+def _raise_all(parents: dict[str, _Parent], keep: str | None = None) -> None:
+    """Record on their ancestors what was written below ``parents`` and forget them, all
+    but the one at ``keep``."""
+    kept = parents.get(keep) if keep is not None else None
+    for parent in parents.values():
+        if parent is not kept and parent.raised is not None:
+            raise_below(parent.ancestors, parent.raised)
+    parents.clear()
+    if kept is not None and keep is not None:
+        parents[keep] = kept
+
+
 class Batches(Ways):
     """``apply_batch`` (see the module docstring)."""
 
@@ -82,61 +107,94 @@ class Batches(Ways):
         ttls: Iterable[int] = repeat(0),
     ) -> None:
         """``apply_batch`` one operation after the other, where a plain SET or INCREMENT
-        under the parent of the last one skips the walk from the root: that parent is
-        found once, and its ancestors' summaries raised once, at the end of the run. So
-        does a SET or INCREMENT with a ttl (sessions, a rate limiter's counters): apply's
-        last step for it (``_apply_with_ttl``) under that parent."""
+        under a parent already met in the batch skips the walk from the root: each parent
+        (a web app's request alternates a counter's and a key of its own) is found once,
+        and its ancestors' summaries raised once, at the end. So does a SET or INCREMENT
+        with a ttl (sessions, a rate limiter's counters): apply's last step for it
+        (``_apply_with_ttl``) under that parent."""
         apply = self.apply
-        last_parent: _Node | None = None  # the last path's parent, while its way is all dicts
-        prefix: str | None = None  # its dotted path ("" for the root)
-        ancestors: list[_Node] = []
-        # The newest stamp of the run not yet recorded on the ancestors (a stamp is any int).
-        raised: int | None = None
+        # The parents met, by dotted path ("" for the root), while their ways are all dicts
+        # (``_Parent``). Only leaves change under them: a SET of a non-dict where nothing
+        # newer is, an INCREMENT of no dict, so no way in it breaks; anything else goes
+        # through ``apply``, which may change any way: they are raised and dropped first.
+        parents: dict[str, _Parent] = {}
         for s, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
             if type(path) is str:
                 above, _, key = path.rpartition(".")
-                if above == prefix and last_parent is not None:
+                known = parents.get(above)
+                if known is None and op != DELETE:
+                    known = self._parent_of(above, s)
+                    if known is not None:
+                        parents[above] = known
+                if known is not None:
+                    parent = known.node
                     if ttl_ms:
-                        # (SET or INCREMENT: a DELETE carries no ttl)
-                        if s >= last_parent.reset:
-                            self._apply_with_ttl(last_parent, key, s, op, value, ttl_ms, path)
-                        raised = s
+                        # (SET or INCREMENT: a DELETE carries no ttl) Its key may be on
+                        # another parent's way: only this one stays.
+                        if len(parents) > 1:
+                            _raise_all(parents, keep=above)
+                        if s >= parent.reset:
+                            self._apply_with_ttl(parent, key, s, op, value, ttl_ms, path)
+                        known.raised = s
                         continue
-                    if op == SET and type(value) is not dict:
-                        if s < last_parent.reset:
-                            raised = s  # overtaken by a reset above: only ancestors learn of it
+                    if s < parent.reset:
+                        if op != DELETE:
+                            known.raised = s  # overtaken by a reset above: only ancestors learn
                             continue
-                        # (``apply`` read it just before, unless a reset overtook that SET)
-                        parent = last_parent
+                    elif op == SET and type(value) is not dict:
                         entries = parent._entries if parent.runs is None else parent.entries
                         entry = entries.get(key)
                         if entry is None or (type(entry) is int and s > entry):
+                            # (``apply``'s hot path)
                             entries[key] = s
                             parent.value[key] = value
-                            raised = s
+                            known.raised = s
                             continue
                     elif op == INCREMENT:
-                        # Counters under one parent (a hot counter, others' hits): ``apply``'s
-                        # last step, the way to the parent known as for the SETs above.
-                        if s >= last_parent.reset:
+                        # Counters (a hot counter, others' hits): ``apply``'s last step, unless
+                        # it would turn a dict (maybe on another parent's way) into a number.
+                        entries = parent._entries if parent.runs is None else parent.entries
+                        entry = entries.get(key)
+                        if (
+                            type(entry) is _Node
+                            and s > entry.newest
+                            and type(value) is int
+                            and type(entry.value) is int
+                            and entry.incs is not None
+                            and entry.ttls is None
+                        ):
+                            # ``_increment``'s usual case inline: a hit of an int counter, the
+                            # newest event there (so newer than its assignment, and no
+                            # repeat: every recorded hit is at most ``newest``).
+                            entry.incs[s] = value
+                            entry.newest = entry.incremented = entry.reset = s
+                            entry.value += value
+                            parent.value[key] = entry.value
+                            self._untidy = True  # (hits for ``collect`` to fold)
+                            known.raised = s
+                            continue
+                        if type(entry) is not _Node or type(entry.value) is not dict:
                             # (without ttl: its path is not needed, not even below)
-                            self._increment(last_parent, key, s, value)
-                        raised = s
-                        continue
+                            self._increment(parent, key, s, value)
+                            known.raised = s
+                            continue
                 segments = path.split(".")
             else:
                 above = None
                 segments = path
-            if raised is not None:
-                raise_below(ancestors, raised)
-                raised = None
+            if parents:
+                _raise_all(parents)
             apply(s, op, segments, value, ttl_ms)
-            last_parent = None
-            if above is not None and op != DELETE and (ttl_ms or type(value) is not dict):
-                last_parent, ancestors = self._dict_way(segments[:-1], s)
-                prefix = above
-        if raised is not None:
-            raise_below(ancestors, raised)
+        if parents:
+            _raise_all(parents)
+
+    def _parent_of(self, above: str, s: int) -> _Parent | None:
+        """The node at the dotted path ``above`` and its ancestors, if its way is all dicts
+        (``_dict_way``) for operations from stamp ``s`` on, else None."""
+        node, ancestors = self._dict_way(above.split(".") if above else [], s)
+        if node is None:
+            return None
+        return _Parent(node, ancestors)
 
     def _increment_run(
         self, stamps: Sequence[int], parent: str, paths: list[Any], amounts: list[Any]

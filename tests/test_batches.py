@@ -3,7 +3,28 @@ parent, said once on the wire) and the ones it must apply key by key."""
 
 from __future__ import annotations
 
+import pytest
 from cluster import free_port, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from profiles import examples
+from test_store_property import (
+    NODE_IDS,
+    Op,
+    amounts,
+    assert_tree,
+    deliver,
+    deliver_as_batch,
+    deliveries,
+    fold,
+    new_store,
+    real_stamp,
+    roundtrip,
+    small_ints,
+    ttl_bodies,
+)
+
+from gcollective._tree import DELETE, INCREMENT, SET
 
 FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
 
@@ -78,3 +99,130 @@ def test_loop_batches_arriving_out_of_order_are_applied_once_whole():
         assert node.applied_ops == 40
     finally:
         node.stop()
+
+
+# A web app's frame: each request's counter hit and its own key alternate between parents,
+# some of them on another's way (``a`` holds ``a.x``, ``a.x`` holds ``a.x.p``), so a write at
+# one parent may break another's way.
+MIXED_PATHS = (("h", "total"), ("a", "x"), ("a", "x", "p"), ("a", "y"), ("a",))
+
+
+@st.composite
+def mixed_frames(draw: st.DrawFn) -> tuple[list[Op], list[Op], list[Op], int]:
+    """Operations before, in and after one origin's batch that mixes INCREMENTs and SETs
+    (with ttls, DELETEs and dict values among them) under parents it goes back and forth
+    between, and a time: real-layout stamps, so that ttls expire."""
+    path = st.sampled_from(MIXED_PATHS)
+    hit = st.tuples(st.just(INCREMENT), path, st.one_of(small_ints, amounts), st.just(None))
+    plain_set = st.tuples(st.just(SET), path, small_ints, st.just(None))
+    bodies = draw(
+        st.lists(
+            st.one_of(hit, hit, plain_set, plain_set, ttl_bodies(path)), min_size=3, max_size=16
+        )
+    )
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
+    keys = draw(st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True))
+    ops = [
+        Op(real_stamp(*key), op, path, value, ttl)
+        for key, (op, path, value, ttl) in zip(keys, bodies, strict=True)
+    ]
+    groups = draw(st.lists(st.sampled_from("pbbbba"), min_size=len(ops), max_size=len(ops)))
+    before = draw(deliveries([op for op, group in zip(ops, groups) if group == "p"]))
+    batch = sorted((op for op, group in zip(ops, groups) if group == "b"), key=_stamp)
+    after = [op for op, group in zip(ops, groups) if group == "a"]
+    return before, batch, after, draw(st.integers(0, 45))
+
+
+def _stamp(operation: Op) -> int:
+    return int(operation.stamp)
+
+
+@settings(
+    max_examples=examples(400),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(mixed_frames(), st.integers(0, 60))
+def test_a_mixed_batch_matches_one_by_one_and_the_model(
+    case: tuple[list[Op], list[Op], list[Op], int], later: int
+) -> None:
+    """A batch of SETs and INCREMENTs under parents it alternates between (what a web app's
+    requests send: ``apply_batch`` finds each parent once), on top of any state and at any
+    time, leaves the metadata of applying it one by one, and the tree matches the model's
+    fold then and after a later time step and later operations."""
+    before, batch, after, now = case
+    batched, one_by_one = new_store(), new_store()
+    for store in (batched, one_by_one):
+        deliver(store, before)
+        store.advance(now)
+    deliver_as_batch(batched, batch)
+    deliver(one_by_one, batch)
+    context = f"now={now}, before: {before!r}, batch: {batch!r}"
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    assert_tree(batched.to_dict(), fold([*before, *batch], now), context)
+    later = max(now, later)
+    for store in (batched, one_by_one):
+        store.advance(later)
+        deliver(store, after)
+    context += f", later={later}, after: {after!r}"
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    assert_tree(batched.to_dict(), fold([*before, *batch, *after], later), context)
+
+
+A_X_PARENT_BROKEN = [
+    # a counter's hit turns the parent ``a.x`` a batch met into a number
+    (Op(real_stamp(3, 0, 1), INCREMENT, ("a", "x"), 5),),
+    # a session replaces it
+    (Op(real_stamp(3, 0, 1), SET, ("a", "x"), 5, 10),),
+    (Op(real_stamp(3, 0, 1), INCREMENT, ("a", "x"), 5, 10),),
+    # a plain SET or a DELETE does, or a dict SET above it
+    (Op(real_stamp(3, 0, 1), SET, ("a", "x"), 5),),
+    (Op(real_stamp(3, 0, 1), DELETE, ("a", "x"), None),),
+    (Op(real_stamp(3, 0, 1), SET, ("a",), {"x": {"z": 1}}),),
+]
+
+
+@pytest.mark.parametrize("breaking", A_X_PARENT_BROKEN)
+def test_a_batch_writing_on_the_way_to_a_parent_it_met_finds_that_parent_anew(
+    breaking: tuple[Op, ...],
+) -> None:
+    """Keys under ``a.x`` and ``h`` (both there before), then a write that replaces
+    ``a.x``, then keys under both again: the later keys land under what ``a.x`` is then, as
+    one by one."""
+    before = [
+        Op(real_stamp(1, 0, 1), SET, ("a", "x", "p"), 1),
+        Op(real_stamp(1, 1, 1), INCREMENT, ("h", "total"), 1),
+    ]
+    batch = [
+        Op(real_stamp(2, 0, 1), SET, ("a", "x", "q"), 2),
+        Op(real_stamp(2, 1, 1), INCREMENT, ("h", "total"), 1),
+        *breaking,
+        Op(real_stamp(4, 0, 1), SET, ("a", "x", "r"), 7),
+        Op(real_stamp(4, 1, 1), INCREMENT, ("h", "total"), 1),
+    ]
+    for now in (0, 5, 20):
+        batched, one_by_one = new_store(), new_store()
+        for store in (batched, one_by_one):
+            deliver(store, before)
+            store.advance(now)
+        deliver_as_batch(batched, batch)
+        deliver(one_by_one, batch)
+        assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
+        assert_tree(batched.to_dict(), fold([*before, *batch], now))
+
+
+def test_a_web_frame_applies_each_hit_and_the_last_set() -> None:
+    """A web worker's frame as it arrives (a counter's hit and the worker's key in turn,
+    the counter also hit by another worker in between) counts every hit once and keeps the
+    last SET, as one by one."""
+    hits = [Op(real_stamp(1, n, 1), INCREMENT, ("h", "total"), 1) for n in range(3)]
+    sets = [Op(real_stamp(2, n, 1), SET, ("w", "k"), n) for n in range(3)]
+    other = Op(real_stamp(1, 1, 2), INCREMENT, ("h", "total"), 5)
+    batch = sorted([*hits, *sets], key=_stamp)
+    batched, one_by_one = new_store(), new_store()
+    for store in (batched, one_by_one):
+        deliver(store, [other])
+    deliver_as_batch(batched, batch)
+    deliver(one_by_one, batch)
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
+    assert batched.to_dict() == {"h": {"total": 8}, "w": {"k": 2}}

@@ -1,8 +1,9 @@
 """When a member's own operations go out (``Engine.flush_at``): at once after a quiet while,
 else at most every ``COALESCE_SECONDS``; and when the process is too busy to flush when due
-(its event loop late by more than that), in frames further apart, up to
-``COALESCE_BUSY_SECONDS``, so that a web worker short of CPU has its requests share frames
-(each frame wakes every peer, which decodes and applies it). A real engine and store, on a
+(its event loop late by more than ``COALESCE_BUSY_SECONDS``), in frames further apart, up to
+that, so that a web worker short of CPU has its requests share frames (each frame wakes every
+peer, which decodes and applies it); a loop a little late (a busy machine's scheduling) keeps
+the short wait. A real engine and store, on a
 simulated clock: the policy is about time."""
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def test_a_busy_member_waits_longer_between_frames_and_back_once_it_keeps_up():
     member = engine()
     write(member, 0)
     flush(member, 10.0)
-    late = 3 * COALESCE_SECONDS  # its event loop runs the flush 3 ms after it was due
+    late = 2 * COALESCE_BUSY_SECONDS  # its event loop runs the flush 8 ms after it was due
     assert waits(member, [late] * 6) == [
         COALESCE_SECONDS,
         2 * COALESCE_SECONDS,
@@ -97,3 +98,30 @@ def test_writes_just_slower_than_the_wait_are_never_held_back():
         write(member, number)
         assert flush(member, now) == now
         now += 0.003
+
+
+def test_a_loop_a_little_late_keeps_the_short_wait():
+    """Flushes 1-4 ms late (the machine's other processes had the cores a moment, as for a
+    quarter of the latency scenario's members' flushes on a loaded machine) do not lengthen
+    the wait: that would only delay the next operations (p99 at 10k sets/s, issue 20)."""
+    member = engine()
+    write(member, 0)
+    flush(member, 10.0)
+    lateness = [1.5 * COALESCE_SECONDS, 3 * COALESCE_SECONDS, COALESCE_BUSY_SECONDS] * 3
+    assert waits(member, lateness) == [COALESCE_SECONDS] * len(lateness)
+
+
+def test_a_busy_member_a_little_late_keeps_its_longer_wait():
+    """Once too busy, flushes 1-4 ms late keep the longer wait (a web worker short of CPU is
+    late by all sorts of amounts); one on time brings the short one back."""
+    member = engine()
+    write(member, 0)
+    flush(member, 10.0)
+    busy = 2 * COALESCE_BUSY_SECONDS
+    assert waits(member, [busy, 2 * COALESCE_SECONDS, 3 * COALESCE_SECONDS, 0.0, 0.0]) == [
+        COALESCE_SECONDS,
+        2 * COALESCE_SECONDS,
+        2 * COALESCE_SECONDS,
+        2 * COALESCE_SECONDS,
+        COALESCE_SECONDS,
+    ]
