@@ -74,13 +74,18 @@ class Exporter(Tree):
 
         Each item is read from the store as it is when it is made, and shares the store's
         values: encode it before the store can change (before the next item is asked for).
-        Between two items, operations may change anything: each piece is taken from the
-        tree as it is then (a node replaced, deleted, turned into a leaf or a leaf into a
-        node, keys added or deleted), never from what was read before. So every piece is a
-        true part of the state as it was when it was made, which is all a merge needs (it
-        takes the union of the events, by stamp); what changed since the first piece came
-        after the snapshot's vector and reaches the peer as operations. A node is listed
-        once (its keys only: no copy of the tree up front) and read one chunk at a time.
+        Between two items, operations may change anything: each piece's leaves and children
+        are taken from the tree as it is then (a node replaced, deleted, turned into a leaf
+        or a leaf into a node, keys added or deleted), never from what was read before. So
+        every piece holds true events of the state, which is all a merge needs (it takes the
+        union of the events, by stamp); what changed since the first piece came after the
+        snapshot's vector and reaches the peer as operations. A node is listed once (its
+        keys only: no copy of the tree up front) and read one chunk at a time.
+
+        The one thing a piece says of the nodes it lies in is what each was when its own
+        first piece was read (``_small_head``), never a newer assignment made since: the
+        pieces would hold only part of that assignment's members, and a peer takes a stamp
+        for a whole event (it would drop the operation that brings the rest).
         """
         self._flush_way()
         entry = self._root.entries.get(key)
@@ -93,28 +98,32 @@ class Exporter(Tree):
             return
         yield from self._node_pieces((key,), budget)
 
-    def _node_at(self, path: Path) -> tuple[list[_Node], _Node] | None:
-        """The nodes on the way to ``path`` (the root excluded) and the full node there now,
-        or None if there is none (it became a leaf, was deleted, or forgotten)."""
+    def _node_at(self, path: Path) -> _Node | None:
+        """The full node at ``path`` now, or None if there is none (it became a leaf, was
+        deleted, or forgotten)."""
         self._flush_way()
         node = self._root
-        way: list[_Node] = []
         for segment in path:
-            way.append(node)
             entry = node._entries.get(segment)  # (a full node is never in a pending run)
             if type(entry) is not _Node:
                 return None
             node = entry
-        return way[1:], node
+        return node
 
-    def _node_pieces(self, path: Path, budget: list[int]) -> Iterator[list[Any]]:
+    def _node_pieces(
+        self, path: Path, budget: list[int], heads: tuple[list[Any], ...] = ()
+    ) -> Iterator[list[Any]]:
         """The pieces of the full node at ``path`` (see ``export_pieces``): its own events,
-        then its leaves and small children in chunks, then each long child's pieces."""
-        found = self._node_at(path)
-        if found is None:
+        then its leaves and small children in chunks, then each long child's pieces.
+        ``heads``: the ``_small_head`` of each node above it (from the top-level key's), as
+        read with that node's first piece."""
+        node = self._node_at(path)
+        if node is None:
             return
-        way, node = found
-        yield _on_path(path, way, [*_own_events(node), {}, {}, {}, *_ttl_events(node)])
+        yield _on_path(path, heads, [*_own_events(node), {}, {}, {}, *_ttl_events(node)])
+        # What the later pieces say of the node, read with the first (see ``export_pieces``:
+        # the node may be assigned anew between two pieces).
+        head = _small_head(node)
         if node.has_sessions():
             node.record_runs()  # (their sessions are nodes: ``_chunk`` reads a run as leaves)
         sources: list[_Source] = [(None, list(node._entries))]
@@ -124,16 +133,16 @@ class Exporter(Tree):
             start = 0
             while start < len(keys):
                 end = start + max(1, budget[0])
-                found = self._node_at(path)
-                if found is None:
+                now = self._node_at(path)
+                if now is None:
                     return  # no longer a node: what made it so came after the vector
-                way, node = found
-                piece = self._chunk(node, run, keys, start, end, budget[0], long_children)
-                if piece[5] or piece[6]:
-                    yield _on_path(path, way, piece)
+                below = self._chunk(now, run, keys, start, end, budget[0], long_children)
+                if below[0] or below[1]:
+                    yield _on_path(path, heads, [*head, *below])
                 start = end
+        heads = (*heads, head)
         for name in long_children:
-            yield from self._node_pieces((*path, name), budget)
+            yield from self._node_pieces((*path, name), budget, heads)
 
     def _chunk(
         self,
@@ -145,9 +154,9 @@ class Exporter(Tree):
         budget: int,
         long_children: list[str],
     ) -> list[Any]:
-        """A piece of ``node`` with what it holds now of ``keys[start:end]`` (listed from
-        ``run``, or from its entries when None); the names of children too long for one
-        piece go to ``long_children`` instead."""
+        """What ``node`` holds now of ``keys[start:end]`` (listed from ``run``, or from its
+        entries when None), as a piece's ``[children, leaves, values]``; the names of
+        children too long for one piece go to ``long_children`` instead."""
         names = keys[start:end]
         data = node.value if type(node.value) is dict else {}
         pending = node.runs
@@ -166,7 +175,7 @@ class Exporter(Tree):
                 values = {k: v for k, v in zip(names, got) if v is not MISSING}
             else:
                 values = dict(zip(names, got))
-            return [*_small_head(node), {}, dict(zip(names, stamps)), values]
+            return [{}, dict(zip(names, stamps)), values]
         leaves: dict[str, int] = {}
         values = {}
         children: dict[str, Any] = {}
@@ -182,7 +191,7 @@ class Exporter(Tree):
                 children[name] = self._export_node(entry, False)
             else:
                 long_children.append(name)
-        return [*_small_head(node), children, leaves, values]
+        return [children, leaves, values]
 
     def _export_node(self, node: _Node, copy: bool) -> list[Any]:
         value = node.value
@@ -228,10 +237,10 @@ def _ttl_events(node: _Node) -> list[Any]:
 
 
 def _small_head(node: _Node) -> list[Any]:
-    """What a piece of a node after its first says of the node itself: enough to make it a
-    dict where it is one, in whole events only. (Its own leaf value, increments and ttls go
-    with the first. Not the stamp of its latest increment either: read later than the first
-    piece, it may be one that piece lacks, and a stamp without its amount is no event.)"""
+    """What a piece of a node after its first says of the node itself, read with the first
+    (see ``export_pieces``): enough to make it a dict where it is one, in whole events
+    only. (Its own leaf value, increments and ttls go with the first, once: a stamp without
+    its amount is no event.)"""
     av = node.assigned_value
     small = av is DICT or av is MISSING
     return [
@@ -243,11 +252,11 @@ def _small_head(node: _Node) -> list[Any]:
     ]
 
 
-def _on_path(path: Path, way: list[_Node], piece: list[Any]) -> list[Any]:
-    """A piece of the node at ``path`` as an item of its top-level key (``way``: the nodes
-    above it, under the top-level key's)."""
-    for name, node in zip(reversed(path[1:]), reversed(way)):
-        piece = [*_small_head(node), {name: piece}, {}, {}]
+def _on_path(path: Path, heads: tuple[list[Any], ...], piece: list[Any]) -> list[Any]:
+    """A piece of the node at ``path`` as an item of its top-level key (``heads``: the
+    ``_small_head`` of each node above it, the top-level key's first)."""
+    for name, head in zip(reversed(path[1:]), reversed(heads)):
+        piece = [*head, {name: piece}, {}, {}]
     return [path[0], piece]
 
 
