@@ -120,10 +120,10 @@ class Exporter(Tree):
         node = self._node_at(path)
         if node is None:
             return
-        yield _on_path(path, heads, [*_own_events(node), {}, {}, {}, *_ttl_events(node)])
-        # What the later pieces say of the node, read with the first (see ``export_pieces``:
-        # the node may be assigned anew between two pieces).
+        # What the later pieces say of the node: nothing the first does not (see
+        # ``export_pieces``: the node may be assigned anew between two pieces).
         head = _small_head(node)
+        yield _on_path(path, heads, [*_own_events(node), {}, {}, {}, *_ttl_events(node)])
         if node.has_sessions():
             node.record_runs()  # (their sessions are nodes: ``_chunk`` reads a run as leaves)
         sources: list[_Source] = [(None, list(node._entries))]
