@@ -18,6 +18,8 @@ Path = tuple[str, ...]
 # Where the keys of a node being exported in pieces were listed from: its entries (None), or
 # one of its pending runs, with the keys as listed.
 _Source = tuple[Run | None, Sequence[str]]
+# A full node's assignment as pieces after its first tell it (see ``_assignment``).
+_Assignment = tuple[int | None, int]
 
 _LEAF_TYPES = {int}
 _LEAF_TYPE_SET = frozenset(_LEAF_TYPES)
@@ -82,9 +84,9 @@ class Exporter(Tree):
         snapshot's vector and reaches the peer as operations. A node is listed once (its
         keys only: no copy of the tree up front) and read one chunk at a time.
 
-        The one thing a piece says of the nodes it lies in is what each was when its own
-        first piece was read (``_small_head``), never a newer assignment made since: the
-        pieces would hold only part of that assignment's members, and a peer takes a stamp
+        But a piece says each node it lies in was assigned what it was when that node's
+        first piece was read (``_assignment``), never a newer assignment made since: the
+        pieces would hold only some of that assignment's members, and a peer takes a stamp
         for a whole event (it would drop the operation that brings the rest).
         """
         self._flush_way()
@@ -98,32 +100,34 @@ class Exporter(Tree):
             return
         yield from self._node_pieces((key,), budget)
 
-    def _node_at(self, path: Path) -> _Node | None:
-        """The full node at ``path`` now, or None if there is none (it became a leaf, was
-        deleted, or forgotten)."""
+    def _node_at(self, path: Path) -> tuple[list[_Node], _Node] | None:
+        """The nodes on the way to ``path`` (the root excluded) and the full node there now,
+        or None if there is none (it became a leaf, was deleted, or forgotten)."""
         self._flush_way()
         node = self._root
+        way: list[_Node] = []
         for segment in path:
+            way.append(node)
             entry = node._entries.get(segment)  # (a full node is never in a pending run)
             if type(entry) is not _Node:
                 return None
             node = entry
-        return node
+        return way[1:], node
 
     def _node_pieces(
-        self, path: Path, budget: list[int], heads: tuple[list[Any], ...] = ()
+        self, path: Path, budget: list[int], above: tuple[_Assignment, ...] = ()
     ) -> Iterator[list[Any]]:
         """The pieces of the full node at ``path`` (see ``export_pieces``): its own events,
         then its leaves and small children in chunks, then each long child's pieces.
-        ``heads``: the ``_small_head`` of each node above it (from the top-level key's), as
+        ``above``: the ``_assignment`` of each node above it (the top-level key's first), as
         read with that node's first piece."""
-        node = self._node_at(path)
-        if node is None:
+        found = self._node_at(path)
+        if found is None:
             return
-        # What the later pieces say of the node: nothing the first does not (see
-        # ``export_pieces``: the node may be assigned anew between two pieces).
-        head = _small_head(node)
-        yield _on_path(path, heads, [*_own_events(node), {}, {}, {}, *_ttl_events(node)])
+        way, node = found
+        # (read with the first piece, before the hub can run: see ``export_pieces``)
+        assignment = _assignment(node)
+        yield _on_path(path, way, above, [*_own_events(node), {}, {}, {}, *_ttl_events(node)])
         if node.has_sessions():
             node.record_runs()  # (their sessions are nodes: ``_chunk`` reads a run as leaves)
         sources: list[_Source] = [(None, list(node._entries))]
@@ -133,16 +137,18 @@ class Exporter(Tree):
             start = 0
             while start < len(keys):
                 end = start + max(1, budget[0])
-                now = self._node_at(path)
-                if now is None:
+                found = self._node_at(path)
+                if found is None:
                     return  # no longer a node: what made it so came after the vector
-                below = self._chunk(now, run, keys, start, end, budget[0], long_children)
+                way, node = found
+                below = self._chunk(node, run, keys, start, end, budget[0], long_children)
                 if below[0] or below[1]:
-                    yield _on_path(path, heads, [*head, *below])
+                    piece = [*_small_head(node, assignment), *below]
+                    yield _on_path(path, way, above, piece)
                 start = end
-        heads = (*heads, head)
+        above = (*above, assignment)
         for name in long_children:
-            yield from self._node_pieces((*path, name), budget, heads)
+            yield from self._node_pieces((*path, name), budget, above)
 
     def _chunk(
         self,
@@ -236,27 +242,32 @@ def _ttl_events(node: _Node) -> list[Any]:
     return [[[st, expiry] for st, expiry in node.ttls.items()]] if node.ttls else []
 
 
-def _small_head(node: _Node) -> list[Any]:
-    """What a piece of a node after its first says of the node itself, read with the first
-    (see ``export_pieces``): enough to make it a dict where it is one, in whole events
-    only. (Its own leaf value, increments and ttls go with the first, once: a stamp without
-    its amount is no event.)"""
+def _assignment(node: _Node) -> _Assignment:
+    """A full node's assignment as a piece after its first tells it (``_small_head``): its
+    stamp where it is a dict or a delete (else None), and 1 for a dict (else 0)."""
     av = node.assigned_value
     small = av is DICT or av is MISSING
-    return [
-        _enc(node.assigned) if small else None,
-        1 if av is DICT else 0,
-        _enc(node.written_below),
-        None,
-        [],
-    ]
+    return _enc(node.assigned) if small else None, 1 if av is DICT else 0
 
 
-def _on_path(path: Path, heads: tuple[list[Any], ...], piece: list[Any]) -> list[Any]:
-    """A piece of the node at ``path`` as an item of its top-level key (``heads``: the
-    ``_small_head`` of each node above it, the top-level key's first)."""
-    for name, head in zip(reversed(path[1:]), reversed(heads)):
-        piece = [*head, {name: piece}, {}, {}]
+def _small_head(node: _Node, assignment: _Assignment) -> list[Any]:
+    """What a piece of a node after its first says of the node itself: enough to make it a
+    dict where it is one, in whole events only. Its assignment as read with the first piece
+    (``export_pieces``), and its latest write below as it is now (the piece may hold what
+    that wrote; a peer does not take this stamp for the write itself, so it still applies
+    the operation). (Its own leaf value, increments and ttls go with the first. Not the
+    stamp of its latest increment either: read later than the first piece, it may be one
+    that piece lacks, and a stamp without its amount is no event.)"""
+    return [*assignment, _enc(node.written_below), None, []]
+
+
+def _on_path(
+    path: Path, way: list[_Node], above: tuple[_Assignment, ...], piece: list[Any]
+) -> list[Any]:
+    """A piece of the node at ``path`` as an item of its top-level key (``way``: the nodes
+    above it, under the top-level key's; ``above``: their ``_assignment``)."""
+    for name, node, assignment in zip(reversed(path[1:]), reversed(way), reversed(above)):
+        piece = [*_small_head(node, assignment), {name: piece}, {}, {}]
     return [path[0], piece]
 
 

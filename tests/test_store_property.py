@@ -2154,6 +2154,26 @@ def test_a_dict_assigned_anew_above_a_node_in_pieces_reaches_a_joiner_whole(afte
     assert holder.to_dict() == {"c": {"c": {"c": {"a": 1, "b": 2}, "y": 3}}}
 
 
+@pytest.mark.parametrize("after_piece", [0, 1, 2])
+def test_a_write_below_a_node_deleted_between_two_pieces_reaches_a_joiner(after_piece) -> None:
+    """What a piece says of the nodes it lies in is their assignment as it was at their
+    first piece, but their latest write below as it is now: the piece may hold that write's
+    leaf, which the joiner then has, and so takes the write's operation for a repeat; only
+    the stamp of the write below keeps the nodes above a dict over a delete between the
+    two. (It failed with that stamp read at the first piece too.)"""
+    holder, joiner = _joiner_of_pieces_under(
+        [Op(1, SET, ("c", "c", "c"), {"a": 1, "b": 2})],
+        {
+            after_piece: [
+                Op(LATER | 1, DELETE, ("c",), None),
+                Op(LATER | 3, SET, ("c", "c", "c", "a"), 5),
+            ]
+        },
+    )
+    assert_tree(joiner.to_dict(), holder.to_dict(), f"deleted after piece {after_piece}")
+    assert holder.to_dict() == {"c": {"c": {"c": {"a": 5}}}}
+
+
 # -- issue 20: received sessions and rate-limit hits under one parent ------------------------
 
 # Keys under the parent ``("s",)`` and what collides with them: the parent itself, a key below
