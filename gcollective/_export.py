@@ -252,13 +252,22 @@ def _assignment(node: _Node) -> _Assignment:
 
 def _small_head(node: _Node, assignment: _Assignment) -> list[Any]:
     """What a piece of a node after its first says of the node itself: enough to make it a
-    dict where it is one, in whole events only. Its assignment as read with the first piece
+    dict where it is one (for the leaves the piece holds), with no stamp a peer would take
+    for an event the pieces hold only part of. Its assignment as read with the first piece
     (``export_pieces``), and its latest write below as it is now (the piece may hold what
     that wrote; a peer does not take this stamp for the write itself, so it still applies
     the operation). (Its own leaf value, increments and ttls go with the first. Not the
     stamp of its latest increment either: read later than the first piece, it may be one
     that piece lacks, and a stamp without its amount is no event.)"""
-    return [*assignment, _enc(node.written_below), None, []]
+    below = node.written_below
+    if node.assigned_value is DICT and node.assigned > below:
+        stamp = _enc(node.assigned)
+        if stamp != assignment[0]:
+            # Assigned a dict anew since: the piece may hold some of its members, which
+            # need the node to be a dict at the peer. Told as a write below at that stamp
+            # (which the assignment overtakes when its operation comes).
+            below = node.assigned
+    return [*assignment, _enc(below), None, []]
 
 
 def _on_path(

@@ -2154,6 +2154,19 @@ def test_a_dict_assigned_anew_above_a_node_in_pieces_reaches_a_joiner_whole(afte
     assert holder.to_dict() == {"c": {"c": {"c": {"a": 1, "b": 2}, "y": 3}}}
 
 
+def test_a_node_made_a_dict_between_two_pieces_keeps_its_members_values_at_a_joiner() -> None:
+    """A node that was no dict at its first piece (it held a tombstone), assigned a dict
+    between two pieces: a piece after holds a member of that dict, so it tells the new
+    assignment as a write below at its stamp, which makes the node a dict for the member's
+    value at the joiner (and which the assignment overtakes when its operation comes).
+    (Told as neither, the value was dropped, and the operation came as a repeat.)"""
+    holder, joiner = _joiner_of_pieces_under(
+        [Op(1, DELETE, ("b", "a"), None)], {0: [Op(2, SET, ("b",), {"a": None})]}
+    )
+    assert_tree(joiner.to_dict(), holder.to_dict())
+    assert holder.to_dict() == {"b": {"a": None}}
+
+
 @pytest.mark.parametrize("after_piece", [0, 1, 2])
 def test_a_write_below_a_node_deleted_between_two_pieces_reaches_a_joiner(after_piece) -> None:
     """What a piece says of the nodes it lies in is their assignment as it was at their
