@@ -87,7 +87,8 @@ class Exporter(Tree):
         But a piece says each node it lies in was assigned what it was when that node's
         first piece was read (``_assignment``), never a newer assignment made since: the
         pieces would hold only some of that assignment's members, and a peer takes a stamp
-        for a whole event (it would drop the operation that brings the rest).
+        for a whole event (it would drop the operation that brings the rest). A dict
+        assigned since is told as a write below at its stamp (``_small_head``).
         """
         self._flush_way()
         entry = self._root.entries.get(key)
