@@ -18,6 +18,8 @@ Path = tuple[str, ...]
 # Where the keys of a node being exported in pieces were listed from: its entries (None), or
 # one of its pending runs, with the keys as listed.
 _Source = tuple[Run | None, Sequence[str]]
+# A full node's assignment as pieces after its first tell it (see ``_assignment``).
+_Assignment = tuple[int | None, int]
 
 _LEAF_TYPES = {int}
 _LEAF_TYPE_SET = frozenset(_LEAF_TYPES)
@@ -74,13 +76,19 @@ class Exporter(Tree):
 
         Each item is read from the store as it is when it is made, and shares the store's
         values: encode it before the store can change (before the next item is asked for).
-        Between two items, operations may change anything: each piece is taken from the
-        tree as it is then (a node replaced, deleted, turned into a leaf or a leaf into a
-        node, keys added or deleted), never from what was read before. So every piece is a
-        true part of the state as it was when it was made, which is all a merge needs (it
-        takes the union of the events, by stamp); what changed since the first piece came
-        after the snapshot's vector and reaches the peer as operations. A node is listed
-        once (its keys only: no copy of the tree up front) and read one chunk at a time.
+        Between two items, operations may change anything: each piece's leaves and children
+        are taken from the tree as it is then (a node replaced, deleted, turned into a leaf
+        or a leaf into a node, keys added or deleted), never from what was read before. So
+        every piece holds true events of the state, which is all a merge needs (it takes the
+        union of the events, by stamp); what changed since the first piece came after the
+        snapshot's vector and reaches the peer as operations. A node is listed once (its
+        keys only: no copy of the tree up front) and read one chunk at a time.
+
+        But a piece says each node it lies in was assigned what it was when that node's
+        first piece was read (``_assignment``), never a newer assignment made since: the
+        pieces would hold only some of that assignment's members, and a peer takes a stamp
+        for a whole event (it would drop the operation that brings the rest). A dict
+        assigned since is told as a write below at its stamp (``_small_head``).
         """
         self._flush_way()
         entry = self._root.entries.get(key)
@@ -107,14 +115,20 @@ class Exporter(Tree):
             node = entry
         return way[1:], node
 
-    def _node_pieces(self, path: Path, budget: list[int]) -> Iterator[list[Any]]:
+    def _node_pieces(
+        self, path: Path, budget: list[int], above: tuple[_Assignment, ...] = ()
+    ) -> Iterator[list[Any]]:
         """The pieces of the full node at ``path`` (see ``export_pieces``): its own events,
-        then its leaves and small children in chunks, then each long child's pieces."""
+        then its leaves and small children in chunks, then each long child's pieces.
+        ``above``: the ``_assignment`` of each node above it (the top-level key's first), as
+        read with that node's first piece."""
         found = self._node_at(path)
         if found is None:
             return
         way, node = found
-        yield _on_path(path, way, [*_own_events(node), {}, {}, {}, *_ttl_events(node)])
+        # (read with the first piece, before the hub can run: see ``export_pieces``)
+        assignment = _assignment(node)
+        yield _on_path(path, way, above, [*_own_events(node), {}, {}, {}, *_ttl_events(node)])
         if node.has_sessions():
             node.record_runs()  # (their sessions are nodes: ``_chunk`` reads a run as leaves)
         sources: list[_Source] = [(None, list(node._entries))]
@@ -128,12 +142,14 @@ class Exporter(Tree):
                 if found is None:
                     return  # no longer a node: what made it so came after the vector
                 way, node = found
-                piece = self._chunk(node, run, keys, start, end, budget[0], long_children)
-                if piece[5] or piece[6]:
-                    yield _on_path(path, way, piece)
+                below = self._chunk(node, run, keys, start, end, budget[0], long_children)
+                if below[0] or below[1]:
+                    piece = [*_small_head(node, assignment), *below]
+                    yield _on_path(path, way, above, piece)
                 start = end
+        above = (*above, assignment)
         for name in long_children:
-            yield from self._node_pieces((*path, name), budget)
+            yield from self._node_pieces((*path, name), budget, above)
 
     def _chunk(
         self,
@@ -145,9 +161,9 @@ class Exporter(Tree):
         budget: int,
         long_children: list[str],
     ) -> list[Any]:
-        """A piece of ``node`` with what it holds now of ``keys[start:end]`` (listed from
-        ``run``, or from its entries when None); the names of children too long for one
-        piece go to ``long_children`` instead."""
+        """What ``node`` holds now of ``keys[start:end]`` (listed from ``run``, or from its
+        entries when None), as a piece's ``[children, leaves, values]``; the names of
+        children too long for one piece go to ``long_children`` instead."""
         names = keys[start:end]
         data = node.value if type(node.value) is dict else {}
         pending = node.runs
@@ -166,7 +182,7 @@ class Exporter(Tree):
                 values = {k: v for k, v in zip(names, got) if v is not MISSING}
             else:
                 values = dict(zip(names, got))
-            return [*_small_head(node), {}, dict(zip(names, stamps)), values]
+            return [{}, dict(zip(names, stamps)), values]
         leaves: dict[str, int] = {}
         values = {}
         children: dict[str, Any] = {}
@@ -182,7 +198,7 @@ class Exporter(Tree):
                 children[name] = self._export_node(entry, False)
             else:
                 long_children.append(name)
-        return [*_small_head(node), children, leaves, values]
+        return [children, leaves, values]
 
     def _export_node(self, node: _Node, copy: bool) -> list[Any]:
         value = node.value
@@ -227,27 +243,41 @@ def _ttl_events(node: _Node) -> list[Any]:
     return [[[st, expiry] for st, expiry in node.ttls.items()]] if node.ttls else []
 
 
-def _small_head(node: _Node) -> list[Any]:
-    """What a piece of a node after its first says of the node itself: enough to make it a
-    dict where it is one, in whole events only. (Its own leaf value, increments and ttls go
-    with the first. Not the stamp of its latest increment either: read later than the first
-    piece, it may be one that piece lacks, and a stamp without its amount is no event.)"""
+def _assignment(node: _Node) -> _Assignment:
+    """A full node's assignment as a piece after its first tells it (``_small_head``): its
+    stamp where it is a dict or a delete (else None), and 1 for a dict (else 0)."""
     av = node.assigned_value
     small = av is DICT or av is MISSING
-    return [
-        _enc(node.assigned) if small else None,
-        1 if av is DICT else 0,
-        _enc(node.written_below),
-        None,
-        [],
-    ]
+    return _enc(node.assigned) if small else None, 1 if av is DICT else 0
 
 
-def _on_path(path: Path, way: list[_Node], piece: list[Any]) -> list[Any]:
+def _small_head(node: _Node, assignment: _Assignment) -> list[Any]:
+    """What a piece of a node after its first says of the node itself: enough to make it a
+    dict where it is one (for the leaves the piece holds), with no stamp a peer would take
+    for an event the pieces hold only part of. Its assignment as read with the first piece
+    (``export_pieces``), and its latest write below as it is now (the piece may hold what
+    that wrote; a peer does not take this stamp for the write itself, so it still applies
+    the operation). (Its own leaf value, increments and ttls go with the first. Not the
+    stamp of its latest increment either: read later than the first piece, it may be one
+    that piece lacks, and a stamp without its amount is no event.)"""
+    below = node.written_below
+    if node.assigned_value is DICT and node.assigned > below:
+        stamp = _enc(node.assigned)
+        if stamp != assignment[0]:
+            # Assigned a dict anew since: the piece may hold some of its members, which
+            # need the node to be a dict at the peer. Told as a write below at that stamp
+            # (which the assignment overtakes when its operation comes).
+            below = node.assigned
+    return [*assignment, _enc(below), None, []]
+
+
+def _on_path(
+    path: Path, way: list[_Node], above: tuple[_Assignment, ...], piece: list[Any]
+) -> list[Any]:
     """A piece of the node at ``path`` as an item of its top-level key (``way``: the nodes
-    above it, under the top-level key's)."""
-    for name, node in zip(reversed(path[1:]), reversed(way)):
-        piece = [*_small_head(node), {name: piece}, {}, {}]
+    above it, under the top-level key's; ``above``: their ``_assignment``)."""
+    for name, node, assignment in zip(reversed(path[1:]), reversed(way), reversed(above)):
+        piece = [*_small_head(node, assignment), {name: piece}, {}, {}]
     return [path[0], piece]
 
 

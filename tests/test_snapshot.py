@@ -6,10 +6,13 @@ import gc
 import random
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import gevent
+import gevent.event
 import pytest
 from cluster import LocalMembers, free_ports, wait_for
+from faults import ProxiedMembers
 
 from gcollective import Collective, _engine
 from gcollective._clock import new_node_id
@@ -364,3 +367,79 @@ def test_a_joiner_syncs_while_one_long_top_level_key_keeps_changing(small_frames
         assert sent > 20  # (it did go out in many frames, under the writes)
     finally:
         members.stop()
+
+
+def _paused_at_a_frame(
+    number: int, halfway: gevent.event.AsyncResult, resume: gevent.event.Event
+) -> Callable[..., Iterator[bytes]]:
+    """An ``Engine._snapshot_frames`` whose first stream to reach its frame ``number`` sets
+    ``halfway`` to its engine and waits for ``resume`` before it goes on: the pieces of the
+    frames after are read from the store as it is then."""
+    frames_of = _engine.Engine._snapshot_frames
+
+    def frames_paused(self, keys, end):
+        for index, frame in enumerate(frames_of(self, keys, end)):
+            if index == number and not halfway.ready():
+                halfway.set(self)
+                resume.wait(60)
+            yield frame
+
+    return frames_paused
+
+
+@pytest.mark.parametrize("path", [("t", "d"), ("t",)], ids=["the dict", "the dict above it"])
+def test_a_dict_assigned_anew_while_it_goes_in_frames_reaches_a_joiner_whole(
+    small_frames, monkeypatch, path
+):
+    """A long dict goes to a joiner in many frames; between two of them, another member
+    assigns it (or the dict above it, with one more key) anew, the same members at a later
+    stamp, and its operation reaches the joiner after the snapshot (its link to the joiner
+    held back): the joiner ends equal. (The frames after said the node was assigned at that
+    stamp, holding only some of its members: the joiner took the stamp for the whole
+    assignment and dropped the operation when it came, losing the members sent before, and
+    the key above.)"""
+    halfway = gevent.event.AsyncResult()
+    resume = gevent.event.Event()
+    members = ProxiedMembers(3, **FAST)
+    try:
+        holders = members.nodes[:2]
+        members_of_d = {f"k{i}": i for i in range(2000)}
+        value = members_of_d if path == ("t", "d") else {"d": members_of_d, "y": 1}
+        holders[0].set(("t", "d"), members_of_d)
+        others = members.nodes[1:]
+        wait_for(lambda: all(node.get(("t", "d", "k1999")) == 1999 for node in others), timeout=30)
+        members.nodes[2].stop(timeout=1)  # back later, empty: it joins by snapshot
+        proxy = members.proxies[2]
+        wait_for(lambda: not any(proxy.linked(port) for port in members.public[:2]), timeout=30)
+        monkeypatch.setattr(
+            _engine.Engine, "_snapshot_frames", _paused_at_a_frame(5, halfway, resume)
+        )
+
+        def assign_anew_halfway() -> tuple[Collective, Collective, int]:
+            streaming = halfway.get()
+            (holder,) = [node for node in holders if node._engine is streaming]
+            (writer,) = [node for node in holders if node is not holder]
+            source = members.public[members.nodes.index(writer)]
+            # (Once its link to the joiner is up: a proxy forwards a link's first bytes, its
+            # HELLO and maybe more, before it knows where they come from.)
+            wait_for(lambda: proxy.linked(source) > 0, timeout=30)
+            proxy.hold(source)  # (its operation reaches the joiner after the snapshot)
+            writer.set(path, value)
+            writer.set("after", 1)
+            wait_for(lambda: holder.get("after") == 1, timeout=30)
+            resume.set()
+            return holder, writer, source
+
+        assigning = gevent.spawn(assign_anew_halfway)
+        members.nodes[2] = joiner = members.make(2)
+        holder, writer, source = assigning.get(timeout=60)
+        wait_for(lambda: joiner.synced, timeout=60)
+        proxy.release(source)  # (what was held goes with what it sends next)
+        writer.set("last", 1)
+        wait_for(lambda: joiner.get("last") == 1, timeout=30)
+        wait_for(lambda: joiner.snapshot() == holder.snapshot(), timeout=20)
+        assert holder.get(path) == value
+        assert _snapshots_sent_to(holder, f"127.0.0.1:{members.public[2]}") == 1
+    finally:
+        resume.set()
+        members.close()

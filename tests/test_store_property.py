@@ -2092,6 +2092,101 @@ def test_a_snapshot_in_pieces_read_while_operations_go_on_gives_the_holders_stat
     assert_tree(joiner.to_dict(), holder.to_dict(), f"{context}, more: {more!r}")
 
 
+def _joiner_of_pieces_under(before: list[Op], meanwhile: dict[int, list[Op]]) -> tuple[Any, Any]:
+    """A holder that received ``before`` exports its items in pieces of one leaf, each sent
+    through the wire to a joiner as it is made, the holder receiving ``meanwhile[n]`` after
+    its piece ``n`` (counted from 0 over all the pieces); then the joiner receives those
+    operations: ``(holder, joiner)``."""
+    from gcollective._wire import (
+        FrameDecoder,
+        encode_snapshot_parts,
+        join_snapshot,
+        parse_snapshot_items,
+    )
+
+    holder = store_with(before)
+    joiner = new_store()
+    later: list[Op] = []
+    pieces = (piece for key in holder.top_level_keys() for piece in holder.export_pieces(key, [1]))
+    for number, piece in enumerate(pieces):
+        frames = [join_snapshot([part]) for part in encode_snapshot_parts(piece, 60)]
+        for message in FrameDecoder(1 << 30).feed(b"".join(frames)):
+            joiner.merge(parse_snapshot_items(message[1])[0])
+        deliver(holder, meanwhile.get(number, []))
+        later += meanwhile.get(number, [])
+    deliver(joiner, later)
+    return holder, joiner
+
+
+LATER = 1 << 64  # (the stamps of another member, later than the snapshot's)
+
+
+def test_a_dict_assigned_anew_between_two_pieces_of_it_reaches_a_joiner_whole() -> None:
+    """The pieces of a node read after it was assigned anew (the same dict, a later stamp)
+    hold only some of the new assignment's members: they say the node is what it was at its
+    first piece, so the joiner does not take the new stamp for the whole assignment and
+    drop the operation that brings it. (They said the new stamp: the joiner lost ``a``.
+    Found by the test above.)"""
+    value = {"a": None, "b": None}
+    holder, joiner = _joiner_of_pieces_under(
+        [Op(1, SET, ("c", "c", "c"), value)],
+        {
+            # pieces: c, c.c and c.c.c's own events, then c.c.c's a, then its b
+            2: [Op(2, SET, ("a",), None), Op(3, SET, ("a",), None)],
+            3: [Op(LATER | 1, DELETE, ("a",), None), Op(LATER | 2, SET, ("c", "c", "c"), value)],
+        },
+    )
+    assert_tree(joiner.to_dict(), holder.to_dict())
+    assert holder.to_dict() == {"c": {"c": {"c": value}}}
+
+
+# (pieces: c, c.c and c.c.c's own events, then c.c.c's a, then its b)
+@pytest.mark.parametrize("after_piece", [1, 2, 3])
+def test_a_dict_assigned_anew_above_a_node_in_pieces_reaches_a_joiner_whole(after_piece) -> None:
+    """The same for the nodes above the one in pieces: a piece says of each what it was at
+    its own first piece. (They said the new stamp of ``c.c``, whose new member ``y`` never
+    came in a piece: the joiner lost it, and ``a`` too when ``c.c.c`` was cut.)"""
+    holder, joiner = _joiner_of_pieces_under(
+        [Op(1, SET, ("c", "c"), {"c": {"a": 1, "b": 2}})],
+        {after_piece: [Op(LATER | 2, SET, ("c", "c"), {"c": {"a": 1, "b": 2}, "y": 3})]},
+    )
+    assert_tree(joiner.to_dict(), holder.to_dict(), f"assigned anew after piece {after_piece}")
+    assert holder.to_dict() == {"c": {"c": {"c": {"a": 1, "b": 2}, "y": 3}}}
+
+
+def test_a_node_made_a_dict_between_two_pieces_keeps_its_members_values_at_a_joiner() -> None:
+    """A node that was no dict at its first piece (it held a tombstone), assigned a dict
+    between two pieces: a piece after holds a member of that dict, so it tells the new
+    assignment as a write below at its stamp, which makes the node a dict for the member's
+    value at the joiner (and which the assignment overtakes when its operation comes).
+    (Told as neither, the value was dropped, and the operation came as a repeat.)"""
+    holder, joiner = _joiner_of_pieces_under(
+        [Op(1, DELETE, ("b", "a"), None)], {0: [Op(2, SET, ("b",), {"a": None})]}
+    )
+    assert_tree(joiner.to_dict(), holder.to_dict())
+    assert holder.to_dict() == {"b": {"a": None}}
+
+
+@pytest.mark.parametrize("after_piece", [0, 1, 2])
+def test_a_write_below_a_node_deleted_between_two_pieces_reaches_a_joiner(after_piece) -> None:
+    """What a piece says of the nodes it lies in is their assignment as it was at their
+    first piece, but their latest write below as it is now: the piece may hold that write's
+    leaf, which the joiner then has, and so takes the write's operation for a repeat; only
+    the stamp of the write below keeps the nodes above a dict over a delete between the
+    two. (It failed with that stamp read at the first piece too.)"""
+    holder, joiner = _joiner_of_pieces_under(
+        [Op(1, SET, ("c", "c", "c"), {"a": 1, "b": 2})],
+        {
+            after_piece: [
+                Op(LATER | 1, DELETE, ("c",), None),
+                Op(LATER | 3, SET, ("c", "c", "c", "a"), 5),
+            ]
+        },
+    )
+    assert_tree(joiner.to_dict(), holder.to_dict(), f"deleted after piece {after_piece}")
+    assert holder.to_dict() == {"c": {"c": {"c": {"a": 5}}}}
+
+
 # -- issue 20: received sessions and rate-limit hits under one parent ------------------------
 
 # Keys under the parent ``("s",)`` and what collides with them: the parent itself, a key below
