@@ -436,11 +436,6 @@ class Tree:
         self._way_newest = 0
         # The parent the cached way last left (``_forget_way``), to pack (``_leave_way``).
         self._way_left: _Node | None = None
-        # The way cached before the current one, flushed, valid as long as it (both are
-        # dropped together): ``(key, parent, nodes, path)`` as above, or None. A web app's
-        # request alternates two loops (``incr("hits.total")``, a ``set`` under its worker):
-        # each takes its way back in a few steps (``Ways._take_other_way``).
-        self._other_way: tuple[str, _Node, list[_Node], tuple[str, ...]] | None = None
 
     def get(self, path: Iterable[str], default: Any = None) -> Any:
         """The value at ``path`` (containers copied), or ``default`` when there is none."""
@@ -468,7 +463,6 @@ class Tree:
         self._flush_way()
         if self._way_parent is not self._root:
             self._way_left = self._way_parent
-        self._other_way = None
         self.way_key = None
         self._way_nodes = []
         self._way_parent = self._root

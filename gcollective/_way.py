@@ -35,7 +35,6 @@ class Ways(Applier):
     def __init__(self) -> None:
         super().__init__()
         self._way_wanted: str | None = None  # the parent of the last key not on the way
-        self._way_wanted_before: str | None = None  # the one it replaced (two loops in turn)
         self._way_skips = 0  # keys to take before looking for a loop again
 
     def assign_key(
@@ -53,10 +52,7 @@ class Ways(Applier):
             self._way_skips -= 1  # keys scattered over parents: look for a loop again later
         else:
             above, _, leaf = key.rpartition(".")
-            if (
-                above == self.way_key
-                or (self._other_way is not None and self._take_other_way(above))
-            ) and (leaf and leaf.isascii()):
+            if above == self.way_key and leaf and leaf.isascii():
                 on_way = True  # (the parent was checked when it was cached)
             else:
                 path = parse_key(key)  # raises for a bad key
@@ -68,7 +64,6 @@ class Ways(Applier):
                 elif ttl_ms or type(value) is dict:
                     # (``assign_leaf``, inline, its path the dotted key: ``_first_ttl`` splits
                     # it only when it makes an entry)
-                    self._spare_other_way(leaf)
                     if self._assign_fresh(self._way_parent, leaf, stamp, value, ttl_ms, key):
                         self._way_newest = stamp
                         return
@@ -96,7 +91,6 @@ class Ways(Applier):
         # (``newest_in(entry)``, inline)
         if entry is not None and not s > (entry.newest if type(entry) is _Node else entry):
             return False  # something there is as new: the general way compares
-        self._spare_other_way(leaf)
         node = _Node()
         node.assigned = node.reset = node.newest = s
         node.assigned_value = DICT
@@ -135,56 +129,18 @@ class Ways(Applier):
             return False
         return self._way_to(above, path, stamp)
 
-    def _take_other_way(self, above: str) -> bool:
-        """Whether ``above`` is the parent of the way cached before the current one: then
-        the two change places (the current one flushed) and True."""
-        other = self._other_way
-        if other is None or other[0] != above:
-            return False
-        self._flush_way()
-        key, parent, nodes, path = other
-        self._leave_way(parent)  # (packs the leaves of the parent it leaves, as cache_way)
-        if parent.runs is not None:
-            parent.record_runs()  # (packed when the way left it: set_leaf reads _entries)
-        current = self.way_key
-        self._other_way = (
-            None
-            if current is None
-            else (current, self._way_parent, self._way_nodes, self._way_path)
-        )
-        self.way_key = key
-        self._way_parent = parent
-        self._way_nodes = nodes
-        self._way_path = path
-        return True
-
-    def _spare_other_way(self, leaf: str) -> None:
-        """Before a fast path replaces the child ``leaf`` of the way's parent (a DELETE, or a
-        SET of a dict or with a ttl): drop the other way if it goes through that child."""
-        other = self._other_way
-        if other is not None:
-            path = self._way_path
-            if other[3][: len(path) + 1] == (*path, leaf):
-                self._other_way = None
-
     def _way_to(self, above: str, path: tuple[str, ...], stamp: int) -> bool:
         """Whether the way to ``above``, the parent of the valid ``path``, is cached now, for
         an operation at ``stamp``. The policy: a key under the same parent as the last one
         looked at is taken for a loop, and its way cached; after a key under another parent,
         the next ``_WAY_SKIPS`` keys take the general way without looking (keys scattered
-        over parents pay little for the cache), unless it is the parent looked at before
-        the last one (two loops in turn)."""
+        over parents pay little for the cache)."""
         if above == self.way_key:
             return True  # (a valid leaf that the quick test left out)
         if above != self._way_wanted:
-            before = self._way_wanted_before
-            self._way_wanted_before = self._way_wanted
             self._way_wanted = above
-            if above != before:
-                self._way_skips = _WAY_SKIPS
-                return False
-            # (two loops in turn, as a web app's request makes: each caches its way, the
-            # other kept, see ``_take_other_way``)
+            self._way_skips = _WAY_SKIPS
+            return False
         if self.cache_way(above, path[:-1], stamp):
             return True
         self._way_wanted = None  # no fast way there now: try again later
@@ -207,9 +163,6 @@ class Ways(Applier):
         self._leave_way(parent)  # (packs the leaves of the parent it leaves)
         if parent.runs is not None:
             parent.record_runs()  # (set_leaf reads its _entries: no runs are added meanwhile)
-        if self.way_key is not None and self.way_key != key:
-            # (still valid: kept to come back to, see ``_take_other_way``)
-            self._other_way = (self.way_key, self._way_parent, self._way_nodes, self._way_path)
         self._way_parent = parent
         self._way_nodes = nodes
         self._way_path = tuple(way)
@@ -247,7 +200,6 @@ class Ways(Applier):
         if flat:
             return self._assign_flat(leaf, s, value, ttl_ms, self._under_way(leaf))
         path = (*self._way_path, leaf) if ttl_ms else ()
-        self._spare_other_way(leaf)
         if not self._assign_fresh(self._way_parent, leaf, s, value, ttl_ms, path):
             return False
         self._way_newest = s
@@ -262,11 +214,9 @@ class Ways(Applier):
         Returns the new value, or None having changed nothing when the case is not that
         (then ``apply`` it). ``s`` as for ``set_leaf``; ``InvalidKeyError`` for a bad key."""
         above, _, leaf = key.rpartition(".")
-        if not (
-            (above == self.way_key or (self._other_way is not None and self._take_other_way(above)))
-            and leaf
-            and leaf.isascii()
-        ) and not self._look_for_way(above, key, s):
+        if not (above == self.way_key and leaf and leaf.isascii()) and not self._look_for_way(
+            above, key, s
+        ):
             return None
         if ttl_ms and (s >> MILLIS_SHIFT) + ttl_ms <= self.now_ms:
             return None  # due already: the general way fires it
@@ -314,11 +264,9 @@ class Ways(Applier):
         ``_delete``. ``s`` as for ``set_leaf``; False, having changed nothing, otherwise
         (then ``apply`` it); ``InvalidKeyError`` for a bad key."""
         above, _, leaf = key.rpartition(".")
-        if not (
-            (above == self.way_key or (self._other_way is not None and self._take_other_way(above)))
-            and leaf
-            and leaf.isascii()
-        ) and not self._look_for_way(above, key, s):
+        if not (above == self.way_key and leaf and leaf.isascii()) and not self._look_for_way(
+            above, key, s
+        ):
             return False
         parent = self._way_parent
         entries = parent._entries
@@ -327,7 +275,6 @@ class Ways(Applier):
         if entry is not None and not s > (entry.newest if type(entry) is _Node else entry):
             return False
         self._untidy = True  # a tombstone for ``collect``
-        self._spare_other_way(leaf)
         entries[leaf] = s
         parent.value.pop(leaf, None)
         for node in self._way_nodes:

@@ -1987,56 +1987,6 @@ def test_a_writers_sessions_by_key_match_apply(data: st.DataObject) -> None:
     event("took the way" if taken else "took no way")
 
 
-@_settings(max_examples=500)
-@given(st.data())
-def test_two_loops_by_key_in_turn_match_apply(data: st.DataObject) -> None:
-    """A web app's request: a counter hit, then a set under its worker, in turn. Each
-    loop's way is cached and the other's kept (``_take_other_way``): the store ends as
-    ``apply`` one by one leaves it, metadata included, with others' operations between
-    them (which drop both ways) and hard expiry / collection at the end."""
-    loops = st.one_of(
-        st.tuples(st.just(SET), WAY_LEAVES, small_ints, st.none()),
-        st.tuples(st.just(INCREMENT), WAY_LEAVES, small_ints, st.none()),
-        st.tuples(st.just(DELETE), WAY_LEAVES, st.none(), st.none()),
-    )
-    bodies = data.draw(
-        st.lists(st.one_of(loops, loops, loops, _way_bodies()), min_size=4, max_size=30),
-        label="bodies",
-    )
-    for index in range(2, len(bodies)):
-        # Two loops in turn: a key under the parent of the one before the last.
-        if data.draw(st.integers(0, 4), label="in turn") > 0:
-            op, path, *rest = bodies[index]
-            bodies[index] = (op, (*bodies[index - 2][1][:-1], path[-1]), *rest)
-    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
-    keys = data.draw(
-        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
-    )
-    keys.sort()
-    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
-    by_key, plain = new_store(), new_store()
-    received: list[Op] = []
-    swapped = 0
-    for index, operation in enumerate(ops):
-        context = f"ops: {ops!r}, at {index}"
-        deliver(plain, [operation])
-        received.append(operation)
-        by_key._way_skips = 0  # (each key looks for the way: the skips are tested above)
-        other = by_key._other_way
-        if data.draw(st.integers(0, 5), label="own") == 0 or not _by_key(by_key, operation):
-            deliver(by_key, [operation])
-        swapped += other is not None and by_key._other_way is not other
-        assert roundtrip(by_key.export()) == roundtrip(plain.export()), context
-        assert_tree(by_key.to_dict(), fold(received, None), context)
-    for store in (by_key, plain):
-        store.advance(60)
-        store.expire(real_stamp(1000, 0, 1))
-        while not store.collect(real_stamp(1000, 0, 1)):
-            pass
-    assert roundtrip(by_key.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
-    event("took the other way" if swapped else "took no other way")
-
-
 def test_a_session_by_key_resets_its_members_and_expires() -> None:
     """A session through ``assign_key``'s flat way is a dict assigned whole: an older write
     of a member it lacks is dropped (as ``apply`` drops it), and its ttl expires it."""
