@@ -670,7 +670,8 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         stamp = self._clock.stamp()
         # A writer's loop sets keys under one parent: the store remembers the way to that
         # parent, so such a key is checked and applied in a few steps (``Store.assign_key``).
-        self._store.assign_key(stamp, key, value, ttl_ms)  # (raises for a bad key)
+        # (``flat`` is bound whenever ``kind`` is dict: a session's dict, copied, is flat.)
+        self._store.assign_key(stamp, key, value, ttl_ms, kind is dict and flat is not None)
         # ``_send_own(stamp, SET, key, value, ttl_ms)``, inline: the call would cost a tenth
         # of a set.
         outbox = self._outbox

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from ._apply import Applier
 from ._clock import MILLIS_SHIFT, expiry_stamp
-from ._tree import SET, _Node
+from ._tree import DICT, SET, _Node
 from ._validate import INT_BOUND, INT_LOW, parse_key
 
 __all__ = ["Ways"]
@@ -37,12 +37,16 @@ class Ways(Applier):
         self._way_wanted: str | None = None  # the parent of the last key not on the way
         self._way_skips = 0  # keys to take before looking for a loop again
 
-    def assign_key(self, stamp: int, key: str, value: Any, ttl_ms: int = 0) -> None:
+    def assign_key(
+        self, stamp: int, key: str, value: Any, ttl_ms: int = 0, flat: bool = False
+    ) -> None:
         """``apply(stamp, SET, parse_key(key), value, ttl_ms)`` for a node's own SET at the
         dotted ``key`` (``InvalidKeyError`` if it is not valid; ``stamp`` as for
         ``set_leaf``). In a writer's loop it takes a few steps: ``set_leaf`` (or
         ``assign_leaf``, for a dict or a ttl) under the way to the key's parent, cached when
-        keys come in a row under one parent (see ``_way_to``)."""
+        keys come in a row under one parent (see ``_way_to``). ``flat``: ``value`` is a dict
+        of leaves that the store may keep (``clean_flat_dict``'s copy, a session's), which
+        ``_assign_flat`` takes in fewer steps."""
         path = None
         if self._way_skips:
             self._way_skips -= 1  # keys scattered over parents: look for a loop again later
@@ -54,7 +58,10 @@ class Ways(Applier):
                 path = parse_key(key)  # raises for a bad key
                 on_way = self._way_to(above, path, stamp)
             if on_way:
-                if ttl_ms or type(value) is dict:
+                if flat:
+                    if self._assign_flat(leaf, stamp, value, ttl_ms, key):
+                        return
+                elif ttl_ms or type(value) is dict:
                     # (``assign_leaf``, inline, its path the dotted key: ``_first_ttl`` splits
                     # it only when it makes an entry)
                     if self._assign_fresh(self._way_parent, leaf, stamp, value, ttl_ms, key):
@@ -72,6 +79,45 @@ class Ways(Applier):
                         self._way_newest = stamp
                         return
         self.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
+
+    def _assign_flat(self, leaf: str, s: int, value: dict[str, Any], ttl_ms: int, key: str) -> bool:
+        """``_assign_fresh`` under the cached way of ``value``, a dict of leaves the store may
+        keep (a session's: see ``assign_key``), in fewer steps: the node ``build`` makes of
+        it, made here without copying ``value`` or looking for a dict member in it. False,
+        having changed nothing, when ``_assign_fresh`` would refuse."""
+        parent = self._way_parent
+        entries = parent._entries  # (the way's parent has no runs: see ``cache_way``)
+        entry = entries.get(leaf)
+        # (``newest_in(entry)``, inline)
+        if entry is not None and not s > (entry.newest if type(entry) is _Node else entry):
+            return False  # something there is as new: the general way compares
+        node = _Node()
+        node.assigned = node.reset = node.newest = s
+        node.assigned_value = DICT
+        node._entries = dict.fromkeys(value, s)
+        node.value = value
+        if ttl_ms:
+            expiry = expiry_stamp(s, ttl_ms)
+            due = expiry >> MILLIS_SHIFT
+            if due <= self.now_ms:
+                return False  # due already: the general way fires it
+            run_path = self._open_run
+            if run_path is not None and run_path.parent is parent and run_path.due <= due:
+                # (``_pend_first``'s common case, inline: the writer's session joins the run
+                # of its last one, under the same parent, due no later)
+                node.ttls = {s: expiry}
+                node.ttl_first = expiry
+                keys, stamps, _ = run_path.run
+                keys.append(leaf)  # type: ignore[attr-defined]  # (lists: its own)
+                stamps.append(s)
+                self._run_extra += 1
+            else:
+                self._pend_first(parent, leaf, node, s, expiry, key)
+        self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
+        entries[leaf] = node
+        parent.value[leaf] = value
+        self._way_newest = s
+        return True
 
     def _look_for_way(self, above: str, key: str, stamp: int) -> bool:
         """``increment_key``'s and ``delete_key``'s policy for a key the quick test (the
@@ -143,11 +189,16 @@ class Ways(Applier):
         self._way_newest = s  # (the newest yet: raised on the way later, see _flush_way)
         return True
 
-    def assign_leaf(self, s: int, leaf: str, value: Any, ttl_ms: int = 0) -> bool:
+    def assign_leaf(
+        self, s: int, leaf: str, value: Any, ttl_ms: int = 0, flat: bool = False
+    ) -> bool:
         """``apply(s, SET, way + (leaf,), value, ttl_ms)`` under the cached way, for the SETs
         ``set_leaf`` leaves out: a dict value (a session), or a ttl, where nothing in the
         key's subtree is as new as ``s`` (see ``_assign_fresh``). ``s`` as for ``set_leaf``;
-        False, having changed nothing, when the case is not that simple."""
+        ``flat`` as for ``assign_key``. False, having changed nothing, when the case is not
+        that simple."""
+        if flat:
+            return self._assign_flat(leaf, s, value, ttl_ms, self._under_way(leaf))
         path = (*self._way_path, leaf) if ttl_ms else ()
         if not self._assign_fresh(self._way_parent, leaf, s, value, ttl_ms, path):
             return False

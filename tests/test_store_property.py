@@ -1788,12 +1788,20 @@ def _way_bodies() -> st.SearchStrategy:
     return st.one_of(own, own, ttl_bodies(st.sampled_from([("a",), ("a", "x"), ("b",)])))
 
 
-def _through_way(store: Any, operation: Op) -> bool:
+def _is_flat(value: Any) -> bool:
+    """Whether ``value`` is a dict of leaves: what ``assign_key``'s ``flat`` may say."""
+    return type(value) is dict and not any(type(v) is dict for v in value.values())
+
+
+def _through_way(store: Any, operation: Op, flat: bool = False) -> bool:
     """Apply ``operation`` through a fast path under the way cached (which must lead to its
-    parent); False, having changed nothing, when that path refuses it."""
+    parent); False, having changed nothing, when that path refuses it. ``flat``: a SET of
+    a dict of leaves takes ``assign_leaf``'s flat way (a session's, ``_assign_flat``)."""
     leaf = operation.path[-1]
     value = copy.deepcopy(operation.value)
     if operation.op == SET:
+        if flat and _is_flat(value):
+            return store.assign_leaf(operation.stamp, leaf, value, operation.ttl or 0, True)
         if operation.ttl:
             return store.assign_leaf(operation.stamp, leaf, value, operation.ttl)
         return store.set_leaf(operation.stamp, leaf, value)
@@ -1836,7 +1844,8 @@ def test_own_operations_through_the_cached_way_match_apply(data: st.DataObject) 
         if operation.stamp > newest and data.draw(st.booleans(), label="through the cache"):
             if cached.way_key != key and cached.cache_way(key, way, operation.stamp):
                 newest = operation.stamp
-            if cached.way_key == key and _through_way(cached, operation):
+            flat = data.draw(st.booleans(), label="flat")
+            if cached.way_key == key and _through_way(cached, operation, flat):
                 newest = operation.stamp
                 taken = True
         if not taken:
@@ -1853,14 +1862,15 @@ def test_own_operations_through_the_cached_way_match_apply(data: st.DataObject) 
     assert_tree(cached.to_dict(), fold(ops, 60), f"ops: {ops!r}")
 
 
-def _by_key(store: Any, operation: Op) -> bool:
+def _by_key(store: Any, operation: Op, flat: bool = False) -> bool:
     """Apply ``operation`` as ``Collective`` does a node's own: through ``assign_key``,
     ``increment_key`` or ``delete_key`` (the store's way-cache policy); False when it was
-    not taken (then ``apply`` it)."""
+    not taken (then ``apply`` it). ``flat``: a dict of leaves is passed as one."""
     key = ".".join(operation.path)
     value = copy.deepcopy(operation.value)
     if operation.op == SET:
-        store.assign_key(operation.stamp, key, value, operation.ttl or 0)  # (applies it anyway)
+        flat = flat and _is_flat(value)
+        store.assign_key(operation.stamp, key, value, operation.ttl or 0, flat)  # (applied)
         return True
     if operation.op == INCREMENT:
         if type(value) is not int:
@@ -1903,13 +1913,95 @@ def test_own_operations_by_key_match_apply(data: st.DataObject) -> None:
         own = operation.stamp > newest and data.draw(st.integers(0, 3), label="own") > 0
         if own:
             newest = operation.stamp
-        if own and _by_key(by_key, operation):
+        if own and _by_key(by_key, operation, data.draw(st.booleans(), label="flat")):
             taken += 1
         else:
             deliver(by_key, [operation])
         assert roundtrip(by_key.export()) == roundtrip(plain.export()), context
         assert_tree(by_key.to_dict(), fold(received, None), context)
     event("took the way" if taken else "took no way")
+
+
+def _session_bodies() -> st.SearchStrategy:
+    """(op, path, value, ttl) of a writer's sessions under one parent (a dict of leaves,
+    mostly with a ttl), and what may come between them: writes into a session (older ones
+    too), counts, deletes, a ttl on the parent."""
+    sessions = st.sampled_from([("s", "k0"), ("s", "k1"), ("s", "k2")])
+    return st.one_of(
+        st.tuples(st.just(SET), sessions, SMALL_DICTS, ttls),
+        st.tuples(st.just(SET), sessions, SMALL_DICTS, ttls),
+        op_bodies(st.sampled_from([("s", "k0", "a"), ("s", "k1", "b"), ("s", "k0"), ("s",)])),
+        ttl_bodies(st.sampled_from([("s", "k1"), ("s", "k0", "a"), ("s",)])),
+    )
+
+
+@_settings(max_examples=500)
+@given(st.data())
+def test_a_writers_sessions_by_key_match_apply(data: st.DataObject) -> None:
+    """``assign_key``'s flat way (``_assign_flat``: a session's dict of leaves, kept, its
+    ttl joining the writer's run of expiries) leaves the store as ``apply`` one by one
+    does, metadata included, and its tree equal to the model's fold at every step: with
+    writes at any stamp into a session after it, time steps, expiry and collection."""
+    bodies = data.draw(st.lists(_session_bodies(), min_size=6, max_size=24), label="bodies")
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
+    keys = data.draw(
+        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    keys.sort()  # (own operations come in stamp order; others' anywhere: see below)
+    for _ in range(data.draw(st.integers(0, 8), label="swaps")):
+        i = data.draw(st.integers(0, len(keys) - 1), label="swap")
+        keys[i], keys[-1 - i] = keys[-1 - i], keys[i]
+    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    by_key, plain = new_store(), new_store()
+    received: list[Op] = []
+    now: int | None = None
+    newest = 0
+    taken = 0
+    for index, operation in enumerate(ops):
+        context = f"ops: {ops!r}, at {index}, now={now}"
+        if data.draw(st.integers(0, 3), label="advance first") == 0:
+            now = max(now or 0, data.draw(st.integers(0, 45), label="now"))
+            by_key.advance(now)
+            plain.advance(now)
+        deliver(plain, [operation])
+        received.append(operation)
+        own = operation.stamp > newest and operation.op == SET and _is_flat(operation.value)
+        if own:
+            newest = operation.stamp
+            key = ".".join(operation.path)
+            value = copy.deepcopy(operation.value)
+            by_key._way_skips = 0  # (each key looks for the way: the skips are tested above)
+            by_key.assign_key(operation.stamp, key, value, operation.ttl or 0, True)
+            taken += by_key.way_key == "s"
+        else:
+            deliver(by_key, [operation])
+        assert roundtrip(by_key.export()) == roundtrip(plain.export()), context
+        assert_tree(by_key.to_dict(), fold(received, now), context)
+    for store in (by_key, plain):
+        store.advance(60)
+        store.expire(real_stamp(1000, 0, 1))
+        while not store.collect(real_stamp(1000, 0, 1)):
+            pass
+    assert roundtrip(by_key.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
+    assert_tree(by_key.to_dict(), fold(ops, 60), f"ops: {ops!r}")
+    event("took the way" if taken else "took no way")
+
+
+def test_a_session_by_key_resets_its_members_and_expires() -> None:
+    """A session through ``assign_key``'s flat way is a dict assigned whole: an older write
+    of a member it lacks is dropped (as ``apply`` drops it), and its ttl expires it."""
+    store = new_store()
+    for index in range(5):
+        store._way_skips = 0  # (each key looks for the way)
+        ttl_ms = 5 if index >= 3 else 0
+        store.assign_key(real_stamp(10 + index, 0, 1), f"s.k{index}", {"b": 1}, ttl_ms, True)
+    assert store.way_key == "s"  # (all but the first took it)
+    deliver(store, [Op(real_stamp(5, 0, 2), SET, ("s", "k2", "a"), 7)])
+    assert store.to_dict() == {"s": {f"k{index}": {"b": 1} for index in range(5)}}
+    store.advance(18)
+    assert sorted(store.to_dict()["s"]) == ["k0", "k1", "k2", "k4"]
+    store.advance(19)
+    assert sorted(store.to_dict()["s"]) == ["k0", "k1", "k2"]
 
 
 def test_a_loop_by_key_caches_its_way_and_refuses_one_that_may_expire() -> None:

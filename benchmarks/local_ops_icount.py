@@ -1,0 +1,49 @@
+"""Instructions per call of the ``local_ops.WEB_ROWS`` (a steadier figure than ns on a loaded
+machine): ``python -m benchmarks.local_ops_icount ROW OPS [PEERS]`` runs ``OPS`` calls of
+``ROW`` after an unrecorded warm-up batch and leaves at once (nothing yields after the
+measured loop, so the peers apply nothing of it). Run it under
+``valgrind --tool=callgrind`` with two values of ``OPS``: the difference in total
+instructions over the difference in ``OPS`` is the cost of one call, the node's own flushes
+included."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+from gevent import monkey
+
+monkey.patch_all()
+
+from benchmarks.local_ops import _Bench, _web_runner  # noqa: E402
+
+
+def main() -> None:
+    row, ops = sys.argv[1], int(sys.argv[2])
+    peers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    bench = _Bench(peers)
+    tree: dict = {}
+    run = _web_runner(row, bench.node, tree)
+    if row == "delete":
+        keys = [f"web.{row}.k{j}" for j in range(2000 + ops)]
+        for key in keys:
+            bench.node.set(key, 1)
+        bench.settle()
+        run(keys[:2000])
+        bench.settle()
+        keys = keys[2000:]
+    else:
+        keys = [f"web.{row}.k{j % 1000}" for j in range(max(ops, 2000))]
+        run(keys[:2000])
+        bench.settle()
+        keys = keys[:ops]
+    gc.collect()
+    gc.disable()  # (as in the timed batches)
+    run(keys)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
