@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ._apply import Applier
-from ._clock import MILLIS_SHIFT, expiry_stamp
+from ._clock import MILLIS_SHIFT
 from ._tree import SET, _Node
 from ._validate import INT_BOUND, INT_LOW, parse_key
 
@@ -202,7 +202,7 @@ class Ways(Applier):
             entry.value = result
             parent.value[leaf] = result
         if ttl_ms:
-            self._record_ttl(entry, s, expiry_stamp(s, ttl_ms), key)  # (split if it must)
+            self._rearm(entry, s, ttl_ms, key)  # (split if it must)
         self._untidy = True  # (increments for ``collect`` to fold)
         self._way_newest = s
         return result
