@@ -1822,6 +1822,28 @@ def test_ttl_counter_hit_often_keeps_bounded_bookkeeping() -> None:
     assert "hits" not in store._root.entries
 
 
+def test_collect_forgets_a_late_hit_once_the_frontier_passes_the_first_recorded() -> None:
+    """``collect`` passes a counter by while the first event it recorded is not below the
+    frontier (no scan of its events); a hit that arrived late, older, is forgotten once the
+    frontier passes that first one, and the count stays exact."""
+    store = new_store()
+    store.advance(0)
+    hits = [real_stamp(10 + i, 0, 1) for i in range(10)] + [real_stamp(5, 0, 2)]  # late
+    for stamp in hits:
+        store.apply(stamp, INCREMENT, ("hits",), 1, 500)
+    node = store._root.entries["hits"]
+    while not store.collect(real_stamp(8, 0, 1)):
+        pass
+    assert len(node.ttls) == len(node.incs) == 11  # (the late one waits)
+    while not store.collect(real_stamp(30, 0, 1)):
+        pass
+    # The newest hit only: its ttl event owns the counter, and its increment is not folded
+    # (folding acts as a SET at the newest folded stamp, which would cancel that event).
+    assert len(node.ttls) == len(node.incs) == 1
+    assert store.get(("hits",)) == 11
+    assert_tree(store.to_dict(), fold([Op(s, INCREMENT, ("hits",), 1, 500) for s in hits], 0))
+
+
 # The other fast paths of a node's own operations under the cached way (issue 20): a SET of a
 # dict (a session) or with a ttl (``assign_leaf``), an INCREMENT of an int (``incr_leaf``),
 # a DELETE (``delete_leaf``). Own operations come in stamp order; others' arrive through
