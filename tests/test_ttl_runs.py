@@ -139,7 +139,7 @@ def test_sessions_kept_as_runs_match_one_by_one(data: st.DataObject) -> None:
         pieces.merge(items)
     whole.merge(roundtrip(one_by_one.export()))
     assert roundtrip(pieces.export()) == roundtrip(whole.export()), context
-    later = data.draw(st.integers(batched.now_ms, 70), label="later")
+    later = data.draw(st.integers(batched.now_ms, max(batched.now_ms, 70)), label="later")
     after = data.draw(st.lists(_after_bodies(), max_size=4), label="after")
     after_ops = [Op(real_stamp(100 + i, 0, 1), *body) for i, body in enumerate(after)]
     frontier = data.draw(st.integers(0, 100), label="frontier millis")
