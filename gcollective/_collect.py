@@ -22,8 +22,9 @@ class Collector(Tree):
 
     def __init__(self) -> None:
         super().__init__()
-        # Where the incremental collection stands: a stack of
-        # [node, its reset stamp, its children still to visit, entries dropped, parent, key].
+        # Where the incremental collection stands: a stack of [node, its reset stamp, its
+        # children still to visit, entries dropped, parent, key, the earliest expiry stamp of
+        # the ttl events on the way down to it (``_descent_limit``)].
         self._sweep: list[list[Any]] = []
         #: Tombstones and increments dropped or folded by ``collect`` so far.
         self.collected = 0
@@ -47,7 +48,7 @@ class Collector(Tree):
                 return True  # nothing to look at since the last pass
             self._untidy = False
             root = self._root
-            sweep.append([root, root.reset, list(root._entries.items()), 0, None, None])
+            sweep.append([root, root.reset, list(root._entries.items()), 0, None, None, NEVER])
         visited = 0
         while sweep and visited < budget:
             frame = sweep[-1]
@@ -77,14 +78,18 @@ class Collector(Tree):
         """``collect``'s step at ``entry``, a child of ``frame``'s node that is a node: drop
         its replaced ttl events, fold its old increments (a folded counter goes back to a
         bare stamp), then go down into its children, or drop it if it holds nothing."""
-        node = frame[0]
+        node, above = frame[0], frame[6]
         if entry.ttls is not None and self._drop_replaced(entry, frontier):
             self._untidy = True  # replaced ttl events the frontier has not passed yet
         if entry.incs:
             # Folding acts as a SET at the newest folded increment, so it must stay below
-            # every ttl event here (it would cancel them otherwise).
-            limit = frontier if entry.ttls is None else min(frontier, min(entry.ttls))
-            self._fold_increments(entry, frame[1], limit)
+            # every ttl event here (it would cancel them otherwise), and below every expiry
+            # still to come above (see ``_descent_limit``).
+            if _first_in(entry.incs) < frontier:
+                limit = frontier if above == NEVER else min(frontier, above)
+                if entry.ttls is not None:
+                    limit = min(limit, min(entry.ttls))
+                self._fold_increments(entry, frame[1], limit)
             if entry.incs:
                 self._untidy = True
             if (
@@ -100,7 +105,10 @@ class Collector(Tree):
                 node._entries[key] = entry.assigned  # the folded counter is now a plain value
                 return
         if entry._entries:
-            self._sweep.append([entry, entry.reset, list(entry._entries.items()), 0, node, key])
+            below = _descent_limit(above, entry)
+            self._sweep.append(
+                [entry, entry.reset, list(entry._entries.items()), 0, node, key, below]
+            )
         elif entry.value is MISSING and entry.ttls is None and not entry.incs:
             if max(entry.assigned, entry.written_below, entry.incremented) < frontier:
                 del node._entries[key]  # metadata of nothing (left by deletes of absent paths)
@@ -118,6 +126,8 @@ class Collector(Tree):
         assert ttls is not None
         if len(ttls) == 1:
             return False  # (a session's: its only event, nothing replaced it)
+        if _first_in(ttls) >= frontier:
+            return True  # nothing to forget yet, most likely: a later pass looks again
         owning = dict(owners(ttls))
         if len(owning) < len(ttls):
             kept = {st: e for st, e in ttls.items() if st >= frontier or st in owning}
@@ -167,3 +177,32 @@ class Collector(Tree):
         self.collected += len(old)
         if not incs:
             node.incs = None
+
+
+def _descent_limit(above: Any, node: _Node) -> Any:
+    """The earliest expiry stamp of the ttl events on the way down to ``node``'s children
+    (``above``: that of the way down to ``node``; NEVER: none), which bounds the increments
+    folded below it.
+
+    An expiry that is not yet permanent (not yet fired: ``advance`` fires a burst a slice at
+    a time; or fired, for reading only) acts as a DELETE of its path at its derived stamp D
+    when it comes. A key's increments below that path older than D are then hidden and the
+    newer ones count alone, so folding increments from both sides of D into one assignment
+    at the newest would bring the older ones back. Any of the node's ttl events counts, the
+    replaced ones too (``collect`` forgets those soon): a bound too early only folds later.
+    """
+    ttls = node.ttls
+    if ttls is None:
+        return above
+    earliest = node.ttl_first
+    return earliest if above == NEVER or earliest < above else above
+
+
+def _first_in(events: dict[int, int] | dict[int, int | float]) -> int:
+    """The stamp of the oldest event recorded in ``events`` (a node's ``ttls`` or
+    ``incs``, not empty): the oldest of them, unless one arrived late. ``collect`` passes
+    such a dict by while this is not below the frontier: a counter hit for less than the
+    frontier's lag holds an event per hit, which that spares a scan (out of the CPU's
+    caches: a miss each) and a sort. One that arrived late waits until the frontier passes
+    the first (it moves on), no longer."""
+    return next(iter(events))

@@ -253,7 +253,7 @@ class Ways(Applier):
             entry.value = result
             parent.value[leaf] = result
         if ttl_ms:
-            self._record_ttl(entry, s, expiry_stamp(s, ttl_ms), key)  # (split if it must)
+            self._rearm(entry, s, ttl_ms, key)  # (split if it must)
         self._untidy = True  # (increments for ``collect`` to fold)
         self._way_newest = s
         return result

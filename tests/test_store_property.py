@@ -1686,6 +1686,58 @@ def test_ttl_ancestors() -> None:
     check_ttl_orders(counter, 4, {})
 
 
+@pytest.mark.parametrize(
+    "ops",
+    [
+        # s.a's hit expires at 1 ms (its derived stamp: 1 ms, counter 0, bit 63); s.a.u is
+        # incremented at 1 ms just before that stamp (counter 0) and just after (counter 1).
+        [
+            Op(ms(0), INCREMENT, ("s", "a"), 1, 1),
+            Op(real_stamp(1, 0, 1), INCREMENT, ("s", "a", "u"), 5),
+            Op(real_stamp(1, 1, 1), INCREMENT, ("s", "a", "u"), 1),
+        ],
+        # CI's example: two hits of s.a (the later one arriving last) whose expiries share a
+        # stamp, and a float then an int increment of s.a.u around it (0.0 + 0 is 0.0).
+        [
+            Op(ms(0), INCREMENT, ("s", "a"), 0, 1),
+            Op(real_stamp(1, 0, 1), INCREMENT, ("s", "a", "u"), 0.0),
+            Op(real_stamp(1, 1, 1), INCREMENT, ("s", "a", "u"), 0),
+            Op(real_stamp(0, 1, 1), INCREMENT, ("s", "a"), 0, 1),
+        ],
+    ],
+)
+@pytest.mark.parametrize("now", [0, 1])
+def test_collect_folds_no_increments_across_an_expiry_above_still_to_come(
+    ops: list[Op], now: int
+) -> None:
+    """Found by CI's random run: a ttl hit of s.a owns s.a, and its expiry deletes what was
+    written below before its stamp and keeps what is later. ``collect`` below a frontier
+    past them all, before that expiry fired (now 0: a node's ``advance`` fires a burst a
+    slice at a time), folded s.a.u's increments from both sides of it into one assignment
+    at the newest, so the expiry then kept the older increment's amount too. It now folds
+    none across the earliest expiry stamp of the ttl events above. (Now 1: fired but not
+    made permanent, no ``expire`` before ``collect``.)"""
+    frontier = real_stamp(1000, 0, 1)
+    for schedule in itertools.permutations(ops):
+        store = store_with(schedule)
+        store.advance(now)
+        if now == 0:
+            store.expire(frontier)  # (nothing fired yet: nothing to make permanent)
+        while not store.collect(frontier):
+            pass
+        assert_tree(store.to_dict(), fold(ops, now), f"collected at {now}: {schedule!r}")
+        joiner = new_store()  # (made from the metadata alone)
+        joiner.merge(roundtrip(store.export()))
+        joiner.advance(now)
+        assert_tree(joiner.to_dict(), fold(ops, now), f"joiner at {now}: {schedule!r}")
+        store.advance(60)
+        assert_tree(store.to_dict(), fold(ops, 60), f"collected at {now}: {schedule!r}")
+        store.expire(frontier)
+        while not store.collect(frontier):
+            pass
+        assert_tree(store.to_dict(), fold(ops, 60), f"expired: {schedule!r}")
+
+
 # Ttl ops on a chain of nested paths, with plain ops that cancel, replace or outlive them.
 _EXHAUSTIVE_TTL_BODIES = [
     (SET, ("a",), 1, 2),
@@ -1768,6 +1820,28 @@ def test_ttl_counter_hit_often_keeps_bounded_bookkeeping() -> None:
     while not store.collect(real_stamp(601, 0, 1)):
         pass
     assert "hits" not in store._root.entries
+
+
+def test_collect_forgets_a_late_hit_once_the_frontier_passes_the_first_recorded() -> None:
+    """``collect`` passes a counter by while the first event it recorded is not below the
+    frontier (no scan of its events); a hit that arrived late, older, is forgotten once the
+    frontier passes that first one, and the count stays exact."""
+    store = new_store()
+    store.advance(0)
+    hits = [real_stamp(10 + i, 0, 1) for i in range(10)] + [real_stamp(5, 0, 2)]  # late
+    for stamp in hits:
+        store.apply(stamp, INCREMENT, ("hits",), 1, 500)
+    node = store._root.entries["hits"]
+    while not store.collect(real_stamp(8, 0, 1)):
+        pass
+    assert len(node.ttls) == len(node.incs) == 11  # (the late one waits)
+    while not store.collect(real_stamp(30, 0, 1)):
+        pass
+    # The newest hit only: its ttl event owns the counter, and its increment is not folded
+    # (folding acts as a SET at the newest folded stamp, which would cancel that event).
+    assert len(node.ttls) == len(node.incs) == 1
+    assert store.get(("hits",)) == 11
+    assert_tree(store.to_dict(), fold([Op(s, INCREMENT, ("hits",), 1, 500) for s in hits], 0))
 
 
 # The other fast paths of a node's own operations under the cached way (issue 20): a SET of a
