@@ -13,6 +13,7 @@ from typing import Any
 
 from ._rebuild import owners
 from ._tree import MISSING, NEVER, Tree, _Node, is_number
+from ._ttl import fired_any
 
 __all__ = ["Collector"]
 
@@ -100,8 +101,20 @@ class Collector(Tree):
                 node._entries[key] = entry.assigned  # the folded counter is now a plain value
                 return
         if entry._entries:
+            if _hidden_by_own_expiry(entry, self.now_ms):
+                # Everything below is older than the expiry that hides it (or a tombstone):
+                # hidden values to keep, which ``expire`` drops with the rest once the
+                # frontier passes the expiry. Not a visit per session and per member of
+                # it each pass, most of a churning tree (issue 20).
+                self._untidy = True
+                return
             self._sweep.append([entry, entry.reset, list(entry._entries.items()), 0, node, key])
-        elif entry.value is MISSING and entry.ttls is None and not entry.incs:
+        elif (
+            entry.value is MISSING
+            and entry.assigned_value is MISSING  # (not a value an expiry hides: see below)
+            and entry.ttls is None
+            and not entry.incs
+        ):
             if max(entry.assigned, entry.written_below, entry.incremented) < frontier:
                 del node._entries[key]  # metadata of nothing (left by deletes of absent paths)
                 frame[3] += 1
@@ -167,3 +180,12 @@ class Collector(Tree):
         self.collected += len(old)
         if not incs:
             node.incs = None
+
+
+def _hidden_by_own_expiry(node: _Node, now_ms: float | int) -> bool:
+    """Whether ``node``'s value is hidden by one of its own expiries that fired, not yet
+    made permanent (``Expiries.expire``). Its members' values live in nodes of their own
+    meanwhile (``_rebuild``): a member whose clock is behind still shows them if it joins
+    now, so they are not "metadata of nothing" even once the frontier passed their stamp.
+    """
+    return node.value is MISSING and node.ttls is not None and fired_any(node, now_ms)
