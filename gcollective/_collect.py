@@ -13,7 +13,7 @@ from typing import Any
 
 from ._rebuild import owners
 from ._tree import MISSING, NEVER, Tree, _Node, is_number
-from ._ttl import fired_any
+from ._ttl import fired_bound
 
 __all__ = ["Collector"]
 
@@ -28,6 +28,8 @@ class Collector(Tree):
         self._sweep: list[list[Any]] = []
         #: Tombstones and increments dropped or folded by ``collect`` so far.
         self.collected = 0
+        # ``fired_bound(now_ms)`` as of this ``collect`` call (see ``_hidden_by_own_expiry``).
+        self._fired_below: float | int = NEVER
 
     def collect(self, frontier: int, budget: int = 10000) -> bool:
         """Forget metadata older than ``frontier``, visiting at most ``budget`` entries.
@@ -42,6 +44,7 @@ class Collector(Tree):
         there is nothing to forget there, and reading them would record them all.
         """
         self._forget_way()
+        self._fired_below = fired_bound(self.now_ms)
         sweep = self._sweep
         if not sweep:
             if not self._untidy:
@@ -101,7 +104,7 @@ class Collector(Tree):
                 node._entries[key] = entry.assigned  # the folded counter is now a plain value
                 return
         if entry._entries:
-            if _hidden_by_own_expiry(entry, self.now_ms):
+            if _hidden_by_own_expiry(entry, self._fired_below):
                 # Everything below is older than the expiry that hides it (or a tombstone):
                 # hidden values to keep, which ``expire`` drops with the rest once the
                 # frontier passes the expiry. Not a visit per session and per member of
@@ -182,10 +185,11 @@ class Collector(Tree):
             node.incs = None
 
 
-def _hidden_by_own_expiry(node: _Node, now_ms: float | int) -> bool:
+def _hidden_by_own_expiry(node: _Node, fired_below: float | int) -> bool:
     """Whether ``node``'s value is hidden by one of its own expiries that fired, not yet
-    made permanent (``Expiries.expire``). Its members' values live in nodes of their own
+    made permanent (``Expiries.expire``); ``fired_below``: ``fired_bound`` of the store's now
+    (``fired_any``'s comparison). Its members' values live in nodes of their own
     meanwhile (``_rebuild``): a member whose clock is behind still shows them if it joins
     now, so they are not "metadata of nothing" even once the frontier passed their stamp.
     """
-    return node.value is MISSING and node.ttls is not None and fired_any(node, now_ms)
+    return node.value is MISSING and node.ttls is not None and node.ttl_first < fired_below
