@@ -13,6 +13,7 @@ from typing import Any
 
 from ._rebuild import owners
 from ._tree import MISSING, NEVER, Tree, _Node, is_number
+from ._ttl import fired_bound
 
 __all__ = ["Collector"]
 
@@ -28,6 +29,8 @@ class Collector(Tree):
         self._sweep: list[list[Any]] = []
         #: Tombstones and increments dropped or folded by ``collect`` so far.
         self.collected = 0
+        # ``fired_bound(now_ms)`` as of this ``collect`` call (see ``_hidden_by_own_expiry``).
+        self._fired_below: float | int = NEVER
 
     def collect(self, frontier: int, budget: int = 10000) -> bool:
         """Forget metadata older than ``frontier``, visiting at most ``budget`` entries.
@@ -42,6 +45,7 @@ class Collector(Tree):
         there is nothing to forget there, and reading them would record them all.
         """
         self._forget_way()
+        self._fired_below = fired_bound(self.now_ms)
         sweep = self._sweep
         if not sweep:
             if not self._untidy:
@@ -105,11 +109,23 @@ class Collector(Tree):
                 node._entries[key] = entry.assigned  # the folded counter is now a plain value
                 return
         if entry._entries:
+            if _hidden_by_own_expiry(entry, self._fired_below):
+                # Everything below is older than the expiry that hides it (or a tombstone):
+                # hidden values to keep, which ``expire`` drops with the rest once the
+                # frontier passes the expiry. Not a visit per session and per member of
+                # it each pass, most of a churning tree (issue 20).
+                self._untidy = True
+                return
             below = _descent_limit(above, entry)
             self._sweep.append(
                 [entry, entry.reset, list(entry._entries.items()), 0, node, key, below]
             )
-        elif entry.value is MISSING and entry.ttls is None and not entry.incs:
+        elif (
+            entry.value is MISSING
+            and entry.assigned_value is MISSING  # (not a value an expiry hides: see below)
+            and entry.ttls is None
+            and not entry.incs
+        ):
             if max(entry.assigned, entry.written_below, entry.incremented) < frontier:
                 del node._entries[key]  # metadata of nothing (left by deletes of absent paths)
                 frame[3] += 1
@@ -206,3 +222,13 @@ def _first_in(events: dict[int, int] | dict[int, int | float]) -> int:
     caches: a miss each) and a sort. One that arrived late waits until the frontier passes
     the first (it moves on), no longer."""
     return next(iter(events))
+
+
+def _hidden_by_own_expiry(node: _Node, fired_below: float | int) -> bool:
+    """Whether ``node``'s value is hidden by one of its own expiries that fired, not yet
+    made permanent (``Expiries.expire``); ``fired_below``: ``fired_bound`` of the store's now
+    (``fired_any``'s comparison). Its members' values live in nodes of their own
+    meanwhile (``_rebuild``): a member whose clock is behind still shows them if it joins
+    now, so they are not "metadata of nothing" even once the frontier passed their stamp.
+    """
+    return node.value is MISSING and node.ttls is not None and node.ttl_first < fired_below

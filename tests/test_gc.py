@@ -139,3 +139,106 @@ def test_long_down_timeout_keeps_what_a_returning_member_needs(members):
     m.heal()
     wait_for(lambda: a.snapshot() == b.snapshot() == c.snapshot())
     assert a.snapshot() == {"written_while_away": True}
+
+
+# -- values an expiry hides until it is made permanent (issue 20) ------------------------------
+
+
+def _session_store_collected_between_fire_and_expire():
+    """A store whose session (set at 1,000 ms with a 2 s ttl) fired at 3,500 ms, swept by
+    ``collect`` with a frontier past the SET but not past the expiry (the 2 s the frontier
+    trails the expiry by, at most, on every member of a churning cluster)."""
+    from test_store_property import new_store, real_stamp
+
+    from gcollective._store import SET
+
+    store = new_store()
+    store.apply(real_stamp(1000, 0, 1), SET, ("sess", "k"), {"u": 1, "w": "x"}, 2000)
+    store.advance(3500)
+    assert store.to_dict() == {"sess": {}}
+    frontier = real_stamp(2000, 0, 0)
+    while not store.collect(frontier):
+        pass
+    return store
+
+
+def test_a_fired_expiry_keeps_what_it_hides_until_it_is_made_permanent():
+    """A member joining while its clock is still before the expiry (within clock_skew) shows
+    the session with its values: ``collect`` kept them, as metadata that still matters (it
+    dropped them as "metadata of nothing" once the frontier passed their stamp, so the
+    joiner showed ``{"k": {}}``)."""
+    from test_store_property import new_store, roundtrip
+
+    holder = _session_store_collected_between_fire_and_expire()
+    joiner = new_store()
+    joiner.advance(2500)
+    joiner.merge(roundtrip(holder.export()))
+    assert joiner.to_dict() == {"sess": {"k": {"u": 1, "w": "x"}}}
+    joiner.advance(3000)
+    assert joiner.to_dict() == {"sess": {}}
+
+
+def test_collect_passes_by_a_session_its_expiry_hides_and_expire_drops_it_all():
+    """A pass does not visit the members of a session its own expiry hides (a churning
+    tree is mostly those); once the frontier passes the expiry, ``expire`` and ``collect``
+    forget all of it."""
+    from test_store_property import real_stamp
+
+    store = _session_store_collected_between_fire_and_expire()
+    session = store._root._entries["sess"]._entries["k"]
+    assert set(session._entries) == {"u", "w"}, "the hidden values were dropped"
+    assert store._untidy, "a later pass must come back to it"
+    frontier = real_stamp(4000, 0, 0)
+    store.expire(frontier)
+    while not store.collect(frontier):
+        pass
+    assert store.to_dict() == {"sess": {}}
+    assert store._root._entries["sess"]._entries == {}
+
+
+def _hypothesis_settings(max_examples: int):
+    from test_store_property import _settings
+
+    return _settings(max_examples)
+
+
+try:  # (hypothesis is a test dependency; the helpers live with the property tests)
+    from hypothesis import given
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    pass
+else:
+
+    @_hypothesis_settings(300)
+    @given(st.data())
+    def test_a_joiner_behind_the_holders_clock_sees_the_model_after_collect(data):
+        """Whatever ttl operations a holder received and however far its time went, a
+        joiner whose time is earlier (its clock behind, within clock_skew) merging the
+        holder's export shows the model's fold at the joiner's time, also after the holder
+        collected (and made permanent) what lies below a frontier the joiner's time has
+        passed."""
+        from test_store_property import (
+            assert_tree,
+            deliver,
+            fold,
+            new_store,
+            real_stamp,
+            roundtrip,
+            ttl_op_sets,
+        )
+
+        ops = data.draw(ttl_op_sets(), label="ops")
+        joiner_now = data.draw(st.integers(0, 45), label="the joiner's time")
+        holder_now = data.draw(st.integers(joiner_now, 60), label="the holder's time")
+        holder = new_store()
+        deliver(holder, ops)
+        holder.advance(holder_now)
+        if data.draw(st.booleans(), label="collect"):
+            frontier = real_stamp(joiner_now, 0, 0)
+            holder.expire(frontier)
+            while not holder.collect(frontier):
+                pass
+        joiner = new_store()
+        joiner.advance(joiner_now)
+        joiner.merge(roundtrip(holder.export()))
+        assert_tree(joiner.to_dict(), fold(ops, joiner_now), f"ops: {ops!r}")
