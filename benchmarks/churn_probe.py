@@ -17,9 +17,7 @@ monkey.patch_all()  # (a member is a monkey-patched gevent app: see benchmarks.m
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
 import gc  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -27,7 +25,7 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 
-from benchmarks.common import memory  # noqa: E402
+from benchmarks.common import malloc_stats_lines, memory  # noqa: E402
 from benchmarks.member import ChurnPacer  # noqa: E402
 from benchmarks.procs import Group, Member, broadcast  # noqa: E402
 from benchmarks.scenarios import free_ports  # noqa: E402
@@ -117,19 +115,8 @@ def structures(node: Collective) -> dict[str, Any]:
 
 
 def allocator() -> dict[str, int]:
-    """Bytes in used and free blocks of the small-object allocator (``sys._debugmallocstats``
-    goes to stderr: read back through a pipe-less temporary file)."""
-    with tempfile.TemporaryFile("w+") as out:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
-            os.dup2(out.fileno(), 2)
-            sys._debugmallocstats()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        out.seek(0)
-        lines = out.read().splitlines()
+    """Bytes in used and free blocks of the small-object allocator."""
+    lines = malloc_stats_lines()
     figures = {}
     for line in lines:
         name, _, value = line.partition("=")

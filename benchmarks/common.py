@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
+import tempfile
 from typing import Any
 
 
@@ -103,3 +105,19 @@ def churn_counter(seq: int) -> int:
     """Which counter a churn writer's operation ``seq`` (a ``counter`` step) bumps: ``seq``
     modulo ``CHURN_COUNTERS`` (the steps at 2, 4 and 5 of 6 reach every counter)."""
     return seq % CHURN_COUNTERS
+
+
+def malloc_stats_lines() -> list[str]:
+    """The lines of Python's small-object allocator report (``sys._debugmallocstats``, which
+    writes to file descriptor 2: read back through a temporary file)."""
+    with tempfile.TemporaryFile("w+") as out:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        return out.read().splitlines()

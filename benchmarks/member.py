@@ -74,7 +74,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
 from array import array  # noqa: E402
@@ -90,6 +89,7 @@ from benchmarks.common import (  # noqa: E402
     count_leaves,
     fill_key,
     live_key,
+    malloc_stats_lines,
     memory,
     mixed_value,
     scrambled_index,
@@ -618,17 +618,7 @@ class Driver:
         """Python's small-object allocator (``sys._debugmallocstats``): its summary lines,
         e.g. arenas held, and bytes in used and in free blocks (whether RSS is data or
         fragments of freed data)."""
-        with tempfile.TemporaryFile("w+") as out:
-            sys.stderr.flush()
-            saved = os.dup(2)
-            try:
-                os.dup2(out.fileno(), 2)
-                sys._debugmallocstats()
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-            out.seek(0)
-            lines = out.read().splitlines()
+        lines = malloc_stats_lines()
         summary = [line for line in lines if line.startswith("#") or " bytes in " in line]
         return {"summary": summary[-20:], "memory": memory()}
 

@@ -13,6 +13,7 @@ from test_store_property import (
     Op,
     amounts,
     assert_tree,
+    batched_and_one_by_one,
     deliver,
     deliver_as_batch,
     deliveries,
@@ -151,14 +152,8 @@ def test_a_mixed_batch_matches_one_by_one_and_the_model(
     time, leaves the metadata of applying it one by one, and the tree matches the model's
     fold then and after a later time step and later operations."""
     before, batch, after, now = case
-    batched, one_by_one = new_store(), new_store()
-    for store in (batched, one_by_one):
-        deliver(store, before)
-        store.advance(now)
-    deliver_as_batch(batched, batch)
-    deliver(one_by_one, batch)
+    batched, one_by_one = batched_and_one_by_one(before, batch, now)
     context = f"now={now}, before: {before!r}, batch: {batch!r}"
-    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
     assert_tree(batched.to_dict(), fold([*before, *batch], now), context)
     later = max(now, later)
     for store in (batched, one_by_one):
@@ -201,13 +196,7 @@ def test_a_batch_writing_on_the_way_to_a_parent_it_met_finds_that_parent_anew(
         Op(real_stamp(4, 1, 1), INCREMENT, ("h", "total"), 1),
     ]
     for now in (0, 5, 20):
-        batched, one_by_one = new_store(), new_store()
-        for store in (batched, one_by_one):
-            deliver(store, before)
-            store.advance(now)
-        deliver_as_batch(batched, batch)
-        deliver(one_by_one, batch)
-        assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
+        batched, _ = batched_and_one_by_one(before, batch, now)
         assert_tree(batched.to_dict(), fold([*before, *batch], now))
 
 

@@ -442,6 +442,23 @@ def deliver_as_batch(store: Any, batch: list[Op], parent: tuple[str, ...] = ()) 
     )
 
 
+def batched_and_one_by_one(
+    before: Iterable[Op], batch: list[Op], now: int, parent: tuple[str, ...] = ()
+) -> tuple[Any, Any]:
+    """Two stores given ``before`` and advanced to ``now``, then ``batch`` as one
+    ``apply_batch`` to the first and op by op to the second (``parent``: see
+    ``deliver_as_batch``); asserts they hold the same metadata. Returns both."""
+    batched, one_by_one = new_store(), new_store()
+    for store in (batched, one_by_one):
+        deliver(store, before)
+        store.advance(now)
+    deliver_as_batch(batched, batch, parent)
+    deliver(one_by_one, batch)
+    context = f"now={now}, before: {before!r}, batch: {batch!r}"
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    return batched, one_by_one
+
+
 def batch_matches_one_by_one(
     before: list[Op], batch: list[Op], parent: tuple[str, ...] = ()
 ) -> tuple[Any, str]:
@@ -1578,14 +1595,8 @@ def test_a_batch_with_ttls_matches_one_by_one(data: st.DataObject) -> None:
     after = [op for op, group in zip(ops, groups) if group == "a"]
     now = data.draw(st.integers(0, 45), label="now")
     schedule = data.draw(deliveries(before), label="before")
-    batched, one_by_one = new_store(), new_store()
-    for store in (batched, one_by_one):
-        deliver(store, schedule)
-        store.advance(now)
-    deliver_as_batch(batched, batch)
-    deliver(one_by_one, batch)
+    batched, _ = batched_and_one_by_one(schedule, batch, now)
     context = f"now={now}, before: {before!r}, batch: {batch!r}"
-    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
     received = [*before, *batch]
     assert_tree(batched.to_dict(), fold(received, now), context)
     later = data.draw(st.integers(now, 60), label="later")
@@ -2425,12 +2436,7 @@ def check_expiring_siblings(
     under ``s``) as one ``apply_batch`` to one and op by op to the other: the same metadata,
     and the model's tree; the same after time ``later``, hard expiry and collection below
     the stamps of ``after_ops``, and those."""
-    batched, one_by_one = new_store(), new_store()
-    for store in (batched, one_by_one):
-        deliver(store, schedule)
-        store.advance(now)
-    deliver_as_batch(batched, batch, ("s",))
-    deliver(one_by_one, batch)
+    batched, one_by_one = batched_and_one_by_one(schedule, batch, now, ("s",))
     context = f"now={now}, before: {schedule!r}, batch: {batch!r}"
     assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
     received = [*schedule, *batch]
