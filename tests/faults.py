@@ -168,7 +168,17 @@ class Proxy:
             return
         link = _Link(source, client, upstream)
         with self._lock:
-            self._links.append(link)
+            # Checked again with the append: a cut made since the first check found no link
+            # to drop, and this one would have escaped it (up for good, never refused).
+            blocked = source in self._blocked
+            if blocked:
+                self.refused += 1
+            else:
+                self._links.append(link)
+        if blocked:
+            _shut(client)
+            _shut(upstream)
+            return
         upstream.sendall(first)
         threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
         self._forward(link)
