@@ -23,11 +23,11 @@ from gcollective._errors import (
     NotStartedError,
     ProtocolError,
 )
-from gcollective._legacy import (
+from gcollective._legacy import LegacyCollective
+from gcollective._legacy_wire import (
     DELETE,
     INCREMENT,
     SET,
-    LegacyCollective,
     LegacyStore,
     LineDecoder,
     MixedProtocolError,
