@@ -14,10 +14,11 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from ._auth import DialerHandshake, Sealer, explain_refusal
+from ._auth import DialerHandshake, explain_refusal
 from ._engine import Peer
 from ._errors import AuthenticationError
 from ._logcontext import tag_current
+from ._records import Sealer
 from ._server import _INF, _Writer
 
 log = logging.getLogger("gcollective")

@@ -20,7 +20,8 @@ from gevent import socket as gsocket
 
 import gcollective
 from gcollective import AuthenticationError, Collective, ProtocolError
-from gcollective._auth import HEADER_SIZE, DialerHandshake
+from gcollective._auth import DialerHandshake
+from gcollective._records import HEADER_SIZE
 from gcollective._wire import encode_hello, encode_ops
 
 # Generated ones (gcollective.generate_secret()): a typed passphrase is warned about at start.

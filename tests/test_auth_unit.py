@@ -14,14 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from profiles import examples
 
-from gcollective import _auth
+from gcollective import _auth, _records
 from gcollective._auth import (
     MAX_LINE,
     AcceptorHandshake,
     AuthenticationError,
     DialerHandshake,
-    Opener,
-    Sealer,
     Step,
     check_no_auth,
     encode_refusal,
@@ -30,6 +28,7 @@ from gcollective._auth import (
     secret_is_weak,
 )
 from gcollective._errors import ProtocolError
+from gcollective._records import Opener, Sealer
 from gcollective._wire import FrameDecoder, encode_hello, encode_ops, parse_hello
 
 SECRET = "a long shared secret for the tests, é"
@@ -52,8 +51,8 @@ def handshake(dialer_secret=SECRET, acceptor_secret=SECRET, dialer_info="d", acc
 def channel(**sizes):
     """A sealer and the matching opener of one fresh connection (dialer to acceptor)."""
     dialer, acceptor, _ = handshake()
-    record_size = sizes.get("record_size", _auth.RECORD_SIZE)
-    max_record = sizes.get("max_record", _auth.RECORD_SIZE)
+    record_size = sizes.get("record_size", _records.RECORD_SIZE)
+    max_record = sizes.get("max_record", _records.RECORD_SIZE)
     return dialer.sealer(record_size), acceptor.opener(max_record)
 
 
@@ -364,8 +363,9 @@ def test_refusal_explanations_and_secret_helpers():
     assert secret_is_weak("hunter2") and not secret_is_weak(bytes(range(16)))
 
 
-def test_auth_module_imports_only_the_standard_library():
-    with open(_auth.__file__, encoding="utf-8") as source:
+@pytest.mark.parametrize("module", [_auth, _records])
+def test_auth_modules_import_only_the_standard_library(module):
+    with open(module.__file__, encoding="utf-8") as source:
         tree = ast.parse(source.read())
     imported = set()
     for node in tree.body:
@@ -462,13 +462,13 @@ def test_record_format_is_length_counter_payload_hmac():
     length, counter = struct.unpack(">IQ", record[:12])
     assert (length, counter) == (7, 1) and record[12:19] == b"payload"
     assert record[19:] == hmac.digest(key, record[:19], "sha256")
-    assert len(record) == len(b"payload") + _auth.OVERHEAD
+    assert len(record) == len(b"payload") + _records.OVERHEAD
 
 
 @given(key=st.binary(min_size=16, max_size=64), parts=st.lists(st.binary(max_size=200)))
 def test_precomputed_mac_equals_hmac_sha256(key, parts):
     expected = hmac.new(key, b"".join(parts), hashlib.sha256).digest()
-    assert _auth._Mac(key).tag(*parts) == expected
+    assert _records._Mac(key).tag(*parts) == expected
 
 
 def test_records_split_byte_by_byte_and_glued_together_decode():
@@ -497,7 +497,7 @@ def test_big_payloads_are_split_into_records_and_frames_span_them():
     payload = b"".join(encode_ops(12345, i + 1, [HLC], [0], ["k"], ["v" * 300]) for i in range(10))
     stream = sealer.seal(payload)
     assert sealer.counter == -(-len(payload) // 1000)
-    assert len(stream) == len(payload) + sealer.counter * _auth.OVERHEAD
+    assert len(stream) == len(payload) + sealer.counter * _records.OVERHEAD
     parts = opener.feed(stream)
     assert b"".join(parts) == payload and all(len(p) <= 1000 for p in parts)
     assert len(FrameDecoder(1 << 20).feed(b"".join(parts))) == 10
