@@ -62,7 +62,16 @@ DOWN_SEEDS = [74, 116]
 # first incarnation's SET of /c/b (operation 12, every vector at 7) alone. Since catch-up
 # stopped resending what a connection carries already, the runs take other courses: 657
 # shows the bug at another path, and soak seed 4400, the default-frames seed until then, no
-# longer meets it.) Each: (seed, small_frames, symptom).
+# longer meets it.) Seed 657 today shows two defects at once. (1) Orphan: m2 streams to m0
+# (restarted empty) a piece of item "a" holding /a/b = [0, None], m0's first incarnation's
+# operation 12, which only m2 held (every other vector at 4); m2 restarts empty before
+# SNAPSHOT_END, m0 then merges m1's whole state: m0 alone holds that effect, beyond its vector,
+# and nobody's vector ever asks it of m0. (2) The stream ended inside item "a": m0 got /a's
+# header, stamped "written below" by m2's SET of /a/c = {"a": {"c": "deep"}} (held by m2
+# alone), but not /a/c. The simulation's ``captured`` counts every operation under a top-level
+# key as carried by a frame holding any piece of its item, so the model expects that SET on
+# m0: its count is too coarse for items in pieces (and a header without the members its stamp
+# stands for is a torn piece of state, too). Each: (seed, small_frames, symptom).
 UNFINISHED_SNAPSHOT_SEEDS = [
     (657, True, r"m1: at /a/b: \{'b': 1.5\} \(dict\) != \[0, None\]"),
     (6568, False, "m0: at /c/b: missing on the left"),
