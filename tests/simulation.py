@@ -320,16 +320,22 @@ class SimMember:
             for frame in batch:
                 end += len(frame)
                 if frame.startswith(b"[%d," % SNAPSHOT):
-                    keys = {item[0] for item in json.loads(frame)[1]}
-                    connection.captured.append((end, self.captured(keys)))
+                    connection.captured.append((end, self.captured(json.loads(frame)[1])))
             connection.send(b"".join(batch))
             if peer.busy or peer.snapshot_stream is not None:
                 self.wake_writer(peer)
 
-    def captured(self, keys: set[str]) -> set[tuple[int, int]]:
-        """The operations whose effect an export of the top-level ``keys`` carries now."""
+    def captured(self, items: list[Any]) -> set[tuple[int, int]]:
+        """The operations whose effect a SNAPSHOT frame's ``items`` carry: those we hold whose
+        path's entry is in one of them (a piece of a long item carries only some of its
+        children and leaves)."""
         made = self.world.made
-        return {key for key, op in made.items() if op.path[0] in keys and self.holds(*key)}
+        return {
+            key
+            for key, op in made.items()
+            if self.holds(*key)
+            and any(name == op.path[0] and carries(entry, op.path[1:]) for name, entry in items)
+        }
 
     # -- the reader side ---------------------------------------------------------------------
 
@@ -401,6 +407,20 @@ class SimMember:
             return True
         progress = engine.progress
         return seq <= progress.applied.get(origin, 0) or seq in progress._ahead.get(origin, {})
+
+
+def carries(entry: Any, path: tuple[str, ...]) -> bool:
+    """Whether an exported ``entry`` (as a SNAPSHOT frame has it) holds the entry at ``path``
+    below it: a full node's child or leaf, and so on down. (Below a plain leaf or a tombstone
+    there is nothing: an operation there was overwritten, and the frame carries what did.)"""
+    if not path:
+        return True
+    if type(entry) is not list or len(entry) < 8:
+        return False
+    children, leaves = entry[5], entry[6]
+    if path[0] in children:
+        return carries(children[path[0]], path[1:])
+    return len(path) == 1 and path[0] in leaves[1]  # (leaves: [origins, keys, packed])
 
 
 @dataclass

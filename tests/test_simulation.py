@@ -10,10 +10,15 @@ belongs in ``REGRESSION_SEEDS`` (or, while its bug is open, in ``KNOWN_BUGS``).
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
-from simulation import seed_from_env, simulate
+from model import SET
+from simulation import carries, seed_from_env, simulate
+
+from gcollective._store import Store
+from gcollective._wire import encode_snapshot_parts
 
 # Seeds that once failed and pass now: they run every time.
 # 225, 484, 2562 ("gap"): an origin's operation N+1 reached a member while N was lost in
@@ -66,12 +71,10 @@ DOWN_SEEDS = [74, 116]
 # (restarted empty) a piece of item "a" holding /a/b = [0, None], m0's first incarnation's
 # operation 12, which only m2 held (every other vector at 4); m2 restarts empty before
 # SNAPSHOT_END, m0 then merges m1's whole state: m0 alone holds that effect, beyond its vector,
-# and nobody's vector ever asks it of m0. (2) The stream ended inside item "a": m0 got /a's
-# header, stamped "written below" by m2's SET of /a/c = {"a": {"c": "deep"}} (held by m2
-# alone), but not /a/c. The simulation's ``captured`` counts every operation under a top-level
-# key as carried by a frame holding any piece of its item, so the model expects that SET on
-# m0: its count is too coarse for items in pieces (and a header without the members its stamp
-# stands for is a torn piece of state, too). Each: (seed, small_frames, symptom).
+# and nobody's vector ever asks it of m0. (The simulation used to count every operation under
+# a top-level key as carried by a frame holding any piece of its item; the stream here ended
+# inside item "a", and the model then expected on m0 a SET of /a/c whose piece never came. It
+# now counts what each piece holds: ``carries``.) Each: (seed, small_frames, symptom).
 UNFINISHED_SNAPSHOT_SEEDS = [
     (657, True, r"m1: at /a/b: \{'b': 1.5\} \(dict\) != \[0, None\]"),
     (6568, False, "m0: at /c/b: missing on the left"),
@@ -150,3 +153,23 @@ def test_long_run_of_seeds() -> None:
             if seed not in KNOWN_DEFAULT_FRAME_SEEDS:
                 failures.append(seed)
     assert not failures, failures
+
+
+def test_a_frame_carries_only_the_entries_its_piece_of_an_item_holds() -> None:
+    """The simulation's count of what a SNAPSHOT frame carries (``carries``): a long item goes
+    in pieces, each holding some of its leaves, and an operation is carried by the frames
+    whose piece holds its entry, not by every frame with a piece of its top-level key."""
+    store = Store()
+    stamp = 1 << 80
+    for index in range(40):
+        store.apply(stamp + index, SET, ("big", "node", f"k{index:02d}"), index)
+    [item] = store.export()
+    pieces = [json.loads(part) for part in encode_snapshot_parts(item, 300)]
+    assert len(pieces) > 2 and all(name == "big" for name, _ in pieces)
+    holding = [
+        [index for index, (_, piece) in enumerate(pieces) if carries(piece, ("node", key))]
+        for key in (f"k{index:02d}" for index in range(40))
+    ]
+    assert all(len(found) == 1 for found in holding), holding  # each leaf in one piece only
+    assert len({found[0] for found in holding}) > 2  # spread over several pieces
+    assert not carries(pieces[0][1], ("node", "k00", "below"))  # nothing below a leaf
