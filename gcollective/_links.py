@@ -93,6 +93,9 @@ class _PeerLink(_Writer, Peer):
         # While the writer waits with nothing to send on a plain connection: a send on it
         # that never waits (see ``data_ready``); None otherwise.
         self._idle_send: Callable[[bytes], int] | None = None
+        # The head of ``pending`` is the rest of a frame sent in part on the current
+        # connection: only that connection may carry it.
+        self._rest_pending = False
         self._sock: Any = None
         self._dialling: Any = None  # the socket of a connection attempt in progress
         self.sent_frames = 0
@@ -142,6 +145,7 @@ class _PeerLink(_Writer, Peer):
         if sent < len(data):
             pending[0] = data[sent:]  # the rest first; the writer counts the frame
             self.pending_bytes = len(pending[0])
+            self._rest_pending = True
             return False
         self.pending = []
         self.sent_frames += 1
@@ -202,6 +206,11 @@ class _PeerLink(_Writer, Peer):
                 failures += 1
             finally:
                 node._engine.stream_lost(self)  # (frames of a stream went down with it)
+                if self._rest_pending:
+                    # A frame's rest would make garbage of the next connection's stream:
+                    # it goes, with what followed it (catch-up resends what the peer lacks).
+                    self._rest_pending = False
+                    self.drop_pending()
                 current, self._sock = self._sock, None
                 if current is not None and current is not sock:
                     current.close()  # the TLS socket wrapping ``sock``
@@ -414,6 +423,7 @@ class _PeerLink(_Writer, Peer):
         send_at_once = partial(sock.send, timeout=0.0) if sealer is None and not self.tls else None
         while True:
             batch, ops = take(self, monotonic())
+            self._rest_pending = False  # (taken: it goes out now, on this connection)
             if not batch:
                 if node._stopping or self.dropped:
                     return

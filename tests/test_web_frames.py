@@ -169,3 +169,53 @@ def test_lines_logged_while_a_read_is_applied_name_the_connection_s_peer():
         logger.setLevel(level)
     assert line.node_id == f"{joiner.node_id:x}"
     assert line.peer == f"127.0.0.1:{holder_port}"
+
+
+def test_the_rest_of_a_frame_sent_in_part_never_starts_the_next_connection():
+    """A frame the kernel took in part from the flush leaves its rest queued for the writer;
+    if that connection ends before the writer sent the rest (here: a bug in the writer, which
+    then dials again), the rest is dropped, not sent at the head of the next connection,
+    where it would be garbage (catch-up resends what the peer lacks)."""
+    listener = gsocket.socket()
+    listener.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", free_port()))
+    listener.listen(2)
+    port = listener.getsockname()[1]
+    node = Collective(f"127.0.0.1:{free_port()}", [f"127.0.0.1:{port}"], sync_interval=QUIET)
+    gevent.spawn(node.start, 1)
+    first, _ = listener.accept()
+    link = node._links[("127.0.0.1", port)]
+    wait_for(lambda: link.state == "connected")
+    engine = node._engine
+    try:
+        for number in range(20_000):
+            node.set(f"big.k{number}", "v" * 1500)
+            node._flush_outbox()  # (inline: nothing runs between it and the check below)
+            if link._rest_pending:
+                break
+            gevent.sleep(0)
+        assert link._rest_pending, "no frame was sent in part: nothing was tested"
+
+        def broken(*args: Any) -> Any:
+            del engine.flush  # (once: the class's again)
+            raise RuntimeError("a bug in the writer")
+
+        engine.flush = broken  # (the writer's next look at what to send flushes first)
+        second, _ = listener.accept()  # the writer dials again
+        second.settimeout(10)
+        wait_for(lambda: link.state == "connected" and link.connects == 2)
+        node.set("after", 1)
+        data = b""
+        while data.count(b"\n") < 3:
+            chunk = second.recv(1 << 16)
+            assert chunk, "closed early"
+            data += chunk
+        # HELLO, PROGRESS, then whole frames: no rest of a frame among them.
+        frames = [json.loads(line) for line in data.split(b"\n")[:-1]]
+        assert frames[-1][0] == OPS and frames[-1][6] == ["after"]
+        assert node.stats()["internal_errors"] == 1
+    finally:
+        engine.__dict__.pop("flush", None)
+        node.stop(1)
+        first.close()
+        listener.close()
