@@ -5,18 +5,20 @@ the engine), as a part of ``Collective`` (``_Connections``)."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import gevent
 from gevent import socket as gsocket
+from gevent.event import AsyncResult
 
 from ._auth import AcceptorHandshake, check_no_auth, encode_refusal
 from ._digest import digest_reply
 from ._engine import ClockSkew, Inbound, refusal, without_gc
 from ._errors import AuthenticationError, ProtocolError
 from ._links import _PeerLink
-from ._logcontext import tag_current
+from ._logcontext import context_of, lend_context, tag_current
 from ._server import _handshake_timeout, _recv_before, _send_quietly, current_greenlet
 from ._validate import format_address
 from ._wire import (
@@ -58,67 +60,81 @@ def _check_not_tls(data: bytes) -> None:
 
 
 class _PlainReader:
-    """Reads a plain connection: waits until it has something to read, then reads it.
-    ``socket.timeout`` once the peer has been silent for ``idle_timeout`` seconds.
+    """Reads a plain connection in the event loop: whenever it is readable, one read is
+    handed to ``received`` right there, in a callback of the loop, and the connection's
+    greenlet only waits for the end. ``run`` returns once ``received`` said the peer closed,
+    raises what the read or ``received`` raised, or ``socket.timeout`` once the peer has
+    been silent for ``idle_timeout`` seconds.
 
-    What it saves per read, at a web app's rate a frame per request, against a gevent
-    ``recv`` with a timeout followed by a yield: that ``recv`` on a connection with nothing
-    to read yet fails once (an exception) and makes a ``Timeout`` (a timer started and
-    stopped) before it waits, and the yield after each read cost a turn of the event loop
-    of its own. Waiting first does both in one switch, with one watcher and one timer for
-    the connection's whole life: when data is there already the wait returns on the loop's
-    next turn (the yield that lets other peers' readers run), else when it comes.
+    ``received`` (decoding and applying a read's frames) never yields, so running it in the
+    loop holds nothing up that running it in the greenlet would not. What it saves per
+    frame, at a web app's rate one per peer and flush: the greenlet's wait on the
+    connection (a waiter, the watcher started and stopped) and the two switches in and out
+    of it. One watcher and one timer serve the connection's whole life; each readable turn
+    of the loop reads once, so one busy peer does not starve the others.
     """
 
-    def __init__(self, sock: Any, idle_timeout: float) -> None:
+    def __init__(self, sock: Any, idle_timeout: float, received: Callable[[bytes], bool]) -> None:
+        sock.settimeout(0.0)  # (the loop calls only when readable: a read never waits)
         self._recv = sock.recv
+        self._received = received
         self._hub = gevent.get_hub()
         loop = self._hub.loop
         self._io = loop.io(sock.fileno(), 1)  # (1: readable)
         self._idle_timeout = idle_timeout
         self._heard = time.monotonic()
-        self._waiting = False
+        self._end: AsyncResult[None] = AsyncResult()
+        # Log lines made in the callback are about this connection's peer.
+        self._context = context_of(gevent.getcurrent())
         # Fires when the peer would have been silent for idle_timeout since it was last
         # heard (see _check_silence).
         self._timer = loop.timer(idle_timeout)
+
+    def run(self) -> None:
+        """Read and hand on until the peer closes (returns) or the connection fails."""
+        self._io.start(self._readable)
         self._timer.start(self._check_silence)
+        try:
+            self._end.get()
+        finally:
+            self._timer.close()
+            self._io.close()
 
-    def read(self) -> bytes:
-        """The next bytes the peer sent (empty once it closed)."""
-        self._wait()
-        data: bytes = self._recv(_PLAIN_READ_SIZE)
-        return data
-
-    def _wait(self) -> None:
-        while True:
-            self._waiting = True
-            try:
-                self._hub.wait(self._io)
-            except gsocket.timeout:
-                if time.monotonic() - self._heard < self._idle_timeout:
-                    continue  # meant for the previous wait, which data ended meanwhile
-                raise
-            finally:
-                self._waiting = False
+    def _readable(self) -> None:
+        """The watcher's callback (in the event loop: never blocks)."""
+        hub = self._hub
+        lend_context(hub, self._context)
+        try:
+            data = self._recv(_PLAIN_READ_SIZE)
             self._heard = time.monotonic()
-            return
+            if not self._received(data):
+                self._finish()
+        except BlockingIOError:
+            pass  # (readable, then read by nobody else: nothing after all)
+        except BaseException:
+            self._finish(sys.exc_info())  # raised in the greenlet, handled there
+        finally:
+            lend_context(hub, None)
+
+    def _finish(self, exc_info: Any = None) -> None:
+        """Read no more; ``run`` returns, or raises ``exc_info``'s exception."""
+        self._io.stop()
+        self._timer.stop()
+        if exc_info is None:
+            self._end.set()
+        else:
+            self._end.set_exception(exc_info[1], exc_info)
 
     def _check_silence(self) -> None:
-        """The timer (in the event loop: never blocks): end the wait of a reader silent for
-        ``idle_timeout``, and set the timer for the next moment that could be so."""
+        """The timer (in the event loop: never blocks): end a reader silent for
+        ``idle_timeout``, else set the timer for the next moment that could be so."""
         left = self._heard + self._idle_timeout - time.monotonic()
         if left <= 0:
-            if self._waiting:  # (not busy applying what came)
-                self._hub.cancel_wait(self._io, gsocket.timeout("timed out"))
-            left = self._idle_timeout
+            self._finish((gsocket.timeout, gsocket.timeout("timed out"), None))
+            return
         self._timer.close()
         self._timer = self._hub.loop.timer(left)
         self._timer.start(self._check_silence)
-
-    def close(self) -> None:
-        """Stop the watcher and the timer (before the socket is closed)."""
-        self._timer.close()
-        self._io.close()
 
 
 class _Connections:
@@ -328,12 +344,11 @@ class _Connections:
                 while self._received(recv(_RECV_SIZE), feed, decoder, opener, inbound):
                     gevent.sleep(0)  # fairness: one busy peer must not starve the others
                 return
-            reader = _PlainReader(sock, self.idle_timeout)
-            try:
-                while self._received(reader.read(), feed, decoder, opener, inbound):
-                    pass  # (reader.read() yields first: see _PlainReader)
-            finally:
-                reader.close()
+
+            def received(data: bytes) -> bool:
+                return self._received(data, feed, decoder, opener, inbound)
+
+            _PlainReader(sock, self.idle_timeout, received).run()
         except gsocket.timeout:
             raise refusal(f"silent for {self.idle_timeout:g}s", "idle") from None
 

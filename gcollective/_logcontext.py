@@ -25,7 +25,7 @@ from gevent import getcurrent
 if TYPE_CHECKING:
     from greenlet import greenlet as RawGreenlet  # what gevent.getcurrent() returns
 
-__all__ = ["FIELDS", "install", "tag_greenlet", "tag_current"]
+__all__ = ["FIELDS", "context_of", "install", "lend_context", "tag_current", "tag_greenlet"]
 
 #: The attributes every record of the ``gcollective`` loggers carries.
 FIELDS = ("node_id", "peer", "reason")
@@ -86,3 +86,14 @@ def tag_greenlet(greenlet: RawGreenlet, node: Member, peer: str | None = None) -
 def tag_current(node: Member, peer: str | None = None) -> None:
     """``tag_greenlet`` for the running greenlet."""
     tag_greenlet(getcurrent(), node, peer)
+
+
+def context_of(greenlet: RawGreenlet) -> Context | None:
+    """The context ``greenlet`` was tagged with (None: none)."""
+    return getattr(greenlet, _ATTRIBUTE, None)
+
+
+def lend_context(greenlet: RawGreenlet, context: Context | None) -> None:
+    """Records logged in ``greenlet`` (the hub, running a member's callback) carry
+    ``context`` until it is lent None again."""
+    setattr(greenlet, _ATTRIBUTE, context)

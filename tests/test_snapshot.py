@@ -121,6 +121,7 @@ def test_an_owed_snapshot_is_settled_by_a_complete_report_and_catch_up_resumes()
         link.snapshot = Snapshot.OWED
         link.snapshot_vector = {new_node_id(): 5}
         sent = link.snapshots_sent
+        link.wake.set()  # (the writer is due to run: the flush queues the frame, not sends it)
         a.set("missed", 1)
         a._flush_outbox()
         link.drop_pending()  # that frame never reaches b: only catch-up can bring it
