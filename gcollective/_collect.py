@@ -68,7 +68,9 @@ class Collector(Tree):
                 continue  # changed since the list was taken: the next pass sees it
             if type(entry) is int:
                 if type(node.value) is not dict or key not in node.value:
-                    if entry < frontier:
+                    if node.hidden is not None and key in node.hidden:
+                        self._untidy = True  # a hidden value (``_Node.hidden``): kept
+                    elif entry < frontier:
                         del node._entries[key]  # a tombstone nothing older can reach any more
                         frame[3] += 1
                         self.collected += 1

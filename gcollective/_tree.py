@@ -157,6 +157,7 @@ class _Node:
         "ttls",
         "ttl_first",
         "packed",
+        "hidden",
     )
 
     def __init__(self) -> None:
@@ -185,6 +186,11 @@ class _Node:
         # How many leaves ``pack_leaves`` last packed here (0: never): it packs again only
         # when the node has twice as many entries, so a writer coming back pays once.
         self.packed = 0
+        # The values of bare-stamp children that an expiry hides (key -> value), or None: a
+        # node with ttl events keeps them here while they are hidden, not each in a node of
+        # its own (``_rebuild``); a bare stamp whose key is neither here nor in ``value`` is
+        # a tombstone.
+        self.hidden: dict[str, Any] | None = None
 
     def set_ttls(self, ttls: dict[int, int] | None) -> None:
         """Replace ``ttls`` (None for none), keeping ``ttl_first``."""
@@ -204,6 +210,7 @@ class _Node:
     @entries.setter
     def entries(self, entries: dict[str, Entry]) -> None:
         self.runs = None  # (replaced whole: the runs are read first, or meant to go too)
+        self.hidden = None  # (likewise the hidden values: a rebuild gives them back after)
         self._entries = entries
 
     def record_runs(self) -> None:
@@ -487,6 +494,8 @@ class Tree:
             node.assigned = node.newest = entry
             parent_value = parent.value
             value = parent_value.get(key, MISSING) if type(parent_value) is dict else MISSING
+            if value is MISSING and parent.hidden is not None:
+                value = parent.hidden.get(key, MISSING)  # (a hidden one: a rebuild follows)
             node.assigned_value = node.value = value
             node.reset = max(entry, parent.reset)
         parent.entries[key] = node
