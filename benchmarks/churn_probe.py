@@ -43,12 +43,24 @@ def _own_bytes(node: _Node) -> int:
     """Bytes of a node and the containers only it holds (its dicts, its ttl and increment
     tables with their ints), not its children nor the keys and stamps it shares."""
     size = sys.getsizeof(node) + sys.getsizeof(node._entries) + 2 * _GC_HEAD
-    if type(node.value) is dict:
-        size += sys.getsizeof(node.value) + _GC_HEAD
+    for values in (node.value, node.hidden):
+        if type(values) is dict:
+            size += sys.getsizeof(values) + _GC_HEAD
     for table in (node.ttls, node.incs):
         if table:
             size += sys.getsizeof(table) + _GC_HEAD
             size += sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in table.items())
+    return size
+
+
+def _heap_entry_bytes(item: tuple[Any, ...]) -> int:
+    """Bytes of one entry of an expiry heap: the tuple, its time, its path (and the lists of
+    a run's keys, stamps and expiries beside it; not the ints, which the nodes share)."""
+    size = sys.getsizeof(item) + sys.getsizeof(item[0]) + sys.getsizeof(item[2]) + 2 * _GC_HEAD
+    for name in ("keys", "stamps", "expiries"):
+        column = getattr(item[2], name, None)
+        if column is not None:
+            size += sys.getsizeof(column) + _GC_HEAD
     return size
 
 
@@ -103,10 +115,8 @@ def structures(node: Collective) -> dict[str, Any]:
     for name in ("_pending", "_due"):
         heap = getattr(store, name)
         count[name] = len(heap)
-        size[name] = sys.getsizeof(heap) + sum(
-            sys.getsizeof(item) + sys.getsizeof(item[0]) + sys.getsizeof(item[2]) + 2 * _GC_HEAD
-            for item in heap
-        )
+        size[name] = sys.getsizeof(heap) + sum(map(_heap_entry_bytes, heap))
+    count["_due events"] = len(store._due) + store._due_extra
     count["_due_stamps"] = len(store._due_stamps)
     size["_due_stamps"] = sys.getsizeof(store._due_stamps)
     oldest["frontier"] = age(node._engine.gc_frontier())  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._rebuild import owners
-from ._tree import MISSING, NEVER, Tree, _Node, is_number
+from ._tree import MISSING, NEVER, Tree, _Node, holds_nothing, is_number
 from ._ttl import fired_bound
 
 __all__ = ["Collector"]
@@ -23,9 +23,10 @@ class Collector(Tree):
 
     def __init__(self) -> None:
         super().__init__()
-        # Where the incremental collection stands: a stack of [node, its reset stamp, its
-        # children still to visit, entries dropped, parent, key, the earliest expiry stamp of
-        # the ttl events on the way down to it (``_descent_limit``)].
+        # Where the incremental collection stands: a stack of [node, its reset stamp, the
+        # keys of its children still to visit (each read as it is when visited), entries
+        # dropped, parent, key, the earliest expiry stamp of the ttl events on the way down
+        # to it (``_descent_limit``)].
         self._sweep: list[list[Any]] = []
         #: Tombstones and increments dropped or folded by ``collect`` so far.
         self.collected = 0
@@ -52,7 +53,7 @@ class Collector(Tree):
                 return True  # nothing to look at since the last pass
             self._untidy = False
             root = self._root
-            sweep.append([root, root.reset, list(root._entries.items()), 0, None, None, NEVER])
+            sweep.append([root, root.reset, list(root._entries), 0, None, None, NEVER])
         visited = 0
         while sweep and visited < budget:
             frame = sweep[-1]
@@ -62,10 +63,13 @@ class Collector(Tree):
                 if frame[3] > len(node._entries):
                     self._shrink(node, frame[4], frame[5])
                 continue
-            key, entry = todo.pop()
+            key = todo.pop()
             visited += 1
-            if node._entries.get(key) is not entry:
-                continue  # changed since the list was taken: the next pass sees it
+            # (The keys only, listed: not a tuple each, which for a churning tree's hundred
+            # thousand tombstones and fired sessions made megabytes at every pass.)
+            entry = node._entries.get(key)
+            if entry is None:
+                continue  # gone since the list was taken
             if type(entry) is int:
                 if type(node.value) is not dict or key not in node.value:
                     if node.hidden is not None and key in node.hidden:
@@ -119,16 +123,14 @@ class Collector(Tree):
                 self._untidy = True
                 return
             below = _descent_limit(above, entry)
-            self._sweep.append(
-                [entry, entry.reset, list(entry._entries.items()), 0, node, key, below]
-            )
+            self._sweep.append([entry, entry.reset, list(entry._entries), 0, node, key, below])
         elif (
             entry.value is MISSING
             and entry.assigned_value is MISSING  # (not a value an expiry hides: see below)
             and entry.ttls is None
             and not entry.incs
         ):
-            if max(entry.assigned, entry.written_below, entry.incremented) < frontier:
+            if holds_nothing(entry, frontier):
                 del node._entries[key]  # metadata of nothing (left by deletes of absent paths)
                 frame[3] += 1
                 self.collected += 1

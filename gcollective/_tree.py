@@ -67,6 +67,7 @@ __all__ = [
     "record_assign",
     "is_plain",
     "bare_if_plain",
+    "holds_nothing",
     "newest_in",
     "raise_below",
     "pack_leaves",
@@ -392,6 +393,23 @@ def bare_if_plain(node: _Node, key: str) -> Any:
     ):
         entry = node._entries[key] = cast(int, entry.assigned)  # (plain: a real stamp)
     return entry
+
+
+def holds_nothing(node: _Node, frontier: int) -> bool:
+    """True when a node is metadata of nothing older than ``frontier`` (a tombstone, or
+    what deletes of absent paths left): no value (nor one an expiry hides), no children,
+    ttl events or increments, and every stamp of it below the stability frontier, so no
+    operation can ever meet it again. ``collect`` drops such a node, ``expire`` the one it
+    leaves."""
+    return (
+        node.value is MISSING
+        and node.assigned_value is MISSING  # (not a value an expiry hides)
+        and not node._entries
+        and node.runs is None
+        and node.ttls is None
+        and not node.incs
+        and max(node.assigned, node.written_below, node.incremented) < frontier
+    )
 
 
 def newest_in(entry: int | _Node) -> float | int:

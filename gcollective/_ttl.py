@@ -19,7 +19,7 @@ from typing import Any, cast
 from ._clock import MILLIS_SHIFT, NODE_MASK, expiry_stamp
 from ._columns import Run
 from ._rebuild import owners, rebuild_at
-from ._tree import MISSING, Tree, _Node, record_assign
+from ._tree import MISSING, Tree, _Node, holds_nothing, record_assign
 
 __all__ = ["Expiries", "fired_any", "fired_bound", "path_tuple"]
 
@@ -35,11 +35,18 @@ class Expiries(Tree):
 
     def __init__(self) -> None:
         super().__init__()
-        # Expiries not yet due, (E, stamp, path), and due ones not yet made permanent,
-        # (D, stamp, path). Entries may be stale (the event was overtaken): checked on use.
+        # Expiries not yet due, (E, stamp, path). Entries may be stale (the event was
+        # overtaken), here and in ``_due``: checked on use.
         self._pending: list[tuple[int, int, Path]] = []
-        self._due: list[tuple[int, int, Path]] = []
+        # Due ones not yet made permanent, (D, stamp, run): runs of siblings (``_DueRun``),
+        # their D growing, the first's in the entry.
+        self._due: list[tuple[int, int, _DueRun]] = []
         self._due_stamps: set[int] = set()  # the events in _due
+        self._due_extra = 0  # the events of _due's runs beyond the first of each
+        # The last run ``_push_due`` made, while it is in ``_due``: the next due event of a
+        # sibling, due no sooner, joins it (a churning member holds tens of thousands of
+        # fired sessions until their expiries are permanent: not an entry each).
+        self._open_due: _DueRun | None = None
         # The sessions pending runs hold beyond their run's one entry in _pending (see
         # ``pend_run``): what ``pending_expiries`` counts too.
         self._run_extra = 0
@@ -65,7 +72,7 @@ class Expiries(Tree):
     @property
     def pending_expiries(self) -> int:
         """Registered expiries not yet made permanent (due or not; some may be stale)."""
-        return len(self._pending) + self._run_extra + len(self._due)
+        return len(self._pending) + self._run_extra + len(self._due) + self._due_extra
 
     def advance(
         self, now_ms: float | int, budget: float = float("inf")
@@ -138,27 +145,63 @@ class Expiries(Tree):
         due = self._due
         done = 0
         while due and due[0][0] < frontier and budget > 0:
-            budget -= 1
-            expiry, st, path = heapq.heappop(due)
-            self._due_stamps.discard(st)
-            found = self._locate(path)
-            if found is None:
-                continue
-            top_path, target = found
-            if not target.ttls or (st, expiry) not in owners(target.ttls):
-                continue  # overtaken, or replaced by a newer ttl before it fired
-            # It owns its path at its expiry: the events that could have cancelled it are
-            # all older than the frontier, hence known; an ancestor's expiry before it was
-            # applied first (``due`` is in stamp order) and would have dropped it.
-            parent: Any = self._root
-            for segment in path[:-1]:
-                parent = parent.entries[segment]
-            record_assign(parent.entries, path[-1], expiry, MISSING)
-            self._rebuild_path(top_path)
-            self._untidy = True  # a tombstone for ``collect``
-            done += 1
+            run = heapq.heappop(due)[2]
+            if run is self._open_due:
+                self._open_due = None
+            keys, stamps, expiries = run.keys, run.stamps, run.expiries
+            count = len(keys)
+            self._due_extra -= count - 1
+            index = 0
+            while index < count and expiries[index] < frontier and budget > 0:
+                budget -= 1
+                self._due_stamps.discard(stamps[index])
+                done += self._expire_one(
+                    expiries[index], stamps[index], (*run, keys[index]), frontier
+                )
+                index += 1
+            if index < count:  # (its later ones: not below the frontier, or no budget left)
+                rest = _DueRun(run)
+                rest.keys, rest.stamps = keys[index:], stamps[index:]
+                rest.expiries = expiries[index:]
+                self._due_extra += count - index - 1
+                heapq.heappush(due, (rest.expiries[0], rest.stamps[0], rest))
         self.expired += done
         return done
+
+    def _expire_one(self, expiry: int, st: int, path: Path, frontier: int) -> bool:
+        """``expire``'s step for ttl event ``st`` at ``path``, expiring at ``expiry`` (below
+        the frontier): whether it was made permanent (it still owned its path)."""
+        found = self._locate(path)
+        if found is None:
+            return False
+        top_path, target = found
+        if not target.ttls or (st, expiry) not in owners(target.ttls):
+            return False  # overtaken, or replaced by a newer ttl before it fired
+        # It owns its path at its expiry: the events that could have cancelled it are all
+        # older than the frontier, hence known. (An ancestor's expiry made permanent before
+        # or after it comes to the same: the ancestor's DELETE, at a later stamp, drops it; at
+        # an earlier one, it leaves nothing this one's could show.)
+        parent: Any = self._root
+        for segment in path[:-1]:
+            parent = parent.entries[segment]
+        record_assign(parent.entries, path[-1], expiry, MISSING)
+        self._rebuild_path(top_path)
+        if top_path == path:
+            self._drop_tombstone(parent, path[-1], frontier)
+        else:
+            self._untidy = True  # a tombstone for ``collect``
+        return True
+
+    def _drop_tombstone(self, parent: _Node, key: str, frontier: int) -> None:
+        """Forget the tombstone an expiry made permanent left at ``parent``'s child ``key``
+        (a fired session's), as ``collect`` would on its next pass: it is older than the
+        frontier (so is the expiry). Not a node and then a bare stamp per expired session
+        until a pass comes by (issue 20: a pass over a churning tree takes seconds)."""
+        entry = parent._entries.get(key)  # (a node with ttl events: no pending run here)
+        if type(entry) is _Node and holds_nothing(entry, frontier):
+            del parent._entries[key]
+        else:
+            self._untidy = True  # something else for ``collect``
 
     def expirable(self, frontier: int) -> bool:
         """True while ``expire(frontier)`` has something left to look at."""
@@ -290,9 +333,27 @@ class Expiries(Tree):
         heapq.heappush(self._pending, (due, s, run_path))
 
     def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
-        if s not in self._due_stamps:
-            self._due_stamps.add(s)
-            heapq.heappush(self._due, (expiry, s, path))
+        """Put ttl event ``s`` at ``path``, expiring at ``expiry`` (fired), in ``_due`` (once):
+        in the open run when it is a sibling's due no sooner, else as a run of its own."""
+        if s in self._due_stamps:
+            return
+        self._due_stamps.add(s)
+        run = self._open_due
+        if (
+            run is not None
+            and expiry >= run.expiries[-1]
+            and len(path) == len(run) + 1
+            and path[:-1] == run
+        ):
+            run.keys.append(path[-1])
+            run.stamps.append(s)
+            run.expiries.append(expiry)
+            self._due_extra += 1
+            return
+        run = _DueRun(path[:-1])
+        run.keys, run.stamps, run.expiries = [path[-1]], [s], [expiry]
+        self._open_due = run
+        heapq.heappush(self._due, (expiry, s, run))
 
     def _locate(self, path: tuple[str, ...]) -> tuple[tuple[str, ...], _Node] | None:
         """``(path of the topmost node with ttl events on the way, node at path)``, or None
@@ -328,6 +389,16 @@ class _RunPath(tuple[str, ...]):
     run: Run
     parent: _Node
     due: int
+
+
+class _DueRun(tuple[str, ...]):
+    """The path of a parent in a ``_due`` entry, with the due ttl events of its children the
+    entry stands for (see ``_push_due``), their expiry stamps in order: one entry, not one
+    each with its own path."""
+
+    keys: list[str]
+    stamps: list[int]
+    expiries: list[int]
 
 
 def path_tuple(path: Any) -> tuple[str, ...]:
