@@ -38,15 +38,15 @@ class Expiries(Tree):
         # Expiries not yet due, (E, stamp, path). Entries may be stale (the event was
         # overtaken), here and in ``_due``: checked on use.
         self._pending: list[tuple[int, int, Path]] = []
-        # Due ones not yet made permanent, (D, stamp, run): runs of siblings (``_DueRun``),
-        # their D growing, the first's in the entry.
-        self._due: list[tuple[int, int, _DueRun]] = []
+        # Due ones not yet made permanent, (D, stamp, path), or for siblings that fired
+        # together (D, stamp, run), their D growing, the first's in the entry (``_DueRun``).
+        self._due: list[tuple[int, int, Path]] = []
         self._due_stamps: set[int] = set()  # the events in _due
         self._due_extra = 0  # the events of _due's runs beyond the first of each
-        # The last run ``_push_due`` made, while it is in ``_due``: the next due event of a
-        # sibling, due no sooner, joins it (a churning member holds tens of thousands of
-        # fired sessions until their expiries are permanent: not an entry each).
-        self._open_due: _DueRun | None = None
+        # Per parent, the last run ``_push_fired`` made, while it is in ``_due``: siblings
+        # that fire later, due no sooner, join it (a churning member holds tens of thousands
+        # of fired sessions until their expiries are permanent: not an entry each).
+        self._open_due: dict[Path, _DueRun] = {}
         # The sessions pending runs hold beyond their run's one entry in _pending (see
         # ``pend_run``): what ``pending_expiries`` counts too.
         self._run_extra = 0
@@ -97,21 +97,29 @@ class Expiries(Tree):
         self._forget_way()
         fired: list[tuple[Path, int]] = []
         tops: dict[Path, None] = {}  # the subtrees to rebuild, once each
+        by_parent: dict[Path, list[tuple[int, int, str]]] = {}  # what fired, for ``_due``
         while pending and pending[0][0] <= now_ms and budget > 0:
             budget -= 1
             _, _, path = heapq.heappop(pending)
-            self._fire_due(path, now_ms, fired, tops)
+            self._fire_due(path, now_ms, fired, tops, by_parent)
+        self._push_fired(by_parent)
         for top_path in tops:
             self._rebuild_path(top_path)
         return fired
 
     def _fire_due(
-        self, path: Path, now_ms: float | int, fired: list[tuple[Path, int]], tops: dict[Path, None]
+        self,
+        path: Path,
+        now_ms: float | int,
+        fired: list[tuple[Path, int]],
+        tops: dict[Path, None],
+        by_parent: dict[Path, list[tuple[int, int, str]]],
     ) -> None:
         """Fire every ttl event of the node at ``path`` due by ``now_ms`` (whether it had a
         ``_pending`` entry of its own or came after the one that popped), adding it to
-        ``fired`` and the path of its topmost node with ttl events to ``tops``; the earliest
-        event not yet due gets the node's next entry."""
+        ``fired``, the path of its topmost node with ttl events to ``tops`` and ``(expiry
+        stamp, stamp, key)`` to ``by_parent`` (for ``_push_fired``); the earliest event not
+        yet due gets the node's next entry."""
         if type(path) is _RunPath:
             self._pend_sessions(path)
             return
@@ -129,7 +137,11 @@ class Expiries(Tree):
                 if later is None or due < later[0]:
                     later = (due, stamp)
             elif stamp not in self._due_stamps:
-                self._push_due(expiry, stamp, path)
+                self._due_stamps.add(stamp)
+                events = by_parent.get(path[:-1])
+                if events is None:
+                    events = by_parent[path[:-1]] = []
+                events.append((expiry, stamp, path[-1]))
                 tops[top_path] = None
                 fired.append((path, stamp))
         if later is not None:
@@ -145,9 +157,14 @@ class Expiries(Tree):
         due = self._due
         done = 0
         while due and due[0][0] < frontier and budget > 0:
-            run = heapq.heappop(due)[2]
-            if run is self._open_due:
-                self._open_due = None
+            expiry, st, run = heapq.heappop(due)
+            if type(run) is not _DueRun:
+                budget -= 1
+                self._due_stamps.discard(st)
+                done += self._expire_one(expiry, st, run, frontier)
+                continue
+            if self._open_due.get(run) is run:
+                del self._open_due[run]
             keys, stamps, expiries = run.keys, run.stamps, run.expiries
             count = len(keys)
             self._due_extra -= count - 1
@@ -333,27 +350,37 @@ class Expiries(Tree):
         heapq.heappush(self._pending, (due, s, run_path))
 
     def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
-        """Put ttl event ``s`` at ``path``, expiring at ``expiry`` (fired), in ``_due`` (once):
-        in the open run when it is a sibling's due no sooner, else as a run of its own."""
-        if s in self._due_stamps:
-            return
-        self._due_stamps.add(s)
-        run = self._open_due
-        if (
-            run is not None
-            and expiry >= run.expiries[-1]
-            and len(path) == len(run) + 1
-            and path[:-1] == run
-        ):
-            run.keys.append(path[-1])
-            run.stamps.append(s)
-            run.expiries.append(expiry)
-            self._due_extra += 1
-            return
-        run = _DueRun(path[:-1])
-        run.keys, run.stamps, run.expiries = [path[-1]], [s], [expiry]
-        self._open_due = run
-        heapq.heappush(self._due, (expiry, s, run))
+        """Put ttl event ``s`` at ``path``, expiring at ``expiry`` (due when registered), in
+        ``_due`` (once)."""
+        if s not in self._due_stamps:
+            self._due_stamps.add(s)
+            heapq.heappush(self._due, (expiry, s, path))
+
+    def _push_fired(self, by_parent: dict[Path, list[tuple[int, int, str]]]) -> None:
+        """Put the ttl events ``advance`` fired (``(expiry stamp, stamp, key)`` by the path of
+        their parent, in ``_due_stamps`` already) in ``_due``: a parent's join its open run
+        when due no sooner than its last, else make a run of their own (``_DueRun``), or a
+        plain entry for one alone."""
+        due = self._due
+        for parent, events in by_parent.items():
+            events.sort()
+            run = self._open_due.get(parent)
+            if run is not None and events[0][0] >= run.expiries[-1]:
+                for expiry, s, key in events:
+                    run.keys.append(key)
+                    run.stamps.append(s)
+                    run.expiries.append(expiry)
+                self._due_extra += len(events)
+                continue
+            if len(events) == 1:
+                expiry, s, key = events[0]
+                heapq.heappush(due, (expiry, s, (*parent, key)))
+                continue
+            run = _DueRun(parent)
+            run.expiries, run.stamps, run.keys = (list(column) for column in zip(*events))
+            self._due_extra += len(events) - 1
+            self._open_due[parent] = run
+            heapq.heappush(due, (run.expiries[0], run.stamps[0], run))
 
     def _locate(self, path: tuple[str, ...]) -> tuple[tuple[str, ...], _Node] | None:
         """``(path of the topmost node with ttl events on the way, node at path)``, or None
@@ -393,7 +420,7 @@ class _RunPath(tuple[str, ...]):
 
 class _DueRun(tuple[str, ...]):
     """The path of a parent in a ``_due`` entry, with the due ttl events of its children the
-    entry stands for (see ``_push_due``), their expiry stamps in order: one entry, not one
+    entry stands for (see ``_push_fired``), their expiry stamps in order: one entry, not one
     each with its own path."""
 
     keys: list[str]
