@@ -90,15 +90,16 @@ def structures(node: Collective) -> dict[str, Any]:
             return 0.0
         return round(now - (stamp >> MILLIS_SHIFT) / 1000, 1)
 
-    stack: list[tuple[_Node, str]] = [(store._root, "root")]
+    stack: list[tuple[_Node, str, str]] = [(store._root, "root", "")]
+    tombstones_under: Counter[str] = Counter()  # bare tombstones by their parent's path
     while stack:
-        current, current_kind = stack.pop()
+        current, current_kind, where = stack.pop()
         data = current.value
         for key, entry in current._entries.items():
             key_bytes = sys.getsizeof(key) if len(key) > 1 else 0  # (1-char keys: shared)
             if type(entry) is _Node:
                 kind = _kind(entry, current_kind)
-                stack.append((entry, kind))
+                stack.append((entry, kind, f"{where}.{key}" if where.count(".") < 2 else where))
                 size[kind] += _own_bytes(entry) + key_bytes
                 if entry.incs:
                     count["increments"] += len(entry.incs)
@@ -106,10 +107,16 @@ def structures(node: Collective) -> dict[str, Any]:
                 if kind != "counter":
                     oldest[kind] = max(oldest.get(kind, 0), age(entry.assigned))
             else:
-                kind = "leaf" if type(data) is dict and key in data else "tombstone (bare)"
+                if type(data) is dict and key in data:
+                    kind = "leaf"
+                elif current.hidden is not None and key in current.hidden:
+                    kind = "hidden leaf"  # (its value: in the node's ``hidden``)
+                else:
+                    kind = "tombstone (bare)"
                 size[kind] += key_bytes + sys.getsizeof(entry)
                 if kind != "leaf":
                     oldest[kind] = max(oldest.get(kind, 0), age(entry))
+                    tombstones_under[where] += 1
             count[kind] += 1
             size[kind] += 40  # its slot in the parent's dict, about
     for name in ("_pending", "_due"):
@@ -121,6 +128,7 @@ def structures(node: Collective) -> dict[str, Any]:
     size["_due_stamps"] = sys.getsizeof(store._due_stamps)
     oldest["frontier"] = age(node._engine.gc_frontier())  # type: ignore[attr-defined]
     print("  oldest (s):", oldest)
+    print("  bare tombstones under:", dict(tombstones_under.most_common(8)))
     return {kind: (count[kind], round(size[kind] / MB, 2)) for kind in count}
 
 
