@@ -116,6 +116,7 @@ def structures(node: Collective) -> dict[str, Any]:
                 size[kind] += key_bytes + sys.getsizeof(entry)
                 if kind != "leaf":
                     oldest[kind] = max(oldest.get(kind, 0), age(entry))
+                if kind == "tombstone (bare)":
                     tombstones_under[where] += 1
             count[kind] += 1
             size[kind] += 40  # its slot in the parent's dict, about
