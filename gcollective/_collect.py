@@ -9,6 +9,7 @@ when something may have left such metadata (``Tree._untidy``).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from ._rebuild import owners
@@ -114,6 +115,8 @@ class Collector(Tree):
             ):
                 node._entries[key] = entry.assigned  # the folded counter is now a plain value
                 return
+        if _sparse(entry._entries):
+            self._shrink(entry, node, key)  # (entries ``expire`` dropped: not counted here)
         if entry._entries:
             if _hidden_by_own_expiry(entry, self._fired_below):
                 # Everything below is older than the expiry that hides it (or a tombstone):
@@ -222,6 +225,18 @@ class Collector(Tree):
         self.collected += len(old)
         if not incs:
             node.incs = None
+
+
+#: A dict holding more than this, plus ``_SPARSE_BYTES_PER_ENTRY`` per entry, is mostly
+#: empty slots (a full one takes about 40-100 B an entry): ``collect`` makes it anew.
+_SPARSE_BYTES = 4096
+_SPARSE_BYTES_PER_ENTRY = 300
+
+
+def _sparse(entries: dict[str, Any]) -> bool:
+    """Whether a node's ``entries`` keeps far more memory than its entries need: after many
+    were dropped (by ``expire``: the sessions a writer made before it stopped)."""
+    return sys.getsizeof(entries) > _SPARSE_BYTES + _SPARSE_BYTES_PER_ENTRY * len(entries)
 
 
 def _descent_limit(above: Any, node: _Node) -> Any:

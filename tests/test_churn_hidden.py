@@ -13,6 +13,7 @@ its export (in one go, and in pieces).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from hypothesis import event, given
@@ -185,3 +186,24 @@ def test_an_expired_sessions_tombstone_is_forgotten_with_its_expiry() -> None:
     assert holder.expire(real_stamp(5000, 0, 0)) == 50
     assert holder._root.entries["s"].entries == {}
     assert holder.pending_expiries == 0
+
+
+def test_a_parent_emptied_by_expire_gives_its_memory_back_at_the_next_pass() -> None:
+    """``expire`` forgets expired sessions itself, so ``collect`` counts no drop there; its
+    next pass still makes the parent's dicts anew once they are mostly empty slots (a
+    Python dict never shrinks by itself), as it does for what it drops."""
+    holder = new_store()
+    ops = [
+        Op(real_stamp(1000 + index // 10, index % 10, 1), SET, ("s", str(index)), {"u": 1}, 2000)
+        for index in range(5000)
+    ]
+    deliver(holder, ops)
+    holder.advance(5000)
+    frontier = real_stamp(6000, 0, 0)
+    assert holder.expire(frontier) == 5000
+    parent = holder._root.entries["s"]
+    assert not parent.entries and sys.getsizeof(parent.entries) > 100_000
+    while not holder.collect(frontier):
+        pass
+    assert sys.getsizeof(parent.entries) < 1000
+    assert holder.to_dict() == fold(ops, 5000) == {"s": {}}
