@@ -43,12 +43,24 @@ def _own_bytes(node: _Node) -> int:
     """Bytes of a node and the containers only it holds (its dicts, its ttl and increment
     tables with their ints), not its children nor the keys and stamps it shares."""
     size = sys.getsizeof(node) + sys.getsizeof(node._entries) + 2 * _GC_HEAD
-    if type(node.value) is dict:
-        size += sys.getsizeof(node.value) + _GC_HEAD
+    for values in (node.value, node.hidden):
+        if type(values) is dict:
+            size += sys.getsizeof(values) + _GC_HEAD
     for table in (node.ttls, node.incs):
         if table:
             size += sys.getsizeof(table) + _GC_HEAD
             size += sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in table.items())
+    return size
+
+
+def _heap_entry_bytes(item: tuple[Any, ...]) -> int:
+    """Bytes of one entry of an expiry heap: the tuple, its time, its path (and the lists of
+    a run's keys, stamps and expiries beside it; not the ints, which the nodes share)."""
+    size = sys.getsizeof(item) + sys.getsizeof(item[0]) + sys.getsizeof(item[2]) + 2 * _GC_HEAD
+    for name in ("keys", "stamps", "expiries"):
+        column = getattr(item[2], name, None)
+        if column is not None:
+            size += sys.getsizeof(column) + _GC_HEAD
     return size
 
 
@@ -78,15 +90,16 @@ def structures(node: Collective) -> dict[str, Any]:
             return 0.0
         return round(now - (stamp >> MILLIS_SHIFT) / 1000, 1)
 
-    stack: list[tuple[_Node, str]] = [(store._root, "root")]
+    stack: list[tuple[_Node, str, str]] = [(store._root, "root", "")]
+    tombstones_under: Counter[str] = Counter()  # bare tombstones by their parent's path
     while stack:
-        current, current_kind = stack.pop()
+        current, current_kind, where = stack.pop()
         data = current.value
         for key, entry in current._entries.items():
             key_bytes = sys.getsizeof(key) if len(key) > 1 else 0  # (1-char keys: shared)
             if type(entry) is _Node:
                 kind = _kind(entry, current_kind)
-                stack.append((entry, kind))
+                stack.append((entry, kind, f"{where}.{key}" if where.count(".") < 2 else where))
                 size[kind] += _own_bytes(entry) + key_bytes
                 if entry.incs:
                     count["increments"] += len(entry.incs)
@@ -94,23 +107,29 @@ def structures(node: Collective) -> dict[str, Any]:
                 if kind != "counter":
                     oldest[kind] = max(oldest.get(kind, 0), age(entry.assigned))
             else:
-                kind = "leaf" if type(data) is dict and key in data else "tombstone (bare)"
+                if type(data) is dict and key in data:
+                    kind = "leaf"
+                elif current.hidden is not None and key in current.hidden:
+                    kind = "hidden leaf"  # (its value: in the node's ``hidden``)
+                else:
+                    kind = "tombstone (bare)"
                 size[kind] += key_bytes + sys.getsizeof(entry)
                 if kind != "leaf":
                     oldest[kind] = max(oldest.get(kind, 0), age(entry))
+                if kind == "tombstone (bare)":
+                    tombstones_under[where] += 1
             count[kind] += 1
             size[kind] += 40  # its slot in the parent's dict, about
     for name in ("_pending", "_due"):
         heap = getattr(store, name)
         count[name] = len(heap)
-        size[name] = sys.getsizeof(heap) + sum(
-            sys.getsizeof(item) + sys.getsizeof(item[0]) + sys.getsizeof(item[2]) + 2 * _GC_HEAD
-            for item in heap
-        )
+        size[name] = sys.getsizeof(heap) + sum(map(_heap_entry_bytes, heap))
+    count["_due events"] = len(store._due) + store._due_extra
     count["_due_stamps"] = len(store._due_stamps)
     size["_due_stamps"] = sys.getsizeof(store._due_stamps)
     oldest["frontier"] = age(node._engine.gc_frontier())  # type: ignore[attr-defined]
     print("  oldest (s):", oldest)
+    print("  bare tombstones under:", dict(tombstones_under.most_common(8)))
     return {kind: (count[kind], round(size[kind] / MB, 2)) for kind in count}
 
 

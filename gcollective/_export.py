@@ -165,7 +165,7 @@ class Exporter(Tree):
         entries when None), as a piece's ``[children, leaves, values]``; the names of
         children too long for one piece go to ``long_children`` instead."""
         names = keys[start:end]
-        data = node.value if type(node.value) is dict else {}
+        data = _leaf_values(node)
         pending = node.runs
         if run is not None and pending is not None and any(r is run for r in pending):
             # Still pending, so unchanged: its leaves, all with a value (see ``_Node.runs``).
@@ -201,8 +201,7 @@ class Exporter(Tree):
         return [children, leaves, values]
 
     def _export_node(self, node: _Node, copy: bool) -> list[Any]:
-        value = node.value
-        data = value if type(value) is dict else {}
+        data = _leaf_values(node)
         entries = node.entries_copy() if copy or node.runs is not None else node._entries
         children: dict[str, Any] = {}
         if set(map(type, entries.values())) <= _LEAF_TYPES:
@@ -227,6 +226,16 @@ class Exporter(Tree):
                 else:
                     children[k] = export_node(e, copy)
         return [*_own_events(node), children, leaves, values, *_ttl_events(node)]
+
+
+def _leaf_values(node: _Node) -> dict[str, Any]:
+    """The values of a full node's bare-stamp children that hold one: those of its dict,
+    and those an expiry hides (``_Node.hidden``), which a member whose clock is behind
+    shows."""
+    value = node.value
+    data = value if type(value) is dict else {}
+    hidden = node.hidden
+    return data if hidden is None else {**data, **hidden}
 
 
 def _own_events(node: _Node) -> list[Any]:

@@ -10,8 +10,10 @@ DELETE at its derived stamp for the *materialized* value only. So a node has two
 its own events: the real ones (``base``: its assignment, or the reset inherited from above),
 which decide what is forgotten, and the visible ones (``visible_base``, ``visible_reset``,
 ...), which an expiry that fired here or above may move later, and which decide the value.
-Values hidden that way keep a node of their own (a bare int's value would be lost with the
-hidden dict), since an operation older than the expiry may still arrive and cancel it.
+Values hidden that way are kept, since an operation older than the expiry may still arrive
+and cancel it, and a member whose clock is behind still shows them if it joins now: a bare
+child's value in ``_Node.hidden`` of its parent when that has ttl events (a fired session's
+members), else in a node of its own (a bare int's value would be lost with the hidden dict).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def rebuild(
     newest = max(node.assigned, node.incremented, node.written_below)
     if node.entries:
         newest = _rebuild_children(node, new_dict, old_dict, visible[5], newest, now_ms)
+    elif node.hidden is not None:
+        node.hidden = None
     if new_dict is not None and len(new_dict) > len(node.entries):
         # Drop leftovers that no entry accounts for (possible only after a reset).
         for k in [k for k in new_dict if k not in node.entries]:
@@ -113,25 +117,44 @@ def _rebuild_children(
     the newest stamp of the subtree (``newest`` being that of the node's own events)."""
     reset = node.reset
     keep: dict[str, Entry] = {}
+    # A node with ttl events keeps the values its expiries hide of its bare children in
+    # ``hidden`` (issue 20: a fired session's members, until the expiry is permanent), not
+    # a node each; others give such a child a node of its own.
+    was_hidden = node.hidden
+    can_hide = node.ttls is not None
+    hidden: dict[str, Any] | None = None
     for k, e in node.entries.items():
         if type(e) is not _Node:
             if e < reset:
                 if new_dict is not None:
                     new_dict.pop(k, None)
                 continue
-            if (new_dict is None or e < visible_reset) and old_dict is not None and k in old_dict:
-                # A value about to be hidden: it lives in this node's dict, so give it a node
-                # of its own to keep it while it is hidden.
-                child = _Node()
-                child.assigned = child.newest = e
-                child.assigned_value = child.value = old_dict[k]
-                child.reset = max(e, reset)
-                e = child
-            else:
-                keep[k] = e  # its value (if not a tombstone) is already in new_dict
+            value = _bare_value(k, old_dict, was_hidden)
+            if value is MISSING or (new_dict is not None and e >= visible_reset):
+                # A tombstone, or a value to show: it goes to (or stays in) new_dict.
+                if value is not MISSING and new_dict is not None:
+                    new_dict[k] = value
+                keep[k] = e
                 if e > newest:
                     newest = e
                 continue
+            if can_hide:
+                if hidden is None:
+                    hidden = {}
+                hidden[k] = value  # a value about to be hidden, kept beside its stamp
+                keep[k] = e
+                if e > newest:
+                    newest = e
+                if new_dict is not None:
+                    new_dict.pop(k, None)
+                continue
+            # A value about to be hidden: it lives in this node's dict, so give it a node
+            # of its own to keep it while it is hidden.
+            child = _Node()
+            child.assigned = child.newest = e
+            child.assigned_value = child.value = value
+            child.reset = max(e, reset)
+            e = child
         if rebuild(e, reset, now_ms, visible_reset):
             if e.newest > newest:
                 newest = e.newest
@@ -145,12 +168,30 @@ def _rebuild_children(
                 e.assigned_value is MISSING if child_value is MISSING else new_dict is not None
             ):
                 keep[k] = e.assigned  # type: ignore[assignment]  # (plain: a stamp, not NEVER)
+            elif can_hide and child_value is MISSING and is_plain(e):
+                # A plain leaf hidden from above (``is_plain``: no ttl of its own hides it).
+                if hidden is None:
+                    hidden = {}
+                hidden[k] = e.assigned_value
+                keep[k] = e.assigned  # type: ignore[assignment]
             else:
                 keep[k] = e
         elif new_dict is not None:
             new_dict.pop(k, None)
     node.entries = keep
+    node.hidden = hidden  # (after: replacing ``entries`` drops the old ones)
     return newest
+
+
+def _bare_value(key: str, old_dict: dict[str, Any] | None, hidden: dict[str, Any] | None) -> Any:
+    """The value of a bare-stamp child ``key`` before a rebuild: in the node's dict
+    (``old_dict``), or among the values an expiry hid (``hidden``), or MISSING (a
+    tombstone)."""
+    if old_dict is not None:
+        value = old_dict.get(key, MISSING)
+        if value is not MISSING:
+            return value
+    return MISSING if hidden is None else hidden.get(key, MISSING)
 
 
 def own_state(node: _Node, parent_reset: Stamp) -> tuple[bool, Stamp, Any]:
@@ -231,7 +272,10 @@ def prune_children(node: _Node, reset: Stamp, now_ms: float | int) -> None:
         elif e.newest >= reset:
             rebuild(e, reset, now_ms)
             keep[k] = e
+    hidden = node.hidden
     node.entries = keep
+    if hidden is not None:
+        node.hidden = {k: v for k, v in hidden.items() if k in keep} or None
 
 
 def _prune_ttls(node: _Node, base: Stamp) -> None:

@@ -67,6 +67,7 @@ __all__ = [
     "record_assign",
     "is_plain",
     "bare_if_plain",
+    "holds_nothing",
     "newest_in",
     "raise_below",
     "pack_leaves",
@@ -157,6 +158,7 @@ class _Node:
         "ttls",
         "ttl_first",
         "packed",
+        "hidden",
     )
 
     def __init__(self) -> None:
@@ -185,6 +187,11 @@ class _Node:
         # How many leaves ``pack_leaves`` last packed here (0: never): it packs again only
         # when the node has twice as many entries, so a writer coming back pays once.
         self.packed = 0
+        # The values of bare-stamp children that an expiry hides (key -> value), or None: a
+        # node with ttl events keeps them here while they are hidden, not each in a node of
+        # its own (``_rebuild``); a bare stamp whose key is neither here nor in ``value`` is
+        # a tombstone.
+        self.hidden: dict[str, Any] | None = None
 
     def set_ttls(self, ttls: dict[int, int] | None) -> None:
         """Replace ``ttls`` (None for none), keeping ``ttl_first``."""
@@ -204,6 +211,7 @@ class _Node:
     @entries.setter
     def entries(self, entries: dict[str, Entry]) -> None:
         self.runs = None  # (replaced whole: the runs are read first, or meant to go too)
+        self.hidden = None  # (likewise the hidden values: a rebuild gives them back after)
         self._entries = entries
 
     def record_runs(self) -> None:
@@ -387,6 +395,23 @@ def bare_if_plain(node: _Node, key: str) -> Any:
     return entry
 
 
+def holds_nothing(node: _Node, frontier: int) -> bool:
+    """True when a node is metadata of nothing older than ``frontier`` (a tombstone, or
+    what deletes of absent paths left): no value (nor one an expiry hides), no children,
+    ttl events or increments, and every stamp of it below the stability frontier, so no
+    operation can ever meet it again. ``collect`` drops such a node, ``expire`` the one it
+    leaves."""
+    return (
+        node.value is MISSING
+        and node.assigned_value is MISSING  # (not a value an expiry hides)
+        and not node._entries
+        and node.runs is None
+        and node.ttls is None
+        and not node.incs
+        and max(node.assigned, node.written_below, node.incremented) < frontier
+    )
+
+
 def newest_in(entry: int | _Node) -> float | int:
     """The newest stamp in an entry's subtree: a bare stamp's own, a node's ``newest``."""
     return entry.newest if type(entry) is _Node else entry
@@ -487,6 +512,8 @@ class Tree:
             node.assigned = node.newest = entry
             parent_value = parent.value
             value = parent_value.get(key, MISSING) if type(parent_value) is dict else MISSING
+            if value is MISSING and parent.hidden is not None:
+                value = parent.hidden.get(key, MISSING)  # (a hidden one: a rebuild follows)
             node.assigned_value = node.value = value
             node.reset = max(entry, parent.reset)
         parent.entries[key] = node

@@ -19,7 +19,7 @@ from typing import Any, cast
 from ._clock import MILLIS_SHIFT, NODE_MASK, expiry_stamp
 from ._columns import Run
 from ._rebuild import owners, rebuild_at
-from ._tree import MISSING, Tree, _Node, record_assign
+from ._tree import MISSING, Tree, _Node, holds_nothing, record_assign
 
 __all__ = ["Expiries", "fired_any", "fired_bound", "path_tuple"]
 
@@ -35,11 +35,18 @@ class Expiries(Tree):
 
     def __init__(self) -> None:
         super().__init__()
-        # Expiries not yet due, (E, stamp, path), and due ones not yet made permanent,
-        # (D, stamp, path). Entries may be stale (the event was overtaken): checked on use.
+        # Expiries not yet due, (E, stamp, path). Entries may be stale (the event was
+        # overtaken), here and in ``_due``: checked on use.
         self._pending: list[tuple[int, int, Path]] = []
+        # Due ones not yet made permanent, (D, stamp, path), or for siblings that fired
+        # together (D, stamp, run), their D growing, the first's in the entry (``_DueRun``).
         self._due: list[tuple[int, int, Path]] = []
         self._due_stamps: set[int] = set()  # the events in _due
+        self._due_extra = 0  # the events of _due's runs beyond the first of each
+        # Per parent, the last run ``_push_fired`` made, while it is in ``_due``: siblings
+        # that fire later, due no sooner, join it (a churning member holds tens of thousands
+        # of fired sessions until their expiries are permanent: not an entry each).
+        self._open_due: dict[Path, _DueRun] = {}
         # The sessions pending runs hold beyond their run's one entry in _pending (see
         # ``pend_run``): what ``pending_expiries`` counts too.
         self._run_extra = 0
@@ -65,7 +72,7 @@ class Expiries(Tree):
     @property
     def pending_expiries(self) -> int:
         """Registered expiries not yet made permanent (due or not; some may be stale)."""
-        return len(self._pending) + self._run_extra + len(self._due)
+        return len(self._pending) + self._run_extra + len(self._due) + self._due_extra
 
     def advance(
         self, now_ms: float | int, budget: float = float("inf")
@@ -90,21 +97,29 @@ class Expiries(Tree):
         self._forget_way()
         fired: list[tuple[Path, int]] = []
         tops: dict[Path, None] = {}  # the subtrees to rebuild, once each
+        by_parent: dict[Path, list[tuple[int, int, str]]] = {}  # what fired, for ``_due``
         while pending and pending[0][0] <= now_ms and budget > 0:
             budget -= 1
             _, _, path = heapq.heappop(pending)
-            self._fire_due(path, now_ms, fired, tops)
+            self._fire_due(path, now_ms, fired, tops, by_parent)
+        self._push_fired(by_parent)
         for top_path in tops:
             self._rebuild_path(top_path)
         return fired
 
     def _fire_due(
-        self, path: Path, now_ms: float | int, fired: list[tuple[Path, int]], tops: dict[Path, None]
+        self,
+        path: Path,
+        now_ms: float | int,
+        fired: list[tuple[Path, int]],
+        tops: dict[Path, None],
+        by_parent: dict[Path, list[tuple[int, int, str]]],
     ) -> None:
         """Fire every ttl event of the node at ``path`` due by ``now_ms`` (whether it had a
         ``_pending`` entry of its own or came after the one that popped), adding it to
-        ``fired`` and the path of its topmost node with ttl events to ``tops``; the earliest
-        event not yet due gets the node's next entry."""
+        ``fired``, the path of its topmost node with ttl events to ``tops`` and ``(expiry
+        stamp, stamp, key)`` to ``by_parent`` (for ``_push_fired``); the earliest event not
+        yet due gets the node's next entry."""
         if type(path) is _RunPath:
             self._pend_sessions(path)
             return
@@ -122,7 +137,11 @@ class Expiries(Tree):
                 if later is None or due < later[0]:
                     later = (due, stamp)
             elif stamp not in self._due_stamps:
-                self._push_due(expiry, stamp, path)
+                self._due_stamps.add(stamp)
+                events = by_parent.get(path[:-1])
+                if events is None:
+                    events = by_parent[path[:-1]] = []
+                events.append((expiry, stamp, path[-1]))
                 tops[top_path] = None
                 fired.append((path, stamp))
         if later is not None:
@@ -138,27 +157,68 @@ class Expiries(Tree):
         due = self._due
         done = 0
         while due and due[0][0] < frontier and budget > 0:
-            budget -= 1
-            expiry, st, path = heapq.heappop(due)
-            self._due_stamps.discard(st)
-            found = self._locate(path)
-            if found is None:
+            expiry, st, run = heapq.heappop(due)
+            if type(run) is not _DueRun:
+                budget -= 1
+                self._due_stamps.discard(st)
+                done += self._expire_one(expiry, st, run, frontier)
                 continue
-            top_path, target = found
-            if not target.ttls or (st, expiry) not in owners(target.ttls):
-                continue  # overtaken, or replaced by a newer ttl before it fired
-            # It owns its path at its expiry: the events that could have cancelled it are
-            # all older than the frontier, hence known; an ancestor's expiry before it was
-            # applied first (``due`` is in stamp order) and would have dropped it.
-            parent: Any = self._root
-            for segment in path[:-1]:
-                parent = parent.entries[segment]
-            record_assign(parent.entries, path[-1], expiry, MISSING)
-            self._rebuild_path(top_path)
-            self._untidy = True  # a tombstone for ``collect``
-            done += 1
+            if self._open_due.get(run) is run:
+                del self._open_due[run]
+            keys, stamps, expiries = run.keys, run.stamps, run.expiries
+            count = len(keys)
+            self._due_extra -= count - 1
+            index = 0
+            while index < count and expiries[index] < frontier and budget > 0:
+                budget -= 1
+                self._due_stamps.discard(stamps[index])
+                done += self._expire_one(
+                    expiries[index], stamps[index], (*run, keys[index]), frontier
+                )
+                index += 1
+            if index < count:  # (its later ones: not below the frontier, or no budget left)
+                rest = _DueRun(run)
+                rest.keys, rest.stamps = keys[index:], stamps[index:]
+                rest.expiries = expiries[index:]
+                self._due_extra += count - index - 1
+                heapq.heappush(due, (rest.expiries[0], rest.stamps[0], rest))
         self.expired += done
         return done
+
+    def _expire_one(self, expiry: int, st: int, path: Path, frontier: int) -> bool:
+        """``expire``'s step for ttl event ``st`` at ``path``, expiring at ``expiry`` (below
+        the frontier): whether it was made permanent (it still owned its path)."""
+        found = self._locate(path)
+        if found is None:
+            return False
+        top_path, target = found
+        if not target.ttls or (st, expiry) not in owners(target.ttls):
+            return False  # overtaken, or replaced by a newer ttl before it fired
+        # It owns its path at its expiry: the events that could have cancelled it are all
+        # older than the frontier, hence known. (An ancestor's expiry made permanent before
+        # or after it comes to the same: the ancestor's DELETE, at a later stamp, drops it; at
+        # an earlier one, it leaves nothing this one's could show.)
+        parent: Any = self._root
+        for segment in path[:-1]:
+            parent = parent.entries[segment]
+        record_assign(parent.entries, path[-1], expiry, MISSING)
+        self._rebuild_path(top_path)
+        if top_path == path:
+            self._drop_tombstone(parent, path[-1], frontier)
+        else:
+            self._untidy = True  # a tombstone for ``collect``
+        return True
+
+    def _drop_tombstone(self, parent: _Node, key: str, frontier: int) -> None:
+        """Forget the tombstone an expiry made permanent left at ``parent``'s child ``key``
+        (a fired session's), as ``collect`` would on its next pass: it is older than the
+        frontier (so is the expiry). Not a node and then a bare stamp per expired session
+        until a pass comes by (issue 20: a pass over a churning tree takes seconds)."""
+        entry = parent._entries.get(key)  # (a node with ttl events: no pending run here)
+        if type(entry) is _Node and holds_nothing(entry, frontier):
+            del parent._entries[key]
+        else:
+            self._untidy = True  # something else for ``collect``
 
     def expirable(self, frontier: int) -> bool:
         """True while ``expire(frontier)`` has something left to look at."""
@@ -290,9 +350,37 @@ class Expiries(Tree):
         heapq.heappush(self._pending, (due, s, run_path))
 
     def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
+        """Put ttl event ``s`` at ``path``, expiring at ``expiry`` (due when registered), in
+        ``_due`` (once)."""
         if s not in self._due_stamps:
             self._due_stamps.add(s)
             heapq.heappush(self._due, (expiry, s, path))
+
+    def _push_fired(self, by_parent: dict[Path, list[tuple[int, int, str]]]) -> None:
+        """Put the ttl events ``advance`` fired (``(expiry stamp, stamp, key)`` by the path of
+        their parent, in ``_due_stamps`` already) in ``_due``: a parent's join its open run
+        when due no sooner than its last, else make a run of their own (``_DueRun``), or a
+        plain entry for one alone."""
+        due = self._due
+        for parent, events in by_parent.items():
+            events.sort()
+            run = self._open_due.get(parent)
+            if run is not None and events[0][0] >= run.expiries[-1]:
+                for expiry, s, key in events:
+                    run.keys.append(key)
+                    run.stamps.append(s)
+                    run.expiries.append(expiry)
+                self._due_extra += len(events)
+                continue
+            if len(events) == 1:
+                expiry, s, key = events[0]
+                heapq.heappush(due, (expiry, s, (*parent, key)))
+                continue
+            run = _DueRun(parent)
+            run.expiries, run.stamps, run.keys = (list(column) for column in zip(*events))
+            self._due_extra += len(events) - 1
+            self._open_due[parent] = run
+            heapq.heappush(due, (run.expiries[0], run.stamps[0], run))
 
     def _locate(self, path: tuple[str, ...]) -> tuple[tuple[str, ...], _Node] | None:
         """``(path of the topmost node with ttl events on the way, node at path)``, or None
@@ -328,6 +416,16 @@ class _RunPath(tuple[str, ...]):
     run: Run
     parent: _Node
     due: int
+
+
+class _DueRun(tuple[str, ...]):
+    """The path of a parent in a ``_due`` entry, with the due ttl events of its children the
+    entry stands for (see ``_push_fired``), their expiry stamps in order: one entry, not one
+    each with its own path."""
+
+    keys: list[str]
+    stamps: list[int]
+    expiries: list[int]
 
 
 def path_tuple(path: Any) -> tuple[str, ...]:
