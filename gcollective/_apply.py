@@ -131,10 +131,10 @@ class Applier(Expiries):
         whose way is all dicts without ttl events (``ancestors``: the nodes on it, itself
         included), with the same result, faster for a run of received sessions and rate-limit
         hits: new sessions (a SET with a ttl of a dict at a new key, not due) wait on
-        ``parent`` as a pending run (``_tree.Sessions``) with one expiry entry, and an int
-        hit with a ttl on a counter whose expiries have not fired (``_increment_expiring``'s
-        cases) takes a few dict updates here (``_hit``); anything else goes its usual way.
-        The summaries on the way are raised once, as a run's are."""
+        ``parent`` as a pending run (``_tree.Sessions``) with one expiry entry (a batch of
+        nothing else: in a few C-level passes, ``_new_sessions_at_once``), and an int hit
+        with a ttl takes ``apply_expiring_hits``' few dict updates; anything else goes its
+        usual way. The summaries on the way are raised once, as a run's are."""
         self._untidy = True  # (increments and ttl events for ``collect``)
         head = tuple(prefix.split("."))
         if self._new_sessions_at_once(parent, head, stamps, ops, keys, values, ttls):
