@@ -253,14 +253,14 @@ class Applier(Expiries):
         head: tuple[str, ...],
         stamps: Iterable[int],
         keys: Iterable[str],
-        amounts: Iterable[int],
+        amounts: Iterable[Any],
         ttls: Iterable[int],
     ) -> None:
-        """``apply`` one origin's int increments with a ttl (stamps growing, the first not
+        """``apply`` one origin's increments with a ttl (stamps growing, the first not
         older than ``parent.reset``; a rate limiter's hits) at ``keys`` under ``parent``, the
         node at ``head`` whose way is all dicts without ttl events; its ancestors' summaries
-        are the caller's to raise. A hit takes a few dict updates here, inline (this loop is
-        a receiver's whole cost of a hit), where it is new (a new counter, as the rebuild
+        are the caller's to raise. An int hit takes a few dict updates here, inline (this
+        loop is a receiver's whole cost of a hit), where it is new (a new counter, as the rebuild
         makes it) or only adds to a counter whose expiries have not fired and which holds an
         int, hit in order (``_newest_increment``) or late among others' hits
         (``_late_increment``), its ttl event recorded as ``_record_ttl`` does; anything
@@ -280,7 +280,7 @@ class Applier(Expiries):
                     continue
                 hit_due, hit_expiry = due, expiry_stamp(s, ttl_ms)
             node = entries.get(key)
-            if node is None:
+            if node is None and type(amount) is int:
                 node = _Node()
                 node.incs = {s: amount}
                 node.incremented = node.reset = node.newest = s
@@ -291,7 +291,12 @@ class Applier(Expiries):
             if type(node) is _Node:
                 counts = node.ttls
                 current = node.value
-                if counts is not None and type(current) is int and node.ttl_first >= fired_below:
+                if (
+                    counts is not None
+                    and type(current) is int
+                    and type(amount) is int
+                    and node.ttl_first >= fired_below
+                ):
                     incs = node.incs
                     if s > node.newest:
                         node.newest = node.incremented = node.reset = s
@@ -300,11 +305,9 @@ class Applier(Expiries):
                         incs[s] = amount
                         node.value = data[key] = current + amount
                         counts[s] = hit_expiry  # (no event here is as new: none at ``s``)
-                        first = node.ttl_first
-                        if hit_expiry < first and hit_due < first >> MILLIS_SHIFT:
-                            node.ttl_first = hit_expiry
-                            heappush(self._pending, (hit_due, s, (*head, key)))
-                        elif hit_expiry < first:
+                        if hit_expiry < node.ttl_first:  # (``_record_ttl``'s case not due)
+                            if hit_due < node.ttl_first >> MILLIS_SHIFT:
+                                heappush(self._pending, (hit_due, s, (*head, key)))
                             node.ttl_first = hit_expiry
                         continue
                     if (

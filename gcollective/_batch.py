@@ -26,15 +26,10 @@ _FIRST = itemgetter(0)
 _LAST = itemgetter(2)
 
 
-def _only_int_hits(ops: list[int], amounts: list[Any], ttls: Sequence[int]) -> bool:
-    """Whether a batch is only INCREMENTs of ints, each with a ttl (a rate limiter's hits:
+def _only_hits_with_ttls(ops: list[int], ttls: Sequence[int]) -> bool:
+    """Whether a batch is only INCREMENTs, each with a ttl (a rate limiter's hits:
     ``apply_expiring_hits``' case)."""
-    return (
-        ops[0] == INCREMENT
-        and ops.count(INCREMENT) == len(ops)
-        and 0 not in ttls
-        and set(map(type, amounts)) == _ONLY_INTS
-    )
+    return ops[0] == INCREMENT and ops.count(INCREMENT) == len(ops) and 0 not in ttls
 
 
 class _Parent:
@@ -92,7 +87,7 @@ class Batches(Ways):
                 node, ancestors = self._dict_way(parent.split("."), stamps[0])
                 if node is not None and stamps[0] >= node.reset:
                     keys = cast("list[str]", paths)
-                    if _only_int_hits(ops, values, ttls):
+                    if _only_hits_with_ttls(ops, ttls):
                         self.apply_expiring_hits(
                             node, tuple(parent.split(".")), stamps, keys, values, ttls
                         )

@@ -2,7 +2,7 @@
 (a writer's loop of sessions, a rate limiter's hits) against the general way.
 
 A frame of only new sessions with one ttl becomes one pending run in a few C-level passes
-(``Applier._new_sessions_at_once``); a frame of only int hits with ttls goes through one loop
+(``Applier._new_sessions_at_once``); a frame of only hits with ttls goes through one loop
 (``Applier.apply_expiring_hits``), whatever the counters it meets. On top of any state, at
 any time, the store must hold what applying the same operations one by one holds, metadata
 included, and the reference model's tree, then and after later time steps, operations,
@@ -22,6 +22,7 @@ from test_store_property import (
     NODE_IDS,
     SET,
     Op,
+    amounts,
     assert_tree,
     batched_and_one_by_one,
     deliver,
@@ -63,7 +64,8 @@ def _before_bodies() -> st.SearchStrategy:
 def expiring_frames(draw: st.DrawFn) -> tuple[list[Op], list[Op], list[Op], int]:
     """Operations before, in and after one origin's frame under ``PARENT`` that is all new
     sessions with one ttl (keys mostly new, sometimes one twice or one there already) or all
-    int hits with ttls (one for all, or each its own), and the store's time for it."""
+    hits with ttls (one for all, or each its own; ints mostly, a float goes the general way),
+    and the store's time for it."""
     made = 0
 
     def stamp(millis: int, origin: int) -> int:
@@ -98,10 +100,11 @@ def expiring_frames(draw: st.DrawFn) -> tuple[list[Op], list[Op], list[Op], int]
             ttls = [draw(TTLS)] * size
         else:
             ttls = draw(st.lists(TTLS, min_size=size, max_size=size))
-        amounts = draw(st.lists(small_ints, min_size=size, max_size=size))
+        hits = st.one_of(small_ints, small_ints, amounts)
+        drawn = draw(st.lists(hits, min_size=size, max_size=size), label="amounts")
         batch = [
             Op(s, INCREMENT, (*PARENT, k), a, t)
-            for s, k, a, t in zip(stamps, keys, amounts, ttls, strict=True)
+            for s, k, a, t in zip(stamps, keys, drawn, ttls, strict=True)
         ]
         event("hits")
     # Some of the frame's operations may be there already (a repeat: relayed, or in a
