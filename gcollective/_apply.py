@@ -9,7 +9,7 @@ agree with; so does anything at or below a path with ttl events (``_record_and_r
 from __future__ import annotations
 
 from heapq import heappush
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 from ._clock import MILLIS_SHIFT, expiry_stamp
 from ._rebuild import prune_children, rebuild_at
@@ -27,9 +27,11 @@ from ._tree import (
     raise_below,
     record_assign,
 )
-from ._ttl import Expiries, fired_any, fired_bound
+from ._ttl import Expiries, fired_any
 
 __all__ = ["Applier"]
+
+_ONLY_DICTS = {dict}
 
 
 class Applier(Expiries):
@@ -129,12 +131,15 @@ class Applier(Expiries):
         whose way is all dicts without ttl events (``ancestors``: the nodes on it, itself
         included), with the same result, faster for a run of received sessions and rate-limit
         hits: new sessions (a SET with a ttl of a dict at a new key, not due) wait on
-        ``parent`` as a pending run (``_tree.Sessions``) with one expiry entry, and an int
-        hit with a ttl on a counter whose expiries have not fired (``_increment_expiring``'s
-        cases) takes a few dict updates here (``_hit``); anything else goes its usual way.
-        The summaries on the way are raised once, as a run's are."""
+        ``parent`` as a pending run (``_tree.Sessions``) with one expiry entry (a batch of
+        nothing else: in a few C-level passes, ``_new_sessions_at_once``), and an int hit
+        with a ttl takes ``apply_expiring_hits``' few dict updates; anything else goes its
+        usual way. The summaries on the way are raised once, as a run's are."""
         self._untidy = True  # (increments and ttl events for ``collect``)
         head = tuple(prefix.split("."))
+        if self._new_sessions_at_once(parent, head, stamps, ops, keys, values, ttls):
+            raise_below(ancestors, stamps[-1])
+            return
         now = self.now_ms
         data = parent.value
         recorded = parent._entries
@@ -142,8 +147,6 @@ class Applier(Expiries):
         session_stamps: list[int] = []
         session_ttls: list[int] = []
         first_due = 0  # the earliest of theirs
-        fired_below = fired_bound(now)  # (an expiry stamp below it has fired)
-        hit_due = hit_expiry = 0  # a hit's expiry stamp, made once per millisecond it is due
         raised: int | None = None  # the newest stamp not yet raised on the way
         for s, op, key, value, ttl_ms in zip(stamps, ops, keys, values, ttls):
             if ttl_ms:
@@ -170,14 +173,10 @@ class Applier(Expiries):
                 )
                 session_keys, session_stamps, session_ttls, first_due = [], [], [], 0
             if ttl_ms:  # (SET or INCREMENT: a write below the way)
-                if due > now and op != SET and type(value) is int:
-                    entries = parent._entries if parent.runs is None else parent.entries
-                    if due != hit_due:  # (one origin's: the same for the same millisecond)
-                        hit_due, hit_expiry = due, expiry_stamp(s, ttl_ms)
-                    if self._hit(entries, data, head, key, s, value, hit_expiry, fired_below):
-                        raised = s
-                        continue
-                self._apply_with_ttl(parent, key, s, op, value, ttl_ms, (*head, key))
+                if op == SET or type(value) is not int:
+                    self._apply_with_ttl(parent, key, s, op, value, ttl_ms, (*head, key))
+                else:
+                    self.apply_expiring_hits(parent, head, (s,), (key,), (value,), (ttl_ms,))
                 raised = s
             else:
                 if raised is not None:
@@ -192,87 +191,154 @@ class Applier(Expiries):
         if raised is not None:
             raise_below(ancestors, raised)
 
+    def _new_sessions_at_once(
+        self,
+        parent: _Node,
+        head: tuple[str, ...],
+        stamps: Sequence[int],
+        ops: list[int],
+        keys: list[str],
+        values: list[Any],
+        ttls: Sequence[int],
+    ) -> bool:
+        """``apply_expiring_siblings``' loop for a batch of only new sessions (a writer's
+        loop of them): SETs of dicts at keys new to ``parent`` and to each other, one ttl
+        for all, none due. Then they are one pending run, made with a few C-level passes
+        (``stamps`` and ``keys`` kept as they are); False, having changed nothing, when the
+        batch is not that (the loop decides)."""
+        ttl_ms = ttls[0]
+        due = (stamps[0] >> MILLIS_SHIFT) + ttl_ms  # (the earliest: the stamps grow)
+        data = parent.value
+        if not (
+            due > self.now_ms
+            and ops[0] == SET
+            and ops.count(SET) == len(ops)
+            and ttl_ms
+            and ttls.count(ttl_ms) == len(ttls)
+            and set(map(type, values)) == _ONLY_DICTS
+            and data.keys().isdisjoint(keys)
+            and parent._entries.keys().isdisjoint(keys)  # (the runs' keys are in ``data``)
+        ):
+            return False
+        size = len(data)
+        data.update(zip(keys, values))
+        if len(data) - size != len(keys):  # a key twice: the loop keeps its last value
+            for key in keys:
+                data.pop(key, None)
+            return False
+        self._pend_sessions_run(parent, head, keys, stamps, ttls, due)
+        return True
+
     def _pend_sessions_run(
         self,
         parent: _Node,
         head: tuple[str, ...],
         keys: list[str],
-        stamps: list[int],
-        ttls: list[int],
+        stamps: Sequence[int],
+        ttls: Sequence[int],
         due: int,
     ) -> None:
         """Put new sessions (their values in ``parent``'s dict already) on ``parent``, the
         node at ``head``, as a pending run, with one expiry entry at ``due``."""
-        run = (keys, stamps, Sessions(ttls))
+        run = (keys, stamps, Sessions(cast("list[int]", ttls)))
         if parent.runs is None:
             parent.runs = [run]
         else:
             parent.runs.append(run)
         self.pend_run(head, run, due)
 
-    def _hit(
+    def apply_expiring_hits(
         self,
-        entries: dict[str, Any],
-        data: dict[str, Any],
+        parent: _Node,
         head: tuple[str, ...],
-        key: str,
-        s: int,
-        amount: int,
-        expiry: int,
-        fired_below: Any,
-    ) -> bool:
-        """``apply_expiring_siblings``' case of an int increment at ``key`` under the node at
-        ``head`` (``entries`` and ``data`` its own) with a ttl expiring at ``expiry``, not
-        due (``fired_below``: ``fired_bound`` of the store's now): a new counter, or a
-        counter with ttl events none of which has fired, holding an int, hit in order
-        (``_newest_increment``) or late among others' hits (``_late_increment``); its ttl
-        event recorded as ``_record_ttl`` does. False, having changed nothing, when it is
-        not that."""
-        node = entries.get(key)
-        if node is None:
-            # A new counter, as the rebuild makes it.
-            node = _Node()
-            node.incs = {s: amount}
-            node.incremented = node.reset = node.newest = s
-            node.value = data[key] = amount
-            self._first_ttl(node, s, expiry, (*head, key))
-            entries[key] = node
-            return True
-        if type(node) is not _Node:
-            return False
-        ttls = node.ttls
-        current = node.value
-        if ttls is None or type(current) is not int or node.ttl_first < fired_below:
-            return False  # (an expiry here fired: whether it owns the path may change)
-        incs = node.incs
-        if s > node.newest:
-            node.newest = node.incremented = node.reset = s
-        elif node.incremented > node.written_below and s > node.written_below and s > node.assigned:
-            # Late, after the assignment and every write below, where the number counts
-            # increments already: the sum does not depend on the order.
-            if incs is not None and s in incs:
-                return True  # a repeat
-            if s > node.incremented:
-                node.incremented = s
-                if s > node.reset:
-                    node.reset = s
-        else:
-            return False
-        if incs is None:
-            node.incs = incs = {}
-        incs[s] = amount
-        node.value = data[key] = current + amount
-        # ``_record_ttl``'s case where the earliest event here is not due: an entry for this
-        # node pops no later than that one.
-        if s not in ttls:
-            ttls[s] = expiry
-            first = node.ttl_first
-            if expiry < first:
-                node.ttl_first = expiry
-                due = expiry >> MILLIS_SHIFT
-                if due < first >> MILLIS_SHIFT:
-                    heappush(self._pending, (due, s, (*head, key)))
-        return True
+        stamps: Iterable[int],
+        keys: Iterable[str],
+        amounts: Iterable[Any],
+        ttls: Iterable[int],
+    ) -> None:
+        """``apply`` one origin's increments with a ttl (stamps growing, the first not
+        older than ``parent.reset``; a rate limiter's hits) at ``keys`` under ``parent``, the
+        node at ``head`` whose way is all dicts without ttl events; its ancestors' summaries
+        are the caller's to raise. An int hit takes a few dict updates here, inline (this
+        loop is a receiver's whole cost of a hit), where it is new (a new counter, as the rebuild
+        makes it) or only adds to a counter whose expiries have not fired and which holds an
+        int, hit in order (``_newest_increment``) or late among others' hits
+        (``_late_increment``), its ttl event recorded as ``_record_ttl`` does; anything
+        else goes the general way (``_apply_with_ttl``)."""
+        self._untidy = True  # (increments and ttl events for ``collect``)
+        now = self.now_ms
+        fired_below = self._fired_below  # (an expiry stamp below it has fired)
+        data = parent.value
+        entries = parent._entries if parent.runs is None else parent.entries
+        hit_due = hit_expiry = 0  # a hit's expiry stamp, made once per millisecond it is due
+        for s, key, amount, ttl_ms in zip(stamps, keys, amounts, ttls):
+            due = (s >> MILLIS_SHIFT) + ttl_ms  # (``expiry_stamp``'s milliseconds)
+            if due != hit_due:  # (one origin's: the same for the same millisecond)
+                if due <= now:  # due already: the general way fires it
+                    self._apply_with_ttl(parent, key, s, INCREMENT, amount, ttl_ms, (*head, key))
+                    entries = parent._entries if parent.runs is None else parent.entries
+                    continue
+                hit_due, hit_expiry = due, expiry_stamp(s, ttl_ms)
+            node = entries.get(key)
+            if node is None and type(amount) is int:
+                node = _Node()
+                node.incs = {s: amount}
+                node.incremented = node.reset = node.newest = s
+                node.value = data[key] = amount
+                self._first_ttl(node, s, hit_expiry, (*head, key))
+                entries[key] = node
+                continue
+            if type(node) is _Node:
+                counts = node.ttls
+                current = node.value
+                if (
+                    counts is not None
+                    and type(current) is int
+                    and type(amount) is int
+                    and node.ttl_first >= fired_below
+                ):
+                    incs = node.incs
+                    if s > node.newest:
+                        node.newest = node.incremented = node.reset = s
+                        if incs is None:
+                            node.incs = incs = {}
+                        incs[s] = amount
+                        node.value = data[key] = current + amount
+                        counts[s] = hit_expiry  # (no event here is as new: none at ``s``)
+                        if hit_expiry < node.ttl_first:  # (``_record_ttl``'s case not due)
+                            if hit_due < node.ttl_first >> MILLIS_SHIFT:
+                                heappush(self._pending, (hit_due, s, (*head, key)))
+                            node.ttl_first = hit_expiry
+                        continue
+                    if (
+                        node.incremented > node.written_below
+                        and s > node.written_below
+                        and s > node.assigned
+                    ):
+                        # Late, after the assignment and every write below, where the number
+                        # counts increments already: the sum does not depend on the order.
+                        if incs is None:
+                            node.incs = incs = {}
+                        elif s in incs:
+                            continue  # a repeat
+                        if s > node.incremented:
+                            node.incremented = s
+                            if s > node.reset:
+                                node.reset = s
+                        incs[s] = amount
+                        node.value = data[key] = current + amount
+                        if s not in counts:  # (``_record_ttl``'s case of an event not due)
+                            counts[s] = hit_expiry
+                            first = node.ttl_first
+                            if hit_expiry < first:
+                                node.ttl_first = hit_expiry
+                                if hit_due < first >> MILLIS_SHIFT:
+                                    heappush(self._pending, (hit_due, s, (*head, key)))
+                        continue
+            # Not that simple (an expiry here fired, whether it owns the path may change;
+            # no number here; older than a write below): the general way.
+            self._apply_with_ttl(parent, key, s, INCREMENT, amount, ttl_ms, (*head, key))
+            entries = parent._entries if parent.runs is None else parent.entries
 
     def _apply_with_ttl(
         self,

@@ -26,6 +26,12 @@ _FIRST = itemgetter(0)
 _LAST = itemgetter(2)
 
 
+def _only_hits_with_ttls(ops: list[int], ttls: Sequence[int]) -> bool:
+    """Whether a batch is only INCREMENTs, each with a ttl (a rate limiter's hits:
+    ``apply_expiring_hits``' case)."""
+    return ops[0] == INCREMENT and ops.count(INCREMENT) == len(ops) and 0 not in ttls
+
+
 class _Parent:
     """A parent met in a batch (see ``Batches._apply_in_turn``): its node, the nodes on the
     way to it, and the newest stamp written below it not yet recorded on them (None: none;
@@ -81,9 +87,15 @@ class Batches(Ways):
                 node, ancestors = self._dict_way(parent.split("."), stamps[0])
                 if node is not None and stamps[0] >= node.reset:
                     keys = cast("list[str]", paths)
-                    self.apply_expiring_siblings(
-                        node, ancestors, stamps, ops, parent, keys, values, ttls
-                    )
+                    if _only_hits_with_ttls(ops, ttls):
+                        self.apply_expiring_hits(
+                            node, tuple(parent.split(".")), stamps, keys, values, ttls
+                        )
+                        raise_below(ancestors, stamps[-1])
+                    else:
+                        self.apply_expiring_siblings(
+                            node, ancestors, stamps, ops, parent, keys, values, ttls
+                        )
                     return
             self._apply_in_turn(stamps, ops, full_paths(parent, paths), values, ttls)
             return
