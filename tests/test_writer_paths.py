@@ -90,22 +90,34 @@ def test_own_operations_through_set_key_match_apply(data: st.DataObject) -> None
     received: list[Op] = []
     now: int | None = None
     newest = 0  # own stamps grow, as a clock's do
+    held: list[Op] = []  # others' operations that arrive later
     for index, operation in enumerate(ops):
         context = f"ops: {ops!r}, at {index}, now={now}"
         if data.draw(st.integers(0, 7), label="advance first") == 0:
             now = max(now or 0, data.draw(st.integers(0, 45), label="now"))
             own_store.advance(now)
             plain.advance(now)
-        deliver(plain, [operation])
-        received.append(operation)
         own = operation.stamp > newest and data.draw(st.integers(0, 3), label="own") > 0
         if own:
             newest = operation.stamp
-        if not (own and _own(own_store, operation, data.draw(st.booleans(), label="flat"))):
-            deliver(own_store, [operation])
+        elif data.draw(st.booleans(), label="arrives late"):
+            held.append(operation)  # (another member's, older than own ones after it)
+        arrived = [] if operation in held else [operation]
+        if held and data.draw(st.integers(0, 3), label="the late ones arrive") == 0:
+            arrived, held = [*arrived, *held], []
+        for each in arrived:
+            deliver(plain, [each])
+            received.append(each)
+            if not (
+                each is operation
+                and own
+                and _own(own_store, each, data.draw(st.booleans(), label="flat"))
+            ):
+                deliver(own_store, [each])
         assert roundtrip(own_store.export()) == roundtrip(plain.export()), context
         assert_tree(own_store.to_dict(), fold(received, now), context)
     for store in (own_store, plain):
+        deliver(store, held)
         store.advance(60)
         store.expire(real_stamp(1000, 0, 1))
         while not store.collect(real_stamp(1000, 0, 1)):
