@@ -434,13 +434,8 @@ class Tree:
         self._way_nodes: list[_Node] = []
         self._way_path: tuple[str, ...] = ()
         self._way_newest = 0
-        # The parents the cached ways last left (``_forget_way``), to pack (``_leave_way``).
-        self._ways_left: list[_Node] = []
-        # The way cached before this one, kept for a writer that comes back to it (a web
-        # app's request counts a hit under one parent and writes a session under another):
-        # ``(way_key, _way_parent, _way_nodes, _way_path, _way_newest)`` as they were, or
-        # None. Valid, flushed and forgotten with the cached way (see ``Ways._look_for_way``).
-        self._way_parked: tuple[str, _Node, list[_Node], tuple[str, ...], int] | None = None
+        # The parent the cached way last left (``_forget_way``), to pack (``_leave_way``).
+        self._way_left: _Node | None = None
 
     def get(self, path: Iterable[str], default: Any = None) -> Any:
         """The value at ``path`` (containers copied), or ``default`` when there is none."""
@@ -460,10 +455,6 @@ class Tree:
         if self._way_newest:
             raise_below(self._way_nodes, self._way_newest)
             self._way_newest = 0
-        parked = self._way_parked
-        if parked is not None and parked[4]:
-            raise_below(parked[2], parked[4])
-            self._way_parked = (*parked[:4], 0)
 
     def _forget_way(self) -> None:
         """Drop the way ``cache_way`` remembered: the tree is about to change otherwise."""
@@ -471,24 +462,19 @@ class Tree:
             return  # nothing cached (a received batch calls this per operation)
         self._flush_way()
         if self._way_parent is not self._root:
-            self._ways_left.append(self._way_parent)
-        if self._way_parked is not None:
-            self._ways_left.append(self._way_parked[1])
-            self._way_parked = None
+            self._way_left = self._way_parent
         self.way_key = None
         self._way_nodes = []
         self._way_parent = self._root
 
-    def _leave_way(self, parent: _Node, dropped: _Node | None) -> None:
-        """Before ``cache_way`` caches the way to ``parent``: pack the leaves of the parents
-        the ways left for good (``pack_leaves``), ``dropped`` and those ``_forget_way`` left,
-        a writer's loop done with them. (Only there: between operations, with no way cached
-        under it, nothing holds such a node's ``_entries``; a parked way's parent is not
-        left.)"""
-        for node in (*self._ways_left, dropped):
+    def _leave_way(self, parent: _Node) -> None:
+        """Before ``cache_way`` caches the way to ``parent``: pack the leaves of the parent
+        the way leaves (``pack_leaves``), a writer's loop done with it. (Only there: between
+        operations, with no way cached under it, nothing holds that node's ``_entries``.)"""
+        for node in (self._way_left, self._way_parent):
             if node is not None and node is not parent:
                 pack_leaves(node)
-        self._ways_left = []
+        self._way_left = None
 
     def _promote(self, parent: _Node, key: str, entry: int | None) -> _Node:
         """Turn a bare-stamp entry (or nothing) into a full metadata node."""

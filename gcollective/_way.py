@@ -34,31 +34,35 @@ class Ways(Applier):
 
     def __init__(self) -> None:
         super().__init__()
-        # The parents of the last two keys that looked for a way and missed (latest first).
-        self._way_wanted: str | None = None
-        self._way_wanted_before: str | None = None
+        self._way_wanted: str | None = None  # the parent of the last key not on the way
         self._way_skips = 0  # keys to take before looking for a loop again
 
     def set_key(self, stamp: int, key: str, value: Any) -> None:
         """``assign_key(stamp, key, value)`` of a ``value`` that is not a dict (a number, a
         str, a bool, None or a list), without a ttl: ``Collective.set``'s most common call,
         in the fewest steps (``set_leaf``, inline, under the cached way)."""
-        above, _, leaf = key.rpartition(".")
-        if (above == self.way_key and leaf and leaf.isascii()) or self._look_for_way(
-            above, leaf, key, stamp
-        ):
-            # (``set_leaf``, inline: the call cost a tenth of a ``Collective.set``; the parent
-            # was checked when it was cached)
-            parent = self._way_parent
-            entries = parent._entries
-            entry = entries.setdefault(leaf, stamp)  # (one lookup for a new key)
-            if entry is stamp or (type(entry) is int and stamp > entry):
-                if entry is not stamp:
-                    entries[leaf] = stamp
-                parent.value[leaf] = value
-                self._way_newest = stamp
-                return
-        self.apply(stamp, SET, parse_key(key), value)
+        path = None
+        if self._way_skips:
+            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
+        else:
+            above, _, leaf = key.rpartition(".")
+            if above == self.way_key and leaf and leaf.isascii():
+                # (``set_leaf``, inline: the call cost a tenth of a ``Collective.set``; the
+                # parent was checked when it was cached)
+                parent = self._way_parent
+                entries = parent._entries
+                entry = entries.setdefault(leaf, stamp)  # (one lookup for a new key)
+                if entry is stamp or (type(entry) is int and stamp > entry):
+                    if entry is not stamp:
+                        entries[leaf] = stamp
+                    parent.value[leaf] = value
+                    self._way_newest = stamp
+                    return
+            else:
+                path = parse_key(key)  # raises for a bad key
+                if self._way_to(above, path, stamp) and self.set_leaf(stamp, leaf, value):
+                    return
+        self.apply(stamp, SET, path or parse_key(key), value)
 
     def assign_key(
         self, stamp: int, key: str, value: Any, ttl_ms: int = 0, flat: bool = False
@@ -67,25 +71,41 @@ class Ways(Applier):
         dotted ``key`` (``InvalidKeyError`` if it is not valid; ``stamp`` as for
         ``set_leaf``). In a writer's loop it takes a few steps: ``set_leaf`` (or
         ``assign_leaf``, for a dict or a ttl) under the way to the key's parent, cached when
-        keys come in a row under one parent (see ``_look_for_way``). ``flat``: ``value`` is a dict
+        keys come in a row under one parent (see ``_way_to``). ``flat``: ``value`` is a dict
         of leaves that the store may keep (``clean_flat_dict``'s copy, a session's), which
         ``_assign_flat`` takes in fewer steps."""
-        above, _, leaf = key.rpartition(".")
-        if (above == self.way_key and leaf and leaf.isascii()) or self._look_for_way(
-            above, leaf, key, stamp
-        ):
-            if flat:
-                if self._assign_flat(leaf, stamp, value, ttl_ms, key):
-                    return
-            elif ttl_ms or type(value) is dict:
-                # (``assign_leaf``, inline, its path the dotted key: ``_first_ttl`` splits it
-                # only when it makes an entry)
-                if self._assign_fresh(self._way_parent, leaf, stamp, value, ttl_ms, key):
-                    self._way_newest = stamp
-                    return
-            elif self.set_leaf(stamp, leaf, value):
-                return
-        self.apply(stamp, SET, parse_key(key), value, ttl_ms)
+        path = None
+        if self._way_skips:
+            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
+        else:
+            above, _, leaf = key.rpartition(".")
+            if above == self.way_key and leaf and leaf.isascii():
+                on_way = True  # (the parent was checked when it was cached)
+            else:
+                path = parse_key(key)  # raises for a bad key
+                on_way = self._way_to(above, path, stamp)
+            if on_way:
+                if flat:
+                    if self._assign_flat(leaf, stamp, value, ttl_ms, key):
+                        return
+                elif ttl_ms or type(value) is dict:
+                    # (``assign_leaf``, inline, its path the dotted key: ``_first_ttl`` splits
+                    # it only when it makes an entry)
+                    if self._assign_fresh(self._way_parent, leaf, stamp, value, ttl_ms, key):
+                        self._way_newest = stamp
+                        return
+                else:
+                    # ``set_leaf``, inline (the call cost a tenth of a ``Collective.set``)
+                    parent = self._way_parent
+                    entries = parent._entries
+                    entry = entries.setdefault(leaf, stamp)
+                    if entry is stamp or (type(entry) is int and stamp > entry):
+                        if entry is not stamp:
+                            entries[leaf] = stamp
+                        parent.value[leaf] = value
+                        self._way_newest = stamp
+                        return
+        self.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
 
     def _assign_flat(self, leaf: str, s: int, value: dict[str, Any], ttl_ms: int, key: str) -> bool:
         """``_assign_fresh`` under the cached way of ``value``, a dict of leaves the store may
@@ -126,53 +146,31 @@ class Ways(Applier):
         self._way_newest = s
         return True
 
-    def _look_for_way(self, above: str, leaf: str, key: str, stamp: int) -> bool:
-        """Whether the way to ``above``, the parent of ``key`` (its last segment ``leaf``),
-        is cached now, for a key the quick test (the cached parent, a plain leaf) did not
-        take; ``InvalidKeyError`` for a bad key that the general way would not see.
-
-        The policy: the way parked (the one cached before) is swapped back in, so a writer
-        alternating between two parents (a hit counted, a session written) takes both fast.
-        A key under a parent one of the last two keys that looked missed is taken for a
-        loop, and the way to it cached (``_way_to``). After a miss under another parent, the
-        next ``_WAY_SKIPS`` keys off the ways take the general way without looking (keys
-        scattered over parents pay little for the cache)."""
-        parked = self._way_parked
-        if parked is not None and above == parked[0] and leaf and leaf.isascii():
-            self._way_parked = (
-                self.way_key,  # type: ignore[assignment]  # (a way is parked: one is cached)
-                self._way_parent,
-                self._way_nodes,
-                self._way_path,
-                self._way_newest,
-            )
-            self.way_key, self._way_parent, self._way_nodes, self._way_path, self._way_newest = (
-                parked
-            )
-            return True
-        if above == self.way_key:
-            parse_key(key)  # raises for a bad key
-            return True  # (a valid leaf that the quick test left out)
-        if above == self._way_wanted or above == self._way_wanted_before:
-            return self._way_to(above, parse_key(key), stamp)  # (raises for a bad key)
-        if self._way_skips:
+    def _look_for_way(self, above: str, key: str, stamp: int) -> bool:
+        """``increment_key``'s and ``delete_key``'s policy for a key the quick test (the
+        cached parent, a plain leaf) did not take: whether the way to ``above``, its parent,
+        is cached now (``_way_to``), unless keys are being skipped."""
+        path = parse_key(key)  # raises for a bad key
+        if above != self.way_key and self._way_skips:
             self._way_skips -= 1  # keys scattered over parents: look for a loop again later
-            return False  # (the general way checks the key)
-        self._way_wanted_before = self._way_wanted
-        self._way_wanted = above
-        self._way_skips = _WAY_SKIPS
-        return False
+            return False
+        return self._way_to(above, path, stamp)
 
     def _way_to(self, above: str, path: tuple[str, ...], stamp: int) -> bool:
-        """Cache the way to ``above``, the parent of the valid ``path``, for an operation at
-        ``stamp`` (``cache_way``); True when cached. When it cannot be now, ``above`` is no
-        longer wanted (``_look_for_way`` tries again later)."""
+        """Whether the way to ``above``, the parent of the valid ``path``, is cached now, for
+        an operation at ``stamp``. The policy: a key under the same parent as the last one
+        looked at is taken for a loop, and its way cached; after a key under another parent,
+        the next ``_WAY_SKIPS`` keys take the general way without looking (keys scattered
+        over parents pay little for the cache)."""
+        if above == self.way_key:
+            return True  # (a valid leaf that the quick test left out)
+        if above != self._way_wanted:
+            self._way_wanted = above
+            self._way_skips = _WAY_SKIPS
+            return False
         if self.cache_way(above, path[:-1], stamp):
             return True
-        if above == self._way_wanted:
-            self._way_wanted = None
-        else:
-            self._way_wanted_before = None
+        self._way_wanted = None  # no fast way there now: try again later
         return False
 
     def cache_way(self, key: str, way: tuple[str, ...] | list[str], s: int) -> bool:
@@ -189,13 +187,7 @@ class Ways(Applier):
         parent, nodes = self._dict_way(way, s)
         if parent is None or s < max([self._root.reset, *[node.reset for node in nodes]]):
             return False
-        # The way cached so far is parked (see ``_look_for_way``); the one parked before is
-        # left for good, and its leaves packed.
-        dropped = None
-        if self.way_key is not None and self._way_parent is not parent:
-            dropped = self._way_parked
-            self._way_parked = (self.way_key, self._way_parent, self._way_nodes, self._way_path, 0)
-        self._leave_way(parent, dropped[1] if dropped is not None else None)
+        self._leave_way(parent)  # (packs the leaves of the parent it leaves)
         if parent.runs is not None:
             parent.record_runs()  # (set_leaf reads its _entries: no runs are added meanwhile)
         self._way_parent = parent
@@ -250,7 +242,7 @@ class Ways(Applier):
         (then ``apply`` it). ``s`` as for ``set_leaf``; ``InvalidKeyError`` for a bad key."""
         above, _, leaf = key.rpartition(".")
         if not (above == self.way_key and leaf and leaf.isascii()) and not self._look_for_way(
-            above, leaf, key, s
+            above, key, s
         ):
             return None
         if ttl_ms and (s >> MILLIS_SHIFT) + ttl_ms <= self.now_ms:
@@ -300,7 +292,7 @@ class Ways(Applier):
         (then ``apply`` it); ``InvalidKeyError`` for a bad key."""
         above, _, leaf = key.rpartition(".")
         if not (above == self.way_key and leaf and leaf.isascii()) and not self._look_for_way(
-            above, leaf, key, s
+            above, key, s
         ):
             return False
         parent = self._way_parent
