@@ -4,7 +4,9 @@ machine): ``python -m benchmarks.local_ops_icount ROW OPS [PEERS]`` runs ``OPS``
 measured loop, so the peers apply nothing of it). Run it under
 ``valgrind --tool=callgrind`` with two values of ``OPS``: the difference in total
 instructions over the difference in ``OPS`` is the cost of one call, the node's own flushes
-included."""
+included. (Set ``PYTHONHASHSEED`` alike in both runs: string hashes move dict collisions. The
+``delete`` row sets its keys first, and its peers apply them, which varies from run to run:
+measure it with ``PEERS`` 0.)"""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ monkey.patch_all()
 
 from benchmarks.local_ops import _Bench, _web_runner  # noqa: E402
 
+_DELETE_KEYS = 25_000  # the keys the delete row sets first (OPS at most this)
+
 
 def main() -> None:
     row, ops = sys.argv[1], int(sys.argv[2])
@@ -26,13 +30,17 @@ def main() -> None:
     tree: dict = {}
     run = _web_runner(row, bench.node, tree)
     if row == "delete":
-        keys = [f"web.{row}.k{j}" for j in range(2000 + ops)]
+        if ops > _DELETE_KEYS:
+            raise SystemExit(f"delete: OPS is at most {_DELETE_KEYS}")
+        # The same keys set whatever ``OPS`` is: a setup that grew with it (the peers
+        # applying every key too) would count in the difference.
+        keys = [f"web.{row}.k{j}" for j in range(2000 + _DELETE_KEYS)]
         for key in keys:
             bench.node.set(key, 1)
         bench.settle()
         run(keys[:2000])
         bench.settle()
-        keys = keys[2000:]
+        keys = keys[2000 : 2000 + ops]
     else:
         keys = [f"web.{row}.k{j % 1000}" for j in range(max(ops, 2000))]
         run(keys[:2000])

@@ -634,9 +634,9 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         if op is not SET or not self._writable or self._watches or type(key) is not str:
             self._set_otherwise(key, value, op, ttl)
             return
-        # The common call, a SET of a dotted key (a session's with a ttl too), with the checks
-        # it needs and no more: this is the hot path. (``_writable`` is also how it knows the
-        # node was not inherited through a fork: the fork hook clears it.)
+        # The common call, a SET of a dotted key, with the checks it needs and no more: this
+        # is the hot path. (``_writable`` is also how it knows the node was not inherited
+        # through a fork: the fork hook clears it.)
         kind = type(value)
         if (
             (
@@ -654,12 +654,36 @@ class Collective(_Connections, _Membership, _Watching, _Member):
             value = clean_value(value)
             if len(key) + len(value) > self._fits_chars:
                 self._check_fits(key, value, key.count(".") + 1)
-        elif kind is dict and (flat := clean_flat_dict(value, key.count(".") + 1)) is not None:
-            # A session's small flat dict, copied and measured in one pass, not encoded.
+        else:
+            self._set_value(key, value, ttl, kind)  # a dict (a session's), a float, a list
+            return
+        if ttl is not None:
+            self._set_value(key, value, ttl)
+            return
+        stamp = self._clock.stamp()
+        # A writer's loop sets keys under one parent: the store remembers the way to that
+        # parent, so such a key is checked and applied in a few steps (``Store.set_key``).
+        self._store.set_key(stamp, key, value)
+        # ``_send_own(stamp, SET, key, value)``, inline: the call would cost a tenth of a set.
+        outbox = self._outbox
+        queued = len(outbox)  # (the items before this operation's three)
+        outbox += (stamp, key, value)
+        if not queued:
+            self._schedule_flush()
+        elif queued >= _FLUSH_QUEUED:
+            self._flush_outbox()
+
+    def _set_value(self, key: str, value: Any, ttl: float | None, kind: type | None = None) -> None:
+        """``set`` of what its hot path leaves out: a ``value`` of type ``kind`` that is not
+        an int, a bool, None or a str (a session's small flat dict, copied and measured in
+        one pass, not encoded; anything else through ``_checked_value``), or a ``value``
+        checked already (``kind`` None) with a ``ttl``."""
+        flat = clean_flat_dict(value, key.count(".") + 1) if kind is dict else None
+        if flat is not None:
             value, chars = flat
             if len(key) + chars > self._fits_chars:
                 self._check_fits(key, value, key.count(".") + 1)
-        else:
+        elif kind is not None:
             value = self._checked_value(key, value)
         if ttl is None:
             ttl_ms = 0
@@ -668,14 +692,10 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         else:
             ttl_ms = check_ttl(ttl)
         stamp = self._clock.stamp()
-        # A writer's loop sets keys under one parent: the store remembers the way to that
-        # parent, so such a key is checked and applied in a few steps (``Store.assign_key``).
-        # (``flat`` is bound whenever ``kind`` is dict: a session's dict, copied, is flat.)
-        self._store.assign_key(stamp, key, value, ttl_ms, kind is dict and flat is not None)
-        # ``_send_own(stamp, SET, key, value, ttl_ms)``, inline: the call would cost a tenth
-        # of a set.
+        self._store.assign_key(stamp, key, value, ttl_ms, flat is not None)
+        # ``_send_own(stamp, SET, key, value, ttl_ms)``, inline (as in ``set``)
         outbox = self._outbox
-        queued = len(outbox)  # (the items before this operation's three)
+        queued = len(outbox)
         if ttl_ms:
             # (``_due_by(stamp_millis(stamp) + ttl_ms)``, inline: a session's set pays for
             # each call it makes)

@@ -37,6 +37,33 @@ class Ways(Applier):
         self._way_wanted: str | None = None  # the parent of the last key not on the way
         self._way_skips = 0  # keys to take before looking for a loop again
 
+    def set_key(self, stamp: int, key: str, value: Any) -> None:
+        """``assign_key(stamp, key, value)`` of a ``value`` that is not a dict (a number, a
+        str, a bool, None or a list), without a ttl: ``Collective.set``'s most common call,
+        in the fewest steps (``set_leaf``, inline, under the cached way)."""
+        path = None
+        if self._way_skips:
+            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
+        else:
+            above, _, leaf = key.rpartition(".")
+            if above == self.way_key and leaf and leaf.isascii():
+                # (``set_leaf``, inline: the call cost a tenth of a ``Collective.set``; the
+                # parent was checked when it was cached)
+                parent = self._way_parent
+                entries = parent._entries
+                entry = entries.setdefault(leaf, stamp)  # (one lookup for a new key)
+                if entry is stamp or (type(entry) is int and stamp > entry):
+                    if entry is not stamp:
+                        entries[leaf] = stamp
+                    parent.value[leaf] = value
+                    self._way_newest = stamp
+                    return
+            else:
+                path = parse_key(key)  # raises for a bad key
+                if self._way_to(above, path, stamp) and self.set_leaf(stamp, leaf, value):
+                    return
+        self.apply(stamp, SET, path or parse_key(key), value)
+
     def assign_key(
         self, stamp: int, key: str, value: Any, ttl_ms: int = 0, flat: bool = False
     ) -> None:
