@@ -1863,6 +1863,26 @@ WAY_LEAVES = st.sampled_from([("x",), ("a", "x"), ("a", "y"), ("a", "x", "p"), (
 SMALL_DICTS = st.dictionaries(st.sampled_from(SEGMENTS), json_leaves, max_size=3)
 
 
+def own_operations(data: st.DataObject, bodies: list[tuple[Any, ...]]) -> list[Op]:
+    """A node's own operations of ``bodies`` (op, path, value, ttl), as a writer makes them:
+    often keys in a row under one parent (where the way cache helps), stamps mostly in
+    order."""
+    for index in range(1, len(bodies)):
+        # Loops: keys in a row under one parent (where the policy caches the way).
+        if data.draw(st.integers(0, 5), label="under the last parent") > 0:
+            op, path, *rest = bodies[index]
+            bodies[index] = (op, (*bodies[index - 1][1][:-1], path[-1]), *rest)
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
+    keys = data.draw(
+        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
+    )
+    keys.sort()  # (mostly in stamp order, as a node's own operations come)
+    for _ in range(data.draw(st.integers(0, 3), label="swaps")):
+        i = data.draw(st.integers(0, len(keys) - 1), label="swap")
+        keys[i], keys[-1 - i] = keys[-1 - i], keys[i]
+    return [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+
+
 def _way_bodies() -> st.SearchStrategy:
     """(op, path, value, ttl) for the fast paths, and anything that may change a way."""
     own = st.one_of(
@@ -1973,20 +1993,7 @@ def test_own_operations_by_key_match_apply(data: st.DataObject) -> None:
     included: own operations mostly in stamp order through it, others' through ``apply``
     at any stamp between them."""
     bodies = data.draw(st.lists(_way_bodies(), min_size=1, max_size=40), label="bodies")
-    for index in range(1, len(bodies)):
-        # Loops: keys in a row under one parent (where the policy caches the way).
-        if data.draw(st.integers(0, 5), label="under the last parent") > 0:
-            op, path, *rest = bodies[index]
-            bodies[index] = (op, (*bodies[index - 1][1][:-1], path[-1]), *rest)
-    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
-    keys = data.draw(
-        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
-    )
-    keys.sort()  # (mostly in stamp order, as a node's own operations come)
-    for _ in range(data.draw(st.integers(0, 3), label="swaps")):
-        i = data.draw(st.integers(0, len(keys) - 1), label="swap")
-        keys[i], keys[-1 - i] = keys[-1 - i], keys[i]
-    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    ops = own_operations(data, bodies)
     by_key, plain = new_store(), new_store()
     received: list[Op] = []
     newest = 0  # own stamps grow, as a clock's do

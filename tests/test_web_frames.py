@@ -14,6 +14,7 @@ import greenlet
 import pytest
 from cluster import free_port, free_ports, wait_for
 from gevent import socket as gsocket
+from test_logging import Records
 
 from gcollective import Collective
 from gcollective._wire import OPS
@@ -131,15 +132,6 @@ def read_ops(conn: Any, count: int) -> list[int]:
                 first, keys = frame[2], frame[6]
                 seqs.extend(range(first, first + len(keys)))
     return seqs
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 def test_lines_logged_while_a_read_is_applied_name_the_connection_s_peer():

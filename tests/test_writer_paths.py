@@ -12,7 +12,6 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from test_store_property import (
     INCREMENT,
-    NODE_IDS,
     SET,
     Op,
     _is_flat,
@@ -22,6 +21,7 @@ from test_store_property import (
     deliver,
     fold,
     new_store,
+    own_operations,
     real_stamp,
     roundtrip,
 )
@@ -69,20 +69,7 @@ def test_own_operations_through_set_key_match_apply(data: st.DataObject) -> None
         st.lists(st.one_of(plain_sets, plain_sets, _way_bodies()), min_size=1, max_size=40),
         label="bodies",
     )
-    for index in range(1, len(bodies)):
-        # Loops: keys in a row under one parent (where the policy caches the way).
-        if data.draw(st.integers(0, 5), label="under the last parent") > 0:
-            op, path, *rest = bodies[index]
-            bodies[index] = (op, (*bodies[index - 1][1][:-1], path[-1]), *rest)
-    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
-    keys = data.draw(
-        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
-    )
-    keys.sort()  # (mostly in stamp order, as a node's own operations come)
-    for _ in range(data.draw(st.integers(0, 3), label="swaps")):
-        i = data.draw(st.integers(0, len(keys) - 1), label="swap")
-        keys[i], keys[-1 - i] = keys[-1 - i], keys[i]
-    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    ops = own_operations(data, bodies)
     own_store, plain = new_store(), new_store()
     received: list[Op] = []
     now: int | None = None
