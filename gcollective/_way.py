@@ -94,17 +94,9 @@ class Ways(Applier):
                     if self._assign_fresh(self._way_parent, leaf, stamp, value, ttl_ms, key):
                         self._way_newest = stamp
                         return
-                else:
-                    # ``set_leaf``, inline (the call cost a tenth of a ``Collective.set``)
-                    parent = self._way_parent
-                    entries = parent._entries
-                    entry = entries.setdefault(leaf, stamp)
-                    if entry is stamp or (type(entry) is int and stamp > entry):
-                        if entry is not stamp:
-                            entries[leaf] = stamp
-                        parent.value[leaf] = value
-                        self._way_newest = stamp
-                        return
+                elif self.set_leaf(stamp, leaf, value):
+                    # (a float or a list: ``Collective.set`` gives the rest to ``set_key``)
+                    return
         self.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
 
     def _assign_flat(self, leaf: str, s: int, value: dict[str, Any], ttl_ms: int, key: str) -> bool:
