@@ -154,10 +154,8 @@ class Collector(Tree):
             for key, entry in node._entries.items()
             if type(entry) is not _Node
             or not (
-                entry.value is MISSING
-                and entry.ttls is not None
-                and entry.ttl_first < fired_below
-                and len(entry.ttls) == 1
+                _hidden_by_own_expiry(entry, fired_below)
+                and len(entry.ttls) == 1  # type: ignore[arg-type]  # (not None: see above)
                 and not entry.incs
             )
         ]
@@ -271,8 +269,9 @@ def _first_in(events: dict[int, int] | dict[int, int | float]) -> int:
 def _hidden_by_own_expiry(node: _Node, fired_below: float | int) -> bool:
     """Whether ``node``'s value is hidden by one of its own expiries that fired, not yet
     made permanent (``Expiries.expire``); ``fired_below``: ``fired_bound`` of the store's now
-    (``fired_any``'s comparison). Its members' values live in nodes of their own
-    meanwhile (``_rebuild``): a member whose clock is behind still shows them if it joins
-    now, so they are not "metadata of nothing" even once the frontier passed their stamp.
+    (``fired_any``'s comparison). Its members' values are kept meanwhile (in its
+    ``hidden``, or in nodes of their own: ``_rebuild``): a member whose clock is behind
+    still shows them if it joins now, so they are not "metadata of nothing" even once the
+    frontier passed their stamp.
     """
     return node.value is MISSING and node.ttls is not None and node.ttl_first < fired_below
