@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from profiles import examples
 from test_store_property import (
-    NODE_IDS,
     Op,
+    alike_later,
     amounts,
     assert_tree,
     batched_and_one_by_one,
@@ -22,6 +22,8 @@ from test_store_property import (
     real_stamp,
     roundtrip,
     small_ints,
+    stamp_keys,
+    stamped,
     ttl_bodies,
 )
 
@@ -121,12 +123,8 @@ def mixed_frames(draw: st.DrawFn) -> tuple[list[Op], list[Op], list[Op], int]:
             st.one_of(hit, hit, plain_set, plain_set, ttl_bodies(path)), min_size=3, max_size=16
         )
     )
-    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
-    keys = draw(st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True))
-    ops = [
-        Op(real_stamp(*key), op, path, value, ttl)
-        for key, (op, path, value, ttl) in zip(keys, bodies, strict=True)
-    ]
+    keys = draw(stamp_keys(len(bodies)))
+    ops = stamped(keys, bodies)
     groups = draw(st.lists(st.sampled_from("pbbbba"), min_size=len(ops), max_size=len(ops)))
     before = draw(deliveries([op for op, group in zip(ops, groups) if group == "p"]))
     batch = sorted((op for op, group in zip(ops, groups) if group == "b"), key=_stamp)
@@ -155,13 +153,7 @@ def test_a_mixed_batch_matches_one_by_one_and_the_model(
     batched, one_by_one = batched_and_one_by_one(before, batch, now)
     context = f"now={now}, before: {before!r}, batch: {batch!r}"
     assert_tree(batched.to_dict(), fold([*before, *batch], now), context)
-    later = max(now, later)
-    for store in (batched, one_by_one):
-        store.advance(later)
-        deliver(store, after)
-    context += f", later={later}, after: {after!r}"
-    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
-    assert_tree(batched.to_dict(), fold([*before, *batch, *after], later), context)
+    context = alike_later(batched, one_by_one, [*before, *batch], after, max(now, later), context)
 
 
 A_X_PARENT_BROKEN = [

@@ -22,10 +22,10 @@ from test_store_property import (
     NODE_IDS,
     SET,
     Op,
+    alike_later,
     amounts,
     assert_tree,
     batched_and_one_by_one,
-    deliver,
     deliveries,
     fold,
     json_leaves,
@@ -133,13 +133,7 @@ def test_an_expiring_frame_under_one_parent_matches_one_by_one_and_the_model(
     context = f"now={now}, before: {before!r}, batch: {batch!r}"
     assert_tree(batched.to_dict(), fold([*before, *batch], now), context)
     assert batched.pending_expiries == one_by_one.pending_expiries, context
-    later = max(now, later)
-    for store in (batched, one_by_one):
-        store.advance(later)
-        deliver(store, after)
-    context += f", later={later}, after: {after!r}"
-    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
-    assert_tree(batched.to_dict(), fold([*before, *batch, *after], later), context)
+    context = alike_later(batched, one_by_one, [*before, *batch], after, max(now, later), context)
     for store in (batched, one_by_one):
         store.advance(100)
         store.expire(real_stamp(frontier, 0, 0))

@@ -459,6 +459,21 @@ def batched_and_one_by_one(
     return batched, one_by_one
 
 
+def alike_later(
+    batched: Any, one_by_one: Any, ops: list[Op], after: list[Op], later: int, context: str
+) -> str:
+    """``batched_and_one_by_one``'s stores (``ops`` delivered so far) advanced to ``later``
+    and given ``after``: asserts they hold the same metadata and the first matches the
+    model's fold. Returns ``context`` with what was done."""
+    for store in (batched, one_by_one):
+        store.advance(later)
+        deliver(store, after)
+    context += f", later={later}, after: {after!r}"
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+    assert_tree(batched.to_dict(), fold([*ops, *after], later), context)
+    return context
+
+
 def batch_matches_one_by_one(
     before: list[Op], batch: list[Op], parent: tuple[str, ...] = ()
 ) -> tuple[Any, str]:
@@ -1425,6 +1440,18 @@ def real_stamp(millis: int, counter: int, origin: int) -> int:
     return (((millis << 16) | counter) << NODE_BITS) | origin
 
 
+def stamp_keys(count: int) -> st.SearchStrategy[list[tuple[int, int, int]]]:
+    """``count`` distinct arguments of ``real_stamp`` (milliseconds, counter, origin): the
+    stamps of operations a few tens of milliseconds apart, from a few nodes."""
+    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
+    return st.lists(raw, min_size=count, max_size=count, unique=True)
+
+
+def stamped(keys: list[tuple[int, int, int]], bodies: list[tuple[Any, ...]]) -> list[Op]:
+    """The operations of ``bodies`` (op, path, value, ttl), stamped by ``keys`` in order."""
+    return [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+
+
 ttls = st.one_of(st.none(), st.integers(1, 12))
 
 
@@ -1447,12 +1474,8 @@ def ttl_op_sets(draw: st.DrawFn, max_size: int = 10) -> list[Op]:
     overlapping nested paths (or, half the time, on just two)."""
     narrow = draw(st.booleans())
     bodies = draw(st.lists(ttl_bodies(narrow_paths if narrow else paths), max_size=max_size))
-    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
-    keys = draw(st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True))
-    return [
-        Op(real_stamp(*key), op, path, value, ttl)
-        for key, (op, path, value, ttl) in zip(keys, bodies, strict=True)
-    ]
+    keys = draw(stamp_keys(len(bodies)))
+    return stamped(keys, bodies)
 
 
 @st.composite
@@ -1581,14 +1604,8 @@ def test_a_batch_with_ttls_matches_one_by_one(data: st.DataObject) -> None:
     bodies = data.draw(
         st.lists(ttl_bodies(TTL_BATCH_PATHS), min_size=2, max_size=14), label="bodies"
     )
-    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
-    keys = data.draw(
-        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
-    )
-    ops = [
-        Op(real_stamp(*key), op, path, value, ttl)
-        for key, (op, path, value, ttl) in zip(keys, bodies, strict=True)
-    ]
+    keys = data.draw(stamp_keys(len(bodies)), label="stamps")
+    ops = stamped(keys, bodies)
     groups = data.draw(st.lists(st.sampled_from("pbbba"), min_size=len(ops), max_size=len(ops)))
     before = [op for op, group in zip(ops, groups) if group == "p"]
     batch = sorted((op for op, group in zip(ops, groups) if group == "b"), key=lambda op: op.stamp)
@@ -1872,15 +1889,12 @@ def own_operations(data: st.DataObject, bodies: list[tuple[Any, ...]]) -> list[O
         if data.draw(st.integers(0, 5), label="under the last parent") > 0:
             op, path, *rest = bodies[index]
             bodies[index] = (op, (*bodies[index - 1][1][:-1], path[-1]), *rest)
-    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
-    keys = data.draw(
-        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
-    )
+    keys = data.draw(stamp_keys(len(bodies)), label="stamps")
     keys.sort()  # (mostly in stamp order, as a node's own operations come)
     for _ in range(data.draw(st.integers(0, 3), label="swaps")):
         i = data.draw(st.integers(0, len(keys) - 1), label="swap")
         keys[i], keys[-1 - i] = keys[-1 - i], keys[i]
-    return [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    return stamped(keys, bodies)
 
 
 def _way_bodies() -> st.SearchStrategy:
@@ -1924,13 +1938,10 @@ def test_own_operations_through_the_cached_way_match_apply(data: st.DataObject) 
     as ``apply`` one by one does, metadata included, and its tree equal to the model's fold
     at every step, with ttls, time steps and hard expiry / collection between them."""
     bodies = data.draw(st.lists(_way_bodies(), min_size=1, max_size=14), label="bodies")
-    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
-    keys = data.draw(
-        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
-    )
+    keys = data.draw(stamp_keys(len(bodies)), label="stamps")
     if data.draw(st.booleans(), label="in stamp order"):
         keys.sort()
-    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    ops = stamped(keys, bodies)
     cached, plain = new_store(), new_store()
     received: list[Op] = []
     now: int | None = None
@@ -2035,15 +2046,12 @@ def test_a_writers_sessions_by_key_match_apply(data: st.DataObject) -> None:
     does, metadata included, and its tree equal to the model's fold at every step: with
     writes at any stamp into a session after it, time steps, expiry and collection."""
     bodies = data.draw(st.lists(_session_bodies(), min_size=6, max_size=24), label="bodies")
-    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
-    keys = data.draw(
-        st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True), label="stamps"
-    )
+    keys = data.draw(stamp_keys(len(bodies)), label="stamps")
     keys.sort()  # (own operations come in stamp order; others' anywhere: see below)
     for _ in range(data.draw(st.integers(0, 8), label="swaps")):
         i = data.draw(st.integers(0, len(keys) - 1), label="swap")
         keys[i], keys[-1 - i] = keys[-1 - i], keys[i]
-    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    ops = stamped(keys, bodies)
     by_key, plain = new_store(), new_store()
     received: list[Op] = []
     now: int | None = None
@@ -2125,9 +2133,8 @@ def counter_histories(draw: st.DrawFn) -> tuple[list[Op], list[tuple]]:
     bodies = draw(
         st.lists(st.one_of(counter, counter, counter, ttl_bodies(narrow_paths)), max_size=12)
     )
-    raw = st.tuples(st.integers(0, 25), st.integers(0, 2), st.sampled_from(NODE_IDS))
-    keys = draw(st.lists(raw, min_size=len(bodies), max_size=len(bodies), unique=True))
-    ops = [Op(real_stamp(*key), *body) for key, body in zip(keys, bodies, strict=True)]
+    keys = draw(stamp_keys(len(bodies)))
+    ops = stamped(keys, bodies)
     steps: list[tuple] = [("deliver", operation) for operation in draw(deliveries(ops))]
     for now in draw(st.lists(st.integers(0, 45), max_size=4)):
         steps.insert(draw(st.integers(0, len(steps))), ("advance", now))

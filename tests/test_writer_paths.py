@@ -11,10 +11,9 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 from test_store_property import (
-    INCREMENT,
     SET,
     Op,
-    _is_flat,
+    _by_key,
     _settings,
     _way_bodies,
     assert_tree,
@@ -31,25 +30,16 @@ from gcollective import InvalidKeyError
 
 def _own(store: Any, operation: Op, flat: bool) -> bool:
     """Apply ``operation`` as ``Collective`` does a node's own: a SET of a value that is
-    not a dict, without a ttl, through ``set_key``; any other SET through ``assign_key``;
-    an int INCREMENT through ``increment_key``, a DELETE through ``delete_key``. False when
-    it was not taken (then ``apply`` it)."""
-    key = ".".join(operation.path)
-    value = copy.deepcopy(operation.value)
-    if operation.op == SET:
-        if type(value) is not dict and not operation.ttl:
-            store.set_key(operation.stamp, key, value)  # (applied, whichever way)
-            event("set_key")
-        else:
-            store.assign_key(
-                operation.stamp, key, value, operation.ttl or 0, flat and _is_flat(value)
-            )
+    not a dict, without a ttl, through ``set_key``; anything else as ``_by_key`` does (any
+    other SET through ``assign_key``, an int INCREMENT through ``increment_key``, a DELETE
+    through ``delete_key``). False when it was not taken (then ``apply`` it)."""
+    value = operation.value
+    if operation.op == SET and type(value) is not dict and not operation.ttl:
+        # (applied, whichever way)
+        store.set_key(operation.stamp, ".".join(operation.path), copy.deepcopy(value))
+        event("set_key")
         return True
-    if operation.op == INCREMENT:
-        if type(value) is not int:
-            return False  # (``Collective.incr`` takes only ints this way)
-        return store.increment_key(operation.stamp, key, value, operation.ttl or 0) is not None
-    return store.delete_key(operation.stamp, key)
+    return _by_key(store, operation, flat)
 
 
 @_settings(max_examples=500)
