@@ -109,6 +109,7 @@ __all__ = [
     "parse_members",
     "parse_hello",
     "parse_ops",
+    "check_op_values",
     "MAX_TTL_MS",
     "parse_snapshot_items",
     "LeafColumns",
@@ -638,20 +639,27 @@ def parse_ops(
     ):
         pass  # SETs of scalars and dicts of them (sessions), each fitting under MAX_DEPTH
     else:
-        # (A value's nesting counts on from its path's segments: see ``MAX_DEPTH``.)
-        under = parent.count(".") + 1 if parent else 0
-        for op, path, value in zip(ops, paths, values):
-            kind = type(value)
-            if op == 0:
-                if kind not in _SCALARS:
-                    depth = path.count(".") + 1 if type(path) is str else len(path)
-                    _check_json(value, under + depth)
-            elif op == 1:
-                if not (kind is int or (kind is float and math.isfinite(value))):
-                    raise ProtocolError("INCREMENT amount is not a number")
-            elif value is not None:
-                raise ProtocolError("DELETE carries a value")
+        check_op_values(ops, paths, values, parent)
     return origin, seq, stamps, ops, paths, values, ttls, parent
+
+
+def check_op_values(ops: list[int], paths: list[Any], values: list[Any], parent: str) -> None:
+    """An OPS frame's values checked one operation at a time (``parse_ops``' general way,
+    for the frames its column checks do not clear): a SET's JSON, nested no deeper than its
+    path allows; an INCREMENT's number; a DELETE's null."""
+    # (A value's nesting counts on from its path's segments: see ``MAX_DEPTH``.)
+    under = parent.count(".") + 1 if parent else 0
+    for op, path, value in zip(ops, paths, values):
+        kind = type(value)
+        if op == 0:
+            if kind not in _SCALARS:
+                depth = path.count(".") + 1 if type(path) is str else len(path)
+                _check_json(value, under + depth)
+        elif op == 1:
+            if not (kind is int or (kind is float and math.isfinite(value))):
+                raise ProtocolError("INCREMENT amount is not a number")
+        elif value is not None:
+            raise ProtocolError("DELETE carries a value")
 
 
 def _flat_dicts_fit(

@@ -14,11 +14,10 @@ from profiles import examples
 
 from gcollective._errors import ProtocolError
 from gcollective._validate import MAX_DEPTH
-from gcollective._wire import MAX_TTL_MS, _check_json, parse_ops
+from gcollective._wire import MAX_TTL_MS, check_op_values, parse_ops
 
 HLC = 1 << 16
 ORIGIN = 12345
-_SCALARS = (str, int, bool, type(None))
 
 
 def reference_check(
@@ -32,18 +31,7 @@ def reference_check(
         for op, ttl in zip(ops, ttls):
             if ttl and (not 0 < ttl <= MAX_TTL_MS or op == 2):
                 raise ProtocolError("OPS frame has a bad ttl")
-    under = parent.count(".") + 1 if parent else 0
-    for op, path, value in zip(ops, paths, values):
-        kind = type(value)
-        if op == 0:
-            if kind not in _SCALARS:
-                depth = path.count(".") + 1 if type(path) is str else len(path)
-                _check_json(value, under + depth)
-        elif op == 1:
-            if not (kind is int or (kind is float and math.isfinite(value))):
-                raise ProtocolError("INCREMENT amount is not a number")
-        elif value is not None:
-            raise ProtocolError("DELETE carries a value")
+    check_op_values(ops, paths, values, parent)  # (the general way, kept for other frames)
 
 
 def outcome(call: Any, *args: Any) -> str | None:
