@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
+from typing import Iterator
 
 from cluster import ROOT, LocalMembers, free_ports, wait_for, wait_until
 
@@ -24,31 +26,42 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
-def test_records_of_two_members_in_one_process_say_which_member_and_peer():
+@contextmanager
+def gcollective_records(level: int | None = None) -> Iterator[Records]:
+    """The records of the ``gcollective`` logger while the block runs (from ``level`` up,
+    if given: the logger's own level is set back after)."""
     logger = logging.getLogger("gcollective")
     records = Records()
     logger.addHandler(records)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    members = LocalMembers()
-    try:
-        a, b = members(2)
-        ids = {f"{a.node_id:x}": a, f"{b.node_id:x}": b}
-        # b vanishes without a goodbye (as a killed process would: its descriptors closed),
-        # so a loses its connection to b: a line with a reason. (After a goodbye, a just
-        # stops dialling b and says so.)
-        b._forget_after_fork()
-
-        def lost():
-            return [r for r in records.records if "connection lost" in r.getMessage()]
-
-        (line,) = wait_for(lost, what="a logs the lost connection")
-        assert line.node_id == f"{a.node_id:x}" and line.peer == format_address(b)
-        assert line.reason and line.reason in line.getMessage()
-    finally:
-        members.stop()
-        logger.removeHandler(records)
+    before = logger.level
+    if level is not None:
         logger.setLevel(level)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(before)
+
+
+def test_records_of_two_members_in_one_process_say_which_member_and_peer():
+    members = LocalMembers()
+    with gcollective_records(logging.DEBUG) as records:
+        try:
+            a, b = members(2)
+            ids = {f"{a.node_id:x}": a, f"{b.node_id:x}": b}
+            # b vanishes without a goodbye (as a killed process would: its descriptors closed),
+            # so a loses its connection to b: a line with a reason. (After a goodbye, a just
+            # stops dialling b and says so.)
+            b._forget_after_fork()
+
+            def lost():
+                return [r for r in records.records if "connection lost" in r.getMessage()]
+
+            (line,) = wait_for(lost, what="a logs the lost connection")
+            assert line.node_id == f"{a.node_id:x}" and line.peer == format_address(b)
+            assert line.reason and line.reason in line.getMessage()
+        finally:
+            members.stop()
     assert records.records
     for record in records.records:
         for field in ("node_id", "peer", "reason"):
@@ -72,30 +85,27 @@ def format_address(node: Collective) -> str:
 
 
 def test_a_refused_connection_is_logged_with_its_reason():
-    logger = logging.getLogger("gcollective")
-    records = Records()
-    logger.addHandler(records)
     a_port, b_port = free_ports(2)
-    a = Collective(f"127.0.0.1:{a_port}", secret="one-secret-0123456789abcdef-0123456789")
-    b = Collective(
-        f"127.0.0.1:{b_port}",
-        [f"127.0.0.1:{a_port}"],
-        secret="another-secret-0123456789abcdef-012345678",
-    )
-    a.start()
-    b.start(timeout=0.5)
-    try:
+    with gcollective_records() as records:
+        a = Collective(f"127.0.0.1:{a_port}", secret="one-secret-0123456789abcdef-0123456789")
+        b = Collective(
+            f"127.0.0.1:{b_port}",
+            [f"127.0.0.1:{a_port}"],
+            secret="another-secret-0123456789abcdef-012345678",
+        )
+        a.start()
+        b.start(timeout=0.5)
+        try:
 
-        def refused():
-            return [r for r in records.records if "refused" in r.getMessage()]
+            def refused():
+                return [r for r in records.records if "refused" in r.getMessage()]
 
-        record = wait_for(refused, what="a refuses b")[0]
-        assert record.node_id == f"{a.node_id:x}" and record.peer.startswith("127.0.0.1:")
-        assert record.reason and f"({record.reason})" in record.getMessage()  # its category
-    finally:
-        b.stop(timeout=1)
-        a.stop(timeout=1)
-        logger.removeHandler(records)
+            record = wait_for(refused, what="a refuses b")[0]
+            assert record.node_id == f"{a.node_id:x}" and record.peer.startswith("127.0.0.1:")
+            assert record.reason and f"({record.reason})" in record.getMessage()  # its category
+        finally:
+            b.stop(timeout=1)
+            a.stop(timeout=1)
 
 
 def test_the_json_logging_example_of_the_docs_carries_the_fields():

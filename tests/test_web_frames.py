@@ -14,7 +14,7 @@ import greenlet
 import pytest
 from cluster import free_port, free_ports, wait_for
 from gevent import socket as gsocket
-from test_logging import Records
+from test_logging import gcollective_records
 
 from gcollective import Collective
 from gcollective._wire import OPS
@@ -136,29 +136,23 @@ def read_ops(conn: Any, count: int) -> list[int]:
 
 def test_lines_logged_while_a_read_is_applied_name_the_connection_s_peer():
     """A read is applied in the event loop: its log lines still say which peer sent it."""
-    logger = logging.getLogger("gcollective")
-    records = Records()
-    logger.addHandler(records)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
     holder_port, joiner_port = free_ports(2)
-    holder = Collective(f"127.0.0.1:{holder_port}", [], sync_interval=QUIET)
-    joiner = Collective(f"127.0.0.1:{joiner_port}", [f"127.0.0.1:{holder_port}"])
-    try:
-        holder.start()
-        holder.set("data.k", 1)
-        joiner.start()
-        wait_for(lambda: joiner.get("data.k") == 1)
+    with gcollective_records(logging.DEBUG) as records:
+        holder = Collective(f"127.0.0.1:{holder_port}", [], sync_interval=QUIET)
+        joiner = Collective(f"127.0.0.1:{joiner_port}", [f"127.0.0.1:{holder_port}"])
+        try:
+            holder.start()
+            holder.set("data.k", 1)
+            joiner.start()
+            wait_for(lambda: joiner.get("data.k") == 1)
 
-        def merged() -> list[logging.LogRecord]:
-            return [r for r in records.records if r.getMessage() == "merged a peer's state"]
+            def merged() -> list[logging.LogRecord]:
+                return [r for r in records.records if r.getMessage() == "merged a peer's state"]
 
-        (line,) = wait_for(merged)
-    finally:
-        joiner.stop(1)
-        holder.stop(1)
-        logger.removeHandler(records)
-        logger.setLevel(level)
+            (line,) = wait_for(merged)
+        finally:
+            joiner.stop(1)
+            holder.stop(1)
     assert line.node_id == f"{joiner.node_id:x}"
     assert line.peer == f"127.0.0.1:{holder_port}"
 
