@@ -236,7 +236,7 @@ def test_status_over_tls_with_a_secret(tmp_path):
     import trustme
 
     from gcollective import Collective
-    from gcollective.__main__ import CommandError, format_status, query_status
+    from gcollective._status import CommandError, format_status, query_status
 
     ca = trustme.CA()
     cafile = str(tmp_path / "ca.pem")
