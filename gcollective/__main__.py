@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from ._options import check_resolve_interval
 from ._status import SECRET_ENV, CommandError, TlsFiles, format_status, query_status
@@ -93,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    _add_node_command(commands)
+    _add_status_command(commands)
+    _add_verify_command(commands)
+    _add_demo_command(commands)
+    return parser
+
+
+#: What ``add_subparsers`` returns: each ``_add_*_command`` adds its command to it.
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_node_command(commands: Commands) -> None:
     node = commands.add_parser(
         "node",
         help="run a standalone member until SIGINT or SIGTERM",
@@ -159,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for a peer's state before carrying on (default 10)",
     )
+
+
+def _add_status_command(commands: Commands) -> None:
     status = commands.add_parser(
         "status",
         help="print a running member's stats",
@@ -173,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=5.0, metavar="S", help="seconds to wait (default 5)"
     )
     _add_security(status)
+
+
+def _add_verify_command(commands: Commands) -> None:
     verify = commands.add_parser(
         "verify",
         help="check that members which applied the same operations hold the same data",
@@ -201,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds members may take to catch up before they are judged (default 5)",
     )
     _add_security(verify)
+
+
+def _add_demo_command(commands: Commands) -> None:
     demo = commands.add_parser(
         "demo",
         help="run collective.js's cluster example with forked worker processes",
@@ -222,7 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     demo.add_argument("--once", action="store_true", help="exit once every worker has printed None")
-    return parser
 
 
 def _secret(parser: argparse.ArgumentParser, variable: str | None) -> str | None:
