@@ -30,23 +30,6 @@ def _say(text: str) -> None:
 
 def run_supervisor(workers: int, base_port: int, host: str, once: bool) -> int:
     """Fork the workers, restart any that die, stop them all on Ctrl-C; returns an exit code."""
-    pids: dict[int, int] = {}  # pid -> worker id
-    stopping = False
-
-    def spawn(worker_id: int, restarted: bool) -> None:
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into the supervisor's code
-            code = 1
-            try:
-                code = run_worker(worker_id, workers, base_port, host, restarted, once)
-            except BaseException as exc:  # report, then leave with a code
-                if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    _say(f"[worker {worker_id}] failed: {exc!r}")
-            finally:
-                sys.stdout.flush()
-                os._exit(code)
-        pids[pid] = worker_id
-        _say(f"[supervisor] worker {worker_id} is pid {pid}")
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -56,53 +39,86 @@ def run_supervisor(workers: int, base_port: int, host: str, once: bool) -> int:
         f"[supervisor] starting {workers} workers on {host}:{base_port}-{base_port + workers - 1}"
         + ("" if once else " (Ctrl-C to stop)")
     )
+    supervisor = _Supervisor(workers, base_port, host, once)
     for worker_id in range(workers):
-        spawn(worker_id, restarted=False)
-    exit_code = 0
+        supervisor.spawn(worker_id, restarted=False)
     try:
-        while pids:
+        supervisor.watch()
+    except KeyboardInterrupt:
+        supervisor.stop()
+    return 0
+
+
+class _Supervisor:
+    """The forked workers, by pid: started, restarted when they die, stopped."""
+
+    def __init__(self, workers: int, base_port: int, host: str, once: bool) -> None:
+        self.workers, self.base_port, self.host, self.once = workers, base_port, host, once
+        self.pids: dict[int, int] = {}  # pid -> worker id
+
+    def spawn(self, worker_id: int, restarted: bool) -> None:
+        """Fork worker ``worker_id``; the child never returns into the supervisor's code."""
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = run_worker(
+                    worker_id, self.workers, self.base_port, self.host, restarted, self.once
+                )
+            except BaseException as exc:  # report, then leave with a code
+                if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    _say(f"[worker {worker_id}] failed: {exc!r}")
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        self.pids[pid] = worker_id
+        _say(f"[supervisor] worker {worker_id} is pid {pid}")
+
+    def watch(self) -> None:
+        """Reap workers until none is left (with ``once``, each that ended well is done);
+        fork a dead one again under its id."""
+        while self.pids:
             pid, status = os.wait()
-            if pid not in pids:
+            if pid not in self.pids:
                 continue
-            worker_id = pids.pop(pid)
+            worker_id = self.pids.pop(pid)
             code = os.waitstatus_to_exitcode(status)
-            if once and code == 0:
+            if self.once and code == 0:
                 continue
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
             _say(f"[supervisor] worker {worker_id} died ({how}); restarting it")
             time.sleep(0.2)  # let its port be released before the new one binds it
-            spawn(worker_id, restarted=True)
-    except KeyboardInterrupt:
-        stopping = True
-    if stopping:
+            self.spawn(worker_id, restarted=True)
+
+    def stop(self) -> None:
+        """SIGTERM every worker, wait up to 10 s for them, SIGKILL the rest."""
         # Further interrupts change nothing now (a terminal's Ctrl-C reaches the whole group,
         # ``timeout`` signals twice): one arriving just after a wait reaped a worker would
         # lose that reap.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _say("[supervisor] stopping")
-        for pid in list(pids):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while pids and time.monotonic() < deadline:
+        while self.pids and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
-                if not pid:
-                    time.sleep(0.05)
-                    continue
             except ChildProcessError:
                 break
-            pids.pop(pid, None)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # (reaped already, its reap lost to an interrupt before stopping)
+            if not pid:
+                time.sleep(0.05)
+                continue
+            self.pids.pop(pid, None)
+        # (a pid left may be reaped already, its reap lost to an interrupt before stopping)
+        self._signal_all(signal.SIGKILL)
         _say("[supervisor] stopped")
-    return exit_code
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in list(self.pids):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
