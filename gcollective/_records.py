@@ -161,27 +161,15 @@ class Opener:
                 while size - position >= HEADER_SIZE:
                     length, counter = _unpack_header(view, position)
                     if length > self.max_record:
-                        raise AuthenticationError(
-                            f"sealed record {expected} announces {length} bytes, more than "
-                            f"{self.max_record}: altered, or not a gcollective stream",
-                            "bad-record",
-                        )
+                        raise _too_long(expected, length, self.max_record)
                     end = position + HEADER_SIZE + length
                     if size < end + TAG_SIZE:
                         break
                     if counter != expected:
-                        raise AuthenticationError(
-                            f"sealed record {counter} arrived where {expected} was due: "
-                            "replayed, reordered, dropped or altered",
-                            "bad-record",
-                        )
+                        raise _out_of_turn(counter, expected)
                     tag = tag_of(view[position:end])
                     if not _compare(tag, view[end : end + TAG_SIZE]):
-                        raise AuthenticationError(
-                            f"sealed record {expected} fails authentication: altered, or "
-                            "sealed with another key (replayed from another connection)",
-                            "bad-record",
-                        )
+                        raise _forged(expected)
                     if length:
                         out.append(bytes(view[position + HEADER_SIZE : end]))
                     expected += 1
@@ -208,3 +196,30 @@ class Opener:
                 f"({len(self._buffer)} bytes held): truncated",
                 "truncated",
             )
+
+
+# The reasons ``Opener.feed`` refuses a record (kept out of its loop, which runs per record).
+
+
+def _too_long(counter: int, length: int, max_record: int) -> AuthenticationError:
+    return AuthenticationError(
+        f"sealed record {counter} announces {length} bytes, more than {max_record}: "
+        "altered, or not a gcollective stream",
+        "bad-record",
+    )
+
+
+def _out_of_turn(counter: int, expected: int) -> AuthenticationError:
+    return AuthenticationError(
+        f"sealed record {counter} arrived where {expected} was due: "
+        "replayed, reordered, dropped or altered",
+        "bad-record",
+    )
+
+
+def _forged(counter: int) -> AuthenticationError:
+    return AuthenticationError(
+        f"sealed record {counter} fails authentication: altered, or "
+        "sealed with another key (replayed from another connection)",
+        "bad-record",
+    )
