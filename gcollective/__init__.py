@@ -174,8 +174,9 @@ def set(  # noqa: A001 - the collective.js name
 ) -> None:
     """``default_node().set(key, value, op, ttl)``; ``ttl`` in seconds makes the key expire."""
     # As a plain int: the node's quick way for a SET tells it by identity (``op is SET``),
-    # which ``Operation.SET``, the default here, is not.
-    default_node().set(key, value, op.value if type(op) is Operation else op, ttl)
+    # which ``Operation.SET``, the default here, is not. (``int`` of a member is the plain,
+    # cached small int, without the enum's ``value`` property, a Python call.)
+    default_node().set(key, value, int(op) if type(op) is Operation else op, ttl)
 
 
 def incr(key: Key, amount: int | float = 1, ttl: float | None = None) -> int | float:

@@ -62,6 +62,17 @@ def _limit_unacknowledged(sock: Any, seconds: float) -> None:
         pass  # an older kernel
 
 
+def kernel_socket(sock: Any) -> Any:
+    """The kernel socket under a gevent socket, for a call made where waiting is never
+    wanted (a callback of the event loop, a send that must not wait): gevent keeps it
+    non-blocking and its own wrapper, a Python call per read or send, only adds the wait.
+    ``sock`` itself when it has none (another socket class)."""
+    kernel = getattr(sock, "_sock", None)
+    if kernel is not None and kernel.gettimeout() == 0.0:
+        return kernel
+    return sock
+
+
 def _send_all(sock: Any, data: bytes) -> None:
     """``sock.sendall(data)`` for a plain gevent socket, in one ``send`` when the kernel takes
     it all (a frame of a few operations always fits): gevent's ``sendall`` first asks the
@@ -421,7 +432,8 @@ class _PeerLink(_Writer, Peer):
         monotonic = time.monotonic
         send = sock.sendall if self.tls else partial(_send_all, sock)
         # (Sealed or TLS records must go out through this greenlet, in order.)
-        send_at_once = partial(sock.send, timeout=0.0) if sealer is None and not self.tls else None
+        # (A send of the kernel socket never waits: what it does not take the writer sends.)
+        send_at_once = kernel_socket(sock).send if sealer is None and not self.tls else None
         while True:
             batch, ops = take(self, monotonic())
             self._rest_pending = False  # (taken: it goes out now, on this connection)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
 from typing import Any
 
 import gevent
@@ -81,6 +83,47 @@ def test_a_write_reaches_an_idle_peer_without_waking_either_connection_greenlet(
     assert reader not in switches.targets
     link = a._links[b.local]
     assert link.sent_ops >= 11 and not link.pending
+
+
+class PythonCalls:
+    """The Python functions called (by code object) while it records, in this thread."""
+
+    def __init__(self) -> None:
+        self.codes: set[Any] = set()
+
+    def __enter__(self) -> PythonCalls:
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        sys.setprofile(None)
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            self.codes.add(frame.f_code)
+
+
+def test_a_frame_is_sent_and_read_by_the_kernel_sockets_not_gevent_s_wrappers(pair):
+    """The flush's send to an idle peer and the peer's read in the event loop never wait, so
+    they call the kernel socket under gevent's: its Python wrapper (a call per frame and peer
+    on both sides, at a web app's rate) only adds the wait."""
+    a, b = pair
+    a.set("warm.up", 1)
+    wait_for(lambda: b.get("warm.up") == 1)
+    wait_for(lambda: not a._links[b.local].busy)
+    sent_before = a._links[b.local].sent_frames
+    with PythonCalls() as calls:
+        for number in range(5):
+            a.set(f"web.k{number}", number)
+            a.incr("web.hits")
+            deadline = time.monotonic() + 10  # (no wait_for: its sleep would be recorded)
+            while b.get(f"web.k{number}") != number:
+                assert time.monotonic() < deadline, "the write did not arrive"
+                gevent.sleep(0.001)
+    assert b.get("web.hits") == 5
+    assert a._links[b.local].sent_frames >= sent_before + 5
+    wrappers = {gsocket.socket.send.__code__, gsocket.socket.recv.__code__}
+    assert not wrappers & calls.codes
 
 
 def test_frames_the_kernel_does_not_take_at_once_arrive_whole_and_in_order():
