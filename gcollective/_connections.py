@@ -119,6 +119,11 @@ class _PlainReader:
         finally:
             lend_context(hub, None)
 
+    def forget(self) -> None:
+        """Read no more, at once (a forked child's copy: the connection is the parent's)."""
+        self._io.stop()
+        self._timer.stop()
+
     def _finish(self, exc_info: Any = None) -> None:
         """Read no more; ``run`` returns, or raises ``exc_info``'s exception."""
         self._io.stop()
@@ -350,7 +355,12 @@ class _Connections:
                 return
             # (A partial, not a closure: one Python call less per read.)
             received = partial(self._received, feed, decoder, opener, inbound)
-            _PlainReader(sock, self.idle_timeout, received).run()
+            reader = _PlainReader(sock, self.idle_timeout, received)
+            self._loop_readers.add(reader)
+            try:
+                reader.run()
+            finally:
+                self._loop_readers.discard(reader)
         except gsocket.timeout:
             raise refusal(f"silent for {self.idle_timeout:g}s", "idle") from None
 

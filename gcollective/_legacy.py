@@ -269,6 +269,8 @@ class _Link(_server._Writer):
                     wake.clear()
                     wake.wait()
                     continue
+                if node._stale:
+                    return  # a copy in a forked child: the connection is the parent's
                 batch = head + self.pending
                 head = []
                 self.pending = []

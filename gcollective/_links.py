@@ -447,6 +447,11 @@ class _PeerLink(_Writer, Peer):
                 finally:
                     self._idle_send = None
                 continue
+            if node._stale:
+                # A copy in a forked child, woken before the fork hook's kill reached it:
+                # sending would put a second record under one counter on the parent's
+                # connection (the descriptor is shared), which breaks it.
+                return
             data = b"".join(batch)
             # Sealed here, in the one greenlet that sends, so records go out in counter order.
             send(data if sealer is None else sealer.seal(data))

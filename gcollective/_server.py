@@ -268,6 +268,9 @@ class _Member:
         self._links: dict[tuple[str, int], Any] = {}
         self._server: StreamServer | None = None
         self._handlers: set[gevent.Greenlet[Any, Any]] = set()
+        # Connections read by a watcher of the event loop, not by their handler greenlet:
+        # each has ``forget()``, which a forked child calls (see _forget_after_fork).
+        self._loop_readers: set[Any] = set()
         self._synced = Event()
         self._ready = Event()  # start() may return
         self._started = False
@@ -342,6 +345,11 @@ class _Member:
         self._writable = False
         if self._server is not None:
             self._server.close()
+        # At once, not through the kills below: the fork may have come in the middle of a
+        # turn of the loop, whose ready watchers the child's hub then runs before any kill,
+        # and a read there would take bytes of the parent's connection.
+        for reader in list(self._loop_readers):
+            reader.forget()
         greenlets = [
             *(link.greenlet for link in self._links.values()),
             *self._handlers,

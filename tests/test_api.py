@@ -343,14 +343,22 @@ def wait(check):
         gevent.sleep(0.01)
 a.set("before", 1)
 wait(lambda: b.get("before") == 1)
-pid = os.fork()
-if pid == 0:
-    gevent.sleep(1.0)  # the child runs its hub; the parent's nodes are not its own
-    os._exit(0)
+pids = []
+for k in range(10):
+    # Forked with writes just made: the writers' wake-ups are queued in the hub already,
+    # ahead of the fork hook's kills (a child's writer used to send them a second time).
+    a.set(("pre", str(k)), k); b.set(("bpre", str(k)), k)
+    gevent.sleep(0.005 * (k % 4))
+    pid = os.fork()
+    if pid == 0:
+        gevent.sleep(0.3)  # the child runs its hub; the parent's nodes are not its own
+        os._exit(0)
+    pids.append(pid)
 for i in range(30):
     a.set(("after", str(i)), i); b.set(("back", str(i)), i)
-    gevent.sleep(0.03)
-os.waitpid(pid, 0)
+    gevent.sleep(0.01)
+for pid in pids:
+    os.waitpid(pid, 0)
 wait(lambda: b.get("after") == {{str(i): i for i in range(30)}})
 wait(lambda: a.get("back") == {{str(i): i for i in range(30)}})
 for node, other in ((a, addresses[1]), (b, addresses[0])):
