@@ -244,10 +244,14 @@ class Sessions:
     makes with its one ttl event, as ``Applier._assign_fresh`` makes it. (The store's
     ``_pending`` holds one entry for the run: see ``Expiries.pend_run``.)"""
 
-    __slots__ = ("ttls",)
+    __slots__ = ("ttls", "stamped")
 
-    def __init__(self, ttls: list[int]) -> None:
+    def __init__(self, ttls: list[int], stamped: bool = False) -> None:
         self.ttls = ttls
+        # A writer's own run (``Ways._assign_flat``): each key has its stamp in the parent's
+        # entries already (a bare stamp, so the way's fast paths see it), and is recorded
+        # only while that stamp is still there (a newer write replaced it otherwise).
+        self.stamped = stamped
 
 
 def _add_runs(
@@ -256,7 +260,10 @@ def _add_runs(
     """Record ``runs`` (see ``_Node.runs``) of a node whose dict is ``data`` in ``entries``."""
     for keys, stamps, origins in runs:
         if type(origins) is Sessions:
+            stamped = origins.stamped
             for key, s, ttl_ms in zip(keys, stamps, origins.ttls):
+                if stamped and entries.get(key) != s:
+                    continue  # replaced since (a newer write, or a tombstone forgotten)
                 node = build(data[key], s, True)
                 node.ttl_first = expiry = expiry_stamp(s, ttl_ms)
                 node.ttls = {s: expiry}
