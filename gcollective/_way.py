@@ -109,13 +109,20 @@ class Ways(Applier):
         # stamps in ``_entries``: see ``_tree.Sessions.stamped``.)
         entries = parent._entries
         entry = entries.get(leaf)
-        if entry is None and ttl_ms:
+        data = parent.value
+        if ttl_ms and (
+            leaf not in data
+            if entry is None
+            # (``newest_in(entry)``, inline: the newest there, replaced whole)
+            else s > (entry.newest if type(entry) is _Node else entry)
+        ):
             due = (s >> MILLIS_SHIFT) + ttl_ms  # (``expiry_stamp``'s milliseconds)
-            data = parent.value
-            if due > self.now_ms and leaf not in data:
-                # A new session: kept as a leaf (its stamp here, its dict in the parent's)
-                # in the writer's pending run, its node with its ttl event built only when
+            if due > self.now_ms:
+                # A session: kept as a leaf (its stamp here, its dict in the parent's) in
+                # the writer's pending run, its node with its ttl event built only when
                 # something reads the parent's entries, as a receiver's (``_tree.Sessions``).
+                if type(entry) is _Node:
+                    self._untidy = True  # (it may have left ttl entries behind: see advance)
                 run_path = self._open_sessions
                 if (
                     run_path is not None
