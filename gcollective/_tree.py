@@ -175,7 +175,9 @@ class _Node:
         # ``Sessions``). Their keys are new to the node and to each other run, and all in
         # ``value`` (a dict) while they are pending: nothing but ``Batches._set_siblings``,
         # ``Applier.apply_expiring_siblings`` and ``collect`` touch a node with runs without
-        # reading ``entries`` first, which records them.
+        # reading ``entries`` first, which records them. (But for a writer's own sessions,
+        # ``Sessions.stamped``: their keys have bare stamps in ``_entries``, which the way's
+        # fast paths compare and replace as any leaf's.)
         self.runs: list[Run] | None = None
         self.value: Any = MISSING  # materialized value (a dict object when it is a dict)
         # Expiries of ttl operations here still able to fire: their stamp -> derived stamp D.
@@ -242,12 +244,19 @@ class Sessions:
     keys each SET to a dict with a ttl (``ttls``, in milliseconds) at its stamp, not due
     when they came, their values in the parent's dict. Recorded, each is the node ``build``
     makes with its one ttl event, as ``Applier._assign_fresh`` makes it. (The store's
-    ``_pending`` holds one entry for the run: see ``Expiries.pend_run``.)"""
+    ``_pending`` holds one entry for the run: see ``Expiries.pend_run``.) A writer's own
+    run (``stamped``, see ``Ways._assign_flat``) keeps each key's stamp in the parent's
+    entries too, and may name a key again (set again): the key whose stamp is there is
+    recorded, the others were replaced."""
 
-    __slots__ = ("ttls",)
+    __slots__ = ("ttls", "stamped")
 
-    def __init__(self, ttls: list[int]) -> None:
+    def __init__(self, ttls: list[int], stamped: bool = False) -> None:
         self.ttls = ttls
+        # A writer's own run (``Ways._assign_flat``): each key has its stamp in the parent's
+        # entries already (a bare stamp, so the way's fast paths see it), and is recorded
+        # only while that stamp is still there (a newer write replaced it otherwise).
+        self.stamped = stamped
 
 
 def _add_runs(
@@ -256,7 +265,10 @@ def _add_runs(
     """Record ``runs`` (see ``_Node.runs``) of a node whose dict is ``data`` in ``entries``."""
     for keys, stamps, origins in runs:
         if type(origins) is Sessions:
+            stamped = origins.stamped
             for key, s, ttl_ms in zip(keys, stamps, origins.ttls):
+                if stamped and entries.get(key) != s:
+                    continue  # replaced since (a newer write, or a tombstone forgotten)
                 node = build(data[key], s, True)
                 node.ttl_first = expiry = expiry_stamp(s, ttl_ms)
                 node.ttls = {s: expiry}

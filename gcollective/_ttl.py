@@ -19,7 +19,7 @@ from typing import Any, cast
 from ._clock import MILLIS_SHIFT, NODE_MASK, expiry_stamp
 from ._columns import Run
 from ._rebuild import owners, rebuild_at
-from ._tree import MISSING, Tree, _Node, holds_nothing, record_assign
+from ._tree import MISSING, Sessions, Tree, _Node, holds_nothing, record_assign
 
 __all__ = ["Expiries", "fired_any", "fired_bound", "path_tuple"]
 
@@ -59,6 +59,9 @@ class Expiries(Tree):
         # given their first ttl event one after the other under one parent (a writer's
         # sessions) join it.
         self._open_run: _RunPath | None = None
+        # The writer's own pending run of new sessions (``open_own_sessions``), while it is
+        # its parent's last run and in ``_pending``: the next new session there joins it.
+        self._open_sessions: _RunPath | None = None
         #: Expiries made permanent by ``expire`` so far.
         self.expired = 0
 
@@ -310,6 +313,8 @@ class Expiries(Tree):
         self._run_extra -= len(keys) - 1
         if path is self._open_run:
             self._open_run = None
+        elif path is self._open_sessions:
+            self._open_sessions = None
         parent = self._root
         for segment in path:
             parent = parent.entries.get(segment)  # type: ignore[assignment]
@@ -321,6 +326,26 @@ class Expiries(Tree):
             node = entries.get(key)
             if type(node) is _Node and node.ttls is not None:
                 heapq.heappush(pending, (node.ttl_first >> MILLIS_SHIFT, s, (*path, key)))
+
+    def open_own_sessions(
+        self, parent: _Node, key: str, leaf: str, s: int, ttl_ms: int, due: int
+    ) -> None:
+        """Start the writer's own pending run of new sessions on ``parent`` (the node of the
+        dotted ``key``'s parent) with its first, ``leaf`` set at ``s`` with a ttl of
+        ``ttl_ms`` (due at ``due``, not yet), and one ``_pending`` entry for the run (see
+        ``pend_run``). The caller puts the key's stamp in ``parent``'s entries and its value
+        in ``parent``'s dict (see ``_tree.Sessions.stamped``)."""
+        run = ([leaf], [s], Sessions([ttl_ms], True))
+        if parent.runs is None:
+            parent.runs = [run]
+        else:
+            parent.runs.append(run)
+        run_path = _RunPath(path_tuple(key)[:-1])
+        run_path.run = run
+        run_path.parent = parent
+        run_path.due = due
+        self._open_sessions = run_path
+        heapq.heappush(self._pending, (due, s, run_path))
 
     def _pend_first(
         self, parent: _Node, key: str, node: _Node, s: int, expiry: int, path: Any

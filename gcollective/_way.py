@@ -105,8 +105,43 @@ class Ways(Applier):
         it, made here without copying ``value`` or looking for a dict member in it. False,
         having changed nothing, when ``_assign_fresh`` would refuse."""
         parent = self._way_parent
-        entries = parent._entries  # (the way's parent has no runs: see ``cache_way``)
+        # (The way's parent has no runs but the writer's own sessions, whose keys have their
+        # stamps in ``_entries``: see ``_tree.Sessions.stamped``.)
+        entries = parent._entries
         entry = entries.get(leaf)
+        data = parent.value
+        if ttl_ms and (
+            leaf not in data
+            if entry is None
+            # (``newest_in(entry)``, inline: the newest there, replaced whole)
+            else s > (entry.newest if type(entry) is _Node else entry)
+        ):
+            due = (s >> MILLIS_SHIFT) + ttl_ms  # (``expiry_stamp``'s milliseconds)
+            if due > self.now_ms:
+                # A session: kept as a leaf (its stamp here, its dict in the parent's) in
+                # the writer's pending run, its node with its ttl event built only when
+                # something reads the parent's entries, as a receiver's (``_tree.Sessions``).
+                if type(entry) is _Node:
+                    self._untidy = True  # (it may have left ttl entries behind: see advance)
+                run_path = self._open_sessions
+                if (
+                    run_path is not None
+                    and run_path.parent is parent
+                    and run_path.due <= due
+                    and parent.runs is not None
+                    and parent.runs[-1] is run_path.run
+                ):
+                    keys, stamps, sessions = run_path.run
+                    keys.append(leaf)  # type: ignore[attr-defined]  # (lists: its own)
+                    stamps.append(s)
+                    sessions.ttls.append(ttl_ms)
+                    self._run_extra += 1
+                else:
+                    self.open_own_sessions(parent, key, leaf, s, ttl_ms, due)
+                entries[leaf] = s
+                data[leaf] = value
+                self._way_newest = s
+                return True
         # (``newest_in(entry)``, inline)
         if entry is not None and not s > (entry.newest if type(entry) is _Node else entry):
             return False  # something there is as new: the general way compares

@@ -399,3 +399,178 @@ def _ttl_count(store: Any, path: tuple[str, ...]) -> int:
         if node is None or type(node) is int:
             return 0
     return len(node.ttls or ())
+
+
+# -- a writer's own new sessions kept as a run (issue 20: ``Ways._assign_flat``) --------------
+
+OWN_KEYS = ("a", "b", "c")
+FLAT_SESSIONS = st.dictionaries(st.sampled_from(["u", "w"]), small_ints, max_size=2)
+
+
+def _own_session_steps() -> st.SearchStrategy:
+    """A writer's steps: new sessions most (a fresh key under ``s`` or ``t``, or one of
+    ``OWN_KEYS`` that may be there already), and what meets them: its own SET, DELETE,
+    int hit (with or without a ttl) of a key or below one, others' operations at any
+    stamp, a time step, a snapshot merged into a new store, expiry and collection."""
+    parent = st.sampled_from([*[PARENTS[0]] * 5, PARENTS[1]])  # (mostly in a row: the way)
+    key = st.one_of(st.just(None), st.just(None), st.sampled_from(OWN_KEYS))  # None: fresh
+    ttl = st.integers(1, 30)
+    below = st.sampled_from([(), (), ("u",)])
+    return st.one_of(
+        *[st.tuples(st.just("session"), parent, key, FLAT_SESSIONS, ttl, st.integers(1, 24))] * 4,
+        st.tuples(st.just("set"), parent, key, below, small_ints),
+        st.tuples(st.just("delete"), parent, key, below),
+        st.tuples(st.just("hit"), parent, key, below, st.one_of(st.none(), ttl)),
+        st.tuples(st.just("other"), st.sampled_from([SET, DELETE, INCREMENT]), parent, key, below),
+        st.tuples(st.just("time"), st.integers(0, 12)),
+        st.tuples(st.just("snapshot")),
+        st.tuples(st.just("collect"), st.integers(0, 40)),
+    )
+
+
+def _own_run_keys(store: Any) -> int:
+    """How many keys wait in a writer's own pending runs of sessions (``Sessions.stamped``)."""
+    count = 0
+    for entry in store._root._entries.values():
+        for run in getattr(entry, "runs", None) or ():
+            if type(run[2]) is Sessions and run[2].stamped:
+                count += len(run[0])
+    return count
+
+
+@_settings(max_examples=400)
+@given(st.data())
+def test_own_new_sessions_kept_as_a_run_match_apply(data: st.DataObject) -> None:
+    """A writer's new sessions (``assign_key`` of a flat dict with a ttl, as
+    ``Collective.set`` makes them) wait as a pending run on their parent, each a bare stamp
+    until something reads the entries. Whatever meets them (own sets, deletes and hits of
+    them or below them through the way's fast paths, others' operations late or not, time
+    steps that fire the run's entry, snapshots, expiry and collection), the store holds the
+    same metadata as ``apply`` one by one and the model's tree."""
+    steps = data.draw(st.lists(_own_session_steps(), min_size=1, max_size=30), label="steps")
+    own, plain = new_store(), new_store()
+    made = [Op(real_stamp(0, i, 3), SET, (*p, "z"), 0) for i, p in enumerate(PARENTS)]
+    for store in (own, plain):
+        deliver(store, made)
+        store.advance(0)
+    millis, counter, fresh, now = 1, 10, 0, 0
+    pending_seen = 0
+    for index, step in enumerate(steps):
+        kind = step[0]
+        counter += 1
+        if kind == "time":
+            now += step[1]
+            for store in (own, plain):
+                while store.next_expiry <= now:
+                    store.advance(now, budget=1)
+                store.advance(now)
+        elif kind == "snapshot":
+            # A snapshot of the other reaching the writer, its own sessions still pending;
+            # then a joiner of the writer (in pieces, read from the live store: that records
+            # its runs) holds what a joiner of the other holds.
+            snapshot = roundtrip(plain.export())
+            for store in (own, plain):
+                store.merge(copy.deepcopy(snapshot))
+            assert roundtrip(own.export()) == roundtrip(plain.export()), f"steps: {steps!r}"
+            pieces, whole = new_store(), new_store()
+            leaves = data.draw(st.sampled_from([0, 1, 3]), label="leaves a piece")
+            for items in _through_the_wire_in_pieces(own, 200, leaves):
+                pieces.merge(items)
+            whole.merge(roundtrip(plain.export()))
+            assert roundtrip(pieces.export()) == roundtrip(whole.export()), f"steps: {steps!r}"
+        elif kind == "collect":
+            frontier = real_stamp(max(0, millis - step[1]), 0, 0)
+            for store in (own, plain):
+                store.expire(frontier)
+                while not store.collect(frontier):
+                    pass
+        elif kind == "other":
+            _, op, parent, key, below = step
+            late = data.draw(st.integers(0, millis), label="other's millis")
+            path = (*parent, key or f"n{fresh}", *below)
+            value = None if op == DELETE else 1
+            operation = Op(real_stamp(late, counter, 2), op, path, value)
+            made.append(operation)
+            deliver(own, [operation])
+            deliver(plain, [operation])
+        else:
+            millis += data.draw(st.integers(0, 2), label="millis on")
+            parent, key = step[1], step[2]
+            if key is None and kind == "session":
+                fresh += 1
+                key = f"n{fresh}"
+            elif key is None:
+                key = f"n{fresh - data.draw(st.integers(0, 3), label='back')}"  # (a recent one)
+            if kind == "session":
+                path, op, value, ttl = (*parent, key), SET, step[3], step[4]
+                for _ in range(step[5] - 1):  # a writer's loop: fresh keys in a row first
+                    fresh += 1
+                    counter += 1
+                    session = Op(
+                        real_stamp(millis, counter, 1), SET, (*parent, f"n{fresh}"), value, ttl
+                    )
+                    made.append(session)
+                    own.assign_key(session.stamp, ".".join(session.path), dict(value), ttl, True)
+                    deliver(plain, [session])
+                counter += 1
+            elif kind == "set":
+                path, op, value, ttl = (*parent, key, *step[3]), SET, step[4], None
+            elif kind == "delete":
+                path, op, value, ttl = (*parent, key, *step[3]), DELETE, None, None
+            else:
+                path, op, value, ttl = (*parent, key, *step[3]), INCREMENT, 1, step[4]
+            operation = Op(real_stamp(millis, counter, 1), op, path, value, ttl)
+            made.append(operation)
+            dotted = ".".join(path)
+            if op == SET and ttl:
+                own.assign_key(operation.stamp, dotted, copy.deepcopy(value), ttl, True)
+            elif op == SET:
+                own.set_key(operation.stamp, dotted, value)
+            elif op == DELETE:
+                if not own.delete_key(operation.stamp, dotted):
+                    deliver(own, [operation])
+            elif own.increment_key(operation.stamp, dotted, 1, ttl or 0) is None:
+                deliver(own, [operation])
+            deliver(plain, [operation])
+            pending_seen = max(pending_seen, _own_run_keys(own))
+        context = f"steps: {steps!r}, at {index}"
+        assert roundtrip(own.export()) == roundtrip(plain.export()), context
+        assert_tree(own.to_dict(), fold(made, now), context)
+        assert own.next_expiry == plain.next_expiry or own.next_expiry <= plain.next_expiry
+    event(f"own sessions pending at once: {min(pending_seen, 3)}+")
+    later = millis + 40
+    for store in (own, plain):
+        while store.next_expiry <= later:
+            store.advance(later, budget=2)
+        store.advance(later)
+    assert roundtrip(own.export()) == roundtrip(plain.export()), f"steps: {steps!r}"
+    assert_tree(own.to_dict(), fold(made, later), f"steps: {steps!r}")
+
+
+def test_own_sessions_wait_as_one_run_and_expire() -> None:
+    """A writer's loop of new sessions under one parent: one pending run of bare stamps
+    (no node each) with one expiry entry, the values readable at once; a set, a delete and
+    a write below three of them act on them as on any session; all the others expire on
+    time."""
+    store = new_store()
+    store.advance(0)
+    deliver(store, [Op(real_stamp(0, 0, 3), SET, ("s", "z"), 0)])
+    counter = 1
+    for j in range(50):
+        counter += 1
+        store.assign_key(real_stamp(1, counter, 1), f"s.k{j}", {"u": j}, 10, True)
+    parent = store._root._entries["s"]
+    # (The first keys under a parent go the general way, until the way is cached.)
+    assert _own_run_keys(store) >= 40, "not kept as a run"
+    assert parent._entries["k17"] == real_stamp(1, 19, 1)  # a bare stamp, not a node
+    assert len(store._pending) <= 2  # (the run's entry, and the general way's run's)
+    assert store.get(("s", "k7")) == {"u": 7}
+    store.set_key(real_stamp(2, 1, 1), "s.k21", "plain")
+    assert store.delete_key(real_stamp(2, 2, 1), "s.k22")
+    store.apply(real_stamp(2, 3, 1), SET, ("s", "k23", "w"), 5)  # (records the run first)
+    assert store.get(("s", "k23")) == {"u": 23, "w": 5}
+    store.advance(11)
+    while store.next_expiry <= 11:
+        store.advance(11)
+    expected = {"z": 0, "k21": "plain"}
+    assert_tree(store.to_dict(), {"s": expected})
