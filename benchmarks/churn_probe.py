@@ -20,7 +20,7 @@ import gc  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
-from collections import Counter  # noqa: E402
+from collections import Counter, deque  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
@@ -144,10 +144,90 @@ def allocator() -> dict[str, int]:
     return figures
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def glibc_heap() -> dict[str, float]:
+    """glibc's heap (``mallinfo2``, MB): the main heap's size and its bytes in use and free,
+    and the bytes in blocks of their own mapping (what Python's allocator does not serve:
+    blocks over 512 bytes, and its own 256 KiB arenas, which are mmapped)."""
+    try:
+        call = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    call.restype = _MallInfo2
+    info = call()
+    return {
+        "heap": info.arena / MB,
+        "heap_used": info.uordblks / MB,
+        "heap_free": info.fordblks / MB,
+        "mmapped": info.hblkhd / MB,
+        "mmapped_blocks": info.hblks,
+    }
+
+
+_SIZE_CLASSES = (512, 4096, 65536, 1 << 20)
+
+
+def traced_by_size(snapshot: tracemalloc.Snapshot) -> None:
+    """Traced bytes by block size (up to 512 B: Python's small-object allocator; above:
+    glibc's malloc), and the biggest sites of blocks over 512 B."""
+    by_class: Counter[int] = Counter()
+    blocks: Counter[int] = Counter()
+    large = Counter()
+    for trace in snapshot.traces:
+        size = trace.size
+        bound = next((b for b in _SIZE_CLASSES if size <= b), 0)
+        by_class[bound] += size
+        blocks[bound] += 1
+        if size > 512:
+            large[str(trace.traceback)] += size
+    for bound in (*_SIZE_CLASSES, 0):
+        label = f"<= {bound}" if bound else "> 1 MiB"
+        print(f"    blocks {label:>10}: {by_class[bound] / MB:7.2f} MB in {blocks[bound]:8d}")
+    print("    biggest sites of blocks over 512 B:")
+    for site, size in large.most_common(12):
+        print(f"      {size / MB:7.2f} MB  {site}")
+
+
+def sparse_containers(limit: int = 10) -> None:
+    """The dicts, lists and sets holding the most bytes beyond what their items need
+    (grown, then mostly emptied: their capacity stays)."""
+    waste = []
+    for obj in gc.get_objects():
+        kind = type(obj)
+        if kind is dict or kind is list or kind is set or kind is deque:
+            size = sys.getsizeof(obj)
+            if size > 4096:
+                waste.append((size - 8 * 3 * len(obj), size, len(obj), kind.__name__))
+    waste.sort(reverse=True)
+    print(f"    containers over 4 KiB: {len(waste)}, {sum(w[1] for w in waste) / MB:.2f} MB")
+    for _excess, size, length, name in waste[:limit]:
+        print(f"      {name} {size / 1e3:9.1f} kB for {length} items")
+
+
 def report(node: Collective, trace: bool) -> None:
     print(f"rss {memory()['rss'] / MB:.1f} MB", flush=True)
     for name, value in allocator().items():
         print(f"  {name}: {value / MB:.1f} MB")
+    print("  glibc:", {k: round(v, 1) for k, v in glibc_heap().items()})
+    print("  gc counts", gc.get_count(), "stats", gc.get_stats())
+    sparse_containers()
     stats = node.stats()
     print("  stats:", {k: stats.get(k) for k in ("log_ops", "log_bytes", "pending_expiries")})
     for kind, figures in structures(node).items():
@@ -157,6 +237,7 @@ def report(node: Collective, trace: bool) -> None:
         print(f"  traced now {tracemalloc.get_traced_memory()[0] / MB:.1f} MB; top sites:")
         for stat in snapshot.statistics("lineno")[:25]:
             print(f"    {stat.size / MB:7.2f} MB {stat.count:8d}  {stat.traceback}")
+        traced_by_size(snapshot)
     counts = Counter(type(o).__name__ for o in gc.get_objects())
     print("  gc objects by type:", counts.most_common(15), flush=True)
     before = memory()["rss"] / MB
@@ -165,6 +246,8 @@ def report(node: Collective, trace: bool) -> None:
     except (OSError, AttributeError):
         return
     print(f"  rss {before:.1f} MB, after malloc_trim(0): {memory()['rss'] / MB:.1f} MB")
+    found = gc.collect()
+    print(f"  gc.collect() found {found}; rss {memory()['rss'] / MB:.1f} MB;", allocator())
 
 
 def watch_collect(node: Collective) -> dict[str, Any]:
@@ -192,6 +275,7 @@ def main() -> None:
     parser.add_argument("--ttl", type=float, default=2.0)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--trace", type=float, default=0.0, help="trace the last N seconds")
+    parser.add_argument("--frames", type=int, default=1, help="frames per traced allocation")
     args = parser.parse_args()
     ports = free_ports(args.peers + 1)
     with Group() as group:
@@ -212,7 +296,7 @@ def main() -> None:
         while time.monotonic() - began < args.seconds:
             gevent.sleep(5)
             if args.trace and not traced and time.monotonic() - began > args.seconds - args.trace:
-                tracemalloc.start(1)
+                tracemalloc.start(args.frames)
                 traced = True
             print(
                 f"{time.monotonic() - began:5.0f}s rss {memory()['rss'] / MB:.1f} MB, "
