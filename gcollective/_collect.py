@@ -163,8 +163,8 @@ class Collector(Tree):
         """Forget the tombstones among ``node``'s bare stamps (the children ``stamps``) that
         are older than ``frontier``: nothing older can reach them any more. Leaves (in
         ``value``) have nothing to forget. True if bare stamps are left that a later pass
-        must look at again (newer tombstones, hidden values). A node then left mostly empty
-        slots is made anew."""
+        must look at again (newer tombstones, hidden values). A node that lost most of its
+        entries so is made anew."""
         entries = node._entries
         values = node.value
         if type(values) is dict:
@@ -176,7 +176,7 @@ class Collector(Tree):
         for key in stale:
             del entries[key]
         self.collected += len(stale)
-        if _sparse(entries):
+        if len(stale) > len(entries):
             node._entries = dict(entries)  # (a dict never shrinks by itself)
         return len(stale) < len(stamps)
 
@@ -240,6 +240,8 @@ class Collector(Tree):
         self.collected += len(old)
         if not incs:
             node.incs = None
+        elif _sparse_events(incs):
+            node.incs = dict(incs)  # (a hot counter's: grown at every hit, emptied by folds)
 
 
 #: An empty mapping, for ``in`` tests where a node has no dict of values.
@@ -255,6 +257,19 @@ def _sparse(entries: dict[str, Any]) -> bool:
     """Whether a node's ``entries`` keeps far more memory than its entries need: after many
     were dropped (by ``expire``: the sessions a writer made before it stopped)."""
     return sys.getsizeof(entries) > _SPARSE_BYTES + _SPARSE_BYTES_PER_ENTRY * len(entries)
+
+
+#: A dict of events holding more than this plus ``_SPARSE_BYTES_PER_EVENT`` per event is
+#: mostly empty slots: ``collect`` makes it anew (a compact one takes 30-55 B an event).
+_SPARSE_EVENT_BYTES = 2048
+_SPARSE_BYTES_PER_EVENT = 64
+
+
+def _sparse_events(events: dict[int, Any]) -> bool:
+    """Whether a counter's ``incs`` keeps far more memory than its events need: a dict
+    that grew for a frontier's lag of hits, then had the older half folded, keeps its
+    size (and regrows only to three times what it holds when full)."""
+    return sys.getsizeof(events) > _SPARSE_EVENT_BYTES + _SPARSE_BYTES_PER_EVENT * len(events)
 
 
 def _descent_limit(above: Any, node: _Node) -> Any:

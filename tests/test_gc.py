@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 import gevent
 import pytest
@@ -242,3 +243,63 @@ else:
         joiner.advance(joiner_now)
         joiner.merge(roundtrip(holder.export()))
         assert_tree(joiner.to_dict(), fold(ops, joiner_now), f"ops: {ops!r}")
+
+
+# -- what a pass gives back under churn (issue 20) ---------------------------------------------
+
+
+def _churned_store(keys: int, hits: int):
+    """A store where ``keys`` scratch keys under ``scratch`` were each set and deleted, and
+    the counter ``hits`` incremented ``hits`` times, one millisecond apart."""
+    from test_store_property import new_store, real_stamp
+
+    from gcollective._store import DELETE, INCREMENT, SET
+
+    store = new_store()
+    for i in range(keys):
+        store.apply(real_stamp(i, 0, 1), SET, ("scratch", str(i)), i, None)
+        store.apply(real_stamp(i, 1, 1), DELETE, ("scratch", str(i)), None, None)
+    for i in range(hits):
+        store.apply(real_stamp(i, 2, 1), INCREMENT, ("hits",), 1, None)
+    return store
+
+
+def test_a_pass_forgets_a_nodes_old_tombstones_at_once():
+    """The tombstones of a node are forgotten when a pass lists its children, however small
+    the budget of visits, and the node's dict is made anew: a pass visited them one by one,
+    so a churning member kept tens of thousands a pass had not reached yet, long after the
+    frontier passed them. Those the frontier has not passed stay, and a later pass comes
+    back for them."""
+    from test_store_property import real_stamp
+
+    store = _churned_store(6000, 0)
+    scratch = store._root._entries["scratch"]
+    peak = sys.getsizeof(scratch._entries)
+    store.collect(real_stamp(5000, 0, 0), budget=5)
+    assert store.collect(real_stamp(5000, 0, 0), budget=5), "a pass of two visits: root, scratch"
+    assert len(scratch._entries) == 1000, "the tombstones older than the frontier went"
+    assert sys.getsizeof(scratch._entries) < peak / 4, "its dict kept its peak size"
+    assert store._untidy, "newer tombstones are left for a later pass"
+    while not store.collect(real_stamp(7000, 0, 0), budget=5):
+        pass
+    assert store.to_dict() == {"scratch": {}}
+    assert scratch._entries == {}
+
+
+def test_folding_a_hot_counters_events_gives_their_dict_back():
+    """A counter's events dict grew with its hits; once ``collect`` folded the older ones it
+    is made anew at the size of the events left (it kept its peak size, about twice that)."""
+    from test_store_property import real_stamp
+
+    store = _churned_store(0, 4000)
+    counter = store._root._entries["hits"]
+    peak = sys.getsizeof(counter.incs)
+    while not store.collect(real_stamp(3000, 0, 0)):
+        pass
+    assert len(counter.incs) == 1000
+    assert sys.getsizeof(counter.incs) < peak / 3, "the events' dict kept its peak size"
+    from gcollective._store import INCREMENT
+
+    for i in range(4000, 4300):  # (hits between two passes fit without growing it again)
+        store.apply(real_stamp(i, 2, 1), INCREMENT, ("hits",), 1, None)
+    assert store.get(("hits",)) == 4300
