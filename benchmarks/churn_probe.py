@@ -8,6 +8,13 @@ allocator's used and free bytes, tracemalloc's biggest sites (traced over the la
 the store's structures (tombstones, nodes, ttl events, pending expiries, the log)::
 
     python -m benchmarks.churn_probe --seconds 60 --trace 20
+
+``--simulate LAG`` instead runs the same operations on one store in simulated time, with a
+stability frontier ``LAG`` seconds behind and housekeeping every second as a member does
+it, and reports the bytes the store holds (``tracemalloc``): what the store keeps for that
+lag, without the noise of a shared machine (its CPU, the members' lag)::
+
+    python -m benchmarks.churn_probe --simulate 12 --seconds 40
 """
 
 from gevent import monkey
@@ -17,6 +24,7 @@ monkey.patch_all()  # (a member is a monkey-patched gevent app: see benchmarks.m
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
 import gc  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
@@ -25,12 +33,18 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 
-from benchmarks.common import malloc_stats_lines, memory  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CHURN_STEPS,
+    churn_counter,
+    malloc_stats_lines,
+    memory,
+)
 from benchmarks.member import ChurnPacer  # noqa: E402
 from benchmarks.procs import Group, Member, broadcast  # noqa: E402
 from benchmarks.scenarios import free_ports  # noqa: E402
 from gcollective import Collective  # noqa: E402
-from gcollective._clock import MILLIS_SHIFT  # noqa: E402
+from gcollective._clock import MILLIS_SHIFT, NODE_BITS  # noqa: E402
+from gcollective._store import DELETE, INCREMENT, SET, Store  # noqa: E402
 from gcollective._tree import MISSING, _Node  # noqa: E402
 
 MB = 1e6
@@ -79,7 +93,11 @@ def _kind(entry: _Node, parent_kind: str) -> str:
 def structures(node: Collective) -> dict[str, Any]:
     """Counts and bytes (MB) of the store's structures, by kind of entry, and how old the
     oldest of each is (seconds) beside how far the stability frontier trails."""
-    store = node._store  # type: ignore[attr-defined]
+    return structures_of(node._store, node._engine.gc_frontier())  # type: ignore[attr-defined]
+
+
+def structures_of(store: Store, frontier: int | None = None) -> dict[str, Any]:
+    """``structures`` of a store (``frontier``: the stability frontier, if known)."""
     count: Counter[str] = Counter()
     size: Counter[str] = Counter()
     oldest: dict[str, float] = {}
@@ -127,8 +145,9 @@ def structures(node: Collective) -> dict[str, Any]:
     count["_due events"] = len(store._due) + store._due_extra
     count["_due_stamps"] = len(store._due_stamps)
     size["_due_stamps"] = sys.getsizeof(store._due_stamps)
-    oldest["frontier"] = age(node._engine.gc_frontier())  # type: ignore[attr-defined]
-    print("  oldest (s):", oldest)
+    if frontier is not None:  # (a simulated store's stamps are not of the wall clock)
+        oldest["frontier"] = age(frontier)
+        print("  oldest (s):", oldest)
     print("  bare tombstones under:", dict(tombstones_under.most_common(8)))
     return {kind: (count[kind], round(size[kind] / MB, 2)) for kind in count}
 
@@ -251,21 +270,84 @@ def report(node: Collective, trace: bool) -> None:
 
 
 def watch_collect(node: Collective) -> dict[str, Any]:
-    """Count the store's finished collect passes, its calls and the time spent in them."""
+    """Count the store's finished collect passes, its calls and the CPU time spent in them."""
     store = node._store  # type: ignore[attr-defined]
     collect = store.collect
     figures: dict[str, Any] = {"passes": 0, "calls": 0, "seconds": 0.0}
 
     def counted(frontier: int, budget: int = 10000) -> bool:
-        began = time.perf_counter()
+        began = time.process_time()  # (CPU: wall time counts the other processes' turns)
         done = collect(frontier, budget)
-        figures["seconds"] += time.perf_counter() - began
+        figures["seconds"] += time.process_time() - began
         figures["calls"] += 1
         figures["passes"] += done
         return done
 
     store.collect = counted
     return figures
+
+
+def _sim_stamp(millis: int, counter: int, origin: int) -> int:
+    return (((millis << 16) | counter) << NODE_BITS) | origin
+
+
+def _sim_writes(store: Store, millis: int, seq: list[int], count: int, ttl: float) -> None:
+    """``count`` operations of each writer at ``millis``: ``ChurnPacer``'s steps."""
+    for writer in range(len(seq)):
+        origin = 0x1000 + writer
+        for counter in range(count):
+            number = seq[writer]
+            seq[writer] += 1
+            stamp = _sim_stamp(millis, counter, origin)
+            step = CHURN_STEPS[number % len(CHURN_STEPS)]
+            name = f"n{writer}"
+            if step == "session":
+                value = {"u": number, "w": name}
+                store.apply(stamp, SET, ("churn", "s", name, str(number)), value, int(ttl * 1000))
+            elif step == "scratch":
+                store.apply(stamp, SET, ("churn", "x", name, str(number)), number, None)
+            elif step == "unscratch":
+                store.apply(stamp, DELETE, ("churn", "x", name, str(number - 2)), None, None)
+            else:
+                path = ("churn", "c", f"k{churn_counter(number)}")
+                store.apply(stamp, INCREMENT, path, 1, None)
+
+
+def _sim_housekeep(store: Store, frontier: int) -> None:
+    """A member's housekeeping round (``Collective._housekeep``): expire, then collect in
+    slices of 100 visits, at most 50,000."""
+    store.expire(frontier, 100)
+    while store.expirable(frontier):
+        store.expire(frontier, 100)
+    for _ in range(500):
+        if store.collect(frontier, 100):
+            break
+
+
+def simulate(args: argparse.Namespace) -> None:
+    """``--simulate``: see the module docstring. Traced bytes are sampled every simulated
+    second of the second half; the median and the peak are reported."""
+    store = Store()
+    tracemalloc.start()
+    samples = []
+    seq = [0] * (args.peers + 1)
+    per_tick = args.rate // 100  # (ticks of 10 ms)
+    lag_ms = int(args.simulate * 1000)
+    for tick in range(int(args.seconds * 100)):
+        millis = 1000 + tick * 10
+        _sim_writes(store, millis, seq, per_tick, args.ttl)
+        store.advance(millis)
+        if tick % 100 == 99:
+            _sim_housekeep(store, _sim_stamp(millis - lag_ms, 0, 0))
+            if tick >= args.seconds * 50:
+                samples.append(tracemalloc.get_traced_memory()[0])
+    print(
+        f"store after {args.seconds:g} simulated s, frontier {args.simulate:g} s behind: "
+        f"median {statistics.median(samples) / MB:.1f} MB, peak {max(samples) / MB:.1f} MB"
+    )
+    figures = structures_of(store)
+    for kind, (count, size) in figures.items():
+        print(f"  {kind:>15}: {count:8d} {size:7.2f} MB")
 
 
 def main() -> None:
@@ -276,7 +358,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--trace", type=float, default=0.0, help="trace the last N seconds")
     parser.add_argument("--frames", type=int, default=1, help="frames per traced allocation")
+    parser.add_argument("--simulate", type=float, help="one store, the frontier LAG s behind")
     args = parser.parse_args()
+    if args.simulate is not None:
+        simulate(args)
+        return
     ports = free_ports(args.peers + 1)
     with Group() as group:
         node = Collective(f"127.0.0.1:{ports[0]}", [f"127.0.0.1:{p}" for p in ports])
@@ -301,7 +387,7 @@ def main() -> None:
             print(
                 f"{time.monotonic() - began:5.0f}s rss {memory()['rss'] / MB:.1f} MB, "
                 f"collect passes {passes['passes']}, visits {passes['calls']}, "
-                f"{passes['seconds']:.2f}s in collect",
+                f"{passes['seconds']:.2f}s CPU in collect of {time.process_time():.1f}s",
                 flush=True,
             )
         report(node, traced)

@@ -33,6 +33,9 @@ class Collector(Tree):
         self.collected = 0
         # ``fired_bound(now_ms)`` as of this ``collect`` call (see ``_hidden_by_own_expiry``).
         self._fired_below: float | int = NEVER
+        # The bare stamps ``_keys_to_visit`` went through since ``collect`` last counted them
+        # as visits (so a pass keeps the pace it had when it visited each).
+        self._stamps_seen = 0
 
     def collect(self, frontier: int, budget: int = 10000) -> bool:
         """Forget metadata older than ``frontier``, visiting at most ``budget`` entries.
@@ -56,7 +59,8 @@ class Collector(Tree):
             root = self._root
             todo = self._keys_to_visit(root, frontier)
             sweep.append([root, root.reset, todo, 0, None, None, NEVER])
-        visited = 0
+        visited = self._stamps_seen
+        self._stamps_seen = 0
         while sweep and visited < budget:
             frame = sweep[-1]
             node, todo = frame[0], frame[2]
@@ -72,6 +76,8 @@ class Collector(Tree):
             entry = node._entries.get(key)
             if type(entry) is _Node:  # (None: gone since the list was taken; an int: the
                 self._visit_node(frame, key, entry, frontier)  # key was set since)
+                visited += self._stamps_seen
+                self._stamps_seen = 0
         return not sweep
 
     def _visit_node(self, frame: list[Any], key: str, entry: _Node, frontier: int) -> None:
@@ -153,6 +159,9 @@ class Collector(Tree):
             )
         ]
         stamps = [key for key, entry in entries.items() if type(entry) is not _Node]
+        # Counted as visits, as when each was visited: a pass more often than that cost
+        # more CPU than it saved memory (on a busy machine, a churning member fell behind).
+        self._stamps_seen += len(stamps)
         if len(keys) + len(stamps) < len(entries):
             self._untidy = True  # (fired sessions: a later pass looks again)
         if stamps and self._drop_tombstones(node, stamps, frontier):
