@@ -33,9 +33,6 @@ class Collector(Tree):
         self.collected = 0
         # ``fired_bound(now_ms)`` as of this ``collect`` call (see ``_hidden_by_own_expiry``).
         self._fired_below: float | int = NEVER
-        # The bare stamps ``_keys_to_visit`` went through since ``collect`` last counted them
-        # as visits (so a pass keeps the pace it had when it visited each).
-        self._stamps_seen = 0
 
     def collect(self, frontier: int, budget: int = 10000) -> bool:
         """Forget metadata older than ``frontier``, visiting at most ``budget`` entries.
@@ -57,10 +54,8 @@ class Collector(Tree):
                 return True  # nothing to look at since the last pass
             self._untidy = False
             root = self._root
-            todo = self._keys_to_visit(root, frontier)
-            sweep.append([root, root.reset, todo, 0, None, None, NEVER])
-        visited = self._stamps_seen
-        self._stamps_seen = 0
+            sweep.append([root, root.reset, self._keys_to_visit(root), 0, None, None, NEVER])
+        visited = 0
         while sweep and visited < budget:
             frame = sweep[-1]
             node, todo = frame[0], frame[2]
@@ -74,10 +69,20 @@ class Collector(Tree):
             # (The keys only, listed: not a tuple each, which for a churning tree's hundred
             # thousand tombstones and fired sessions made megabytes at every pass.)
             entry = node._entries.get(key)
-            if type(entry) is _Node:  # (None: gone since the list was taken; an int: the
-                self._visit_node(frame, key, entry, frontier)  # key was set since)
-                visited += self._stamps_seen
-                self._stamps_seen = 0
+            if entry is None:
+                continue  # gone since the list was taken
+            if type(entry) is int:
+                if type(node.value) is not dict or key not in node.value:
+                    if node.hidden is not None and key in node.hidden:
+                        self._untidy = True  # a hidden value (``_Node.hidden``): kept
+                    elif entry < frontier:
+                        del node._entries[key]  # a tombstone nothing older can reach any more
+                        frame[3] += 1
+                        self.collected += 1
+                    else:
+                        self._untidy = True  # for a later pass
+                continue
+            self._visit_node(frame, key, entry, frontier)
         return not sweep
 
     def _visit_node(self, frame: list[Any], key: str, entry: _Node, frontier: int) -> None:
@@ -121,8 +126,9 @@ class Collector(Tree):
                 self._untidy = True
                 return
             below = _descent_limit(above, entry)
-            todo = self._keys_to_visit(entry, frontier)
-            self._sweep.append([entry, entry.reset, todo, 0, node, key, below])
+            self._sweep.append(
+                [entry, entry.reset, self._keys_to_visit(entry), 0, node, key, below]
+            )
         elif (
             entry.value is MISSING
             and entry.assigned_value is MISSING  # (not a value an expiry hides: see below)
@@ -136,58 +142,26 @@ class Collector(Tree):
             else:
                 self._untidy = True
 
-    def _keys_to_visit(self, node: _Node, frontier: int) -> list[str]:
-        """The keys of ``node``'s children a pass visits: its nodes, but those of fired
-        sessions (``_hidden_by_own_expiry``, with their one ttl event and no increments),
-        where a visit finds nothing to do until ``expire`` makes the expiry permanent (and
-        drops them whole). Listed in one comprehension, not a visit each: a churning member
-        holds tens of thousands, which took half of every pass's visits (issue 20).
-
-        Its bare stamps are done with here (``_drop_tombstones``), not visited one by one: a
-        churning member's scratch keys left tens of thousands of tombstones per writer,
-        each kept until the pass reached it, seconds after the frontier passed it."""
+    def _keys_to_visit(self, node: _Node) -> list[str]:
+        """The keys of ``node``'s children a pass visits: all but those of fired sessions
+        (``_hidden_by_own_expiry``, with their one ttl event and no increments), where a
+        visit finds nothing to do until ``expire`` makes the expiry permanent (and drops
+        them whole). Listed in one comprehension, not a visit each: a churning member holds
+        tens of thousands, which took half of every pass's visits (issue 20)."""
         fired_below = self._fired_below
-        entries = node._entries
         keys = [
             key
-            for key, entry in entries.items()
-            if type(entry) is _Node
-            and not (
+            for key, entry in node._entries.items()
+            if type(entry) is not _Node
+            or not (
                 _hidden_by_own_expiry(entry, fired_below)
                 and len(entry.ttls) == 1  # type: ignore[arg-type]  # (not None: see above)
                 and not entry.incs
             )
         ]
-        stamps = [key for key, entry in entries.items() if type(entry) is not _Node]
-        # Counted as visits, as when each was visited: a pass more often than that cost
-        # more CPU than it saved memory (on a busy machine, a churning member fell behind).
-        self._stamps_seen += len(stamps)
-        if len(keys) + len(stamps) < len(entries):
-            self._untidy = True  # (fired sessions: a later pass looks again)
-        if stamps and self._drop_tombstones(node, stamps, frontier):
-            self._untidy = True  # newer tombstones, hidden values: a later pass looks again
+        if len(keys) < len(node._entries):
+            self._untidy = True  # (a later pass looks again)
         return keys
-
-    def _drop_tombstones(self, node: _Node, stamps: list[str], frontier: int) -> bool:
-        """Forget the tombstones among ``node``'s bare stamps (the children ``stamps``) that
-        are older than ``frontier``: nothing older can reach them any more. Leaves (in
-        ``value``) have nothing to forget. True if bare stamps are left that a later pass
-        must look at again (newer tombstones, hidden values). A node that lost most of its
-        entries so is made anew."""
-        entries = node._entries
-        values = node.value
-        if type(values) is dict:
-            stamps = [key for key in stamps if key not in values]
-            if not stamps:
-                return False
-        hidden = node.hidden or _NOTHING
-        stale = [key for key in stamps if key not in hidden and entries[key] < frontier]  # type: ignore[operator]
-        for key in stale:
-            del entries[key]
-        self.collected += len(stale)
-        if len(stale) > len(entries):
-            node._entries = dict(entries)  # (a dict never shrinks by itself)
-        return len(stale) < len(stamps)
 
     def _drop_replaced(self, node: _Node, frontier: int) -> bool:
         """Forget ttl events older than ``frontier`` that a newer ttl event here replaced
@@ -252,9 +226,6 @@ class Collector(Tree):
         elif _sparse_events(incs):
             node.incs = dict(incs)  # (a hot counter's: grown at every hit, emptied by folds)
 
-
-#: An empty mapping, for ``in`` tests where a node has no dict of values.
-_NOTHING: dict[str, Any] = {}
 
 #: A dict holding more than this, plus ``_SPARSE_BYTES_PER_ENTRY`` per entry, is mostly
 #: empty slots (a full one takes about 40-100 B an entry): ``collect`` makes it anew.

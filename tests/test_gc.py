@@ -264,28 +264,6 @@ def _churned_store(keys: int, hits: int):
     return store
 
 
-def test_a_pass_forgets_a_nodes_old_tombstones_at_once():
-    """The tombstones of a node are forgotten when a pass lists its children, however small
-    the budget of visits, and the node's dict is made anew: a pass visited them one by one,
-    so a churning member kept tens of thousands a pass had not reached yet, long after the
-    frontier passed them. Those the frontier has not passed stay, and a later pass comes
-    back for them."""
-    from test_store_property import real_stamp
-
-    store = _churned_store(6000, 0)
-    scratch = store._root._entries["scratch"]
-    peak = sys.getsizeof(scratch._entries)
-    store.collect(real_stamp(5000, 0, 0), budget=5)
-    assert store.collect(real_stamp(5000, 0, 0), budget=5), "a pass of two visits: root, scratch"
-    assert len(scratch._entries) == 1000, "the tombstones older than the frontier went"
-    assert sys.getsizeof(scratch._entries) < peak / 4, "its dict kept its peak size"
-    assert store._untidy, "newer tombstones are left for a later pass"
-    while not store.collect(real_stamp(7000, 0, 0), budget=5):
-        pass
-    assert store.to_dict() == {"scratch": {}}
-    assert scratch._entries == {}
-
-
 def test_folding_a_hot_counters_events_gives_their_dict_back():
     """A counter's events dict grew with its hits; once ``collect`` folded the older ones it
     is made anew at the size of the events left (it kept its peak size, about twice that)."""
