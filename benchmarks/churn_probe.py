@@ -8,6 +8,13 @@ allocator's used and free bytes, tracemalloc's biggest sites (traced over the la
 the store's structures (tombstones, nodes, ttl events, pending expiries, the log)::
 
     python -m benchmarks.churn_probe --seconds 60 --trace 20
+
+``--simulate LAG`` instead runs the same operations on one store in simulated time, with a
+stability frontier ``LAG`` seconds behind and housekeeping every second as a member does
+it, and reports the bytes the store holds (``tracemalloc``): what the store keeps for that
+lag, without the noise of a shared machine (its CPU, the members' lag)::
+
+    python -m benchmarks.churn_probe --simulate 12 --seconds 40
 """
 
 from gevent import monkey
@@ -17,20 +24,27 @@ monkey.patch_all()  # (a member is a monkey-patched gevent app: see benchmarks.m
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
 import gc  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
-from collections import Counter  # noqa: E402
+from collections import Counter, deque  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 
-from benchmarks.common import malloc_stats_lines, memory  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CHURN_STEPS,
+    churn_counter,
+    malloc_stats_lines,
+    memory,
+)
 from benchmarks.member import ChurnPacer  # noqa: E402
 from benchmarks.procs import Group, Member, broadcast  # noqa: E402
 from benchmarks.scenarios import free_ports  # noqa: E402
 from gcollective import Collective  # noqa: E402
-from gcollective._clock import MILLIS_SHIFT  # noqa: E402
+from gcollective._clock import MILLIS_SHIFT, NODE_BITS  # noqa: E402
+from gcollective._store import DELETE, INCREMENT, SET, Store  # noqa: E402
 from gcollective._tree import MISSING, _Node  # noqa: E402
 
 MB = 1e6
@@ -79,7 +93,11 @@ def _kind(entry: _Node, parent_kind: str) -> str:
 def structures(node: Collective) -> dict[str, Any]:
     """Counts and bytes (MB) of the store's structures, by kind of entry, and how old the
     oldest of each is (seconds) beside how far the stability frontier trails."""
-    store = node._store  # type: ignore[attr-defined]
+    return structures_of(node._store, node._engine.gc_frontier())  # type: ignore[attr-defined]
+
+
+def structures_of(store: Store, frontier: int | None = None) -> dict[str, Any]:
+    """``structures`` of a store (``frontier``: the stability frontier, if known)."""
     count: Counter[str] = Counter()
     size: Counter[str] = Counter()
     oldest: dict[str, float] = {}
@@ -127,8 +145,9 @@ def structures(node: Collective) -> dict[str, Any]:
     count["_due events"] = len(store._due) + store._due_extra
     count["_due_stamps"] = len(store._due_stamps)
     size["_due_stamps"] = sys.getsizeof(store._due_stamps)
-    oldest["frontier"] = age(node._engine.gc_frontier())  # type: ignore[attr-defined]
-    print("  oldest (s):", oldest)
+    if frontier is not None:  # (a simulated store's stamps are not of the wall clock)
+        oldest["frontier"] = age(frontier)
+        print("  oldest (s):", oldest)
     print("  bare tombstones under:", dict(tombstones_under.most_common(8)))
     return {kind: (count[kind], round(size[kind] / MB, 2)) for kind in count}
 
@@ -144,10 +163,90 @@ def allocator() -> dict[str, int]:
     return figures
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def glibc_heap() -> dict[str, float]:
+    """glibc's heap (``mallinfo2``, MB): the main heap's size and its bytes in use and free,
+    and the bytes in blocks of their own mapping (what Python's allocator does not serve:
+    blocks over 512 bytes, and its own 256 KiB arenas, which are mmapped)."""
+    try:
+        call = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    call.restype = _MallInfo2
+    info = call()
+    return {
+        "heap": info.arena / MB,
+        "heap_used": info.uordblks / MB,
+        "heap_free": info.fordblks / MB,
+        "mmapped": info.hblkhd / MB,
+        "mmapped_blocks": info.hblks,
+    }
+
+
+_SIZE_CLASSES = (512, 4096, 65536, 1 << 20)
+
+
+def traced_by_size(snapshot: tracemalloc.Snapshot) -> None:
+    """Traced bytes by block size (up to 512 B: Python's small-object allocator; above:
+    glibc's malloc), and the biggest sites of blocks over 512 B."""
+    by_class: Counter[int] = Counter()
+    blocks: Counter[int] = Counter()
+    large = Counter()
+    for trace in snapshot.traces:
+        size = trace.size
+        bound = next((b for b in _SIZE_CLASSES if size <= b), 0)
+        by_class[bound] += size
+        blocks[bound] += 1
+        if size > 512:
+            large[str(trace.traceback)] += size
+    for bound in (*_SIZE_CLASSES, 0):
+        label = f"<= {bound}" if bound else "> 1 MiB"
+        print(f"    blocks {label:>10}: {by_class[bound] / MB:7.2f} MB in {blocks[bound]:8d}")
+    print("    biggest sites of blocks over 512 B:")
+    for site, size in large.most_common(12):
+        print(f"      {size / MB:7.2f} MB  {site}")
+
+
+def sparse_containers(limit: int = 10) -> None:
+    """The dicts, lists and sets holding the most bytes beyond what their items need
+    (grown, then mostly emptied: their capacity stays)."""
+    waste = []
+    for obj in gc.get_objects():
+        kind = type(obj)
+        if kind is dict or kind is list or kind is set or kind is deque:
+            size = sys.getsizeof(obj)
+            if size > 4096:
+                waste.append((size - 8 * 3 * len(obj), size, len(obj), kind.__name__))
+    waste.sort(reverse=True)
+    print(f"    containers over 4 KiB: {len(waste)}, {sum(w[1] for w in waste) / MB:.2f} MB")
+    for _excess, size, length, name in waste[:limit]:
+        print(f"      {name} {size / 1e3:9.1f} kB for {length} items")
+
+
 def report(node: Collective, trace: bool) -> None:
     print(f"rss {memory()['rss'] / MB:.1f} MB", flush=True)
     for name, value in allocator().items():
         print(f"  {name}: {value / MB:.1f} MB")
+    print("  glibc:", {k: round(v, 1) for k, v in glibc_heap().items()})
+    print("  gc counts", gc.get_count(), "stats", gc.get_stats())
+    sparse_containers()
     stats = node.stats()
     print("  stats:", {k: stats.get(k) for k in ("log_ops", "log_bytes", "pending_expiries")})
     for kind, figures in structures(node).items():
@@ -157,6 +256,7 @@ def report(node: Collective, trace: bool) -> None:
         print(f"  traced now {tracemalloc.get_traced_memory()[0] / MB:.1f} MB; top sites:")
         for stat in snapshot.statistics("lineno")[:25]:
             print(f"    {stat.size / MB:7.2f} MB {stat.count:8d}  {stat.traceback}")
+        traced_by_size(snapshot)
     counts = Counter(type(o).__name__ for o in gc.get_objects())
     print("  gc objects by type:", counts.most_common(15), flush=True)
     before = memory()["rss"] / MB
@@ -165,24 +265,89 @@ def report(node: Collective, trace: bool) -> None:
     except (OSError, AttributeError):
         return
     print(f"  rss {before:.1f} MB, after malloc_trim(0): {memory()['rss'] / MB:.1f} MB")
+    found = gc.collect()
+    print(f"  gc.collect() found {found}; rss {memory()['rss'] / MB:.1f} MB;", allocator())
 
 
 def watch_collect(node: Collective) -> dict[str, Any]:
-    """Count the store's finished collect passes, its calls and the time spent in them."""
+    """Count the store's finished collect passes, its calls and the CPU time spent in them."""
     store = node._store  # type: ignore[attr-defined]
     collect = store.collect
     figures: dict[str, Any] = {"passes": 0, "calls": 0, "seconds": 0.0}
 
     def counted(frontier: int, budget: int = 10000) -> bool:
-        began = time.perf_counter()
+        began = time.process_time()  # (CPU: wall time counts the other processes' turns)
         done = collect(frontier, budget)
-        figures["seconds"] += time.perf_counter() - began
+        figures["seconds"] += time.process_time() - began
         figures["calls"] += 1
         figures["passes"] += done
         return done
 
     store.collect = counted
     return figures
+
+
+def _sim_stamp(millis: int, counter: int, origin: int) -> int:
+    return (((millis << 16) | counter) << NODE_BITS) | origin
+
+
+def _sim_writes(store: Store, millis: int, seq: list[int], count: int, ttl: float) -> None:
+    """``count`` operations of each writer at ``millis``: ``ChurnPacer``'s steps."""
+    for writer in range(len(seq)):
+        origin = 0x1000 + writer
+        for counter in range(count):
+            number = seq[writer]
+            seq[writer] += 1
+            stamp = _sim_stamp(millis, counter, origin)
+            step = CHURN_STEPS[number % len(CHURN_STEPS)]
+            name = f"n{writer}"
+            if step == "session":
+                value = {"u": number, "w": name}
+                store.apply(stamp, SET, ("churn", "s", name, str(number)), value, int(ttl * 1000))
+            elif step == "scratch":
+                store.apply(stamp, SET, ("churn", "x", name, str(number)), number, None)
+            elif step == "unscratch":
+                store.apply(stamp, DELETE, ("churn", "x", name, str(number - 2)), None, None)
+            else:
+                path = ("churn", "c", f"k{churn_counter(number)}")
+                store.apply(stamp, INCREMENT, path, 1, None)
+
+
+def _sim_housekeep(store: Store, frontier: int) -> None:
+    """A member's housekeeping round (``Collective._housekeep``): expire, then collect in
+    slices of 100 visits, at most 50,000."""
+    store.expire(frontier, 100)
+    while store.expirable(frontier):
+        store.expire(frontier, 100)
+    for _ in range(500):
+        if store.collect(frontier, 100):
+            break
+
+
+def simulate(args: argparse.Namespace) -> None:
+    """``--simulate``: see the module docstring. Traced bytes are sampled every simulated
+    second of the second half; the median and the peak are reported."""
+    store = Store()
+    tracemalloc.start()
+    samples = []
+    seq = [0] * (args.peers + 1)
+    per_tick = args.rate // 100  # (ticks of 10 ms)
+    lag_ms = int(args.simulate * 1000)
+    for tick in range(int(args.seconds * 100)):
+        millis = 1000 + tick * 10
+        _sim_writes(store, millis, seq, per_tick, args.ttl)
+        store.advance(millis)
+        if tick % 100 == 99:
+            _sim_housekeep(store, _sim_stamp(millis - lag_ms, 0, 0))
+            if tick >= args.seconds * 50:
+                samples.append(tracemalloc.get_traced_memory()[0])
+    print(
+        f"store after {args.seconds:g} simulated s, frontier {args.simulate:g} s behind: "
+        f"median {statistics.median(samples) / MB:.1f} MB, peak {max(samples) / MB:.1f} MB"
+    )
+    figures = structures_of(store)
+    for kind, (count, size) in figures.items():
+        print(f"  {kind:>15}: {count:8d} {size:7.2f} MB")
 
 
 def main() -> None:
@@ -192,7 +357,12 @@ def main() -> None:
     parser.add_argument("--ttl", type=float, default=2.0)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--trace", type=float, default=0.0, help="trace the last N seconds")
+    parser.add_argument("--frames", type=int, default=1, help="frames per traced allocation")
+    parser.add_argument("--simulate", type=float, help="one store, the frontier LAG s behind")
     args = parser.parse_args()
+    if args.simulate is not None:
+        simulate(args)
+        return
     ports = free_ports(args.peers + 1)
     with Group() as group:
         node = Collective(f"127.0.0.1:{ports[0]}", [f"127.0.0.1:{p}" for p in ports])
@@ -212,12 +382,12 @@ def main() -> None:
         while time.monotonic() - began < args.seconds:
             gevent.sleep(5)
             if args.trace and not traced and time.monotonic() - began > args.seconds - args.trace:
-                tracemalloc.start(1)
+                tracemalloc.start(args.frames)
                 traced = True
             print(
                 f"{time.monotonic() - began:5.0f}s rss {memory()['rss'] / MB:.1f} MB, "
                 f"collect passes {passes['passes']}, visits {passes['calls']}, "
-                f"{passes['seconds']:.2f}s in collect",
+                f"{passes['seconds']:.2f}s CPU in collect of {time.process_time():.1f}s",
                 flush=True,
             )
         report(node, traced)

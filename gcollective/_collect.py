@@ -223,6 +223,8 @@ class Collector(Tree):
         self.collected += len(old)
         if not incs:
             node.incs = None
+        elif _sparse_events(incs):
+            node.incs = dict(incs)  # (a hot counter's: grown at every hit, emptied by folds)
 
 
 #: A dict holding more than this, plus ``_SPARSE_BYTES_PER_ENTRY`` per entry, is mostly
@@ -235,6 +237,19 @@ def _sparse(entries: dict[str, Any]) -> bool:
     """Whether a node's ``entries`` keeps far more memory than its entries need: after many
     were dropped (by ``expire``: the sessions a writer made before it stopped)."""
     return sys.getsizeof(entries) > _SPARSE_BYTES + _SPARSE_BYTES_PER_ENTRY * len(entries)
+
+
+#: A dict of events holding more than this plus ``_SPARSE_BYTES_PER_EVENT`` per event is
+#: mostly empty slots: ``collect`` makes it anew (a compact one takes 30-55 B an event).
+_SPARSE_EVENT_BYTES = 2048
+_SPARSE_BYTES_PER_EVENT = 64
+
+
+def _sparse_events(events: dict[int, Any]) -> bool:
+    """Whether a counter's ``incs`` keeps far more memory than its events need: a dict
+    that grew for a frontier's lag of hits, then had the older half folded, keeps its
+    size (and regrows only to three times what it holds when full)."""
+    return sys.getsizeof(events) > _SPARSE_EVENT_BYTES + _SPARSE_BYTES_PER_EVENT * len(events)
 
 
 def _descent_limit(above: Any, node: _Node) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 import gevent
 import pytest
@@ -242,3 +243,41 @@ else:
         joiner.advance(joiner_now)
         joiner.merge(roundtrip(holder.export()))
         assert_tree(joiner.to_dict(), fold(ops, joiner_now), f"ops: {ops!r}")
+
+
+# -- what a pass gives back under churn (issue 20) ---------------------------------------------
+
+
+def _churned_store(keys: int, hits: int):
+    """A store where ``keys`` scratch keys under ``scratch`` were each set and deleted, and
+    the counter ``hits`` incremented ``hits`` times, one millisecond apart."""
+    from test_store_property import new_store, real_stamp
+
+    from gcollective._store import DELETE, INCREMENT, SET
+
+    store = new_store()
+    for i in range(keys):
+        store.apply(real_stamp(i, 0, 1), SET, ("scratch", str(i)), i, None)
+        store.apply(real_stamp(i, 1, 1), DELETE, ("scratch", str(i)), None, None)
+    for i in range(hits):
+        store.apply(real_stamp(i, 2, 1), INCREMENT, ("hits",), 1, None)
+    return store
+
+
+def test_folding_a_hot_counters_events_gives_their_dict_back():
+    """A counter's events dict grew with its hits; once ``collect`` folded the older ones it
+    is made anew at the size of the events left (it kept its peak size, about twice that)."""
+    from test_store_property import real_stamp
+
+    store = _churned_store(0, 4000)
+    counter = store._root._entries["hits"]
+    peak = sys.getsizeof(counter.incs)
+    while not store.collect(real_stamp(3000, 0, 0)):
+        pass
+    assert len(counter.incs) == 1000
+    assert sys.getsizeof(counter.incs) < peak / 3, "the events' dict kept its peak size"
+    from gcollective._store import INCREMENT
+
+    for i in range(4000, 4300):  # (hits between two passes fit without growing it again)
+        store.apply(real_stamp(i, 2, 1), INCREMENT, ("hits",), 1, None)
+    assert store.get(("hits",)) == 4300
