@@ -127,11 +127,12 @@ class _PeerLink(_Writer, Peer):
 
     def data_ready(self) -> None:
         """Something is pending: send it at once if the writer is idle and the kernel takes
-        it whole, else wake the writer."""
+        it whole, else wake the writer (always for a full outbox's frames: see
+        ``Collective._flush_outbox``)."""
         if self.wake.is_set():
             return
         send = self._idle_send
-        if send is None or not self._sent_at_once(send):
+        if send is None or self.node._flushing_full or not self._sent_at_once(send):
             self.wake.set()
 
     def _sent_at_once(self, send: Callable[[bytes], int]) -> bool:

@@ -275,6 +275,7 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         self._next_due = _INF
         self._expiry_wake = Event()
         self._writable = False  # started and not stopping (one test on the hot path)
+        self._flushing_full = False  # a full outbox is being flushed (see _flush_outbox)
         self.received_bytes = 0  # from peers, as read from the sockets (for metrics)
         self.refused_connections = 0
         self.clock_refusals = 0  # frames refused for a stamp beyond clock_skew
@@ -909,10 +910,21 @@ class Collective(_Connections, _Membership, _Watching, _Member):
 
     def _flush_outbox(self) -> None:
         """Have the engine encode and queue the outbox (see ``Engine.flush``). Runs as an
-        event-loop callback (so it must never block) or inline."""
-        if self._outbox and not self._stale:
+        event-loop callback (so it must never block) or inline.
+
+        A full outbox is a loop of operations that does not yield: its frames are queued
+        for the writers, which send every frame queued meanwhile in one system call per
+        peer once the loop yields, rather than sent from here, one call per frame and peer
+        inside the loop (``_PeerLink.data_ready`` reads ``_flushing_full``): those calls
+        made a loop of 10,000 sets with 7 peers 11 % slower in CPU time."""
+        outbox = self._outbox
+        if outbox and not self._stale:
             # (A callback scheduled before a fork runs in the child too: not its node.)
-            self._engine.flush(time.monotonic())
+            self._flushing_full = len(outbox) >= OUTBOX_ITEMS
+            try:
+                self._engine.flush(time.monotonic())
+            finally:
+                self._flushing_full = False
 
     # -- housekeeping: down peers and forgetting old metadata ---------------------------------
 

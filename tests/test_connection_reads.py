@@ -14,6 +14,7 @@ from cluster import free_port, wait_for
 from gevent import socket as gsocket
 
 from gcollective import Collective
+from gcollective._connections import _PLAIN_READ_SIZE, _PlainReader
 from gcollective._wire import encode_hello
 
 IDLE = 0.6  # idle_timeout of the member under test
@@ -87,3 +88,28 @@ def test_frames_split_over_reads_and_many_in_one_read_all_apply(member):
     wait_for(lambda: all(member.get(f"m{seq}") == seq for seq in range(1, 201)))
     assert not closed_by_peer(sock, 0.1)
     sock.close()
+
+
+def test_a_stream_of_full_reads_is_read_in_bigger_pieces():
+    """A read that fills the plain read size (a bulk writer's stream of frames) makes the
+    next reads bigger: each read costs a decode and an apply of its own, and the 64 KiB
+    reads cost a bulk write's receivers 4-7 % more CPU per key than 0.4.2's 256 KiB."""
+    sender, receiver = gsocket.socketpair()
+    data = b"x" * (_PLAIN_READ_SIZE * 3)
+    reads: list[int] = []
+
+    def received(chunk: bytes, now: float) -> bool:
+        reads.append(len(chunk))
+        return bool(chunk)
+
+    reader = gevent.spawn(_PlainReader(receiver, 30.0, received).run)
+    sender.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_SNDBUF, 4 * len(data))
+    sent = 0
+    while sent < len(data):  # (the reader runs only once this greenlet yields)
+        sent += sender.send(data[sent:], gsocket.MSG_DONTWAIT)
+    sender.close()
+    reader.get(timeout=10)
+    receiver.close()
+    assert sum(reads) == len(data)
+    assert reads[0] == _PLAIN_READ_SIZE
+    assert max(reads) > _PLAIN_READ_SIZE, reads

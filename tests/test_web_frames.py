@@ -248,3 +248,24 @@ def test_the_rest_of_a_frame_sent_in_part_never_starts_the_next_connection():
         node.stop(1)
         first.close()
         listener.close()
+
+
+def test_a_loop_that_does_not_yield_leaves_its_full_frames_to_the_writer(pair):
+    """A loop of sets that fills the outbox again and again without yielding (a bulk write,
+    the throughput benchmark's) sends nothing from inside the loop: its frames wait for the
+    writer, which sends them all once the loop yields, one system call per peer rather than
+    one per frame inside the loop. Every key still arrives."""
+    a, b = pair
+    a.set("warm.up", 1)
+    wait_for(lambda: b.get("warm.up") == 1)
+    wait_for(lambda: not a._links[b.local].busy)
+    peer_name = a._links[b.local].name
+    before = a.stats()["peers"][peer_name]
+    count = 5 * 1024  # five full outboxes (``OUTBOX_LIMIT`` operations each)
+    for number in range(count):
+        a.set(f"bulk.k{number}", number)
+    during = a.stats()["peers"][peer_name]  # (nothing yielded since the loop began)
+    assert during["sent_frames"] == before["sent_frames"]
+    assert during["queued_frames"] >= 4
+    wait_for(lambda: b.get(f"bulk.k{count - 1}") == count - 1, 20)
+    assert all(b.get(f"bulk.k{number}") == number for number in range(count))
