@@ -511,7 +511,7 @@ class Engine:
             peer.data_ready()
             if hello.flags & WANTS_SNAPSHOT:
                 self.resync(peer, now)
-        return Inbound(peer, hello.node_id, dict(self.progress.applied))
+        return Inbound(peer, hello.node_id, dict(self.progress.applied), stages=True)
 
     def receive(
         self, inbound: Inbound, messages: list[Any], frames: list[bytes], now: float
@@ -529,9 +529,10 @@ class Engine:
             elif kind == PROGRESS:
                 self._receive_progress(message, inbound, now)
             elif kind == SNAPSHOT:
-                self._receive_snapshot(message, peer, peer_id, now)
+                if self._receive_snapshot(message, frames[index], inbound, now):
+                    continue  # (staged: a data_dir stores it once its stream ended)
             elif kind == SNAPSHOT_END:
-                self._receive_snapshot_end(message)
+                self._receive_snapshot_end(message, inbound)
             elif kind == SNAPSHOT_REQUEST:
                 if peer is not None:
                     self.resync(peer, now)
@@ -568,26 +569,49 @@ class Engine:
             inbound.sent_bound = self.catch_up(peer, theirs, previous, inbound.sent_bound, now)
 
     def _receive_snapshot(
-        self, message: list[Any], peer: Peer | None, peer_id: int, now: float
-    ) -> None:
+        self, message: list[Any], frame: bytes, inbound: Inbound, now: float
+    ) -> bool:
+        """Check a SNAPSHOT frame and stage its items until the stream's SNAPSHOT_END (see
+        ``Inbound``), or merge them at once where nothing is staged; True if staged."""
         if len(message) != 2:
             raise ProtocolError("SNAPSHOT frame has the wrong length")
+        peer = inbound.peer
         items, newest = parse_snapshot_items(message[1])
-        self.check_clock(newest, "a SNAPSHOT frame", peer, peer_id)
+        self.check_clock(newest, "a SNAPSHOT frame", peer, inbound.peer_id)
         if peer is not None and peer is self.snapshot_peer:
             self.snapshot_asked_at = now  # it answers: be patient
+        if newest:
+            self.clock.observe(newest)  # our next stamps order after all of it
+        staged = inbound.staged
+        if staged is None:
+            self._merge_snapshot_items(items)
+            return False
+        staged.append(items)
+        if self.on_applied is not None:
+            inbound.staged_frames.append(frame)
+        return True
+
+    def _merge_snapshot_items(self, items: list[Any]) -> None:
         if self.watches:
             self.merge_watched(items)
         else:
             self.store.merge(items)
-        if newest:
-            self.clock.observe(newest)  # our next stamps order after all of it
         self.due_by(self.store.next_expiry)
 
-    def _receive_snapshot_end(self, message: list[Any]) -> None:
+    def _receive_snapshot_end(self, message: list[Any], inbound: Inbound) -> None:
+        """The stream is whole: merge what it staged (each frame's items freed once merged),
+        then its vector, which the merged items hold at least."""
         if len(message) != 2:
             raise ProtocolError("SNAPSHOT_END frame has the wrong length")
-        self.progress.merge(parse_vector(message[1]))
+        vector = parse_vector(message[1])
+        staged = inbound.staged
+        while staged:
+            self._merge_snapshot_items(staged.popleft())
+        if self.on_applied is not None:
+            for frame in inbound.staged_frames:
+                self.on_applied(frame)
+        inbound.staged_frames = []
+        self.progress.merge(vector)
         self.snapshots_merged += 1
         if not self.synced:
             log.info("merged a peer's state")

@@ -36,7 +36,7 @@ from gcollective._clock import HybridClock, millis_stamp
 from gcollective._engine import Engine, Inbound, Peer
 from gcollective._errors import ProtocolError
 from gcollective._store import MISSING, Store, is_number
-from gcollective._wire import SNAPSHOT, FrameDecoder, parse_hello, wire_path
+from gcollective._wire import SNAPSHOT, SNAPSHOT_END, FrameDecoder, parse_hello, wire_path
 
 SEGMENTS = ("a", "b", "c")
 WALL_BASE = 1_800_000_000.0  # the simulated wall clock at time 0 (seconds)
@@ -86,8 +86,10 @@ class Connection:
         self.sent = 0  # bytes written so far
         self.read = 0  # bytes arrived and handled so far
         # (end offset, operations) of each SNAPSHOT frame sent: the operations whose effect
-        # the frame carries, held by the receiver once it handled the frame.
-        self.captured: list[tuple[int, set[tuple[int, int]]]] = []
+        # the frame carries, held by the receiver once it handled the stream's SNAPSHOT_END
+        # (None for that frame: the receiver stages a stream's frames until then).
+        self.captured: list[tuple[int, set[tuple[int, int]] | None]] = []
+        self.staged: set[tuple[int, int]] = set()  # (what arrived of an unfinished stream)
 
     def send(self, data: bytes) -> None:
         self.sent += len(data)
@@ -102,7 +104,12 @@ class Connection:
         if self.open and self.target.read(self, piece):
             self.read += len(piece)
             while self.captured and self.captured[0][0] <= self.read:
-                self.target.also_holds |= self.captured.pop(0)[1]
+                carried = self.captured.pop(0)[1]
+                if carried is None:
+                    self.target.also_holds |= self.staged
+                    self.staged = set()
+                else:
+                    self.staged |= carried
 
     def cut(self) -> None:
         """Reset: bytes in flight are lost; the dialler notices a moment later."""
@@ -321,6 +328,8 @@ class SimMember:
                 end += len(frame)
                 if frame.startswith(b"[%d," % SNAPSHOT):
                     connection.captured.append((end, self.captured(json.loads(frame)[1])))
+                elif frame.startswith(b"[%d," % SNAPSHOT_END):
+                    connection.captured.append((end, None))
             connection.send(b"".join(batch))
             if peer.busy or peer.snapshot_stream is not None:
                 self.wake_writer(peer)

@@ -444,3 +444,67 @@ def test_a_dict_assigned_anew_while_it_goes_in_frames_reaches_a_joiner_whole(
     finally:
         resume.set()
         members.close()
+
+
+def test_a_stream_whose_holder_dies_before_its_end_leaves_nothing_behind(monkeypatch):
+    """A joiner gets a snapshot's frames from a holder, which then dies before SNAPSHOT_END;
+    the joiner merges another member's state instead. The frames carried a write that only
+    the dead holder had (its link to the other member was cut): merged as they came, that
+    write lived on in the joiner alone, beyond its version vector, so no catch-up ever sent
+    it on and the two members never converged. A stream's frames are now merged at its end:
+    the write is lost with its only holder, everywhere alike."""
+    members = ProxiedMembers(3, **FAST)
+    joiner = None
+    try:
+        holder, other, old_joiner = members.nodes
+        public = members.public
+        holder.set("shared", 1)
+        wait_for(lambda: other.get("shared") == old_joiner.get("shared") == 1, timeout=30)
+        old_joiner.stop(timeout=1)  # back later, empty: it joins by snapshot
+        members.proxies[1].cut(public[0])  # the holder's writes no longer reach the other
+        members.proxies[1].cut(public[2], require=False)  # nor can the joiner reach it, or
+        members.proxies[2].cut(public[1], require=False)  # it reach the joiner, for now
+        holder.set(("only", "holder"), 2)
+        frames_of = _engine.Engine._snapshot_frames
+
+        def without_its_end(self, keys, end):
+            for frame in frames_of(self, keys, end):
+                if self is holder._engine and frame is end:
+                    return  # (the holder dies before it sends SNAPSHOT_END)
+                yield frame
+
+        monkeypatch.setattr(_engine.Engine, "_snapshot_frames", without_its_end)
+        received = gevent.event.Event()
+        receive_snapshot = _engine.Engine._receive_snapshot
+
+        def noting_frames(self, *args):
+            result = receive_snapshot(self, *args)
+            if joiner is not None and self is joiner._engine:
+                received.set()
+            return result
+
+        monkeypatch.setattr(_engine.Engine, "_receive_snapshot", noting_frames)
+        joiner = Collective(
+            ("127.0.0.1", members.real[2]),
+            [("127.0.0.1", port) for port in public],
+            advertise=("127.0.0.1", public[2]),
+            **FAST,
+        )
+        members.nodes[2] = joiner
+        starting = gevent.spawn(joiner.start, timeout=60)
+        assert received.wait(30), "the holder's frames never reached the joiner"
+        assert not joiner.synced
+        holder.stop(timeout=1)
+        members.proxies[1].heal()
+        members.proxies[2].heal()
+        wait_for(lambda: joiner.synced, timeout=30)
+        starting.join(timeout=30)
+        assert other.get(("only", "holder")) is None  # (it reached nobody but the holder)
+        wait_for(
+            lambda: joiner.snapshot() == other.snapshot(),
+            timeout=10,
+            what="the joiner holds what the other member holds",
+        )
+        assert joiner.get("shared") == 1
+    finally:
+        members.close()
