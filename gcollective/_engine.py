@@ -599,8 +599,8 @@ class Engine:
         self.due_by(self.store.next_expiry)
 
     def _receive_snapshot_end(self, message: list[Any], inbound: Inbound) -> None:
-        """The stream is whole: merge what it staged (each frame's items freed once merged),
-        then its vector, which the merged items hold at least."""
+        """The stream is whole: merge what it staged, one frame's items at a time (each freed
+        once merged), then its vector, which the merged items hold at least."""
         if len(message) != 2:
             raise ProtocolError("SNAPSHOT_END frame has the wrong length")
         vector = parse_vector(message[1])
