@@ -15,7 +15,8 @@ What it decides:
   every peer (``flush``), at most every ``COALESCE_SECONDS`` while writes keep coming;
 - what arrives after a connection's HELLO (``connection_made``, then ``receive``): OPS applied
   (repeats skipped, sequence clashes detected), PROGRESS reports (catch-up from the log, or a
-  snapshot when the log no longer covers the gap), SNAPSHOT frames merged, SNAPSHOT_END;
+  snapshot when the log no longer covers the gap), SNAPSHOT frames checked and staged until
+  their stream's SNAPSHOT_END merges them all;
   every stamp checked against ``clock_skew`` first;
 - snapshots: asked for by a joiner (one peer at a time, another after ``SNAPSHOT_PATIENCE``
   of silence), streamed by a holder frame by frame, owed until the peer reports complete
@@ -73,7 +74,8 @@ __all__ = ["Engine", "Inbound", "Peer"]  # (the per-peer state is ``_peerstate``
 log = logging.getLogger("gcollective")
 
 # A snapshot goes out in SNAPSHOT frames of about this size, each built when the previous one
-# was sent: the holder exports, the wire carries and the joiner merges at the same time.
+# was sent: the holder exports, the wire carries and the joiner checks at the same time (it
+# merges a stream at its end: see ``Inbound``).
 SNAPSHOT_FRAME_BYTES = 1 << 20
 # A joiner asks another peer for a snapshot when the one it asked sent none of it for this
 # long (or ten sync intervals if longer): silence, not the length of a big snapshot.
