@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections import deque
 from itertools import repeat
 from operator import rshift
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
 
 from ._auth import encode_refusal
 from ._clock import NODE_BITS, HybridClock, millis_stamp, stamp_lead
@@ -139,6 +140,16 @@ class ClockSkew(ProtocolError):
         self.peer_id = peer_id
 
 
+class StreamDue(NamedTuple):
+    """A snapshot stream whose SNAPSHOT_END came, waiting for ``Engine.merge_step``: each
+    staged frame's items, the frames' bytes for a data_dir's log (its SNAPSHOT_END's last),
+    and its vector."""
+
+    items: deque[list[Any]]
+    frames: list[bytes]
+    vector: list[tuple[int, int, int]]
+
+
 def _ignore(*args: Any) -> None:
     pass
 
@@ -218,6 +229,11 @@ class Engine:
         self.on_members: Callable[[Inbound, list[Any]], None] = _ignore
         # Durability (``_durable``): told of every frame applied, own or received, or None.
         self.on_applied: Callable[[bytes], None] | None = None
+        # Streams whose end came, merged in order by ``merge_step``; the shell is told when
+        # one is added (it calls ``merge_step`` until done, letting others run between
+        # calls). By default it merges them at once.
+        self.merges_due: deque[StreamDue] = deque()
+        self.schedule_merge: Callable[[], None] = self.merge_all
 
     # -- own operations ----------------------------------------------------------------------
 
@@ -534,7 +550,8 @@ class Engine:
                 if self._receive_snapshot(message, frames[index], inbound, now):
                     continue  # (staged: a data_dir stores it once its stream ended)
             elif kind == SNAPSHOT_END:
-                self._receive_snapshot_end(message, inbound)
+                if self._receive_snapshot_end(message, frames[index], inbound):
+                    continue  # (a data_dir stores it once its stream is merged)
             elif kind == SNAPSHOT_REQUEST:
                 if peer is not None:
                     self.resync(peer, now)
@@ -600,19 +617,51 @@ class Engine:
             self.store.merge(items)
         self.due_by(self.store.next_expiry)
 
-    def _receive_snapshot_end(self, message: list[Any], inbound: Inbound) -> None:
-        """The stream is whole: merge what it staged, one frame's items at a time (each freed
-        once merged), then its vector, which the merged items hold at least."""
+    def _receive_snapshot_end(self, message: list[Any], frame: bytes, inbound: Inbound) -> bool:
+        """The stream is whole: queue what it staged for ``merge_step`` (the connection may
+        close meanwhile; the stream is merged all the same), or merge its vector at once where
+        nothing is staged. True if queued."""
         if len(message) != 2:
             raise ProtocolError("SNAPSHOT_END frame has the wrong length")
         vector = parse_vector(message[1])
         staged = inbound.staged
-        while staged:
-            self._merge_snapshot_items(staged.popleft())
+        if staged is None:
+            self._merged_a_stream(vector)
+            return False
+        frames = inbound.staged_frames
         if self.on_applied is not None:
-            for frame in inbound.staged_frames:
-                self.on_applied(frame)
+            frames.append(frame)
+        self.merges_due.append(StreamDue(staged, frames, vector))
+        inbound.staged = deque()
         inbound.staged_frames = []
+        self.schedule_merge()
+        return True
+
+    def merge_step(self) -> bool:
+        """Merge one staged frame's items of the oldest stream due, or, once none is left,
+        store its frames (with a data_dir) and merge its vector, which the merged items hold
+        at least; True once no stream is due. Operations applied between steps are fine: a
+        merge is a commutative fold."""
+        due = self.merges_due
+        if not due:
+            return True
+        stream = due[0]
+        if stream.items:
+            self._merge_snapshot_items(stream.items.popleft())  # (freed once merged)
+            return False
+        due.popleft()
+        if self.on_applied is not None:
+            for frame in stream.frames:
+                self.on_applied(frame)
+        self._merged_a_stream(stream.vector)
+        return not due
+
+    def merge_all(self) -> None:
+        """Merge every stream due at once (the default ``schedule_merge``)."""
+        while not self.merge_step():
+            pass
+
+    def _merged_a_stream(self, vector: list[tuple[int, int, int]]) -> None:
         self.progress.merge(vector)
         self.snapshots_merged += 1
         if not self.synced:
@@ -827,7 +876,12 @@ class Engine:
         reach any member: the store's sweeps may forget metadata older than it."""
         asked = self.snapshot_peer
         patience = max(SNAPSHOT_PATIENCE, 10 * self.sync_interval)
-        if asked is not None and not self.synced and now - self.snapshot_asked_at > patience:
+        if (
+            asked is not None
+            and not self.synced
+            and not self.merges_due  # (a stream is merging: it answered)
+            and now - self.snapshot_asked_at > patience
+        ):
             # No answer yet, or no frame of it for a while (a connection that died
             # unnoticed, a peer that is stuck): ask again, preferably someone else. (Not
             # while frames come: a second holder would export and send all of it again, and

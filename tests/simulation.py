@@ -105,8 +105,8 @@ class Connection:
             self.read += len(piece)
             while self.captured and self.captured[0][0] <= self.read:
                 carried = self.captured.pop(0)[1]
-                if carried is None:
-                    self.target.also_holds |= self.staged
+                if carried is None:  # (the stream is queued: held once merge_step merged it)
+                    self.target.merging.append(self.staged)
                     self.staged = set()
                 else:
                     self.staged |= carried
@@ -156,6 +156,9 @@ class SimMember:
         # Operations merged through a snapshot beyond what its version vector says (a holder
         # exports what it has when it builds each frame, which may be more).
         self.also_holds: set[tuple[int, int]] = set()
+        # What each stream queued for merge_step carries, in order (see merge_slice).
+        self.merging: list[set[tuple[int, int]]] = []
+        self.merge_scheduled = False
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -167,6 +170,8 @@ class SimMember:
         world = self.world
         self.incarnation += 1
         self.also_holds = set()
+        self.merging = []
+        self.merge_scheduled = False
         node_id = world.rng.randrange(1, 1 << 63)
         store = Store()
         engine = Engine(
@@ -186,6 +191,7 @@ class SimMember:
         engine.schedule_flush = lambda: world.scheduler.at(engine.flush_at(), self.flush)
         engine.flush_now = self.flush
         engine.on_synced = self.check_ready
+        engine.schedule_merge = lambda: self.schedule_merge(self.incarnation)
         self.engine = engine
         self.running = True
         self.paused = False
@@ -196,6 +202,26 @@ class SimMember:
                 engine.add_peer(peer)
                 self.dial_soon(peer, 0.0)
         self.tick(self.incarnation)
+
+    def schedule_merge(self, incarnation: int) -> None:
+        """The shell's merging greenlet: ``merge_step`` as its own events, so operations,
+        frames and faults come between slices."""
+        if not self.merge_scheduled:
+            self.merge_scheduled = True
+            delay = self.world.merge_rng.uniform(0, 0.003)
+            self.world.scheduler.after(delay, lambda: self.merge_slice(incarnation))
+
+    def merge_slice(self, incarnation: int) -> None:
+        engine = self.engine
+        if not self.running or incarnation != self.incarnation or engine is None:
+            return  # (a crash drops what was not merged)
+        self.merge_scheduled = False
+        merged = engine.snapshots_merged
+        done = engine.merge_step()
+        if engine.snapshots_merged > merged and self.merging:
+            self.also_holds |= self.merging.pop(0)
+        if not done:
+            self.schedule_merge(incarnation)
 
     def stop(self) -> None:
         """Gone (a crash): every connection to or from it is cut."""
@@ -458,6 +484,9 @@ class World:
 
     def __post_init__(self) -> None:
         self.rng = Random(self.seed)
+        # The merge slices' delays: their own stream, so the rest of a seed's run (its
+        # operations and faults) stays what it was before merges came in slices.
+        self.merge_rng = Random(-1 - self.seed)
         self.scheduler = Scheduler(self.rng)
         self.members = [SimMember(self, index) for index in range(self.size)]
 
