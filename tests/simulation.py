@@ -440,6 +440,8 @@ class SimMember:
             return False
         if origin == engine.node_id or (origin, seq) in self.also_holds:
             return True
+        if any((origin, seq) in carried for carried in self.merging):
+            return True  # (merged unless it crashes first, and then it held them)
         progress = engine.progress
         return seq <= progress.applied.get(origin, 0) or seq in progress._ahead.get(origin, {})
 
