@@ -508,3 +508,54 @@ def test_a_stream_whose_holder_dies_before_its_end_leaves_nothing_behind(monkeyp
         assert joiner.get("shared") == 1
     finally:
         members.close()
+
+
+def test_a_joiner_merges_a_big_state_without_holding_the_hub(monkeypatch):
+    """A stream is merged at its SNAPSHOT_END (see the test above), from the reader's
+    event-loop callback, which cannot yield: in one go, the hub was held for the whole
+    state's merge (here, with a watch on everything, 0.45-1.2 s) and every other
+    greenlet of the joiner's process stalled. The merge now runs in slices of a frame's items
+    from a greenlet: a greenlet ticking in the joiner's process never waits much longer than a
+    frame's work."""
+    # (Frames of 64 KiB: a frame's work, exporting and checking it, is a few ms here.)
+    monkeypatch.setattr(_engine, "SNAPSHOT_FRAME_BYTES", 64 * 1024)
+    holder_port, joiner_port = free_ports(2)
+    addresses = [f"127.0.0.1:{holder_port}", f"127.0.0.1:{joiner_port}"]
+    holder = Collective(addresses[0], addresses)
+    holder.start(timeout=0.5)
+    joiner = None
+    was_enabled = gc.isenabled()
+    try:
+        keys = 500_000  # (about 0.5-1 s of merge in one go, with the watch below)
+        for i in range(keys):
+            holder.set(f"g{i // 10_000}.s{(i // 100) % 100}.k{i % 100}", i)
+        gaps: list[float] = []
+
+        def ticker() -> None:
+            while True:
+                before = time.perf_counter()
+                gevent.sleep(0.001)
+                gaps.append(time.perf_counter() - before)
+
+        # (The collector's full passes over the new objects hold the hub too, as long as
+        # they like: measure ours alone.)
+        gc.collect()
+        gc.disable()
+        ticking = gevent.spawn(ticker)
+        joiner = Collective(addresses[1], addresses)
+        joiner.watch("", lambda *event: None)  # (a merge tells it every difference)
+        joiner.start(timeout=60)
+        wait_for(lambda: joiner.synced, timeout=60)
+        ticks = len(gaps)  # (the tick the merge held up may not have ended yet: let it)
+        wait_for(lambda: len(gaps) > ticks + 1, timeout=10)
+        ticking.kill()
+        if was_enabled:
+            gc.enable()
+        assert joiner.get("g49.s99.k99") == keys - 1
+        assert max(gaps) < 0.25, sorted(gaps)[-5:]  # (generous for a loaded machine)
+    finally:
+        if was_enabled:
+            gc.enable()
+        holder.stop(timeout=1)
+        if joiner is not None:
+            joiner.stop(timeout=1)
