@@ -16,8 +16,8 @@ What it decides:
 - what arrives after a connection's HELLO (``connection_made``, then ``receive``): OPS applied
   (repeats skipped, sequence clashes detected), PROGRESS reports (catch-up from the log, or a
   snapshot when the log no longer covers the gap), SNAPSHOT frames checked and staged until
-  their stream's SNAPSHOT_END merges them all;
-  every stamp checked against ``clock_skew`` first;
+  their stream's SNAPSHOT_END, which queues them all for ``merge_step`` (the shell calls it
+  in slices); every stamp checked against ``clock_skew`` first;
 - snapshots: asked for by a joiner (one peer at a time, another after ``SNAPSHOT_PATIENCE``
   of silence), streamed by a holder frame by frame, owed until the peer reports complete
   (``_peerstate`` holds that life cycle's states and transitions);
