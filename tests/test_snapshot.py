@@ -559,3 +559,28 @@ def test_a_joiner_merges_a_big_state_without_holding_the_hub(monkeypatch):
         holder.stop(timeout=1)
         if joiner is not None:
             joiner.stop(timeout=1)
+
+
+def test_a_member_stopped_while_it_merges_a_stream_never_says_it_merged(monkeypatch):
+    """``stop()`` between two slices of a stream's merge ends the merge there: the member
+    never counts the stream merged, nor says it is synced, and nothing fails."""
+    monkeypatch.setattr(_engine, "SNAPSHOT_FRAME_BYTES", 64 * 1024)
+    holder_port, joiner_port = free_ports(2)
+    addresses = [f"127.0.0.1:{holder_port}", f"127.0.0.1:{joiner_port}"]
+    holder = Collective(addresses[0], addresses)
+    holder.start(timeout=0.5)
+    try:
+        for i in range(200_000):
+            holder.set(f"g{i // 10_000}.s{(i // 100) % 100}.k{i % 100}", i)
+        joiner = Collective(addresses[1], addresses)
+        joiner.watch("", lambda *event: None)  # (a slower merge: more slices to stop in)
+        starting = gevent.spawn(joiner.start, timeout=60)
+        wait_for(lambda: joiner._engine.merges_due, timeout=60, interval=0.001)
+        joiner.stop(timeout=1)
+        starting.join(timeout=10)
+        assert starting.successful()
+        assert joiner._engine.merges_due  # (stopped before its end)
+        assert not joiner.synced and joiner.snapshots_merged == 0
+        assert joiner.internal_errors == 0
+    finally:
+        holder.stop(timeout=1)
