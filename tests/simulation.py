@@ -105,7 +105,7 @@ class Connection:
             self.read += len(piece)
             while self.captured and self.captured[0][0] <= self.read:
                 carried = self.captured.pop(0)[1]
-                if carried is None:  # (the stream is queued: held once merge_step merged it)
+                if carried is None:  # (the stream is queued for merge_step: see holds)
                     self.target.merging.append(self.staged)
                     self.staged = set()
                 else:
