@@ -15,8 +15,9 @@ What it decides:
   every peer (``flush``), at most every ``COALESCE_SECONDS`` while writes keep coming;
 - what arrives after a connection's HELLO (``connection_made``, then ``receive``): OPS applied
   (repeats skipped, sequence clashes detected), PROGRESS reports (catch-up from the log, or a
-  snapshot when the log no longer covers the gap), SNAPSHOT frames merged, SNAPSHOT_END;
-  every stamp checked against ``clock_skew`` first;
+  snapshot when the log no longer covers the gap), SNAPSHOT frames checked and staged until
+  their stream's SNAPSHOT_END, which queues them all for ``merge_step`` (the shell calls it
+  in slices); every stamp checked against ``clock_skew`` first;
 - snapshots: asked for by a joiner (one peer at a time, another after ``SNAPSHOT_PATIENCE``
   of silence), streamed by a holder frame by frame, owed until the peer reports complete
   (``_peerstate`` holds that life cycle's states and transitions);
@@ -30,9 +31,10 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections import deque
 from itertools import repeat
 from operator import rshift
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
 
 from ._auth import encode_refusal
 from ._clock import NODE_BITS, HybridClock, millis_stamp, stamp_lead
@@ -73,7 +75,8 @@ __all__ = ["Engine", "Inbound", "Peer"]  # (the per-peer state is ``_peerstate``
 log = logging.getLogger("gcollective")
 
 # A snapshot goes out in SNAPSHOT frames of about this size, each built when the previous one
-# was sent: the holder exports, the wire carries and the joiner merges at the same time.
+# was sent: the holder exports, the wire carries and the joiner checks at the same time (it
+# merges a stream at its end: see ``Inbound``).
 SNAPSHOT_FRAME_BYTES = 1 << 20
 # A joiner asks another peer for a snapshot when the one it asked sent none of it for this
 # long (or ten sync intervals if longer): silence, not the length of a big snapshot.
@@ -135,6 +138,16 @@ class ClockSkew(ProtocolError):
     def __init__(self, message: str, peer_id: int) -> None:
         super().__init__(message)
         self.peer_id = peer_id
+
+
+class StreamDue(NamedTuple):
+    """A snapshot stream whose SNAPSHOT_END came, waiting for ``Engine.merge_step``: each
+    staged frame's items, the frames' bytes for a data_dir's log (its SNAPSHOT_END's last),
+    and its vector."""
+
+    items: deque[list[Any]]
+    frames: list[bytes]
+    vector: list[tuple[int, int, int]]
 
 
 def _ignore(*args: Any) -> None:
@@ -216,6 +229,11 @@ class Engine:
         self.on_members: Callable[[Inbound, list[Any]], None] = _ignore
         # Durability (``_durable``): told of every frame applied, own or received, or None.
         self.on_applied: Callable[[bytes], None] | None = None
+        # Streams whose end came, merged in order by ``merge_step``; the shell is told when
+        # one is added (it calls ``merge_step`` until done, letting others run between
+        # calls). By default it merges them at once.
+        self.merges_due: deque[StreamDue] = deque()
+        self.schedule_merge: Callable[[], None] = self.merge_all
 
     # -- own operations ----------------------------------------------------------------------
 
@@ -511,7 +529,7 @@ class Engine:
             peer.data_ready()
             if hello.flags & WANTS_SNAPSHOT:
                 self.resync(peer, now)
-        return Inbound(peer, hello.node_id, dict(self.progress.applied))
+        return Inbound(peer, hello.node_id, dict(self.progress.applied), stages=True)
 
     def receive(
         self, inbound: Inbound, messages: list[Any], frames: list[bytes], now: float
@@ -529,9 +547,11 @@ class Engine:
             elif kind == PROGRESS:
                 self._receive_progress(message, inbound, now)
             elif kind == SNAPSHOT:
-                self._receive_snapshot(message, peer, peer_id, now)
+                if self._receive_snapshot(message, frames[index], inbound, now):
+                    continue  # (staged: a data_dir stores it once its stream ended)
             elif kind == SNAPSHOT_END:
-                self._receive_snapshot_end(message)
+                if self._receive_snapshot_end(message, frames[index], inbound):
+                    continue  # (a data_dir stores it once its stream is merged)
             elif kind == SNAPSHOT_REQUEST:
                 if peer is not None:
                     self.resync(peer, now)
@@ -568,26 +588,81 @@ class Engine:
             inbound.sent_bound = self.catch_up(peer, theirs, previous, inbound.sent_bound, now)
 
     def _receive_snapshot(
-        self, message: list[Any], peer: Peer | None, peer_id: int, now: float
-    ) -> None:
+        self, message: list[Any], frame: bytes, inbound: Inbound, now: float
+    ) -> bool:
+        """Check a SNAPSHOT frame and stage its items until the stream's SNAPSHOT_END (see
+        ``Inbound``), or merge them at once where nothing is staged; True if staged."""
         if len(message) != 2:
             raise ProtocolError("SNAPSHOT frame has the wrong length")
+        peer = inbound.peer
         items, newest = parse_snapshot_items(message[1])
-        self.check_clock(newest, "a SNAPSHOT frame", peer, peer_id)
+        self.check_clock(newest, "a SNAPSHOT frame", peer, inbound.peer_id)
         if peer is not None and peer is self.snapshot_peer:
             self.snapshot_asked_at = now  # it answers: be patient
+        if newest:
+            self.clock.observe(newest)  # our next stamps order after all of it
+        staged = inbound.staged
+        if staged is None:
+            self._merge_snapshot_items(items)
+            return False
+        staged.append(items)
+        if self.on_applied is not None:
+            inbound.staged_frames.append(frame)
+        return True
+
+    def _merge_snapshot_items(self, items: list[Any]) -> None:
         if self.watches:
             self.merge_watched(items)
         else:
             self.store.merge(items)
-        if newest:
-            self.clock.observe(newest)  # our next stamps order after all of it
         self.due_by(self.store.next_expiry)
 
-    def _receive_snapshot_end(self, message: list[Any]) -> None:
+    def _receive_snapshot_end(self, message: list[Any], frame: bytes, inbound: Inbound) -> bool:
+        """The stream is whole: queue what it staged for ``merge_step`` (the connection may
+        close meanwhile; the stream is merged all the same), or merge its vector at once where
+        nothing is staged. True if queued."""
         if len(message) != 2:
             raise ProtocolError("SNAPSHOT_END frame has the wrong length")
-        self.progress.merge(parse_vector(message[1]))
+        vector = parse_vector(message[1])
+        staged = inbound.staged
+        if staged is None:
+            self._merged_a_stream(vector)
+            return False
+        frames = inbound.staged_frames
+        if self.on_applied is not None:
+            frames.append(frame)
+        self.merges_due.append(StreamDue(staged, frames, vector))
+        inbound.staged = deque()
+        inbound.staged_frames = []
+        self.schedule_merge()
+        return True
+
+    def merge_step(self) -> bool:
+        """Merge one staged frame's items of the oldest stream due, or, once none is left,
+        store its frames (with a data_dir) and merge its vector, which the merged items hold
+        at least; True once no stream is due. Operations applied between steps are fine: a
+        merge is a commutative fold."""
+        due = self.merges_due
+        if not due:
+            return True
+        stream = due[0]
+        if stream.items:
+            self._merge_snapshot_items(stream.items.popleft())  # (freed once merged)
+            return False
+        due.popleft()
+        if self.on_applied is not None:
+            for frame in stream.frames:
+                self.on_applied(frame)
+        self._merged_a_stream(stream.vector)
+        return not due
+
+    def merge_all(self) -> None:
+        """Merge every stream due at once (the default ``schedule_merge``)."""
+        while not self.merge_step():
+            pass
+
+    def _merged_a_stream(self, vector: list[tuple[int, int, int]]) -> None:
+        self.progress.merge(vector)
         self.snapshots_merged += 1
         if not self.synced:
             log.info("merged a peer's state")
@@ -801,7 +876,12 @@ class Engine:
         reach any member: the store's sweeps may forget metadata older than it."""
         asked = self.snapshot_peer
         patience = max(SNAPSHOT_PATIENCE, 10 * self.sync_interval)
-        if asked is not None and not self.synced and now - self.snapshot_asked_at > patience:
+        if (
+            asked is not None
+            and not self.synced
+            and not self.merges_due  # (a stream is merging: it answered)
+            and now - self.snapshot_asked_at > patience
+        ):
             # No answer yet, or no frame of it for a while (a connection that died
             # unnoticed, a peer that is stuck): ask again, preferably someone else. (Not
             # while frames come: a second holder would export and send all of it again, and

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from typing import Any, Callable, Iterable
 
 import gevent
@@ -38,8 +39,8 @@ from ._durable import check_durability
 from ._engine import OUTBOX_ITEMS, Engine
 from ._errors import InvalidKeyError, InvalidValueError
 from ._links import ANNOUNCED_ATTEMPTS, MAX_ANNOUNCED_LINKS, _PeerLink
+from ._logcontext import context_of, lend_context, tag_current
 from ._logcontext import install as install_log_context
-from ._logcontext import tag_current
 from ._members import MemberList
 from ._membership import _Membership
 from ._options import MAX_MEMBERS_LIMIT, check_resolve_interval, check_security
@@ -267,6 +268,8 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         self._data = self._store.data  # the live tree (the same dict for the store's life)
         self._clock = HybridClock(self.node_id)
         self._housekeeper: gevent.Greenlet[Any, Any] | None = None
+        self._merger: gevent.Greenlet[Any, Any] | None = None  # (see _schedule_merge)
+        self._merge_contexts: deque[Any] = deque()  # (the log context of each stream due)
         self._discovery: Discovery | None = None  # the names in peers (made by start())
         # Expiring keys: a greenlet sleeps until the store's next expiry (wall-clock ms in
         # _next_due, inf when none); a sooner one wakes it. Reads check _next_due too, so a
@@ -317,6 +320,7 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         engine.schedule_flush = self._schedule_flush
         engine.flush_now = self._flush_outbox
         engine.on_synced = self._merged_a_state
+        engine.schedule_merge = self._schedule_merge
         engine.on_internal_error = self._internal_error
         engine.notice = self._notices.warning
         engine.on_members = self._members_received
@@ -422,6 +426,9 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         self._stop_serving()
         self._engine.stopping = self._engine.ready = True  # (as _stop_serving's events)
         self._stop_links(timeout)
+        if self._merger is not None:
+            # (Between two steps: a stream not merged whole is neither stored nor counted.)
+            self._merger.kill(block=True, timeout=1)
         if self._durable is not None:
             self._durable.close()  # (after the links: nothing more is applied)
         if self._housekeeper is not None:
@@ -440,6 +447,7 @@ class Collective(_Connections, _Membership, _Watching, _Member):
     def _background_greenlets(self) -> list[gevent.Greenlet[Any, Any] | None]:
         return [
             self._housekeeper,
+            self._merger,
             self._expirer,
             self._discovery.greenlet if self._discovery is not None else None,
             self._durable.greenlet if self._durable is not None else None,
@@ -455,6 +463,35 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         ):
             self._engine.ready = True
             self._ready.set()
+
+    def _schedule_merge(self) -> None:
+        """A snapshot stream ended (in a reader's event-loop callback, which cannot yield):
+        merge it from a greenlet, a frame's items at a time, letting others run between
+        slices, rather than hold the hub for the whole state."""
+        # (The reader's log context names the stream's peer: its merge's lines say it too.)
+        self._merge_contexts.append(context_of(gevent.getcurrent()))
+        if self._merger is None or self._merger.dead:
+            self._merger = gevent.spawn(self._merging)
+
+    def _merging(self) -> None:
+        """Merge the streams due (see ``Engine.merge_step``), in slices."""
+        tag_current(self)  # (see _logcontext)
+        merger, own = gevent.getcurrent(), context_of(gevent.getcurrent())
+        contexts, due = self._merge_contexts, self._engine.merges_due
+
+        def step() -> bool:
+            lend_context(merger, (contexts[0] if contexts else None) or own)
+            done = self._engine.merge_step()
+            while len(contexts) > len(due):
+                contexts.popleft()  # (that stream is merged)
+            return done
+
+        try:
+            _in_slices(step)
+        except Exception:
+            self._internal_error("merging a peer's state")
+        finally:
+            lend_context(merger, own)
 
     def _merged_a_state(self) -> None:
         """The engine merged a peer's whole state: the node is synced."""

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Iterator
+from collections import deque
+from typing import Any, Iterator
 
 from ._validate import format_address
 
@@ -251,13 +252,34 @@ class Peer:
 
 
 class Inbound:
-    """One connection from a peer, after its HELLO: who sent it and the catch-up bound."""
+    """One connection from a peer, after its HELLO: who sent it, the catch-up bound, and the
+    snapshot stream it is bringing (``staged``).
 
-    __slots__ = ("peer", "peer_id", "sent_bound")
+    A peer's connection stages the SNAPSHOT frames of a stream until its SNAPSHOT_END:
+    merged earlier, a stream cut before its end (its holder restarted empty, or the
+    connection broke and another member's snapshot came first) would leave this node holding
+    effects beyond its version vector, which no catch-up ever asks of it (an operation only
+    the dead holder had, or a piece of a node without the members its stamp stands for).
+    ``staged`` is None where frames merge as they come: a data_dir's restore, whose frames
+    are stored only once their stream ended (see ``Engine.receive``).
+    """
 
-    def __init__(self, peer: Peer | None, peer_id: int, sent_bound: dict[int, int]) -> None:
+    __slots__ = ("peer", "peer_id", "sent_bound", "staged", "staged_frames")
+
+    def __init__(
+        self,
+        peer: Peer | None,
+        peer_id: int,
+        sent_bound: dict[int, int],
+        *,
+        stages: bool = False,
+    ) -> None:
         self.peer = peer  # None past the bound on announced links
         self.peer_id = peer_id
         # What we had when the peer connected bounds the first catch-up: later operations
         # are on their way to it already.
         self.sent_bound = sent_bound
+        # The items of each SNAPSHOT frame received since the last SNAPSHOT_END (and their
+        # bytes, for a data_dir's log, which stores them once their stream ended).
+        self.staged: deque[list[Any]] | None = deque() if stages else None
+        self.staged_frames: list[bytes] = []

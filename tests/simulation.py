@@ -36,7 +36,7 @@ from gcollective._clock import HybridClock, millis_stamp
 from gcollective._engine import Engine, Inbound, Peer
 from gcollective._errors import ProtocolError
 from gcollective._store import MISSING, Store, is_number
-from gcollective._wire import SNAPSHOT, FrameDecoder, parse_hello, wire_path
+from gcollective._wire import SNAPSHOT, SNAPSHOT_END, FrameDecoder, parse_hello, wire_path
 
 SEGMENTS = ("a", "b", "c")
 WALL_BASE = 1_800_000_000.0  # the simulated wall clock at time 0 (seconds)
@@ -86,8 +86,10 @@ class Connection:
         self.sent = 0  # bytes written so far
         self.read = 0  # bytes arrived and handled so far
         # (end offset, operations) of each SNAPSHOT frame sent: the operations whose effect
-        # the frame carries, held by the receiver once it handled the frame.
-        self.captured: list[tuple[int, set[tuple[int, int]]]] = []
+        # the frame carries, held by the receiver once it handled the stream's SNAPSHOT_END
+        # (None for that frame: the receiver stages a stream's frames until then).
+        self.captured: list[tuple[int, set[tuple[int, int]] | None]] = []
+        self.staged: set[tuple[int, int]] = set()  # (what arrived of an unfinished stream)
 
     def send(self, data: bytes) -> None:
         self.sent += len(data)
@@ -102,7 +104,12 @@ class Connection:
         if self.open and self.target.read(self, piece):
             self.read += len(piece)
             while self.captured and self.captured[0][0] <= self.read:
-                self.target.also_holds |= self.captured.pop(0)[1]
+                carried = self.captured.pop(0)[1]
+                if carried is None:  # (the stream is queued for merge_step: see holds)
+                    self.target.merging.append(self.staged)
+                    self.staged = set()
+                else:
+                    self.staged |= carried
 
     def cut(self) -> None:
         """Reset: bytes in flight are lost; the dialler notices a moment later."""
@@ -149,6 +156,9 @@ class SimMember:
         # Operations merged through a snapshot beyond what its version vector says (a holder
         # exports what it has when it builds each frame, which may be more).
         self.also_holds: set[tuple[int, int]] = set()
+        # What each stream queued for merge_step carries, in order (see merge_slice).
+        self.merging: list[set[tuple[int, int]]] = []
+        self.merge_scheduled = False
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -160,6 +170,8 @@ class SimMember:
         world = self.world
         self.incarnation += 1
         self.also_holds = set()
+        self.merging = []
+        self.merge_scheduled = False
         node_id = world.rng.randrange(1, 1 << 63)
         store = Store()
         engine = Engine(
@@ -179,6 +191,7 @@ class SimMember:
         engine.schedule_flush = lambda: world.scheduler.at(engine.flush_at(), self.flush)
         engine.flush_now = self.flush
         engine.on_synced = self.check_ready
+        engine.schedule_merge = lambda: self.schedule_merge(self.incarnation)
         self.engine = engine
         self.running = True
         self.paused = False
@@ -189,6 +202,26 @@ class SimMember:
                 engine.add_peer(peer)
                 self.dial_soon(peer, 0.0)
         self.tick(self.incarnation)
+
+    def schedule_merge(self, incarnation: int) -> None:
+        """The shell's merging greenlet: ``merge_step`` as its own events, so operations,
+        frames and faults come between slices."""
+        if not self.merge_scheduled:
+            self.merge_scheduled = True
+            delay = self.world.merge_rng.uniform(0, 0.003)
+            self.world.scheduler.after(delay, lambda: self.merge_slice(incarnation))
+
+    def merge_slice(self, incarnation: int) -> None:
+        engine = self.engine
+        if not self.running or incarnation != self.incarnation or engine is None:
+            return  # (a crash drops what was not merged)
+        self.merge_scheduled = False
+        merged = engine.snapshots_merged
+        done = engine.merge_step()
+        if engine.snapshots_merged > merged and self.merging:
+            self.also_holds |= self.merging.pop(0)
+        if not done:
+            self.schedule_merge(incarnation)
 
     def stop(self) -> None:
         """Gone (a crash): every connection to or from it is cut."""
@@ -321,6 +354,8 @@ class SimMember:
                 end += len(frame)
                 if frame.startswith(b"[%d," % SNAPSHOT):
                     connection.captured.append((end, self.captured(json.loads(frame)[1])))
+                elif frame.startswith(b"[%d," % SNAPSHOT_END):
+                    connection.captured.append((end, None))
             connection.send(b"".join(batch))
             if peer.busy or peer.snapshot_stream is not None:
                 self.wake_writer(peer)
@@ -405,6 +440,8 @@ class SimMember:
             return False
         if origin == engine.node_id or (origin, seq) in self.also_holds:
             return True
+        if any((origin, seq) in carried for carried in self.merging):
+            return True  # (merged unless it crashes first, and then it held them)
         progress = engine.progress
         return seq <= progress.applied.get(origin, 0) or seq in progress._ahead.get(origin, {})
 
@@ -449,6 +486,9 @@ class World:
 
     def __post_init__(self) -> None:
         self.rng = Random(self.seed)
+        # The merge slices' delays: their own stream, so the rest of a seed's run (its
+        # operations and faults) stays what it was before merges came in slices.
+        self.merge_rng = Random(-1 - self.seed)
         self.scheduler = Scheduler(self.rng)
         self.members = [SimMember(self, index) for index in range(self.size)]
 

@@ -444,3 +444,143 @@ def test_a_dict_assigned_anew_while_it_goes_in_frames_reaches_a_joiner_whole(
     finally:
         resume.set()
         members.close()
+
+
+def test_a_stream_whose_holder_dies_before_its_end_leaves_nothing_behind(monkeypatch):
+    """A joiner gets a snapshot's frames from a holder, which then dies before SNAPSHOT_END;
+    the joiner merges another member's state instead. The frames carried a write that only
+    the dead holder had (its link to the other member was cut): merged as they came, that
+    write lived on in the joiner alone, beyond its version vector, so no catch-up ever sent
+    it on and the two members never converged. A stream's frames are now merged at its end:
+    the write is lost with its only holder, everywhere alike."""
+    members = ProxiedMembers(3, **FAST)
+    joiner = None
+    try:
+        holder, other, old_joiner = members.nodes
+        public = members.public
+        holder.set("shared", 1)
+        wait_for(lambda: other.get("shared") == old_joiner.get("shared") == 1, timeout=30)
+        old_joiner.stop(timeout=1)  # back later, empty: it joins by snapshot
+        members.proxies[1].cut(public[0])  # the holder's writes no longer reach the other
+        members.proxies[1].cut(public[2], require=False)  # nor can the joiner reach it, or
+        members.proxies[2].cut(public[1], require=False)  # it reach the joiner, for now
+        holder.set(("only", "holder"), 2)
+        frames_of = _engine.Engine._snapshot_frames
+
+        def without_its_end(self, keys, end):
+            for frame in frames_of(self, keys, end):
+                if self is holder._engine and frame is end:
+                    return  # (the holder dies before it sends SNAPSHOT_END)
+                yield frame
+
+        monkeypatch.setattr(_engine.Engine, "_snapshot_frames", without_its_end)
+        received = gevent.event.Event()
+        receive_snapshot = _engine.Engine._receive_snapshot
+
+        def noting_frames(self, *args):
+            result = receive_snapshot(self, *args)
+            if joiner is not None and self is joiner._engine:
+                received.set()
+            return result
+
+        monkeypatch.setattr(_engine.Engine, "_receive_snapshot", noting_frames)
+        joiner = Collective(
+            ("127.0.0.1", members.real[2]),
+            [("127.0.0.1", port) for port in public],
+            advertise=("127.0.0.1", public[2]),
+            **FAST,
+        )
+        members.nodes[2] = joiner
+        starting = gevent.spawn(joiner.start, timeout=60)
+        assert received.wait(30), "the holder's frames never reached the joiner"
+        assert not joiner.synced
+        holder.stop(timeout=1)
+        members.proxies[1].heal()
+        members.proxies[2].heal()
+        wait_for(lambda: joiner.synced, timeout=30)
+        starting.join(timeout=30)
+        assert other.get(("only", "holder")) is None  # (it reached nobody but the holder)
+        wait_for(
+            lambda: joiner.snapshot() == other.snapshot(),
+            timeout=10,
+            what="the joiner holds what the other member holds",
+        )
+        assert joiner.get("shared") == 1
+    finally:
+        members.close()
+
+
+def test_a_joiner_merges_a_big_state_without_holding_the_hub(monkeypatch):
+    """A stream is merged at its SNAPSHOT_END (see the test above), from the reader's
+    event-loop callback, which cannot yield: in one go, the hub was held for the whole
+    state's merge (here, with a watch on everything, 0.45-1.2 s) and every other
+    greenlet of the joiner's process stalled. The merge now runs in slices of a frame's items
+    from a greenlet: a greenlet ticking in the joiner's process never waits much longer than a
+    frame's work."""
+    # (Frames of 64 KiB: a frame's work, exporting and checking it, is a few ms here.)
+    monkeypatch.setattr(_engine, "SNAPSHOT_FRAME_BYTES", 64 * 1024)
+    holder_port, joiner_port = free_ports(2)
+    addresses = [f"127.0.0.1:{holder_port}", f"127.0.0.1:{joiner_port}"]
+    holder = Collective(addresses[0], addresses)
+    holder.start(timeout=0.5)
+    joiner = None
+    was_enabled = gc.isenabled()
+    try:
+        keys = 500_000  # (about 0.5-1 s of merge in one go, with the watch below)
+        for i in range(keys):
+            holder.set(f"g{i // 10_000}.s{(i // 100) % 100}.k{i % 100}", i)
+        gaps: list[float] = []
+
+        def ticker() -> None:
+            while True:
+                before = time.perf_counter()
+                gevent.sleep(0.001)
+                gaps.append(time.perf_counter() - before)
+
+        # (The collector's full passes over the new objects hold the hub too, as long as
+        # they like: measure ours alone.)
+        gc.collect()
+        gc.disable()
+        ticking = gevent.spawn(ticker)
+        joiner = Collective(addresses[1], addresses)
+        joiner.watch("", lambda *event: None)  # (a merge tells it every difference)
+        joiner.start(timeout=60)
+        wait_for(lambda: joiner.synced, timeout=60)
+        ticks = len(gaps)  # (the tick the merge held up may not have ended yet: let it)
+        wait_for(lambda: len(gaps) > ticks + 1, timeout=10)
+        ticking.kill()
+        if was_enabled:
+            gc.enable()
+        assert joiner.get("g49.s99.k99") == keys - 1
+        assert max(gaps) < 0.25, sorted(gaps)[-5:]  # (generous for a loaded machine)
+    finally:
+        if was_enabled:
+            gc.enable()
+        holder.stop(timeout=1)
+        if joiner is not None:
+            joiner.stop(timeout=1)
+
+
+def test_a_member_stopped_while_it_merges_a_stream_never_says_it_merged(monkeypatch):
+    """``stop()`` between two slices of a stream's merge ends the merge there: the member
+    never counts the stream merged, nor says it is synced, and nothing fails."""
+    monkeypatch.setattr(_engine, "SNAPSHOT_FRAME_BYTES", 64 * 1024)
+    holder_port, joiner_port = free_ports(2)
+    addresses = [f"127.0.0.1:{holder_port}", f"127.0.0.1:{joiner_port}"]
+    holder = Collective(addresses[0], addresses)
+    holder.start(timeout=0.5)
+    try:
+        for i in range(200_000):
+            holder.set(f"g{i // 10_000}.s{(i // 100) % 100}.k{i % 100}", i)
+        joiner = Collective(addresses[1], addresses)
+        joiner.watch("", lambda *event: None)  # (a slower merge: more slices to stop in)
+        starting = gevent.spawn(joiner.start, timeout=60)
+        wait_for(lambda: joiner._engine.merges_due, timeout=60, interval=0.001)
+        joiner.stop(timeout=1)
+        starting.join(timeout=10)
+        assert starting.successful()
+        assert joiner._engine.merges_due  # (stopped before its end)
+        assert not joiner.synced and joiner.snapshots_merged == 0
+        assert joiner.internal_errors == 0
+    finally:
+        holder.stop(timeout=1)
