@@ -129,6 +129,33 @@ def wait_for(
     return wait_until(predicate, timeout, interval, what, sleep=gevent.sleep)
 
 
+class HubTicks:
+    """How long the hub is held, measured from a greenlet of this process: it sleeps 1 ms at
+    a time and records how long each sleep took (``gaps``); ``longest()`` stops it."""
+
+    def __init__(self) -> None:
+        import gevent
+
+        self.gaps: list[float] = []
+        self._greenlet = gevent.spawn(self._tick)
+
+    def _tick(self) -> None:
+        import gevent
+
+        while True:
+            before = time.perf_counter()
+            gevent.sleep(0.001)
+            self.gaps.append(time.perf_counter() - before)
+
+    def longest(self) -> float:
+        """Stop ticking and return the longest gap. The tick a hold delayed may not have
+        recorded itself yet (the waiter may have run first): two more ticks come first."""
+        ticks = len(self.gaps)
+        wait_for(lambda: len(self.gaps) > ticks + 1, timeout=10)
+        self._greenlet.kill()
+        return max(self.gaps)
+
+
 class LocalMembers:
     """Members running in this process under gevent, peers of each other: calling it with
     ``(n, spare=0)`` starts n more (with ``spare`` addresses kept for ``join``, which starts one
