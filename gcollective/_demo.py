@@ -35,6 +35,9 @@ def run_supervisor(workers: int, base_port: int, host: str, once: bool) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # (SIGINT too, not left to Python's default: a supervisor started by a script in the
+    # background inherits SIGINT ignored, and Python then leaves it so.)
+    signal.signal(signal.SIGINT, on_signal)
     _say(
         f"[supervisor] starting {workers} workers on {host}:{base_port}-{base_port + workers - 1}"
         + ("" if once else " (Ctrl-C to stop)")

@@ -122,6 +122,10 @@ def test_the_json_logging_example_of_the_docs_carries_the_fields():
             stderr=log,
             env=dict(os.environ, PYTHONPATH=ROOT),
             cwd=ROOT,
+            # (interrupted below: give it SIGINT's default whatever this run inherited; a
+            # run started in the background by a script has it ignored, and so would the
+            # example, which waits for a KeyboardInterrupt)
+            preexec_fn=_default_sigint,
         )
 
         def entries():
@@ -140,3 +144,7 @@ def test_the_json_logging_example_of_the_docs_carries_the_fields():
     assert unreachable["node_id"] and "refused" in unreachable["reason"].lower()
     mine = {e["node_id"] for e in lines if e["logger"] == "gcollective"}
     assert mine == {unreachable["node_id"]}  # one member: its id on every record
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
