@@ -14,8 +14,8 @@ Shape (see docs/design-engine.rst):
 - ``_watches``: watches and their index; ``_server``: the member life cycle and the writer
   skeleton both protocols (this one and the collective.js mode, ``_legacy``) share.
 - ``set()`` applies an operation to the store and adds it to the engine's outbox, never
-  waiting for the network; expiring keys and the housekeeping sweep run in their own
-  greenlets, in slices.
+  waiting for the network; expiring keys, the housekeeping sweep and the merge of a peer's
+  state run in their own greenlets, in slices (``_background._Background``).
 """
 
 from __future__ import annotations
@@ -32,24 +32,21 @@ from gevent.event import Event
 
 from . import Operation, _store
 from ._auth import secret_weakness
-from ._clock import MILLIS_SHIFT, HybridClock, millis_stamp, new_node_id, stamp_millis, stamp_origin
+from ._background import _INF, _Background
+from ._clock import MILLIS_SHIFT, HybridClock, new_node_id, stamp_millis
 from ._connections import _Connections
 from ._discovery import Discovery, split_names
 from ._durable import check_durability
 from ._engine import OUTBOX_ITEMS, Engine
 from ._errors import InvalidKeyError, InvalidValueError
 from ._links import ANNOUNCED_ATTEMPTS, MAX_ANNOUNCED_LINKS, _PeerLink
-from ._logcontext import context_of, lend_context, tag_current
 from ._logcontext import install as install_log_context
 from ._members import MemberList
 from ._membership import _Membership
 from ._options import MAX_MEMBERS_LIMIT, check_resolve_interval, check_security
 from ._server import (
-    _STEP,
     RefusalLog,
-    _in_slices,
     _is_loopback,
-    _let_others_run,
     _Member,
 )
 from ._store import DELETE, INCREMENT, SET, Store, copy_value, is_number
@@ -72,14 +69,13 @@ from ._validate import (
     format_address,
     parse_key,
 )
-from ._watches import _MISSING, Watch, _watch_prefix, _Watching
+from ._watches import Watch, _watch_prefix, _Watching
 from ._wire import wire_path
 
 __all__ = ["Collective", "Watch"]
 
 log = logging.getLogger("gcollective")
 
-_INF = float("inf")
 # The outbox is flushed at once when an operation finds this many items queued before it
 # (``OUTBOX_ITEMS`` with its own).
 _FLUSH_QUEUED = OUTBOX_ITEMS - 3
@@ -93,7 +89,7 @@ _OP_BYTES = 256
 _LEVEL_BYTES = 160
 
 
-class Collective(_Connections, _Membership, _Watching, _Member):
+class Collective(_Connections, _Membership, _Watching, _Background, _Member):
     """One member of a collective: a local replica of the shared tree plus its links.
 
     ``local`` is this member's listening address and ``peers`` every member's (``local`` may
@@ -463,35 +459,6 @@ class Collective(_Connections, _Membership, _Watching, _Member):
         ):
             self._engine.ready = True
             self._ready.set()
-
-    def _schedule_merge(self) -> None:
-        """A snapshot stream ended (in a reader's event-loop callback, which cannot yield):
-        merge it from a greenlet, a frame's items at a time, letting others run between
-        slices, rather than hold the hub for the whole state."""
-        # (The reader's log context names the stream's peer: its merge's lines say it too.)
-        self._merge_contexts.append(context_of(gevent.getcurrent()))
-        if self._merger is None or self._merger.dead:
-            self._merger = gevent.spawn(self._merging)
-
-    def _merging(self) -> None:
-        """Merge the streams due (see ``Engine.merge_step``), in slices."""
-        tag_current(self)  # (see _logcontext)
-        merger, own = gevent.getcurrent(), context_of(gevent.getcurrent())
-        contexts, due = self._merge_contexts, self._engine.merges_due
-
-        def step() -> bool:
-            lend_context(merger, (contexts[0] if contexts else None) or own)
-            done = self._engine.merge_step()
-            while len(contexts) > len(due):
-                contexts.popleft()  # (that stream is merged)
-            return done
-
-        try:
-            _in_slices(step)
-        except Exception:
-            self._internal_error("merging a peer's state")
-        finally:
-            lend_context(merger, own)
 
     def _merged_a_state(self) -> None:
         """The engine merged a peer's whole state: the node is synced."""
@@ -962,85 +929,3 @@ class Collective(_Connections, _Membership, _Watching, _Member):
                 self._engine.flush(time.monotonic())
             finally:
                 self._flushing_full = False
-
-    # -- housekeeping: down peers and forgetting old metadata ---------------------------------
-
-    def _housekeeping(self) -> None:
-        """Every ``sync_interval``: declare silent peers down, then let the store forget
-        what no operation can reach any more, a slice at a time."""
-        tag_current(self)  # (see _logcontext)
-        while not self._stopping:
-            gevent.sleep(self.sync_interval)
-            try:
-                self._housekeep()
-            except Exception:
-                self._internal_error("the housekeeping sweep")  # and again next interval
-
-    def _housekeep(self) -> None:
-        """One round of ``_housekeeping``: the engine's, then the store's sweeps in slices."""
-        frontier = self._engine.housekeep(time.monotonic())
-        self._gossip_round()
-        # Expiries every member has passed become real deletes; collect then forgets them.
-        self._advance()
-        store = self._store
-
-        def expire_step() -> bool:
-            store.expire(frontier, _STEP)
-            return not store.expirable(frontier)
-
-        steps_left = iter(range(50_000 // _STEP))  # a big tree is swept over several rounds
-
-        def collect_step() -> bool:
-            return store.collect(frontier, _STEP) or next(steps_left, None) is None
-
-        _in_slices(expire_step)
-        _in_slices(collect_step)
-
-    def _due_by(self, due_ms: float) -> None:
-        """An expiry is due at ``due_ms``: wake the expirer if that is sooner than it knew."""
-        if due_ms < self._next_due:
-            self._next_due = due_ms
-            self._expiry_wake.set()
-
-    def _advance_if_due(self) -> None:
-        """Let expiries due by now fire before the caller reads (one float compare when none
-        is due)."""
-        due = self._next_due
-        if due < _INF and due <= time.time() * 1000:
-            self._advance()
-
-    def _advance(self) -> None:
-        """Let the store's expiries due by now fire, and tell the watches."""
-        store = self._store
-        now_ms = int(time.time() * 1000)
-        fired = store.advance(now_ms, _STEP)
-        self._next_due = store.next_expiry  # still due if the slice did not finish
-        if fired:
-            # Whatever this node does after seeing a key expire must order after the expiry
-            # (derived stamps sit at counter 0 of their millisecond), or it would expire too.
-            self._clock.observe(millis_stamp(now_ms))
-        if fired and self._watches:
-            get = store.get
-            for path, stamp in fired:
-                op = DELETE if get(path, _MISSING) is _MISSING else SET
-                self._notify(path, op, stamp_origin(stamp))
-
-    def _expiring(self) -> None:
-        """Sleep until the next expiry (or until a sooner one is registered), then fire it."""
-        wake = self._expiry_wake
-        while not self._stopping:
-            wake.clear()
-            due = self._next_due
-            if due == _INF:
-                wake.wait()
-            else:
-                delay = (due - time.time() * 1000) / 1000
-                if delay > 0:
-                    wake.wait(delay)
-                else:
-                    _let_others_run()  # between slices of a burst
-            try:
-                self._advance()
-            except Exception:
-                self._internal_error("the expirer")
-                gevent.sleep(self.sync_interval)  # a bug: do not retry in a tight loop
