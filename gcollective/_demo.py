@@ -17,7 +17,10 @@ import signal
 import sys
 import time
 from types import FrameType
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from gevent.event import Event
 
 KEY = "over.nine.thousand"
 
@@ -134,6 +137,16 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -
         gevent.sleep(0.01)
 
 
+def _leave_when_orphaned(supervisor: int, done: Event) -> None:
+    """Set ``done`` once the supervisor is gone: one killed outright (SIGKILL) cannot stop
+    its workers, which would otherwise hold their ports for good."""
+    import gevent
+
+    while os.getppid() == supervisor:
+        gevent.sleep(0.2)
+    done.set()
+
+
 def run_worker(
     worker_id: int, workers: int, base_port: int, host: str, restarted: bool, once: bool
 ) -> int:
@@ -149,6 +162,7 @@ def run_worker(
     done = Event()
     gevent.signal_handler(signal.SIGTERM, done.set)
     gevent.signal_handler(signal.SIGINT, done.set)
+    gevent.spawn(_leave_when_orphaned, os.getppid(), done)
 
     def say(text: str) -> None:
         _say(f"[worker {worker_id}] {text}")

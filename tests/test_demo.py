@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 
-from cluster import ROOT, free_port_run
+from cluster import ROOT, free_port_run, wait_until
 
 
 class Lines:
@@ -105,3 +105,31 @@ def test_ctrl_c_to_the_whole_process_group_twice_stops_cleanly():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_workers_leave_when_their_supervisor_is_killed_outright():
+    """SIGKILL leaves the supervisor no chance to stop its workers: each notices it is
+    orphaned and leaves (they held their ports, and ran, for good)."""
+    base = free_port_run(2)
+    proc = start_demo("--workers", "2", "--base-port", str(base))
+    lines = Lines(proc)
+    try:
+        pids = [int(lines.wait_for(lambda s: " is pid " in s).split()[-1]) for _ in range(2)]
+        for _ in range(2):
+            lines.wait_for(lambda s: s.endswith("over.nine.thousand = None"))
+        proc.kill()
+        proc.wait()
+        wait_until(lambda: not any(_running(pid) for pid in pids), timeout=20, what="workers")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
