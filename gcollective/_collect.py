@@ -115,7 +115,7 @@ class Collector(Tree):
             ):
                 node._entries[key] = entry.assigned  # the folded counter is now a plain value
                 return
-        if _sparse(entry._entries):
+        if _mostly_empty(entry._entries, _SPARSE_BYTES, _SPARSE_BYTES_PER_ENTRY):
             self._shrink(entry, node, key)  # (entries ``expire`` dropped: not counted here)
         if entry._entries:
             if _hidden_by_own_expiry(entry, self._fired_below):
@@ -223,33 +223,28 @@ class Collector(Tree):
         self.collected += len(old)
         if not incs:
             node.incs = None
-        elif _sparse_events(incs):
+        elif _mostly_empty(incs, _SPARSE_EVENT_BYTES, _SPARSE_BYTES_PER_EVENT):
             node.incs = dict(incs)  # (a hot counter's: grown at every hit, emptied by folds)
 
 
-#: A dict holding more than this, plus ``_SPARSE_BYTES_PER_ENTRY`` per entry, is mostly
-#: empty slots (a full one takes about 40-100 B an entry): ``collect`` makes it anew.
+#: A node's entries holding more than this, plus ``_SPARSE_BYTES_PER_ENTRY`` per entry, are
+#: mostly empty slots (a full dict takes about 40-100 B an entry), as after ``expire`` dropped
+#: the sessions a writer made before it stopped: ``collect`` makes the dict anew.
 _SPARSE_BYTES = 4096
 _SPARSE_BYTES_PER_ENTRY = 300
 
 
-def _sparse(entries: dict[str, Any]) -> bool:
-    """Whether a node's ``entries`` keeps far more memory than its entries need: after many
-    were dropped (by ``expire``: the sessions a writer made before it stopped)."""
-    return sys.getsizeof(entries) > _SPARSE_BYTES + _SPARSE_BYTES_PER_ENTRY * len(entries)
-
-
-#: A dict of events holding more than this plus ``_SPARSE_BYTES_PER_EVENT`` per event is
-#: mostly empty slots: ``collect`` makes it anew (a compact one takes 30-55 B an event).
+#: A counter's events dict likewise (a compact one takes 30-55 B an event): one that grew
+#: for a frontier's lag of hits, then had the older half folded, keeps its size.
 _SPARSE_EVENT_BYTES = 2048
 _SPARSE_BYTES_PER_EVENT = 64
 
 
-def _sparse_events(events: dict[int, Any]) -> bool:
-    """Whether a counter's ``incs`` keeps far more memory than its events need: a dict
-    that grew for a frontier's lag of hits, then had the older half folded, keeps its
-    size (and regrows only to three times what it holds when full)."""
-    return sys.getsizeof(events) > _SPARSE_EVENT_BYTES + _SPARSE_BYTES_PER_EVENT * len(events)
+def _mostly_empty(container: dict[Any, Any], fixed_bytes: int, bytes_per_item: int) -> bool:
+    """Whether a dict keeps far more memory than its items need (more than ``fixed_bytes``
+    plus ``bytes_per_item`` each): after many were dropped, a dict keeps its size (and
+    regrows only to three times what it holds when full), so ``collect`` makes it anew."""
+    return sys.getsizeof(container) > fixed_bytes + bytes_per_item * len(container)
 
 
 def _descent_limit(above: Any, node: _Node) -> Any:
