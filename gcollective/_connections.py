@@ -133,8 +133,7 @@ class _PlainReader:
 
     def _finish(self, exc_info: Any = None) -> None:
         """Read no more; ``run`` returns, or raises ``exc_info``'s exception."""
-        self._io.stop()
-        self._timer.stop()
+        self.forget()
         if exc_info is None:
             self._end.set()
         else:
