@@ -340,12 +340,7 @@ class Expiries(Tree):
             parent.runs = [run]
         else:
             parent.runs.append(run)
-        run_path = _RunPath(path_tuple(key)[:-1])
-        run_path.run = run
-        run_path.parent = parent
-        run_path.due = due
-        self._open_sessions = run_path
-        heapq.heappush(self._pending, (due, s, run_path))
+        self._open_sessions = self._pend_open_run(parent, key, run, s, due)
 
     def _pend_first(
         self, parent: _Node, key: str, node: _Node, s: int, expiry: int, path: Any
@@ -367,12 +362,18 @@ class Expiries(Tree):
             stamps.append(s)
             self._run_extra += 1
             return
+        self._open_run = self._pend_open_run(parent, path, ([key], [s], None), s, due)
+
+    def _pend_open_run(self, parent: _Node, path: Any, run: Run, s: int, due: int) -> _RunPath:
+        """One ``_pending`` entry, at ``due``, for ``run``, whose first key (set at ``s``) is
+        the last segment of ``path`` under ``parent``: the run entry that later members of
+        the run join while it stays open (``_pend_first``, ``open_own_sessions``)."""
         run_path = _RunPath(path_tuple(path)[:-1])
-        run_path.run = ([key], [s], None)
+        run_path.run = run
         run_path.parent = parent
         run_path.due = due
-        self._open_run = run_path
         heapq.heappush(self._pending, (due, s, run_path))
+        return run_path
 
     def _push_due(self, expiry: int, s: int, path: tuple[str, ...]) -> None:
         """Put ttl event ``s`` at ``path``, expiring at ``expiry`` (due when registered), in
