@@ -40,8 +40,12 @@ from benchmarks.common import (  # noqa: E402
     memory,
 )
 from benchmarks.member import ChurnPacer  # noqa: E402
-from benchmarks.procs import Group, Member, broadcast  # noqa: E402
-from benchmarks.scenarios import free_ports  # noqa: E402
+from benchmarks.procs import (  # noqa: E402
+    Group,
+    Member,
+    broadcast,
+    free_ports,
+)
 from gcollective import Collective  # noqa: E402
 from gcollective._clock import MILLIS_SHIFT, NODE_BITS  # noqa: E402
 from gcollective._store import DELETE, INCREMENT, SET, Store  # noqa: E402

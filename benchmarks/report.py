@@ -301,7 +301,7 @@ def _local_web_table(section: dict[str, Any]) -> str:
 
 
 def _workloads_table(section: dict[str, Any]) -> str:
-    """Cluster-wide operations/s of ``scenarios.app_workloads``."""
+    """Cluster-wide operations/s of ``workloads.app_workloads``."""
     rows = [
         [
             name.replace("_", " "),
@@ -322,7 +322,7 @@ def _workloads_table(section: dict[str, Any]) -> str:
 
 
 def _churn_table(section: dict[str, Any]) -> str:
-    """RSS per member under churn (``scenarios.churn``), and the log's size."""
+    """RSS per member under churn (``churn.churn``), and the log's size."""
     rows = [
         [
             f"member {i}",
