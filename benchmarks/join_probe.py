@@ -24,6 +24,7 @@ from typing import Any
 from .common import fill_key, memory
 
 FANOUT = 100
+# The joiners' stores, kept alive after ``join`` returns (for a caller that traces memory).
 _kept: list[Any] = []
 
 
@@ -47,6 +48,7 @@ def _engine(node_id: int, store: Any) -> Any:
 
 
 def make(keys: int, out: str) -> None:
+    """Write the snapshot stream of a holder of ``keys`` fill keys to ``out``."""
     from gcollective._store import SET, Store
 
     store = Store()
@@ -62,7 +64,8 @@ def make(keys: int, out: str) -> None:
 
 
 def join(path: str) -> dict[str, Any]:
-    from gcollective._clock import HybridClock  # noqa: F401  (imports done before measuring)
+    """Hand the frames of ``path`` to a new joiner as its reader and merging greenlet do;
+    its bytes per key (RSS after and peak, less the RSS before) and CPU seconds."""
     from gcollective._peerstate import Inbound
     from gcollective._store import Store
     from gcollective._wire import FrameDecoder
@@ -89,7 +92,7 @@ def join(path: str) -> dict[str, Any]:
     cpu = time.process_time() - cpu
     after = memory()
     keys = _count(store.data)
-    _kept.append(store)  # (for a caller that looks at it)
+    _kept.append(store)
     return {
         "keys": keys,
         "after_bytes_per_key": round((after["rss"] - before) / keys, 1),
