@@ -540,11 +540,13 @@ def test_a_joiner_merges_a_big_state_without_holding_the_hub(monkeypatch):
         joiner.watch("", lambda *event: None)  # (a merge tells it every difference)
         joiner.start(timeout=60)
         wait_for(lambda: joiner.synced, timeout=60)
-        longest = ticks.longest()
+        # (In CPU time: on a loaded machine the process also waits for a core, for longer
+        # than a slice's work, and that is not a hold of the hub.)
+        longest = ticks.longest(cpu=True)
         if was_enabled:
             gc.enable()
         assert joiner.get("g49.s99.k99") == keys - 1
-        assert longest < 0.25, sorted(ticks.gaps)[-5:]  # (generous for a loaded machine)
+        assert longest < 0.15, sorted(ticks.cpu_gaps)[-5:]  # (0.29-0.69 s in one go; 0.05 now)
     finally:
         if was_enabled:
             gc.enable()
