@@ -45,6 +45,7 @@ shares (the store's now, whether ``collect`` has work, the way ``_way`` caches).
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Iterable, Sequence, TypeAlias, cast, final
 
 from ._clock import expiry_stamp
@@ -72,6 +73,8 @@ __all__ = [
     "raise_below",
     "pack_leaves",
     "Sessions",
+    "FOLDED",
+    "fold_members",
 ]
 
 SET = 0
@@ -159,6 +162,7 @@ class _Node:
         "ttl_first",
         "packed",
         "hidden",
+        "folded",
     )
 
     def __init__(self) -> None:
@@ -194,6 +198,9 @@ class _Node:
         # its own (``_rebuild``); a bare stamp whose key is neither here nor in ``value`` is
         # a tombstone.
         self.hidden: dict[str, Any] | None = None
+        # The stamp of every member folded into ``hidden`` (``fold_members``: ``runs`` is
+        # ``FOLDED``), or 0.
+        self.folded = 0
 
     def set_ttls(self, ttls: dict[int, int] | None) -> None:
         """Replace ``ttls`` (None for none), keeping ``ttl_first``."""
@@ -217,25 +224,84 @@ class _Node:
         self._entries = entries
 
     def record_runs(self) -> None:
-        """Record the pending runs in ``_entries``."""
-        _add_runs(self._entries, self.runs or (), self.value)
+        """Record the pending runs in ``_entries`` (or the members ``fold_members`` folded)."""
+        if self.runs is FOLDED:
+            self._entries = self._folded_entries()
+            self.folded = 0
+        else:
+            _add_runs(self._entries, self.runs or (), self.value)
         self.runs = None
 
     def entries_copy(self) -> dict[str, Entry]:
         """A copy of ``entries`` that leaves the pending runs pending: what reads a node
         once (an export) need not keep a 128-bit int and a dict slot per leaf of them."""
+        if self.runs is FOLDED:
+            return self._folded_entries()
         entries = dict(self._entries)
         if self.runs is not None:
             _add_runs(entries, self.runs, self.value)
         return entries
 
+    def _folded_entries(self) -> dict[str, Entry]:
+        """The entries of the members ``fold_members`` folded: each key of ``hidden`` at the
+        stamp ``folded``."""
+        return dict.fromkeys(self.hidden or (), self.folded)
+
     def has_sessions(self) -> bool:
-        """Whether a pending run here is one of sessions (see ``Sessions``)."""
-        return self.runs is not None and any(type(run[2]) is Sessions for run in self.runs)
+        """Whether a pending run here is one of sessions (see ``Sessions``), or the members
+        are folded (``fold_members``): runs that a reader of ``_entries`` records first."""
+        runs = self.runs
+        return runs is not None and (
+            runs is FOLDED or any(type(run[2]) is Sessions for run in runs)
+        )
 
 
 #: A child in its parent's entries: a bare stamp (one assignment) or a node.
 Entry: TypeAlias = "int | _Node"
+
+
+@final
+class _Folded:
+    """The third item of ``FOLDED``'s one run (a marker: no keys, no stamps)."""
+
+    __slots__ = ()
+
+
+#: The ``runs`` of a node whose members are folded (``fold_members``): one marker run of no
+#: keys, shared by all. (A tuple: nothing appends a run to a node without a dict value.)
+FOLDED: list[Run] = cast("list[Run]", (((), (), _Folded()),))
+
+#: The ``_entries`` of a node whose members are folded: empty, read-only (a write to it
+#: would be a bug: every reader records the runs first), shared by all.
+_NO_ENTRIES = cast("dict[str, Entry]", MappingProxyType({}))
+
+
+def fold_members(node: _Node) -> None:
+    """Fold the members of a fired session into its ``hidden`` (issue 20): when each child
+    of ``node`` (no value, ttl events, no pending runs) is a bare stamp, the same one, whose
+    value an expiry hides, its ``_entries`` (a dict of that one stamp per member, about 180
+    bytes) is left out until something reads ``entries``, which records them again (as
+    pending runs are: ``runs`` is ``FOLDED``). A churning member holds tens of thousands of
+    fired sessions until their expiries are permanent, and nothing reads their entries
+    meanwhile but an export (``entries_copy``) or a late operation at or below one."""
+    hidden, entries = node.hidden, node._entries
+    if (
+        hidden is None
+        or node.runs is not None
+        or node.ttls is None
+        or node.value is not MISSING
+        or len(entries) != len(hidden)
+    ):
+        return
+    stamps = list(entries.values())
+    stamp = stamps[0]
+    if type(stamp) is not int or stamps.count(stamp) != len(stamps):
+        return  # (a node, or members written at other stamps)
+    if entries.keys() != hidden.keys():
+        return
+    node._entries = _NO_ENTRIES
+    node.runs = FOLDED
+    node.folded = stamp
 
 
 @final
