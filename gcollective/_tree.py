@@ -198,8 +198,8 @@ class _Node:
         # its own (``_rebuild``); a bare stamp whose key is neither here nor in ``value`` is
         # a tombstone.
         self.hidden: dict[str, Any] | None = None
-        # The stamp of every member folded into ``hidden`` (``fold_members``: ``runs`` is
-        # ``FOLDED``), or 0.
+        # The stamp of every member folded (``fold_members``: ``runs`` is ``FOLDED``, and
+        # ``hidden`` their keys then their values, in a tuple), or 0.
         self.folded = 0
 
     def set_ttls(self, ttls: dict[int, int] | None) -> None:
@@ -227,6 +227,7 @@ class _Node:
         """Record the pending runs in ``_entries`` (or the members ``fold_members`` folded)."""
         if self.runs is FOLDED:
             self._entries = self._folded_entries()
+            self.hidden = self.hidden_values()
             self.folded = 0
         else:
             _add_runs(self._entries, self.runs or (), self.value)
@@ -243,9 +244,25 @@ class _Node:
         return entries
 
     def _folded_entries(self) -> dict[str, Entry]:
-        """The entries of the members ``fold_members`` folded: each key of ``hidden`` at the
-        stamp ``folded``."""
-        return dict.fromkeys(self.hidden or (), self.folded)
+        """The entries of the members ``fold_members`` folded: each at the stamp ``folded``."""
+        folded = cast(tuple[Any, ...], self.hidden)
+        return dict.fromkeys(folded[: len(folded) // 2], self.folded)
+
+    def hidden_values(self) -> dict[str, Any] | None:
+        """``hidden`` as a dict (None for none), also where the members are folded (without
+        recording them): what a reader that leaves the runs pending reads (an export)."""
+        if self.runs is not FOLDED:
+            return self.hidden
+        folded = cast(tuple[Any, ...], self.hidden)
+        half = len(folded) // 2
+        return dict(zip(folded[:half], folded[half:]))
+
+    def child_entries(self) -> list[Entry]:
+        """``entries``' values, pending runs (and folded members) left pending: what reads
+        the tree once (a metric) need not record them for good."""
+        if self.runs is None:
+            return list(self._entries.values())
+        return list(self.entries_copy().values())
 
     def has_sessions(self) -> bool:
         """Whether a pending run here is one of sessions (see ``Sessions``), or the members
@@ -277,13 +294,15 @@ _NO_ENTRIES = cast("dict[str, Entry]", MappingProxyType({}))
 
 
 def fold_members(node: _Node) -> None:
-    """Fold the members of a fired session into its ``hidden`` (issue 20): when each child
-    of ``node`` (no value, ttl events, no pending runs) is a bare stamp, the same one, whose
-    value an expiry hides, its ``_entries`` (a dict of that one stamp per member, about 180
-    bytes) is left out until something reads ``entries``, which records them again (as
-    pending runs are: ``runs`` is ``FOLDED``). A churning member holds tens of thousands of
-    fired sessions until their expiries are permanent, and nothing reads their entries
-    meanwhile but an export (``entries_copy``) or a late operation at or below one."""
+    """Fold the members of a fired session (issue 20): when each child of ``node`` (no
+    value, ttl events, no pending runs) is a bare stamp, the same one (kept in ``folded``),
+    whose value an expiry hides, its ``_entries`` and ``hidden`` (a dict of that one stamp
+    per member and one of their values, 370 bytes for two) give way to one tuple of their
+    keys then values in ``hidden`` (72 bytes), until something reads ``entries``, which
+    records them again (as pending runs are: ``runs`` is ``FOLDED``). A churning member
+    holds tens of thousands of fired sessions until their expiries are permanent, and
+    nothing reads their members meanwhile but an export (``entries_copy``,
+    ``hidden_values``) or a late operation at or below one."""
     hidden, entries = node.hidden, node._entries
     if (
         hidden is None
@@ -300,6 +319,7 @@ def fold_members(node: _Node) -> None:
     if entries.keys() != hidden.keys():
         return
     node._entries = _NO_ENTRIES
+    node.hidden = cast("dict[str, Any]", (*hidden, *hidden.values()))
     node.runs = FOLDED
     node.folded = stamp
 
@@ -590,8 +610,9 @@ class Tree:
             node.assigned = node.newest = entry
             parent_value = parent.value
             value = parent_value.get(key, MISSING) if type(parent_value) is dict else MISSING
-            if value is MISSING and parent.hidden is not None:
-                value = parent.hidden.get(key, MISSING)  # (a hidden one: a rebuild follows)
+            hidden = parent.hidden_values()
+            if value is MISSING and hidden is not None:
+                value = hidden.get(key, MISSING)  # (a hidden one: a rebuild follows)
             node.assigned_value = node.value = value
             node.reset = max(entry, parent.reset)
         parent.entries[key] = node
