@@ -19,7 +19,16 @@ from typing import Any, cast
 from ._clock import MILLIS_SHIFT, NODE_MASK, expiry_stamp
 from ._columns import Run
 from ._rebuild import owners, rebuild_at
-from ._tree import MISSING, Sessions, Tree, _Node, fold_members, holds_nothing, record_assign
+from ._tree import (
+    FOLDED,
+    MISSING,
+    Sessions,
+    Tree,
+    _Node,
+    fold_members,
+    holds_nothing,
+    record_assign,
+)
 
 __all__ = ["Expiries", "fired_any", "fired_bound", "path_tuple"]
 
@@ -206,6 +215,10 @@ class Expiries(Tree):
         parent: Any = self._root
         for segment in path[:-1]:
             parent = parent.entries[segment]
+        if target.runs is FOLDED and target.folded < expiry:
+            # Folded members (``fold_members``), older than the DELETE: its rebuild would
+            # drop them, so they are not recorded first.
+            target.entries = {}
         record_assign(parent.entries, path[-1], expiry, MISSING)
         self._rebuild_path(top_path)
         if top_path == path:
