@@ -15,8 +15,9 @@ import logging
 from typing import Any, Callable
 
 from ._clock import millis_stamp
+from ._errors import ProtocolError
 from ._oplog import OpLog, Progress
-from ._peerstate import Peer
+from ._peerstate import RETURNING_UNKNOWN, Inbound, Peer
 
 __all__ = ["DEAD_GAP_GRACE", "Frontier"]
 
@@ -45,25 +46,134 @@ class Frontier:
     dead_gaps: dict[int, float]
     skipped_gaps: int
     frontier: int
+    forgotten_below: int
+
+    # -- members declared down ----------------------------------------------------------
+    #
+    # The rule: this member never applies an operation older than ``forgotten_below`` (the
+    # highest frontier it handed to the store's sweeps) that it did not hold already, nor
+    # takes state from a member that may hold data its forgotten metadata superseded. The
+    # metadata such an operation must meet (a tombstone over its path, a newer value) may
+    # be gone: applied, it would bring deleted data back, here and, relayed, everywhere.
+    # Counting every peer keeps the rule by construction (no operation older than the
+    # frontier can still arrive); a peer declared down is no longer counted, so what comes
+    # from its address afterwards is checked at the door (``check_returning``), and so is
+    # every operation (``check_not_forgotten``): a connection that breaks the rule is
+    # refused as from a member declared down, and its incarnation must restart empty, as
+    # the contract asks of a member declared down. (Declaring down is each member's own
+    # view: a peer that still counts the member declared down here holds back its own
+    # frontier, and this one's through it, for what it takes from that member.)
 
     def _declare_down(self, peer: Peer) -> None:
-        peer.down = True
-        # Nothing more is queued for it: what is, and what we make from now on, is older than
-        # what every member may forget from now on. Delivered to its next, empty incarnation
-        # before the snapshot that incarnation asks for (our writer dials the address, and
-        # sends what is queued, before anything says who answers), an old write under a
-        # forgotten tombstone would live on there for good. (This incarnation is refused if
-        # it comes back; one never identified, and so not refused, gets all of it by
-        # catch-up or a snapshot.)
-        peer.drop_pending()
-        if peer.peer_id is not None:
-            self.down_ids.add(peer.peer_id)
+        self._stop_counting(peer)
         log.warning(
             "peer %s silent for %gs: declared down (metadata it might have needed "
             "is forgotten; if it comes back it must restart empty)",
             peer.name,
             self.down_timeout,
         )
+
+    def _stop_counting(self, peer: Peer) -> None:
+        """Leave ``peer`` out of the frontier and the log's forgetting from now on."""
+        peer.down = True
+        # Nothing more is queued for it: what is, and what we make from now on, is older than
+        # what every member may forget from now on. Delivered to its next, empty incarnation
+        # before the snapshot that incarnation asks for (our writer dials the address, and
+        # sends what is queued, before anything says who answers), an old write under a
+        # forgotten tombstone would live on there for good. (This incarnation is refused if
+        # it comes back; one never identified is checked when it does: check_returning.)
+        peer.drop_pending()
+        if peer.peer_id is not None:
+            self.down_ids.add(peer.peer_id)
+
+    def refuse_as_down(self, peer: Peer | None, peer_id: int, why: str) -> ProtocolError:
+        """The error that closes a connection from incarnation ``peer_id`` (at ``peer``)
+        breaking the rule above (``why``: what it did); that incarnation is refused from
+        now on, as declared down."""
+        if peer_id:
+            self.down_ids.add(peer_id)
+        name = "?"
+        if peer is not None:
+            name = peer.name
+            if peer.peer_id == peer_id and not peer.down:
+                self._stop_counting(peer)
+        error = ProtocolError(
+            f"member {name} (id {peer_id:x}) {why}, older than the metadata this member "
+            "forgot while it did not count that member (declared down): refused as declared "
+            "down, it must restart empty to rejoin"
+        )
+        error.category = "down"
+        return error
+
+    def note_swept(self, swept: int) -> None:
+        """The store's sweeps run to ``swept``: move ``forgotten_below`` up to it, or to the
+        newest operation this member holds if that is older (metadata newer than every
+        operation held was never here to forget: a member that holds nothing forgets
+        nothing, and may take any state)."""
+        held = max(self.progress.stamps.values(), default=0)
+        self.forgotten_below = max(self.forgotten_below, min(swept, held))
+
+    def check_not_forgotten(self, stamp: int, peer: Peer | None, peer_id: int) -> None:
+        """Refuse the connection that brought an operation stamped ``stamp``, new here, if
+        it is older than what this member may have forgotten (see the rule above)."""
+        if stamp < self.forgotten_below and peer_id:
+            raise self.refuse_as_down(peer, peer_id, "sent an operation it lacked")
+
+    def check_snapshot(self, vector: list[tuple[int, int, int]], inbound: Inbound) -> None:
+        """Refuse a snapshot stream (its SNAPSHOT_END's ``vector``, before anything of it is
+        merged) that breaks the rule above for sure: it holds operations this member lacks
+        that are all older than what it may have forgotten, or it lacks operations this
+        member holds that are all that old (its data may then be what their forgotten
+        tombstones deleted here: a state taken from a member declared down, relayed)."""
+        below = self.forgotten_below
+        if not below or not inbound.peer_id:
+            return
+        progress = self.progress
+        applied, stamps = progress.applied, progress.stamps
+        theirs = {}
+        for origin, seq, _ in vector:
+            theirs[origin] = seq
+            if seq > applied.get(origin, 0) and self._lacked_after(origin) < below:
+                raise self.refuse_as_down(inbound.peer, inbound.peer_id, "sent a state")
+        for origin, seq in applied.items():
+            if theirs.get(origin, 0) < seq and stamps.get(origin, below) < below:
+                raise self.refuse_as_down(
+                    inbound.peer, inbound.peer_id, "sent a state without operations"
+                )
+
+    def _lacked_after(self, origin: int) -> int:
+        """A stamp that every operation of ``origin`` this member lacks is newer than: that
+        of the last one it applied, or, for a peer counted in the frontier whose reported
+        operations it all applied, the clock that peer promised its next ones are newer than
+        (see ``own_frontier``)."""
+        after = self.progress.stamps.get(origin, 0)
+        for peer in self.peers.values():
+            if peer.peer_id == origin and not peer.down and peer.peer_promise is not None:
+                if self.progress.applied.get(origin, 0) >= peer.peer_own_seq:
+                    after = max(after, peer.peer_promise)
+        return after
+
+    def check_returning(
+        self, inbound: Inbound, theirs: dict[int, int], their_stamps: dict[int, int]
+    ) -> None:
+        """On the first report of a connection from an address declared down (see the rule
+        above): refuse it if it holds operations this member lacks that are older than what
+        it may have forgotten; and, when the incarnation declared down was never
+        identified (this one may be it), if it holds anything at all and lacks an
+        operation that may be that old (its data may be what a forgotten tombstone
+        deleted here)."""
+        below = self.forgotten_below
+        applied = self.progress.applied
+        for origin, seq in theirs.items():
+            if seq > applied.get(origin, 0) and their_stamps.get(origin, 0) < below:
+                raise self.refuse_as_down(inbound.peer, inbound.peer_id, "holds operations")
+        if inbound.returning is not RETURNING_UNKNOWN or not any(theirs.values()):
+            return
+        for origin, seq in applied.items():
+            if theirs.get(origin, 0) < seq and their_stamps.get(origin, 0) < below:
+                raise self.refuse_as_down(
+                    inbound.peer, inbound.peer_id, "holds data and lacks operations"
+                )
 
     def skip_dead_gaps(self, now: float) -> None:
         """Count as lost the missing operations before those of a past incarnation held
@@ -155,8 +265,13 @@ class Frontier:
                 floor = min(floor, peer.peer_promise)
             else:
                 floor = min(floor, progress.stamps.get(peer_id, 0))
-        # (Origins with a gap at their first operation have no entry in ``applied``.)
-        for origin in progress.applied.keys() | progress.gap_origins():
+        # (Origins with a gap at their first operation have no entry in ``applied``; and
+        # an origin a member holds operations of that we never heard of holds us back too:
+        # they may come to us, by catch-up or a snapshot, as old as they are.)
+        origins = progress.applied.keys() | progress.gap_origins()
+        for peer in members:
+            origins |= peer.peer_vector.keys()
+        for origin in origins:
             limit = None if origin in live else self._past_origin_limit(origin, members)
             if limit is not None:
                 floor = min(floor, limit)

@@ -394,7 +394,7 @@ class SimMember:
             return True
         except ProtocolError as exc:
             connection.cut()
-            if str(exc) == "declared down":
+            if exc.category == "down":
                 # Refused for good: its operator restarts it empty (see the down_timeout
                 # option), which drops what only it held.
                 self.world.down_refusals += 1
@@ -410,7 +410,9 @@ class SimMember:
         if hello.node_id == engine.node_id:
             raise ProtocolError("connected to itself")
         if hello.node_id in engine.down_ids:
-            raise ProtocolError("declared down")
+            error = ProtocolError("declared down")
+            error.category = "down"
+            raise error
         peer = engine.peers.get((hello.host, hello.port))
         return engine.connection_made(peer, hello, self.world.now)
 
