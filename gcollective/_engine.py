@@ -210,6 +210,7 @@ class Engine(Frontier):
         # The highest frontier handed to the store's sweeps: metadata below it may be gone,
         # so no operation older than it may be applied any more (see ``_frontier``).
         self.forgotten_below = 0
+        self.refused_by: dict[Peer, int | None] = {}  # (see Frontier.declared_down_by_peer)
         self.synced = False  # a peer's whole state was merged
         self.ready = False  # the shell's start() returned (or may): reports may say complete
         self.stopping = False  # the shell is stopping: ask nobody for anything any more
@@ -427,6 +428,8 @@ class Engine(Frontier):
         """Replace what is pending for ``peer`` by a full snapshot (which holds all of it, and
         more). Its frames are built one at a time as the writer sends them (see
         ``snapshot_stream``); their bytes do not count against ``max_queue_bytes``."""
+        if self.refused_as_down:
+            return  # (see Frontier.declared_down_by_peer)
         stream, vector = self.snapshot_stream(now)
         log.info("peer %s: sending a snapshot", peer.name)
         peer.start_snapshot(stream, vector)
@@ -439,7 +442,7 @@ class Engine(Frontier):
         if peer.progress_due:
             peer.progress_due = False
             peer.pending.append(self.progress_frame(now))
-        if not peer.pending and peer.snapshot_stream is not None:
+        if not peer.pending and peer.snapshot_stream is not None and not self.refused_as_down:
             # Building a frame exports and encodes top-level items (a full node's export,
             # its leaves as columns): a holder of 500k small dicts spent about two thirds of
             # its snapshot's time in the GC.
@@ -759,9 +762,9 @@ class Engine(Frontier):
             self.due_by(self.store.next_expiry)
         if last <= done:
             return  # all repeats (relayed, or also in a snapshot)
-        self.check_not_forgotten(
-            stamps.first if first > done else stamps[done + 1 - first], peer, peer_id
-        )
+        oldest_new = stamps.first if first > done else stamps[done + 1 - first]
+        if oldest_new < self.forgotten_below:  # (see Frontier.check_not_forgotten)
+            self.check_not_forgotten(oldest_new, peer, peer_id)
         given_ttls = ttls
         if ttls is None:
             ttls = [0] * len(stamps)
@@ -849,6 +852,8 @@ class Engine(Frontier):
         whose origin died, gets what it lacks. And never what our connection to it carries
         already (see ``_queued_for``).
         """
+        if self.refused_as_down:
+            return dict(self.progress.applied)  # (see Frontier.declared_down_by_peer)
         if peer.snapshot_owed or peer.snapshot_stream is not None:
             # It is still merging the snapshot we sent, or getting it: a report settles a
             # snapshot (a synced peer always reports complete) but must not start it over.
@@ -913,6 +918,8 @@ class Engine(Frontier):
         for peer in self.peers.values():
             if not peer.down and now - peer.last_heard > self.down_timeout:
                 self._declare_down(peer)
+        if self.refused_by:
+            self.passing_state_again()
         self.skip_dead_gaps(now)
         self.forget_logged()
         self.frontier = self.own_frontier()

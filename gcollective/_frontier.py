@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+from ._auth import encode_refusal
 from ._clock import millis_stamp
 from ._errors import ProtocolError
 from ._oplog import OpLog, Progress
 from ._peerstate import RETURNING_UNKNOWN, Inbound, Peer
+from ._wire import Hello
 
-__all__ = ["DEAD_GAP_GRACE", "Frontier"]
+__all__ = ["DEAD_GAP_GRACE", "DeclaredDown", "Frontier"]
 
 log = logging.getLogger("gcollective")
 
@@ -27,6 +29,18 @@ log = logging.getLogger("gcollective")
 # it stayed so for this long (or ten sync intervals if longer): long enough for every peer to
 # report again, and for what was still in flight from that incarnation to land.
 DEAD_GAP_GRACE = 2.0
+
+
+class DeclaredDown(ProtocolError):
+    """A connection refused as coming from an incarnation declared down (see
+    ``Frontier.refuse_as_down``); ``reply``, if ``told``, the REFUSE line that tells it so
+    (it then stops passing its state on: ``Frontier.declared_down_by_peer``)."""
+
+    category = "down"
+
+    def __init__(self, message: str, told: bool) -> None:
+        super().__init__(message)
+        self.reply = encode_refusal("declared-down") if told else b""
 
 
 class Frontier:
@@ -47,6 +61,8 @@ class Frontier:
     skipped_gaps: int
     frontier: int
     forgotten_below: int
+    # The peers that refused this member as declared down, and their incarnations then.
+    refused_by: dict[Peer, int | None]
 
     # -- members declared down ----------------------------------------------------------
     #
@@ -88,8 +104,11 @@ class Frontier:
 
     def refuse_as_down(self, peer: Peer | None, peer_id: int, why: str) -> ProtocolError:
         """The error that closes a connection from incarnation ``peer_id`` (at ``peer``)
-        breaking the rule above (``why``: what it did); that incarnation is refused from
-        now on, as declared down."""
+        breaking the rule above (``why``: what it did): that incarnation is refused from
+        now on, as declared down, and told so (it then stops passing its state on: see
+        ``declared_down_by_peer``) unless this member counts no other peer. A member cut
+        off from every other one is as likely to be the one that must restart: telling would
+        let it stop the rest of the collective passing its state on."""
         if peer_id:
             self.down_ids.add(peer_id)
         name = "?"
@@ -97,13 +116,59 @@ class Frontier:
             name = peer.name
             if peer.peer_id == peer_id and not peer.down:
                 self._stop_counting(peer)
-        error = ProtocolError(
+        others = [other for other in self.peers.values() if other is not peer]
+        return DeclaredDown(
             f"member {name} (id {peer_id:x}) {why}, older than the metadata this member "
             "forgot while it did not count that member (declared down): refused as declared "
-            "down, it must restart empty to rejoin"
+            "down, it must restart empty to rejoin",
+            told=not all(other.down for other in others),
         )
-        error.category = "down"
-        return error
+
+    def refused_again(self, hello: Hello) -> ProtocolError:
+        """The error that refuses a HELLO from an incarnation declared down (told so as in
+        ``refuse_as_down``)."""
+        address = (hello.host, hello.port)
+        others = [peer for address_, peer in self.peers.items() if address_ != address]
+        return DeclaredDown(
+            f"incarnation {hello.node_id:x} was declared down after {self.down_timeout:g}s "
+            "of silence; restart it to rejoin (its unsent writes are dropped)",
+            told=not all(other.down for other in others),
+        )
+
+    def declared_down_by_peer(self, peer: Peer) -> None:
+        """``peer`` refused this member as declared down (its REFUSE said so): this member
+        may hold data the others deleted and forgot, or lack what they forgot, so it stops
+        passing on any state (snapshots, and operations resent by catch-up: each may be old
+        enough to bring deleted data back to a member that takes it) until it is restarted
+        empty, as the contract asks, or until every incarnation that refused it was
+        replaced (the other side of a partition restarted empty: ``passing_state_again``).
+        Its own new operations still go out live."""
+        if not self.refused_by:
+            for other in self.peers.values():
+                other.drop_pending()  # (catch-up's frames among it)
+            log.error(
+                "peer %s refused this member as declared down: this member no longer passes "
+                "on its state (restart it empty to rejoin; its writes not yet sent are "
+                "dropped)",
+                peer.name,
+            )
+        self.refused_by[peer] = peer.peer_id
+
+    @property
+    def refused_as_down(self) -> bool:
+        """Whether this member passes no state on (see ``declared_down_by_peer``)."""
+        return bool(self.refused_by)
+
+    def passing_state_again(self) -> None:
+        """Pass state on again once every incarnation that refused this member as declared
+        down was replaced, or forgotten (see ``declared_down_by_peer``)."""
+        refused_by = self.refused_by
+        for peer, incarnation in list(refused_by.items()):
+            current = peer.peer_id if self.peers.get(peer.address) is peer else None
+            if current is None or current != incarnation:
+                del refused_by[peer]
+        if not refused_by:
+            log.warning("every member that refused this one was replaced: passing state on")
 
     def note_swept(self, swept: int) -> None:
         """The store's sweeps run to ``swept``: move ``forgotten_below`` up to it, or to the

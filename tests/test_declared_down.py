@@ -102,6 +102,10 @@ def test_a_member_declared_down_before_anyone_heard_of_it_is_refused_when_it_com
             what="c refused by a and b, or its old write back",
         )
         assert a.get("k") is None and b.get("k") is None
+        # c hears that it was refused, and passes nothing on any more; c, cut off from both,
+        # refused them without a word (it may as well have been the one to restart).
+        wait_for(lambda: c._engine.refused_as_down, what="c told it was refused")
+        assert not a._engine.refused_as_down and not b._engine.refused_as_down
         # Restarted empty (a new incarnation at the same address), it is welcome.
         c.stop(timeout=1)
         proxies[2].target_port = free_ports(1)[0]
