@@ -196,9 +196,9 @@ class Frontier:
         progress = self.progress
         applied, stamps = progress.applied, progress.stamps
         theirs = {}
-        for origin, seq, _ in vector:
+        for origin, seq, stamp in vector:
             theirs[origin] = seq
-            if seq > applied.get(origin, 0) and self._lacked_after(origin) < below:
+            if seq > applied.get(origin, 0) and self._lacked_after(origin, stamp) < below:
                 raise self.refuse_as_down(inbound.peer, inbound.peer_id, "sent a state")
         for origin, seq in applied.items():
             if theirs.get(origin, 0) < seq and stamps.get(origin, below) < below:
@@ -206,15 +206,22 @@ class Frontier:
                     inbound.peer, inbound.peer_id, "sent a state without operations"
                 )
 
-    def _lacked_after(self, origin: int) -> int:
-        """A stamp that every operation of ``origin`` this member lacks is newer than: that
-        of the last one it applied, or, for a peer counted in the frontier whose reported
-        operations it all applied, the clock that peer promised its next ones are newer than
-        (see ``own_frontier``)."""
-        after = self.progress.stamps.get(origin, 0)
+    def _lacked_after(self, origin: int, last: int) -> int:
+        """A stamp that the operations of ``origin`` this member lacks, up to one stamped
+        ``last``, are newer than, as far as it can tell: that of the last one it applied, or,
+        for a peer counted in the frontier whose reported operations it all applied, the
+        clock that peer promised its next ones are newer than (see ``own_frontier``); for an
+        origin it never heard of, ``last`` itself (only a state all older than what it forgot
+        is refused for sure: one that merely may be would refuse every state holding a new
+        member's operations that this member refused, or never met, and it would then miss
+        what only a state carries)."""
+        progress = self.progress
+        after = progress.stamps.get(origin)
+        if after is None:
+            return last
         for peer in self.peers.values():
             if peer.peer_id == origin and not peer.down and peer.peer_promise is not None:
-                if self.progress.applied.get(origin, 0) >= peer.peer_own_seq:
+                if progress.applied.get(origin, 0) >= peer.peer_own_seq:
                     after = max(after, peer.peer_promise)
         return after
 
