@@ -210,6 +210,7 @@ class Engine(Frontier):
         # The highest frontier handed to the store's sweeps: metadata below it may be gone,
         # so no operation older than it may be applied any more (see ``_frontier``).
         self.forgotten_below = 0
+        self.promised: dict[int, int] = {}  # (see Frontier._lacked_after)
         self.refused_by: dict[Peer, int | None] = {}  # (see Frontier.declared_down_by_peer)
         self.synced = False  # a peer's whole state was merged
         self.ready = False  # the shell's start() returned (or may): reports may say complete

@@ -61,6 +61,9 @@ class Frontier:
     skipped_gaps: int
     frontier: int
     forgotten_below: int
+    # Per origin, the clock it promised when the frontier last counted on it: every
+    # operation of it this member lacks is newer (see _lacked_after).
+    promised: dict[int, int]
     # The peers that refused this member as declared down, and their incarnations then.
     refused_by: dict[Peer, int | None]
 
@@ -196,9 +199,9 @@ class Frontier:
         progress = self.progress
         applied, stamps = progress.applied, progress.stamps
         theirs = {}
-        for origin, seq, stamp in vector:
+        for origin, seq, _ in vector:
             theirs[origin] = seq
-            if seq > applied.get(origin, 0) and self._lacked_after(origin, stamp) < below:
+            if seq > applied.get(origin, 0) and self._lacked_after(origin) < below:
                 raise self.refuse_as_down(inbound.peer, inbound.peer_id, "sent a state")
         for origin, seq in applied.items():
             if theirs.get(origin, 0) < seq and stamps.get(origin, below) < below:
@@ -206,24 +209,12 @@ class Frontier:
                     inbound.peer, inbound.peer_id, "sent a state without operations"
                 )
 
-    def _lacked_after(self, origin: int, last: int) -> int:
-        """A stamp that the operations of ``origin`` this member lacks, up to one stamped
-        ``last``, are newer than, as far as it can tell: that of the last one it applied, or,
-        for a peer counted in the frontier whose reported operations it all applied, the
-        clock that peer promised its next ones are newer than (see ``own_frontier``); for an
-        origin it never heard of, ``last`` itself (only a state all older than what it forgot
-        is refused for sure: one that merely may be would refuse every state holding a new
-        member's operations that this member refused, or never met, and it would then miss
-        what only a state carries)."""
-        progress = self.progress
-        after = progress.stamps.get(origin)
-        if after is None:
-            return last
-        for peer in self.peers.values():
-            if peer.peer_id == origin and not peer.down and peer.peer_promise is not None:
-                if progress.applied.get(origin, 0) >= peer.peer_own_seq:
-                    after = max(after, peer.peer_promise)
-        return after
+    def _lacked_after(self, origin: int) -> int:
+        """A stamp that the operations of ``origin`` this member lacks are newer than, as far
+        as it can tell: that of the last one it applied, or the clock that origin promised
+        while the frontier counted on it (``promised``); 0 for an origin it knows nothing
+        of (its operations may be as old as any)."""
+        return max(self.progress.stamps.get(origin, 0), self.promised.get(origin, 0))
 
     def check_returning(
         self, inbound: Inbound, theirs: dict[int, int], their_stamps: dict[int, int]
@@ -335,6 +326,7 @@ class Frontier:
                 peer_id
             ):
                 floor = min(floor, peer.peer_promise)
+                self.promised[peer_id] = peer.peer_promise  # (see _lacked_after)
             else:
                 floor = min(floor, progress.stamps.get(peer_id, 0))
         # (Origins with a gap at their first operation have no entry in ``applied``; and
