@@ -71,6 +71,11 @@ SPLIT_ITEM_REGRESSION_SEEDS: list[int] = [61, 571, 816, 919, 1092]
 # A joiner now stages a stream's frames and merges them at its SNAPSHOT_END (``Inbound``).
 # Each: (seed, small_frames).
 UNFINISHED_SNAPSHOT_REGRESSION_SEEDS = [(657, True), (6568, False)]
+# (2829, small frames, default down_timeout): a state holding the new operations of a
+# restarted member was refused as older than what the receiver forgot, its bound for them
+# being the last one it applied of that origin: it now also remembers the clock the origin
+# promised while counted (``Frontier._lacked_after``).
+FORGOTTEN_REGRESSION_SEEDS = [(2829, True)]
 
 
 # Seeds that find bugs still open; each is checked to find its bug: when a fix makes it
@@ -103,7 +108,7 @@ def test_regression_seeds() -> None:
         simulate(seed, down_timeout=1.0)
     for seed in SPLIT_ITEM_REGRESSION_SEEDS:
         simulate(seed, small_frames=True)
-    for seed, small_frames in UNFINISHED_SNAPSHOT_REGRESSION_SEEDS:
+    for seed, small_frames in UNFINISHED_SNAPSHOT_REGRESSION_SEEDS + FORGOTTEN_REGRESSION_SEEDS:
         simulate(seed, small_frames=small_frames)
 
 
