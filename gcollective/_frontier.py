@@ -1,12 +1,15 @@
-"""What a member may forget, and from when: the engine's reading of everyone's progress.
+"""What a member may forget, and from when: the engine's reading of everyone's progress; and
+what it must refuse once it forgot (members declared down).
 
 ``Engine.housekeep`` runs these every ``sync_interval``: peers silent for ``down_timeout``
 are declared down (``_declare_down``), gaps of past incarnations that no live peer can fill
 are counted as lost (``skip_dead_gaps``), the log forgets what every live peer applied
 (``forget_logged``), and the frontier moves: this member's (``own_frontier``, below which
 no operation can still reach it) and everyone's (``gc_frontier``, below which the store's
-sweeps may forget metadata). Sans-IO like the engine: time comes in as arguments, the wall
-clock through the engine's ``wall_ns``.
+sweeps may forget metadata). Once it forgot, a member refuses as declared down whatever
+would bring an operation or a state older than that (``forgotten_below``: see "members
+declared down" below), and one refused so passes no state on. Sans-IO like the engine:
+time comes in as arguments, the wall clock through the engine's ``wall_ns``.
 """
 
 from __future__ import annotations
@@ -119,24 +122,25 @@ class Frontier:
             name = peer.name
             if peer.peer_id == peer_id and not peer.down:
                 self._stop_counting(peer)
-        others = [other for other in self.peers.values() if other is not peer]
         return DeclaredDown(
             f"member {name} (id {peer_id:x}) {why}, older than the metadata this member "
             "forgot while it did not count that member (declared down): refused as declared "
             "down, it must restart empty to rejoin",
-            told=not all(other.down for other in others),
+            told=self._counts_another(None if peer is None else peer.address),
         )
 
     def refused_again(self, hello: Hello) -> ProtocolError:
         """The error that refuses a HELLO from an incarnation declared down (told so as in
         ``refuse_as_down``)."""
-        address = (hello.host, hello.port)
-        others = [peer for address_, peer in self.peers.items() if address_ != address]
         return DeclaredDown(
             f"incarnation {hello.node_id:x} was declared down after {self.down_timeout:g}s "
             "of silence; restart it to rejoin (its unsent writes are dropped)",
-            told=not all(other.down for other in others),
+            told=self._counts_another((hello.host, hello.port)),
         )
+
+    def _counts_another(self, address: tuple[str, int] | None) -> bool:
+        """Whether the frontier counts a peer other than the one at ``address``."""
+        return any(not peer.down for at, peer in self.peers.items() if at != address)
 
     def declared_down_by_peer(self, peer: Peer) -> None:
         """``peer`` refused this member as declared down (its REFUSE said so): this member
@@ -189,10 +193,11 @@ class Frontier:
 
     def check_snapshot(self, vector: list[tuple[int, int, int]], inbound: Inbound) -> None:
         """Refuse a snapshot stream (its SNAPSHOT_END's ``vector``, before anything of it is
-        merged) that breaks the rule above for sure: it holds operations this member lacks
-        that are all older than what it may have forgotten, or it lacks operations this
-        member holds that are all that old (its data may then be what their forgotten
-        tombstones deleted here: a state taken from a member declared down, relayed)."""
+        merged) that breaks the rule above: it holds operations this member lacks that may
+        be older than what it may have forgotten (by ``_lacked_after``), or it lacks
+        operations this member holds that all are (its data may then be what their
+        forgotten tombstones deleted here: a state taken from a member declared down,
+        relayed)."""
         below = self.forgotten_below
         if not below or not inbound.peer_id:
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from cluster import free_ports, wait_for
 from faults import Proxy
 
@@ -81,8 +83,10 @@ def test_a_member_declared_down_before_anyone_heard_of_it_is_refused_when_it_com
     try:
         for node in (a, b, c):
             node.start(timeout=5)
-        c.set(("k", "x"), 1)  # older than the delete below; a and b never see it
-        wait_for(lambda: b.get("k") is None and b._engine.peers)
+        c.set(("k", "x"), 1)  # a and b never see it
+        written_ms = time.time_ns() // 1_000_000
+        # The delete must be the newer (stamps order by millisecond first).
+        wait_for(lambda: time.time_ns() // 1_000_000 > written_ms + 1)
         a.delete("k")
         wait_for(lambda: b._store.export_item("k") is not None)  # (the tombstone)
         # Both declare c down (never heard from) and forget the tombstone.
