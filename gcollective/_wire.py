@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 from itertools import accumulate, chain, islice, repeat
-from operator import lshift, sub
+from operator import itemgetter, lshift, sub
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import ujson
@@ -628,7 +628,7 @@ def parse_ops(
     else:
         _check_paths(paths)
     if ttls is not None:
-        _check_op_ttls(ttls, ops, kinds)
+        ttls = _check_op_ttls(ttls, ops, kinds)
     value_types = set(map(type, values))
     if value_types <= _SCALARS and (kinds == {0} or (value_types <= _INT and kinds <= _COUNTS)):
         pass  # SETs of plain scalars, or SETs and INCREMENTs of ints: nothing more to check
@@ -679,8 +679,32 @@ def _flat_dicts_fit(
             return False  # a path given as segments
     if depth >= MAX_DEPTH:
         return False
+    if len(value_types) == 1 and _alike_flat_dicts(values):
+        return True
     dicts = values if len(value_types) == 1 else [v for v in values if type(v) is dict]
     return set(map(type, chain.from_iterable(map(dict.values, dicts)))) <= _SCALARS
+
+
+def _alike_flat_dicts(dicts: list[dict[str, Any]]) -> bool:
+    """Whether ``dicts`` (dicts, at least one) all have the first one's keys and nothing
+    else, each member a str, or each an int or bool (a writer's loop of sessions); False
+    when not so, without telling why (``_flat_dicts_fit``'s general check then decides).
+    A column of members a key at a time, each checked by one C-level call, is cheaper than
+    a look at the type of each member (its own pass)."""
+    keys = dicts[0].keys()
+    if sum(map(len, dicts)) != len(keys) * len(dicts):
+        return False  # (with each key of the first in each, then no other key in any)
+    try:
+        for key in keys:
+            column = list(map(itemgetter(key), dicts))  # (KeyError where one lacks it)
+            try:
+                "".join(column)  # only str joins
+            except TypeError:
+                if type(sum(column)) is not int:  # (ints and bools only; TypeError else)
+                    return False
+    except (KeyError, TypeError):
+        return False
+    return True
 
 
 class OpStamps(Sequence[int]):
@@ -721,15 +745,42 @@ class OpStamps(Sequence[int]):
         return f"OpStamps({list(self)!r})"
 
 
-def _check_op_ttls(ttls: Any, ops: list[int], kinds: set[int]) -> None:
+def _check_op_ttls(ttls: Any, ops: list[int], kinds: set[int]) -> list[int]:
     """The ttl column: one int per operation, 0 (none) or a ttl in ms on a SET or INCREMENT
-    (``kinds``: those of ``ops``). Checked a column at a time, in C."""
-    if type(ttls) is not list or len(ttls) != len(ops) or set(map(type, ttls)) != _INT:
+    (``kinds``: those of ``ops``). Checked a column at a time, in C. Returns the column, as
+    one int repeated when every operation has the same ttl (a writer's loop: ``_same_ttls``)."""
+    if type(ttls) is not list or len(ttls) != len(ops):
+        raise ProtocolError("OPS frame has a bad ttl column")
+    same = _same_ttls(ttls)
+    if same is not None:
+        if 2 in kinds:
+            raise ProtocolError("OPS frame has a bad ttl")  # (a DELETE carries none)
+        return same
+    if set(map(type, ttls)) != _INT:
         raise ProtocolError("OPS frame has a bad ttl column")
     if min(ttls) < 0 or max(ttls) > MAX_TTL_MS:
         raise ProtocolError("OPS frame has a bad ttl")
     if 2 in kinds and any(ttl for op, ttl in zip(ops, ttls) if op == 2):
         raise ProtocolError("OPS frame has a bad ttl")  # (a DELETE carries none)
+    return ttls
+
+
+def _same_ttls(ttls: list[Any]) -> list[int] | None:
+    """``[ttl] * len(ttls)`` when every element of ``ttls`` is the same good ttl, an int from
+    2 to ``MAX_TTL_MS`` (a writer's loop); None when not so (the caller's general checks
+    decide). Two C-level passes where the general way takes four: ``count`` finds them all
+    equal to the first, so each is that int, a bool only if it is 0 or 1, or an equal float,
+    which ``sum`` shows (a float makes the sum one). The repeated int the store keeps (with
+    a run of sessions) takes no memory per operation."""
+    ttl = ttls[0]
+    if (
+        type(ttl) is int
+        and 1 < ttl <= MAX_TTL_MS
+        and ttls.count(ttl) == len(ttls)
+        and type(sum(ttls)) is int
+    ):
+        return [ttl] * len(ttls)
+    return None
 
 
 def path_segments(path: str | list[str]) -> list[str]:
