@@ -605,11 +605,8 @@ def parse_ops(
     ):
         raise ProtocolError("OPS frame has columns of different lengths")
     # Ints growing along the batch, as an origin's stamps do: what ``Progress`` relies on.
-    if (
-        set(map(type, deltas)) != {int}
-        or deltas[0] <= 0
-        or (size > 1 and min(islice(deltas, 1, None)) <= 0)
-    ):
+    # (Ints: the first positive and the others at least 1 is the least at least 1.)
+    if set(map(type, deltas)) != _INT or min(deltas) <= 0:
         raise ProtocolError("OPS frame has a bad stamp")
     stamps = OpStamps(origin, deltas)
     if stamps.last >> NODE_BITS >= HLC_LIMIT:
