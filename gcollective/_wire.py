@@ -562,6 +562,7 @@ _KINDS = {0, 1, 2}
 _COUNTS = {0, 1}  # SET and INCREMENT: an int is a good value for both (a web app's counter)
 _INT = {int}
 _FLAT = _SCALARS | {dict}  # the types of values ``_flat_dicts_fit`` checks
+_SETS = {0}  # the kinds of a frame of SETs only
 
 
 def parse_ops(
@@ -626,18 +627,29 @@ def parse_ops(
         _check_paths(paths)
     if ttls is not None:
         ttls = _check_op_ttls(ttls, ops, kinds)
+    _check_values(kinds, ops, paths, values, parent)
+    return origin, seq, stamps, ops, paths, values, ttls, parent
+
+
+def _check_values(
+    kinds: set[int], ops: list[int], paths: list[Any], values: list[Any], parent: str
+) -> None:
+    """``parse_ops``' check of the values (the other columns checked, ``kinds`` those of
+    ``ops``): the common frames a column at a time, in C; others one operation at a time
+    (``check_op_values``)."""
+    if kinds == _SETS and type(values[0]) is dict:
+        if _alike_flat_dicts(values) and _dicts_fit(parent, paths):
+            return  # a writer's loop of sessions (their types need no pass of their own)
     value_types = set(map(type, values))
-    if value_types <= _SCALARS and (kinds == {0} or (value_types <= _INT and kinds <= _COUNTS)):
-        pass  # SETs of plain scalars, or SETs and INCREMENTs of ints: nothing more to check
-    elif (
-        kinds == {0}
+    if value_types <= _SCALARS and (kinds == _SETS or (value_types <= _INT and kinds <= _COUNTS)):
+        return  # SETs of plain scalars, or SETs and INCREMENTs of ints: nothing more to check
+    if (
+        kinds == _SETS
         and value_types <= _FLAT
         and _flat_dicts_fit(values, value_types, parent, paths)
     ):
-        pass  # SETs of scalars and dicts of them (sessions), each fitting under MAX_DEPTH
-    else:
-        check_op_values(ops, paths, values, parent)
-    return origin, seq, stamps, ops, paths, values, ttls, parent
+        return  # SETs of scalars and dicts of them, each fitting under MAX_DEPTH
+    check_op_values(ops, paths, values, parent)
 
 
 def check_op_values(ops: list[int], paths: list[Any], values: list[Any], parent: str) -> None:
@@ -663,37 +675,43 @@ def _flat_dicts_fit(
     values: list[Any], value_types: set[type], parent: str, paths: list[Any]
 ) -> bool:
     """Whether every dict among ``values`` (of SETs at ``paths`` under ``parent``) holds
-    only scalars other than floats, none at a path too deep for it (``_check_json``'s rule:
-    a dict at ``MAX_DEPTH`` segments or more is too deep). Checked a column at a time, in
-    C; False when not so, without telling where (the general check then does)."""
-    if parent:
-        # (Its keys are one segment each, checked before; it is short enough for them.)
-        depth = parent.count(".") + 2
-    else:
-        try:
-            depth = max(map(str.count, paths, repeat("."))) + 1
-        except TypeError:
-            return False  # a path given as segments
-    if depth >= MAX_DEPTH:
+    only scalars other than floats, none at a path too deep for it (``_dicts_fit``).
+    Checked a column at a time, in C; False when not so, without telling where (the general
+    check then does)."""
+    if not _dicts_fit(parent, paths):
         return False
-    if len(value_types) == 1 and _alike_flat_dicts(values):
-        return True
     dicts = values if len(value_types) == 1 else [v for v in values if type(v) is dict]
     return set(map(type, chain.from_iterable(map(dict.values, dicts)))) <= _SCALARS
 
 
-def _alike_flat_dicts(dicts: list[dict[str, Any]]) -> bool:
-    """Whether ``dicts`` (dicts, at least one) all have the first one's keys and nothing
-    else, each member a str, or each an int or bool (a writer's loop of sessions); False
-    when not so, without telling why (``_flat_dicts_fit``'s general check then decides).
-    A column of members a key at a time, each checked by one C-level call, is cheaper than
-    a look at the type of each member (its own pass)."""
-    keys = dicts[0].keys()
-    if sum(map(len, dicts)) != len(keys) * len(dicts):
-        return False  # (with each key of the first in each, then no other key in any)
+def _dicts_fit(parent: str, paths: list[Any]) -> bool:
+    """Whether a dict of scalars fits at each of ``paths`` under ``parent``
+    (``_check_json``'s rule: a dict at ``MAX_DEPTH`` segments or more is too deep); False
+    too when some path is given as segments (the general check then decides)."""
+    if parent:
+        # (Its keys are one segment each, checked before; it is short enough for them.)
+        return parent.count(".") + 2 < MAX_DEPTH
     try:
+        return max(map(str.count, paths, repeat("."))) + 1 < MAX_DEPTH
+    except TypeError:
+        return False  # a path given as segments
+
+
+def _alike_flat_dicts(values: list[Any]) -> bool:
+    """Whether ``values`` (the first a dict) are all dicts with the first one's keys (one at
+    least) and nothing else, each member a str, or each an int or bool (a writer's loop of
+    sessions); False when not so, without telling why (the general checks then decide).
+    A column of members a key at a time, each checked by one C-level call, is cheaper than
+    a look at the type of each member; and getting a member by a str key from each value
+    shows it is a dict (any other JSON value refuses), so that needs no pass either."""
+    keys = values[0].keys()
+    if not keys:
+        return False  # (then nothing here would show the others are dicts)
+    try:
+        if sum(map(len, values)) != len(keys) * len(values):
+            return False  # (with each key of the first in each, then no other key in any)
         for key in keys:
-            column = list(map(itemgetter(key), dicts))  # (KeyError where one lacks it)
+            column = list(map(itemgetter(key), values))  # (KeyError where one lacks it)
             try:
                 "".join(column)  # only str joins
             except TypeError:

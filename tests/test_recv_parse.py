@@ -189,6 +189,10 @@ def with_member(key: str, member: Any, index: int = 7) -> list[Any]:
         with_member("z", math.nan),  # a key more
         with_member("z", 1, index=0),  # a key more in the first
         [{"w": "x", "b": True} if i == 3 else d for i, d in enumerate(sessions())],  # a key less
+        # Not dicts, as many members as the others: a str (accepted), a list (with a NaN)
+        [d if i != 5 else "abc" for i, d in enumerate(sessions())],
+        [d if i != 5 else ["a", "b", math.nan] for i, d in enumerate(sessions())],
+        [d if i != 5 else [{"x": 1}] * 3 for i, d in enumerate(sessions())],
     ],
 )
 @pytest.mark.parametrize(
