@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 from itertools import accumulate, chain, islice, repeat
-from operator import itemgetter, lshift, sub
+from operator import countOf, itemgetter, lshift, sub
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import ujson
@@ -560,7 +560,6 @@ def parse_hello(message: Any) -> Hello:
 _SCALARS = {str, int, bool, type(None)}
 _KINDS = {0, 1, 2}
 _COUNTS = {0, 1}  # SET and INCREMENT: an int is a good value for both (a web app's counter)
-_INT = {int}
 _FLAT = _SCALARS | {dict}  # the types of values ``_flat_dicts_fit`` checks
 _SETS = {0}  # the kinds of a frame of SETs only
 
@@ -607,7 +606,7 @@ def parse_ops(
         raise ProtocolError("OPS frame has columns of different lengths")
     # Ints growing along the batch, as an origin's stamps do: what ``Progress`` relies on.
     # (Ints: the first positive and the others at least 1 is the least at least 1.)
-    if set(map(type, deltas)) != _INT or min(deltas) <= 0:
+    if not _all_ints(deltas) or min(deltas) <= 0:
         raise ProtocolError("OPS frame has a bad stamp")
     stamps = OpStamps(origin, deltas)
     if stamps.last >> NODE_BITS >= HLC_LIMIT:
@@ -640,9 +639,11 @@ def _check_values(
     if kinds == _SETS and type(values[0]) is dict:
         if _alike_flat_dicts(values) and _dicts_fit(parent, paths):
             return  # a writer's loop of sessions (their types need no pass of their own)
+    elif kinds <= _COUNTS and _all_ints(values):
+        return  # SETs and INCREMENTs of ints (a web app's counters, distinct keys' numbers)
     value_types = set(map(type, values))
-    if value_types <= _SCALARS and (kinds == _SETS or (value_types <= _INT and kinds <= _COUNTS)):
-        return  # SETs of plain scalars, or SETs and INCREMENTs of ints: nothing more to check
+    if kinds == _SETS and value_types <= _SCALARS:
+        return  # SETs of plain scalars: nothing more to check
     if (
         kinds == _SETS
         and value_types <= _FLAT
@@ -695,6 +696,12 @@ def _dicts_fit(parent: str, paths: list[Any]) -> bool:
         return max(map(str.count, paths, repeat("."))) + 1 < MAX_DEPTH
     except TypeError:
         return False  # a path given as segments
+
+
+def _all_ints(column: list[Any]) -> bool:
+    """Whether every element of ``column`` is an int (not a bool). (Counted in C: cheaper
+    than the set of their types.)"""
+    return countOf(map(type, column), int) == len(column)
 
 
 def _alike_flat_dicts(values: list[Any]) -> bool:
@@ -771,7 +778,7 @@ def _check_op_ttls(ttls: Any, ops: list[int], kinds: set[int]) -> list[int]:
         if 2 in kinds:
             raise ProtocolError("OPS frame has a bad ttl")  # (a DELETE carries none)
         return same
-    if set(map(type, ttls)) != _INT:
+    if not _all_ints(ttls):
         raise ProtocolError("OPS frame has a bad ttl column")
     if min(ttls) < 0 or max(ttls) > MAX_TTL_MS:
         raise ProtocolError("OPS frame has a bad ttl")
