@@ -9,6 +9,7 @@ agree with; so does anything at or below a path with ttl events (``_record_and_r
 from __future__ import annotations
 
 from heapq import heappush
+from operator import countOf
 from typing import Any, Iterable, Sequence, cast
 
 from ._clock import MILLIS_SHIFT, expiry_stamp
@@ -30,8 +31,6 @@ from ._tree import (
 from ._ttl import Expiries, fired_any
 
 __all__ = ["Applier"]
-
-_ONLY_DICTS = {dict}
 
 
 class Applier(Expiries):
@@ -215,7 +214,7 @@ class Applier(Expiries):
             and ops.count(SET) == len(ops)
             and ttl_ms
             and ttls.count(ttl_ms) == len(ttls)
-            and set(map(type, values)) == _ONLY_DICTS
+            and countOf(map(type, values), dict) == len(values)  # (in C: no set of types)
             and data.keys().isdisjoint(keys)
             and parent._entries.keys().isdisjoint(keys)  # (the runs' keys are in ``data``)
         ):
