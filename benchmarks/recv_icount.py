@@ -12,6 +12,8 @@ the order of their times. Run ``apply`` under ``valgrind --tool=callgrind`` with
 two values of ``OPS``: the difference in total instructions over the difference in received
 operations is the cost of one. The file is version-neutral (the wire is), so one file
 measures any checkout: run ``apply`` with that checkout's interpreter and ``PYTHONPATH``.
+Set ``PYTHONHASHSEED=0`` for both runs: the hash seed moves the counts by about 1 %.
+``RECV_STAGE`` (``load``, ``decode``, ``parse``) stops after that step, to split the cost.
 
 Workloads (as ``workloads._workload_run`` and ``throughput`` write them): ``distinct``
 (``<w>.<j> = j``), ``sessions`` (``<w>.s<j> = {"u": j, "w": <w>}``, ttl 60 s), ``ratelimit``

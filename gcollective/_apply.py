@@ -9,6 +9,7 @@ agree with; so does anything at or below a path with ttl events (``_record_and_r
 from __future__ import annotations
 
 from heapq import heappush
+from operator import countOf
 from typing import Any, Iterable, Sequence, cast
 
 from ._clock import MILLIS_SHIFT, expiry_stamp
@@ -30,8 +31,6 @@ from ._tree import (
 from ._ttl import Expiries, fired_any
 
 __all__ = ["Applier"]
-
-_ONLY_DICTS = {dict}
 
 
 class Applier(Expiries):
@@ -215,7 +214,7 @@ class Applier(Expiries):
             and ops.count(SET) == len(ops)
             and ttl_ms
             and ttls.count(ttl_ms) == len(ttls)
-            and set(map(type, values)) == _ONLY_DICTS
+            and countOf(map(type, values), dict) == len(values)  # (in C: no set of types)
             and data.keys().isdisjoint(keys)
             and parent._entries.keys().isdisjoint(keys)  # (the runs' keys are in ``data``)
         ):
@@ -270,15 +269,21 @@ class Applier(Expiries):
         fired_below = self._fired_below  # (an expiry stamp below it has fired)
         data = parent.value
         entries = parent._entries if parent.runs is None else parent.entries
-        hit_due = hit_expiry = 0  # a hit's expiry stamp, made once per millisecond it is due
+        # A hit's expiry (``hit_due``, its stamp ``hit_expiry``) is made once per millisecond
+        # and ttl (``hit_ttl``; one origin's expiry is the same for the same two) and kept for
+        # the hits before ``next_ms``, the first stamp of the next millisecond (the stamps
+        # grow; compared, not shifted: no int made per hit). A hit due already keeps it.
+        hit_due = hit_expiry = hit_ttl = next_ms = 0
         for s, key, amount, ttl_ms in zip(stamps, keys, amounts, ttls):
-            due = (s >> MILLIS_SHIFT) + ttl_ms  # (``expiry_stamp``'s milliseconds)
-            if due != hit_due:  # (one origin's: the same for the same millisecond)
+            if s >= next_ms or ttl_ms != hit_ttl:
+                millis = s >> MILLIS_SHIFT
+                due = millis + ttl_ms  # (``expiry_stamp``'s milliseconds)
                 if due <= now:  # due already: the general way fires it
                     self._apply_with_ttl(parent, key, s, INCREMENT, amount, ttl_ms, (*head, key))
                     entries = parent._entries if parent.runs is None else parent.entries
                     continue
-                hit_due, hit_expiry = due, expiry_stamp(s, ttl_ms)
+                hit_due, hit_expiry, hit_ttl = due, expiry_stamp(s, ttl_ms), ttl_ms
+                next_ms = (millis + 1) << MILLIS_SHIFT
             node = entries.get(key)
             if node is None and type(amount) is int:
                 node = _Node()

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 from itertools import accumulate, chain, islice, repeat
-from operator import lshift, sub
+from operator import countOf, itemgetter, lshift, sub
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import ujson
@@ -567,8 +567,8 @@ def parse_hello(message: Any) -> Hello:
 _SCALARS = {str, int, bool, type(None)}
 _KINDS = {0, 1, 2}
 _COUNTS = {0, 1}  # SET and INCREMENT: an int is a good value for both (a web app's counter)
-_INT = {int}
 _FLAT = _SCALARS | {dict}  # the types of values ``_flat_dicts_fit`` checks
+_SETS = {0}  # the kinds of a frame of SETs only
 
 
 def parse_ops(
@@ -612,11 +612,8 @@ def parse_ops(
     ):
         raise ProtocolError("OPS frame has columns of different lengths")
     # Ints growing along the batch, as an origin's stamps do: what ``Progress`` relies on.
-    if (
-        set(map(type, deltas)) != {int}
-        or deltas[0] <= 0
-        or (size > 1 and min(islice(deltas, 1, None)) <= 0)
-    ):
+    # (Ints: the first positive and the others at least 1 is the least at least 1.)
+    if not _all_ints(deltas) or min(deltas) <= 0:
         raise ProtocolError("OPS frame has a bad stamp")
     stamps = OpStamps(origin, deltas)
     if stamps.last >> NODE_BITS >= HLC_LIMIT:
@@ -635,19 +632,32 @@ def parse_ops(
     else:
         _check_paths(paths)
     if ttls is not None:
-        _check_op_ttls(ttls, ops, kinds)
+        ttls = _check_op_ttls(ttls, ops, kinds)
+    _check_values(kinds, ops, paths, values, parent)
+    return origin, seq, stamps, ops, paths, values, ttls, parent
+
+
+def _check_values(
+    kinds: set[int], ops: list[int], paths: list[Any], values: list[Any], parent: str
+) -> None:
+    """``parse_ops``' check of the values (the other columns checked, ``kinds`` those of
+    ``ops``): the common frames a column at a time, in C; others one operation at a time
+    (``check_op_values``)."""
+    if kinds == _SETS and type(values[0]) is dict:
+        if _alike_flat_dicts(values) and _dicts_fit(parent, paths):
+            return  # a writer's loop of sessions (their types need no pass of their own)
+    elif kinds <= _COUNTS and _all_ints(values):
+        return  # SETs and INCREMENTs of ints (a web app's counters, distinct keys' numbers)
     value_types = set(map(type, values))
-    if value_types <= _SCALARS and (kinds == {0} or (value_types <= _INT and kinds <= _COUNTS)):
-        pass  # SETs of plain scalars, or SETs and INCREMENTs of ints: nothing more to check
-    elif (
-        kinds == {0}
+    if kinds == _SETS and value_types <= _SCALARS:
+        return  # SETs of plain scalars: nothing more to check
+    if (
+        kinds == _SETS
         and value_types <= _FLAT
         and _flat_dicts_fit(values, value_types, parent, paths)
     ):
-        pass  # SETs of scalars and dicts of them (sessions), each fitting under MAX_DEPTH
-    else:
-        check_op_values(ops, paths, values, parent)
-    return origin, seq, stamps, ops, paths, values, ttls, parent
+        return  # SETs of scalars and dicts of them, each fitting under MAX_DEPTH
+    check_op_values(ops, paths, values, parent)
 
 
 def check_op_values(ops: list[int], paths: list[Any], values: list[Any], parent: str) -> None:
@@ -673,21 +683,57 @@ def _flat_dicts_fit(
     values: list[Any], value_types: set[type], parent: str, paths: list[Any]
 ) -> bool:
     """Whether every dict among ``values`` (of SETs at ``paths`` under ``parent``) holds
-    only scalars other than floats, none at a path too deep for it (``_check_json``'s rule:
-    a dict at ``MAX_DEPTH`` segments or more is too deep). Checked a column at a time, in
-    C; False when not so, without telling where (the general check then does)."""
-    if parent:
-        # (Its keys are one segment each, checked before; it is short enough for them.)
-        depth = parent.count(".") + 2
-    else:
-        try:
-            depth = max(map(str.count, paths, repeat("."))) + 1
-        except TypeError:
-            return False  # a path given as segments
-    if depth >= MAX_DEPTH:
+    only scalars other than floats, none at a path too deep for it (``_dicts_fit``).
+    Checked a column at a time, in C; False when not so, without telling where (the general
+    check then does)."""
+    if not _dicts_fit(parent, paths):
         return False
     dicts = values if len(value_types) == 1 else [v for v in values if type(v) is dict]
     return set(map(type, chain.from_iterable(map(dict.values, dicts)))) <= _SCALARS
+
+
+def _dicts_fit(parent: str, paths: list[Any]) -> bool:
+    """Whether a dict of scalars fits at each of ``paths`` under ``parent``
+    (``_check_json``'s rule: a dict at ``MAX_DEPTH`` segments or more is too deep); False
+    too when some path is given as segments (the general check then decides)."""
+    if parent:
+        # (Its keys are one segment each, checked before; it is short enough for them.)
+        return parent.count(".") + 2 < MAX_DEPTH
+    try:
+        return max(map(str.count, paths, repeat("."))) + 1 < MAX_DEPTH
+    except TypeError:
+        return False  # a path given as segments
+
+
+def _all_ints(column: list[Any]) -> bool:
+    """Whether every element of ``column`` is an int (not a bool). (Counted in C: cheaper
+    than the set of their types.)"""
+    return countOf(map(type, column), int) == len(column)
+
+
+def _alike_flat_dicts(values: list[Any]) -> bool:
+    """Whether ``values`` (the first a dict) are all dicts with the first one's keys (one at
+    least) and nothing else, each member a str, or each an int or bool (a writer's loop of
+    sessions); False when not so, without telling why (the general checks then decide).
+    A column of members a key at a time, each checked by one C-level call, is cheaper than
+    a look at the type of each member; and getting a member by a str key from each value
+    shows it is a dict (any other JSON value refuses), so that needs no pass either."""
+    keys = values[0].keys()
+    if not keys:
+        return False  # (then nothing here would show the others are dicts)
+    try:
+        if sum(map(len, values)) != len(keys) * len(values):
+            return False  # (with each key of the first in each, then no other key in any)
+        for key in keys:
+            column = list(map(itemgetter(key), values))  # (KeyError where one lacks it)
+            try:
+                "".join(column)  # only str joins
+            except TypeError:
+                if type(sum(column)) is not int:  # (ints and bools only; TypeError else)
+                    return False
+    except (KeyError, TypeError):
+        return False
+    return True
 
 
 class OpStamps(Sequence[int]):
@@ -728,15 +774,42 @@ class OpStamps(Sequence[int]):
         return f"OpStamps({list(self)!r})"
 
 
-def _check_op_ttls(ttls: Any, ops: list[int], kinds: set[int]) -> None:
+def _check_op_ttls(ttls: Any, ops: list[int], kinds: set[int]) -> list[int]:
     """The ttl column: one int per operation, 0 (none) or a ttl in ms on a SET or INCREMENT
-    (``kinds``: those of ``ops``). Checked a column at a time, in C."""
-    if type(ttls) is not list or len(ttls) != len(ops) or set(map(type, ttls)) != _INT:
+    (``kinds``: those of ``ops``). Checked a column at a time, in C. Returns the column, as
+    one int repeated when every operation has the same ttl (a writer's loop: ``_same_ttls``)."""
+    if type(ttls) is not list or len(ttls) != len(ops):
+        raise ProtocolError("OPS frame has a bad ttl column")
+    same = _same_ttls(ttls)
+    if same is not None:
+        if 2 in kinds:
+            raise ProtocolError("OPS frame has a bad ttl")  # (a DELETE carries none)
+        return same
+    if not _all_ints(ttls):
         raise ProtocolError("OPS frame has a bad ttl column")
     if min(ttls) < 0 or max(ttls) > MAX_TTL_MS:
         raise ProtocolError("OPS frame has a bad ttl")
     if 2 in kinds and any(ttl for op, ttl in zip(ops, ttls) if op == 2):
         raise ProtocolError("OPS frame has a bad ttl")  # (a DELETE carries none)
+    return ttls
+
+
+def _same_ttls(ttls: list[Any]) -> list[int] | None:
+    """``[ttl] * len(ttls)`` when every element of ``ttls`` is the same good ttl, an int from
+    2 to ``MAX_TTL_MS`` (a writer's loop); None when not so (the caller's general checks
+    decide). Two C-level passes where the general way takes four: ``count`` finds them all
+    equal to the first, so each is that int, a bool only if it is 0 or 1, or an equal float,
+    which ``sum`` shows (a float makes the sum one). The repeated int the store keeps (with
+    a run of sessions) takes no memory per operation."""
+    ttl = ttls[0]
+    if (
+        type(ttl) is int
+        and 1 < ttl <= MAX_TTL_MS
+        and ttls.count(ttl) == len(ttls)
+        and type(sum(ttls)) is int
+    ):
+        return [ttl] * len(ttls)
+    return None
 
 
 def path_segments(path: str | list[str]) -> list[str]:

@@ -14,7 +14,7 @@ from profiles import examples
 
 from gcollective._errors import ProtocolError
 from gcollective._validate import MAX_DEPTH
-from gcollective._wire import MAX_TTL_MS, check_op_values, parse_ops
+from gcollective._wire import MAX_TTL_MS, FrameDecoder, check_op_values, encode_ops, parse_ops
 
 HLC = 1 << 16
 ORIGIN = 12345
@@ -59,9 +59,46 @@ values = st.one_of(
     st.lists(scalars, max_size=2),
 )
 ttl_values = st.one_of(
-    st.sampled_from([0, 60_000, 1, MAX_TTL_MS, MAX_TTL_MS + 1, -1]),
-    st.sampled_from([1.5, True, None, "1"]),
+    st.sampled_from([0, 60_000, 1, 2, MAX_TTL_MS, MAX_TTL_MS + 1, -1]),
+    st.sampled_from([1.5, 60_000.0, True, False, None, "1", [60_000]]),
 )
+# A member of a dict of a writer's loop: its key's members alike (all str, all ints), or with
+# odd ones among them.
+member_columns = st.sampled_from(
+    [st.text("ab", max_size=2), st.integers(-5, 5), st.integers(-5, 5) | st.booleans()]
+)
+odd_members = st.sampled_from([None, 1.5, math.nan, -math.inf, True, "x", 7, {"x": 1}, [1], {}])
+
+
+@st.composite
+def alike_dicts(draw: Any, size: int) -> list[Any]:
+    """``size`` dicts of the same keys (a writer's loop of sessions), now and then one with
+    an odd member, a key missing or one more (``_alike_flat_dicts``' cases)."""
+    keys = draw(st.lists(st.text("uvw", max_size=1), max_size=3, unique=True))
+    columns = {key: draw(member_columns) for key in keys}
+    dicts = [{key: draw(columns[key]) for key in keys} for _ in range(size)]
+    for _ in range(draw(st.integers(0, 2))):
+        index = draw(st.integers(0, size - 1))
+        change = draw(st.sampled_from(["odd", "drop", "add"]))
+        if change == "odd" and keys:
+            dicts[index][draw(st.sampled_from(keys))] = draw(odd_members)
+        elif change == "drop" and keys:
+            dicts[index].pop(draw(st.sampled_from(keys)), None)
+        elif change == "add":
+            dicts[index]["z"] = draw(odd_members | columns.get("u", st.none()))
+    return dicts
+
+
+@st.composite
+def ttl_columns(draw: Any, size: int) -> list[Any]:
+    """A ttl column: of one value (a writer's loop), or of 0 and 60,000, with an odd value in
+    it now and then."""
+    if draw(st.booleans()):
+        return [draw(ttl_values)] * size
+    ttls = draw(st.lists(st.sampled_from([0, 60_000]), min_size=size, max_size=size))
+    if draw(st.booleans()):
+        ttls[draw(st.integers(0, size - 1))] = draw(ttl_values)
+    return ttls
 
 
 @st.composite
@@ -81,13 +118,12 @@ def frames(draw: Any) -> tuple[list[Any], ...]:
         ]
     kinds = draw(st.sampled_from([[0], [0], [0, 1], [0, 2], [1]]))
     ops = draw(st.lists(st.sampled_from(kinds), min_size=size, max_size=size))
-    drawn = draw(st.lists(values, min_size=size, max_size=size))
-    column = [None if op == 2 else value for op, value in zip(ops, drawn)]
-    ttls = None
     if draw(st.booleans()):
-        ttls = draw(st.lists(st.sampled_from([0, 60_000]), min_size=size, max_size=size))
-        if draw(st.booleans()):
-            ttls[draw(st.integers(0, size - 1))] = draw(ttl_values)
+        drawn = draw(alike_dicts(size))
+    else:
+        drawn = draw(st.lists(values, min_size=size, max_size=size))
+    column = [None if op == 2 else value for op, value in zip(ops, drawn)]
+    ttls = draw(ttl_columns(size)) if draw(st.booleans()) else None
     return ops, paths, column, parent, ttls
 
 
@@ -122,3 +158,70 @@ def test_a_session_under_the_deepest_parents(levels: int) -> None:
     else:
         with pytest.raises(ProtocolError, match="nested too deeply"):
             parse_ops(message)
+
+
+def writers_loop(values: list[Any], ttls: list[Any] | None) -> list[Any]:
+    """An OPS message of SETs of ``values`` under one parent, as a writer's loop sends them."""
+    size = len(values)
+    keys = [f"s{i}" for i in range(size)]
+    return [1, ORIGIN, 1, [HLC] + [1] * (size - 1), 0, "p", keys, values, ttls]
+
+
+def sessions(size: int = 16) -> list[Any]:
+    return [{"u": i, "w": "x", "b": i % 2 == 0} for i in range(size)]
+
+
+def with_member(key: str, member: Any, index: int = 7) -> list[Any]:
+    values = sessions()
+    values[index][key] = member
+    return values
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        sessions(),
+        with_member("u", math.nan),  # among ints
+        with_member("w", math.inf),  # among strs
+        with_member("b", -math.inf),  # among bools
+        with_member("u", 1.5),  # finite: accepted, by the general check
+        with_member("u", {"x": [1]}),
+        with_member("z", math.nan),  # a key more
+        with_member("z", 1, index=0),  # a key more in the first
+        [{"w": "x", "b": True} if i == 3 else d for i, d in enumerate(sessions())],  # a key less
+        # Not dicts, as many members as the others: a str (accepted), a list (with a NaN)
+        [d if i != 5 else "abc" for i, d in enumerate(sessions())],
+        [d if i != 5 else ["a", "b", math.nan] for i, d in enumerate(sessions())],
+        [d if i != 5 else [{"x": 1}] * 3 for i, d in enumerate(sessions())],
+    ],
+)
+@pytest.mark.parametrize(
+    "ttls",
+    [
+        None,
+        [60_000] * 16,
+        [60_000] * 15 + [60_000.0],  # equal to the others, a float
+        [True] * 16,
+        [1] * 16,
+        [MAX_TTL_MS + 1] * 16,
+        [60_000] * 15 + [0],
+    ],
+)
+def test_a_writers_loop_of_sessions_as_one_by_one(values: list[Any], ttls: list[Any]) -> None:
+    """The fast ways for a writer's loop (dicts with the same keys, one ttl for all) accept
+    and refuse what the check of each operation does."""
+    message = writers_loop(values, ttls)
+    expected = outcome(reference_check, [0] * 16, message[6], values, "p", ttls)
+    assert outcome(parse_ops, message) == expected
+
+
+def test_a_writers_loop_of_one_ttl_shares_it() -> None:
+    """A column of one ttl comes back as that int repeated: a store keeping a run of sessions
+    holds one int for their ttls, not one each (28 bytes an operation)."""
+    keys = [f"p.s{i}" for i in range(16)]
+    frame = encode_ops(ORIGIN, 1, range(HLC, HLC + 16), [0] * 16, keys, sessions(), [60_000] * 16)
+    [message] = FrameDecoder(1 << 20).feed(frame)
+    assert message[8][0] is not message[8][1]  # (as decoded: an int each)
+    ttls = parse_ops(message)[6]
+    assert ttls == [60_000] * 16
+    assert all(ttl is ttls[0] for ttl in ttls)

@@ -2443,6 +2443,41 @@ def test_received_sessions_and_hits_under_a_parent_match_one_by_one(data: st.Dat
     check_expiring_siblings(schedule, batch, now, later, after_ops)
 
 
+@_settings(max_examples=300)
+@given(st.data())
+def test_a_batch_of_only_hits_with_ttls_matches_one_by_one(data: st.DataObject) -> None:
+    """One origin's batch of only rate-limit hits under one parent (``apply_expiring_hits``'
+    loop, which makes a hit's expiry once per millisecond and ttl): several in one
+    millisecond with ttls that differ, some due already at ``now``, on top of any state;
+    as one by one (``check_expiring_siblings``)."""
+    before_bodies = data.draw(
+        st.lists(st.one_of(_sibling_bodies(), ttl_bodies(EXPIRING_SIBLING_PATHS)), max_size=6),
+        label="before",
+    )
+    keys = st.sampled_from(["a", "b", "k"]).map(lambda key: ("s", key))
+    hit = st.tuples(st.just(INCREMENT), keys, small_ints, st.sampled_from([1, 3, 20]))
+    batch_bodies = data.draw(st.lists(hit, min_size=2, max_size=12), label="batch")
+    origin = data.draw(st.sampled_from(NODE_IDS), label="batch origin")
+    # Few milliseconds, many hits in each: the expiry made for one is reused or not.
+    raw = st.tuples(st.integers(0, 6), st.integers(0, 5), st.sampled_from(NODE_IDS))
+    count = len(before_bodies) + len(batch_bodies)
+    keys_drawn = data.draw(
+        st.lists(raw, min_size=count, max_size=count, unique=True), label="stamps"
+    )
+    before = [Op(real_stamp(*key), *body) for key, body in zip(keys_drawn, before_bodies)]
+    batch_keys = sorted(
+        (millis, counter, origin) for millis, counter, _ in keys_drawn[len(before_bodies) :]
+    )
+    batch = [Op(real_stamp(*key), *body) for key, body in zip(batch_keys, batch_bodies)]
+    stamps_taken = [op.stamp for op in [*before, *batch]]
+    if len(set(stamps_taken)) < len(stamps_taken):
+        return  # (the batch's origin made one stamp twice)
+    now = data.draw(st.integers(0, 25), label="now")
+    schedule = data.draw(deliveries(before), label="before's delivery")
+    later = data.draw(st.integers(now, 60), label="later")
+    check_expiring_siblings(schedule, batch, now, later, [])
+
+
 def check_expiring_siblings(
     schedule: list[Op], batch: list[Op], now: int, later: int, after_ops: list[Op]
 ) -> None:
