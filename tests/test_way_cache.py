@@ -165,8 +165,9 @@ class _Run:
         same metadata too (which raises the summaries the fast paths left to raise)."""
         assert_tree(self.cached.to_dict(), self.plain.to_dict(), context)
         assert_tree(self.cached.to_dict(), fold(self.ops, self.now), context)
-        if export:
-            assert roundtrip(self.cached.export()) == roundtrip(self.plain.export()), context
+        if export:  # (a packed leaf recorded again comes after the others: no state)
+            exported = sorted(roundtrip(self.cached.export()))
+            assert exported == sorted(roundtrip(self.plain.export())), context
 
 
 @_settings(max_examples=400)
