@@ -498,6 +498,9 @@ class Tree:
         # live here.
         self._ways: dict[str, Way] = {}
         self._way: Way = NO_WAY
+        # The nodes on those ways (parents included): what a fast path under one must not
+        # replace (see ``Ways._assign_fresh_on_way``).
+        self._nodes_on_ways: set[_Node] = set()
         # The parents of the ways dropped since the last ``cache_way``, to pack there
         # (``_leave_way``).
         self._ways_left: list[_Node] = []
@@ -537,6 +540,7 @@ class Tree:
         self._ways_left += [way.parent for way in self._ways.values() if way.parent is not root]
         self._ways = {}
         self._way = NO_WAY
+        self._nodes_on_ways = set()
 
     def _leave_way(self, parent: _Node) -> None:
         """Before ``cache_way`` caches the way to ``parent``: pack the leaves of the parents

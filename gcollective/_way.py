@@ -23,8 +23,8 @@ Nothing else does: a leaf written where nothing is newer, a new dict on the way,
 increment of a counter (a node holding no dict: no way goes through it) change only
 leaves under a way's parent and raise the summaries above, which the fast paths read
 afresh or only raise. So a received batch of those (a peer's hits and keys) keeps every
-way. A fast path under one way never replaces a node on another: ``_on_a_way`` sends such
-an operation the general way, which forgets them all.
+way. A fast path under one way never replaces a node on another (``Tree._nodes_on_ways``):
+such an operation goes the general way, which forgets them all.
 """
 
 from __future__ import annotations
@@ -110,20 +110,16 @@ class Ways(Applier):
         self, way: Way, leaf: str, s: int, value: Any, ttl_ms: int, path: Any
     ) -> bool:
         """``_assign_fresh`` under ``way`` (the cached way taken), unless the node it would
-        replace is on a cached way (``_on_a_way``): False, having changed nothing, then."""
+        replace is on a cached way (which the general way replaces, forgetting them all):
+        False, having changed nothing, then."""
         parent = way.parent
         entry = parent._entries.get(leaf)
-        if type(entry) is _Node and self._on_a_way(entry):
+        if type(entry) is _Node and entry in self._nodes_on_ways:  # (the docstring)
             return False
         if not self._assign_fresh(parent, leaf, s, value, ttl_ms, path):
             return False
         way.newest = s
         return True
-
-    def _on_a_way(self, node: _Node) -> bool:
-        """Whether ``node`` is on a cached way (which a fast path under another must not
-        replace: the general way, which forgets them all, does)."""
-        return type(node.value) is dict and any(node in way.nodes for way in self._ways.values())
 
     def _assign_flat(self, leaf: str, s: int, value: dict[str, Any], ttl_ms: int, key: str) -> bool:
         """``_assign_fresh`` under the cached way of ``value``, a dict of leaves the store may
@@ -136,8 +132,8 @@ class Ways(Applier):
         # stamps in ``_entries``: see ``_tree.Sessions.stamped``.)
         entries = parent._entries
         entry = entries.get(leaf)
-        if type(entry) is _Node and self._on_a_way(entry):
-            return False
+        if type(entry) is _Node and entry in self._nodes_on_ways:
+            return False  # (see ``_assign_fresh_on_way``)
         data = parent.value
         if ttl_ms and (
             leaf not in data
@@ -257,6 +253,7 @@ class Ways(Applier):
         if parent.runs is not None:
             parent.record_runs()  # (set_leaf reads its _entries: no runs are added meanwhile)
         self._way = ways[key] = Way(key, parent, nodes, tuple(way))
+        self._nodes_on_ways = {node for way in ways.values() for node in way.nodes}
         return True
 
     def set_leaf(self, s: int, leaf: str, value: Any) -> bool:
@@ -365,7 +362,7 @@ class Ways(Applier):
         entries = parent._entries
         entry = entries.get(leaf)
         if type(entry) is _Node:
-            if not s > entry.newest or self._on_a_way(entry):
+            if not s > entry.newest or entry in self._nodes_on_ways:
                 return False  # (``newest_in(entry)``, inline: a loop of deletes pays for each)
         elif entry is not None and not s > entry:
             return False
