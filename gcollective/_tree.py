@@ -189,8 +189,9 @@ class _Node:
         # ``_record_ttl``): whether one has fired is one comparison, not a scan of a
         # counter's ttl events (one per hit until ``collect``).
         self.ttl_first: int = 0
-        # How many leaves ``pack_leaves`` last packed here (0: never): it packs again only
-        # when the node has twice as many entries, so a writer coming back pays once.
+        # How many leaves ``pack_leaves`` last packed here, or entries it last found too few
+        # plain leaves in (0: never): it looks again only when the node has twice as many
+        # entries, so a writer coming back pays once.
         self.packed = 0
         # The values of bare-stamp children that an expiry hides (key -> value), or None: a
         # node with ttl events keeps them here while they are hidden, not each in a node of
@@ -294,8 +295,9 @@ def pack_leaves(node: _Node) -> None:
     what ``_add_runs`` records again: 16 bytes a leaf instead of a dict slot and a 128-bit
     int (about 75). The leaves a writer's loop left under a parent (``Tree._leave_way``) are
     most of a holder's memory otherwise. Nothing happens to a node with pending runs, without
-    a dict, or with fewer than ``PACK_MIN`` entries (twice as many as it last packed). Never
-    for the parent of a cached way: ``set_leaf`` reads its ``_entries`` alone."""
+    a dict, or with fewer than ``PACK_MIN`` entries (twice as many as it last packed, or
+    last found too few plain leaves in). Never for the parent of a cached way: ``set_leaf``
+    reads its ``_entries`` alone."""
     entries, data = node._entries, node.value
     if (
         node.runs is not None
@@ -313,6 +315,10 @@ def pack_leaves(node: _Node) -> None:
     else:
         plain = {key: e for key, e in entries.items() if type(e) is int and key in data}
         if len(plain) < PACK_MIN:
+            # (Not again before it has twice as many entries: a writer whose ways are left
+            # and cached again at every received frame made a parent of tombstones or
+            # sessions pay this pass each time.)
+            node.packed = len(entries)
             return
         keys, stamps = list(plain), list(plain.values())
         # A new dict: deleting from the old one would leave its table as large as it was.

@@ -311,3 +311,29 @@ def test_what_may_break_a_cached_way_leaves_the_store_as_apply(breaker: str) -> 
         _own_at_once(run, SET, ("w", leaf), 3)
         run.check(f"{breaker}: ops {run.ops!r}", export=False)
     run.check(f"{breaker}: ops {run.ops!r}", export=True)
+
+
+def test_a_parent_with_too_few_plain_leaves_is_looked_at_once_until_it_doubles() -> None:
+    """``pack_leaves`` of a parent whose entries are mostly tombstones (a writer's scratch
+    keys deleted) finds too few plain leaves to pack, and does not look through them again
+    before the parent has twice as many entries (a writer whose ways are left and cached
+    again at every received frame made it pay that pass each time: churn slowed and its
+    members' memory grew with the lag)."""
+    from gcollective import _tree
+
+    store = new_store()
+    for index in range(100):
+        store.apply(real_stamp(1, index, 1), SET, ("x", f"k{index}"), index)
+        store.apply(real_stamp(2, index, 1), DELETE, ("x", f"k{index}"), None)
+    node = store._root.entries["x"]
+    _tree.pack_leaves(node)
+    assert node.runs is None and node.packed == len(node._entries) == 100
+    for index in range(100, 150):  # (more entries, not twice as many: not looked at)
+        store.apply(real_stamp(3, index, 1), SET, ("x", f"k{index}"), index)
+    _tree.pack_leaves(node)
+    assert node.runs is None and node.packed == 100
+    for index in range(150, 200):  # (twice as many: packed now, 100 plain leaves)
+        store.apply(real_stamp(3, index, 1), SET, ("x", f"k{index}"), index)
+    _tree.pack_leaves(node)
+    assert node.runs is not None and node.packed == 100
+    assert store.get(("x", "k150")) == 150 and store.get(("x", "k1")) is None
