@@ -40,12 +40,16 @@ from benchmarks.common import (  # noqa: E402
     memory,
 )
 from benchmarks.member import ChurnPacer  # noqa: E402
-from benchmarks.procs import Group, Member, broadcast  # noqa: E402
-from benchmarks.scenarios import free_ports  # noqa: E402
+from benchmarks.procs import (  # noqa: E402
+    Group,
+    Member,
+    broadcast,
+    free_ports,
+)
 from gcollective import Collective  # noqa: E402
 from gcollective._clock import MILLIS_SHIFT, NODE_BITS  # noqa: E402
 from gcollective._store import DELETE, INCREMENT, SET, Store  # noqa: E402
-from gcollective._tree import MISSING, _Node  # noqa: E402
+from gcollective._tree import FOLDED, MISSING, _Node  # noqa: E402
 
 MB = 1e6
 
@@ -56,9 +60,11 @@ _GC_HEAD = 16  # what a container tracked by the garbage collector costs beyond 
 def _own_bytes(node: _Node) -> int:
     """Bytes of a node and the containers only it holds (its dicts, its ttl and increment
     tables with their ints), not its children nor the keys and stamps it shares."""
-    size = sys.getsizeof(node) + sys.getsizeof(node._entries) + 2 * _GC_HEAD
+    size = sys.getsizeof(node) + 2 * _GC_HEAD
+    if node.runs is not FOLDED:  # (folded: a shared empty ``_entries``, see ``fold_members``)
+        size += sys.getsizeof(node._entries)
     for values in (node.value, node.hidden):
-        if type(values) is dict:
+        if type(values) is dict or type(values) is tuple:
             size += sys.getsizeof(values) + _GC_HEAD
     for table in (node.ttls, node.incs):
         if table:
@@ -79,6 +85,8 @@ def _heap_entry_bytes(item: tuple[Any, ...]) -> int:
 
 
 def _kind(entry: _Node, parent_kind: str) -> str:
+    if entry.runs is FOLDED:
+        return "session (folded)"
     if entry.ttls is not None:
         return "session (live)" if entry.value is not MISSING else "session (fired)"
     if entry.incs:

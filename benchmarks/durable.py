@@ -38,8 +38,8 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.procs import Group, Member, broadcast, free_ports, start_all
-from benchmarks.scenarios import _latency_figures, _warm
+from benchmarks.procs import Group, Member, broadcast, free_ports, start_all, warm
+from benchmarks.scenarios import _latency_figures
 
 MEMBERS = 4
 
@@ -64,7 +64,7 @@ def throughput(keys: int, data_dir: str | None) -> float:
     with Group() as group:
         members = _members(group, data_dir)
         start_all(members)
-        _warm(members, "warm")
+        warm(members, "warm")
         writers = [f"w{i}" for i in range(MEMBERS)]
         limit = 60 + keys * MEMBERS / 10_000
         for i, member in enumerate(members):
@@ -84,7 +84,7 @@ def latency(rate: int, seconds: float, data_dir: str | None) -> dict[str, Any]:
     with Group() as group:
         members = _members(group, data_dir)
         start_all(members)
-        _warm(members, "warm")
+        warm(members, "warm")
         broadcast(members, "probe", prefix="lat")
         for i, member in enumerate(members):
             member.send(
@@ -99,7 +99,7 @@ def latency(rate: int, seconds: float, data_dir: str | None) -> dict[str, Any]:
             member.receive(30)
         time.sleep(seconds)  # (the measuring window)
         stops = broadcast(members, "pace_stop")
-        _warm(members, "settle.")
+        warm(members, "settle.")
         dumps = broadcast(members, "probe_dump")
         return _latency_figures(rate, seconds, names, stops, dumps)
 

@@ -19,7 +19,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from benchmarks.config import Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -278,3 +281,64 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+# -- what every scenario does with its members ------------------------------------------
+
+
+def wait_listening(port: int, limit: float = 10.0) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on port {port} after {limit}s") from None
+            time.sleep(0.01)
+
+
+def core_stats(members: list[Member]) -> dict[str, int] | None:
+    """Totals over members of the core's own counters (``Collective.stats()``), if it has them.
+
+    ``received_ops`` above ``applied_ops`` means duplicate deliveries (relays, replays);
+    ``overflows`` and ``snapshots_sent`` show queues dropped and full resyncs.
+    """
+    totals: dict[str, int] = {}
+    for member in members:
+        stats = member.call("stats")["stats"]
+        if not stats:
+            return None
+        for name in ("local_ops", "received_ops", "applied_ops"):
+            totals[name] = totals.get(name, 0) + int(stats.get(name) or 0)
+        for peer in stats.get("peers", {}).values():
+            for name in ("relayed_frames", "overflows", "snapshots_sent", "connects"):
+                totals[name] = totals.get(name, 0) + int(peer.get(name) or 0)
+    return totals
+
+
+def same_data(members: list[Member], timeout: float = 300.0) -> tuple[bool, list[int]]:
+    """Whether every member holds identical data (equal digests of their whole trees; equal
+    leaf counts would not show a wrong value), and each one's leaf count."""
+    replies = broadcast(members, "digest", timeout=timeout)
+    return len({r["digest"] for r in replies}) == 1, [r["leaves"] for r in replies]
+
+
+def add_members(group: Group, ports: list[int], peers: list[int], cfg: Config) -> list[Member]:
+    """A member per port (not started), each dialling ``peers``, added to ``group``."""
+    return [
+        group.add(Member(port, peers, name=f"m{i}:{port}", max_seconds=cfg.member_max_seconds))
+        for i, port in enumerate(ports)
+    ]
+
+
+def warm(members: list[Member], tag: str, limit: float = 30.0) -> None:
+    """Every member writes one key and waits for everyone's: all links are up both ways."""
+    prefixes = [f"{tag}{i}" for i in range(len(members))]
+    for i, member in enumerate(members):
+        member.send("write_and_wait", prefix=prefixes[i], count=1, writers=prefixes, limit=limit)
+    for member in members:
+        reply = member.receive(limit + 30)
+        if not reply["complete"]:
+            raise RuntimeError(f"{member.name}: the cluster did not connect within {limit}s")

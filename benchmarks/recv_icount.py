@@ -13,7 +13,7 @@ two values of ``OPS``: the difference in total instructions over the difference 
 operations is the cost of one. The file is version-neutral (the wire is), so one file
 measures any checkout: run ``apply`` with that checkout's interpreter and ``PYTHONPATH``.
 
-Workloads (as ``scenarios._workload_run`` and ``throughput`` write them): ``distinct``
+Workloads (as ``workloads._workload_run`` and ``throughput`` write them): ``distinct``
 (``<w>.<j> = j``), ``sessions`` (``<w>.s<j> = {"u": j, "w": <w>}``, ttl 60 s), ``ratelimit``
 (``incr(rl.k<j % 1000>, 1, ttl=60)``), ``hot`` (``incr(hot)``).
 """

@@ -301,7 +301,7 @@ def _local_web_table(section: dict[str, Any]) -> str:
 
 
 def _workloads_table(section: dict[str, Any]) -> str:
-    """Cluster-wide operations/s of ``scenarios.app_workloads``."""
+    """Cluster-wide operations/s of ``workloads.app_workloads``."""
     rows = [
         [
             name.replace("_", " "),
@@ -322,7 +322,7 @@ def _workloads_table(section: dict[str, Any]) -> str:
 
 
 def _churn_table(section: dict[str, Any]) -> str:
-    """RSS per member under churn (``scenarios.churn``), and the log's size."""
+    """RSS per member under churn (``churn.churn``), and the log's size."""
     rows = [
         [
             f"member {i}",
@@ -364,189 +364,189 @@ def _allocated_mb(figures: dict[str, int]) -> str:
 
 def tables(results: dict[str, Any]) -> str:
     """Every section as a plain-text table."""
-    out = []
-    local = results.get("local")
-    if local and "gcollective" in local:
-        depths = sorted(next(iter(local["dict"].values())))
-        rows = []
-        for op in ("get", "set", "incr"):
-            for peers, figures in sorted(local["gcollective"][op].items(), key=lambda i: int(i[0])):
-                rows.append([f"{op}, {peers} peers"] + [f"{figures[d]:,.0f}" for d in depths])
-            rows.append([f"{op}, plain dict"] + [f"{local['dict'][op][d]:,.0f}" for d in depths])
-        out.append(
-            _table(
-                "Local operations (ns per call, by path depth)",
-                ["operation"] + [f"depth {d}" for d in depths],
-                rows,
-            )
-        )
-    if local and local.get("set_full"):
-        out.append(_set_full_table(local["set_full"]))
-    if local and local.get("web"):
-        out.append(_local_web_table(local["web"]))
-    if results.get("workloads"):
-        out.append(_workloads_table(results["workloads"]))
-    section = results.get("throughput")
-    if section and "runs" in section:
-        rows = []
-        for run in section["runs"]:
-            hot = run["hot_counter"]
-            counters = run.get("core_stats") or {}
-            dup = "-"
-            if counters.get("applied_ops"):
-                dup = f"{counters['received_ops'] / counters['applied_ops']:.2f}"
-            rows.append(
-                [
-                    f"{run['processes']} x {run['keys_each']:,}",
-                    f"{run['seconds']:.2f}",
-                    f"{run['sets_per_second']:,.0f}",
-                    _spread(run),
-                    f"{run['local_sets_per_second']:,.0f}",
-                    f"{run['cpu_us_per_key']:.2f}" if "cpu_us_per_key" in run else "-",
-                    "yes" if run["complete"] else "NO",
-                    f"{hot['seconds']:.2f}",
-                    f"{hot['increments_per_second']:,.0f}",
-                    "yes" if hot["complete"] else "NO",
-                    dup,
-                ]
-            )
-        out.append(
-            _table(
-                "Replication throughput (loopback, until every process holds every key)",
-                [
-                    "processes x keys",
-                    "s",
-                    "sets/s",
-                    "runs (median shown)",
-                    "local sets/s",
-                    "CPU us/key",
-                    "all",
-                    "hot s",
-                    "incr/s",
-                    "exact",
-                    "recv/applied",
-                ],
-                rows,
-            )
-        )
-    section = results.get("latency")
-    if section and "runs" in section:
-        rows = [
+    local = results.get("local") or {}
+    found: list[str | None] = [
+        _local_table(local) if "gcollective" in local else None,
+        _set_full_table(local["set_full"]) if local.get("set_full") else None,
+        _local_web_table(local["web"]) if local.get("web") else None,
+        _workloads_table(results["workloads"]) if results.get("workloads") else None,
+        _throughput_table(results.get("throughput") or {}),
+        _latency_table(results.get("latency") or {}),
+        _join_table(joins) if (joins := _joins(results)) else None,
+        _catchup_table(results.get("catchup") or {}),
+        _churn_table(results["churn"]) if "members" in (results.get("churn") or {}) else None,
+        _redis_table(results.get("redis") or {}, local),
+        _web_table(results["web"]) if results.get("web") else None,
+        *_profile_tables(results),
+        *(
+            f"{name}: FAILED: {section['error']}"
+            for name, section in results.items()
+            if isinstance(section, dict) and "error" in section
+        ),
+        _targets_table(results.get("targets") or []),
+    ]
+    return "\n\n".join(table for table in found if table)
+
+
+def _local_table(local: dict[str, Any]) -> str:
+    depths = sorted(next(iter(local["dict"].values())))
+    rows = []
+    for op in ("get", "set", "incr"):
+        for peers, figures in sorted(local["gcollective"][op].items(), key=lambda i: int(i[0])):
+            rows.append([f"{op}, {peers} peers"] + [f"{figures[d]:,.0f}" for d in depths])
+        rows.append([f"{op}, plain dict"] + [f"{local['dict'][op][d]:,.0f}" for d in depths])
+    return _table(
+        "Local operations (ns per call, by path depth)",
+        ["operation"] + [f"depth {d}" for d in depths],
+        rows,
+    )
+
+
+def _throughput_table(section: dict[str, Any]) -> str | None:
+    if "runs" not in section:
+        return None
+    rows = []
+    for run in section["runs"]:
+        hot = run["hot_counter"]
+        counters = run.get("core_stats") or {}
+        dup = "-"
+        if counters.get("applied_ops"):
+            dup = f"{counters['received_ops'] / counters['applied_ops']:.2f}"
+        rows.append(
             [
-                f"{run['offered_rate']:,}/s",
-                f"{run['achieved_rate']:,.0f}/s",
-                f"{run['measured_ops']:,}",
-                f"{run['p50_ms']:.2f}",
-                f"{run['p99_ms']:.2f}",
-                f"{run['max_ms']:.2f}",
-                f"{run['p99_ms_from_call']:.2f}" if "p99_ms_from_call" in run else "-",
-                str(run["lost"]),
-                _yes(run.get("converged")),
+                f"{run['processes']} x {run['keys_each']:,}",
+                f"{run['seconds']:.2f}",
+                f"{run['sets_per_second']:,.0f}",
+                _spread(run),
+                f"{run['local_sets_per_second']:,.0f}",
+                f"{run['cpu_us_per_key']:.2f}" if "cpu_us_per_key" in run else "-",
+                "yes" if run["complete"] else "NO",
+                f"{hot['seconds']:.2f}",
+                f"{hot['increments_per_second']:,.0f}",
+                "yes" if hot["complete"] else "NO",
+                dup,
             ]
-            for run in section["runs"]
-        ]
-        out.append(
-            _table(
-                f"Propagation latency, from when a set was due (open loop) until visible on all "
-                f"others ({section['processes']} processes)",
-                [
-                    "offered",
-                    "achieved",
-                    "ops",
-                    "p50 ms",
-                    "p99 ms",
-                    "max ms",
-                    "p99 from call",
-                    "lost",
-                    "identical",
-                ],
-                rows,
-            )
         )
-    joins = [
+    return _table(
+        "Replication throughput (loopback, until every process holds every key)",
+        [
+            "processes x keys",
+            "s",
+            "sets/s",
+            "runs (median shown)",
+            "local sets/s",
+            "CPU us/key",
+            "all",
+            "hot s",
+            "incr/s",
+            "exact",
+            "recv/applied",
+        ],
+        rows,
+    )
+
+
+def _latency_table(section: dict[str, Any]) -> str | None:
+    if "runs" not in section:
+        return None
+    rows = [
+        [
+            f"{run['offered_rate']:,}/s",
+            f"{run['achieved_rate']:,.0f}/s",
+            f"{run['measured_ops']:,}",
+            f"{run['p50_ms']:.2f}",
+            f"{run['p99_ms']:.2f}",
+            f"{run['max_ms']:.2f}",
+            f"{run['p99_ms_from_call']:.2f}" if "p99_ms_from_call" in run else "-",
+            str(run["lost"]),
+            _yes(run.get("converged")),
+        ]
+        for run in section["runs"]
+    ]
+    return _table(
+        f"Propagation latency, from when a set was due (open loop) until visible on all "
+        f"others ({section['processes']} processes)",
+        [
+            "offered",
+            "achieved",
+            "ops",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "p99 from call",
+            "lost",
+            "identical",
+        ],
+        rows,
+    )
+
+
+def _joins(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [
         (name, results[name])
         for name in ("join", "join_mixed")
         if results.get(name) and "keys" in results[name]
     ]
-    if joins:
-        out.append(_join_table(joins))
-    section = results.get("catchup")
-    if section and "catchup_seconds" in section:
-        rows = [
-            ["partition", f"{section['partition_seconds']:.1f} s"],
-            ["offered load", f"{section['offered_rate']:,}/s ({section['processes'] - 1} writers)"],
-            ["writes while partitioned", f"{section['writes_while_partitioned']:,}"],
-            [
-                "writers' logs at the heal",
-                " / ".join(
-                    "-" if size is None else f"{size / 1e6:.1f} MB"
-                    for size in section.get("log_bytes_at_heal", [])
-                )
-                or "-",
-            ],
-            ["heal until caught up", f"{section['catchup_seconds']:.2f} s"],
-            ["converged afterwards", "yes" if section["converged"] else "NO"],
-        ]
-        out.append(_table("Catch-up after a partition", ["figure", "value"], rows))
-    section = results.get("churn")
-    if section and "members" in section:
-        out.append(_churn_table(section))
-    section = results.get("redis")
-    if section:
-        if "skipped" in section:
-            out.append(f"Redis comparison: {section['skipped']}")
-        elif "ns" in section:
-            local_figures = (local or {}).get("gcollective", {})
-            rows = []
-            for op in ("get", "set", "incr"):
-                mine = local_figures.get(op, {}).get("0", {}).get("3")
-                rows.append(
-                    [
-                        op,
-                        f"{section['ns'][op] / 1000:.1f}",
-                        "-" if mine is None else f"{mine / 1000:.2f}",
-                    ]
-                )
-            rows.append(["set, pipelined", f"{section['ns']['set_pipelined'] / 1000:.1f}", "-"])
-            out.append(
-                _table(
-                    f"For scale: redis-py under gevent vs gcollective (us per call, 3-level "
-                    f"key; {section.get('server', '')})",
-                    ["operation", "redis", "gcollective"],
-                    rows,
-                )
-            )
-    section = results.get("web")
-    if section:
-        out.append(_web_table(section))
-    for label, profile in _profiles(results):
-        if profile.get("self_percent"):
-            rows = [
-                [name, f"{share:.1f}%"]
-                for name, share in list(profile["self_percent"].items())[:12]
-            ]
-            out.append(
-                _table(
-                    f"Profile of {label} ({profile['tool']}, {profile['samples']:,} "
-                    "samples, all members)",
-                    ["function (self)", "samples"],
-                    rows,
-                )
-            )
-    for name, section in results.items():
-        if isinstance(section, dict) and "error" in section:
-            out.append(f"{name}: FAILED: {section['error']}")
-    targets = results.get("targets")
-    if targets:
-        rows = [[t["target"], t["bound"], t["figure"] or "-", t["verdict"]] for t in targets]
-        out.append(
-            _table(
-                "Targets (issue 6, 2-core machine)",
-                ["target", "bound", "measured", "verdict"],
-                rows,
-            )
+
+
+def _catchup_table(section: dict[str, Any]) -> str | None:
+    if "catchup_seconds" not in section:
+        return None
+    logs = " / ".join(
+        "-" if size is None else f"{size / 1e6:.1f} MB"
+        for size in section.get("log_bytes_at_heal", [])
+    )
+    rows = [
+        ["partition", f"{section['partition_seconds']:.1f} s"],
+        ["offered load", f"{section['offered_rate']:,}/s ({section['processes'] - 1} writers)"],
+        ["writes while partitioned", f"{section['writes_while_partitioned']:,}"],
+        ["writers' logs at the heal", logs or "-"],
+        ["heal until caught up", f"{section['catchup_seconds']:.2f} s"],
+        ["converged afterwards", "yes" if section["converged"] else "NO"],
+    ]
+    return _table("Catch-up after a partition", ["figure", "value"], rows)
+
+
+def _redis_table(section: dict[str, Any], local: dict[str, Any]) -> str | None:
+    if "skipped" in section:
+        return f"Redis comparison: {section['skipped']}"
+    if "ns" not in section:
+        return None
+    local_figures = local.get("gcollective", {})
+    rows = []
+    for op in ("get", "set", "incr"):
+        mine = local_figures.get(op, {}).get("0", {}).get("3")
+        rows.append(
+            [op, f"{section['ns'][op] / 1000:.1f}", "-" if mine is None else f"{mine / 1000:.2f}"]
         )
-    return "\n\n".join(out)
+    rows.append(["set, pipelined", f"{section['ns']['set_pipelined'] / 1000:.1f}", "-"])
+    return _table(
+        f"For scale: redis-py under gevent vs gcollective (us per call, 3-level "
+        f"key; {section.get('server', '')})",
+        ["operation", "redis", "gcollective"],
+        rows,
+    )
+
+
+def _profile_tables(results: dict[str, Any]) -> list[str]:
+    return [
+        _table(
+            f"Profile of {label} ({profile['tool']}, {profile['samples']:,} samples, all members)",
+            ["function (self)", "samples"],
+            [[name, f"{share:.1f}%"] for name, share in list(profile["self_percent"].items())[:12]],
+        )
+        for label, profile in _profiles(results)
+        if profile.get("self_percent")
+    ]
+
+
+def _targets_table(targets: list[dict[str, Any]]) -> str | None:
+    if not targets:
+        return None
+    rows = [[t["target"], t["bound"], t["figure"] or "-", t["verdict"]] for t in targets]
+    return _table(
+        "Targets (issue 6, 2-core machine)", ["target", "bound", "measured", "verdict"], rows
+    )
 
 
 def _profiles(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

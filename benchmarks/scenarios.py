@@ -1,4 +1,6 @@
-"""The six measurements of issue 6, each a function of a ``Config`` returning plain data.
+"""The scenarios of ``python -m benchmarks``, each a function of a ``Config`` returning plain
+data: local calls, throughput, latency and join here; catch-up and churn in ``churn``, the
+workloads and redis in ``workloads``, the web app in ``web``.
 
 Every multi-process scenario runs real member processes on 127.0.0.1 with ports from the OS,
 bounds every wait, and stops its processes when it ends, whatever happened.
@@ -6,117 +8,28 @@ bounds every wait, and stops its processes when it ends, whatever happened.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import socket
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from benchmarks import web
+from benchmarks import churn, web, workloads
+from benchmarks.config import Config, Progress
 from benchmarks.procs import (
     Group,
     Member,
-    Proxy,
-    RedisServer,
+    add_members,
     broadcast,
+    core_stats,
     free_port,
     free_ports,
+    same_data,
     start_all,
+    warm,
 )
 from benchmarks.profiling import WindowProfiler
 
-Progress = Callable[[str], None]
-
-
-@dataclass
-class Config:
-    """Sizes of every scenario; ``Config.full()`` is the issue's, ``Config.quick()`` a smoke run."""
-
-    name: str
-    local_peers: list[int] = field(default_factory=lambda: [0, 3, 7])
-    local_ops_per_batch: int = 10_000
-    local_batches: int = 5
-    # The full cost of a set (GC on, flushes included), with peers in their own processes.
-    set_cost_peers: list[int] = field(default_factory=lambda: [0, 7])
-    set_cost_ops: int = 20_000
-    set_cost_yield_every: int = 100
-    throughput: list[tuple[int, int]] = field(
-        default_factory=lambda: [(2, 50_000), (4, 50_000), (8, 25_000)]
-    )
-    # Each throughput run is repeated and the median one reported: on a shared machine one
-    # run's figure can be off by 2x.
-    throughput_repeats: int = 3
-    hot_increments: int = 1_000
-    hot_limit: float = 90.0
-    latency_members: int = 4
-    latency_rates: list[int] = field(default_factory=lambda: [1_000, 10_000])
-    latency_seconds: float = 5.0
-    join_keys: int = 2_000_000
-    join_fanout: int = 100
-    join_live_rate: int = 1_000
-    join_limit: float = 180.0
-    catchup_members: int = 4
-    catchup_rate: int = 5_000
-    catchup_partition_seconds: float = 10.0
-    redis_ops: int = 10_000
-    # The web workload (benchmarks/web.py): ab -n web_requests -c web_concurrency, per round.
-    web_workers: int = 4
-    web_requests: int = 20_000
-    web_concurrency: int = 50
-    web_rounds: int = 3
-    # Issue 20's cluster workloads: operations per member, and rounds (interleaved).
-    workload_members: int = 4
-    workload_ops: int = 50_000
-    workload_sessions: int = 20_000
-    workload_counter_keys: int = 1_000
-    workload_repeats: int = 3
-    workload_limit: float = 120.0
-    # Churn (issue 20): members each writing churn_rate operations/s of sessions with
-    # churn_ttl, scratch keys deleted and shared counters, for churn_seconds; RSS sampled
-    # every churn_sample_seconds. churn_options: the members' options (e.g. log_bytes).
-    churn_members: int = 3
-    churn_rate: int = 6_000
-    churn_ttl: float = 2.0
-    churn_seconds: float = 240.0
-    churn_sample_seconds: float = 10.0
-    churn_options: dict[str, Any] = field(default_factory=dict)
-    member_max_seconds: float = 900.0
-    profile_dir: str | None = None
-
-    @classmethod
-    def full(cls) -> Config:
-        return cls("full")
-
-    @classmethod
-    def quick(cls) -> Config:
-        return cls(
-            "quick",
-            local_ops_per_batch=1_000,
-            local_batches=2,
-            set_cost_ops=2_000,
-            throughput=[(2, 5_000), (4, 5_000), (8, 2_500)],
-            throughput_repeats=1,
-            hot_increments=100,
-            hot_limit=20.0,
-            latency_seconds=1.0,
-            join_keys=100_000,
-            join_live_rate=500,
-            join_limit=60.0,
-            catchup_partition_seconds=2.0,
-            redis_ops=500,
-            web_requests=2_000,
-            web_rounds=1,
-            workload_ops=2_000,
-            workload_sessions=1_000,
-            workload_counter_keys=100,
-            workload_repeats=1,
-            workload_limit=60.0,
-            churn_seconds=25.0,
-            churn_sample_seconds=2.5,
-            member_max_seconds=120.0,
-        )
+__all__ = ["SCENARIOS", "Config"]
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -124,63 +37,6 @@ def _percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     rank = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
     return ordered[rank]
-
-
-def wait_listening(port: int, limit: float = 10.0) -> None:
-    """Wait until something accepts connections on 127.0.0.1:``port``."""
-    deadline = time.monotonic() + limit
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on port {port} after {limit}s") from None
-            time.sleep(0.01)
-
-
-def core_stats(members: list[Member]) -> dict[str, int] | None:
-    """Totals over members of the core's own counters (``Collective.stats()``), if it has them.
-
-    ``received_ops`` above ``applied_ops`` means duplicate deliveries (relays, replays);
-    ``overflows`` and ``snapshots_sent`` show queues dropped and full resyncs.
-    """
-    totals: dict[str, int] = {}
-    for member in members:
-        stats = member.call("stats")["stats"]
-        if not stats:
-            return None
-        for name in ("local_ops", "received_ops", "applied_ops"):
-            totals[name] = totals.get(name, 0) + int(stats.get(name) or 0)
-        for peer in stats.get("peers", {}).values():
-            for name in ("relayed_frames", "overflows", "snapshots_sent", "connects"):
-                totals[name] = totals.get(name, 0) + int(peer.get(name) or 0)
-    return totals
-
-
-def same_data(members: list[Member], timeout: float = 300.0) -> tuple[bool, list[int]]:
-    """Whether every member holds identical data (equal digests of their whole trees; equal
-    leaf counts would not show a wrong value), and each one's leaf count."""
-    replies = broadcast(members, "digest", timeout=timeout)
-    return len({r["digest"] for r in replies}) == 1, [r["leaves"] for r in replies]
-
-
-def _members(group: Group, ports: list[int], peers: list[int], cfg: Config) -> list[Member]:
-    return [
-        group.add(Member(port, peers, name=f"m{i}:{port}", max_seconds=cfg.member_max_seconds))
-        for i, port in enumerate(ports)
-    ]
-
-
-def _warm(members: list[Member], tag: str, limit: float = 30.0) -> None:
-    """Every member writes one key and waits for everyone's: all links are up both ways."""
-    prefixes = [f"{tag}{i}" for i in range(len(members))]
-    for i, member in enumerate(members):
-        member.send("write_and_wait", prefix=prefixes[i], count=1, writers=prefixes, limit=limit)
-    for member in members:
-        reply = member.receive(limit + 30)
-        if not reply["complete"]:
-            raise RuntimeError(f"{member.name}: the cluster did not connect within {limit}s")
 
 
 # -- 1. local operations -------------------------------------------------------------------
@@ -251,7 +107,7 @@ def set_cost(cfg: Config, progress: Progress) -> dict[str, Any]:
             ]
             members = [writer, *peers]
             start_all(members)
-            _warm(members, "warm")
+            warm(members, "warm")
             for pattern in SET_COST_PATTERNS:
                 result[pattern][str(peer_count)] = _set_cost_batches(cfg, writer, peers, pattern)
             result.setdefault("core_stats", {})[str(peer_count)] = core_stats(members)
@@ -327,9 +183,9 @@ def _throughput_run(cfg: Config, progress: Progress, count: int, keys: int) -> d
     progress(f"throughput: {count} processes x {keys:,} keys")
     ports = free_ports(count)
     with Group() as group:
-        members = _members(group, ports, ports, cfg)
+        members = add_members(group, ports, ports, cfg)
         start_all(members)
-        _warm(members, "warm")
+        warm(members, "warm")
         writers = [f"w{i}" for i in range(count)]
         limit = 60 + keys * count / 10_000
         profiler = WindowProfiler(cfg.profile_dir, f"throughput-{count}x{keys}", members)
@@ -422,9 +278,9 @@ def latency(cfg: Config, progress: Progress) -> dict[str, Any]:
     names = [f"n{i}" for i in range(count)]
     runs = []
     with Group() as group:
-        members = _members(group, ports, ports, cfg)
+        members = add_members(group, ports, ports, cfg)
         start_all(members)
-        _warm(members, "warm")
+        warm(members, "warm")
         broadcast(members, "probe", prefix="lat")
         for round_number, rate in enumerate(cfg.latency_rates):
             progress(
@@ -443,7 +299,7 @@ def latency(cfg: Config, progress: Progress) -> dict[str, Any]:
                 member.receive(30)
             time.sleep(cfg.latency_seconds)
             stops = broadcast(members, "pace_stop")
-            _warm(members, f"settle{round_number}.")  # FIFO links: everything sent has arrived
+            warm(members, f"settle{round_number}.")  # FIFO links: everything sent has arrived
             dumps = broadcast(members, "probe_dump")
             runs.append(_latency_figures(rate, cfg.latency_seconds, names, stops, dumps))
             runs[-1]["converged"], runs[-1]["leaves"] = same_data(members)
@@ -565,9 +421,9 @@ def _join(cfg: Config, progress: Progress, mixed: bool) -> dict[str, Any]:
     total, fanout = cfg.join_keys, cfg.join_fanout
     ports = free_ports(3)
     with Group() as group:
-        holders = _members(group, ports[:2], ports[:2], cfg)
+        holders = add_members(group, ports[:2], ports[:2], cfg)
         starts = start_all(holders)
-        _warm(holders, "warm")
+        warm(holders, "warm")
         holder, replica = holders
         began = time.monotonic()
         fill_keys = _fill(holders, cfg, progress, mixed, label)
@@ -684,382 +540,15 @@ def _join(cfg: Config, progress: Progress, mixed: bool) -> dict[str, Any]:
     return result
 
 
-# -- 5. catch-up after a partition ----------------------------------------------------------
-
-
-def catchup(cfg: Config, progress: Progress) -> dict[str, Any]:
-    """One member is cut off (through ``benchmarks.proxy``) while the others write; then healed.
-
-    The figure is the time from the heal until the partitioned member holds every write made
-    before it. It includes the reconnect backoff (``backoff_max``, 2 s by default, with jitter).
-
-    Every member advertises its proxy port and dials the others' (so the addresses members
-    pass on in their member lists are proxy ports too: with real ones, the partitioned member
-    learnt the writers' real ports and dialled them around the proxy); the cut drops the
-    partitioned member's links only.
-    """
-    writers_count = cfg.catchup_members - 1
-    real = free_ports(cfg.catchup_members)
-    proxied = free_ports(cfg.catchup_members)
-    cut_off = cfg.catchup_members - 1  # the last member is the one partitioned
-    with Group() as group:
-        proxy = group.add(Proxy(max_seconds=cfg.member_max_seconds))
-        members = [
-            group.add(
-                Member(
-                    real[i],
-                    proxied,
-                    name=f"m{i}:{real[i]}",
-                    options={"advertise": f"127.0.0.1:{proxied[i]}"},
-                    max_seconds=cfg.member_max_seconds,
-                )
-            )
-            for i in range(cfg.catchup_members)
-        ]
-        # A proxy port listens only once its member does: a member accepted by the proxy while
-        # the target is down would see a connection that drops only at its first send, and
-        # could wait for a snapshot on it for its whole start timeout.
-        for i in [cut_off, *range(writers_count)]:
-            member = members[i]
-            member.send(
-                "start", local=member.local, peers=member.peers, options=member.options, limit=30
-            )
-            wait_listening(real[i])
-            proxy.call("route", listen=proxied[i], target=real[i])
-            member.receive(60)
-        _warm(members, "warm")
-        writers = members[:writers_count]
-        isolated = members[cut_off]
-        for i, member in enumerate(writers):
-            member.call(
-                "pace_start", prefix="cu", name=f"n{i}", rate=cfg.catchup_rate / writers_count
-            )
-        time.sleep(1.0)
-        before = broadcast(writers, "pace_status")
-        proxy.call("cut", isolate=proxied[cut_off])
-        cut_at = time.monotonic()
-        progress(
-            f"catch-up: member cut off for {cfg.catchup_partition_seconds}s "
-            f"while the others write {cfg.catchup_rate:,} sets/s"
-        )
-        step = max(1.0, cfg.catchup_partition_seconds / 5)
-        while time.monotonic() - cut_at < cfg.catchup_partition_seconds:
-            time.sleep(min(step, cfg.catchup_partition_seconds - (time.monotonic() - cut_at)))
-            progress(f"catch-up: partitioned for {time.monotonic() - cut_at:.0f}s")
-        at_heal = broadcast(writers, "pace_status")
-        # What the writers' logs hold for the partitioned member (catch-up resends it).
-        logged = [reply["stats"] for reply in broadcast(writers, "stats")]
-        healed_at = time.monotonic()
-        proxy.call("restore")
-        # Every write made before the heal, not only the last ones: those can come live,
-        # ahead of the catch-up that fills the gap below them.
-        pacers = [{"prefix": "cu", "name": f"n{i}", "cycle": 0} for i in range(writers_count)]
-        caught = isolated.call(
-            "wait_writes",
-            timeout=180,
-            writers=pacers,
-            counts=[s["seq"] for s in at_heal],
-            limit=120,
-        )
-        catchup_seconds = caught["done"] - healed_at
-        progress(f"catch-up: converged {catchup_seconds:.2f}s after the heal")
-        stops = broadcast(writers, "pace_stop")
-        final = broadcast(
-            members,
-            "wait_writes",
-            timeout=180,
-            writers=pacers,
-            counts=[s["count"] for s in stops],
-            limit=120,
-        )
-        identical, leaves = same_data(members)
-        counters = core_stats(members)
-        stats = proxy.call("stats")
-    written = sum(s["seq"] for s in at_heal) - sum(s["seq"] for s in before)
-    return {
-        "processes": cfg.catchup_members,
-        "offered_rate": cfg.catchup_rate,
-        "achieved_rate": sum(s["achieved_rate"] for s in stops),
-        "partition_seconds": healed_at - cut_at,
-        "writes_while_partitioned": written,
-        "catchup_seconds": catchup_seconds,
-        "caught_up": caught["complete"],
-        "log_bytes_at_heal": [stats and stats.get("log_bytes") for stats in logged],
-        "converged": all(r["complete"] for r in final) and identical,
-        "leaves": leaves,
-        "proxy": stats,
-        "core_stats": counters,
-        "note": "includes the reconnect backoff (backoff_max 2 s, jittered)",
-    }
-
-
-# -- 6. redis for scale ----------------------------------------------------------------------
-
-
-def redis_compare(cfg: Config, progress: Progress) -> dict[str, Any]:
-    """get / set / incr through redis-py under gevent against a local redis-server."""
-    if importlib.util.find_spec("redis") is None:
-        note = "skipped: redis-py is not installed (pip install redis)"
-        progress(f"redis: {note}")
-        return {"skipped": note}
-    with RedisServer() as server:
-        if not server.available:
-            note = "skipped: redis-server is not on PATH"
-            progress(f"redis: {note}")
-            return {"skipped": note}
-        progress(f"redis: {cfg.redis_ops:,} get/set/incr through redis-py ({server.version})")
-        with Group() as group:
-            client = group.add(Member(free_port(), [], name="redis-client", max_seconds=300))
-            result = client.call("redis_ops", timeout=300, port=server.port, count=cfg.redis_ops)
-    result["server"] = server.version
-    return result
-
-
-# -- 7. what web apps do, cluster-wide (issue 20) -------------------------------------------
-
-#: The workloads of ``app_workloads``: distinct keys (the reference), one hot counter,
-#: sessions (small dicts with a ttl, read back), a rate limiter (counters with a ttl).
-APP_WORKLOADS = ("distinct", "hot_counter", "sessions", "rate_limit")
-
-
-def app_workloads(cfg: Config, progress: Progress) -> dict[str, Any]:
-    """Cluster-wide operations/s of each of ``APP_WORKLOADS``: ``workload_members`` processes
-    each make ``workload_ops`` operations (``workload_sessions`` sessions) without yielding;
-    the time runs from the first start until every member holds everyone's. Rounds of all
-    four run in turn (``workload_repeats``) on the same members; each figure is the median
-    round, with its ratio to the distinct-keys figure of the same round. ``exact``: every
-    member of every round checked every value (counters exact, every session there with its
-    value)."""
-    count = cfg.workload_members
-    rounds: list[dict[str, Any]] = []
-    ports = free_ports(count)
-    with Group() as group:
-        members = _members(group, ports, ports, cfg)
-        start_all(members)
-        _warm(members, "warm")
-        for round_ in range(cfg.workload_repeats):
-            figures = {}
-            for name in APP_WORKLOADS:
-                progress(f"workloads: round {round_ + 1}, {name}, {count} processes")
-                figures[name] = _workload_run(cfg, members, name, f"r{round_}")
-            rounds.append(figures)
-    result: dict[str, Any] = {"processes": count, "rounds": rounds}
-    for name in APP_WORKLOADS:
-        result[name] = {
-            "ops_per_second": statistics.median(r[name]["ops_per_second"] for r in rounds),
-            "x_distinct": statistics.median(
-                r[name]["ops_per_second"] / r["distinct"]["ops_per_second"] for r in rounds
-            ),
-            "ops_each": rounds[0][name]["ops_each"],
-            "exact": all(r[name]["exact"] for r in rounds),
-        }
-    return result
-
-
-def _workload_run(cfg: Config, members: list[Member], name: str, tag: str) -> dict[str, Any]:
-    """One workload of ``app_workloads`` on every member at once."""
-    count = len(members)
-    limit = cfg.workload_limit
-    ops = cfg.workload_sessions if name == "sessions" else cfg.workload_ops
-    profiler = WindowProfiler(cfg.profile_dir, f"workload-{name}-{tag}", members)
-    profiler.start()
-    for i, member in enumerate(members):
-        if name == "distinct":
-            writers = [f"{tag}d{k}" for k in range(count)]
-            member.send(
-                "write_and_wait", prefix=writers[i], count=ops, writers=writers, limit=limit
-            )
-        elif name == "hot_counter":
-            member.send(
-                "incr_and_wait", key=f"{tag}hot", count=ops, expected=count * ops, limit=limit
-            )
-        elif name == "sessions":
-            writers = [f"{tag}s{k}" for k in range(count)]
-            member.send(
-                "sessions_and_wait",
-                prefix=writers[i],
-                count=ops,
-                writers=writers,
-                ttl=60,
-                limit=limit,
-            )
-        else:
-            keys = cfg.workload_counter_keys
-            member.send(
-                "incr_keys_and_wait",
-                prefix=f"{tag}rl",
-                keys=keys,
-                count=ops,
-                ttl=60,
-                expected=count * ops // keys,
-                limit=limit,
-            )
-    replies = [m.receive(limit + 60) for m in members]
-    profile = profiler.stop()
-    seconds = max(r["done"] for r in replies) - min(r["started"] for r in replies)
-    return {
-        **({"profile": profile} if profile else {}),
-        "ops_each": ops,
-        "seconds": seconds,
-        "ops_per_second": count * ops / seconds,
-        "exact": all(r["complete"] and r.get("exact", True) for r in replies),
-    }
-
-
-# -- 8. memory under churn (issue 20) -------------------------------------------------------
-
-
-def churn(cfg: Config, progress: Progress) -> dict[str, Any]:
-    """Does memory follow the live data? ``churn_members`` members each make ``churn_rate``
-    operations/s (``benchmarks.member.ChurnPacer``: sessions with a ttl of ``churn_ttl``,
-    scratch keys set and deleted, 100 shared counters) for ``churn_seconds``; the live tree
-    stays a few thousand keys. Every ``churn_sample_seconds`` each member reports its RSS (no
-    garbage collection first), live leaves and log size. Then the writes stop and every
-    member must settle to the same data: each counter exactly the increments made of it,
-    every session expired, equal digests."""
-    count = cfg.churn_members
-    ports = free_ports(count)
-    with Group() as group:
-        members = [
-            group.add(
-                Member(
-                    port,
-                    ports,
-                    name=f"m{i}:{port}",
-                    options=cfg.churn_options,
-                    max_seconds=cfg.member_max_seconds,
-                )
-            )
-            for i, port in enumerate(ports)
-        ]
-        start_all(members)
-        _warm(members, "warm")
-        progress(
-            f"churn: {count} members x {cfg.churn_rate:,} ops/s for {cfg.churn_seconds:.0f}s "
-            f"(sessions with ttl={cfg.churn_ttl:g}, scratch deletes, 100 counters)"
-        )
-        samples = [_churn_sample(members, 0.0)]
-        for i, member in enumerate(members):
-            member.call("churn_start", name=f"n{i}", rate=cfg.churn_rate, ttl=cfg.churn_ttl)
-        began = time.monotonic()
-        while time.monotonic() - began < cfg.churn_seconds:
-            time.sleep(min(cfg.churn_sample_seconds, began + cfg.churn_seconds - time.monotonic()))
-            samples.append(_churn_sample(members, time.monotonic() - began))
-            progress(f"churn: {_churn_line(samples[-1])}")
-        stops = broadcast(members, "churn_stop")
-        expected = [sum(column) for column in zip(*(stop["counts"] for stop in stops))]
-        settled = broadcast(
-            members, "churn_settled", timeout=180, expected=expected, limit=60 + cfg.churn_ttl
-        )
-        identical, leaves = same_data(members)
-        after = _churn_sample(members, time.monotonic() - began)
-        after["malloc"] = [_allocator(reply) for reply in broadcast(members, "malloc_stats")]
-        counters = core_stats(members)
-    return _churn_result(cfg, samples, after, stops, settled, identical, leaves, counters)
-
-
-def _allocator(reply: dict[str, Any]) -> dict[str, int]:
-    """The figures of Python's small-object allocator from a member's ``malloc_stats``:
-    arenas held now and at most, and bytes in used and in free blocks (freed memory that
-    stays in the process while any block of its arena is used)."""
-    wanted = {
-        "# arenas highwater mark": "arenas_peak",
-        "# arenas allocated current": "arenas",
-        "# bytes in allocated blocks": "used_bytes",
-        "# bytes in available blocks": "free_bytes",
-    }
-    figures = {}
-    for line in reply["summary"]:
-        name, _, value = line.partition("=")
-        if name.strip() in wanted:
-            figures[wanted[name.strip()]] = int(value.strip().replace(",", ""))
-    return figures
-
-
-def _churn_sample(members: list[Member], at: float) -> dict[str, Any]:
-    """Every member's RSS, live leaves and log figures at ``at`` seconds into the churn."""
-    replies = broadcast(members, "churn_status")
-    return {
-        "seconds": at,
-        "rss": [reply["memory"]["rss"] for reply in replies],
-        "leaves": [reply["leaves"] for reply in replies],
-        "log_bytes": [reply["stats"]["log_bytes"] for reply in replies],
-        "log_ops": [reply["stats"]["log_ops"] for reply in replies],
-        "pending_expiries": [reply["stats"]["pending_expiries"] for reply in replies],
-        "frontier_lag": [reply["frontier_lag"] for reply in replies],
-        "queued_bytes": [reply["queued_bytes"] for reply in replies],
-    }
-
-
-def _churn_line(sample: dict[str, Any]) -> str:
-    """One progress line of a churn sample (figures an older core lacks are left out)."""
-    line = f"{sample['seconds']:.0f}s: RSS " + ", ".join(f"{r / 1e6:.0f}" for r in sample["rss"])
-    line += f" MB, leaves {max(sample['leaves']):,}"
-    if None not in sample["log_bytes"]:
-        line += ", log " + ", ".join(f"{size / 1e6:.1f}" for size in sample["log_bytes"]) + " MB"
-    if None not in sample["pending_expiries"]:
-        line += f", pending expiries {max(sample['pending_expiries']):,}"
-    lags = [lag for lag in sample["frontier_lag"] if lag is not None]
-    if lags:
-        line += f", frontier lag {max(lags):.1f}s"
-    line += f", queued for peers {max(sample['queued_bytes']) / 1e6:.1f} MB"
-    return line
-
-
-def _churn_result(
-    cfg: Config,
-    samples: list[dict[str, Any]],
-    after: dict[str, Any],
-    stops: list[dict[str, Any]],
-    settled: list[dict[str, Any]],
-    identical: bool,
-    leaves: list[int],
-    counters: dict[str, int] | None,
-) -> dict[str, Any]:
-    """``churn``'s figures: RSS per member at the start, its peak among the samples, at the
-    end of the churn, and the steady state (the median of the samples of the second half)."""
-    count = len(samples[0]["rss"])
-    late = [sample for sample in samples if sample["seconds"] >= cfg.churn_seconds / 2]
-    per_member = [
-        {
-            "rss_start": samples[0]["rss"][i],
-            "rss_peak": max(sample["rss"][i] for sample in samples),
-            "rss_end": samples[-1]["rss"][i],
-            "rss_steady": statistics.median(sample["rss"][i] for sample in late),
-            "rss_after_settle": after["rss"][i],
-            "allocator_after_settle": after["malloc"][i],
-            "log_bytes_peak": max(sample["log_bytes"][i] or 0 for sample in samples),
-            "log_bytes_end": samples[-1]["log_bytes"][i],
-        }
-        for i in range(count)
-    ]
-    return {
-        "processes": count,
-        "offered_rate": cfg.churn_rate,
-        "achieved_rate": [stop["achieved_rate"] for stop in stops],
-        "seconds": cfg.churn_seconds,
-        "ttl": cfg.churn_ttl,
-        "options": cfg.churn_options,
-        "members": per_member,
-        "rss_steady_max": max(member["rss_steady"] for member in per_member),
-        "live_leaves_end": samples[-1]["leaves"],
-        "leaves_after_settle": leaves,
-        "exact": all(reply["complete"] for reply in settled) and identical,
-        "identical": identical,
-        "samples": samples,
-        "core_stats": counters,
-    }
-
-
 SCENARIOS: dict[str, Callable[[Config, Progress], dict[str, Any]]] = {
     "local": local_ops,
     "throughput": throughput,
     "latency": latency,
     "join": join,
     "join_mixed": join_mixed,
-    "catchup": catchup,
-    "redis": redis_compare,
+    "catchup": churn.catchup,
+    "redis": workloads.redis_compare,
     "web": web.web,
-    "workloads": app_workloads,
-    "churn": churn,
+    "workloads": workloads.app_workloads,
+    "churn": churn.churn,
 }

@@ -146,6 +146,9 @@ _REFUSALS = {
     # (Not a handshake refusal: sent when a member refuses our stamps, see clock_skew.)
     "clock-skew": "this node's clock (or a stamp it relayed) is more than clock_skew ahead "
     "of the peer's: it refuses our operations until the clocks agree (check both clocks)",
+    # (Nor this one: sent when a member refuses this incarnation as declared down.)
+    "declared-down": "it declared this member down (silent past down_timeout) and may have "
+    "forgotten what this member holds or lacks: restart this member empty to rejoin",
 }
 
 
@@ -239,6 +242,12 @@ def encode_refusal(code: str) -> bytes:
     if not _CODE.fullmatch(code):
         raise ValueError(f"bad refusal code {code!r}")
     return _line([AUTH_MAGIC, REFUSE, code])
+
+
+def refused_as_down(why: str | None) -> bool:
+    """Whether ``why`` (from ``explain_refusal``) says the peer refused this incarnation as
+    declared down."""
+    return why == f"peer refused the handshake: {_REFUSALS['declared-down']}"
 
 
 def explain_refusal(message: object) -> str | None:

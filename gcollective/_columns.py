@@ -25,6 +25,7 @@ __all__ = [
     "Run",
     "full_paths",
     "pack_stamps",
+    "packed_column",
     "unpack_stamps",
 ]
 
@@ -80,15 +81,26 @@ def unpack_stamps(packed: Sequence[int] | bytes, origins: Sequence[int]) -> list
     return list(packed)  # (full stamps)
 
 
+def packed_column(packed: list[int] | bytes, origins: Sequence[int]) -> list[int] | bytes:
+    """A packed column (``pack_stamps``) as it is kept: native uint64 ``bytes`` when it fits,
+    8 bytes a leaf instead of an int object and a list slot; else as it is (full stamps)."""
+    if type(packed) is bytes or not origins:
+        return packed
+    if len(origins) == 1 or max(packed) <= _UINT64_MAX:  # (one origin: an hlc fits)
+        return array("Q", packed).tobytes()
+    return packed
+
+
 @final
 class LeafColumns:
     """A full node's plain leaves as a SNAPSHOT brings them (checked): ``names`` (the keys
     with a value first, then the tombstones) and their stamps in the same order, packed
-    (``unpack_stamps``); ``as_dict()`` is the ``{key: stamp}`` of ``Store.export()``. A store
-    installing a new node keeps them packed (``as_run``, see ``_Node.runs``), and the
-    node's values dict that came with them as it is (made by ``parse_snapshot_items`` for
-    this one merge): making a 128-bit int and a dict entry per leaf was most of a joiner's
-    work."""
+    (``unpack_stamps``; the codec keeps them as ``packed_column`` does, so that a stream
+    staged until its end holds 8 bytes a stamp, not an int object); ``as_dict()`` is the
+    ``{key: stamp}`` of ``Store.export()``. A store installing a new node keeps them packed
+    (``as_run``, see ``_Node.runs``), and the node's values dict that came with them as it
+    is (made by ``parse_snapshot_items`` for this one merge): making a 128-bit int and a
+    dict entry per leaf was most of a joiner's work."""
 
     __slots__ = ("names", "origins", "packed", "valued", "lowest", "newest")
 
@@ -96,7 +108,7 @@ class LeafColumns:
         self,
         names: list[str],
         origins: list[int],
-        packed: list[int],
+        packed: list[int] | bytes,
         valued: int,
         lowest: int,
         newest: int,
@@ -118,18 +130,18 @@ class LeafColumns:
         to keep, for ``unpack_stamps`` (origins None for full stamps). Only atomic objects
         in tuples, which the cyclic GC stops tracking: it visits every item of a list on
         each full collection, a cache miss each, and a joiner's 2M leaves kept in lists cost
-        it more time than they saved. The column is uint64 bytes when it fits: 8 bytes a
-        leaf instead of an int object."""
+        it more time than they saved. The column is uint64 bytes when it fits (see
+        ``packed_column``)."""
         names, origins, packed = tuple(self.names), self.origins, self.packed
         if count is not None and count < len(names):
-            names, packed = names[:count], packed[:count]
+            names = names[:count]
+            packed = packed[: count * 8] if type(packed) is bytes else packed[:count]
         if not packed:
             return names, (), None
         if not origins:
             return names, tuple(packed), None
-        if len(origins) == 1 or max(packed) <= _UINT64_MAX:  # (one origin: an hlc fits)
-            return names, array("Q", packed).tobytes(), tuple(origins)
-        return names, tuple(packed), tuple(origins)
+        packed = packed_column(packed, origins)
+        return names, packed if type(packed) is bytes else tuple(packed), tuple(origins)
 
     def tombstones(self) -> list[str]:
         """The names of the leaves without a value."""

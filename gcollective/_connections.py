@@ -412,11 +412,7 @@ class _Connections:
             self._forget_own_alias(sock)
             raise refusal("connected to itself", "hello")
         if hello.node_id in self._engine.down_ids:
-            raise refusal(
-                f"incarnation {hello.node_id:x} was declared down after {self.down_timeout:g}s "
-                "of silence; restart it to rejoin (its unsent writes are dropped)",
-                "down",
-            )
+            raise self._engine.refused_again(hello)
         return hello
 
     def _link_for(self, hello: Hello, origin: str) -> _PeerLink | None:

@@ -42,7 +42,15 @@ from ._clock import NODE_BITS, HybridClock, stamp_lead
 from ._errors import ProtocolError
 from ._frontier import Frontier
 from ._oplog import OpLog, Progress
-from ._peerstate import STREAMING_STATES, Event, Inbound, Peer, Snapshot
+from ._peerstate import (
+    RETURNING_NEW,
+    RETURNING_UNKNOWN,
+    STREAMING_STATES,
+    Event,
+    Inbound,
+    Peer,
+    Snapshot,
+)
 from ._store import SET, Store
 from ._wire import (
     KNOWS_MEMBERS,
@@ -199,6 +207,11 @@ class Engine(Frontier):
         self.dead_gaps: dict[int, float] = {}
         self.skipped_gaps = 0
         self.frontier = 0  # no operation older than this can still reach this node
+        # The highest frontier handed to the store's sweeps: metadata below it may be gone,
+        # so no operation older than it may be applied any more (see ``_frontier``).
+        self.forgotten_below = 0
+        self.promised: dict[int, int] = {}  # (see Frontier._lacked_after)
+        self.refused_by: dict[Peer, int | None] = {}  # (see Frontier.declared_down_by_peer)
         self.synced = False  # a peer's whole state was merged
         self.ready = False  # the shell's start() returned (or may): reports may say complete
         self.stopping = False  # the shell is stopping: ask nobody for anything any more
@@ -416,6 +429,8 @@ class Engine(Frontier):
         """Replace what is pending for ``peer`` by a full snapshot (which holds all of it, and
         more). Its frames are built one at a time as the writer sends them (see
         ``snapshot_stream``); their bytes do not count against ``max_queue_bytes``."""
+        if self.refused_as_down:
+            return  # (see Frontier.declared_down_by_peer)
         stream, vector = self.snapshot_stream(now)
         log.info("peer %s: sending a snapshot", peer.name)
         peer.start_snapshot(stream, vector)
@@ -428,7 +443,7 @@ class Engine(Frontier):
         if peer.progress_due:
             peer.progress_due = False
             peer.pending.append(self.progress_frame(now))
-        if not peer.pending and peer.snapshot_stream is not None:
+        if not peer.pending and peer.snapshot_stream is not None and not self.refused_as_down:
             # Building a frame exports and encodes top-level items (a full node's export,
             # its leaves as columns): a holder of 500k small dicts spent about two thirds of
             # its snapshot's time in the GC.
@@ -508,7 +523,10 @@ class Engine(Frontier):
     def connection_made(self, peer: Peer | None, hello: Hello, now: float) -> Inbound:
         """A peer's connection to us sent ``hello`` (checked by the shell): note who it is
         and report our progress at once, so its catch-up starts."""
+        returning = None
         if peer is not None:
+            if peer.down:  # (checked on its first report: see Frontier.check_returning)
+                returning = RETURNING_UNKNOWN if peer.peer_id is None else RETURNING_NEW
             if peer.peer_id is not None and peer.peer_id != hello.node_id:
                 # Our connection may still go to the old incarnation, whose kernel would take
                 # bytes it will never read: start a new one.
@@ -527,7 +545,9 @@ class Engine(Frontier):
             peer.data_ready()
             if hello.flags & WANTS_SNAPSHOT:
                 self.resync(peer, now)
-        return Inbound(peer, hello.node_id, dict(self.progress.applied), stages=True)
+        return Inbound(
+            peer, hello.node_id, dict(self.progress.applied), stages=True, returning=returning
+        )
 
     def receive(
         self, inbound: Inbound, messages: list[Any], frames: list[bytes], now: float
@@ -569,11 +589,15 @@ class Engine(Frontier):
         if peer.reports == 0:
             self._check_peer_clock_behind(promise, peer)
         theirs = {origin: seq for origin, seq, _ in vector}
+        their_stamps = {origin: stamp for origin, _, stamp in vector}
+        if inbound.returning is not None:
+            self.check_returning(inbound, theirs, their_stamps)
+            inbound.returning = None
         # The previous report on this same connection, to see what stalled.
         previous = peer.peer_vector if peer.reports > 0 else None
         peer.reports += 1
         peer.peer_vector = theirs
-        peer.peer_stamps = {origin: stamp for origin, _, stamp in vector}
+        peer.peer_stamps = their_stamps
         peer.peer_promise = promise
         peer.peer_own_seq = theirs.get(peer_id, 0)
         peer.peer_frontier = frontier
@@ -622,6 +646,7 @@ class Engine(Frontier):
         if len(message) != 2:
             raise ProtocolError("SNAPSHOT_END frame has the wrong length")
         vector = parse_vector(message[1])
+        self.check_snapshot(vector, inbound)
         staged = inbound.staged
         if staged is None:
             self._merged_a_stream(vector)
@@ -738,6 +763,9 @@ class Engine(Frontier):
             self.due_by(self.store.next_expiry)
         if last <= done:
             return  # all repeats (relayed, or also in a snapshot)
+        oldest_new = stamps.first if first > done else stamps[done + 1 - first]
+        if oldest_new < self.forgotten_below:  # (see Frontier.check_not_forgotten)
+            self.check_not_forgotten(oldest_new, peer, peer_id)
         given_ttls = ttls
         if ttls is None:
             ttls = [0] * len(stamps)
@@ -825,6 +853,8 @@ class Engine(Frontier):
         whose origin died, gets what it lacks. And never what our connection to it carries
         already (see ``_queued_for``).
         """
+        if self.refused_as_down:
+            return dict(self.progress.applied)  # (see Frontier.declared_down_by_peer)
         if peer.snapshot_owed or peer.snapshot_stream is not None:
             # It is still merging the snapshot we sent, or getting it: a report settles a
             # snapshot (a synced peer always reports complete) but must not start it over.
@@ -889,7 +919,11 @@ class Engine(Frontier):
         for peer in self.peers.values():
             if not peer.down and now - peer.last_heard > self.down_timeout:
                 self._declare_down(peer)
+        if self.refused_by:
+            self.passing_state_again()
         self.skip_dead_gaps(now)
         self.forget_logged()
         self.frontier = self.own_frontier()
-        return self.gc_frontier()
+        swept = self.gc_frontier()
+        self.note_swept(swept)
+        return swept

@@ -234,7 +234,7 @@ def _leaf_values(node: _Node) -> dict[str, Any]:
     shows."""
     value = node.value
     data = value if type(value) is dict else {}
-    hidden = node.hidden
+    hidden = node.hidden_values()  # (folded ones too: see ``_tree.fold_members``)
     return data if hidden is None else {**data, **hidden}
 
 

@@ -14,7 +14,7 @@ import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
-from ._auth import DialerHandshake, explain_refusal
+from ._auth import DialerHandshake, explain_refusal, refused_as_down
 from ._engine import Peer
 from ._errors import AuthenticationError
 from ._logcontext import tag_current
@@ -213,6 +213,8 @@ class _PeerLink(_Writer, Peer):
                 # A peer that refused us may have said why (a REFUSE line, a TLS alert) before
                 # closing; a TLS error explains itself.
                 problem = self._tls_problem(exc) or self._peer_said(self._sock)
+                if refused_as_down(problem):
+                    node._engine.declared_down_by_peer(self)
                 if self.state == "connected" and problem is None:
                     failures = 0  # it worked: retry soon, as after any lost connection
                 self._failed(f"{self._phase}: {problem or exc}", problem)

@@ -9,7 +9,7 @@ leaves (``_graft``), which costs the piece's size, not the subtree's.
 from __future__ import annotations
 
 from itertools import compress
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from ._columns import LeafColumns, Run, unpack_stamps
 from ._rebuild import materialize, own_state, rebuild, rebuild_at
@@ -73,7 +73,8 @@ def _install_leaves(
 def _split_columns(leaves: LeafColumns, known: set[str]) -> tuple[LeafColumns, dict[str, int]]:
     """``leaves`` without the keys in ``known`` (still columns, in their order), and
     ``{key: stamp}`` of those."""
-    names, packed = leaves.names, leaves.packed
+    names, column = leaves.names, leaves.packed
+    packed: Sequence[int] = memoryview(column).cast("Q") if type(column) is bytes else column
     inside = [name in known for name in names]
     outside = [not taken for taken in inside]
     stamps = unpack_stamps(list(compress(packed, inside)), leaves.origins)

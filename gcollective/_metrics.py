@@ -55,7 +55,7 @@ def metadata_entries(store: Store) -> int:
     slicer = Slicer()
     while stack:
         meta = stack.pop()
-        children = list(meta.entries.values())  # a copy: the tree may change at each pause
+        children = meta.child_entries()  # a copy: the tree may change at each pause
         count += len(children) + len(meta.incs or ())
         for child in children:
             if not isinstance(child, int):  # a subtree (an int is a leaf's stamp)

@@ -251,6 +251,13 @@ class Peer:
         return frame
 
 
+#: ``Inbound.returning``: the connection comes from an address declared down, and says it
+#: is a new incarnation (another id than the one declared down), or maybe the same one (the
+#: incarnation declared down was never identified). See ``Frontier.check_returning``.
+RETURNING_NEW = "new"
+RETURNING_UNKNOWN = "unknown"
+
+
 class Inbound:
     """One connection from a peer, after its HELLO: who sent it, the catch-up bound, and the
     snapshot stream it is bringing (``staged``).
@@ -264,7 +271,7 @@ class Inbound:
     are stored only once their stream ended (see ``Engine.receive``).
     """
 
-    __slots__ = ("peer", "peer_id", "sent_bound", "staged", "staged_frames")
+    __slots__ = ("peer", "peer_id", "sent_bound", "staged", "staged_frames", "returning")
 
     def __init__(
         self,
@@ -273,6 +280,7 @@ class Inbound:
         sent_bound: dict[int, int],
         *,
         stages: bool = False,
+        returning: str | None = None,
     ) -> None:
         self.peer = peer  # None past the bound on announced links
         self.peer_id = peer_id
@@ -283,3 +291,5 @@ class Inbound:
         # bytes, for a data_dir's log, which stores them once their stream ended).
         self.staged: deque[list[Any]] | None = deque() if stages else None
         self.staged_frames: list[bytes] = []
+        # From an address declared down (RETURNING_*), until its first report was checked.
+        self.returning = returning

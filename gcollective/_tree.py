@@ -45,6 +45,7 @@ shares (the store's now, whether ``collect`` has work, the way ``_way`` caches).
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Iterable, Sequence, TypeAlias, cast, final
 
 from ._clock import expiry_stamp
@@ -75,6 +76,8 @@ __all__ = [
     "Way",
     "NO_WAY",
     "WAYS_KEPT",
+    "FOLDED",
+    "fold_members",
 ]
 
 SET = 0
@@ -162,6 +165,7 @@ class _Node:
         "ttl_first",
         "packed",
         "hidden",
+        "folded",
     )
 
     def __init__(self) -> None:
@@ -198,6 +202,9 @@ class _Node:
         # its own (``_rebuild``); a bare stamp whose key is neither here nor in ``value`` is
         # a tombstone.
         self.hidden: dict[str, Any] | None = None
+        # The stamp of every member folded (``fold_members``: ``runs`` is ``FOLDED``, and
+        # ``hidden`` their keys then their values, in a tuple), or 0.
+        self.folded = 0
 
     def set_ttls(self, ttls: dict[int, int] | None) -> None:
         """Replace ``ttls`` (None for none), keeping ``ttl_first``."""
@@ -221,25 +228,104 @@ class _Node:
         self._entries = entries
 
     def record_runs(self) -> None:
-        """Record the pending runs in ``_entries``."""
-        _add_runs(self._entries, self.runs or (), self.value)
+        """Record the pending runs in ``_entries`` (or the members ``fold_members`` folded)."""
+        if self.runs is FOLDED:
+            self._entries = self._folded_entries()
+            self.hidden = self.hidden_values()
+            self.folded = 0
+        else:
+            _add_runs(self._entries, self.runs or (), self.value)
         self.runs = None
 
     def entries_copy(self) -> dict[str, Entry]:
         """A copy of ``entries`` that leaves the pending runs pending: what reads a node
         once (an export) need not keep a 128-bit int and a dict slot per leaf of them."""
+        if self.runs is FOLDED:
+            return self._folded_entries()
         entries = dict(self._entries)
         if self.runs is not None:
             _add_runs(entries, self.runs, self.value)
         return entries
 
+    def _folded_entries(self) -> dict[str, Entry]:
+        """The entries of the members ``fold_members`` folded: each at the stamp ``folded``."""
+        folded = cast(tuple[Any, ...], self.hidden)
+        return dict.fromkeys(folded[: len(folded) // 2], self.folded)
+
+    def hidden_values(self) -> dict[str, Any] | None:
+        """``hidden`` as a dict (None for none), also where the members are folded (without
+        recording them): what a reader that leaves the runs pending reads (an export)."""
+        if self.runs is not FOLDED:
+            return self.hidden
+        folded = cast(tuple[Any, ...], self.hidden)
+        half = len(folded) // 2
+        return dict(zip(folded[:half], folded[half:]))
+
+    def child_entries(self) -> list[Entry]:
+        """``entries``' values, pending runs (and folded members) left pending: what reads
+        the tree once (a metric) need not record them for good."""
+        if self.runs is None:
+            return list(self._entries.values())
+        return list(self.entries_copy().values())
+
     def has_sessions(self) -> bool:
-        """Whether a pending run here is one of sessions (see ``Sessions``)."""
-        return self.runs is not None and any(type(run[2]) is Sessions for run in self.runs)
+        """Whether a pending run here is one of sessions (see ``Sessions``), or the members
+        are folded (``fold_members``): runs that a reader of ``_entries`` records first."""
+        runs = self.runs
+        return runs is not None and (
+            runs is FOLDED or any(type(run[2]) is Sessions for run in runs)
+        )
 
 
 #: A child in its parent's entries: a bare stamp (one assignment) or a node.
 Entry: TypeAlias = "int | _Node"
+
+
+@final
+class _Folded:
+    """The third item of ``FOLDED``'s one run (a marker: no keys, no stamps)."""
+
+    __slots__ = ()
+
+
+#: The ``runs`` of a node whose members are folded (``fold_members``): one marker run of no
+#: keys, shared by all. (A tuple: nothing appends a run to a node without a dict value.)
+FOLDED: list[Run] = cast("list[Run]", (((), (), _Folded()),))
+
+#: The ``_entries`` of a node whose members are folded: empty, read-only (a write to it
+#: would be a bug: every reader records the runs first), shared by all.
+_NO_ENTRIES = cast("dict[str, Entry]", MappingProxyType({}))
+
+
+def fold_members(node: _Node) -> None:
+    """Fold the members of a fired session (issue 20): when each child of ``node`` (no
+    value, ttl events, no pending runs) is a bare stamp, the same one (kept in ``folded``),
+    whose value an expiry hides, its ``_entries`` and ``hidden`` (a dict of that one stamp
+    per member and one of their values, 370 bytes for two) give way to one tuple of their
+    keys then values in ``hidden`` (72 bytes), until something reads ``entries``, which
+    records them again (as pending runs are: ``runs`` is ``FOLDED``). A churning member
+    holds tens of thousands of fired sessions until their expiries are permanent, and
+    nothing reads their members meanwhile but an export (``entries_copy``,
+    ``hidden_values``) or a late operation at or below one."""
+    hidden, entries = node.hidden, node._entries
+    if (
+        hidden is None
+        or node.runs is not None
+        or node.ttls is None
+        or node.value is not MISSING
+        or len(entries) != len(hidden)
+    ):
+        return
+    stamps = list(entries.values())
+    stamp = stamps[0]
+    if type(stamp) is not int or stamps.count(stamp) != len(stamps):
+        return  # (a node, or members written at other stamps)
+    if entries.keys() != hidden.keys():
+        return
+    node._entries = _NO_ENTRIES
+    node.hidden = cast("dict[str, Any]", (*hidden, *hidden.values()))
+    node.runs = FOLDED
+    node.folded = stamp
 
 
 @final
@@ -570,8 +656,9 @@ class Tree:
             node.assigned = node.newest = entry
             parent_value = parent.value
             value = parent_value.get(key, MISSING) if type(parent_value) is dict else MISSING
-            if value is MISSING and parent.hidden is not None:
-                value = parent.hidden.get(key, MISSING)  # (a hidden one: a rebuild follows)
+            hidden = parent.hidden_values()
+            if value is MISSING and hidden is not None:
+                value = hidden.get(key, MISSING)  # (a hidden one: a rebuild follows)
             node.assigned_value = node.value = value
             node.reset = max(entry, parent.reset)
         parent.entries[key] = node

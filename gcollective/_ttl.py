@@ -19,7 +19,16 @@ from typing import Any, cast
 from ._clock import MILLIS_SHIFT, NODE_MASK, expiry_stamp
 from ._columns import Run
 from ._rebuild import owners, rebuild_at
-from ._tree import MISSING, Sessions, Tree, _Node, holds_nothing, record_assign
+from ._tree import (
+    FOLDED,
+    MISSING,
+    Sessions,
+    Tree,
+    _Node,
+    fold_members,
+    holds_nothing,
+    record_assign,
+)
 
 __all__ = ["Expiries", "fired_any", "fired_bound", "path_tuple"]
 
@@ -107,7 +116,9 @@ class Expiries(Tree):
             self._fire_due(path, now_ms, fired, tops, by_parent)
         self._push_fired(by_parent)
         for top_path in tops:
-            self._rebuild_path(top_path)
+            node = self._rebuild_path(top_path)
+            if node is not None:
+                fold_members(node)  # (a fired session's: its members' stamps, left out)
         return fired
 
     def _fire_due(
@@ -204,6 +215,10 @@ class Expiries(Tree):
         parent: Any = self._root
         for segment in path[:-1]:
             parent = parent.entries[segment]
+        if target.runs is FOLDED and target.folded < expiry:
+            # Folded members (``fold_members``), older than the DELETE: its rebuild would
+            # drop them, so they are not recorded first.
+            target.entries = {}
         record_assign(parent.entries, path[-1], expiry, MISSING)
         self._rebuild_path(top_path)
         if top_path == path:
@@ -422,17 +437,20 @@ class Expiries(Tree):
             node = entry
         return None if top is None else (top, node)
 
-    def _rebuild_path(self, path: tuple[str, ...]) -> None:
-        """Rebuild the node at ``path`` (whose ancestors carry no ttl events)."""
+    def _rebuild_path(self, path: tuple[str, ...]) -> _Node | None:
+        """Rebuild the node at ``path`` (whose ancestors carry no ttl events); the node, if
+        it is still there."""
         parent = self._root
         for segment in path[:-1]:
             entry = parent.entries.get(segment)
             if type(entry) is not _Node:
-                return
+                return None
             parent = entry
         node = parent.entries.get(path[-1])
-        if type(node) is _Node:
-            rebuild_at(parent, path[-1], node, self.now_ms)
+        if type(node) is not _Node:
+            return None
+        rebuild_at(parent, path[-1], node, self.now_ms)
+        return node if parent._entries.get(path[-1]) is node else None
 
 
 class _RunPath(tuple[str, ...]):

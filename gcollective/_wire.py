@@ -67,7 +67,14 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import ujson
 
 from ._clock import DERIVED_BIT, HLC_LIMIT, MILLIS_SHIFT, NODE_BITS, NODE_MASK, STAMP_LIMIT
-from ._columns import MAX_LEAF_ORIGINS, LeafColumns, full_paths, pack_stamps, unpack_stamps
+from ._columns import (
+    MAX_LEAF_ORIGINS,
+    LeafColumns,
+    full_paths,
+    pack_stamps,
+    packed_column,
+    unpack_stamps,
+)
 from ._errors import ProtocolError
 from ._validate import MAX_DEPTH
 
@@ -951,7 +958,8 @@ def _leaves_from_columns(columns: Any, values: Any) -> tuple[LeafColumns, dict[s
         and (len(set(tombstones)) != len(tombstones) or not valued.keys().isdisjoint(tombstones))
     ):
         raise ProtocolError("SNAPSHOT entry has a leaf twice")
-    return LeafColumns(keys, origins, packed, len(values), lowest, newest), valued
+    column = packed_column(packed, origins)  # (the ints freed now, not when merged)
+    return LeafColumns(keys, origins, column, len(values), lowest, newest), valued
 
 
 def _check_ttls(ttls: Any) -> None:

@@ -285,71 +285,15 @@ def settings_from_env(
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int of at least 1, not {workers!r}")
-
-    def value(name: str) -> str | None:
-        text = env.get(name)
-        return None if text is None or not text.strip() else text
-
-    peers_text = value("GCOLLECTIVE_PEERS")
-    if peers_text is not None:
-        clashing = [
-            name
-            for name in ("GCOLLECTIVE_HOSTS", "GCOLLECTIVE_BASE_PORT", "GCOLLECTIVE_SLOTS")
-            if value(name) is not None
-        ]
-        if clashing:
-            raise ConfigError(
-                "GCOLLECTIVE_PEERS",
-                f"lists every address itself; do not also set {', '.join(clashing)}",
-            )
-        peers = parse_peers(peers_text)
-        hosts = list(dict.fromkeys(host for host, _ in peers))
-        bind = _choose_bind(env, hosts, "GCOLLECTIVE_PEERS", is_local)
-        slots = [address for address in peers if address[0] == bind]
-        if bind not in hosts:  # (one of a DNS name's addresses: its ports are the slots)
-            slots = [(bind, port) for port in dict.fromkeys(p for h, p in peers if is_name(h))]
-        if len(slots) < workers:
-            raise ConfigError(
-                "GCOLLECTIVE_PEERS",
-                f"lists {len(slots)} address(es) for {bind} but gunicorn runs {workers} "
-                "workers here: list one per worker",
-            )
+    if _set(env, "GCOLLECTIVE_PEERS") is not None:
+        bind, slots, peers = _addresses_from_peers(env, workers, is_local)
     else:
-        hosts_text = value("GCOLLECTIVE_HOSTS")
-        hosts = parse_hosts(hosts_text) if hosts_text is not None else list(DEFAULT_HOSTS)
-        base_text = value("GCOLLECTIVE_BASE_PORT")
-        base = (
-            parse_port(base_text, "GCOLLECTIVE_BASE_PORT")
-            if base_text is not None
-            else DEFAULT_BASE_PORT
-        )
-        slots_text = value("GCOLLECTIVE_SLOTS")
-        count = parse_count(slots_text, "GCOLLECTIVE_SLOTS") if slots_text is not None else 0
-        # Never fewer slots than workers: each worker needs one. By default one more for a
-        # single worker: on a HUP its successor needs a free slot to take the data over.
-        count = max(count, workers if slots_text is not None else max(workers, 2))
-        if base + count - 1 > 65535:
-            raise ConfigError(
-                "GCOLLECTIVE_BASE_PORT",
-                f"{base} + {count} slots runs past port 65535",
-            )
-        bind = _choose_bind(env, hosts, "GCOLLECTIVE_HOSTS", is_local)
-        peers = [(host, base + i) for host in hosts for i in range(count)]
-        slots = [(bind, base + i) for i in range(count)]
-
+        bind, slots, peers = _addresses_from_hosts(env, workers, is_local)
     secret = env.get("GCOLLECTIVE_SECRET")
     if secret is not None and not secret:
         raise ConfigError("GCOLLECTIVE_SECRET", "is set but empty")
-    metrics_text = value("GCOLLECTIVE_METRICS_PORT")
-    metrics_port = None
-    if metrics_text is not None:
-        metrics_port = parse_port(metrics_text, "GCOLLECTIVE_METRICS_PORT")
-        if metrics_port + len(slots) - 1 > 65535:
-            raise ConfigError(
-                "GCOLLECTIVE_METRICS_PORT", f"{metrics_port} + {len(slots)} slots runs past 65535"
-            )
-    start_text = value("GCOLLECTIVE_START_TIMEOUT")
-    handoff_text = value("GCOLLECTIVE_HANDOFF_TIMEOUT")
+    start_text = _set(env, "GCOLLECTIVE_START_TIMEOUT")
+    handoff_text = _set(env, "GCOLLECTIVE_HANDOFF_TIMEOUT")
     return Settings(
         bind=bind,
         slots=tuple(slots),
@@ -365,12 +309,89 @@ def settings_from_env(
             if handoff_text is not None
             else DEFAULT_HANDOFF_TIMEOUT
         ),
-        metrics_port=metrics_port,
-        data_dir=value("GCOLLECTIVE_DATA_DIR") or None,
+        metrics_port=_metrics_port(_set(env, "GCOLLECTIVE_METRICS_PORT"), len(slots)),
+        data_dir=_set(env, "GCOLLECTIVE_DATA_DIR"),
         **_membership_settings(
-            value("GCOLLECTIVE_RESOLVE_INTERVAL"), value("GCOLLECTIVE_MAX_MEMBERS")
+            _set(env, "GCOLLECTIVE_RESOLVE_INTERVAL"), _set(env, "GCOLLECTIVE_MAX_MEMBERS")
         ),
     )
+
+
+_Addresses = tuple[str, list[tuple[str, int]], list[tuple[str, int]]]
+
+
+def _set(env: Mapping[str, str], name: str) -> str | None:
+    """The variable's text, or None where it is unset or blank (blank counts as unset)."""
+    text = env.get(name)
+    return None if text is None or not text.strip() else text
+
+
+def _addresses_from_peers(
+    env: Mapping[str, str], workers: int, is_local: Callable[[str], bool]
+) -> _Addresses:
+    """Bind, this server's slots and every peer from ``GCOLLECTIVE_PEERS``."""
+    clashing = [
+        name
+        for name in ("GCOLLECTIVE_HOSTS", "GCOLLECTIVE_BASE_PORT", "GCOLLECTIVE_SLOTS")
+        if _set(env, name) is not None
+    ]
+    if clashing:
+        raise ConfigError(
+            "GCOLLECTIVE_PEERS",
+            f"lists every address itself; do not also set {', '.join(clashing)}",
+        )
+    peers = parse_peers(env["GCOLLECTIVE_PEERS"])
+    hosts = list(dict.fromkeys(host for host, _ in peers))
+    bind = _choose_bind(env, hosts, "GCOLLECTIVE_PEERS", is_local)
+    slots = [address for address in peers if address[0] == bind]
+    if bind not in hosts:  # (one of a DNS name's addresses: its ports are the slots)
+        slots = [(bind, port) for port in dict.fromkeys(p for h, p in peers if is_name(h))]
+    if len(slots) < workers:
+        raise ConfigError(
+            "GCOLLECTIVE_PEERS",
+            f"lists {len(slots)} address(es) for {bind} but gunicorn runs {workers} "
+            "workers here: list one per worker",
+        )
+    return bind, slots, peers
+
+
+def _addresses_from_hosts(
+    env: Mapping[str, str], workers: int, is_local: Callable[[str], bool]
+) -> _Addresses:
+    """Bind, this server's slots and every peer from ``GCOLLECTIVE_HOSTS``,
+    ``GCOLLECTIVE_BASE_PORT`` and ``GCOLLECTIVE_SLOTS``."""
+    hosts_text = _set(env, "GCOLLECTIVE_HOSTS")
+    hosts = parse_hosts(hosts_text) if hosts_text is not None else list(DEFAULT_HOSTS)
+    base_text = _set(env, "GCOLLECTIVE_BASE_PORT")
+    base = (
+        parse_port(base_text, "GCOLLECTIVE_BASE_PORT")
+        if base_text is not None
+        else DEFAULT_BASE_PORT
+    )
+    slots_text = _set(env, "GCOLLECTIVE_SLOTS")
+    count = parse_count(slots_text, "GCOLLECTIVE_SLOTS") if slots_text is not None else 0
+    # Never fewer slots than workers: each worker needs one. By default one more for a
+    # single worker: on a HUP its successor needs a free slot to take the data over.
+    count = max(count, workers if slots_text is not None else max(workers, 2))
+    if base + count - 1 > 65535:
+        raise ConfigError(
+            "GCOLLECTIVE_BASE_PORT",
+            f"{base} + {count} slots runs past port 65535",
+        )
+    bind = _choose_bind(env, hosts, "GCOLLECTIVE_HOSTS", is_local)
+    peers = [(host, base + i) for host in hosts for i in range(count)]
+    slots = [(bind, base + i) for i in range(count)]
+    return bind, slots, peers
+
+
+def _metrics_port(text: str | None, slots: int) -> int | None:
+    """``GCOLLECTIVE_METRICS_PORT`` checked to leave room for every slot, or None."""
+    if text is None:
+        return None
+    port = parse_port(text, "GCOLLECTIVE_METRICS_PORT")
+    if port + slots - 1 > 65535:
+        raise ConfigError("GCOLLECTIVE_METRICS_PORT", f"{port} + {slots} slots runs past 65535")
+    return port
 
 
 def _membership_settings(interval_text: str | None, members_text: str | None) -> dict[str, Any]:

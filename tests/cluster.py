@@ -131,29 +131,34 @@ def wait_for(
 
 class HubTicks:
     """How long the hub is held, measured from a greenlet of this process: it sleeps 1 ms at
-    a time and records how long each sleep took (``gaps``); ``longest()`` stops it."""
+    a time and records how long each sleep took (``gaps``) and the CPU time this thread
+    spent meanwhile (``cpu_gaps``: work that held the hub, not the time a loaded machine
+    left the process waiting for a core); ``longest()`` stops it."""
 
     def __init__(self) -> None:
         import gevent
 
         self.gaps: list[float] = []
+        self.cpu_gaps: list[float] = []
         self._greenlet = gevent.spawn(self._tick)
 
     def _tick(self) -> None:
         import gevent
 
         while True:
-            before = time.perf_counter()
+            before, cpu_before = time.perf_counter(), time.thread_time()
             gevent.sleep(0.001)
             self.gaps.append(time.perf_counter() - before)
+            self.cpu_gaps.append(time.thread_time() - cpu_before)
 
-    def longest(self) -> float:
-        """Stop ticking and return the longest gap. The tick a hold delayed may not have
-        recorded itself yet (the waiter may have run first): two more ticks come first."""
+    def longest(self, cpu: bool = False) -> float:
+        """Stop ticking and return the longest gap (of CPU time with ``cpu``). The tick a
+        hold delayed may not have recorded itself yet (the waiter may have run first): two
+        more ticks come first."""
         ticks = len(self.gaps)
         wait_for(lambda: len(self.gaps) > ticks + 1, timeout=10)
         self._greenlet.kill()
-        return max(self.gaps)
+        return max(self.cpu_gaps if cpu else self.gaps)
 
 
 class LocalMembers:

@@ -35,6 +35,7 @@ from model import DELETE, INCREMENT, SET, Op, first_difference, fold
 from gcollective._clock import HybridClock, millis_stamp
 from gcollective._engine import Engine, Inbound, Peer
 from gcollective._errors import ProtocolError
+from gcollective._frontier import DeclaredDown
 from gcollective._store import MISSING, Store, is_number
 from gcollective._wire import SNAPSHOT, SNAPSHOT_END, FrameDecoder, parse_hello, wire_path
 
@@ -87,8 +88,9 @@ class Connection:
         self.read = 0  # bytes arrived and handled so far
         # (end offset, operations) of each SNAPSHOT frame sent: the operations whose effect
         # the frame carries, held by the receiver once it handled the stream's SNAPSHOT_END
-        # (None for that frame: the receiver stages a stream's frames until then).
-        self.captured: list[tuple[int, set[tuple[int, int]] | None]] = []
+        # (for that frame: its vector, origin -> seq; the receiver stages a stream's frames
+        # until then).
+        self.captured: list[tuple[int, set[tuple[int, int]] | dict[int, int]]] = []
         self.staged: set[tuple[int, int]] = set()  # (what arrived of an unfinished stream)
 
     def send(self, data: bytes) -> None:
@@ -104,12 +106,24 @@ class Connection:
         if self.open and self.target.read(self, piece):
             self.read += len(piece)
             while self.captured and self.captured[0][0] <= self.read:
-                carried = self.captured.pop(0)[1]
-                if carried is None:  # (the stream is queued for merge_step: see holds)
-                    self.target.merging.append(self.staged)
-                    self.staged = set()
-                else:
-                    self.staged |= carried
+                self._handled(self.captured.pop(0)[1])
+
+    def _handled(self, carried: set[tuple[int, int]] | dict[int, int]) -> None:
+        """A SNAPSHOT frame (the operations it carries) or a SNAPSHOT_END (its vector) was
+        handled."""
+        if isinstance(carried, dict):  # (the stream is queued for merge_step: see holds)
+            self.target.merging.append((self.staged, carried))
+            self.staged = set()
+        else:
+            self.staged |= carried
+
+    def refused_after(self, ends: int) -> None:
+        """The connection was refused in the middle of a piece, after its first ``ends``
+        SNAPSHOT_END frames were handled (each queued its stream for merge_step)."""
+        while ends and self.captured:
+            carried = self.captured.pop(0)[1]
+            self._handled(carried)
+            ends -= isinstance(carried, dict)
 
     def cut(self) -> None:
         """Reset: bytes in flight are lost; the dialler notices a moment later."""
@@ -156,8 +170,9 @@ class SimMember:
         # Operations merged through a snapshot beyond what its version vector says (a holder
         # exports what it has when it builds each frame, which may be more).
         self.also_holds: set[tuple[int, int]] = set()
-        # What each stream queued for merge_step carries, in order (see merge_slice).
-        self.merging: list[set[tuple[int, int]]] = []
+        # What each stream queued for merge_step carries, and its vector, in order (see
+        # merge_slice).
+        self.merging: list[tuple[set[tuple[int, int]], dict[int, int]]] = []
         self.merge_scheduled = False
 
     # -- life cycle --------------------------------------------------------------------------
@@ -219,7 +234,7 @@ class SimMember:
         merged = engine.snapshots_merged
         done = engine.merge_step()
         if engine.snapshots_merged > merged and self.merging:
-            self.also_holds |= self.merging.pop(0)
+            self.also_holds |= self.merging.pop(0)[0]
         if not done:
             self.schedule_merge(incarnation)
 
@@ -355,7 +370,8 @@ class SimMember:
                 if frame.startswith(b"[%d," % SNAPSHOT):
                     connection.captured.append((end, self.captured(json.loads(frame)[1])))
                 elif frame.startswith(b"[%d," % SNAPSHOT_END):
-                    connection.captured.append((end, None))
+                    vector = json.loads(frame)[1]
+                    connection.captured.append((end, {o: seq for o, seq, _ in vector}))
             connection.send(b"".join(batch))
             if peer.busy or peer.snapshot_stream is not None:
                 self.wake_writer(peer)
@@ -382,6 +398,7 @@ class SimMember:
             connection.cut()
             return False
         decoder = connection.decoder
+        queued = len(engine.merges_due)
         try:
             messages = decoder.feed(data)
             frames = decoder.frames
@@ -394,11 +411,14 @@ class SimMember:
             return True
         except ProtocolError as exc:
             connection.cut()
-            if str(exc) == "declared down":
+            connection.refused_after(len(engine.merges_due) - queued)
+            if exc.category == "down":
                 # Refused for good: its operator restarts it empty (see the down_timeout
-                # option), which drops what only it held.
+                # option), which drops what only it held; and it hears so first where the
+                # refusal says (the REFUSE line the shell sends).
                 self.world.down_refusals += 1
-                self.world.restart_when_refused(connection.source)
+                told = isinstance(exc, DeclaredDown) and bool(exc.reply)
+                self.world.refused_as_down(connection.source, by=self, told=told)
             else:
                 self.world.refusals.append(f"m{self.index}: {exc}")
             return False
@@ -410,7 +430,7 @@ class SimMember:
         if hello.node_id == engine.node_id:
             raise ProtocolError("connected to itself")
         if hello.node_id in engine.down_ids:
-            raise ProtocolError("declared down")
+            raise engine.refused_again(hello)
         peer = engine.peers.get((hello.host, hello.port))
         return engine.connection_made(peer, hello, self.world.now)
 
@@ -440,8 +460,11 @@ class SimMember:
             return False
         if origin == engine.node_id or (origin, seq) in self.also_holds:
             return True
-        if any((origin, seq) in carried for carried in self.merging):
-            return True  # (merged unless it crashes first, and then it held them)
+        # (Merged unless it crashes first, and then it held them; and the stream's vector
+        # counts them applied from then on, their effect carried or overwritten.)
+        for carried, vector in self.merging:
+            if (origin, seq) in carried or seq <= vector.get(origin, 0):
+                return True
         progress = engine.progress
         return seq <= progress.applied.get(origin, 0) or seq in progress._ahead.get(origin, {})
 
@@ -589,6 +612,16 @@ class World:
         self.history.append(f"{self.now:.3f} restart m{member.index} empty")
         member.stop()
         self.scheduler.after(self.rng.uniform(0.05, 1.0), self._start_again(member))
+
+    def refused_as_down(self, member: SimMember, by: SimMember, told: bool) -> None:
+        """``member`` was refused as declared down (``by`` that one): if ``told``, it hears
+        so a moment later; and it is restarted empty (once per incarnation)."""
+        engine = member.engine
+        if engine is not None and told:
+            peer = engine.peers[by.address]
+            hears = lambda: engine.declared_down_by_peer(peer)  # noqa: E731
+            self.scheduler.after(self.latency(), hears)
+        self.restart_when_refused(member)
 
     def restart_when_refused(self, member: SimMember) -> None:
         """``member`` was refused as declared down: restart it empty, once per incarnation."""

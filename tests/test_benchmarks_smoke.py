@@ -14,9 +14,8 @@ import sys
 import pytest
 
 from benchmarks import web
-from benchmarks.procs import Group, Member, free_ports
+from benchmarks.procs import Group, Member, free_ports, same_data
 from benchmarks.report import check_targets
-from benchmarks.scenarios import same_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,12 +6,13 @@ import gc
 import random
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 
 import gevent
 import gevent.event
 import pytest
-from cluster import HubTicks, LocalMembers, free_ports, wait_for
+from cluster import HubTicks, LocalMembers, NodeProcess, free_ports, wait_for
 from faults import ProxiedMembers
 
 from gcollective import Collective, _engine
@@ -539,11 +540,13 @@ def test_a_joiner_merges_a_big_state_without_holding_the_hub(monkeypatch):
         joiner.watch("", lambda *event: None)  # (a merge tells it every difference)
         joiner.start(timeout=60)
         wait_for(lambda: joiner.synced, timeout=60)
-        longest = ticks.longest()
+        # (In CPU time: on a loaded machine the process also waits for a core, for longer
+        # than a slice's work, and that is not a hold of the hub.)
+        longest = ticks.longest(cpu=True)
         if was_enabled:
             gc.enable()
         assert joiner.get("g49.s99.k99") == keys - 1
-        assert longest < 0.25, sorted(ticks.gaps)[-5:]  # (generous for a loaded machine)
+        assert longest < 0.15, sorted(ticks.cpu_gaps)[-5:]  # (0.29-0.69 s in one go; 0.05 now)
     finally:
         if was_enabled:
             gc.enable()
@@ -575,3 +578,46 @@ def test_a_member_stopped_while_it_merges_a_stream_never_says_it_merged(monkeypa
         assert joiner.internal_errors == 0
     finally:
         holder.stop(timeout=1)
+
+
+def test_a_staged_stream_holds_no_more_than_the_state_it_becomes(monkeypatch):
+    """A joiner stages a stream's frames until its SNAPSHOT_END (see above): what it holds
+    then is about what the merged state holds after, not more (traced by tracemalloc in the
+    joiner's process, the holder in its own: steady where RSS is not). Staged as decoded,
+    each leaf's packed stamp stayed an int object in a list until the end: 1.3x the merged
+    state, and the joiner's RSS after a join ~35 bytes a key more than when frames merged
+    as they came (the ``join`` benchmark: 191 instead of 156)."""
+    keys, parents = 200_000, 20
+    holder_port, joiner_port = free_ports(2)
+    holder = NodeProcess(holder_port, [holder_port, joiner_port])
+    joiner = None
+    at_the_end: list[int] = []
+    receive_end = _engine.Engine._receive_snapshot_end
+
+    def noting_what_is_staged(self, *args):
+        if not at_the_end:
+            gc.collect()
+            at_the_end.append(tracemalloc.get_traced_memory()[0])
+        return receive_end(self, *args)
+
+    monkeypatch.setattr(_engine.Engine, "_receive_snapshot_end", noting_what_is_staged)
+    tracemalloc.start()
+    try:
+        holder.start(timeout=0.5)
+        for parent in range(parents):
+            holder.call("write_keys", prefix=f"g{parent}", count=keys // parents, flat=True)
+        joiner = Collective(f"127.0.0.1:{joiner_port}", holder.peers)
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        joiner.start(timeout=60)
+        wait_for(lambda: joiner.synced, timeout=60)
+        assert joiner.get(f"g{parents - 1}.{keys // parents - 1}") == keys // parents - 1
+        gc.collect()
+        merged = tracemalloc.get_traced_memory()[0] - before
+        staged = at_the_end[0] - before
+        assert staged < 1.1 * merged, (staged / keys, merged / keys)
+    finally:
+        tracemalloc.stop()
+        holder.stop()
+        if joiner is not None:
+            joiner.stop(timeout=1)
