@@ -618,8 +618,9 @@ class Applier(Expiries):
     ) -> None:
         """``apply``'s last step for an INCREMENT (``path`` the whole path, for a ttl)."""
         self._untidy = True
-        self._forget_way()
         entry = parent.entries.get(key)
+        if type(entry) is _Node and type(entry.value) is dict:
+            self._forget_way()  # (a way may go through it: a counter's keeps them, see _way)
         if type(entry) is _Node and entry.ttls is not None:
             self._record_and_rebuild(parent, key, (), s, INCREMENT, amount, 0, path)
             return

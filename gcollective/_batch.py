@@ -81,8 +81,11 @@ class Batches(Ways):
         ``OpStamps`` makes its stamps only then). ``ttls``: each operation's ttl in
         milliseconds (0 for none), or None when none has one.
         """
-        self._forget_way()
         if ttls is not None and any(ttls):
+            # (Sessions and hits with a ttl: they may add ttl events or runs anywhere under
+            # their parent. Anything else keeps the cached ways where it leaves them valid:
+            # see ``_way``.)
+            self._forget_way()
             if parent:  # (sessions, rate-limit hits: keys under one parent)
                 node, ancestors = self._dict_way(parent.split("."), stamps[0])
                 if node is not None and stamps[0] >= node.reset:
@@ -289,6 +292,8 @@ class Batches(Ways):
         node, ancestors = self._dict_way(parent.split(".") if parent else [], stamps[0])
         if node is None or stamps[0] < node.reset:
             return False
+        if any(way.parent is node for way in self._ways.values()):
+            self._forget_way()  # (set_leaf reads a way's parent's ``_entries`` alone: no runs)
         # None of the keys may be there yet: the pending runs' keys are all in ``value``, and
         # every key of ``value`` has an entry or is in a run.
         data = node.value

@@ -73,6 +73,9 @@ __all__ = [
     "raise_below",
     "pack_leaves",
     "Sessions",
+    "Way",
+    "NO_WAY",
+    "WAYS_KEPT",
     "FOLDED",
     "fold_members",
 ]
@@ -190,8 +193,9 @@ class _Node:
         # ``_record_ttl``): whether one has fired is one comparison, not a scan of a
         # counter's ttl events (one per hit until ``collect``).
         self.ttl_first: int = 0
-        # How many leaves ``pack_leaves`` last packed here (0: never): it packs again only
-        # when the node has twice as many entries, so a writer coming back pays once.
+        # How many leaves ``pack_leaves`` last packed here, or entries it last found too few
+        # plain leaves in (0: never): it looks again only when the node has twice as many
+        # entries, so a writer coming back pays once.
         self.packed = 0
         # The values of bare-stamp children that an expiry hides (key -> value), or None: a
         # node with ttl events keeps them here while they are hidden, not each in a node of
@@ -377,8 +381,9 @@ def pack_leaves(node: _Node) -> None:
     what ``_add_runs`` records again: 16 bytes a leaf instead of a dict slot and a 128-bit
     int (about 75). The leaves a writer's loop left under a parent (``Tree._leave_way``) are
     most of a holder's memory otherwise. Nothing happens to a node with pending runs, without
-    a dict, or with fewer than ``PACK_MIN`` entries (twice as many as it last packed). Never
-    for the parent of the cached way: ``set_leaf`` reads its ``_entries`` alone."""
+    a dict, or with fewer than ``PACK_MIN`` entries (twice as many as it last packed, or
+    last found too few plain leaves in). Never for the parent of a cached way: ``set_leaf``
+    reads its ``_entries`` alone."""
     entries, data = node._entries, node.value
     if (
         node.runs is not None
@@ -396,6 +401,10 @@ def pack_leaves(node: _Node) -> None:
     else:
         plain = {key: e for key, e in entries.items() if type(e) is int and key in data}
         if len(plain) < PACK_MIN:
+            # (Not again before it has twice as many entries: a writer whose ways are left
+            # and cached again at every received frame made a parent of tombstones or
+            # sessions pay this pass each time.)
+            node.packed = len(entries)
             return
         keys, stamps = list(plain), list(plain.values())
         # A new dict: deleting from the old one would leave its table as large as it was.
@@ -525,6 +534,34 @@ def raise_below(ancestors: list[_Node], s: int) -> None:
             node.written_below = s
 
 
+@final
+class Way:
+    """A way ``cache_way`` remembered (see ``_way``): the dotted path of a parent (``key``;
+    None for ``NO_WAY``), the parent node, the nodes on the way to it (itself included, the
+    root not), its segments, and the newest stamp a fast path wrote below it since the last
+    ``_flush_way`` (0: none), which those nodes' ``newest`` and ``written_below`` learn only
+    when read, not at every write."""
+
+    __slots__ = ("key", "parent", "nodes", "path", "newest")
+
+    def __init__(
+        self, key: str | None, parent: _Node, nodes: list[_Node], path: tuple[str, ...]
+    ) -> None:
+        self.key = key
+        self.parent = parent
+        self.nodes = nodes
+        self.path = path
+        self.newest = 0
+
+
+#: No way: what ``Tree._way`` is while none is cached (its key matches no parent's).
+NO_WAY = Way(None, _Node(), [], ())
+
+#: The most ways a store keeps cached (``Tree._ways``): a web app's request writes under a
+#: few parents in turn (a hit counted, a key of its worker's, a session).
+WAYS_KEPT = 4
+
+
 class Tree:
     """The base of ``Store``: the root node, the reads, and what every concern shares.
 
@@ -546,19 +583,24 @@ class Tree:
         #: The store's notion of now, in wall-clock milliseconds (see ``advance``): what
         #: decides which expiries have fired, in every rebuild.
         self.now_ms: float | int = NEVER
-        # The way cached by ``cache_way`` for the ``*_leaf`` fast paths (see ``_way``): the
-        # dotted path of a parent (or None), the parent and the nodes on the way to it (itself
-        # included). Valid while only the fast paths ran since: every other change of the tree
-        # calls ``_forget_way``, which is why it lives here. The newest stamp ``set_leaf``
-        # wrote below them, or 0: those nodes' ``newest`` and ``written_below`` learn it only
-        # when read (``_flush_way``), not at every write.
-        self.way_key: str | None = None
-        self._way_parent = root
-        self._way_nodes: list[_Node] = []
-        self._way_path: tuple[str, ...] = ()
-        self._way_newest = 0
-        # The parent the cached way last left (``_forget_way``), to pack (``_leave_way``).
-        self._way_left: _Node | None = None
+        # The ways cached by ``cache_way`` for the ``*_leaf`` fast paths (see ``_way``), by
+        # the dotted path of their parent, at most ``WAYS_KEPT``, and the one the last fast
+        # path took (``NO_WAY`` when none is). Valid while only the fast paths ran since:
+        # every other change of a node on a way calls ``_forget_way``, which is why they
+        # live here.
+        self._ways: dict[str, Way] = {}
+        self._way: Way = NO_WAY
+        # The nodes on those ways (parents included): what a fast path under one must not
+        # replace (see ``Ways._assign_fresh_on_way``).
+        self._nodes_on_ways: set[_Node] = set()
+        # The parents of the ways dropped since the last ``cache_way``, to pack there
+        # (``_leave_way``).
+        self._ways_left: list[_Node] = []
+
+    @property
+    def way_key(self) -> str | None:
+        """The dotted path of the parent of the way the last fast path took, or None."""
+        return self._way.key
 
     def get(self, path: Iterable[str], default: Any = None) -> Any:
         """The value at ``path`` (containers copied), or ``default`` when there is none."""
@@ -570,34 +612,38 @@ class Tree:
         return copy
 
     def _flush_way(self) -> None:
-        """Raise the summaries on the cached way to the newest ``set_leaf`` below it: what
-        each ``set_leaf`` would have done (the newest stamp decides, as with
-        ``raise_below``). Anything that reads the metadata calls this first, ``_forget_way``
-        too, so every path of ``apply`` but the fast one flushes. That one needs not: its walk
-        only raises the same summaries to its own stamp, and maxima commute."""
-        if self._way_newest:
-            raise_below(self._way_nodes, self._way_newest)
-            self._way_newest = 0
+        """Raise the summaries on each cached way to the newest fast-path write below it:
+        what each write would have done (the newest stamp decides, as with
+        ``raise_below``). Anything that reads the metadata of a node on a way calls this
+        first, ``_forget_way`` too, so every path of ``apply`` that reads or changes one
+        flushes. The others need not: their walk only raises the same summaries to their
+        own stamp, and maxima commute."""
+        for way in self._ways.values():
+            if way.newest:
+                raise_below(way.nodes, way.newest)
+                way.newest = 0
 
     def _forget_way(self) -> None:
-        """Drop the way ``cache_way`` remembered: the tree is about to change otherwise."""
-        if self.way_key is None and not self._way_newest:
+        """Drop every way ``cache_way`` remembered: the tree is about to change otherwise."""
+        if not self._ways:
             return  # nothing cached (a received batch calls this per operation)
         self._flush_way()
-        if self._way_parent is not self._root:
-            self._way_left = self._way_parent
-        self.way_key = None
-        self._way_nodes = []
-        self._way_parent = self._root
+        root = self._root
+        self._ways_left += [way.parent for way in self._ways.values() if way.parent is not root]
+        self._ways = {}
+        self._way = NO_WAY
+        self._nodes_on_ways = set()
 
     def _leave_way(self, parent: _Node) -> None:
-        """Before ``cache_way`` caches the way to ``parent``: pack the leaves of the parent
-        the way leaves (``pack_leaves``), a writer's loop done with it. (Only there: between
-        operations, with no way cached under it, nothing holds that node's ``_entries``.)"""
-        for node in (self._way_left, self._way_parent):
-            if node is not None and node is not parent:
+        """Before ``cache_way`` caches the way to ``parent``: pack the leaves of the parents
+        the ways dropped since left (``pack_leaves``), a writer's loop done with them. (Only
+        there: between operations, with no way cached under it, nothing holds such a node's
+        ``_entries``.)"""
+        kept = [way.parent for way in self._ways.values()]
+        for node in self._ways_left:
+            if node is not parent and all(node is not other for other in kept):
                 pack_leaves(node)
-        self._way_left = None
+        self._ways_left = []
 
     def _promote(self, parent: _Node, key: str, entry: int | None) -> _Node:
         """Turn a bare-stamp entry (or nothing) into a full metadata node."""

@@ -5,12 +5,26 @@ that parent (``cache_way``) and then takes each key's operation under it with a 
 updates (``set_leaf``, ``assign_leaf``, ``incr_leaf``, ``delete_leaf``), instead of walking
 the path from the root. ``assign_key``, ``increment_key`` and ``delete_key`` are the policy
 that ``Collective`` uses: they find or cache the way for a dotted key, and take the fast
-path when it applies.
+path when it applies. The store keeps the ways of a few parents (``WAYS_KEPT``), by the
+dotted path of each: a web app's request counts a hit under one parent and writes a key of
+its worker's under another, and takes both fast.
 
-The cache stays valid while the tree changes only through these and the fast paths of
-``apply`` (a leaf written where nothing is newer, a new dict on the way): those never replace
-a node, make a dict something else, add a ttl or raise a reset stamp. Everything else calls
-``_forget_way`` first (``Tree`` holds the cached way for that reason).
+A cached way is valid while each node on it is the node at its path, holds a dict, has no
+ttl event and no reset stamp newer than the writer's next stamp, and its parent has no
+pending run but the writer's own sessions. What may break that, and so calls
+``_forget_way`` (which drops them all) first:
+
+- anything that replaces or rebuilds a node whose value is a dict, or gives it a ttl, or
+  raises its reset stamp (``_set``, ``_delete``, ``_write_below``, ``_promote``, anything
+  with a ttl, ``_increment`` of a dict, expiry, ``collect``, ``merge``);
+- a pending run put on a node (``_set_siblings``, received sessions) that is a way's parent.
+
+Nothing else does: a leaf written where nothing is newer, a new dict on the way, an
+increment of a counter (a node holding no dict: no way goes through it) change only
+leaves under a way's parent and raise the summaries above, which the fast paths read
+afresh or only raise. So a received batch of those (a peer's hits and keys) keeps every
+way. A fast path under one way never replaces a node on another (``Tree._nodes_on_ways``):
+such an operation goes the general way, which forgets them all.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ from typing import Any, Sequence
 
 from ._apply import Applier
 from ._clock import MILLIS_SHIFT, expiry_stamp
-from ._tree import DICT, SET, _Node
+from ._tree import DICT, SET, WAYS_KEPT, Way, _Node
 from ._validate import INT_BOUND, INT_LOW, parse_key
 
 __all__ = ["Ways"]
@@ -34,35 +48,35 @@ class Ways(Applier):
 
     def __init__(self) -> None:
         super().__init__()
-        self._way_wanted: str | None = None  # the parent of the last key not on the way
+        # The parents of the last keys that looked for a way and found none cached (at most
+        # ``WAYS_KEPT``, oldest first): a key under one of them is taken for a loop.
+        self._ways_wanted: dict[str, None] = {}
         self._way_skips = 0  # keys to take before looking for a loop again
 
     def set_key(self, stamp: int, key: str, value: Any) -> None:
         """``assign_key(stamp, key, value)`` of a ``value`` that is not a dict (a number, a
         str, a bool, None or a list), without a ttl: ``Collective.set``'s most common call,
         in the fewest steps (``set_leaf``, inline, under the cached way)."""
-        path = None
-        if self._way_skips:
-            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
-        else:
-            above, _, leaf = key.rpartition(".")
-            if above == self.way_key and leaf and leaf.isascii():
-                # (``set_leaf``, inline: the call cost a tenth of a ``Collective.set``; the
-                # parent was checked when it was cached)
-                parent = self._way_parent
-                entries = parent._entries
-                entry = entries.setdefault(leaf, stamp)  # (one lookup for a new key)
-                if entry is stamp or (type(entry) is int and stamp > entry):
-                    if entry is not stamp:
-                        entries[leaf] = stamp
-                    parent.value[leaf] = value
-                    self._way_newest = stamp
-                    return
-            else:
-                path = parse_key(key)  # raises for a bad key
-                if self._way_to(above, path, stamp) and self.set_leaf(stamp, leaf, value):
-                    return
-        self.apply(stamp, SET, path or parse_key(key), value)
+        above, _, leaf = key.rpartition(".")
+        way = self._way
+        if above != way.key or not leaf or not leaf.isascii():
+            found = self._find_way(above, leaf, key, stamp)
+            if found is None:
+                self.apply(stamp, SET, parse_key(key), value)
+                return
+            way = found
+        # (``set_leaf``, inline: the call cost a tenth of a ``Collective.set``; the parent was
+        # checked when it was cached)
+        parent = way.parent
+        entries = parent._entries
+        entry = entries.setdefault(leaf, stamp)  # (one lookup for a new key)
+        if entry is stamp or (type(entry) is int and stamp > entry):
+            if entry is not stamp:
+                entries[leaf] = stamp
+            parent.value[leaf] = value
+            way.newest = stamp
+            return
+        self.apply(stamp, SET, parse_key(key), value)
 
     def assign_key(
         self, stamp: int, key: str, value: Any, ttl_ms: int = 0, flat: bool = False
@@ -71,44 +85,55 @@ class Ways(Applier):
         dotted ``key`` (``InvalidKeyError`` if it is not valid; ``stamp`` as for
         ``set_leaf``). In a writer's loop it takes a few steps: ``set_leaf`` (or
         ``assign_leaf``, for a dict or a ttl) under the way to the key's parent, cached when
-        keys come in a row under one parent (see ``_way_to``). ``flat``: ``value`` is a dict
+        keys come in a row under one parent (see ``_find_way``). ``flat``: ``value`` is a dict
         of leaves that the store may keep (``clean_flat_dict``'s copy, a session's), which
         ``_assign_flat`` takes in fewer steps."""
-        path = None
-        if self._way_skips:
-            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
-        else:
-            above, _, leaf = key.rpartition(".")
-            if above == self.way_key and leaf and leaf.isascii():
-                on_way = True  # (the parent was checked when it was cached)
-            else:
-                path = parse_key(key)  # raises for a bad key
-                on_way = self._way_to(above, path, stamp)
-            if on_way:
-                if flat:
-                    if self._assign_flat(leaf, stamp, value, ttl_ms, key):
-                        return
-                elif ttl_ms or type(value) is dict:
-                    # (``assign_leaf``, inline, its path the dotted key: ``_first_ttl`` splits
-                    # it only when it makes an entry)
-                    if self._assign_fresh(self._way_parent, leaf, stamp, value, ttl_ms, key):
-                        self._way_newest = stamp
-                        return
-                elif self.set_leaf(stamp, leaf, value):
-                    # (a float or a list: ``Collective.set`` gives the rest to ``set_key``)
+        above, _, leaf = key.rpartition(".")
+        way: Way | None = self._way
+        if above != self._way.key or not leaf or not leaf.isascii():
+            way = self._find_way(above, leaf, key, stamp)
+        if way is not None:
+            if flat:
+                if self._assign_flat(leaf, stamp, value, ttl_ms, key):
                     return
-        self.apply(stamp, SET, path or parse_key(key), value, ttl_ms)
+            elif ttl_ms or type(value) is dict:
+                # (``assign_leaf``, inline, its path the dotted key: ``_first_ttl`` splits
+                # it only when it makes an entry)
+                if self._assign_fresh_on_way(way, leaf, stamp, value, ttl_ms, key):
+                    return
+            elif self.set_leaf(stamp, leaf, value):
+                # (a float or a list: ``Collective.set`` gives the rest to ``set_key``)
+                return
+        self.apply(stamp, SET, parse_key(key), value, ttl_ms)
+
+    def _assign_fresh_on_way(
+        self, way: Way, leaf: str, s: int, value: Any, ttl_ms: int, path: Any
+    ) -> bool:
+        """``_assign_fresh`` under ``way`` (the cached way taken), unless the node it would
+        replace is on a cached way (which the general way replaces, forgetting them all):
+        False, having changed nothing, then."""
+        parent = way.parent
+        entry = parent._entries.get(leaf)
+        if type(entry) is _Node and entry in self._nodes_on_ways:  # (the docstring)
+            return False
+        if not self._assign_fresh(parent, leaf, s, value, ttl_ms, path):
+            return False
+        way.newest = s
+        return True
 
     def _assign_flat(self, leaf: str, s: int, value: dict[str, Any], ttl_ms: int, key: str) -> bool:
         """``_assign_fresh`` under the cached way of ``value``, a dict of leaves the store may
         keep (a session's: see ``assign_key``), in fewer steps: the node ``build`` makes of
         it, made here without copying ``value`` or looking for a dict member in it. False,
         having changed nothing, when ``_assign_fresh`` would refuse."""
-        parent = self._way_parent
+        way = self._way
+        parent = way.parent
         # (The way's parent has no runs but the writer's own sessions, whose keys have their
         # stamps in ``_entries``: see ``_tree.Sessions.stamped``.)
         entries = parent._entries
         entry = entries.get(leaf)
+        if type(entry) is _Node and entry in self._nodes_on_ways:
+            return False  # (see ``_assign_fresh_on_way``)
         data = parent.value
         if ttl_ms and (
             leaf not in data
@@ -140,7 +165,7 @@ class Ways(Applier):
                     self.open_own_sessions(parent, key, leaf, s, ttl_ms, due)
                 entries[leaf] = s
                 data[leaf] = value
-                self._way_newest = s
+                way.newest = s
                 return True
         # (``newest_in(entry)``, inline)
         if entry is not None and not s > (entry.newest if type(entry) is _Node else entry):
@@ -170,57 +195,65 @@ class Ways(Applier):
         self._untidy = True  # (what it replaced may have left ttl entries behind: see advance)
         entries[leaf] = node
         parent.value[leaf] = value
-        self._way_newest = s
+        way.newest = s
         return True
 
-    def _look_for_way(self, above: str, key: str, stamp: int) -> bool:
-        """``increment_key``'s and ``delete_key``'s policy for a key the quick test (the
-        cached parent, a plain leaf) did not take: whether the way to ``above``, its parent,
-        is cached now (``_way_to``), unless keys are being skipped."""
-        path = parse_key(key)  # raises for a bad key
-        if above != self.way_key and self._way_skips:
-            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
-            return False
-        return self._way_to(above, path, stamp)
+    def _find_way(self, above: str, leaf: str, key: str, stamp: int) -> Way | None:
+        """The way to ``above``, the parent of ``key`` (its last segment ``leaf``), for an
+        operation at ``stamp`` whose key the quick test (the way taken last, a plain leaf)
+        did not take: a cached way (taken now), or one cached now, or None (then take the
+        general way); ``InvalidKeyError`` for a bad key that the general way would not see.
 
-    def _way_to(self, above: str, path: tuple[str, ...], stamp: int) -> bool:
-        """Whether the way to ``above``, the parent of the valid ``path``, is cached now, for
-        an operation at ``stamp``. The policy: a key under the same parent as the last one
-        looked at is taken for a loop, and its way cached; after a key under another parent,
-        the next ``_WAY_SKIPS`` keys take the general way without looking (keys scattered
-        over parents pay little for the cache)."""
-        if above == self.way_key:
-            return True  # (a valid leaf that the quick test left out)
-        if above != self._way_wanted:
-            self._way_wanted = above
+        The policy: a key under a parent whose way is cached takes it (a writer alternating
+        between a few parents takes each fast). Otherwise a key under the same parent as one
+        of the last few that looked is taken for a loop (or loops in turn), and its way
+        cached; after a key under another parent, the next ``_WAY_SKIPS`` keys off the
+        cached ways take the general way without looking (keys scattered over parents pay
+        little for the cache)."""
+        way = self._ways.get(above)
+        if way is not None:
+            if not leaf or not leaf.isascii():
+                parse_key(key)  # raises for a bad key
+            self._way = way
+            return way
+        if self._way_skips:
+            self._way_skips -= 1  # keys scattered over parents: look for a loop again later
+            return None  # (the general way checks the key)
+        path = parse_key(key)  # raises for a bad key
+        wanted = self._ways_wanted
+        if above not in wanted:
+            wanted[above] = None
+            if len(wanted) > WAYS_KEPT:
+                del wanted[next(iter(wanted))]
             self._way_skips = _WAY_SKIPS
-            return False
+            return None
+        del wanted[above]  # (cached now, or no fast way there now: try again later)
         if self.cache_way(above, path[:-1], stamp):
-            return True
-        self._way_wanted = None  # no fast way there now: try again later
-        return False
+            return self._way
+        return None
 
     def cache_way(self, key: str, way: tuple[str, ...] | list[str], s: int) -> bool:
         """Remember the node at ``way`` (named ``key``, its dotted form) for ``set_leaf``, if
         a plain SET below it at stamp ``s`` would take the fast path at every level; True
-        when cached. ``way`` must be a valid path (``key`` is only its name here).
+        when cached (and the way the fast paths take now). ``way`` must be a valid path
+        (``key`` is only its name here). The way cached first of ``WAYS_KEPT`` is dropped
+        for it.
 
-        The cache stays valid while the tree changes only through ``set_leaf`` and the fast
-        paths of ``apply`` (a leaf written where nothing is newer, a new dict on the way):
-        those never replace a node, make a dict something else, add a ttl or raise a reset
-        stamp. Everything else calls ``_forget_way`` first.
+        The cache stays valid while the tree changes only through the fast paths and what
+        the module docstring lists; everything else calls ``_forget_way`` first.
         """
         self._flush_way()
         parent, nodes = self._dict_way(way, s)
         if parent is None or s < max([self._root.reset, *[node.reset for node in nodes]]):
             return False
-        self._leave_way(parent)  # (packs the leaves of the parent it leaves)
+        ways = self._ways
+        if ways.pop(key, None) is None and len(ways) >= WAYS_KEPT:
+            self._ways_left.append(ways.pop(next(iter(ways))).parent)  # (flushed above)
+        self._leave_way(parent)  # (packs the leaves of the parents left)
         if parent.runs is not None:
             parent.record_runs()  # (set_leaf reads its _entries: no runs are added meanwhile)
-        self._way_parent = parent
-        self._way_nodes = nodes
-        self._way_path = tuple(way)
-        self.way_key = key
+        self._way = ways[key] = Way(key, parent, nodes, tuple(way))
+        self._nodes_on_ways = {node for way in ways.values() for node in way.nodes}
         return True
 
     def set_leaf(self, s: int, leaf: str, value: Any) -> bool:
@@ -232,7 +265,8 @@ class Ways(Applier):
         ``apply``)."""
         if type(value) is dict:
             return self.assign_leaf(s, leaf, value)
-        parent = self._way_parent
+        way = self._way
+        parent = way.parent
         entries = parent._entries
         entry = entries.setdefault(leaf, s)  # one lookup when the key is new (``s`` is)
         if entry is not s:
@@ -240,7 +274,7 @@ class Ways(Applier):
                 return False
             entries[leaf] = s
         parent.value[leaf] = value
-        self._way_newest = s  # (the newest yet: raised on the way later, see _flush_way)
+        way.newest = s  # (the newest yet: raised on the way later, see _flush_way)
         return True
 
     def assign_leaf(
@@ -253,11 +287,9 @@ class Ways(Applier):
         that simple."""
         if flat:
             return self._assign_flat(leaf, s, value, ttl_ms, self._under_way(leaf))
-        path = (*self._way_path, leaf) if ttl_ms else ()
-        if not self._assign_fresh(self._way_parent, leaf, s, value, ttl_ms, path):
-            return False
-        self._way_newest = s
-        return True
+        way = self._way
+        path = (*way.path, leaf) if ttl_ms else ()
+        return self._assign_fresh_on_way(way, leaf, s, value, ttl_ms, path)
 
     def increment_key(self, s: int, key: str, amount: int, ttl_ms: int = 0) -> Any:
         """A node's own INCREMENT of the int counter at the dotted ``key`` by the int
@@ -268,13 +300,15 @@ class Ways(Applier):
         Returns the new value, or None having changed nothing when the case is not that
         (then ``apply`` it). ``s`` as for ``set_leaf``; ``InvalidKeyError`` for a bad key."""
         above, _, leaf = key.rpartition(".")
-        if not (above == self.way_key and leaf and leaf.isascii()) and not self._look_for_way(
-            above, key, s
-        ):
-            return None
+        way = self._way
+        if above != way.key or not leaf or not leaf.isascii():
+            found = self._find_way(above, leaf, key, s)
+            if found is None:
+                return None
+            way = found
         if ttl_ms and (s >> MILLIS_SHIFT) + ttl_ms <= self.now_ms:
             return None  # due already: the general way fires it
-        parent = self._way_parent
+        parent = way.parent
         entries = parent._entries
         entry = entries.get(leaf)
         if entry is None:
@@ -309,7 +343,7 @@ class Ways(Applier):
         if ttl_ms:
             self._rearm(entry, s, ttl_ms, key)  # (split if it must)
         self._untidy = True  # (increments for ``collect`` to fold)
-        self._way_newest = s
+        way.newest = s
         return result
 
     def delete_key(self, s: int, key: str) -> bool:
@@ -318,20 +352,24 @@ class Ways(Applier):
         ``_delete``. ``s`` as for ``set_leaf``; False, having changed nothing, otherwise
         (then ``apply`` it); ``InvalidKeyError`` for a bad key."""
         above, _, leaf = key.rpartition(".")
-        if not (above == self.way_key and leaf and leaf.isascii()) and not self._look_for_way(
-            above, key, s
-        ):
-            return False
-        parent = self._way_parent
+        way = self._way
+        if above != way.key or not leaf or not leaf.isascii():
+            found = self._find_way(above, leaf, key, s)
+            if found is None:
+                return False
+            way = found
+        parent = way.parent
         entries = parent._entries
         entry = entries.get(leaf)
-        # (``newest_in(entry)``, inline: a loop of deletes pays for each call)
-        if entry is not None and not s > (entry.newest if type(entry) is _Node else entry):
+        if type(entry) is _Node:
+            if not s > entry.newest or entry in self._nodes_on_ways:
+                return False  # (``newest_in(entry)``, inline: a loop of deletes pays for each)
+        elif entry is not None and not s > entry:
             return False
         self._untidy = True  # a tombstone for ``collect``
         entries[leaf] = s
         parent.value.pop(leaf, None)
-        for node in self._way_nodes:
+        for node in way.nodes:
             if s > node.newest:
                 node.newest = s  # (not written_below: a DELETE is no write below)
         return True
@@ -346,7 +384,8 @@ class Ways(Applier):
 
     def _under_way(self, leaf: str) -> str:
         """The dotted key of ``leaf`` under the cached way."""
-        return f"{self.way_key}.{leaf}" if self.way_key else leaf
+        above = self._way.key
+        return f"{above}.{leaf}" if above else leaf
 
     def _dict_way(self, way: Sequence[str], s: int) -> tuple[_Node | None, list[_Node]]:
         """The node at ``way`` and the nodes on the way to it, if a later plain SET below it

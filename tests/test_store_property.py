@@ -2683,8 +2683,9 @@ def test_leaves_packed_when_the_way_leaves_match_one_by_one(data: st.DataObject)
                     if not isinstance(node, _tree._Node):
                         break
                 else:
-                    if node is not cached._way_parent:  # (set_leaf reads its _entries)
-                        _tree.pack_leaves(node)
+                    parents = [way.parent for way in cached._ways.values()]
+                    if all(node is not parent for parent in parents):
+                        _tree.pack_leaves(node)  # (set_leaf reads a way's parent's _entries)
             *way, leaf = operation.path
             stamp = operation.stamp
             if stamp > newest and operation.op == SET:
@@ -2701,6 +2702,14 @@ def test_leaves_packed_when_the_way_leaves_match_one_by_one(data: st.DataObject)
         assert_store_matches(cached, ops, context)
 
 
+def _elsewhere(tag: str) -> list[str]:
+    """Keys of a writer moving on: loops under as many other parents as the store keeps ways
+    (``WAYS_KEPT``), so that the way it left is dropped (and its parent packed)."""
+    from gcollective._tree import WAYS_KEPT
+
+    return [f"{tag}{n}.k{i}" for n in range(WAYS_KEPT) for i in range(12)]
+
+
 def test_a_writers_leaves_are_packed_when_it_moves_on() -> None:
     """The leaves a writer's loop left under a parent (``assign_key``, what ``Collective.set``
     calls) are kept packed, not as a dict slot and a stamp each, and read back (values and
@@ -2709,7 +2718,7 @@ def test_a_writers_leaves_are_packed_when_it_moves_on() -> None:
 
     store = new_store()
     ops = []
-    for i, key in enumerate([*(f"a.k{i}" for i in range(300)), *(f"b.k{i}" for i in range(20))]):
+    for i, key in enumerate([*(f"a.k{i}" for i in range(300)), *_elsewhere("b")]):
         stamp = (1000 + i) << NODE_BITS | 7
         store.assign_key(stamp, key, i)
         ops.append(Op(stamp, SET, tuple(key.split(".")), i))
@@ -2741,18 +2750,18 @@ def test_leaves_packed_while_a_snapshot_reads_their_node_are_all_in_it() -> None
         stamp += 1
         store.assign_key(stamp << NODE_BITS | 7, key, stamp)
 
-    for i in range(40):  # a.k*, then a few under b: a is packed
+    for i in range(40):  # a.k*, then a few under other parents: a is packed
         write(f"a.k{i}")
-    for i in range(10):
-        write(f"b.k{i}")
+    for key in _elsewhere("b"):
+        write(key)
     assert store._root.entries["a"].runs is not None
     for i in range(40, 120):  # back to a (recorded again), more leaves than packed
         write(f"a.k{i}")
     pieces = store.export_pieces("a", [4])
     joiner = new_store()
     joiner.merge([next(pieces), next(pieces)])  # (its own events, then 4 leaves)
-    for i in range(10, 20):  # a is left again, twice as large: packed again
-        write(f"b.k{i}")
+    for key in _elsewhere("c"):  # a is left again, twice as large: packed again
+        write(key)
     assert store._root.entries["a"].runs is not None
     for piece in pieces:
         joiner.merge([piece])
