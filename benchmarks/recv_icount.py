@@ -108,7 +108,7 @@ def apply(path: str) -> None:
         for chunk in chunks:
             decoder.feed(chunk)
     elif stage == "parse":
-        from gcollective._wire import parse_ops
+        from gcollective._wire_ops import parse_ops
 
         for chunk in chunks:
             for message in decoder.feed(chunk):

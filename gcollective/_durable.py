@@ -37,7 +37,8 @@ from ._errors import DataDirError, DataDirLocked, ProtocolError
 from ._peerstate import Inbound
 from ._server import _let_others_run
 from ._store import Store
-from ._wire import LEAF_BYTES_GUESS, OPS, SNAPSHOT, SNAPSHOT_END, FrameDecoder, parse_snapshot_items
+from ._wire import OPS, SNAPSHOT, SNAPSHOT_END, FrameDecoder
+from ._wire_snapshot import LEAF_BYTES_GUESS, parse_snapshot_items
 
 __all__ = ["Durability", "FLUSH_INTERVAL", "FSYNC_POLICIES"]
 

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
 
 from ._auth import encode_refusal
 from ._clock import NODE_BITS, HybridClock, stamp_lead
+from ._columns import full_paths
 from ._errors import ProtocolError
 from ._frontier import Frontier
 from ._oplog import OpLog, Progress
@@ -54,10 +55,8 @@ from ._peerstate import (
 from ._store import SET, Store
 from ._wire import (
     KNOWS_MEMBERS,
-    LEAF_BYTES_GUESS,
     MEMBERS,
     OPS,
-    PIECE_FILL,
     PROGRESS,
     SNAPSHOT,
     SNAPSHOT_END,
@@ -69,15 +68,17 @@ from ._wire import (
     encode_ops,
     encode_progress,
     encode_snapshot_end,
+    parse_progress,
+    parse_vector,
+)
+from ._wire_ops import parse_ops, path_segments
+from ._wire_snapshot import (
+    LEAF_BYTES_GUESS,
+    PIECE_FILL,
     encode_snapshot_parts,
-    full_paths,
     join_snapshot,
     learn_piece_size,
-    parse_ops,
-    parse_progress,
     parse_snapshot_items,
-    parse_vector,
-    path_segments,
 )
 
 __all__ = ["Engine", "Inbound", "Peer"]  # (the per-peer state is ``_peerstate``'s)

@@ -72,7 +72,7 @@ class Exporter(Tree):
         """The export of one top-level key in items of about ``budget[0]`` leaves each (the
         caller may change it between items): the whole item when it is that small, else
         pieces of it on their paths, which merge to the same as the whole (see
-        ``_wire.encode_snapshot_parts``).
+        ``_wire_snapshot.encode_snapshot_parts``).
 
         Each item is read from the store as it is when it is made, and shares the store's
         values: encode it before the store can change (before the next item is asked for).

@@ -76,7 +76,7 @@ from ._validate import (
     format_address,
     parse_key,
 )
-from ._wire import _check_json
+from ._wire import check_json
 
 __all__ = ["LegacyCollective"]
 
@@ -745,7 +745,7 @@ class LegacyCollective(_server._Member):
             return
         if type(payload) is not dict:
             raise ProtocolError(f"Accept carries a {type(payload).__name__}, not an object")
-        _check_json(payload, 0)
+        check_json(payload, 0)
         self._store.replace(payload)
         self.accepts_applied += 1
         log.info(

@@ -32,7 +32,7 @@ import ujson
 from ._errors import InvalidKeyError, InvalidValueError, ProtocolError
 from ._store import is_number, read_path
 from ._validate import Key, parse_address, parse_key
-from ._wire import MAGIC, _check_json
+from ._wire import MAGIC, check_json
 
 __all__ = [
     "PROTOCOL",
@@ -221,7 +221,7 @@ def parse_data(payload: Any) -> tuple[str, tuple[str, ...], int | float, Any, in
     elif op == DELETE:
         value = None
     else:
-        _check_json(value, len(path))
+        check_json(value, len(path))
     return key, path, time_ms, value, op
 
 

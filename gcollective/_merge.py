@@ -98,7 +98,7 @@ class Merger(Expiries):
 
         Accepts the whole ``export()`` list or any slice of it, so a snapshot can arrive in
         chunks interleaved with live operations, and pieces of an item (the same key again
-        with more of its subtree, see ``_wire.encode_snapshot_parts``), which it grafts.
+        with more of its subtree, see ``_wire_snapshot.encode_snapshot_parts``), which it grafts.
         """
         root = self._root
         self._untidy = True

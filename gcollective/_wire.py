@@ -60,21 +60,13 @@ That is the only time a node writes on a connection it accepted, besides refusal
 from __future__ import annotations
 
 import math
-from itertools import accumulate, chain, islice, repeat
-from operator import countOf, itemgetter, lshift, sub
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from itertools import islice
+from operator import sub
+from typing import Any, NamedTuple, Sequence
 
 import ujson
 
-from ._clock import DERIVED_BIT, HLC_LIMIT, MILLIS_SHIFT, NODE_BITS, NODE_MASK, STAMP_LIMIT
-from ._columns import (
-    MAX_LEAF_ORIGINS,
-    LeafColumns,
-    full_paths,
-    pack_stamps,
-    packed_column,
-    unpack_stamps,
-)
+from ._clock import NODE_MASK, STAMP_LIMIT
 from ._errors import ProtocolError
 from ._validate import MAX_DEPTH
 
@@ -90,17 +82,7 @@ __all__ = [
     "FrameDecoder",
     "encode_hello",
     "encode_ops",
-    "OpStamps",
     "wire_path",
-    "full_paths",
-    "path_segments",
-    "encode_snapshot",
-    "encode_snapshot_item",
-    "encode_snapshot_parts",
-    "learn_piece_size",
-    "LEAF_BYTES_GUESS",
-    "PIECE_FILL",
-    "join_snapshot",
     "SNAPSHOT_REQUEST",
     "PROGRESS",
     "encode_snapshot_end",
@@ -115,12 +97,10 @@ __all__ = [
     "encode_members",
     "parse_members",
     "parse_hello",
-    "parse_ops",
-    "check_op_values",
     "MAX_TTL_MS",
-    "parse_snapshot_items",
-    "LeafColumns",
-    "unpack_stamps",
+    "MAX_SEQ",
+    "check_json",
+    "JSON_SCALARS",
     "STATUS_MAGIC",
     "STATUS_VERSION",
     "encode_status_request",
@@ -151,7 +131,7 @@ STATUS_MAGIC = "gcollective-status"
 STATUS_VERSION = 1
 
 _PARENT_MIN = 16  # the fewest operations an OPS frame says the parent of once
-_MAX_SEQ = 1 << 63
+MAX_SEQ = 1 << 63
 #: The longest ttl accepted, in milliseconds (about ten years).
 MAX_TTL_MS = 10 * 366 * 24 * 3600 * 1000
 _dumps = ujson.dumps
@@ -232,184 +212,6 @@ def wire_path(path: Sequence[str]) -> str | list[str]:
         if "." in segment:
             return list(path)
     return ".".join(path)
-
-
-def encode_snapshot(items: list[Any]) -> bytes:
-    """A SNAPSHOT frame carrying a slice of ``Store.export()``."""
-    return join_snapshot([encode_snapshot_item(item) for item in items])
-
-
-def encode_snapshot_item(item: list[Any]) -> bytes:
-    """One item of ``Store.export()``, encoded for ``join_snapshot`` (a full node's leaves as
-    columns: see the module docstring)."""
-    key, entry = item
-    if type(entry) is list and len(entry) >= 8:
-        item = [key, _leaves_as_columns(entry)]
-    return _dumps(item, ensure_ascii=False).encode()
-
-
-def encode_snapshot_parts(item: list[Any], limit: int) -> Iterator[bytes]:
-    """One item of ``Store.export()`` encoded for ``join_snapshot`` in parts of at most
-    ``limit`` bytes each, where it can be (a single value longer than that stays whole).
-
-    A full node too long for one part goes as several items of the same key, each the path
-    down to some of its leaves or children: the first with the node's own events (its
-    assignment, increments, ttls), the others with only what tells that it is a dict. They
-    merge to the same as the whole (a merge takes the union of the events; the joiner
-    grafts each piece, see ``_merge``), and each carries its leaves as columns."""
-    key, entry = item
-
-    def wrap(piece: list[Any]) -> list[Any]:
-        return [key, piece]
-
-    if type(entry) is list and len(entry) >= 8:
-        weight = _weight(entry)
-        if weight * _LEAF_BYTES_AT_LEAST > limit:  # too long whatever it holds: no need to try
-            yield from _node_parts(entry, wrap, limit, [LEAF_BYTES_GUESS])
-            return
-    part = encode_snapshot_item(item)
-    if len(part) <= limit or type(entry) is not list or len(entry) < 8:
-        yield part
-    else:
-        yield from _node_parts(entry, wrap, limit, [len(part) / weight])
-
-
-# A leaf of a snapshot's node hardly takes fewer bytes than the first figure as it travels (a
-# key in quotes, a packed stamp of a wall-clock hlc, 17 digits, and a value), and usually
-# about the second. (A node guessed too long is only cut in pieces it did not need.)
-_LEAF_BYTES_AT_LEAST = 8
-LEAF_BYTES_GUESS = 40
-PIECE_FILL = 0.75  # parts are aimed at this much of their limit (leaves vary in size)
-# Puts a piece of a node back on its path (to the top-level item).
-_Wrap = Callable[[list[Any]], list[Any]]
-# Puts a piece of a node's children (and leaves, values) back on the node's path.
-_Within = Callable[..., list[Any]]
-
-
-def learn_piece_size(budget: list[int], item: list[Any], encoded: list[bytes], limit: int) -> None:
-    """Set ``budget[0]``, the leaves a piece of a long item should hold (``Store.export_pieces``),
-    from the last one: ``item``, ``encoded`` in parts of at most ``limit`` bytes."""
-    entry = item[1]
-    if type(entry) is list and len(entry) >= 8:
-        scale = max(1.0, sum(map(len, encoded)) / _weight(entry))
-        budget[0] = max(1, int(limit * PIECE_FILL / scale))
-
-
-def _weight(entry: list[Any]) -> int:
-    """A full node's size in units of about one leaf: its leaves, and itself and its
-    children's, recursively."""
-    return 1 + len(entry[6]) + sum(map(_weight, entry[5].values()))
-
-
-def _node_parts(entry: list[Any], wrap: _Wrap, limit: int, scale: list[float]) -> Iterator[bytes]:
-    """The parts of a full node (see ``encode_snapshot_parts``); ``wrap`` puts a piece of it
-    back on its path, ``scale`` (bytes per unit of ``_weight``) is learnt as parts are
-    made."""
-    a, av, d, imax, incs, children, leaves, values, *ttls = entry
-    yield encode_snapshot_item(wrap([a, av, d, imax, incs, {}, {}, {}, *ttls]))
-    # What the other pieces say of the node: enough to make it a dict where it is one. (Its
-    # own leaf value, if it held one before the writes below, goes with the first only.)
-    small = type(av) is int
-    head = [a if small else None, av if small else 0, d, imax, []]
-
-    def within(
-        piece_children: dict[str, Any],
-        piece_leaves: dict[str, int] | None = None,
-        piece_values: dict[str, Any] | None = None,
-    ) -> list[Any]:
-        return wrap([*head, piece_children, piece_leaves or {}, piece_values or {}])
-
-    # The leaves in chunks of about the limit (how many is learnt as they go), in the order
-    # they travel in: those with a value in the order of ``values``, then the tombstones.
-    names = list(values)
-    valued = len(names)
-    if valued < len(leaves):
-        names += [k for k in leaves if k not in values]
-    # (Read in order, not looked up one by one: a lookup in a big dict is a cache miss.)
-    stamps = list(leaves.values()) if names == list(leaves) else [leaves[k] for k in names]
-    data = list(values.values())
-    count = max(1, int(limit * PIECE_FILL / scale[0]))
-    start = 0
-    while start < len(names):
-        end = min(start + count, len(names))
-        keys = names[start:end]
-        piece_values = dict(zip(keys, data[start:end])) if start < valued else {}
-        part = encode_snapshot_item(within({}, dict(zip(keys, stamps[start:end])), piece_values))
-        if len(part) > limit and end - start > 1:
-            count = max(1, (end - start) // 2)
-            continue
-        yield part
-        scale[0] = len(part) / (end - start)
-        count = max(1, min(2 * count, int(limit * PIECE_FILL / scale[0])))
-        start = end
-    group: dict[str, Any] = {}
-    weight = 0
-    for name, child in children.items():
-        child_weight = _weight(child)
-        if child_weight * scale[0] > limit * PIECE_FILL:
-            yield from _child_parts(name, child, within, limit, scale)
-            continue
-        group[name] = child
-        weight += child_weight
-        if weight * scale[0] >= limit * PIECE_FILL:
-            yield from _group_parts(group, weight, within, limit, scale)
-            group = {}
-            weight = 0
-    if group:
-        yield from _group_parts(group, weight, within, limit, scale)
-
-
-def _child_parts(
-    name: str, child: list[Any], within: _Within, limit: int, scale: list[float]
-) -> Iterator[bytes]:
-    """The parts of one child of a node being split (``within`` wraps it)."""
-
-    def wrap(piece: list[Any]) -> list[Any]:
-        return within({name: piece})
-
-    yield from _node_parts(child, wrap, limit, scale)
-
-
-def _group_parts(
-    group: dict[str, Any], weight: int, within: _Within, limit: int, scale: list[float]
-) -> Iterator[bytes]:
-    """Children of a node being split, as one part, or halves when that is too long."""
-    part = encode_snapshot_item(within(group))
-    if len(part) <= limit:
-        scale[0] = len(part) / weight
-        yield part
-    elif len(group) == 1:
-        [(name, child)] = group.items()
-        yield from _child_parts(name, child, within, limit, scale)
-    else:
-        names = list(group)
-        for half in (names[: len(names) // 2], names[len(names) // 2 :]):
-            part_group = {name: group[name] for name in half}
-            yield from _group_parts(
-                part_group, sum(map(_weight, part_group.values())), within, limit, scale
-            )
-
-
-def _leaves_as_columns(node: list[Any]) -> list[Any]:
-    """A full node of ``Store.export()`` as it travels (its children too)."""
-    a, av, d, imax, incs, children, leaves, values, *ttls = node
-    if children:
-        children = {key: _leaves_as_columns(child) for key, child in children.items()}
-    # (The keys of ``values`` are among those of ``leaves``: the same when as many.)
-    keys = list(values)
-    if len(keys) != len(leaves):
-        keys += [key for key in leaves if key not in values]  # tombstones last
-    if keys == list(leaves):  # (the usual order: compared by identity first, in C)
-        stamps = list(leaves.values())
-    else:
-        stamps = list(map(leaves.__getitem__, keys))
-    origins, packed = pack_stamps(stamps)
-    return [a, av, d, imax, incs, children, [origins, keys, packed], [*values.values()], *ttls]
-
-
-def join_snapshot(parts: list[bytes]) -> bytes:
-    """A SNAPSHOT frame of items encoded one by one (so a node can size its frames)."""
-    return b"[2,[" + b",".join(parts) + b"]]\n"
 
 
 SNAPSHOT_REQUEST_FRAME = b"[4]\n"
@@ -564,292 +366,6 @@ def parse_hello(message: Any) -> Hello:
     return Hello(node_id, host, port, flags)
 
 
-_SCALARS = {str, int, bool, type(None)}
-_KINDS = {0, 1, 2}
-_COUNTS = {0, 1}  # SET and INCREMENT: an int is a good value for both (a web app's counter)
-_FLAT = _SCALARS | {dict}  # the types of values ``_flat_dicts_fit`` checks
-_SETS = {0}  # the kinds of a frame of SETs only
-
-
-def parse_ops(
-    message: list[Any],
-) -> tuple[int, int, OpStamps, list[int], list[str | list[str]], list[Any], list[int] | None, str]:
-    """Check an OPS frame fully: ``(origin, seq, stamps, ops, paths, values, ttls, parent)``,
-    with the stamps (an ``OpStamps``: made when read) and kinds of every operation, each path
-    as it travels (dotted, or a list of segments when one holds a dot; ``path_segments``
-    turns it into segments) and relative to ``parent`` (``full_paths`` puts it back),
-    ``ttls`` None when no operation has one; or ``ProtocolError`` (before anything in it is
-    applied).
-
-    The common case (dotted paths, scalar values) is checked a column at a time, in C.
-    """
-    if len(message) != 9:
-        raise ProtocolError("OPS frame has the wrong length")
-    _, origin, seq, deltas, ops, parent, paths, values, ttls = message
-    # Node ids have the top bit clear; stamps with it set are derived (expiries), never sent.
-    if type(origin) is not int or not 0 < origin < DERIVED_BIT:
-        raise ProtocolError("OPS frame has a bad origin")
-    if type(deltas) is not list or not deltas:
-        raise ProtocolError("OPS frame has no operations")
-    size = len(deltas)
-    if type(seq) is not int or not 0 < seq < _MAX_SEQ - size:
-        raise ProtocolError("OPS frame has a bad sequence number")
-    kinds: set[Any]  # the kinds of operation, or first their types
-    if type(ops) is int and ops in _KINDS:
-        kinds = {ops}
-        ops = [ops] * size
-    elif type(ops) is list:
-        kinds = set(map(type, ops))
-        if kinds == {int}:
-            kinds = set(ops)
-        if not kinds <= _KINDS:
-            bad = next(op for op in ops if type(op) is not int or op not in _KINDS)
-            raise ProtocolError(f"unknown operation {bad!r}")
-    else:
-        raise ProtocolError(f"unknown operation {ops!r}")
-    if not (type(paths) is list and type(values) is list) or not (
-        len(ops) == len(paths) == len(values) == size
-    ):
-        raise ProtocolError("OPS frame has columns of different lengths")
-    # Ints growing along the batch, as an origin's stamps do: what ``Progress`` relies on.
-    # (Ints: the first positive and the others at least 1 is the least at least 1.)
-    if not _all_ints(deltas) or min(deltas) <= 0:
-        raise ProtocolError("OPS frame has a bad stamp")
-    stamps = OpStamps(origin, deltas)
-    if stamps.last >> NODE_BITS >= HLC_LIMIT:
-        raise ProtocolError("OPS frame has a bad stamp")
-    if type(parent) is not str:
-        raise ProtocolError("OPS frame has a bad parent")
-    if parent:
-        _check_paths([parent])
-        if parent.count(".") + 1 >= MAX_DEPTH:
-            raise ProtocolError("OPS frame has a bad path")
-        try:
-            if "" in paths or "." in "".join(paths):
-                raise ProtocolError("OPS frame has a bad key under its parent")
-        except TypeError:
-            raise ProtocolError("OPS frame has a bad key under its parent") from None
-    else:
-        _check_paths(paths)
-    if ttls is not None:
-        ttls = _check_op_ttls(ttls, ops, kinds)
-    _check_values(kinds, ops, paths, values, parent)
-    return origin, seq, stamps, ops, paths, values, ttls, parent
-
-
-def _check_values(
-    kinds: set[int], ops: list[int], paths: list[Any], values: list[Any], parent: str
-) -> None:
-    """``parse_ops``' check of the values (the other columns checked, ``kinds`` those of
-    ``ops``): the common frames a column at a time, in C; others one operation at a time
-    (``check_op_values``)."""
-    if kinds == _SETS and type(values[0]) is dict:
-        if _alike_flat_dicts(values) and _dicts_fit(parent, paths):
-            return  # a writer's loop of sessions (their types need no pass of their own)
-    elif kinds <= _COUNTS and _all_ints(values):
-        return  # SETs and INCREMENTs of ints (a web app's counters, distinct keys' numbers)
-    value_types = set(map(type, values))
-    if kinds == _SETS and value_types <= _SCALARS:
-        return  # SETs of plain scalars: nothing more to check
-    if (
-        kinds == _SETS
-        and value_types <= _FLAT
-        and _flat_dicts_fit(values, value_types, parent, paths)
-    ):
-        return  # SETs of scalars and dicts of them, each fitting under MAX_DEPTH
-    check_op_values(ops, paths, values, parent)
-
-
-def check_op_values(ops: list[int], paths: list[Any], values: list[Any], parent: str) -> None:
-    """An OPS frame's values checked one operation at a time (``parse_ops``' general way,
-    for the frames its column checks do not clear): a SET's JSON, nested no deeper than its
-    path allows; an INCREMENT's number; a DELETE's null."""
-    # (A value's nesting counts on from its path's segments: see ``MAX_DEPTH``.)
-    under = parent.count(".") + 1 if parent else 0
-    for op, path, value in zip(ops, paths, values):
-        kind = type(value)
-        if op == 0:
-            if kind not in _SCALARS:
-                depth = path.count(".") + 1 if type(path) is str else len(path)
-                _check_json(value, under + depth)
-        elif op == 1:
-            if not (kind is int or (kind is float and math.isfinite(value))):
-                raise ProtocolError("INCREMENT amount is not a number")
-        elif value is not None:
-            raise ProtocolError("DELETE carries a value")
-
-
-def _flat_dicts_fit(
-    values: list[Any], value_types: set[type], parent: str, paths: list[Any]
-) -> bool:
-    """Whether every dict among ``values`` (of SETs at ``paths`` under ``parent``) holds
-    only scalars other than floats, none at a path too deep for it (``_dicts_fit``).
-    Checked a column at a time, in C; False when not so, without telling where (the general
-    check then does)."""
-    if not _dicts_fit(parent, paths):
-        return False
-    dicts = values if len(value_types) == 1 else [v for v in values if type(v) is dict]
-    return set(map(type, chain.from_iterable(map(dict.values, dicts)))) <= _SCALARS
-
-
-def _dicts_fit(parent: str, paths: list[Any]) -> bool:
-    """Whether a dict of scalars fits at each of ``paths`` under ``parent``
-    (``_check_json``'s rule: a dict at ``MAX_DEPTH`` segments or more is too deep); False
-    too when some path is given as segments (the general check then decides)."""
-    if parent:
-        # (Its keys are one segment each, checked before; it is short enough for them.)
-        return parent.count(".") + 2 < MAX_DEPTH
-    try:
-        return max(map(str.count, paths, repeat("."))) + 1 < MAX_DEPTH
-    except TypeError:
-        return False  # a path given as segments
-
-
-def _all_ints(column: list[Any]) -> bool:
-    """Whether every element of ``column`` is an int (not a bool). (Counted in C: cheaper
-    than the set of their types.)"""
-    return countOf(map(type, column), int) == len(column)
-
-
-def _alike_flat_dicts(values: list[Any]) -> bool:
-    """Whether ``values`` (the first a dict) are all dicts with the first one's keys (one at
-    least) and nothing else, each member a str, or each an int or bool (a writer's loop of
-    sessions); False when not so, without telling why (the general checks then decide).
-    A column of members a key at a time, each checked by one C-level call, is cheaper than
-    a look at the type of each member; and getting a member by a str key from each value
-    shows it is a dict (any other JSON value refuses), so that needs no pass either."""
-    keys = values[0].keys()
-    if not keys:
-        return False  # (then nothing here would show the others are dicts)
-    try:
-        if sum(map(len, values)) != len(keys) * len(values):
-            return False  # (with each key of the first in each, then no other key in any)
-        for key in keys:
-            column = list(map(itemgetter(key), values))  # (KeyError where one lacks it)
-            try:
-                "".join(column)  # only str joins
-            except TypeError:
-                if type(sum(column)) is not int:  # (ints and bools only; TypeError else)
-                    return False
-    except (KeyError, TypeError):
-        return False
-    return True
-
-
-class OpStamps(Sequence[int]):
-    """The stamps of an OPS frame's operations, each made when read: a store keeps a bulk
-    of new keys' stamps unread for as long as nothing asks (see ``_tree``), and a 128-bit
-    int costs two big-int operations to make. ``first`` and ``last`` are at hand."""
-
-    __slots__ = ("origin", "deltas", "first", "last")
-
-    def __init__(self, origin: int, deltas: list[int]) -> None:
-        self.origin = origin
-        self.deltas = deltas  # (checked by ``parse_ops``: ints, each >= 1)
-        self.first = (deltas[0] << NODE_BITS) | origin
-        self.last = (sum(deltas) << NODE_BITS) | origin
-
-    def __len__(self) -> int:
-        return len(self.deltas)
-
-    def __iter__(self) -> Iterator[int]:
-        # Each stamp is (hlc << NODE_BITS) | origin = origin + the deltas so far, shifted: C-level.
-        return islice(
-            accumulate(map(lshift, self.deltas, repeat(NODE_BITS)), initial=self.origin), 1, None
-        )
-
-    def __getitem__(self, index: Any) -> Any:
-        if index == 0:
-            return self.first
-        if index == -1:
-            return self.last
-        return list(self)[index]
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return list(self) == list(other)
-
-    def __repr__(self) -> str:
-        return f"OpStamps({list(self)!r})"
-
-
-def _check_op_ttls(ttls: Any, ops: list[int], kinds: set[int]) -> list[int]:
-    """The ttl column: one int per operation, 0 (none) or a ttl in ms on a SET or INCREMENT
-    (``kinds``: those of ``ops``). Checked a column at a time, in C. Returns the column, as
-    one int repeated when every operation has the same ttl (a writer's loop: ``_same_ttls``)."""
-    if type(ttls) is not list or len(ttls) != len(ops):
-        raise ProtocolError("OPS frame has a bad ttl column")
-    same = _same_ttls(ttls)
-    if same is not None:
-        if 2 in kinds:
-            raise ProtocolError("OPS frame has a bad ttl")  # (a DELETE carries none)
-        return same
-    if not _all_ints(ttls):
-        raise ProtocolError("OPS frame has a bad ttl column")
-    if min(ttls) < 0 or max(ttls) > MAX_TTL_MS:
-        raise ProtocolError("OPS frame has a bad ttl")
-    if 2 in kinds and any(ttl for op, ttl in zip(ops, ttls) if op == 2):
-        raise ProtocolError("OPS frame has a bad ttl")  # (a DELETE carries none)
-    return ttls
-
-
-def _same_ttls(ttls: list[Any]) -> list[int] | None:
-    """``[ttl] * len(ttls)`` when every element of ``ttls`` is the same good ttl, an int from
-    2 to ``MAX_TTL_MS`` (a writer's loop); None when not so (the caller's general checks
-    decide). Two C-level passes where the general way takes four: ``count`` finds them all
-    equal to the first, so each is that int, a bool only if it is 0 or 1, or an equal float,
-    which ``sum`` shows (a float makes the sum one). The repeated int the store keeps (with
-    a run of sessions) takes no memory per operation."""
-    ttl = ttls[0]
-    if (
-        type(ttl) is int
-        and 1 < ttl <= MAX_TTL_MS
-        and ttls.count(ttl) == len(ttls)
-        and type(sum(ttls)) is int
-    ):
-        return [ttl] * len(ttls)
-    return None
-
-
-def path_segments(path: str | list[str]) -> list[str]:
-    """The segments of a path as ``parse_ops`` returns it."""
-    return path.split(".") if isinstance(path, str) else path
-
-
-def _check_paths(paths: list[Any]) -> None:
-    """``ProtocolError`` unless every path is a good dotted string or list of segments."""
-    try:
-        joined = ".".join(paths)
-    except TypeError:
-        joined = ""  # some path is a list (or junk): checked one by one below
-    # Joined with dots, an empty path or segment anywhere shows as ".." or a dot at an end.
-    if joined and ".." not in joined and joined[0] != "." and joined[-1] != ".":
-        # Too deep means MAX_DEPTH dots or more, so (no segment being empty) at least twice
-        # as many characters: only a long path needs its dots counted.
-        if (
-            joined.count(".") >= MAX_DEPTH
-            and max(map(len, paths)) > 2 * MAX_DEPTH
-            and max(p.count(".") for p in paths) >= MAX_DEPTH
-        ):
-            raise ProtocolError("OPS frame has a bad path")
-        return
-    for path in paths:
-        if type(path) is str:
-            if not path or ".." in path or path[0] == "." or path[-1] == ".":
-                raise ProtocolError("OPS frame has a bad path segment")
-            depth = path.count(".") + 1
-        elif type(path) is list and path:
-            for segment in path:
-                if type(segment) is not str or not segment:
-                    raise ProtocolError("OPS frame has a bad path segment")
-            depth = len(path)
-        else:
-            raise ProtocolError("OPS frame has a bad path")
-        if depth > MAX_DEPTH:
-            raise ProtocolError("OPS frame has a bad path")
-
-
 def parse_vector(vector: Any) -> list[tuple[int, int, int]]:
     """Check a version vector ``[[origin, seq, stamp], ...]``."""
     if type(vector) is not list:
@@ -861,7 +377,7 @@ def parse_vector(vector: Any) -> list[tuple[int, int, int]]:
         origin, seq, stamp = entry
         if type(origin) is not int or not 0 < origin <= NODE_MASK:
             raise ProtocolError("version vector has a bad origin")
-        if type(seq) is not int or not 0 <= seq < _MAX_SEQ:
+        if type(seq) is not int or not 0 <= seq < MAX_SEQ:
             raise ProtocolError("version vector has a bad sequence number")
         if type(stamp) is not int or not 0 <= stamp < STAMP_LIMIT:
             raise ProtocolError("version vector has a bad stamp")
@@ -882,7 +398,13 @@ def parse_progress(message: list[Any]) -> tuple[list[tuple[int, int, int]], bool
     return parse_vector(vector), complete, promise, frontier
 
 
-def _check_json(value: Any, depth: int) -> None:
+#: The types of a JSON scalar as the decoder makes them (floats are checked apart: NaN).
+JSON_SCALARS = {str, int, bool, type(None)}
+
+
+def check_json(value: Any, depth: int) -> None:
+    """``ProtocolError`` unless ``value`` is JSON a member may hold: finite numbers, at most
+    ``MAX_DEPTH`` levels below ``depth``."""
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
         return
@@ -894,164 +416,12 @@ def _check_json(value: Any, depth: int) -> None:
         raise ProtocolError("value is nested too deeply")
     if kind is dict:
         for v in value.values():
-            _check_json(v, depth + 1)
+            check_json(v, depth + 1)
     elif kind is list:
         for v in value:
-            _check_json(v, depth + 1)
+            check_json(v, depth + 1)
     else:  # pragma: no cover - the JSON decoder yields nothing else
         raise ProtocolError("value is not JSON")
-
-
-def parse_snapshot_items(items: Any) -> tuple[list[Any], int]:
-    """Check a SNAPSHOT frame's payload fully before any of it is merged, and turn it (in
-    place) into items of ``Store.export()`` for ``Store.merge`` (a full node's values back
-    into a dict, its leaves' stamps a ``LeafColumns``): ``(items, the newest stamp of an
-    operation in them)`` (0 when there is none). The items are for one merge: the store
-    keeps such a node's values dict as its own."""
-    if type(items) is not list:
-        raise ProtocolError("SNAPSHOT payload is not a list")
-    newest = 0
-    for item in items:
-        if type(item) is not list or len(item) != 2 or type(item[0]) is not str or not item[0]:
-            raise ProtocolError("SNAPSHOT item is not [key, entry]")
-        newest = max(newest, _check_entry(item[1], 1))
-    return items, newest
-
-
-def _check_stamp(stamp: Any, optional: bool) -> int:
-    """``stamp`` (0 for an optional one that is None), or ``ProtocolError``."""
-    if stamp is None and optional:
-        return 0
-    if type(stamp) is not int or not 0 < stamp < STAMP_LIMIT:
-        raise ProtocolError("SNAPSHOT entry has a bad stamp")
-    return stamp
-
-
-def _check_entry(entry: Any, depth: int) -> int:
-    """Check (and convert, see ``parse_snapshot_items``) one entry; its newest stamp."""
-    if depth > MAX_DEPTH:
-        raise ProtocolError("SNAPSHOT entry is nested too deeply")
-    if type(entry) is int:
-        return _check_stamp(entry, False)
-    if type(entry) is not list:
-        raise ProtocolError("SNAPSHOT entry has the wrong shape")
-    if len(entry) == 2:
-        _check_json(entry[1], depth)
-        return _check_stamp(entry[0], False)
-    if len(entry) == 9:
-        _check_ttls(entry[8])
-    elif len(entry) != 8:
-        raise ProtocolError("SNAPSHOT entry has the wrong shape")
-    a, av, d, imax, incs, children, leaves, values = entry[:8]
-    # (The expiries of ttl events are derived stamps, not operations: not among the newest.)
-    newest = max(_check_stamp(a, True), _check_stamp(d, True), _check_stamp(imax, True))
-    if type(av) is list and len(av) == 1:
-        _check_json(av[0], depth)
-    elif not (type(av) is int and av in (0, 1)):
-        raise ProtocolError("SNAPSHOT entry has a bad assignment")
-    if type(incs) is not list:
-        raise ProtocolError("SNAPSHOT entry has bad increments")
-    for inc in incs:
-        if type(inc) is not list or len(inc) != 2:
-            raise ProtocolError("SNAPSHOT entry has bad increments")
-        newest = max(newest, _check_stamp(inc[0], False))
-        kind = type(inc[1])
-        if not (kind is int or (kind is float and math.isfinite(inc[1]))):
-            raise ProtocolError("SNAPSHOT increment is not a number")
-    if type(children) is not dict:
-        raise ProtocolError("SNAPSHOT entry has bad children")
-    for child in children.values():  # keys may be "" (from a dict value), never a path
-        if type(child) is not list or len(child) not in (8, 9):
-            raise ProtocolError("SNAPSHOT entry has a child that is not a full node")
-        newest = max(newest, _check_entry(child, depth + 1))
-    # Checked a column at a time, in C: a big tree is mostly leaves.
-    leaves, values = _leaves_from_columns(leaves, values)
-    if leaves and depth >= MAX_DEPTH:  # (its leaves' paths are one segment longer)
-        raise ProtocolError("SNAPSHOT entry is nested too deeply")
-    entry[6] = leaves
-    entry[7] = values
-    if leaves and not (
-        values.keys().isdisjoint(children) and children.keys().isdisjoint(leaves.tombstones())
-    ):
-        raise ProtocolError("SNAPSHOT entry has a key that is both a leaf and a node")
-    if not set(map(type, values.values())) <= _SCALARS:
-        for value in values.values():
-            _check_json(value, depth + 1)
-    return max(newest, leaves.newest)
-
-
-_NO_LEAVES = LeafColumns([], [], [], 0, 0, 0)
-
-
-def _leaves_from_columns(columns: Any, values: Any) -> tuple[LeafColumns, dict[str, Any]]:
-    """The leaves of a full node from their columns, checked (each key once, a stamp in
-    range, no more values than keys): their ``LeafColumns`` and ``{key: value}`` for those
-    with a value. C-level passes but one."""
-    if type(columns) is not list or len(columns) != 3 or type(values) is not list:
-        raise ProtocolError("SNAPSHOT entry has bad leaves")
-    origins, keys, packed = columns
-    if not (type(origins) is list and type(keys) is list and type(packed) is list) or not (
-        len(keys) == len(packed) >= len(values)
-    ):
-        raise ProtocolError("SNAPSHOT entry has bad leaves")
-    if not keys:
-        return _NO_LEAVES, {}
-    try:
-        "".join(keys)  # only str joins
-    except TypeError:
-        raise ProtocolError("SNAPSHOT entry has a bad leaf key") from None
-    if set(map(type, packed)) != {int}:
-        raise ProtocolError("SNAPSHOT entry has a bad stamp")
-    count = len(origins)
-    # Real low halves (origins, or derived ones) are never 0, so no stamp below is 0.
-    if count and (
-        count > MAX_LEAF_ORIGINS
-        or set(map(type, origins)) != {int}
-        or min(origins) <= 0
-        or max(origins) > NODE_MASK
-        or len(set(origins)) != count
-    ):
-        raise ProtocolError("SNAPSHOT entry has bad leaf origins")
-    low, high = min(packed), max(packed)
-    if low < (0 if count else 1) or high >= (HLC_LIMIT * count if count else STAMP_LIMIT):
-        raise ProtocolError("SNAPSHOT entry has a bad stamp")
-    if count == 1:
-        lowest = low << NODE_BITS | origins[0]
-        newest = high << NODE_BITS | origins[0]
-    elif count:
-        lowest = (low // count) << NODE_BITS  # (below the real lowest: no origin is 0)
-        newest = max(unpack_stamps(packed, origins))
-    else:
-        lowest = low
-        newest = high
-    valued = dict(zip(keys, values))
-    tombstones = keys[len(values) :]
-    if len(valued) != len(values) or (
-        tombstones
-        and (len(set(tombstones)) != len(tombstones) or not valued.keys().isdisjoint(tombstones))
-    ):
-        raise ProtocolError("SNAPSHOT entry has a leaf twice")
-    column = packed_column(packed, origins)  # (the ints freed now, not when merged)
-    return LeafColumns(keys, origins, column, len(values), lowest, newest), valued
-
-
-def _check_ttls(ttls: Any) -> None:
-    """The ttl events of a node: ``[[stamp, expiry stamp], ...]``, each expiry derived from
-    its stamp (the same origin, later)."""
-    if type(ttls) is not list or not ttls:
-        raise ProtocolError("SNAPSHOT entry has bad ttls")
-    for event in ttls:
-        if type(event) is not list or len(event) != 2:
-            raise ProtocolError("SNAPSHOT entry has bad ttls")
-        stamp, expiry = event
-        _check_stamp(stamp, False)
-        _check_stamp(expiry, False)
-        if (
-            stamp & DERIVED_BIT
-            or expiry & NODE_MASK != DERIVED_BIT | (stamp & NODE_MASK)
-            or not 0 < (expiry >> MILLIS_SHIFT) - (stamp >> MILLIS_SHIFT) <= MAX_TTL_MS
-        ):
-            raise ProtocolError("SNAPSHOT entry has a bad expiry")
 
 
 def encode_status_request() -> bytes:

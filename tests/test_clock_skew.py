@@ -23,7 +23,9 @@ from gcollective import Collective
 from gcollective._auth import explain_refusal
 from gcollective._clock import stamp_lead
 from gcollective._store import Store
-from gcollective._wire import encode_hello, encode_progress, encode_snapshot, parse_ops
+from gcollective._wire import encode_hello, encode_progress
+from gcollective._wire_ops import parse_ops
+from gcollective._wire_snapshot import encode_snapshot
 
 OPTIONS = {
     "sync_interval": 0.1,

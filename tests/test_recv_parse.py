@@ -14,7 +14,8 @@ from profiles import examples
 
 from gcollective._errors import ProtocolError
 from gcollective._validate import MAX_DEPTH
-from gcollective._wire import MAX_TTL_MS, FrameDecoder, check_op_values, encode_ops, parse_ops
+from gcollective._wire import MAX_TTL_MS, FrameDecoder, encode_ops
+from gcollective._wire_ops import check_op_values, parse_ops
 
 HLC = 1 << 16
 ORIGIN = 12345
@@ -139,7 +140,7 @@ def test_column_checks_accept_and_refuse_as_one_by_one(frame: tuple[list[Any], .
 @pytest.mark.parametrize("levels", [MAX_DEPTH - 2, MAX_DEPTH - 1])
 def test_a_session_under_the_deepest_parents(levels: int) -> None:
     """A dict of scalars under a parent of ``levels`` segments: one level under the limit it
-    is accepted, at the limit refused, as ``_check_json`` says."""
+    is accepted, at the limit refused, as ``check_json`` says."""
     parent = ".".join(["p"] * levels)
     size = 16
     message = [

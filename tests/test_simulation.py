@@ -20,7 +20,7 @@ from model import SET
 from simulation import carries, seed_from_env, simulate
 
 from gcollective._store import Store
-from gcollective._wire import encode_snapshot_parts
+from gcollective._wire_snapshot import encode_snapshot_parts
 
 # Seeds that once failed and pass now: they run every time.
 # 225, 484, 2562 ("gap"): an origin's operation N+1 reached a member while N was lost in

@@ -840,7 +840,8 @@ def test_a_snapshot_through_the_wire_then_anything_matches_its_export(data: st.D
     """A fresh store merging a SNAPSHOT as it travels (a node's leaves in columns, kept as
     a run of unread stamps) holds what one merging the plain export holds, metadata
     included, also after any later operations."""
-    from gcollective._wire import FrameDecoder, encode_snapshot, parse_snapshot_items
+    from gcollective._wire import FrameDecoder
+    from gcollective._wire_snapshot import encode_snapshot, parse_snapshot_items
 
     ops = draw_wire_ops(data, max_size=14)
     split = data.draw(st.integers(0, len(ops)), label="split")
@@ -866,8 +867,8 @@ def _through_the_wire_in_pieces(holder: Any, limit: int, leaves: int = 0) -> lis
     """``holder``'s snapshot as a joiner decodes it, each item cut in pieces of about
     ``limit`` bytes (``encode_snapshot_parts``), one frame per piece; with ``leaves``, first
     in pieces of about that many leaves read from the store (``export_pieces``)."""
-    from gcollective._wire import (
-        FrameDecoder,
+    from gcollective._wire import FrameDecoder
+    from gcollective._wire_snapshot import (
         encode_snapshot_parts,
         join_snapshot,
         parse_snapshot_items,
@@ -961,7 +962,8 @@ def test_export_merge_matches_union(data: st.DataObject) -> None:
 
     def transfer(exported: Any) -> Any:
         if how == "snapshot":
-            from gcollective._wire import FrameDecoder, encode_snapshot, parse_snapshot_items
+            from gcollective._wire import FrameDecoder
+            from gcollective._wire_snapshot import encode_snapshot, parse_snapshot_items
 
             (message,) = FrameDecoder(1 << 30).feed(encode_snapshot(exported))
             return parse_snapshot_items(message[1])[0]
@@ -2245,8 +2247,8 @@ def test_a_snapshot_in_pieces_read_while_operations_go_on_gives_the_holders_stat
     a joiner merges the pieces as they travel and receives those operations too, in any
     order (they came after the snapshot's vector): it ends with the holder's tree, and later
     operations find the same."""
-    from gcollective._wire import (
-        FrameDecoder,
+    from gcollective._wire import FrameDecoder
+    from gcollective._wire_snapshot import (
         encode_snapshot_parts,
         join_snapshot,
         parse_snapshot_items,
@@ -2288,8 +2290,8 @@ def _joiner_of_pieces_under(before: list[Op], meanwhile: dict[int, list[Op]]) ->
     through the wire to a joiner as it is made, the holder receiving ``meanwhile[n]`` after
     its piece ``n`` (counted from 0 over all the pieces); then the joiner receives those
     operations: ``(holder, joiner)``."""
-    from gcollective._wire import (
-        FrameDecoder,
+    from gcollective._wire import FrameDecoder
+    from gcollective._wire_snapshot import (
         encode_snapshot_parts,
         join_snapshot,
         parse_snapshot_items,

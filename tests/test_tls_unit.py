@@ -20,7 +20,8 @@ from gcollective._tls import (
     explain_tls_error,
     server_context,
 )
-from gcollective._wire import FrameDecoder, encode_hello, encode_ops, parse_hello, parse_ops
+from gcollective._wire import FrameDecoder, encode_hello, encode_ops, parse_hello
+from gcollective._wire_ops import parse_ops
 
 SECRET = "tls tests secret, long enough to be a real one"
 

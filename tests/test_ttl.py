@@ -18,7 +18,9 @@ from faults import ProxiedMembers
 from gcollective import DELETE, INCREMENT, SET, Collective, InvalidValueError, ProtocolError
 from gcollective._clock import expiry_stamp, stamp_millis
 from gcollective._validate import check_ttl
-from gcollective._wire import encode_ops, parse_ops, parse_snapshot_items
+from gcollective._wire import encode_ops
+from gcollective._wire_ops import parse_ops
+from gcollective._wire_snapshot import parse_snapshot_items
 
 wait_for = functools.partial(_wait_for, timeout=20.0, interval=0.01)
 

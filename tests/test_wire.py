@@ -11,6 +11,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from profiles import examples
 
+from gcollective._columns import full_paths, unpack_stamps
 from gcollective._errors import ProtocolError
 from gcollective._store import Store
 from gcollective._wire import (
@@ -18,15 +19,11 @@ from gcollective._wire import (
     FrameDecoder,
     encode_hello,
     encode_ops,
-    encode_snapshot,
-    full_paths,
     parse_hello,
-    parse_ops,
-    parse_snapshot_items,
-    path_segments,
-    unpack_stamps,
     wire_path,
 )
+from gcollective._wire_ops import parse_ops, path_segments
+from gcollective._wire_snapshot import encode_snapshot, parse_snapshot_items
 
 HLC = 1 << 16
 
