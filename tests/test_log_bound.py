@@ -59,7 +59,9 @@ def test_a_silent_peer_holds_at_most_the_default_log_then_gets_a_snapshot(member
         assert 0 < node.stats()["log_bytes"] <= DEFAULT_LOG_BYTES
     assert c.get(last) is None
     cluster.heal()
-    wait_for(lambda: c.get(last) == payload, what="c caught up")
-    assert c.get("big") == a.get("big") == b.get("big")
+    # (Every key, not the last: the log's newest operations may come from one peer before the
+    # other's snapshot brings the oldest, 2 runs in 100.)
+    wait_for(lambda: c.get("big") == a.get("big"), what="c caught up")
+    assert c.get("big") == b.get("big")
     # Beyond the log, catch-up is a snapshot.
     assert snapshots_sent(a) + snapshots_sent(b) > before
