@@ -656,9 +656,10 @@ class Tree:
             node.assigned = node.newest = entry
             parent_value = parent.value
             value = parent_value.get(key, MISSING) if type(parent_value) is dict else MISSING
-            hidden = parent.hidden_values()
-            if value is MISSING and hidden is not None:
-                value = hidden.get(key, MISSING)  # (a hidden one: a rebuild follows)
+            if value is MISSING:
+                hidden = parent.hidden_values()  # (a dict made anew where members are folded)
+                if hidden is not None:
+                    value = hidden.get(key, MISSING)  # (a hidden one: a rebuild follows)
             node.assigned_value = node.value = value
             node.reset = max(entry, parent.reset)
         parent.entries[key] = node
