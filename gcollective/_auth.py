@@ -247,7 +247,12 @@ def encode_refusal(code: str) -> bytes:
 def refused_as_down(why: str | None) -> bool:
     """Whether ``why`` (from ``explain_refusal``) says the peer refused this incarnation as
     declared down."""
-    return why == f"peer refused the handshake: {_REFUSALS['declared-down']}"
+    return why == _refused_for("declared-down")
+
+
+def _refused_for(code: str) -> str:
+    """What ``explain_refusal`` says of a REFUSE with a known ``code``."""
+    return f"peer refused the handshake: {_REFUSALS[code]}"
 
 
 def explain_refusal(message: object) -> str | None:
@@ -261,7 +266,7 @@ def explain_refusal(message: object) -> str | None:
     ):
         code = message[2]
         if type(code) is str and code in _REFUSALS:
-            return f"peer refused the handshake: {_REFUSALS[code]}"
+            return _refused_for(code)
         return f"peer refused the handshake (code {repr(code)[:40]})"
     return None
 
