@@ -22,7 +22,7 @@ from gcollective._wire import (
     parse_hello,
     wire_path,
 )
-from gcollective._wire_ops import parse_ops, path_segments
+from gcollective._wire_ops import LAZY_STAMPS_MIN, OpStamps, parse_ops, path_segments
 from gcollective._wire_snapshot import encode_snapshot, parse_snapshot_items
 
 HLC = 1 << 16
@@ -184,17 +184,26 @@ def test_one_depth_rule_for_set_ops_and_snapshots(kind, segments):
         parse_snapshot_items(FrameDecoder(1 << 20).feed(encode_snapshot(store.export()))[0][1])
 
 
-@pytest.mark.parametrize("hlcs", [[7], [1, 2, 3], [5, 6, 900, 901, (1 << 63) + 2, (1 << 64) - 1]])
+_MANY_HLCS = [5, 6, 900, 901, *range(1000, 1000 + LAZY_STAMPS_MIN), (1 << 63) + 2, (1 << 64) - 1]
+
+
+@pytest.mark.parametrize(
+    "hlcs", [[7], [1, 2, 3], [5, 6, 900, 901, (1 << 63) + 2, (1 << 64) - 1], _MANY_HLCS]
+)
 def test_op_stamps_are_made_when_read_and_read_like_a_list(hlcs):
-    """``parse_ops`` gives the stamps as an ``OpStamps`` (made from the deltas when read):
-    whichever way they are read, they are the list of ``(hlc << 64) | origin``."""
+    """``parse_ops`` gives the stamps of a frame of ``LAZY_STAMPS_MIN`` operations or more as
+    an ``OpStamps`` (made from the deltas when read), a smaller frame's as a list: whichever
+    way they are read, they are the list of ``(hlc << 64) | origin``."""
     origin = (1 << 63) - 1  # the widest origin: no carry into the hlc half
     message = ops_message(*((hlc, 0, f"k{i}", i) for i, hlc in enumerate(hlcs)), origin=origin)
     stamps = parse_ops(message)[2]
     expected = [(hlc << 64) | origin for hlc in hlcs]
+    assert type(stamps) is (OpStamps if len(hlcs) >= LAZY_STAMPS_MIN else list)
     assert list(stamps) == list(stamps) == expected  # (iterable more than once)
     assert len(stamps) == len(expected) and stamps == expected
-    assert (stamps[0], stamps[-1], stamps.first, stamps.last) == (expected[0], expected[-1]) * 2
+    assert (stamps[0], stamps[-1]) == (expected[0], expected[-1])
+    if type(stamps) is OpStamps:
+        assert (stamps.first, stamps.last) == (expected[0], expected[-1])
     assert [stamps[i] for i in range(-len(hlcs), len(hlcs))] == expected * 2
     assert stamps[1:] == expected[1:] and list(reversed(stamps)) == expected[::-1]
     with pytest.raises(IndexError):
