@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from array import array
+from typing import Any
 
 import pytest
 import ujson
@@ -37,6 +38,55 @@ def ops_message(*items, origin=ORIGIN, seq=1, parent="", ttls=None):
     hlcs, ops, paths, values = (list(column) for column in zip(*items))
     deltas = [hlcs[0], *(b - a for a, b in zip(hlcs, hlcs[1:]))]
     return [1, origin, seq, deltas, ops, parent, paths, values, ttls]
+
+
+def _fed(decoder: FrameDecoder, chunks: list[bytes]) -> list[Any]:
+    """What ``decoder`` gives for each of ``chunks`` in turn (its messages and frames, or
+    the ``ProtocolError``'s text, after which it is not fed again)."""
+    out: list[Any] = []
+    for chunk in chunks:
+        try:
+            out.append((decoder.feed(chunk), decoder.frames, decoder.buffered))
+        except ProtocolError as exc:
+            return [*out, str(exc)]
+    return out
+
+
+_LINES = st.sampled_from(
+    [
+        b'[1,4096,1,[5],1,"",["hits.total"],[1],null]',
+        b"[4,[[4096,1,5]],true,5,0]",
+        b"[1,",  # (not JSON)
+        b"[9,1]",  # (no such kind: refused before it is decoded)
+        b'"x"',
+        b"",
+        b"[1," + b"7," * 40 + b"7]",  # (longer than the decoder's frames may be)
+    ]
+)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.lists(_LINES, min_size=1, max_size=6), st.lists(st.booleans(), max_size=6))
+def test_a_lone_whole_frame_is_read_as_the_general_way_reads_it(lines, split):
+    """A read of one whole frame (``FrameDecoder.feed``'s shortcut) gives what the general
+    way gives (the same frame read in two parts, or with another): the same messages and
+    frames, the same refusal."""
+    kinds = frozenset({b"[1,", b"[4,"})
+    stream = [b"[4,[],true,5,0]\n"] + [line + b"\n" for line in lines]  # (a first frame)
+    whole = _fed(FrameDecoder(64, None, kinds), stream)
+    parts: list[bytes] = []
+    for chunk, halve in zip(stream, split + [False] * len(stream)):
+        if halve and len(chunk) > 1:
+            parts += [chunk[:-1], chunk[-1:]]  # (the second part ends a buffered frame)
+        else:
+            parts.append(chunk)
+    general = _fed(FrameDecoder(64, None, kinds), parts)
+    assert _without_partial_reads(general) == _without_partial_reads(whole)
+
+
+def _without_partial_reads(reads: list[Any]) -> list[Any]:
+    """The reads that gave frames, or the refusal (a read of part of a frame gives none)."""
+    return [read for read in reads if type(read) is str or read[0]]
 
 
 def test_frames_split_across_chunks_and_several_in_one_chunk():
