@@ -770,7 +770,8 @@ class Engine(Frontier):
         oldest_new = stamps[0] if first > done else stamps[done + 1 - first]
         if oldest_new < self.forgotten_below:  # (see Frontier.check_not_forgotten)
             self.check_not_forgotten(oldest_new, peer, peer_id)
-        if first == done + 1 and not self.watches and not progress.has_gap(origin):
+        in_order = first == done + 1 and not progress.has_gap(origin)
+        if in_order and not self.watches:
             # The normal case: the next operations of this origin, in order, nothing watched.
             self.store.apply_batch(stamps, ops, paths, values, parent, ttls)
             progress.applied[origin] = last
@@ -778,7 +779,7 @@ class Engine(Frontier):
             self.applied_ops += size
         else:
             self._apply_one_by_one(
-                origin, first, stamps, ops, full_paths(parent, paths), values, ttls
+                origin, first, in_order, stamps, ops, full_paths(parent, paths), values, ttls
             )
         if ttls is not None and any(ttls):
             # Wake the expirer for the soonest expiry the store now holds (its own, computed
@@ -791,6 +792,7 @@ class Engine(Frontier):
         self,
         origin: int,
         first: int,
+        in_order: bool,
         stamps: Sequence[int],
         ops: list[int],
         paths: list[Any],
@@ -799,13 +801,14 @@ class Engine(Frontier):
     ) -> None:
         """``apply_ops``' way for operations that are not simply the next of their origin
         (some out of order, a gap before them) or that are watched: each on its own, those
-        ``Progress`` accepts (all of them when they are the next: watches see each)."""
+        ``Progress`` accepts, or all of them when they are the next (``in_order``: watches
+        see each)."""
         progress = self.progress
         last = first + len(stamps) - 1
         if ttls is None:
             ttls = [0] * len(stamps)
         apply_one = self._apply_received
-        if first == progress.applied.get(origin, 0) + 1 and not progress.has_gap(origin):
+        if in_order:
             for stamp, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
                 apply_one(stamp, op, path, value, ttl_ms, origin)
             progress.applied[origin] = last
