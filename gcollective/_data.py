@@ -241,10 +241,15 @@ class _Data:
                 ttl_ms = ttl * 1000  # (``check_ttl`` of whole seconds, inline, as in set)
             else:
                 ttl_ms = check_ttl(ttl)
-            due = self._next_due
-            if due < _INF and due <= time.time() * 1000:
-                self._advance()  # (``_advance_if_due``, inline: count from what a get reads)
             stamp = self._clock.stamp()
+            due = self._next_due
+            if due < _INF and stamp >> MILLIS_SHIFT >= due:
+                # An expiry may be due (none is before the stamp's millisecond, which is never
+                # behind the wall clock's: a hit pays no clock read for the sessions and
+                # counters that expire later): it fires first, as a get would see it, and
+                # the increment takes a stamp after it.
+                self._advance_if_due()
+                stamp = self._clock.stamp()
             result: int | float | None = self._store.increment_key(stamp, key, amount, ttl_ms)
             if result is not None:
                 if ttl_ms:
