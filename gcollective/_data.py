@@ -158,7 +158,9 @@ class _Data:
         an int, a bool, None or a str (a session's small flat dict, copied and measured in
         one pass, not encoded; anything else through ``_checked_value``), or a ``value``
         checked already (``kind`` None) with a ``ttl``."""
-        flat = clean_flat_dict(value, key.count(".") + 1) if kind is dict else None
+        # (``len(key) // 2 + 1``: the most segments a valid key of that length has, so no
+        # count of its dots; a key that is not valid is refused with the way it takes.)
+        flat = clean_flat_dict(value, len(key) // 2 + 1) if kind is dict else None
         if flat is not None:
             value, chars = flat
             if len(key) + chars > self._fits_chars:

@@ -206,3 +206,29 @@ def test_own_dicts_set_again_reach_every_member_and_a_joiner() -> None:
     finally:
         for member in members:
             member.stop()
+
+
+def test_a_small_dict_at_the_depth_limit_is_refused_as_the_general_path_refuses_it() -> None:
+    """``set``'s small-dict path bounds a key's segments by its length (no count of its
+    dots): at 99 segments a small dict is stored, at 100 refused as too deep, as the
+    general path (a member with a watch) does; a key with empty segments is refused as a
+    bad key either way."""
+    nodes = [Collective(f"127.0.0.1:{free_port()}") for _ in range(2)]
+    for node in nodes:
+        node.start()
+    nodes[1].watch("elsewhere", lambda *args: None)
+    try:
+        for key in ("a." * 98 + "b", "a." * 99 + "b", "a" + "." * 120, "ab" * 60 + "." * 50):
+            outcomes = []
+            for node in nodes:
+                try:
+                    node.set(key, {"u": 1})
+                    outcomes.append(node.get(key))
+                except Exception as exc:
+                    outcomes.append((type(exc), str(exc)))
+            assert outcomes[0] == outcomes[1], key
+        assert nodes[0].get("a." * 98 + "b") == {"u": 1}
+        assert nodes[0].snapshot() == nodes[1].snapshot()
+    finally:
+        for node in nodes:
+            node.stop()
