@@ -176,12 +176,13 @@ class Ways(Applier):
                 if due <= self.now_ms:
                     return False  # due already: the general way fires it
                 run_path = self._open_sessions
+                runs = parent.runs
+                # (Its run the parent's last: it is that parent's, whose runs are its own.)
                 if (
                     run_path is not None
-                    and run_path.parent is parent
+                    and runs is not None
+                    and runs[-1] is run_path.run
                     and run_path.due <= due
-                    and parent.runs is not None
-                    and parent.runs[-1] is run_path.run
                 ):
                     keys, stamps, sessions = run_path.run
                     keys.append(leaf)  # type: ignore[attr-defined]  # (lists: its own)
