@@ -232,3 +232,29 @@ def test_a_small_dict_at_the_depth_limit_is_refused_as_the_general_path_refuses_
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_sessions_alternating_with_dicts_without_a_ttl_leave_few_runs() -> None:
+    """A writer alternating sessions (a ttl) and dicts without one under one parent opens a
+    run at each change; the parent's runs are recorded when a dict would make a ninth (a
+    session may then add one), and the store stays what ``apply`` makes, before and after
+    the sessions expire."""
+    own_store, plain = new_store(), new_store()
+    for index in range(100):
+        ttl = 5 if index % 2 else None
+        operation = Op(real_stamp(1, index, 1), SET, ("p", f"k{index}"), {"u": index}, ttl)
+        if not _own(own_store, operation):
+            deliver(own_store, [operation])
+        deliver(plain, [operation])
+        runs = own_store._root._entries["p"].runs
+        assert runs is None or len(runs) <= 9
+    assert own_store.to_dict() == plain.to_dict()
+    assert roundtrip(own_store.export()) == roundtrip(plain.export())
+    for store in (own_store, plain):
+        store.advance(60)
+    assert (
+        own_store.to_dict()
+        == plain.to_dict()
+        == {"p": {f"k{index}": {"u": index} for index in range(0, 100, 2)}}
+    )
+    assert roundtrip(own_store.export()) == roundtrip(plain.export())
