@@ -158,7 +158,9 @@ class _Data:
         an int, a bool, None or a str (a session's small flat dict, copied and measured in
         one pass, not encoded; anything else through ``_checked_value``), or a ``value``
         checked already (``kind`` None) with a ``ttl``."""
-        flat = clean_flat_dict(value, key.count(".") + 1) if kind is dict else None
+        # (``len(key) // 2 + 1``: the most segments a valid key of that length has, so no
+        # count of its dots; a key that is not valid is refused with the way it takes.)
+        flat = clean_flat_dict(value, len(key) // 2 + 1) if kind is dict else None
         if flat is not None:
             value, chars = flat
             if len(key) + chars > self._fits_chars:
@@ -241,10 +243,15 @@ class _Data:
                 ttl_ms = ttl * 1000  # (``check_ttl`` of whole seconds, inline, as in set)
             else:
                 ttl_ms = check_ttl(ttl)
-            due = self._next_due
-            if due < _INF and due <= time.time() * 1000:
-                self._advance()  # (``_advance_if_due``, inline: count from what a get reads)
             stamp = self._clock.stamp()
+            due = self._next_due
+            if due < _INF and stamp >> MILLIS_SHIFT >= due:
+                # An expiry may be due (none is before the stamp's millisecond, which is never
+                # behind the wall clock's: a hit pays no clock read for the sessions and
+                # counters that expire later): it fires first, as a get would see it, and
+                # the increment takes a stamp after it.
+                self._advance_if_due()
+                stamp = self._clock.stamp()
             result: int | float | None = self._store.increment_key(stamp, key, amount, ttl_ms)
             if result is not None:
                 if ttl_ms:

@@ -360,8 +360,9 @@ def _add_runs(
                 if stamped and entries.get(key) != s:
                     continue  # replaced since (a newer write, or a tombstone forgotten)
                 node = build(data[key], s, True)
-                node.ttl_first = expiry = expiry_stamp(s, ttl_ms)
-                node.ttls = {s: expiry}
+                if ttl_ms:  # (0: a writer's own dict set without one, ``Ways._assign_flat``)
+                    node.ttl_first = expiry = expiry_stamp(s, ttl_ms)
+                    node.ttls = {s: expiry}
                 entries[key] = node
             continue
         if origins is not None:

@@ -29,14 +29,26 @@ such an operation goes the general way, which forgets them all.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from itertools import repeat
+from typing import Any, Sequence, cast
 
 from ._apply import Applier
 from ._clock import MILLIS_SHIFT, expiry_stamp
-from ._tree import DICT, SET, WAYS_KEPT, Way, _Node
+from ._columns import Run
+from ._tree import DICT, SET, WAYS_KEPT, Sessions, Way, _Node
 from ._validate import INT_BOUND, INT_LOW, parse_key
 
 __all__ = ["Ways"]
+
+# The most pending runs ``_open_own_dicts`` leaves on a parent before recording them.
+_RUNS_MOST = 8
+# A run of dicts set without a ttl is recorded once it names more than twice its parent's
+# keys and this many more (keys deleted or set to a plain value since it named them).
+_OWN_SLACK = 64
+# The ttls of a run of dicts set without one (``Sessions.ttls``: read by ``zip`` only).
+_NO_TTLS = repeat(0)
+# What ``Ways._own_dicts`` is before the first such run: no parent's.
+_NO_RUN: Run = ((), (), None)
 
 # After a key whose parent differs from the last one's, the keys to take the general way
 # before looking for a loop again: keys scattered over parents try no way at every one.
@@ -52,6 +64,11 @@ class Ways(Applier):
         # ``WAYS_KEPT``, oldest first): a key under one of them is taken for a loop.
         self._ways_wanted: dict[str, None] = {}
         self._way_skips = 0  # keys to take before looking for a loop again
+        # The writer's own pending run of dicts set without a ttl (``_open_own_dicts``),
+        # which the next one under the same parent joins while it is that parent's last run,
+        # and its keys' stamps (the run's keys and stamps are this dict and its values).
+        self._own_dicts: Run = _NO_RUN
+        self._own_stamps: dict[str, int] = {}
 
     def set_key(self, stamp: int, key: str, value: Any) -> None:
         """``assign_key(stamp, key, value)`` of a ``value`` that is not a dict (a number, a
@@ -135,26 +152,37 @@ class Ways(Applier):
         if type(entry) is _Node and entry in self._nodes_on_ways:
             return False  # (see ``_assign_fresh_on_way``)
         data = parent.value
-        if ttl_ms and (
+        if (
             leaf not in data
             if entry is None
             # (``newest_in(entry)``, inline: the newest there, replaced whole)
             else s > (entry.newest if type(entry) is _Node else entry)
         ):
-            due = (s >> MILLIS_SHIFT) + ttl_ms  # (``expiry_stamp``'s milliseconds)
-            if due > self.now_ms:
-                # A session: kept as a leaf (its stamp here, its dict in the parent's) in
-                # the writer's pending run, its node with its ttl event built only when
-                # something reads the parent's entries, as a receiver's (``_tree.Sessions``).
-                if type(entry) is _Node:
-                    self._untidy = True  # (it may have left ttl entries behind: see advance)
+            # Kept as a leaf (its stamp here, its dict in the parent's) in the writer's
+            # pending run, its node built only when something reads the parent's entries,
+            # as a receiver's sessions (``_tree.Sessions``): a dict set again meanwhile, or
+            # never read below, costs no node. With a ttl, a session, unless due already.
+            if not ttl_ms:
+                runs = parent.runs
+                if runs is not None and runs[-1] is self._own_dicts:
+                    stamps = self._own_stamps
+                    stamps[leaf] = s  # (a dict set again: its one key, the newest stamp)
+                    if len(stamps) > 2 * len(data) + _OWN_SLACK:
+                        parent.record_runs()  # (keys deleted or replaced since: a pass)
+                else:
+                    self._open_own_dicts(parent, leaf, s)
+            else:
+                due = (s >> MILLIS_SHIFT) + ttl_ms  # (``expiry_stamp``'s milliseconds)
+                if due <= self.now_ms:
+                    return False  # due already: the general way fires it
                 run_path = self._open_sessions
+                runs = parent.runs
+                # (Its run the parent's last: it is that parent's, whose runs are its own.)
                 if (
                     run_path is not None
-                    and run_path.parent is parent
+                    and runs is not None
+                    and runs[-1] is run_path.run
                     and run_path.due <= due
-                    and parent.runs is not None
-                    and parent.runs[-1] is run_path.run
                 ):
                     keys, stamps, sessions = run_path.run
                     keys.append(leaf)  # type: ignore[attr-defined]  # (lists: its own)
@@ -163,10 +191,12 @@ class Ways(Applier):
                     self._run_extra += 1
                 else:
                     self.open_own_sessions(parent, key, leaf, s, ttl_ms, due)
-                entries[leaf] = s
-                data[leaf] = value
-                way.newest = s
-                return True
+            if type(entry) is _Node:
+                self._untidy = True  # (it may have left ttl entries behind: see advance)
+            entries[leaf] = s
+            data[leaf] = value
+            way.newest = s
+            return True
         # (``newest_in(entry)``, inline)
         if entry is not None and not s > (entry.newest if type(entry) is _Node else entry):
             return False  # something there is as new: the general way compares
@@ -197,6 +227,26 @@ class Ways(Applier):
         parent.value[leaf] = value
         way.newest = s
         return True
+
+    def _open_own_dicts(self, parent: _Node, leaf: str, s: int) -> None:
+        """Start the writer's own pending run of dicts set without a ttl on ``parent`` (the
+        way's parent) with ``leaf``, set at ``s``; the caller puts the key's stamp in
+        ``parent``'s entries and its value in ``parent``'s dict (``_tree.Sessions.stamped``,
+        with no ttls). The run's keys are a dict of their stamps, so a dict set again takes
+        no more room in it. The parent's runs are recorded first when they are many (a
+        writer alternating sessions with and without a ttl)."""
+        runs = parent.runs
+        if runs is not None and len(runs) >= _RUNS_MOST:
+            parent.record_runs()
+        stamps = self._own_stamps = {leaf: s}
+        # (Its keys a dict, not a sequence: every reader of a run of sessions zips them.)
+        keys = cast("list[str]", stamps)
+        run: Run = (keys, stamps.values(), Sessions(cast("list[int]", _NO_TTLS), True))
+        if parent.runs is None:
+            parent.runs = [run]
+        else:
+            parent.runs.append(run)
+        self._own_dicts = run
 
     def _find_way(self, above: str, leaf: str, key: str, stamp: int) -> Way | None:
         """The way to ``above``, the parent of ``key`` (its last segment ``leaf``), for an
