@@ -105,7 +105,9 @@ POLL_SECONDS = 0.001
 
 class GcClock:
     """CPU seconds this process spent in the cyclic GC (a ``gc.callbacks`` entry, installed
-    by ``main``): the workloads' replies tell it apart from the rest of their CPU time."""
+    by ``main``): the workloads' replies tell it apart from the rest of their CPU time.
+    (``process_time``, two system calls per collection: wall time would count the spells
+    the process waits for a core on a busy machine, and py-spy's pauses.)"""
 
     def __init__(self) -> None:
         self.seconds = 0.0
