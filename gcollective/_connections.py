@@ -4,6 +4,7 @@ the engine), as a part of ``Collective`` (``_Connections``)."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -16,7 +17,7 @@ from gevent.event import AsyncResult
 
 from ._auth import AcceptorHandshake, check_no_auth, encode_refusal
 from ._digest import digest_reply
-from ._engine import ClockSkew, Inbound, refusal, without_gc
+from ._engine import ClockSkew, Inbound, refusal
 from ._errors import AuthenticationError, ProtocolError
 from ._links import _PeerLink, kernel_socket
 from ._logcontext import context_of, lend_context, tag_current
@@ -394,7 +395,15 @@ class _Connections:
         # triggered meanwhile would walk again. They are freed before it resumes (nothing
         # else holds them), so the next collection walks only what the store kept. (A
         # joiner spent ~20 % of its time in the GC otherwise.)
-        without_gc(self._receive_read, feed, data, decoder, inbound, now)
+        # (``without_gc``'s pause, inline: two Python calls less per read.)
+        collecting = gc.isenabled()
+        if collecting:
+            gc.disable()
+        try:
+            self._engine.receive(inbound, feed(data), decoder.frames, now)
+        finally:
+            if collecting:
+                gc.enable()
         return True
 
     def _check_hello(self, message: Any, sock: Any, authenticated: bool) -> Hello:
@@ -510,14 +519,3 @@ class _Connections:
             reply = handshake.sealer().seal(reply)
         sock.settimeout(self.handshake_timeout)
         sock.sendall(reply)
-
-    def _receive_read(
-        self,
-        feed: Callable[[bytes], list[Any]],
-        data: bytes,
-        decoder: FrameDecoder,
-        inbound: Inbound,
-        now: float,
-    ) -> None:
-        """Decode one read's bytes (``feed``) and hand its frames to the engine."""
-        self._engine.receive(inbound, feed(data), decoder.frames, now)

@@ -557,19 +557,19 @@ class Engine(Frontier):
         self.received_frames += len(messages)
         peer = inbound.peer
         peer_id = inbound.peer_id
-        for index, message in enumerate(messages):
+        for message, frame in zip(messages, frames):
             if type(message) is not list or not message:
                 raise ProtocolError("frame is not a non-empty JSON array")
             kind = message[0]
             if kind == OPS:
-                self.apply_ops(message, frames[index], peer, peer_id)
+                self.apply_ops(message, frame, peer, peer_id)
             elif kind == PROGRESS:
                 self._receive_progress(message, inbound, now)
             elif kind == SNAPSHOT:
-                if self._receive_snapshot(message, frames[index], inbound, now):
+                if self._receive_snapshot(message, frame, inbound, now):
                     continue  # (staged: a data_dir stores it once its stream ended)
             elif kind == SNAPSHOT_END:
-                if self._receive_snapshot_end(message, frames[index], inbound):
+                if self._receive_snapshot_end(message, frame, inbound):
                     continue  # (a data_dir stores it once its stream is merged)
             elif kind == SNAPSHOT_REQUEST:
                 if peer is not None:
@@ -579,7 +579,7 @@ class Engine(Frontier):
             else:
                 raise ProtocolError(f"unknown message type {kind!r}")
             if self.on_applied is not None:
-                self.on_applied(frames[index])
+                self.on_applied(frame)
 
     def _receive_progress(self, message: list[Any], inbound: Inbound, now: float) -> None:
         vector, complete, promise, frontier = parse_progress(message)
@@ -746,11 +746,14 @@ class Engine(Frontier):
         """Apply a received OPS frame (checked whole first), skipping repeats, and log it
         (``peer`` and ``peer_id``: the connection's, for a refusal's log line)."""
         origin, first, stamps, ops, paths, values, ttls, parent = parse_ops(message)
-        self.check_clock(stamps.last, "an OPS frame", peer, peer_id, origin)
-        last = first + len(stamps) - 1
+        # (Each read once: an ``OpStamps``' length and ends are Python calls.)
+        size = len(stamps)
+        newest = stamps[-1]
+        self.check_clock(newest, "an OPS frame", peer, peer_id, origin)
+        last = first + size - 1
         progress = self.progress
         done = progress.applied.get(origin, 0)
-        self.received_ops += len(stamps)
+        self.received_ops += size
         if first <= done and self._sequence_clash(origin, first, last, done, stamps):
             # Two senders numbered different operations alike for one origin (a forger, or
             # two processes with one id): apply the repeats too, rather than drop one
@@ -760,45 +763,67 @@ class Engine(Frontier):
             repeats = zip(stamps, ops, paths, values, ttls or repeat(0))
             for _, (stamp, op, path, value, ttl_ms) in zip(range(first, done + 1), repeats):
                 self._apply_received(stamp, op, path, value, ttl_ms, origin)
-            self.clock.observe(stamps[-1])
+            self.clock.observe(newest)
             self.due_by(self.store.next_expiry)
         if last <= done:
             return  # all repeats (relayed, or also in a snapshot)
-        oldest_new = stamps.first if first > done else stamps[done + 1 - first]
+        oldest_new = stamps[0] if first > done else stamps[done + 1 - first]
         if oldest_new < self.forgotten_below:  # (see Frontier.check_not_forgotten)
             self.check_not_forgotten(oldest_new, peer, peer_id)
-        given_ttls = ttls
-        if ttls is None:
-            ttls = [0] * len(stamps)
-        apply_one = self._apply_received
-        if first == done + 1 and not progress.has_gap(origin):
-            # The normal case: the next operations of this origin, in order.
-            if self.watches:
-                paths = full_paths(parent, paths)
-                for stamp, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
-                    apply_one(stamp, op, path, value, ttl_ms, origin)
-            else:
-                self.store.apply_batch(stamps, ops, paths, values, parent, given_ttls)
+        in_order = first == done + 1 and not progress.has_gap(origin)
+        if in_order and not self.watches:
+            # The normal case: the next operations of this origin, in order, nothing watched.
+            self.store.apply_batch(stamps, ops, paths, values, parent, ttls)
             progress.applied[origin] = last
-            progress.stamps[origin] = stamps[-1]
-            applied = len(stamps)
+            progress.stamps[origin] = newest
+            self.applied_ops += size
         else:
-            accept = progress.accept
-            applied = 0
-            paths = full_paths(parent, paths)
-            for seq, stamp, op, path, value, ttl_ms in zip(
-                range(first, last + 1), stamps, ops, paths, values, ttls
-            ):
-                if accept(origin, seq, stamp):
-                    apply_one(stamp, op, path, value, ttl_ms, origin)
-                    applied += 1
-        self.applied_ops += applied
-        if any(ttls):
+            self._apply_one_by_one(
+                origin, first, in_order, stamps, ops, full_paths(parent, paths), values, ttls
+            )
+        if ttls is not None and any(ttls):
             # Wake the expirer for the soonest expiry the store now holds (its own, computed
             # once, instead of each operation's in Python).
             self.due_by(self.store.next_expiry)
-        self.clock.observe(stamps[-1])
+        self.clock.observe(newest)
         self.log.add(origin, first, last, frame)  # without its newline: no copy
+
+    def _apply_one_by_one(
+        self,
+        origin: int,
+        first: int,
+        in_order: bool,
+        stamps: Sequence[int],
+        ops: list[int],
+        paths: list[Any],
+        values: list[Any],
+        ttls: list[int] | None,
+    ) -> None:
+        """``apply_ops``' way for operations that are not simply the next of their origin
+        (some out of order, a gap before them) or that are watched: each on its own, those
+        ``Progress`` accepts, or all of them when they are the next (``in_order``: watches
+        see each)."""
+        progress = self.progress
+        last = first + len(stamps) - 1
+        if ttls is None:
+            ttls = [0] * len(stamps)
+        apply_one = self._apply_received
+        if in_order:
+            for stamp, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
+                apply_one(stamp, op, path, value, ttl_ms, origin)
+            progress.applied[origin] = last
+            progress.stamps[origin] = stamps[-1]
+            self.applied_ops += len(stamps)
+            return
+        accept = progress.accept
+        applied = 0
+        for seq, stamp, op, path, value, ttl_ms in zip(
+            range(first, last + 1), stamps, ops, paths, values, ttls
+        ):
+            if accept(origin, seq, stamp):
+                apply_one(stamp, op, path, value, ttl_ms, origin)
+                applied += 1
+        self.applied_ops += applied
 
     def _sequence_clash(
         self, origin: int, first: int, last: int, done: int, stamps: Sequence[int]

@@ -15,20 +15,27 @@ from ._errors import ProtocolError
 from ._validate import MAX_DEPTH
 from ._wire import JSON_SCALARS, MAX_SEQ, MAX_TTL_MS, check_json
 
-__all__ = ["OpStamps", "path_segments", "parse_ops", "check_op_values"]
+__all__ = ["LAZY_STAMPS_MIN", "OpStamps", "path_segments", "parse_ops", "check_op_values"]
 
 
 _KINDS = {0, 1, 2}
 _COUNTS = {0, 1}  # SET and INCREMENT: an int is a good value for both (a web app's counter)
 _FLAT = JSON_SCALARS | {dict}  # the types of values ``_flat_dicts_fit`` checks
 _SETS = {0}  # the kinds of a frame of SETs only
+# The fewest operations whose stamps an OPS frame gives as an ``OpStamps`` (made when read);
+# a smaller frame's are a list. At most ``_batch._BULK_MIN``, so the store never keeps a
+# small frame's list of stamps in a run (see ``_tree``'s ``_Node.runs``).
+LAZY_STAMPS_MIN = 16
 
 
 def parse_ops(
     message: list[Any],
-) -> tuple[int, int, OpStamps, list[int], list[str | list[str]], list[Any], list[int] | None, str]:
+) -> tuple[
+    int, int, Sequence[int], list[int], list[str | list[str]], list[Any], list[int] | None, str
+]:
     """Check an OPS frame fully: ``(origin, seq, stamps, ops, paths, values, ttls, parent)``,
-    with the stamps (an ``OpStamps``: made when read) and kinds of every operation, each path
+    with the stamps (a list, or from ``LAZY_STAMPS_MIN`` operations on an ``OpStamps``: made
+    when read) and kinds of every operation, each path
     as it travels (dotted, or a list of segments when one holds a dot; ``path_segments``
     turns it into segments) and relative to ``parent`` (``full_paths`` puts it back),
     ``ttls`` None when no operation has one; or ``ProtocolError`` (before anything in it is
@@ -52,9 +59,8 @@ def parse_ops(
         kinds = {ops}
         ops = [ops] * size
     elif type(ops) is list:
-        kinds = set(map(type, ops))
-        if kinds == {int}:
-            kinds = set(ops)
+        # (``_all_ints`` inline, here and for the deltas: a call less per frame)
+        kinds = set(ops) if countOf(map(type, ops), int) == len(ops) else set(map(type, ops))
         if not kinds <= _KINDS:
             bad = next(op for op in ops if type(op) is not int or op not in _KINDS)
             raise ProtocolError(f"unknown operation {bad!r}")
@@ -66,11 +72,9 @@ def parse_ops(
         raise ProtocolError("OPS frame has columns of different lengths")
     # Ints growing along the batch, as an origin's stamps do: what ``Progress`` relies on.
     # (Ints: the first positive and the others at least 1 is the least at least 1.)
-    if not _all_ints(deltas) or min(deltas) <= 0:
+    if countOf(map(type, deltas), int) != size or min(deltas) <= 0 or sum(deltas) >= HLC_LIMIT:
         raise ProtocolError("OPS frame has a bad stamp")
-    stamps = OpStamps(origin, deltas)
-    if stamps.last >> NODE_BITS >= HLC_LIMIT:
-        raise ProtocolError("OPS frame has a bad stamp")
+    stamps = OpStamps(origin, deltas) if size >= LAZY_STAMPS_MIN else _stamps(origin, deltas)
     if type(parent) is not str:
         raise ProtocolError("OPS frame has a bad parent")
     if parent:
@@ -187,6 +191,17 @@ def _alike_flat_dicts(values: list[Any]) -> bool:
     except (KeyError, TypeError):
         return False
     return True
+
+
+def _stamps(origin: int, deltas: list[int]) -> list[int]:
+    """The stamps of a small frame's operations, made at once: a list's ``len``, indexing and
+    iteration are C-level, where each of ``OpStamps``' is a Python call (a receiver's
+    bookkeeping reads a frame's stamps several times; web frames carry a few operations)."""
+    if len(deltas) == 1:
+        return [(deltas[0] << NODE_BITS) | origin]
+    stamps = [*accumulate(map(lshift, deltas, repeat(NODE_BITS)), initial=origin)]
+    del stamps[0]  # (the origin alone)
+    return stamps
 
 
 class OpStamps(Sequence[int]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from array import array
+from typing import Any
 
 import pytest
 import ujson
@@ -22,7 +23,7 @@ from gcollective._wire import (
     parse_hello,
     wire_path,
 )
-from gcollective._wire_ops import parse_ops, path_segments
+from gcollective._wire_ops import LAZY_STAMPS_MIN, OpStamps, parse_ops, path_segments
 from gcollective._wire_snapshot import encode_snapshot, parse_snapshot_items
 
 HLC = 1 << 16
@@ -37,6 +38,55 @@ def ops_message(*items, origin=ORIGIN, seq=1, parent="", ttls=None):
     hlcs, ops, paths, values = (list(column) for column in zip(*items))
     deltas = [hlcs[0], *(b - a for a, b in zip(hlcs, hlcs[1:]))]
     return [1, origin, seq, deltas, ops, parent, paths, values, ttls]
+
+
+def _fed(decoder: FrameDecoder, chunks: list[bytes]) -> list[Any]:
+    """What ``decoder`` gives for each of ``chunks`` in turn (its messages and frames, or
+    the ``ProtocolError``'s text, after which it is not fed again)."""
+    out: list[Any] = []
+    for chunk in chunks:
+        try:
+            out.append((decoder.feed(chunk), decoder.frames, decoder.buffered))
+        except ProtocolError as exc:
+            return [*out, str(exc)]
+    return out
+
+
+_LINES = st.sampled_from(
+    [
+        b'[1,4096,1,[5],1,"",["hits.total"],[1],null]',
+        b"[4,[[4096,1,5]],true,5,0]",
+        b"[1,",  # (not JSON)
+        b"[9,1]",  # (no such kind: refused before it is decoded)
+        b'"x"',
+        b"",
+        b"[1," + b"7," * 40 + b"7]",  # (longer than the decoder's frames may be)
+    ]
+)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.lists(_LINES, min_size=1, max_size=6), st.lists(st.booleans(), max_size=6))
+def test_a_lone_whole_frame_is_read_as_the_general_way_reads_it(lines, split):
+    """A read of one whole frame (``FrameDecoder.feed``'s shortcut) gives what the general
+    way gives (the same frame read in two parts, or with another): the same messages and
+    frames, the same refusal."""
+    kinds = frozenset({b"[1,", b"[4,"})
+    stream = [b"[4,[],true,5,0]\n"] + [line + b"\n" for line in lines]  # (a first frame)
+    whole = _fed(FrameDecoder(64, None, kinds), stream)
+    parts: list[bytes] = []
+    for chunk, halve in zip(stream, split + [False] * len(stream)):
+        if halve and len(chunk) > 1:
+            parts += [chunk[:-1], chunk[-1:]]  # (the second part ends a buffered frame)
+        else:
+            parts.append(chunk)
+    general = _fed(FrameDecoder(64, None, kinds), parts)
+    assert _without_partial_reads(general) == _without_partial_reads(whole)
+
+
+def _without_partial_reads(reads: list[Any]) -> list[Any]:
+    """The reads that gave frames, or the refusal (a read of part of a frame gives none)."""
+    return [read for read in reads if type(read) is str or read[0]]
 
 
 def test_frames_split_across_chunks_and_several_in_one_chunk():
@@ -184,17 +234,26 @@ def test_one_depth_rule_for_set_ops_and_snapshots(kind, segments):
         parse_snapshot_items(FrameDecoder(1 << 20).feed(encode_snapshot(store.export()))[0][1])
 
 
-@pytest.mark.parametrize("hlcs", [[7], [1, 2, 3], [5, 6, 900, 901, (1 << 63) + 2, (1 << 64) - 1]])
+_MANY_HLCS = [5, 6, 900, 901, *range(1000, 1000 + LAZY_STAMPS_MIN), (1 << 63) + 2, (1 << 64) - 1]
+
+
+@pytest.mark.parametrize(
+    "hlcs", [[7], [1, 2, 3], [5, 6, 900, 901, (1 << 63) + 2, (1 << 64) - 1], _MANY_HLCS]
+)
 def test_op_stamps_are_made_when_read_and_read_like_a_list(hlcs):
-    """``parse_ops`` gives the stamps as an ``OpStamps`` (made from the deltas when read):
-    whichever way they are read, they are the list of ``(hlc << 64) | origin``."""
+    """``parse_ops`` gives the stamps of a frame of ``LAZY_STAMPS_MIN`` operations or more as
+    an ``OpStamps`` (made from the deltas when read), a smaller frame's as a list: whichever
+    way they are read, they are the list of ``(hlc << 64) | origin``."""
     origin = (1 << 63) - 1  # the widest origin: no carry into the hlc half
     message = ops_message(*((hlc, 0, f"k{i}", i) for i, hlc in enumerate(hlcs)), origin=origin)
     stamps = parse_ops(message)[2]
     expected = [(hlc << 64) | origin for hlc in hlcs]
+    assert type(stamps) is (OpStamps if len(hlcs) >= LAZY_STAMPS_MIN else list)
     assert list(stamps) == list(stamps) == expected  # (iterable more than once)
     assert len(stamps) == len(expected) and stamps == expected
-    assert (stamps[0], stamps[-1], stamps.first, stamps.last) == (expected[0], expected[-1]) * 2
+    assert (stamps[0], stamps[-1]) == (expected[0], expected[-1])
+    if type(stamps) is OpStamps:
+        assert (stamps.first, stamps.last) == (expected[0], expected[-1])
     assert [stamps[i] for i in range(-len(hlcs), len(hlcs))] == expected * 2
     assert stamps[1:] == expected[1:] and list(reversed(stamps)) == expected[::-1]
     with pytest.raises(IndexError):
