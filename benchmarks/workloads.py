@@ -78,6 +78,8 @@ def app_workloads(cfg: Config, progress: Progress) -> dict[str, Any]:
                 r[name]["ops_per_second"] / r["distinct"]["ops_per_second"] for r in rounds
             ),
             "ops_each": rounds[0][name]["ops_each"],
+            "cpu_us_per_op": statistics.median(r[name]["cpu_us_per_op"] for r in rounds),
+            "gc_us_per_op": statistics.median(r[name]["gc_us_per_op"] for r in rounds),
             "exact": all(r[name]["exact"] for r in rounds),
         }
     return result
@@ -129,5 +131,9 @@ def _workload_run(cfg: Config, members: list[Member], name: str, tag: str) -> di
         "ops_each": ops,
         "seconds": seconds,
         "ops_per_second": count * ops / seconds,
+        # Every member's CPU (and the cyclic GC's part of it) per operation, from its start
+        # to its done: the cluster's cost of one, steadier than the time on a busy machine.
+        "cpu_us_per_op": sum(r["cpu_seconds"] for r in replies) / (count * ops) * 1e6,
+        "gc_us_per_op": sum(r["gc_seconds"] for r in replies) / (count * ops) * 1e6,
         "exact": all(r["complete"] and r.get("exact", True) for r in replies),
     }

@@ -114,6 +114,37 @@ class Applier(Expiries):
         else:
             self._delete(node, key, s)
 
+    def make_way(self, way: Sequence[str], s: int) -> bool:
+        """Make the dicts missing at the end of ``way`` (segments) as a write below it at
+        stamp ``s`` makes them (``apply``'s way down to a new key), where the way there is
+        all dicts without ttl events, none reset after ``s``: so the first frame of a
+        writer's loop under a new parent (sessions, a rate limiter's hits) finds the parent,
+        and takes the bulk paths, as its later frames do (one by one it built a node per
+        session, which the cyclic GC then walked). The summaries on the way are the
+        caller's to raise. False, having changed nothing, when nothing is missing or the way
+        is not that."""
+        node = self._root
+        for depth, segment in enumerate(way):
+            if s < node.reset:
+                return False
+            child = node._entries.get(segment)
+            if child is None:
+                if segment in node.value:
+                    return False  # (a plain leaf in a pending run: ``apply`` decides)
+                for key in way[depth:]:
+                    child = _Node()
+                    child.written_below = child.newest = s
+                    child.reset = node.reset
+                    child.value = {}
+                    node._entries[key] = child
+                    node.value[key] = child.value
+                    node = child
+                return True
+            if type(child) is not _Node or type(child.value) is not dict or child.ttls is not None:
+                return False
+            node = child
+        return False
+
     def apply_expiring_siblings(
         self,
         parent: _Node,

@@ -87,7 +87,10 @@ class Batches(Ways):
             # see ``_way``.)
             self._forget_way()
             if parent:  # (sessions, rate-limit hits: keys under one parent)
-                node, ancestors = self._dict_way(parent.split("."), stamps[0])
+                way = parent.split(".")
+                node, ancestors = self._dict_way(way, stamps[0])
+                if node is None and ops[0] != DELETE and self.make_way(way, stamps[0]):
+                    node, ancestors = self._dict_way(way, stamps[0])  # (a new parent)
                 if node is not None and stamps[0] >= node.reset:
                     keys = cast("list[str]", paths)
                     if _only_hits_with_ttls(ops, ttls):

@@ -98,6 +98,8 @@ def test_quick_benchmark_run_completes_with_sane_figures(tmp_path):
         assert workloads[name]["exact"], workloads[name]  # every value checked on every member
         assert _positive(workloads[name]["ops_per_second"])
         assert _positive(workloads[name]["x_distinct"])
+        assert _positive(workloads[name]["cpu_us_per_op"])  # (each member's CPU, summed)
+        assert 0 <= workloads[name]["gc_us_per_op"] < workloads[name]["cpu_us_per_op"]
 
     redis = results["redis"]
     if "skipped" not in redis:
@@ -148,6 +150,21 @@ def test_quick_web_workload_serves_and_counts_every_request(tmp_path):
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Web workload" in proc.stdout
     _check_web(json.loads(output.read_text())["web"])
+
+
+@pytest.mark.parametrize("workload", ["distinct", "sessions", "rate_limit", "hot_counter"])
+def test_the_workloads_model_runs_each_workload_exactly(workload):
+    """``benchmarks.workload_model``: the four members in one process complete a round of
+    the workload (each member checks it holds everyone's operations) and print its CPU."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.workload_model", workload, "2000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert f"{workload}: CPU per operation" in proc.stderr
 
 
 def _passing_results() -> dict:

@@ -1,7 +1,8 @@
 """Property tests: a receiver's bulk paths for a frame of expiring operations under one parent
 (a writer's loop of sessions, a rate limiter's hits) against the general way.
 
-A frame of only new sessions with one ttl becomes one pending run in a few C-level passes
+A frame of only new sessions with one ttl becomes one pending run (under a new parent too,
+which its first write makes: ``Applier.make_way``) in a few C-level passes
 (``Applier._new_sessions_at_once``); a frame of only hits with ttls goes through one loop
 (``Applier.apply_expiring_hits``), whatever the counters it meets. On top of any state, at
 any time, the store must hold what applying the same operations one by one holds, metadata
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from profiles import examples
@@ -73,8 +75,9 @@ def expiring_frames(draw: st.DrawFn) -> tuple[list[Op], list[Op], list[Op], int]
         made += 1
         return real_stamp(millis, made, origin)
 
-    # The parent first (a writer's first operation there makes it).
-    before = [Op(stamp(0, 3), SET, (*PARENT, "z"), 0)]
+    # The parent first (a writer's first operation there makes it), or not there at all:
+    # the frame's first write makes it (``Applier.make_way``).
+    before = [Op(stamp(0, 3), SET, (*PARENT, "z"), 0)] if draw(st.booleans()) else []
     bodies = draw(st.lists(_before_bodies(), max_size=8), label="before")
     before += [
         Op(stamp(draw(st.integers(0, 25)), draw(st.sampled_from(NODE_IDS))), *body)
@@ -164,3 +167,46 @@ def test_a_frame_of_new_sessions_is_one_run_of_the_frame_s_columns() -> None:
         store.advance(36)
     assert batched.to_dict() == one_by_one.to_dict() == {"r": {"z": 0}}
     assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
+
+
+def test_a_writer_s_first_frame_of_sessions_under_a_new_parent_is_one_run_too() -> None:
+    """The first frame of a writer's loop, under a parent (two levels) that is not there
+    yet: the parent is made as the first session's write makes it, and the frame is one
+    pending run, as the later frames are (it was a node per session); the same as one by
+    one, then and after expiry."""
+    parent = ("p", "q")
+    stamps = [real_stamp(5, i + 1, NODE_IDS[0]) for i in range(16)]
+    batch = [Op(s, SET, (*parent, f"s{i}"), {"u": i}, 30) for i, s in enumerate(stamps)]
+    before = [Op(real_stamp(0, 0, 3), SET, ("o",), 1)]
+    batched, one_by_one = batched_and_one_by_one(before, batch, 5, parent)
+    (run,) = batched._root._entries["p"]._entries["q"].runs
+    assert list(run[0]) == [f"s{i}" for i in range(16)] and list(run[1]) == stamps
+    assert batched.get(["p", "q", "s3"]) == {"u": 3}
+    for store in (batched, one_by_one):
+        store.advance(36)
+    assert batched.to_dict() == one_by_one.to_dict() == {"o": 1, "p": {"q": {}}}
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        [Op(real_stamp(0, 0, 3), SET, ("p",), 7)],  # a leaf on the way
+        [Op(real_stamp(0, 0, 3), DELETE, ("p",), None)],  # a tombstone on the way
+        [Op(real_stamp(9, 0, 3), SET, ("p",), {})],  # a newer reset on the way
+        [Op(real_stamp(0, 0, 3), SET, ("p",), {"x": 1}, 60)],  # ttl events on the way
+    ],
+)
+def test_a_first_frame_under_a_parent_the_way_to_which_is_not_dicts_matches_one_by_one(
+    before: list[Op],
+) -> None:
+    """Where the way to a new parent is not all dicts (a leaf, a tombstone, a newer reset,
+    ttl events), the frame goes the general way: as one by one, and as the model."""
+    parent = ("p", "q")
+    stamps = [real_stamp(5, i + 1, NODE_IDS[0]) for i in range(16)]
+    for batch in (
+        [Op(s, SET, (*parent, f"s{i}"), {"u": i}, 30) for i, s in enumerate(stamps)],
+        [Op(s, INCREMENT, (*parent, f"k{i % 3}"), 1, 30) for i, s in enumerate(stamps)],
+    ):
+        batched, _ = batched_and_one_by_one(before, batch, 5, parent)
+        assert_tree(batched.to_dict(), fold([*before, *batch], 5), repr(before))
