@@ -15,6 +15,9 @@ it, and reports the bytes the store holds (``tracemalloc``): what the store keep
 lag, without the noise of a shared machine (its CPU, the members' lag)::
 
     python -m benchmarks.churn_probe --simulate 12 --seconds 40
+
+``--seconds 240`` is the full run's length (the medians of its second half's minutes too:
+at a steady lag the store does not grow after the first: see docs/benchmarks.rst).
 """
 
 from gevent import monkey
@@ -353,6 +356,16 @@ def simulate(args: argparse.Namespace) -> None:
         f"store after {args.seconds:g} simulated s, frontier {args.simulate:g} s behind: "
         f"median {statistics.median(samples) / MB:.1f} MB, peak {max(samples) / MB:.1f} MB"
     )
+    if len(samples) > 120:  # (the full run's 4 minutes: does it grow from minute to minute?)
+        start = int(args.seconds // 2)
+        by_minute = {
+            (start + index) // 60 + 1: samples[index : index + 60]
+            for index in range(0, len(samples), 60)
+        }
+        print(
+            "  median by minute:",
+            {minute: round(statistics.median(part) / MB, 1) for minute, part in by_minute.items()},
+        )
     figures = structures_of(store)
     for kind, (count, size) in figures.items():
         print(f"  {kind:>15}: {count:8d} {size:7.2f} MB")

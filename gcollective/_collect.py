@@ -228,10 +228,15 @@ class Collector(Tree):
 
 
 #: A node's entries holding more than this, plus ``_SPARSE_BYTES_PER_ENTRY`` per entry, are
-#: mostly empty slots (a full dict takes about 40-100 B an entry), as after ``expire`` dropped
-#: the sessions a writer made before it stopped: ``collect`` makes the dict anew.
+#: mostly empty slots, as after ``expire`` dropped the sessions a writer made before it
+#: stopped: ``collect`` makes the dict anew (and the node's dict of values). A dict of str
+#: keys made anew takes 19-44 B an entry, one that grew 38-88, and one whose entries keep
+#: coming and going (a churning writer's sessions and scratch keys, dropped by ``expire``
+#: and ``collect`` as the frontier passes them) keeps the size it grew to for three times
+#: its entries: not 300 B an entry, which let the churn's parents keep 60-75 (issue 20:
+#: ``churn_probe --simulate 12``, their dicts 6.1 -> 2.8 MB, the store 52.0 -> 48.7 MB).
 _SPARSE_BYTES = 4096
-_SPARSE_BYTES_PER_ENTRY = 300
+_SPARSE_BYTES_PER_ENTRY = 64
 
 
 #: A counter's events dict likewise (a compact one takes 30-55 B an event): one that grew

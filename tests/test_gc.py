@@ -305,3 +305,30 @@ def test_a_counter_hit_steadily_keeps_its_events_dict_compact_at_every_pass():
         if second > 12:  # (the frontier passed the first hits: the pass folded some)
             assert sys.getsizeof(incs) <= 2048 + 48 * len(incs), f"after second {second}"
     assert store.get(("hits",)) == hits
+
+
+def test_a_churning_parent_keeps_its_entries_dict_compact_at_every_pass():
+    """A writer's sessions (400 a second, ttl=2 s) under one parent, each expiry made
+    permanent once a frontier 12 s behind passed it, a pass after each second: its entries
+    come and go (the new sessions, the fired ones dropped), and after every pass its dict
+    takes at most 64 B an entry (plus 4 KiB). At 300 B it kept the size it grew to, 69 B an
+    entry here (and 60-75 under ``--only churn``; issue 20)."""
+    from test_store_property import new_store, real_stamp
+
+    from gcollective._store import SET
+
+    store = new_store()
+    for second in range(40):
+        for index in range(400):
+            number = second * 400 + index
+            stamp = real_stamp(1000 + second * 1000 + index * 2, 0, 1)
+            store.apply(stamp, SET, ("s", str(number)), {"u": number}, 2000)
+        store.advance(1000 + second * 1000 + 999)
+        frontier = real_stamp(1000 + (second - 12) * 1000, 0, 0)
+        store.expire(frontier)
+        while not store.collect(frontier):
+            pass
+        entries = store._root._entries["s"]._entries
+        if second > 20:  # (steady: as many sessions made as dropped each second)
+            assert sys.getsizeof(entries) <= 4096 + 64 * len(entries), f"after second {second}"
+    assert len(store.to_dict()["s"]) == 800  # (the last two seconds' sessions)
