@@ -364,7 +364,7 @@ def simulate(args: argparse.Namespace) -> None:
         f"median {statistics.median(samples) / MB:.1f} MB, peak {max(samples) / MB:.1f} MB; "
         f"CPU in expire {cpu[0]:.2f} s, in collect {cpu[1]:.2f} s ({cpu[2]} passes)"
     )
-    if len(samples) > 120:  # (the full run's 4 minutes: does it grow from minute to minute?)
+    if len(samples) >= 120:  # (the full run's 4 minutes: does it grow from minute to minute?)
         start = int(args.seconds // 2)
         by_minute = {
             (start + index) // 60 + 1: samples[index : index + 60]
