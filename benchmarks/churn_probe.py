@@ -15,6 +15,9 @@ it, and reports the bytes the store holds (``tracemalloc``): what the store keep
 lag, without the noise of a shared machine (its CPU, the members' lag)::
 
     python -m benchmarks.churn_probe --simulate 12 --seconds 40
+
+``--seconds 240`` is the full run's length (the medians of its second half's minutes too:
+at a steady lag the store does not grow after the first: see docs/benchmarks.rst).
 """
 
 from gevent import monkey
@@ -321,15 +324,21 @@ def _sim_writes(store: Store, millis: int, seq: list[int], count: int, ttl: floa
                 store.apply(stamp, INCREMENT, path, 1, None)
 
 
-def _sim_housekeep(store: Store, frontier: int) -> None:
+def _sim_housekeep(store: Store, frontier: int, cpu: list[float]) -> None:
     """A member's housekeeping round (``Collective._housekeep``): expire, then collect in
-    slices of 100 visits, at most 50,000."""
+    slices of 100 visits, at most 50,000 (``cpu``: the CPU seconds of each, and the passes
+    finished, added)."""
+    began = time.process_time()
     store.expire(frontier, 100)
     while store.expirable(frontier):
         store.expire(frontier, 100)
+    middle = time.process_time()
     for _ in range(500):
         if store.collect(frontier, 100):
+            cpu[2] += 1
             break
+    cpu[0] += middle - began
+    cpu[1] += time.process_time() - middle
 
 
 def simulate(args: argparse.Namespace) -> None:
@@ -341,18 +350,30 @@ def simulate(args: argparse.Namespace) -> None:
     seq = [0] * (args.peers + 1)
     per_tick = args.rate // 100  # (ticks of 10 ms)
     lag_ms = int(args.simulate * 1000)
+    cpu = [0.0, 0.0, 0]  # (expire, collect, passes)
     for tick in range(int(args.seconds * 100)):
         millis = 1000 + tick * 10
         _sim_writes(store, millis, seq, per_tick, args.ttl)
         store.advance(millis)
         if tick % 100 == 99:
-            _sim_housekeep(store, _sim_stamp(millis - lag_ms, 0, 0))
+            _sim_housekeep(store, _sim_stamp(millis - lag_ms, 0, 0), cpu)
             if tick >= args.seconds * 50:
                 samples.append(tracemalloc.get_traced_memory()[0])
     print(
         f"store after {args.seconds:g} simulated s, frontier {args.simulate:g} s behind: "
-        f"median {statistics.median(samples) / MB:.1f} MB, peak {max(samples) / MB:.1f} MB"
+        f"median {statistics.median(samples) / MB:.1f} MB, peak {max(samples) / MB:.1f} MB; "
+        f"CPU in expire {cpu[0]:.2f} s, in collect {cpu[1]:.2f} s ({cpu[2]} passes)"
     )
+    if len(samples) >= 120:  # (the full run's 4 minutes: does it grow from minute to minute?)
+        start = int(args.seconds // 2)
+        by_minute = {
+            (start + index) // 60 + 1: samples[index : index + 60]
+            for index in range(0, len(samples), 60)
+        }
+        print(
+            "  median by minute:",
+            {minute: round(statistics.median(part) / MB, 1) for minute, part in by_minute.items()},
+        )
     figures = structures_of(store)
     for kind, (count, size) in figures.items():
         print(f"  {kind:>15}: {count:8d} {size:7.2f} MB")

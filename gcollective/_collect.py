@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from ._rebuild import owners
-from ._tree import MISSING, NEVER, Tree, _Node, holds_nothing, is_number
+from ._tree import _INT_ONLY, MISSING, NEVER, Tree, _Node, holds_nothing, is_number
 from ._ttl import fired_bound
 
 __all__ = ["Collector"]
@@ -54,7 +54,8 @@ class Collector(Tree):
                 return True  # nothing to look at since the last pass
             self._untidy = False
             root = self._root
-            sweep.append([root, root.reset, self._keys_to_visit(root), 0, None, None, NEVER])
+            listed = self._keys_to_visit(root, frontier)
+            sweep.append([root, root.reset, listed, 0, None, None, NEVER])
         visited = 0
         while sweep and visited < budget:
             frame = sweep[-1]
@@ -125,9 +126,11 @@ class Collector(Tree):
                 # it each pass, most of a churning tree (issue 20).
                 self._untidy = True
                 return
+            if _only_plain_leaves(entry):
+                return  # (nothing to forget below: a live session, most of a churning tree)
             below = _descent_limit(above, entry)
             self._sweep.append(
-                [entry, entry.reset, self._keys_to_visit(entry), 0, node, key, below]
+                [entry, entry.reset, self._keys_to_visit(entry, frontier), 0, node, key, below]
             )
         elif (
             entry.value is MISSING
@@ -142,24 +145,30 @@ class Collector(Tree):
             else:
                 self._untidy = True
 
-    def _keys_to_visit(self, node: _Node) -> list[str]:
-        """The keys of ``node``'s children a pass visits: all but those of fired sessions
-        (``_hidden_by_own_expiry``, with their one ttl event and no increments), where a
-        visit finds nothing to do until ``expire`` makes the expiry permanent (and drops
-        them whole). Listed in one comprehension, not a visit each: a churning member holds
-        tens of thousands, which took half of every pass's visits (issue 20)."""
+    def _keys_to_visit(self, node: _Node, frontier: int) -> list[str]:
+        """The keys of ``node``'s children a pass visits: its nodes but fired sessions
+        (``_fired_session``: a visit finds nothing to do there until ``expire`` makes the
+        expiry permanent, and drops them whole), and its bare stamps older than ``frontier``
+        that hold no value (tombstones to drop, hidden values). Not a plain leaf, where a
+        visit finds nothing to do, nor a newer tombstone, which only tells that a later pass
+        must look again (as a fired session does). Listed in a comprehension, not a visit
+        each: a churning member holds tens of thousands of each kind, which took most of
+        every pass's visits (issue 20: its passes took two rounds of housekeeping where they
+        take one, and its tombstones and counters' increments waited for them)."""
         fired_below = self._fired_below
+        data = node.value if type(node.value) is dict else _NO_VALUES
+        entries = node._entries
         keys = [
             key
-            for key, entry in node._entries.items()
-            if type(entry) is not _Node
-            or not (
-                _hidden_by_own_expiry(entry, fired_below)
-                and len(entry.ttls) == 1  # type: ignore[arg-type]  # (not None: see above)
-                and not entry.incs
-            )
+            for key, entry in entries.items()
+            if (type(entry) is int and entry < frontier and key not in data)
+            or (type(entry) is _Node and not _fired_session(entry, fired_below))
         ]
-        if len(keys) < len(node._entries):
+        if len(keys) < len(entries) and any(
+            (type(entry) is int and entry >= frontier and key not in data)
+            or (type(entry) is _Node and _fired_session(entry, fired_below))
+            for key, entry in reversed(entries.items())  # (the newest first: found sooner)
+        ):
             self._untidy = True  # (a later pass looks again)
         return keys
 
@@ -228,10 +237,15 @@ class Collector(Tree):
 
 
 #: A node's entries holding more than this, plus ``_SPARSE_BYTES_PER_ENTRY`` per entry, are
-#: mostly empty slots (a full dict takes about 40-100 B an entry), as after ``expire`` dropped
-#: the sessions a writer made before it stopped: ``collect`` makes the dict anew.
+#: mostly empty slots, as after ``expire`` dropped the sessions a writer made before it
+#: stopped: ``collect`` makes the dict anew (and the node's dict of values). A dict of str
+#: keys made anew takes 19-44 B an entry, one that grew 38-88, and one whose entries keep
+#: coming and going (a churning writer's sessions and scratch keys, dropped by ``expire``
+#: and ``collect`` as the frontier passes them) keeps the size it grew to for three times
+#: its entries: not 300 B an entry, which let the churn's parents keep 60-75 (issue 20:
+#: ``churn_probe --simulate 12``, their dicts 6.1 -> 2.8 MB, the store 52.0 -> 48.7 MB).
 _SPARSE_BYTES = 4096
-_SPARSE_BYTES_PER_ENTRY = 300
+_SPARSE_BYTES_PER_ENTRY = 64
 
 
 #: A counter's events dict likewise (a compact one takes 30-55 B an event): one that grew
@@ -277,6 +291,32 @@ def _first_in(events: dict[int, int] | dict[int, int | float]) -> int:
     caches: a miss each) and a sort. One that arrived late waits until the frontier passes
     the first (it moves on), no longer."""
     return next(iter(events))
+
+
+def _fired_session(node: _Node, fired_below: float | int) -> bool:
+    """Whether ``node`` is hidden by its own expiry that fired (``_hidden_by_own_expiry``),
+    its only ttl event, without increments: a fired session, which ``expire`` drops whole."""
+    return (
+        _hidden_by_own_expiry(node, fired_below)
+        and len(node.ttls) == 1  # type: ignore[arg-type]  # (not None: see above)
+        and not node.incs
+    )
+
+
+def _only_plain_leaves(node: _Node) -> bool:
+    """Whether every child of ``node`` is a bare stamp holding a value (its dict has a value
+    for each entry, and no pending run adds more): a pass finds nothing to do there."""
+    data = node.value
+    return (
+        node.runs is None
+        and type(data) is dict
+        and len(data) == len(node._entries)
+        and _INT_ONLY.issuperset(map(type, node._entries.values()))
+    )
+
+
+#: The values of a node without a dict: none (every bare stamp under it holds none).
+_NO_VALUES: frozenset[str] = frozenset()
 
 
 def _hidden_by_own_expiry(node: _Node, fired_below: float | int) -> bool:

@@ -166,6 +166,7 @@ class _Node:
         "packed",
         "hidden",
         "folded",
+        "fired_to",
     )
 
     def __init__(self) -> None:
@@ -205,6 +206,11 @@ class _Node:
         # The stamp of every member folded (``fold_members``: ``runs`` is ``FOLDED``, and
         # ``hidden`` their keys then their values, in a tuple), or 0.
         self.folded = 0
+        # The store's now (ms) when ``advance`` last fired this node's ttl events: those due
+        # by then are in its ``_due`` already (``Expiries._fire_due``). A slot, not a set of
+        # the stamps in ``_due``: a churning member holds tens of thousands of fired
+        # sessions (a set of their stamps took 2 MB), and the node's size class has room.
+        self.fired_to: float | int = NEVER
 
     def set_ttls(self, ttls: dict[int, int] | None) -> None:
         """Replace ``ttls`` (None for none), keeping ``ttl_first``."""

@@ -50,7 +50,9 @@ class Expiries(Tree):
         # Due ones not yet made permanent, (D, stamp, path), or for siblings that fired
         # together (D, stamp, run), their D growing, the first's in the entry (``_DueRun``).
         self._due: list[tuple[int, int, Path]] = []
-        self._due_stamps: set[int] = set()  # the events in _due
+        # The events ``_push_due`` put in ``_due`` (due when registered); those ``advance``
+        # fired are told by their node's ``fired_to`` instead.
+        self._due_stamps: set[int] = set()
         self._due_extra = 0  # the events of _due's runs beyond the first of each
         # Per parent, the last run ``_push_fired`` made, while it is in ``_due``: siblings
         # that fire later, due no sooner, join it (a churning member holds tens of thousands
@@ -133,7 +135,8 @@ class Expiries(Tree):
         ``_pending`` entry of its own or came after the one that popped), adding it to
         ``fired``, the path of its topmost node with ttl events to ``tops`` and ``(expiry
         stamp, stamp, key)`` to ``by_parent`` (for ``_push_fired``); the earliest event not
-        yet due gets the node's next entry."""
+        yet due gets the node's next entry. Each event goes to ``_due`` once: one due by the
+        node's ``fired_to`` (its last firing) or registered due (``_due_stamps``) is there."""
         if type(path) is _RunPath:
             self._pend_sessions(path)
             return
@@ -145,19 +148,20 @@ class Expiries(Tree):
         if not ttls:
             return
         later: tuple[int, int] | None = None
+        fired_to = target.fired_to  # (those due by then are in ``_due`` already)
         for stamp, expiry in ttls.items():
             due = expiry >> MILLIS_SHIFT
             if due > now_ms:
                 if later is None or due < later[0]:
                     later = (due, stamp)
-            elif stamp not in self._due_stamps:
-                self._due_stamps.add(stamp)
+            elif due > fired_to and stamp not in self._due_stamps:
                 events = by_parent.get(path[:-1])
                 if events is None:
                     events = by_parent[path[:-1]] = []
                 events.append((expiry, stamp, path[-1]))
                 tops[top_path] = None
                 fired.append((path, stamp))
+        target.fired_to = now_ms
         if later is not None:
             heapq.heappush(self._pending, (later[0], later[1], path))
 
@@ -399,7 +403,7 @@ class Expiries(Tree):
 
     def _push_fired(self, by_parent: dict[Path, list[tuple[int, int, str]]]) -> None:
         """Put the ttl events ``advance`` fired (``(expiry stamp, stamp, key)`` by the path of
-        their parent, in ``_due_stamps`` already) in ``_due``: a parent's join its open run
+        their parent) in ``_due``: a parent's join its open run
         when due no sooner than its last, else make a run of their own (``_DueRun``), or a
         plain entry for one alone."""
         due = self._due

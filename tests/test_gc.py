@@ -305,3 +305,63 @@ def test_a_counter_hit_steadily_keeps_its_events_dict_compact_at_every_pass():
         if second > 12:  # (the frontier passed the first hits: the pass folded some)
             assert sys.getsizeof(incs) <= 2048 + 48 * len(incs), f"after second {second}"
     assert store.get(("hits",)) == hits
+
+
+def test_a_churning_parent_keeps_its_entries_dict_compact_at_every_pass():
+    """A writer's sessions (400 a second, ttl=2 s) under one parent, each expiry made
+    permanent once a frontier 12 s behind passed it, a pass after each second: its entries
+    come and go (the new sessions, the fired ones dropped), and after every pass its dict
+    takes at most 64 B an entry (plus 4 KiB). At 300 B it kept the size it grew to, 69 B an
+    entry here (and 60-75 under ``--only churn``; issue 20)."""
+    from test_store_property import new_store, real_stamp
+
+    from gcollective._store import SET
+
+    store = new_store()
+    for second in range(40):
+        for index in range(400):
+            number = second * 400 + index
+            stamp = real_stamp(1000 + second * 1000 + index * 2, 0, 1)
+            store.apply(stamp, SET, ("s", str(number)), {"u": number}, 2000)
+        store.advance(1000 + second * 1000 + 999)
+        frontier = real_stamp(1000 + (second - 12) * 1000, 0, 0)
+        store.expire(frontier)
+        while not store.collect(frontier):
+            pass
+        entries = store._root._entries["s"]._entries
+        if second > 20:  # (steady: as many sessions made as dropped each second)
+            assert sys.getsizeof(entries) <= 4096 + 64 * len(entries), f"after second {second}"
+    assert len(store.to_dict()["s"]) == 800  # (the last two seconds' sessions)
+
+
+def test_a_round_of_housekeeping_forgets_every_tombstone_and_folds_every_hit_the_frontier_passed():
+    """A writer's scratch keys (500 a second, each set then deleted) and a counter's hits
+    under a frontier 12 s behind, then a round of housekeeping each second as a member does
+    it (``collect`` in slices of 100 visits, at most 5,000 a round here, 50,000 in a
+    member): a pass lists only what it may forget (tombstones older than the frontier, not
+    the newer ones nor plain leaves), so it ends within the round, and after each round no
+    tombstone nor hit older than the frontier is left. When a pass visited every tombstone
+    it needed two rounds here (and in a churning member), and they waited (issue 20)."""
+    from test_store_property import new_store, real_stamp
+
+    from gcollective._store import DELETE, INCREMENT, SET
+
+    store = new_store()
+    hits = 0
+    for second in range(30):
+        for index in range(500):
+            millis = 1000 + second * 1000 + index * 2
+            key = ("scratch", f"{second}.{index}")
+            store.apply(real_stamp(millis, 0, 1), SET, key, index)
+            store.apply(real_stamp(millis, 1, 1), DELETE, key, None)
+            store.apply(real_stamp(millis, 2, 1), INCREMENT, ("hits",), 1)
+            hits += 1
+        frontier = real_stamp(1000 + (second - 12) * 1000, 0, 0)
+        for _ in range(50):
+            if store.collect(frontier, 100):
+                break
+        scratch = store._root._entries["scratch"]._entries
+        assert not [stamp for stamp in scratch.values() if stamp < frontier], second
+        increments = store._root._entries["hits"].incs
+        assert min(increments) >= frontier, f"hits older than the frontier after {second}"
+    assert store.get(("hits",)) == hits and store.get(("scratch",)) == {}
