@@ -9,7 +9,16 @@ import sys
 import textwrap
 
 import pytest
-from cluster import ROOT, HubTicks, NodeProcess, converged, free_port, free_ports, wait_until
+from cluster import (
+    ROOT,
+    HubTicks,
+    NodeProcess,
+    converged,
+    free_port,
+    free_ports,
+    wait_for,
+    wait_until,
+)
 
 from gcollective import Collective, DataDirError
 from gcollective._durable import DATABASE, ROOT_LEAVES
@@ -275,22 +284,29 @@ def test_checkpoints_keep_the_table_proportional_to_the_tree_not_the_history(tmp
     monkeypatch.setattr(_durable, "CHECKPOINT_MIN_BYTES", 64 * 1024)
     data_dir = str(tmp_path / "data")
     node = started(data_dir)
+
+    def stored() -> int:
+        connection = sqlite3.connect(os.path.join(data_dir, DATABASE))
+        try:
+            return connection.execute("SELECT SUM(LENGTH(frame)) FROM frames").fetchone()[0]
+        finally:
+            connection.close()
+
     try:
         for i in range(60_000):
             node.set("hot", {"n": i, "pad": "x" * 40})
             if i % 500 == 0:
                 gevent.sleep(0.001)  # an app serving requests: the writer gets its turns
+        history = node.stats()["data_dir"]["written_bytes"]
+        assert history > 3_000_000  # about 60,000 x 60 bytes
+        # Once the writer has caught up: at most the last checkpoint (a few hundred bytes)
+        # and what came since (up to the threshold). Sampled as the loop ends, the table
+        # also holds what came while the last checkpoint ran, which on a loaded machine
+        # (or with a faster loop) reached a quarter of the history (1.1 of 4.1 MB).
+        wait_for(lambda: stored() < history / 4, timeout=10, what="the table proportional")
         assert node.stats()["data_dir"]["checkpoints"] >= 3
     finally:
         node.stop()
-    history = node.stats()["data_dir"]["written_bytes"]
-    assert history > 3_000_000  # about 60,000 x 60 bytes
-    connection = sqlite3.connect(os.path.join(data_dir, DATABASE))
-    stored = connection.execute("SELECT SUM(LENGTH(frame)) FROM frames").fetchone()[0]
-    connection.close()
-    # At most the last checkpoint (a few hundred bytes), what came since (up to the
-    # threshold) and what came while checkpoints ran: a loaded machine's writer lags.
-    assert stored < history / 4
     node = started(data_dir)
     try:
         assert node.get("hot") == {"n": 59_999, "pad": "x" * 40}
