@@ -78,6 +78,7 @@ __all__ = [
     "WAYS_KEPT",
     "FOLDED",
     "fold_members",
+    "set_folded",
 ]
 
 SET = 0
@@ -328,8 +329,14 @@ def fold_members(node: _Node) -> None:
         return  # (a node, or members written at other stamps)
     if entries.keys() != hidden.keys():
         return
+    set_folded(node, (*hidden, *hidden.values()), stamp)
+
+
+def set_folded(node: _Node, members: tuple[Any, ...], stamp: int) -> None:
+    """Leave ``node``'s members folded (see ``fold_members``): ``members`` their keys then
+    their values, each member a bare stamp ``stamp`` whose value an expiry hides."""
     node._entries = _NO_ENTRIES
-    node.hidden = cast("dict[str, Any]", (*hidden, *hidden.values()))
+    node.hidden = cast("dict[str, Any]", members)
     node.runs = FOLDED
     node.folded = stamp
 

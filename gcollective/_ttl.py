@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from ._clock import MILLIS_SHIFT, NODE_MASK, expiry_stamp
 from ._columns import Run
-from ._rebuild import owners, rebuild_at
+from ._rebuild import fire_session, owners, rebuild_at
 from ._tree import (
     FOLDED,
     MISSING,
@@ -118,10 +118,23 @@ class Expiries(Tree):
             self._fire_due(path, now_ms, fired, tops, by_parent)
         self._push_fired(by_parent)
         for top_path in tops:
-            node = self._rebuild_path(top_path)
-            if node is not None:
-                fold_members(node)  # (a fired session's: its members' stamps, left out)
+            self._fire_top(top_path)
         return fired
+
+    def _fire_top(self, path: Path) -> None:
+        """Rebuild the node at ``path`` (the topmost with ttl events on the way to those that
+        fired) and fold a fired session's members (``fold_members``): a session in a few
+        steps (``fire_session``)."""
+        parent = self._expiring_parent(path)
+        if parent is None:
+            return
+        key = path[-1]
+        node = parent.entries.get(key)
+        if type(node) is not _Node or fire_session(parent, key, node, self.now_ms):
+            return
+        rebuild_at(parent, key, node, self.now_ms)
+        if parent._entries.get(key) is node:
+            fold_members(node)  # (a fired session's: its members' stamps, left out)
 
     def _fire_due(
         self,
@@ -444,17 +457,24 @@ class Expiries(Tree):
     def _rebuild_path(self, path: tuple[str, ...]) -> _Node | None:
         """Rebuild the node at ``path`` (whose ancestors carry no ttl events); the node, if
         it is still there."""
+        parent = self._expiring_parent(path)
+        if parent is None:
+            return None
+        node = parent.entries.get(path[-1])
+        if type(node) is not _Node:
+            return None
+        rebuild_at(parent, path[-1], node, self.now_ms)
+        return node if parent._entries.get(path[-1]) is node else None
+
+    def _expiring_parent(self, path: Path) -> _Node | None:
+        """The node of ``path``'s parent, or None when the way there is not made of nodes."""
         parent = self._root
         for segment in path[:-1]:
             entry = parent.entries.get(segment)
             if type(entry) is not _Node:
                 return None
             parent = entry
-        node = parent.entries.get(path[-1])
-        if type(node) is not _Node:
-            return None
-        rebuild_at(parent, path[-1], node, self.now_ms)
-        return node if parent._entries.get(path[-1]) is node else None
+        return parent
 
 
 class _RunPath(tuple[str, ...]):

@@ -9,13 +9,14 @@ in every respect: the same tree, the same export (whole and in pieces), whatever
 
 from __future__ import annotations
 
+import contextlib
 import tracemalloc
 import unittest.mock
 from typing import Any
 
 from hypothesis import event, given
 from hypothesis import strategies as st
-from test_churn_hidden import _bodies
+from test_churn_hidden import KEYS, SESSIONS, _bodies
 from test_store_property import (
     INCREMENT,
     NODE_IDS,
@@ -37,8 +38,17 @@ from gcollective._tree import FOLDED, _Node
 
 
 def _unfolding() -> Any:
-    """A context in which ``fold_members`` does nothing: the general form."""
-    return unittest.mock.patch.object(_ttl, "fold_members", lambda node: None)
+    """A context in which ``fold_members`` does nothing, nor the fast firing that folds a
+    session itself (``_rebuild.fire_session``): the general form."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(unittest.mock.patch.object(_ttl, "fold_members", lambda node: None))
+    stack.enter_context(_general_firing())
+    return stack
+
+
+def _general_firing() -> Any:
+    """A context in which every firing takes the general rebuild (then ``fold_members``)."""
+    return unittest.mock.patch.object(_ttl, "fire_session", lambda *arguments: False)
 
 
 def _folded(node: _Node) -> int:
@@ -215,3 +225,101 @@ def test_a_node_whose_entries_pop_after_its_events_all_fired_tells_each_once() -
     assert store.to_dict() == {}
     assert store.expire(real_stamp(4000, 0, 0)) == 1  # (the second owns the path)
     assert store.pending_expiries == 0 and store.to_dict() == {}
+
+
+def _metadata(entry: Any) -> Any:
+    """Everything a node (or a bare stamp) of the tree holds, its subtree's included: two
+    stores that agree here hold the same state, not only the same tree and export."""
+    if type(entry) is not _Node:
+        return entry
+    slots = {name: getattr(entry, name) for name in _Node.__slots__ if name != "_entries"}
+    slots["runs"] = "FOLDED" if entry.runs is FOLDED else [_run(run) for run in entry.runs or ()]
+    slots["_entries"] = {key: _metadata(child) for key, child in entry._entries.items()}
+    return slots
+
+
+def _flat_sessions() -> st.SearchStrategy:
+    """SETs of a small flat dict with a ttl under ``s``: what the fast firing takes."""
+    flat = SESSIONS.filter(lambda value: not any(type(v) is dict for v in value.values()))
+    return st.tuples(
+        st.just(SET), st.sampled_from(KEYS).map(lambda k: ("s", k)), flat, st.integers(1, 12)
+    )
+
+
+def _run(run: Any) -> Any:
+    """A pending run's items, its third told by its contents (``Sessions``: no ``==``)."""
+    keys, stamps, third = run
+    names = getattr(type(third), "__slots__", ())
+    return list(keys), list(stamps), type(third), [getattr(third, n) for n in names]
+
+
+def _counting_fast_firings(counts: list[int]) -> Any:
+    """A context counting the firings that ``fire_session`` took (``counts[0]``)."""
+    fast = _ttl.fire_session
+
+    def counted(*arguments: Any) -> bool:
+        done = fast(*arguments)
+        counts[0] += done
+        return done
+
+    return unittest.mock.patch.object(_ttl, "fire_session", counted)
+
+
+@_settings(max_examples=300)
+@given(st.data())
+def test_the_fast_firing_leaves_what_the_general_rebuild_leaves(data: st.DataObject) -> None:
+    """Sessions fire, with and without writes, deletes or increments below them and older
+    or newer operations arriving late, time goes on, expiries are made permanent and
+    collected: a store whose sessions fire through ``fire_session`` holds exactly the
+    metadata of one where every firing takes the general rebuild, and the model's tree."""
+    steps = data.draw(st.lists(st.integers(0, 4), min_size=3, max_size=30), label="steps")
+    fast, general = new_store(), new_store()
+    received: list[Op] = []
+    millis, now, collected = 0, 0, 0
+    counts = [0]
+    for counter, kind in enumerate(steps, 1):
+        if kind == 0:
+            now = data.draw(st.integers(now, max(now, millis + 14)), label="now")
+            step: tuple[Any, ...] = ("advance", now)
+            if data.draw(st.booleans(), label="hard"):
+                collected = data.draw(st.integers(collected, max(collected, min(millis, now))))
+                step = ("hard", real_stamp(collected, 0, 0))
+                with _counting_fast_firings(counts):
+                    _play(fast, ("advance", now))
+                with _general_firing():
+                    _play(general, ("advance", now))
+        else:
+            millis += data.draw(st.integers(0, 3), label="millis")
+            late = data.draw(st.integers(0, min(millis - collected, 6)), label="late")
+            origin = data.draw(st.sampled_from(NODE_IDS), label="origin")
+            body = data.draw(st.one_of(_flat_sessions(), _bodies()))
+            operation = Op(real_stamp(millis - late, counter, origin), *body)
+            batched = len(operation.path) == 2 and data.draw(st.booleans(), label="batch")
+            step = ("batch" if batched else "deliver", operation)
+            received.append(operation)
+        with _counting_fast_firings(counts):
+            _play(fast, step)
+        with _general_firing():
+            _play(general, step)
+        context = f"now={now}, ops: {received!r}"
+        assert _metadata(fast._root) == _metadata(general._root), context
+        assert_tree(fast.to_dict(), fold(received, now), context)
+    if counts[0]:
+        event("sessions fired the fast way")
+
+
+def test_a_churning_session_fires_the_fast_way() -> None:
+    """A received session (a small flat dict with a ttl) fires through ``fire_session``:
+    folded, hidden, and its key gone from its parent's dict, as the general way leaves it."""
+    counts = [0]
+    with _counting_fast_firings(counts):
+        store, ops = _fired_session()
+    assert counts == [1]
+    session = store._root.entries["s"].entries["k"]
+    assert session.runs is FOLDED and session.hidden_values() == {"u": 1, "w": "x"}
+    assert store.to_dict() == fold(ops, 3500) == {"s": {}}
+    general = new_store()
+    with _general_firing():
+        deliver(general, ops)
+        general.advance(3500)
+    assert _metadata(store._root) == _metadata(general._root)
