@@ -23,6 +23,7 @@ _dict_keys = st.one_of(
 _members = st.one_of(
     st.integers(-(10**19), 10**19),
     st.sampled_from([10**18, -(10**18), 10**4300, True, False, None, float("nan"), 1.5]),
+    st.sampled_from([2**30 - 1, 2**30, -(2**30) + 1, -(2**30), 10**18 - 1, -(10**18) + 1]),
     st.text(max_size=6),
     st.sampled_from(["\ud800", "é", "ascii"]),
     st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
@@ -157,3 +158,31 @@ def test_a_get_returns_what_the_general_read_does_as_a_private_copy(
     _scramble(got)
     assert _typed(node.get(key)) == expected
     assert _typed(node.snapshot()["reads"][f"r{leaf}"]) == expected
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        2**30 - 1,
+        2**30,
+        -(2**30) + 1,
+        -(2**30),
+        10**18 - 1,
+        10**18,
+        -(10**18),
+        10**4300,
+        -(10**4300),
+    ],
+    ids=lambda number: f"{number.bit_length()}-bit{'-' if number < 0 else ''}",
+)
+@pytest.mark.parametrize("ttl", [None, 60])
+def test_a_session_int_at_a_bound_takes_the_general_paths_outcome(
+    fast_and_general: list[Collective], number: int, ttl: Any
+) -> None:
+    """``clean_flat_dict``'s int test (a one-digit int first, then the 18-digit bounds) at
+    each of its bounds, and past the JSON limit either way: what the general path does."""
+    fast, general = fast_and_general
+    key = "sessions.bound"
+    value = {"u": number, "v": "x"}
+    assert _outcome(fast, key, value, ttl) == _outcome(general, key, value, ttl)
+    assert _typed(fast.get(key)) == _typed(general.get(key))
