@@ -236,8 +236,9 @@ WEB_ROWS = (
 
 
 def _web_runner(row: str, node: Collective, tree: dict[str, Any]) -> Callable[[list[str]], None]:
-    """A loop making the call of ``row`` (see ``WEB_ROWS``) once per key."""
-    node_set, incr, delete = node.set, node.incr, node.delete
+    """A loop making the call of ``row`` (see ``WEB_ROWS``; also ``get_dict``, a read of a
+    session's small dict, which ``local_ops_icount`` counts) once per key."""
+    node_set, node_get, incr, delete = node.set, node.get, node.incr, node.delete
 
     def run(keys: list[str]) -> None:
         if row == "dict_set":
@@ -252,6 +253,9 @@ def _web_runner(row: str, node: Collective, tree: dict[str, Any]) -> Callable[[l
         elif row == "set_dict_ttl":
             for value, key in enumerate(keys):
                 node_set(key, {"u": value}, ttl=60)
+        elif row == "get_dict":
+            for key in keys:
+                node_get(key)
         elif row == "incr_hot":
             for _ in keys:
                 incr("hits.total")

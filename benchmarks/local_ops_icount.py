@@ -1,7 +1,8 @@
 """Instructions per call of the ``local_ops.WEB_ROWS`` (a steadier figure than ns on a loaded
 machine): ``python -m benchmarks.local_ops_icount ROW OPS [PEERS]`` runs ``OPS`` calls of
 ``ROW`` after an unrecorded warm-up batch and leaves at once (nothing yields after the
-measured loop, so the peers apply nothing of it). Run it under
+measured loop, so the peers apply nothing of it); ROW may also be ``get_dict``, a read of a
+small dict set with a ttl (a session's). Run it under
 ``valgrind --tool=callgrind`` with two values of ``OPS``: the difference in total
 instructions over the difference in ``OPS`` is the cost of one call, the node's own flushes
 included. (Set ``PYTHONHASHSEED`` alike in both runs: string hashes move dict collisions. The
@@ -43,6 +44,9 @@ def main() -> None:
         keys = keys[2000 : 2000 + ops]
     else:
         keys = [f"web.{row}.k{j % 1000}" for j in range(max(ops, 2000))]
+        if row == "get_dict":  # (reads of the small dicts ``set_dict_ttl`` sets)
+            _web_runner("set_dict_ttl", bench.node, tree)(keys[:1000])
+            bench.settle()
         run(keys[:2000])
         bench.settle()
         keys = keys[:ops]

@@ -95,7 +95,15 @@ class _Data:
         if "" in segments:
             parse_key(key)  # raises: an empty segment
         kind = type(value)
-        if kind is dict or kind is list:
+        if kind is dict:
+            # (``copy_value``'s first step, inline: a session's small dict of leaves, read
+            # back on every request, is copied in C and takes no call)
+            for member in value.values():
+                inner = type(member)
+                if inner is dict or inner is list:
+                    return copy_value(value)
+            return value.copy()
+        if kind is list:
             return copy_value(value)
         return value
 

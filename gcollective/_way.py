@@ -178,13 +178,15 @@ class Ways(Applier):
                 run_path = self._open_sessions
                 runs = parent.runs
                 # (Its run the parent's last: it is that parent's, whose runs are its own.)
+                # (``run_path.run`` read once: an attribute of a tuple's subclass is a slow
+                # lookup, in its instance dict)
                 if (
                     run_path is not None
                     and runs is not None
-                    and runs[-1] is run_path.run
+                    and runs[-1] is (run := run_path.run)
                     and run_path.due <= due
                 ):
-                    keys, stamps, sessions = run_path.run
+                    keys, stamps, sessions = run
                     keys.append(leaf)  # type: ignore[attr-defined]  # (lists: its own)
                     stamps.append(s)
                     sessions.ttls.append(ttl_ms)

@@ -23,6 +23,7 @@ _dict_keys = st.one_of(
 _members = st.one_of(
     st.integers(-(10**19), 10**19),
     st.sampled_from([10**18, -(10**18), 10**4300, True, False, None, float("nan"), 1.5]),
+    st.sampled_from([2**30 - 1, 2**30, -(2**30) + 1, -(2**30), 10**18 - 1, -(10**18) + 1]),
     st.text(max_size=6),
     st.sampled_from(["\ud800", "é", "ascii"]),
     st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
@@ -119,3 +120,69 @@ def test_the_expiry_stamp_has_its_layout(hlc: int, origin: int, ttl_ms: int) -> 
     stamp = (hlc << NODE_BITS) | origin
     expires = (stamp >> MILLIS_SHIFT) + ttl_ms
     assert expiry_stamp(stamp, ttl_ms) == (expires << MILLIS_SHIFT) | DERIVED_BIT | origin
+
+
+def _scramble(value: Any) -> None:
+    """Change every container in ``value`` (a value ``get`` returned) in place."""
+    if type(value) is dict:
+        for member in list(value.values()):
+            _scramble(member)
+        value["changed by the caller"] = 1
+    elif type(value) is list:
+        for member in value:
+            _scramble(member)
+        value.append("changed by the caller")
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.integers(0, 5),
+    st.one_of(st.dictionaries(st.sampled_from(["u", "n", "x"]), _members, max_size=3), _members),
+    st.sampled_from([None, 60]),
+)
+def test_a_get_returns_what_the_general_read_does_as_a_private_copy(
+    fast_and_general: list[Collective], leaf: int, value: Any, ttl: Any
+) -> None:
+    """``get`` of a session's dict (copied inline, a dict of leaves, or through
+    ``copy_value`` when a member is a container) returns what a full read of the tree
+    (``snapshot``) holds there, and a copy: changing it at any depth changes nothing stored."""
+    node = fast_and_general[0]
+    key = f"reads.r{leaf}"
+    if _outcome(node, key, value, ttl) is not None:
+        return  # (refused: ``test_a_session_set_takes_the_general_paths_outcome``'s case)
+    expected = _typed(node.snapshot()["reads"][f"r{leaf}"])
+    got = node.get(key)
+    assert _typed(got) == expected
+    _scramble(got)
+    assert _typed(node.get(key)) == expected
+    assert _typed(node.snapshot()["reads"][f"r{leaf}"]) == expected
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        2**30 - 1,
+        2**30,
+        -(2**30) + 1,
+        -(2**30),
+        10**18 - 1,
+        10**18,
+        -(10**18),
+        10**4300,
+        -(10**4300),
+    ],
+    ids=lambda number: f"{number.bit_length()}-bit{'-' if number < 0 else ''}",
+)
+@pytest.mark.parametrize("ttl", [None, 60])
+def test_a_session_int_at_a_bound_takes_the_general_paths_outcome(
+    fast_and_general: list[Collective], number: int, ttl: Any
+) -> None:
+    """``clean_flat_dict``'s int test (a one-digit int first, then the 18-digit bounds) at
+    each of its bounds, and past the JSON limit either way: what the general path does."""
+    fast, general = fast_and_general
+    key = "sessions.bound"
+    value = {"u": number, "v": "x"}
+    assert _outcome(fast, key, value, ttl) == _outcome(general, key, value, ttl)
+    assert _typed(fast.get(key)) == _typed(general.get(key))

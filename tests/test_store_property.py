@@ -2604,7 +2604,20 @@ def test_a_batch_of_one_hot_counter_matches_one_by_one(data: st.DataObject) -> N
 
 
 _any_text = st.text(st.characters(blacklist_categories=()), max_size=12)  # (surrogates too)
-_edge_ints = st.sampled_from([10**18 - 1, 10**18, -(10**18) + 1, -(10**18), 2**63, 10**4300])
+_edge_ints = st.sampled_from(
+    [
+        10**18 - 1,
+        10**18,
+        -(10**18) + 1,
+        -(10**18),
+        2**63,
+        10**4300,
+        -(10**4300),
+        2**30 - 1,
+        2**30,
+        -(2**30),
+    ]
+)
 _flat_members = st.one_of(
     st.integers(),
     _edge_ints,
