@@ -99,7 +99,7 @@ def apply(path: str) -> None:
     store.advance(start_ms)  # (the writers' time: none of their ttls due)
     decoder = FrameDecoder(1 << 26)
     gc.collect()
-    gc.disable()  # (as a member reads: see ``_connections``' ``without_gc``)
+    gc.disable()  # (as a member reads: see ``Collective._received`` in ``_connections``)
     # RECV_STAGE: "apply" (all), or only the steps before: "decode", "parse"; "load": none.
     stage = os.environ.get("RECV_STAGE", "apply")
     if stage == "load":
