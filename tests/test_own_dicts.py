@@ -29,6 +29,7 @@ from test_store_property import (
     own_operations,
     real_stamp,
     roundtrip,
+    settle_and_compare,
 )
 
 from gcollective import Collective
@@ -110,13 +111,7 @@ def test_own_dicts_kept_pending_match_apply(data: st.DataObject) -> None:
         if data.draw(st.integers(0, 9), label="export now") == 0:
             assert roundtrip(cached.export()) == roundtrip(plain.export()), context
     assert roundtrip(cached.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
-    for store in (cached, plain):
-        store.advance(60)
-        store.expire(real_stamp(1000, 0, 1))
-        while not store.collect(real_stamp(1000, 0, 1)):
-            pass
-    assert roundtrip(cached.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
-    assert_tree(cached.to_dict(), fold(ops, 60), f"ops: {ops!r}")
+    settle_and_compare(cached, plain, ops)
 
 
 def _run_keys(node: _Node) -> int:

@@ -1442,6 +1442,20 @@ def real_stamp(millis: int, counter: int, origin: int) -> int:
     return (((millis << 16) | counter) << NODE_BITS) | origin
 
 
+def settle_and_compare(taken: Any, plain: Any, ops: Sequence[Op]) -> None:
+    """The end of a fast path's property test: both stores at time 60, every expiry made
+    permanent and collected; ``taken`` (the fast path's store) holds what ``plain`` (one
+    by one) holds, metadata included, and the model's tree of ``ops``."""
+    frontier = real_stamp(1000, 0, 1)
+    for store in (taken, plain):
+        store.advance(60)
+        store.expire(frontier)
+        while not store.collect(frontier):
+            pass
+    assert roundtrip(taken.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
+    assert_tree(taken.to_dict(), fold(ops, 60), f"ops: {ops!r}")
+
+
 def stamp_keys(count: int) -> st.SearchStrategy[list[tuple[int, int, int]]]:
     """``count`` distinct arguments of ``real_stamp`` (milliseconds, counter, origin): the
     stamps of operations a few tens of milliseconds apart, from a few nodes."""
@@ -1971,13 +1985,7 @@ def test_own_operations_through_the_cached_way_match_apply(data: st.DataObject) 
         assert roundtrip(cached.export()) == roundtrip(plain.export()), context
         assert_tree(cached.to_dict(), fold(received, now), context)
         assert cached.next_expiry <= plain.next_expiry, context  # (stale entries may stay)
-    for store in (cached, plain):
-        store.advance(60)
-        store.expire(real_stamp(1000, 0, 1))
-        while not store.collect(real_stamp(1000, 0, 1)):
-            pass
-    assert roundtrip(cached.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
-    assert_tree(cached.to_dict(), fold(ops, 60), f"ops: {ops!r}")
+    settle_and_compare(cached, plain, ops)
 
 
 def _by_key(store: Any, operation: Op, flat: bool = False) -> bool:
@@ -2079,13 +2087,7 @@ def test_a_writers_sessions_by_key_match_apply(data: st.DataObject) -> None:
             deliver(by_key, [operation])
         assert roundtrip(by_key.export()) == roundtrip(plain.export()), context
         assert_tree(by_key.to_dict(), fold(received, now), context)
-    for store in (by_key, plain):
-        store.advance(60)
-        store.expire(real_stamp(1000, 0, 1))
-        while not store.collect(real_stamp(1000, 0, 1)):
-            pass
-    assert roundtrip(by_key.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
-    assert_tree(by_key.to_dict(), fold(ops, 60), f"ops: {ops!r}")
+    settle_and_compare(by_key, plain, ops)
     event("took the way" if taken else "took no way")
 
 

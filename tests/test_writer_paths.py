@@ -23,6 +23,7 @@ from test_store_property import (
     own_operations,
     real_stamp,
     roundtrip,
+    settle_and_compare,
 )
 
 from gcollective import InvalidKeyError
@@ -92,12 +93,7 @@ def test_own_operations_through_set_key_match_apply(data: st.DataObject) -> None
         assert_tree(own_store.to_dict(), fold(received, now), context)
     for store in (own_store, plain):
         deliver(store, held)
-        store.advance(60)
-        store.expire(real_stamp(1000, 0, 1))
-        while not store.collect(real_stamp(1000, 0, 1)):
-            pass
-    assert roundtrip(own_store.export()) == roundtrip(plain.export()), f"ops: {ops!r}"
-    assert_tree(own_store.to_dict(), fold(ops, 60), f"ops: {ops!r}")
+    settle_and_compare(own_store, plain, ops)
 
 
 def test_set_key_under_the_cached_way_takes_the_fast_path() -> None:
