@@ -20,8 +20,9 @@ __all__ = ["HeapTrimmer", "TRIM_AFTER"]
 #: How many tombstones, increments and expiries the store forgets (``Store.collected`` and
 #: ``Store.expired``) between two trims: a few megabytes of freed blocks (a fired session
 #: holds about 600 bytes, a counter's hit about 100). A store that forgets little never pays
-#: for a trim; a churning member trims about once a housekeeping round (each took 0.1-0.5 ms
-#: of the hub in a 100 MB member, ``malloc_trim`` walking glibc's free blocks).
+#: for a trim; a churning member trims about once a housekeeping round, each trim holding the
+#: hub about 0.3-1 ms (``malloc_trim`` walks glibc's free blocks; 9 ms at most in
+#: ``tests/test_expiry_burst.py``, after 150,000 expiries at once: see docs/benchmarks.rst).
 TRIM_AFTER = 10_000
 
 

@@ -145,10 +145,10 @@ class Expiries(Tree):
         """Fire every ttl event of the node at ``path`` due by ``now_ms`` (whether it had a
         ``_pending`` entry of its own or came after the one that popped), adding it to
         ``fired``, the path of its topmost node with ttl events to ``tops`` (with that node's
-        parent, not to walk there again) and ``(expiry
-        stamp, stamp, key)`` to ``by_parent`` (for ``_push_fired``); the earliest event not
-        yet due gets the node's next entry. Each event goes to ``_due`` once: one due by the
-        node's ``fired_to`` (its last firing) or registered due (``_due_stamps``) is there."""
+        parent, not to walk there again) and ``(expiry stamp, stamp, key)`` to ``by_parent``
+        (for ``_push_fired``); the earliest event not yet due gets the node's next entry.
+        Each event goes to ``_due`` once: one due by the node's ``fired_to`` (its last
+        firing) or registered due (``_due_stamps``) is there."""
         if type(path) is _RunPath:
             self._pend_sessions(path)
             return
