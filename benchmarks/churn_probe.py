@@ -51,6 +51,7 @@ from benchmarks.procs import (  # noqa: E402
 )
 from gcollective import Collective  # noqa: E402
 from gcollective._clock import MILLIS_SHIFT, NODE_BITS  # noqa: E402
+from gcollective._heap import HeapTrimmer  # noqa: E402
 from gcollective._store import DELETE, INCREMENT, SET, Store  # noqa: E402
 from gcollective._tree import FOLDED, MISSING, _Node  # noqa: E402
 
@@ -324,10 +325,12 @@ def _sim_writes(store: Store, millis: int, seq: list[int], count: int, ttl: floa
                 store.apply(stamp, INCREMENT, path, 1, None)
 
 
-def _sim_housekeep(store: Store, frontier: int, cpu: list[float]) -> None:
+def _sim_housekeep(
+    store: Store, frontier: int, cpu: list[float], trimmer: HeapTrimmer | None
+) -> None:
     """A member's housekeeping round (``Collective._housekeep``): expire, then collect in
-    slices of 100 visits, at most 50,000 (``cpu``: the CPU seconds of each, and the passes
-    finished, added)."""
+    slices of 100 visits, at most 50,000, then trim the C heap if ``trimmer`` (``cpu``: the
+    CPU seconds of each, the passes finished and the seconds trimming, added)."""
     began = time.process_time()
     store.expire(frontier, 100)
     while store.expirable(frontier):
@@ -339,18 +342,25 @@ def _sim_housekeep(store: Store, frontier: int, cpu: list[float]) -> None:
             break
     cpu[0] += middle - began
     cpu[1] += time.process_time() - middle
+    if trimmer is not None:
+        began = time.perf_counter()
+        if trimmer.after_sweep(store.expired + store.collected):
+            cpu[3] += time.perf_counter() - began
 
 
 def simulate(args: argparse.Namespace) -> None:
-    """``--simulate``: see the module docstring. Traced bytes are sampled every simulated
+    """``--simulate``: see the module docstring. Traced bytes (``--rss``: the process's RSS,
+    nothing traced, half-way between two housekeeping rounds) are sampled every simulated
     second of the second half; the median and the peak are reported."""
     store = Store()
-    tracemalloc.start()
+    if not args.rss:
+        tracemalloc.start()
+    trimmer = None if args.no_trim else HeapTrimmer()
     samples = []
     seq = [0] * (args.peers + 1)
     per_tick = args.rate // 100  # (ticks of 10 ms)
     lag_ms = int(args.simulate * 1000)
-    cpu = [0.0, 0.0, 0]  # (expire, collect, passes)
+    cpu = [0.0, 0.0, 0, 0.0]  # (expire, collect, passes, trimming)
     firing = 0.0  # (advance: the sessions' expiries firing)
     for tick in range(int(args.seconds * 100)):
         millis = 1000 + tick * 10
@@ -359,14 +369,20 @@ def simulate(args: argparse.Namespace) -> None:
         store.advance(millis)
         firing += time.process_time() - began
         if tick % 100 == 99:
-            _sim_housekeep(store, _sim_stamp(millis - lag_ms, 0, 0), cpu)
-            if tick >= args.seconds * 50:
+            _sim_housekeep(store, _sim_stamp(millis - lag_ms, 0, 0), cpu, trimmer)
+            if tick >= args.seconds * 50 and not args.rss:
                 samples.append(tracemalloc.get_traced_memory()[0])
+        elif tick % 100 == 49 and tick >= args.seconds * 50 and args.rss:
+            # (between two rounds: a member's RSS is sampled at any time, not just after a
+            # trim)
+            samples.append(memory()["rss"])
     print(
-        f"store after {args.seconds:g} simulated s, frontier {args.simulate:g} s behind: "
+        f"{'RSS' if args.rss else 'store'} after {args.seconds:g} simulated s, frontier "
+        f"{args.simulate:g} s behind: "
         f"median {statistics.median(samples) / MB:.1f} MB, peak {max(samples) / MB:.1f} MB; "
         f"CPU in advance {firing:.2f} s, in expire {cpu[0]:.2f} s, in collect {cpu[1]:.2f} s "
         f"({cpu[2]} passes)"
+        + (f"; {trimmer.trims} trims, {cpu[3] * 1e3:.1f} ms" if trimmer else "")
     )
     if len(samples) >= 120:  # (the full run's 4 minutes: does it grow from minute to minute?)
         start = int(args.seconds // 2)
@@ -392,6 +408,8 @@ def main() -> None:
     parser.add_argument("--trace", type=float, default=0.0, help="trace the last N seconds")
     parser.add_argument("--frames", type=int, default=1, help="frames per traced allocation")
     parser.add_argument("--simulate", type=float, help="one store, the frontier LAG s behind")
+    parser.add_argument("--rss", action="store_true", help="--simulate: sample RSS, no tracing")
+    parser.add_argument("--no-trim", action="store_true", help="--simulate: no malloc_trim")
     args = parser.parse_args()
     if args.simulate is not None:
         simulate(args)

@@ -19,6 +19,7 @@ from gevent.event import Event
 
 from ._clock import HybridClock, millis_stamp, stamp_origin
 from ._engine import Engine
+from ._heap import HeapTrimmer
 from ._logcontext import context_of, lend_context, tag_current
 from ._server import _STEP, _in_slices, _let_others_run
 from ._store import DELETE, SET, Store
@@ -43,6 +44,7 @@ class _Background:
     _expiry_wake: Event
     _merger: gevent.Greenlet[Any, Any] | None
     _merge_contexts: deque[Any]  # the log context of each stream due
+    _heap_trimmer: HeapTrimmer  # gives the C heap's free pages back after big sweeps
 
     if TYPE_CHECKING:  # (the rest of ``Collective``, which this is a part of)
 
@@ -107,6 +109,8 @@ class _Background:
 
         _in_slices(expire_step)
         _in_slices(collect_step)
+        # What the sweeps freed left holes in the C heap that RSS keeps (see ``_heap``).
+        self._heap_trimmer.after_sweep(store.expired + store.collected)
 
     def _due_by(self, due_ms: float) -> None:
         """An expiry is due at ``due_ms``: wake the expirer if that is sooner than it knew."""

@@ -38,6 +38,7 @@ from ._data import _Data
 from ._discovery import Discovery, split_names
 from ._durable import check_durability
 from ._engine import Engine
+from ._heap import HeapTrimmer
 from ._links import ANNOUNCED_ATTEMPTS, MAX_ANNOUNCED_LINKS, _PeerLink
 from ._logcontext import install as install_log_context
 from ._members import MemberList
@@ -236,6 +237,7 @@ class Collective(_Data, _Connections, _Membership, _Watching, _Background, _Memb
         self._housekeeper: gevent.Greenlet[Any, Any] | None = None
         self._merger: gevent.Greenlet[Any, Any] | None = None  # (see _schedule_merge)
         self._merge_contexts: deque[Any] = deque()  # (the log context of each stream due)
+        self._heap_trimmer = HeapTrimmer()  # (see _Background._housekeep)
         self._discovery: Discovery | None = None  # the names in peers (made by start())
         # Expiring keys: a greenlet sleeps until the store's next expiry (wall-clock ms in
         # _next_due, inf when none); a sooner one wakes it. Reads check _next_due too, so a

@@ -110,25 +110,23 @@ class Expiries(Tree):
             return []
         self._forget_way()
         fired: list[tuple[Path, int]] = []
-        tops: dict[Path, None] = {}  # the subtrees to rebuild, once each
+        tops: dict[Path, _Node] = {}  # the subtrees to rebuild, once each: their parents
         by_parent: dict[Path, list[tuple[int, int, str]]] = {}  # what fired, for ``_due``
         while pending and pending[0][0] <= now_ms and budget > 0:
             budget -= 1
             _, _, path = heapq.heappop(pending)
             self._fire_due(path, now_ms, fired, tops, by_parent)
         self._push_fired(by_parent)
-        for top_path in tops:
-            self._fire_top(top_path)
+        for top_path, parent in tops.items():
+            self._fire_top(parent, top_path[-1])
         return fired
 
-    def _fire_top(self, path: Path) -> None:
-        """Rebuild the node at ``path`` (the topmost with ttl events on the way to those that
-        fired) and fold a fired session's members (``fold_members``): a session in a few
-        steps (``fire_session``)."""
-        parent = self._expiring_parent(path)
-        if parent is None:
-            return
-        key = path[-1]
+    def _fire_top(self, parent: _Node, key: str) -> None:
+        """Rebuild ``parent``'s child ``key`` (the topmost node with ttl events on the way to
+        those that fired) and fold a fired session's members (``fold_members``): a session in
+        a few steps (``fire_session``). (``parent`` is as ``_locate`` found it: firing a top
+        changes only its own parent's entry and dict, and no top is below another, so each
+        parent is still in the tree.)"""
         node = parent.entries.get(key)
         if type(node) is not _Node or fire_session(parent, key, node, self.now_ms):
             return
@@ -141,22 +139,23 @@ class Expiries(Tree):
         path: Path,
         now_ms: float | int,
         fired: list[tuple[Path, int]],
-        tops: dict[Path, None],
+        tops: dict[Path, _Node],
         by_parent: dict[Path, list[tuple[int, int, str]]],
     ) -> None:
         """Fire every ttl event of the node at ``path`` due by ``now_ms`` (whether it had a
         ``_pending`` entry of its own or came after the one that popped), adding it to
-        ``fired``, the path of its topmost node with ttl events to ``tops`` and ``(expiry
-        stamp, stamp, key)`` to ``by_parent`` (for ``_push_fired``); the earliest event not
-        yet due gets the node's next entry. Each event goes to ``_due`` once: one due by the
-        node's ``fired_to`` (its last firing) or registered due (``_due_stamps``) is there."""
+        ``fired``, the path of its topmost node with ttl events to ``tops`` (with that node's
+        parent, not to walk there again) and ``(expiry stamp, stamp, key)`` to ``by_parent``
+        (for ``_push_fired``); the earliest event not yet due gets the node's next entry.
+        Each event goes to ``_due`` once: one due by the node's ``fired_to`` (its last
+        firing) or registered due (``_due_stamps``) is there."""
         if type(path) is _RunPath:
             self._pend_sessions(path)
             return
         found = self._locate(path)
         if found is None:
             return  # overtaken meanwhile
-        top_path, target = found
+        top_path, top_parent, _, target = found
         ttls = target.ttls
         if not ttls:
             return
@@ -172,7 +171,7 @@ class Expiries(Tree):
                 if events is None:
                     events = by_parent[path[:-1]] = []
                 events.append((expiry, stamp, path[-1]))
-                tops[top_path] = None
+                tops[top_path] = top_parent
                 fired.append((path, stamp))
         target.fired_to = now_ms
         if later is not None:
@@ -222,22 +221,21 @@ class Expiries(Tree):
         found = self._locate(path)
         if found is None:
             return False
-        top_path, target = found
+        top_path, top_parent, parent, target = found
         if not target.ttls or (st, expiry) not in owners(target.ttls):
             return False  # overtaken, or replaced by a newer ttl before it fired
         # It owns its path at its expiry: the events that could have cancelled it are all
         # older than the frontier, hence known. (An ancestor's expiry made permanent before
         # or after it comes to the same: the ancestor's DELETE, at a later stamp, drops it; at
         # an earlier one, it leaves nothing this one's could show.)
-        parent: Any = self._root
-        for segment in path[:-1]:
-            parent = parent.entries[segment]
         if target.runs is FOLDED and target.folded < expiry:
             # Folded members (``fold_members``), older than the DELETE: its rebuild would
             # drop them, so they are not recorded first.
             target.entries = {}
         record_assign(parent.entries, path[-1], expiry, MISSING)
-        self._rebuild_path(top_path)
+        # (``top_parent`` is still in the tree: the assignment changed only ``parent``'s
+        # entry, at or below the top.)
+        self._rebuild_child(top_parent, top_path[-1])
         if top_path == path:
             self._drop_tombstone(parent, path[-1], frontier)
         else:
@@ -440,41 +438,31 @@ class Expiries(Tree):
             self._open_due[parent] = run
             heapq.heappush(due, (run.expiries[0], run.stamps[0], run))
 
-    def _locate(self, path: tuple[str, ...]) -> tuple[tuple[str, ...], _Node] | None:
-        """``(path of the topmost node with ttl events on the way, node at path)``, or None
-        when the way is not made of nodes or none of them has ttl events."""
-        node = self._root
-        top: tuple[str, ...] | None = None
+    def _locate(self, path: Path) -> tuple[Path, _Node, _Node, _Node] | None:
+        """``(path of the topmost node with ttl events on the way, that node's parent, the
+        parent of the node at path, the node at path)``, or None when the way is not made of
+        nodes or none of them has ttl events. (The parents too: firing and expiring then
+        rebuild there without walking from the root again.)"""
+        parent = node = self._root
+        top: Path | None = None
+        top_parent = node
         for depth, segment in enumerate(path):
             entry = node.entries.get(segment)
             if type(entry) is not _Node:
                 return None
             if top is None and entry.ttls is not None:
                 top = path[: depth + 1]
+                top_parent = node
+            parent = node
             node = entry
-        return None if top is None else (top, node)
+        return None if top is None else (top, top_parent, parent, node)
 
-    def _rebuild_path(self, path: tuple[str, ...]) -> _Node | None:
-        """Rebuild the node at ``path`` (whose ancestors carry no ttl events); the node, if
-        it is still there."""
-        parent = self._expiring_parent(path)
-        if parent is None:
-            return None
-        node = parent.entries.get(path[-1])
-        if type(node) is not _Node:
-            return None
-        rebuild_at(parent, path[-1], node, self.now_ms)
-        return node if parent._entries.get(path[-1]) is node else None
-
-    def _expiring_parent(self, path: Path) -> _Node | None:
-        """The node of ``path``'s parent, or None when the way there is not made of nodes."""
-        parent = self._root
-        for segment in path[:-1]:
-            entry = parent.entries.get(segment)
-            if type(entry) is not _Node:
-                return None
-            parent = entry
-        return parent
+    def _rebuild_child(self, parent: _Node, key: str) -> None:
+        """Rebuild ``parent``'s child ``key`` (whose ancestors carry no ttl events), if it is
+        a node."""
+        node = parent.entries.get(key)
+        if type(node) is _Node:
+            rebuild_at(parent, key, node, self.now_ms)
 
 
 class _RunPath(tuple[str, ...]):
