@@ -13,6 +13,7 @@ and nothing is done.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Callable
 
 __all__ = ["HeapTrimmer", "TRIM_AFTER"]
@@ -26,7 +27,8 @@ __all__ = ["HeapTrimmer", "TRIM_AFTER"]
 TRIM_AFTER = 10_000
 
 
-def _find_malloc_trim() -> Callable[[int], int] | None:
+@functools.cache  # (looked up by the first trim, not at import)
+def malloc_trim_function() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None where the C library has none."""
     try:
         function = ctypes.CDLL(None).malloc_trim
@@ -35,9 +37,6 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
     function.argtypes = (ctypes.c_size_t,)
     function.restype = ctypes.c_int
     return function
-
-
-_malloc_trim = _find_malloc_trim()
 
 
 class HeapTrimmer:
@@ -54,9 +53,12 @@ class HeapTrimmer:
     def after_sweep(self, forgotten: int) -> bool:
         """Trim when ``forgotten`` (a count that only grows: what the store forgot so far)
         passed the last trim's by ``TRIM_AFTER``; whether it did."""
-        if forgotten - self._forgotten_then < TRIM_AFTER or _malloc_trim is None:
+        if forgotten - self._forgotten_then < TRIM_AFTER:
+            return False
+        malloc_trim = malloc_trim_function()
+        if malloc_trim is None:
             return False
         self._forgotten_then = forgotten
-        _malloc_trim(0)
+        malloc_trim(0)
         self.trims += 1
         return True

@@ -13,7 +13,7 @@ from gcollective._store import DELETE, SET
 
 
 def test_trims_once_enough_was_forgotten_since_the_last_trim() -> None:
-    if _heap._malloc_trim is None:
+    if _heap.malloc_trim_function() is None:
         pytest.skip("no malloc_trim in this C library")
     trimmer = HeapTrimmer()
     assert not trimmer.after_sweep(TRIM_AFTER - 1)
@@ -24,7 +24,7 @@ def test_trims_once_enough_was_forgotten_since_the_last_trim() -> None:
 
 
 def test_does_nothing_without_malloc_trim(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_heap, "_malloc_trim", None)
+    monkeypatch.setattr(_heap, "malloc_trim_function", lambda: None)
     trimmer = HeapTrimmer()
     assert not trimmer.after_sweep(10 * TRIM_AFTER)
     assert trimmer.trims == 0
@@ -32,7 +32,7 @@ def test_does_nothing_without_malloc_trim(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_a_churning_store_is_trimmed_by_its_housekeeping() -> None:
     """A member's housekeeping round trims once its sweeps forgot ``TRIM_AFTER`` things."""
-    if _heap._malloc_trim is None:
+    if _heap.malloc_trim_function() is None:
         pytest.skip("no malloc_trim in this C library")
 
     node: Any = Collective("127.0.0.1:1", [])
