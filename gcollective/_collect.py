@@ -158,17 +158,22 @@ class Collector(Tree):
         fired_below = self._fired_below
         data = node.value if type(node.value) is dict else _NO_VALUES
         entries = node._entries
+        # The entries that are not plain leaves (a bare stamp with a value), in their order,
+        # then those a visit is for. Each one left out (a newer tombstone, a fired session)
+        # tells that a later pass must look again. A plain leaf is neither, so that needs no
+        # second scan of all the entries: a writer's own sessions are plain leaves, tens of
+        # thousands under one parent, and that scan (a generator, slower than the list) took
+        # most of a pass over them (issue 20).
+        others = [
+            key for key, entry in entries.items() if type(entry) is not int or key not in data
+        ]
         keys = [
             key
-            for key, entry in entries.items()
-            if (type(entry) is int and entry < frontier and key not in data)
+            for key in others
+            if (type(entry := entries[key]) is int and entry < frontier)
             or (type(entry) is _Node and not _fired_session(entry, fired_below))
         ]
-        if len(keys) < len(entries) and any(
-            (type(entry) is int and entry >= frontier and key not in data)
-            or (type(entry) is _Node and _fired_session(entry, fired_below))
-            for key, entry in reversed(entries.items())  # (the newest first: found sooner)
-        ):
+        if len(keys) < len(others):
             self._untidy = True  # (a later pass looks again)
         return keys
 
