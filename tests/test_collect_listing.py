@@ -1,10 +1,12 @@
 """What a pass of ``collect`` visits under a node (issue 20): ``Collector._keys_to_visit``
-lists a node's entries that are not plain leaves once, then those to visit, where it scanned
-all the entries twice (a writer's own sessions, tens of thousands of bare stamps holding
-values under one parent, took most of a pass). It lists the same keys in the same order, and
-marks the store untidy in the same cases, as that formulation (kept here as the reference),
-for every node of stores that a writer's own sessions, dicts without a ttl, others' late
-operations, deletes, time steps and collection leave; and the store's tree stays the model's.
+tells whether it left out something a later pass must see (a newer tombstone, a fired
+session) from the newest entry, else from a count of the entries that are not plain leaves,
+where it scanned all the entries a second time with a generator (a writer's own sessions,
+tens of thousands of bare stamps holding values under one parent, took most of a pass). It
+lists the same keys in the same order, and marks the store untidy in the same cases, as that
+formulation (kept here as the reference), for every node of stores that a writer's own
+sessions, dicts without a ttl, others' late operations, deletes, time steps and collection
+leave; and the store's tree stays the model's.
 """
 
 from __future__ import annotations
