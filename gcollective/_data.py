@@ -63,7 +63,7 @@ class _Data:
     _flushing_full: bool
     _next_due: float
     _outbox: list[Any]  # the engine's
-    _out_special: list[int]  # the engine's (see ``Engine.out_special``)
+    _out_special: list[tuple[int, int, int]]
     _fits_chars: int
     _fits_number_key: int
 
@@ -192,8 +192,7 @@ class _Data:
             due = (stamp >> MILLIS_SHIFT) + ttl_ms
             if due < self._next_due:
                 self._due_by(due)
-            special = self._out_special  # (flat: see ``Engine.out_special``)
-            special += (queued, SET, ttl_ms)
+            self._out_special.append((queued // 3, SET, ttl_ms))
         outbox += (stamp, key, value)
         if not queued:
             self._schedule_flush()
@@ -270,8 +269,7 @@ class _Data:
                 # ``_send_own(stamp, INCREMENT, key, amount, ttl_ms)``, inline (as in set)
                 outbox = self._outbox
                 queued = len(outbox)
-                special = self._out_special  # (flat: see ``Engine.out_special``)
-                special += (queued, INCREMENT, ttl_ms)
+                self._out_special.append((queued // 3, INCREMENT, ttl_ms))
                 outbox += (stamp, key, amount)
                 if not queued:
                     self._schedule_flush()
@@ -321,8 +319,7 @@ class _Data:
                 # ``_send_own(stamp, DELETE, key, None)``, inline (as in set)
                 outbox = self._outbox
                 queued = len(outbox)
-                special = self._out_special  # (flat: see ``Engine.out_special``)
-                special += (queued, DELETE, 0)
+                self._out_special.append((queued // 3, DELETE, 0))
                 outbox += (stamp, key, None)
                 if not queued:
                     self._schedule_flush()

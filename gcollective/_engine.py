@@ -193,14 +193,10 @@ class Engine(Frontier):
         self.seq = 0  # own operations numbered (and in the log) so far
         # Own operations applied but not yet encoded, numbered from ``seq + 1``: stamp, wire
         # path and value of each, in one flat list (one in-place add per operation, the
-        # cheapest append there is), and the position in it (3 x the index), op and ttl_ms
-        # of those that are not plain SETs, flat too: a tuple held until the flush would be
-        # tracked by the cyclic GC, and a session's set or a counter's hit with a ttl made
-        # one each (nearly every young object in a sessions round, which set off a young
-        # collection every 700 of them). The lists are emptied in place: the shell's hot
-        # paths hold them.
+        # cheapest append there is), and (index, op, ttl_ms) of the few that are not plain
+        # SETs. The lists are emptied in place: the shell's hot paths hold them.
         self.outbox: list[Any] = []
-        self.out_special: list[int] = []
+        self.out_special: list[tuple[int, int, int]] = []
         self.flushed_at = float("-inf")  # when the outbox was last encoded and queued
         self.coalesce = COALESCE_SECONDS  # the wait after it (see flush_at)
         self.flush_due = float("inf")  # when the outbox should go out, if the shell said (flush_at)
@@ -271,7 +267,7 @@ class Engine(Frontier):
         ``incr`` do the same inline for their common cases."""
         outbox = self.outbox
         if op or ttl_ms:
-            self.out_special += (len(outbox), op, ttl_ms)
+            self.out_special.append((len(outbox) // 3, op, ttl_ms))
         outbox += (stamp, wire, value)
         if len(outbox) == 3:
             self.schedule_flush()
@@ -341,8 +337,7 @@ class Engine(Frontier):
         ttls: list[int] | None = None
         special = self.out_special
         if special:
-            for position, op, ttl_ms in zip(special[0::3], special[1::3], special[2::3]):
-                index = position // 3
+            for index, op, ttl_ms in special:
                 ops[index] = op
                 if ttl_ms:
                     if ttls is None:
