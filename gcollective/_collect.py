@@ -168,8 +168,8 @@ class Collector(Tree):
             # Is anything left out a later pass must look at again (a newer tombstone, a fired
             # session)? The newest entry first: in a churning tree most often one. Else what
             # is left out is told by a count of the entries that are not plain leaves (a bare
-            # stamp holding a value), which everything listed is not either: a list made at C
-            # speed, where a generator over every entry took most of a pass over a parent of a
+            # stamp holding a value), which everything listed is not either: a comprehension,
+            # where a generator resumed for every entry took most of a pass over a parent of a
             # writer's own sessions, tens of thousands of plain leaves (issue 20).
             key, entry = next(reversed(entries.items()))
             if (
