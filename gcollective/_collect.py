@@ -164,12 +164,20 @@ class Collector(Tree):
             if (type(entry) is int and entry < frontier and key not in data)
             or (type(entry) is _Node and not _fired_session(entry, fired_below))
         ]
-        if len(keys) < len(entries) and any(
-            (type(entry) is int and entry >= frontier and key not in data)
-            or (type(entry) is _Node and _fired_session(entry, fired_below))
-            for key, entry in reversed(entries.items())  # (the newest first: found sooner)
-        ):
-            self._untidy = True  # (a later pass looks again)
+        if len(keys) < len(entries):
+            # Is anything left out a later pass must look at again (a newer tombstone, a fired
+            # session)? The newest entry first: in a churning tree most often one. Else what
+            # is left out is told by a count of the entries that are not plain leaves (a bare
+            # stamp holding a value), which everything listed is not either: a comprehension,
+            # where a generator resumed for every entry took most of a pass over a parent of a
+            # writer's own sessions, tens of thousands of plain leaves (issue 20).
+            key, entry = next(reversed(entries.items()))
+            if (
+                (type(entry) is int and entry >= frontier and key not in data)
+                or (type(entry) is _Node and _fired_session(entry, fired_below))
+                or len(keys) < _not_plain_leaves(entries, data)
+            ):
+                self._untidy = True  # (a later pass looks again)
         return keys
 
     def _drop_replaced(self, node: _Node, frontier: int) -> bool:
@@ -300,6 +308,14 @@ def _fired_session(node: _Node, fired_below: float | int) -> bool:
         _hidden_by_own_expiry(node, fired_below)
         and len(node.ttls) == 1  # type: ignore[arg-type]  # (not None: see above)
         and not node.incs
+    )
+
+
+def _not_plain_leaves(entries: dict[str, Any], data: dict[str, Any] | frozenset[str]) -> int:
+    """How many of ``entries`` (a node's, ``data`` its values) are not plain leaves (a bare
+    stamp holding a value): nodes, and bare stamps without a value."""
+    return len(
+        [None for key, entry in entries.items() if type(entry) is not int or key not in data]
     )
 
 
