@@ -253,17 +253,22 @@ class _Data:
                 ttl_ms = check_ttl(ttl)
             stamp = self._clock.stamp()
             due = self._next_due
-            if due < _INF and stamp >> MILLIS_SHIFT >= due:
-                # An expiry may be due (none is before the stamp's millisecond, which is never
-                # behind the wall clock's: a hit pays no clock read for the sessions and
-                # counters that expire later): it fires first, as a get would see it, and
-                # the increment takes a stamp after it.
-                self._advance_if_due()
-                stamp = self._clock.stamp()
+            millis = 0  # (the stamp's millisecond once shifted: a 128-bit shift makes an int)
+            if due < _INF:
+                millis = stamp >> MILLIS_SHIFT
+                if millis >= due:
+                    # An expiry may be due (none is before the stamp's millisecond, which is
+                    # never behind the wall clock's: a hit pays no clock read for the sessions
+                    # and counters that expire later): it fires first, as a get would see it,
+                    # and the increment takes a stamp after it.
+                    self._advance_if_due()
+                    stamp = self._clock.stamp()
+                    millis = stamp >> MILLIS_SHIFT
             result: int | float | None = self._store.increment_key(stamp, key, amount, ttl_ms)
             if result is not None:
                 if ttl_ms:
-                    due = (stamp >> MILLIS_SHIFT) + ttl_ms  # (``_due_by``, inline as in set)
+                    # (``_due_by``, inline as in set)
+                    due = (millis or stamp >> MILLIS_SHIFT) + ttl_ms
                     if due < self._next_due:
                         self._due_by(due)
                 # ``_send_own(stamp, INCREMENT, key, amount, ttl_ms)``, inline (as in set)

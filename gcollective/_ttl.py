@@ -16,7 +16,7 @@ import heapq
 import math
 from typing import Any, cast
 
-from ._clock import MILLIS_SHIFT, NODE_MASK, expiry_stamp
+from ._clock import MILLIS_SHIFT, NODE_MASK
 from ._columns import Run
 from ._rebuild import fire_session, owners, rebuild_at
 from ._tree import (
@@ -34,9 +34,9 @@ __all__ = ["Expiries", "fired_any", "fired_bound", "path_tuple"]
 
 Path = tuple[str, ...]
 
-# Every bit of a stamp but its logical counter's: two stamps equal there (the same
-# millisecond and origin) have the same expiry stamp for the same ttl (``expiry_stamp``).
-_BUT_COUNTER = ~(((1 << MILLIS_SHIFT) - 1) ^ NODE_MASK)
+#: Every bit of a stamp but its logical counter's: two stamps equal there (the same
+#: millisecond and origin) have the same expiry stamp for the same ttl (``expiry_stamp``).
+BUT_COUNTER = ~(((1 << MILLIS_SHIFT) - 1) ^ NODE_MASK)
 
 
 class Expiries(Tree):
@@ -61,9 +61,10 @@ class Expiries(Tree):
         # The sessions pending runs hold beyond their run's one entry in _pending (see
         # ``pend_run``): what ``pending_expiries`` counts too.
         self._run_extra = 0
-        # ``fired_bound(now_ms)``: an expiry stamp below it has fired (``_rearm`` compares).
+        # ``fired_bound(now_ms)``: an expiry stamp below it has fired (``increment_key``
+        # compares).
         self._fired_below: float | int = fired_bound(self.now_ms)
-        # ``_rearm``'s last ``(stamp, ttl_ms, expiry stamp)``: a writer's hits of one
+        # ``increment_key``'s last ``(stamp, ttl_ms, expiry stamp)``: a writer's hits of one
         # millisecond share their expiry stamp (one object, made once).
         self._last_rearm = (0, 0, 0)
         # The last run entry ``_pend_first`` made, while it is in ``_pending``: the nodes
@@ -297,23 +298,6 @@ class Expiries(Tree):
             self._push_due(expiry, s, path_tuple(path))
         elif not covered:
             heapq.heappush(self._pending, (due, s, path_tuple(path)))
-
-    def _rearm(self, node: _Node, s: int, ttl_ms: int, path: Any) -> None:
-        """``_record_ttl(node, s, expiry_stamp(s, ttl_ms), path)`` for a ttl event ``s``
-        newer than every event at ``node`` (a writer's own counter hit), in a few steps in
-        the common case of a counter hit again and again: the node's earliest expiry has not
-        fired and is no later than the new one, so the ``_pending`` entry it has pops first
-        (``_record_ttl`` would compare milliseconds to the same end)."""
-        last_stamp, last_ttl, expiry = self._last_rearm
-        if ttl_ms != last_ttl or (s ^ last_stamp) & _BUT_COUNTER:
-            expiry = expiry_stamp(s, ttl_ms)
-            self._last_rearm = (s, ttl_ms, expiry)
-        ttls = node.ttls
-        if ttls is not None and self._fired_below <= node.ttl_first <= expiry:
-            self._untidy = True
-            ttls[s] = expiry
-        else:
-            self._record_ttl(node, s, expiry, path)
 
     def _first_ttl(self, node: _Node, s: int, expiry: int, path: Any) -> None:
         """Give ``node`` (at ``path``, without ttl events) its only one, at stamp ``s``

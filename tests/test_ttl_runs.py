@@ -284,7 +284,7 @@ def test_a_joiner_gets_sessions_a_member_holds_as_a_run_and_expires_them(members
     )
 
 
-# -- a writer's own counter hits re-armed (issue 20: ``Expiries._rearm``) ---------------------
+# -- a writer's own counter hits re-armed (issue 20: ``Ways.increment_key``) ---------------------
 
 COUNTERS = (("r", "k0"), ("r", "k1"))
 
@@ -306,7 +306,7 @@ def _others_bodies() -> st.SearchStrategy:
 @_settings(max_examples=500)
 @given(st.data())
 def test_own_counter_hits_rearmed_match_one_by_one(data: st.DataObject) -> None:
-    """A writer's own hits (``increment_key`` with a ttl, whose ttl event ``_rearm`` records
+    """A writer's own hits (``increment_key`` with a ttl, whose ttl event ``increment_key`` records
     in a few steps when the counter's earliest expiry has not fired and is no later) leave
     the store as ``apply`` one by one does, metadata included, and as the model: ttls that
     shorten or lengthen, time steps that fire expiries, other members' operations at any
