@@ -13,7 +13,7 @@ The measured loop runs inside a ``functools.reduce`` call (a C function nothing 
 here), so ``--toggle-collect=functools_reduce`` counts the loop only: without it, the
 warm-up's settle (the peers applying the warm-up batch, the hub's loop meanwhile) varies by
 millions of instructions from run to run, which moved the per-call figure with 7 peers by
-up to 4,000 over 4,000 calls; with it, by about 1 %."""
+5-10 % between runs; with it, by about 1 %."""
 
 from __future__ import annotations
 
