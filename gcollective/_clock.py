@@ -114,7 +114,8 @@ class HybridClock:
             # Within the millisecond of the last wall-clock stamp (or before it: the wall
             # clock stepped back), so the last stamp plus one is the later: no division
             # (dividing ``now``, a 3-digit int, costs ~100 ns: a tenth of a ``set``).
-            stamp = self._last = self._last + _ONE_TICK
+            # (``Collective.set`` and ``delete`` take this branch inline.)
+            stamp = self._last = self._last + ONE_TICK
             return stamp
         ms = now // 1_000_000
         self._ms_end = (ms + 1) * 1_000_000
@@ -149,7 +150,7 @@ class HybridClock:
             self._last = seen
 
 
-_ONE_TICK = 1 << NODE_BITS  # one step of the logical counter, in a stamp
+ONE_TICK = 1 << NODE_BITS  # one step of the logical counter, in a stamp
 _NOT_COUNTER = ~(((1 << _LOGICAL_BITS) - 1) << NODE_BITS)  # every bit but the counter's
 # The wire carries hlcs below 2**64; past an observed hlc below 2**63, a clock would have to
 # tick 2**63 times to get there (and wall-clock hlcs reach 2**63 in the year 4.4 million).

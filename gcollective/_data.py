@@ -15,7 +15,7 @@ import ujson
 
 from . import _store
 from ._background import _INF
-from ._clock import MILLIS_SHIFT, HybridClock, stamp_millis
+from ._clock import MILLIS_SHIFT, ONE_TICK, HybridClock, stamp_millis
 from ._engine import OUTBOX_ITEMS, Engine
 from ._errors import InvalidKeyError, InvalidValueError
 from ._store import DELETE, INCREMENT, SET, Store, copy_value, is_number
@@ -148,7 +148,13 @@ class _Data:
         if ttl is not None:
             self._set_value(key, value, ttl)
             return
-        stamp = self._clock.stamp()
+        # ``self._clock.stamp()``'s common case, inline (the call cost a twentieth of a set):
+        # within the millisecond of the last wall-clock stamp, the last stamp plus one.
+        clock = self._clock
+        if clock._now() < clock._ms_end:
+            stamp = clock._last = clock._last + ONE_TICK
+        else:
+            stamp = clock.stamp()
         # A writer's loop sets keys under one parent: the store remembers the way to that
         # parent, so such a key is checked and applied in a few steps (``Store.set_key``).
         self._store.set_key(stamp, key, value)
@@ -318,8 +324,13 @@ class _Data:
             and not self._watches
             and len(key) <= self._fits_number_key
         ):
-            # A loop deleting keys under one parent: the way ``set`` takes.
-            stamp = self._clock.stamp()
+            # A loop deleting keys under one parent: the way ``set`` takes, its stamp too
+            # (``self._clock.stamp()``'s common case inline, as in ``set``).
+            clock = self._clock
+            if clock._now() < clock._ms_end:
+                stamp = clock._last = clock._last + ONE_TICK
+            else:
+                stamp = clock.stamp()
             if self._store.delete_key(stamp, key):
                 # ``_send_own(stamp, DELETE, key, None)``, inline (as in set)
                 outbox = self._outbox

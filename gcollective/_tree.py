@@ -554,9 +554,10 @@ class Way:
     None for ``NO_WAY``), the parent node, the nodes on the way to it (itself included, the
     root not), its segments, and the newest stamp a fast path wrote below it since the last
     ``_flush_way`` (0: none), which those nodes' ``newest`` and ``written_below`` learn only
-    when read, not at every write."""
+    when read, not at every write; ``deleted`` likewise for a fast path's DELETE below it,
+    which raises their ``newest`` only (a DELETE is no write below)."""
 
-    __slots__ = ("key", "parent", "nodes", "path", "newest")
+    __slots__ = ("key", "parent", "nodes", "path", "newest", "deleted")
 
     def __init__(
         self, key: str | None, parent: _Node, nodes: list[_Node], path: tuple[str, ...]
@@ -566,6 +567,7 @@ class Way:
         self.nodes = nodes
         self.path = path
         self.newest = 0
+        self.deleted = 0
 
 
 #: No way: what ``Tree._way`` is while none is cached (its key matches no parent's).
@@ -636,6 +638,12 @@ class Tree:
             if way.newest:
                 raise_below(way.nodes, way.newest)
                 way.newest = 0
+            deleted = way.deleted
+            if deleted:
+                for node in way.nodes:
+                    if deleted > node.newest:
+                        node.newest = deleted
+                way.deleted = 0
 
     def _forget_way(self) -> None:
         """Drop every way ``cache_way`` remembered: the tree is about to change otherwise."""

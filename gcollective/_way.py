@@ -442,9 +442,9 @@ class Ways(Applier):
         self._untidy = True  # a tombstone for ``collect``
         entries[leaf] = s
         parent.value.pop(leaf, None)
-        for node in way.nodes:
-            if s > node.newest:
-                node.newest = s  # (not written_below: a DELETE is no write below)
+        # The nodes on the way learn it when read (``_flush_way``), as a write's ``newest``:
+        # a loop of deletes raised each node's at every key. (The writer's stamps only grow.)
+        way.deleted = s
         return True
 
     def incr_leaf(self, s: int, leaf: str, amount: int, ttl_ms: int = 0) -> Any:

@@ -337,3 +337,41 @@ def test_a_parent_with_too_few_plain_leaves_is_looked_at_once_until_it_doubles()
     _tree.pack_leaves(node)
     assert node.runs is not None and node.packed == 100
     assert store.get(("x", "k150")) == 150 and store.get(("x", "k1")) is None
+
+
+# A writer's loop of plain sets and deletes under the ways to ``w.1`` and ``h``, and what
+# others write at those ways' nodes and below them.
+LOOP_PATHS = st.sampled_from([("w", "1", "x"), ("w", "1", "y"), ("h", "t")])
+LOOP_BODIES = st.one_of(
+    st.tuples(st.just(DELETE), LOOP_PATHS, st.none(), st.none()),
+    st.tuples(st.just(SET), LOOP_PATHS, small_ints, st.none()),
+)
+AT_THE_WAYS = st.sampled_from([("w",), ("w", "1"), ("w", "1", "x"), ("h",), ("h", "t")])
+AT_THE_WAYS_BODIES = st.one_of(
+    st.tuples(st.just(DELETE), AT_THE_WAYS, st.none(), st.none()),
+    st.tuples(st.just(SET), AT_THE_WAYS, small_ints, st.none()),
+)
+
+
+@_settings(max_examples=300)
+@given(st.data())
+def test_a_loop_of_deletes_under_a_way_raises_its_nodes_as_apply(data: st.DataObject) -> None:
+    """A writer's loop of plain sets and deletes under cached ways (``delete_key`` leaves
+    raising the ``newest`` of the way's nodes to ``_flush_way``, as ``set_key`` does a
+    write's), then others' operations at the ways' nodes and below them, one by one, many
+    older than the writer's deletes (a set of a way's node older than a delete under it must
+    leave the delete's tombstone): the store holds what ``apply`` one by one leaves, metadata
+    included, and the model's fold."""
+    run = _Run()
+    for path in [("w", "1", "x"), ("h", "t")]:
+        _own_at_once(run, SET, path, 1)
+    for _ in range(data.draw(st.integers(1, 6), label="in the loop")):
+        run.own_one(data, *data.draw(LOOP_BODIES, label="own"))
+    for index in range(data.draw(st.integers(1, 4), label="others'")):
+        body = data.draw(AT_THE_WAYS_BODIES, label="other")
+        millis = data.draw(st.integers(0, run.millis + 1), label="millis")
+        operation = Op(run.stamp(millis, 2), *body)
+        for store in (run.cached, run.plain):
+            deliver(store, [operation])
+        run.ops.append(operation)
+        run.check(f"ops: {run.ops!r}, after other {index}", data.draw(st.booleans()))
