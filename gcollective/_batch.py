@@ -175,22 +175,39 @@ class Batches(Ways):
                         entry = entries.get(key)
                         if (
                             type(entry) is _Node
-                            and s > entry.newest
                             and type(value) is int
                             and type(entry.value) is int
                             and entry.incs is not None
                             and entry.ttls is None
                         ):
-                            # ``_increment``'s usual case inline: a hit of an int counter, the
-                            # newest event there (so newer than its assignment, and no
-                            # repeat: every recorded hit is at most ``newest``).
-                            entry.incs[s] = value
-                            entry.newest = entry.incremented = entry.reset = s
-                            entry.value += value
-                            parent.value[key] = entry.value
-                            self._untidy = True  # (hits for ``collect`` to fold)
-                            known.raised = s
-                            continue
+                            if s > entry.newest:
+                                # ``_increment``'s usual case inline: a hit of an int counter,
+                                # the newest event there (so newer than its assignment, and
+                                # no repeat: every recorded hit is at most ``newest``).
+                                entry.incs[s] = value
+                                entry.newest = entry.incremented = entry.reset = s
+                                entry.value += value
+                                parent.value[key] = entry.value
+                                self._untidy = True  # (hits for ``collect`` to fold)
+                                known.raised = s
+                                continue
+                            if (
+                                entry.incremented > s > entry.written_below
+                                and s >= entry.assigned
+                                and s not in entry.incs
+                            ):
+                                # ``_increment_late``'s usual case inline: several writers
+                                # hit one counter, so a hit often arrives after a newer one
+                                # (the receiver's own, another peer's). Not a repeat, not
+                                # overtaken by the assignment, newer than any write below:
+                                # an int sum does not depend on the order, so it only grows
+                                # (its stamps stay: a newer hit raised them already).
+                                entry.incs[s] = value
+                                entry.value += value
+                                parent.value[key] = entry.value
+                                self._untidy = True
+                                known.raised = s
+                                continue
                         if type(entry) is not _Node or type(entry.value) is not dict:
                             # (without ttl: its path is not needed, not even below)
                             self._increment(parent, key, s, value)
