@@ -209,35 +209,49 @@ def test_a_web_frame_applies_each_hit_and_the_last_set() -> None:
     assert batched.to_dict() == {"h": {"total": 8}, "w": {"k": 2}}
 
 
-# Several writers hitting one counter (a web app's workers): each origin's frame reaches a
-# receiver that holds newer hits already, so most of its hits are late. Now and then an
-# assignment of the counter, a write below it, a float hit, or a hit received before its
-# frame (a repeat) takes ``_increment``'s general way instead.
+# Several writers hitting one counter and setting a key each (a web app's workers): each
+# origin's frame reaches a receiver that holds newer hits already, so most of its hits are
+# late, and a frame writing a few keys each more than once goes key by key. Now and then an
+# assignment of the counter or of a parent (a dict: a newer reset), a write below the
+# counter, a dict value, a float hit, a DELETE, or a hit received before its frame (a
+# repeat) takes the general way instead.
 _COUNTER = ("h", "total")
-_LATE_BODIES = st.one_of(
+_KEYS = [("w", "k"), ("w", "j")]
+_WEB_BODIES = st.one_of(
     st.tuples(st.just(INCREMENT), st.just(_COUNTER), small_ints, st.just(None)),
-    st.tuples(st.just(INCREMENT), st.just(_COUNTER), small_ints, st.just(None)),
-    st.tuples(st.just(INCREMENT), st.just(_COUNTER), small_ints, st.just(None)),
-    st.tuples(st.just(SET), st.sampled_from([("w", "k"), ("w", "j")]), small_ints, st.just(None)),
-    st.tuples(st.just(SET), st.just(_COUNTER), small_ints, st.just(None)),
+    st.tuples(st.just(SET), st.sampled_from(_KEYS), small_ints, st.just(None)),
+)
+_OTHER_BODIES = st.one_of(
     st.tuples(
         st.sampled_from([SET, INCREMENT]),
-        st.sampled_from([_COUNTER, ("h", "total", "x"), ("h",)]),
+        st.sampled_from([_COUNTER, ("h", "total", "x"), ("h",), *_KEYS]),
         amounts,
         st.just(None),
+    ),
+    st.tuples(
+        st.just(SET),
+        st.sampled_from([("w",), ("h",), *_KEYS]),
+        st.dictionaries(st.sampled_from(["k", "total", "z"]), small_ints, max_size=2),
+        st.just(None),
+    ),
+    st.tuples(
+        st.just(DELETE), st.sampled_from([("w",), _COUNTER, *_KEYS]), st.none(), st.just(None)
     ),
 )
 
 
 @st.composite
 def interleaved_writers(draw: st.DrawFn) -> tuple[list[Op], list[list[Op]], int]:
-    """Operations of three origins (stamps interleaved), some received one by one first (in
-    any order, repeated), then each origin's operations as one batch, origins in any
-    order; and a time."""
-    bodies = draw(st.lists(_LATE_BODIES, min_size=2, max_size=24))
-    ops = stamped(draw(stamp_keys(len(bodies))), bodies)
+    """Operations of three origins (stamps interleaved): some received one by one first
+    (in any order, repeated, with other writes among them), then each origin's operations
+    as one batch, origins in any order (mostly web requests' writes); and a time."""
+    web = st.one_of(_WEB_BODIES, _WEB_BODIES, _WEB_BODIES, _OTHER_BODIES)
+    bodies = draw(st.lists(web if draw(st.booleans()) else _WEB_BODIES, min_size=2, max_size=30))
+    others = draw(st.lists(_OTHER_BODIES, max_size=4))
+    keys = draw(stamp_keys(len(bodies) + len(others)))
+    ops = stamped(keys[: len(bodies)], bodies)
     early = draw(st.lists(st.sampled_from(ops), max_size=4)) if draw(st.booleans()) else []
-    before = draw(deliveries(early))
+    before = draw(deliveries([*early, *stamped(keys[len(bodies) :], others)]))
     origins = draw(st.permutations(sorted({_stamp(op) & 0xFF for op in ops})))
     batches = [sorted((op for op in ops if _stamp(op) & 0xFF == o), key=_stamp) for o in origins]
     return before, batches, draw(st.integers(0, 45))
@@ -249,12 +263,12 @@ def interleaved_writers(draw: st.DrawFn) -> tuple[list[Op], list[list[Op]], int]
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(interleaved_writers())
-def test_late_hits_of_a_shared_counter_match_one_by_one_and_the_model(
+def test_web_writers_batches_match_one_by_one_and_the_model(
     case: tuple[list[Op], list[list[Op]], int],
 ) -> None:
     """Each origin's batch of hits (late ones among them: older than the newest the
-    receiver holds) leaves the metadata of applying it one by one, and the tree matches
-    the model's fold, batch after batch."""
+    receiver holds) and sets, applied in turn or key by key, leaves the metadata of
+    applying it one by one, and the tree matches the model's fold, batch after batch."""
     before, batches, now = case
     batched, one_by_one = new_store(), new_store()
     for store in (batched, one_by_one):
