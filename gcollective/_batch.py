@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from itertools import compress, repeat
 from operator import itemgetter
-from typing import Any, Iterable, Sequence, cast
+from typing import Any, Callable, Iterable, Sequence, cast
 
 from ._columns import full_paths
 from ._tree import DELETE, INCREMENT, SET, _Node, raise_below
@@ -364,27 +364,25 @@ class Batches(Ways):
             return False  # a path given as a list of segments
         if len(keys) > _KEYS_MOST or len(keys) == len(paths):
             return False
-        steps = []
+        steps: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        make_step: Callable[[str, str, list[int], list[Any]], tuple[Any, ...] | None]
+        apply_step: Callable[..., None]
         for path in keys:
             if type(path) is not str:
                 return False
             mask = list(map(path.__eq__, paths))
             kinds = set(compress(ops, mask))
-            above, _, key = path.rpartition(".")
             if kinds == _ONLY_SETS:
-                step = self._set_step(
-                    above, key, list(compress(stamps, mask)), list(compress(values, mask))
-                )
-                steps.append((_set_last, step))
+                make_step, apply_step = self._set_step, _set_last
             elif kinds == _ONLY_INCREMENTS:
-                step = self._hits_step(
-                    above, key, list(compress(stamps, mask)), list(compress(values, mask))
-                )
-                steps.append((_add_hits, step))
+                make_step, apply_step = self._hits_step, _add_hits
             else:
                 return False  # (a key set and counted: the order decides)
+            above, _, key = path.rpartition(".")
+            step = make_step(above, key, list(compress(stamps, mask)), list(compress(values, mask)))
             if step is None:
                 return False
+            steps.append((apply_step, step))
         for apply_step, arguments in steps:
             apply_step(*arguments)
             if apply_step is _add_hits:
