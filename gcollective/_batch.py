@@ -8,7 +8,7 @@ ancestors' summaries once, at the run's end.
 
 from __future__ import annotations
 
-from itertools import compress, repeat
+from itertools import repeat
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Sequence, cast
 
@@ -349,11 +349,12 @@ class Batches(Ways):
         self, stamps: Sequence[int], ops: list[int], paths: list[Any], values: list[Any]
     ) -> bool:
         """Apply a batch of SETs and INCREMENTs without ttls (stamps growing) that writes
-        a few keys, each more than once (a web worker's frame: each request counts a hit of
-        the same counter and sets the worker's key), a key at a time: each key's SETs
-        (``_set_step``) or each key's INCREMENTs of ints (``_hits_step``) at once. Every
-        key's case is checked before anything changes; returns False, having changed
-        nothing, when one is not such a case (then in turn decides).
+        a few keys, each more than once, in one order over and over (a web worker's frame:
+        each request counts a hit of the same counter and sets the worker's key), a key at
+        a time: each key's SETs (``_set_step``) or each key's INCREMENTs of ints
+        (``_hits_step``) at once. Every key's case is checked before anything changes;
+        returns False, having changed nothing, when one is not such a case (then in turn
+        decides).
 
         The order between keys does not matter here: each key holds a leaf or a counter
         (no dict: no other key's way goes through it) under a way of dicts, so a write at
@@ -362,24 +363,29 @@ class Batches(Ways):
             keys = dict.fromkeys(paths)  # (in the order of first writes, as in turn)
         except TypeError:
             return False  # a path given as a list of segments
-        if len(keys) > _KEYS_MOST or len(keys) == len(paths):
+        count = len(keys)
+        if count > _KEYS_MOST or count == len(paths):
             return False
+        if type(stamps) is not list:
+            stamps = list(stamps)  # (an ``OpStamps``: sliced below)
         steps: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         make_step: Callable[[str, str, list[int], list[Any]], tuple[Any, ...] | None]
         apply_step: Callable[..., None]
-        for path in keys:
-            if type(path) is not str:
+        for first, path in enumerate(keys):
+            # Each key's writes a column of the batch, which repeats its keys in one order
+            # (slices: a batch in any other order goes in turn).
+            column = paths[first::count]
+            if type(path) is not str or column.count(path) != len(column):
                 return False
-            mask = list(map(path.__eq__, paths))
-            kinds = set(compress(ops, mask))
-            if kinds == _ONLY_SETS:
+            kinds = ops[first::count]
+            if kinds.count(SET) == len(column):
                 make_step, apply_step = self._set_step, _set_last
-            elif kinds == _ONLY_INCREMENTS:
+            elif kinds.count(INCREMENT) == len(column):
                 make_step, apply_step = self._hits_step, _add_hits
             else:
                 return False  # (a key set and counted: the order decides)
             above, _, key = path.rpartition(".")
-            step = make_step(above, key, list(compress(stamps, mask)), list(compress(values, mask)))
+            step = make_step(above, key, stamps[first::count], values[first::count])
             if step is None:
                 return False
             steps.append((apply_step, step))
