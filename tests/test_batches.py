@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from profiles import examples
 from test_store_property import (
+    NODE_IDS,
     Op,
     alike_later,
     amounts,
@@ -240,20 +241,35 @@ _OTHER_BODIES = st.one_of(
 )
 
 
+_TIMES = st.tuples(st.integers(0, 25), st.integers(0, 2))  # (``real_stamp``'s but the origin)
+
+
 @st.composite
 def interleaved_writers(draw: st.DrawFn) -> tuple[list[Op], list[list[Op]], int]:
-    """Operations of three origins (stamps interleaved): some received one by one first
-    (in any order, repeated, with other writes among them), then each origin's operations
-    as one batch, origins in any order (mostly web requests' writes); and a time."""
-    web = st.one_of(_WEB_BODIES, _WEB_BODIES, _WEB_BODIES, _OTHER_BODIES)
-    bodies = draw(st.lists(web if draw(st.booleans()) else _WEB_BODIES, min_size=2, max_size=30))
+    """Operations of three origins (stamps interleaved), each origin's mostly a web
+    request's writes over and over (or in any order): some received one by one first (in
+    any order, repeated, with other writes among them), then each origin's operations as
+    one batch, origins in any order; and a time."""
+    bodies = st.one_of(_WEB_BODIES, _WEB_BODIES, _WEB_BODIES, _OTHER_BODIES)
+    if draw(st.booleans()):
+        bodies = _WEB_BODIES
+    ops: list[Op] = []
+    for origin in NODE_IDS:
+        request = draw(st.lists(bodies, min_size=1, max_size=3))
+        writes = request * draw(st.integers(1, 5))
+        writes = writes[: draw(st.integers(1, len(writes)))]
+        if draw(st.integers(0, 3)) == 0:
+            writes = draw(st.lists(bodies, min_size=1, max_size=10))  # (in any order)
+        keys = draw(st.lists(_TIMES, min_size=len(writes), max_size=len(writes), unique=True))
+        ops += stamped([(*key, origin) for key in sorted(keys)], writes)
     others = draw(st.lists(_OTHER_BODIES, max_size=4))
-    keys = draw(stamp_keys(len(bodies) + len(others)))
-    ops = stamped(keys[: len(bodies)], bodies)
+    other_keys = draw(st.lists(_TIMES, min_size=len(others), max_size=len(others), unique=True))
+    other_origin = max(NODE_IDS) + 1  # (stamps of their own: not any of the batches')
+    others_ops = stamped([(*key, other_origin) for key in other_keys], others)
     early = draw(st.lists(st.sampled_from(ops), max_size=4)) if draw(st.booleans()) else []
-    before = draw(deliveries([*early, *stamped(keys[len(bodies) :], others)]))
-    origins = draw(st.permutations(sorted({_stamp(op) & 0xFF for op in ops})))
-    batches = [sorted((op for op in ops if _stamp(op) & 0xFF == o), key=_stamp) for o in origins]
+    before = draw(deliveries([*early, *others_ops]))
+    origins = draw(st.permutations(NODE_IDS))
+    batches = [[op for op in ops if _stamp(op) & 0xFF == o] for o in origins]
     return before, batches, draw(st.integers(0, 45))
 
 
