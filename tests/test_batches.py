@@ -298,3 +298,29 @@ def test_web_writers_batches_match_one_by_one_and_the_model(
         context = f"now={now}, before: {before!r}, batches: {batches!r}"
         assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
         assert_tree(batched.to_dict(), fold(received, now), context)
+
+
+@pytest.mark.parametrize(
+    "writes",
+    [
+        # keys in no repeated order: not columns of the batch
+        [(SET, ("w", "k"), 1), (SET, ("w", "j"), 2), (SET, ("w", "j"), 3), (SET, ("w", "k"), 4)],
+        [(INCREMENT, ("h", "t"), 1), (INCREMENT, ("h", "u"), 2), (INCREMENT, ("h", "u"), 3)],
+        # a dict value among a key's SETs: a node of its own
+        [(SET, ("w", "k"), {"a": 1}), (SET, ("w", "j"), 2), (SET, ("w", "k"), 3)],
+        [(SET, ("w", "k"), 1), (SET, ("w", "j"), 2), (SET, ("w", "k"), {"a": 1})],
+    ],
+)
+def test_a_batch_of_a_few_keys_in_any_order_matches_one_by_one(
+    writes: list[tuple[int, tuple[str, ...], object]],
+) -> None:
+    """Batches writing a few keys each more than once, but not a request's writes over and
+    over, or with a dict value, leave what one by one leaves, on top of the keys there."""
+    before = [
+        Op(real_stamp(1, 0, 2), SET, ("w",), {"k": 0}),
+        Op(real_stamp(1, 1, 2), SET, ("h",), {}),
+    ]
+    batch = [Op(real_stamp(2, n, 1), op, path, value) for n, (op, path, value) in enumerate(writes)]
+    batched, one_by_one = batched_and_one_by_one(before, batch, 0)
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
+    assert_tree(batched.to_dict(), fold([*before, *batch], 0))
