@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from profiles import examples
 from test_store_property import (
+    NODE_IDS,
     Op,
     alike_later,
     amounts,
@@ -207,3 +208,119 @@ def test_a_web_frame_applies_each_hit_and_the_last_set() -> None:
     deliver(one_by_one, batch)
     assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
     assert batched.to_dict() == {"h": {"total": 8}, "w": {"k": 2}}
+
+
+# Several writers hitting one counter and setting a key each (a web app's workers): each
+# origin's frame reaches a receiver that holds newer hits already, so most of its hits are
+# late, and a frame writing a few keys each more than once goes key by key. Now and then an
+# assignment of the counter or of a parent (a dict: a newer reset), a write below the
+# counter, a dict value, a float hit, a DELETE, or a hit received before its frame (a
+# repeat) takes the general way instead.
+_COUNTER = ("h", "total")
+_KEYS = [("w", "k"), ("w", "j")]
+_WEB_BODIES = st.one_of(
+    st.tuples(st.just(INCREMENT), st.just(_COUNTER), small_ints, st.just(None)),
+    st.tuples(st.just(SET), st.sampled_from(_KEYS), small_ints, st.just(None)),
+)
+_OTHER_BODIES = st.one_of(
+    st.tuples(
+        st.sampled_from([SET, INCREMENT]),
+        st.sampled_from([_COUNTER, ("h", "total", "x"), ("h",), *_KEYS]),
+        amounts,
+        st.just(None),
+    ),
+    st.tuples(
+        st.just(SET),
+        st.sampled_from([("w",), ("h",), *_KEYS]),
+        st.dictionaries(st.sampled_from(["k", "total", "z"]), small_ints, max_size=2),
+        st.just(None),
+    ),
+    st.tuples(
+        st.just(DELETE), st.sampled_from([("w",), _COUNTER, *_KEYS]), st.none(), st.just(None)
+    ),
+)
+
+
+_TIMES = st.tuples(st.integers(0, 25), st.integers(0, 2))  # (``real_stamp``'s but the origin)
+
+
+@st.composite
+def interleaved_writers(draw: st.DrawFn) -> tuple[list[Op], list[list[Op]], int]:
+    """Operations of three origins (stamps interleaved), each origin's mostly a web
+    request's writes over and over (or in any order): some received one by one first (in
+    any order, repeated, with other writes among them), then each origin's operations as
+    one batch, origins in any order; and a time."""
+    bodies = st.one_of(_WEB_BODIES, _WEB_BODIES, _WEB_BODIES, _OTHER_BODIES)
+    if draw(st.booleans()):
+        bodies = _WEB_BODIES
+    ops: list[Op] = []
+    for origin in NODE_IDS:
+        request = draw(st.lists(bodies, min_size=1, max_size=3))
+        writes = request * draw(st.integers(1, 5))
+        writes = writes[: draw(st.integers(1, len(writes)))]
+        if draw(st.integers(0, 3)) == 0:
+            writes = draw(st.lists(bodies, min_size=1, max_size=10))  # (in any order)
+        keys = draw(st.lists(_TIMES, min_size=len(writes), max_size=len(writes), unique=True))
+        ops += stamped([(*key, origin) for key in sorted(keys)], writes)
+    others = draw(st.lists(_OTHER_BODIES, max_size=4))
+    other_keys = draw(st.lists(_TIMES, min_size=len(others), max_size=len(others), unique=True))
+    other_origin = max(NODE_IDS) + 1  # (stamps of their own: not any of the batches')
+    others_ops = stamped([(*key, other_origin) for key in other_keys], others)
+    early = draw(st.lists(st.sampled_from(ops), max_size=4)) if draw(st.booleans()) else []
+    before = draw(deliveries([*early, *others_ops]))
+    origins = draw(st.permutations(NODE_IDS))
+    batches = [[op for op in ops if _stamp(op) & 0xFF == o] for o in origins]
+    return before, batches, draw(st.integers(0, 45))
+
+
+@settings(
+    max_examples=examples(400),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(interleaved_writers())
+def test_web_writers_batches_match_one_by_one_and_the_model(
+    case: tuple[list[Op], list[list[Op]], int],
+) -> None:
+    """Each origin's batch of hits (late ones among them: older than the newest the
+    receiver holds) and sets, applied in turn or key by key, leaves the metadata of
+    applying it one by one, and the tree matches the model's fold, batch after batch."""
+    before, batches, now = case
+    batched, one_by_one = new_store(), new_store()
+    for store in (batched, one_by_one):
+        deliver(store, before)
+        store.advance(now)
+    received = list(before)
+    for batch in batches:
+        deliver_as_batch(batched, batch)
+        deliver(one_by_one, batch)
+        received += batch
+        context = f"now={now}, before: {before!r}, batches: {batches!r}"
+        assert roundtrip(batched.export()) == roundtrip(one_by_one.export()), context
+        assert_tree(batched.to_dict(), fold(received, now), context)
+
+
+@pytest.mark.parametrize(
+    "writes",
+    [
+        # keys in no repeated order: not columns of the batch
+        [(SET, ("w", "k"), 1), (SET, ("w", "j"), 2), (SET, ("w", "j"), 3), (SET, ("w", "k"), 4)],
+        [(INCREMENT, ("h", "t"), 1), (INCREMENT, ("h", "u"), 2), (INCREMENT, ("h", "u"), 3)],
+        # a dict value among a key's SETs: a node of its own
+        [(SET, ("w", "k"), {"a": 1}), (SET, ("w", "j"), 2), (SET, ("w", "k"), 3)],
+        [(SET, ("w", "k"), 1), (SET, ("w", "j"), 2), (SET, ("w", "k"), {"a": 1})],
+    ],
+)
+def test_a_batch_of_a_few_keys_in_any_order_matches_one_by_one(
+    writes: list[tuple[int, tuple[str, ...], object]],
+) -> None:
+    """Batches writing a few keys each more than once, but not a request's writes over and
+    over, or with a dict value, leave what one by one leaves, on top of the keys there."""
+    before = [
+        Op(real_stamp(1, 0, 2), SET, ("w",), {"k": 0}),
+        Op(real_stamp(1, 1, 2), SET, ("h",), {}),
+    ]
+    batch = [Op(real_stamp(2, n, 1), op, path, value) for n, (op, path, value) in enumerate(writes)]
+    batched, one_by_one = batched_and_one_by_one(before, batch, 0)
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
+    assert_tree(batched.to_dict(), fold([*before, *batch], 0))
