@@ -305,6 +305,16 @@ class Batches(Ways):
         self._untidy = True  # (increments for ``collect`` to fold)
         return True
 
+    def _entries_at(
+        self, above: str, first: int
+    ) -> tuple[_Node, dict[str, Any], list[_Node]] | None:
+        """The node at the dotted path ``above``, its entries and its ancestors, if its way
+        is all dicts (``_dict_way``) and nothing reset it after ``first``; else None."""
+        node, ancestors = self._dict_way(above.split(".") if above else [], first)
+        if node is None or first < node.reset:
+            return None
+        return node, node._entries if node.runs is None else node.entries, ancestors
+
     def _hits_step(
         self, above: str, key: str, hits: list[int], amounts: list[Any]
     ) -> tuple[Any, ...] | None:
@@ -314,10 +324,10 @@ class Batches(Ways):
         if set(map(type, amounts)) != _ONLY_INTS:
             return None  # (a float's sum depends on the order of the additions)
         first = hits[0]
-        node, ancestors = self._dict_way(above.split(".") if above else [], first)
-        if node is None or first < node.reset:
+        found = self._entries_at(above, first)
+        if found is None:
             return None
-        entries = node._entries if node.runs is None else node.entries
+        node, entries, ancestors = found
         entry = entries.get(key)
         if entry is not None and (
             type(entry) is not _Node
@@ -339,10 +349,10 @@ class Batches(Ways):
         if dict in set(map(type, values)):
             return None
         first = stamps[0]
-        node, ancestors = self._dict_way(above.split(".") if above else [], first)
-        if node is None or first < node.reset:
+        found = self._entries_at(above, first)
+        if found is None:
             return None
-        entries = node._entries if node.runs is None else node.entries
+        node, entries, ancestors = found
         entry = entries.get(key)
         if entry is not None and (type(entry) is not int or not first > entry):
             return None
