@@ -27,6 +27,8 @@ __all__ = [
     "DERIVED_BIT",
     "HLC_LIMIT",
     "STAMP_LIMIT",
+    "ONE_TICK",
+    "NOT_COUNTER",
 ]
 
 # The stamp layout, defined here only (the store and the wire codec import it):
@@ -86,7 +88,7 @@ def expiry_stamp(stamp: int, ttl_ms: int) -> int:
     # ``((stamp_millis(stamp) + ttl_ms) << MILLIS_SHIFT) | DERIVED_BIT | stamp_origin(stamp)``
     # in four operations on 128-bit ints, not six (one per ttl operation, sent or received):
     # adding at the millisecond bits leaves the origin half as it is; the counter is cleared.
-    return ((stamp + (ttl_ms << MILLIS_SHIFT)) & _NOT_COUNTER) | DERIVED_BIT
+    return ((stamp + (ttl_ms << MILLIS_SHIFT)) & NOT_COUNTER) | DERIVED_BIT
 
 
 class HybridClock:
@@ -151,7 +153,9 @@ class HybridClock:
 
 
 ONE_TICK = 1 << NODE_BITS  # one step of the logical counter, in a stamp
-_NOT_COUNTER = ~(((1 << _LOGICAL_BITS) - 1) << NODE_BITS)  # every bit but the counter's
+#: Every bit of a stamp but its logical counter's: two stamps equal there (the same
+#: millisecond and origin) have the same expiry stamp for the same ttl (``expiry_stamp``).
+NOT_COUNTER = ~(((1 << _LOGICAL_BITS) - 1) << NODE_BITS)
 # The wire carries hlcs below 2**64; past an observed hlc below 2**63, a clock would have to
 # tick 2**63 times to get there (and wall-clock hlcs reach 2**63 in the year 4.4 million).
 _MAX_OBSERVED_HLC = 1 << 63

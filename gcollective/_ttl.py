@@ -16,7 +16,7 @@ import heapq
 import math
 from typing import Any, cast
 
-from ._clock import MILLIS_SHIFT, NODE_MASK
+from ._clock import MILLIS_SHIFT
 from ._columns import Run
 from ._rebuild import fire_session, owners, rebuild_at
 from ._tree import (
@@ -33,10 +33,6 @@ from ._tree import (
 __all__ = ["Expiries", "fired_any", "fired_bound", "path_tuple"]
 
 Path = tuple[str, ...]
-
-#: Every bit of a stamp but its logical counter's: two stamps equal there (the same
-#: millisecond and origin) have the same expiry stamp for the same ttl (``expiry_stamp``).
-BUT_COUNTER = ~(((1 << MILLIS_SHIFT) - 1) ^ NODE_MASK)
 
 
 class Expiries(Tree):

@@ -33,10 +33,9 @@ from itertools import repeat
 from typing import Any, Sequence, cast
 
 from ._apply import Applier
-from ._clock import MILLIS_SHIFT, expiry_stamp
+from ._clock import MILLIS_SHIFT, NOT_COUNTER, expiry_stamp
 from ._columns import Run
 from ._tree import DICT, SET, WAYS_KEPT, Sessions, Way, _Node
-from ._ttl import BUT_COUNTER as _BUT_COUNTER
 from ._validate import INT_BOUND, INT_LOW, parse_key
 
 __all__ = ["Ways"]
@@ -407,7 +406,7 @@ class Ways(Applier):
             # would compare milliseconds to the same end). The expiry stamp is made once
             # per millisecond, origin and ttl (``_last_rearm``: the writer's hits share it).
             last_stamp, last_ttl, expiry = self._last_rearm
-            if ttl_ms != last_ttl or (s ^ last_stamp) & _BUT_COUNTER:
+            if ttl_ms != last_ttl or (s ^ last_stamp) & NOT_COUNTER:
                 expiry = expiry_stamp(s, ttl_ms)
                 self._last_rearm = (s, ttl_ms, expiry)
             ttls = entry.ttls
