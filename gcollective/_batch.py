@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, Iterable, Sequence, cast
+from typing import Any, Callable, Iterable, Sequence, cast
 
 from ._columns import full_paths
 from ._tree import DELETE, INCREMENT, SET, _Node, raise_below
@@ -377,41 +377,34 @@ class Batches(Ways):
         except TypeError:
             return False  # a path given as a list of segments
         count = len(keys)
-        size = len(paths)
-        if count > _KEYS_MOST or count == size:
+        if count > _KEYS_MOST or count == len(paths):
             return False
-        # The batch repeats its first ``count`` writes' keys and kinds over and over (a
-        # request's writes), the last time maybe in part: checked whole, one comparison of
-        # lists in C each, rather than a count per key and column. (Its first ``count``
-        # paths are then the keys, each once: a repeat among them would leave a key out.)
-        whole, part = divmod(size, count)
-        cycle = paths[:count]
-        if paths != cycle * whole + cycle[:part]:
-            return False
-        kinds = ops[:count]
-        if ops != kinds * whole + kinds[:part]:
-            return False  # (a key set and counted: the order decides)
         if type(stamps) is not list:
             stamps = list(stamps)  # (an ``OpStamps``: sliced below)
-        # Each key's writes are a column of the batch (a slice); its kind is one of the two
-        # (``apply_batch`` sends only SETs and INCREMENTs here).
-        steps: list[tuple[Any, ...]] = []
-        for first, path in enumerate(cycle):
-            if type(path) is not str:
+        steps: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        make_step: Callable[[str, str, list[int], list[Any]], tuple[Any, ...] | None]
+        apply_step: Callable[..., None]
+        for first, path in enumerate(keys):
+            # Each key's writes a column of the batch, which repeats its keys in one order
+            # (slices: a batch in any other order goes in turn).
+            column = paths[first::count]
+            if type(path) is not str or column.count(path) != len(column):
                 return False
-            above, _, key = path.rpartition(".")
-            if kinds[first] == SET:
-                step = self._set_step(above, key, stamps[first::count], values[first::count])
+            kinds = ops[first::count]
+            if kinds.count(SET) == len(column):
+                make_step, apply_step = self._set_step, _set_last
+            elif kinds.count(INCREMENT) == len(column):
+                make_step, apply_step = self._hits_step, _add_hits
             else:
-                step = self._hits_step(above, key, stamps[first::count], values[first::count])
+                return False  # (a key set and counted: the order decides)
+            above, _, key = path.rpartition(".")
+            step = make_step(above, key, stamps[first::count], values[first::count])
             if step is None:
                 return False
-            steps.append(step)
-        for kind, step in zip(kinds, steps):
-            if kind == SET:
-                _set_last(*step)
-            else:
-                _add_hits(*step)
+            steps.append((apply_step, step))
+        for apply_step, arguments in steps:
+            apply_step(*arguments)
+            if apply_step is _add_hits:
                 self._untidy = True  # (increments for ``collect`` to fold)
         return True
 
