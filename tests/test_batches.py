@@ -306,6 +306,15 @@ def test_web_writers_batches_match_one_by_one_and_the_model(
         # keys in no repeated order: not columns of the batch
         [(SET, ("w", "k"), 1), (SET, ("w", "j"), 2), (SET, ("w", "j"), 3), (SET, ("w", "k"), 4)],
         [(INCREMENT, ("h", "t"), 1), (INCREMENT, ("h", "u"), 2), (INCREMENT, ("h", "u"), 3)],
+        # keys in one repeated order, but a key set in one round and counted in another
+        [
+            (INCREMENT, ("h", "t"), 1),
+            (SET, ("w", "k"), 1),
+            (SET, ("h", "t"), 5),
+            (SET, ("w", "k"), 2),
+            (INCREMENT, ("h", "t"), 2),
+            (SET, ("w", "k"), 3),
+        ],
         # a dict value among a key's SETs: a node of its own
         [(SET, ("w", "k"), {"a": 1}), (SET, ("w", "j"), 2), (SET, ("w", "k"), 3)],
         [(SET, ("w", "k"), 1), (SET, ("w", "j"), 2), (SET, ("w", "k"), {"a": 1})],
@@ -315,7 +324,8 @@ def test_a_batch_of_a_few_keys_in_any_order_matches_one_by_one(
     writes: list[tuple[int, tuple[str, ...], object]],
 ) -> None:
     """Batches writing a few keys each more than once, but not a request's writes over and
-    over, or with a dict value, leave what one by one leaves, on top of the keys there."""
+    over (keys or kinds), or with a dict value, leave what one by one leaves, on top of the
+    keys there."""
     before = [
         Op(real_stamp(1, 0, 2), SET, ("w",), {"k": 0}),
         Op(real_stamp(1, 1, 2), SET, ("h",), {}),
