@@ -60,7 +60,7 @@ def make(workload: str, count: int, out: str) -> None:
     from gcollective._wire import encode_ops
 
     start = time.time_ns()
-    frames: list[tuple[int, str]] = []
+    frames: list[tuple[Any, bytes]] = []  # (the time sent, or ``ratelimit_late``'s order)
     for w in range(WRITERS):
         node_id = 0x1000 + w
         fake = [start + w * 1000]
