@@ -17,7 +17,10 @@ Set ``PYTHONHASHSEED=0`` for both runs: the hash seed moves the counts by about 
 
 Workloads (as ``workloads._workload_run`` and ``throughput`` write them): ``distinct``
 (``<w>.<j> = j``), ``sessions`` (``<w>.s<j> = {"u": j, "w": <w>}``, ttl 60 s), ``ratelimit``
-(``incr(rl.k<j % 1000>, 1, ttl=60)``), ``hot`` (``incr(hot)``).
+(``incr(rl.k<j % 1000>, 1, ttl=60)``), ``ratelimit_late`` (the same, each round of frames
+arriving newest writer first: two thirds of the hits are *late*, older than their counter's
+newest hit, as most are in the scenario, where a receiver's own hits come first), ``hot``
+(``incr(hot)``).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _operations(workload: str, writer: str, count: int) -> tuple[list[Any], ...]
         paths = [f"{writer}.s{j}" for j in range(count)]
         values = [{"u": j, "w": writer} for j in range(count)]
         return [0] * count, paths, values, [TTL_MS] * count
-    if workload == "ratelimit":
+    if workload in ("ratelimit", "ratelimit_late"):
         paths = [f"rl.k{j % COUNTER_KEYS}" for j in range(count)]
         return [1] * count, paths, [1] * count, [TTL_MS] * count
     if workload == "hot":
@@ -57,7 +60,7 @@ def make(workload: str, count: int, out: str) -> None:
     from gcollective._wire import encode_ops
 
     start = time.time_ns()
-    frames: list[tuple[int, str]] = []
+    frames: list[tuple[Any, bytes]] = []  # (the time sent, or ``ratelimit_late``'s order)
     for w in range(WRITERS):
         node_id = 0x1000 + w
         fake = [start + w * 1000]
@@ -78,7 +81,10 @@ def make(workload: str, count: int, out: str) -> None:
                 values[first:end],
                 None if ttls is None else ttls[first:end],
             )
-            frames.append((start + w * 1000 + end * STEP_NS, frame))
+            sent = start + w * 1000 + end * STEP_NS
+            # (``ratelimit_late``: each round of frames newest writer first, so the later
+            # frames' hits are older than the counter's newest hit.)
+            frames.append((sent if workload != "ratelimit_late" else (end, -w), frame))
     frames.sort(key=lambda item: item[0])
     with open(out, "wb") as file:  # (the writers' time, then the frames as they travel)
         file.write(b"%d\n" % (start // 1_000_000))

@@ -18,6 +18,7 @@ from ._tree import (
     DELETE,
     INCREMENT,
     MISSING,
+    NEVER,
     SET,
     Sessions,
     _Node,
@@ -305,6 +306,7 @@ class Applier(Expiries):
         # the hits before ``next_ms``, the first stamp of the next millisecond (the stamps
         # grow; compared, not shifted: no int made per hit). A hit due already keeps it.
         hit_due = hit_expiry = hit_ttl = next_ms = 0
+        never = NEVER  # (a local: read up to three times a hit)
         for s, key, amount, ttl_ms in zip(stamps, keys, amounts, ttls):
             if s >= next_ms or ttl_ms != hit_ttl:
                 millis = s >> MILLIS_SHIFT
@@ -315,15 +317,18 @@ class Applier(Expiries):
                     continue
                 hit_due, hit_expiry, hit_ttl = due, expiry_stamp(s, ttl_ms), ttl_ms
                 next_ms = (millis + 1) << MILLIS_SHIFT
-            node = entries.get(key)
-            if node is None and type(amount) is int:
-                node = _Node()
-                node.incs = {s: amount}
-                node.incremented = node.reset = node.newest = s
-                node.value = data[key] = amount
-                self._first_ttl(node, s, hit_expiry, (*head, key))
-                entries[key] = node
-                continue
+            try:  # (a subscript, not ``get``: no method call, and a new key is rare)
+                node = entries[key]
+            except KeyError:
+                if type(amount) is int:  # a new counter, as the rebuild makes it
+                    node = _Node()
+                    node.incs = {s: amount}
+                    node.incremented = node.reset = node.newest = s
+                    node.value = data[key] = amount
+                    self._first_ttl(node, s, hit_expiry, (*head, key))
+                    entries[key] = node
+                    continue
+                node = None
             if type(node) is _Node:
                 counts = node.ttls
                 current = node.value
@@ -346,10 +351,20 @@ class Applier(Expiries):
                                 heappush(self._pending, (hit_due, s, (*head, key)))
                             node.ttl_first = hit_expiry
                         continue
+                    incremented = node.incremented
+                    below = node.written_below
+                    assigned = node.assigned
                     if (
-                        node.incremented > node.written_below
-                        and s > node.written_below
-                        and s > node.assigned
+                        # ``incremented > below and s > below and s > assigned``, where
+                        # ``NEVER``, a float (no write below; no assignment, as a counter
+                        # before its first fold has), is told by identity: comparing a stamp
+                        # with a float takes int's comparison and then float's.
+                        (
+                            incremented is not never
+                            if below is never
+                            else incremented > below and s > below
+                        )
+                        and (assigned is never or s > assigned)
                     ):
                         # Late, after the assignment and every write below, where the number
                         # counts increments already: the sum does not depend on the order.
@@ -357,19 +372,21 @@ class Applier(Expiries):
                             node.incs = incs = {}
                         elif s in incs:
                             continue  # a repeat
-                        if s > node.incremented:
+                        if s > incremented:
                             node.incremented = s
                             if s > node.reset:
                                 node.reset = s
                         incs[s] = amount
                         node.value = data[key] = current + amount
-                        if s not in counts:  # (``_record_ttl``'s case of an event not due)
-                            counts[s] = hit_expiry
-                            first = node.ttl_first
-                            if hit_expiry < first:
-                                node.ttl_first = hit_expiry
-                                if hit_due < first >> MILLIS_SHIFT:
-                                    heappush(self._pending, (hit_due, s, (*head, key)))
+                        # ``_record_ttl``'s case of an event not due, without its look for
+                        # ``s`` in ``counts``: storing the event again changes nothing (one
+                        # operation per stamp: the same expiry, not below ``ttl_first``).
+                        counts[s] = hit_expiry
+                        first = node.ttl_first
+                        if hit_expiry < first:
+                            node.ttl_first = hit_expiry
+                            if hit_due < first >> MILLIS_SHIFT:
+                                heappush(self._pending, (hit_due, s, (*head, key)))
                         continue
             # Not that simple (an expiry here fired, whether it owns the path may change;
             # no number here; older than a write below): the general way.

@@ -33,7 +33,12 @@ _LAST = itemgetter(2)
 def _only_hits_with_ttls(ops: list[int], ttls: Sequence[int]) -> bool:
     """Whether a batch is only INCREMENTs, each with a ttl (a rate limiter's hits:
     ``apply_expiring_hits``' case)."""
-    return ops[0] == INCREMENT and ops.count(INCREMENT) == len(ops) and 0 not in ttls
+    if ops[0] != INCREMENT or ops.count(INCREMENT) != len(ops):
+        return False
+    # (A writer's loop: one ttl object repeated, as ``parse_ops`` makes the column, which
+    # ``count`` matches by identity; ``0 not in`` would compare each with 0 in full.)
+    first = ttls[0]
+    return (first != 0 and ttls.count(first) == len(ttls)) or 0 not in ttls
 
 
 def _set_last(

@@ -210,3 +210,23 @@ def test_a_first_frame_under_a_parent_the_way_to_which_is_not_dicts_matches_one_
     ):
         batched, _ = batched_and_one_by_one(before, batch, 5, parent)
         assert_tree(batched.to_dict(), fold([*before, *batch], 5), repr(before))
+
+
+@pytest.mark.parametrize("plain", [0, 1, 3])
+def test_a_frame_of_hits_one_of_them_without_a_ttl_goes_hit_by_hit(plain: int) -> None:
+    """A frame of hits under a parent, all with one ttl but one without (ttl 0 in the
+    column, first or later): not ``apply_expiring_hits``' case (which would give the plain
+    hit an expiry at once), so each goes its own way: as one by one, and as the model,
+    then and after the others' expiry."""
+    stamps = [real_stamp(5, i + 1, NODE_IDS[0]) for i in range(4)]
+    batch = [
+        Op(s, INCREMENT, (*PARENT, f"k{i % 2}"), 1, None if i == plain else 30)
+        for i, s in enumerate(stamps)
+    ]
+    before = [Op(real_stamp(0, 0, 3), SET, (*PARENT, "z"), 0)]
+    batched, one_by_one = batched_and_one_by_one(before, batch, 2, PARENT)
+    assert_tree(batched.to_dict(), fold([*before, *batch], 2), repr(batch))
+    for store in (batched, one_by_one):
+        store.advance(40)
+    assert roundtrip(batched.export()) == roundtrip(one_by_one.export())
+    assert_tree(batched.to_dict(), fold([*before, *batch], 40), repr(batch))

@@ -2538,6 +2538,12 @@ def test_a_late_hit_under_a_parent_counts_as_one_by_one(late: Op) -> None:
     hits_only = [before[0], *before[2:]]  # (no write below: the assignment alone decides)
     for cut in range(len(hits_only) + 1):
         check_expiring_siblings(hits_only[:cut], [late], 0, 40, [])
+    # No assignment, a write below among the hits: the write below alone decides (a
+    # counter never assigned takes ``apply_expiring_hits``' shortcut only while nothing
+    # was written below it either).
+    counted_only = [Op(real_stamp(2, 0, 1), INCREMENT, ("s", "k"), 10, ttl=30), *before[1:]]
+    for cut in range(len(counted_only) + 1):
+        check_expiring_siblings(counted_only[:cut], [late], 0, 40, [])
 
 
 def _stamp_of(operation: Op) -> Any:
