@@ -41,6 +41,10 @@ class _Background:
     _watches: list[Watch]
     # Expiring keys: the next expiry's wall-clock ms (_INF: none), and the expirer's wake-up.
     _next_due: float
+    # ``_next_due`` as a float, always (set with it: ``_set_next_due``): what ``get`` compares
+    # with the float wall clock, float to float (an int's compare with a float takes the
+    # interpreter's generic way, ~100 instructions more, twice a read of a session).
+    _next_due_float: float
     _expiry_wake: Event
     _merger: gevent.Greenlet[Any, Any] | None
     _merge_contexts: deque[Any]  # the log context of each stream due
@@ -115,13 +119,18 @@ class _Background:
     def _due_by(self, due_ms: float) -> None:
         """An expiry is due at ``due_ms``: wake the expirer if that is sooner than it knew."""
         if due_ms < self._next_due:
-            self._next_due = due_ms
+            self._set_next_due(due_ms)
             self._expiry_wake.set()
+
+    def _set_next_due(self, due_ms: float) -> None:
+        """Record the next expiry's wall-clock ms (``_INF``: none), and its float mirror."""
+        self._next_due = due_ms
+        self._next_due_float = float(due_ms)
 
     def _advance_if_due(self) -> None:
         """Let expiries due by now fire before the caller reads (one float compare when none
         is due)."""
-        due = self._next_due
+        due = self._next_due_float
         if due < _INF and due <= time.time() * 1000:
             self._advance()
 
@@ -130,7 +139,7 @@ class _Background:
         store = self._store
         now_ms = int(time.time() * 1000)
         fired = store.advance(now_ms, _STEP)
-        self._next_due = store.next_expiry  # still due if the slice did not finish
+        self._set_next_due(store.next_expiry)  # still due if the slice did not finish
         if fired:
             # Whatever this node does after seeing a key expire must order after the expiry
             # (derived stamps sit at counter 0 of their millisecond), or it would expire too.

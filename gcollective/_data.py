@@ -62,6 +62,7 @@ class _Data:
     _stale: bool
     _flushing_full: bool
     _next_due: float
+    _next_due_float: float
     _outbox: list[Any]  # the engine's
     _out_special: list[tuple[int, int, int]]
     _fits_chars: int
@@ -78,7 +79,7 @@ class _Data:
         """
         if self._stale:
             self._check_writable()
-        due = self._next_due
+        due = self._next_due_float  # (a float: see _Background)
         if due < _INF and due <= time.time() * 1000:
             self._advance()  # (inline: this is the hot path; see _advance_if_due)
         # read_path's walk, inline (a call costs 10-20 % of a get here). It walks first and
@@ -187,15 +188,26 @@ class _Data:
             ttl_ms = ttl * 1000  # (``check_ttl`` of whole seconds, inline: a session's call)
         else:
             ttl_ms = check_ttl(ttl)
-        stamp = self._clock.stamp()
-        self._store.assign_key(stamp, key, value, ttl_ms, flat is not None)
+        # ``self._clock.stamp()``'s common case, inline (as in ``set``)
+        clock = self._clock
+        if clock._now() < clock._ms_end:
+            stamp = clock._last = clock._last + ONE_TICK
+        else:
+            stamp = clock.stamp()
+        # (``stamp_millis(stamp) + ttl_ms``, shifted once for the store and ``_due_by``: a
+        # 128-bit shift makes an int)
+        due = (stamp >> MILLIS_SHIFT) + ttl_ms if ttl_ms else 0
+        store = self._store
+        if flat is None:
+            store.assign_key(stamp, key, value, ttl_ms)
+        elif not store.assign_flat(stamp, key, value, ttl_ms, due):
+            # (``assign_key``'s flat way, its first step taken: the general way is left)
+            store.apply(stamp, SET, parse_key(key), value, ttl_ms)
         # ``_send_own(stamp, SET, key, value, ttl_ms)``, inline (as in ``set``)
         outbox = self._outbox
         queued = len(outbox)
         if ttl_ms:
-            # (``_due_by(stamp_millis(stamp) + ttl_ms)``, inline: a session's set pays for
-            # each call it makes)
-            due = (stamp >> MILLIS_SHIFT) + ttl_ms
+            # (``_due_by(due)``, inline: a session's set pays for each call it makes)
             if due < self._next_due:
                 self._due_by(due)
             self._out_special.append((queued // 3, SET, ttl_ms))

@@ -243,7 +243,7 @@ class Collective(_Data, _Connections, _Membership, _Watching, _Background, _Memb
         # _next_due, inf when none); a sooner one wakes it. Reads check _next_due too, so a
         # read just after an expiry never sees the key.
         self._expirer: gevent.Greenlet[Any, Any] | None = None
-        self._next_due = _INF
+        self._next_due = self._next_due_float = _INF
         self._expiry_wake = Event()
         self._writable = False  # started and not stopping (one test on the hot path)
         self._flushing_full = False  # a full outbox is being flushed (see _flush_outbox)

@@ -348,7 +348,7 @@ class Sessions:
     when they came, their values in the parent's dict. Recorded, each is the node ``build``
     makes with its one ttl event, as ``Applier._assign_fresh`` makes it. (The store's
     ``_pending`` holds one entry for the run: see ``Expiries.pend_run``.) A writer's own
-    run (``stamped``, see ``Ways._assign_flat``) keeps each key's stamp in the parent's
+    run (``stamped``, see ``Ways.assign_flat``) keeps each key's stamp in the parent's
     entries too, and may name a key again (set again): the key whose stamp is there is
     recorded, the others were replaced."""
 
@@ -356,7 +356,7 @@ class Sessions:
 
     def __init__(self, ttls: list[int], stamped: bool = False) -> None:
         self.ttls = ttls
-        # A writer's own run (``Ways._assign_flat``): each key has its stamp in the parent's
+        # A writer's own run (``Ways.assign_flat``): each key has its stamp in the parent's
         # entries already (a bare stamp, so the way's fast paths see it), and is recorded
         # only while that stamp is still there (a newer write replaced it otherwise).
         self.stamped = stamped
@@ -373,7 +373,7 @@ def _add_runs(
                 if stamped and entries.get(key) != s:
                     continue  # replaced since (a newer write, or a tombstone forgotten)
                 node = build(data[key], s, True)
-                if ttl_ms:  # (0: a writer's own dict set without one, ``Ways._assign_flat``)
+                if ttl_ms:  # (0: a writer's own dict set without one, ``Ways.assign_flat``)
                     node.ttl_first = expiry = expiry_stamp(s, ttl_ms)
                     node.ttls = {s: expiry}
                 entries[key] = node

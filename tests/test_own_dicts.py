@@ -1,4 +1,4 @@
-"""A writer's own small dicts set without a ttl (issue 20): ``Ways._assign_flat`` keeps each
+"""A writer's own small dicts set without a ttl (issue 20): ``Ways.assign_flat`` keeps each
 as a bare stamp in a pending run of the parent (``_open_own_dicts``, a dict of the run's keys
 and their stamps), its node built only when something reads the parent's entries. The store
 it leaves agrees with ``apply`` one by one and with the reference model, also when keys are

@@ -1931,7 +1931,7 @@ def _is_flat(value: Any) -> bool:
 def _through_way(store: Any, operation: Op, flat: bool = False) -> bool:
     """Apply ``operation`` through a fast path under the way cached (which must lead to its
     parent); False, having changed nothing, when that path refuses it. ``flat``: a SET of
-    a dict of leaves takes ``assign_leaf``'s flat way (a session's, ``_assign_flat``)."""
+    a dict of leaves takes ``assign_leaf``'s flat way (a session's, ``assign_flat``)."""
     leaf = operation.path[-1]
     value = copy.deepcopy(operation.value)
     if operation.op == SET:
@@ -2051,7 +2051,7 @@ def _session_bodies() -> st.SearchStrategy:
 @_settings(max_examples=500)
 @given(st.data())
 def test_a_writers_sessions_by_key_match_apply(data: st.DataObject) -> None:
-    """``assign_key``'s flat way (``_assign_flat``: a session's dict of leaves, kept, its
+    """``assign_key``'s flat way (``assign_flat``: a session's dict of leaves, kept, its
     ttl joining the writer's run of expiries) leaves the store as ``apply`` one by one
     does, metadata included, and its tree equal to the model's fold at every step: with
     writes at any stamp into a session after it, time steps, expiry and collection."""

@@ -401,7 +401,7 @@ def _ttl_count(store: Any, path: tuple[str, ...]) -> int:
     return len(node.ttls or ())
 
 
-# -- a writer's own new sessions kept as a run (issue 20: ``Ways._assign_flat``) --------------
+# -- a writer's own new sessions kept as a run (issue 20: ``Ways.assign_flat``) --------------
 
 OWN_KEYS = ("a", "b", "c")
 FLAT_SESSIONS = st.dictionaries(st.sampled_from(["u", "w"]), small_ints, max_size=2)
