@@ -64,6 +64,12 @@ class Ways(Applier):
         # ``WAYS_KEPT``, oldest first): a key under one of them is taken for a loop.
         self._ways_wanted: dict[str, None] = {}
         self._way_skips = 0  # keys to take before looking for a loop again
+        # The key of the last ``increment_key`` that took a cached way, its leaf and that
+        # way: the same key hit again under the same way (a hot counter) takes its leaf from
+        # here, not from a split of the key, whose new leaf's hash was computed every time.
+        self._hit_key = ""
+        self._hit_leaf = ""
+        self._hit_way: Way | None = None
         # The writer's own pending run of dicts set without a ttl (``_open_own_dicts``),
         # which the next one under the same parent joins while it is that parent's last run,
         # and its keys' stamps (the run's keys and stamps are this dict and its values).
@@ -351,13 +357,19 @@ class Ways(Applier):
         ``incr(k, ttl=...)`` on every request takes it too, as in ``_increment_expiring``).
         Returns the new value, or None having changed nothing when the case is not that
         (then ``apply`` it). ``s`` as for ``set_leaf``; ``InvalidKeyError`` for a bad key."""
-        above, _, leaf = key.rpartition(".")
         way = self._way
-        if above != way.key or not leaf or not leaf.isascii():
-            found = self._find_way(above, leaf, key, s)
-            if found is None:
-                return None
-            way = found
+        if key == self._hit_key and way is self._hit_way:
+            leaf = self._hit_leaf  # (the way's quick test passed with them: see __init__)
+        else:
+            above, _, leaf = key.rpartition(".")
+            if above != way.key or not leaf or not leaf.isascii():
+                found = self._find_way(above, leaf, key, s)
+                if found is None:
+                    return None
+                way = found
+            self._hit_key = key
+            self._hit_leaf = leaf
+            self._hit_way = way
         if ttl_ms:
             # (the stamp's millisecond, shifted once: a shift of the 128-bit stamp makes an
             # int; without a ttl only a counter with ttl events needs it, shifted there)
