@@ -1,7 +1,7 @@
-"""The stamps of a node's own ``set`` and ``delete``, which take the clock's common case
-(the last stamp plus one, within the millisecond of the last wall-clock stamp) inline: the
-same stamps as ``HybridClock.stamp`` gives, whatever the wall clock does (a fake one drives
-the node's clock) and whatever the node observed meanwhile."""
+"""The stamps of a node's own ``set``, ``incr`` and ``delete``, which take the clock's
+common case (the last stamp plus one, within the millisecond of the last wall-clock stamp)
+inline: the same stamps as ``HybridClock.stamp`` gives, whatever the wall clock does (a fake
+one drives the node's clock) and whatever the node observed meanwhile."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from test_clock import FakeWall
 from gcollective import Collective
 from gcollective._clock import millis_stamp, stamp_origin
 
-# (set or delete of a key under one parent, so that the writer's way is cached, or elsewhere;
-# a stamp observed from another node), the wall clock's millisecond and nanosecond then.
+# (set, incr or delete of a key under one parent, so that the writer's way is cached, or
+# elsewhere; a stamp observed from another node), the wall clock's millisecond and nanosecond then.
+ACTIONS = ["set", "set", "set", "delete", "delete", "incr", "incr", "incr_ttl"]
+ACTIONS += ["elsewhere", "observe"]
 STEPS = st.lists(
     st.tuples(
-        st.sampled_from(["set", "set", "set", "delete", "delete", "elsewhere", "observe"]),
+        st.sampled_from(ACTIONS),
         st.integers(0, 3_000),
         st.sampled_from([0, 1, 999_999]),
     ),
@@ -27,9 +29,10 @@ BASE_MS = 1_000_000  # (the fake wall clock's millisecond 0: the node's clock is
 
 
 def test_own_sets_and_deletes_take_the_stamps_the_clock_gives() -> None:
-    """Each own ``set`` and ``delete`` goes out with a stamp greater than every stamp before
-    it: exactly the wall clock's millisecond, or one more than the latest stamp so far (as
-    ``test_clock.test_every_stamp_exceeds_everything_before_it`` holds ``stamp`` to)."""
+    """Each own ``set``, ``incr`` and ``delete`` goes out with a stamp greater than every
+    stamp before it: exactly the wall clock's millisecond, or one more than the latest stamp
+    so far (as ``test_clock.test_every_stamp_exceeds_everything_before_it`` holds ``stamp``
+    to)."""
     node = Collective(f"127.0.0.1:{free_port()}")
     node.start()
     clock = node._clock
@@ -52,6 +55,10 @@ def test_own_sets_and_deletes_take_the_stamps_the_clock_gives() -> None:
                 key = f"loop.k{number % 3}" if action != "elsewhere" else f"e{number}.k"
                 if action == "delete":
                     node.delete(key)
+                elif action == "incr":
+                    node.incr(key)
+                elif action == "incr_ttl":
+                    node.incr(key, 1, ttl=60)
                 else:
                     node.set(key, number)
                 stamp = node._outbox[-3]
