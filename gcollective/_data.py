@@ -276,7 +276,9 @@ class _Data:
                     self._advance_if_due()
                     stamp = self._clock.stamp()
                     millis = stamp >> MILLIS_SHIFT
-            result: int | float | None = self._store.increment_key(stamp, key, amount, ttl_ms)
+            result: int | float | None = self._store.increment_key(
+                stamp, key, amount, ttl_ms, millis
+            )
             if result is not None:
                 # ``_send_own(stamp, INCREMENT, key, amount, ttl_ms)``, inline (as in set)
                 outbox = self._outbox

@@ -64,12 +64,6 @@ class Ways(Applier):
         # ``WAYS_KEPT``, oldest first): a key under one of them is taken for a loop.
         self._ways_wanted: dict[str, None] = {}
         self._way_skips = 0  # keys to take before looking for a loop again
-        # The key of the last ``increment_key`` that took a cached way, its leaf and that
-        # way: the same key hit again under the same way (a hot counter) takes its leaf from
-        # here, not from a split of the key, whose new leaf's hash was computed every time.
-        self._hit_key = ""
-        self._hit_leaf = ""
-        self._hit_way: Way | None = None
         # The writer's own pending run of dicts set without a ttl (``_open_own_dicts``),
         # which the next one under the same parent joins while it is that parent's last run,
         # and its keys' stamps (the run's keys and stamps are this dict and its values).
@@ -349,17 +343,21 @@ class Ways(Applier):
         path = (*way.path, leaf) if ttl_ms else ()
         return self._assign_fresh_on_way(way, leaf, s, value, ttl_ms, path)
 
-    def increment_key(self, s: int, key: str, amount: int, ttl_ms: int = 0) -> Any:
+    def increment_key(self, s: int, key: str, amount: int, ttl_ms: int = 0, millis: int = 0) -> Any:
         """A node's own INCREMENT of the int counter at the dotted ``key`` by the int
         ``amount``, under the way ``assign_key`` takes, in the common case: an int counter
         (or a new key) where nothing in the key's subtree is as new as ``s``, a result that
         stays an int JSON carries, and no expiry due (a counter hit with
         ``incr(k, ttl=...)`` on every request takes it too, as in ``_increment_expiring``).
         Returns the new value, or None having changed nothing when the case is not that
-        (then ``apply`` it). ``s`` as for ``set_leaf``; ``InvalidKeyError`` for a bad key."""
+        (then ``apply`` it). ``s`` as for ``set_leaf``; ``InvalidKeyError`` for a bad key.
+        ``millis``: ``s``'s millisecond (``stamp_millis(s)``) when the caller has it, or 0
+        (a shift of the 128-bit stamp makes an int: ``Collective.incr`` shifts it once)."""
         way = self._way
-        if key == self._hit_key and way is self._hit_way:
-            leaf = self._hit_leaf  # (the way's quick test passed with them: see __init__)
+        if key == way.hit_key:
+            # The way's last key hit again (a hot counter): its leaf as split then, and the
+            # quick test below passed with it (``Way.hit_key``).
+            leaf = way.hit_leaf
         else:
             above, _, leaf = key.rpartition(".")
             if above != way.key or not leaf or not leaf.isascii():
@@ -367,17 +365,15 @@ class Ways(Applier):
                 if found is None:
                     return None
                 way = found
-            self._hit_key = key
-            self._hit_leaf = leaf
-            self._hit_way = way
+            way.hit_key = key
+            way.hit_leaf = leaf
         if ttl_ms:
-            # (the stamp's millisecond, shifted once: a shift of the 128-bit stamp makes an
-            # int; without a ttl only a counter with ttl events needs it, shifted there)
-            millis = s >> MILLIS_SHIFT
+            # (the stamp's millisecond, shifted once; without a ttl only a counter with ttl
+            # events needs it, shifted there if the caller had not)
+            if not millis:
+                millis = s >> MILLIS_SHIFT
             if millis + ttl_ms <= self.now_ms:
                 return None  # due already: the general way fires it
-        else:
-            millis = 0
         parent = way.parent
         entries = parent._entries
         entry = entries.get(leaf)
