@@ -65,6 +65,7 @@ class _Data:
     _next_due_float: float
     _outbox: list[Any]  # the engine's
     _out_special: list[tuple[int, int, int]]
+    _out_increments: list[int]  # (the engine's ``out_increments``)
     _fits_chars: int
     _fits_number_key: int
 
@@ -269,7 +270,12 @@ class _Data:
                 ttl_ms = ttl * 1000  # (``check_ttl`` of whole seconds, inline, as in set)
             else:
                 ttl_ms = check_ttl(ttl)
-            stamp = self._clock.stamp()
+            # (``self._clock.stamp()``'s common case, inline, as in ``set``)
+            clock = self._clock
+            if clock._now() < clock._ms_end:
+                stamp = clock._last = clock._last + ONE_TICK
+            else:
+                stamp = clock.stamp()
             due = self._next_due
             millis = 0  # (the stamp's millisecond once shifted: a 128-bit shift makes an int)
             if due < _INF:
@@ -282,17 +288,21 @@ class _Data:
                     self._advance_if_due()
                     stamp = self._clock.stamp()
                     millis = stamp >> MILLIS_SHIFT
-            result: int | float | None = self._store.increment_key(stamp, key, amount, ttl_ms)
+            result: int | float | None = self._store.increment_key(
+                stamp, key, amount, ttl_ms, millis
+            )
             if result is not None:
+                # ``_send_own(stamp, INCREMENT, key, amount, ttl_ms)``, inline (as in set)
+                outbox = self._outbox
+                queued = len(outbox)
                 if ttl_ms:
                     # (``_due_by``, inline as in set)
                     due = (millis or stamp >> MILLIS_SHIFT) + ttl_ms
                     if due < self._next_due:
                         self._due_by(due)
-                # ``_send_own(stamp, INCREMENT, key, amount, ttl_ms)``, inline (as in set)
-                outbox = self._outbox
-                queued = len(outbox)
-                self._out_special.append((queued // 3, INCREMENT, ttl_ms))
+                    self._out_special.append((queued // 3, INCREMENT, ttl_ms))
+                else:
+                    self._out_increments.append(queued)  # (see ``Engine.out_increments``)
                 outbox += (stamp, key, amount)
                 if not queued:
                     self._schedule_flush()

@@ -52,7 +52,7 @@ from ._peerstate import (
     Peer,
     Snapshot,
 )
-from ._store import SET, Store
+from ._store import INCREMENT, SET, Store
 from ._wire import (
     KNOWS_MEMBERS,
     MEMBERS,
@@ -197,6 +197,10 @@ class Engine(Frontier):
         # SETs. The lists are emptied in place: the shell's hot paths hold them.
         self.outbox: list[Any] = []
         self.out_special: list[tuple[int, int, int]] = []
+        # The shell's ``incr`` marks its INCREMENTs without a ttl here instead, by their
+        # position in ``outbox`` (three items per operation): an int it has at hand, where
+        # an ``out_special`` entry cost a tuple and a division per hit (a twentieth of one).
+        self.out_increments: list[int] = []
         self.flushed_at = float("-inf")  # when the outbox was last encoded and queued
         self.coalesce = COALESCE_SECONDS  # the wait after it (see flush_at)
         self.flush_due = float("inf")  # when the outbox should go out, if the shell said (flush_at)
@@ -333,7 +337,17 @@ class Engine(Frontier):
     def _columns(self, stamps: list[int], outbox: list[Any]) -> tuple[list[Any], ...]:
         """The outbox as the OPS frame's columns (hlcs, ops, paths, values, and ttls if any)."""
         size = len(stamps)
-        ops: list[int] = [SET] * size
+        increments = self.out_increments
+        if increments:
+            if len(increments) == size:
+                ops: list[int] = [INCREMENT] * size  # (a loop of ``incr``: nothing else)
+            else:
+                ops = [SET] * size
+                for position in increments:
+                    ops[position // 3] = INCREMENT
+            increments.clear()
+        else:
+            ops = [SET] * size
         ttls: list[int] | None = None
         special = self.out_special
         if special:

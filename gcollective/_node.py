@@ -258,6 +258,7 @@ class Collective(_Data, _Connections, _Membership, _Watching, _Background, _Memb
         # Own operations not yet encoded (see ``Engine.outbox``): the hot paths add to them.
         self._outbox = engine.outbox
         self._out_special = engine.out_special
+        self._out_increments = engine.out_increments
         self._progress = engine.progress
         self._log = engine.log
         # Replaced, never changed in place, so a loop over it survives (un)watching; empty

@@ -555,9 +555,13 @@ class Way:
     root not), its segments, and the newest stamp a fast path wrote below it since the last
     ``_flush_way`` (0: none), which those nodes' ``newest`` and ``written_below`` learn only
     when read, not at every write; ``deleted`` likewise for a fast path's DELETE below it,
-    which raises their ``newest`` only (a DELETE is no write below)."""
+    which raises their ``newest`` only (a DELETE is no write below). ``hit_key`` is the
+    dotted key ``Ways.increment_key`` last took under it (None: none yet), ``hit_leaf`` its
+    last segment: a hot counter's key hit again takes its leaf from here, not from a split
+    of the key (two new strs, and the new leaf's hash computed at every hit). Valid while
+    the way is: the way's key and the leaf are what the split gave."""
 
-    __slots__ = ("key", "parent", "nodes", "path", "newest", "deleted")
+    __slots__ = ("key", "parent", "nodes", "path", "newest", "deleted", "hit_key", "hit_leaf")
 
     def __init__(
         self, key: str | None, parent: _Node, nodes: list[_Node], path: tuple[str, ...]
@@ -568,6 +572,8 @@ class Way:
         self.path = path
         self.newest = 0
         self.deleted = 0
+        self.hit_key: str | None = None
+        self.hit_leaf = ""
 
 
 #: No way: what ``Tree._way`` is while none is cached (its key matches no parent's).

@@ -357,29 +357,37 @@ class Ways(Applier):
         path = (*way.path, leaf) if ttl_ms else ()
         return self._assign_fresh_on_way(way, leaf, s, value, ttl_ms, path)
 
-    def increment_key(self, s: int, key: str, amount: int, ttl_ms: int = 0) -> Any:
+    def increment_key(self, s: int, key: str, amount: int, ttl_ms: int = 0, millis: int = 0) -> Any:
         """A node's own INCREMENT of the int counter at the dotted ``key`` by the int
         ``amount``, under the way ``assign_key`` takes, in the common case: an int counter
         (or a new key) where nothing in the key's subtree is as new as ``s``, a result that
         stays an int JSON carries, and no expiry due (a counter hit with
         ``incr(k, ttl=...)`` on every request takes it too, as in ``_increment_expiring``).
         Returns the new value, or None having changed nothing when the case is not that
-        (then ``apply`` it). ``s`` as for ``set_leaf``; ``InvalidKeyError`` for a bad key."""
-        above, _, leaf = key.rpartition(".")
+        (then ``apply`` it). ``s`` as for ``set_leaf``; ``InvalidKeyError`` for a bad key.
+        ``millis``: ``s``'s millisecond (``stamp_millis(s)``) when the caller has it, or 0
+        (a shift of the 128-bit stamp makes an int: ``Collective.incr`` shifts it once)."""
         way = self._way
-        if above != way.key or not leaf or not leaf.isascii():
-            found = self._find_way(above, leaf, key, s)
-            if found is None:
-                return None
-            way = found
+        if key == way.hit_key:
+            # The way's last key hit again (a hot counter): its leaf as split then, and the
+            # quick test below passed with it (``Way.hit_key``).
+            leaf = way.hit_leaf
+        else:
+            above, _, leaf = key.rpartition(".")
+            if above != way.key or not leaf or not leaf.isascii():
+                found = self._find_way(above, leaf, key, s)
+                if found is None:
+                    return None
+                way = found
+            way.hit_key = key
+            way.hit_leaf = leaf
         if ttl_ms:
-            # (the stamp's millisecond, shifted once: a shift of the 128-bit stamp makes an
-            # int; without a ttl only a counter with ttl events needs it, shifted there)
-            millis = s >> MILLIS_SHIFT
+            # (the stamp's millisecond, shifted once; without a ttl only a counter with ttl
+            # events needs it, shifted there if the caller had not)
+            if not millis:
+                millis = s >> MILLIS_SHIFT
             if millis + ttl_ms <= self.now_ms:
                 return None  # due already: the general way fires it
-        else:
-            millis = 0
         parent = way.parent
         entries = parent._entries
         entry = entries.get(leaf)
