@@ -272,6 +272,26 @@ class NodeProcess:
                 self.proc.wait(10)
 
 
+def scheduler_times(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) that process ``pid``'s
+    threads have had so far, from /proc/<pid>/task/*/schedstat; (0.0, 0.0) where Linux's
+    scheduler statistics are not there. The waiting is what a loaded machine adds to a
+    process's wall time beyond its own work and its sleeps."""
+    on_cpu = waited = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0, 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+                ran, queued = stat.read().split()[:2]
+        except (OSError, ValueError):
+            continue  # (a thread gone meanwhile)
+        on_cpu, waited = on_cpu + int(ran), waited + int(queued)
+    return on_cpu / 1e9, waited / 1e9
+
+
 def converged(nodes: list[NodeProcess], leaves: int | None = None) -> bool:
     """True when every member holds the same tree (and ``leaves`` leaves, if given)."""
     summaries = [n.summary() for n in nodes]
