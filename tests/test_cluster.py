@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from cluster import NodeProcess, converged, free_ports, wait_until
+from cluster import NodeProcess, converge_while_progressing, converged, free_ports, wait_until
 
 
 def test_two_members_converge_on_keys_counters_and_deletes(cluster):
@@ -81,7 +81,9 @@ def test_reverse_order_start_loses_nothing(members, keys):
         for node in nodes:
             assert node.proc.stdout.readline()  # the write_keys reply
         began = time.monotonic()
-        wait_until(lambda: converged(nodes, leaves=members * keys), timeout=120, interval=0.5)
+        # (At load 15 on two cores, 8 processes applying 175,000 remote writes each took
+        # over 120 s: the bound is on progress, not on the whole catch-up.)
+        converge_while_progressing(nodes, leaves=members * keys)
         print(f"{members} x {keys}: converged {time.monotonic() - began:.1f}s after the writes")
     finally:
         for node in nodes:
