@@ -520,11 +520,17 @@ class _PeerAges:
 
 
 class _SuccessorWatch:
-    """Tells when a member that connected after ``start`` has caught up with this node.
+    """Tells when a member that connected after the watch began has caught up with this node.
 
     A successor counts once it is connected, nothing is queued for it, and either this node
     sent it operations or a snapshot since it appeared, or long enough passed (a few version
     vector reports) for it to have asked for anything it lacked.
+
+    The watch must begin when the worker is told to exit (``handle_exit``), not when its
+    handoff starts: gunicorn's run loop notices the exit only after up to a second (more on
+    a busy machine) and then drains requests, and meanwhile a lower slot's worker may leave
+    and its successor connect and merge this node's state. Begun later, the watch counts
+    that successor among the members that were already there and waits for another.
     """
 
     def __init__(self, node: Collective) -> None:
@@ -670,6 +676,7 @@ class GeventWorker(_ggevent.GeventWorker):
     gcollective_node: Collective | None = None
     _gcollective_start_took = 0.0
     _gcollective_master: _MasterSockets | None = None  # (None: cannot tell a shutdown)
+    _gcollective_successors: _SuccessorWatch | None = None  # (from the exit signal on)
 
     def init_process(self) -> None:
         """Run gunicorn's gevent worker; the node stops when the worker leaves, however it
@@ -692,6 +699,11 @@ class GeventWorker(_ggevent.GeventWorker):
         # (Now, while the master surely holds its listeners: see _MasterSockets.)
         self._gcollective_master = _MasterSockets.observe(self.ppid, self.sockets)
         super().load_wsgi()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """SIGTERM (HUP reload, TTOU, a stop): a graceful exit; watch for a successor now."""
+        self._gcollective_watch_successors()
+        super().handle_exit(sig, frame)
 
     def handle_quit(self, sig: int, frame: FrameType | None) -> None:
         """SIGQUIT / SIGINT: a quick exit; flush, but do not wait for a successor."""
@@ -811,6 +823,15 @@ class GeventWorker(_ggevent.GeventWorker):
 
     # -- leaving -------------------------------------------------------------------------
 
+    def _gcollective_watch_successors(self) -> None:
+        # Runs in the signal handler, so before this node handles anything from a member
+        # that connects after the signal: gunicorn signals all old workers in one loop, so
+        # a successor can only come once one of them has left (see _SuccessorWatch).
+        # (stats() only reads; a second signal keeps the first watch.)
+        node = self.gcollective_node
+        if node is not None and self._gcollective_successors is None:
+            self._gcollective_successors = _SuccessorWatch(node)
+
     def _gcollective_leave(self) -> None:
         node = self.gcollective_node
         if node is None:  # interrupted between starting it and recording it
@@ -868,7 +889,8 @@ class GeventWorker(_ggevent.GeventWorker):
         mine = slots.index(node.local) if node.local in slots else len(slots)
         higher = slots[mine + 1 :]
         others = [address for address in settings.peers if address[0] != settings.bind]
-        watch = _SuccessorWatch(node)
+        # (A worker that ends by itself, max_requests, got no signal: watch from now on.)
+        watch = self._gcollective_successors or _SuccessorWatch(node)
         ages = getattr(self, "_gcollective_peers", None) or _PeerAges(node)
         while True:
             # Only members connected for a while count: they have caught up with this one.

@@ -272,9 +272,33 @@ class NodeProcess:
                 self.proc.wait(10)
 
 
+def scheduler_times(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) that process ``pid``'s
+    threads have had so far, from /proc/<pid>/task/*/schedstat; (0.0, 0.0) where Linux's
+    scheduler statistics are not there. The waiting is what a loaded machine adds to a
+    process's wall time beyond its own work and its sleeps."""
+    on_cpu = waited = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0, 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+                ran, queued = stat.read().split()[:2]
+        except (OSError, ValueError):
+            continue  # (a thread gone meanwhile)
+        on_cpu, waited = on_cpu + int(ran), waited + int(queued)
+    return on_cpu / 1e9, waited / 1e9
+
+
 def converged(nodes: list[NodeProcess], leaves: int | None = None) -> bool:
     """True when every member holds the same tree (and ``leaves`` leaves, if given)."""
     summaries = [n.summary() for n in nodes]
+    return _agree(summaries, leaves)
+
+
+def _agree(summaries: list[dict[str, Any]], leaves: int | None) -> bool:
     if leaves is not None and any(s["leaves"] != leaves for s in summaries):
         return False
     return len({s["digest"] for s in summaries}) == 1
@@ -292,3 +316,26 @@ def free_port_run(count: int) -> int:
         del _next_ports[:count]
         if all(_bindable(port) for port in run):
             return run[0]
+
+
+def converge_while_progressing(
+    nodes: list[NodeProcess], leaves: int, stalled: float = 60.0, interval: float = 0.5
+) -> None:
+    """Wait until every member holds the same ``leaves`` leaves; fail once no member's count
+    changed for ``stalled`` seconds. A bound on progress, not on the whole catch-up: on a
+    loaded machine (other jobs on the cores) the catch-up of a large cluster takes minutes,
+    while a member that lost writes stops short of ``leaves`` and fails after ``stalled``."""
+    last: list[int] = []
+    changed = time.monotonic()
+    while True:
+        summaries = [n.summary() for n in nodes]
+        if _agree(summaries, leaves):
+            return
+        counts = [s["leaves"] for s in summaries]
+        if counts != last:
+            last, changed = counts, time.monotonic()
+        elif time.monotonic() - changed > stalled:
+            raise AssertionError(
+                f"no member's leaf count changed for {stalled}s, short of {leaves}: {counts}"
+            )
+        time.sleep(interval)

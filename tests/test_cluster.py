@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from cluster import NodeProcess, converged, free_ports, wait_until
+from cluster import NodeProcess, converge_while_progressing, converged, free_ports, wait_until
 
 
 def test_two_members_converge_on_keys_counters_and_deletes(cluster):
@@ -66,6 +66,9 @@ def test_killed_member_restarts_empty_and_catches_up(cluster):
             n.stop()
 
 
+# (pyproject's 300 s per test: at load 15-20 on two cores this test took 211 s to over 300 s
+# in all; its wait fails on its own once progress stops, so the whole may take longer.)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("members,keys", [(8, 25000)])
 def test_reverse_order_start_loses_nothing(members, keys):
     """collective.js 0.3.1 left the last-started member with 176,964 of 200,000 keys here."""
@@ -81,7 +84,13 @@ def test_reverse_order_start_loses_nothing(members, keys):
         for node in nodes:
             assert node.proc.stdout.readline()  # the write_keys reply
         began = time.monotonic()
-        wait_until(lambda: converged(nodes, leaves=members * keys), timeout=120, interval=0.5)
+        # (At load 15 on two cores, 8 processes applying 175,000 remote writes each took
+        # over 120 s: the bound is on progress, not on the whole catch-up. The last member
+        # to start gets its peers' state by snapshot, merged whole at its end, so its count
+        # stands still meanwhile: 43 s there, the snapshot cut and sent again three times
+        # (docs/benchmarks.rst, nineteenth look); over 60 s in a full run. Every 2 s: each
+        # look digests 200,000 leaves in each of the 8 processes, work that slows them.)
+        converge_while_progressing(nodes, leaves=members * keys, stalled=180.0, interval=2.0)
         print(f"{members} x {keys}: converged {time.monotonic() - began:.1f}s after the writes")
     finally:
         for node in nodes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import pytest
-from cluster import ROOT, free_port_run, free_ports, wait_until
+from cluster import ROOT, free_port_run, free_ports, wait_for, wait_until
 
 pytest.importorskip("gunicorn")
 
@@ -416,6 +417,55 @@ def test_usr2_then_term_of_the_old_master_hands_the_data_over(gunicorn_server):
                 pass
             else:
                 wait_until(lambda pid=pid: _gone(pid), timeout=30, what="the new master's exit")
+
+
+def test_a_successor_that_merged_before_the_handoff_began_is_seen(caplog):
+    """The last old worker (slot 1) is told to exit, but a busy machine starves it: before
+    its handoff starts, slot 0's old worker leaves and its successor joins and merges slot
+    1's state. The handoff must count that successor (watched from the signal on) and
+    return, not wait out GCOLLECTIVE_HANDOFF_TIMEOUT for one more, past gunicorn's graceful
+    timeout, to a SIGKILL. (In-process, the worker driven by hand: the race this pins down
+    came up in the USR2 test above only under load.)"""
+    from gunicorn.config import Config
+
+    from gcollective import Collective
+    from gcollective.gunicorn import GeventWorker
+
+    base = free_port_run(2)
+    env = {"GCOLLECTIVE_BASE_PORT": str(base), "GCOLLECTIVE_HANDOFF_TIMEOUT": "20"}
+    settings = settings_from_env(env, workers=2)
+    peers = [f"{host}:{port}" for host, port in settings.slots]
+    nodes: list[Collective] = []
+
+    def member(slot: int) -> Collective:
+        node = Collective(peers[slot], peers, sync_interval=0.1, backoff_max=0.2)
+        nodes.append(node)
+        node.start()
+        return node
+
+    worker = GeventWorker(1, os.getpid(), [], None, 30, Config(), logging.getLogger(__name__))
+    try:
+        old_zero, one = member(0), member(1)
+        one.set("hits", 80)
+        wait_for(lambda: old_zero.get("hits") == 80, what="slot 0 has slot 1's data")
+        worker.gcollective_node, worker.gcollective_settings = one, settings
+        worker.handle_exit(signal.SIGTERM, None)  # (what gunicorn's signal handler calls)
+        assert not worker.alive
+        old_zero.stop(timeout=1)  # slot 0 leaves at once: slot 1 answers ...
+        successor = member(0)  # ... and its successor joins
+        wait_for(lambda: successor.get("hits") == 80, what="the successor merged the data")
+        caplog.set_level(logging.INFO, logger=__name__)
+        began = time.monotonic()
+        worker._handoff(one, settings)  # only now does the starved worker get this far
+        took = time.monotonic() - began
+        assert "handed its state on" in caplog.text, (took, caplog.text)
+        # (Bound: the watch's settle time, 0.3 s, or its quiet time, 2.5 sync intervals,
+        # plus a loaded machine's delays; the timeout it must not wait for is 20 s.)
+        assert took < 10.0, took
+    finally:
+        worker.tmp.close()
+        for node in nodes:
+            node.stop(timeout=1)
 
 
 def _gone(pid: int) -> bool:

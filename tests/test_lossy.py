@@ -7,21 +7,29 @@ not after TCP's retransmission backoff or ``idle_timeout``. Each case proves its
 happened (the rules' counters dropped packets) and that writes were in flight when it ended
 (the members disagreed then). CI runs one short run of each; ``pytest -m soak`` repeats them
 and runs longer partitions and a flapping link. Figures go to stderr (``-s`` shows them).
+
+The targets bound the time to converge less the longest time a member (or this test) was
+runnable but waiting for a CPU (``CpuWaits``): on a loaded runner (load 10-17 on two cores)
+a 14 s partition converged 3-5 s after it healed, 3 s of it members waiting for a core,
+0.9-1.4 s without. A link waiting out TCP's backoff sleeps, which is not subtracted: with
+``stall_timeout=600`` (no redial, as in 0.4.2) the partition case still fails at load 17
+(13.4 s, 7.7 s less the waits).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Callable
 
 import pytest
-from cluster import converged, wait_until
+from cluster import converged, scheduler_times, wait_until
 from netns import LOSS, PARTITION, NamespacedMember, Network, missing
 
 LOSS_TARGET = 3.0  # seconds from the end of 10 s of 25 % loss on every link to convergence
 HEAL_TARGET = 2.0  # seconds from a partition's end to convergence
-SLACK = 0.5  # a loaded CI machine delays the test's polling and the members alike
+SLACK = 0.5  # a loaded machine delays the test's polling (beyond the waits it subtracts)
 BUSY = 14.0  # seconds of writes at the full pace in a partition (see ``partitioned``)
 PORT = 7000  # the namespaces are new and empty: nothing else listens in them
 MEMBERS = 3
@@ -97,6 +105,24 @@ def converge_after(nodes: list[NamespacedMember], leaves: int, ended: float) -> 
     return time.monotonic() - ended
 
 
+class CpuWaits:
+    """How long each of some processes has been runnable but waiting for a CPU since this
+    was made: on a loaded machine (a CI runner with other jobs on its cores) that is most of
+    a catch-up's wall time, while a member waiting on the network (TCP's retransmission
+    backoff, a timeout) sleeps and adds nothing. Subtracting the longest wait from the time
+    to converge keeps what the targets bound; on a quiet machine it subtracts ~0. (The
+    longest, not the sum: the processes wait in parallel; where they waited one after the
+    other on the critical path, this subtracts less than the load added: stricter.)"""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.before = [scheduler_times(pid)[1] for pid in pids]
+
+    def longest(self) -> float:
+        """The longest wait of one process so far (seconds)."""
+        return max(scheduler_times(pid)[1] - before for pid, before in zip(self.pids, self.before))
+
+
 def report(case: str, figures: dict[str, object]) -> None:
     print(f"[lossy] {case}: {figures}", file=sys.stderr)
 
@@ -119,11 +145,15 @@ def run_case(
     before = reconnects(nodes)
     fault(net, writer)
     in_flight = not converged(nodes, leaves=writer.leaves)
+    waits = CpuWaits([node.proc.pid for node in nodes] + [os.getpid()])
     ended = time.monotonic()  # before the first rule goes: the figure errs on the slow side
     dropped = end_fault(net, faulty)
     seconds = converge_after(nodes, writer.leaves, ended)
+    waited = waits.longest()
     figures = {
         "converged_after_s": round(seconds, 2),
+        "waited_for_a_cpu_s": round(waited, 2),
+        "converged_less_waits_s": round(seconds - waited, 2),
         "dropped_packets": dropped,
         "writes": writer.leaves,
         "in_flight_at_end": in_flight,
@@ -178,13 +208,13 @@ def flapping(seconds: float, period: float = 0.7, member: int = 2) -> Callable:
 def test_loss_on_every_link_converges_fast_once_it_ends(network):
     figures = run_case(network, lossy(10), list(range(MEMBERS)))
     report("10 s of 25 % loss", figures)
-    assert figures["converged_after_s"] < LOSS_TARGET + SLACK, figures
+    assert figures["converged_less_waits_s"] < LOSS_TARGET + SLACK, figures
 
 
 def test_partition_converges_fast_once_it_heals(network):
     figures = run_case(network, partitioned(14), [2])
     report("14 s partition", figures)
-    assert figures["converged_after_s"] < HEAL_TARGET + SLACK, figures
+    assert figures["converged_less_waits_s"] < HEAL_TARGET + SLACK, figures
 
 
 @pytest.mark.soak
@@ -192,7 +222,7 @@ def test_partition_converges_fast_once_it_heals(network):
 def test_soak_loss(network, run):
     figures = run_case(network, lossy(10), list(range(MEMBERS)))
     report(f"10 s of 25 % loss, run {run}", figures)
-    assert figures["converged_after_s"] < LOSS_TARGET, figures
+    assert figures["converged_less_waits_s"] < LOSS_TARGET, figures
 
 
 @pytest.mark.soak
@@ -200,7 +230,7 @@ def test_soak_loss(network, run):
 def test_soak_partition(network, seconds):
     figures = run_case(network, partitioned(seconds), [2])
     report(f"{seconds} s partition", figures)
-    assert figures["converged_after_s"] < HEAL_TARGET, figures
+    assert figures["converged_less_waits_s"] < HEAL_TARGET, figures
 
 
 @pytest.mark.soak
@@ -208,4 +238,4 @@ def test_soak_partition(network, seconds):
 def test_soak_flapping(network, run):
     figures = run_case(network, flapping(10), [2])
     report(f"flapping 0.7 s / 0.7 s for 10 s, run {run}", figures)
-    assert figures["converged_after_s"] < HEAL_TARGET, figures
+    assert figures["converged_less_waits_s"] < HEAL_TARGET, figures
