@@ -18,6 +18,7 @@ from ._auth import DialerHandshake, explain_refusal, refused_as_down
 from ._engine import Peer
 from ._errors import AuthenticationError
 from ._logcontext import tag_current
+from ._peerstate import Snapshot
 from ._records import Sealer
 from ._server import _INF, _Writer
 
@@ -45,13 +46,11 @@ def _limit_unacknowledged(sock: Any, seconds: float) -> None:
     about 15 minutes. A writer always has something recent in flight (PROGRESS every
     ``sync_interval``), so a link stuck either way is noticed: the writer's next send fails
     and it redials, with a fresh connection and no backoff; catch-up resends what was lost.
-    A peer that is alive but reads slowly still acknowledges (its window probes): that is
-    ``send_timeout``'s business, not this.
+    Linux applies it to a zero window too (a peer alive but not reading, its buffer full):
+    while a snapshot streams, ``_send_pending`` gives it ``send_timeout`` instead.
     """
-    option = getattr(gsocket, "TCP_USER_TIMEOUT", None)
-    if option is None:
+    if not _allow_unacknowledged(sock, seconds):
         return
-    sock.setsockopt(gsocket.IPPROTO_TCP, option, max(1, int(seconds * 1000)))
     # Linux 6.15 and later also cap the retransmission timeout (1 s at the least): retry at
     # least twice per ``seconds``, so a link whose losses ended recovers within a second.
     if not sys.platform.startswith("linux"):
@@ -60,6 +59,15 @@ def _limit_unacknowledged(sock: Any, seconds: float) -> None:
         sock.setsockopt(gsocket.IPPROTO_TCP, _TCP_RTO_MAX_MS, max(1000, int(seconds * 500)))
     except OSError:
         pass  # an older kernel
+
+
+def _allow_unacknowledged(sock: Any, seconds: float) -> bool:
+    """Set ``TCP_USER_TIMEOUT`` to ``seconds``; False where the option does not exist."""
+    option = getattr(gsocket, "TCP_USER_TIMEOUT", None)
+    if option is None:
+        return False
+    sock.setsockopt(gsocket.IPPROTO_TCP, option, max(1, int(seconds * 1000)))
+    return True
 
 
 def kernel_socket(sock: Any) -> Any:
@@ -437,9 +445,20 @@ class _PeerLink(_Writer, Peer):
         # (Sealed or TLS records must go out through this greenlet, in order.)
         # (A send of the kernel socket never waits: what it does not take the writer sends.)
         send_at_once = kernel_socket(sock).send if sealer is None and not self.tls else None
+        patient = False  # (see below)
         while True:
             batch, ops = take(self, monotonic())
             self._rest_pending = False  # (taken: it goes out now, on this connection)
+            if (self.snapshot is not Snapshot.NONE) is not patient:
+                # A snapshot merges only at its end, and a joiner busy staging or merging
+                # it may not read for seconds: Linux would end the connection after
+                # ``stall_timeout`` of zero window as if the peer were gone, and the next
+                # connection start the snapshot again from nothing, again and again on a
+                # loaded machine. Until the peer says it merged, a stalled send ends the
+                # connection after ``send_timeout``, as for any peer that reads slowly.
+                patient = not patient
+                stalled = max(node.send_timeout, node.stall_timeout) if patient else None
+                _allow_unacknowledged(sock, stalled or node.stall_timeout)
             if not batch:
                 if node._stopping or self.dropped:
                     return
