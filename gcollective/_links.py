@@ -457,8 +457,10 @@ class _PeerLink(_Writer, Peer):
                 # loaded machine. Until the peer says it merged, a stalled send ends the
                 # connection after ``send_timeout``, as for any peer that reads slowly.
                 patient = not patient
-                stalled = max(node.send_timeout, node.stall_timeout) if patient else None
-                _allow_unacknowledged(sock, stalled or node.stall_timeout)
+                if patient:
+                    _allow_unacknowledged(sock, max(node.send_timeout, node.stall_timeout))
+                else:
+                    _allow_unacknowledged(sock, node.stall_timeout)
             if not batch:
                 if node._stopping or self.dropped:
                     return

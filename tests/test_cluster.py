@@ -88,7 +88,7 @@ def test_reverse_order_start_loses_nothing(members, keys):
         # over 120 s: the bound is on progress, not on the whole catch-up. The last member
         # to start gets its peers' state by snapshot, merged whole at its end, so its count
         # stands still meanwhile: 43 s there, the snapshot cut and sent again three times
-        # (docs/benchmarks.rst, nineteenth look); over 60 s in a full run. Every 2 s: each
+        # (docs/benchmarks.rst, twenty-third look); over 60 s in a full run. Every 2 s: each
         # look digests 200,000 leaves in each of the 8 processes, work that slows them.)
         converge_while_progressing(nodes, leaves=members * keys, stalled=180.0, interval=2.0)
         print(f"{members} x {keys}: converged {time.monotonic() - began:.1f}s after the writes")
