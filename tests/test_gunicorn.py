@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import pytest
-from cluster import ROOT, free_port_run, free_ports, wait_for, wait_until
+from cluster import ROOT, NodeProcess, free_port, free_port_run, free_ports, wait_for, wait_until
 
 pytest.importorskip("gunicorn")
 
@@ -417,6 +417,50 @@ def test_usr2_then_term_of_the_old_master_hands_the_data_over(gunicorn_server):
                 pass
             else:
                 wait_until(lambda pid=pid: _gone(pid), timeout=30, what="the new master's exit")
+
+
+def test_a_handoff_longer_than_graceful_timeout_still_ends_with_the_final_flush(
+    gunicorn_server,
+):
+    """gunicorn SIGKILLs the workers still there graceful_timeout after a master's SIGTERM.
+    A worker that cannot tell that stop from a reload (``--reuse-port``: the master never
+    held its listener) waits for a successor; with GCOLLECTIVE_HANDOFF_TIMEOUT past
+    graceful_timeout it must give up in time to flush and stop, not be killed mid-wait
+    (which loses what only it had). A member outside gunicorn (a survivor, not among the
+    slots, so it does not end the wait) must hold every hit."""
+    server = gunicorn_server(
+        workers=1,
+        env={"GCOLLECTIVE_HANDOFF_TIMEOUT": "30"},
+        args=("--graceful-timeout", "4", "--reuse-port"),
+    )
+    slots = [server.base_port, server.base_port + 1]
+    survivor = NodeProcess(free_port(), slots, sync_interval=0.1, backoff_max=0.2)
+    try:
+        survivor.start()
+        hits(server.port, 40, concurrency=4)
+        wait_until(
+            lambda: survivor.call("get", key="hits.total")["value"] == 40,
+            what="the survivor has the hits",
+        )
+        hits(server.port, 20, concurrency=4)  # (right before the signal: in flight)
+        assert server.proc is not None
+        began = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(40) == 0
+        took = time.monotonic() - began
+        log = server.log()
+        # (A SIGKILLed worker logs neither line, and gunicorn may not log the kill: it
+        # reaps the workers only once, right after killing them.)
+        assert re.search(r"worker \d+ left slot 0", log), log[-4000:]
+        assert "Worker exiting" in log and "SIGKILL" not in log, log[-4000:]
+        assert "cut short by gunicorn's graceful_timeout" in log, log[-4000:]
+        assert took < 10.0, (took, log[-4000:])  # (not the 30 s handoff timeout)
+        wait_until(
+            lambda: survivor.call("get", key="hits.total")["value"] == 60,
+            what="the survivor has every hit",
+        )
+    finally:
+        survivor.stop()
 
 
 def test_a_successor_that_merged_before_the_handoff_began_is_seen(caplog):
