@@ -512,6 +512,32 @@ def test_a_successor_that_merged_before_the_handoff_began_is_seen(caplog):
             node.stop(timeout=1)
 
 
+def test_the_exit_signal_reads_only_the_peers_view(monkeypatch):
+    """``handle_exit`` (a signal handler) and the half-second peer sampling read the peers'
+    view alone, not the whole ``stats()`` with its member, DNS and store views: the same
+    per-peer fields, got without calling ``stats()``."""
+    from cluster import LocalMembers
+
+    from gcollective.gunicorn import _peer_views, _SuccessorWatch
+
+    members = LocalMembers(sync_interval=0.1, backoff_max=0.2)
+    try:
+        node, other = members(2)
+        node.set("k", 1)
+        wait_for(lambda: other.get("k") == 1, what="the peers connected")
+        whole = node.stats()["peers"]  # (no switch between the two reads: the same state)
+        assert _peer_views(node) == whole and whole
+
+        def refused() -> dict:
+            raise AssertionError("stats() called: it builds every view")
+
+        monkeypatch.setattr(node, "stats", refused)
+        watch = _SuccessorWatch(node)
+        assert set(watch.baseline) == set(whole), watch.baseline
+    finally:
+        members.stop()
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
