@@ -665,6 +665,15 @@ class _MasterSockets:
         listeners = _own_inodes(sockets) & held
         return cls(master, listeners, held) if listeners else None
 
+    def may_kill(self) -> bool:
+        """False only while the master still holds this worker's listeners (a reload or
+        TTOU: gunicorn then never kills a worker that heartbeats); True once it closed them
+        (``Arbiter.stop()``, which SIGKILLs the workers still there after
+        ``graceful_timeout``: a shutdown, or the old master's stop after a USR2), or when
+        /proc cannot tell."""
+        now = _socket_inodes(self.master)
+        return now is None or not now & self.listeners
+
     def shutting_down(self) -> bool:
         """True only if the master closed its listeners for good: gunicorn stops."""
         now = _socket_inodes(self.master)
@@ -892,11 +901,15 @@ class GeventWorker(_ggevent.GeventWorker):
         ``Arbiter.stop()`` (a master's SIGTERM, or the old master's after a USR2) SIGKILLs
         the workers still there ``graceful_timeout`` seconds after it signalled them; the
         signal's arrival here is the closest this worker can tell (a starved worker handles
-        it late: ``_STOP_RESERVE`` covers that). A reload or TTOU does not kill, but this
-        worker cannot tell them from a stop, so it keeps to the same deadline. A worker that
-        leaves by itself (max_requests) got no signal and is not killed.
+        it late: ``_STOP_RESERVE`` covers that). A reload or TTOU does not kill: None when the
+        master's listeners show one (see ``_MasterSockets.may_kill``; a worker that cannot see
+        them keeps to the deadline). A worker that leaves by itself (max_requests) got no
+        signal and is not killed.
         """
         if self._gcollective_signalled_at is None:
+            return None
+        master = self._gcollective_master
+        if master is not None and not master.may_kill():
             return None
         return self._gcollective_signalled_at + float(self.cfg.graceful_timeout)
 
