@@ -110,6 +110,11 @@ OUTBOX_ITEMS = 3 * OUTBOX_LIMIT  # (the outbox holds three items per operation)
 # 2.5 -> 3.1 ms).
 COALESCE_SECONDS = 0.001
 COALESCE_BUSY_SECONDS = 0.004
+# A peer's clock is judged (behind ours or not) on the least lag its PROGRESS reports show
+# until one comes at least this many sync intervals (by this node's monotonic clock) after a
+# connection's first: a report read late, after a stop or a starved spell, looks as far
+# behind as it was late; a fresh one follows within a sync interval.
+CLOCK_JUDGEMENT = 2.0
 
 _Result = TypeVar("_Result")
 
@@ -601,8 +606,8 @@ class Engine(Frontier):
         self.check_clock(promise, "a PROGRESS frame (its clock)", peer, peer_id)
         if peer is None or peer.peer_id != peer_id:
             return
-        if peer.reports == 0:
-            self._check_peer_clock_behind(promise, peer)
+        if peer.reports == 0 or peer.clock_lag is not None:
+            self._check_peer_clock_behind(promise, peer, now)
         theirs = {origin: seq for origin, seq, _ in vector}
         their_stamps = {origin: stamp for origin, _, stamp in vector}
         if inbound.returning is not None:
@@ -737,18 +742,35 @@ class Engine(Frontier):
             peer_id,
         )
 
-    def _check_peer_clock_behind(self, promise: int, peer: Peer) -> None:
-        """On a connection's first PROGRESS (sent with HELLO: fresh), warn if the peer's
-        clock is more than ``clock_skew`` behind ours: if ours is the wrong one, the peer
-        refuses our operations, and this says so on our side too."""
+    def _check_peer_clock_behind(self, promise: int, peer: Peer, now: float) -> None:
+        """Warn if the peer's clock is more than ``clock_skew`` behind ours: if ours is the
+        wrong one, the peer refuses our operations, and this says so on our side too.
+
+        A PROGRESS carries the sender's clock when it was built, so one read late (this
+        process starved of CPU or stopped, the frames queued meanwhile) looks as far behind
+        as it was late: between processes of one machine at load 20, 10-22 s. A real skew
+        shows in every report, a late read only until the backlog is read: the lag judged is
+        the least of the connection's reports until the first one received at least
+        ``CLOCK_JUDGEMENT`` sync intervals (of this node's monotonic clock: a backlog read in
+        one go is one moment) after its first, which came fresh after any backlog.
+        """
         lag = -stamp_lead(promise, self.wall_ns())
-        if lag > self.clock_skew:
+        if peer.reports == 0:  # (the connection's first: judge later)
+            peer.clock_lag = lag
+            peer.clock_judged_at = now + CLOCK_JUDGEMENT * self.sync_interval
+            return
+        assert peer.clock_lag is not None
+        least = peer.clock_lag = min(peer.clock_lag, lag)
+        if now < peer.clock_judged_at:
+            return
+        peer.clock_lag = None  # (judged: once per connection)
+        if least > self.clock_skew:
             log.warning(
                 "peer %s: its clock is %.3fs behind this node's, more than clock_skew (%gs): "
                 "if this node's clock is the wrong one, the peer refuses this node's "
                 "operations until it is fixed (check both members' clocks, e.g. NTP)",
                 peer.name,
-                lag,
+                least,
                 self.clock_skew,
             )
 

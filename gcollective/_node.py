@@ -468,9 +468,10 @@ class Collective(_Data, _Connections, _Membership, _Watching, _Background, _Memb
             for address, member in self._members.members.items()
         }
 
-    def stats(self) -> dict[str, Any]:
-        """A cheap, JSON-serialisable picture of this node and each of its peers."""
-        now = time.time()
+    def _peers_stats(self) -> dict[str, dict[str, Any]]:
+        """``stats()["peers"]`` alone: each link's state and counters, without the node's
+        member, DNS and store views (the gunicorn worker reads it in its exit signal's
+        handler and every half second)."""
         peers = {}
         for link in self._links.values():
             peers[link.name] = {
@@ -492,6 +493,11 @@ class Collective(_Data, _Connections, _Membership, _Watching, _Background, _Memb
                 "authenticated": link.authenticated,
                 "tls": link.tls,
             }
+        return peers
+
+    def stats(self) -> dict[str, Any]:
+        """A cheap, JSON-serialisable picture of this node and each of its peers."""
+        now = time.time()
         return {
             "node_id": f"{self.node_id:x}",
             "address": format_address(self.local),
@@ -520,7 +526,7 @@ class Collective(_Data, _Connections, _Membership, _Watching, _Background, _Memb
             "pending_expiries": self._store.pending_expiries,
             "expired": self._store.expired,
             "data_dir": None if self._durable is None else self._durable.stats(),
-            "peers": peers,
+            "peers": self._peers_stats(),
             "members": self._members_stats(),
             "dns": {} if self._discovery is None else self._discovery.stats(),
         }

@@ -213,11 +213,13 @@ class NodeProcess:
         peer_ports: list[int],
         clock_offset: float | None = None,
         root: str = ROOT,
+        log_path: str | None = None,
         **options: Any,
     ) -> None:
         """``clock_offset``: seconds this member's wall clock runs ahead (negative: behind);
         then ``call("clock_offset", seconds=...)`` moves it (see tests/node_process.py).
-        ``root``: the directory its ``gcollective`` is imported from (another release's)."""
+        ``root``: the directory its ``gcollective`` is imported from (another release's).
+        ``log_path``: a file for its log lines, INFO and above (else none are shown)."""
         self.port = port
         self.local = f"127.0.0.1:{port}"
         self.peers = [f"127.0.0.1:{p}" for p in peer_ports]
@@ -225,13 +227,17 @@ class NodeProcess:
         env = dict(os.environ, PYTHONPATH=root, GCOLLECTIVE_TEST_ROOT=root, PYTHONUNBUFFERED="1")
         if clock_offset is not None:
             env["GCOLLECTIVE_TEST_CLOCK_OFFSET"] = repr(clock_offset)
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "node_process.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
+        if log_path is not None:
+            env["GCOLLECTIVE_TEST_LOG"] = "INFO"
+        with open(log_path or os.devnull, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "node_process.py")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log if log_path is not None else None,
+                env=env,
+                text=True,
+            )
 
     def call(self, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
         """Send one command and return its reply; raises on an error reply."""

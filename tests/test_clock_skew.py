@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 
 import pytest
@@ -179,12 +181,51 @@ def test_a_peer_clock_ahead_is_refused_and_one_behind_is_reported(pair, caplog):
         try:
             sock.sendall(encode_hello(FORGED, "127.0.0.1", nowhere, 0))
             sock.sendall(encode_progress([], True, behind, 0))
-            wait_for(lambda: any("behind this node's" in r.getMessage() for r in caplog.records))
+            # (Judged on the reports of a couple of sync intervals: see the next test.)
+            report_until(sock, 5.0, lambda: "behind this node's" in caplog.text)
         finally:
             sock.close()
     assert a.stats()["clock_refusals"] == 1  # behind is not refused
     messages = [r.getMessage() for r in caplog.records]
     assert any("ahead" in m and "PROGRESS" in m for m in messages), messages
+
+
+def report_until(sock, behind: float, done, timeout: float = 10.0) -> None:
+    """Send member FORGED's PROGRESS every 20 ms, its clock ``behind`` seconds behind this
+    process's, until ``done()`` (fails after ``timeout``)."""
+
+    def report() -> bool:
+        now_ms = time.time_ns() // 1_000_000 - int(behind * 1000)
+        sock.sendall(encode_progress([], True, (now_ms << 80) | FORGED, 0))
+        return bool(done())
+
+    wait_for(report, timeout=timeout, interval=0.02)
+
+
+def test_a_first_report_read_late_is_no_clock_behind(pair, caplog):
+    """A receiver starved of CPU (or stopped) reads a connection's first PROGRESS reports
+    late, in one go: their stamps look seconds behind though the clocks agree. Fresh reports
+    follow, and the lag judged is the least of them: no warning. (In-process: the backlog is
+    sent as one write, as a stopped receiver would find it.)"""
+    a, _ = pair
+    sync_interval = OPTIONS["sync_interval"]
+    now_ms = time.time_ns() // 1_000_000
+    backlog = [
+        encode_progress([], True, ((now_ms - 20_000 + 100 * i) << 80) | FORGED, 0)
+        for i in range(30)
+    ]
+    sock = gsocket.create_connection(a.local)
+    try:
+        with caplog.at_level(logging.WARNING, logger="gcollective"):
+            sock.sendall(encode_hello(FORGED, "127.0.0.1", free_port(), 0) + b"".join(backlog))
+            began = time.monotonic()
+            # Fresh reports for well past the judgement (CLOCK_JUDGEMENT sync intervals).
+            report_until(sock, 0.0, lambda: time.monotonic() - began > 10 * sync_interval)
+            # The node heard the fresh ones (so it judged): it answers a later one as usual.
+            assert a.stats()["clock_refusals"] == 0
+        assert "behind this node's" not in caplog.text, caplog.text
+    finally:
+        sock.close()
 
 
 # -- member processes with offset wall clocks ---------------------------------------------------
@@ -212,6 +253,57 @@ def skewed():
     yield make
     for node in made:
         node.stop()
+
+
+def start_within(node: NodeProcess, seconds: float) -> None:
+    """Start ``node``, waiting at most ``seconds`` for a peer's state. (``NodeProcess.start``
+    and ``call`` keep a ``timeout`` argument for themselves: it never reaches the process.)"""
+    assert node.proc.stdin is not None and node.proc.stdout is not None
+    command = {"local": node.local, "peers": node.peers, "options": node.options}
+    node.proc.stdin.write(json.dumps({"cmd": "start", **command, "timeout": seconds}) + "\n")
+    node.proc.stdin.flush()
+    assert json.loads(node.proc.stdout.readline())["ok"]
+
+
+def test_a_receiver_stopped_a_few_seconds_does_not_warn_but_a_skewed_peer_does(tmp_path):
+    """A member stopped (SIGSTOP) while a peer connects reads the peer's first PROGRESS
+    reports 4 s late, beyond clock_skew (2 s), though both run on this machine's clock: no
+    "behind" warning. A member whose clock is 5 s behind, connecting afterwards, is still
+    reported."""
+    ports = free_ports(3)
+    log_path = str(tmp_path / "receiver.log")
+    receiver = NodeProcess(ports[0], ports, log_path=log_path, **PROCESS_OPTIONS)
+    punctual = NodeProcess(ports[1], ports, **PROCESS_OPTIONS)
+    late = NodeProcess(ports[2], ports, clock_offset=-5.0, **PROCESS_OPTIONS)
+    try:
+        start_within(receiver, 0.5)  # (alone yet)
+        os.kill(receiver.proc.pid, signal.SIGSTOP)
+        try:
+            start_within(punctual, 0.5)  # (its HELLO and reports wait in the kernel)
+            wait_until(
+                lambda: punctual.call("stats")["peers"][receiver.local]["sent_frames"] >= 2,
+                what="the punctual member reported to the stopped one",
+            )
+            sent = time.monotonic()
+            # (The fault itself, not a synchronisation: the reports wait this long unread.)
+            wait_until(lambda: time.monotonic() - sent > 2 * PROCESS_OPTIONS["clock_skew"])
+        finally:
+            os.kill(receiver.proc.pid, signal.SIGCONT)
+        punctual.call("set", key="after", value=1)
+        everywhere([receiver, punctual], "after", 1)
+        start_within(late, 0.5)  # (the others refuse its snapshot request: it is behind)
+
+        def warned_of_the_late_member() -> bool:
+            with open(log_path) as log:
+                return f"peer {late.local}: its clock is" in log.read()
+
+        wait_until(warned_of_the_late_member, what="the late member's clock warning")
+        with open(log_path) as log:
+            text = log.read()
+        assert f"peer {punctual.local}: its clock is" not in text, text
+    finally:
+        for node in (receiver, punctual, late):
+            node.stop()
 
 
 def everywhere(nodes: list[NodeProcess], key: str, value, timeout: float = 20.0) -> None:

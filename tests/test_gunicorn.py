@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import pytest
-from cluster import ROOT, free_port_run, free_ports, wait_for, wait_until
+from cluster import ROOT, NodeProcess, free_port, free_port_run, free_ports, wait_for, wait_until
 
 pytest.importorskip("gunicorn")
 
@@ -364,6 +364,9 @@ def test_hup_reload_of_a_single_worker_keeps_the_data(gunicorn_server):
     new = server.every_slot(lambda r: r["pid"] != old, slots={1})[1]
     assert new["total"] == total
     assert "no new worker took it over" not in server.log()
+    # gunicorn kills no worker after a reload: the handoff keeps its whole timeout (20 s,
+    # past the harness's graceful_timeout of 10 s).
+    assert "waits at most" not in server.log()
 
 
 def _master_pids(server: Gunicorn) -> list[int]:
@@ -419,6 +422,50 @@ def test_usr2_then_term_of_the_old_master_hands_the_data_over(gunicorn_server):
                 wait_until(lambda pid=pid: _gone(pid), timeout=30, what="the new master's exit")
 
 
+def test_a_handoff_longer_than_graceful_timeout_still_ends_with_the_final_flush(
+    gunicorn_server,
+):
+    """gunicorn SIGKILLs the workers still there graceful_timeout after a master's SIGTERM.
+    A worker that cannot tell that stop from a reload (``--reuse-port``: the master never
+    held its listener) waits for a successor; with GCOLLECTIVE_HANDOFF_TIMEOUT past
+    graceful_timeout it must give up in time to flush and stop, not be killed mid-wait
+    (which loses what only it had). A member outside gunicorn (a survivor, not among the
+    slots, so it does not end the wait) must hold every hit."""
+    server = gunicorn_server(
+        workers=1,
+        env={"GCOLLECTIVE_HANDOFF_TIMEOUT": "30"},
+        args=("--graceful-timeout", "4", "--reuse-port"),
+    )
+    slots = [server.base_port, server.base_port + 1]
+    survivor = NodeProcess(free_port(), slots, sync_interval=0.1, backoff_max=0.2)
+    try:
+        survivor.start()
+        hits(server.port, 40, concurrency=4)
+        wait_until(
+            lambda: survivor.call("get", key="hits.total")["value"] == 40,
+            what="the survivor has the hits",
+        )
+        hits(server.port, 20, concurrency=4)  # (right before the signal: in flight)
+        assert server.proc is not None
+        began = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(40) == 0
+        took = time.monotonic() - began
+        log = server.log()
+        # (A SIGKILLed worker logs neither line, and gunicorn may not log the kill: it
+        # reaps the workers only once, right after killing them.)
+        assert re.search(r"worker \d+ left slot 0", log), log[-4000:]
+        assert "Worker exiting" in log and "SIGKILL" not in log, log[-4000:]
+        assert "cut short by gunicorn's graceful_timeout" in log, log[-4000:]
+        assert took < 10.0, (took, log[-4000:])  # (not the 30 s handoff timeout)
+        wait_until(
+            lambda: survivor.call("get", key="hits.total")["value"] == 60,
+            what="the survivor has every hit",
+        )
+    finally:
+        survivor.stop()
+
+
 def test_a_successor_that_merged_before_the_handoff_began_is_seen(caplog):
     """The last old worker (slot 1) is told to exit, but a busy machine starves it: before
     its handoff starts, slot 0's old worker leaves and its successor joins and merges slot
@@ -466,6 +513,32 @@ def test_a_successor_that_merged_before_the_handoff_began_is_seen(caplog):
         worker.tmp.close()
         for node in nodes:
             node.stop(timeout=1)
+
+
+def test_the_exit_signal_reads_only_the_peers_view(monkeypatch):
+    """``handle_exit`` (a signal handler) and the half-second peer sampling read the peers'
+    view alone, not the whole ``stats()`` with its member, DNS and store views: the same
+    per-peer fields, got without calling ``stats()``."""
+    from cluster import LocalMembers
+
+    from gcollective.gunicorn import _peer_views, _SuccessorWatch
+
+    members = LocalMembers(sync_interval=0.1, backoff_max=0.2)
+    try:
+        node, other = members(2)
+        node.set("k", 1)
+        wait_for(lambda: other.get("k") == 1, what="the peers connected")
+        whole = node.stats()["peers"]  # (no switch between the two reads: the same state)
+        assert _peer_views(node) == whole and whole
+
+        def refused() -> dict:
+            raise AssertionError("stats() called: it builds every view")
+
+        monkeypatch.setattr(node, "stats", refused)
+        watch = _SuccessorWatch(node)
+        assert set(watch.baseline) == set(whole), watch.baseline
+    finally:
+        members.stop()
 
 
 def _gone(pid: int) -> bool:
