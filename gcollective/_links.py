@@ -455,7 +455,6 @@ class _PeerLink(_Writer, Peer):
         sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_KEEPALIVE, 1)
         _limit_unacknowledged(sock, node.stall_timeout, node.send_timeout)
         self._silence = None
-        tcp = sock  # (under TLS, if any: where the kernel's TCP_INFO is)
         sock, sealer, last_handshake_message = self._secure(sock)
         self._phase = "send"
         sock.settimeout(node.send_timeout)
@@ -476,13 +475,13 @@ class _PeerLink(_Writer, Peer):
         # of a member's time at 10k sets/s). It also checks that the peer answers.
         ticker = gevent.get_hub().loop.timer(node.sync_interval, node.sync_interval)
         self.progress_due = False
-        ticker.start(self._progress_tick, tcp)
+        ticker.start(self._progress_tick)
         try:
             self._send_pending(sock, sealer)
         finally:
             ticker.close()
 
-    def _progress_tick(self, tcp: Any) -> None:
+    def _progress_tick(self) -> None:
         """The connection's timer: PROGRESS is due, and the connection ends if the peer's
         TCP stack stopped answering (runs in the event loop: never blocks).
 
@@ -495,7 +494,10 @@ class _PeerLink(_Writer, Peer):
         self.progress_due = True
         if not self.wake.is_set():
             self.wake.set()
-        silence = unanswered(tcp, self.node.stall_timeout)
+        # (``_sock``: the TLS socket, if any, holds the descriptor; wrapping detached it
+        # from the plain one.)
+        sock = self._sock
+        silence = None if sock is None else unanswered(sock, self.node.stall_timeout)
         if silence is not None and self._silence is None:
             self._silence = silence
             self.drop_connection()

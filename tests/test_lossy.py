@@ -169,6 +169,18 @@ def run_case(
     return figures
 
 
+def tls_options(directory) -> dict[str, str]:
+    """Options for members that speak TLS, with one certificate naming every address."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(*(f"10.77.0.{i + 1}" for i in range(MEMBERS)))
+    files = {"cafile": directory / "ca.pem", "certfile": directory / "member.pem"}
+    ca.cert_pem.write_to_path(str(files["cafile"]))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(files["certfile"]))
+    return {name: str(path) for name, path in files.items()}
+
+
 def lossy(seconds: float) -> Callable[[Network, Writer], None]:
     def fault(net: Network, writer: Writer) -> None:
         for i in range(MEMBERS):
@@ -221,11 +233,15 @@ def test_partition_converges_fast_once_it_heals(network):
     assert figures["converged_less_waits_s"] < HEAL_TARGET + SLACK, figures
 
 
-def test_a_silent_link_redials_long_before_send_timeout(network):
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_silent_link_redials_long_before_send_timeout(network, tmp_path, tls):
     """Lost packets end a link after about ``stall_timeout``, not after ``send_timeout``
     (which the kernel now waits, so that a peer alive but not reading keeps its link:
-    tests/test_slow_reader.py): the PROGRESS timer tells that nothing answers."""
-    net, nodes = network(send_timeout=SEND_TIMEOUT)
+    tests/test_slow_reader.py): the PROGRESS timer tells that nothing answers (over TLS
+    too, whose socket holds the connection's descriptor)."""
+    net, nodes = network(send_timeout=SEND_TIMEOUT, **(tls_options(tmp_path) if tls else {}))
+    links = [p for n in nodes for p in n.call("stats")["peers"].values()]
+    assert all(link["tls"] is tls for link in links), links
     writer = Writer(nodes)
     writer.write_for(0.2)
     silent = nodes[2].local
