@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import sys
 import time
 from functools import partial
@@ -18,7 +19,6 @@ from ._auth import DialerHandshake, explain_refusal, refused_as_down
 from ._engine import Peer
 from ._errors import AuthenticationError
 from ._logcontext import tag_current
-from ._peerstate import Snapshot
 from ._records import Sealer
 from ._server import _INF, _Writer
 
@@ -37,28 +37,73 @@ _SILENT_RETRY_SECONDS = 0.5
 _TCP_RTO_MAX_MS = 44  # Linux's socket option (linux/tcp.h; Python has no name for it yet)
 
 
-def _limit_unacknowledged(sock: Any, seconds: float) -> None:
-    """Have the kernel end the connection once data sent on it stays unacknowledged for
-    ``seconds`` (Linux's ``TCP_USER_TIMEOUT``; elsewhere nothing changes).
+def _limit_unacknowledged(sock: Any, stall_timeout: float, send_timeout: float) -> None:
+    """Have the kernel end the connection once data sent on it makes no progress for
+    ``send_timeout`` (Linux's ``TCP_USER_TIMEOUT``; elsewhere nothing changes), and retry
+    often enough that ``unanswered`` tells lost packets from a peer that reads slowly
+    within ``stall_timeout``.
 
-    Without it a link that lost packets waits for TCP's retransmissions, whose backoff doubles
-    up to minutes, long after the network is fine again; the kernel would give up only after
-    about 15 minutes. A writer always has something recent in flight (PROGRESS every
-    ``sync_interval``), so a link stuck either way is noticed: the writer's next send fails
-    and it redials, with a fresh connection and no backoff; catch-up resends what was lost.
-    Linux applies it to a zero window too (a peer alive but not reading, its buffer full):
-    while a snapshot streams, ``_send_pending`` gives it ``send_timeout`` instead.
+    The kernel's timeout covers a zero window too (a peer alive but not reading, its
+    buffer full): ``send_timeout`` is what such a peer is allowed, as for any stalled
+    send. Lost packets are noticed sooner, by the writer's PROGRESS timer
+    (``_PeerLink._progress_tick``, which asks ``unanswered``): without that a link that
+    lost packets would wait for TCP's retransmissions, whose backoff doubles up to minutes,
+    long after the network is fine again.
     """
-    if not _allow_unacknowledged(sock, seconds):
+    if not _allow_unacknowledged(sock, max(send_timeout, stall_timeout)):
         return
-    # Linux 6.15 and later also cap the retransmission timeout (1 s at the least): retry at
-    # least twice per ``seconds``, so a link whose losses ended recovers within a second.
+    # Linux 6.15 and later also cap the retransmission timeout (1 s at the least), which
+    # also spaces zero-window probes: retry at least twice per ``stall_timeout``, so a link
+    # whose losses ended recovers within a second, and a live peer answers that often.
     if not sys.platform.startswith("linux"):
         return
     try:
-        sock.setsockopt(gsocket.IPPROTO_TCP, _TCP_RTO_MAX_MS, max(1000, int(seconds * 500)))
+        sock.setsockopt(gsocket.IPPROTO_TCP, _TCP_RTO_MAX_MS, int(_retry_cap(stall_timeout) * 1000))
     except OSError:
         pass  # an older kernel
+
+
+def _retry_cap(stall_timeout: float) -> float:
+    """The longest wait between two retransmissions (or zero-window probes), in seconds."""
+    return max(1.0, stall_timeout / 2)
+
+
+# struct tcp_info (linux/tcp.h): byte 2, tcpi_retransmits (timeouts of the oldest data
+# unacknowledged since the last acknowledgement); byte 3, tcpi_probes (zero-window probes
+# unanswered); at byte 56, tcpi_last_ack_recv (milliseconds since the last acknowledgement).
+_TCP_INFO_SIZE = 60
+_LAST_ACK_RECV = struct.Struct("=I")
+_LAST_ACK_RECV_OFFSET = 56
+
+
+def unanswered(sock: Any, stall_timeout: float) -> str | None:
+    """Why the peer's TCP stack counts as gone (packets lost, or the peer down), or ``None``.
+
+    Gone: the kernel retransmitted data and heard nothing for ``stall_timeout``, or probed
+    a zero window and heard nothing for ``stall_timeout`` plus the longest wait between two
+    probes (each answer resets the count). A peer that is alive but does not read answers
+    every probe, however long its window stays shut, so only lost packets (or a peer that
+    is gone) pass this. ``None`` where ``TCP_INFO`` is not Linux's.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        info = sock.getsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_INFO, _TCP_INFO_SIZE)
+    except OSError:
+        return None  # (closed meanwhile)
+    retransmitting, probing = info[2], info[3]
+    if not (retransmitting or probing) or len(info) < _TCP_INFO_SIZE:
+        return None  # (nothing waits for an answer: an idle link, or data on its way)
+    silent = _LAST_ACK_RECV.unpack_from(info, _LAST_ACK_RECV_OFFSET)[0] / 1000
+    if retransmitting:
+        if silent < stall_timeout:
+            return None
+        what = "data retransmitted"
+    else:
+        if silent < stall_timeout + _retry_cap(stall_timeout):
+            return None
+        what = "zero-window probes"
+    return f"no acknowledgement for {silent:.1f} s ({what}; stall_timeout {stall_timeout:g} s)"
 
 
 def _allow_unacknowledged(sock: Any, seconds: float) -> bool:
@@ -117,6 +162,8 @@ class _PeerLink(_Writer, Peer):
         # connection: only that connection may carry it.
         self._rest_pending = False
         self._sock: Any = None
+        # Why the PROGRESS timer ended the current connection (``unanswered``), if it did.
+        self._silence: str | None = None
         self._dialling: Any = None  # the socket of a connection attempt in progress
         self.sent_frames = 0
         self.sent_bytes = 0
@@ -219,13 +266,17 @@ class _PeerLink(_Writer, Peer):
                 failures += 1
             except OSError as exc:
                 # A peer that refused us may have said why (a REFUSE line, a TLS alert) before
-                # closing; a TLS error explains itself.
-                problem = self._tls_problem(exc) or self._peer_said(self._sock)
+                # closing; a TLS error explains itself. (Not when we ended it: the send that
+                # failed then says only that the connection was shut.)
+                silence = self._silence
+                problem = None
+                if silence is None:
+                    problem = self._tls_problem(exc) or self._peer_said(self._sock)
                 if refused_as_down(problem):
                     node._engine.declared_down_by_peer(self)
                 if self.state == "connected" and problem is None:
                     failures = 0  # it worked: retry soon, as after any lost connection
-                self._failed(f"{self._phase}: {problem or exc}", problem)
+                self._failed(f"{self._phase}: {problem or silence or exc}", problem)
                 failures += 1
             finally:
                 node._engine.stream_lost(self)  # (frames of a stream went down with it)
@@ -402,7 +453,8 @@ class _PeerLink(_Writer, Peer):
         node = self.node
         sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_KEEPALIVE, 1)
-        _limit_unacknowledged(sock, node.stall_timeout)
+        _limit_unacknowledged(sock, node.stall_timeout, node.send_timeout)
+        self._silence = None
         sock, sealer, last_handshake_message = self._secure(sock)
         self._phase = "send"
         sock.settimeout(node.send_timeout)
@@ -420,7 +472,7 @@ class _PeerLink(_Writer, Peer):
             sock.sendall(last_handshake_message + sealer.seal(first))
         # PROGRESS every sync_interval: a repeating timer of the event loop raises a flag and
         # wakes us, so waiting for work takes no timeout (a Timeout object per wake-up, ~5 %
-        # of a member's time at 10k sets/s).
+        # of a member's time at 10k sets/s). It also checks that the peer answers.
         ticker = gevent.get_hub().loop.timer(node.sync_interval, node.sync_interval)
         self.progress_due = False
         ticker.start(self._progress_tick)
@@ -430,10 +482,25 @@ class _PeerLink(_Writer, Peer):
             ticker.close()
 
     def _progress_tick(self) -> None:
-        """The connection's timer: PROGRESS is due (runs in the event loop: never blocks)."""
+        """The connection's timer: PROGRESS is due, and the connection ends if the peer's
+        TCP stack stopped answering (runs in the event loop: never blocks).
+
+        The kernel itself ends a stalled connection only after ``send_timeout`` (see
+        ``_limit_unacknowledged``), which a peer that reads slowly is allowed; lost packets
+        are told apart here, by what the kernel saw (``unanswered``), once per
+        ``sync_interval``: one system call, whether the writer is idle, sending, or stuck
+        in a send (which ``drop_connection`` ends at once).
+        """
         self.progress_due = True
         if not self.wake.is_set():
             self.wake.set()
+        # (``_sock``: the TLS socket, if any, holds the descriptor; wrapping detached it
+        # from the plain one.)
+        sock = self._sock
+        silence = None if sock is None else unanswered(sock, self.node.stall_timeout)
+        if silence is not None and self._silence is None:
+            self._silence = silence
+            self.drop_connection()
 
     def _send_pending(self, sock: Any, sealer: Any) -> None:
         """Send whatever becomes pending, until the node stops or the connection fails."""
@@ -445,22 +512,9 @@ class _PeerLink(_Writer, Peer):
         # (Sealed or TLS records must go out through this greenlet, in order.)
         # (A send of the kernel socket never waits: what it does not take the writer sends.)
         send_at_once = kernel_socket(sock).send if sealer is None and not self.tls else None
-        patient = False  # (see below)
         while True:
             batch, ops = take(self, monotonic())
             self._rest_pending = False  # (taken: it goes out now, on this connection)
-            if (self.snapshot is not Snapshot.NONE) is not patient:
-                # A snapshot merges only at its end, and a joiner busy staging or merging
-                # it may not read for seconds: Linux would end the connection after
-                # ``stall_timeout`` of zero window as if the peer were gone, and the next
-                # connection start the snapshot again from nothing, again and again on a
-                # loaded machine. Until the peer says it merged, a stalled send ends the
-                # connection after ``send_timeout``, as for any peer that reads slowly.
-                patient = not patient
-                if patient:
-                    _allow_unacknowledged(sock, max(node.send_timeout, node.stall_timeout))
-                else:
-                    _allow_unacknowledged(sock, node.stall_timeout)
             if not batch:
                 if node._stopping or self.dropped:
                     return

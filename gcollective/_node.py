@@ -105,7 +105,9 @@ class Collective(_Data, _Connections, _Membership, _Watching, _Background, _Memb
         handshake_timeout: seconds an incoming connection has to send HELLO (5).
         idle_timeout: seconds an incoming connection may stay silent after HELLO (60).
         stall_timeout: seconds data sent to a peer may stay unacknowledged (by its TCP stack)
-            before the link is dropped and redialled (2; Linux only, ``TCP_USER_TIMEOUT``).
+            once retransmitted before the link is dropped and redialled (2; Linux only,
+            ``TCP_INFO``). A peer alive but not reading (its window shut) is allowed
+            ``send_timeout`` instead.
         max_connections: incoming connections served at once (1024).
         advertise: the address announced to peers, when they reach this node at another
             address than ``local`` (a proxy, NAT or container port); default ``local``.

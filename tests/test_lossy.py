@@ -31,6 +31,10 @@ LOSS_TARGET = 3.0  # seconds from the end of 10 s of 25 % loss on every link to 
 HEAL_TARGET = 2.0  # seconds from a partition's end to convergence
 SLACK = 0.5  # a loaded machine delays the test's polling (beyond the waits it subtracts)
 BUSY = 14.0  # seconds of writes at the full pace in a partition (see ``partitioned``)
+# A partition ends a link within about stall_timeout (2 s) plus a PROGRESS tick (1 s); the
+# bound leaves room for a loaded machine and stays far below send_timeout.
+SEND_TIMEOUT = 60.0
+SILENT_BOUND = 15.0
 PORT = 7000  # the namespaces are new and empty: nothing else listens in them
 MEMBERS = 3
 
@@ -165,6 +169,18 @@ def run_case(
     return figures
 
 
+def tls_options(directory) -> dict[str, str]:
+    """Options for members that speak TLS, with one certificate naming every address."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(*(f"10.77.0.{i + 1}" for i in range(MEMBERS)))
+    files = {"cafile": directory / "ca.pem", "certfile": directory / "member.pem"}
+    ca.cert_pem.write_to_path(str(files["cafile"]))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(files["certfile"]))
+    return {name: str(path) for name, path in files.items()}
+
+
 def lossy(seconds: float) -> Callable[[Network, Writer], None]:
     def fault(net: Network, writer: Writer) -> None:
         for i in range(MEMBERS):
@@ -215,6 +231,32 @@ def test_partition_converges_fast_once_it_heals(network):
     figures = run_case(network, partitioned(14), [2])
     report("14 s partition", figures)
     assert figures["converged_less_waits_s"] < HEAL_TARGET + SLACK, figures
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_silent_link_redials_long_before_send_timeout(network, tmp_path, tls):
+    """Lost packets end a link after about ``stall_timeout``, not after ``send_timeout``
+    (which the kernel now waits, so that a peer alive but not reading keeps its link:
+    tests/test_slow_reader.py): the PROGRESS timer tells that nothing answers (over TLS
+    too, whose socket holds the connection's descriptor)."""
+    net, nodes = network(send_timeout=SEND_TIMEOUT, **(tls_options(tmp_path) if tls else {}))
+    links = [p for n in nodes for p in n.call("stats")["peers"].values()]
+    assert all(link["tls"] is tls for link in links), links
+    writer = Writer(nodes)
+    writer.write_for(0.2)
+    silent = nodes[2].local
+    net.impair(2, PARTITION)
+    began = time.monotonic()
+
+    def redialled() -> list[str]:
+        writer.write_for(0.05)  # (data in flight to notice the silence by)
+        errors = [n.call("stats")["peers"][silent]["last_error"] or "" for n in nodes[:2]]
+        return errors if all("no acknowledgement" in e for e in errors) else []
+
+    errors = wait_until(redialled, timeout=SILENT_BOUND, what="links to the silent member ended")
+    report("silent link", {"ended_after_s": round(time.monotonic() - began, 2), "why": errors})
+    assert all(end_fault(net, [2]))
+    wait_until(lambda: converged(nodes, leaves=writer.leaves), timeout=120, interval=0.02)
 
 
 @pytest.mark.soak
