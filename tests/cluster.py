@@ -239,8 +239,9 @@ class NodeProcess:
                 text=True,
             )
 
-    def call(self, cmd: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
-        """Send one command and return its reply; raises on an error reply."""
+    def call(self, cmd: str, **args: Any) -> dict[str, Any]:
+        """Send one command with ``args`` (all of them reach the process: its ``start``
+        takes a ``timeout``) and return its reply; raises on an error reply."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps({"cmd": cmd, **args}) + "\n")
         self.proc.stdin.flush()

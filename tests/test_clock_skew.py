@@ -255,16 +255,6 @@ def skewed():
         node.stop()
 
 
-def start_within(node: NodeProcess, seconds: float) -> None:
-    """Start ``node``, waiting at most ``seconds`` for a peer's state. (``NodeProcess.start``
-    and ``call`` keep a ``timeout`` argument for themselves: it never reaches the process.)"""
-    assert node.proc.stdin is not None and node.proc.stdout is not None
-    command = {"local": node.local, "peers": node.peers, "options": node.options}
-    node.proc.stdin.write(json.dumps({"cmd": "start", **command, "timeout": seconds}) + "\n")
-    node.proc.stdin.flush()
-    assert json.loads(node.proc.stdout.readline())["ok"]
-
-
 def test_a_receiver_stopped_a_few_seconds_does_not_warn_but_a_skewed_peer_does(tmp_path):
     """A member stopped (SIGSTOP) while a peer connects reads the peer's first PROGRESS
     reports 4 s late, beyond clock_skew (2 s), though both run on this machine's clock: no
@@ -276,10 +266,10 @@ def test_a_receiver_stopped_a_few_seconds_does_not_warn_but_a_skewed_peer_does(t
     punctual = NodeProcess(ports[1], ports, **PROCESS_OPTIONS)
     late = NodeProcess(ports[2], ports, clock_offset=-5.0, **PROCESS_OPTIONS)
     try:
-        start_within(receiver, 0.5)  # (alone yet)
+        receiver.start(timeout=0.5)  # (alone yet)
         os.kill(receiver.proc.pid, signal.SIGSTOP)
         try:
-            start_within(punctual, 0.5)  # (its HELLO and reports wait in the kernel)
+            punctual.start(timeout=0.5)  # (its HELLO and reports wait in the kernel)
             wait_until(
                 lambda: punctual.call("stats")["peers"][receiver.local]["sent_frames"] >= 2,
                 what="the punctual member reported to the stopped one",
@@ -291,7 +281,7 @@ def test_a_receiver_stopped_a_few_seconds_does_not_warn_but_a_skewed_peer_does(t
             os.kill(receiver.proc.pid, signal.SIGCONT)
         punctual.call("set", key="after", value=1)
         everywhere([receiver, punctual], "after", 1)
-        start_within(late, 0.5)  # (the others refuse its snapshot request: it is behind)
+        late.start(timeout=0.5)  # (the others refuse its snapshot request: it is behind)
 
         def warned_of_the_late_member() -> bool:
             with open(log_path) as log:
