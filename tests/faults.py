@@ -100,7 +100,8 @@ class Proxy:
         return len(doomed)
 
     def heal(self, *sources: int) -> None:
-        """Let these sources connect again (all of them when none are given)."""
+        """Let these sources connect again (all of them when none are given): connections
+        accepted from now on (see ``_serve``)."""
         with self._lock:
             if sources:
                 self._blocked.difference_update(sources)
@@ -134,9 +135,16 @@ class Proxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+            with self._lock:
+                blocked_then = frozenset(self._blocked)
+            threading.Thread(target=self._serve, args=(client, blocked_then), daemon=True).start()
 
-    def _serve(self, client: socket.socket) -> None:
+    def _serve(self, client: socket.socket, blocked_then: frozenset[int]) -> None:
+        """Vet a connection by its HELLO and forward it. One from a source cut when it was
+        accepted stays refused, even if the cut is healed before its HELLO is read (this
+        thread may wait for the GIL that long on a loaded machine): its bytes were sent during
+        the cut, and a cut loses them. (Forwarded, they brought a member that had died
+        meanwhile back to life for one write.)"""
         first = b""
         while b"\n" not in first:
             try:
@@ -155,7 +163,7 @@ class Proxy:
             _shut(client)
             return
         with self._lock:
-            blocked = source in self._blocked
+            blocked = source in self._blocked or source in blocked_then
             if blocked:
                 self.refused += 1
         if blocked:
