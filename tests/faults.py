@@ -45,6 +45,7 @@ class Proxy:
         self.dropped_bytes = 0  # bytes held back (in flight) on them when they were cut
         self.dropped_op_frames = 0  # OPS frames among those bytes (operations lost in flight)
         self.refused = 0  # connections refused while their source was blocked
+        self.accepted = 0  # connections accepted (each vetted by its HELLO after)
         self.errors: list[str] = []
         self._blocked: set[int] = set()
         self._held: set[int] = set()
@@ -137,6 +138,7 @@ class Proxy:
                 return
             with self._lock:
                 blocked_then = frozenset(self._blocked)
+                self.accepted += 1
             threading.Thread(target=self._serve, args=(client, blocked_then), daemon=True).start()
 
     def _serve(self, client: socket.socket, blocked_then: frozenset[int]) -> None:
