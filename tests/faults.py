@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from collections import Counter
 from typing import Any
 
 from cluster import NodeProcess, free_port, free_ports, wait_for, wait_until
@@ -45,6 +46,7 @@ class Proxy:
         self.dropped_bytes = 0  # bytes held back (in flight) on them when they were cut
         self.dropped_op_frames = 0  # OPS frames among those bytes (operations lost in flight)
         self.refused = 0  # connections refused while their source was blocked
+        self.refused_from: Counter[int] = Counter()  # the same, by source
         self.accepted = 0  # connections accepted (each vetted by its HELLO after)
         self.errors: list[str] = []
         self._blocked: set[int] = set()
@@ -168,6 +170,7 @@ class Proxy:
             blocked = source in self._blocked or source in blocked_then
             if blocked:
                 self.refused += 1
+                self.refused_from[source] += 1
         if blocked:
             _shut(client)
             return
@@ -183,6 +186,7 @@ class Proxy:
             blocked = source in self._blocked
             if blocked:
                 self.refused += 1
+                self.refused_from[source] += 1
             else:
                 self._links.append(link)
         if blocked:

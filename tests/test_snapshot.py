@@ -449,30 +449,32 @@ def test_a_dict_assigned_anew_while_it_goes_in_frames_reaches_a_joiner_whole(
 
 def test_a_stream_whose_holder_dies_before_its_end_leaves_nothing_behind(monkeypatch):
     """A joiner gets a snapshot's frames from a holder, which then dies before SNAPSHOT_END;
-    the joiner merges another member's state instead. The frames carried a write that no
-    live member but the holder had (its link to the other member was cut): merged as they
-    came, that write lived on in the joiner alone, beyond its version vector, so no catch-up
-    ever sent it on and the two members never converged. A stream's frames are now merged at
-    its end: the write is lost with its only holder, everywhere alike.
+    the joiner merges another member's state instead. The frames carried a write that only
+    the dead holder had (its link to the other member was cut): merged as they came, that
+    write lived on in the joiner alone, beyond its version vector, so no catch-up ever sent
+    it on and the two members never converged. A stream's frames are now merged at its end:
+    the write is lost with its only holder, everywhere alike.
 
-    (The write must reach the joiner in the stream alone. Made once the joiner's address was
-    silent, it stayed queued there at the holder, and a holder's link that reached the new
-    joiner before its HELLO reached the holder brought it as an operation: the joiner kept
-    it and relayed it to the other, as it must, and the test failed once in CI. So the
-    member that leaves takes the write with it.)"""
+    (The write must reach the joiner in the stream alone. It is queued at the holder for the
+    joiner's address too, and a holder's link that reached the new joiner before its HELLO
+    reached the holder brought it as an operation: the joiner kept it and relayed it to the
+    other, as it must, and the test failed once in CI. So the holder's links reach the
+    joiner only once the stream replaced that queue.)"""
     members = ProxiedMembers(3, **FAST)
     joiner = None
     try:
         holder, other, old_joiner = members.nodes
         public = members.public
+        joiner_address = f"127.0.0.1:{public[2]}"
         holder.set("shared", 1)
         wait_for(lambda: other.get("shared") == old_joiner.get("shared") == 1, timeout=30)
-        members.proxies[1].cut(public[0])  # the holder's writes no longer reach the other,
-        members.proxies[1].cut(public[2], require=False)  # nor the joiners' (see below)
-        holder.set(("only", "holder"), 2)
-        wait_for(lambda: old_joiner.get(("only", "holder")) == 2, timeout=30)
         old_joiner.stop(timeout=1)  # back later, empty: it joins by snapshot
-        members.proxies[2].cut(public[1], require=False)  # nor the other's, for now
+        members.proxies[1].cut(public[0])  # the holder's writes no longer reach the other
+        members.proxies[1].cut(public[2], require=False)  # nor can the joiner reach it, or
+        members.proxies[2].cut(public[1], require=False)  # it reach the joiner, for now
+        members.proxies[2].cut(public[0], require=False)  # (the holder's link: see above)
+        holder.set(("only", "holder"), 2)
+        streams_before = _snapshots_sent_to(holder, joiner_address)
         frames_of = _engine.Engine._snapshot_frames
 
         def without_its_end(self, keys, end):
@@ -500,6 +502,13 @@ def test_a_stream_whose_holder_dies_before_its_end_leaves_nothing_behind(monkeyp
         )
         members.nodes[2] = joiner
         starting = gevent.spawn(joiner.start, timeout=60)
+        wait_for(lambda: _snapshots_sent_to(holder, joiner_address) > streams_before, timeout=30)
+        # Its stream replaced what was queued; a connection made before, with what was queued
+        # then, may still wait in the proxy. The holder dials one at a time, each after the
+        # last was refused: once one is refused from now on, none made before is left.
+        refused = members.proxies[2].refused_from[public[0]]
+        wait_for(lambda: members.proxies[2].refused_from[public[0]] > refused, timeout=30)
+        members.proxies[2].heal(public[0])
         assert received.wait(30), "the holder's frames never reached the joiner"
         assert not joiner.synced
         assert joiner.received_ops == 0  # (the write came in the stream, not as an operation)
@@ -508,7 +517,7 @@ def test_a_stream_whose_holder_dies_before_its_end_leaves_nothing_behind(monkeyp
         members.proxies[2].heal()
         wait_for(lambda: joiner.synced, timeout=30)
         starting.join(timeout=30)
-        assert other.get(("only", "holder")) is None  # (no live member but the holder had it)
+        assert other.get(("only", "holder")) is None  # (it reached nobody but the holder)
         wait_for(
             lambda: joiner.snapshot() == other.snapshot(),
             timeout=10,
