@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from collections import Counter
 from typing import Any
 
 from cluster import NodeProcess, free_port, free_ports, wait_for, wait_until
@@ -45,6 +46,8 @@ class Proxy:
         self.dropped_bytes = 0  # bytes held back (in flight) on them when they were cut
         self.dropped_op_frames = 0  # OPS frames among those bytes (operations lost in flight)
         self.refused = 0  # connections refused while their source was blocked
+        self.refused_from: Counter[int] = Counter()  # the same, by source
+        self.accepted = 0  # connections accepted (each vetted by its HELLO after)
         self.errors: list[str] = []
         self._blocked: set[int] = set()
         self._held: set[int] = set()
@@ -100,7 +103,8 @@ class Proxy:
         return len(doomed)
 
     def heal(self, *sources: int) -> None:
-        """Let these sources connect again (all of them when none are given)."""
+        """Let these sources connect again (all of them when none are given): connections
+        accepted from now on (see ``_serve``)."""
         with self._lock:
             if sources:
                 self._blocked.difference_update(sources)
@@ -134,9 +138,17 @@ class Proxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+            with self._lock:
+                blocked_then = frozenset(self._blocked)
+                self.accepted += 1
+            threading.Thread(target=self._serve, args=(client, blocked_then), daemon=True).start()
 
-    def _serve(self, client: socket.socket) -> None:
+    def _serve(self, client: socket.socket, blocked_then: frozenset[int]) -> None:
+        """Vet a connection by its HELLO and forward it. One from a source cut when it was
+        accepted stays refused, even if the cut is healed before its HELLO is read (this
+        thread may wait for the GIL that long on a loaded machine): its bytes were sent during
+        the cut, and a cut loses them. (Forwarded, they brought a member that had died
+        meanwhile back to life for one write.)"""
         first = b""
         while b"\n" not in first:
             try:
@@ -155,9 +167,10 @@ class Proxy:
             _shut(client)
             return
         with self._lock:
-            blocked = source in self._blocked
+            blocked = source in self._blocked or source in blocked_then
             if blocked:
                 self.refused += 1
+                self.refused_from[source] += 1
         if blocked:
             _shut(client)
             return
@@ -173,6 +186,7 @@ class Proxy:
             blocked = source in self._blocked
             if blocked:
                 self.refused += 1
+                self.refused_from[source] += 1
             else:
                 self._links.append(link)
         if blocked:
