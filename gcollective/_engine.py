@@ -96,9 +96,9 @@ SNAPSHOT_PATIENCE = 5.0
 OUTBOX_LIMIT = 1024
 OUTBOX_ITEMS = 3 * OUTBOX_LIMIT  # (the outbox holds three items per operation)
 # After a batch went out, the next one waits until this much time has passed, so a steady
-# stream of sets goes out in a frame every COALESCE_SECONDS rather than one frame per set
-# (each frame costs a wake-up and a syscall per peer, and a decode on each peer). An idle node
-# sends at once. A process too busy to flush when due (its event loop late by more than
+# stream of sets goes out in a few frames per millisecond rather than one frame per set (each
+# frame costs a wake-up and a syscall per peer, and a decode on each peer). An idle node sends
+# at once. A process too busy to flush when due (its event loop late by more than
 # COALESCE_BUSY_SECONDS) waits twice as long after the next batch, up to that: a web worker
 # short of CPU has its requests share frames (each frame wakes every peer, which decodes and
 # applies it), and its operations wait no longer than the loop holds them up anyway. One on
@@ -107,11 +107,11 @@ OUTBOX_ITEMS = 3 * OUTBOX_LIMIT  # (the outbox holds three items per operation)
 # often as this process's load (a tenth of the flushes of the latency scenario's members on
 # a loaded 2-core machine, 1 % over 4 ms, against a third of a web worker's, a quarter over
 # 4 ms): lengthening the wait for it only delayed the next operations (p99 at 10k sets/s
-# 2.5 -> 3.1 ms). The short wait was 1 ms until the twenty-fourth look of issue 20
-# (docs/benchmarks.rst): by then a web frame cost as much as five or six requests' own
-# calls, and 2 ms took a web request's CPU down 7-20 % (frames of 9-10 operations, not 5-6),
-# for a steady stream's operations waiting up to a millisecond longer.
-COALESCE_SECONDS = 0.002
+# 2.5 -> 3.1 ms). A 2 ms wait (the first and twenty-fourth looks of issue 20, in
+# docs/benchmarks.rst) made a web worker's frames 1.6x larger but its CPU per request only
+# some 4 % lower, within a loaded machine's noise, for every streamed operation up to a
+# millisecond later (and every seed of the simulation replaying differently).
+COALESCE_SECONDS = 0.001
 COALESCE_BUSY_SECONDS = 0.004
 
 _Result = TypeVar("_Result")

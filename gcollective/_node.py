@@ -3,7 +3,7 @@
 Shape (see docs/design-engine.rst):
 
 - ``_engine.Engine`` is the replication protocol without I/O: the outbox of own operations
-  (encoded once as OPS frames, at most every ``COALESCE_SECONDS`` while writes keep coming), what
+  (encoded once as OPS frames, at most every millisecond while writes keep coming), what
   arrives from peers, catch-up from the log, snapshots, progress, frontiers and members
   declared down. It never reads a clock or touches a socket: this shell hands it the time,
   the frames that arrive and the connections' events, and sends what it queues per peer.

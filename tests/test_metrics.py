@@ -212,7 +212,7 @@ def test_lag_of_a_peer_behind_a_cut_link_grows_with_the_writes_it_misses():
             a.call("set", key=f"missed{i}", value=i)
 
         def lag_of_five():
-            # (Own operations count once their batch went out: milliseconds after the set.)
+            # (Own operations count once their batch went out: a millisecond after the set.)
             families = scrape(metrics_port)
             lag = value(families, "gcollective_peer_lag_operations", peer=b_name)
             assert lag <= 5
