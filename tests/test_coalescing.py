@@ -134,7 +134,7 @@ def stream(member: Engine, gap: float, count: int) -> tuple[list[float], list[in
     due = float("inf")
     now = 20.0
     for number in range(count):
-        while due <= now:  # the flush's timer fired before this write
+        if due <= now:  # the flush's timer fired before this write
             member.flush(due)
             waited += [due - at for at in written]
             frames.append(len(written))
