@@ -107,7 +107,10 @@ OUTBOX_ITEMS = 3 * OUTBOX_LIMIT  # (the outbox holds three items per operation)
 # often as this process's load (a tenth of the flushes of the latency scenario's members on
 # a loaded 2-core machine, 1 % over 4 ms, against a third of a web worker's, a quarter over
 # 4 ms): lengthening the wait for it only delayed the next operations (p99 at 10k sets/s
-# 2.5 -> 3.1 ms).
+# 2.5 -> 3.1 ms). A 2 ms wait (the first and twenty-fourth looks of issue 20, in
+# docs/benchmarks.rst) made a web worker's frames 1.6x larger but its CPU per request only
+# some 4 % lower, within a loaded machine's noise, for every streamed operation up to a
+# millisecond later (and every seed of the simulation replaying differently).
 COALESCE_SECONDS = 0.001
 COALESCE_BUSY_SECONDS = 0.004
 # A peer's clock is judged (behind ours or not) on the least lag its PROGRESS reports show

@@ -58,7 +58,7 @@ def waits(member: Engine, lateness: list[float], gap: float = 0.0002) -> list[fl
     return out
 
 
-def test_a_member_that_keeps_up_sends_a_stream_every_millisecond_and_a_lone_write_at_once():
+def test_a_member_that_keeps_up_sends_a_stream_every_window_and_a_lone_write_at_once():
     member = engine()
     write(member, 0)
     assert flush(member, 10.0) == 10.0  # the first one: at once
@@ -72,13 +72,9 @@ def test_a_busy_member_waits_longer_between_frames_and_back_once_it_keeps_up():
     write(member, 0)
     flush(member, 10.0)
     late = 2 * COALESCE_BUSY_SECONDS  # its event loop runs the flush 8 ms after it was due
+    # The wait doubles after each late flush, up to COALESCE_BUSY_SECONDS.
     assert waits(member, [late] * 6) == [
-        COALESCE_SECONDS,
-        2 * COALESCE_SECONDS,
-        4 * COALESCE_SECONDS,
-        COALESCE_BUSY_SECONDS,
-        COALESCE_BUSY_SECONDS,
-        COALESCE_BUSY_SECONDS,
+        round(min(COALESCE_SECONDS * 2**flushes, COALESCE_BUSY_SECONDS), 6) for flushes in range(6)
     ]
     # On time again: the next batch waits the short while.
     assert waits(member, [0.0, 0.0]) == [COALESCE_BUSY_SECONDS, COALESCE_SECONDS]
@@ -101,13 +97,14 @@ def test_writes_just_slower_than_the_wait_are_never_held_back():
 
 
 def test_a_loop_a_little_late_keeps_the_short_wait():
-    """Flushes 1-4 ms late (the machine's other processes had the cores a moment, as for a
+    """Flushes up to 4 ms late (the machine's other processes had the cores a moment, as for a
     quarter of the latency scenario's members' flushes on a loaded machine) do not lengthen
     the wait: that would only delay the next operations (p99 at 10k sets/s, issue 20)."""
     member = engine()
     write(member, 0)
     flush(member, 10.0)
-    lateness = [1.5 * COALESCE_SECONDS, 3 * COALESCE_SECONDS, COALESCE_BUSY_SECONDS] * 3
+    between = (COALESCE_SECONDS + COALESCE_BUSY_SECONDS) / 2
+    lateness = [0.5 * COALESCE_SECONDS, between, COALESCE_BUSY_SECONDS] * 3
     assert waits(member, lateness) == [COALESCE_SECONDS] * len(lateness)
 
 
@@ -118,10 +115,45 @@ def test_a_busy_member_a_little_late_keeps_its_longer_wait():
     write(member, 0)
     flush(member, 10.0)
     busy = 2 * COALESCE_BUSY_SECONDS
-    assert waits(member, [busy, 2 * COALESCE_SECONDS, 3 * COALESCE_SECONDS, 0.0, 0.0]) == [
+    between = (COALESCE_SECONDS + COALESCE_BUSY_SECONDS) / 2
+    assert waits(member, [busy, between, COALESCE_BUSY_SECONDS, 0.0, 0.0]) == [
         COALESCE_SECONDS,
         2 * COALESCE_SECONDS,
         2 * COALESCE_SECONDS,
         2 * COALESCE_SECONDS,
         COALESCE_SECONDS,
     ]
+
+
+def stream(member: Engine, gap: float, count: int) -> tuple[list[float], list[int]]:
+    """A write every ``gap`` seconds, each batch flushed when ``flush_at`` says (a loop on
+    time): how long each write waited for its frame, and how many writes each frame took."""
+    waited: list[float] = []
+    frames: list[int] = []
+    written: list[float] = []  # the outbox's writes, by time
+    due = float("inf")
+    now = 20.0
+    for number in range(count):
+        if due <= now:  # the flush's timer fired before this write
+            member.flush(due)
+            waited += [due - at for at in written]
+            frames.append(len(written))
+            written, due = [], float("inf")
+        write(member, number)
+        if not written:
+            due = max(now, member.flush_at(now))
+        written.append(now)
+        now += gap
+    return waited, frames
+
+
+def test_a_steady_stream_shares_frames_and_waits_at_most_the_window():
+    """A member writing a set every 0.4 ms (the latency scenario's 10k sets/s over 4
+    members) sends a frame per window, of every write that came meanwhile, and no write
+    waits longer than the window (the price of a longer one: the twenty-fourth look of
+    issue 20)."""
+    member = engine()
+    gap = 0.0004
+    waited, frames = stream(member, gap, 2000)
+    assert max(waited) <= COALESCE_SECONDS + 1e-9
+    assert sum(frames) / len(frames) >= COALESCE_SECONDS / gap - 0.1
