@@ -327,6 +327,15 @@ def test_ttin_and_ttou_within_the_slots(gunicorn_server):
 LONG_HANDOFF = {"GCOLLECTIVE_HANDOFF_TIMEOUT": "20"}
 
 
+def terminate(server: Any) -> tuple[float, str]:
+    """SIGTERM to the master (a stop), then its clean exit: the seconds it took and the log."""
+    assert server.proc is not None
+    began = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.proc.wait(40) == 0
+    return time.monotonic() - began, server.log()
+
+
 @pytest.mark.parametrize("control_socket", [False, True])
 def test_term_of_the_master_is_quick_and_quiet(gunicorn_server, tmp_path, control_socket):
     """``kill -TERM`` of the master (as an operator or a service manager stops gunicorn):
@@ -339,12 +348,7 @@ def test_term_of_the_master_is_quick_and_quiet(gunicorn_server, tmp_path, contro
     )
     hits(server.port, 50, concurrency=4)
     agreed_total(server)
-    assert server.proc is not None
-    began = time.monotonic()
-    server.signal(signal.SIGTERM)
-    assert server.proc.wait(40) == 0
-    took = time.monotonic() - began
-    log = server.log()
+    took, log = terminate(server)
     assert took < 3.0, f"the shutdown took {took:.1f}s:\n{log[-4000:]}"
     assert "[WARNING]" not in log and "[ERROR]" not in log, log[-4000:]
     assert log.count("gunicorn is shutting down") == 2, log[-4000:]
@@ -446,12 +450,7 @@ def test_a_handoff_longer_than_graceful_timeout_still_ends_with_the_final_flush(
             what="the survivor has the hits",
         )
         hits(server.port, 20, concurrency=4)  # (right before the signal: in flight)
-        assert server.proc is not None
-        began = time.monotonic()
-        server.signal(signal.SIGTERM)
-        assert server.proc.wait(40) == 0
-        took = time.monotonic() - began
-        log = server.log()
+        took, log = terminate(server)
         # (A SIGKILLed worker logs neither line, and gunicorn may not log the kill: it
         # reaps the workers only once, right after killing them.)
         assert re.search(r"worker \d+ left slot 0", log), log[-4000:]
