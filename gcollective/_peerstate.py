@@ -141,6 +141,7 @@ class Peer:
         # While a snapshot is owed: the version vector it holds at least.
         self.snapshot_vector: dict[int, int] | None = None
         self.snapshot_stream: Iterator[bytes] | None = None  # its frames still to build
+        self.stream_frames = 0  # frames of that stream handed to the writer so far
         self._overflow_logged_at = -1
         self.overflows = 0
         self.snapshots_sent = 0
@@ -237,10 +238,19 @@ class Peer:
             queued[origin] = upto
 
     def start_snapshot(self, stream: Iterator[bytes], vector: dict[int, int]) -> None:
-        """Replace what is pending by a snapshot stream (see ``Engine.resync``)."""
+        """Replace what is pending by a snapshot stream (see ``Engine.resync``).
+
+        A stream part-way out (asked again: the peer heard nothing of it for a while) is not
+        followed by the new one on the same connection: the peer stages a connection's
+        SNAPSHOT frames until their SNAPSHOT_END, so it would hold the old stream's part and
+        the whole new one at once (up to twice the state). The connection ends instead, and
+        the next one streams the snapshot, which is owed, from its start."""
+        if self.snapshot in STREAMING_STATES and self.stream_frames:
+            self.drop_connection()
         self.drop_pending()
         self._move(Event.START)
         self.snapshot_stream = stream
+        self.stream_frames = 0
         self.snapshot_vector = vector
         self.snapshots_sent += 1
         self.data_ready()
@@ -253,6 +263,8 @@ class Peer:
         frame = next(stream, None)
         if frame is None:
             self._move(Event.STREAMED)
+        else:
+            self.stream_frames += 1
         return frame
 
 
