@@ -337,7 +337,12 @@ class Engine(Frontier):
         for first, last, frame in frames:
             add_to_log(node_id, first, last, frame)
             for peer in peers:
-                if not peer.down:  # (see _declare_down)
+                # Nothing is queued for a peer declared down (see _declare_down), nor for an
+                # address that has never answered: up to ``max_queue_bytes`` held for a
+                # member not started yet would reach it ahead of the snapshot it asks for
+                # (twice the work, a bigger state built from operations). Catch-up from the
+                # log (or a snapshot) brings it what it lacks once it reports.
+                if not peer.down and (peer.connected or peer.peer_id is not None):
                     peer.enqueue(frame, last - first + 1)
             if self.on_applied is not None:
                 self.on_applied(frame)
