@@ -520,7 +520,7 @@ def test_the_exit_signal_reads_only_the_peers_view(monkeypatch):
     per-peer fields, got without calling ``stats()``."""
     from cluster import LocalMembers
 
-    from gcollective.gunicorn import _peer_views, _SuccessorWatch
+    from gcollective._handoff import _peer_views, _SuccessorWatch
 
     members = LocalMembers(sync_interval=0.1, backoff_max=0.2)
     try:
