@@ -106,8 +106,7 @@ class Ways(Applier):
         of leaves that the store may keep (``clean_flat_dict``'s copy, a session's), which
         ``assign_flat`` takes in fewer steps."""
         if flat:
-            due = (stamp >> MILLIS_SHIFT) + ttl_ms if ttl_ms else 0
-            if not self.assign_flat(stamp, key, value, ttl_ms, due):
+            if not self.assign_flat(stamp, key, value, ttl_ms):
                 self.apply(stamp, SET, parse_key(key), value, ttl_ms)
             return
         above, _, leaf = key.rpartition(".")
@@ -140,16 +139,18 @@ class Ways(Applier):
         way.newest = s
         return True
 
-    def assign_flat(self, s: int, key: str, value: dict[str, Any], ttl_ms: int, due: int) -> bool:
+    def assign_flat(
+        self, s: int, key: str, value: dict[str, Any], ttl_ms: int, due: int = 0
+    ) -> bool:
         """``assign_key(s, key, value, ttl_ms, True)`` in the common case, in one call (a
         session's set: ``Collective._set_value`` calls it, ``apply`` when it declines):
         ``_assign_fresh`` under the cached way of ``value``, a dict of leaves the store may
         keep (``clean_flat_dict``'s copy), in fewer steps: the node ``build`` makes of it,
         made here without copying ``value`` or looking for a dict member in it. ``due``: the
-        wall-clock ms it expires at, ``(s >> MILLIS_SHIFT) + ttl_ms`` (the caller's, shifted
-        once), when ``ttl_ms``. False, having changed nothing in the tree, when there is no
-        way to take or ``_assign_fresh`` would refuse (``InvalidKeyError`` for a bad key, as
-        ``assign_key``)."""
+        wall-clock ms it expires at, ``(s >> MILLIS_SHIFT) + ttl_ms``, when the caller has it
+        (``_set_value`` shifts the 128-bit stamp once for both), or 0. False, having changed
+        nothing in the tree, when there is no way to take or ``_assign_fresh`` would refuse
+        (``InvalidKeyError`` for a bad key, as ``assign_key``)."""
         # (``assign_key``'s way, inline: the call cost a twentieth of a session's set)
         above, _, leaf = key.rpartition(".")
         way = self._way
@@ -186,7 +187,9 @@ class Ways(Applier):
                 else:
                     self._open_own_dicts(parent, leaf, s)
             else:
-                if due <= self.now_ms:  # (``expiry_stamp``'s milliseconds)
+                if not due:
+                    due = (s >> MILLIS_SHIFT) + ttl_ms  # (``expiry_stamp``'s milliseconds)
+                if due <= self.now_ms:
                     return False  # due already: the general way fires it
                 run_path = self._open_sessions
                 runs = parent.runs
@@ -351,8 +354,7 @@ class Ways(Applier):
         ``flat`` as for ``assign_key``. False, having changed nothing, when the case is not
         that simple."""
         if flat:
-            due = (s >> MILLIS_SHIFT) + ttl_ms if ttl_ms else 0
-            return self.assign_flat(s, self._under_way(leaf), value, ttl_ms, due)
+            return self.assign_flat(s, self._under_way(leaf), value, ttl_ms)
         way = self._way
         path = (*way.path, leaf) if ttl_ms else ()
         return self._assign_fresh_on_way(way, leaf, s, value, ttl_ms, path)
