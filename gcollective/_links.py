@@ -50,8 +50,11 @@ def _limit_unacknowledged(sock: Any, stall_timeout: float, send_timeout: float) 
     lost packets would wait for TCP's retransmissions, whose backoff doubles up to minutes,
     long after the network is fine again.
     """
-    if not _allow_unacknowledged(sock, max(send_timeout, stall_timeout)):
+    option = getattr(gsocket, "TCP_USER_TIMEOUT", None)
+    if option is None:
         return
+    allowed_ms = max(1, int(max(send_timeout, stall_timeout) * 1000))
+    sock.setsockopt(gsocket.IPPROTO_TCP, option, allowed_ms)
     # Linux 6.15 and later also cap the retransmission timeout (1 s at the least), which
     # also spaces zero-window probes: retry at least twice per ``stall_timeout``, so a link
     # whose losses ended recovers within a second, and a live peer answers that often.
@@ -104,15 +107,6 @@ def unanswered(sock: Any, stall_timeout: float) -> str | None:
             return None
         what = "zero-window probes"
     return f"no acknowledgement for {silent:.1f} s ({what}; stall_timeout {stall_timeout:g} s)"
-
-
-def _allow_unacknowledged(sock: Any, seconds: float) -> bool:
-    """Set ``TCP_USER_TIMEOUT`` to ``seconds``; False where the option does not exist."""
-    option = getattr(gsocket, "TCP_USER_TIMEOUT", None)
-    if option is None:
-        return False
-    sock.setsockopt(gsocket.IPPROTO_TCP, option, max(1, int(seconds * 1000)))
-    return True
 
 
 def kernel_socket(sock: Any) -> Any:
