@@ -396,7 +396,7 @@ class Driver:
         for j in range(count):
             node_set(f"{prefix}.{j}", j)
         written = monotonic()
-        cpu_written = time.process_time()
+        cpu_written, gc_written = time.process_time(), GC_CLOCK.seconds
         # Each writer's operations reach us in order over one connection: its last key
         # being here means all of its keys are.
         last_keys = [f"{w}.{count - 1}" for w in request["writers"]]
@@ -412,6 +412,7 @@ class Driver:
             # CPU time of this process (all its greenlets) while writing and until done: what
             # the work costs, apart from how the two cores were shared meanwhile.
             "cpu_write_seconds": cpu_written - cpu_began,
+            "gc_write_seconds": gc_written - gc_began,
             **costs_since(cpu_began, gc_began),
         }
 

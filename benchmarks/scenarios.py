@@ -237,6 +237,10 @@ def _throughput_run(cfg: Config, progress: Progress, count: int, keys: int) -> d
         # the cost of a key (one set, count - 1 receptions) whatever the scheduling did.
         "cpu_seconds": [r["cpu_seconds"] for r in replies],
         "cpu_write_seconds": [r["cpu_write_seconds"] for r in replies],
+        # the cyclic GC's part of them (a full collection in some members and not others
+        # makes the members' CPU uneven)
+        "gc_seconds": [r["gc_seconds"] for r in replies],
+        "gc_write_seconds": [r["gc_write_seconds"] for r in replies],
         "cpu_us_per_key": sum(r["cpu_seconds"] for r in replies) / (count * keys) * 1e6,
         "rss_after": memory["memory"]["rss"],
         "hot_counter": {
