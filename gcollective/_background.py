@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from math import inf
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -25,9 +26,7 @@ from ._server import _STEP, _in_slices, _let_others_run
 from ._store import DELETE, SET, Store
 from ._watches import _MISSING, Watch
 
-__all__ = ["_INF", "_Background"]
-
-_INF = float("inf")
+__all__ = ["_Background"]
 
 
 class _Background:
@@ -39,7 +38,7 @@ class _Background:
     _store: Store
     _clock: HybridClock
     _watches: list[Watch]
-    # Expiring keys: the next expiry's wall-clock ms (_INF: none), and the expirer's wake-up.
+    # Expiring keys: the next expiry's wall-clock ms (inf: none), and the expirer's wake-up.
     _next_due: float
     # ``_next_due`` as a float, always (set with it: ``_set_next_due``): what ``get`` compares
     # with the float wall clock, float to float (an int's compare with a float takes the
@@ -123,7 +122,7 @@ class _Background:
             self._expiry_wake.set()
 
     def _set_next_due(self, due_ms: float) -> None:
-        """Record the next expiry's wall-clock ms (``_INF``: none), and its float mirror."""
+        """Record the next expiry's wall-clock ms (``inf``: none), and its float mirror."""
         self._next_due = due_ms
         self._next_due_float = float(due_ms)
 
@@ -131,7 +130,7 @@ class _Background:
         """Let expiries due by now fire before the caller reads (one float compare when none
         is due)."""
         due = self._next_due_float
-        if due < _INF and due <= time.time() * 1000:
+        if due < inf and due <= time.time() * 1000:
             self._advance()
 
     def _advance(self) -> None:
@@ -156,7 +155,7 @@ class _Background:
         while not self._stopping:
             wake.clear()
             due = self._next_due
-            if due == _INF:
+            if due == inf:
                 wake.wait()
             else:
                 delay = (due - time.time() * 1000) / 1000

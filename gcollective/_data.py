@@ -8,13 +8,13 @@ cases are written inline, and their comments say what each inlined call would co
 from __future__ import annotations
 
 import time
+from math import inf
 from typing import TYPE_CHECKING, Any
 
 import gevent
 import ujson
 
 from . import _store
-from ._background import _INF
 from ._clock import MILLIS_SHIFT, ONE_TICK, HybridClock, stamp_millis
 from ._engine import OUTBOX_ITEMS, Engine
 from ._errors import InvalidKeyError, InvalidValueError
@@ -81,7 +81,7 @@ class _Data:
         if self._stale:
             self._check_writable()
         due = self._next_due_float  # (a float: see _Background)
-        if due < _INF and due <= time.time() * 1000:
+        if due < inf and due <= time.time() * 1000:
             self._advance()  # (inline: this is the hot path; see _advance_if_due)
         # read_path's walk, inline (a call costs 10-20 % of a get here). It walks first and
         # checks the key fully only when nothing is found: a dotted key that leads to a value
@@ -278,7 +278,7 @@ class _Data:
                 stamp = clock.stamp()
             due = self._next_due
             millis = 0  # (the stamp's millisecond once shifted: a 128-bit shift makes an int)
-            if due < _INF:
+            if due < inf:
                 millis = stamp >> MILLIS_SHIFT
                 if millis >= due:
                     # An expiry may be due (none is before the stamp's millisecond, which is

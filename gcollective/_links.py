@@ -9,6 +9,7 @@ import struct
 import sys
 import time
 from functools import partial
+from math import inf
 from typing import Any, Callable
 
 import gevent
@@ -20,7 +21,7 @@ from ._engine import Peer
 from ._errors import AuthenticationError
 from ._logcontext import tag_current
 from ._records import Sealer
-from ._server import _INF, _Writer
+from ._server import _Writer
 
 log = logging.getLogger("gcollective")
 
@@ -246,7 +247,7 @@ class _PeerLink(_Writer, Peer):
                 if self._unanswered(heard):
                     break
                 silent = self.connects > 0 and isinstance(exc, gsocket.timeout)
-                self._backoff(failures, _SILENT_RETRY_SECONDS if silent else _INF)
+                self._backoff(failures, _SILENT_RETRY_SECONDS if silent else inf)
                 continue
             self._sock = sock
             try:

@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from collections import deque
+from math import inf
 from typing import Any, Callable, Iterable
 
 import gevent
@@ -31,7 +32,7 @@ from gevent.event import Event
 
 from . import Operation
 from ._auth import secret_weakness
-from ._background import _INF, _Background
+from ._background import _Background
 from ._clock import HybridClock, new_node_id
 from ._connections import _Connections
 from ._data import _Data
@@ -245,7 +246,7 @@ class Collective(_Data, _Connections, _Membership, _Watching, _Background, _Memb
         # _next_due, inf when none); a sooner one wakes it. Reads check _next_due too, so a
         # read just after an expiry never sees the key.
         self._expirer: gevent.Greenlet[Any, Any] | None = None
-        self._next_due = self._next_due_float = _INF
+        self._next_due = self._next_due_float = inf
         self._expiry_wake = Event()
         self._writable = False  # started and not stopping (one test on the hot path)
         self._flushing_full = False  # a full outbox is being flushed (see _flush_outbox)

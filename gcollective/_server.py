@@ -18,6 +18,7 @@ import random
 import sys
 import time
 import weakref
+from math import inf
 from typing import Any, Callable, Iterable, TypeVar, cast
 
 import gevent
@@ -32,7 +33,6 @@ from ._validate import MAX_BYTES, check_positive, check_sizes, parse_members
 
 log = logging.getLogger("gcollective")
 
-_INF = float("inf")
 # Background work that may be large (a burst of 50,000 expiries, a sweep over millions of
 # entries) goes in steps of at most this many items, and yields to the hub after about
 # _SLICE_SECONDS of them: each slice holds every other greenlet (and delivery) while it runs.
@@ -212,7 +212,7 @@ class _Writer:
     def _run(self) -> None:
         raise NotImplementedError
 
-    def _backoff(self, failures: int, cap: float = _INF) -> None:
+    def _backoff(self, failures: int, cap: float = inf) -> None:
         """Wait before the next attempt (at most ``cap`` seconds), or until kicked."""
         node = self.node
         high = max(node.backoff_min, min(cap, node.backoff_max))
