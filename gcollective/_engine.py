@@ -38,7 +38,7 @@ from operator import rshift
 from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
 
 from ._auth import encode_refusal
-from ._clock import NODE_BITS, HybridClock, stamp_lead
+from ._clock import NODE_BITS, HybridClock, stamp_lead, stamp_millis
 from ._columns import full_paths
 from ._errors import ProtocolError
 from ._frontier import Frontier
@@ -190,6 +190,9 @@ class Engine(Frontier):
         self.node_id = node_id
         self.store = store
         self.clock = clock
+        # Every operation this incarnation makes is stamped after this (its HELLO says so:
+        # see ``Frontier._lacked_after``).
+        self.born = clock.promise()
         self.wall_ns = wall_ns
         self.advertise = advertise
         self.max_frame = max_frame
@@ -497,7 +500,8 @@ class Engine(Frontier):
             self.snapshot_peer = peer
             self.snapshot_asked_at = now
             log.info("peer %s: asking it for a snapshot", peer.name)
-        hello = encode_hello(self.node_id, self.advertise[0], self.advertise[1], flags)
+        address = self.advertise
+        hello = encode_hello(self.node_id, address[0], address[1], flags, stamp_millis(self.born))
         peer.connects += 1
         peer.connected = True
         if peer.snapshot is Snapshot.OWED:
@@ -563,6 +567,7 @@ class Engine(Frontier):
                 peer._move(Event.RESTARTED)
                 peer.drop_connection()
             peer.peer_id = hello.node_id
+            self.note_born(hello.node_id, hello.born_ms)
             peer.reports = 0
             peer.down = False
             peer.last_heard = now

@@ -64,8 +64,8 @@ class Frontier:
     skipped_gaps: int
     frontier: int
     forgotten_below: int
-    # Per origin, the clock it promised when the frontier last counted on it: every
-    # operation of it this member lacks is newer (see _lacked_after).
+    # Per origin, a stamp every operation of it this member lacks is newer than: the clock
+    # it promised when the frontier last counted on it, or its birth (see _lacked_after).
     promised: dict[int, int]
     # The peers that refused this member as declared down, and their incarnations then.
     refused_by: dict[Peer, int | None]
@@ -217,9 +217,18 @@ class Frontier:
     def _lacked_after(self, origin: int) -> int:
         """A stamp that the operations of ``origin`` this member lacks are newer than, as far
         as it can tell: that of the last one it applied, or the clock that origin promised
-        while the frontier counted on it (``promised``); 0 for an origin it knows nothing
-        of (its operations may be as old as any)."""
+        while the frontier counted on it, or the birth its HELLO told (``promised``); 0 for
+        an origin it knows nothing of (its operations may be as old as any)."""
         return max(self.progress.stamps.get(origin, 0), self.promised.get(origin, 0))
+
+    def note_born(self, origin: int, born_ms: int) -> None:
+        """Incarnation ``origin`` said (its HELLO) it was born at ``born_ms`` (0: not said):
+        none of its operations is older. Without it, a new incarnation's own state, its first
+        operations in it, was refused as possibly older than what this member forgot (it
+        knew nothing of that origin), and the member told to restart empty: with the default
+        ``down_timeout`` too (simulation seeds 6617, 23922)."""
+        if born_ms and millis_stamp(born_ms) > self.promised.get(origin, 0):
+            self.promised[origin] = millis_stamp(born_ms)
 
     def check_returning(
         self, inbound: Inbound, theirs: dict[int, int], their_stamps: dict[int, int]

@@ -7,7 +7,9 @@ one-way, as in collective.js: a node sends on the connections it dials and only 
 connections it accepts.
 
 =================  ======================================================================
-HELLO              ``["gcollective", version, node_id, host, port, flags]``
+HELLO              ``["gcollective", version, node_id, host, port, flags]``: ``flags`` bit 0
+                   asks for a snapshot, bit 1 says the sender reads MEMBERS frames, bits 8
+                   and up give the millisecond its incarnation was born (0: not said)
 OPS                ``[1, origin, seq, hlcs, ops, parent, paths, values, ttls]``: a batch of
                    operations of one origin, numbered ``seq``, ``seq + 1``, ... (every origin
                    numbers its operations 1, 2, 3, ...), in columns. Operation ``i`` has the
@@ -117,6 +119,12 @@ WANTS_SNAPSHOT = 1  # HELLO flag: send me your whole state
 # HELLO flag: this member reads MEMBERS frames. A member of 0.4.2 never sets it (so it is
 # never sent one: it would refuse the frame kind) and ignores it in a HELLO it receives.
 KNOWS_MEMBERS = 2
+# HELLO flags from this bit up: the wall-clock millisecond the sender's incarnation was
+# born (its clock's promise when it started), so every operation it makes is stamped later;
+# 0 when not said (0.4.2 and the builds before this field). In the flags, not a new field: a
+# member of 0.4.2 tests its own bits and reads the HELLO as before.
+BORN_SHIFT = 8
+_BORN_LIMIT = 1 << 48  # (a millisecond below this makes a stamp the wire carries)
 
 OPS = 1
 SNAPSHOT = 2
@@ -146,9 +154,16 @@ class Hello(NamedTuple):
     port: int
     flags: int
 
+    @property
+    def born_ms(self) -> int:
+        """The millisecond the sender's incarnation was born (0: not said): every operation
+        of it is stamped later (see ``BORN_SHIFT``)."""
+        return self.flags >> BORN_SHIFT
 
-def encode_hello(node_id: int, host: str, port: int, flags: int = 0) -> bytes:
-    """The first frame on every connection a node dials."""
+
+def encode_hello(node_id: int, host: str, port: int, flags: int = 0, born_ms: int = 0) -> bytes:
+    """The first frame on every connection a node dials (``born_ms``: see ``BORN_SHIFT``)."""
+    flags |= born_ms << BORN_SHIFT
     return (_dumps([MAGIC, PROTOCOL_VERSION, node_id, host, port, flags]) + "\n").encode()
 
 
@@ -376,7 +391,7 @@ def parse_hello(message: Any) -> Hello:
         raise ProtocolError("HELLO has a bad host")
     if type(port) is not int or not 0 < port < 65536:
         raise ProtocolError("HELLO has a bad port")
-    if type(flags) is not int or flags < 0:
+    if type(flags) is not int or not 0 <= flags >> BORN_SHIFT < _BORN_LIMIT:
         raise ProtocolError("HELLO has bad flags")
     return Hello(node_id, host, port, flags)
 

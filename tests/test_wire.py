@@ -16,7 +16,10 @@ from gcollective._columns import full_paths, unpack_stamps
 from gcollective._errors import ProtocolError
 from gcollective._store import Store
 from gcollective._wire import (
+    BORN_SHIFT,
+    KNOWS_MEMBERS,
     PROTOCOL_VERSION,
+    WANTS_SNAPSHOT,
     FrameDecoder,
     encode_hello,
     encode_ops,
@@ -345,11 +348,25 @@ def test_hello_round_trip_and_bad_hellos():
         ["gcollective", PROTOCOL_VERSION, 77, "", 1, 0],
         ["gcollective", PROTOCOL_VERSION, 77, "h", 70000, 0],
         ["gcollective", PROTOCOL_VERSION, 77, "h", 1, "x"],
+        ["gcollective", PROTOCOL_VERSION, 77, "h", 1, -1],
+        ["gcollective", PROTOCOL_VERSION, 77, "h", 1, 1 << (BORN_SHIFT + 48)],
         ["other", PROTOCOL_VERSION, 77, "h", 1, 0],
         "gcollective",
     ):
         with pytest.raises(ProtocolError):
             parse_hello(bad)
+
+
+def test_a_hello_tells_its_incarnations_birth_in_its_flags():
+    """The birth rides in the flags' high bits, beside the flag bits; a HELLO of a build that
+    does not say it (0.4.2's flags are 0 to 3) reads as born 0 (not said)."""
+    born_ms = 1_800_000_000_123
+    (message,) = FrameDecoder(4096).feed(encode_hello(77, "h", 1, WANTS_SNAPSHOT, born_ms))
+    hello = parse_hello(message)
+    assert hello.born_ms == born_ms
+    assert hello.flags & WANTS_SNAPSHOT and not hello.flags & KNOWS_MEMBERS
+    old = parse_hello(["gcollective", PROTOCOL_VERSION, 77, "h", 1, WANTS_SNAPSHOT | KNOWS_MEMBERS])
+    assert old.born_ms == 0
 
 
 @pytest.mark.parametrize("origins", [1, 3, 64, 65, 70])
