@@ -16,9 +16,9 @@ __all__ = ["CLOCK_JUDGEMENT", "ClockSkew", "judge_clock_behind", "skew_refusal"]
 log = logging.getLogger("gcollective")
 
 # A peer's clock is judged (behind ours or not) on the least lag its PROGRESS reports show
-# until one comes at least this many sync intervals (by this node's monotonic clock) after a
-# connection's first: a report read late, after a stop or a starved spell, looks as far
-# behind as it was late; a fresh one follows within a sync interval.
+# until one comes at least this many sync intervals (by this node's monotonic clock) after
+# the first of the judgement's window: a report read late, after a stop or a starved spell,
+# looks as far behind as it was late; a fresh one follows within a sync interval.
 CLOCK_JUDGEMENT = 2.0
 
 
@@ -73,19 +73,25 @@ def judge_clock_behind(
     process starved of CPU or stopped, the frames queued meanwhile) looks as far behind
     as it was late: between processes of one machine at load 20, 10-22 s. A real skew
     shows in every report, a late read only until the backlog is read: the lag judged is
-    the least of the connection's reports until the first one received at least
+    the least of a window's reports until the first one received at least
     ``CLOCK_JUDGEMENT`` sync intervals (of this node's monotonic clock: a backlog read in
     one go is one moment) after its first, which came fresh after any backlog.
+
+    A connection's first report opens a window, unless one is open already: lateness only
+    adds lag, so the least lag of any reports is a safe bound, and a window spans the
+    peer's reconnections (one whose connections each last less than the window is judged
+    all the same). Judged, the window closes; the next connection opens the next one (a
+    warning per connection at most). A new incarnation starts afresh
+    (``Receiving.connection_made``: its clock may be another).
     """
-    if peer.reports == 0:  # (the connection's first: judge later)
+    if peer.clock_lag is None:  # (no window open: judge later)
         peer.clock_lag = lag
         peer.clock_judged_at = now + CLOCK_JUDGEMENT * sync_interval
         return
-    assert peer.clock_lag is not None
     least = peer.clock_lag = min(peer.clock_lag, lag)
     if now < peer.clock_judged_at:
         return
-    peer.clock_lag = None  # (judged: once per connection)
+    peer.clock_lag = None  # (judged: the next connection opens the next window)
     if least > clock_skew:
         log.warning(
             "peer %s: its clock is %.3fs behind this node's, more than clock_skew (%gs): "

@@ -129,9 +129,9 @@ class Peer:
         self.peer_frontier = 0
         self.peer_own_seq = 0
         self.reports = 0  # PROGRESS frames received on the peer's current connection
-        # While the peer's clock is being judged on this connection (see
-        # _peerclock.judge_clock_behind): the least lag its reports showed (None once
-        # judged), and the monotonic time the judgement is due at.
+        # While the peer's clock is being judged (a window that may span its connections:
+        # see _peerclock.judge_clock_behind): the least lag its reports showed (None when
+        # no window is open), and the monotonic time the judgement is due at.
         self.clock_lag: float | None = None
         self.clock_judged_at = 0.0
         self.last_heard = now

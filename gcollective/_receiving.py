@@ -100,6 +100,7 @@ class Receiving(Frontier):
                 self.past_ids.add(peer.peer_id)
                 peer._move(Event.RESTARTED)
                 peer.drop_connection()
+                peer.clock_lag = None  # (its clock is judged anew: see judge_clock_behind)
             peer.peer_id = hello.node_id
             peer.reports = 0
             peer.down = False
