@@ -17,10 +17,11 @@ from gevent.event import AsyncResult
 
 from ._auth import AcceptorHandshake, check_no_auth, encode_refusal
 from ._digest import digest_reply
-from ._engine import ClockSkew, Inbound, refusal
-from ._errors import AuthenticationError, ProtocolError
+from ._engine import Inbound
+from ._errors import AuthenticationError, ProtocolError, refusal
 from ._links import _PeerLink, kernel_socket
 from ._logcontext import context_of, lend_context, tag_current
+from ._peerclock import ClockSkew
 from ._server import _handshake_timeout, _recv_before, _send_quietly, current_greenlet
 from ._validate import format_address
 from ._wire import (

@@ -16,8 +16,9 @@ import ujson
 
 from . import _store
 from ._clock import MILLIS_SHIFT, ONE_TICK, HybridClock, stamp_millis
-from ._engine import OUTBOX_ITEMS, Engine
+from ._engine import Engine
 from ._errors import InvalidKeyError, InvalidValueError
+from ._outbox import OUTBOX_ITEMS
 from ._store import DELETE, INCREMENT, SET, Store, copy_value, is_number
 from ._validate import (
     INT_BOUND,

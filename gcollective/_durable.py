@@ -30,12 +30,13 @@ import gevent
 import ujson
 from gevent.event import Event
 
-from . import _engine
+from . import _snapshots
 from ._columns import LeafColumns, pack_stamps
-from ._engine import Engine, without_gc
+from ._engine import Engine
 from ._errors import DataDirError, DataDirLocked, ProtocolError
 from ._peerstate import Inbound
 from ._server import _let_others_run
+from ._snapshots import without_gc
 from ._store import Store
 from ._wire import OPS, SNAPSHOT, SNAPSHOT_END, FrameDecoder
 from ._wire_snapshot import LEAF_BYTES_GUESS, parse_snapshot_items
@@ -448,7 +449,7 @@ def checkpoint_stream(engine: Engine, now: float) -> Iterator[bytes]:
 
     def frames_of(keys: list[str], end: bytes) -> Iterator[bytes]:
         others: list[str] = []
-        target = min(_engine.SNAPSHOT_FRAME_BYTES, engine.max_frame // 2)  # (as a SNAPSHOT's)
+        target = min(_snapshots.SNAPSHOT_FRAME_BYTES, engine.max_frame // 2)  # (as a SNAPSHOT's)
         yield from root_leaves_frames(engine.store, keys, others, target)
         yield from engine._snapshot_frames(others, end)
 

@@ -9,167 +9,61 @@ through a few hooks. So the same engine runs in a member (``_node.Collective``, 
 shell) and in the deterministic simulation (``tests/simulation.py``), which wires several of
 them through a simulated network and clock.
 
-What it decides:
+What it decides, here and in its parts:
 
 - the outbox of own operations: numbered, encoded once as OPS frames, logged and queued for
-  every peer (``flush``), at most every ``COALESCE_SECONDS`` while writes keep coming;
-- what arrives after a connection's HELLO (``connection_made``, then ``receive``): OPS applied
-  (repeats skipped, sequence clashes detected), PROGRESS reports (catch-up from the log, or a
-  snapshot when the log no longer covers the gap), SNAPSHOT frames checked and staged until
-  their stream's SNAPSHOT_END, which queues them all for ``merge_step`` (the shell calls it
-  in slices); every stamp checked against ``clock_skew`` first;
+  every peer (``flush``), at most every ``COALESCE_SECONDS`` while writes keep coming (when,
+  and how a batch is encoded: ``_outbox``);
+- what arrives after a connection's HELLO (``connection_made``, then ``receive``): PROGRESS
+  reports answered here (catch-up from the log, or a snapshot when the log no longer covers
+  the gap; the peer's clock judged: ``_peerclock``), OPS and SNAPSHOT frames applied and
+  staged by ``_receiving.Receiving``, the engine's base;
 - snapshots: asked for by a joiner (one peer at a time, another after ``SNAPSHOT_PATIENCE``
-  of silence), streamed by a holder frame by frame, owed until the peer reports complete
-  (``_peerstate`` holds that life cycle's states and transitions);
+  of silence), streamed by a holder frame by frame (``_snapshots``), owed until the peer
+  reports complete (``_peerstate`` holds that life cycle's states and transitions);
 - housekeeping (``housekeep``): peers silent for ``down_timeout`` declared down, gaps of past
   incarnations that no live peer can fill counted as lost, the log forgotten up to what
   every live peer applied, and the frontier below which no operation can still arrive (the
   store's sweeps then run to it, driven by the shell in slices); those decisions are
-  ``_frontier``'s, the engine's base class.
+  ``_frontier``'s, ``Receiving``'s base.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections import deque
-from itertools import repeat
-from operator import rshift
-from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, Iterator
 
-from ._auth import encode_refusal
-from ._clock import NODE_BITS, HybridClock, stamp_lead, stamp_millis
-from ._columns import full_paths
-from ._errors import ProtocolError
-from ._frontier import Frontier
+from ._clock import HybridClock, stamp_millis
 from ._oplog import OpLog, Progress
-from ._peerstate import (
-    RETURNING_NEW,
-    RETURNING_UNKNOWN,
-    STREAMING_STATES,
-    Event,
-    Inbound,
-    Peer,
-    Snapshot,
-)
-from ._store import INCREMENT, SET, Store
+from ._outbox import COALESCE_SECONDS, OUTBOX_ITEMS, encode_batch, next_wait, outbox_columns
+from ._peerstate import STREAMING_STATES, Event, Inbound, Peer, Snapshot
+from ._receiving import Receiving
+from ._snapshots import StreamDue, snapshot_frames, without_gc
+from ._store import Store
 from ._wire import (
     KNOWS_MEMBERS,
-    MEMBERS,
-    OPS,
-    PROGRESS,
-    SNAPSHOT,
-    SNAPSHOT_END,
-    SNAPSHOT_REQUEST,
     SNAPSHOT_REQUEST_FRAME,
     WANTS_SNAPSHOT,
-    Hello,
     encode_hello,
-    encode_ops,
     encode_progress,
     encode_snapshot_end,
-    parse_progress,
-    parse_vector,
-)
-from ._wire_ops import parse_ops, path_segments
-from ._wire_snapshot import (
-    LEAF_BYTES_GUESS,
-    PIECE_FILL,
-    encode_snapshot_parts,
-    join_snapshot,
-    learn_piece_size,
-    parse_snapshot_items,
 )
 
 __all__ = ["Engine", "Inbound", "Peer"]  # (the per-peer state is ``_peerstate``'s)
 
 log = logging.getLogger("gcollective")
 
-# A snapshot goes out in SNAPSHOT frames of about this size, each built when the previous one
-# was sent: the holder exports, the wire carries and the joiner checks at the same time (it
-# merges a stream at its end: see ``Inbound``).
-SNAPSHOT_FRAME_BYTES = 1 << 20
 # A joiner asks another peer for a snapshot when the one it asked sent none of it for this
 # long (or ten sync intervals if longer): silence, not the length of a big snapshot.
 SNAPSHOT_PATIENCE = 5.0
-# A greenlet that sets without yielding gets its operations sent in batches of this many.
-OUTBOX_LIMIT = 1024
-OUTBOX_ITEMS = 3 * OUTBOX_LIMIT  # (the outbox holds three items per operation)
-# After a batch went out, the next one waits until this much time has passed, so a steady
-# stream of sets goes out in a few frames per millisecond rather than one frame per set (each
-# frame costs a wake-up and a syscall per peer, and a decode on each peer). An idle node sends
-# at once. A process too busy to flush when due (its event loop late by more than
-# COALESCE_BUSY_SECONDS) waits twice as long after the next batch, up to that: a web worker
-# short of CPU has its requests share frames (each frame wakes every peer, which decodes and
-# applies it), and its operations wait no longer than the loop holds them up anyway. One on
-# time (late by COALESCE_SECONDS at most) waits the short while again; one a little late
-# keeps the wait it has. A loop a millisecond or two late is a busy machine's scheduling as
-# often as this process's load (a tenth of the flushes of the latency scenario's members on
-# a loaded 2-core machine, 1 % over 4 ms, against a third of a web worker's, a quarter over
-# 4 ms): lengthening the wait for it only delayed the next operations (p99 at 10k sets/s
-# 2.5 -> 3.1 ms). A 2 ms wait (the first and twenty-fourth looks of issue 20, in
-# docs/benchmarks.rst) made a web worker's frames 1.6x larger but its CPU per request only
-# some 4 % lower, within a loaded machine's noise, for every streamed operation up to a
-# millisecond later (and every seed of the simulation replaying differently).
-COALESCE_SECONDS = 0.001
-COALESCE_BUSY_SECONDS = 0.004
-# A peer's clock is judged (behind ours or not) on the least lag its PROGRESS reports show
-# until one comes at least this many sync intervals (by this node's monotonic clock) after a
-# connection's first: a report read late, after a stop or a starved spell, looks as far
-# behind as it was late; a fresh one follows within a sync interval.
-CLOCK_JUDGEMENT = 2.0
-
-_Result = TypeVar("_Result")
-
-
-def without_gc(call: Callable[..., _Result], *args: Any) -> _Result:
-    """``call(*args)`` with the cyclic GC paused (the app's own setting is given back), for
-    work that does not yield and makes a mass of young lists it frees before it returns:
-    every collection triggered meanwhile would walk them again, and the full collections
-    they trigger walk the whole store. Refcounting frees them: nothing in them makes a cycle."""
-    collecting = gc.isenabled()
-    if collecting:
-        gc.disable()
-    try:
-        return call(*args)
-    finally:
-        if collecting:
-            gc.enable()
-
-
-def refusal(message: str, category: str) -> ProtocolError:
-    """A ``ProtocolError`` of ``category`` (see ``RefusalLog``)."""
-    error = ProtocolError(message)
-    error.category = category
-    return error
-
-
-class ClockSkew(ProtocolError):
-    """A peer sent a stamp more than ``clock_skew`` ahead of this node's wall clock (its
-    connection is refused: see ``Engine.check_clock``)."""
-
-    reply = encode_refusal("clock-skew")
-
-    def __init__(self, message: str, peer_id: int) -> None:
-        super().__init__(message)
-        self.peer_id = peer_id
-
-
-class StreamDue(NamedTuple):
-    """A snapshot stream whose SNAPSHOT_END came, waiting for ``Engine.merge_step``: each
-    staged frame's items, the frames' bytes for a data_dir's log (its SNAPSHOT_END's last),
-    and its vector."""
-
-    items: deque[list[Any]]
-    frames: list[bytes]
-    vector: list[tuple[int, int, int]]
 
 
 def _ignore(*args: Any) -> None:
     pass
 
 
-class Engine(Frontier):
+class Engine(Receiving):
     """The replication protocol of one member (see the module docstring)."""
 
     def __init__(
@@ -309,21 +203,16 @@ class Engine(Frontier):
         outbox = self.outbox
         if not outbox:
             return
-        late = now - self.flush_due
+        self.coalesce = next_wait(self.coalesce, now - self.flush_due)
         self.flush_due = float("inf")
-        if late > COALESCE_BUSY_SECONDS:  # too busy: wait longer
-            self.coalesce = min(2 * self.coalesce, COALESCE_BUSY_SECONDS)
-        elif late <= COALESCE_SECONDS:  # keeping up: the short wait
-            self.coalesce = COALESCE_SECONDS
-        # (in between: a loop a little late, busy or not, keeps the wait it has)
         self.flushed_at = now
         stamps = outbox[0::3]
-        columns = self._columns(stamps, outbox)
+        columns = outbox_columns(stamps, outbox, self.out_special, self.out_increments)
         outbox.clear()
         numbered_from = self.seq + 1
         frames: list[tuple[int, int, bytes]] = []
         try:
-            self.encode_batch(numbered_from, columns, frames)
+            encode_batch(self.node_id, numbered_from, columns, self.max_frame, frames)
         except Exception:
             # A bug: these operations cannot go out as OPS. They stay unnumbered (no gap in
             # what peers expect next) and reach every peer in a snapshot, which holds them.
@@ -349,54 +238,6 @@ class Engine(Frontier):
                     peer.enqueue(frame, last - first + 1)
             if self.on_applied is not None:
                 self.on_applied(frame)
-
-    def _columns(self, stamps: list[int], outbox: list[Any]) -> tuple[list[Any], ...]:
-        """The outbox as the OPS frame's columns (hlcs, ops, paths, values, and ttls if any)."""
-        size = len(stamps)
-        increments = self.out_increments
-        if increments:
-            if len(increments) == size:
-                ops: list[int] = [INCREMENT] * size  # (a loop of ``incr``: nothing else)
-            else:
-                ops = [SET] * size
-                for position in increments:
-                    ops[position // 3] = INCREMENT
-            increments.clear()
-        else:
-            ops = [SET] * size
-        ttls: list[int] | None = None
-        special = self.out_special
-        if special:
-            for index, op, ttl_ms in special:
-                ops[index] = op
-                if ttl_ms:
-                    if ttls is None:
-                        ttls = [0] * size
-                    ttls[index] = ttl_ms
-            special.clear()
-        columns: tuple[list[Any], ...] = (
-            list(map(rshift, stamps, repeat(NODE_BITS))),
-            ops,
-            outbox[1::3],
-            outbox[2::3],
-        )
-        if ttls is not None:
-            columns += (ttls,)
-        return columns
-
-    def encode_batch(
-        self, first: int, columns: tuple[list[Any], ...], out: list[tuple[int, int, bytes]]
-    ) -> None:
-        """OPS frames for the operations in ``columns``, numbered from ``first``, halved
-        until each frame is well under what a peer accepts (``max_frame``)."""
-        size = len(columns[0])
-        frame = encode_ops(self.node_id, first, *columns)
-        if len(frame) > self.max_frame // 4 and size > 1:
-            half = size // 2
-            self.encode_batch(first, tuple(c[:half] for c in columns), out)
-            self.encode_batch(first + half, tuple(c[half:] for c in columns), out)
-        else:
-            out.append((first, first + size - 1, frame))
 
     # -- what goes out -----------------------------------------------------------------------
 
@@ -429,32 +270,8 @@ class Engine(Frontier):
         return frames, dict(self.progress.applied)
 
     def _snapshot_frames(self, keys: list[str], end: bytes) -> Iterator[bytes]:
-        export_pieces = self.store.export_pieces
-        # Frames of about the target size, well under what the peer accepts: a subtree
-        # longer than that goes in pieces (only a single value can make a frame longer,
-        # and ``set`` refused values that would not fit in ``max_frame``).
-        target = min(SNAPSHOT_FRAME_BYTES, self.max_frame // 2)
-        # Leaves per piece of a long item (learnt as pieces are made): a piece is read from
-        # the store and encoded at once, so the store may change between pieces (the hub
-        # runs between frames) but never under one; and each costs the hub about a frame's
-        # work, however long the item.
-        budget = [max(1, int(target * PIECE_FILL / LEAF_BYTES_GUESS))]
-        parts: list[bytes] = []
-        size = 0
-        for key in keys:
-            for item in export_pieces(key, budget):
-                encoded = list(encode_snapshot_parts(item, target))
-                learn_piece_size(budget, item, encoded, target)
-                for part in encoded:
-                    if parts and size + len(part) > target:
-                        yield join_snapshot(parts)
-                        parts = []
-                        size = 0
-                    parts.append(part)
-                    size += len(part)
-        if parts:
-            yield join_snapshot(parts)
-        yield end
+        """The default ``frames_of`` of ``snapshot_stream`` (see ``_snapshots``)."""
+        return snapshot_frames(self.store, self.max_frame, keys, end)
 
     def resync(self, peer: Peer, now: float) -> None:
         """Replace what is pending for ``peer`` by a full snapshot (which holds all of it, and
@@ -550,367 +367,7 @@ class Engine(Frontier):
             peer.enqueue(SNAPSHOT_REQUEST_FRAME)
             return
 
-    # -- a connection from a peer ------------------------------------------------------------
-
-    def connection_made(self, peer: Peer | None, hello: Hello, now: float) -> Inbound:
-        """A peer's connection to us sent ``hello`` (checked by the shell): note who it is
-        and report our progress at once, so its catch-up starts."""
-        returning = None
-        if peer is not None:
-            if peer.down:  # (checked on its first report: see Frontier.check_returning)
-                returning = RETURNING_UNKNOWN if peer.peer_id is None else RETURNING_NEW
-            if peer.peer_id is not None and peer.peer_id != hello.node_id:
-                # Our connection may still go to the old incarnation, whose kernel would take
-                # bytes it will never read: start a new one.
-                log.info("peer %s restarted (new incarnation %x)", peer.name, hello.node_id)
-                self.past_ids.add(peer.peer_id)
-                peer._move(Event.RESTARTED)
-                peer.drop_connection()
-            peer.peer_id = hello.node_id
-            self.note_born(hello.node_id, hello.born_ms)
-            peer.reports = 0
-            peer.down = False
-            peer.last_heard = now
-            peer.redial_now()
-            # A new connection means the peer may have missed what was in flight on its
-            # last one: report our progress now, not at the next tick.
-            peer.progress_due = True
-            peer.data_ready()
-            if hello.flags & WANTS_SNAPSHOT:
-                self.resync(peer, now)
-        return Inbound(
-            peer, hello.node_id, dict(self.progress.applied), stages=True, returning=returning
-        )
-
-    def receive(
-        self, inbound: Inbound, messages: list[Any], frames: list[bytes], now: float
-    ) -> None:
-        """Apply a batch of decoded frames (``frames``: their bytes) from one connection."""
-        self.received_frames += len(messages)
-        peer = inbound.peer
-        peer_id = inbound.peer_id
-        for message, frame in zip(messages, frames):
-            if type(message) is not list or not message:
-                raise ProtocolError("frame is not a non-empty JSON array")
-            kind = message[0]
-            if kind == OPS:
-                self.apply_ops(message, frame, peer, peer_id)
-            elif kind == PROGRESS:
-                self._receive_progress(message, inbound, now)
-            elif kind == SNAPSHOT:
-                if self._receive_snapshot(message, frame, inbound, now):
-                    continue  # (staged: a data_dir stores it once its stream ended)
-            elif kind == SNAPSHOT_END:
-                if self._receive_snapshot_end(message, frame, inbound):
-                    continue  # (a data_dir stores it once its stream is merged)
-            elif kind == SNAPSHOT_REQUEST:
-                if peer is not None:
-                    self.resync(peer, now)
-            elif kind == MEMBERS:
-                self.on_members(inbound, message)
-            else:
-                raise ProtocolError(f"unknown message type {kind!r}")
-            if self.on_applied is not None:
-                self.on_applied(frame)
-
-    def _receive_progress(self, message: list[Any], inbound: Inbound, now: float) -> None:
-        vector, complete, promise, frontier = parse_progress(message)
-        peer, peer_id = inbound.peer, inbound.peer_id
-        self.check_clock(promise, "a PROGRESS frame (its clock)", peer, peer_id)
-        if peer is None or peer.peer_id != peer_id:
-            return
-        if peer.reports == 0 or peer.clock_lag is not None:
-            self._check_peer_clock_behind(promise, peer, now)
-        theirs = {origin: seq for origin, seq, _ in vector}
-        their_stamps = {origin: stamp for origin, _, stamp in vector}
-        if inbound.returning is not None:
-            self.check_returning(inbound, theirs, their_stamps)
-            inbound.returning = None
-        # The previous report on this same connection, to see what stalled.
-        previous = peer.peer_vector if peer.reports > 0 else None
-        peer.reports += 1
-        peer.peer_vector = theirs
-        peer.peer_stamps = their_stamps
-        peer.peer_promise = promise
-        peer.peer_own_seq = theirs.get(peer_id, 0)
-        peer.peer_frontier = frontier
-        peer.last_heard = peer.last_report = now
-        if complete:
-            # A joiner reports complete once it merged a snapshot, ours or another member's:
-            # ours is no longer owed, and the catch-up below sends whatever it still lacks
-            # (or a snapshot, if the log cannot).
-            peer._move(Event.COMPLETE)
-            inbound.sent_bound = self.catch_up(peer, theirs, previous, inbound.sent_bound, now)
-
-    def _receive_snapshot(
-        self, message: list[Any], frame: bytes, inbound: Inbound, now: float
-    ) -> bool:
-        """Check a SNAPSHOT frame and stage its items until the stream's SNAPSHOT_END (see
-        ``Inbound``), or merge them at once where nothing is staged; True if staged."""
-        if len(message) != 2:
-            raise ProtocolError("SNAPSHOT frame has the wrong length")
-        peer = inbound.peer
-        items, newest = parse_snapshot_items(message[1])
-        self.check_clock(newest, "a SNAPSHOT frame", peer, inbound.peer_id)
-        if peer is not None and peer is self.snapshot_peer:
-            self.snapshot_asked_at = now  # it answers: be patient
-        if newest:
-            self.clock.observe(newest)  # our next stamps order after all of it
-        staged = inbound.staged
-        if staged is None:
-            self._merge_snapshot_items(items)
-            return False
-        staged.append(items)
-        if self.on_applied is not None:
-            inbound.staged_frames.append(frame)
-        return True
-
-    def _merge_snapshot_items(self, items: list[Any]) -> None:
-        if self.watches:
-            self.merge_watched(items)
-        else:
-            self.store.merge(items)
-        self.due_by(self.store.next_expiry)
-
-    def _receive_snapshot_end(self, message: list[Any], frame: bytes, inbound: Inbound) -> bool:
-        """The stream is whole: queue what it staged for ``merge_step`` (the connection may
-        close meanwhile; the stream is merged all the same), or merge its vector at once where
-        nothing is staged. True if queued."""
-        if len(message) != 2:
-            raise ProtocolError("SNAPSHOT_END frame has the wrong length")
-        vector = parse_vector(message[1])
-        self.check_snapshot(vector, inbound)
-        staged = inbound.staged
-        if staged is None:
-            self._merged_a_stream(vector)
-            return False
-        frames = inbound.staged_frames
-        if self.on_applied is not None:
-            frames.append(frame)
-        self.merges_due.append(StreamDue(staged, frames, vector))
-        inbound.staged = deque()
-        inbound.staged_frames = []
-        self.schedule_merge()
-        return True
-
-    def merge_step(self) -> bool:
-        """Merge one staged frame's items of the oldest stream due, or, once none is left,
-        store its frames (with a data_dir) and merge its vector, which the merged items hold
-        at least; True once no stream is due. Operations applied between steps are fine: a
-        merge is a commutative fold."""
-        due = self.merges_due
-        if not due:
-            return True
-        stream = due[0]
-        if stream.items:
-            self._merge_snapshot_items(stream.items.popleft())  # (freed once merged)
-            return False
-        due.popleft()
-        if self.on_applied is not None:
-            for frame in stream.frames:
-                self.on_applied(frame)
-        self._merged_a_stream(stream.vector)
-        return not due
-
-    def merge_all(self) -> None:
-        """Merge every stream due at once (the default ``schedule_merge``)."""
-        while not self.merge_step():
-            pass
-
-    def _merged_a_stream(self, vector: list[tuple[int, int, int]]) -> None:
-        self.progress.merge(vector)
-        self.snapshots_merged += 1
-        if not self.synced:
-            log.info("merged a peer's state")
-            self.synced = True
-            self.on_synced()
-
-    def check_clock(
-        self, stamp: int, what: str, peer: Peer | None, peer_id: int, origin: int = 0
-    ) -> None:
-        """Refuse a frame with a stamp more than ``clock_skew`` ahead of our wall clock
-        (``what`` names the frame, ``origin`` the maker of the operations it relays).
-
-        Observing it would drag this node's clock (and, through its stamps, everyone's) ahead
-        for good: ttls would fire late by as much and the metadata sweep would stall, and a
-        forged stamp near the wire's limit would leave no stamp to issue. Refusing costs
-        nothing within the contract (clocks within ``clock_skew`` never send such a stamp);
-        the sender retries, so its operations arrive once the clocks agree (see
-        docs/contract.rst).
-        """
-        lead = stamp_lead(stamp, self.wall_ns())
-        if lead <= self.clock_skew:
-            return
-        if peer is not None and peer.peer_id == peer_id:
-            # A refused connection is no sign of life: a member whose clock stays wrong is
-            # declared down after ``down_timeout``, like a silent one.
-            peer.last_heard = peer.last_report
-        name = peer.name if peer is not None else "?"
-        if origin and origin != peer_id:
-            what = f"{what} (operations of {origin:x})"
-        raise ClockSkew(
-            f"member {name} (id {peer_id:x}) sent {what} stamped {lead:,.3f}s ahead of this "
-            f"node's clock, more than clock_skew ({self.clock_skew:g}s): nothing of it is "
-            "applied until the clocks agree (check both members' clocks, e.g. NTP)",
-            peer_id,
-        )
-
-    def _check_peer_clock_behind(self, promise: int, peer: Peer, now: float) -> None:
-        """Warn if the peer's clock is more than ``clock_skew`` behind ours: if ours is the
-        wrong one, the peer refuses our operations, and this says so on our side too.
-
-        A PROGRESS carries the sender's clock when it was built, so one read late (this
-        process starved of CPU or stopped, the frames queued meanwhile) looks as far behind
-        as it was late: between processes of one machine at load 20, 10-22 s. A real skew
-        shows in every report, a late read only until the backlog is read: the lag judged is
-        the least of the connection's reports until the first one received at least
-        ``CLOCK_JUDGEMENT`` sync intervals (of this node's monotonic clock: a backlog read in
-        one go is one moment) after its first, which came fresh after any backlog.
-        """
-        lag = -stamp_lead(promise, self.wall_ns())
-        if peer.reports == 0:  # (the connection's first: judge later)
-            peer.clock_lag = lag
-            peer.clock_judged_at = now + CLOCK_JUDGEMENT * self.sync_interval
-            return
-        assert peer.clock_lag is not None
-        least = peer.clock_lag = min(peer.clock_lag, lag)
-        if now < peer.clock_judged_at:
-            return
-        peer.clock_lag = None  # (judged: once per connection)
-        if least > self.clock_skew:
-            log.warning(
-                "peer %s: its clock is %.3fs behind this node's, more than clock_skew (%gs): "
-                "if this node's clock is the wrong one, the peer refuses this node's "
-                "operations until it is fixed (check both members' clocks, e.g. NTP)",
-                peer.name,
-                least,
-                self.clock_skew,
-            )
-
-    # -- received operations -----------------------------------------------------------------
-
-    def apply_ops(
-        self, message: list[Any], frame: bytes, peer: Peer | None = None, peer_id: int = 0
-    ) -> None:
-        """Apply a received OPS frame (checked whole first), skipping repeats, and log it
-        (``peer`` and ``peer_id``: the connection's, for a refusal's log line)."""
-        origin, first, stamps, ops, paths, values, ttls, parent = parse_ops(message)
-        # (Each read once: an ``OpStamps``' length and ends are Python calls.)
-        size = len(stamps)
-        newest = stamps[-1]
-        self.check_clock(newest, "an OPS frame", peer, peer_id, origin)
-        last = first + size - 1
-        progress = self.progress
-        done = progress.applied.get(origin, 0)
-        self.received_ops += size
-        if first <= done and self._sequence_clash(origin, first, last, done, stamps):
-            # Two senders numbered different operations alike for one origin (a forger, or
-            # two processes with one id): apply the repeats too, rather than drop one
-            # sender's writes for good (the store skips any it holds already, by stamp).
-            paths = full_paths(parent, paths)
-            parent = ""  # the paths are full now
-            repeats = zip(stamps, ops, paths, values, ttls or repeat(0))
-            for _, (stamp, op, path, value, ttl_ms) in zip(range(first, done + 1), repeats):
-                self._apply_received(stamp, op, path, value, ttl_ms, origin)
-            self.clock.observe(newest)
-            self.due_by(self.store.next_expiry)
-        if last <= done:
-            return  # all repeats (relayed, or also in a snapshot)
-        oldest_new = stamps[0] if first > done else stamps[done + 1 - first]
-        if oldest_new < self.forgotten_below:  # (see Frontier.check_not_forgotten)
-            self.check_not_forgotten(oldest_new, peer, peer_id)
-        in_order = first == done + 1 and not progress.has_gap(origin)
-        if in_order and not self.watches:
-            # The normal case: the next operations of this origin, in order, nothing watched.
-            self.store.apply_batch(stamps, ops, paths, values, parent, ttls)
-            progress.applied[origin] = last
-            progress.stamps[origin] = newest
-            self.applied_ops += size
-        else:
-            self._apply_one_by_one(
-                origin, first, in_order, stamps, ops, full_paths(parent, paths), values, ttls
-            )
-        if ttls is not None and any(ttls):
-            # Wake the expirer for the soonest expiry the store now holds (its own, computed
-            # once, instead of each operation's in Python).
-            self.due_by(self.store.next_expiry)
-        self.clock.observe(newest)
-        self.log.add(origin, first, last, frame)  # without its newline: no copy
-
-    def _apply_one_by_one(
-        self,
-        origin: int,
-        first: int,
-        in_order: bool,
-        stamps: Sequence[int],
-        ops: list[int],
-        paths: list[Any],
-        values: list[Any],
-        ttls: list[int] | None,
-    ) -> None:
-        """``apply_ops``' way for operations that are not simply the next of their origin
-        (some out of order, a gap before them) or that are watched: each on its own, those
-        ``Progress`` accepts, or all of them when they are the next (``in_order``: watches
-        see each)."""
-        progress = self.progress
-        last = first + len(stamps) - 1
-        if ttls is None:
-            ttls = [0] * len(stamps)
-        apply_one = self._apply_received
-        if in_order:
-            for stamp, op, path, value, ttl_ms in zip(stamps, ops, paths, values, ttls):
-                apply_one(stamp, op, path, value, ttl_ms, origin)
-            progress.applied[origin] = last
-            progress.stamps[origin] = stamps[-1]
-            self.applied_ops += len(stamps)
-            return
-        accept = progress.accept
-        applied = 0
-        for seq, stamp, op, path, value, ttl_ms in zip(
-            range(first, last + 1), stamps, ops, paths, values, ttls
-        ):
-            if accept(origin, seq, stamp):
-                apply_one(stamp, op, path, value, ttl_ms, origin)
-                applied += 1
-        self.applied_ops += applied
-
-    def _sequence_clash(
-        self, origin: int, first: int, last: int, done: int, stamps: Sequence[int]
-    ) -> bool:
-        """True, counted and logged, if operations ``first..last`` of ``origin`` (some of them
-        applied already: ``first <= done``) cannot be the ones applied under those numbers:
-        an origin's stamps grow with its numbers, and ``done``'s stamp is known."""
-        known = self.progress.stamps.get(origin)
-        if known is None:
-            return False
-        if last < done:
-            clash = stamps[-1] >= known
-        else:
-            clash = stamps[done - first] != known
-        if clash:
-            self.sequence_clashes += 1
-            self.notice(
-                "sequence-clash",
-                "operations %d..%d of origin %x differ from those applied under the same "
-                "numbers: two senders claim that origin (a member forging another's "
-                "operations, or two processes with one id); applying both",
-                first,
-                last,
-                origin,
-            )
-        return clash
-
-    def _apply_received(
-        self, stamp: int, op: int, path: str | list[str], value: Any, ttl_ms: int, origin: int
-    ) -> None:
-        """Apply one received operation (see ``apply_ops``) and tell the watches."""
-        segments = path_segments(path)
-        if ttl_ms:
-            self.store.apply(stamp, op, segments, value, ttl_ms)
-        else:
-            self.store.apply(stamp, op, segments, value)
-        if self.watches:
-            self.notify(tuple(segments), op, origin)
+    # -- catch-up: the answer to a peer's report ---------------------------------------------
 
     def catch_up(
         self,
@@ -926,7 +383,7 @@ class Engine(Frontier):
         progress since its previous report are resent: a peer that is merely behind (busy
         applying a burst) gets nothing twice; one whose link from an origin is broken, or
         whose origin died, gets what it lacks. And never what our connection to it carries
-        already (see ``_queued_for``).
+        already (see ``Peer.carried``).
         """
         if self.refused_as_down:
             return dict(self.progress.applied)  # (see Frontier.declared_down_by_peer)
@@ -937,7 +394,7 @@ class Engine(Frontier):
         self.flush(now)  # own operations up to ``bound`` must be in the log
         if previous is not None:
             bound = {o: b for o, b in bound.items() if theirs.get(o, 0) <= previous.get(o, 0)}
-        sent = self._queued_for(peer, theirs)
+        sent = peer.carried(theirs, self.node_id, self.seq)
         frames = self.log.missing(sent, bound, exclude=peer.peer_id or 0)
         if frames is not None and sum(map(len, frames)) > self.max_queue_bytes // 2:
             frames = None  # too much to queue: the snapshot bypasses the queue limit
@@ -952,22 +409,6 @@ class Engine(Frontier):
             for origin, upto in bound.items():
                 peer.mark_queued(origin, upto)
         return dict(self.progress.applied)
-
-    def _queued_for(self, peer: Peer, theirs: dict[int, int]) -> dict[int, int]:
-        """Per origin, the last operation the peer has or will get on our current connection
-        to it without a resend: what it reported, or more if that connection carries the
-        rest (what catch-up queued on it; our own operations made since it came up, if the
-        peer had all before). Resending those would only duplicate them: a peer that
-        applies late (busy, or its link from us backed up) would get everything it lacks
-        again every report, and fall further behind."""
-        sent = dict(theirs)
-        for origin, upto in peer.queued_upto().items():
-            if upto > sent.get(origin, 0):
-                sent[origin] = upto
-        node_id = self.node_id
-        if peer.live_from is not None and sent.get(node_id, 0) >= peer.live_from:
-            sent[node_id] = self.seq
-        return sent
 
     # -- housekeeping ------------------------------------------------------------------------
 

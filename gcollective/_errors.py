@@ -69,3 +69,10 @@ class AuthenticationError(ProtocolError):
         super().__init__(message)
         self.reason = reason
         self.reply = reply
+
+
+def refusal(message: str, category: str) -> ProtocolError:
+    """A ``ProtocolError`` of ``category`` (see ``RefusalLog``)."""
+    error = ProtocolError(message)
+    error.category = category
+    return error

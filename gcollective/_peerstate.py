@@ -129,9 +129,9 @@ class Peer:
         self.peer_frontier = 0
         self.peer_own_seq = 0
         self.reports = 0  # PROGRESS frames received on the peer's current connection
-        # While the peer's clock is being judged on this connection (see
-        # Engine._check_peer_clock_behind): the least lag its reports showed (None once
-        # judged), and the monotonic time the judgement is due at.
+        # While the peer's clock is being judged (a window that may span its connections:
+        # see _peerclock.judge_clock_behind): the least lag its reports showed (None when
+        # no window is open), and the monotonic time the judgement is due at.
         self.clock_lag: float | None = None
         self.clock_judged_at = 0.0
         self.last_heard = now
@@ -236,6 +236,22 @@ class Peer:
         queued = self.queued_upto()
         if upto > queued.get(origin, 0):
             queued[origin] = upto
+
+    def carried(self, theirs: dict[int, int], own_id: int, own_seq: int) -> dict[int, int]:
+        """Per origin, the last operation the peer has or will get on our current connection
+        to it without a resend (``theirs``: what it reported; ``own_id`` and ``own_seq``:
+        this node's id and last own operation): what it reported, or more if that
+        connection carries the rest (what catch-up queued on it; our own operations made
+        since it came up, if the peer had all before). Resending those would only duplicate
+        them: a peer that applies late (busy, or its link from us backed up) would get
+        everything it lacks again every report, and fall further behind."""
+        sent = dict(theirs)
+        for origin, upto in self.queued_upto().items():
+            if upto > sent.get(origin, 0):
+                sent[origin] = upto
+        if self.live_from is not None and sent.get(own_id, 0) >= self.live_from:
+            sent[own_id] = own_seq
+        return sent
 
     def start_snapshot(self, stream: Iterator[bytes], vector: dict[int, int]) -> None:
         """Replace what is pending by a snapshot stream (see ``Engine.resync``).

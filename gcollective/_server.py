@@ -27,8 +27,7 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from ._engine import refusal
-from ._errors import NotStartedError, ProtocolError
+from ._errors import NotStartedError, ProtocolError, refusal
 from ._validate import MAX_BYTES, check_positive, check_sizes, parse_members
 
 log = logging.getLogger("gcollective")

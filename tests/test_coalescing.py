@@ -9,7 +9,8 @@ simulated clock: the policy is about time."""
 from __future__ import annotations
 
 from gcollective._clock import HybridClock
-from gcollective._engine import COALESCE_BUSY_SECONDS, COALESCE_SECONDS, Engine
+from gcollective._engine import Engine
+from gcollective._outbox import COALESCE_BUSY_SECONDS, COALESCE_SECONDS
 from gcollective._store import Store
 
 WALL_NS = 1_800_000_000 * 10**9

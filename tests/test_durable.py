@@ -367,10 +367,10 @@ def test_a_checkpoint_lets_timers_run_between_its_frames(tmp_path, monkeypatch):
     a frame's work, not a whole 4 MiB chunk of frames (0.2-0.5 s at 2,000,000 keys)."""
     import gevent
 
-    from gcollective import _engine
+    from gcollective import _snapshots
 
     # (Frames of 256 KiB: a 4 MiB chunk is 16 of them, each a few ms of work.)
-    monkeypatch.setattr(_engine, "SNAPSHOT_FRAME_BYTES", 256 * 1024)
+    monkeypatch.setattr(_snapshots, "SNAPSHOT_FRAME_BYTES", 256 * 1024)
     node = started(str(tmp_path / "data"))
     try:
         for i in range(100_000):  # (a checkpoint of about 5 MB: 21 frames)

@@ -1,4 +1,4 @@
-"""The op and ttl of each own operation in the outbox's OPS columns (``Engine._columns``).
+"""The op and ttl of each own operation in the outbox's OPS columns (``_outbox.outbox_columns``).
 
 ``Collective.incr`` marks an INCREMENT without a ttl by its position in the outbox
 (``Engine.out_increments``), every other operation that is not a plain SET by an
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from gcollective import Collective
 from gcollective._engine import Engine
+from gcollective._outbox import outbox_columns
 from gcollective._store import DELETE, INCREMENT, SET
 
 # An own operation: (call, key); a few keys under one parent (so the writer's way is
@@ -62,7 +63,9 @@ def _one_by_one(node: Collective, steps: list[tuple[str, str]]) -> tuple[list[An
         op, ttl_ms = EXPECTED[call]
         stamp, wire, value = outbox[3 * index : 3 * index + 3]
         engine.send_own(stamp, op, wire, value, ttl_ms)
-    return engine._columns(engine.outbox[0::3], engine.outbox)
+    return outbox_columns(
+        engine.outbox[0::3], engine.outbox, engine.out_special, engine.out_increments
+    )
 
 
 def test_each_own_operation_goes_out_with_its_op_and_ttl() -> None:
@@ -81,7 +84,10 @@ def test_each_own_operation_goes_out_with_its_op_and_ttl() -> None:
             outbox = node._outbox
             assert len(outbox) == 3 * len(steps)  # (nothing flushed meanwhile)
             expected = _one_by_one(node, steps)
-            columns = node._engine._columns(outbox[0::3], outbox)
+            engine = node._engine
+            columns = outbox_columns(
+                outbox[0::3], outbox, engine.out_special, engine.out_increments
+            )
             assert columns == expected
             ops = [EXPECTED[call][0] for call, _ in steps]
             assert columns[1] == ops

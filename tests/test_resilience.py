@@ -16,7 +16,7 @@ import gevent
 import pytest
 from cluster import ROOT, free_port, free_ports, wait_for
 
-from gcollective import Collective, NotStartedError
+from gcollective import Collective, NotStartedError, _engine
 
 FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
 
@@ -55,7 +55,7 @@ def _inject(where: str, monkeypatch: Any, a: Collective, b: Collective) -> Fault
     if where == "reader":
         return Fault(monkeypatch, b._engine, "apply_ops")
     if where == "flush":
-        return Fault(monkeypatch, a._engine, "encode_batch")
+        return Fault(monkeypatch, _engine, "encode_batch")
     if where == "sweep":
         return Fault(monkeypatch, a._store, "collect")
     assert where == "expirer"

@@ -15,7 +15,7 @@ import pytest
 from cluster import HubTicks, LocalMembers, NodeProcess, free_ports, wait_for
 from faults import ProxiedMembers
 
-from gcollective import Collective, _engine
+from gcollective import Collective, _engine, _snapshots
 from gcollective._clock import new_node_id
 from gcollective._peerstate import Snapshot
 
@@ -25,7 +25,7 @@ FAST = {"sync_interval": 0.05, "backoff_max": 0.2}
 @pytest.fixture
 def small_frames(monkeypatch):
     """Snapshot frames of about 2 KB, so a small tree goes out in hundreds of them."""
-    monkeypatch.setattr(_engine, "SNAPSHOT_FRAME_BYTES", 2048)
+    monkeypatch.setattr(_snapshots, "SNAPSHOT_FRAME_BYTES", 2048)
 
 
 def test_a_snapshot_in_many_frames_under_writes_loses_nothing(small_frames):
@@ -159,7 +159,7 @@ def _building_a_snapshot_frame() -> bool:
     """Whether the code running now (a GC callback's caller) is building a snapshot frame."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _engine.Engine._snapshot_frames.__code__:
+        if frame.f_code is _snapshots.snapshot_frames.__code__:
             return True
         frame = frame.f_back
     return False
@@ -536,7 +536,7 @@ def test_a_joiner_merges_a_big_state_without_holding_the_hub(monkeypatch):
     from a greenlet: a greenlet ticking in the joiner's process never waits much longer than a
     frame's work."""
     # (Frames of 64 KiB: a frame's work, exporting and checking it, is a few ms here.)
-    monkeypatch.setattr(_engine, "SNAPSHOT_FRAME_BYTES", 64 * 1024)
+    monkeypatch.setattr(_snapshots, "SNAPSHOT_FRAME_BYTES", 64 * 1024)
     holder_port, joiner_port = free_ports(2)
     addresses = [f"127.0.0.1:{holder_port}", f"127.0.0.1:{joiner_port}"]
     holder = Collective(addresses[0], addresses)
@@ -575,7 +575,7 @@ def test_a_joiner_merges_a_big_state_without_holding_the_hub(monkeypatch):
 def test_a_member_stopped_while_it_merges_a_stream_never_says_it_merged(monkeypatch):
     """``stop()`` between two slices of a stream's merge ends the merge there: the member
     never counts the stream merged, nor says it is synced, and nothing fails."""
-    monkeypatch.setattr(_engine, "SNAPSHOT_FRAME_BYTES", 64 * 1024)
+    monkeypatch.setattr(_snapshots, "SNAPSHOT_FRAME_BYTES", 64 * 1024)
     holder_port, joiner_port = free_ports(2)
     addresses = [f"127.0.0.1:{holder_port}", f"127.0.0.1:{joiner_port}"]
     holder = Collective(addresses[0], addresses)
