@@ -205,6 +205,9 @@ def nasty_values(clock: Clock, ids: list[int]) -> list[Any]:
         hlc_at(wall_ms, -10_000),
         (hlc_at(wall_ms) << NODE_BITS) | ids[0],
         (hlc_at(wall_ms, 10_000) << NODE_BITS) | ids[0],
+        [[ids[1], MAX_SEQ - 1, STAMP_LIMIT - 1]],  # (a vector entry for another member)
+        [[ids[1], 2**40, (hlc_at(wall_ms) << NODE_BITS) | ids[1]]],
+        [[ids[0], 2**40, (hlc_at(wall_ms) << NODE_BITS) | ids[0]]],
         deep,
         "x" * 5000,
         list(range(200)),

@@ -20,9 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model import DELETE, INCREMENT, SET, Op, first_difference, fold
 from peer_fuzz import (
+    MAX_FRAME,
     MUTATIONS,
     Clock,
     Wire,
+    hlc_at,
     make_engine,
     mutate,
     nasty_values,
@@ -32,14 +34,20 @@ from peer_fuzz import (
 )
 from profiles import examples
 
+from gcollective._clock import NODE_BITS, STAMP_LIMIT
 from gcollective._columns import full_paths
-from gcollective._engine import Engine
+from gcollective._engine import Engine, Peer
 from gcollective._errors import ProtocolError
 from gcollective._wire import (
+    FRAME_KINDS,
+    MAX_SEQ,
     SNAPSHOT,
     SNAPSHOT_END,
     SNAPSHOT_REQUEST_FRAME,
+    FrameDecoder,
+    Hello,
     encode_members,
+    encode_snapshot_end,
     parse_members,
 )
 from gcollective._wire_ops import parse_ops, path_segments
@@ -278,3 +286,65 @@ def test_a_counter_summed_past_what_json_carries_still_travels_in_snapshots(
     difference = first_difference(receiver.store.to_dict(), fold(made))
     assert difference is None, difference
     still_converges(receiver, good, clock)
+
+
+def test_a_snapshot_end_whose_vector_is_stamped_ahead_is_refused() -> None:
+    """A SNAPSHOT_END's version vector becomes the receiver's: one stamped far ahead (a
+    forged or corrupted one) would have it skip every operation of that origin below the
+    stamp as a repeat, with no sequence clash to tell (their stamps are older), and pass
+    that on in its own vector. Its stamps are checked against ``clock_skew`` as every other
+    stamp received is: refused, nothing changed, and the origin's operations still arrive."""
+    clock = Clock()
+    receiver, good, bad = three_engines(clock)
+    wire = connect(bad, receiver, clock)
+    assert wire is not None
+    ahead = (hlc_at(clock.wall // 1_000_000, 10_000) << NODE_BITS) | GOOD
+    for vector in (
+        [[GOOD, MAX_SEQ - 1, STAMP_LIMIT - 1]],
+        [[BAD, 1, 5 << NODE_BITS], [GOOD, 9, ahead]],
+    ):
+        assert not deliver_checked(wire, encode_snapshot_end(vector))
+        wire = connect(bad, receiver, clock)
+        assert wire is not None
+    assert GOOD not in receiver.progress.applied
+    wire.close()
+    still_converges(receiver, good, clock)
+
+
+def test_snapshot_requests_repeated_before_the_stream_goes_out_make_one_stream() -> None:
+    """A member (a buggy build) repeating SNAPSHOT_REQUEST, four bytes each: a stream lists
+    every top-level key when it is made, so each one made anew cost the receiver that much
+    (a read of 1000 requests, 2 s of its event loop at 100k keys). One made and not yet
+    started serves them all; the peer gets one whole snapshot."""
+    clock = Clock()
+    receiver, _, bad = three_engines(clock)
+    write(receiver, clock, [(SET, (f"k{index}",), index, 0) for index in range(300)])
+    wire = connect(bad, receiver, clock)  # (it asks for a snapshot in its HELLO)
+    assert wire is not None
+    peer = receiver.peers[bad.advertise]
+    assert snapshot_ends(sent_to(receiver, peer, clock)) == 1
+    made = peer.snapshots_sent
+    wire.deliver(SNAPSHOT_REQUEST_FRAME * 1000)
+    assert peer.snapshots_sent == made + 1
+    frames = sent_to(receiver, peer, clock)
+    assert snapshot_ends(frames) == 1
+    # And it is whole: a member that merges it holds the same.
+    joiner = make_engine(0x4444, 7004, clock)
+    inbound = joiner.connection_made(None, Hello(RECEIVER, "127.0.0.1", 7001, 0), clock.now)
+    decoder = FrameDecoder(MAX_FRAME, kinds=FRAME_KINDS)
+    joiner.receive(inbound, decoder.feed(b"".join(frames)), decoder.frames, clock.now)
+    assert joiner.store.to_dict() == receiver.store.to_dict()
+
+
+def sent_to(engine: Engine, peer: Peer, clock: Clock) -> list[bytes]:
+    """What ``engine``'s writer to ``peer`` sends now, each frame with its newline."""
+    frames: list[bytes] = []
+    while True:
+        batch, _ = engine.data_to_send(peer, clock.now)
+        if not batch:
+            return [frame if frame.endswith(b"\n") else frame + b"\n" for frame in frames]
+        frames += batch
+
+
+def snapshot_ends(frames: list[bytes]) -> int:
+    return sum(frame.startswith(b"[%d," % SNAPSHOT_END) for frame in frames)
