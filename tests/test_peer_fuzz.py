@@ -194,11 +194,21 @@ def check_mutated_frames(own: list[Any], writes: list[Any], steps: list[Any]) ->
         if not deliver_checked(wire, data):
             wire = connect(bad, receiver, clock)
         clock.advance(0.01)
+        housekeep(receiver, clock)
     if wire is not None:
         wire.close()
     sweep(receiver, clock)  # (what it took, folded or forgotten, still travels)
     clock.advance(0.1)
     still_converges(receiver, good, clock)
+
+
+def housekeep(engine: Engine, clock: Clock) -> None:
+    """The shell's housekeeping round: the engine's, then the store's sweeps to the frontier
+    it returns (which the frames it took moved: forged reports too)."""
+    frontier = engine.housekeep(clock.now)
+    engine.store.expire(frontier)
+    while not engine.store.collect(frontier):
+        pass
 
 
 def applied_ops(frame: bytes) -> list[Op]:
