@@ -246,7 +246,12 @@ def mutate(frame: bytes, kind: str, where: int, pick: int, nasty: list[Any]) -> 
     spots = places(message)
     if not spots:
         return frame.rstrip(b"\n") + b"\n"
-    path = spots[where % len(spots)]
+    # A field of the frame first, then a place in it: each field as likely as another,
+    # however long (a column of a thousand values is one field, as the origin is).
+    fields = sorted({spot[0] for spot in spots})
+    field = fields[where % len(fields)]
+    inside = [spot for spot in spots if spot[0] == field]
+    path = inside[(where // len(fields)) % len(inside)]
     holder = container_at(message, path)
     key = path[-1]
     replacement = nasty[pick % len(nasty)]

@@ -55,7 +55,7 @@ from gcollective._wire_ops import parse_ops, path_segments
 RECEIVER, GOOD, BAD = 0x1111, 0x2222, 0x3333
 
 paths = st.sampled_from(
-    [("a",), ("b",), ("a", "x"), ("a", "y"), ("c", "d", "e"), ("s", "k.1"), ("n",)]
+    [("a",), ("b",), ("a", "x"), ("a", "y"), ("c", "d", "e"), ("s", "k.1"), ("n",), ("d.e",)]
 )
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-2, 2) | st.text("ab", max_size=2),
@@ -178,12 +178,42 @@ def test_mutated_frames_soak(own: list[Any], writes: list[Any], steps: list[Any]
     check_mutated_frames(own, writes, steps)
 
 
-def check_mutated_frames(own: list[Any], writes: list[Any], steps: list[Any]) -> None:
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(own=batches, writes=batches, steps=actions)
+def test_mutated_ops_frames_are_applied_or_refused_and_never_wedge_the_receiver(
+    own: list[Any], writes: list[Any], steps: list[Any]
+) -> None:
+    """The same, OPS frames only: the frames every member reads most, their every column."""
+    check_mutated_frames(own, writes, steps, only=b"[1,")
+
+
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(own=batches, writes=batches, steps=actions)
+def test_mutated_snapshot_frames_are_applied_or_refused_and_never_wedge_the_receiver(
+    own: list[Any], writes: list[Any], steps: list[Any]
+) -> None:
+    """The same, SNAPSHOT frames only (with ``valid_frames``' SNAPSHOT_END after them, which
+    merges what they staged): each node's events, children, leaf columns and values."""
+    check_mutated_frames(own, writes, steps, only=b"[2,", then=b"[3,")
+
+
+def check_mutated_frames(
+    own: list[Any],
+    writes: list[Any],
+    steps: list[Any],
+    only: bytes = b"[",
+    then: bytes | None = None,
+) -> None:
+    """``steps`` (frame, mutation, where, what) of ``bad``'s real frames (those starting
+    with ``only``), mutated, to a receiver holding ``own``: each applied or refused without
+    a trace, and the receiver still converges with a good member."""
     clock = Clock()
     receiver, good, bad = three_engines(clock)
     for batch in own:
         write(receiver, clock, batch)
-    pool = valid_frames(bad, receiver, clock, writes)
+    frames = valid_frames(bad, receiver, clock, writes)
+    pool = [frame for frame in frames if frame.startswith(only)]
+    ends = [frame for frame in frames if then is not None and frame.startswith(then)]
     nasty = nasty_values(clock, [RECEIVER, GOOD, BAD])
     wire = connect(bad, receiver, clock)
     for which, how, where, pick in steps:
@@ -192,6 +222,8 @@ def check_mutated_frames(own: list[Any], writes: list[Any], steps: list[Any]) ->
         frame = pool[which % len(pool)]
         data = frame if how is None else mutate(frame, how, where, pick, nasty)
         if not deliver_checked(wire, data):
+            wire = connect(bad, receiver, clock)
+        elif ends and wire is not None and not deliver_checked(wire, ends[0]):
             wire = connect(bad, receiver, clock)
         clock.advance(0.01)
         housekeep(receiver, clock)
