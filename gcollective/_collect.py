@@ -12,10 +12,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ._errors import InvalidValueError
 from ._rebuild import owners
 from ._tree import _INT_ONLY, MISSING, NEVER, Tree, _Node, holds_nothing, is_number
 from ._ttl import fired_bound
-from ._validate import InvalidValueError, check_number
+from ._validate import check_number
 
 __all__ = ["Collector"]
 
