@@ -245,8 +245,11 @@ class Collector(Tree):
                     check_number(result)
                 except InvalidValueError:
                     return True
-            for st in old:
-                del incs[st]
+            if len(old) == len(incs):
+                incs.clear()  # (the usual fold: all of them, at once)
+            else:
+                for st in old:
+                    del incs[st]
             # As if one SET of the running total had happened at the newest folded stamp:
             # every event still to come is newer, so the outcome is the same.
             node.assigned = newest
