@@ -12,9 +12,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from ._errors import InvalidValueError
 from ._rebuild import owners
 from ._tree import _INT_ONLY, MISSING, NEVER, Tree, _Node, holds_nothing, is_number
 from ._ttl import fired_bound
+from ._validate import check_number
 
 __all__ = ["Collector"]
 
@@ -97,13 +99,14 @@ class Collector(Tree):
             # Folding acts as a SET at the newest folded increment, so it must stay below
             # every ttl event here (it would cancel them otherwise), and below every expiry
             # still to come above (see ``_descent_limit``).
+            kept = False
             if _first_in(entry.incs) < frontier:
                 limit = frontier if above == NEVER else min(frontier, above)
                 if entry.ttls is not None:
                     limit = min(limit, min(entry.ttls))
-                self._fold_increments(entry, frame[1], limit)
-            if entry.incs:
-                self._untidy = True
+                kept = self._fold_increments(entry, frame[1], limit)
+            if entry.incs and not kept:
+                self._untidy = True  # (a counter whose sum cannot travel waits for its next hit)
             if (
                 entry.ttls is None
                 and not entry.incs
@@ -209,14 +212,20 @@ class Collector(Tree):
             if type(pv) is dict and pv.get(key) is old:
                 node.value = pv[key] = dict(node.value)  # (``old``: mypy narrows it to None)
 
-    def _fold_increments(self, node: _Node, parent_reset: Any, frontier: int) -> None:
+    def _fold_increments(self, node: _Node, parent_reset: Any, frontier: int) -> bool:
         """Fold the increments older than ``frontier`` into one assignment of their result
-        (``parent_reset``: the reset above the node)."""
+        (``parent_reset``: the reset above the node). True if it kept them instead: their
+        result is a number no frame can carry (an infinite float, an int of more than
+        ``MAX_INT_DIGITS`` digits), which each of them, checked when it came, is not.
+        Folded, it would be the node's value in every snapshot, which no encoder writes or no
+        member takes (one member's frame of two increments of 1e308 once stopped every
+        snapshot of its holders); kept, the snapshot carries the increments, and a joiner
+        sums them to the same result."""
         incs = node.incs
         assert incs is not None
         old = sorted(st for st in incs if st < frontier)
         if not old:
-            return
+            return False
         newest = old[-1]
         base = node.assigned if node.assigned >= parent_reset else parent_reset
         below = node.written_below if node.written_below > base else NEVER
@@ -228,9 +237,19 @@ class Collector(Tree):
             base_value = node.assigned_value if node.assigned >= parent_reset else MISSING
             result: Any = base_value if (below == NEVER and is_number(base_value)) else MISSING
             for st in old:
-                amount = incs.pop(st)
                 if st > lower:
+                    amount = incs[st]
                     result = amount if result is MISSING else result + amount
+            if result is not MISSING:
+                try:
+                    check_number(result)
+                except InvalidValueError:
+                    return True
+            if len(old) == len(incs):
+                incs.clear()  # (the usual fold: all of them, at once)
+            else:
+                for st in old:
+                    del incs[st]
             # As if one SET of the running total had happened at the newest folded stamp:
             # every event still to come is newer, so the outcome is the same.
             node.assigned = newest
@@ -242,6 +261,7 @@ class Collector(Tree):
             node.incs = None
         elif _mostly_empty(incs, _SPARSE_EVENT_BYTES, _SPARSE_BYTES_PER_EVENT):
             node.incs = dict(incs)  # (a hot counter's: grown at every hit, emptied by folds)
+        return False
 
 
 #: A node's entries holding more than this, plus ``_SPARSE_BYTES_PER_ENTRY`` per entry, are

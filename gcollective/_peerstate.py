@@ -182,6 +182,13 @@ class Peer:
         return self.snapshot in OWED_STATES
 
     @property
+    def stream_unsent(self) -> bool:
+        """A snapshot stream is owed and none of its frames was built yet: asked again, it
+        would only be made anew, the same or as good (its vector a little older, what came
+        since queued ahead of it)."""
+        return self.snapshot is Snapshot.STREAMING and not self.stream_frames
+
+    @property
     def busy(self) -> bool:
         """True while something is queued for the peer."""
         return bool(self.pending) or self.snapshot_stream is not None

@@ -139,7 +139,9 @@ class Receiving(Frontier):
                 if self._receive_snapshot_end(message, frame, inbound):
                     continue  # (a data_dir stores it once its stream is merged)
             elif kind == SNAPSHOT_REQUEST:
-                if peer is not None:
+                # (Each stream made lists every top-level key: a request repeated before its
+                # first frame went out, a 4-byte frame, would cost that again and again.)
+                if peer is not None and not peer.stream_unsent:
                     self.resync(peer, now)
             elif kind == MEMBERS:
                 self.on_members(inbound, message)
@@ -342,6 +344,10 @@ class Receiving(Frontier):
         if len(message) != 2:
             raise ProtocolError("SNAPSHOT_END frame has the wrong length")
         vector = parse_vector(message[1])
+        # (Its stamps become this node's version vector's: one far ahead would skip the
+        # origin's operations below it as repeats.)
+        newest = max([stamp for _, _, stamp in vector], default=0)
+        self.check_clock(newest, "a SNAPSHOT_END frame", inbound.peer, inbound.peer_id)
         self.check_snapshot(vector, inbound)
         staged = inbound.staged
         if staged is None:
