@@ -84,9 +84,9 @@ class Engine(Receiving):
         self.node_id = node_id
         self.store = store
         self.clock = clock
-        # Every operation this incarnation makes is stamped after this (its HELLO says so:
-        # see ``Frontier._lacked_after``).
-        self.born = clock.promise()
+        # Every operation this incarnation makes is stamped after this millisecond (its
+        # HELLO says so: see ``Frontier._lacked_after``).
+        self.born_ms = stamp_millis(clock.promise())
         self.wall_ns = wall_ns
         self.advertise = advertise
         self.max_frame = max_frame
@@ -318,7 +318,7 @@ class Engine(Receiving):
             self.snapshot_asked_at = now
             log.info("peer %s: asking it for a snapshot", peer.name)
         address = self.advertise
-        hello = encode_hello(self.node_id, address[0], address[1], flags, stamp_millis(self.born))
+        hello = encode_hello(self.node_id, address[0], address[1], flags, self.born_ms)
         peer.connects += 1
         peer.connected = True
         if peer.snapshot is Snapshot.OWED:

@@ -227,8 +227,9 @@ class Frontier:
         operations in it, was refused as possibly older than what this member forgot (it
         knew nothing of that origin), and the member told to restart empty: with the default
         ``down_timeout`` too (simulation seeds 6617, 23922)."""
-        if born_ms and millis_stamp(born_ms) > self.promised.get(origin, 0):
-            self.promised[origin] = millis_stamp(born_ms)
+        born = millis_stamp(born_ms)
+        if born > self.promised.get(origin, 0):
+            self.promised[origin] = born
 
     def check_returning(
         self, inbound: Inbound, theirs: dict[int, int], their_stamps: dict[int, int]
