@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gcollective._clock import HLC_LIMIT, MILLIS_SHIFT, NODE_BITS, STAMP_LIMIT, HybridClock
+from engines import new_engine
+
+from gcollective._clock import HLC_LIMIT, MILLIS_SHIFT, NODE_BITS, STAMP_LIMIT
 from gcollective._engine import Engine, Inbound, Peer
 from gcollective._errors import ProtocolError
-from gcollective._store import Store
 from gcollective._validate import MAX_DEPTH
 from gcollective._wire import (
     FRAME_KINDS,
@@ -49,16 +50,13 @@ class Clock:
 
 def make_engine(node_id: int, port: int, clock: Clock) -> Engine:
     """An engine at ``127.0.0.1:port``, its clocks ``clock``'s."""
-    return Engine(
+    return new_engine(
         node_id,
-        Store(),
-        HybridClock(node_id, now=clock.wall_ns),
-        wall_ns=clock.wall_ns,
-        advertise=("127.0.0.1", port),
+        clock.wall_ns,
+        port=port,
         log_bytes=1 << 20,
         max_frame=MAX_FRAME,
         max_queue_bytes=1 << 22,
-        sync_interval=0.1,
         down_timeout=60.0,
         clock_skew=CLOCK_SKEW,
     )

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from engines import new_engine
 
-from gcollective._clock import HybridClock, millis_stamp
-from gcollective._engine import Engine, Inbound, Peer
-from gcollective._store import Store
+from gcollective._clock import millis_stamp
+from gcollective._engine import Inbound, Peer
 from gcollective._wire import FrameDecoder, Hello, encode_progress
 
 WALL_NS = 1_800_000_000 * 10**9
@@ -31,18 +31,8 @@ class World:
     def __init__(self) -> None:
         self.now = 0.0
         node_id = 7
-        self.engine = Engine(
-            node_id,
-            Store(),
-            HybridClock(node_id, now=self.wall_ns),
-            wall_ns=self.wall_ns,
-            advertise=("127.0.0.1", 7000),
-            log_bytes=1 << 16,
-            max_frame=1 << 20,
-            max_queue_bytes=1 << 20,
-            sync_interval=SYNC_INTERVAL,
-            down_timeout=3600.0,
-            clock_skew=CLOCK_SKEW,
+        self.engine = new_engine(
+            node_id, self.wall_ns, sync_interval=SYNC_INTERVAL, clock_skew=CLOCK_SKEW
         )
         self.peer = Peer(("127.0.0.1", 7001), 0.0, 1 << 20)
         self.engine.add_peer(self.peer)

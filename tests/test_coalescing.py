@@ -8,25 +8,21 @@ simulated clock: the policy is about time."""
 
 from __future__ import annotations
 
-from gcollective._clock import HybridClock
+from engines import new_engine
+
 from gcollective._engine import Engine
 from gcollective._outbox import COALESCE_BUSY_SECONDS, COALESCE_SECONDS
-from gcollective._store import Store
 
 WALL_NS = 1_800_000_000 * 10**9
 
 
 def engine() -> Engine:
     node_id = 12345
-    return Engine(
+    return new_engine(
         node_id,
-        Store(),
-        HybridClock(node_id, now=lambda: WALL_NS),
-        wall_ns=lambda: WALL_NS,
-        advertise=("127.0.0.1", 1),
+        lambda: WALL_NS,
+        port=1,
         log_bytes=1 << 20,
-        max_frame=1 << 20,
-        max_queue_bytes=1 << 20,
         sync_interval=1.0,
         down_timeout=600.0,
         clock_skew=10.0,

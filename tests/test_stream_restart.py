@@ -8,7 +8,8 @@ what the shell plays: ``drop_connection`` ends the connection, ``stream_lost`` a
 
 from __future__ import annotations
 
-from gcollective._clock import HybridClock
+from engines import new_engine
+
 from gcollective._engine import Engine, Peer
 from gcollective._store import SET, Store
 from gcollective._wire import SNAPSHOT, SNAPSHOT_END
@@ -31,19 +32,7 @@ def holder() -> Engine:
     store = Store()
     for index in range(KEYS):
         store.apply((1 << 80) + index, SET, ("sessions", f"s{index:03d}"), {"u": index})
-    return Engine(
-        node_id,
-        store,
-        HybridClock(node_id, now=lambda: WALL_NS),
-        wall_ns=lambda: WALL_NS,
-        advertise=("127.0.0.1", 7000),
-        log_bytes=1 << 16,
-        max_frame=1024,
-        max_queue_bytes=1 << 20,
-        sync_interval=0.1,
-        down_timeout=0.0,
-        clock_skew=1.0,
-    )
+    return new_engine(node_id, lambda: WALL_NS, store=store, max_frame=1024, down_timeout=0.0)
 
 
 def snapshot_frames(engine: Engine, peer: Peer, now: float, most: int = 10_000) -> list[bytes]:
